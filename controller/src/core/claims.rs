@@ -1,0 +1,205 @@
+//! Which claims may hold an instance (users, quotas, allowed pools) and which claim gets which
+//! warm instance, in arrival order.
+
+use std::collections::HashMap;
+
+/// What admission needs to know about a claim that is not terminal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimFacts<'a> {
+    pub name: &'a str,
+    pub pool: &'a str,
+    pub user: &'a str,
+    /// Holds an instance now.
+    pub bound: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserFacts<'a> {
+    pub disabled: bool,
+    pub max_claims: u32,
+    /// Allowed pools; empty means all.
+    pub pools: &'a [String],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Admit,
+    /// Not allowed to hold an instance now; re-evaluated on every reconcile, so fixing the cause
+    /// (declaring the user, raising the quota) admits the claim.
+    Refuse { reason: &'static str, message: String },
+}
+
+/// Decides admission for `claims`, which must be in arrival order. Bound claims are always
+/// admitted and count against their user's quota before any pending claim.
+pub fn admit<'a>(
+    claims: &[ClaimFacts<'a>],
+    user: impl Fn(&str) -> Option<UserFacts<'a>>,
+    pool_exists: impl Fn(&str) -> bool,
+) -> Vec<Verdict> {
+    let mut active: HashMap<&str, u32> = HashMap::new();
+    for c in claims.iter().filter(|c| c.bound) {
+        *active.entry(c.user).or_default() += 1;
+    }
+    claims
+        .iter()
+        .map(|c| {
+            if c.bound {
+                return Verdict::Admit;
+            }
+            if !pool_exists(c.pool) {
+                return Verdict::Refuse {
+                    reason: "PoolNotFound",
+                    message: format!("pool {:?} is not declared", c.pool),
+                };
+            }
+            let Some(u) = user(c.user) else {
+                return Verdict::Refuse {
+                    reason: "UserNotFound",
+                    message: format!("user {:?} is not declared", c.user),
+                };
+            };
+            if u.disabled {
+                return Verdict::Refuse {
+                    reason: "UserDisabled",
+                    message: format!("user {:?} is disabled", c.user),
+                };
+            }
+            if !u.pools.is_empty() && !u.pools.iter().any(|p| p == c.pool) {
+                return Verdict::Refuse {
+                    reason: "PoolNotAllowed",
+                    message: format!(
+                        "user {:?} may claim only from {}",
+                        c.user,
+                        u.pools.join(", ")
+                    ),
+                };
+            }
+            let n = active.entry(c.user).or_default();
+            if *n >= u.max_claims {
+                return Verdict::Refuse {
+                    reason: "QuotaExceeded",
+                    message: format!(
+                        "user {:?} already has {} active claim(s) (quota maxClaims: {})",
+                        c.user, n, u.max_claims
+                    ),
+                };
+            }
+            *n += 1;
+            Verdict::Admit
+        })
+        .collect()
+}
+
+/// The outcome of matching a pool's waiting claims with its warm instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Matching<'a> {
+    pub binds: Vec<(&'a str, String)>,
+    /// Claims left waiting, in order (position = index + 1).
+    pub waiting: Vec<&'a str>,
+}
+
+/// Gives warm instances (in the order given: the caller puts the longest-ready first) to
+/// waiting claims in arrival order.
+pub fn match_claims<'a>(
+    waiting: impl IntoIterator<Item = &'a str>,
+    warm: impl IntoIterator<Item = String>,
+) -> Matching<'a> {
+    let mut warm = warm.into_iter();
+    let mut m = Matching::default();
+    for claim in waiting {
+        match warm.next() {
+            Some(i) => m.binds.push((claim, i)),
+            None => m.waiting.push(claim),
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim<'a>(name: &'a str, user: &'a str) -> ClaimFacts<'a> {
+        ClaimFacts {
+            name,
+            pool: "nginx",
+            user,
+            bound: false,
+        }
+    }
+
+    const NO_POOLS: &[String] = &[];
+
+    fn alice(max: u32) -> impl Fn(&str) -> Option<UserFacts<'static>> {
+        move |u| {
+            (u == "alice").then_some(UserFacts {
+                disabled: false,
+                max_claims: max,
+                pools: NO_POOLS,
+            })
+        }
+    }
+
+    #[test]
+    fn a_claim_by_an_unknown_user_is_refused_with_a_reason() {
+        let v = admit(&[claim("c", "bob")], alice(3), |_| true);
+        assert!(matches!(
+            &v[0],
+            Verdict::Refuse {
+                reason: "UserNotFound",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_claim_on_a_missing_pool_is_refused() {
+        let v = admit(&[claim("c", "alice")], alice(3), |_| false);
+        assert!(matches!(
+            &v[0],
+            Verdict::Refuse {
+                reason: "PoolNotFound",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn quota_admits_in_arrival_order_and_counts_bound_claims_first() {
+        let mut bound = claim("old", "alice");
+        bound.bound = true;
+        let claims = [claim("a", "alice"), bound, claim("b", "alice")];
+        let v = admit(&claims, alice(2), |_| true);
+        assert_eq!(v[0], Verdict::Admit);
+        assert_eq!(v[1], Verdict::Admit);
+        match &v[2] {
+            Verdict::Refuse { reason, message } => {
+                assert_eq!(*reason, "QuotaExceeded");
+                assert!(message.contains("maxClaims: 2"), "{message}");
+            }
+            other => panic!("expected refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn disabled_users_and_disallowed_pools_are_refused() {
+        let pools = vec!["python".to_owned()];
+        let users = |u: &str| {
+            Some(UserFacts {
+                disabled: u == "mallory",
+                max_claims: 5,
+                pools: &pools,
+            })
+        };
+        let v = admit(&[claim("a", "mallory"), claim("b", "alice")], users, |_| true);
+        assert!(matches!(&v[0], Verdict::Refuse { reason: "UserDisabled", .. }));
+        assert!(matches!(&v[1], Verdict::Refuse { reason: "PoolNotAllowed", .. }));
+    }
+
+    #[test]
+    fn warm_instances_go_to_claims_in_arrival_order_and_the_rest_wait() {
+        let m = match_claims(["first", "second", "third"], ["i1".to_owned()]);
+        assert_eq!(m.binds, vec![("first", "i1".to_owned())]);
+        assert_eq!(m.waiting, vec!["second", "third"]);
+    }
+}

@@ -1,0 +1,18 @@
+//! poolkeeper: a declarative reconciliation controller for warm container pools, claims, users
+//! and deployments.
+//!
+//! Layers, with dependencies flowing one way:
+//! - [`api`], [`model`], [`units`], [`validate`], [`core`]: types and pure decisions, no I/O;
+//! - [`loader`]: files to objects with located diagnostics;
+//! - [`runtime`]: the runtime trait and its implementations;
+//! - [`engine`]: the reconcile loop that joins desired and observed state and executes plans;
+//! - [`source`]: where desired state comes from (a watched directory);
+//! - [`cli`]: the command line.
+
+pub mod api;
+pub mod core;
+pub mod crdgen;
+pub mod loader;
+pub mod model;
+pub mod units;
+pub mod validate;

@@ -1,0 +1,578 @@
+//! Embedded, crash-safe, single-writer state store: an in-memory [`StateMachine`] persisted as a
+//! snapshot plus a write-ahead log with group commit (one log record and one fdatasync per
+//! [`Store::commit`]).
+//!
+//! On-disk design (generation-named logs). `snapshot.json` is `{"generation": G, "state": ...}`;
+//! no snapshot means generation 0 with `S::default()`. Ops committed after snapshot G live in
+//! `wal-G.log` as records `u32 LE payload len | u32 LE crc32(payload) | JSON array of ops`.
+//! Compaction writes `snapshot.json.tmp` (generation G+1), fsyncs it, renames it over
+//! `snapshot.json`, fsyncs the directory, creates `wal-(G+1).log`, fsyncs the directory again and
+//! only then deletes `wal-G.log`. The rename is the commit point: before it, the old snapshot and
+//! `wal-G.log` are intact (`open` deletes a leftover tmp); after it, the snapshot already holds
+//! everything in `wal-G.log`, so `open` deletes logs older than the snapshot and creates a missing
+//! `wal-G.log`. A log newer than the snapshot cannot arise from this sequence and is an error.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+mod tests;
+
+const SNAPSHOT_FILE: &str = "snapshot.json";
+const SNAPSHOT_TMP_FILE: &str = "snapshot.json.tmp";
+const LOCK_FILE: &str = "lock";
+const HEADER_LEN: usize = 8;
+
+/// An op's JSON and its decoded copy, or why it cannot be logged.
+type Encoded<Op> = Result<(Vec<u8>, Op), String>;
+
+/// A deterministic state machine whose ops are persisted by [`Store`].
+pub trait StateMachine: Default + Serialize + DeserializeOwned {
+    /// One mutation. It must survive a JSON round trip (the store applies the decoded copy, so
+    /// memory always equals what replay produces).
+    type Op: Serialize + DeserializeOwned + Clone;
+    /// Validate and apply one op. On Err the state must be unchanged.
+    fn apply(&mut self, op: &Self::Op) -> Result<(), String>;
+}
+
+/// Tuning knobs for [`Store::open_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// `commit` compacts automatically once the current log is larger than this many bytes.
+    pub compact_after_bytes: u64,
+    /// fdatasync the log after every commit. Turning this off gives up durability on power loss
+    /// (not on process crash); only meant for tests and throwaway stores.
+    pub sync: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            compact_after_bytes: 64 * 1024 * 1024,
+            sync: true,
+        }
+    }
+}
+
+/// What `open` found on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Log records (batches) replayed on top of the snapshot.
+    pub replayed_batches: u64,
+    /// Bytes cut from the end of the log because they were torn, corrupt or rejected.
+    pub dropped_tail_bytes: u64,
+}
+
+/// An op that the state machine (or the encoder) refused, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected<Op> {
+    pub op: Op,
+    pub reason: String,
+}
+
+/// Every error the store reports.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {dir} is locked by another process (pid {})", fmt_pid(.pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corrupt snapshot {path}")]
+    CorruptSnapshot {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot serialize state into {path}")]
+    SerializeState {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("log {path} is newer than snapshot generation {snapshot_gen}; refusing to guess")]
+    UnexpectedLog { path: PathBuf, snapshot_gen: u64 },
+    #[error("replaying {path} is not deterministic: {reason}")]
+    Replay { path: PathBuf, reason: String },
+    #[error("batch of {bytes} bytes does not fit one log record (store {dir})")]
+    BatchTooLarge { dir: PathBuf, bytes: u64 },
+    #[error("store {dir} is poisoned by an earlier failed write; reopen it")]
+    Poisoned {
+        dir: PathBuf,
+        #[source]
+        cause: Arc<StoreError>,
+    },
+}
+
+fn fmt_pid(pid: &Option<u32>) -> String {
+    match pid {
+        Some(p) => p.to_string(),
+        None => "unknown".to_owned(),
+    }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
+}
+
+#[derive(Serialize)]
+struct SnapshotRef<'a, S> {
+    generation: u64,
+    state: &'a S,
+}
+
+#[derive(Deserialize)]
+#[serde(bound = "S: DeserializeOwned")]
+struct SnapshotOwned<S> {
+    generation: u64,
+    state: S,
+}
+
+/// The store. Single writer: `open` holds an exclusive lock on `dir/lock` until drop.
+pub struct Store<S: StateMachine> {
+    dir: PathBuf,
+    opts: Options,
+    state: S,
+    generation: u64,
+    log: File,
+    log_len: u64,
+    recovery: Recovery,
+    poisoned: Option<Arc<StoreError>>,
+    last_compaction_error: Option<StoreError>,
+    _lock: File,
+    #[cfg(test)]
+    fail_next_write: Option<tests::WriteFault>,
+}
+
+impl<S: StateMachine> fmt::Debug for Store<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("generation", &self.generation)
+            .field("log_len", &self.log_len)
+            .field("recovery", &self.recovery)
+            .field("poisoned", &self.poisoned.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn log_name(generation: u64) -> String {
+    format!("wal-{generation}.log")
+}
+
+fn parse_log_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("wal-")?.strip_suffix(".log")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+fn remove_if_exists(path: &Path) -> Result<bool, StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err("remove", path)(e)),
+    }
+}
+
+/// Splits the next whole, CRC-valid record off `bytes[pos..]`; None if short or corrupt.
+fn next_frame(bytes: &[u8], pos: usize) -> Option<(&[u8], usize)> {
+    let rest = bytes.get(pos..)?;
+    let len_bytes: [u8; 4] = rest.get(0..4)?.try_into().ok()?;
+    let crc_bytes: [u8; 4] = rest.get(4..8)?.try_into().ok()?;
+    let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
+    let payload = rest.get(HEADER_LEN..HEADER_LEN.checked_add(len)?)?;
+    if crc32fast::hash(payload) != u32::from_le_bytes(crc_bytes) {
+        return None;
+    }
+    Some((payload, pos + HEADER_LEN + len))
+}
+
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    // No truncate here: the file may belong to a live holder whose pid we want to report.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err("open lock file", &path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            // Best effort: the holder may not have written its pid yet.
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(StoreError::Locked {
+                dir: dir.to_path_buf(),
+                pid,
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .map_err(io_err("write pid to", &path))?;
+    Ok(file)
+}
+
+impl<S: StateMachine> Store<S> {
+    /// Opens (creating if needed) the store in `dir` with default [`Options`].
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, Options::default())
+    }
+
+    /// Opens (creating if needed) the store in `dir`: locks it, loads the snapshot, replays the
+    /// log and truncates a torn or corrupt tail (see [`Store::recovery`]).
+    pub fn open_with(dir: &Path, opts: Options) -> Result<Self, StoreError> {
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        let lock = lock_dir(dir)?;
+        remove_if_exists(&dir.join(SNAPSHOT_TMP_FILE))?;
+
+        let snap_path = dir.join(SNAPSHOT_FILE);
+        let snap_bytes = match fs::read(&snap_path) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("read", &snap_path)(e)),
+        };
+        let load_base = || -> Result<(u64, S), StoreError> {
+            match &snap_bytes {
+                None => Ok((0, S::default())),
+                Some(b) => serde_json::from_slice::<SnapshotOwned<S>>(b)
+                    .map(|s| (s.generation, s.state))
+                    .map_err(|source| StoreError::CorruptSnapshot {
+                        path: snap_path.clone(),
+                        source,
+                    }),
+            }
+        };
+        let (generation, mut state) = load_base()?;
+
+        // Sort the logs: older than the snapshot = stale (already folded in), newer = impossible.
+        let mut stale = Vec::new();
+        let entries = fs::read_dir(dir).map_err(io_err("list", dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("list", dir))?;
+            let Some(g) = entry.file_name().to_str().and_then(parse_log_name) else {
+                continue;
+            };
+            if g > generation {
+                return Err(StoreError::UnexpectedLog {
+                    path: entry.path(),
+                    snapshot_gen: generation,
+                });
+            }
+            if g < generation {
+                stale.push(entry.path());
+            }
+        }
+        if !stale.is_empty() {
+            // Make the snapshot that supersedes them durable before deleting anything.
+            File::open(&snap_path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("fsync", &snap_path))?;
+            sync_dir(dir)?;
+            for path in &stale {
+                remove_if_exists(path)?;
+            }
+            sync_dir(dir)?;
+        }
+
+        let log_path = dir.join(log_name(generation));
+        let existed = log_path.exists();
+        let mut log = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&log_path)
+            .map_err(io_err("open", &log_path))?;
+        if !existed {
+            sync_dir(dir)?;
+        }
+        let mut bytes = Vec::new();
+        log.read_to_end(&mut bytes)
+            .map_err(io_err("read", &log_path))?;
+
+        // Replay whole records; stop at the first short / bad-CRC / unparsable / rejected one.
+        let mut pos = 0;
+        let mut replayed = 0u64;
+        let mut rejected_at = None;
+        'records: while let Some((payload, end)) = next_frame(&bytes, pos) {
+            let Ok(ops) = serde_json::from_slice::<Vec<S::Op>>(payload) else {
+                break;
+            };
+            for op in &ops {
+                if state.apply(op).is_err() {
+                    rejected_at = Some(pos);
+                    break 'records;
+                }
+            }
+            replayed += 1;
+            pos = end;
+        }
+        if let Some(bad) = rejected_at {
+            // Part of that batch is already applied and S cannot be rolled back: rebuild from
+            // the snapshot with only the batches before it (all of which applied cleanly).
+            state = load_base()?.1;
+            let mut p = 0;
+            while p < bad {
+                let Some((payload, end)) = next_frame(&bytes, p) else {
+                    break;
+                };
+                let ops = serde_json::from_slice::<Vec<S::Op>>(payload).map_err(|e| {
+                    StoreError::Replay {
+                        path: log_path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                for op in &ops {
+                    state.apply(op).map_err(|reason| StoreError::Replay {
+                        path: log_path.clone(),
+                        reason,
+                    })?;
+                }
+                p = end;
+            }
+        }
+
+        let valid = pos as u64;
+        let total = bytes.len() as u64;
+        if valid < total {
+            log.set_len(valid)
+                .and_then(|()| log.sync_all())
+                .map_err(io_err("truncate", &log_path))?;
+        }
+
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            opts,
+            state,
+            generation,
+            log,
+            log_len: valid,
+            recovery: Recovery {
+                replayed_batches: replayed,
+                dropped_tail_bytes: total - valid,
+            },
+            poisoned: None,
+            last_compaction_error: None,
+            _lock: lock,
+            #[cfg(test)]
+            fail_next_write: None,
+        })
+    }
+
+    /// The current in-memory state (everything committed, plus anything a poisoning failure left).
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// What `open` found.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The error of the last failed automatic compaction, if the latest attempt failed. Such a
+    /// failure does not fail the commit (the batch was already durable in the log).
+    pub fn last_compaction_error(&self) -> Option<&StoreError> {
+        self.last_compaction_error.as_ref()
+    }
+
+    fn check_poisoned(&self) -> Result<(), StoreError> {
+        match &self.poisoned {
+            Some(cause) => Err(StoreError::Poisoned {
+                dir: self.dir.clone(),
+                cause: Arc::clone(cause),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&mut self, cause: StoreError) -> StoreError {
+        let cause = Arc::new(cause);
+        self.poisoned = Some(Arc::clone(&cause));
+        StoreError::Poisoned {
+            dir: self.dir.clone(),
+            cause,
+        }
+    }
+
+    /// Applies the ops the state machine accepts, in order, writes the accepted ones as one log
+    /// record, fdatasyncs (unless `sync` is off) and returns the rejected ones with reasons.
+    /// An op that does not survive a JSON round trip is rejected without touching the state.
+    /// If the write or sync fails the store is poisoned and this and every later call returns
+    /// [`StoreError::Poisoned`].
+    pub fn commit(&mut self, ops: Vec<S::Op>) -> Result<Vec<Rejected<S::Op>>, StoreError> {
+        self.check_poisoned()?;
+
+        // Encode everything before touching the state, so nothing below can fail half-way
+        // except the disk write itself.
+        let encoded: Vec<Encoded<S::Op>> = ops
+            .iter()
+            .map(|op| {
+                let json = serde_json::to_vec(op).map_err(|e| format!("cannot encode op: {e}"))?;
+                let decoded = serde_json::from_slice::<S::Op>(&json)
+                    .map_err(|e| format!("op does not survive a JSON round trip: {e}"))?;
+                Ok((json, decoded))
+            })
+            .collect();
+        let upper_bound: u64 = encoded
+            .iter()
+            .map(|e| e.as_ref().map_or(0, |(j, _)| j.len() as u64 + 1))
+            .sum::<u64>()
+            + 2;
+        if upper_bound > u64::from(u32::MAX) {
+            return Err(StoreError::BatchTooLarge {
+                dir: self.dir.clone(),
+                bytes: upper_bound,
+            });
+        }
+
+        let mut payload = vec![b'['];
+        let mut accepted = 0usize;
+        let mut rejected = Vec::new();
+        for (op, enc) in ops.into_iter().zip(encoded) {
+            let reason = match enc {
+                Err(reason) => reason,
+                Ok((json, decoded)) => match self.state.apply(&decoded) {
+                    Ok(()) => {
+                        if accepted > 0 {
+                            payload.push(b',');
+                        }
+                        payload.extend_from_slice(&json);
+                        accepted += 1;
+                        continue;
+                    }
+                    Err(reason) => reason,
+                },
+            };
+            rejected.push(Rejected { op, reason });
+        }
+        if accepted == 0 {
+            return Ok(rejected);
+        }
+        payload.push(b']');
+
+        if let Err(e) = self.append_record(&payload) {
+            return Err(self.poison(e));
+        }
+
+        if self.log_len > self.opts.compact_after_bytes {
+            // The batch is durable already; a failed compaction does not fail the commit (if it
+            // failed past its commit point it poisons the store, which the next call reports).
+            self.last_compaction_error = self.compact().err();
+        }
+        Ok(rejected)
+    }
+
+    fn append_record(&mut self, payload: &[u8]) -> Result<(), StoreError> {
+        let log_path = self.dir.join(log_name(self.generation));
+        let len = u32::try_from(payload.len()).map_err(|_| StoreError::BatchTooLarge {
+            dir: self.dir.clone(),
+            bytes: payload.len() as u64,
+        })?;
+        let mut record = Vec::with_capacity(HEADER_LEN + payload.len());
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        record.extend_from_slice(payload);
+
+        #[cfg(test)]
+        if let Some(fault) = self.fail_next_write.take() {
+            return tests::inject_write_fault(fault, &mut self.log, &record)
+                .map_err(io_err("write", &log_path));
+        }
+
+        self.log
+            .write_all(&record)
+            .map_err(io_err("write", &log_path))?;
+        if self.opts.sync {
+            self.log
+                .sync_data()
+                .map_err(io_err("fdatasync", &log_path))?;
+        }
+        self.log_len += record.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the full state to `snapshot.json` atomically and starts an empty log of the next
+    /// generation. Called automatically by `commit` once the log exceeds `compact_after_bytes`.
+    pub fn compact(&mut self) -> Result<(), StoreError> {
+        self.check_poisoned()?;
+        let new_generation = self.generation + 1;
+        let tmp = self.dir.join(SNAPSHOT_TMP_FILE);
+
+        // Before the rename nothing on disk has changed meaning: failures just clean up.
+        let bytes = serde_json::to_vec(&SnapshotRef {
+            generation: new_generation,
+            state: &self.state,
+        })
+        .map_err(|source| StoreError::SerializeState {
+            path: tmp.clone(),
+            source,
+        })?;
+        let written = File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+            .map_err(io_err("write", &tmp));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+
+        // From the rename on, disk may already say generation+1 while we still append to the old log:
+        // any failure must poison the store.
+        if let Err(e) = self.switch_generation(&tmp, new_generation) {
+            return Err(self.poison(e));
+        }
+        Ok(())
+    }
+
+    fn switch_generation(&mut self, tmp: &Path, new_generation: u64) -> Result<(), StoreError> {
+        let snap = self.dir.join(SNAPSHOT_FILE);
+        fs::rename(tmp, &snap).map_err(io_err("rename snapshot into", &snap))?;
+        sync_dir(&self.dir)?;
+        let new_path = self.dir.join(log_name(new_generation));
+        let new_log = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&new_path)
+            .map_err(io_err("create", &new_path))?;
+        sync_dir(&self.dir)?;
+        let old_path = self.dir.join(log_name(self.generation));
+        self.log = new_log;
+        self.generation = new_generation;
+        self.log_len = 0;
+        // The old log is already superseded; if removing it fails, the next open removes it.
+        if fs::remove_file(&old_path).is_ok() {
+            let _ = sync_dir(&self.dir);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,685 @@
+// Tests may unwrap: a panic is exactly how a failed setup step should report itself here.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+// ---------------------------------------------------------------- fault injection hooks
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WriteFault {
+    /// The write fails before any byte reaches the file.
+    Nothing,
+    /// Half of the record reaches the file, then the write fails.
+    Half,
+}
+
+pub(crate) fn inject_write_fault(
+    fault: WriteFault,
+    log: &mut File,
+    record: &[u8],
+) -> io::Result<()> {
+    if let WriteFault::Half = fault {
+        log.write_all(&record[..record.len() / 2])?;
+        log.sync_data()?;
+    }
+    Err(io::Error::other("injected write failure"))
+}
+
+// ---------------------------------------------------------------- toy state machine
+
+/// key -> owner; `applied` counts applied ops so a double replay would be visible.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Bindings {
+    owners: BTreeMap<String, String>,
+    applied: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum ToyOp {
+    Bind { key: String, owner: String },
+    Unbind { key: String },
+}
+
+impl StateMachine for Bindings {
+    type Op = ToyOp;
+    fn apply(&mut self, op: &ToyOp) -> Result<(), String> {
+        match op {
+            ToyOp::Bind { key, owner } => {
+                if let Some(cur) = self.owners.get(key)
+                    && cur != owner
+                {
+                    return Err(format!("{key} is bound to {cur}"));
+                }
+                self.owners.insert(key.clone(), owner.clone());
+            }
+            ToyOp::Unbind { key } => {
+                self.owners.remove(key);
+            }
+        }
+        self.applied += 1;
+        Ok(())
+    }
+}
+
+fn bind(key: &str, owner: &str) -> ToyOp {
+    ToyOp::Bind {
+        key: key.into(),
+        owner: owner.into(),
+    }
+}
+
+fn unbind(key: &str) -> ToyOp {
+    ToyOp::Unbind { key: key.into() }
+}
+
+type Toy = Store<Bindings>;
+
+fn no_compact() -> Options {
+    Options {
+        compact_after_bytes: u64::MAX,
+        sync: true,
+    }
+}
+
+fn open(dir: &Path) -> Toy {
+    Toy::open_with(dir, no_compact()).unwrap()
+}
+
+fn files(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// The single `wal-*.log` in `dir`.
+fn wal(dir: &Path) -> PathBuf {
+    let logs: Vec<_> = files(dir)
+        .into_iter()
+        .filter(|n| parse_log_name(n).is_some())
+        .collect();
+    assert_eq!(
+        logs.len(),
+        1,
+        "expected one log in {}: {logs:?}",
+        dir.display()
+    );
+    dir.join(&logs[0])
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    for name in files(src) {
+        if name != LOCK_FILE {
+            fs::copy(src.join(&name), dst.join(&name)).unwrap();
+        }
+    }
+}
+
+fn truncate(path: &Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut rec = (payload.len() as u32).to_le_bytes().to_vec();
+    rec.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    rec.extend_from_slice(payload);
+    rec
+}
+
+fn batches() -> Vec<Vec<ToyOp>> {
+    vec![
+        vec![bind("a", "x")],
+        vec![bind("b", "y"), bind("c", "y"), bind("a", "z")], // last one rejected
+        vec![unbind("a"), bind("a", "z")],
+        vec![bind("d", "long-owner-name-to-vary-record-size")],
+        vec![unbind("b"), unbind("c"), bind("b", "x"), bind("e", "x")],
+    ]
+}
+
+/// Commits each batch, returning the state and log length after every prefix (index 0 = before).
+fn commit_all(store: &mut Toy, batches: Vec<Vec<ToyOp>>) -> (Vec<Bindings>, Vec<u64>) {
+    let log_len = |s: &Toy| {
+        fs::metadata(s.dir().join(log_name(s.generation)))
+            .unwrap()
+            .len()
+    };
+    let mut states = vec![store.state().clone()];
+    let mut bounds = vec![log_len(store)];
+    for b in batches {
+        store.commit(b).unwrap();
+        states.push(store.state().clone());
+        bounds.push(log_len(store));
+    }
+    (states, bounds)
+}
+
+// ---------------------------------------------------------------- basic behaviour
+
+#[test]
+fn commit_then_reopen_restores_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = {
+        let mut s = open(dir.path());
+        assert_eq!(*s.recovery(), Recovery::default());
+        for b in batches() {
+            s.commit(b).unwrap();
+        }
+        s.state().clone()
+    };
+    let s = open(dir.path());
+    assert_eq!(*s.state(), expected);
+    assert_eq!(
+        *s.recovery(),
+        Recovery {
+            replayed_batches: 5,
+            dropped_tail_bytes: 0
+        }
+    );
+    assert_eq!(s.state().owners.get("a").map(String::as_str), Some("z"));
+    assert_eq!(s.state().owners.get("e").map(String::as_str), Some("x"));
+    assert_eq!(s.dir(), dir.path());
+}
+
+#[test]
+fn rejected_ops_are_reported_and_not_persisted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = open(dir.path());
+        // Each op sees the earlier ones of the same batch: the second bind of k1 is rejected.
+        let rejected = s
+            .commit(vec![
+                bind("k1", "a"),
+                bind("k1", "b"),
+                bind("k2", "b"),
+                bind("k1", "a"),
+            ])
+            .unwrap();
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].op, bind("k1", "b"));
+        assert_eq!(rejected[0].reason, "k1 is bound to a");
+        assert_eq!(s.state().applied, 3);
+    }
+    let s = open(dir.path());
+    assert_eq!(s.state().owners.get("k1").map(String::as_str), Some("a"));
+    assert_eq!(s.state().owners.get("k2").map(String::as_str), Some("b"));
+    assert_eq!(s.state().applied, 3);
+}
+
+#[test]
+fn empty_commit_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    s.commit(vec![bind("k", "a")]).unwrap();
+    let len = fs::metadata(wal(dir.path())).unwrap().len();
+    assert!(s.commit(vec![]).unwrap().is_empty());
+    let rejected = s.commit(vec![bind("k", "b"), bind("k", "c")]).unwrap();
+    assert_eq!(rejected.len(), 2);
+    assert_eq!(fs::metadata(wal(dir.path())).unwrap().len(), len);
+    drop(s);
+    assert_eq!(open(dir.path()).recovery().replayed_batches, 1);
+}
+
+#[test]
+fn second_open_fails_with_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    let err = Toy::open(dir.path()).unwrap_err();
+    match &err {
+        StoreError::Locked { dir: d, pid } => {
+            assert_eq!(d, dir.path());
+            assert_eq!(*pid, Some(std::process::id()));
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&std::process::id().to_string()));
+    drop(first);
+    open(dir.path());
+}
+
+#[test]
+fn automatic_compaction_keeps_state_and_one_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        compact_after_bytes: 100,
+        sync: true,
+    };
+    let expected = {
+        let mut s = Toy::open_with(dir.path(), opts).unwrap();
+        for i in 0..20 {
+            s.commit(vec![
+                bind(&format!("k{i}"), "o"),
+                unbind(&format!("k{}", i / 2)),
+            ])
+            .unwrap();
+            assert!(s.last_compaction_error().is_none());
+        }
+        assert!(
+            s.generation > 1,
+            "expected several compactions, generation {}",
+            s.generation
+        );
+        s.state().clone()
+    };
+    let f = files(dir.path());
+    assert!(f.contains(SNAPSHOT_FILE));
+    assert_eq!(f.len(), 3, "{f:?}"); // lock, snapshot, one log
+    wal(dir.path());
+    let s = Toy::open_with(dir.path(), opts).unwrap();
+    assert_eq!(*s.state(), expected);
+    assert!(s.recovery().replayed_batches <= 1);
+}
+
+// ---------------------------------------------------------------- torn and corrupt logs
+
+fn torn_tail_at_every_offset(compact_first: bool) {
+    let src = tempfile::tempdir().unwrap();
+    let (states, bounds) = {
+        let mut s = open(src.path());
+        if compact_first {
+            s.commit(vec![bind("pre", "x"), bind("a", "x")]).unwrap();
+            s.compact().unwrap();
+        }
+        commit_all(&mut s, batches())
+    };
+    assert_eq!(bounds[0], 0);
+    let log_path = wal(src.path());
+    let full = fs::metadata(&log_path).unwrap().len();
+    assert_eq!(full, *bounds.last().unwrap());
+
+    for cut in 0..=full {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let log = dir.path().join(log_path.file_name().unwrap());
+        truncate(&log, cut);
+
+        let mut s = open(dir.path());
+        let k = bounds.iter().rposition(|&b| b <= cut).unwrap();
+        assert_eq!(*s.state(), states[k], "cut at {cut}");
+        assert_eq!(
+            *s.recovery(),
+            Recovery {
+                replayed_batches: k as u64,
+                dropped_tail_bytes: cut - bounds[k]
+            },
+            "cut at {cut}"
+        );
+        assert_eq!(fs::metadata(&log).unwrap().len(), bounds[k]);
+
+        // The store keeps working on the truncated log.
+        assert!(s.commit(vec![bind("fresh", "n")]).unwrap().is_empty());
+        let mut want = states[k].clone();
+        want.apply(&bind("fresh", "n")).unwrap();
+        drop(s);
+        let s = open(dir.path());
+        assert_eq!(*s.state(), want, "cut at {cut}");
+        assert_eq!(s.recovery().dropped_tail_bytes, 0);
+    }
+}
+
+#[test]
+fn torn_tail_every_offset_yields_whole_batch_prefix() {
+    torn_tail_at_every_offset(false);
+}
+
+#[test]
+fn torn_tail_every_offset_after_compaction() {
+    torn_tail_at_every_offset(true);
+}
+
+#[test]
+fn corrupted_byte_in_last_record_drops_only_that_record() {
+    let src = tempfile::tempdir().unwrap();
+    let (states, bounds) = commit_all(&mut open(src.path()), batches());
+    let log_path = wal(src.path());
+    let bytes = fs::read(&log_path).unwrap();
+    let n = bounds.len() - 1;
+    let last_start = bounds[n - 1] as usize;
+    for i in last_start..bytes.len() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(src.path(), dir.path());
+        let mut corrupt = bytes.clone();
+        corrupt[i] ^= 0x5a;
+        let log = dir.path().join(log_path.file_name().unwrap());
+        fs::write(&log, &corrupt).unwrap();
+
+        let s = open(dir.path());
+        assert_eq!(*s.state(), states[n - 1], "byte {i}");
+        assert_eq!(
+            *s.recovery(),
+            Recovery {
+                replayed_batches: (n - 1) as u64,
+                dropped_tail_bytes: (bytes.len() - last_start) as u64
+            },
+            "byte {i}"
+        );
+    }
+}
+
+#[test]
+fn log_record_with_rejected_op_is_dropped_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (states, _) = commit_all(&mut open(dir.path()), vec![vec![bind("k", "a")]]);
+    // A CRC-valid record whose first op applies but whose second is rejected: only possible by
+    // corruption, and it must not be half-applied.
+    let payload = serde_json::to_vec(&vec![bind("new", "x"), bind("k", "b")]).unwrap();
+    let rec = frame(&payload);
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(wal(dir.path()))
+        .unwrap();
+    f.write_all(&rec).unwrap();
+    // ... followed by a valid record that must go too (it comes after the corruption).
+    f.write_all(&frame(&serde_json::to_vec(&vec![bind("z", "z")]).unwrap()))
+        .unwrap();
+    drop(f);
+
+    let s = open(dir.path());
+    assert_eq!(*s.state(), states[1]);
+    assert!(!s.state().owners.contains_key("new"));
+    assert_eq!(s.recovery().replayed_batches, 1);
+    assert_eq!(
+        s.recovery().dropped_tail_bytes,
+        (rec.len() + frame(&serde_json::to_vec(&vec![bind("z", "z")]).unwrap()).len()) as u64
+    );
+}
+
+#[test]
+fn corrupt_snapshot_and_unexpected_log_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(SNAPSHOT_FILE), b"{\"generation\": 3, \"sta").unwrap();
+    assert!(matches!(
+        Toy::open(dir.path()).unwrap_err(),
+        StoreError::CorruptSnapshot { .. }
+    ));
+
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).commit(vec![bind("k", "a")]).unwrap();
+    fs::write(dir.path().join("wal-7.log"), b"").unwrap();
+    match Toy::open(dir.path()).unwrap_err() {
+        StoreError::UnexpectedLog { path, snapshot_gen } => {
+            assert_eq!(snapshot_gen, 0);
+            assert!(path.ends_with("wal-7.log"));
+        }
+        other => panic!("expected UnexpectedLog, got {other:?}"),
+    }
+
+    // Garbage (and a huge length field) in the log is just a dropped tail.
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("wal-0.log"), [0xff; 37]).unwrap();
+    let s = open(dir.path());
+    assert_eq!(*s.state(), Bindings::default());
+    assert_eq!(s.recovery().dropped_tail_bytes, 37);
+}
+
+// ---------------------------------------------------------------- crash during compaction
+
+#[test]
+fn crash_during_compaction_recovers_every_intermediate_state() {
+    // Base: generation 1 snapshot + wal-1.log with two batches.
+    let base = tempfile::tempdir().unwrap();
+    let expected = {
+        let mut s = open(base.path());
+        s.commit(vec![bind("a", "x"), bind("b", "x")]).unwrap();
+        s.compact().unwrap();
+        s.commit(vec![unbind("a"), bind("c", "y")]).unwrap();
+        s.commit(vec![bind("a", "y")]).unwrap();
+        s.state().clone()
+    };
+    assert_eq!(
+        files(base.path()),
+        names(&[LOCK_FILE, SNAPSHOT_FILE, "wal-1.log"])
+    );
+    // What a completed compaction to generation 2 writes as its snapshot.
+    let done = tempfile::tempdir().unwrap();
+    copy_dir(base.path(), done.path());
+    open(done.path()).compact().unwrap();
+    assert_eq!(
+        files(done.path()),
+        names(&[LOCK_FILE, SNAPSHOT_FILE, "wal-2.log"])
+    );
+    let new_snap = fs::read(done.path().join(SNAPSHOT_FILE)).unwrap();
+
+    type Setup = fn(&Path, &[u8]);
+    let scenarios: [(&str, Setup, u64, u64); 6] = [
+        (
+            "tmp half written",
+            |d, snap| fs::write(d.join(SNAPSHOT_TMP_FILE), &snap[..snap.len() / 2]).unwrap(),
+            1,
+            2,
+        ),
+        (
+            "tmp empty",
+            |d, _| fs::write(d.join(SNAPSHOT_TMP_FILE), b"").unwrap(),
+            1,
+            2,
+        ),
+        (
+            "tmp complete, not renamed",
+            |d, snap| fs::write(d.join(SNAPSHOT_TMP_FILE), snap).unwrap(),
+            1,
+            2,
+        ),
+        (
+            "renamed, new log not created, old log present",
+            |d, snap| fs::write(d.join(SNAPSHOT_FILE), snap).unwrap(),
+            2,
+            0,
+        ),
+        (
+            "renamed, new log created, old log present",
+            |d, snap| {
+                fs::write(d.join(SNAPSHOT_FILE), snap).unwrap();
+                fs::write(d.join("wal-2.log"), b"").unwrap();
+            },
+            2,
+            0,
+        ),
+        (
+            "completed",
+            |d, snap| {
+                fs::write(d.join(SNAPSHOT_FILE), snap).unwrap();
+                fs::write(d.join("wal-2.log"), b"").unwrap();
+                fs::remove_file(d.join("wal-1.log")).unwrap();
+            },
+            2,
+            0,
+        ),
+    ];
+    for (name, setup, generation, replayed) in scenarios {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(base.path(), dir.path());
+        setup(dir.path(), &new_snap);
+
+        let mut s = open(dir.path());
+        assert_eq!(*s.state(), expected, "{name}");
+        assert_eq!(
+            *s.recovery(),
+            Recovery {
+                replayed_batches: replayed,
+                dropped_tail_bytes: 0
+            },
+            "{name}"
+        );
+        let log = log_name(generation);
+        assert_eq!(
+            files(dir.path()),
+            names(&[LOCK_FILE, SNAPSHOT_FILE, &log]),
+            "{name}"
+        );
+        // New commits land in the right log and survive another reopen + compaction.
+        s.commit(vec![bind("after", "crash")]).unwrap();
+        let mut want = expected.clone();
+        want.apply(&bind("after", "crash")).unwrap();
+        drop(s);
+        let mut s = open(dir.path());
+        assert_eq!(*s.state(), want, "{name}");
+        s.compact().unwrap();
+        drop(s);
+        assert_eq!(*open(dir.path()).state(), want, "{name}");
+    }
+}
+
+// ---------------------------------------------------------------- poisoning
+
+#[test]
+fn failed_write_poisons_until_reopen() {
+    for fault in [WriteFault::Nothing, WriteFault::Half] {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let mut s = open(dir.path());
+            s.commit(vec![bind("k", "a")]).unwrap();
+            let before = s.state().clone();
+            s.fail_next_write = Some(fault);
+            let err = s.commit(vec![bind("j", "b")]).unwrap_err();
+            match &err {
+                StoreError::Poisoned { cause, .. } => {
+                    assert!(matches!(**cause, StoreError::Io { op: "write", .. }))
+                }
+                other => panic!("expected Poisoned, got {other:?}"),
+            }
+            assert!(std::error::Error::source(&err).is_some());
+            // Memory may be ahead of disk; every later call refuses.
+            assert!(matches!(
+                s.commit(vec![bind("x", "y")]),
+                Err(StoreError::Poisoned { .. })
+            ));
+            assert!(matches!(s.commit(vec![]), Err(StoreError::Poisoned { .. })));
+            assert!(matches!(s.compact(), Err(StoreError::Poisoned { .. })));
+            before
+        };
+        let s = open(dir.path());
+        assert_eq!(*s.state(), before, "{fault:?}");
+        assert_eq!(s.recovery().replayed_batches, 1);
+        assert_eq!(
+            s.recovery().dropped_tail_bytes > 0,
+            matches!(fault, WriteFault::Half),
+            "{fault:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- model-based proptest
+
+#[derive(Debug, Clone)]
+enum Action {
+    Commit(Vec<ToyOp>),
+    Reopen,
+    Compact,
+}
+
+fn op_strategy() -> impl Strategy<Value = ToyOp> {
+    let key = (0..4u8).prop_map(|k| format!("k{k}"));
+    let owner = (0..3u8).prop_map(|o| format!("o{o}"));
+    prop_oneof![
+        3 => (key.clone(), owner).prop_map(|(key, owner)| ToyOp::Bind { key, owner }),
+        1 => key.prop_map(|key| ToyOp::Unbind { key }),
+    ]
+}
+
+fn action_strategy() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        6 => proptest::collection::vec(op_strategy(), 0..6).prop_map(Action::Commit),
+        1 => Just(Action::Reopen),
+        1 => Just(Action::Compact),
+    ]
+}
+
+/// Independent model: key -> owner, plus the number of applied ops.
+#[derive(Default)]
+struct Model {
+    owners: BTreeMap<String, String>,
+    applied: u64,
+}
+
+impl Model {
+    /// Returns whether the op is accepted.
+    fn apply(&mut self, op: &ToyOp) -> bool {
+        match op {
+            ToyOp::Bind { key, owner } => match self.owners.get(key) {
+                Some(cur) if cur != owner => return false,
+                _ => {
+                    self.owners.insert(key.clone(), owner.clone());
+                }
+            },
+            ToyOp::Unbind { key } => {
+                self.owners.remove(key);
+            }
+        }
+        self.applied += 1;
+        true
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_commits_reopens_and_compactions_match_model(
+        actions in proptest::collection::vec(action_strategy(), 1..40),
+        compact_after_bytes in 0u64..600,
+        sync in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options { compact_after_bytes, sync };
+        let mut store = Toy::open_with(dir.path(), opts).unwrap();
+        let mut model = Model::default();
+        // Every (key, owner) the key has had, in order: an owner change needs an Unbind between.
+        let mut history: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+
+        for action in actions {
+            match action {
+                Action::Commit(ops) => {
+                    let mut want_rejected = Vec::new();
+                    for op in &ops {
+                        if !model.apply(op) {
+                            want_rejected.push(op.clone());
+                        } else {
+                            let (key, now) = match op {
+                                ToyOp::Bind { key, owner } => (key, Some(owner.clone())),
+                                ToyOp::Unbind { key } => (key, None),
+                            };
+                            let h = history.entry(key.clone()).or_default();
+                            if let (Some(Some(prev)), Some(new)) = (h.last(), &now) {
+                                prop_assert_eq!(prev, new, "key {} got a second owner", key);
+                            }
+                            h.push(now);
+                        }
+                    }
+                    let got: Vec<ToyOp> =
+                        store.commit(ops).unwrap().into_iter().map(|r| r.op).collect();
+                    prop_assert_eq!(got, want_rejected);
+                    prop_assert!(store.last_compaction_error().is_none());
+                }
+                Action::Reopen => {
+                    drop(store);
+                    store = Toy::open_with(dir.path(), opts).unwrap();
+                    prop_assert_eq!(store.recovery().dropped_tail_bytes, 0);
+                }
+                Action::Compact => store.compact().unwrap(),
+            }
+            prop_assert_eq!(&store.state().owners, &model.owners);
+            prop_assert_eq!(store.state().applied, model.applied);
+        }
+        drop(store);
+        let store = Toy::open_with(dir.path(), opts).unwrap();
+        prop_assert_eq!(&store.state().owners, &model.owners);
+        prop_assert_eq!(store.state().applied, model.applied);
+    }
+}
