@@ -26,6 +26,7 @@ pub const API_VERSION: &str = "poolkeeper.dev/v1alpha1";
     group = "poolkeeper.dev",
     version = "v1alpha1",
     kind = "Pool",
+    doc = "A warm pool of ready instances of one template, kept at the declared size.",
     namespaced,
     status = "PoolStatus",
     shortname = "pl",
@@ -44,8 +45,8 @@ pub struct PoolSpec {
     /// Ready, unassigned instances to keep.
     #[serde(default)]
     pub warm: u32,
-    /// Cap on all instances of the pool (warm, bound, resetting). Defaults to `warm`, or to the
-    /// size of `hostPorts` when that is larger.
+    /// Cap on all instances of the pool (warm, bound, resetting). Defaults to what `hostPorts`
+    /// can serve, or no cap without `hostPorts`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<u32>,
     /// Host ports handed to instances, one per declared container port, from this inclusive range.
@@ -272,6 +273,7 @@ pub struct PoolStatus {
     group = "poolkeeper.dev",
     version = "v1alpha1",
     kind = "Claim",
+    doc = "A request for one instance of a pool, for a user, for a while.",
     namespaced,
     status = "ClaimStatus",
     shortname = "cl",
@@ -362,6 +364,7 @@ pub struct Endpoint {
     group = "poolkeeper.dev",
     version = "v1alpha1",
     kind = "User",
+    doc = "Who may claim what: quota, allowed pools, SSH keys.",
     namespaced,
     status = "UserStatus",
     shortname = "pku",
@@ -426,6 +429,7 @@ pub struct UserStatus {
     group = "poolkeeper.dev",
     version = "v1alpha1",
     kind = "Deployment",
+    doc = "A set of containers kept running as declared.",
     namespaced,
     status = "DeploymentStatus",
     shortname = "pkd",

@@ -317,7 +317,14 @@ impl DocCtx<'_> {
 /// The first line of serde-saphyr's message, without its own location suffix or snippet.
 fn short_message(err: &serde_saphyr::Error) -> String {
     let full = err.to_string();
-    let first = full.lines().next().unwrap_or("invalid document").trim();
+    let mut first = full.lines().next().unwrap_or("invalid document").trim();
+    first = first.strip_prefix("error: ").unwrap_or(first);
+    // Drop a leading "line N column M: " (we print our own, file-relative position).
+    if first.starts_with("line ")
+        && let Some(i) = first.find(": ")
+    {
+        first = &first[i + 2..];
+    }
     match first.find(" at line ") {
         Some(i) => first[..i].to_owned(),
         None => first.to_owned(),
@@ -438,6 +445,7 @@ fn push_valid(ctx: &DocCtx<'_>, out: &mut ParsedFile, name: String, spec: Spec) 
             line: ctx.index.root.line,
             col: ctx.index.root.col,
         },
+        generation: 1,
     });
 }
 
@@ -496,12 +504,6 @@ struct PodManagerBind {
     mode: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum PodManagerFile {
-    One(PodManagerConfig),
-    Many(Vec<PodManagerConfig>),
-}
 
 fn parse_pod_manager(ctx: &DocCtx<'_>, out: &mut ParsedFile) {
     let stem = ctx
@@ -511,14 +513,18 @@ fn parse_pod_manager(ctx: &DocCtx<'_>, out: &mut ParsedFile) {
         .unwrap_or_default();
     let label = format!("Deployment/{stem}");
     // Parse through serde_json for exact JSON semantics; map its errors onto the index.
-    let file: PodManagerFile = match serde_json::from_str(ctx.text) {
+    // A list or a single object, told apart by the first non-blank character.
+    let list = ctx.text.trim_start().starts_with('[');
+    let parsed = if list {
+        serde_json::from_str::<Vec<PodManagerConfig>>(ctx.text)
+    } else {
+        serde_json::from_str::<PodManagerConfig>(ctx.text).map(|c| vec![c])
+    };
+    let configs = match parsed {
         Ok(f) => f,
         Err(e) => {
             let msg = if e.is_data() {
-                format!(
-                    "not a Pod Manager config (expected an object or a list of objects with \
-                     name, image, ports, environment, command, volumes): {e}"
-                )
+                format!("Pod Manager config: {e}")
             } else {
                 format!("invalid JSON: {e}")
             };
@@ -533,10 +539,6 @@ fn parse_pod_manager(ctx: &DocCtx<'_>, out: &mut ParsedFile) {
             });
             return;
         }
-    };
-    let (configs, list) = match file {
-        PodManagerFile::One(c) => (vec![c], false),
-        PodManagerFile::Many(v) => (v, true),
     };
     let mut containers = Vec::new();
     let mut errors = Vec::new();

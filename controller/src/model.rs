@@ -105,6 +105,8 @@ pub struct Object {
     pub name: String,
     pub spec: Spec,
     pub origin: Origin,
+    /// Bumped by the source each time the spec changes (as `metadata.generation`).
+    pub generation: i64,
 }
 
 impl Object {

@@ -27,9 +27,16 @@ pub fn validate_object(name: &str, spec: &Spec) -> Vec<FieldError> {
     errs
 }
 
-/// The number of instances a pool may have: `max`, else `warm`.
+/// The number of instances a pool may have: `max`; else as many as `hostPorts` can serve;
+/// else no cap (claims are still bounded by users' quotas).
 pub fn pool_max(p: &PoolSpec) -> u32 {
-    p.max.unwrap_or(p.warm)
+    if let Some(m) = p.max {
+        return m;
+    }
+    match (p.host_ports, p.template.ports.len()) {
+        (Some(r), n) if n > 0 => r.len() / n as u32,
+        _ => u32::MAX,
+    }
 }
 
 fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {

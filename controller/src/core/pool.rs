@@ -1,21 +1,6 @@
 //! How many instances a pool should create and which it should delete.
 
-/// What the pool decision needs to know about one instance of the pool.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InstanceFacts {
-    pub id: String,
-    /// Made from the current template.
-    pub current: bool,
-    pub phase: InstancePhase,
-    /// Bound to a claim (or being handed to one).
-    pub bound: bool,
-    /// Held out of the pool after a failed reset; kept for inspection until removed by hand or
-    /// until the pool is deleted.
-    pub quarantined: bool,
-    /// Being reset after its claim ended (restart or exec in progress).
-    pub resetting: bool,
-}
-
+/// The phase of an instance as the engine tracks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InstancePhase {
     /// Requested from the runtime, not yet confirmed (an expectation).
@@ -29,6 +14,59 @@ pub enum InstancePhase {
     Deleting,
 }
 
+/// Where one instance stands with respect to its pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Ready, unbound, current template: can be bound now.
+    Warm,
+    /// Unbound, current template, not ready yet (creating or starting).
+    Starting,
+    /// Unbound but dead or made from an older template: to be removed.
+    Doomed(DeleteReason),
+    /// Bound, being reset, or quarantined: not the pool's to hand out or remove.
+    Occupied,
+    /// Removal in flight (an expectation).
+    Deleting,
+}
+
+/// Classifies one instance. `current`: made from the pool's current template.
+pub fn classify(
+    phase: InstancePhase,
+    current: bool,
+    bound: bool,
+    resetting: bool,
+    quarantined: bool,
+) -> Slot {
+    if phase == InstancePhase::Deleting {
+        Slot::Deleting
+    } else if bound || resetting || quarantined {
+        Slot::Occupied
+    } else if phase == InstancePhase::Dead {
+        Slot::Doomed(DeleteReason::Dead)
+    } else if !current {
+        Slot::Doomed(DeleteReason::Outdated)
+    } else if phase == InstancePhase::Ready {
+        Slot::Warm
+    } else {
+        Slot::Starting
+    }
+}
+
+/// How many of a pool's instances stand in each slot (removals in flight are not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub warm: u32,
+    pub starting: u32,
+    pub doomed: u32,
+    pub occupied: u32,
+}
+
+impl PoolCounts {
+    pub fn live(&self) -> u32 {
+        self.warm + self.starting + self.doomed + self.occupied
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolTarget {
     pub warm: u32,
@@ -39,7 +77,7 @@ pub struct PoolTarget {
     pub queued: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DeleteReason {
     /// Exited or failed while unbound: replace it.
     Dead,
@@ -51,72 +89,52 @@ pub enum DeleteReason {
     Drain,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What to do with a pool. The engine picks the instances: surplus comes from `Starting` first,
+/// then from the most recently ready `Warm` ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolPlan {
     pub create: u32,
-    pub delete: Vec<(String, DeleteReason)>,
+    /// Remove every doomed instance.
+    pub remove_doomed: bool,
+    pub surplus_starting: u32,
+    pub surplus_warm: u32,
+    /// Remove every unbound instance (the pool is being deleted).
+    pub drain: bool,
 }
 
-/// Decides creations and deletions for one pool.
+/// Decides creations and removals for one pool from its counts.
 ///
-/// In-flight creations appear as `Creating` instances and in-flight removals as `Deleting`
-/// (the expectations), so calling this again before the runtime answers plans nothing twice.
-pub fn plan_pool(target: PoolTarget, instances: &[InstanceFacts]) -> PoolPlan {
-    let mut plan = PoolPlan::default();
-    let live = |i: &&InstanceFacts| i.phase != InstancePhase::Deleting;
+/// In-flight creations count as `starting` and in-flight removals are not counted at all (the
+/// expectations), so deciding again before the runtime answers plans nothing twice. Doomed
+/// instances still count against `max` until they are gone, so replacing them never overshoots.
+pub fn plan_pool(target: PoolTarget, c: PoolCounts) -> PoolPlan {
     if target.deleting {
-        for i in instances.iter().filter(live) {
-            if !i.bound {
-                plan.delete.push((i.id.clone(), DeleteReason::Drain));
-            }
-        }
-        return plan;
+        return PoolPlan {
+            drain: true,
+            remove_doomed: true,
+            ..PoolPlan::default()
+        };
     }
-    // Unbound candidates that will serve claims: current template, alive, not held back.
-    let mut spare: Vec<&InstanceFacts> = Vec::new();
-    for i in instances.iter().filter(live) {
-        if i.bound || i.quarantined || i.resetting {
-            // Occupied: counts against max below, never a candidate.
-        } else if i.phase == InstancePhase::Dead {
-            plan.delete.push((i.id.clone(), DeleteReason::Dead));
-        } else if !i.current {
-            plan.delete.push((i.id.clone(), DeleteReason::Outdated));
-        } else {
-            spare.push(i);
-        }
-    }
+    let mut plan = PoolPlan {
+        remove_doomed: c.doomed > 0,
+        ..PoolPlan::default()
+    };
     let want_spare = target.warm.saturating_add(target.queued);
-    let spare_n = spare.len() as u32;
-    if spare_n > want_spare {
-        // Shrink: drop instances that are not ready first, then the newest (last listed).
-        spare.sort_by_key(|i| i.phase == InstancePhase::Ready);
-        for i in spare.iter().take((spare_n - want_spare) as usize) {
-            plan.delete.push((i.id.clone(), DeleteReason::Surplus));
-        }
+    let spare = c.warm + c.starting;
+    if spare > want_spare {
+        let surplus = spare - want_spare;
+        plan.surplus_starting = surplus.min(c.starting);
+        plan.surplus_warm = surplus - plan.surplus_starting;
         return plan;
     }
-    // Replacements for deleted-but-still-counted instances are allowed only once they are gone,
-    // so the cap counts every live instance, including the ones this plan deletes.
-    let live_total = instances.iter().filter(live).count() as u32;
-    let room = target.max.saturating_sub(live_total);
-    plan.create = (want_spare - spare_n).min(room);
+    let room = target.max.saturating_sub(c.live());
+    plan.create = (want_spare - spare).min(room);
     plan
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn inst(id: &str) -> InstanceFacts {
-        InstanceFacts {
-            id: id.to_owned(),
-            current: true,
-            phase: InstancePhase::Ready,
-            bound: false,
-            quarantined: false,
-            resetting: false,
-        }
-    }
 
     fn target(warm: u32, max: u32) -> PoolTarget {
         PoolTarget {
@@ -127,29 +145,30 @@ mod tests {
         }
     }
 
+    fn counts(warm: u32, starting: u32, doomed: u32, occupied: u32) -> PoolCounts {
+        PoolCounts {
+            warm,
+            starting,
+            doomed,
+            occupied,
+        }
+    }
+
     #[test]
     fn an_empty_pool_creates_its_warm_count() {
-        assert_eq!(plan_pool(target(3, 10), &[]).create, 3);
+        assert_eq!(plan_pool(target(3, 10), counts(0, 0, 0, 0)).create, 3);
     }
 
     #[test]
     fn in_flight_creations_count_so_nothing_is_created_twice() {
-        let creating = InstanceFacts {
-            phase: InstancePhase::Creating,
-            ..inst("a")
-        };
-        let plan = plan_pool(target(2, 10), &[creating]);
-        assert_eq!(plan.create, 1);
+        assert_eq!(plan_pool(target(2, 10), counts(0, 1, 0, 0)).create, 1);
+        assert_eq!(plan_pool(target(2, 10), counts(0, 2, 0, 0)).create, 0);
     }
 
     #[test]
     fn bound_instances_do_not_count_as_warm_but_do_count_against_max() {
-        let bound = InstanceFacts {
-            bound: true,
-            ..inst("a")
-        };
-        assert_eq!(plan_pool(target(2, 10), std::slice::from_ref(&bound)).create, 2);
-        assert_eq!(plan_pool(target(2, 2), &[bound]).create, 1);
+        assert_eq!(plan_pool(target(2, 10), counts(0, 0, 0, 1)).create, 2);
+        assert_eq!(plan_pool(target(2, 2), counts(0, 0, 0, 1)).create, 1);
     }
 
     #[test]
@@ -158,73 +177,48 @@ mod tests {
             queued: 5,
             ..target(1, 4)
         };
-        assert_eq!(plan_pool(t, &[]).create, 4);
+        assert_eq!(plan_pool(t, counts(0, 0, 0, 0)).create, 4);
     }
 
     #[test]
-    fn a_changed_template_replaces_unbound_instances_but_never_bound_ones() {
-        let old_warm = InstanceFacts {
-            current: false,
-            ..inst("old-warm")
-        };
-        let old_bound = InstanceFacts {
-            current: false,
-            bound: true,
-            ..inst("old-bound")
-        };
-        let plan = plan_pool(target(1, 10), &[old_warm, old_bound]);
-        assert_eq!(
-            plan.delete,
-            vec![("old-warm".to_owned(), DeleteReason::Outdated)]
-        );
+    fn outdated_and_dead_unbound_instances_are_doomed_but_bound_ones_are_not() {
+        use InstancePhase::*;
+        assert_eq!(classify(Ready, false, false, false, false), Slot::Doomed(DeleteReason::Outdated));
+        assert_eq!(classify(Ready, false, true, false, false), Slot::Occupied);
+        assert_eq!(classify(Dead, true, false, false, false), Slot::Doomed(DeleteReason::Dead));
+        assert_eq!(classify(Ready, true, false, true, false), Slot::Occupied);
+        assert_eq!(classify(Ready, true, false, false, true), Slot::Occupied);
+        assert_eq!(classify(Starting, true, false, false, false), Slot::Starting);
+        assert_eq!(classify(Creating, true, false, false, false), Slot::Starting);
+        assert_eq!(classify(Deleting, true, true, false, false), Slot::Deleting);
+    }
+
+    #[test]
+    fn doomed_instances_are_replaced_within_max() {
+        let plan = plan_pool(target(1, 1), counts(0, 0, 1, 0));
+        assert!(plan.remove_doomed);
+        // The doomed one still counts until it is gone: no creation beyond max.
+        assert_eq!(plan.create, 0);
+        let plan = plan_pool(target(1, 2), counts(0, 0, 1, 0));
         assert_eq!(plan.create, 1);
     }
 
     #[test]
-    fn dead_unbound_instances_are_replaced() {
-        let dead = InstanceFacts {
-            phase: InstancePhase::Dead,
-            ..inst("d")
-        };
-        let plan = plan_pool(target(1, 1), &[dead]);
-        assert_eq!(plan.delete, vec![("d".to_owned(), DeleteReason::Dead)]);
-        // The cap still counts the dead one until it is gone: no creation beyond max.
+    fn surplus_is_taken_from_instances_that_are_not_ready_first() {
+        let plan = plan_pool(target(1, 10), counts(2, 1, 0, 0));
+        assert_eq!(plan.surplus_starting, 1);
+        assert_eq!(plan.surplus_warm, 1);
         assert_eq!(plan.create, 0);
     }
 
     #[test]
-    fn surplus_prefers_removing_instances_that_are_not_ready() {
-        let starting = InstanceFacts {
-            phase: InstancePhase::Starting,
-            ..inst("s")
-        };
-        let plan = plan_pool(target(1, 10), &[inst("r"), starting]);
-        assert_eq!(plan.delete, vec![("s".to_owned(), DeleteReason::Surplus)]);
-        assert_eq!(plan.create, 0);
-    }
-
-    #[test]
-    fn deleting_a_pool_drains_unbound_instances_and_keeps_bound_ones() {
-        let bound = InstanceFacts {
-            bound: true,
-            ..inst("b")
-        };
+    fn deleting_a_pool_drains_it() {
         let t = PoolTarget {
             deleting: true,
             ..target(3, 10)
         };
-        let plan = plan_pool(t, &[inst("w"), bound]);
-        assert_eq!(plan.delete, vec![("w".to_owned(), DeleteReason::Drain)]);
+        let plan = plan_pool(t, counts(1, 0, 0, 1));
+        assert!(plan.drain);
         assert_eq!(plan.create, 0);
-    }
-
-    #[test]
-    fn instances_being_deleted_are_not_deleted_again() {
-        let going = InstanceFacts {
-            phase: InstancePhase::Deleting,
-            ..inst("g")
-        };
-        let plan = plan_pool(target(0, 10), &[going]);
-        assert!(plan.delete.is_empty());
     }
 }

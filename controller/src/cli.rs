@@ -1,0 +1,409 @@
+//! The command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
+
+use crate::engine::status::{ObjectView, Snapshot};
+use crate::engine::{self, EngineConfig};
+use crate::loader::{self, STATE_DIR};
+use crate::model::{Kind, Object};
+use crate::runtime::memory::{MemoryConfig, MemoryRuntime};
+use crate::units::parse_duration;
+use crate::validate::{duplicates, validate_set};
+
+#[derive(Parser, Debug)]
+#[command(name = "poolkeeper", version, about = "Declarative warm container pools, claims and deployments")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions generated from the types.
+    Crds,
+    /// Check files or folders without running anything.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run the controller on a watched directory.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = RuntimeKind::Docker)]
+        runtime: RuntimeKind,
+        /// How often to relist the runtime and rescan the directory, whatever events said.
+        #[arg(long, default_value = "30s", value_parser = duration_arg)]
+        resync: Duration,
+    },
+    /// List objects with their status.
+    Get {
+        /// pools, claims, users or deployments
+        kind: String,
+        name: Option<String>,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Show one object in detail: spec, status, conditions, events.
+    Describe {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Measure claim binding and resync through the real reconcile path.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    Memory,
+    Docker,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Wide,
+    Yaml,
+    Json,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("POOLKEEPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Crds => {
+            print!("{}", crate::crdgen::crds_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { paths } => validate_cmd(&paths),
+        Command::Run {
+            dir,
+            runtime,
+            resync,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(run_cmd(dir, runtime, resync))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            kind,
+            name,
+            dir,
+            output,
+        } => get_cmd(&kind, name.as_deref(), &dir, output),
+        Command::Describe { kind, name, dir } => describe_cmd(&kind, &name, &dir),
+        Command::Bench(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(crate::bench::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads every path; returns the objects and one line per problem.
+pub fn validate_paths(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>) {
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    for p in paths {
+        match loader::spec_files(p) {
+            Ok(files) => {
+                for f in files {
+                    let parsed = loader::parse_file(&f);
+                    problems.extend(parsed.diagnostics.iter().map(|d| d.to_string()));
+                    objects.extend(parsed.objects);
+                }
+            }
+            Err(e) => problems.push(format!("{}: cannot read: {e}", p.display())),
+        }
+    }
+    for (dup, first) in duplicates(&objects) {
+        problems.push(format!(
+            "{}: {}: metadata.name: also declared at {}",
+            dup.origin,
+            dup.key(),
+            first.origin
+        ));
+    }
+    for e in validate_set(&objects) {
+        let origin = objects
+            .iter()
+            .find(|o| o.key() == e.key)
+            .map(|o| o.origin.to_string())
+            .unwrap_or_default();
+        problems.push(format!(
+            "{origin}: {}: {}: {}",
+            e.key, e.error.path, e.error.message
+        ));
+    }
+    (objects, problems)
+}
+
+fn validate_cmd(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let (objects, problems) = validate_paths(paths);
+    let mut out = std::io::stdout().lock();
+    for p in &problems {
+        writeln!(out, "{p}")?;
+    }
+    if problems.is_empty() {
+        eprintln!("{} object(s) valid", objects.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} problem(s)", problems.len());
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn state_dir(dir: &Path) -> PathBuf {
+    dir.join(STATE_DIR)
+}
+
+fn status_file(dir: &Path) -> PathBuf {
+    state_dir(dir).join("status.json")
+}
+
+async fn run_cmd(dir: PathBuf, runtime: RuntimeKind, resync: Duration) -> anyhow::Result<()> {
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    match runtime {
+        RuntimeKind::Memory => {
+            let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+            run_with(rt, dir, resync).await
+        }
+        RuntimeKind::Docker => bail!(
+            "the docker runtime is not built yet (issue: Docker runtime); use --runtime memory"
+        ),
+    }
+}
+
+async fn run_with<R: crate::runtime::Runtime>(
+    rt: Arc<R>,
+    dir: PathBuf,
+    resync: Duration,
+) -> anyhow::Result<()> {
+    let sdir = state_dir(&dir);
+    std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
+    let mut config = EngineConfig::new(sdir.join("state"));
+    config.resync_every = resync;
+    let (handle, task) = engine::start(rt, config)?;
+    let watch = crate::source::dir::run(dir.clone(), handle.clone(), resync).await?;
+    let status_path = status_file(&dir);
+    let writer_handle = handle.clone();
+    let writer = tokio::spawn(async move {
+        let mut last = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let Ok(mut snap) = writer_handle.snapshot().await else { break };
+            // Compare without the timestamp, which changes every time.
+            snap.controller.updated_at.clear();
+            let Ok(cmp) = serde_json::to_vec(&snap) else { continue };
+            if cmp == last {
+                continue;
+            }
+            last = cmp;
+            snap.controller.updated_at = engine::status::rfc3339(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+            );
+            if let Err(e) = write_atomic(&status_path, &snap) {
+                tracing::warn!(error = %e, "writing status failed");
+            }
+        }
+    });
+    info!(dir = %dir.display(), "poolkeeper running; Ctrl-C to stop");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("stopping"),
+        r = task => { writer.abort(); watch.abort(); r?; bail!("the engine stopped"); }
+    }
+    handle.shutdown().await;
+    writer.abort();
+    watch.abort();
+    Ok(())
+}
+
+fn write_atomic(path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(snap)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The controller's last snapshot, or one built from the files when none is running.
+fn load_snapshot(dir: &Path) -> anyhow::Result<(Snapshot, bool)> {
+    let path = status_file(dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let snap: Snapshot = serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let live = Path::new(&format!("/proc/{}", snap.controller.pid)).exists();
+            if !live {
+                eprintln!(
+                    "warning: the controller that wrote {} (pid {}) is not running; status is as of {}",
+                    path.display(),
+                    snap.controller.pid,
+                    snap.controller.updated_at
+                );
+            }
+            Ok((snap, live))
+        }
+        Err(_) => {
+            eprintln!(
+                "warning: no status in {} (is `poolkeeper run --dir {}` running?); showing specs only",
+                path.display(),
+                dir.display()
+            );
+            let (objects, problems) = validate_paths(&[dir.to_path_buf()]);
+            let objects = objects
+                .into_iter()
+                .map(|o| ObjectView {
+                    kind: o.spec.kind(),
+                    name: o.name.clone(),
+                    origin: o.origin.clone(),
+                    spec: spec_value(&o),
+                    status: serde_json::Value::Null,
+                    events: Vec::new(),
+                })
+                .collect();
+            Ok((
+                Snapshot {
+                    controller: crate::engine::status::ControllerInfo {
+                        pid: 0,
+                        runtime: String::new(),
+                        started_at: String::new(),
+                        updated_at: String::new(),
+                        state_dir: state_dir(dir),
+                    },
+                    objects,
+                    diagnostics: problems,
+                    instances: Vec::new(),
+                },
+                false,
+            ))
+        }
+    }
+}
+
+fn spec_value(o: &Object) -> serde_json::Value {
+    use crate::model::Spec;
+    match &o.spec {
+        Spec::Pool(s) => serde_json::to_value(s),
+        Spec::Claim(s) => serde_json::to_value(s),
+        Spec::User(s) => serde_json::to_value(s),
+        Spec::Deployment(s) => serde_json::to_value(s),
+    }
+    .unwrap_or(serde_json::Value::Null)
+}
+
+fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
+    Kind::parse(kind).with_context(|| {
+        format!("unknown kind {kind:?} (pools, claims, users or deployments)")
+    })
+}
+
+/// An object in Kubernetes' shape, for `-o yaml|json`.
+fn k8s_shape(v: &ObjectView) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": crate::api::API_VERSION,
+        "kind": v.kind.to_string(),
+        "metadata": { "name": v.name, "annotations": { "poolkeeper.dev/source": v.origin.to_string() } },
+        "spec": v.spec,
+        "status": v.status,
+    })
+}
+
+fn get_cmd(kind: &str, name: Option<&str>, dir: &Path, output: Option<Output>) -> anyhow::Result<ExitCode> {
+    let kind = parse_kind(kind)?;
+    let (snap, _) = load_snapshot(dir)?;
+    let items: Vec<&ObjectView> = snap
+        .objects
+        .iter()
+        .filter(|o| o.kind == kind && name.is_none_or(|n| n == o.name))
+        .collect();
+    for d in &snap.diagnostics {
+        eprintln!("problem: {d}");
+    }
+    if let Some(n) = name
+        && items.is_empty()
+    {
+        eprintln!("error: {kind} {n:?} not found");
+        return Ok(ExitCode::from(1));
+    }
+    let mut out = std::io::stdout().lock();
+    match output {
+        Some(Output::Json) | Some(Output::Yaml) => {
+            let value = if name.is_some() && items.len() == 1 {
+                k8s_shape(items[0])
+            } else {
+                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items.iter().map(|v| k8s_shape(v)).collect::<Vec<_>>()})
+            };
+            if output == Some(Output::Json) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+            } else {
+                write!(out, "{}", serde_saphyr::to_string(&value)?)?;
+            }
+        }
+        _ => {
+            let wide = output == Some(Output::Wide);
+            let rows = crate::cli_table::rows(kind, &items, wide);
+            write!(out, "{}", crate::cli_table::render(&rows))?;
+            if items.is_empty() {
+                eprintln!("No {} found.", kind.plural());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_cmd(kind: &str, name: &str, dir: &Path) -> anyhow::Result<ExitCode> {
+    let kind = parse_kind(kind)?;
+    let (snap, _) = load_snapshot(dir)?;
+    let Some(v) = snap.objects.iter().find(|o| o.kind == kind && o.name == name) else {
+        eprintln!("error: {kind} {name:?} not found");
+        return Ok(ExitCode::from(1));
+    };
+    let problems: Vec<&String> = snap
+        .diagnostics
+        .iter()
+        .filter(|d| d.contains(&format!("{kind}/{name}:")))
+        .collect();
+    print!("{}", crate::cli_table::describe(v, &problems, &snap));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,239 @@
+//! The engine's durable state: claim arrival order, bindings, terminal phases and quarantines.
+//!
+//! Kept by `poolkeeper-store` (snapshot + write-ahead log, one fsync per batch), so a binding is
+//! on disk before its claim is reported Bound, and a restarted controller knows every binding.
+//! `apply` refuses anything that would bind one instance to two claims, which makes that
+//! invariant hold even if a decision above it were wrong.
+
+use std::collections::BTreeMap;
+
+use poolkeeper_store::StateMachine;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecPhase {
+    /// Admitted to the queue (arrival order fixed), no instance.
+    Waiting,
+    Bound,
+    /// Ended by the user (`claim release`); the object still exists.
+    Released,
+    /// Its lease ran out.
+    Expired,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRecord {
+    /// Arrival order (queue position is derived from it).
+    pub seq: u64,
+    pub pool: String,
+    pub phase: RecPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// Bound at once from a warm instance (rather than after waiting).
+    #[serde(default)]
+    pub hit: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durable {
+    pub next_seq: u64,
+    pub claims: BTreeMap<String, ClaimRecord>,
+    /// Instance -> claim, the inverse of the bound records.
+    pub bound: BTreeMap<String, String>,
+    /// Instance -> why it was taken out of service.
+    pub quarantined: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Enter the queue of `pool`; takes the next arrival number. No-op if already known.
+    Admit { claim: String, pool: String },
+    Bind {
+        claim: String,
+        instance: String,
+        at_ms: u64,
+        expires_at_ms: Option<u64>,
+        hit: bool,
+    },
+    /// Drop the binding and move the claim to `to` (Waiting to rebind, or a terminal phase).
+    Unbind { claim: String, to: RecPhase },
+    /// The claim object is gone: forget it (it must not be bound).
+    Forget { claim: String },
+    Quarantine { instance: String, reason: String },
+    Unquarantine { instance: String },
+}
+
+impl StateMachine for Durable {
+    type Op = Op;
+
+    fn apply(&mut self, op: &Op) -> Result<(), String> {
+        match op {
+            Op::Admit { claim, pool } => {
+                if !self.claims.contains_key(claim) {
+                    self.claims.insert(
+                        claim.clone(),
+                        ClaimRecord {
+                            seq: self.next_seq,
+                            pool: pool.clone(),
+                            phase: RecPhase::Waiting,
+                            instance: None,
+                            bound_at_ms: None,
+                            expires_at_ms: None,
+                            hit: false,
+                        },
+                    );
+                    self.next_seq += 1;
+                }
+                Ok(())
+            }
+            Op::Bind {
+                claim,
+                instance,
+                at_ms,
+                expires_at_ms,
+                hit,
+            } => {
+                if let Some(other) = self.bound.get(instance) {
+                    return Err(format!(
+                        "instance {instance} is already bound to claim {other}"
+                    ));
+                }
+                if self.quarantined.contains_key(instance) {
+                    return Err(format!("instance {instance} is quarantined"));
+                }
+                let rec = self
+                    .claims
+                    .get_mut(claim)
+                    .ok_or_else(|| format!("claim {claim} was never admitted"))?;
+                if rec.phase != RecPhase::Waiting {
+                    return Err(format!("claim {claim} is {:?}, not waiting", rec.phase));
+                }
+                rec.phase = RecPhase::Bound;
+                rec.instance = Some(instance.clone());
+                rec.bound_at_ms = Some(*at_ms);
+                rec.expires_at_ms = *expires_at_ms;
+                rec.hit = *hit;
+                self.bound.insert(instance.clone(), claim.clone());
+                Ok(())
+            }
+            Op::Unbind { claim, to } => {
+                let rec = self
+                    .claims
+                    .get_mut(claim)
+                    .ok_or_else(|| format!("claim {claim} is unknown"))?;
+                if *to == RecPhase::Bound {
+                    return Err("Unbind cannot move a claim to Bound".into());
+                }
+                if let Some(i) = rec.instance.take() {
+                    self.bound.remove(&i);
+                }
+                rec.phase = *to;
+                rec.bound_at_ms = None;
+                if *to == RecPhase::Waiting {
+                    rec.expires_at_ms = None;
+                }
+                Ok(())
+            }
+            Op::Forget { claim } => {
+                if let Some(rec) = self.claims.get(claim)
+                    && rec.instance.is_some()
+                {
+                    return Err(format!("claim {claim} is still bound; unbind it first"));
+                }
+                self.claims.remove(claim);
+                Ok(())
+            }
+            Op::Quarantine { instance, reason } => {
+                if self.bound.contains_key(instance) {
+                    return Err(format!("instance {instance} is bound; unbind it first"));
+                }
+                self.quarantined.insert(instance.clone(), reason.clone());
+                Ok(())
+            }
+            Op::Unquarantine { instance } => {
+                self.quarantined.remove(instance);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit(d: &mut Durable, c: &str) {
+        d.apply(&Op::Admit {
+            claim: c.into(),
+            pool: "p".into(),
+        })
+        .expect("admit");
+    }
+
+    fn bind(c: &str, i: &str) -> Op {
+        Op::Bind {
+            claim: c.into(),
+            instance: i.into(),
+            at_ms: 1,
+            expires_at_ms: None,
+            hit: true,
+        }
+    }
+
+    #[test]
+    fn one_instance_can_never_be_bound_to_two_claims() {
+        let mut d = Durable::default();
+        admit(&mut d, "a");
+        admit(&mut d, "b");
+        d.apply(&bind("a", "i")).expect("first bind");
+        let before = d.clone();
+        assert!(d.apply(&bind("b", "i")).is_err());
+        assert_eq!(d, before, "a refused op leaves the state unchanged");
+    }
+
+    #[test]
+    fn arrival_order_is_assigned_once() {
+        let mut d = Durable::default();
+        admit(&mut d, "a");
+        admit(&mut d, "b");
+        admit(&mut d, "a");
+        assert_eq!(d.claims["a"].seq, 0);
+        assert_eq!(d.claims["b"].seq, 1);
+        assert_eq!(d.next_seq, 2);
+    }
+
+    #[test]
+    fn unbinding_frees_the_instance_and_a_bound_claim_cannot_be_forgotten() {
+        let mut d = Durable::default();
+        admit(&mut d, "a");
+        d.apply(&bind("a", "i")).expect("bind");
+        assert!(d.apply(&Op::Forget { claim: "a".into() }).is_err());
+        d.apply(&Op::Unbind {
+            claim: "a".into(),
+            to: RecPhase::Expired,
+        })
+        .expect("unbind");
+        assert!(d.bound.is_empty());
+        assert_eq!(d.claims["a"].phase, RecPhase::Expired);
+        // A terminal claim never binds again.
+        assert!(d.apply(&bind("a", "j")).is_err());
+        d.apply(&Op::Forget { claim: "a".into() }).expect("forget");
+        assert!(d.claims.is_empty());
+    }
+
+    #[test]
+    fn quarantined_instances_are_not_bound() {
+        let mut d = Durable::default();
+        admit(&mut d, "a");
+        d.apply(&Op::Quarantine {
+            instance: "i".into(),
+            reason: "reset failed".into(),
+        })
+        .expect("quarantine");
+        assert!(d.apply(&bind("a", "i")).is_err());
+    }
+}

@@ -1,0 +1,1151 @@
+//! The reconcile engine: one task owns all state, joins what is declared (from a source) with
+//! what runs (from a runtime), asks the pure decisions in [`crate::core`] for plans, and executes
+//! them.
+//!
+//! - Level-triggered: every pass works from the whole current state of the objects it touches;
+//!   a periodic relist and source rescan close any drift that events missed.
+//! - Expectations: creations in flight are `Creating` instances and removals `Deleting`, so a
+//!   slow runtime never causes a second creation or removal.
+//! - Group commit: a pass collects its binding changes and writes them with one fsync before it
+//!   reports any claim Bound or starts any reset, so a crash loses nothing that was reported.
+
+pub mod durable;
+mod pass;
+pub mod status;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use poolkeeper_store::Store;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::api::{ClaimPhase, ClaimSpec, Condition, DeploymentSpec, PoolSpec, UserSpec};
+use crate::core::claims::Verdict;
+use crate::core::pool::{InstancePhase, Slot};
+use crate::core::ports::PortBook;
+use crate::loader::Diagnostic;
+use crate::model::{Kind, ObjKey, Object, Origin, Spec};
+use crate::runtime::{Instance, Result as RtResult, Runtime, RuntimeEvent};
+use durable::{Durable, Op};
+use status::{Events, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("state store in {dir}: {source}")]
+    Store {
+        dir: PathBuf,
+        #[source]
+        source: poolkeeper_store::StoreError,
+    },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Wall-clock milliseconds, injectable so that simulations can move time (TTLs, backoffs).
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug, Default, Clone)]
+pub struct ManualClock(Arc<AtomicU64>);
+
+impl ManualClock {
+    pub fn new(start_ms: u64) -> Self {
+        ManualClock(Arc::new(AtomicU64::new(start_ms)))
+    }
+
+    pub fn advance(&self, d: Duration) {
+        self.0.fetch_add(d.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Where the durable store lives (e.g. `DIR/.poolkeeper/state`).
+    pub state_dir: PathBuf,
+    /// How often to list the runtime again, whatever the events said.
+    pub resync_every: Duration,
+    pub clock: Arc<dyn Clock>,
+    /// fsync each commit (only a benchmark of the store's cost would turn this off).
+    pub sync: bool,
+}
+
+impl EngineConfig {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            state_dir: state_dir.into(),
+            resync_every: Duration::from_secs(30),
+            clock: Arc::new(SystemClock),
+            sync: true,
+        }
+    }
+}
+
+/// What a source tells the engine.
+#[derive(Clone, Debug)]
+pub enum SourceEvent {
+    /// An object was declared or changed.
+    Apply(Object),
+    /// An object is no longer declared.
+    Delete(ObjKey),
+    /// The problems found in one file now (empty: the file is clean or gone).
+    Diagnostics {
+        file: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+    /// The initial load is complete: deletions of what is not declared may begin.
+    Synced,
+}
+
+/// A claim's reported phase changed (for watchers: the API's stream, benchmarks, tests).
+#[derive(Clone, Debug)]
+pub struct ClaimChange {
+    pub name: String,
+    pub phase: ClaimPhase,
+    pub at: Instant,
+}
+
+enum Input {
+    Source(SourceEvent),
+    Runtime(RuntimeEvent),
+    Done(Completion),
+    Listed(RtResult<Vec<Instance>>),
+    Tick,
+    Snapshot(oneshot::Sender<Snapshot>),
+    PoolStatus(String, oneshot::Sender<Option<crate::api::PoolStatus>>),
+    /// List the runtime and reconcile everything now; answers how long that took.
+    Resync(oneshot::Sender<Duration>),
+    Subscribe(mpsc::UnboundedSender<ClaimChange>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+enum Completion {
+    Created {
+        name: String,
+        result: RtResult<Instance>,
+    },
+    Removed {
+        name: String,
+        result: RtResult<()>,
+    },
+    Reset {
+        name: String,
+        result: Result<(), String>,
+    },
+    Files {
+        claim: String,
+        instance: String,
+        result: RtResult<()>,
+    },
+    Restarted {
+        name: String,
+        result: RtResult<()>,
+    },
+    Network {
+        deployment: String,
+        result: RtResult<()>,
+    },
+}
+
+/// A cheap, cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Input>,
+}
+
+impl EngineHandle {
+    pub fn send(&self, ev: SourceEvent) -> Result<(), EngineError> {
+        self.tx
+            .send(Input::Source(ev))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    pub fn apply(&self, obj: Object) -> Result<(), EngineError> {
+        self.send(SourceEvent::Apply(obj))
+    }
+
+    pub fn delete(&self, key: ObjKey) -> Result<(), EngineError> {
+        self.send(SourceEvent::Delete(key))
+    }
+
+    /// Runs a pass now (after moving a [`ManualClock`], for instance).
+    pub fn tick(&self) -> Result<(), EngineError> {
+        self.tx.send(Input::Tick).map_err(|_| EngineError::Stopped)
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Snapshot(tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    pub async fn pool_status(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::api::PoolStatus>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::PoolStatus(name.to_owned(), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// A full resync: list the runtime, reconcile every object. Returns its duration.
+    pub async fn resync(&self) -> Result<Duration, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Resync(tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    pub fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<ClaimChange>, EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.tx
+            .send(Input::Subscribe(tx))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Stops the engine after its current pass.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Input::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-memory state
+
+struct PoolEntry {
+    /// None: no longer declared; draining until its last instance is gone.
+    spec: Option<PoolSpec>,
+    origin: Origin,
+    generation: i64,
+    hash: String,
+    conditions: Vec<Condition>,
+    events: Events,
+    hits: u64,
+    misses: u64,
+    create_failures: u32,
+    create_backoff_until: u64,
+    /// Last failure to create, shown as a condition until a creation succeeds.
+    create_error: Option<(&'static str, String)>,
+    ports_exhausted: bool,
+    /// The labels of instances of the current template (shared by all of them).
+    labels: Option<crate::runtime::Labels>,
+}
+
+struct ClaimEntry {
+    spec: ClaimSpec,
+    origin: Origin,
+    generation: i64,
+    seq: u64,
+    verdict: Verdict,
+    files: Arc<Vec<(String, Vec<u8>)>>,
+    files_error: Option<String>,
+    /// The instance it holds: the durable binding, or one decided in this pass.
+    instance: Option<String>,
+    /// Bound durably, files still being copied: not reported Bound yet.
+    files_pending: bool,
+    /// Has waited in the queue (a bind after that is a miss).
+    waited: bool,
+    queue_position: Option<u32>,
+    reported: ClaimPhase,
+    /// When `reported` last changed, and when the admission verdict last changed: the
+    /// conditions' transition times (conditions are derived when status is read).
+    phase_since: u64,
+    verdict_since: u64,
+    /// Why its last instance was lost, and when.
+    lost: Option<(String, u64)>,
+    /// The latest text of its file is invalid (the last valid spec is in use).
+    invalid: Option<(String, u64)>,
+    events: Events,
+}
+
+struct UserEntry {
+    spec: UserSpec,
+    origin: Origin,
+    generation: i64,
+    events: Events,
+}
+
+struct DeploymentEntry {
+    spec: Option<DeploymentSpec>,
+    origin: Origin,
+    generation: i64,
+    /// Container name -> hash of its spec (and the network).
+    hashes: BTreeMap<String, String>,
+    network_ready: Option<String>,
+    network_pending: bool,
+    /// Slot -> (restarts, exited at ms).
+    restarts: HashMap<String, (u32, u64)>,
+    conditions: Vec<Condition>,
+    events: Events,
+}
+
+struct InstRec {
+    name: String,
+    pool: Option<String>,
+    deployment: Option<(String, String, u32)>,
+    hash: String,
+    phase: InstancePhase,
+    exit_code: Option<i64>,
+    ports: Vec<u16>,
+    node: String,
+    /// Published ports, as the runtime reports them.
+    bindings: Vec<crate::runtime::PortBinding>,
+    claim: Option<String>,
+    resetting: bool,
+    quarantined: Option<String>,
+    ready_since: u64,
+    /// Where it is filed in its pool's index (pool members only).
+    slot: Option<(Slot, u64)>,
+}
+
+/// A pool's instances by slot, kept up to date as instances change, so that a pass over a pool
+/// costs what changed, not the size of the pool.
+#[derive(Default)]
+struct PoolIndex {
+    members: std::collections::HashSet<String>,
+    /// Oldest ready first.
+    warm: BTreeSet<(u64, String)>,
+    starting: BTreeSet<String>,
+    doomed: BTreeSet<String>,
+    occupied: usize,
+}
+
+impl PoolIndex {
+    fn file(&mut self, slot: Slot, since: u64, name: &str, add: bool) {
+        match slot {
+            Slot::Warm => {
+                if add {
+                    self.warm.insert((since, name.to_owned()));
+                } else {
+                    self.warm.remove(&(since, name.to_owned()));
+                }
+            }
+            Slot::Starting => {
+                if add {
+                    self.starting.insert(name.to_owned());
+                } else {
+                    self.starting.remove(name);
+                }
+            }
+            Slot::Doomed(_) => {
+                if add {
+                    self.doomed.insert(name.to_owned());
+                } else {
+                    self.doomed.remove(name);
+                }
+            }
+            Slot::Occupied => {
+                if add {
+                    self.occupied += 1;
+                } else {
+                    self.occupied = self.occupied.saturating_sub(1);
+                }
+            }
+            Slot::Deleting => {}
+        }
+    }
+
+    fn counts(&self) -> crate::core::pool::PoolCounts {
+        crate::core::pool::PoolCounts {
+            warm: self.warm.len() as u32,
+            starting: self.starting.len() as u32,
+            doomed: self.doomed.len() as u32,
+            occupied: self.occupied as u32,
+        }
+    }
+}
+
+/// Work that may start only once the pass's ops are durable.
+enum AfterCommit {
+    /// The claim is bound durably: copy its files, then report it.
+    Bound { claim: String, instance: String },
+    /// The instance's claim ended durably: reset it per the pool's policy.
+    Reset { instance: String },
+}
+
+pub struct Engine<R: Runtime> {
+    rt: Arc<R>,
+    store: Store<Durable>,
+    tx: mpsc::UnboundedSender<Input>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    pools: BTreeMap<String, PoolEntry>,
+    claims: HashMap<String, ClaimEntry>,
+    users: BTreeMap<String, UserEntry>,
+    deployments: BTreeMap<String, DeploymentEntry>,
+    instances: HashMap<String, InstRec>,
+    pool_index: HashMap<String, PoolIndex>,
+    /// Instances changed since they were last classified into their pool's index.
+    touched: std::collections::HashSet<String>,
+    /// Non-terminal claims per pool and per user, by arrival.
+    claims_by_pool: HashMap<String, BTreeSet<(u64, String)>>,
+    claims_by_user: HashMap<String, BTreeSet<(u64, String)>>,
+    /// Claims without an instance, per pool, by arrival: the queues.
+    queues: HashMap<String, BTreeSet<(u64, String)>>,
+    /// Claims whose reported status may have changed in this pass.
+    to_report: BTreeSet<String>,
+    ports: PortBook,
+    diagnostics: BTreeMap<PathBuf, Vec<Diagnostic>>,
+    dirty_pools: BTreeSet<String>,
+    dirty_users: BTreeSet<String>,
+    dirty_deployments: BTreeSet<String>,
+    ops: Vec<Op>,
+    after_commit: Vec<AfterCommit>,
+    expiries: BinaryHeap<Reverse<(u64, String)>>,
+    wakeups: BinaryHeap<Reverse<u64>>,
+    next_seq: u64,
+    synced: bool,
+    listed: bool,
+    started: bool,
+    subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
+    started_at_ms: u64,
+    name_counter: u64,
+}
+
+/// Starts an engine on `rt`. Returns its handle and the task running it.
+pub fn start<R: Runtime>(
+    rt: Arc<R>,
+    config: EngineConfig,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
+    let store = poolkeeper_store::Store::<Durable>::open_with(
+        &config.state_dir,
+        poolkeeper_store::Options {
+            sync: config.sync,
+            ..poolkeeper_store::Options::default()
+        },
+    )
+    .map_err(|source| EngineError::Store {
+        dir: config.state_dir.clone(),
+        source,
+    })?;
+    let recovery = *store.recovery();
+    if recovery.dropped_tail_bytes > 0 {
+        warn!(
+            dropped_bytes = recovery.dropped_tail_bytes,
+            "state store: dropped a torn tail (a batch that was never acknowledged)"
+        );
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let next_seq = store.state().next_seq;
+    let clock = config.clock.clone();
+    let now = clock.now_ms();
+    let engine = Engine {
+        rt,
+        store,
+        tx: tx.clone(),
+        clock,
+        config,
+        pools: BTreeMap::new(),
+        claims: HashMap::new(),
+        users: BTreeMap::new(),
+        deployments: BTreeMap::new(),
+        instances: HashMap::new(),
+        pool_index: HashMap::new(),
+        touched: std::collections::HashSet::new(),
+        claims_by_pool: HashMap::new(),
+        claims_by_user: HashMap::new(),
+        queues: HashMap::new(),
+        to_report: BTreeSet::new(),
+        ports: PortBook::default(),
+        diagnostics: BTreeMap::new(),
+        dirty_pools: BTreeSet::new(),
+        dirty_users: BTreeSet::new(),
+        dirty_deployments: BTreeSet::new(),
+        ops: Vec::new(),
+        after_commit: Vec::new(),
+        expiries: BinaryHeap::new(),
+        wakeups: BinaryHeap::new(),
+        next_seq,
+        synced: false,
+        listed: false,
+        started: false,
+        subscribers: Vec::new(),
+        started_at_ms: now,
+        name_counter: now,
+    };
+    // Subscribe before listing, so nothing falls between the list and the stream.
+    let mut events = engine.rt.subscribe();
+    let fwd = tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if fwd.send(Input::Runtime(ev)).is_err() {
+                break;
+            }
+        }
+    });
+    engine.spawn_list();
+    let task = tokio::spawn(engine.run(rx));
+    Ok((EngineHandle { tx }, task))
+}
+
+/// Why 4096: large enough that a burst of claims is bound in a few passes (one fsync each),
+/// small enough that one pass stays within a few milliseconds.
+const MAX_BATCH: usize = 4096;
+
+impl<R: Runtime> Engine<R> {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        let mut resync = tokio::time::interval(self.config.resync_every);
+        resync.tick().await;
+        loop {
+            let sleep = self.next_wakeup();
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                _ = resync.tick() => { self.spawn_list(); continue; }
+                _ = tokio::time::sleep(sleep) => Some(Input::Tick),
+            };
+            let Some(first) = first else { break };
+            let mut shutdown = None;
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            for input in batch {
+                match input {
+                    Input::Shutdown(tx) => shutdown = Some(tx),
+                    Input::Resync(tx) => {
+                        let t = Instant::now();
+                        let listed = self.rt.list().await;
+                        self.on_listed(listed);
+                        self.mark_all_dirty();
+                        self.pass();
+                        let _ = tx.send(t.elapsed());
+                    }
+                    other => self.handle(other),
+                }
+            }
+            self.pass();
+            if let Some(tx) = shutdown {
+                let _ = tx.send(());
+                break;
+            }
+        }
+    }
+
+    /// How long until something is due (a lease ends, a backoff passes).
+    fn next_wakeup(&mut self) -> Duration {
+        let now = self.clock.now_ms();
+        let mut next = u64::MAX;
+        if let Some(Reverse((t, _))) = self.expiries.peek() {
+            next = next.min(*t);
+        }
+        while let Some(Reverse(t)) = self.wakeups.peek() {
+            if *t <= now && next != u64::MAX && *t < next {
+                self.wakeups.pop();
+                continue;
+            }
+            next = next.min(*t);
+            break;
+        }
+        if next == u64::MAX {
+            return Duration::from_secs(3600);
+        }
+        Duration::from_millis(next.saturating_sub(now).max(1))
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Source(ev) => self.on_source(ev),
+            Input::Runtime(ev) => self.on_runtime(ev),
+            Input::Done(c) => self.on_done(c),
+            Input::Listed(r) => self.on_listed(r),
+            Input::Tick => {
+                let now = self.clock.now_ms();
+                while let Some(Reverse(t)) = self.wakeups.peek() {
+                    if *t > now {
+                        break;
+                    }
+                    self.wakeups.pop();
+                    // A backoff passed: look at everything again (cheap, and never wrong).
+                    self.mark_all_dirty();
+                }
+            }
+            Input::Snapshot(tx) => {
+                let _ = tx.send(self.snapshot());
+            }
+            Input::PoolStatus(name, tx) => {
+                let _ = tx.send(self.pool_status(&name, self.clock.now_ms()));
+            }
+            Input::Subscribe(tx) => self.subscribers.push(tx),
+            Input::Shutdown(_) | Input::Resync(_) => {}
+        }
+    }
+
+    fn spawn_list(&self) {
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let r = rt.list().await;
+            let _ = tx.send(Input::Listed(r));
+        });
+    }
+
+    fn mark_all_dirty(&mut self) {
+        self.dirty_pools.extend(self.pools.keys().cloned());
+        self.dirty_pools.extend(self.pool_index.keys().cloned());
+        self.dirty_users.extend(self.claims_by_user.keys().cloned());
+        self.dirty_deployments
+            .extend(self.deployments.keys().cloned());
+    }
+
+    fn new_instance_name(&mut self, pool: &str) -> String {
+        // Unique across restarts: derived from the clock at start and a counter, mixed so that
+        // names do not look sequential.
+        loop {
+            self.name_counter = self.name_counter.wrapping_add(1);
+            let h = Sha256::digest(self.name_counter.to_le_bytes());
+            let suffix: String = h
+                .iter()
+                .take(5)
+                .map(|b| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(*b % 36) as usize]))
+                .collect();
+            let name = format!("{pool}-{suffix}");
+            if !self.instances.contains_key(&name) {
+                return name;
+            }
+        }
+    }
+
+    fn notify(&mut self, name: &str, phase: ClaimPhase) {
+        let at = Instant::now();
+        self.subscribers.retain(|s| {
+            s.send(ClaimChange {
+                name: name.to_owned(),
+                phase,
+                at,
+            })
+            .is_ok()
+        });
+    }
+}
+
+impl<R: Runtime> Engine<R> {
+    /// Files every touched instance into its pool's index.
+    fn reindex_touched(&mut self) {
+        for name in std::mem::take(&mut self.touched) {
+            self.reindex(&name);
+        }
+    }
+
+    fn reindex(&mut self, name: &str) {
+        let Some(rec) = self.instances.get(name) else { return };
+        let Some(pool) = rec.pool.clone() else { return };
+        let current = self.pools.get(&pool).is_some_and(|p| p.hash == rec.hash);
+        let slot = crate::core::pool::classify(
+            rec.phase,
+            current,
+            rec.claim.is_some(),
+            rec.resetting,
+            rec.quarantined.is_some(),
+        );
+        let key = (slot, rec.ready_since);
+        if rec.slot == Some(key) {
+            return;
+        }
+        let old = rec.slot;
+        let idx = self.pool_index.entry(pool.clone()).or_default();
+        if let Some((s, since)) = old {
+            idx.file(s, since, name, false);
+        }
+        idx.file(slot, key.1, name, true);
+        idx.members.insert(name.to_owned());
+        if let Some(rec) = self.instances.get_mut(name) {
+            rec.slot = Some(key);
+        }
+        self.dirty_pools.insert(pool);
+    }
+
+    /// Takes a removed instance out of its pool's index.
+    fn unindex_instance(&mut self, rec: &InstRec) {
+        let Some(pool) = &rec.pool else { return };
+        if let Some(idx) = self.pool_index.get_mut(pool) {
+            if let Some((s, since)) = rec.slot {
+                idx.file(s, since, &rec.name, false);
+            }
+            idx.members.remove(&rec.name);
+        }
+        self.touched.remove(&rec.name);
+        self.dirty_pools.insert(pool.clone());
+    }
+}
+
+/// The hash that marks instances made from one template.
+pub fn hash_of<T: serde::Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..6])
+}
+
+/// Reads the files a claim asks for. `files_from` is resolved against the claim file's folder.
+fn read_claim_files(spec: &ClaimSpec, origin: &Origin) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut out: Vec<(String, Vec<u8>)> = spec
+        .files
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+        .collect();
+    if let Some(from) = &spec.files_from {
+        let base = origin.file.parent().unwrap_or(Path::new("."));
+        let root = base.join(from);
+        let meta = std::fs::metadata(&root)
+            .map_err(|e| format!("filesFrom {}: {e}", root.display()))?;
+        if !meta.is_dir() {
+            return Err(format!(
+                "filesFrom {}: not a folder (tar archives arrive with the Docker runtime)",
+                root.display()
+            ));
+        }
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries =
+                std::fs::read_dir(&dir).map_err(|e| format!("filesFrom {}: {e}", dir.display()))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("filesFrom {}: {e}", dir.display()))?;
+                let path = entry.path();
+                let ft = entry
+                    .file_type()
+                    .map_err(|e| format!("filesFrom {}: {e}", path.display()))?;
+                if ft.is_symlink() {
+                    return Err(format!(
+                        "filesFrom {}: symbolic links are not copied",
+                        path.display()
+                    ));
+                } else if ft.is_dir() {
+                    stack.push(path);
+                } else {
+                    let rel = path
+                        .strip_prefix(&root)
+                        .map_err(|e| e.to_string())?
+                        .to_string_lossy()
+                        .replace('\\', "/");
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| format!("filesFrom {}: {e}", path.display()))?;
+                    out.push((rel, bytes));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+impl<R: Runtime> Engine<R> {
+    fn on_source(&mut self, ev: SourceEvent) {
+        let now = self.clock.now_ms();
+        match ev {
+            SourceEvent::Synced => {
+                self.synced = true;
+            }
+            SourceEvent::Diagnostics { file, diagnostics } => {
+                // An object whose latest text is invalid keeps its last valid version and says so.
+                let mut invalid: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for d in &diagnostics {
+                    if let Some(label) = &d.object {
+                        invalid.entry(label.clone()).or_default().push(d.to_string());
+                    }
+                }
+                for (label, msgs) in invalid {
+                    let Some((kind, name)) = label.split_once('/') else { continue };
+                    let msg = msgs.join("; ");
+                    match Kind::parse(kind) {
+                        Some(Kind::Pool) => {
+                            if let Some(p) = self.pools.get_mut(name) {
+                                status::set_condition(&mut p.conditions, "SpecValid", false, "InvalidSpec", &msg, now);
+                                p.events.push(true, "InvalidSpec", msg, now);
+                            }
+                        }
+                        Some(Kind::Claim) => {
+                            if let Some(c) = self.claims.get_mut(name) {
+                                c.invalid = Some((msg.clone(), now));
+                                c.events.push(true, "InvalidSpec", msg, now);
+                            }
+                        }
+                        Some(Kind::Deployment) => {
+                            if let Some(d) = self.deployments.get_mut(name) {
+                                status::set_condition(&mut d.conditions, "SpecValid", false, "InvalidSpec", &msg, now);
+                                d.events.push(true, "InvalidSpec", msg, now);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                for d in &diagnostics {
+                    warn!(file = %d.file.display(), "{d}");
+                }
+                if diagnostics.is_empty() {
+                    self.diagnostics.remove(&file);
+                } else {
+                    self.diagnostics.insert(file, diagnostics);
+                }
+            }
+            SourceEvent::Apply(obj) => self.apply_object(obj, now),
+            SourceEvent::Delete(key) => self.delete_object(&key, now),
+        }
+    }
+
+    fn apply_object(&mut self, obj: Object, now: u64) {
+        let generation = obj.generation;
+        let name = obj.name.clone();
+        match obj.spec {
+            Spec::Pool(spec) => {
+                let hash = hash_of(&spec.template);
+                let entry = self.pools.entry(name.clone()).or_insert_with(|| PoolEntry {
+                    spec: None,
+                    origin: obj.origin.clone(),
+                    generation,
+                    hash: hash.clone(),
+                    conditions: Vec::new(),
+                    events: Events::default(),
+                    hits: 0,
+                    misses: 0,
+                    create_failures: 0,
+                    create_backoff_until: 0,
+                    create_error: None,
+                    ports_exhausted: false,
+                    labels: None,
+                });
+                if entry.spec.as_ref() != Some(&spec) {
+                    let what = if entry.spec.is_none() { "declared" } else { "changed" };
+                    entry.events.push(false, "SpecApplied", format!("spec {what} ({})", obj.origin), now);
+                    if entry.hash != hash {
+                        entry.events.push(false, "TemplateChanged", format!("template {} -> {hash}: unbound instances will be replaced", entry.hash), now);
+                        if let Some(idx) = self.pool_index.get(&name) {
+                            self.touched.extend(idx.members.iter().cloned());
+                        }
+                    }
+                }
+                entry.spec = Some(spec);
+                entry.hash = hash;
+                entry.origin = obj.origin;
+                entry.generation = generation;
+                status::remove_condition(&mut entry.conditions, "SpecValid");
+                self.dirty_pools.insert(name.clone());
+                // Claims on this pool may change verdict (PoolNotFound).
+                let users: Vec<String> = self.users_of_pool(&name);
+                self.dirty_users.extend(users);
+            }
+            Spec::User(spec) => {
+                let entry = self.users.entry(name.clone()).or_insert_with(|| UserEntry {
+                    spec: spec.clone(),
+                    origin: obj.origin.clone(),
+                    generation,
+                    events: Events::default(),
+                });
+                entry.spec = spec;
+                entry.origin = obj.origin;
+                entry.generation = generation;
+                self.dirty_users.insert(name);
+            }
+            Spec::Deployment(spec) => {
+                let hashes = spec
+                    .containers
+                    .iter()
+                    .map(|c| (c.name.clone(), hash_of(&(c, &spec.network))))
+                    .collect();
+                let entry = self.deployments.entry(name.clone()).or_insert_with(|| DeploymentEntry {
+                    spec: None,
+                    origin: obj.origin.clone(),
+                    generation,
+                    hashes: BTreeMap::new(),
+                    network_ready: None,
+                    network_pending: false,
+                    restarts: HashMap::new(),
+                    conditions: Vec::new(),
+                    events: Events::default(),
+                });
+                if entry.spec.as_ref() != Some(&spec) {
+                    entry.events.push(false, "SpecApplied", format!("spec applied ({})", obj.origin), now);
+                }
+                entry.spec = Some(spec);
+                entry.hashes = hashes;
+                entry.origin = obj.origin;
+                entry.generation = generation;
+                status::remove_condition(&mut entry.conditions, "SpecValid");
+                self.dirty_deployments.insert(name);
+            }
+            Spec::Claim(spec) => self.apply_claim(name, spec, obj.origin, generation, now),
+        }
+    }
+
+    fn users_of_pool(&self, pool: &str) -> Vec<String> {
+        self.claims_by_pool
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, c)| self.claims.get(c).map(|e| e.spec.user.clone()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    fn apply_claim(&mut self, name: String, spec: ClaimSpec, origin: Origin, generation: i64, now: u64) {
+        let (files, files_error) = match read_claim_files(&spec, &origin) {
+            Ok(f) => (Arc::new(f), None),
+            Err(e) => (Arc::new(Vec::new()), Some(e)),
+        };
+        if let Some((old_pool, old_user, seq)) = self
+            .claims
+            .get(&name)
+            .map(|c| (c.spec.pool.clone(), c.spec.user.clone(), c.seq))
+        {
+            let moved = old_pool != spec.pool || old_user != spec.user;
+            if moved {
+                // A claim moved to another pool or user: end its binding and queue it anew.
+                self.unindex_claim(&name);
+                if let Some(inst) = self.bound_instance(&name) {
+                    self.end_binding(&name, &inst, durable::RecPhase::Waiting, "ClaimChanged", now);
+                    // end_binding queued it on the old pool; it is queued on the new one below.
+                    self.dequeue(&name);
+                }
+            }
+            if let Some(entry) = self.claims.get_mut(&name) {
+                entry.spec = spec;
+                entry.origin = origin;
+                entry.generation = generation;
+                entry.files = files;
+                entry.files_error = files_error;
+                entry.invalid = None;
+                self.dirty_users.insert(old_user);
+                self.dirty_pools.insert(old_pool);
+            }
+            if moved {
+                self.index_claim(&name, seq);
+            }
+            self.touch_claim(&name);
+            return;
+        }
+        // New to this engine: known to the store (a restart), or admitted now.
+        let seq = match self.store.state().claims.get(&name) {
+            Some(rec) => rec.seq,
+            None => {
+                self.ops.push(Op::Admit {
+                    claim: name.clone(),
+                    pool: spec.pool.clone(),
+                });
+                let s = self.next_seq;
+                self.next_seq += 1;
+                s
+            }
+        };
+        let events = Events::default();
+        let instance = self
+            .store
+            .state()
+            .claims
+            .get(&name)
+            .and_then(|r| r.instance.clone());
+        let entry = ClaimEntry {
+            spec,
+            origin,
+            generation,
+            seq,
+            verdict: Verdict::Admit,
+            files,
+            files_error,
+            instance,
+            files_pending: false,
+            waited: false,
+            queue_position: None,
+            reported: ClaimPhase::Pending,
+            phase_since: now,
+            verdict_since: now,
+            lost: None,
+            invalid: None,
+            events,
+        };
+        let terminal = self
+            .store
+            .state()
+            .claims
+            .get(&name)
+            .is_some_and(|r| matches!(r.phase, durable::RecPhase::Released | durable::RecPhase::Expired));
+        self.claims.insert(name.clone(), entry);
+        if !terminal {
+            self.index_claim(&name, seq);
+        }
+        self.touch_claim(&name);
+    }
+
+    fn index_claim(&mut self, name: &str, seq: u64) {
+        let Some(c) = self.claims.get(name) else { return };
+        if c.instance.is_none() {
+            self.queues
+                .entry(c.spec.pool.clone())
+                .or_default()
+                .insert((seq, name.to_owned()));
+        }
+        self.claims_by_pool
+            .entry(c.spec.pool.clone())
+            .or_default()
+            .insert((seq, name.to_owned()));
+        self.claims_by_user
+            .entry(c.spec.user.clone())
+            .or_default()
+            .insert((seq, name.to_owned()));
+    }
+
+    fn unindex_claim(&mut self, name: &str) {
+        self.dequeue(name);
+        let Some(c) = self.claims.get(name) else { return };
+        let key = (c.seq, name.to_owned());
+        if let Some(s) = self.claims_by_pool.get_mut(&c.spec.pool) {
+            s.remove(&key);
+            if s.is_empty() {
+                self.claims_by_pool.remove(&c.spec.pool);
+            }
+        }
+        if let Some(s) = self.claims_by_user.get_mut(&c.spec.user) {
+            s.remove(&key);
+            if s.is_empty() {
+                self.claims_by_user.remove(&c.spec.user);
+            }
+        }
+    }
+
+    fn touch_claim(&mut self, name: &str) {
+        if let Some(c) = self.claims.get(name) {
+            self.dirty_users.insert(c.spec.user.clone());
+            self.dirty_pools.insert(c.spec.pool.clone());
+        }
+    }
+
+    /// The instance a claim holds (or is being handed in this pass).
+    fn bound_instance(&self, claim: &str) -> Option<String> {
+        self.claims.get(claim).and_then(|c| c.instance.clone())
+    }
+
+    /// Puts a claim without an instance in its pool's queue (idempotent).
+    fn enqueue(&mut self, claim: &str) {
+        if let Some(c) = self.claims.get(claim) {
+            self.queues
+                .entry(c.spec.pool.clone())
+                .or_default()
+                .insert((c.seq, claim.to_owned()));
+            self.dirty_pools.insert(c.spec.pool.clone());
+        }
+    }
+
+    fn dequeue(&mut self, claim: &str) {
+        if let Some(c) = self.claims.get(claim)
+            && let Some(q) = self.queues.get_mut(&c.spec.pool)
+        {
+            q.remove(&(c.seq, claim.to_owned()));
+            if q.is_empty() {
+                self.queues.remove(&c.spec.pool);
+            }
+        }
+    }
+
+    fn delete_object(&mut self, key: &ObjKey, now: u64) {
+        match key.kind {
+            Kind::Pool => {
+                if let Some(p) = self.pools.get_mut(&key.name) {
+                    p.spec = None;
+                    p.events.push(false, "Draining", "pool no longer declared: removing unbound instances; bound ones stay until their claims end".into(), now);
+                    self.dirty_pools.insert(key.name.clone());
+                    let users = self.users_of_pool(&key.name);
+                    self.dirty_users.extend(users);
+                }
+            }
+            Kind::User => {
+                if self.users.remove(&key.name).is_some() {
+                    self.dirty_users.insert(key.name.clone());
+                }
+            }
+            Kind::Deployment => {
+                if let Some(d) = self.deployments.get_mut(&key.name) {
+                    d.spec = None;
+                    self.dirty_deployments.insert(key.name.clone());
+                }
+            }
+            Kind::Claim => {
+                if !self.claims.contains_key(&key.name) {
+                    return;
+                }
+                let inst = self.bound_instance(&key.name);
+                if let Some(inst) = inst {
+                    self.end_binding(&key.name, &inst, durable::RecPhase::Released, "Deleted", now);
+                }
+                self.touch_claim(&key.name);
+                self.unindex_claim(&key.name);
+                self.claims.remove(&key.name);
+                self.ops.push(Op::Forget {
+                    claim: key.name.clone(),
+                });
+                self.notify(&key.name, ClaimPhase::Released);
+            }
+        }
+    }
+
+    /// Ends a claim's hold on `instance` (durably, in this pass's commit) and schedules the
+    /// instance's reset for after the commit.
+    fn end_binding(
+        &mut self,
+        claim: &str,
+        instance: &str,
+        to: durable::RecPhase,
+        reason: &'static str,
+        now: u64,
+    ) {
+        self.ops.push(Op::Unbind {
+            claim: claim.to_owned(),
+            to,
+        });
+        if let Some(rec) = self.instances.get_mut(instance) {
+            self.touched.insert(instance.to_owned());
+            rec.claim = None;
+            rec.resetting = true;
+            if let Some(p) = &rec.pool {
+                self.dirty_pools.insert(p.clone());
+            }
+            self.after_commit.push(AfterCommit::Reset {
+                instance: instance.to_owned(),
+            });
+        }
+        if let Some(c) = self.claims.get_mut(claim) {
+            c.files_pending = false;
+            c.instance = None;
+            c.events.push(false, reason, format!("released instance {instance}"), now);
+        }
+        if to == durable::RecPhase::Waiting {
+            self.enqueue(claim);
+        }
+        self.to_report.insert(claim.to_owned());
+        info!(claim, instance, reason, "binding ended");
+    }
+}

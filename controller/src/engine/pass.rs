@@ -1,0 +1,1509 @@
+//! Observed state (runtime events, completions, lists) and the reconcile pass.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::{debug, error, info, warn};
+
+use super::durable::{Op, RecPhase};
+use super::status::{self, InstanceView, ObjectView, Snapshot};
+use super::{AfterCommit, ClaimEntry, Completion, Engine, InstRec, Input};
+use crate::api::{
+    ClaimPhase, ClaimStatus, ContainerStatus, DeploymentStatus, Endpoint, PoolStatus, ResetPolicy,
+    UserStatus,
+};
+use crate::core::claims::{ClaimFacts, UserFacts, Verdict, admit, match_claims};
+use crate::core::deployment::{Observed, Step, plan_container, start_order};
+use crate::core::pool::{InstancePhase, PoolTarget, plan_pool};
+use crate::model::Kind;
+use crate::runtime::{
+    Instance, InstanceSpec, InstanceState, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH,
+    LABEL_MANAGED, LABEL_POOL, LABEL_REPLICA, PortBinding, Runtime, RuntimeError,
+    RuntimeEvent,
+};
+use crate::units::{parse_cpu_millis, parse_duration, parse_memory_bytes};
+use crate::validate::{parse_port_key, pool_max};
+
+fn phase_of(i: &Instance) -> InstancePhase {
+    match i.state {
+        InstanceState::Exited { .. } => InstancePhase::Dead,
+        InstanceState::Running if i.ready => InstancePhase::Ready,
+        InstanceState::Running => InstancePhase::Starting,
+    }
+}
+
+fn exit_code(i: &Instance) -> Option<i64> {
+    match i.state {
+        InstanceState::Exited { code } => code,
+        InstanceState::Running => None,
+    }
+}
+
+/// Why 60 s: long enough that a pool with a broken image does not hammer the runtime, short
+/// enough that a fixed image is picked up within a minute.
+const CREATE_BACKOFF_MAX_MS: u64 = 60_000;
+
+impl<R: Runtime> Engine<R> {
+    // -----------------------------------------------------------------------------------------
+    // Observed state
+
+    pub(super) fn on_runtime(&mut self, ev: RuntimeEvent) {
+        match ev {
+            RuntimeEvent::Changed(i) => self.observe(i),
+            RuntimeEvent::Removed(name) => self.forget_instance(&name),
+            RuntimeEvent::Relist => self.spawn_list(),
+        }
+    }
+
+    pub(super) fn on_listed(&mut self, r: Result<Vec<Instance>, RuntimeError>) {
+        let list = match r {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "listing the runtime failed; will retry at the next resync");
+                return;
+            }
+        };
+        let seen: BTreeSet<String> = list.iter().map(|i| i.name.clone()).collect();
+        let gone: Vec<String> = self
+            .instances
+            .values()
+            .filter(|r| r.phase != InstancePhase::Creating && !seen.contains(&r.name))
+            .map(|r| r.name.clone())
+            .collect();
+        for name in gone {
+            self.forget_instance(&name);
+        }
+        for i in list {
+            self.observe(i);
+        }
+        if !self.listed {
+            self.listed = true;
+            info!(instances = self.instances.len(), "runtime listed");
+        }
+    }
+
+    fn observe(&mut self, i: Instance) {
+        if i.label(LABEL_MANAGED) != Some("true") {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let phase = phase_of(&i);
+        let code = exit_code(&i);
+        let name = i.name.clone();
+        let ports: Vec<u16> = i.ports.iter().map(|p| p.host_port).collect();
+        let pool = i.label(LABEL_POOL).map(str::to_owned);
+        let deployment = match (i.label(LABEL_DEPLOYMENT), i.label(LABEL_CONTAINER)) {
+            (Some(d), Some(c)) => Some((
+                d.to_owned(),
+                c.to_owned(),
+                i.label(LABEL_REPLICA).and_then(|r| r.parse().ok()).unwrap_or(0),
+            )),
+            _ => None,
+        };
+        let rec = self.instances.entry(name.clone()).or_insert_with(|| InstRec {
+            name: name.clone(),
+            pool: pool.clone(),
+            deployment: deployment.clone(),
+            hash: i.label(LABEL_HASH).unwrap_or_default().to_owned(),
+            phase,
+            exit_code: code,
+            ports: Vec::new(),
+            node: i.node.clone(),
+            bindings: Vec::new(),
+            claim: None,
+            resetting: false,
+            quarantined: None,
+            ready_since: now,
+            slot: None,
+        });
+        let was = rec.phase;
+        if rec.phase != InstancePhase::Deleting {
+            rec.phase = phase;
+        }
+        if phase == InstancePhase::Ready && was != InstancePhase::Ready {
+            rec.ready_since = now;
+        }
+        rec.exit_code = code;
+        if rec.node != i.node {
+            rec.node = i.node.clone();
+        }
+        if rec.bindings != i.ports {
+            rec.bindings = i.ports;
+        }
+        if rec.ports != ports {
+            let old = std::mem::take(&mut rec.ports);
+            self.ports.release(old, &name);
+            for p in &ports {
+                if let Err(owner) = self.ports.hold(*p, &name) {
+                    error!(instance = %name, port = p, %owner, "host port reported for two instances");
+                }
+            }
+            if let Some(rec) = self.instances.get_mut(&name) {
+                rec.ports = ports;
+            }
+        }
+        // Adopt: bindings and quarantines come from the store.
+        let st = self.store.state();
+        let bound = st.bound.get(&name).cloned();
+        let quarantined = st.quarantined.get(&name).cloned();
+        if let Some(rec) = self.instances.get_mut(&name) {
+            if rec.claim.is_none() && bound.is_some() {
+                rec.claim = bound;
+            }
+            if quarantined.is_some() {
+                rec.quarantined = quarantined;
+            }
+        }
+        self.touched.insert(name.clone());
+        if let Some(p) = pool {
+            self.dirty_pools.insert(p);
+        }
+        if let Some((d, _, _)) = deployment {
+            self.dirty_deployments.insert(d);
+        }
+        // A bound instance that exited is lost to its claim.
+        if phase == InstancePhase::Dead
+            && was != InstancePhase::Dead
+            && let Some(claim) = self.instances.get(&name).and_then(|r| r.claim.clone())
+        {
+            self.instance_lost(&claim, &name, "exited", now);
+        }
+    }
+
+    fn forget_instance(&mut self, name: &str) {
+        let Some(rec) = self.instances.remove(name) else { return };
+        let now = self.clock.now_ms();
+        self.ports.release(rec.ports.iter().copied(), name);
+        self.unindex_instance(&rec);
+        if let Some((d, _, _)) = &rec.deployment {
+            self.dirty_deployments.insert(d.clone());
+        }
+        if rec.quarantined.is_some() {
+            self.ops.push(Op::Unquarantine {
+                instance: name.to_owned(),
+            });
+        }
+        if let Some(claim) = rec.claim {
+            self.instance_lost(&claim, name, "removed", now);
+        }
+    }
+
+    /// The instance a claim holds is gone or dead. Policy: the claim goes back to the head of its
+    /// pool's queue (its arrival order is kept), is told why, and is bound to a fresh instance,
+    /// which gets its files again. The dead instance is removed by the pool.
+    fn instance_lost(&mut self, claim: &str, instance: &str, how: &str, now: u64) {
+        warn!(claim, instance, how, "bound instance lost; the claim will be bound again");
+        if let Some(rec) = self.instances.get_mut(instance) {
+            rec.claim = None;
+            self.touched.insert(instance.to_owned());
+        }
+        let holds = self
+            .claims
+            .get(claim)
+            .is_some_and(|c| c.instance.as_deref() == Some(instance));
+        if !holds {
+            return;
+        }
+        self.ops.push(Op::Unbind {
+            claim: claim.to_owned(),
+            to: RecPhase::Waiting,
+        });
+        self.after_commit
+            .retain(|a| !matches!(a, AfterCommit::Bound { claim: c, .. } if c == claim));
+        if let Some(c) = self.claims.get_mut(claim) {
+            c.instance = None;
+            let msg = format!("instance {instance} {how}; binding a fresh instance");
+            c.lost = Some((msg.clone(), now));
+            c.events.push(true, "InstanceLost", msg, now);
+            c.files_pending = false;
+            let u = c.spec.user.clone();
+            self.dirty_users.insert(u);
+        }
+        self.enqueue(claim);
+        self.to_report.insert(claim.to_owned());
+    }
+
+    pub(super) fn on_done(&mut self, c: Completion) {
+        let now = self.clock.now_ms();
+        match c {
+            Completion::Created { name, result } => match result {
+                Ok(i) => {
+                    if let Some(p) = i.label(LABEL_POOL).and_then(|p| self.pools.get_mut(p)) {
+                        p.create_failures = 0;
+                        p.create_error = None;
+                    }
+                    self.observe(i);
+                }
+                Err(e) => self.create_failed(&name, e, now),
+            },
+            Completion::Removed { name, result } => match result {
+                Ok(()) => self.forget_instance(&name),
+                Err(e) => {
+                    warn!(instance = %name, error = %e, "removal failed; will retry");
+                    if let Some(rec) = self.instances.get_mut(&name) {
+                        self.touched.insert(name.clone());
+                        rec.phase = InstancePhase::Dead;
+                        if let Some(p) = &rec.pool {
+                            self.dirty_pools.insert(p.clone());
+                        }
+                    }
+                    self.wakeups.push(Reverse(now + 1_000));
+                }
+            },
+            Completion::Reset { name, result } => {
+                let Some(rec) = self.instances.get_mut(&name) else { return };
+                self.touched.insert(name.clone());
+                rec.resetting = false;
+                let pool = rec.pool.clone();
+                match result {
+                    Ok(()) => debug!(instance = %name, "reset done"),
+                    Err(reason) => {
+                        warn!(instance = %name, %reason, "reset failed; quarantining the instance");
+                        rec.quarantined = Some(reason.clone());
+                        self.ops.push(Op::Quarantine {
+                            instance: name.clone(),
+                            reason: reason.clone(),
+                        });
+                        if let Some(p) = pool.as_ref().and_then(|p| self.pools.get_mut(p)) {
+                            p.events.push(true, "Quarantined", format!("instance {name}: {reason}"), now);
+                        }
+                    }
+                }
+                if let Some(p) = pool {
+                    self.dirty_pools.insert(p);
+                }
+            }
+            Completion::Files {
+                claim,
+                instance,
+                result,
+            } => {
+                let still_bound = self
+                    .instances
+                    .get(&instance)
+                    .is_some_and(|r| r.claim.as_deref() == Some(claim.as_str()));
+                if !still_bound {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.files_pending = false;
+                            c.events.push(false, "FilesCopied", format!("{} file(s) copied into {instance}", c.files.len()), now);
+                        }
+                        self.report_claim(&claim, now);
+                    }
+                    Err(e) => {
+                        // The instance could not take the files: take it out and bind another.
+                        let msg = format!("copying files into {instance} failed: {e}");
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.events.push(true, "FilesFailed", msg.clone(), now);
+                        }
+                        self.end_binding(&claim, &instance, RecPhase::Waiting, "FilesFailed", now);
+                        if let Some(rec) = self.instances.get_mut(&instance) {
+                            self.touched.insert(instance.clone());
+                            rec.quarantined = Some(msg.clone());
+                            rec.resetting = false;
+                        }
+                        self.after_commit.retain(|a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance));
+                        self.ops.push(Op::Quarantine {
+                            instance: instance.clone(),
+                            reason: msg,
+                        });
+                    }
+                }
+            }
+            Completion::Restarted { name, result } => {
+                if let Err(e) = result {
+                    warn!(instance = %name, error = %e, "restart failed");
+                    if let Some((d, _, _)) = self.instances.get(&name).and_then(|r| r.deployment.clone())
+                        && let Some(dep) = self.deployments.get_mut(&d)
+                    {
+                        dep.events.push(true, "RestartFailed", format!("{name}: {e}"), now);
+                    }
+                }
+            }
+            Completion::Network { deployment, result } => {
+                if let Some(d) = self.deployments.get_mut(&deployment) {
+                    d.network_pending = false;
+                    match result {
+                        Ok(()) => {
+                            d.network_ready = d.spec.as_ref().and_then(|s| s.network.clone());
+                        }
+                        Err(e) => {
+                            d.events.push(true, "NetworkFailed", e.to_string(), now);
+                            self.wakeups.push(Reverse(now + 5_000));
+                        }
+                    }
+                    self.dirty_deployments.insert(deployment);
+                }
+            }
+        }
+    }
+
+    fn create_failed(&mut self, name: &str, e: RuntimeError, now: u64) {
+        let Some(rec) = self.instances.remove(name) else { return };
+        self.ports.release(rec.ports.iter().copied(), name);
+        if let RuntimeError::PortInUse { port } = e {
+            self.ports.mark_foreign(port);
+        }
+        self.unindex_instance(&rec);
+        if let Some(p) = &rec.pool {
+            if let Some(entry) = self.pools.get_mut(p) {
+                let (reason, retry_now) = match &e {
+                    RuntimeError::ImageMissing { .. } => ("ImageMissing", false),
+                    // Another port will be picked at once; no backoff needed.
+                    RuntimeError::PortInUse { .. } => ("HostPortInUse", true),
+                    _ => ("CreateFailed", false),
+                };
+                entry.events.push(true, reason, format!("creating {name}: {e}"), now);
+                entry.create_error = Some((reason, e.to_string()));
+                if !retry_now {
+                    entry.create_failures = entry.create_failures.saturating_add(1);
+                    let backoff = (500u64 << entry.create_failures.min(10)).min(CREATE_BACKOFF_MAX_MS);
+                    entry.create_backoff_until = now + backoff;
+                    self.wakeups.push(Reverse(now + backoff));
+                }
+            }
+        }
+        if let Some((d, c, _)) = &rec.deployment {
+            self.dirty_deployments.insert(d.clone());
+            if let Some(dep) = self.deployments.get_mut(d) {
+                dep.events.push(true, "CreateFailed", format!("container {c}: {e}"), now);
+                self.wakeups.push(Reverse(now + 5_000));
+            }
+        }
+        warn!(instance = %name, error = %e, "create failed");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The pass
+
+    pub(super) fn pass(&mut self) {
+        if !(self.synced && self.listed) {
+            return;
+        }
+        let now = self.clock.now_ms();
+        if !self.started {
+            self.started = true;
+            self.startup(now);
+        }
+        self.expire(now);
+        let users = std::mem::take(&mut self.dirty_users);
+        for u in users {
+            self.admit_user(&u);
+        }
+        self.reindex_touched();
+        let pools = std::mem::take(&mut self.dirty_pools);
+        for p in pools {
+            self.reconcile_pool(&p, now);
+        }
+        let deps = std::mem::take(&mut self.dirty_deployments);
+        for d in deps {
+            self.reconcile_deployment(&d, now);
+        }
+        self.commit(now);
+    }
+
+    /// After a (re)start: drop records of claims deleted while we were down, notice bindings
+    /// whose instance vanished, and start expiry timers.
+    fn startup(&mut self, now: u64) {
+        self.reindex_touched();
+        let records: Vec<(String, Option<String>, RecPhase, Option<u64>)> = self
+            .store
+            .state()
+            .claims
+            .iter()
+            .map(|(k, r)| (k.clone(), r.instance.clone(), r.phase, r.expires_at_ms))
+            .collect();
+        for (claim, instance, phase, expires) in records {
+            if !self.claims.contains_key(&claim) {
+                if let Some(i) = &instance {
+                    self.ops.push(Op::Unbind {
+                        claim: claim.clone(),
+                        to: RecPhase::Released,
+                    });
+                    if let Some(rec) = self.instances.get_mut(i) {
+                        self.touched.insert(i.clone());
+                        rec.claim = None;
+                        rec.resetting = true;
+                        self.after_commit.push(AfterCommit::Reset { instance: i.clone() });
+                    }
+                }
+                self.ops.push(Op::Forget { claim });
+                continue;
+            }
+            if phase == RecPhase::Bound {
+                match &instance {
+                    Some(i) if self.instances.contains_key(i) => {
+                        if let Some(t) = expires {
+                            self.expiries.push(Reverse((t, claim.clone())));
+                        }
+                        self.report_claim(&claim, now);
+                    }
+                    Some(i) => {
+                        let i = i.clone();
+                        self.ops.push(Op::Unbind {
+                            claim: claim.clone(),
+                            to: RecPhase::Waiting,
+                        });
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.instance = None;
+                            let msg = format!("instance {i} disappeared while the controller was down; binding a fresh instance");
+                            c.lost = Some((msg.clone(), now));
+                            c.events.push(true, "InstanceLost", msg, now);
+                        }
+                        self.enqueue(&claim);
+                        self.to_report.insert(claim.clone());
+                    }
+                    None => {}
+                }
+            } else if phase != RecPhase::Waiting {
+                self.report_claim(&claim, now);
+            }
+        }
+        // Quarantined instances that no longer exist.
+        let stale: Vec<String> = self
+            .store
+            .state()
+            .quarantined
+            .keys()
+            .filter(|i| !self.instances.contains_key(*i))
+            .cloned()
+            .collect();
+        for i in stale {
+            self.ops.push(Op::Unquarantine { instance: i });
+        }
+        // Managed instances that belong to nothing declared are drained through their pool
+        // entry (or removed, for deployments) by the passes below.
+        let orphan_pools: Vec<String> = self
+            .pool_index
+            .keys()
+            .filter(|p| !self.pools.contains_key(*p))
+            .cloned()
+            .collect();
+        for p in orphan_pools {
+            self.ensure_draining_pool(&p, now);
+        }
+        let orphan_deps: Vec<String> = self
+            .instances
+            .values()
+            .filter_map(|r| r.deployment.as_ref().map(|d| d.0.clone()))
+            .filter(|d| !self.deployments.contains_key(d))
+            .collect();
+        for d in orphan_deps {
+            self.ensure_draining_deployment(&d, now);
+        }
+        self.mark_all_dirty();
+        info!(
+            pools = self.pools.len(),
+            claims = self.claims.len(),
+            bindings = self.store.state().bound.len(),
+            "state rebuilt; reconciling"
+        );
+    }
+
+    fn ensure_draining_pool(&mut self, pool: &str, now: u64) {
+        if !self.pools.contains_key(pool) {
+            let mut events = status::Events::default();
+            events.push(false, "Draining", "instances found for an undeclared pool: removing unbound ones".into(), now);
+            self.pools.insert(
+                pool.to_owned(),
+                super::PoolEntry {
+                    spec: None,
+                    origin: Default::default(),
+                    generation: 0,
+                    hash: String::new(),
+                    conditions: Vec::new(),
+                    events,
+                    hits: 0,
+                    misses: 0,
+                    create_failures: 0,
+                    create_backoff_until: 0,
+                    create_error: None,
+                    ports_exhausted: false,
+                    labels: None,
+                },
+            );
+        }
+    }
+
+    fn ensure_draining_deployment(&mut self, dep: &str, _now: u64) {
+        if !self.deployments.contains_key(dep) {
+            self.deployments.insert(
+                dep.to_owned(),
+                super::DeploymentEntry {
+                    spec: None,
+                    origin: Default::default(),
+                    generation: 0,
+                    hashes: BTreeMap::new(),
+                    network_ready: None,
+                    network_pending: false,
+                    restarts: Default::default(),
+                    conditions: Vec::new(),
+                    events: Default::default(),
+                },
+            );
+        }
+    }
+
+    fn expire(&mut self, now: u64) {
+        while let Some(Reverse((t, _))) = self.expiries.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((t, claim))) = self.expiries.pop() else { break };
+            let rec = self.store.state().claims.get(&claim).cloned();
+            let Some(rec) = rec else { continue };
+            // A stale timer (the claim was rebound since) is ignored.
+            if rec.phase != RecPhase::Bound || rec.expires_at_ms != Some(t) {
+                continue;
+            }
+            if let Some(inst) = rec.instance {
+                self.end_binding(&claim, &inst, RecPhase::Expired, "Expired", now);
+                self.unindex_claim(&claim);
+                self.touch_claim(&claim);
+                if let Some(c) = self.claims.get_mut(&claim) {
+                    c.events.push(false, "Expired", format!("lease ended at {}", status::rfc3339(t)), now);
+                }
+                self.pending_report(&claim);
+            }
+        }
+    }
+
+    /// Mark a claim to be reported after the commit (its phase changes with the ops).
+    fn pending_report(&mut self, claim: &str) {
+        self.to_report.insert(claim.to_owned());
+    }
+
+    fn admit_user(&mut self, user: &str) {
+        let Some(set) = self.claims_by_user.get(user) else { return };
+        let facts: Vec<ClaimFacts<'_>> = set
+            .iter()
+            .filter_map(|(_, n)| self.claims.get(n).map(|c| (n, c)))
+            .map(|(n, c)| ClaimFacts {
+                name: n,
+                pool: &c.spec.pool,
+                user: &c.spec.user,
+                bound: c.instance.is_some(),
+            })
+            .collect();
+        let u = self.users.get(user);
+        let verdicts = admit(
+            &facts,
+            |_| {
+                u.map(|u| UserFacts {
+                    disabled: u.spec.disabled,
+                    max_claims: u.spec.quota.max_claims,
+                    pools: &u.spec.quota.pools,
+                })
+            },
+            |p| self.pools.get(p).is_some_and(|e| e.spec.is_some()),
+        );
+        // Only the (rare) changes are collected, so a pass over a busy user allocates nothing.
+        let changed: Vec<(String, Verdict)> = facts
+            .iter()
+            .zip(verdicts)
+            .filter(|(f, v)| self.claims.get(f.name).is_some_and(|c| c.verdict != *v))
+            .map(|(f, v)| (f.name.to_owned(), v))
+            .collect();
+        let now = self.clock.now_ms();
+        for (name, v) in changed {
+            let Some(c) = self.claims.get_mut(&name) else { continue };
+            match &v {
+                Verdict::Refuse { reason, message } => {
+                    c.events.push(true, reason, message.clone(), now);
+                }
+                Verdict::Admit => {
+                    c.events.push(false, "Admitted", "the claim may now be bound".into(), now);
+                }
+            }
+            c.verdict = v;
+            c.verdict_since = now;
+            self.dirty_pools.insert(c.spec.pool.clone());
+            self.pending_report(&name);
+        }
+    }
+
+    fn reconcile_pool(&mut self, name: &str, now: u64) {
+        let Some(pool) = self.pools.get(name) else { return };
+        let spec = pool.spec.clone();
+        let hash = pool.hash.clone();
+        // 1. Bind waiting, admitted claims to warm instances (oldest ready first), in arrival
+        //    order.
+        let mut waiting: Vec<String> = Vec::new();
+        if spec.is_some() {
+            for (_, c) in self.queues.get(name).into_iter().flatten() {
+                let Some(entry) = self.claims.get(c) else { continue };
+                if entry.instance.is_some()
+                    || entry.verdict != Verdict::Admit
+                    || entry.files_error.is_some()
+                {
+                    continue;
+                }
+                waiting.push(c.clone());
+            }
+        }
+        let warm: Vec<String> = self
+            .pool_index
+            .get(name)
+            .map(|idx| {
+                idx.warm
+                    .iter()
+                    .take(waiting.len())
+                    .map(|(_, n)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let matching = match_claims(waiting.iter().map(String::as_str), warm);
+        let binds: Vec<(String, String)> = matching
+            .binds
+            .iter()
+            .map(|(c, i)| ((*c).to_owned(), i.clone()))
+            .collect();
+        let still_waiting: Vec<String> = matching.waiting.iter().map(|s| (*s).to_owned()).collect();
+        let default_ttl = spec.as_ref().and_then(|s| s.claim_ttl.as_deref()).and_then(|t| parse_duration(t).ok());
+        for (claim, inst) in binds {
+            let Some(c) = self.claims.get_mut(&claim) else { continue };
+            let ttl = c.spec.ttl.as_deref().and_then(|t| parse_duration(t).ok()).or(default_ttl);
+            let expires = ttl.map(|d| now + d.as_millis() as u64);
+            let hit = !c.waited;
+            c.queue_position = None;
+            c.instance = Some(inst.clone());
+            c.files_pending = !c.files.is_empty();
+            if let Some(p) = self.pools.get_mut(name) {
+                if hit { p.hits += 1 } else { p.misses += 1 }
+            }
+            self.ops.push(Op::Bind {
+                claim: claim.clone(),
+                instance: inst.clone(),
+                at_ms: now,
+                expires_at_ms: expires,
+                hit,
+            });
+            if let Some(t) = expires {
+                self.expiries.push(Reverse((t, claim.clone())));
+            }
+            if let Some(r) = self.instances.get_mut(&inst) {
+                r.claim = Some(claim.clone());
+                self.touched.insert(inst.clone());
+            }
+            self.dequeue(&claim);
+            self.after_commit.push(AfterCommit::Bound { claim, instance: inst });
+        }
+        for (pos, claim) in still_waiting.iter().enumerate() {
+            if let Some(c) = self.claims.get_mut(claim) {
+                c.waited = true;
+                let p = Some(pos as u32 + 1);
+                if c.queue_position != p {
+                    c.queue_position = p;
+                    self.to_report.insert(claim.clone());
+                }
+            }
+        }
+        self.reindex_touched();
+        // 2. Create and remove instances.
+        let target = match &spec {
+            Some(s) => PoolTarget {
+                warm: s.warm,
+                max: pool_max(s),
+                deleting: false,
+                queued: still_waiting.len() as u32,
+            },
+            None => PoolTarget {
+                warm: 0,
+                max: 0,
+                deleting: true,
+                queued: 0,
+            },
+        };
+        let (counts, mut remove) = match self.pool_index.get(name) {
+            Some(idx) => (idx.counts(), Vec::new()),
+            None => (Default::default(), Vec::new()),
+        };
+        let plan = plan_pool(target, counts);
+        if let Some(idx) = self.pool_index.get(name) {
+            if plan.drain {
+                remove.extend(idx.warm.iter().map(|(_, n)| n.clone()));
+                remove.extend(idx.starting.iter().cloned());
+            }
+            if plan.remove_doomed {
+                remove.extend(idx.doomed.iter().cloned());
+            }
+            remove.extend(idx.starting.iter().take(plan.surplus_starting as usize).cloned());
+            remove.extend(idx.warm.iter().rev().take(plan.surplus_warm as usize).map(|(_, n)| n.clone()));
+            if plan.drain {
+                // Quarantined instances of a deleted pool go too: nothing is leaked.
+                remove.extend(
+                    idx.members
+                        .iter()
+                        .filter(|m| self.instances.get(*m).is_some_and(|r| r.quarantined.is_some() && r.claim.is_none()))
+                        .cloned(),
+                );
+            }
+        }
+        for inst in &remove {
+            debug!(pool = name, instance = %inst, "removing instance");
+            self.remove_instance(inst);
+        }
+        let in_backoff = self.pools.get(name).is_some_and(|p| p.create_backoff_until > now);
+        let mut exhausted = false;
+        if let Some(s) = &spec
+            && !in_backoff
+        {
+            for _ in 0..plan.create {
+                if !self.create_pool_instance(name, s, &hash) {
+                    exhausted = true;
+                    break;
+                }
+            }
+        }
+        if let Some(p) = self.pools.get_mut(name) {
+            if exhausted && !p.ports_exhausted {
+                p.events.push(true, "HostPortsExhausted", "no free host port left in hostPorts".into(), now);
+            }
+            p.ports_exhausted = exhausted;
+        }
+        self.reindex_touched();
+        // 3. A drained pool with nothing left is gone.
+        let empty = self.pool_index.get(name).is_none_or(|i| i.members.is_empty());
+        if spec.is_none() && empty {
+            self.pools.remove(name);
+            self.pool_index.remove(name);
+        }
+    }
+
+    fn remove_instance(&mut self, name: &str) {
+        let Some(rec) = self.instances.get_mut(name) else { return };
+        if rec.phase == InstancePhase::Deleting {
+            return;
+        }
+        rec.phase = InstancePhase::Deleting;
+        self.touched.insert(name.to_owned());
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let result = rt.remove(&name).await;
+            let _ = tx.send(Input::Done(Completion::Removed { name, result }));
+        });
+    }
+
+    /// Starts one creation. Returns false when no host port is free.
+    fn create_pool_instance(&mut self, pool: &str, spec: &crate::api::PoolSpec, hash: &str) -> bool {
+        let name = self.new_instance_name(pool);
+        let t = &spec.template;
+        let mut ports = Vec::new();
+        if let Some(range) = spec.host_ports {
+            let Some(host) = self.ports.allocate(range, t.ports.len(), &name) else {
+                return false;
+            };
+            ports = t
+                .ports
+                .iter()
+                .zip(host)
+                .map(|(p, h)| PortBinding {
+                    name: p.name.clone(),
+                    container_port: p.container_port,
+                    host_port: h,
+                    protocol: p.protocol,
+                })
+                .collect();
+        }
+        let labels = match self.pools.get(pool).and_then(|p| p.labels.clone()) {
+            Some(l) if l.get(LABEL_HASH).map(String::as_str) == Some(hash) => l,
+            _ => {
+                let l: crate::runtime::Labels = std::sync::Arc::new(BTreeMap::from([
+                    (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                    (LABEL_POOL.to_owned(), pool.to_owned()),
+                    (LABEL_HASH.to_owned(), hash.to_owned()),
+                ]));
+                if let Some(p) = self.pools.get_mut(pool) {
+                    p.labels = Some(l.clone());
+                }
+                l
+            }
+        };
+        let res = t.resources.clone().unwrap_or_default();
+        let ispec = InstanceSpec {
+            name: name.clone(),
+            image: t.image.clone(),
+            command: t.command.clone(),
+            env: t.env.clone(),
+            ports: ports.clone(),
+            labels,
+            cpu_millis: res.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
+            memory_bytes: res.memory.as_deref().and_then(|m| parse_memory_bytes(m).ok()),
+            readiness: t.readiness.clone(),
+            network: None,
+            volumes: BTreeMap::new(),
+            pull_policy: spec.pull_policy,
+        };
+        let now = self.clock.now_ms();
+        self.instances.insert(
+            name.clone(),
+            InstRec {
+                name: name.clone(),
+                pool: Some(pool.to_owned()),
+                deployment: None,
+                hash: hash.to_owned(),
+                phase: InstancePhase::Creating,
+                exit_code: None,
+                ports: ports.iter().map(|p| p.host_port).collect(),
+                node: String::new(),
+                bindings: Vec::new(),
+                claim: None,
+                resetting: false,
+                quarantined: None,
+                ready_since: now,
+                slot: None,
+            },
+        );
+        self.touched.insert(name.clone());
+        self.spawn_create(name, ispec);
+        true
+    }
+
+    fn spawn_create(&self, name: String, spec: InstanceSpec) {
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = rt.create(spec).await;
+            let _ = tx.send(Input::Done(Completion::Created { name, result }));
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Deployments
+
+    fn reconcile_deployment(&mut self, name: &str, now: u64) {
+        let Some(dep) = self.deployments.get(name) else { return };
+        let spec = dep.spec.clone();
+        let hashes = dep.hashes.clone();
+        let mine: Vec<String> = self
+            .instances
+            .values()
+            .filter(|r| r.deployment.as_ref().is_some_and(|d| d.0 == name))
+            .map(|r| r.name.clone())
+            .collect();
+        let Some(spec) = spec else {
+            // Deleted: remove everything it made, then its network.
+            for i in &mine {
+                self.remove_instance(i);
+            }
+            if mine.is_empty() {
+                if let Some(net) = self.deployments.get(name).and_then(|d| d.network_ready.clone()) {
+                    let rt = self.rt.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = rt.remove_network(&net).await {
+                            warn!(network = %net, error = %e, "removing network failed");
+                        }
+                    });
+                }
+                self.deployments.remove(name);
+            }
+            return;
+        };
+        // The network first.
+        if let Some(net) = &spec.network {
+            let ready = self.deployments.get(name).and_then(|d| d.network_ready.as_ref()) == Some(net);
+            if !ready {
+                let pending = self.deployments.get(name).is_some_and(|d| d.network_pending);
+                if !pending {
+                    if let Some(d) = self.deployments.get_mut(name) {
+                        d.network_pending = true;
+                    }
+                    let rt = self.rt.clone();
+                    let tx = self.tx.clone();
+                    let (deployment, net) = (name.to_owned(), net.clone());
+                    tokio::spawn(async move {
+                        let result = rt.ensure_network(&net).await;
+                        let _ = tx.send(Input::Done(Completion::Network { deployment, result }));
+                    });
+                }
+                return;
+            }
+        }
+        let slot_name = |c: &crate::api::ContainerSpec, r: u32| {
+            if c.replicas > 1 {
+                format!("{name}-{}-{r}", c.name)
+            } else {
+                format!("{name}-{}", c.name)
+            }
+        };
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        let ready_of = |this: &Self, c: &crate::api::ContainerSpec| {
+            (0..c.replicas).all(|r| {
+                this.instances
+                    .get(&slot_name(c, r))
+                    .is_some_and(|i| i.phase == InstancePhase::Ready)
+            })
+        };
+        let by_name: BTreeMap<&str, &crate::api::ContainerSpec> =
+            spec.containers.iter().map(|c| (c.name.as_str(), c)).collect();
+        let ready: BTreeMap<String, bool> = spec
+            .containers
+            .iter()
+            .map(|c| (c.name.clone(), ready_of(self, c)))
+            .collect();
+        let mut conflicts: Vec<String> = Vec::new();
+        for cname in start_order(&spec.containers) {
+            let Some(c) = by_name.get(cname).copied() else { continue };
+            let hash = hashes.get(cname).cloned().unwrap_or_default();
+            for r in 0..c.replicas {
+                let slot = slot_name(c, r);
+                wanted.insert(slot.clone());
+                let observed = match self.instances.get(&slot) {
+                    None => Observed::Missing,
+                    Some(i) if i.phase == InstancePhase::Deleting => continue,
+                    Some(i) if i.phase == InstancePhase::Creating => continue,
+                    Some(i) if i.hash != hash => Observed::Outdated,
+                    Some(i) if i.phase == InstancePhase::Dead => Observed::Exited { code: i.exit_code },
+                    Some(i) if i.phase == InstancePhase::Ready => Observed::Ready,
+                    Some(_) => Observed::Starting,
+                };
+                let (restarts, exited_at) = self
+                    .deployments
+                    .get(name)
+                    .and_then(|d| d.restarts.get(&slot).copied())
+                    .unwrap_or((0, now));
+                if let Observed::Exited { .. } = observed
+                    && let Some(d) = self.deployments.get_mut(name)
+                {
+                    d.restarts.entry(slot.clone()).or_insert((0, now));
+                }
+                let since = std::time::Duration::from_millis(now.saturating_sub(exited_at));
+                let step = plan_container(c, &observed, &|d| ready.get(d).copied().unwrap_or(false), restarts, since);
+                match step {
+                    Step::Create => {
+                        if let Some(conflict) = self.create_container(name, &spec, c, r, &slot, &hash) {
+                            conflicts.push(conflict);
+                        }
+                    }
+                    Step::Replace => self.remove_instance(&slot),
+                    Step::Restart => {
+                        if let Some(d) = self.deployments.get_mut(name) {
+                            d.restarts.insert(slot.clone(), (restarts + 1, now));
+                            d.events.push(false, "Restarting", format!("{slot} (restart {})", restarts + 1), now);
+                        }
+                        if let Some(i) = self.instances.get_mut(&slot) {
+                            self.touched.insert(slot.clone());
+                            i.phase = InstancePhase::Starting;
+                        }
+                        let rt = self.rt.clone();
+                        let tx = self.tx.clone();
+                        tokio::spawn(async move {
+                            let result = rt.restart(&slot).await;
+                            let _ = tx.send(Input::Done(Completion::Restarted { name: slot, result }));
+                        });
+                    }
+                    Step::Backoff(wait) => {
+                        self.wakeups.push(Reverse(now + wait.as_millis() as u64));
+                    }
+                    Step::WaitDeps(_) | Step::Keep => {}
+                }
+            }
+        }
+        for i in mine {
+            if !wanted.contains(&i) {
+                self.remove_instance(&i);
+            }
+        }
+        if let Some(d) = self.deployments.get_mut(name) {
+            if conflicts.is_empty() {
+                status::remove_condition(&mut d.conditions, "HostPortConflict");
+            } else {
+                let msg = conflicts.join("; ");
+                if status::set_condition(&mut d.conditions, "HostPortConflict", true, "HostPortConflict", &msg, now) {
+                    d.events.push(true, "HostPortConflict", msg, now);
+                }
+            }
+        }
+    }
+
+    /// Starts one container of a deployment. Returns a conflict message when its fixed host
+    /// ports are held by another instance.
+    fn create_container(
+        &mut self,
+        dep: &str,
+        spec: &crate::api::DeploymentSpec,
+        c: &crate::api::ContainerSpec,
+        replica: u32,
+        slot: &str,
+        hash: &str,
+    ) -> Option<String> {
+        let mut ports = Vec::new();
+        for (key, host) in &c.ports {
+            let Ok((cport, proto)) = parse_port_key(key) else { continue };
+            if let Some(owner) = self.ports.owner(*host)
+                && owner != slot
+            {
+                return Some(format!("container {}: host port {host} is held by {owner}", c.name));
+            }
+            ports.push(PortBinding {
+                name: key.clone(),
+                container_port: cport,
+                host_port: *host,
+                protocol: proto,
+            });
+        }
+        for p in &ports {
+            let _ = self.ports.hold(p.host_port, slot);
+        }
+        let labels = std::sync::Arc::new(BTreeMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_DEPLOYMENT.to_owned(), dep.to_owned()),
+            (LABEL_CONTAINER.to_owned(), c.name.clone()),
+            (LABEL_REPLICA.to_owned(), replica.to_string()),
+            (LABEL_HASH.to_owned(), hash.to_owned()),
+        ]));
+        let res = c.resources.clone().unwrap_or_default();
+        let ispec = InstanceSpec {
+            name: slot.to_owned(),
+            image: c.image.clone(),
+            command: c.command.clone(),
+            env: c.environment.clone(),
+            ports: ports.clone(),
+            labels,
+            cpu_millis: res.cpu.as_deref().and_then(|x| parse_cpu_millis(x).ok()),
+            memory_bytes: res.memory.as_deref().and_then(|m| parse_memory_bytes(m).ok()),
+            readiness: c.readiness.clone(),
+            network: spec.network.clone(),
+            volumes: c.volumes.clone(),
+            pull_policy: crate::api::PullPolicy::IfNotPresent,
+        };
+        let now = self.clock.now_ms();
+        self.instances.insert(
+            slot.to_owned(),
+            InstRec {
+                name: slot.to_owned(),
+                pool: None,
+                deployment: Some((dep.to_owned(), c.name.clone(), replica)),
+                hash: hash.to_owned(),
+                phase: InstancePhase::Creating,
+                exit_code: None,
+                ports: ports.iter().map(|p| p.host_port).collect(),
+                node: String::new(),
+                bindings: Vec::new(),
+                claim: None,
+                resetting: false,
+                quarantined: None,
+                ready_since: now,
+                slot: None,
+            },
+        );
+        self.spawn_create(slot.to_owned(), ispec);
+        None
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Commit and what follows it
+
+    fn commit(&mut self, now: u64) {
+        let ops = std::mem::take(&mut self.ops);
+        if !ops.is_empty() {
+            match self.store.commit(ops) {
+                Ok(rejected) => {
+                    for r in rejected {
+                        // Decisions above make this unreachable; the store is the last guard.
+                        error!(op = ?r.op, reason = %r.reason, "state store refused an op");
+                        if let Op::Bind { claim, instance, .. } = &r.op {
+                            if let Some(i) = self.instances.get_mut(instance)
+                                && i.claim.as_deref() == Some(claim.as_str())
+                            {
+                                self.touched.insert(instance.clone());
+                                i.claim = None;
+                            }
+                            if let Some(c) = self.claims.get_mut(claim) {
+                                c.instance = None;
+                            }
+                            self.after_commit.retain(|a| !matches!(a, AfterCommit::Bound { claim: c, .. } if c == claim));
+                            let claim = claim.clone();
+                            self.enqueue(&claim);
+                            self.touch_claim(&claim);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Memory may be ahead of disk: stop rather than report what is not durable.
+                    error!(error = %e, "state store failed; stopping so that a restart recovers from disk");
+                    std::process::exit(70);
+                }
+            }
+        }
+        let work = std::mem::take(&mut self.after_commit);
+        for w in work {
+            match w {
+                AfterCommit::Bound { claim, instance } => {
+                    self.start_bound(&claim, &instance, now);
+                }
+                AfterCommit::Reset { instance } => self.start_reset(&instance),
+            }
+        }
+        for c in std::mem::take(&mut self.to_report) {
+            self.report_claim(&c, now);
+        }
+    }
+
+    fn start_bound(&mut self, claim: &str, instance: &str, now: u64) {
+        let Some(c) = self.claims.get(claim) else { return };
+        if let Some(rec) = self.store.state().claims.get(claim)
+            && rec.phase != RecPhase::Bound
+        {
+            return;
+        }
+        if c.files.is_empty() {
+            self.report_claim(claim, now);
+            return;
+        }
+        let mount = self
+            .pools
+            .get(&c.spec.pool)
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.template.files.as_ref())
+            .map(|f| f.mount_path.clone());
+        let Some(mount) = mount else {
+            if let Some(c) = self.claims.get_mut(claim) {
+                c.files_pending = false;
+                let msg = "the claim has files but the pool's template declares no files.mountPath; none were copied".to_owned();
+                c.events.push(true, "NoMountPath", msg, now);
+            }
+            self.report_claim(claim, now);
+            return;
+        };
+        let files = c.files.clone();
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        let (claim, instance) = (claim.to_owned(), instance.to_owned());
+        tokio::spawn(async move {
+            let result = rt.put_files(&instance, &mount, &files).await;
+            let _ = tx.send(Input::Done(Completion::Files {
+                claim,
+                instance,
+                result,
+            }));
+        });
+    }
+
+    fn start_reset(&mut self, instance: &str) {
+        let Some(rec) = self.instances.get(instance) else { return };
+        let policy = rec
+            .pool
+            .as_ref()
+            .and_then(|p| self.pools.get(p))
+            .and_then(|p| p.spec.as_ref())
+            .map(|s| (s.reset, s.reset_command.clone()));
+        let Some((policy, command)) = policy else {
+            // The pool is gone: the instance is drained.
+            self.remove_instance(instance);
+            return;
+        };
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        let name = instance.to_owned();
+        match policy {
+            ResetPolicy::Recreate => {
+                if let Some(r) = self.instances.get_mut(instance) {
+                    r.resetting = false;
+                    self.touched.insert(instance.to_owned());
+                }
+                self.remove_instance(instance);
+            }
+            ResetPolicy::Restart => {
+                tokio::spawn(async move {
+                    let result = rt.restart(&name).await.map_err(|e| format!("restart failed: {e}"));
+                    let _ = tx.send(Input::Done(Completion::Reset { name, result }));
+                });
+            }
+            ResetPolicy::Exec => {
+                tokio::spawn(async move {
+                    let result = match rt.exec(&name, &command).await {
+                        Ok(o) if o.exit_code == 0 => Ok(()),
+                        Ok(o) => Err(format!(
+                            "reset command exited with {}: {}",
+                            o.exit_code,
+                            o.output.trim()
+                        )),
+                        Err(e) => Err(format!("reset command failed: {e}")),
+                    };
+                    let _ = tx.send(Input::Done(Completion::Reset { name, result }));
+                });
+            }
+        }
+    }
+
+    /// The phase a claim shows, from its durable record and what this engine knows.
+    fn claim_phase(c: &ClaimEntry, rec: Option<&super::durable::ClaimRecord>) -> ClaimPhase {
+        match rec.map(|r| r.phase) {
+            Some(RecPhase::Bound) if !c.files_pending => ClaimPhase::Bound,
+            Some(RecPhase::Bound) => ClaimPhase::Pending,
+            Some(RecPhase::Expired) => ClaimPhase::Expired,
+            Some(RecPhase::Released) => ClaimPhase::Released,
+            _ if c.verdict != Verdict::Admit || c.files_error.is_some() => ClaimPhase::Failed,
+            _ => ClaimPhase::Pending,
+        }
+    }
+
+    /// Recomputes a claim's reported phase; records the change and notifies watchers.
+    pub(super) fn report_claim(&mut self, claim: &str, now: u64) {
+        let rec = self.store.state().claims.get(claim);
+        let Some(c) = self.claims.get(claim) else { return };
+        let phase = Self::claim_phase(c, rec);
+        if c.reported == phase {
+            return;
+        }
+        let instance = rec.and_then(|r| r.instance.clone()).unwrap_or_default();
+        let Some(c) = self.claims.get_mut(claim) else { return };
+        c.reported = phase;
+        c.phase_since = now;
+        if phase == ClaimPhase::Bound {
+            c.lost = None;
+            c.events.push(false, "Bound", format!("bound to instance {instance}"), now);
+        }
+        self.notify(claim, phase);
+    }
+
+    /// A claim's conditions, derived from its state.
+    fn claim_conditions(&self, c: &ClaimEntry) -> Vec<crate::api::Condition> {
+        let cond = |type_: &str, ok: bool, reason: &str, message: String, since: u64| crate::api::Condition {
+            type_: type_.to_owned(),
+            status: if ok { "True" } else { "False" }.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            last_transition_time: status::rfc3339(since),
+            observed_generation: Some(c.generation),
+        };
+        let mut out = Vec::new();
+        out.push(match (&c.verdict, &c.files_error) {
+            (_, Some(err)) => cond("Admitted", false, "FilesUnavailable", err.clone(), c.verdict_since),
+            (Verdict::Refuse { reason, message }, _) => cond("Admitted", false, reason, message.clone(), c.verdict_since),
+            (Verdict::Admit, None) => cond("Admitted", true, "Admitted", String::new(), c.verdict_since),
+        });
+        let (reason, message) = match c.reported {
+            ClaimPhase::Bound => ("Bound".to_owned(), format!("bound to {}", c.instance.clone().unwrap_or_default())),
+            ClaimPhase::Pending if c.instance.is_some() => ("CopyingFiles".to_owned(), "copying the claim's files into its instance".to_owned()),
+            ClaimPhase::Pending => match c.queue_position {
+                Some(p) => ("Queued".to_owned(), format!("waiting for an instance (position {p})")),
+                None => ("Binding".to_owned(), "looking for a warm instance".to_owned()),
+            },
+            other => (other.to_string(), String::new()),
+        };
+        out.push(cond("Bound", c.reported == ClaimPhase::Bound, &reason, message, c.phase_since));
+        if let Some((msg, at)) = &c.lost {
+            out.push(cond("InstanceLost", true, "InstanceLost", msg.clone(), *at));
+        }
+        if let Some((msg, at)) = &c.invalid {
+            out.push(cond("SpecValid", false, "InvalidSpec", msg.clone(), *at));
+        }
+        out
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Status
+
+    pub(super) fn pool_status(&self, name: &str, now: u64) -> Option<PoolStatus> {
+        let p = self.pools.get(name)?;
+        let members = self.pool_index.get(name).map(|i| &i.members);
+        let recs: Vec<&InstRec> = members.into_iter().flatten().filter_map(|m| self.instances.get(m)).collect();
+        let mut s = PoolStatus {
+            observed_generation: Some(p.generation),
+            ..PoolStatus::default()
+        };
+        for r in &recs {
+            if r.phase == InstancePhase::Deleting {
+                continue;
+            }
+            s.instances += 1;
+            if r.phase == InstancePhase::Ready {
+                s.ready += 1;
+            }
+            if r.quarantined.is_some() {
+                s.quarantined += 1;
+            } else if r.claim.is_some() {
+                s.bound += 1;
+            } else if r.phase == InstancePhase::Ready && !r.resetting && r.hash == p.hash {
+                s.warm += 1;
+            } else if matches!(r.phase, InstancePhase::Creating | InstancePhase::Starting) {
+                s.starting += 1;
+            }
+        }
+        s.queued = self
+            .claims_by_pool
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(_, c)| self.claims.get(c).is_some_and(|e| e.queue_position.is_some() && e.reported == ClaimPhase::Pending))
+            .count() as u32;
+        s.hits = p.hits;
+        s.misses = p.misses;
+        let mut conds = p.conditions.clone();
+        match &p.spec {
+            Some(spec) => {
+                let ok = s.warm >= spec.warm;
+                let msg = format!("{}/{} warm, {} bound, {} starting", s.warm, spec.warm, s.bound, s.starting);
+                status::set_condition(&mut conds, "Ready", ok, if ok { "Warm" } else { "Filling" }, msg, now);
+            }
+            None => {
+                status::set_condition(&mut conds, "Ready", false, "Draining", format!("{} instance(s) left", s.instances), now);
+            }
+        }
+        match &p.create_error {
+            Some((reason, msg)) => {
+                status::set_condition(&mut conds, "InstancesCreatable", false, reason, msg, now);
+            }
+            None => {
+                status::set_condition(&mut conds, "InstancesCreatable", true, "Created", "", now);
+            }
+        }
+        if p.ports_exhausted {
+            status::set_condition(&mut conds, "HostPortsAvailable", false, "Exhausted", "no free host port left in hostPorts", now);
+        }
+        if let Some(range) = p.spec.as_ref().and_then(|s| s.host_ports) {
+            let foreign = self.ports.foreign_in(range);
+            if !foreign.is_empty() {
+                let list: Vec<String> = foreign.iter().map(u16::to_string).collect();
+                status::set_condition(&mut conds, "HostPortsSkipped", true, "InUseByOtherProcess", format!("skipped host ports in use by another process: {}", list.join(", ")), now);
+            }
+        }
+        if s.quarantined > 0 {
+            let names: Vec<String> = recs.iter().filter(|r| r.quarantined.is_some()).map(|r| format!("{} ({})", r.name, r.quarantined.clone().unwrap_or_default())).collect();
+            status::set_condition(&mut conds, "Quarantined", true, "ResetFailed", names.join("; "), now);
+        }
+        s.conditions = conds;
+        Some(s)
+    }
+
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let now = self.clock.now_ms();
+        let st = self.store.state();
+        let mut objects = Vec::new();
+        for (name, p) in &self.pools {
+            let Some(s) = self.pool_status(name, now) else { continue };
+            objects.push(view(Kind::Pool, name, &p.origin, p.spec.as_ref(), &s, &p.events));
+        }
+        let mut claims: Vec<(&String, &ClaimEntry)> = self.claims.iter().collect();
+        claims.sort_by_key(|(_, c)| c.seq);
+        for (name, c) in claims {
+            let rec = st.claims.get(name);
+            let instance = rec.and_then(|r| r.instance.clone()).filter(|_| c.reported == ClaimPhase::Bound);
+            let endpoint = instance.as_ref().and_then(|i| self.instances.get(i)).map(|r| Endpoint {
+                host: self.rt.endpoint_host(&r.node),
+                ports: r.bindings.iter().map(|p| (p.name.clone(), p.host_port)).collect(),
+            });
+            let s = ClaimStatus {
+                observed_generation: Some(c.generation),
+                phase: c.reported,
+                instance: instance.clone(),
+                endpoint,
+                bound_at: rec.and_then(|r| r.bound_at_ms).filter(|_| instance.is_some()).map(status::rfc3339),
+                expires_at: rec.and_then(|r| r.expires_at_ms).filter(|_| instance.is_some()).map(status::rfc3339),
+                queue_position: c.queue_position.filter(|_| c.reported == ClaimPhase::Pending),
+                conditions: self.claim_conditions(c),
+            };
+            objects.push(view(Kind::Claim, name, &c.origin, Some(&c.spec), &s, &c.events));
+        }
+        for (name, u) in &self.users {
+            let active = self
+                .claims_by_user
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter(|(_, c)| self.claims.get(c).is_some_and(|e| matches!(e.reported, ClaimPhase::Bound | ClaimPhase::Pending)))
+                .count() as u32;
+            let s = UserStatus {
+                observed_generation: Some(u.generation),
+                active_claims: active,
+                conditions: Vec::new(),
+            };
+            objects.push(view(Kind::User, name, &u.origin, Some(&u.spec), &s, &u.events));
+        }
+        for (name, d) in &self.deployments {
+            let mut s = DeploymentStatus {
+                observed_generation: Some(d.generation),
+                conditions: d.conditions.clone(),
+                ..DeploymentStatus::default()
+            };
+            if let Some(spec) = &d.spec {
+                for c in &spec.containers {
+                    for r in 0..c.replicas {
+                        let slot = if c.replicas > 1 { format!("{name}-{}-{r}", c.name) } else { format!("{name}-{}", c.name) };
+                        let rec = self.instances.get(&slot);
+                        let restarts = d.restarts.get(&slot).map(|r| r.0).unwrap_or(0);
+                        let state = match rec.map(|r| r.phase) {
+                            None if c.depends_on.is_empty() => "Waiting",
+                            None => "WaitingForDependencies",
+                            Some(InstancePhase::Creating) | Some(InstancePhase::Starting) => "Starting",
+                            Some(InstancePhase::Ready) => "Running",
+                            Some(InstancePhase::Dead) if crate::core::deployment::should_restart(c.restart_policy, rec.and_then(|r| r.exit_code)) && restarts > 0 => "CrashLoopBackOff",
+                            Some(InstancePhase::Dead) => "Exited",
+                            Some(InstancePhase::Deleting) => "Terminating",
+                        };
+                        s.containers += 1;
+                        let ready = rec.is_some_and(|r| r.phase == InstancePhase::Ready);
+                        if ready {
+                            s.ready += 1;
+                        }
+                        s.container_statuses.push(ContainerStatus {
+                            name: c.name.clone(),
+                            replica: r,
+                            instance: rec.map(|r| r.name.clone()),
+                            state: state.to_owned(),
+                            ready,
+                            restarts,
+                            exit_code: rec.and_then(|r| r.exit_code),
+                            message: None,
+                        });
+                    }
+                }
+                let ok = s.ready == s.containers;
+                status::set_condition(&mut s.conditions, "Available", ok, if ok { "AllReady" } else { "NotReady" }, format!("{}/{} containers ready", s.ready, s.containers), now);
+            }
+            objects.push(view(Kind::Deployment, name, &d.origin, d.spec.as_ref(), &s, &d.events));
+        }
+        let mut instances: Vec<InstanceView> = self
+            .instances
+            .values()
+            .map(|r| InstanceView {
+                name: r.name.clone(),
+                pool: r.pool.clone(),
+                deployment: r.deployment.as_ref().map(|d| d.0.clone()),
+                phase: format!("{:?}", r.phase),
+                claim: r.claim.clone(),
+                ports: r.ports.clone(),
+                node: r.node.clone(),
+                quarantined: r.quarantined.clone(),
+            })
+            .collect();
+        instances.sort_by(|a, b| a.name.cmp(&b.name));
+        Snapshot {
+            controller: status::ControllerInfo {
+                pid: std::process::id(),
+                runtime: self.rt.name().to_owned(),
+                started_at: status::rfc3339(self.started_at_ms),
+                updated_at: status::rfc3339(now),
+                state_dir: self.config.state_dir.clone(),
+            },
+            objects,
+            diagnostics: self.diagnostics.values().flatten().map(|d| d.to_string()).collect(),
+            instances,
+        }
+    }
+}
+
+fn view<'a, S: serde::Serialize, T: serde::Serialize>(
+    kind: Kind,
+    name: &str,
+    origin: &crate::model::Origin,
+    spec: Option<&S>,
+    status: &T,
+    events: &'a status::Events,
+) -> ObjectView {
+    ObjectView {
+        kind,
+        name: name.to_owned(),
+        origin: origin.clone(),
+        spec: spec.and_then(|s| serde_json::to_value(s).ok()).unwrap_or(serde_json::Value::Null),
+        status: serde_json::to_value(status).unwrap_or(serde_json::Value::Null),
+        events: events.records(),
+    }
+}

@@ -1,0 +1,469 @@
+//! An in-memory runtime: a real implementation of [`Runtime`] whose instances live in a map,
+//! with configurable latency and injectable faults, deterministic for a given seed (fault
+//! decisions are drawn from a seeded generator in call order).
+//!
+//! It outlives the engines that use it, so simulations can "restart the controller" against the
+//! same running instances, as a real controller restarts against a running Docker daemon.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+
+use super::{
+    ExecOutput, Instance, InstanceSpec, InstanceState, Result, Runtime, RuntimeError,
+    RuntimeEvent,
+};
+
+#[derive(Clone, Debug)]
+pub struct MemoryConfig {
+    pub seed: u64,
+    /// Time a create takes before it returns.
+    pub create_latency: Duration,
+    /// Time from start to passing readiness.
+    pub ready_delay: Duration,
+    /// Probability that a create fails.
+    pub create_failure_rate: f64,
+    /// Name of the node instances are placed on.
+    pub node: String,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            seed: 0,
+            create_latency: Duration::ZERO,
+            ready_delay: Duration::ZERO,
+            create_failure_rate: 0.0,
+            node: "memory".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sim {
+    instance: Instance,
+    files: BTreeMap<String, Vec<u8>>,
+    /// Bumped on every (re)start so that a stale readiness timer does nothing.
+    incarnation: u64,
+    logs: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: MemoryConfig,
+    rng: SmallRng,
+    instances: HashMap<String, Sim>,
+    subscribers: Vec<mpsc::UnboundedSender<RuntimeEvent>>,
+    networks: BTreeSet<String>,
+    images_missing: BTreeSet<String>,
+    foreign_ports: BTreeSet<u16>,
+    /// Host ports bound by instances (a daemon refuses a second bind of the same port).
+    bound_ports: std::collections::HashSet<u16>,
+    fail_next_creates: u32,
+    fail_exec: bool,
+    fail_restart: bool,
+    hold_readiness: bool,
+    drop_events: bool,
+    creates: u64,
+    removes: u64,
+}
+
+/// The in-memory runtime. Cloning shares the same simulated world.
+#[derive(Clone, Debug)]
+pub struct MemoryRuntime {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for MemoryRuntime {
+    fn default() -> Self {
+        Self::new(MemoryConfig::default())
+    }
+}
+
+impl MemoryRuntime {
+    pub fn new(config: MemoryConfig) -> Self {
+        let rng = SmallRng::seed_from_u64(config.seed);
+        MemoryRuntime {
+            inner: Arc::new(Mutex::new(Inner {
+                config,
+                rng,
+                instances: HashMap::new(),
+                subscribers: Vec::new(),
+                networks: BTreeSet::new(),
+                images_missing: BTreeSet::new(),
+                foreign_ports: BTreeSet::new(),
+                bound_ports: std::collections::HashSet::new(),
+                fail_next_creates: 0,
+                fail_exec: false,
+                fail_restart: false,
+                hold_readiness: false,
+                drop_events: false,
+                creates: 0,
+                removes: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep going with it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- fault injection and inspection (tests, benchmarks) ----
+
+    /// The next `n` creates fail.
+    pub fn fail_next_creates(&self, n: u32) {
+        self.lock().fail_next_creates = n;
+    }
+
+    pub fn set_create_failure_rate(&self, p: f64) {
+        self.lock().config.create_failure_rate = p;
+    }
+
+    pub fn set_create_latency(&self, d: Duration) {
+        self.lock().config.create_latency = d;
+    }
+
+    pub fn set_ready_delay(&self, d: Duration) {
+        self.lock().config.ready_delay = d;
+    }
+
+    /// While held, started instances do not become ready.
+    pub fn hold_readiness(&self, hold: bool) {
+        let mut inner = self.lock();
+        inner.hold_readiness = hold;
+        if !hold {
+            let ready: Vec<Instance> = inner
+                .instances
+                .values_mut()
+                .filter(|s| s.instance.state == InstanceState::Running && !s.instance.ready)
+                .map(|s| {
+                    s.instance.ready = true;
+                    s.instance.clone()
+                })
+                .collect();
+            for i in ready {
+                inner.emit(RuntimeEvent::Changed(i));
+            }
+        }
+    }
+
+    pub fn set_image_missing(&self, image: &str, missing: bool) {
+        let mut inner = self.lock();
+        if missing {
+            inner.images_missing.insert(image.to_owned());
+        } else {
+            inner.images_missing.remove(image);
+        }
+    }
+
+    /// A process outside poolkeeper holds `port`.
+    pub fn hold_foreign_port(&self, port: u16) {
+        self.lock().foreign_ports.insert(port);
+    }
+
+    pub fn fail_exec(&self, fail: bool) {
+        self.lock().fail_exec = fail;
+    }
+
+    pub fn fail_restart(&self, fail: bool) {
+        self.lock().fail_restart = fail;
+    }
+
+    /// While set, changes happen but no events are delivered (a lossy event stream).
+    pub fn drop_events(&self, drop: bool) {
+        self.lock().drop_events = drop;
+    }
+
+    /// The instance exits with `code`, as a crash or `docker kill` would.
+    pub fn crash(&self, name: &str, code: i64) -> bool {
+        let mut inner = self.lock();
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return false;
+        };
+        sim.instance.state = InstanceState::Exited { code: Some(code) };
+        sim.instance.ready = false;
+        let i = sim.instance.clone();
+        inner.emit(RuntimeEvent::Changed(i));
+        true
+    }
+
+    /// The instance disappears behind the controller's back (`docker rm -f`).
+    pub fn remove_behind_back(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        let removed = inner.instances.remove(name);
+        let existed = removed.is_some();
+        if let Some(sim) = removed {
+            for p in &sim.instance.ports {
+                inner.bound_ports.remove(&p.host_port);
+            }
+            inner.emit(RuntimeEvent::Removed(name.to_owned()));
+        }
+        existed
+    }
+
+    /// A snapshot of every instance.
+    pub fn instances(&self) -> Vec<Instance> {
+        let mut v: Vec<Instance> = self
+            .lock()
+            .instances
+            .values()
+            .map(|s| s.instance.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn files(&self, name: &str) -> Option<BTreeMap<String, Vec<u8>>> {
+        self.lock().instances.get(name).map(|s| s.files.clone())
+    }
+
+    pub fn networks(&self) -> BTreeSet<String> {
+        self.lock().networks.clone()
+    }
+
+    /// (creates, removes) performed so far.
+    pub fn counters(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.creates, inner.removes)
+    }
+
+    /// Instance is running: mark ready now, or after the configured delay.
+    fn schedule_ready(&self, name: &str) {
+        let (delay, incarnation) = {
+            let mut inner = self.lock();
+            let hold = inner.hold_readiness;
+            let delay = inner.config.ready_delay;
+            let Some(sim) = inner.instances.get_mut(name) else {
+                return;
+            };
+            sim.incarnation += 1;
+            if hold {
+                return;
+            }
+            if delay.is_zero() {
+                sim.instance.ready = true;
+                let i = sim.instance.clone();
+                inner.emit(RuntimeEvent::Changed(i));
+                return;
+            }
+            (delay, sim.incarnation)
+        };
+        let this = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut inner = this.lock();
+            if inner.hold_readiness {
+                return;
+            }
+            let Some(sim) = inner.instances.get_mut(&name) else {
+                return;
+            };
+            if sim.incarnation == incarnation && sim.instance.state == InstanceState::Running {
+                sim.instance.ready = true;
+                let i = sim.instance.clone();
+                inner.emit(RuntimeEvent::Changed(i));
+            }
+        });
+    }
+}
+
+impl Inner {
+    fn emit(&mut self, ev: RuntimeEvent) {
+        if self.drop_events {
+            return;
+        }
+        self.subscribers.retain(|s| s.send(ev.clone()).is_ok());
+    }
+}
+
+impl Runtime for MemoryRuntime {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn endpoint_host(&self, _node: &str) -> String {
+        "127.0.0.1".to_owned()
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>> {
+        Ok(self.instances())
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<Instance> {
+        let latency = self.lock().config.create_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let instance = {
+            let mut inner = self.lock();
+            if inner.instances.contains_key(&spec.name) {
+                return Err(RuntimeError::Failed(format!(
+                    "an instance named {} already exists",
+                    spec.name
+                )));
+            }
+            if inner.images_missing.contains(&spec.image) {
+                return Err(RuntimeError::ImageMissing { image: spec.image });
+            }
+            if let Some(p) = spec
+                .ports
+                .iter()
+                .find(|p| inner.foreign_ports.contains(&p.host_port))
+            {
+                return Err(RuntimeError::PortInUse { port: p.host_port });
+            }
+            if let Some(p) = spec
+                .ports
+                .iter()
+                .find(|p| inner.bound_ports.contains(&p.host_port))
+            {
+                return Err(RuntimeError::PortInUse { port: p.host_port });
+            }
+            if inner.fail_next_creates > 0 {
+                inner.fail_next_creates -= 1;
+                return Err(RuntimeError::Failed("injected create failure".into()));
+            }
+            let p = inner.config.create_failure_rate;
+            if p > 0.0 && inner.rng.random_bool(p.min(1.0)) {
+                return Err(RuntimeError::Failed("injected random create failure".into()));
+            }
+            if let Some(net) = &spec.network
+                && !inner.networks.contains(net)
+            {
+                return Err(RuntimeError::Failed(format!("network {net} not found")));
+            }
+            let instance = Instance {
+                name: spec.name.clone(),
+                labels: spec.labels.clone(),
+                state: InstanceState::Running,
+                ready: false,
+                ports: spec.ports.clone(),
+                node: inner.config.node.clone(),
+            };
+            inner.creates += 1;
+            inner.bound_ports.extend(spec.ports.iter().map(|p| p.host_port));
+            inner.instances.insert(
+                spec.name.clone(),
+                Sim {
+                    instance: instance.clone(),
+                    files: BTreeMap::new(),
+                    incarnation: 0,
+                    logs: Vec::new(),
+                },
+            );
+            inner.emit(RuntimeEvent::Changed(instance.clone()));
+            instance
+        };
+        self.schedule_ready(&spec.name);
+        // Return the freshest view (it may already be ready).
+        let inner = self.lock();
+        Ok(inner
+            .instances
+            .get(&spec.name)
+            .map(|s| s.instance.clone())
+            .unwrap_or(instance))
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(sim) = inner.instances.remove(name) {
+            for p in &sim.instance.ports {
+                inner.bound_ports.remove(&p.host_port);
+            }
+            inner.removes += 1;
+            inner.emit(RuntimeEvent::Removed(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn restart(&self, name: &str) -> Result<()> {
+        {
+            let mut inner = self.lock();
+            if inner.fail_restart {
+                return Err(RuntimeError::Failed("injected restart failure".into()));
+            }
+            let Some(sim) = inner.instances.get_mut(name) else {
+                return Err(RuntimeError::NotFound(name.to_owned()));
+            };
+            sim.instance.state = InstanceState::Running;
+            sim.instance.ready = false;
+            sim.logs.push("restarted".into());
+            let i = sim.instance.clone();
+            inner.emit(RuntimeEvent::Changed(i));
+        }
+        self.schedule_ready(name);
+        Ok(())
+    }
+
+    async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {
+        let mut inner = self.lock();
+        let fail = inner.fail_exec;
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return Err(RuntimeError::NotFound(name.to_owned()));
+        };
+        if sim.instance.state != InstanceState::Running {
+            return Err(RuntimeError::Failed(format!("instance {name} is not running")));
+        }
+        if fail {
+            return Ok(ExecOutput {
+                exit_code: 1,
+                output: "injected exec failure\n".into(),
+            });
+        }
+        // The simulator understands one reset idiom: `rm -rf DIR` empties files under DIR.
+        if let [rm, flag, dir] = command
+            && rm == "rm"
+            && flag == "-rf"
+        {
+            let prefix = dir.trim_end_matches('/').to_owned() + "/";
+            sim.files.retain(|k, _| !k.starts_with(&prefix));
+        }
+        Ok(ExecOutput {
+            exit_code: 0,
+            output: String::new(),
+        })
+    }
+
+    async fn put_files(&self, name: &str, dir: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return Err(RuntimeError::NotFound(name.to_owned()));
+        };
+        for (path, bytes) in files {
+            let full = format!("{}/{}", dir.trim_end_matches('/'), path);
+            sim.files.insert(full, bytes.clone());
+        }
+        Ok(())
+    }
+
+    async fn logs(&self, name: &str, tail: usize) -> Result<String> {
+        let inner = self.lock();
+        let Some(sim) = inner.instances.get(name) else {
+            return Err(RuntimeError::NotFound(name.to_owned()));
+        };
+        let start = sim.logs.len().saturating_sub(tail);
+        Ok(sim.logs[start..].join("\n"))
+    }
+
+    async fn ensure_network(&self, name: &str) -> Result<()> {
+        self.lock().networks.insert(name.to_owned());
+        Ok(())
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<()> {
+        self.lock().networks.remove(name);
+        Ok(())
+    }
+
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().subscribers.push(tx);
+        rx
+    }
+}

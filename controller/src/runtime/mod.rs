@@ -1,0 +1,141 @@
+//! Where instances run. One trait, implemented by the in-memory simulator (tests, benchmarks)
+//! and, in later layers, by Docker and Kubernetes.
+//!
+//! Ownership lives in labels, so a restarted controller rebuilds its view with [`Runtime::list`]
+//! and adopts what it made. Bindings are not labels (Docker labels are immutable): they live in
+//! the engine's durable store.
+
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::api::{Probe, Protocol, PullPolicy, VolumeMount};
+
+pub const LABEL_MANAGED: &str = "poolkeeper.dev/managed";
+pub const LABEL_POOL: &str = "poolkeeper.dev/pool";
+pub const LABEL_HASH: &str = "poolkeeper.dev/template-hash";
+pub const LABEL_DEPLOYMENT: &str = "poolkeeper.dev/deployment";
+pub const LABEL_CONTAINER: &str = "poolkeeper.dev/container";
+pub const LABEL_REPLICA: &str = "poolkeeper.dev/replica";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortBinding {
+    pub name: String,
+    pub container_port: u16,
+    pub host_port: u16,
+    pub protocol: Protocol,
+}
+
+/// Labels are shared: every instance of one pool template carries the same map.
+pub type Labels = std::sync::Arc<BTreeMap<String, String>>;
+
+/// Everything a runtime needs to create and start one instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceSpec {
+    /// Unique name; also the instance's id in every runtime call.
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub ports: Vec<PortBinding>,
+    pub labels: Labels,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub readiness: Option<Probe>,
+    pub network: Option<String>,
+    /// Named volume or host path -> mount.
+    pub volumes: BTreeMap<String, VolumeMount>,
+    pub pull_policy: PullPolicy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    Running,
+    Exited { code: Option<i64> },
+}
+
+/// An instance as the runtime reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub name: String,
+    pub labels: Labels,
+    pub state: InstanceState,
+    /// Running and passing its readiness probe (or running, when it has none).
+    pub ready: bool,
+    pub ports: Vec<PortBinding>,
+    /// Which runtime node holds it.
+    pub node: String,
+}
+
+impl Instance {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuntimeEvent {
+    /// Created, started, became ready or not, exited.
+    Changed(Instance),
+    /// Removed (by us or behind our back).
+    Removed(String),
+    /// The event stream lost events (reconnected): the engine must list again.
+    Relist,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i64,
+    pub output: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("instance {0} not found")]
+    NotFound(String),
+    #[error("image {image} is not present and the pull policy does not allow pulling it")]
+    ImageMissing { image: String },
+    #[error("host port {port} is in use by another process")]
+    PortInUse { port: u16 },
+    #[error("runtime unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// A runtime: every call is idempotent where that makes sense (removing a missing instance
+/// succeeds), and every change is also reported through [`Runtime::subscribe`].
+pub trait Runtime: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The host address clients use to reach published ports of instances on `node`.
+    fn endpoint_host(&self, node: &str) -> String;
+    /// Every instance carrying `poolkeeper.dev/managed=true`.
+    fn list(&self) -> impl Future<Output = Result<Vec<Instance>>> + Send;
+    /// Creates and starts an instance; returns once it runs (readiness comes later as events).
+    fn create(&self, spec: InstanceSpec) -> impl Future<Output = Result<Instance>> + Send;
+    /// Stops and removes an instance; succeeds when it is already gone.
+    fn remove(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Restarts (or starts an exited) instance in place.
+    fn restart(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    fn exec(&self, name: &str, command: &[String])
+    -> impl Future<Output = Result<ExecOutput>> + Send;
+    /// Writes files (relative path -> bytes) under `dir` inside the instance.
+    fn put_files(
+        &self,
+        name: &str,
+        dir: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn logs(&self, name: &str, tail: usize) -> impl Future<Output = Result<String>> + Send;
+    /// Creates a network if it does not exist.
+    fn ensure_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// A new stream of events; every subscriber sees every event from now on.
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent>;
+}

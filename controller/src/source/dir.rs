@@ -1,0 +1,312 @@
+//! Desired state from a watched directory of YAML/JSON files.
+//!
+//! - Every file is loaded on start, then `notify` reports changes; a change is read after a short
+//!   debounce (editors write a file in several steps), well within the 200 ms users expect.
+//! - A file that turns invalid keeps its objects at their last valid version: nothing it declared
+//!   is deleted until it parses cleanly again (or is removed). Its problems are reported.
+//! - An object declared in two files belongs to the first; the second is reported.
+//! - A full rescan runs periodically, so an event lost by the OS costs latency, not correctness.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::engine::{EngineHandle, SourceEvent};
+use crate::loader::{self, Diagnostic, STATE_DIR};
+use crate::model::{ObjKey, Object};
+use crate::validate::validate_set;
+
+/// Why 20 ms: editors' save sequences (write temp, rename, chmod) finish within a few ms; the
+/// whole pick-up stays far under the 200 ms budget.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct FileState {
+    /// The objects this file owns now (its last valid versions).
+    owned: BTreeSet<ObjKey>,
+    parse_diagnostics: Vec<Diagnostic>,
+    /// Declares an object that another file already declares (re-read when files go away).
+    shadowed: bool,
+    /// What was last sent for this file (parse and cross-object problems).
+    sent: Vec<Diagnostic>,
+}
+
+/// The directory's view: which file declares what.
+pub struct DirState {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    objects: HashMap<ObjKey, (PathBuf, Object)>,
+}
+
+/// What a (re)load changed, in the order to tell the engine.
+#[derive(Default, Debug)]
+pub struct Changes {
+    pub events: Vec<SourceEvent>,
+}
+
+impl DirState {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DirState {
+            root: root.into(),
+            files: BTreeMap::new(),
+            objects: HashMap::new(),
+        }
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values().map(|(_, o)| o)
+    }
+
+    /// Reads every spec file under the root (and forgets files that are gone).
+    pub fn rescan(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        let found: BTreeSet<PathBuf> = match loader::spec_files(&self.root) {
+            Ok(f) => f.into_iter().collect(),
+            Err(e) => {
+                warn!(dir = %self.root.display(), error = %e, "cannot list the directory");
+                return changes;
+            }
+        };
+        let known: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for f in known {
+            if !found.contains(&f) {
+                self.remove_file(&f, &mut changes);
+            }
+        }
+        for f in &found {
+            self.load_file(f, &mut changes);
+        }
+        self.cross_check(&mut changes);
+        changes
+    }
+
+    /// Handles paths that an event named: files are (re)loaded or removed; folders rescanned.
+    pub fn paths_changed(&mut self, paths: &BTreeSet<PathBuf>) -> Changes {
+        let mut changes = Changes::default();
+        let mut full = false;
+        for p in paths {
+            if p.components().any(|c| c.as_os_str() == STATE_DIR) {
+                continue;
+            }
+            if p.is_dir() {
+                full = true;
+            } else if loader::is_spec_file(p) {
+                if p.exists() {
+                    self.load_file(p, &mut changes);
+                } else {
+                    self.remove_file(p, &mut changes);
+                }
+            } else if !p.exists() {
+                // A folder was removed or renamed away: drop the files we knew under it.
+                let under: Vec<PathBuf> = self
+                    .files
+                    .keys()
+                    .filter(|f| f.starts_with(p))
+                    .cloned()
+                    .collect();
+                for f in under {
+                    self.remove_file(&f, &mut changes);
+                }
+            }
+        }
+        if full {
+            let more = self.rescan();
+            changes.events.extend(more.events);
+        } else {
+            self.cross_check(&mut changes);
+        }
+        changes
+    }
+
+    fn remove_file(&mut self, file: &Path, changes: &mut Changes) {
+        let Some(state) = self.files.remove(file) else { return };
+        for key in state.owned {
+            self.objects.remove(&key);
+            changes.events.push(SourceEvent::Delete(key));
+        }
+        changes.events.push(SourceEvent::Diagnostics {
+            file: file.to_path_buf(),
+            diagnostics: Vec::new(),
+        });
+        info!(file = %file.display(), "file removed; its objects are deleted");
+        // Another file may declare an object this one shadowed.
+        self.reclaim_shadowed(changes);
+    }
+
+    fn reclaim_shadowed(&mut self, changes: &mut Changes) {
+        let files: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, s)| s.shadowed)
+            .map(|(f, _)| f.clone())
+            .collect();
+        for f in files {
+            self.load_file(&f, changes);
+        }
+    }
+
+    fn load_file(&mut self, file: &Path, changes: &mut Changes) {
+        let parsed = loader::parse_file(file);
+        let mut diagnostics = parsed.diagnostics.clone();
+        let clean = parsed.is_clean();
+        let mut now_owned = BTreeSet::new();
+        let mut shadowed = false;
+        for mut obj in parsed.objects {
+            let key = obj.key();
+            if let Some((owner, prev)) = self.objects.get(&key)
+                && owner != file
+            {
+                diagnostics.push(Diagnostic {
+                    file: file.to_path_buf(),
+                    line: obj.origin.line,
+                    col: obj.origin.col,
+                    object: Some(key.to_string()),
+                    path: "metadata.name".into(),
+                    message: format!("{key} is also declared in {}; that one is used", prev.origin),
+                });
+                shadowed = true;
+                continue;
+            }
+            now_owned.insert(key.clone());
+            let prev = self.objects.get(&key).map(|(_, p)| p);
+            obj.generation = match prev {
+                Some(p) if p.spec == obj.spec => p.generation,
+                Some(p) => p.generation + 1,
+                None => 1,
+            };
+            let unchanged = prev.is_some_and(|p| p.spec == obj.spec && p.origin == obj.origin);
+            if !unchanged {
+                self.objects
+                    .insert(key.clone(), (file.to_path_buf(), obj.clone()));
+                changes.events.push(SourceEvent::Apply(obj));
+            }
+        }
+        let state = self.files.entry(file.to_path_buf()).or_default();
+        let before: Vec<ObjKey> = state.owned.iter().cloned().collect();
+        for key in before {
+            if now_owned.contains(&key) {
+                continue;
+            }
+            if clean {
+                state.owned.remove(&key);
+                self.objects.remove(&key);
+                changes.events.push(SourceEvent::Delete(key));
+            } else {
+                // Invalid file: keep the last valid version of what it declared.
+                debug!(%key, "kept at its last valid version");
+            }
+        }
+        state.owned.extend(now_owned);
+        state.parse_diagnostics = diagnostics;
+        state.shadowed = shadowed;
+    }
+
+    /// Cross-object checks (overlapping host ports) are reported on the files that declare
+    /// the objects; references to missing pools and users become claim conditions instead.
+    fn cross_check(&mut self, changes: &mut Changes) {
+        let set_errors = validate_set(self.objects.values().map(|(_, o)| o));
+        let mut per_file: BTreeMap<PathBuf, Vec<Diagnostic>> = BTreeMap::new();
+        for e in set_errors {
+            if !e.error.path.starts_with("spec.hostPorts") && !e.error.path.starts_with("spec.containers") {
+                continue;
+            }
+            if let Some((file, obj)) = self.objects.get(&e.key) {
+                per_file.entry(file.clone()).or_default().push(Diagnostic {
+                    file: file.clone(),
+                    line: obj.origin.line,
+                    col: obj.origin.col,
+                    object: Some(e.key.to_string()),
+                    path: e.error.path,
+                    message: e.error.message,
+                });
+            }
+        }
+        for (file, state) in self.files.iter_mut() {
+            let mut all = state.parse_diagnostics.clone();
+            all.extend(per_file.remove(file).unwrap_or_default());
+            if all != state.sent {
+                state.sent = all.clone();
+                changes.events.push(SourceEvent::Diagnostics {
+                    file: file.clone(),
+                    diagnostics: all,
+                });
+            }
+        }
+    }
+}
+
+/// Loads `root`, tells the engine, then watches until the engine stops.
+/// Returns after the initial load has been handed to the engine; the watch runs in a task.
+pub async fn run(
+    root: PathBuf,
+    engine: EngineHandle,
+    rescan_every: Duration,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let root = std::fs::canonicalize(&root)
+        .map_err(|e| anyhow::anyhow!("cannot open directory {}: {e}", root.display()))?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(move |res| {
+        let _ = tx.send(res);
+    })?;
+    watcher.watch(&root, RecursiveMode::Recursive)?;
+    let mut state = DirState::new(root.clone());
+    let initial = state.rescan();
+    let objects = state.objects.len();
+    for ev in initial.events {
+        engine.send(ev)?;
+    }
+    engine.send(SourceEvent::Synced)?;
+    info!(dir = %root.display(), objects, "directory loaded; watching for changes");
+    let task = tokio::spawn(async move {
+        // The watcher lives as long as this task.
+        let _watcher = watcher;
+        let mut rescan = tokio::time::interval(rescan_every);
+        rescan.tick().await;
+        loop {
+            let mut paths = BTreeSet::new();
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    collect(ev, &mut paths);
+                    // Debounce: take what else arrives shortly after.
+                    let deadline = tokio::time::sleep(DEBOUNCE);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            more = rx.recv() => match more {
+                                Some(ev) => collect(ev, &mut paths),
+                                None => break,
+                            },
+                        }
+                    }
+                    let changes = state.paths_changed(&paths);
+                    if send_all(&engine, changes).is_err() { break; }
+                }
+                _ = rescan.tick() => {
+                    let changes = state.rescan();
+                    if send_all(&engine, changes).is_err() { break; }
+                }
+            }
+        }
+    });
+    Ok(task)
+}
+
+fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) {
+    match ev {
+        Ok(ev) => paths.extend(ev.paths),
+        Err(e) => warn!(error = %e, "watch error; the periodic rescan will catch up"),
+    }
+}
+
+fn send_all(engine: &EngineHandle, changes: Changes) -> Result<(), crate::engine::EngineError> {
+    for ev in changes.events {
+        engine.send(ev)?;
+    }
+    Ok(())
+}
