@@ -21,6 +21,9 @@ pub const API_VERSION: &str = "poolkeeper.dev/v1alpha1";
 // Pool
 
 /// A warm pool of ready, identical instances, kept at `warm` unassigned ones within `max`.
+// kube's `printcolumn(type_ = "integer", ...)` repeats keys by design; clippy reads them as
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "poolkeeper.dev",
@@ -36,7 +39,11 @@ pub const API_VERSION: &str = "poolkeeper.dev/v1alpha1";
     printcolumn(name = "Bound", type_ = "integer", json_path = ".status.bound"),
     printcolumn(name = "Instances", type_ = "integer", json_path = ".status.instances"),
     printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queued"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PoolSpec {
@@ -268,6 +275,9 @@ pub struct PoolStatus {
 // Claim
 
 /// A request for one instance of a pool, for a user, for a while.
+// kube's `printcolumn(type_ = "integer", ...)` repeats keys by design; clippy reads them as
+// duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "poolkeeper.dev",
@@ -283,7 +293,11 @@ pub struct PoolStatus {
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Instance", type_ = "string", json_path = ".status.instance"),
     printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClaimSpec {
@@ -359,6 +373,8 @@ pub struct Endpoint {
 // User
 
 /// Who may claim what.
+// See PoolSpec: kube's printcolumn syntax repeats keys.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "poolkeeper.dev",
@@ -372,7 +388,11 @@ pub struct Endpoint {
     printcolumn(name = "Email", type_ = "string", json_path = ".spec.email"),
     printcolumn(name = "Claims", type_ = "integer", json_path = ".status.activeClaims"),
     printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UserSpec {
@@ -424,6 +444,8 @@ pub struct UserStatus {
 // Deployment
 
 /// A set of containers kept running as declared.
+// See PoolSpec: kube's printcolumn syntax repeats keys.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "poolkeeper.dev",
@@ -434,9 +456,17 @@ pub struct UserStatus {
     status = "DeploymentStatus",
     shortname = "pkd",
     category = "poolkeeper",
-    printcolumn(name = "Containers", type_ = "integer", json_path = ".status.containers"),
+    printcolumn(
+        name = "Containers",
+        type_ = "integer",
+        json_path = ".status.containers"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.ready"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeploymentSpec {

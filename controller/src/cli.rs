@@ -19,7 +19,11 @@ use crate::units::parse_duration;
 use crate::validate::{duplicates, validate_set};
 
 #[derive(Parser, Debug)]
-#[command(name = "poolkeeper", version, about = "Declarative warm container pools, claims and deployments")]
+#[command(
+    name = "poolkeeper",
+    version,
+    about = "Declarative warm container pools, claims and deployments"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -221,6 +225,12 @@ async fn run_with<R: crate::runtime::Runtime>(
     config.resync_every = resync;
     let (handle, task) = engine::start(rt, config)?;
     let watch = crate::source::dir::run(dir.clone(), handle.clone(), resync).await?;
+    // SIGTERM (what service managers and `docker stop` send) stops as cleanly as Ctrl-C.
+    // Registered before the status file first names this process.
+    #[cfg(unix)]
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(not(unix))]
+    let mut sigterm = ();
     let status_path = status_file(&dir);
     let writer_handle = handle.clone();
     let writer = tokio::spawn(async move {
@@ -228,10 +238,14 @@ async fn run_with<R: crate::runtime::Runtime>(
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tick.tick().await;
-            let Ok(mut snap) = writer_handle.snapshot().await else { break };
+            let Ok(mut snap) = writer_handle.snapshot().await else {
+                break;
+            };
             // Compare without the timestamp, which changes every time.
             snap.controller.updated_at.clear();
-            let Ok(cmp) = serde_json::to_vec(&snap) else { continue };
+            let Ok(cmp) = serde_json::to_vec(&snap) else {
+                continue;
+            };
             if cmp == last {
                 continue;
             }
@@ -250,12 +264,23 @@ async fn run_with<R: crate::runtime::Runtime>(
     info!(dir = %dir.display(), "poolkeeper running; Ctrl-C to stop");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("stopping"),
+        _ = terminated(&mut sigterm) => info!("stopping (SIGTERM)"),
         r = task => { writer.abort(); watch.abort(); r?; bail!("the engine stopped"); }
     }
     handle.shutdown().await;
     writer.abort();
     watch.abort();
     Ok(())
+}
+
+#[cfg(unix)]
+async fn terminated(s: &mut tokio::signal::unix::Signal) {
+    s.recv().await;
+}
+
+#[cfg(not(unix))]
+async fn terminated(_: &mut ()) {
+    std::future::pending::<()>().await
 }
 
 fn write_atomic(path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
@@ -333,9 +358,8 @@ fn spec_value(o: &Object) -> serde_json::Value {
 }
 
 fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
-    Kind::parse(kind).with_context(|| {
-        format!("unknown kind {kind:?} (pools, claims, users or deployments)")
-    })
+    Kind::parse(kind)
+        .with_context(|| format!("unknown kind {kind:?} (pools, claims, users or deployments)"))
 }
 
 /// An object in Kubernetes' shape, for `-o yaml|json`.
@@ -349,7 +373,12 @@ fn k8s_shape(v: &ObjectView) -> serde_json::Value {
     })
 }
 
-fn get_cmd(kind: &str, name: Option<&str>, dir: &Path, output: Option<Output>) -> anyhow::Result<ExitCode> {
+fn get_cmd(
+    kind: &str,
+    name: Option<&str>,
+    dir: &Path,
+    output: Option<Output>,
+) -> anyhow::Result<ExitCode> {
     let kind = parse_kind(kind)?;
     let (snap, _) = load_snapshot(dir)?;
     let items: Vec<&ObjectView> = snap
@@ -395,7 +424,11 @@ fn get_cmd(kind: &str, name: Option<&str>, dir: &Path, output: Option<Output>) -
 fn describe_cmd(kind: &str, name: &str, dir: &Path) -> anyhow::Result<ExitCode> {
     let kind = parse_kind(kind)?;
     let (snap, _) = load_snapshot(dir)?;
-    let Some(v) = snap.objects.iter().find(|o| o.kind == kind && o.name == name) else {
+    let Some(v) = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == kind && o.name == name)
+    else {
         eprintln!("error: {kind} {name:?} not found");
         return Ok(ExitCode::from(1));
     };

@@ -34,14 +34,24 @@ pub fn rows(kind: Kind, items: &[&ObjectView], wide: bool) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
     match kind {
         Kind::Pool => {
-            let mut h = vec!["NAME", "IMAGE", "WARM", "BOUND", "INSTANCES", "QUEUED", "READY"];
+            let mut h = vec![
+                "NAME",
+                "IMAGE",
+                "WARM",
+                "BOUND",
+                "INSTANCES",
+                "QUEUED",
+                "READY",
+            ];
             if wide {
                 h.extend(["HOST-PORTS", "HITS", "MISSES", "RESET", "MESSAGE"]);
             }
             rows.push(h.into_iter().map(String::from).collect());
             for o in items {
                 let st = &o.status;
-                let ready = condition(st, "Ready").map(|c| c.1).unwrap_or_else(|| "-".into());
+                let ready = condition(st, "Ready")
+                    .map(|c| c.1)
+                    .unwrap_or_else(|| "-".into());
                 let mut r = vec![
                     o.name.clone(),
                     s(&o.spec, &["template", "image"]),
@@ -88,7 +98,11 @@ pub fn rows(kind: Kind, items: &[&ObjectView], wide: bool) -> Vec<Vec<String>> {
                             .and_then(Value::as_object)
                             .map(|m| m.iter().map(|(k, v)| format!("{host}:{v} ({k})")).collect())
                             .unwrap_or_default();
-                        if ports.is_empty() { host } else { ports.join(",") }
+                        if ports.is_empty() {
+                            host
+                        } else {
+                            ports.join(",")
+                        }
                     })
                     .unwrap_or_else(|| "-".into());
                 let mut r = vec![
@@ -120,7 +134,12 @@ pub fn rows(kind: Kind, items: &[&ObjectView], wide: bool) -> Vec<Vec<String>> {
                     .spec
                     .pointer("/quota/pools")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
                     .filter(|p| !p.is_empty())
                     .unwrap_or_else(|| "*".into());
                 let max = o
@@ -133,10 +152,19 @@ pub fn rows(kind: Kind, items: &[&ObjectView], wide: bool) -> Vec<Vec<String>> {
                     s(&o.spec, &["email"]),
                     format!("{}/{}", s(&o.status, &["activeClaims"]), max),
                     pools,
-                    o.spec.get("disabled").and_then(Value::as_bool).unwrap_or(false).to_string(),
+                    o.spec
+                        .get("disabled")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                        .to_string(),
                 ];
                 if wide {
-                    let n = o.spec.get("sshKeys").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
+                    let n = o
+                        .spec
+                        .get("sshKeys")
+                        .and_then(Value::as_array)
+                        .map(Vec::len)
+                        .unwrap_or(0);
                     r.push(n.to_string());
                 }
                 rows.push(r);
@@ -162,8 +190,14 @@ pub fn rows(kind: Kind, items: &[&ObjectView], wide: bool) -> Vec<Vec<String>> {
                 let mut r = vec![
                     o.name.clone(),
                     format!("{}/{}", s(st, &["ready"]), s(st, &["containers"])),
-                    if states.is_empty() { "-".into() } else { states.join(",") },
-                    condition(st, "Available").map(|c| c.0).unwrap_or_else(|| "-".into()),
+                    if states.is_empty() {
+                        "-".into()
+                    } else {
+                        states.join(",")
+                    },
+                    condition(st, "Available")
+                        .map(|c| c.0)
+                        .unwrap_or_else(|| "-".into()),
                 ];
                 if wide {
                     r.push(s(&o.spec, &["network"]));
@@ -178,7 +212,13 @@ pub fn rows(kind: Kind, items: &[&ObjectView], wide: bool) -> Vec<Vec<String>> {
 pub fn render(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|i| rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
@@ -246,12 +286,22 @@ pub fn describe(v: &ObjectView, problems: &[&String], snap: &Snapshot) -> String
         out.push_str(&render(&rows));
     }
     if v.kind == Kind::Pool {
-        let mine: Vec<_> = snap.instances.iter().filter(|i| i.pool.as_deref() == Some(&v.name)).collect();
+        let mine: Vec<_> = snap
+            .instances
+            .iter()
+            .filter(|i| i.pool.as_deref() == Some(&v.name))
+            .collect();
         out.push_str("Instances:\n");
         if mine.is_empty() {
             out.push_str("  <none>\n");
         } else {
-            let mut rows = vec![vec!["  Name".to_owned(), "Phase".into(), "Claim".into(), "Ports".into(), "Node".into()]];
+            let mut rows = vec![vec![
+                "  Name".to_owned(),
+                "Phase".into(),
+                "Claim".into(),
+                "Ports".into(),
+                "Node".into(),
+            ]];
             for i in mine {
                 let phase = match &i.quarantined {
                     Some(q) => format!("Quarantined ({q})"),
@@ -261,7 +311,11 @@ pub fn describe(v: &ObjectView, problems: &[&String], snap: &Snapshot) -> String
                     format!("  {}", i.name),
                     phase,
                     i.claim.clone().unwrap_or_else(|| "-".into()),
-                    i.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
+                    i.ports
+                        .iter()
+                        .map(u16::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
                     i.node.clone(),
                 ]);
             }
@@ -278,7 +332,13 @@ pub fn describe(v: &ObjectView, problems: &[&String], snap: &Snapshot) -> String
     if v.events.is_empty() {
         out.push_str("  <none>\n");
     } else {
-        let mut rows = vec![vec!["  Type".to_owned(), "Reason".into(), "Time".into(), "Count".into(), "Message".into()]];
+        let mut rows = vec![vec![
+            "  Type".to_owned(),
+            "Reason".into(),
+            "Time".into(),
+            "Count".into(),
+            "Message".into(),
+        ]];
         for e in &v.events {
             rows.push(vec![
                 format!("  {}", e.type_),

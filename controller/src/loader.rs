@@ -75,6 +75,8 @@ struct DocIndex {
     first_line: usize,
     /// Path -> position of the key (or of the value for sequence items and the root).
     keys: HashMap<String, Pos>,
+    /// Key position -> path, for every mapping key (repeated ones too).
+    key_paths: HashMap<(u64, u64), String>,
     /// Value position -> path, to name the field of a deserialisation error.
     values: HashMap<(u64, u64), String>,
     root: Pos,
@@ -106,14 +108,8 @@ fn join_key(parent: &str, key: &str) -> String {
 }
 
 enum Frame {
-    Map {
-        path: String,
-        key: Option<String>,
-    },
-    Seq {
-        path: String,
-        next: usize,
-    },
+    Map { path: String, key: Option<String> },
+    Seq { path: String, next: usize },
 }
 
 /// Walks the YAML event stream once, splitting documents and indexing field positions.
@@ -137,7 +133,10 @@ fn index_documents(text: &str) -> Result<Vec<DocIndex>, (Pos, String)> {
         };
         let is_node = matches!(
             event,
-            Event::Scalar(..) | Event::MappingStart(..) | Event::SequenceStart(..) | Event::Alias(_)
+            Event::Scalar(..)
+                | Event::MappingStart(..)
+                | Event::SequenceStart(..)
+                | Event::Alias(_)
         );
         match &event {
             Event::DocumentStart(..) => {
@@ -179,6 +178,7 @@ fn index_documents(text: &str) -> Result<Vec<DocIndex>, (Pos, String)> {
                         _ => "?".to_owned(),
                     };
                     let full = join_key(path, &k);
+                    doc.key_paths.insert((pos.line, pos.col), full.clone());
                     doc.keys.entry(full).or_insert(pos);
                     *key = Some(k);
                     continue;
@@ -271,27 +271,25 @@ impl DocCtx<'_> {
             Some(l) => (l.line() + offset, l.column()),
             None => (self.index.root.line, self.index.root.col),
         };
-        let path = self
-            .index
-            .values
-            .get(&(line, col))
-            .cloned()
-            .or_else(|| {
-                // Unknown-field errors point at the key: find the path whose key is there.
-                self.index
-                    .keys
-                    .iter()
-                    .find(|(_, p)| p.line == line && p.col == col)
-                    .map(|(k, _)| k.clone())
-            })
-            .unwrap_or_default();
+        let message = short_message(err);
+        let value_at = || self.index.values.get(&(line, col)).cloned();
+        // Unknown-field and duplicate-key errors point at the key. A block mapping starts where
+        // its first key does, so for unknown fields the key must win over the enclosing
+        // mapping's value (`spec.tll`, not `spec`).
+        let key_at = || self.index.key_paths.get(&(line, col)).cloned();
+        let path = if message.starts_with("unknown field") {
+            key_at().or_else(value_at)
+        } else {
+            value_at().or_else(key_at)
+        }
+        .unwrap_or_default();
         Diagnostic {
             file: self.file.to_path_buf(),
             line,
             col,
             object,
             path,
-            message: short_message(err),
+            message,
         }
     }
 
@@ -319,6 +317,10 @@ fn short_message(err: &serde_saphyr::Error) -> String {
     let full = err.to_string();
     let mut first = full.lines().next().unwrap_or("invalid document").trim();
     first = first.strip_prefix("error: ").unwrap_or(first);
+    // Advice about the library's own options means nothing to someone editing a file.
+    if let Some(i) = first.find(", set DuplicateKeyPolicy") {
+        first = &first[..i];
+    }
     // Drop a leading "line N column M: " (we print our own, file-relative position).
     if first.starts_with("line ")
         && let Some(i) = first.find(": ")
@@ -386,7 +388,8 @@ fn parse_document(ctx: &DocCtx<'_>, is_json: bool, out: &mut ParsedFile) {
         if is_json && header.api_version.is_none() {
             return parse_pod_manager(ctx, out);
         }
-        out.diagnostics.push(ctx.diag(None, "kind", "missing field `kind`"));
+        out.diagnostics
+            .push(ctx.diag(None, "kind", "missing field `kind`"));
         return;
     };
     let name = header.metadata.and_then(|m| m.name).unwrap_or_default();
@@ -504,12 +507,15 @@ struct PodManagerBind {
     mode: Option<String>,
 }
 
-
 fn parse_pod_manager(ctx: &DocCtx<'_>, out: &mut ParsedFile) {
     let stem = ctx
         .file
         .file_stem()
-        .map(|s| s.to_string_lossy().to_ascii_lowercase().replace(['_', '.', ' '], "-"))
+        .map(|s| {
+            s.to_string_lossy()
+                .to_ascii_lowercase()
+                .replace(['_', '.', ' '], "-")
+        })
         .unwrap_or_default();
     let label = format!("Deployment/{stem}");
     // Parse through serde_json for exact JSON semantics; map its errors onto the index.
@@ -529,13 +535,21 @@ fn parse_pod_manager(ctx: &DocCtx<'_>, out: &mut ParsedFile) {
                 format!("invalid JSON: {e}")
             };
             let offset = ctx.index.first_line.saturating_sub(1) as u64;
+            // serde_json's line and column may be 0 (before any input, at a newline).
+            let at = Pos {
+                line: e.line().max(1) as u64 + offset,
+                col: e.column().max(1) as u64,
+            };
+            // serde_json gives no path: name the field from the index, as for YAML.
+            let (path, pos, better) =
+                json_error_field(ctx.index, &msg, at).unwrap_or((String::new(), at, None));
             out.diagnostics.push(Diagnostic {
                 file: ctx.file.to_path_buf(),
-                line: e.line() as u64 + offset,
-                col: e.column() as u64,
+                line: pos.line,
+                col: pos.col,
                 object: Some(label),
-                path: String::new(),
-                message: strip_serde_json_position(&msg),
+                path,
+                message: better.unwrap_or_else(|| strip_serde_json_position(&msg)),
             });
             return;
         }
@@ -543,7 +557,11 @@ fn parse_pod_manager(ctx: &DocCtx<'_>, out: &mut ParsedFile) {
     let mut containers = Vec::new();
     let mut errors = Vec::new();
     for (i, c) in configs.into_iter().enumerate() {
-        let base = if list { format!("[{i}]") } else { String::new() };
+        let base = if list {
+            format!("[{i}]")
+        } else {
+            String::new()
+        };
         let at = |field: &str| {
             if base.is_empty() {
                 field.to_owned()
@@ -568,6 +586,67 @@ fn parse_pod_manager(ctx: &DocCtx<'_>, out: &mut ParsedFile) {
     push_valid(ctx, out, stem, Spec::Deployment(spec));
 }
 
+/// Path, position and (when clearer than serde's) message of a Pod Manager error.
+type JsonErrorField = (String, Pos, Option<String>);
+
+/// The field of a serde_json data error at `at`, where it starts, and a clearer message when
+/// serde's is about our own types. serde_json reports an unknown field just past its key, a
+/// wrong scalar at its end, a wrong map or list just before it, and an untagged enum (the
+/// fields that take several shapes) at the end of the value.
+fn json_error_field(index: &DocIndex, msg: &str, at: Pos) -> Option<JsonErrorField> {
+    // The last key named `field` at or before the error.
+    let key_named = |field: &str| {
+        let suffix = format!(".{field}");
+        index
+            .key_paths
+            .iter()
+            .filter(|((l, c), k)| {
+                (k.as_str() == field || k.ends_with(&suffix)) && (*l, *c) <= (at.line, at.col)
+            })
+            .max_by_key(|(lc, _)| **lc)
+            .map(|((l, c), k)| (k.clone(), Pos { line: *l, col: *c }))
+    };
+    if let Some(rest) = msg
+        .split("unknown field `")
+        .nth(1)
+        .or_else(|| msg.split("duplicate field `").nth(1))
+    {
+        let (path, pos) = key_named(rest.split('`').next()?)?;
+        return Some((path, pos, None));
+    }
+    if let Some(rest) = msg.split("untagged enum PodManager").nth(1) {
+        let (field, expected) = match rest.split_whitespace().next()? {
+            "Port" => (
+                "ports",
+                "a host port must be a number or \"[IP:]PORT\" text",
+            ),
+            "Env" => (
+                "environment",
+                "expected a map of names to values or a list of \"KEY=VALUE\" strings",
+            ),
+            "Command" => ("command", "expected a string or a list of strings"),
+            "Volumes" => (
+                "volumes",
+                "expected a map of source to {bind, mode} or a list of \"SOURCE:TARGET[:MODE]\" \
+                 strings",
+            ),
+            _ => return None,
+        };
+        let (path, pos) = key_named(field)?;
+        return Some((path, pos, Some(format!("Pod Manager config: {expected}"))));
+    }
+    if msg.contains("invalid type") || msg.contains("invalid value") {
+        // The last value starting on the error's line at or just after it.
+        return index
+            .values
+            .iter()
+            .filter(|((l, c), path)| !path.is_empty() && *l == at.line && *c <= at.col + 1)
+            .max_by_key(|((_, c), _)| *c)
+            .map(|((l, c), path)| (path.clone(), Pos { line: *l, col: *c }, None));
+    }
+    None
+}
+
 fn strip_serde_json_position(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_owned(),
@@ -584,13 +663,18 @@ fn pod_manager_container(c: PodManagerConfig) -> Result<ContainerSpec, (&'static
     for (k, v) in c.ports {
         let host = match v {
             PodManagerPort::Port(p) => p,
-            PodManagerPort::Text(s) => s
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .ok_or(("ports", format!("host port {s:?} for {k:?} is not a number")))?,
+            PodManagerPort::Text(s) => {
+                s.rsplit(':').next().and_then(|p| p.parse().ok()).ok_or((
+                    "ports",
+                    format!("host port {s:?} for {k:?} is not a number"),
+                ))?
+            }
         };
-        let key = if k.contains('/') { k } else { format!("{k}/tcp") };
+        let key = if k.contains('/') {
+            k
+        } else {
+            format!("{k}/tcp")
+        };
         ports.insert(key, host);
     }
     let environment = match c.environment {
@@ -609,18 +693,17 @@ fn pod_manager_container(c: PodManagerConfig) -> Result<ContainerSpec, (&'static
             .into_iter()
             .map(|kv| match kv.split_once('=') {
                 Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
-                None => Err((
-                    "environment",
-                    format!("{kv:?} is not KEY=VALUE"),
-                )),
+                None => Err(("environment", format!("{kv:?} is not KEY=VALUE"))),
             })
             .collect::<Result<_, _>>()?,
     };
     let command = match c.command {
         None => Vec::new(),
         Some(PodManagerCommand::Argv(v)) => v,
-        Some(PodManagerCommand::Shell(s)) => shlex::split(&s)
-            .ok_or(("command", format!("cannot split {s:?} into words (unbalanced quotes)")))?,
+        Some(PodManagerCommand::Shell(s)) => shlex::split(&s).ok_or((
+            "command",
+            format!("cannot split {s:?} into words (unbalanced quotes)"),
+        ))?,
     };
     let mut volumes = BTreeMap::new();
     match c.volumes {

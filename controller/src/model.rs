@@ -66,6 +66,9 @@ impl fmt::Display for ObjKey {
     }
 }
 
+// A Pool spec is larger than the others; specs are few and long-lived, so boxing would only add
+// indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Spec {
     Pool(PoolSpec),

@@ -45,7 +45,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = tail;
     }
     if total_ms == 0 {
-        return Err(format!("invalid duration {text:?}: must be greater than zero"));
+        return Err(format!(
+            "invalid duration {text:?}: must be greater than zero"
+        ));
     }
     let ms = u64::try_from(total_ms).map_err(|_| format!("duration {text:?} is too large"))?;
     Ok(Duration::from_millis(ms))
@@ -58,7 +60,12 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".into();
     }
     let mut out = String::new();
-    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms >= size {
             out.push_str(&format!("{}{unit}", ms / size));
             ms %= size;
@@ -84,7 +91,9 @@ pub fn parse_cpu_millis(text: &str) -> Result<u64, String> {
         (v * 1000.0).round() as u64
     };
     if millis == 0 {
-        return Err(format!("invalid CPU quantity {text:?}: must be greater than zero"));
+        return Err(format!(
+            "invalid CPU quantity {text:?}: must be greater than zero"
+        ));
     }
     Ok(millis)
 }
@@ -140,6 +149,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -156,7 +166,11 @@ mod tests {
         assert!(parse_duration("10").unwrap_err().contains("missing unit"));
         assert!(parse_duration("5 minutes").is_err());
         assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("0s").unwrap_err().contains("greater than zero"));
+        assert!(
+            parse_duration("0s")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
         assert!(parse_duration("").is_err());
         assert!(parse_duration("h").is_err());
     }

@@ -49,7 +49,10 @@ fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {
     }
     let t = &p.template;
     if t.image.trim().is_empty() {
-        errs.push(FieldError::new("spec.template.image", "image must not be empty"));
+        errs.push(FieldError::new(
+            "spec.template.image",
+            "image must not be empty",
+        ));
     }
     let mut port_names = BTreeSet::new();
     for (i, port) in t.ports.iter().enumerate() {
@@ -69,36 +72,34 @@ fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {
             ));
         }
     }
-    match (&p.host_ports, t.ports.len()) {
-        (Some(r), n) => {
-            if r.start == 0 || r.end < r.start {
-                errs.push(FieldError::new(
-                    "spec.hostPorts",
-                    format!(
-                        "invalid range {}-{}: need 1 <= start <= end <= 65535",
-                        r.start, r.end
-                    ),
-                ));
-            } else if n == 0 {
-                errs.push(FieldError::new(
-                    "spec.hostPorts",
-                    "hostPorts is set but the template declares no ports",
-                ));
-            } else if u64::from(max) * n as u64 > u64::from(r.len()) {
-                errs.push(FieldError::new(
-                    "spec.hostPorts",
-                    format!(
-                        "range {}-{} holds {} ports, but max ({max}) instances x {n} port(s) \
-                         need {}",
-                        r.start,
-                        r.end,
-                        r.len(),
-                        u64::from(max) * n as u64
-                    ),
-                ));
-            }
+    if let Some(r) = &p.host_ports {
+        let n = t.ports.len();
+        if r.start == 0 || r.end < r.start {
+            errs.push(FieldError::new(
+                "spec.hostPorts",
+                format!(
+                    "invalid range {}-{}: need 1 <= start <= end <= 65535",
+                    r.start, r.end
+                ),
+            ));
+        } else if n == 0 {
+            errs.push(FieldError::new(
+                "spec.hostPorts",
+                "hostPorts is set but the template declares no ports",
+            ));
+        } else if u64::from(max) * n as u64 > u64::from(r.len()) {
+            errs.push(FieldError::new(
+                "spec.hostPorts",
+                format!(
+                    "range {}-{} holds {} ports, but max ({max}) instances x {n} port(s) \
+                     need {}",
+                    r.start,
+                    r.end,
+                    r.len(),
+                    u64::from(max) * n as u64
+                ),
+            ));
         }
-        (None, _) => {}
     }
     check_resources(t.resources.as_ref(), "spec.template.resources", errs);
     if let Some(probe) = &t.readiness {
@@ -205,7 +206,9 @@ fn validate_claim(c: &ClaimSpec, errs: &mut Vec<FieldError>) {
 /// A claim's file path must stay under the mount path: relative, no `..`, no empty segment.
 pub fn check_relative_path(path: &str) -> Result<(), String> {
     if path.is_empty() || path.starts_with('/') {
-        return Err(format!("file path {path:?} must be relative to the mount path"));
+        return Err(format!(
+            "file path {path:?} must be relative to the mount path"
+        ));
     }
     if path.split('/').any(|seg| seg == ".." || seg.is_empty()) {
         return Err(format!(
@@ -291,14 +294,21 @@ pub fn parse_port_key(key: &str) -> Result<(u16, crate::api::Protocol), String> 
     let proto = match proto {
         "tcp" => crate::api::Protocol::Tcp,
         "udp" => crate::api::Protocol::Udp,
-        other => return Err(format!("unknown protocol {other:?} in {key:?} (tcp or udp)")),
+        other => {
+            return Err(format!(
+                "unknown protocol {other:?} in {key:?} (tcp or udp)"
+            ));
+        }
     };
     Ok((port, proto))
 }
 
 fn check_container(c: &ContainerSpec, base: &str, errs: &mut Vec<FieldError>) {
     if c.image.trim().is_empty() {
-        errs.push(FieldError::new(format!("{base}.image"), "image must not be empty"));
+        errs.push(FieldError::new(
+            format!("{base}.image"),
+            "image must not be empty",
+        ));
     }
     for (key, host) in &c.ports {
         if let Err(e) = parse_port_key(key) {
@@ -409,10 +419,18 @@ pub fn validate_set<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<Se
         match &o.spec {
             Spec::Claim(c) => {
                 if !pools.contains_key(c.pool.as_str()) {
-                    err(o.key(), "spec.pool", format!("pool {:?} is not declared", c.pool));
+                    err(
+                        o.key(),
+                        "spec.pool",
+                        format!("pool {:?} is not declared", c.pool),
+                    );
                 }
                 if !users.contains_key(c.user.as_str()) {
-                    err(o.key(), "spec.user", format!("user {:?} is not declared", c.user));
+                    err(
+                        o.key(),
+                        "spec.user",
+                        format!("user {:?} is not declared", c.user),
+                    );
                 }
             }
             Spec::User(u) => {
@@ -433,7 +451,9 @@ pub fn validate_set<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<Se
 }
 
 /// Objects declared twice (same kind and name): every occurrence after the first.
-pub fn duplicates<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<(&'a Object, &'a Object)> {
+pub fn duplicates<'a>(
+    objects: impl IntoIterator<Item = &'a Object>,
+) -> Vec<(&'a Object, &'a Object)> {
     let mut first: HashMap<(Kind, &str), &Object> = HashMap::new();
     let mut out = Vec::new();
     for o in objects {

@@ -5,6 +5,9 @@
 //! - A file that turns invalid keeps its objects at their last valid version: nothing it declared
 //!   is deleted until it parses cleanly again (or is removed). Its problems are reported.
 //! - An object declared in two files belongs to the first; the second is reported.
+//! - An object that moves between files (a rename, a hand-over from a deleted duplicate) is
+//!   applied with its new origin, never deleted and re-created: deletions are decided at the end
+//!   of an update, once every file it touched has been read.
 //! - A full rescan runs periodically, so an event lost by the OS costs latency, not correctness.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -33,6 +36,9 @@ struct FileState {
     shadowed: bool,
     /// What was last sent for this file (parse and cross-object problems).
     sent: Vec<Diagnostic>,
+    /// The objects (`Kind/name`) that `sent` names: the engine marks them SpecValid=False until
+    /// they are applied again.
+    flagged: BTreeSet<String>,
 }
 
 /// The directory's view: which file declares what.
@@ -40,6 +46,9 @@ pub struct DirState {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     objects: HashMap<ObjKey, (PathBuf, Object)>,
+    /// Objects that a file let go of during the current update (removed, renamed away, or no
+    /// longer declared). Deleted when the update ends unless another file declares them by then.
+    released: BTreeMap<ObjKey, Object>,
 }
 
 /// What a (re)load changed, in the order to tell the engine.
@@ -54,6 +63,7 @@ impl DirState {
             root: root.into(),
             files: BTreeMap::new(),
             objects: HashMap::new(),
+            released: BTreeMap::new(),
         }
     }
 
@@ -64,30 +74,54 @@ impl DirState {
     /// Reads every spec file under the root (and forgets files that are gone).
     pub fn rescan(&mut self) -> Changes {
         let mut changes = Changes::default();
+        self.rescan_into(&mut changes);
+        self.finish(&mut changes);
+        changes
+    }
+
+    fn rescan_into(&mut self, changes: &mut Changes) {
         let found: BTreeSet<PathBuf> = match loader::spec_files(&self.root) {
             Ok(f) => f.into_iter().collect(),
             Err(e) => {
                 warn!(dir = %self.root.display(), error = %e, "cannot list the directory");
-                return changes;
+                return;
             }
         };
         let known: Vec<PathBuf> = self.files.keys().cloned().collect();
         for f in known {
             if !found.contains(&f) {
-                self.remove_file(&f, &mut changes);
+                self.remove_file(&f, changes);
             }
         }
         for f in &found {
-            self.load_file(f, &mut changes);
+            self.load_file(f, changes);
         }
-        self.cross_check(&mut changes);
-        changes
+    }
+
+    /// Ends an update: objects let go of pass to a file that declared them too, the rest are
+    /// deleted; then the files' problems are reported.
+    fn finish(&mut self, changes: &mut Changes) {
+        // Each round can only hand over objects released in the round before; it ends.
+        let mut handled = 0;
+        while self.released.len() > handled {
+            handled = self.released.len();
+            self.reclaim_shadowed(changes);
+        }
+        for (key, _) in std::mem::take(&mut self.released) {
+            if !self.objects.contains_key(&key) {
+                changes.events.push(SourceEvent::Delete(key));
+            }
+        }
+        self.cross_check(changes);
     }
 
     /// Handles paths that an event named: files are (re)loaded or removed; folders rescanned.
     pub fn paths_changed(&mut self, paths: &BTreeSet<PathBuf>) -> Changes {
         let mut changes = Changes::default();
         let mut full = false;
+        // Removals first, so that a file renamed to a name that sorts earlier takes its objects
+        // over instead of being reported as a duplicate of its own old name.
+        let mut loads = Vec::new();
         for p in paths {
             if p.components().any(|c| c.as_os_str() == STATE_DIR) {
                 continue;
@@ -96,7 +130,7 @@ impl DirState {
                 full = true;
             } else if loader::is_spec_file(p) {
                 if p.exists() {
-                    self.load_file(p, &mut changes);
+                    loads.push(p);
                 } else {
                     self.remove_file(p, &mut changes);
                 }
@@ -113,28 +147,36 @@ impl DirState {
                 }
             }
         }
-        if full {
-            let more = self.rescan();
-            changes.events.extend(more.events);
-        } else {
-            self.cross_check(&mut changes);
+        for p in loads {
+            self.load_file(p, &mut changes);
         }
+        if full {
+            self.rescan_into(&mut changes);
+        }
+        self.finish(&mut changes);
         changes
     }
 
     fn remove_file(&mut self, file: &Path, changes: &mut Changes) {
-        let Some(state) = self.files.remove(file) else { return };
+        let Some(state) = self.files.remove(file) else {
+            return;
+        };
         for key in state.owned {
-            self.objects.remove(&key);
-            changes.events.push(SourceEvent::Delete(key));
+            self.release(&key);
         }
         changes.events.push(SourceEvent::Diagnostics {
             file: file.to_path_buf(),
             diagnostics: Vec::new(),
         });
         info!(file = %file.display(), "file removed; its objects are deleted");
-        // Another file may declare an object this one shadowed.
-        self.reclaim_shadowed(changes);
+    }
+
+    /// A file no longer declares `key`: deleted at the end of the update unless another file
+    /// declares it by then.
+    fn release(&mut self, key: &ObjKey) {
+        if let Some((_, obj)) = self.objects.remove(key) {
+            self.released.insert(key.clone(), obj);
+        }
     }
 
     fn reclaim_shadowed(&mut self, changes: &mut Changes) {
@@ -160,25 +202,33 @@ impl DirState {
             if let Some((owner, prev)) = self.objects.get(&key)
                 && owner != file
             {
+                // Not tied to the object (`object: None`): the object in use is valid, and the
+                // engine would mark it SpecValid=False. The text keeps the usual shape.
                 diagnostics.push(Diagnostic {
                     file: file.to_path_buf(),
                     line: obj.origin.line,
                     col: obj.origin.col,
-                    object: Some(key.to_string()),
-                    path: "metadata.name".into(),
-                    message: format!("{key} is also declared in {}; that one is used", prev.origin),
+                    object: None,
+                    path: String::new(),
+                    message: format!(
+                        "{key}: metadata.name: also declared in {}; that one is used",
+                        prev.origin
+                    ),
                 });
                 shadowed = true;
                 continue;
             }
             now_owned.insert(key.clone());
-            let prev = self.objects.get(&key).map(|(_, p)| p);
+            let current = self.objects.get(&key).map(|(_, p)| p);
+            // An object let go of earlier in this update (moving between files) keeps counting
+            // its generations.
+            let prev = current.or_else(|| self.released.get(&key));
             obj.generation = match prev {
                 Some(p) if p.spec == obj.spec => p.generation,
                 Some(p) => p.generation + 1,
                 None => 1,
             };
-            let unchanged = prev.is_some_and(|p| p.spec == obj.spec && p.origin == obj.origin);
+            let unchanged = current.is_some_and(|p| p.spec == obj.spec && p.origin == obj.origin);
             if !unchanged {
                 self.objects
                     .insert(key.clone(), (file.to_path_buf(), obj.clone()));
@@ -193,8 +243,10 @@ impl DirState {
             }
             if clean {
                 state.owned.remove(&key);
-                self.objects.remove(&key);
-                changes.events.push(SourceEvent::Delete(key));
+                // As `release` (split borrows: `state` lives in `self.files`).
+                if let Some((_, obj)) = self.objects.remove(&key) {
+                    self.released.insert(key, obj);
+                }
             } else {
                 // Invalid file: keep the last valid version of what it declared.
                 debug!(%key, "kept at its last valid version");
@@ -211,7 +263,9 @@ impl DirState {
         let set_errors = validate_set(self.objects.values().map(|(_, o)| o));
         let mut per_file: BTreeMap<PathBuf, Vec<Diagnostic>> = BTreeMap::new();
         for e in set_errors {
-            if !e.error.path.starts_with("spec.hostPorts") && !e.error.path.starts_with("spec.containers") {
+            if !e.error.path.starts_with("spec.hostPorts")
+                && !e.error.path.starts_with("spec.containers")
+            {
                 continue;
             }
             if let Some((file, obj)) = self.objects.get(&e.key) {
@@ -225,15 +279,29 @@ impl DirState {
                 });
             }
         }
+        let mut cleared = Vec::new();
         for (file, state) in self.files.iter_mut() {
             let mut all = state.parse_diagnostics.clone();
             all.extend(per_file.remove(file).unwrap_or_default());
             if all != state.sent {
+                let named: BTreeSet<String> = all.iter().filter_map(|d| d.object.clone()).collect();
+                cleared.extend(state.flagged.difference(&named).cloned());
+                state.flagged = named;
                 state.sent = all.clone();
                 changes.events.push(SourceEvent::Diagnostics {
                     file: file.clone(),
                     diagnostics: all,
                 });
+            }
+        }
+        // An object no longer named by any problem is applied again, even when its text went
+        // back to the last valid version: the engine clears SpecValid=False on apply.
+        for label in cleared {
+            let key = label
+                .split_once('/')
+                .and_then(|(k, n)| Some(ObjKey::new(crate::model::Kind::parse(k)?, n)));
+            if let Some((_, obj)) = key.and_then(|k| self.objects.get(&k)) {
+                changes.events.push(SourceEvent::Apply(obj.clone()));
             }
         }
     }
