@@ -222,11 +222,16 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
     while next < m.min(args.concurrency) {
         let name = format!("c{next}");
         sent.insert(name.clone(), Instant::now());
-        h.apply(obj(name, claim("bench", &format!("u{}", next % args.users))))?;
+        h.apply(obj(
+            name,
+            claim("bench", &format!("u{}", next % args.users)),
+        ))?;
         next += 1;
     }
     while latencies.len() < m as usize {
-        let Some(ch) = changes.recv().await else { bail!("engine stopped") };
+        let Some(ch) = changes.recv().await else {
+            bail!("engine stopped")
+        };
         if ch.phase != ClaimPhase::Bound {
             continue;
         }
@@ -240,7 +245,10 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
             if next < m {
                 let name = format!("c{next}");
                 sent.insert(name.clone(), Instant::now());
-                h.apply(obj(name, claim("bench", &format!("u{}", next % args.users))))?;
+                h.apply(obj(
+                    name,
+                    claim("bench", &format!("u{}", next % args.users)),
+                ))?;
                 next += 1;
             }
         }
@@ -303,7 +311,9 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let mut bound = 0;
     while bound < claims {
-        let Some(ch) = changes.recv().await else { bail!("engine stopped") };
+        let Some(ch) = changes.recv().await else {
+            bail!("engine stopped")
+        };
         if ch.phase == ClaimPhase::Bound {
             bound += 1;
         }

@@ -162,15 +162,27 @@ pub fn validate_paths(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>) {
             first.origin
         ));
     }
-    for e in validate_set(&objects) {
-        let origin = objects
+    // Duplicates are reported above; cross-object checks see each object once (its first
+    // declaration), so a problem is never placed at another object's location.
+    let firsts: Vec<Object> = {
+        let mut seen = std::collections::HashSet::new();
+        objects
             .iter()
-            .find(|o| o.key() == e.key)
-            .map(|o| o.origin.to_string())
-            .unwrap_or_default();
+            .filter(|o| seen.insert(o.key()))
+            .cloned()
+            .collect()
+    };
+    for e in validate_set(&firsts) {
+        let Some(obj) = firsts.iter().find(|o| o.key() == e.key) else {
+            continue;
+        };
+        let (line, col) = loader::locate_field(&obj.origin, &e.error.path);
         problems.push(format!(
-            "{origin}: {}: {}: {}",
-            e.key, e.error.path, e.error.message
+            "{}:{line}:{col}: {}: {}: {}",
+            obj.origin.file.display(),
+            e.key,
+            e.error.path,
+            e.error.message
         ));
     }
     (objects, problems)

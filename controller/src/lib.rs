@@ -10,15 +10,15 @@
 //! - [`cli`]: the command line.
 
 pub mod api;
-pub mod core;
-pub mod crdgen;
-pub mod loader;
-pub mod model;
-pub mod units;
-pub mod validate;
-pub mod engine;
-pub mod runtime;
 pub mod bench;
 pub mod cli;
-pub mod source;
 pub mod cli_table;
+pub mod core;
+pub mod crdgen;
+pub mod engine;
+pub mod loader;
+pub mod model;
+pub mod runtime;
+pub mod source;
+pub mod units;
+pub mod validate;

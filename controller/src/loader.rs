@@ -333,6 +333,26 @@ fn short_message(err: &serde_saphyr::Error) -> String {
     }
 }
 
+/// The position of `field` (a dotted path such as `spec.pool`) in the document of `origin`, or
+/// of its nearest declared ancestor; for problems found after loading (missing references,
+/// overlapping ports). Falls back to the document's start.
+pub fn locate_field(origin: &crate::model::Origin, field: &str) -> (u64, u64) {
+    let fallback = (origin.line, origin.col);
+    let Ok(text) = std::fs::read_to_string(&origin.file) else {
+        return fallback;
+    };
+    let Ok(docs) = index_documents(&text) else {
+        return fallback;
+    };
+    docs.iter()
+        .find(|d| d.root.line == origin.line && d.root.col == origin.col)
+        .map(|d| {
+            let p = d.locate(field);
+            (p.line, p.col)
+        })
+        .unwrap_or(fallback)
+}
+
 /// Parses one file's text. `path` is used for messages and Pod Manager naming.
 pub fn parse_text(path: &Path, text: &str) -> ParsedFile {
     let mut out = ParsedFile::default();

@@ -379,18 +379,19 @@ pub fn validate_set<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<Se
         })
     };
     // Host ports: every pool range and every fixed deployment port must be disjoint.
-    let mut claimed: Vec<(ObjKey, &str, u16, u16)> = Vec::new();
+    let mut claimed: Vec<(ObjKey, String, u16, u16)> = Vec::new();
     for o in &objects {
         match &o.spec {
             Spec::Pool(p) => {
                 if let Some(r) = p.host_ports {
-                    claimed.push((o.key(), "spec.hostPorts", r.start, r.end));
+                    claimed.push((o.key(), "spec.hostPorts".into(), r.start, r.end));
                 }
             }
             Spec::Deployment(d) => {
-                for c in &d.containers {
-                    for host in c.ports.values() {
-                        claimed.push((o.key(), "spec.containers", *host, *host));
+                for (i, c) in d.containers.iter().enumerate() {
+                    for (key, host) in &c.ports {
+                        let path = format!("spec.containers[{i}].ports.{key}");
+                        claimed.push((o.key(), path, *host, *host));
                     }
                 }
             }
@@ -400,7 +401,7 @@ pub fn validate_set<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<Se
     for (i, a) in claimed.iter().enumerate() {
         for b in &claimed[..i] {
             if a.2 <= b.3 && b.2 <= a.3 {
-                let what = |x: &(ObjKey, &str, u16, u16)| {
+                let what = |x: &(ObjKey, String, u16, u16)| {
                     if x.2 == x.3 {
                         format!("port {}", x.2)
                     } else {
@@ -409,7 +410,7 @@ pub fn validate_set<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<Se
                 };
                 err(
                     a.0.clone(),
-                    a.1,
+                    &a.1,
                     format!("host {} overlap {} of {}", what(a), what(b), b.0),
                 );
             }

@@ -225,11 +225,11 @@ fn an_invalid_folder_exits_1_with_one_exact_line_per_problem_on_stdout() {
                  \"1GB\" (expected e.g. 256Mi, 1Gi, 500M)"
             ),
             format!(
-                "{d}:1:1: Pool/cache: spec.hostPorts: host ports 8005-8014 overlap ports \
+                "{d}:11:3: Pool/cache: spec.hostPorts: host ports 8005-8014 overlap ports \
                  8000-8009 of Pool/web"
             ),
-            format!("{b}:1:1: Claim/c1: spec.pool: pool \"nope\" is not declared"),
-            format!("{b}:1:1: Claim/c1: spec.user: user \"ghost\" is not declared"),
+            format!("{b}:6:3: Claim/c1: spec.pool: pool \"nope\" is not declared"),
+            format!("{b}:7:3: Claim/c1: spec.user: user \"ghost\" is not declared"),
         ]
     );
     assert!(
@@ -311,7 +311,7 @@ fn several_paths_are_checked_as_one_set() {
     assert_eq!(
         stdout_lines(&out),
         vec![format!(
-            "{}:1:1: Claim/c1: spec.user: user \"alice\" is not declared",
+            "{}:7:3: Claim/c1: spec.user: user \"alice\" is not declared",
             claims.display()
         )]
     );
@@ -368,7 +368,7 @@ fn a_missing_path_does_not_hide_problems_in_the_other_paths() {
     assert_eq!(
         lines[1],
         format!(
-            "{}:1:1: Claim/c1: spec.pool: pool \"web\" is not declared",
+            "{}:6:3: Claim/c1: spec.pool: pool \"web\" is not declared",
             c.display()
         )
     );

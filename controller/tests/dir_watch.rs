@@ -471,11 +471,9 @@ async fn an_object_declared_twice_belongs_to_the_first_file_and_passes_to_the_se
     );
 }
 
-/// Engine bug (engine/pass.rs `pool_status`): a pool's Ready and InstancesCreatable conditions are
-/// rebuilt on every snapshot with `lastTransitionTime` = now, so the time moves while the status
-/// holds (and `run` rewrites status.json every 100 ms, since no two snapshots are equal).
+/// A pool's conditions keep their `lastTransitionTime` while their status holds (they were once
+/// rebuilt on every snapshot, which also made `run` rewrite status.json every 100 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine bug: pool conditions get a new lastTransitionTime on every snapshot"]
 async fn pool_condition_transition_times_hold_while_the_status_holds() {
     let r = start(|root| write(&root.join("web.yaml"), &pool_yaml("web", 1, "nginx"))).await;
     let first = r.wait_for("web warm", |s| pool_warm(s, "web", 1)).await;

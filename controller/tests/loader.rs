@@ -1442,11 +1442,11 @@ fn a_claim_naming_a_missing_pool_and_a_missing_user_is_reported_twice() {
         problems,
         vec![
             format!(
-                "{}:6:1: Claim/c1: spec.pool: pool \"nope\" is not declared",
+                "{}:11:3: Claim/c1: spec.pool: pool \"nope\" is not declared",
                 f.display()
             ),
             format!(
-                "{}:6:1: Claim/c1: spec.user: user \"ghost\" is not declared",
+                "{}:12:3: Claim/c1: spec.user: user \"ghost\" is not declared",
                 f.display()
             ),
         ]
@@ -1498,7 +1498,7 @@ fn a_user_quota_naming_a_missing_pool_is_reported() {
     assert_eq!(
         problems,
         vec![format!(
-            "{}:1:1: User/alice: spec.quota.pools[0]: pool \"gpu\" is not declared",
+            "{}:4:24: User/alice: spec.quota.pools[0]: pool \"gpu\" is not declared",
             f.display()
         )]
     );
@@ -1514,7 +1514,7 @@ fn two_pools_with_overlapping_host_ports_are_reported() {
     assert_eq!(
         problems,
         vec![format!(
-            "{}:1:1: Pool/api: spec.hostPorts: host ports 8005-8020 overlap ports 8000-8009 of Pool/web",
+            "{}:9:3: Pool/api: spec.hostPorts: host ports 8005-8020 overlap ports 8000-8009 of Pool/web",
             b.display()
         )]
     );
@@ -1558,7 +1558,7 @@ fn a_deployment_host_port_inside_a_pool_range_is_reported() {
     assert_eq!(
         problems,
         vec![format!(
-            "{}:2:1: Deployment/site: spec.containers: host port 9005 overlap ports 9000-9009 of Pool/web",
+            "{}:10:13: Deployment/site: spec.containers[0].ports.80/tcp: host port 9005 overlap ports 9000-9009 of Pool/web",
             dep.display()
         )]
     );
@@ -1582,7 +1582,7 @@ fn a_pod_manager_host_port_inside_a_pool_range_is_reported() {
     assert_eq!(
         problems,
         vec![format!(
-            "{}:1:1: Deployment/legacy: spec.containers: host port 8080 overlap ports 8000-8099 of Pool/web",
+            "{}:1:1: Deployment/legacy: spec.containers[0].ports.80/tcp: host port 8080 overlap ports 8000-8099 of Pool/web",
             pm.display()
         )]
     );

@@ -26,7 +26,10 @@ pub enum Verdict {
     Admit,
     /// Not allowed to hold an instance now; re-evaluated on every reconcile, so fixing the cause
     /// (declaring the user, raising the quota) admits the claim.
-    Refuse { reason: &'static str, message: String },
+    Refuse {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// Decides admission for `claims`, which must be in arrival order. Bound claims are always
@@ -191,9 +194,23 @@ mod tests {
                 pools: &pools,
             })
         };
-        let v = admit(&[claim("a", "mallory"), claim("b", "alice")], users, |_| true);
-        assert!(matches!(&v[0], Verdict::Refuse { reason: "UserDisabled", .. }));
-        assert!(matches!(&v[1], Verdict::Refuse { reason: "PoolNotAllowed", .. }));
+        let v = admit(&[claim("a", "mallory"), claim("b", "alice")], users, |_| {
+            true
+        });
+        assert!(matches!(
+            &v[0],
+            Verdict::Refuse {
+                reason: "UserDisabled",
+                ..
+            }
+        ));
+        assert!(matches!(
+            &v[1],
+            Verdict::Refuse {
+                reason: "PoolNotAllowed",
+                ..
+            }
+        ));
     }
 
     #[test]

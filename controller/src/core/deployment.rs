@@ -109,7 +109,9 @@ pub enum Observed {
     Outdated,
     Starting,
     Ready,
-    Exited { code: Option<i64> },
+    Exited {
+        code: Option<i64>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,7 +188,12 @@ mod tests {
 
     #[test]
     fn start_order_puts_dependencies_first() {
-        let cs = [c("web", &["api"]), c("api", &["db", "cache"]), c("db", &[]), c("cache", &[])];
+        let cs = [
+            c("web", &["api"]),
+            c("api", &["db", "cache"]),
+            c("db", &[]),
+            c("cache", &[]),
+        ];
         let order = start_order(&cs);
         let pos = |n| order.iter().position(|x| *x == n).expect("present");
         assert!(pos("db") < pos("api") && pos("cache") < pos("api") && pos("api") < pos("web"));

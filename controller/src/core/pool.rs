@@ -121,8 +121,11 @@ pub fn plan_pool(target: PoolTarget, c: PoolCounts) -> PoolPlan {
     };
     let want_spare = target.warm.saturating_add(target.queued);
     let spare = c.warm + c.starting;
-    if spare > want_spare {
-        let surplus = spare - want_spare;
+    // Above max (max lowered, or creations a crashed controller had in flight): unbound
+    // instances go until the pool fits again. Doomed ones are removed anyway.
+    let over_max = (spare + c.occupied).saturating_sub(target.max);
+    if spare > want_spare || over_max > 0 {
+        let surplus = (spare.saturating_sub(want_spare)).max(over_max.min(spare));
         plan.surplus_starting = surplus.min(c.starting);
         plan.surplus_warm = surplus - plan.surplus_starting;
         return plan;
@@ -183,13 +186,25 @@ mod tests {
     #[test]
     fn outdated_and_dead_unbound_instances_are_doomed_but_bound_ones_are_not() {
         use InstancePhase::*;
-        assert_eq!(classify(Ready, false, false, false, false), Slot::Doomed(DeleteReason::Outdated));
+        assert_eq!(
+            classify(Ready, false, false, false, false),
+            Slot::Doomed(DeleteReason::Outdated)
+        );
         assert_eq!(classify(Ready, false, true, false, false), Slot::Occupied);
-        assert_eq!(classify(Dead, true, false, false, false), Slot::Doomed(DeleteReason::Dead));
+        assert_eq!(
+            classify(Dead, true, false, false, false),
+            Slot::Doomed(DeleteReason::Dead)
+        );
         assert_eq!(classify(Ready, true, false, true, false), Slot::Occupied);
         assert_eq!(classify(Ready, true, false, false, true), Slot::Occupied);
-        assert_eq!(classify(Starting, true, false, false, false), Slot::Starting);
-        assert_eq!(classify(Creating, true, false, false, false), Slot::Starting);
+        assert_eq!(
+            classify(Starting, true, false, false, false),
+            Slot::Starting
+        );
+        assert_eq!(
+            classify(Creating, true, false, false, false),
+            Slot::Starting
+        );
         assert_eq!(classify(Deleting, true, true, false, false), Slot::Deleting);
     }
 

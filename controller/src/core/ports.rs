@@ -56,7 +56,10 @@ impl PortBook {
     }
 
     pub fn foreign_in(&self, range: PortRange) -> Vec<u16> {
-        self.foreign.range(range.start..=range.end).copied().collect()
+        self.foreign
+            .range(range.start..=range.end)
+            .copied()
+            .collect()
     }
 
     /// Picks `n` free ports from `range`, lowest first, and holds them for `owner`.

@@ -51,7 +51,10 @@ pub struct Durable {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Enter the queue of `pool`; takes the next arrival number. No-op if already known.
-    Admit { claim: String, pool: String },
+    Admit {
+        claim: String,
+        pool: String,
+    },
     Bind {
         claim: String,
         instance: String,
@@ -60,11 +63,21 @@ pub enum Op {
         hit: bool,
     },
     /// Drop the binding and move the claim to `to` (Waiting to rebind, or a terminal phase).
-    Unbind { claim: String, to: RecPhase },
+    Unbind {
+        claim: String,
+        to: RecPhase,
+    },
     /// The claim object is gone: forget it (it must not be bound).
-    Forget { claim: String },
-    Quarantine { instance: String, reason: String },
-    Unquarantine { instance: String },
+    Forget {
+        claim: String,
+    },
+    Quarantine {
+        instance: String,
+        reason: String,
+    },
+    Unquarantine {
+        instance: String,
+    },
 }
 
 impl StateMachine for Durable {

@@ -107,6 +107,9 @@ impl EngineConfig {
 }
 
 /// What a source tells the engine.
+// `Apply` carries a whole object; events are moved once through a channel, so boxing would only
+// add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum SourceEvent {
     /// An object was declared or changed.
@@ -130,6 +133,8 @@ pub struct ClaimChange {
     pub at: Instant,
 }
 
+// See SourceEvent: inputs are moved once; boxing the large ones buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Input {
     Source(SourceEvent),
     Runtime(RuntimeEvent),
@@ -333,6 +338,55 @@ struct InstRec {
     slot: Option<(Slot, u64)>,
 }
 
+impl PoolEntry {
+    fn new(origin: Origin, generation: i64, hash: String) -> Self {
+        PoolEntry {
+            spec: None,
+            origin,
+            generation,
+            hash,
+            conditions: Vec::new(),
+            events: Events::default(),
+            hits: 0,
+            misses: 0,
+            create_failures: 0,
+            create_backoff_until: 0,
+            create_error: None,
+            ports_exhausted: false,
+            labels: None,
+        }
+    }
+}
+
+impl InstRec {
+    /// A record with nothing known yet beyond its identity and phase.
+    fn new(
+        name: String,
+        pool: Option<String>,
+        deployment: Option<(String, String, u32)>,
+        hash: String,
+        phase: InstancePhase,
+        now: u64,
+    ) -> Self {
+        InstRec {
+            name,
+            pool,
+            deployment,
+            hash,
+            phase,
+            exit_code: None,
+            ports: Vec::new(),
+            node: String::new(),
+            bindings: Vec::new(),
+            claim: None,
+            resetting: false,
+            quarantined: None,
+            ready_since: now,
+            slot: None,
+        }
+    }
+}
+
 /// A pool's instances by slot, kept up to date as instances change, so that a pass over a pool
 /// costs what changed, not the size of the pool.
 #[derive(Default)]
@@ -435,6 +489,8 @@ pub struct Engine<R: Runtime> {
     subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
     started_at_ms: u64,
     name_counter: u64,
+    /// Claims forgotten in this pass: their store records are stale until the commit.
+    forgotten: std::collections::HashSet<String>,
 }
 
 /// Starts an engine on `rt`. Returns its handle and the task running it.
@@ -497,6 +553,7 @@ pub fn start<R: Runtime>(
         subscribers: Vec::new(),
         started_at_ms: now,
         name_counter: now,
+        forgotten: std::collections::HashSet::new(),
     };
     // Subscribe before listing, so nothing falls between the list and the stream.
     let mut events = engine.rt.subscribe();
@@ -601,7 +658,7 @@ impl<R: Runtime> Engine<R> {
                 let _ = tx.send(self.snapshot());
             }
             Input::PoolStatus(name, tx) => {
-                let _ = tx.send(self.pool_status(&name, self.clock.now_ms()));
+                let _ = tx.send(self.pool_status(&name));
             }
             Input::Subscribe(tx) => self.subscribers.push(tx),
             Input::Shutdown(_) | Input::Resync(_) => {}
@@ -665,7 +722,9 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn reindex(&mut self, name: &str) {
-        let Some(rec) = self.instances.get(name) else { return };
+        let Some(rec) = self.instances.get(name) else {
+            return;
+        };
         let Some(pool) = rec.pool.clone() else { return };
         let current = self.pools.get(&pool).is_some_and(|p| p.hash == rec.hash);
         let slot = crate::core::pool::classify(
@@ -722,8 +781,8 @@ fn read_claim_files(spec: &ClaimSpec, origin: &Origin) -> Result<Vec<(String, Ve
     if let Some(from) = &spec.files_from {
         let base = origin.file.parent().unwrap_or(Path::new("."));
         let root = base.join(from);
-        let meta = std::fs::metadata(&root)
-            .map_err(|e| format!("filesFrom {}: {e}", root.display()))?;
+        let meta =
+            std::fs::metadata(&root).map_err(|e| format!("filesFrom {}: {e}", root.display()))?;
         if !meta.is_dir() {
             return Err(format!(
                 "filesFrom {}: not a folder (tar archives arrive with the Docker runtime)",
@@ -776,16 +835,28 @@ impl<R: Runtime> Engine<R> {
                 let mut invalid: BTreeMap<String, Vec<String>> = BTreeMap::new();
                 for d in &diagnostics {
                     if let Some(label) = &d.object {
-                        invalid.entry(label.clone()).or_default().push(d.to_string());
+                        invalid
+                            .entry(label.clone())
+                            .or_default()
+                            .push(d.to_string());
                     }
                 }
                 for (label, msgs) in invalid {
-                    let Some((kind, name)) = label.split_once('/') else { continue };
+                    let Some((kind, name)) = label.split_once('/') else {
+                        continue;
+                    };
                     let msg = msgs.join("; ");
                     match Kind::parse(kind) {
                         Some(Kind::Pool) => {
                             if let Some(p) = self.pools.get_mut(name) {
-                                status::set_condition(&mut p.conditions, "SpecValid", false, "InvalidSpec", &msg, now);
+                                status::set_condition(
+                                    &mut p.conditions,
+                                    "SpecValid",
+                                    false,
+                                    "InvalidSpec",
+                                    &msg,
+                                    now,
+                                );
                                 p.events.push(true, "InvalidSpec", msg, now);
                             }
                         }
@@ -797,7 +868,14 @@ impl<R: Runtime> Engine<R> {
                         }
                         Some(Kind::Deployment) => {
                             if let Some(d) = self.deployments.get_mut(name) {
-                                status::set_condition(&mut d.conditions, "SpecValid", false, "InvalidSpec", &msg, now);
+                                status::set_condition(
+                                    &mut d.conditions,
+                                    "SpecValid",
+                                    false,
+                                    "InvalidSpec",
+                                    &msg,
+                                    now,
+                                );
                                 d.events.push(true, "InvalidSpec", msg, now);
                             }
                         }
@@ -824,26 +902,31 @@ impl<R: Runtime> Engine<R> {
         match obj.spec {
             Spec::Pool(spec) => {
                 let hash = hash_of(&spec.template);
-                let entry = self.pools.entry(name.clone()).or_insert_with(|| PoolEntry {
-                    spec: None,
-                    origin: obj.origin.clone(),
-                    generation,
-                    hash: hash.clone(),
-                    conditions: Vec::new(),
-                    events: Events::default(),
-                    hits: 0,
-                    misses: 0,
-                    create_failures: 0,
-                    create_backoff_until: 0,
-                    create_error: None,
-                    ports_exhausted: false,
-                    labels: None,
+                let entry = self.pools.entry(name.clone()).or_insert_with(|| {
+                    PoolEntry::new(obj.origin.clone(), generation, hash.clone())
                 });
                 if entry.spec.as_ref() != Some(&spec) {
-                    let what = if entry.spec.is_none() { "declared" } else { "changed" };
-                    entry.events.push(false, "SpecApplied", format!("spec {what} ({})", obj.origin), now);
+                    let what = if entry.spec.is_none() {
+                        "declared"
+                    } else {
+                        "changed"
+                    };
+                    entry.events.push(
+                        false,
+                        "SpecApplied",
+                        format!("spec {what} ({})", obj.origin),
+                        now,
+                    );
                     if entry.hash != hash {
-                        entry.events.push(false, "TemplateChanged", format!("template {} -> {hash}: unbound instances will be replaced", entry.hash), now);
+                        entry.events.push(
+                            false,
+                            "TemplateChanged",
+                            format!(
+                                "template {} -> {hash}: unbound instances will be replaced",
+                                entry.hash
+                            ),
+                            now,
+                        );
                         if let Some(idx) = self.pool_index.get(&name) {
                             self.touched.extend(idx.members.iter().cloned());
                         }
@@ -877,19 +960,27 @@ impl<R: Runtime> Engine<R> {
                     .iter()
                     .map(|c| (c.name.clone(), hash_of(&(c, &spec.network))))
                     .collect();
-                let entry = self.deployments.entry(name.clone()).or_insert_with(|| DeploymentEntry {
-                    spec: None,
-                    origin: obj.origin.clone(),
-                    generation,
-                    hashes: BTreeMap::new(),
-                    network_ready: None,
-                    network_pending: false,
-                    restarts: HashMap::new(),
-                    conditions: Vec::new(),
-                    events: Events::default(),
-                });
+                let entry =
+                    self.deployments
+                        .entry(name.clone())
+                        .or_insert_with(|| DeploymentEntry {
+                            spec: None,
+                            origin: obj.origin.clone(),
+                            generation,
+                            hashes: BTreeMap::new(),
+                            network_ready: None,
+                            network_pending: false,
+                            restarts: HashMap::new(),
+                            conditions: Vec::new(),
+                            events: Events::default(),
+                        });
                 if entry.spec.as_ref() != Some(&spec) {
-                    entry.events.push(false, "SpecApplied", format!("spec applied ({})", obj.origin), now);
+                    entry.events.push(
+                        false,
+                        "SpecApplied",
+                        format!("spec applied ({})", obj.origin),
+                        now,
+                    );
                 }
                 entry.spec = Some(spec);
                 entry.hashes = hashes;
@@ -913,7 +1004,14 @@ impl<R: Runtime> Engine<R> {
             .collect()
     }
 
-    fn apply_claim(&mut self, name: String, spec: ClaimSpec, origin: Origin, generation: i64, now: u64) {
+    fn apply_claim(
+        &mut self,
+        name: String,
+        spec: ClaimSpec,
+        origin: Origin,
+        generation: i64,
+        now: u64,
+    ) {
         let (files, files_error) = match read_claim_files(&spec, &origin) {
             Ok(f) => (Arc::new(f), None),
             Err(e) => (Arc::new(Vec::new()), Some(e)),
@@ -928,7 +1026,13 @@ impl<R: Runtime> Engine<R> {
                 // A claim moved to another pool or user: end its binding and queue it anew.
                 self.unindex_claim(&name);
                 if let Some(inst) = self.bound_instance(&name) {
-                    self.end_binding(&name, &inst, durable::RecPhase::Waiting, "ClaimChanged", now);
+                    self.end_binding(
+                        &name,
+                        &inst,
+                        durable::RecPhase::Waiting,
+                        "ClaimChanged",
+                        now,
+                    );
                     // end_binding queued it on the old pool; it is queued on the new one below.
                     self.dequeue(&name);
                 }
@@ -949,8 +1053,14 @@ impl<R: Runtime> Engine<R> {
             self.touch_claim(&name);
             return;
         }
-        // New to this engine: known to the store (a restart), or admitted now.
-        let seq = match self.store.state().claims.get(&name) {
+        // New to this engine: known to the store (a restart), or admitted now. A claim deleted
+        // earlier in this pass is new again: its record is only forgotten at the commit.
+        let stored = if self.forgotten.contains(&name) {
+            None
+        } else {
+            self.store.state().claims.get(&name).cloned()
+        };
+        let seq = match &stored {
             Some(rec) => rec.seq,
             None => {
                 self.ops.push(Op::Admit {
@@ -963,12 +1073,7 @@ impl<R: Runtime> Engine<R> {
             }
         };
         let events = Events::default();
-        let instance = self
-            .store
-            .state()
-            .claims
-            .get(&name)
-            .and_then(|r| r.instance.clone());
+        let instance = stored.as_ref().and_then(|r| r.instance.clone());
         let entry = ClaimEntry {
             spec,
             origin,
@@ -988,12 +1093,12 @@ impl<R: Runtime> Engine<R> {
             invalid: None,
             events,
         };
-        let terminal = self
-            .store
-            .state()
-            .claims
-            .get(&name)
-            .is_some_and(|r| matches!(r.phase, durable::RecPhase::Released | durable::RecPhase::Expired));
+        let terminal = stored.as_ref().is_some_and(|r| {
+            matches!(
+                r.phase,
+                durable::RecPhase::Released | durable::RecPhase::Expired
+            )
+        });
         self.claims.insert(name.clone(), entry);
         if !terminal {
             self.index_claim(&name, seq);
@@ -1002,7 +1107,9 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn index_claim(&mut self, name: &str, seq: u64) {
-        let Some(c) = self.claims.get(name) else { return };
+        let Some(c) = self.claims.get(name) else {
+            return;
+        };
         if c.instance.is_none() {
             self.queues
                 .entry(c.spec.pool.clone())
@@ -1021,7 +1128,9 @@ impl<R: Runtime> Engine<R> {
 
     fn unindex_claim(&mut self, name: &str) {
         self.dequeue(name);
-        let Some(c) = self.claims.get(name) else { return };
+        let Some(c) = self.claims.get(name) else {
+            return;
+        };
         let key = (c.seq, name.to_owned());
         if let Some(s) = self.claims_by_pool.get_mut(&c.spec.pool) {
             s.remove(&key);
@@ -1099,7 +1208,13 @@ impl<R: Runtime> Engine<R> {
                 }
                 let inst = self.bound_instance(&key.name);
                 if let Some(inst) = inst {
-                    self.end_binding(&key.name, &inst, durable::RecPhase::Released, "Deleted", now);
+                    self.end_binding(
+                        &key.name,
+                        &inst,
+                        durable::RecPhase::Released,
+                        "Deleted",
+                        now,
+                    );
                 }
                 self.touch_claim(&key.name);
                 self.unindex_claim(&key.name);
@@ -1107,6 +1222,7 @@ impl<R: Runtime> Engine<R> {
                 self.ops.push(Op::Forget {
                     claim: key.name.clone(),
                 });
+                self.forgotten.insert(key.name.clone());
                 self.notify(&key.name, ClaimPhase::Released);
             }
         }
@@ -1140,7 +1256,8 @@ impl<R: Runtime> Engine<R> {
         if let Some(c) = self.claims.get_mut(claim) {
             c.files_pending = false;
             c.instance = None;
-            c.events.push(false, reason, format!("released instance {instance}"), now);
+            c.events
+                .push(false, reason, format!("released instance {instance}"), now);
         }
         if to == durable::RecPhase::Waiting {
             self.enqueue(claim);

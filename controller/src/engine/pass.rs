@@ -7,7 +7,7 @@ use tracing::{debug, error, info, warn};
 
 use super::durable::{Op, RecPhase};
 use super::status::{self, InstanceView, ObjectView, Snapshot};
-use super::{AfterCommit, ClaimEntry, Completion, Engine, InstRec, Input};
+use super::{AfterCommit, ClaimEntry, Completion, Engine, Input, InstRec};
 use crate::api::{
     ClaimPhase, ClaimStatus, ContainerStatus, DeploymentStatus, Endpoint, PoolStatus, ResetPolicy,
     UserStatus,
@@ -18,8 +18,7 @@ use crate::core::pool::{InstancePhase, PoolTarget, plan_pool};
 use crate::model::Kind;
 use crate::runtime::{
     Instance, InstanceSpec, InstanceState, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH,
-    LABEL_MANAGED, LABEL_POOL, LABEL_REPLICA, PortBinding, Runtime, RuntimeError,
-    RuntimeEvent,
+    LABEL_MANAGED, LABEL_POOL, LABEL_REPLICA, PortBinding, Runtime, RuntimeError, RuntimeEvent,
 };
 use crate::units::{parse_cpu_millis, parse_duration, parse_memory_bytes};
 use crate::validate::{parse_port_key, pool_max};
@@ -96,25 +95,22 @@ impl<R: Runtime> Engine<R> {
             (Some(d), Some(c)) => Some((
                 d.to_owned(),
                 c.to_owned(),
-                i.label(LABEL_REPLICA).and_then(|r| r.parse().ok()).unwrap_or(0),
+                i.label(LABEL_REPLICA)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0),
             )),
             _ => None,
         };
-        let rec = self.instances.entry(name.clone()).or_insert_with(|| InstRec {
-            name: name.clone(),
-            pool: pool.clone(),
-            deployment: deployment.clone(),
-            hash: i.label(LABEL_HASH).unwrap_or_default().to_owned(),
-            phase,
-            exit_code: code,
-            ports: Vec::new(),
-            node: i.node.clone(),
-            bindings: Vec::new(),
-            claim: None,
-            resetting: false,
-            quarantined: None,
-            ready_since: now,
-            slot: None,
+        let rec = self.instances.entry(name.clone()).or_insert_with(|| {
+            let hash = i.label(LABEL_HASH).unwrap_or_default().to_owned();
+            InstRec::new(
+                name.clone(),
+                pool.clone(),
+                deployment.clone(),
+                hash,
+                phase,
+                now,
+            )
         });
         let was = rec.phase;
         if rec.phase != InstancePhase::Deleting {
@@ -135,16 +131,38 @@ impl<R: Runtime> Engine<R> {
             self.ports.release(old, &name);
             for p in &ports {
                 if let Err(owner) = self.ports.hold(*p, &name) {
-                    error!(instance = %name, port = p, %owner, "host port reported for two instances");
+                    if self
+                        .instances
+                        .get(&owner)
+                        .is_some_and(|r| r.phase == InstancePhase::Creating)
+                    {
+                        // We handed the port to a creation while an instance we did not know yet
+                        // (created by a controller that died first) had it: the runtime will
+                        // refuse that creation; the port belongs to the instance that has it.
+                        self.ports.release([*p], &owner);
+                        let _ = self.ports.hold(*p, &name);
+                    } else {
+                        error!(instance = %name, port = p, %owner, "host port reported for two instances");
+                    }
                 }
             }
             if let Some(rec) = self.instances.get_mut(&name) {
                 rec.ports = ports;
             }
         }
-        // Adopt: bindings and quarantines come from the store.
+        // Adopt: bindings and quarantines come from the store. A binding is adopted only while
+        // the claim agrees (or is not known yet, before the first pass): the store lags memory
+        // within a pass, so a binding ended earlier in this batch (claim deleted, instance lost)
+        // must not come back from a stale record when the same instance is observed again.
         let st = self.store.state();
-        let bound = st.bound.get(&name).cloned();
+        let bound = st
+            .bound
+            .get(&name)
+            .cloned()
+            .filter(|c| match self.claims.get(c) {
+                Some(e) => e.instance.as_deref() == Some(name.as_str()),
+                None => !self.started,
+            });
         let quarantined = st.quarantined.get(&name).cloned();
         if let Some(rec) = self.instances.get_mut(&name) {
             if rec.claim.is_none() && bound.is_some() {
@@ -155,10 +173,18 @@ impl<R: Runtime> Engine<R> {
             }
         }
         self.touched.insert(name.clone());
+        // Found after startup for something undeclared (a creation a previous controller had in
+        // flight, finishing late): drained like the orphans startup finds.
         if let Some(p) = pool {
+            if self.started {
+                self.ensure_draining_pool(&p, now);
+            }
             self.dirty_pools.insert(p);
         }
         if let Some((d, _, _)) = deployment {
+            if self.started {
+                self.ensure_draining_deployment(&d, now);
+            }
             self.dirty_deployments.insert(d);
         }
         // A bound instance that exited is lost to its claim.
@@ -171,7 +197,9 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn forget_instance(&mut self, name: &str) {
-        let Some(rec) = self.instances.remove(name) else { return };
+        let Some(rec) = self.instances.remove(name) else {
+            return;
+        };
         let now = self.clock.now_ms();
         self.ports.release(rec.ports.iter().copied(), name);
         self.unindex_instance(&rec);
@@ -192,7 +220,10 @@ impl<R: Runtime> Engine<R> {
     /// pool's queue (its arrival order is kept), is told why, and is bound to a fresh instance,
     /// which gets its files again. The dead instance is removed by the pool.
     fn instance_lost(&mut self, claim: &str, instance: &str, how: &str, now: u64) {
-        warn!(claim, instance, how, "bound instance lost; the claim will be bound again");
+        warn!(
+            claim,
+            instance, how, "bound instance lost; the claim will be bound again"
+        );
         if let Some(rec) = self.instances.get_mut(instance) {
             rec.claim = None;
             self.touched.insert(instance.to_owned());
@@ -251,7 +282,9 @@ impl<R: Runtime> Engine<R> {
                 }
             },
             Completion::Reset { name, result } => {
-                let Some(rec) = self.instances.get_mut(&name) else { return };
+                let Some(rec) = self.instances.get_mut(&name) else {
+                    return;
+                };
                 self.touched.insert(name.clone());
                 rec.resetting = false;
                 let pool = rec.pool.clone();
@@ -265,7 +298,16 @@ impl<R: Runtime> Engine<R> {
                             reason: reason.clone(),
                         });
                         if let Some(p) = pool.as_ref().and_then(|p| self.pools.get_mut(p)) {
-                            p.events.push(true, "Quarantined", format!("instance {name}: {reason}"), now);
+                            let msg = format!("instance {name}: {reason}");
+                            status::set_condition(
+                                &mut p.conditions,
+                                "Quarantined",
+                                true,
+                                "ResetFailed",
+                                &msg,
+                                now,
+                            );
+                            p.events.push(true, "Quarantined", msg, now);
                         }
                     }
                 }
@@ -289,7 +331,12 @@ impl<R: Runtime> Engine<R> {
                     Ok(()) => {
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.files_pending = false;
-                            c.events.push(false, "FilesCopied", format!("{} file(s) copied into {instance}", c.files.len()), now);
+                            c.events.push(
+                                false,
+                                "FilesCopied",
+                                format!("{} file(s) copied into {instance}", c.files.len()),
+                                now,
+                            );
                         }
                         self.report_claim(&claim, now);
                     }
@@ -305,7 +352,9 @@ impl<R: Runtime> Engine<R> {
                             rec.quarantined = Some(msg.clone());
                             rec.resetting = false;
                         }
-                        self.after_commit.retain(|a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance));
+                        self.after_commit.retain(
+                            |a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance),
+                        );
                         self.ops.push(Op::Quarantine {
                             instance: instance.clone(),
                             reason: msg,
@@ -316,10 +365,12 @@ impl<R: Runtime> Engine<R> {
             Completion::Restarted { name, result } => {
                 if let Err(e) = result {
                     warn!(instance = %name, error = %e, "restart failed");
-                    if let Some((d, _, _)) = self.instances.get(&name).and_then(|r| r.deployment.clone())
+                    if let Some((d, _, _)) =
+                        self.instances.get(&name).and_then(|r| r.deployment.clone())
                         && let Some(dep) = self.deployments.get_mut(&d)
                     {
-                        dep.events.push(true, "RestartFailed", format!("{name}: {e}"), now);
+                        dep.events
+                            .push(true, "RestartFailed", format!("{name}: {e}"), now);
                     }
                 }
             }
@@ -342,34 +393,39 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn create_failed(&mut self, name: &str, e: RuntimeError, now: u64) {
-        let Some(rec) = self.instances.remove(name) else { return };
+        let Some(rec) = self.instances.remove(name) else {
+            return;
+        };
         self.ports.release(rec.ports.iter().copied(), name);
         if let RuntimeError::PortInUse { port } = e {
             self.ports.mark_foreign(port);
         }
         self.unindex_instance(&rec);
-        if let Some(p) = &rec.pool {
-            if let Some(entry) = self.pools.get_mut(p) {
-                let (reason, retry_now) = match &e {
-                    RuntimeError::ImageMissing { .. } => ("ImageMissing", false),
-                    // Another port will be picked at once; no backoff needed.
-                    RuntimeError::PortInUse { .. } => ("HostPortInUse", true),
-                    _ => ("CreateFailed", false),
-                };
-                entry.events.push(true, reason, format!("creating {name}: {e}"), now);
-                entry.create_error = Some((reason, e.to_string()));
-                if !retry_now {
-                    entry.create_failures = entry.create_failures.saturating_add(1);
-                    let backoff = (500u64 << entry.create_failures.min(10)).min(CREATE_BACKOFF_MAX_MS);
-                    entry.create_backoff_until = now + backoff;
-                    self.wakeups.push(Reverse(now + backoff));
-                }
+        if let Some(p) = &rec.pool
+            && let Some(entry) = self.pools.get_mut(p)
+        {
+            let (reason, retry_now) = match &e {
+                RuntimeError::ImageMissing { .. } => ("ImageMissing", false),
+                // Another port will be picked at once; no backoff needed.
+                RuntimeError::PortInUse { .. } => ("HostPortInUse", true),
+                _ => ("CreateFailed", false),
+            };
+            entry
+                .events
+                .push(true, reason, format!("creating {name}: {e}"), now);
+            entry.create_error = Some((reason, e.to_string()));
+            if !retry_now {
+                entry.create_failures = entry.create_failures.saturating_add(1);
+                let backoff = (500u64 << entry.create_failures.min(10)).min(CREATE_BACKOFF_MAX_MS);
+                entry.create_backoff_until = now + backoff;
+                self.wakeups.push(Reverse(now + backoff));
             }
         }
         if let Some((d, c, _)) = &rec.deployment {
             self.dirty_deployments.insert(d.clone());
             if let Some(dep) = self.deployments.get_mut(d) {
-                dep.events.push(true, "CreateFailed", format!("container {c}: {e}"), now);
+                dep.events
+                    .push(true, "CreateFailed", format!("container {c}: {e}"), now);
                 self.wakeups.push(Reverse(now + 5_000));
             }
         }
@@ -417,6 +473,24 @@ impl<R: Runtime> Engine<R> {
             .map(|(k, r)| (k.clone(), r.instance.clone(), r.phase, r.expires_at_ms))
             .collect();
         for (claim, instance, phase, expires) in records {
+            // Deleted (and perhaps declared again) before this first pass: the deletion ended
+            // the binding and forgets the record, but could reset the instance only if it was
+            // listed by then. Reset it here otherwise (never hand it on unreset).
+            if self.forgotten.contains(&claim) {
+                if let Some(i) = &instance
+                    && let Some(rec) = self.instances.get_mut(i)
+                    && !rec.resetting
+                    && rec.claim.as_deref().is_none_or(|c| c == claim)
+                {
+                    rec.claim = None;
+                    rec.resetting = true;
+                    self.touched.insert(i.clone());
+                    self.after_commit.push(AfterCommit::Reset {
+                        instance: i.clone(),
+                    });
+                }
+                continue;
+            }
             if !self.claims.contains_key(&claim) {
                 if let Some(i) = &instance {
                     self.ops.push(Op::Unbind {
@@ -427,7 +501,9 @@ impl<R: Runtime> Engine<R> {
                         self.touched.insert(i.clone());
                         rec.claim = None;
                         rec.resetting = true;
-                        self.after_commit.push(AfterCommit::Reset { instance: i.clone() });
+                        self.after_commit.push(AfterCommit::Reset {
+                            instance: i.clone(),
+                        });
                     }
                 }
                 self.ops.push(Op::Forget { claim });
@@ -435,6 +511,17 @@ impl<R: Runtime> Engine<R> {
             }
             if phase == RecPhase::Bound {
                 match &instance {
+                    // It exited while we were down: observing it could not tell its claim (the
+                    // instance was never seen alive), so it is lost now.
+                    Some(i)
+                        if self
+                            .instances
+                            .get(i)
+                            .is_some_and(|r| r.phase == InstancePhase::Dead) =>
+                    {
+                        let i = i.clone();
+                        self.instance_lost(&claim, &i, "exited while the controller was down", now);
+                    }
                     Some(i) if self.instances.contains_key(i) => {
                         if let Some(t) = expires {
                             self.expiries.push(Reverse((t, claim.clone())));
@@ -449,7 +536,9 @@ impl<R: Runtime> Engine<R> {
                         });
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.instance = None;
-                            let msg = format!("instance {i} disappeared while the controller was down; binding a fresh instance");
+                            let msg = format!(
+                                "instance {i} disappeared while the controller was down; binding a fresh instance"
+                            );
                             c.lost = Some((msg.clone(), now));
                             c.events.push(true, "InstanceLost", msg, now);
                         }
@@ -506,25 +595,15 @@ impl<R: Runtime> Engine<R> {
     fn ensure_draining_pool(&mut self, pool: &str, now: u64) {
         if !self.pools.contains_key(pool) {
             let mut events = status::Events::default();
-            events.push(false, "Draining", "instances found for an undeclared pool: removing unbound ones".into(), now);
-            self.pools.insert(
-                pool.to_owned(),
-                super::PoolEntry {
-                    spec: None,
-                    origin: Default::default(),
-                    generation: 0,
-                    hash: String::new(),
-                    conditions: Vec::new(),
-                    events,
-                    hits: 0,
-                    misses: 0,
-                    create_failures: 0,
-                    create_backoff_until: 0,
-                    create_error: None,
-                    ports_exhausted: false,
-                    labels: None,
-                },
+            events.push(
+                false,
+                "Draining",
+                "instances found for an undeclared pool: removing unbound ones".into(),
+                now,
             );
+            let mut entry = super::PoolEntry::new(Default::default(), 0, String::new());
+            entry.events = events;
+            self.pools.insert(pool.to_owned(), entry);
         }
     }
 
@@ -552,11 +631,17 @@ impl<R: Runtime> Engine<R> {
             if *t > now {
                 break;
             }
-            let Some(Reverse((t, claim))) = self.expiries.pop() else { break };
+            let Some(Reverse((t, claim))) = self.expiries.pop() else {
+                break;
+            };
             let rec = self.store.state().claims.get(&claim).cloned();
             let Some(rec) = rec else { continue };
-            // A stale timer (the claim was rebound since) is ignored.
+            // A stale timer (the claim was rebound since) is ignored, and so is the record of a
+            // claim deleted in this pass (a claim declared again under its name is a new one).
             if rec.phase != RecPhase::Bound || rec.expires_at_ms != Some(t) {
+                continue;
+            }
+            if self.forgotten.contains(&claim) {
                 continue;
             }
             if let Some(inst) = rec.instance {
@@ -564,7 +649,12 @@ impl<R: Runtime> Engine<R> {
                 self.unindex_claim(&claim);
                 self.touch_claim(&claim);
                 if let Some(c) = self.claims.get_mut(&claim) {
-                    c.events.push(false, "Expired", format!("lease ended at {}", status::rfc3339(t)), now);
+                    c.events.push(
+                        false,
+                        "Expired",
+                        format!("lease ended at {}", status::rfc3339(t)),
+                        now,
+                    );
                 }
                 self.pending_report(&claim);
             }
@@ -577,7 +667,9 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn admit_user(&mut self, user: &str) {
-        let Some(set) = self.claims_by_user.get(user) else { return };
+        let Some(set) = self.claims_by_user.get(user) else {
+            return;
+        };
         let facts: Vec<ClaimFacts<'_>> = set
             .iter()
             .filter_map(|(_, n)| self.claims.get(n).map(|c| (n, c)))
@@ -609,13 +701,16 @@ impl<R: Runtime> Engine<R> {
             .collect();
         let now = self.clock.now_ms();
         for (name, v) in changed {
-            let Some(c) = self.claims.get_mut(&name) else { continue };
+            let Some(c) = self.claims.get_mut(&name) else {
+                continue;
+            };
             match &v {
                 Verdict::Refuse { reason, message } => {
                     c.events.push(true, reason, message.clone(), now);
                 }
                 Verdict::Admit => {
-                    c.events.push(false, "Admitted", "the claim may now be bound".into(), now);
+                    c.events
+                        .push(false, "Admitted", "the claim may now be bound".into(), now);
                 }
             }
             c.verdict = v;
@@ -626,7 +721,9 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn reconcile_pool(&mut self, name: &str, now: u64) {
-        let Some(pool) = self.pools.get(name) else { return };
+        let Some(pool) = self.pools.get(name) else {
+            return;
+        };
         let spec = pool.spec.clone();
         let hash = pool.hash.clone();
         // 1. Bind waiting, admitted claims to warm instances (oldest ready first), in arrival
@@ -634,7 +731,9 @@ impl<R: Runtime> Engine<R> {
         let mut waiting: Vec<String> = Vec::new();
         if spec.is_some() {
             for (_, c) in self.queues.get(name).into_iter().flatten() {
-                let Some(entry) = self.claims.get(c) else { continue };
+                let Some(entry) = self.claims.get(c) else {
+                    continue;
+                };
                 if entry.instance.is_some()
                     || entry.verdict != Verdict::Admit
                     || entry.files_error.is_some()
@@ -662,10 +761,20 @@ impl<R: Runtime> Engine<R> {
             .map(|(c, i)| ((*c).to_owned(), i.clone()))
             .collect();
         let still_waiting: Vec<String> = matching.waiting.iter().map(|s| (*s).to_owned()).collect();
-        let default_ttl = spec.as_ref().and_then(|s| s.claim_ttl.as_deref()).and_then(|t| parse_duration(t).ok());
+        let default_ttl = spec
+            .as_ref()
+            .and_then(|s| s.claim_ttl.as_deref())
+            .and_then(|t| parse_duration(t).ok());
         for (claim, inst) in binds {
-            let Some(c) = self.claims.get_mut(&claim) else { continue };
-            let ttl = c.spec.ttl.as_deref().and_then(|t| parse_duration(t).ok()).or(default_ttl);
+            let Some(c) = self.claims.get_mut(&claim) else {
+                continue;
+            };
+            let ttl = c
+                .spec
+                .ttl
+                .as_deref()
+                .and_then(|t| parse_duration(t).ok())
+                .or(default_ttl);
             let expires = ttl.map(|d| now + d.as_millis() as u64);
             let hit = !c.waited;
             c.queue_position = None;
@@ -689,7 +798,10 @@ impl<R: Runtime> Engine<R> {
                 self.touched.insert(inst.clone());
             }
             self.dequeue(&claim);
-            self.after_commit.push(AfterCommit::Bound { claim, instance: inst });
+            self.after_commit.push(AfterCommit::Bound {
+                claim,
+                instance: inst,
+            });
         }
         for (pos, claim) in still_waiting.iter().enumerate() {
             if let Some(c) = self.claims.get_mut(claim) {
@@ -730,14 +842,29 @@ impl<R: Runtime> Engine<R> {
             if plan.remove_doomed {
                 remove.extend(idx.doomed.iter().cloned());
             }
-            remove.extend(idx.starting.iter().take(plan.surplus_starting as usize).cloned());
-            remove.extend(idx.warm.iter().rev().take(plan.surplus_warm as usize).map(|(_, n)| n.clone()));
+            remove.extend(
+                idx.starting
+                    .iter()
+                    .take(plan.surplus_starting as usize)
+                    .cloned(),
+            );
+            remove.extend(
+                idx.warm
+                    .iter()
+                    .rev()
+                    .take(plan.surplus_warm as usize)
+                    .map(|(_, n)| n.clone()),
+            );
             if plan.drain {
                 // Quarantined instances of a deleted pool go too: nothing is leaked.
                 remove.extend(
                     idx.members
                         .iter()
-                        .filter(|m| self.instances.get(*m).is_some_and(|r| r.quarantined.is_some() && r.claim.is_none()))
+                        .filter(|m| {
+                            self.instances
+                                .get(*m)
+                                .is_some_and(|r| r.quarantined.is_some() && r.claim.is_none())
+                        })
                         .cloned(),
                 );
             }
@@ -746,7 +873,10 @@ impl<R: Runtime> Engine<R> {
             debug!(pool = name, instance = %inst, "removing instance");
             self.remove_instance(inst);
         }
-        let in_backoff = self.pools.get(name).is_some_and(|p| p.create_backoff_until > now);
+        let in_backoff = self
+            .pools
+            .get(name)
+            .is_some_and(|p| p.create_backoff_until > now);
         let mut exhausted = false;
         if let Some(s) = &spec
             && !in_backoff
@@ -760,21 +890,91 @@ impl<R: Runtime> Engine<R> {
         }
         if let Some(p) = self.pools.get_mut(name) {
             if exhausted && !p.ports_exhausted {
-                p.events.push(true, "HostPortsExhausted", "no free host port left in hostPorts".into(), now);
+                p.events.push(
+                    true,
+                    "HostPortsExhausted",
+                    "no free host port left in hostPorts".into(),
+                    now,
+                );
             }
             p.ports_exhausted = exhausted;
         }
         self.reindex_touched();
+        self.update_pool_conditions(name, now);
         // 3. A drained pool with nothing left is gone.
-        let empty = self.pool_index.get(name).is_none_or(|i| i.members.is_empty());
+        let empty = self
+            .pool_index
+            .get(name)
+            .is_none_or(|i| i.members.is_empty());
         if spec.is_none() && empty {
             self.pools.remove(name);
             self.pool_index.remove(name);
         }
     }
 
+    /// Keeps the pool's conditions current from its index (cheap: no walk over instances).
+    fn update_pool_conditions(&mut self, name: &str, now: u64) {
+        let counts = self
+            .pool_index
+            .get(name)
+            .map(|i| i.counts())
+            .unwrap_or_default();
+        let foreign = self
+            .pools
+            .get(name)
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.host_ports)
+            .map(|r| self.ports.foreign_in(r))
+            .unwrap_or_default();
+        let Some(p) = self.pools.get_mut(name) else {
+            return;
+        };
+        let c = &mut p.conditions;
+        match &p.spec {
+            Some(spec) => {
+                let ok = counts.warm >= spec.warm;
+                let msg = format!(
+                    "{}/{} warm, {} starting, {} in use",
+                    counts.warm, spec.warm, counts.starting, counts.occupied
+                );
+                let reason = if ok { "Warm" } else { "Filling" };
+                status::set_condition(c, "Ready", ok, reason, msg, now);
+            }
+            None => {
+                let msg = format!("{} instance(s) left", counts.live());
+                status::set_condition(c, "Ready", false, "Draining", msg, now);
+            }
+        }
+        match &p.create_error {
+            Some((reason, msg)) => {
+                status::set_condition(c, "InstancesCreatable", false, reason, msg, now);
+            }
+            None => {
+                status::set_condition(c, "InstancesCreatable", true, "Created", "", now);
+            }
+        }
+        if p.ports_exhausted {
+            let msg = "no free host port left in hostPorts";
+            status::set_condition(c, "HostPortsAvailable", false, "Exhausted", msg, now);
+        } else {
+            status::remove_condition(c, "HostPortsAvailable");
+        }
+        if foreign.is_empty() {
+            status::remove_condition(c, "HostPortsSkipped");
+        } else {
+            let list: Vec<String> = foreign.iter().map(u16::to_string).collect();
+            let msg = format!(
+                "skipped host ports in use by another process: {}",
+                list.join(", ")
+            );
+            status::set_condition(c, "HostPortsSkipped", true, "InUseByOtherProcess", msg, now);
+        }
+    }
+
     fn remove_instance(&mut self, name: &str) {
-        let Some(rec) = self.instances.get_mut(name) else { return };
+        let Some(rec) = self.instances.get_mut(name) else {
+            return;
+        };
         if rec.phase == InstancePhase::Deleting {
             return;
         }
@@ -790,7 +990,12 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// Starts one creation. Returns false when no host port is free.
-    fn create_pool_instance(&mut self, pool: &str, spec: &crate::api::PoolSpec, hash: &str) -> bool {
+    fn create_pool_instance(
+        &mut self,
+        pool: &str,
+        spec: &crate::api::PoolSpec,
+        hash: &str,
+    ) -> bool {
         let name = self.new_instance_name(pool);
         let t = &spec.template;
         let mut ports = Vec::new();
@@ -833,32 +1038,26 @@ impl<R: Runtime> Engine<R> {
             ports: ports.clone(),
             labels,
             cpu_millis: res.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
-            memory_bytes: res.memory.as_deref().and_then(|m| parse_memory_bytes(m).ok()),
+            memory_bytes: res
+                .memory
+                .as_deref()
+                .and_then(|m| parse_memory_bytes(m).ok()),
             readiness: t.readiness.clone(),
             network: None,
             volumes: BTreeMap::new(),
             pull_policy: spec.pull_policy,
         };
         let now = self.clock.now_ms();
-        self.instances.insert(
+        let mut rec = InstRec::new(
             name.clone(),
-            InstRec {
-                name: name.clone(),
-                pool: Some(pool.to_owned()),
-                deployment: None,
-                hash: hash.to_owned(),
-                phase: InstancePhase::Creating,
-                exit_code: None,
-                ports: ports.iter().map(|p| p.host_port).collect(),
-                node: String::new(),
-                bindings: Vec::new(),
-                claim: None,
-                resetting: false,
-                quarantined: None,
-                ready_since: now,
-                slot: None,
-            },
+            Some(pool.to_owned()),
+            None,
+            hash.to_owned(),
+            InstancePhase::Creating,
+            now,
         );
+        rec.ports = ports.iter().map(|p| p.host_port).collect();
+        self.instances.insert(name.clone(), rec);
         self.touched.insert(name.clone());
         self.spawn_create(name, ispec);
         true
@@ -877,7 +1076,9 @@ impl<R: Runtime> Engine<R> {
     // Deployments
 
     fn reconcile_deployment(&mut self, name: &str, now: u64) {
-        let Some(dep) = self.deployments.get(name) else { return };
+        let Some(dep) = self.deployments.get(name) else {
+            return;
+        };
         let spec = dep.spec.clone();
         let hashes = dep.hashes.clone();
         let mine: Vec<String> = self
@@ -892,7 +1093,11 @@ impl<R: Runtime> Engine<R> {
                 self.remove_instance(i);
             }
             if mine.is_empty() {
-                if let Some(net) = self.deployments.get(name).and_then(|d| d.network_ready.clone()) {
+                if let Some(net) = self
+                    .deployments
+                    .get(name)
+                    .and_then(|d| d.network_ready.clone())
+                {
                     let rt = self.rt.clone();
                     tokio::spawn(async move {
                         if let Err(e) = rt.remove_network(&net).await {
@@ -906,9 +1111,16 @@ impl<R: Runtime> Engine<R> {
         };
         // The network first.
         if let Some(net) = &spec.network {
-            let ready = self.deployments.get(name).and_then(|d| d.network_ready.as_ref()) == Some(net);
+            let ready = self
+                .deployments
+                .get(name)
+                .and_then(|d| d.network_ready.as_ref())
+                == Some(net);
             if !ready {
-                let pending = self.deployments.get(name).is_some_and(|d| d.network_pending);
+                let pending = self
+                    .deployments
+                    .get(name)
+                    .is_some_and(|d| d.network_pending);
                 if !pending {
                     if let Some(d) = self.deployments.get_mut(name) {
                         d.network_pending = true;
@@ -939,8 +1151,11 @@ impl<R: Runtime> Engine<R> {
                     .is_some_and(|i| i.phase == InstancePhase::Ready)
             })
         };
-        let by_name: BTreeMap<&str, &crate::api::ContainerSpec> =
-            spec.containers.iter().map(|c| (c.name.as_str(), c)).collect();
+        let by_name: BTreeMap<&str, &crate::api::ContainerSpec> = spec
+            .containers
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
         let ready: BTreeMap<String, bool> = spec
             .containers
             .iter()
@@ -948,7 +1163,9 @@ impl<R: Runtime> Engine<R> {
             .collect();
         let mut conflicts: Vec<String> = Vec::new();
         for cname in start_order(&spec.containers) {
-            let Some(c) = by_name.get(cname).copied() else { continue };
+            let Some(c) = by_name.get(cname).copied() else {
+                continue;
+            };
             let hash = hashes.get(cname).cloned().unwrap_or_default();
             for r in 0..c.replicas {
                 let slot = slot_name(c, r);
@@ -958,7 +1175,9 @@ impl<R: Runtime> Engine<R> {
                     Some(i) if i.phase == InstancePhase::Deleting => continue,
                     Some(i) if i.phase == InstancePhase::Creating => continue,
                     Some(i) if i.hash != hash => Observed::Outdated,
-                    Some(i) if i.phase == InstancePhase::Dead => Observed::Exited { code: i.exit_code },
+                    Some(i) if i.phase == InstancePhase::Dead => {
+                        Observed::Exited { code: i.exit_code }
+                    }
                     Some(i) if i.phase == InstancePhase::Ready => Observed::Ready,
                     Some(_) => Observed::Starting,
                 };
@@ -973,10 +1192,18 @@ impl<R: Runtime> Engine<R> {
                     d.restarts.entry(slot.clone()).or_insert((0, now));
                 }
                 let since = std::time::Duration::from_millis(now.saturating_sub(exited_at));
-                let step = plan_container(c, &observed, &|d| ready.get(d).copied().unwrap_or(false), restarts, since);
+                let step = plan_container(
+                    c,
+                    &observed,
+                    &|d| ready.get(d).copied().unwrap_or(false),
+                    restarts,
+                    since,
+                );
                 match step {
                     Step::Create => {
-                        if let Some(conflict) = self.create_container(name, &spec, c, r, &slot, &hash) {
+                        if let Some(conflict) =
+                            self.create_container(name, &spec, c, r, &slot, &hash)
+                        {
                             conflicts.push(conflict);
                         }
                     }
@@ -984,7 +1211,12 @@ impl<R: Runtime> Engine<R> {
                     Step::Restart => {
                         if let Some(d) = self.deployments.get_mut(name) {
                             d.restarts.insert(slot.clone(), (restarts + 1, now));
-                            d.events.push(false, "Restarting", format!("{slot} (restart {})", restarts + 1), now);
+                            d.events.push(
+                                false,
+                                "Restarting",
+                                format!("{slot} (restart {})", restarts + 1),
+                                now,
+                            );
                         }
                         if let Some(i) = self.instances.get_mut(&slot) {
                             self.touched.insert(slot.clone());
@@ -994,7 +1226,8 @@ impl<R: Runtime> Engine<R> {
                         let tx = self.tx.clone();
                         tokio::spawn(async move {
                             let result = rt.restart(&slot).await;
-                            let _ = tx.send(Input::Done(Completion::Restarted { name: slot, result }));
+                            let _ =
+                                tx.send(Input::Done(Completion::Restarted { name: slot, result }));
                         });
                     }
                     Step::Backoff(wait) => {
@@ -1009,12 +1242,37 @@ impl<R: Runtime> Engine<R> {
                 self.remove_instance(&i);
             }
         }
+        let total: u32 = spec.containers.iter().map(|c| c.replicas).sum();
+        let ready_n = wanted
+            .iter()
+            .filter(|w| {
+                self.instances
+                    .get(*w)
+                    .is_some_and(|i| i.phase == InstancePhase::Ready)
+            })
+            .count() as u32;
         if let Some(d) = self.deployments.get_mut(name) {
+            let ok = ready_n == total;
+            status::set_condition(
+                &mut d.conditions,
+                "Available",
+                ok,
+                if ok { "AllReady" } else { "NotReady" },
+                format!("{ready_n}/{total} containers ready"),
+                now,
+            );
             if conflicts.is_empty() {
                 status::remove_condition(&mut d.conditions, "HostPortConflict");
             } else {
                 let msg = conflicts.join("; ");
-                if status::set_condition(&mut d.conditions, "HostPortConflict", true, "HostPortConflict", &msg, now) {
+                if status::set_condition(
+                    &mut d.conditions,
+                    "HostPortConflict",
+                    true,
+                    "HostPortConflict",
+                    &msg,
+                    now,
+                ) {
                     d.events.push(true, "HostPortConflict", msg, now);
                 }
             }
@@ -1034,11 +1292,16 @@ impl<R: Runtime> Engine<R> {
     ) -> Option<String> {
         let mut ports = Vec::new();
         for (key, host) in &c.ports {
-            let Ok((cport, proto)) = parse_port_key(key) else { continue };
+            let Ok((cport, proto)) = parse_port_key(key) else {
+                continue;
+            };
             if let Some(owner) = self.ports.owner(*host)
                 && owner != slot
             {
-                return Some(format!("container {}: host port {host} is held by {owner}", c.name));
+                return Some(format!(
+                    "container {}: host port {host} is held by {owner}",
+                    c.name
+                ));
             }
             ports.push(PortBinding {
                 name: key.clone(),
@@ -1066,32 +1329,26 @@ impl<R: Runtime> Engine<R> {
             ports: ports.clone(),
             labels,
             cpu_millis: res.cpu.as_deref().and_then(|x| parse_cpu_millis(x).ok()),
-            memory_bytes: res.memory.as_deref().and_then(|m| parse_memory_bytes(m).ok()),
+            memory_bytes: res
+                .memory
+                .as_deref()
+                .and_then(|m| parse_memory_bytes(m).ok()),
             readiness: c.readiness.clone(),
             network: spec.network.clone(),
             volumes: c.volumes.clone(),
             pull_policy: crate::api::PullPolicy::IfNotPresent,
         };
         let now = self.clock.now_ms();
-        self.instances.insert(
+        let mut rec = InstRec::new(
             slot.to_owned(),
-            InstRec {
-                name: slot.to_owned(),
-                pool: None,
-                deployment: Some((dep.to_owned(), c.name.clone(), replica)),
-                hash: hash.to_owned(),
-                phase: InstancePhase::Creating,
-                exit_code: None,
-                ports: ports.iter().map(|p| p.host_port).collect(),
-                node: String::new(),
-                bindings: Vec::new(),
-                claim: None,
-                resetting: false,
-                quarantined: None,
-                ready_since: now,
-                slot: None,
-            },
+            None,
+            Some((dep.to_owned(), c.name.clone(), replica)),
+            hash.to_owned(),
+            InstancePhase::Creating,
+            now,
         );
+        rec.ports = ports.iter().map(|p| p.host_port).collect();
+        self.instances.insert(slot.to_owned(), rec);
         self.spawn_create(slot.to_owned(), ispec);
         None
     }
@@ -1107,7 +1364,10 @@ impl<R: Runtime> Engine<R> {
                     for r in rejected {
                         // Decisions above make this unreachable; the store is the last guard.
                         error!(op = ?r.op, reason = %r.reason, "state store refused an op");
-                        if let Op::Bind { claim, instance, .. } = &r.op {
+                        if let Op::Bind {
+                            claim, instance, ..
+                        } = &r.op
+                        {
                             if let Some(i) = self.instances.get_mut(instance)
                                 && i.claim.as_deref() == Some(claim.as_str())
                             {
@@ -1117,7 +1377,9 @@ impl<R: Runtime> Engine<R> {
                             if let Some(c) = self.claims.get_mut(claim) {
                                 c.instance = None;
                             }
-                            self.after_commit.retain(|a| !matches!(a, AfterCommit::Bound { claim: c, .. } if c == claim));
+                            self.after_commit.retain(
+                                |a| !matches!(a, AfterCommit::Bound { claim: c, .. } if c == claim),
+                            );
                             let claim = claim.clone();
                             self.enqueue(&claim);
                             self.touch_claim(&claim);
@@ -1131,6 +1393,7 @@ impl<R: Runtime> Engine<R> {
                 }
             }
         }
+        self.forgotten.clear();
         let work = std::mem::take(&mut self.after_commit);
         for w in work {
             match w {
@@ -1146,7 +1409,9 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn start_bound(&mut self, claim: &str, instance: &str, now: u64) {
-        let Some(c) = self.claims.get(claim) else { return };
+        let Some(c) = self.claims.get(claim) else {
+            return;
+        };
         if let Some(rec) = self.store.state().claims.get(claim)
             && rec.phase != RecPhase::Bound
         {
@@ -1186,7 +1451,9 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn start_reset(&mut self, instance: &str) {
-        let Some(rec) = self.instances.get(instance) else { return };
+        let Some(rec) = self.instances.get(instance) else {
+            return;
+        };
         let policy = rec
             .pool
             .as_ref()
@@ -1211,7 +1478,10 @@ impl<R: Runtime> Engine<R> {
             }
             ResetPolicy::Restart => {
                 tokio::spawn(async move {
-                    let result = rt.restart(&name).await.map_err(|e| format!("restart failed: {e}"));
+                    let result = rt
+                        .restart(&name)
+                        .await
+                        .map_err(|e| format!("restart failed: {e}"));
                     let _ = tx.send(Input::Done(Completion::Reset { name, result }));
                 });
             }
@@ -1247,48 +1517,83 @@ impl<R: Runtime> Engine<R> {
     /// Recomputes a claim's reported phase; records the change and notifies watchers.
     pub(super) fn report_claim(&mut self, claim: &str, now: u64) {
         let rec = self.store.state().claims.get(claim);
-        let Some(c) = self.claims.get(claim) else { return };
+        let Some(c) = self.claims.get(claim) else {
+            return;
+        };
         let phase = Self::claim_phase(c, rec);
         if c.reported == phase {
             return;
         }
         let instance = rec.and_then(|r| r.instance.clone()).unwrap_or_default();
-        let Some(c) = self.claims.get_mut(claim) else { return };
+        let Some(c) = self.claims.get_mut(claim) else {
+            return;
+        };
         c.reported = phase;
         c.phase_since = now;
         if phase == ClaimPhase::Bound {
             c.lost = None;
-            c.events.push(false, "Bound", format!("bound to instance {instance}"), now);
+            c.events
+                .push(false, "Bound", format!("bound to instance {instance}"), now);
         }
         self.notify(claim, phase);
     }
 
     /// A claim's conditions, derived from its state.
     fn claim_conditions(&self, c: &ClaimEntry) -> Vec<crate::api::Condition> {
-        let cond = |type_: &str, ok: bool, reason: &str, message: String, since: u64| crate::api::Condition {
-            type_: type_.to_owned(),
-            status: if ok { "True" } else { "False" }.to_owned(),
-            reason: reason.to_owned(),
-            message,
-            last_transition_time: status::rfc3339(since),
-            observed_generation: Some(c.generation),
+        let cond = |type_: &str, ok: bool, reason: &str, message: String, since: u64| {
+            crate::api::Condition {
+                type_: type_.to_owned(),
+                status: if ok { "True" } else { "False" }.to_owned(),
+                reason: reason.to_owned(),
+                message,
+                last_transition_time: status::rfc3339(since),
+                observed_generation: Some(c.generation),
+            }
         };
         let mut out = Vec::new();
         out.push(match (&c.verdict, &c.files_error) {
-            (_, Some(err)) => cond("Admitted", false, "FilesUnavailable", err.clone(), c.verdict_since),
-            (Verdict::Refuse { reason, message }, _) => cond("Admitted", false, reason, message.clone(), c.verdict_since),
-            (Verdict::Admit, None) => cond("Admitted", true, "Admitted", String::new(), c.verdict_since),
+            (_, Some(err)) => cond(
+                "Admitted",
+                false,
+                "FilesUnavailable",
+                err.clone(),
+                c.verdict_since,
+            ),
+            (Verdict::Refuse { reason, message }, _) => {
+                cond("Admitted", false, reason, message.clone(), c.verdict_since)
+            }
+            (Verdict::Admit, None) => {
+                cond("Admitted", true, "Admitted", String::new(), c.verdict_since)
+            }
         });
         let (reason, message) = match c.reported {
-            ClaimPhase::Bound => ("Bound".to_owned(), format!("bound to {}", c.instance.clone().unwrap_or_default())),
-            ClaimPhase::Pending if c.instance.is_some() => ("CopyingFiles".to_owned(), "copying the claim's files into its instance".to_owned()),
+            ClaimPhase::Bound => (
+                "Bound".to_owned(),
+                format!("bound to {}", c.instance.clone().unwrap_or_default()),
+            ),
+            ClaimPhase::Pending if c.instance.is_some() => (
+                "CopyingFiles".to_owned(),
+                "copying the claim's files into its instance".to_owned(),
+            ),
             ClaimPhase::Pending => match c.queue_position {
-                Some(p) => ("Queued".to_owned(), format!("waiting for an instance (position {p})")),
-                None => ("Binding".to_owned(), "looking for a warm instance".to_owned()),
+                Some(p) => (
+                    "Queued".to_owned(),
+                    format!("waiting for an instance (position {p})"),
+                ),
+                None => (
+                    "Binding".to_owned(),
+                    "looking for a warm instance".to_owned(),
+                ),
             },
             other => (other.to_string(), String::new()),
         };
-        out.push(cond("Bound", c.reported == ClaimPhase::Bound, &reason, message, c.phase_since));
+        out.push(cond(
+            "Bound",
+            c.reported == ClaimPhase::Bound,
+            &reason,
+            message,
+            c.phase_since,
+        ));
         if let Some((msg, at)) = &c.lost {
             out.push(cond("InstanceLost", true, "InstanceLost", msg.clone(), *at));
         }
@@ -1301,10 +1606,14 @@ impl<R: Runtime> Engine<R> {
     // -----------------------------------------------------------------------------------------
     // Status
 
-    pub(super) fn pool_status(&self, name: &str, now: u64) -> Option<PoolStatus> {
+    pub(super) fn pool_status(&self, name: &str) -> Option<PoolStatus> {
         let p = self.pools.get(name)?;
         let members = self.pool_index.get(name).map(|i| &i.members);
-        let recs: Vec<&InstRec> = members.into_iter().flatten().filter_map(|m| self.instances.get(m)).collect();
+        let recs: Vec<&InstRec> = members
+            .into_iter()
+            .flatten()
+            .filter_map(|m| self.instances.get(m))
+            .collect();
         let mut s = PoolStatus {
             observed_generation: Some(p.generation),
             ..PoolStatus::default()
@@ -1332,42 +1641,19 @@ impl<R: Runtime> Engine<R> {
             .get(name)
             .into_iter()
             .flatten()
-            .filter(|(_, c)| self.claims.get(c).is_some_and(|e| e.queue_position.is_some() && e.reported == ClaimPhase::Pending))
+            .filter(|(_, c)| {
+                self.claims.get(c).is_some_and(|e| {
+                    e.queue_position.is_some() && e.reported == ClaimPhase::Pending
+                })
+            })
             .count() as u32;
         s.hits = p.hits;
         s.misses = p.misses;
+        // Conditions are kept by the passes (so transition times hold); a Quarantined
+        // condition outlives its last quarantined instance only until the next pass.
         let mut conds = p.conditions.clone();
-        match &p.spec {
-            Some(spec) => {
-                let ok = s.warm >= spec.warm;
-                let msg = format!("{}/{} warm, {} bound, {} starting", s.warm, spec.warm, s.bound, s.starting);
-                status::set_condition(&mut conds, "Ready", ok, if ok { "Warm" } else { "Filling" }, msg, now);
-            }
-            None => {
-                status::set_condition(&mut conds, "Ready", false, "Draining", format!("{} instance(s) left", s.instances), now);
-            }
-        }
-        match &p.create_error {
-            Some((reason, msg)) => {
-                status::set_condition(&mut conds, "InstancesCreatable", false, reason, msg, now);
-            }
-            None => {
-                status::set_condition(&mut conds, "InstancesCreatable", true, "Created", "", now);
-            }
-        }
-        if p.ports_exhausted {
-            status::set_condition(&mut conds, "HostPortsAvailable", false, "Exhausted", "no free host port left in hostPorts", now);
-        }
-        if let Some(range) = p.spec.as_ref().and_then(|s| s.host_ports) {
-            let foreign = self.ports.foreign_in(range);
-            if !foreign.is_empty() {
-                let list: Vec<String> = foreign.iter().map(u16::to_string).collect();
-                status::set_condition(&mut conds, "HostPortsSkipped", true, "InUseByOtherProcess", format!("skipped host ports in use by another process: {}", list.join(", ")), now);
-            }
-        }
-        if s.quarantined > 0 {
-            let names: Vec<String> = recs.iter().filter(|r| r.quarantined.is_some()).map(|r| format!("{} ({})", r.name, r.quarantined.clone().unwrap_or_default())).collect();
-            status::set_condition(&mut conds, "Quarantined", true, "ResetFailed", names.join("; "), now);
+        if s.quarantined == 0 {
+            conds.retain(|c| c.type_ != "Quarantined");
         }
         s.conditions = conds;
         Some(s)
@@ -1378,29 +1664,62 @@ impl<R: Runtime> Engine<R> {
         let st = self.store.state();
         let mut objects = Vec::new();
         for (name, p) in &self.pools {
-            let Some(s) = self.pool_status(name, now) else { continue };
-            objects.push(view(Kind::Pool, name, &p.origin, p.spec.as_ref(), &s, &p.events));
+            let Some(s) = self.pool_status(name) else {
+                continue;
+            };
+            objects.push(view(
+                Kind::Pool,
+                name,
+                &p.origin,
+                p.spec.as_ref(),
+                &s,
+                &p.events,
+            ));
         }
         let mut claims: Vec<(&String, &ClaimEntry)> = self.claims.iter().collect();
         claims.sort_by_key(|(_, c)| c.seq);
         for (name, c) in claims {
             let rec = st.claims.get(name);
-            let instance = rec.and_then(|r| r.instance.clone()).filter(|_| c.reported == ClaimPhase::Bound);
-            let endpoint = instance.as_ref().and_then(|i| self.instances.get(i)).map(|r| Endpoint {
-                host: self.rt.endpoint_host(&r.node),
-                ports: r.bindings.iter().map(|p| (p.name.clone(), p.host_port)).collect(),
-            });
+            let instance = rec
+                .and_then(|r| r.instance.clone())
+                .filter(|_| c.reported == ClaimPhase::Bound);
+            let endpoint = instance
+                .as_ref()
+                .and_then(|i| self.instances.get(i))
+                .map(|r| Endpoint {
+                    host: self.rt.endpoint_host(&r.node),
+                    ports: r
+                        .bindings
+                        .iter()
+                        .map(|p| (p.name.clone(), p.host_port))
+                        .collect(),
+                });
             let s = ClaimStatus {
                 observed_generation: Some(c.generation),
                 phase: c.reported,
                 instance: instance.clone(),
                 endpoint,
-                bound_at: rec.and_then(|r| r.bound_at_ms).filter(|_| instance.is_some()).map(status::rfc3339),
-                expires_at: rec.and_then(|r| r.expires_at_ms).filter(|_| instance.is_some()).map(status::rfc3339),
-                queue_position: c.queue_position.filter(|_| c.reported == ClaimPhase::Pending),
+                bound_at: rec
+                    .and_then(|r| r.bound_at_ms)
+                    .filter(|_| instance.is_some())
+                    .map(status::rfc3339),
+                expires_at: rec
+                    .and_then(|r| r.expires_at_ms)
+                    .filter(|_| instance.is_some())
+                    .map(status::rfc3339),
+                queue_position: c
+                    .queue_position
+                    .filter(|_| c.reported == ClaimPhase::Pending),
                 conditions: self.claim_conditions(c),
             };
-            objects.push(view(Kind::Claim, name, &c.origin, Some(&c.spec), &s, &c.events));
+            objects.push(view(
+                Kind::Claim,
+                name,
+                &c.origin,
+                Some(&c.spec),
+                &s,
+                &c.events,
+            ));
         }
         for (name, u) in &self.users {
             let active = self
@@ -1408,14 +1727,25 @@ impl<R: Runtime> Engine<R> {
                 .get(name)
                 .into_iter()
                 .flatten()
-                .filter(|(_, c)| self.claims.get(c).is_some_and(|e| matches!(e.reported, ClaimPhase::Bound | ClaimPhase::Pending)))
+                .filter(|(_, c)| {
+                    self.claims.get(c).is_some_and(|e| {
+                        matches!(e.reported, ClaimPhase::Bound | ClaimPhase::Pending)
+                    })
+                })
                 .count() as u32;
             let s = UserStatus {
                 observed_generation: Some(u.generation),
                 active_claims: active,
                 conditions: Vec::new(),
             };
-            objects.push(view(Kind::User, name, &u.origin, Some(&u.spec), &s, &u.events));
+            objects.push(view(
+                Kind::User,
+                name,
+                &u.origin,
+                Some(&u.spec),
+                &s,
+                &u.events,
+            ));
         }
         for (name, d) in &self.deployments {
             let mut s = DeploymentStatus {
@@ -1426,15 +1756,28 @@ impl<R: Runtime> Engine<R> {
             if let Some(spec) = &d.spec {
                 for c in &spec.containers {
                     for r in 0..c.replicas {
-                        let slot = if c.replicas > 1 { format!("{name}-{}-{r}", c.name) } else { format!("{name}-{}", c.name) };
+                        let slot = if c.replicas > 1 {
+                            format!("{name}-{}-{r}", c.name)
+                        } else {
+                            format!("{name}-{}", c.name)
+                        };
                         let rec = self.instances.get(&slot);
                         let restarts = d.restarts.get(&slot).map(|r| r.0).unwrap_or(0);
                         let state = match rec.map(|r| r.phase) {
                             None if c.depends_on.is_empty() => "Waiting",
                             None => "WaitingForDependencies",
-                            Some(InstancePhase::Creating) | Some(InstancePhase::Starting) => "Starting",
+                            Some(InstancePhase::Creating) | Some(InstancePhase::Starting) => {
+                                "Starting"
+                            }
                             Some(InstancePhase::Ready) => "Running",
-                            Some(InstancePhase::Dead) if crate::core::deployment::should_restart(c.restart_policy, rec.and_then(|r| r.exit_code)) && restarts > 0 => "CrashLoopBackOff",
+                            Some(InstancePhase::Dead)
+                                if crate::core::deployment::should_restart(
+                                    c.restart_policy,
+                                    rec.and_then(|r| r.exit_code),
+                                ) && restarts > 0 =>
+                            {
+                                "CrashLoopBackOff"
+                            }
                             Some(InstancePhase::Dead) => "Exited",
                             Some(InstancePhase::Deleting) => "Terminating",
                         };
@@ -1455,10 +1798,15 @@ impl<R: Runtime> Engine<R> {
                         });
                     }
                 }
-                let ok = s.ready == s.containers;
-                status::set_condition(&mut s.conditions, "Available", ok, if ok { "AllReady" } else { "NotReady" }, format!("{}/{} containers ready", s.ready, s.containers), now);
             }
-            objects.push(view(Kind::Deployment, name, &d.origin, d.spec.as_ref(), &s, &d.events));
+            objects.push(view(
+                Kind::Deployment,
+                name,
+                &d.origin,
+                d.spec.as_ref(),
+                &s,
+                &d.events,
+            ));
         }
         let mut instances: Vec<InstanceView> = self
             .instances
@@ -1484,25 +1832,32 @@ impl<R: Runtime> Engine<R> {
                 state_dir: self.config.state_dir.clone(),
             },
             objects,
-            diagnostics: self.diagnostics.values().flatten().map(|d| d.to_string()).collect(),
+            diagnostics: self
+                .diagnostics
+                .values()
+                .flatten()
+                .map(|d| d.to_string())
+                .collect(),
             instances,
         }
     }
 }
 
-fn view<'a, S: serde::Serialize, T: serde::Serialize>(
+fn view<S: serde::Serialize, T: serde::Serialize>(
     kind: Kind,
     name: &str,
     origin: &crate::model::Origin,
     spec: Option<&S>,
     status: &T,
-    events: &'a status::Events,
+    events: &status::Events,
 ) -> ObjectView {
     ObjectView {
         kind,
         name: name.to_owned(),
         origin: origin.clone(),
-        spec: spec.and_then(|s| serde_json::to_value(s).ok()).unwrap_or(serde_json::Value::Null),
+        spec: spec
+            .and_then(|s| serde_json::to_value(s).ok())
+            .unwrap_or(serde_json::Value::Null),
         status: serde_json::to_value(status).unwrap_or(serde_json::Value::Null),
         events: events.records(),
     }

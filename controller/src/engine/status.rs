@@ -179,11 +179,17 @@ mod tests {
     #[test]
     fn a_condition_keeps_its_transition_time_while_its_status_holds() {
         let mut cs = Vec::new();
-        assert!(set_condition(&mut cs, "Ready", false, "Filling", "0/3", 1_000));
+        assert!(set_condition(
+            &mut cs, "Ready", false, "Filling", "0/3", 1_000
+        ));
         let t0 = cs[0].last_transition_time.clone();
-        assert!(set_condition(&mut cs, "Ready", false, "Filling", "1/3", 2_000));
+        assert!(set_condition(
+            &mut cs, "Ready", false, "Filling", "1/3", 2_000
+        ));
         assert_eq!(cs[0].last_transition_time, t0);
-        assert!(!set_condition(&mut cs, "Ready", false, "Filling", "1/3", 3_000));
+        assert!(!set_condition(
+            &mut cs, "Ready", false, "Filling", "1/3", 3_000
+        ));
         assert!(set_condition(&mut cs, "Ready", true, "Warm", "3/3", 4_000));
         assert_ne!(cs[0].last_transition_time, t0);
     }

@@ -14,8 +14,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
 use super::{
-    ExecOutput, Instance, InstanceSpec, InstanceState, Result, Runtime, RuntimeError,
-    RuntimeEvent,
+    ExecOutput, Instance, InstanceSpec, InstanceState, Result, Runtime, RuntimeError, RuntimeEvent,
 };
 
 #[derive(Clone, Debug)]
@@ -331,7 +330,9 @@ impl Runtime for MemoryRuntime {
             }
             let p = inner.config.create_failure_rate;
             if p > 0.0 && inner.rng.random_bool(p.min(1.0)) {
-                return Err(RuntimeError::Failed("injected random create failure".into()));
+                return Err(RuntimeError::Failed(
+                    "injected random create failure".into(),
+                ));
             }
             if let Some(net) = &spec.network
                 && !inner.networks.contains(net)
@@ -347,7 +348,9 @@ impl Runtime for MemoryRuntime {
                 node: inner.config.node.clone(),
             };
             inner.creates += 1;
-            inner.bound_ports.extend(spec.ports.iter().map(|p| p.host_port));
+            inner
+                .bound_ports
+                .extend(spec.ports.iter().map(|p| p.host_port));
             inner.instances.insert(
                 spec.name.clone(),
                 Sim {
@@ -408,7 +411,9 @@ impl Runtime for MemoryRuntime {
             return Err(RuntimeError::NotFound(name.to_owned()));
         };
         if sim.instance.state != InstanceState::Running {
-            return Err(RuntimeError::Failed(format!("instance {name} is not running")));
+            return Err(RuntimeError::Failed(format!(
+                "instance {name} is not running"
+            )));
         }
         if fail {
             return Ok(ExecOutput {

@@ -123,8 +123,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn remove(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     /// Restarts (or starts an exited) instance in place.
     fn restart(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
-    fn exec(&self, name: &str, command: &[String])
-    -> impl Future<Output = Result<ExecOutput>> + Send;
+    fn exec(
+        &self,
+        name: &str,
+        command: &[String],
+    ) -> impl Future<Output = Result<ExecOutput>> + Send;
     /// Writes files (relative path -> bytes) under `dir` inside the instance.
     fn put_files(
         &self,
