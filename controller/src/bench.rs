@@ -303,19 +303,23 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
             bail!("pools did not fill");
         }
     }
-    for c in 0..claims {
-        h.apply(obj(
-            format!("c{c}"),
-            claim(&format!("p{}", c % pools), &format!("u{}", c % args.users)),
-        ))?;
-    }
+    // Declared in chunks, as files or API calls arrive, rather than 100k queued at once.
     let mut bound = 0;
-    while bound < claims {
-        let Some(ch) = changes.recv().await else {
-            bail!("engine stopped")
-        };
-        if ch.phase == ClaimPhase::Bound {
-            bound += 1;
+    let mut c = 0;
+    while c < claims {
+        let end = (c + 4096).min(claims);
+        for i in c..end {
+            h.apply(obj(
+                format!("c{i}"),
+                claim(&format!("p{}", i % pools), &format!("u{}", i % args.users)),
+            ))?;
+        }
+        c = end;
+        while bound < c {
+            let Some(ch) = changes.recv().await else { bail!("engine stopped") };
+            if ch.phase == ClaimPhase::Bound {
+                bound += 1;
+            }
         }
     }
     let setup = t.elapsed();
@@ -323,12 +327,22 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
     for _ in 0..3 {
         times.push(h.resync().await?.as_secs_f64() * 1e3);
     }
+    let rss_now = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0);
     times.sort_by(f64::total_cmp);
     println!(
         "{}",
         json!({"bench":"resync","runtime":"memory","pools":pools,"claims":claims,
                "instances":rt.instances().len(),"ms":round3(times[1]),"min_ms":round3(times[0]),
-               "setup_s":round3(setup.as_secs_f64()),"rss_mb":round3(rss_peak_mb())})
+               "setup_s":round3(setup.as_secs_f64()),"rss_mb":round3(rss_peak_mb()),
+               "rss_now_mb":round3(rss_now)})
     );
     h.shutdown().await;
     Ok(())
