@@ -316,7 +316,9 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         c = end;
         while bound < c {
-            let Some(ch) = changes.recv().await else { bail!("engine stopped") };
+            let Some(ch) = changes.recv().await else {
+                bail!("engine stopped")
+            };
             if ch.phase == ClaimPhase::Bound {
                 bound += 1;
             }
@@ -330,9 +332,11 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let rss_now = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0);

@@ -50,9 +50,9 @@ impl PortBook {
         }
     }
 
-    /// Forget foreign marks in a range, so that a periodic retry can find freed ports.
-    pub fn clear_foreign(&mut self, range: PortRange) {
-        self.foreign.retain(|p| !range.contains(*p));
+    /// Forget every foreign mark, so that a periodic retry can find ports that were freed.
+    pub fn clear_all_foreign(&mut self) {
+        self.foreign.clear();
     }
 
     pub fn foreign_in(&self, range: PortRange) -> Vec<u16> {
@@ -105,6 +105,14 @@ mod tests {
         b.mark_foreign(8000);
         assert_eq!(b.allocate(r(8000, 8009), 1, "a"), Some(vec![8001]));
         assert_eq!(b.foreign_in(r(8000, 8009)), vec![8000]);
+    }
+
+    #[test]
+    fn foreign_marks_are_forgotten_at_resync_so_freed_ports_are_used_again() {
+        let mut b = PortBook::default();
+        b.mark_foreign(8000);
+        b.clear_all_foreign();
+        assert_eq!(b.allocate(r(8000, 8009), 1, "a"), Some(vec![8000]));
     }
 
     #[test]

@@ -582,7 +582,13 @@ impl<R: Runtime> Engine<R> {
             let sleep = self.next_wakeup();
             let first = tokio::select! {
                 m = rx.recv() => m,
-                _ = resync.tick() => { self.spawn_list(); continue; }
+                _ = resync.tick() => {
+                    // Ports once found held by another process are tried again each resync:
+                    // a creation that still hits one marks it again.
+                    self.ports.clear_all_foreign();
+                    self.spawn_list();
+                    continue;
+                }
                 _ = tokio::time::sleep(sleep) => Some(Input::Tick),
             };
             let Some(first) = first else { break };

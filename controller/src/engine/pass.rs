@@ -526,7 +526,15 @@ impl<R: Runtime> Engine<R> {
                         if let Some(t) = expires {
                             self.expiries.push(Reverse((t, claim.clone())));
                         }
-                        self.report_claim(&claim, now);
+                        // A crash may have come between the durable binding and the copy of
+                        // the claim's files: copy them again (idempotent) before reporting.
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.files_pending = !c.files.is_empty();
+                        }
+                        self.after_commit.push(AfterCommit::Bound {
+                            claim: claim.clone(),
+                            instance: i.clone(),
+                        });
                     }
                     Some(i) => {
                         let i = i.clone();
