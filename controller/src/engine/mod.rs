@@ -336,6 +336,10 @@ struct InstRec {
     ready_since: u64,
     /// Where it is filed in its pool's index (pool members only).
     slot: Option<(Slot, u64)>,
+    /// Our create call has not returned. A removal asked for meanwhile waits for it: removing
+    /// before the runtime has the instance would remove nothing, and the creation would land
+    /// unseen.
+    create_in_flight: bool,
 }
 
 impl PoolEntry {
@@ -383,6 +387,7 @@ impl InstRec {
             quarantined: None,
             ready_since: now,
             slot: None,
+            create_in_flight: false,
         }
     }
 }

@@ -263,12 +263,26 @@ impl<R: Runtime> Engine<R> {
                         p.create_failures = 0;
                         p.create_error = None;
                     }
-                    self.observe(i);
+                    // The runtime's event stream is ordered per instance; this reply travels
+                    // another path and may be older than events already seen. It is news only
+                    // while the record is still the placeholder of this creation.
+                    let Some(rec) = self.instances.get_mut(&name) else {
+                        return;
+                    };
+                    rec.create_in_flight = false;
+                    match rec.phase {
+                        InstancePhase::Creating => self.observe(i),
+                        // Removal was asked for while we were creating: do it now.
+                        InstancePhase::Deleting => self.spawn_remove(&name),
+                        _ => {}
+                    }
                 }
                 Err(e) => self.create_failed(&name, e, now),
             },
             Completion::Removed { name, result } => match result {
-                Ok(()) => self.forget_instance(&name),
+                // Forgotten when the runtime's event stream (or a relist) says it is gone: a
+                // `Changed` event still in that stream must not re-adopt a forgotten instance.
+                Ok(()) => {}
                 Err(e) => {
                     warn!(instance = %name, error = %e, "removal failed; will retry");
                     if let Some(rec) = self.instances.get_mut(&name) {
@@ -987,7 +1001,14 @@ impl<R: Runtime> Engine<R> {
             return;
         }
         rec.phase = InstancePhase::Deleting;
+        let in_flight = rec.create_in_flight;
         self.touched.insert(name.to_owned());
+        if !in_flight {
+            self.spawn_remove(name);
+        }
+    }
+
+    fn spawn_remove(&self, name: &str) {
         let rt = self.rt.clone();
         let tx = self.tx.clone();
         let name = name.to_owned();
@@ -1065,6 +1086,7 @@ impl<R: Runtime> Engine<R> {
             now,
         );
         rec.ports = ports.iter().map(|p| p.host_port).collect();
+        rec.create_in_flight = true;
         self.instances.insert(name.clone(), rec);
         self.touched.insert(name.clone());
         self.spawn_create(name, ispec);
@@ -1356,6 +1378,7 @@ impl<R: Runtime> Engine<R> {
             now,
         );
         rec.ports = ports.iter().map(|p| p.host_port).collect();
+        rec.create_in_flight = true;
         self.instances.insert(slot.to_owned(), rec);
         self.spawn_create(slot.to_owned(), ispec);
         None
