@@ -492,6 +492,7 @@ pub struct Engine<R: Runtime> {
     listed: bool,
     started: bool,
     subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
+    no_files: Arc<Vec<(String, Vec<u8>)>>,
     started_at_ms: u64,
     name_counter: u64,
     /// Claims forgotten in this pass: their store records are stale until the commit.
@@ -556,6 +557,7 @@ pub fn start<R: Runtime>(
         listed: false,
         started: false,
         subscribers: Vec::new(),
+        no_files: Arc::new(Vec::new()),
         started_at_ms: now,
         name_counter: now,
         forgotten: std::collections::HashSet::new(),
@@ -1024,8 +1026,10 @@ impl<R: Runtime> Engine<R> {
         now: u64,
     ) {
         let (files, files_error) = match read_claim_files(&spec, &origin) {
+            // Most claims have no files: they share one empty list rather than allocate one each.
+            Ok(f) if f.is_empty() => (self.no_files.clone(), None),
             Ok(f) => (Arc::new(f), None),
-            Err(e) => (Arc::new(Vec::new()), Some(e)),
+            Err(e) => (self.no_files.clone(), Some(e)),
         };
         if let Some((old_pool, old_user, seq)) = self
             .claims

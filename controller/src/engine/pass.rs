@@ -62,11 +62,11 @@ impl<R: Runtime> Engine<R> {
                 return;
             }
         };
-        let seen: BTreeSet<String> = list.iter().map(|i| i.name.clone()).collect();
+        let seen: std::collections::HashSet<&str> = list.iter().map(|i| i.name.as_str()).collect();
         let gone: Vec<String> = self
             .instances
             .values()
-            .filter(|r| r.phase != InstancePhase::Creating && !seen.contains(&r.name))
+            .filter(|r| r.phase != InstancePhase::Creating && !seen.contains(r.name.as_str()))
             .map(|r| r.name.clone())
             .collect();
         for name in gone {
@@ -1555,16 +1555,15 @@ impl<R: Runtime> Engine<R> {
         if c.reported == phase {
             return;
         }
-        let instance = rec.and_then(|r| r.instance.clone()).unwrap_or_default();
         let Some(c) = self.claims.get_mut(claim) else {
             return;
         };
         c.reported = phase;
         c.phase_since = now;
         if phase == ClaimPhase::Bound {
+            // No event for a routine bind: the Bound condition (time, instance) says it, and
+            // 100k claims each holding an event would cost ~30 MB.
             c.lost = None;
-            c.events
-                .push(false, "Bound", format!("bound to instance {instance}"), now);
         }
         self.notify(claim, phase);
     }
