@@ -107,18 +107,23 @@ fn claim(pool: &str, user: &str) -> Spec {
     })
 }
 
-/// Peak resident memory of this process, in MB.
-pub fn rss_peak_mb() -> f64 {
+/// A memory figure of this process from /proc/self/status (`VmHWM` peak, `VmRSS` now), in MB.
+fn proc_status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
         })
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// Peak resident memory of this process, in MB.
+pub fn rss_peak_mb() -> f64 {
+    proc_status_mb("VmHWM:")
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -218,14 +223,14 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(m as usize);
     let mut latencies: Vec<f64> = Vec::with_capacity(m as usize);
     let mut next = 0u32;
+    let submit = |i: u32, sent: &mut HashMap<String, Instant>| {
+        let name = format!("c{i}");
+        sent.insert(name.clone(), Instant::now());
+        h.apply(obj(name, claim("bench", &format!("u{}", i % args.users))))
+    };
     let t = Instant::now();
     while next < m.min(args.concurrency) {
-        let name = format!("c{next}");
-        sent.insert(name.clone(), Instant::now());
-        h.apply(obj(
-            name,
-            claim("bench", &format!("u{}", next % args.users)),
-        ))?;
+        submit(next, &mut sent)?;
         next += 1;
     }
     while latencies.len() < m as usize {
@@ -243,12 +248,7 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 h.delete(ObjKey::new(crate::model::Kind::Claim, ch.name.clone()))?;
             }
             if next < m {
-                let name = format!("c{next}");
-                sent.insert(name.clone(), Instant::now());
-                h.apply(obj(
-                    name,
-                    claim("bench", &format!("u{}", next % args.users)),
-                ))?;
+                submit(next, &mut sent)?;
                 next += 1;
             }
         }
@@ -329,17 +329,7 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
     for _ in 0..3 {
         times.push(h.resync().await?.as_secs_f64() * 1e3);
     }
-    let rss_now = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|k| k.parse::<f64>().ok())
-            })
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0);
+    let rss_now = proc_status_mb("VmRSS:");
     times.sort_by(f64::total_cmp);
     println!(
         "{}",

@@ -1166,18 +1166,11 @@ impl<R: Runtime> Engine<R> {
                 return;
             }
         }
-        let slot_name = |c: &crate::api::ContainerSpec, r: u32| {
-            if c.replicas > 1 {
-                format!("{name}-{}-{r}", c.name)
-            } else {
-                format!("{name}-{}", c.name)
-            }
-        };
         let mut wanted: BTreeSet<String> = BTreeSet::new();
         let ready_of = |this: &Self, c: &crate::api::ContainerSpec| {
             (0..c.replicas).all(|r| {
                 this.instances
-                    .get(&slot_name(c, r))
+                    .get(&slot_name(name, c, r))
                     .is_some_and(|i| i.phase == InstancePhase::Ready)
             })
         };
@@ -1198,7 +1191,7 @@ impl<R: Runtime> Engine<R> {
             };
             let hash = hashes.get(cname).cloned().unwrap_or_default();
             for r in 0..c.replicas {
-                let slot = slot_name(c, r);
+                let slot = slot_name(name, c, r);
                 wanted.insert(slot.clone());
                 let observed = match self.instances.get(&slot) {
                     None => Observed::Missing,
@@ -1786,11 +1779,7 @@ impl<R: Runtime> Engine<R> {
             if let Some(spec) = &d.spec {
                 for c in &spec.containers {
                     for r in 0..c.replicas {
-                        let slot = if c.replicas > 1 {
-                            format!("{name}-{}-{r}", c.name)
-                        } else {
-                            format!("{name}-{}", c.name)
-                        };
+                        let slot = slot_name(name, c, r);
                         let rec = self.instances.get(&slot);
                         let restarts = d.restarts.get(&slot).map(|r| r.0).unwrap_or(0);
                         let state = match rec.map(|r| r.phase) {
@@ -1870,6 +1859,16 @@ impl<R: Runtime> Engine<R> {
                 .collect(),
             instances,
         }
+    }
+}
+
+/// The instance name of replica `r` of container `c` of deployment `dep` (the replica number is
+/// left out when there is only one).
+fn slot_name(dep: &str, c: &crate::api::ContainerSpec, r: u32) -> String {
+    if c.replicas > 1 {
+        format!("{dep}-{}-{r}", c.name)
+    } else {
+        format!("{dep}-{}", c.name)
     }
 }
 
