@@ -1659,8 +1659,9 @@ impl<R: Runtime> Engine<R> {
                 s.starting += 1;
             }
         }
+        // Only unbound claims can be waiting: count from the pool's queue, not all its claims.
         s.queued = self
-            .claims_by_pool
+            .queues
             .get(name)
             .into_iter()
             .flatten()
