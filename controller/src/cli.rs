@@ -14,6 +14,7 @@ use crate::engine::status::{ObjectView, Snapshot};
 use crate::engine::{self, EngineConfig};
 use crate::loader::{self, STATE_DIR};
 use crate::model::{Kind, Object};
+use crate::runtime::docker::{DockerConfig, DockerRuntime, NodeConfig};
 use crate::runtime::memory::{MemoryConfig, MemoryRuntime};
 use crate::units::parse_duration;
 use crate::validate::{duplicates, validate_set};
@@ -47,6 +48,8 @@ pub enum Command {
         /// How often to relist the runtime and rescan the directory, whatever events said.
         #[arg(long, default_value = "30s", value_parser = duration_arg)]
         resync: Duration,
+        #[command(flatten)]
+        docker: DockerArgs,
     },
     /// List objects with their status.
     Get {
@@ -67,6 +70,86 @@ pub enum Command {
     },
     /// Measure claim binding and resync through the real reconcile path.
     Bench(crate::bench::BenchArgs),
+}
+
+/// Where the Docker runtime runs instances.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DockerArgs {
+    /// Docker Engine URL (`unix:///var/run/docker.sock`, `tcp://HOST:2375`); repeat for several
+    /// nodes. Default: `$DOCKER_HOST`, else the local socket.
+    #[arg(long = "docker-host", value_name = "URL")]
+    pub docker_hosts: Vec<String>,
+    /// Controller configuration (YAML): `nodes: [{name, url, listenAddress, advertiseAddress}]`,
+    /// `nodeDownAfter`, `listenAddress`, `advertiseAddress`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Host address that published ports bind to (default 0.0.0.0).
+    #[arg(long, value_name = "ADDR")]
+    pub listen_address: Option<String>,
+    /// Address that claims report and probes use to reach instances (default 127.0.0.1 for a
+    /// local socket, the host of a tcp URL).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise_address: Option<String>,
+}
+
+/// The controller configuration file.
+#[derive(serde::Deserialize, Debug, Default, Clone)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControllerConfig {
+    #[serde(default)]
+    pub nodes: Vec<crate::runtime::docker::NodeConfig>,
+    /// How long a node may be unreachable before its instances are replaced elsewhere.
+    #[serde(default)]
+    pub node_down_after: Option<String>,
+    #[serde(default)]
+    pub listen_address: Option<String>,
+    #[serde(default)]
+    pub advertise_address: Option<String>,
+}
+
+impl DockerArgs {
+    /// The runtime configuration these flags and the config file describe; `state` is the
+    /// folder bind mounts must stay in.
+    pub fn docker_config(&self, state: &Path) -> anyhow::Result<DockerConfig> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                serde_saphyr::from_str::<ControllerConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
+            None => ControllerConfig::default(),
+        };
+        let mut config = DockerConfig::default();
+        let mut nodes = file.nodes.clone();
+        for (i, url) in self.docker_hosts.iter().enumerate() {
+            let name = if self.docker_hosts.len() == 1 && nodes.is_empty() {
+                "local".to_owned()
+            } else {
+                format!("node{}", nodes.len() + i + 1)
+            };
+            nodes.push(NodeConfig::from_url(&name, url));
+        }
+        if !nodes.is_empty() {
+            config.nodes = nodes;
+        }
+        let listen = self.listen_address.clone().or(file.listen_address);
+        let advertise = self.advertise_address.clone().or(file.advertise_address);
+        for n in &mut config.nodes {
+            if n.listen_address.is_none() {
+                n.listen_address.clone_from(&listen);
+            }
+            if n.advertise_address.is_none() {
+                n.advertise_address.clone_from(&advertise);
+            }
+        }
+        if let Some(d) = &file.node_down_after {
+            config.node_down_after =
+                parse_duration(d).map_err(|e| anyhow::anyhow!("nodeDownAfter: {e}"))?;
+        }
+        config.allowed_bind_root = Some(state.to_path_buf());
+        Ok(config)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -128,9 +211,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             dir,
             runtime,
             resync,
+            docker,
         } => {
             let rt = controller_runtime()?;
-            rt.block_on(run_cmd(dir, runtime, resync))?;
+            rt.block_on(run_cmd(dir, runtime, resync, docker))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Get {
@@ -221,7 +305,12 @@ fn status_file(dir: &Path) -> PathBuf {
     state_dir(dir).join("status.json")
 }
 
-async fn run_cmd(dir: PathBuf, runtime: RuntimeKind, resync: Duration) -> anyhow::Result<()> {
+async fn run_cmd(
+    dir: PathBuf,
+    runtime: RuntimeKind,
+    resync: Duration,
+    docker: DockerArgs,
+) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -230,9 +319,11 @@ async fn run_cmd(dir: PathBuf, runtime: RuntimeKind, resync: Duration) -> anyhow
             let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
             run_with(rt, dir, resync).await
         }
-        RuntimeKind::Docker => bail!(
-            "the docker runtime is not built yet (issue: Docker runtime); use --runtime memory"
-        ),
+        RuntimeKind::Docker => {
+            let config = docker.docker_config(&state_dir(&dir))?;
+            let rt = Arc::new(DockerRuntime::connect(config).await?);
+            run_with(rt, dir, resync).await
+        }
     }
 }
 

@@ -340,6 +340,8 @@ struct InstRec {
     /// before the runtime has the instance would remove nothing, and the creation would land
     /// unseen.
     create_in_flight: bool,
+    /// The runtime's revision of the last report applied (see `Instance::revision`).
+    revision: u64,
 }
 
 impl PoolEntry {
@@ -388,6 +390,7 @@ impl InstRec {
             ready_since: now,
             slot: None,
             create_in_flight: false,
+            revision: 0,
         }
     }
 }

@@ -112,6 +112,13 @@ impl<R: Runtime> Engine<R> {
                 now,
             )
         });
+        if i.revision != 0 {
+            if i.revision < rec.revision {
+                // Overtaken by a newer report (a list result computed before an event).
+                return;
+            }
+            rec.revision = i.revision;
+        }
         let was = rec.phase;
         if rec.phase != InstancePhase::Deleting {
             rec.phase = phase;

@@ -308,7 +308,10 @@ impl Runtime for MemoryRuntime {
                 )));
             }
             if inner.images_missing.contains(&spec.image) {
-                return Err(RuntimeError::ImageMissing { image: spec.image });
+                return Err(RuntimeError::ImageMissing {
+                    image: spec.image,
+                    reason: "not present, and the pull policy does not allow pulling it".to_owned(),
+                });
             }
             if let Some(p) = spec
                 .ports
@@ -346,6 +349,7 @@ impl Runtime for MemoryRuntime {
                 ready: false,
                 ports: spec.ports.clone(),
                 node: inner.config.node.clone(),
+                revision: 0,
             };
             inner.creates += 1;
             inner

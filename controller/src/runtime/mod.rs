@@ -5,7 +5,9 @@
 //! and adopts what it made. Bindings are not labels (Docker labels are immutable): they live in
 //! the engine's durable store.
 
+pub mod docker;
 pub mod memory;
+mod probe;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -21,6 +23,11 @@ pub const LABEL_HASH: &str = "poolkeeper.dev/template-hash";
 pub const LABEL_DEPLOYMENT: &str = "poolkeeper.dev/deployment";
 pub const LABEL_CONTAINER: &str = "poolkeeper.dev/container";
 pub const LABEL_REPLICA: &str = "poolkeeper.dev/replica";
+/// Published ports, `name:containerPort:hostPort/protocol` comma-separated, so that an exited
+/// container adopted after a restart still tells which host ports it holds.
+pub const LABEL_PORTS: &str = "poolkeeper.dev/ports";
+/// The readiness probe as JSON, so that probing resumes for adopted containers.
+pub const LABEL_READINESS: &str = "poolkeeper.dev/readiness";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortBinding {
@@ -69,6 +76,10 @@ pub struct Instance {
     pub ports: Vec<PortBinding>,
     /// Which runtime node holds it.
     pub node: String,
+    /// Runtime-wide sequence number of the instance's last change. Events and list results
+    /// travel different paths to the engine; a report older than one already seen is stale and
+    /// ignored. 0 means "unordered" (always applied).
+    pub revision: u64,
 }
 
 impl Instance {
@@ -97,8 +108,8 @@ pub struct ExecOutput {
 pub enum RuntimeError {
     #[error("instance {0} not found")]
     NotFound(String),
-    #[error("image {image} is not present and the pull policy does not allow pulling it")]
-    ImageMissing { image: String },
+    #[error("image {image} is not available: {reason}")]
+    ImageMissing { image: String, reason: String },
     #[error("host port {port} is in use by another process")]
     PortInUse { port: u16 },
     #[error("runtime unavailable: {0}")]
