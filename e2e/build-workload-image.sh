@@ -20,5 +20,5 @@ ENV PORT=8080
 EXPOSE 8080
 ENTRYPOINT ["/pk-workload"]
 DOCKERFILE
-DOCKER_BUILDKIT=0 docker build --quiet -t "$tag" "$ctx" >/dev/null
+out="$(DOCKER_BUILDKIT=0 docker build --quiet -t "$tag" "$ctx" 2>&1)" || { echo "$out" >&2; exit 1; }
 echo "$tag"

@@ -89,6 +89,39 @@ pub struct InstanceTemplate {
     pub readiness: Option<Probe>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<FilesTarget>,
+    /// SSH access: on bind, the claiming user's `sshKeys` are installed as the login user's
+    /// authorized keys, and the claim's status says how to connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshAccess>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SshAccess {
+    /// The declared port sshd listens on (name or number).
+    #[serde(default = "default_ssh_port")]
+    pub port: PortRef,
+    /// Login user; keys go to its `~/.ssh/authorized_keys` (`/root` for root, else `/home/USER`).
+    #[serde(default = "default_ssh_user")]
+    pub user: String,
+}
+
+fn default_ssh_port() -> PortRef {
+    PortRef::Name("ssh".to_owned())
+}
+
+fn default_ssh_user() -> String {
+    "root".to_owned()
+}
+
+impl SshAccess {
+    pub fn ssh_dir(&self) -> String {
+        if self.user == "root" {
+            "/root/.ssh".to_owned()
+        } else {
+            format!("/home/{}/.ssh", self.user)
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -367,6 +400,9 @@ pub struct Endpoint {
     pub host: String,
     /// Port name -> host port.
     pub ports: BTreeMap<String, u16>,
+    /// How to log in, for pools with `ssh` (e.g. `ssh -p 8400 root@10.0.0.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -105,6 +105,24 @@ fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {
     if let Some(probe) = &t.readiness {
         check_probe(probe, &port_names, "spec.template.readiness", errs);
     }
+    if let Some(ssh) = &t.ssh {
+        let known = match &ssh.port {
+            crate::api::PortRef::Name(n) => t.ports.iter().any(|p| &p.name == n),
+            crate::api::PortRef::Number(n) => t.ports.iter().any(|p| p.container_port == *n),
+        };
+        if !known {
+            errs.push(FieldError::new(
+                "spec.template.ssh.port",
+                "ssh.port names no port declared in spec.template.ports",
+            ));
+        }
+        if crate::units::check_name(&ssh.user).is_err() {
+            errs.push(FieldError::new(
+                "spec.template.ssh.user",
+                format!("{:?} is not a valid user name", ssh.user),
+            ));
+        }
+    }
     if let Some(files) = &t.files
         && !files.mount_path.starts_with('/')
     {

@@ -549,8 +549,9 @@ impl<R: Runtime> Engine<R> {
                         }
                         // A crash may have come between the durable binding and the copy of
                         // the claim's files: copy them again (idempotent) before reporting.
+                        let copy = self.needs_copy(&claim);
                         if let Some(c) = self.claims.get_mut(&claim) {
-                            c.files_pending = !c.files.is_empty();
+                            c.files_pending = copy;
                         }
                         self.after_commit.push(AfterCommit::Bound {
                             claim: claim.clone(),
@@ -794,6 +795,7 @@ impl<R: Runtime> Engine<R> {
             .as_ref()
             .and_then(|s| s.claim_ttl.as_deref())
             .and_then(|t| parse_duration(t).ok());
+        let ssh_pool = spec.as_ref().is_some_and(|s| s.template.ssh.is_some());
         for (claim, inst) in binds {
             let Some(c) = self.claims.get_mut(&claim) else {
                 continue;
@@ -808,7 +810,7 @@ impl<R: Runtime> Engine<R> {
             let hit = !c.waited;
             c.queue_position = None;
             c.instance = Some(inst.clone());
-            c.files_pending = !c.files.is_empty();
+            c.files_pending = !c.files.is_empty() || ssh_pool;
             if let Some(p) = self.pools.get_mut(name) {
                 if hit { p.hits += 1 } else { p.misses += 1 }
             }
@@ -1448,37 +1450,74 @@ impl<R: Runtime> Engine<R> {
         {
             return;
         }
-        if c.files.is_empty() {
-            self.report_claim(claim, now);
-            return;
-        }
-        let mount = self
+        let template = self
             .pools
             .get(&c.spec.pool)
             .and_then(|p| p.spec.as_ref())
-            .and_then(|s| s.template.files.as_ref())
+            .map(|s| &s.template);
+        let mount = template
+            .and_then(|t| t.files.as_ref())
             .map(|f| f.mount_path.clone());
-        let Some(mount) = mount else {
-            if let Some(c) = self.claims.get_mut(claim) {
-                c.files_pending = false;
-                let msg = "the claim has files but the pool's template declares no files.mountPath; none were copied".to_owned();
-                c.events.push(true, "NoMountPath", msg, now);
-            }
+        // The user's keys, for pools with SSH access.
+        let keys = template.and_then(|t| t.ssh.as_ref()).map(|ssh| {
+            let keys = self
+                .users
+                .get(&c.spec.user)
+                .map(|u| u.spec.ssh_keys.join("\n"))
+                .unwrap_or_default();
+            (ssh.ssh_dir(), format!("{keys}\n").into_bytes())
+        });
+        if c.files.is_empty() && keys.is_none() {
             self.report_claim(claim, now);
             return;
-        };
+        }
         let files = c.files.clone();
+        let mount = match mount {
+            Some(m) => Some(m),
+            None if files.is_empty() => None,
+            None => {
+                if let Some(c) = self.claims.get_mut(claim) {
+                    let msg = "the claim has files but the pool's template declares no files.mountPath; none were copied".to_owned();
+                    c.events.push(true, "NoMountPath", msg, now);
+                }
+                None
+            }
+        };
         let rt = self.rt.clone();
         let tx = self.tx.clone();
         let (claim, instance) = (claim.to_owned(), instance.to_owned());
         tokio::spawn(async move {
-            let result = rt.put_files(&instance, &mount, &files).await;
+            let mut result = Ok(());
+            if let Some(mount) = mount
+                && !files.is_empty()
+            {
+                result = rt.put_files(&instance, &mount, &files).await;
+            }
+            if result.is_ok()
+                && let Some((dir, keys)) = keys
+            {
+                result = rt
+                    .put_files(&instance, &dir, &[("authorized_keys".to_owned(), keys)])
+                    .await;
+            }
             let _ = tx.send(Input::Done(Completion::Files {
                 claim,
                 instance,
                 result,
             }));
         });
+    }
+
+    /// Whether binding `claim` copies anything into the instance (files, or SSH keys).
+    fn needs_copy(&self, claim: &str) -> bool {
+        self.claims.get(claim).is_some_and(|c| {
+            !c.files.is_empty()
+                || self
+                    .pools
+                    .get(&c.spec.pool)
+                    .and_then(|p| p.spec.as_ref())
+                    .is_some_and(|s| s.template.ssh.is_some())
+        })
     }
 
     fn start_reset(&mut self, instance: &str) {
@@ -1717,13 +1756,26 @@ impl<R: Runtime> Engine<R> {
             let endpoint = instance
                 .as_ref()
                 .and_then(|i| self.instances.get(i))
-                .map(|r| Endpoint {
-                    host: self.rt.endpoint_host(&r.node),
-                    ports: r
-                        .bindings
-                        .iter()
-                        .map(|p| (p.name.clone(), p.host_port))
-                        .collect(),
+                .map(|r| {
+                    let host = self.rt.endpoint_host(&r.node);
+                    let ssh = self
+                        .pools
+                        .get(&c.spec.pool)
+                        .and_then(|p| p.spec.as_ref())
+                        .and_then(|s| s.template.ssh.as_ref())
+                        .and_then(|ssh| {
+                            crate::runtime::find_port(&r.bindings, &ssh.port)
+                                .map(|b| format!("ssh -p {} {}@{host}", b.host_port, ssh.user))
+                        });
+                    Endpoint {
+                        ports: r
+                            .bindings
+                            .iter()
+                            .map(|p| (p.name.clone(), p.host_port))
+                            .collect(),
+                        host,
+                        ssh,
+                    }
                 });
             let s = ClaimStatus {
                 observed_generation: Some(c.generation),

@@ -9,6 +9,8 @@ pub mod docker;
 pub mod memory;
 mod probe;
 
+pub use probe::find_port;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 
