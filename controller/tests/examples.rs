@@ -39,7 +39,8 @@ fn the_quickstart_declares_the_paas_pools_with_their_defaults() {
             ("nginx".into(), 5, 8000),
             ("apache".into(), 3, 8100),
             ("python".into(), 3, 8200),
-            ("node".into(), 2, 8300)
+            ("node".into(), 2, 8300),
+            ("ssh".into(), 2, 8400)
         ]
     );
 }
