@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every test of the workspace
-# (unit, simulation and property tests, loader, directory watcher, CLI, CRD drift and validity).
+# (unit, simulation and property tests, loader, directory watcher, CLI, CRD drift and validity,
+# and end to end against the Docker Engine here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,10 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate
 fi
 export KUBERNETES_VALIDATE="$PWD/$venv/bin/kubernetes-validate"
+
+# The quickstart's images, built from Debian packages (cached by tag; about 80 s the first time).
+# The Docker end-to-end tests build their own workload image, and fail without these.
+e2e/build-images.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

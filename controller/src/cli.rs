@@ -90,6 +90,10 @@ pub struct DockerArgs {
     /// local socket, the host of a tcp URL).
     #[arg(long, value_name = "ADDR")]
     pub advertise_address: Option<String>,
+    /// This controller's identity on shared Docker daemons: it adopts and removes only the
+    /// containers it labelled with it (default `default`).
+    #[arg(long, value_name = "ID")]
+    pub controller_id: Option<String>,
 }
 
 /// The controller configuration file.
@@ -105,6 +109,8 @@ pub struct ControllerConfig {
     pub listen_address: Option<String>,
     #[serde(default)]
     pub advertise_address: Option<String>,
+    #[serde(default)]
+    pub controller_id: Option<String>,
 }
 
 impl DockerArgs {
@@ -148,6 +154,12 @@ impl DockerArgs {
                 parse_duration(d).map_err(|e| anyhow::anyhow!("nodeDownAfter: {e}"))?;
         }
         config.allowed_bind_root = Some(state.to_path_buf());
+        if let Some(id) = self.controller_id.clone().or(file.controller_id) {
+            if crate::units::check_name(&id).is_err() {
+                bail!("controller id {id:?} must be a DNS label (lowercase letters, digits, '-')");
+            }
+            config.controller_id = id;
+        }
         Ok(config)
     }
 }
@@ -452,6 +464,7 @@ fn load_snapshot(dir: &Path) -> anyhow::Result<(Snapshot, bool)> {
                     objects,
                     diagnostics: problems,
                     instances: Vec::new(),
+                    nodes: Vec::new(),
                 },
                 false,
             ))
@@ -486,12 +499,47 @@ fn k8s_shape(v: &ObjectView) -> serde_json::Value {
     })
 }
 
+/// `get nodes`: the runtime's nodes and their health.
+fn nodes_cmd(snap: &Snapshot, output: Option<Output>) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match output {
+        Some(Output::Json) => writeln!(out, "{}", serde_json::to_string_pretty(&snap.nodes)?)?,
+        Some(Output::Yaml) => write!(out, "{}", serde_saphyr::to_string(&snap.nodes)?)?,
+        _ => {
+            let mut rows = vec![vec![
+                "NAME".to_owned(),
+                "STATE".to_owned(),
+                "INSTANCES".to_owned(),
+                "ADDRESS".to_owned(),
+                "URL".to_owned(),
+                "MESSAGE".to_owned(),
+            ]];
+            for n in &snap.nodes {
+                rows.push(vec![
+                    n.name.clone(),
+                    n.state.clone(),
+                    n.instances.to_string(),
+                    n.address.clone(),
+                    n.url.clone(),
+                    n.message.clone().unwrap_or_else(|| "-".to_owned()),
+                ]);
+            }
+            write!(out, "{}", crate::cli_table::render(&rows))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn get_cmd(
     kind: &str,
     name: Option<&str>,
     dir: &Path,
     output: Option<Output>,
 ) -> anyhow::Result<ExitCode> {
+    if kind == "nodes" || kind == "node" {
+        let (snap, _) = load_snapshot(dir)?;
+        return nodes_cmd(&snap, output);
+    }
     let kind = parse_kind(kind)?;
     let (snap, _) = load_snapshot(dir)?;
     let items: Vec<&ObjectView> = snap

@@ -537,22 +537,27 @@ fn run_get_describe_invalid_edit_and_restart() {
 }
 
 #[test]
-fn docker_runtime_is_refused_with_a_clear_message() {
+fn an_unreachable_docker_engine_is_a_clear_error_naming_the_url() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
         .args(["run", "--dir"])
         .arg(tmp.path())
-        .args(["--runtime", "docker"])
+        .args([
+            "--runtime",
+            "docker",
+            "--docker-host",
+            "unix:///nonexistent/docker.sock",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
-        stderr.contains("the docker runtime is not built yet"),
+        stderr.contains("unix:///nonexistent/docker.sock"),
         "{stderr}"
     );
-    assert!(stderr.contains("--runtime memory"), "{stderr}");
+    assert!(stderr.contains("error:"), "{stderr}");
 }
 
 #[test]

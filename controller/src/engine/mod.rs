@@ -490,6 +490,9 @@ pub struct Engine<R: Runtime> {
     after_commit: Vec<AfterCommit>,
     expiries: BinaryHeap<Reverse<(u64, String)>>,
     wakeups: BinaryHeap<Reverse<u64>>,
+    /// Removals that failed (runtime unreachable), retried at the given time; the instance
+    /// stays `Deleting` meanwhile, so nothing retries them in a tight loop.
+    removal_retries: Vec<(u64, String)>,
     next_seq: u64,
     synced: bool,
     listed: bool,
@@ -555,6 +558,7 @@ pub fn start<R: Runtime>(
         after_commit: Vec::new(),
         expiries: BinaryHeap::new(),
         wakeups: BinaryHeap::new(),
+        removal_retries: Vec::new(),
         next_seq,
         synced: false,
         listed: false,
@@ -669,6 +673,7 @@ impl<R: Runtime> Engine<R> {
                     // A backoff passed: look at everything again (cheap, and never wrong).
                     self.mark_all_dirty();
                 }
+                self.retry_removals(now);
             }
             Input::Snapshot(tx) => {
                 let _ = tx.send(self.snapshot());

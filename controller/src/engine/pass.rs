@@ -291,15 +291,11 @@ impl<R: Runtime> Engine<R> {
                 // `Changed` event still in that stream must not re-adopt a forgotten instance.
                 Ok(()) => {}
                 Err(e) => {
-                    warn!(instance = %name, error = %e, "removal failed; will retry");
-                    if let Some(rec) = self.instances.get_mut(&name) {
-                        self.touched.insert(name.clone());
-                        rec.phase = InstancePhase::Dead;
-                        if let Some(p) = &rec.pool {
-                            self.dirty_pools.insert(p.clone());
-                        }
+                    warn!(instance = %name, error = %e, "removal failed; will retry in 1 s");
+                    if self.instances.contains_key(&name) {
+                        self.removal_retries.push((now + 1_000, name));
+                        self.wakeups.push(Reverse(now + 1_000));
                     }
-                    self.wakeups.push(Reverse(now + 1_000));
                 }
             },
             Completion::Reset { name, result } => {
@@ -1014,6 +1010,23 @@ impl<R: Runtime> Engine<R> {
         self.touched.insert(name.to_owned());
         if !in_flight {
             self.spawn_remove(name);
+        }
+    }
+
+    /// Retries the removals whose backoff has passed (of instances still being deleted).
+    pub(super) fn retry_removals(&mut self, now: u64) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.removal_retries)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.removal_retries = later;
+        for (_, name) in due {
+            if self
+                .instances
+                .get(&name)
+                .is_some_and(|r| r.phase == InstancePhase::Deleting)
+            {
+                self.spawn_remove(&name);
+            }
         }
     }
 
@@ -1918,6 +1931,7 @@ impl<R: Runtime> Engine<R> {
                 .map(|d| d.to_string())
                 .collect(),
             instances,
+            nodes: self.rt.nodes(),
         }
     }
 }

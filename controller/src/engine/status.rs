@@ -170,6 +170,9 @@ pub struct Snapshot {
     /// File problems, as `FILE:LINE:COL: KIND/NAME: field: message`.
     pub diagnostics: Vec<String>,
     pub instances: Vec<InstanceView>,
+    /// Runtime nodes and their health (Docker).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<crate::runtime::NodeStatus>,
 }
 
 #[cfg(test)]

@@ -37,10 +37,11 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::NodeStatus;
 use super::probe;
 use super::{
-    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_MANAGED, LABEL_PORTS, LABEL_READINESS,
-    Labels, PortBinding, Result, Runtime, RuntimeError, RuntimeEvent,
+    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTROLLER, LABEL_MANAGED,
+    LABEL_PORTS, LABEL_READINESS, Labels, PortBinding, Result, Runtime, RuntimeError, RuntimeEvent,
 };
 use crate::api::{Probe, Protocol, PullPolicy, VolumeMode};
 
@@ -109,6 +110,9 @@ pub struct DockerConfig {
     pub allowed_bind_root: Option<PathBuf>,
     /// Seconds `docker restart` waits for a graceful stop (the `Restart` reset policy).
     pub restart_grace_secs: i32,
+    /// This controller's identity on shared daemons: it sees and removes only containers
+    /// labelled `poolkeeper.dev/controller=<id>`.
+    pub controller_id: String,
 }
 
 impl Default for DockerConfig {
@@ -122,24 +126,9 @@ impl Default for DockerConfig {
             node_down_after: Duration::from_secs(30),
             allowed_bind_root: None,
             restart_grace_secs: 2,
+            controller_id: "default".to_owned(),
         }
     }
-}
-
-/// A node's health as status shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeStatus {
-    pub name: String,
-    pub url: String,
-    pub address: String,
-    /// `Ready`, `Unreachable` (within the grace period) or `Down`.
-    pub state: String,
-    pub instances: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api_version: Option<String>,
 }
 
 struct Node {
@@ -298,12 +287,20 @@ impl DockerRuntime {
         Ok(rt)
     }
 
+    /// Label filters selecting this controller's containers.
+    fn owner_filter(&self) -> Vec<String> {
+        vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_CONTROLLER}={}", self.inner.config.controller_id),
+        ]
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Health of every node, for status.
-    pub fn nodes(&self) -> Vec<NodeStatus> {
+    fn node_status(&self) -> Vec<NodeStatus> {
         let st = self.lock();
         self.inner
             .nodes
@@ -389,7 +386,7 @@ impl DockerRuntime {
             let start = since.unwrap_or_else(|| jiff::Timestamp::now().as_second()) - 1;
             let mut filters = HashMap::new();
             filters.insert("type", vec!["container".to_owned()]);
-            filters.insert("label", vec![format!("{LABEL_MANAGED}=true")]);
+            filters.insert("label", self.owner_filter());
             let opts = EventsOptionsBuilder::default()
                 .since(&start.to_string())
                 .filters(&filters)
@@ -683,7 +680,7 @@ impl DockerRuntime {
 
     async fn list_node(&self, i: usize) -> Result<Vec<(String, ContainerSummary)>> {
         let mut filters = HashMap::new();
-        filters.insert("label", vec![format!("{LABEL_MANAGED}=true")]);
+        filters.insert("label", self.owner_filter());
         let opts = ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)
@@ -816,6 +813,10 @@ impl DockerRuntime {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+        labels.insert(
+            LABEL_CONTROLLER.to_owned(),
+            self.inner.config.controller_id.clone(),
+        );
         labels.insert(LABEL_PORTS.to_owned(), encode_ports(&spec.ports));
         if let Some(p) = &spec.readiness {
             labels.insert(
@@ -965,6 +966,10 @@ impl DockerRuntime {
 impl Runtime for DockerRuntime {
     fn name(&self) -> &'static str {
         "docker"
+    }
+
+    fn nodes(&self) -> Vec<NodeStatus> {
+        self.node_status()
     }
 
     fn endpoint_host(&self, node: &str) -> String {
@@ -1270,25 +1275,38 @@ fn labels_of(map: Option<&HashMap<String, String>>) -> (Labels, Vec<PortBinding>
     (Arc::new(labels), ports, probe)
 }
 
-fn tracked_from_summary(i: usize, c: &ContainerSummary) -> Tracked {
-    let (labels, ports, probe) = labels_of(c.labels.as_ref());
+fn tracked(
+    node: usize,
+    labels: Option<&HashMap<String, String>>,
+    exit_code: Option<i64>,
+    ip: Option<String>,
+) -> Tracked {
+    let (labels, ports, probe) = labels_of(labels);
     Tracked {
-        node: i,
+        node,
         labels,
         ports,
         probe,
         running: false,
         ready: false,
-        exit_code: exit_code_of(c.status.as_deref()),
+        exit_code,
         incarnation: 0,
-        ip: None,
+        ip,
         revision: 0,
     }
 }
 
+fn tracked_from_summary(i: usize, c: &ContainerSummary) -> Tracked {
+    tracked(
+        i,
+        c.labels.as_ref(),
+        exit_code_of(c.status.as_deref()),
+        None,
+    )
+}
+
 fn tracked_from_inspect(i: usize, r: &ContainerInspectResponse) -> Option<Tracked> {
     let config = r.config.as_ref()?;
-    let (labels, ports, probe) = labels_of(config.labels.as_ref());
     let ip = r
         .network_settings
         .as_ref()
@@ -1298,18 +1316,12 @@ fn tracked_from_inspect(i: usize, r: &ContainerInspectResponse) -> Option<Tracke
                 .filter_map(|e| e.ip_address.clone())
                 .find(|ip| !ip.is_empty())
         });
-    Some(Tracked {
-        node: i,
-        labels,
-        ports,
-        probe,
-        running: false,
-        ready: false,
-        exit_code: r.state.as_ref().and_then(|s| s.exit_code),
-        incarnation: 0,
+    Some(tracked(
+        i,
+        config.labels.as_ref(),
+        r.state.as_ref().and_then(|s| s.exit_code),
         ip,
-        revision: 0,
-    })
+    ))
 }
 
 /// The exit code in a summary status such as `Exited (137) 2 minutes ago`.
@@ -1375,9 +1387,11 @@ pub fn port_in_use(msg: &str) -> Option<u16> {
     } else {
         return None;
     };
-    let addr = marker.split([' ', ',']).find(|w| w.contains(':'))?;
-    let port = addr.rsplit(':').next()?.trim_end_matches(':');
-    port.parse().ok()
+    let addr = marker
+        .split([' ', ','])
+        .find(|w| w.contains(':'))?
+        .trim_end_matches(':');
+    addr.rsplit(':').next()?.parse().ok()
 }
 
 fn within(root: &Path, path: &Path) -> bool {

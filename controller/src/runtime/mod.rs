@@ -25,6 +25,8 @@ pub const LABEL_HASH: &str = "poolkeeper.dev/template-hash";
 pub const LABEL_DEPLOYMENT: &str = "poolkeeper.dev/deployment";
 pub const LABEL_CONTAINER: &str = "poolkeeper.dev/container";
 pub const LABEL_REPLICA: &str = "poolkeeper.dev/replica";
+/// Which controller owns the instance (several controllers may share one daemon).
+pub const LABEL_CONTROLLER: &str = "poolkeeper.dev/controller";
 /// Published ports, `name:containerPort:hostPort/protocol` comma-separated, so that an exited
 /// container adopted after a restart still tells which host ports it holds.
 pub const LABEL_PORTS: &str = "poolkeeper.dev/ports";
@@ -90,6 +92,22 @@ impl Instance {
     }
 }
 
+/// A node's health as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub url: String,
+    pub address: String,
+    /// `Ready`, `Unreachable` (within the grace period) or `Down`.
+    pub state: String,
+    pub instances: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuntimeEvent {
     /// Created, started, became ready or not, exited.
@@ -126,6 +144,10 @@ pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 /// succeeds), and every change is also reported through [`Runtime::subscribe`].
 pub trait Runtime: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// The nodes instances run on, with their health (none for single-node runtimes).
+    fn nodes(&self) -> Vec<NodeStatus> {
+        Vec::new()
+    }
     /// The host address clients use to reach published ports of instances on `node`.
     fn endpoint_host(&self, node: &str) -> String;
     /// Every instance carrying `poolkeeper.dev/managed=true`.

@@ -17,11 +17,19 @@ pub fn find_port<'a>(ports: &'a [PortBinding], port: &PortRef) -> Option<&'a Por
     })
 }
 
+/// A TCP connect that stays open. Docker's userland proxy accepts on the published port even
+/// when nothing listens in the container, then closes at once: a connection closed by the peer
+/// within a moment is a failure; one that stays open (or greets, as sshd does) is a success.
 pub async fn tcp(addr: &str, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+    let Ok(Ok(mut s)) = tokio::time::timeout(timeout, TcpStream::connect(addr)).await else {
+        return false;
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(150), s.read(&mut byte)).await {
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(_)) => false,
+        Err(_) => true,
+    }
 }
 
 /// An HTTP/1.0 GET; ready on a 2xx or 3xx status, as Kubernetes' httpGet probe.
@@ -53,9 +61,31 @@ fn status_ok(head: &[u8]) -> Option<bool> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::api::Protocol;
+
+    #[tokio::test]
+    async fn tcp_needs_a_connection_that_stays_open() {
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_addr = open.local_addr().unwrap().to_string();
+        let keep = tokio::spawn(async move {
+            let (s, _) = open.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(s);
+        });
+        assert!(tcp(&open_addr, Duration::from_secs(1)).await);
+        keep.abort();
+        // What a proxy with no backend does: accept, then close.
+        let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closing_addr = closing.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (s, _) = closing.accept().await.unwrap();
+            drop(s);
+        });
+        assert!(!tcp(&closing_addr, Duration::from_secs(1)).await);
+    }
 
     #[test]
     fn status_lines() {

@@ -1,0 +1,920 @@
+//! End to end against the real Docker Engine on this machine: the `poolkeeper` binary runs on a
+//! temporary directory with `--runtime docker`, and each test checks what a user would see
+//! (HTTP answers on the claimed port, `docker ps`, the status the CLI reads).
+//!
+//! Every test runs its own controller with its own `--controller-id` and its own host-port
+//! range, so tests run in parallel on one daemon without touching each other's containers.
+//! Tests that stop a daemon start their own `dockerd` (own socket, data root and bridge).
+//!
+//! The test image is built here from the project's own static workload
+//! (`e2e/build-workload-image.sh`); the Debian images of the quickstart come from
+//! `e2e/build-images.sh`, and the test that needs them fails (not skips) without them.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const IMAGE: &str = "poolkeeper-workload:test";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds the workload image once per test run.
+fn image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = Command::new(repo().join("e2e/build-workload-image.sh"))
+            .arg(IMAGE)
+            .output()
+            .expect("run e2e/build-workload-image.sh");
+        assert!(
+            out.status.success(),
+            "building the workload image failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    IMAGE
+}
+
+fn docker(host: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.args(args).output().expect("run docker");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Names of the containers this controller owns: running ones, or all with `all`.
+fn owned(host: Option<&str>, id: &str, all: bool) -> Vec<String> {
+    let filter = format!("label=poolkeeper.dev/controller={id}");
+    let mut args = vec!["ps", "--filter", &filter, "--format", "{{.Names}}"];
+    if all {
+        args.push("-a");
+    }
+    let mut v: Vec<String> = docker(host, &args)
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort();
+    v
+}
+
+fn running(host: Option<&str>, id: &str) -> Vec<String> {
+    owned(host, id, false)
+}
+
+fn all_containers(host: Option<&str>, id: &str) -> Vec<String> {
+    owned(host, id, true)
+}
+
+/// One HTTP GET; the body of a 200 answer.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.contains(" 200 ").then(|| body.to_owned())
+}
+
+struct Controller {
+    id: String,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+    hosts: Vec<Option<String>>,
+}
+
+impl Controller {
+    fn new(id: &str, files: &[(&str, String)], args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let mut c = Controller {
+            id: id.to_owned(),
+            dir,
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            child: None,
+            hosts: vec![None],
+        };
+        c.start();
+        c
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("controller.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_poolkeeper"))
+            .args(["run", "--dir"])
+            .arg(self.dir.path())
+            .args(["--runtime", "docker", "--controller-id", &self.id])
+            .args(&self.args)
+            .env("POOLKEEPER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.path().join(".poolkeeper/status.json"));
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join(name)).unwrap();
+    }
+
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.path().join(name)).unwrap();
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
+    }
+
+    fn status(&self) -> Option<Value> {
+        let bytes = std::fs::read(self.dir.path().join(".poolkeeper/status.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Waits until `pred` holds on the status; panics with the last status and log otherwise.
+    fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < timeout {
+            if let Some(s) = self.status() {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            if let Some(c) = self.child.as_ref().map(Child::id) {
+                assert!(
+                    Path::new(&format!("/proc/{c}")).exists(),
+                    "controller died:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "timed out waiting for {what}\nlast status: {}\nlog:\n{}",
+            last.map(|s| serde_json::to_string_pretty(&s).unwrap())
+                .unwrap_or_default(),
+            self.log()
+        );
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill9();
+        for h in self.hosts.clone() {
+            for name in all_containers(h.as_deref(), &self.id) {
+                docker(h.as_deref(), &["rm", "-f", &name]);
+            }
+        }
+    }
+}
+
+fn object<'a>(s: &'a Value, kind: &str, name: &str) -> &'a Value {
+    s["objects"]
+        .as_array()
+        .and_then(|a| a.iter().find(|o| o["kind"] == kind && o["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+fn pool_warm(s: &Value, name: &str) -> u64 {
+    object(s, "Pool", name)["status"]["warm"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn claim_phase(s: &Value, name: &str) -> String {
+    object(s, "Claim", name)["status"]["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn claim_port(s: &Value, name: &str) -> u16 {
+    object(s, "Claim", name)["status"]["endpoint"]["ports"]["http"]
+        .as_u64()
+        .unwrap_or(0) as u16
+}
+
+fn claim_instance(s: &Value, name: &str) -> String {
+    object(s, "Claim", name)["status"]["instance"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn has_event(s: &Value, kind: &str, name: &str, reason: &str) -> bool {
+    object(s, kind, name)["events"]
+        .as_array()
+        .is_some_and(|e| e.iter().any(|e| e["reason"] == reason))
+}
+
+fn instances_of<'a>(s: &'a Value, pool: &str) -> Vec<&'a Value> {
+    s["instances"]
+        .as_array()
+        .map(|a| a.iter().filter(|i| i["pool"] == pool).collect())
+        .unwrap_or_default()
+}
+
+fn pool_yaml(name: &str, warm: u32, start: u16, end: u16, extra: &str) -> String {
+    format!(
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {{name: {name}}}
+spec:
+  template:
+    image: {img}
+    ports: [{{name: http, containerPort: 8080}}]
+    readiness: {{httpGet: {{path: /healthz, port: http}}}}
+    files: {{mountPath: /srv}}
+    resources: {{cpu: 250m, memory: 64Mi}}
+  warm: {warm}
+  hostPorts: {{start: {start}, end: {end}}}
+  pullPolicy: Never
+{extra}",
+        img = image()
+    )
+}
+
+const USER: &str = "apiVersion: poolkeeper.dev/v1alpha1
+kind: User
+metadata: {name: alice}
+spec: {quota: {maxClaims: 5}}
+";
+
+fn claim_yaml(name: &str, pool: &str, file: &str) -> String {
+    format!(
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Claim
+metadata: {{name: {name}}}
+spec:
+  pool: {pool}
+  user: alice
+  files: {{index.html: \"{file}\"}}
+"
+    )
+}
+
+const T: Duration = Duration::from_secs(30);
+
+/// The tests share one daemon and two cores: one at a time keeps their timings honest.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn a_claim_is_served_on_its_port_and_release_leaves_only_fresh_instances() {
+    let _serial = serial();
+    let c = Controller::new(
+        "e2e-claim",
+        &[
+            ("pool.yaml", pool_yaml("web", 2, 21000, 21019, "")),
+            ("user.yaml", USER.to_owned()),
+        ],
+        &[],
+    );
+    c.wait("warm 2", T, |s| pool_warm(s, "web") == 2);
+    assert_eq!(running(None, "e2e-claim").len(), 2);
+    // Limits and safety as declared.
+    let name = &running(None, "e2e-claim")[0];
+    let inspect = docker(
+        None,
+        &[
+            "inspect",
+            "--format",
+            "{{.HostConfig.Privileged}} {{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.SecurityOpt}}",
+            name,
+        ],
+    );
+    assert_eq!(inspect, "false 250000000 67108864 [no-new-privileges]");
+
+    let before = running(None, "e2e-claim");
+    c.write("claim.yaml", &claim_yaml("mine", "web", "hello alice"));
+    let s = c.wait("claim bound", T, |s| claim_phase(s, "mine") == "Bound");
+    let port = claim_port(&s, "mine");
+    let instance = claim_instance(&s, "mine");
+    assert!(
+        before.contains(&instance),
+        "bound a warm instance, not a new one"
+    );
+    assert_eq!(http_get(port, "/").as_deref(), Some("hello alice"));
+
+    // Release: the instance is destroyed and replaced; no instance serves alice's file.
+    c.remove("claim.yaml");
+    c.wait("released and refilled", T, |s| {
+        pool_warm(s, "web") == 2 && object(s, "Claim", "mine").is_null()
+    });
+    let after = running(None, "e2e-claim");
+    assert!(!after.contains(&instance), "the released instance is gone");
+    assert_eq!(after.len(), 2);
+    let s = c.status().unwrap();
+    for i in instances_of(&s, "web")
+        .into_iter()
+        .filter(|i| i["phase"] == "Ready")
+    {
+        let port = i["ports"][0].as_u64().unwrap() as u16;
+        assert_eq!(http_get(port, "/").as_deref(), Some("fresh instance\n"));
+    }
+}
+
+#[test]
+fn killed_and_removed_containers_are_replaced_through_the_event_stream() {
+    let _serial = serial();
+    let c = Controller::new(
+        "e2e-drift",
+        &[("pool.yaml", pool_yaml("drift", 2, 21020, 21039, ""))],
+        &["--resync", "1h"],
+    );
+    c.wait("warm 2", T, |s| pool_warm(s, "drift") == 2);
+    let first = running(None, "e2e-drift");
+    docker(None, &["kill", &first[0]]);
+    docker(None, &["rm", "-f", &first[1]]);
+    let start = Instant::now();
+    c.wait("repaired", Duration::from_secs(10), |s| {
+        pool_warm(s, "drift") == 2
+            && instances_of(s, "drift")
+                .iter()
+                .all(|i| !first.iter().any(|f| i["name"] == f.as_str()))
+    });
+    // With the periodic resync an hour away, only the event stream can have told.
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let now = running(None, "e2e-drift");
+    assert_eq!(now.len(), 2);
+    assert!(now.iter().all(|n| !first.contains(n)));
+    // The killed container is removed, not left behind.
+    assert_eq!(all_containers(None, "e2e-drift").len(), 2);
+}
+
+#[test]
+fn a_controller_killed_with_sigkill_adopts_its_containers_and_keeps_bindings() {
+    let _serial = serial();
+    let mut c = Controller::new(
+        "e2e-adopt",
+        &[
+            ("pool.yaml", pool_yaml("adopt", 3, 21040, 21059, "")),
+            ("user.yaml", USER.to_owned()),
+            ("claim.yaml", claim_yaml("kept", "adopt", "still mine")),
+        ],
+        &[],
+    );
+    let s = c.wait("bound and warm", T, |s| {
+        claim_phase(s, "kept") == "Bound" && pool_warm(s, "adopt") == 3
+    });
+    let instance = claim_instance(&s, "kept");
+    let port = claim_port(&s, "kept");
+    let before = all_containers(None, "e2e-adopt");
+    assert_eq!(before.len(), 4);
+    c.kill9();
+    c.start();
+    let s = c.wait("adopted", T, |s| {
+        claim_phase(s, "kept") == "Bound" && pool_warm(s, "adopt") == 3
+    });
+    assert_eq!(claim_instance(&s, "kept"), instance);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        all_containers(None, "e2e-adopt"),
+        before,
+        "no duplicate, nothing replaced"
+    );
+    assert_eq!(http_get(port, "/").as_deref(), Some("still mine"));
+    // What no spec wants is removed: drop the pool while the controller is down.
+    c.kill9();
+    c.remove("claim.yaml");
+    c.remove("pool.yaml");
+    c.start();
+    let start = Instant::now();
+    while !all_containers(None, "e2e-adopt").is_empty() {
+        assert!(
+            start.elapsed() < T,
+            "leftovers: {:?}",
+            all_containers(None, "e2e-adopt")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_port_held_by_another_process_is_skipped_and_reported() {
+    let _serial = serial();
+    let held = TcpListener::bind("0.0.0.0:21060").unwrap();
+    let c = Controller::new(
+        "e2e-port",
+        &[("pool.yaml", pool_yaml("ports", 2, 21060, 21069, ""))],
+        &[],
+    );
+    let s = c.wait("warm 2", T, |s| pool_warm(s, "ports") == 2);
+    let ports: Vec<u64> = instances_of(&s, "ports")
+        .iter()
+        .map(|i| i["ports"][0].as_u64().unwrap())
+        .collect();
+    assert!(!ports.contains(&21060), "{ports:?}");
+    assert!(has_event(&s, "Pool", "ports", "HostPortInUse"), "reported");
+    drop(held);
+}
+
+#[test]
+fn a_missing_image_is_a_condition_and_not_a_crash_loop() {
+    let _serial = serial();
+    let c = Controller::new(
+        "e2e-image",
+        &[(
+            "pool.yaml",
+            pool_yaml("noimage", 2, 21070, 21079, "").replace(image(), "poolkeeper-test/absent:1"),
+        )],
+        &[],
+    );
+    let s = c.wait("ImageMissing", T, |s| {
+        object(s, "Pool", "noimage")["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["reason"] == "ImageMissing"))
+    });
+    let msg = object(&s, "Pool", "noimage")["status"]["conditions"].to_string();
+    assert!(msg.contains("poolkeeper-test/absent:1"), "{msg}");
+    // Backoff, not a loop: a few attempts in 3 s, and nothing left behind.
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = c.log().matches("create failed").count();
+    assert!(attempts <= 6, "{attempts} attempts in ~3 s");
+    assert!(all_containers(None, "e2e-image").is_empty());
+}
+
+#[test]
+fn readiness_gates_warm_and_claims_queue_until_ready() {
+    let _serial = serial();
+    let c = Controller::new(
+        "e2e-ready",
+        &[
+            (
+                "pool.yaml",
+                pool_yaml("slow", 1, 21080, 21089, "").replace(
+                    "    files:",
+                    "    env: {READY_DELAY_MS: \"1500\"}\n    files:",
+                ),
+            ),
+            ("user.yaml", USER.to_owned()),
+        ],
+        &[],
+    );
+    c.wait("starting", T, |s| {
+        object(s, "Pool", "slow")["status"]["starting"].as_u64() == Some(1)
+    });
+    assert_eq!(pool_warm(&c.status().unwrap(), "slow"), 0);
+    c.write("claim.yaml", &claim_yaml("early", "slow", "x"));
+    c.wait("queued", T, |s| {
+        object(s, "Claim", "early")["status"]["queuePosition"].as_u64() == Some(1)
+    });
+    let s = c.wait("bound once ready", T, |s| {
+        claim_phase(s, "early") == "Bound"
+    });
+    assert_eq!(
+        http_get(claim_port(&s, "early"), "/healthz").as_deref(),
+        Some("ok\n")
+    );
+}
+
+#[test]
+fn exec_reset_cleans_in_place_and_a_failing_reset_quarantines() {
+    let _serial = serial();
+    let c = Controller::new(
+        "e2e-reset",
+        &[
+            (
+                "pool.yaml",
+                pool_yaml(
+                    "inplace",
+                    1,
+                    21090,
+                    21099,
+                    "  max: 1\n  reset: Exec\n  resetCommand: [/pk-workload, clean, /srv]\n",
+                ),
+            ),
+            ("user.yaml", USER.to_owned()),
+            ("claim.yaml", claim_yaml("c1", "inplace", "secret")),
+        ],
+        &[],
+    );
+    let s = c.wait("bound", T, |s| claim_phase(s, "c1") == "Bound");
+    let instance = claim_instance(&s, "c1");
+    let port = claim_port(&s, "c1");
+    assert_eq!(http_get(port, "/").as_deref(), Some("secret"));
+    c.remove("claim.yaml");
+    c.wait("reset in place", T, |s| {
+        object(s, "Claim", "c1").is_null()
+            && pool_warm(s, "inplace") == 1
+            && instances_of(s, "inplace")
+                .iter()
+                .any(|i| i["name"] == instance.as_str() && i["phase"] == "Ready")
+    });
+    // Same container (no create), and the secret is gone.
+    assert_eq!(running(None, "e2e-reset"), vec![instance.clone()]);
+    assert_eq!(http_get(port, "/"), None, "the secret is gone");
+
+    // A reset that fails keeps the instance for inspection, out of the pool.
+    c.write(
+        "broken.yaml",
+        &pool_yaml(
+            "broken",
+            1,
+            21140,
+            21149,
+            "  reset: Exec\n  resetCommand: [/pk-workload, \"false\"]\n",
+        ),
+    );
+    c.wait("broken pool warm", T, |s| pool_warm(s, "broken") == 1);
+    c.write("claim.yaml", &claim_yaml("c2", "broken", "x"));
+    let s = c.wait("bound", T, |s| claim_phase(s, "c2") == "Bound");
+    let second = claim_instance(&s, "c2");
+    c.remove("claim.yaml");
+    let s = c.wait("quarantined", T, |s| {
+        instances_of(s, "broken")
+            .iter()
+            .any(|i| i["name"] == second.as_str() && !i["quarantined"].is_null())
+    });
+    assert_eq!(object(&s, "Pool", "broken")["status"]["quarantined"], 1);
+    assert!(
+        running(None, "e2e-reset").contains(&second),
+        "kept for inspection"
+    );
+}
+
+// ---- private daemons ---------------------------------------------------------------------
+
+/// A `dockerd` of the test's own: own socket, data root, exec root and bridge, no iptables.
+struct Daemon {
+    dir: PathBuf,
+    bridge: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(tag: &str, subnet: u8) -> Self {
+        let dir = PathBuf::from(format!("/tmp/pk-dockerd-{tag}"));
+        let _ = std::fs::create_dir_all(&dir);
+        std::fs::write(dir.join("daemon.json"), "{}").unwrap();
+        let bridge = format!("pkbr-{tag}");
+        let _ = Command::new("ip")
+            .args(["link", "add", &bridge, "type", "bridge"])
+            .status();
+        let _ = Command::new("ip")
+            .args([
+                "addr",
+                "add",
+                &format!("172.29.{subnet}.1/24"),
+                "dev",
+                &bridge,
+            ])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "set", &bridge, "up"])
+            .status();
+        let mut d = Daemon {
+            dir,
+            bridge,
+            child: None,
+        };
+        d.run();
+        // Give it the test image (no registry).
+        let mut save = Command::new("docker")
+            .args(["save", image()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = Command::new("docker")
+            .args(["-H", &d.host(), "load", "-q"])
+            .stdin(save.stdout.take().unwrap())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(save.wait().unwrap().success(), "docker save");
+        assert!(
+            status.success(),
+            "loading the image into the private daemon"
+        );
+        d
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}/docker.sock", self.dir.display())
+    }
+
+    fn run(&mut self) {
+        let log = std::fs::File::create(self.dir.join("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(self.dir.join("daemon.json"))
+            .args(["--host", &self.host()])
+            .arg("--data-root")
+            .arg(self.dir.join("data"))
+            .arg("--exec-root")
+            .arg(self.dir.join("exec"))
+            .arg("--pidfile")
+            .arg(self.dir.join("docker.pid"))
+            .args([
+                "--bridge",
+                &self.bridge,
+                "--iptables=false",
+                "--ip-masq=false",
+            ])
+            .args(["--storage-driver", "vfs"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dockerd");
+        self.child = Some(child);
+        let start = Instant::now();
+        while docker(
+            Some(&self.host()),
+            &["info", "--format", "{{.ServerVersion}}"],
+        )
+        .is_empty()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "private dockerd did not start: {}",
+                std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the daemon as a service manager does (its containers stop with it).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            for name in docker(Some(&self.host()), &["ps", "-aq"]).lines() {
+                docker(Some(&self.host()), &["rm", "-f", name]);
+            }
+        }
+        self.stop();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_daemon_restart_is_noticed_and_repaired() {
+    let _serial = serial();
+    let mut d = Daemon::start("restart", 41);
+    let host = d.host();
+    let mut c = Controller::new(
+        "e2e-daemon",
+        &[
+            ("pool.yaml", pool_yaml("phoenix", 2, 21100, 21119, "")),
+            ("user.yaml", USER.to_owned()),
+            ("claim.yaml", claim_yaml("survivor", "phoenix", "again")),
+        ],
+        &["--docker-host", &host, "--resync", "1h"],
+    );
+    c.hosts = vec![Some(host.clone())];
+    c.wait("bound and warm", T, |s| {
+        claim_phase(s, "survivor") == "Bound" && pool_warm(s, "phoenix") == 2
+    });
+    d.stop();
+    c.wait("node unreachable", T, |s| {
+        s["nodes"][0]["state"] == "Unreachable" || s["nodes"][0]["state"] == "Down"
+    });
+    d.run();
+    let s = c.wait("repaired after the restart", Duration::from_secs(60), |s| {
+        s["nodes"][0]["state"] == "Ready"
+            && claim_phase(s, "survivor") == "Bound"
+            && pool_warm(s, "phoenix") == 2
+    });
+    // The claim's instance died with the daemon: it is bound again, with its files.
+    let port = claim_port(&s, "survivor");
+    assert_eq!(http_get(port, "/").as_deref(), Some("again"));
+    assert_eq!(running(Some(&host), "e2e-daemon").len(), 3);
+    // Known gap (see the README): the containers that exited with the daemon are not always
+    // removed after it returns (a removal retried while the daemon was down can stall), so
+    // their count is not asserted here yet.
+}
+
+#[test]
+fn two_nodes_spread_instances_and_a_lost_node_is_replaced_elsewhere() {
+    let _serial = serial();
+    let second = Daemon::start("second", 42);
+    let mut second = Some(second);
+    let host2 = second.as_ref().unwrap().host();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nodes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "nodes:\n- {{name: one, url: unix:///var/run/docker.sock}}\n- {{name: two, url: {host2}}}\nnodeDownAfter: 2s\n"
+        ),
+    )
+    .unwrap();
+    let mut c = Controller::new(
+        "e2e-nodes",
+        &[("pool.yaml", pool_yaml("spread", 4, 21120, 21139, ""))],
+        &["--config", config.to_str().unwrap()],
+    );
+    c.hosts = vec![None, Some(host2.clone())];
+    let s = c.wait("warm 4", T, |s| pool_warm(s, "spread") == 4);
+    let on = |s: &Value, node: &str| {
+        instances_of(s, "spread")
+            .iter()
+            .filter(|i| i["node"] == node)
+            .count()
+    };
+    assert_eq!(
+        (on(&s, "one"), on(&s, "two")),
+        (2, 2),
+        "least-loaded placement"
+    );
+    assert_eq!(running(None, "e2e-nodes").len(), 2);
+    assert_eq!(running(Some(&host2), "e2e-nodes").len(), 2);
+
+    // Node two goes away for good: reported, and its instances replaced on node one.
+    second.as_mut().unwrap().stop();
+    let s = c.wait("replaced on node one, node two down", T, |s| {
+        pool_warm(s, "spread") == 4
+            && on(s, "one") == 4
+            && s["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n["name"] == "two" && n["state"] == "Down"))
+    });
+    let two = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "two")
+        .unwrap();
+    assert_eq!(two["state"], "Down");
+    let out = Command::new(env!("CARGO_BIN_EXE_poolkeeper"))
+        .args(["get", "nodes", "--dir"])
+        .arg(c.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("two") && table.contains("Down"), "{table}");
+    assert_eq!(running(None, "e2e-nodes").len(), 4);
+
+    // When it returns, what was left on it is removed; the pool stays at 4 on node one.
+    second.as_mut().unwrap().run();
+    c.wait("node two back", T, |s| {
+        s["nodes"].as_array().is_some_and(|n| {
+            n.iter()
+                .any(|n| n["name"] == "two" && n["state"] == "Ready")
+        })
+    });
+    let start = Instant::now();
+    while !all_containers(Some(&host2), "e2e-nodes").is_empty() {
+        assert!(
+            start.elapsed() < T,
+            "stale containers stay on the returned node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pool_warm(&c.status().unwrap(), "spread"), 4);
+    drop(c);
+    drop(second);
+}
+
+/// The README's promise: the quickstart on the Debian-built images brings up every pool type,
+/// serves a claim on its port, and an SSH "VM" accepts the claiming user's key.
+#[test]
+fn the_quickstart_serves_every_pool_type_and_ssh_accepts_the_users_key() {
+    let _serial = serial();
+    for t in ["nginx", "apache", "python", "node", "ssh"] {
+        let tag = format!("poolkeeper/{t}:bookworm");
+        assert!(
+            !docker(None, &["images", "-q", &tag]).is_empty(),
+            "image {tag} is missing: run e2e/build-images.sh (the test script does)"
+        );
+    }
+    let keydir = tempfile::tempdir().unwrap();
+    let key = keydir.path().join("id");
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen (openssh-client)");
+    assert!(ok.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let mut files = Vec::new();
+    for f in ["pools.yaml", "users.yaml", "claims.yaml"] {
+        files.push((
+            f,
+            std::fs::read_to_string(repo().join("examples/quickstart").join(f)).unwrap(),
+        ));
+    }
+    files.push((
+        "carol.yaml",
+        format!(
+            "apiVersion: poolkeeper.dev/v1alpha1
+kind: User
+metadata: {{name: carol}}
+spec: {{sshKeys: [\"{}\"]}}
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: Claim
+metadata: {{name: carol-vm}}
+spec: {{pool: ssh, user: carol}}
+",
+            public.trim()
+        ),
+    ));
+    let c = Controller::new("e2e-quickstart", &files, &[]);
+    let want = [
+        ("nginx", 5),
+        ("apache", 3),
+        ("python", 3),
+        ("node", 2),
+        ("ssh", 2),
+    ];
+    let s = c.wait("every pool warm", Duration::from_secs(120), |s| {
+        want.iter().all(|(p, n)| pool_warm(s, p) == *n)
+            && claim_phase(s, "alice-web") == "Bound"
+            && claim_phase(s, "carol-vm") == "Bound"
+    });
+    let page = http_get(claim_port(&s, "alice-web"), "/").unwrap_or_default();
+    assert!(page.contains("Hello from alice's instance"), "{page}");
+    for (pool, _) in &want[..4] {
+        let i = instances_of(&s, pool)
+            .into_iter()
+            .find(|i| i["phase"] == "Ready" && i["claim"].is_null())
+            .unwrap();
+        let port = i["ports"][0].as_u64().unwrap() as u16;
+        assert_eq!(
+            http_get(port, "/").as_deref(),
+            Some("fresh instance\n"),
+            "{pool} on {port}"
+        );
+    }
+    let endpoint = &object(&s, "Claim", "carol-vm")["status"]["endpoint"];
+    let port = endpoint["ports"]["ssh"].as_u64().unwrap() as u16;
+    assert_eq!(
+        endpoint["ssh"].as_str(),
+        Some(format!("ssh -p {port} root@127.0.0.1").as_str())
+    );
+    let mut banner = [0u8; 15];
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0-OpenSSH");
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(&key)
+        .args(["-p", &port.to_string()])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
+        .args(["root@127.0.0.1", "id -un"])
+        .output()
+        .expect("ssh (openssh-client)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "root",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
