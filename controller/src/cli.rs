@@ -128,11 +128,12 @@ impl DockerArgs {
         };
         let mut config = DockerConfig::default();
         let mut nodes = file.nodes.clone();
+        let declared = nodes.len();
         for (i, url) in self.docker_hosts.iter().enumerate() {
-            let name = if self.docker_hosts.len() == 1 && nodes.is_empty() {
+            let name = if self.docker_hosts.len() == 1 && declared == 0 {
                 "local".to_owned()
             } else {
-                format!("node{}", nodes.len() + i + 1)
+                format!("node{}", declared + i + 1)
             };
             nodes.push(NodeConfig::from_url(&name, url));
         }
@@ -600,4 +601,29 @@ fn describe_cmd(kind: &str, name: &str, dir: &Path) -> anyhow::Result<ExitCode> 
         .collect();
     print!("{}", crate::cli_table::describe(v, &problems, &snap));
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod docker_args_tests {
+    use super::*;
+
+    #[test]
+    fn docker_hosts_are_named_in_order() {
+        let args = DockerArgs {
+            docker_hosts: vec!["unix:///a.sock".into(), "tcp://10.0.0.2:2375".into()],
+            ..Default::default()
+        };
+        let c = args.docker_config(Path::new("/state")).unwrap();
+        let names: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["node1", "node2"]);
+        let one = DockerArgs {
+            docker_hosts: vec!["unix:///a.sock".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            one.docker_config(Path::new("/s")).unwrap().nodes[0].name,
+            "local"
+        );
+    }
 }
