@@ -824,6 +824,9 @@ impl DockerRuntime {
                 serde_json::to_string(p).map_err(|e| RuntimeError::Failed(e.to_string()))?,
             );
         }
+        // What the runtime tracks is read back from the labels, exactly as for an adopted
+        // container after a restart.
+        let fresh = tracked(i, Some(&labels), None, None);
         let listen = node
             .config
             .listen_address
@@ -893,41 +896,21 @@ impl DockerRuntime {
             }
             Err(e) => return Err(map_err(e, &spec.name)),
         }
-        self.lock().instances.insert(
-            spec.name.clone(),
-            Tracked {
-                node: i,
-                labels: Arc::new(
-                    spec.labels
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .chain([(LABEL_MANAGED.to_owned(), "true".to_owned())])
-                        .collect(),
-                ),
-                ports: spec.ports.clone(),
-                probe: spec.readiness.clone(),
-                running: false,
-                ready: false,
-                exit_code: None,
-                incarnation: 0,
-                ip: None,
-                revision: 0,
-            },
-        );
+        self.lock().instances.insert(spec.name.clone(), fresh);
         if let Err(e) = docker.start_container(&spec.name, None).await {
             let err = start_error(e, &spec.name);
             // Leave nothing half-made behind.
             let _ = self.remove_on(i, &spec.name).await;
             return Err(err);
         }
-        let ip = match spec.readiness.is_some() {
-            true => self
-                .inspect(i, &spec.name)
+        let ip = if spec.readiness.is_some() {
+            self.inspect(i, &spec.name)
                 .await
                 .ok()
                 .flatten()
-                .and_then(|t| t.ip),
-            false => None,
+                .and_then(|t| t.ip)
+        } else {
+            None
         };
         self.mark_started(&spec.name, ip);
         let st = self.lock();
