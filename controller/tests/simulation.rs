@@ -11,7 +11,7 @@ use common::*;
 use poolkeeper::api::{ClaimPhase, ResetPolicy, RestartPolicy};
 use poolkeeper::model::{Kind, Spec};
 use poolkeeper::runtime::memory::MemoryConfig;
-use poolkeeper::runtime::{InstanceState, Runtime};
+use poolkeeper::runtime::{InstanceState, Runtime, RuntimeError};
 
 const USER: &str = "alice";
 
@@ -550,6 +550,106 @@ async fn a_claims_files_are_copied_under_the_mount_path_and_a_recreated_instance
         s.mem.files(&got).unwrap().is_empty(),
         "the next claim does not see c1's files"
     );
+}
+
+/// Applies claim `c1` with one file to a warm pool of 2 whose next `n` file copies fail with
+/// `error`; returns the simulation and the instance of the first failed copy.
+async fn claim_whose_files_fail(n: u32, error: RuntimeError) -> (Sim, String) {
+    let mut s = sim();
+    apply_pool(
+        &mut s,
+        "py",
+        with_files(pool("python", 2, Some(4)), "/work"),
+    );
+    s.wait_warm("py", 2).await;
+    s.mem.fail_next_files(n, error);
+    let mut c = claim("py", USER);
+    c.files = BTreeMap::from([("main.py".to_owned(), "print(1)".to_owned())]);
+    s.apply("c1", Spec::Claim(c));
+    let snap = s
+        .wait_until("a file copy failed", |snap, _| {
+            events_of(snap, Kind::Claim, "c1")
+                .iter()
+                .any(|e| e.reason == "FilesFailed")
+        })
+        .await;
+    let failed = events_of(&snap, Kind::Claim, "c1")
+        .into_iter()
+        .find(|e| e.reason == "FilesFailed" && e.message.starts_with("copying"))
+        .map(|e| e.message)
+        .unwrap();
+    let victim = failed
+        .strip_prefix("copying files into ")
+        .and_then(|m| m.split_once(' '))
+        .map(|(name, _)| name.to_owned())
+        .unwrap_or_else(|| panic!("the failed instance is named: {failed}"));
+    (s, victim)
+}
+
+#[tokio::test]
+async fn a_file_copy_that_fails_on_the_instance_quarantines_it_and_the_claim_binds_another() {
+    let (s, victim) = claim_whose_files_fail(1, RuntimeError::Failed("disk full".into())).await;
+    let inst = s.wait_bound("c1").await;
+    assert_ne!(inst, victim);
+    assert!(s.mem.files(&inst).unwrap().contains_key("/work/main.py"));
+    s.wait_until("the instance is quarantined", |snap, _| {
+        pool_status(snap, "py").is_some_and(|p| p.quarantined == 1)
+            && snap
+                .instances
+                .iter()
+                .any(|i| i.name == victim && i.quarantined.is_some())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_file_copy_that_fails_because_the_runtime_is_unreachable_replaces_the_instance() {
+    let (s, victim) =
+        claim_whose_files_fail(1, RuntimeError::Unavailable("daemon restarting".into())).await;
+    let inst = s.wait_bound("c1").await;
+    assert_ne!(inst, victim);
+    assert!(s.mem.files(&inst).unwrap().contains_key("/work/main.py"));
+    let snap = s
+        .wait_until(
+            "the instance is removed and the pool refilled",
+            |snap, insts| {
+                pool_status(snap, "py").is_some_and(|p| p.warm == 2)
+                    && insts.iter().all(|i| i.name != victim)
+            },
+        )
+        .await;
+    let p = pool_status(&snap, "py").unwrap();
+    assert_eq!(
+        p.quarantined, 0,
+        "nothing is quarantined for a runtime outage"
+    );
+}
+
+#[tokio::test]
+async fn files_that_fail_on_two_instances_fail_the_claim_instead_of_quarantining_the_pool() {
+    let (mut s, _) = claim_whose_files_fail(10, RuntimeError::Failed("disk full".into())).await;
+    let st = s.wait_phase("c1", ClaimPhase::Failed).await;
+    let admitted = condition(&st.conditions, "Admitted").unwrap();
+    assert_eq!(admitted.reason, "FilesUnavailable");
+    assert!(admitted.message.contains("disk full"), "{admitted:?}");
+    let snap = s
+        .wait_until("the pool is warm again", |snap, _| {
+            pool_status(snap, "py").is_some_and(|p| p.warm >= 1)
+        })
+        .await;
+    assert_eq!(
+        pool_status(&snap, "py").unwrap().quarantined,
+        1,
+        "only the first instance is quarantined"
+    );
+    // Changing the claim tries again.
+    s.mem
+        .fail_next_files(0, RuntimeError::Failed(String::new()));
+    let mut c = claim("py", USER);
+    c.files = BTreeMap::from([("main.py".to_owned(), "print(2)".to_owned())]);
+    s.apply("c1", Spec::Claim(c));
+    let inst = s.wait_bound("c1").await;
+    assert!(s.mem.files(&inst).unwrap().contains_key("/work/main.py"));
 }
 
 // ---------------------------------------------------------------------------------------------

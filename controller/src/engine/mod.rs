@@ -279,6 +279,8 @@ struct ClaimEntry {
     verdict: Verdict,
     files: Arc<Vec<(String, Vec<u8>)>>,
     files_error: Option<String>,
+    /// Consecutive failed copies of its files into instances (two fail the claim).
+    copy_failures: u32,
     /// The instance it holds: the durable binding, or one decided in this pass.
     instance: Option<String>,
     /// Bound durably, files still being copied: not reported Bound yet.
@@ -1066,6 +1068,7 @@ impl<R: Runtime> Engine<R> {
                 entry.generation = generation;
                 entry.files = files;
                 entry.files_error = files_error;
+                entry.copy_failures = 0;
                 entry.invalid = None;
                 self.dirty_users.insert(old_user);
                 self.dirty_pools.insert(old_pool);
@@ -1105,6 +1108,7 @@ impl<R: Runtime> Engine<R> {
             verdict: Verdict::Admit,
             files,
             files_error,
+            copy_failures: 0,
             instance,
             files_pending: false,
             waited: false,

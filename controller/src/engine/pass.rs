@@ -348,6 +348,7 @@ impl<R: Runtime> Engine<R> {
                     Ok(()) => {
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.files_pending = false;
+                            c.copy_failures = 0;
                             c.events.push(
                                 false,
                                 "FilesCopied",
@@ -360,18 +361,47 @@ impl<R: Runtime> Engine<R> {
                     Err(e) => {
                         // The instance could not take the files: take it out and bind another.
                         let msg = format!("copying files into {instance} failed: {e}");
+                        let outage =
+                            matches!(e, RuntimeError::Unavailable(_) | RuntimeError::NotFound(_));
+                        let mut give_up = false;
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.events.push(true, "FilesFailed", msg.clone(), now);
+                            if !outage {
+                                c.copy_failures += 1;
+                                // Twice in a row on different instances: the files, not the
+                                // instances, are the likelier cause. The claim fails rather
+                                // than quarantine the whole pool one instance at a time.
+                                if c.copy_failures >= 2 {
+                                    c.files_error = Some(format!(
+                                        "the files could not be copied into {} instances (last: \
+                                         {e}); change the claim to try again",
+                                        c.copy_failures
+                                    ));
+                                    give_up = true;
+                                }
+                            }
                         }
                         self.end_binding(&claim, &instance, RecPhase::Waiting, "FilesFailed", now);
-                        if let Some(rec) = self.instances.get_mut(&instance) {
-                            self.touched.insert(instance.clone());
-                            rec.quarantined = Some(msg.clone());
-                            rec.resetting = false;
-                        }
                         self.after_commit.retain(
                             |a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance),
                         );
+                        if let Some(rec) = self.instances.get_mut(&instance) {
+                            rec.resetting = false;
+                        }
+                        if outage || give_up {
+                            // Nothing is known against the instance (the runtime was unreachable,
+                            // or the instance is gone, or the claim's files are at fault), and it
+                            // may hold part of the files: it is replaced, not reset.
+                            self.remove_instance(&instance);
+                            if give_up {
+                                self.report_claim(&claim, now);
+                            }
+                            return;
+                        }
+                        if let Some(rec) = self.instances.get_mut(&instance) {
+                            self.touched.insert(instance.clone());
+                            rec.quarantined = Some(msg.clone());
+                        }
                         self.ops.push(Op::Quarantine {
                             instance: instance.clone(),
                             reason: msg,

@@ -1337,7 +1337,10 @@ fn map_err(e: DockerError, what: &str) -> RuntimeError {
         DockerError::DockerResponseServerError { message, .. } => {
             RuntimeError::Failed(message.clone())
         }
+        // Transport failures (the daemon is down, restarting or gone away mid-request) say
+        // nothing about the instance.
         DockerError::HyperResponseError { .. }
+        | DockerError::HyperLegacyError { .. }
         | DockerError::IOError { .. }
         | DockerError::RequestTimeoutError
         | DockerError::SocketNotFoundError(_) => RuntimeError::Unavailable(e.to_string()),

@@ -65,6 +65,7 @@ struct Inner {
     fail_next_creates: u32,
     fail_exec: bool,
     fail_restart: bool,
+    fail_files: Option<(u32, RuntimeError)>,
     hold_readiness: bool,
     drop_events: bool,
     creates: u64,
@@ -99,6 +100,7 @@ impl MemoryRuntime {
                 fail_next_creates: 0,
                 fail_exec: false,
                 fail_restart: false,
+                fail_files: None,
                 hold_readiness: false,
                 drop_events: false,
                 creates: 0,
@@ -171,6 +173,11 @@ impl MemoryRuntime {
 
     pub fn fail_restart(&self, fail: bool) {
         self.lock().fail_restart = fail;
+    }
+
+    /// The next `n` file copies fail with `error`.
+    pub fn fail_next_files(&self, n: u32, error: RuntimeError) {
+        self.lock().fail_files = (n > 0).then_some((n, error));
     }
 
     /// While set, changes happen but no events are delivered (a lossy event stream).
@@ -441,6 +448,12 @@ impl Runtime for MemoryRuntime {
 
     async fn put_files(&self, name: &str, dir: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
         let mut inner = self.lock();
+        if let Some((n, e)) = inner.fail_files.take() {
+            if n > 1 {
+                inner.fail_files = Some((n - 1, e.clone()));
+            }
+            return Err(e);
+        }
         let Some(sim) = inner.instances.get_mut(name) else {
             return Err(RuntimeError::NotFound(name.to_owned()));
         };
