@@ -89,6 +89,62 @@ async fn a_slow_runtime_never_causes_a_second_creation() {
 }
 
 #[tokio::test]
+async fn a_list_begun_before_a_creation_returned_does_not_make_the_engine_forget_it() {
+    let mut s = sim();
+    s.resync().await;
+    s.mem.set_create_latency(Duration::from_millis(100));
+    s.mem.set_list_latency(Duration::from_millis(400));
+    apply_pool(&mut s, "web", pool("nginx", 2, Some(4)));
+    // The creations are in flight; a list is taken now (without them) and answers after they
+    // returned.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.mem.request_relist();
+    s.wait_warm("web", 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.mem.set_list_latency(Duration::ZERO);
+    let snap = s.snapshot().await;
+    let insts = s.mem.instances();
+    assert_eq!(
+        (pool_status(&snap, "web").unwrap().instances, insts.len()),
+        (2, 2),
+        "the two instances are still known, and none was created twice: {}",
+        describe(&snap, &insts)
+    );
+    assert_host_ports_unique(&insts);
+}
+
+#[tokio::test]
+async fn a_list_begun_before_an_instance_was_removed_does_not_bring_it_back() {
+    let mut s = sim();
+    s.resync().await;
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(3)));
+    s.wait_warm("web", 1).await;
+    apply_claim(&mut s, "c1", "web");
+    let used = s.wait_bound("c1").await;
+    // A list is taken now (with the used instance in it) and answers after the release removed
+    // that instance.
+    s.mem.set_list_latency(Duration::from_millis(300));
+    s.mem.request_relist();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.delete(Kind::Claim, "c1");
+    s.wait_until("the used instance is gone", |_, insts| {
+        insts.iter().all(|i| i.name != used)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.mem.set_list_latency(Duration::ZERO);
+    let snap = s.snapshot().await;
+    assert!(
+        snap.instances.iter().all(|i| i.name != used),
+        "a removed instance came back from a stale list: {}",
+        describe(&snap, &s.mem.instances())
+    );
+    // And it is never handed out again.
+    apply_claim(&mut s, "c2", "web");
+    assert_ne!(s.wait_bound("c2").await, used);
+}
+
+#[tokio::test]
 async fn instances_that_are_not_ready_are_not_warm_and_no_claim_binds_to_them() {
     let mut s = sim();
     s.mem.hold_readiness(true);

@@ -139,7 +139,7 @@ enum Input {
     Source(SourceEvent),
     Runtime(RuntimeEvent),
     Done(Completion),
-    Listed(RtResult<Vec<Instance>>),
+    Listed(u32, RtResult<Vec<Instance>>),
     Tick,
     Snapshot(oneshot::Sender<Snapshot>),
     PoolStatus(String, oneshot::Sender<Option<crate::api::PoolStatus>>),
@@ -344,6 +344,9 @@ struct InstRec {
     create_in_flight: bool,
     /// The runtime's revision of the last report applied (see `Instance::revision`).
     revision: u64,
+    /// The list epoch when it was last reported: a list begun before that cannot tell that it
+    /// is gone (see `Engine::list_epoch`).
+    seen_epoch: u32,
 }
 
 impl PoolEntry {
@@ -393,6 +396,7 @@ impl InstRec {
             slot: None,
             create_in_flight: false,
             revision: 0,
+            seen_epoch: 0,
         }
     }
 }
@@ -498,6 +502,12 @@ pub struct Engine<R: Runtime> {
     next_seq: u64,
     synced: bool,
     listed: bool,
+    /// Bumped each time the runtime is listed; a list result carries the epoch it began in.
+    list_epoch: u32,
+    /// Instances reported gone, and when (ms): a list cannot bring them back for
+    /// `FORGOTTEN_KEPT_MS`. A list begun before the removal saw them, and a daemon's list can
+    /// lag its removals; names are never reused (random suffixes).
+    recently_gone: HashMap<String, u64>,
     started: bool,
     subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
     no_files: Arc<Vec<(String, Vec<u8>)>>,
@@ -534,7 +544,7 @@ pub fn start<R: Runtime>(
     let next_seq = store.state().next_seq;
     let clock = config.clock.clone();
     let now = clock.now_ms();
-    let engine = Engine {
+    let mut engine = Engine {
         rt,
         store,
         tx: tx.clone(),
@@ -564,6 +574,8 @@ pub fn start<R: Runtime>(
         next_seq,
         synced: false,
         listed: false,
+        list_epoch: 0,
+        recently_gone: HashMap::new(),
         started: false,
         subscribers: Vec::new(),
         no_files: Arc::new(Vec::new()),
@@ -621,8 +633,10 @@ impl<R: Runtime> Engine<R> {
                     Input::Shutdown(tx) => shutdown = Some(tx),
                     Input::Resync(tx) => {
                         let t = Instant::now();
+                        // Listed inline: nothing is observed meanwhile.
+                        self.list_epoch += 1;
                         let listed = self.rt.list().await;
-                        self.on_listed(listed);
+                        self.on_listed(self.list_epoch, listed);
                         self.mark_all_dirty();
                         self.pass();
                         let _ = tx.send(t.elapsed());
@@ -664,7 +678,7 @@ impl<R: Runtime> Engine<R> {
             Input::Source(ev) => self.on_source(ev),
             Input::Runtime(ev) => self.on_runtime(ev),
             Input::Done(c) => self.on_done(c),
-            Input::Listed(r) => self.on_listed(r),
+            Input::Listed(epoch, r) => self.on_listed(epoch, r),
             Input::Tick => {
                 let now = self.clock.now_ms();
                 while let Some(Reverse(t)) = self.wakeups.peek() {
@@ -688,12 +702,14 @@ impl<R: Runtime> Engine<R> {
         }
     }
 
-    fn spawn_list(&self) {
+    fn spawn_list(&mut self) {
+        self.list_epoch += 1;
+        let epoch = self.list_epoch;
         let rt = self.rt.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let r = rt.list().await;
-            let _ = tx.send(Input::Listed(r));
+            let _ = tx.send(Input::Listed(epoch, r));
         });
     }
 

@@ -42,6 +42,10 @@ fn exit_code(i: &Instance) -> Option<i64> {
 /// enough that a fixed image is picked up within a minute.
 const CREATE_BACKOFF_MAX_MS: u64 = 60_000;
 
+/// How long an instance reported gone stays gone against lists (see `recently_gone`): longer
+/// than any list takes.
+const FORGOTTEN_KEPT_MS: u64 = 120_000;
+
 impl<R: Runtime> Engine<R> {
     // -----------------------------------------------------------------------------------------
     // Observed state
@@ -50,11 +54,17 @@ impl<R: Runtime> Engine<R> {
         match ev {
             RuntimeEvent::Changed(i) => self.observe(i),
             RuntimeEvent::Removed(name) => self.forget_instance(&name),
-            RuntimeEvent::Relist => self.spawn_list(),
+            RuntimeEvent::Relist => {
+                debug!("the runtime asks for a relist");
+                self.spawn_list();
+            }
         }
     }
 
-    pub(super) fn on_listed(&mut self, r: Result<Vec<Instance>, RuntimeError>) {
+    /// A list of the runtime, begun in list epoch `epoch`. An instance missing from it is gone
+    /// unless it was reported since the list began: a creation that returned meanwhile is not
+    /// in a list taken before it.
+    pub(super) fn on_listed(&mut self, epoch: u32, r: Result<Vec<Instance>, RuntimeError>) {
         let list = match r {
             Ok(l) => l,
             Err(e) => {
@@ -66,13 +76,24 @@ impl<R: Runtime> Engine<R> {
         let gone: Vec<String> = self
             .instances
             .values()
-            .filter(|r| r.phase != InstancePhase::Creating && !seen.contains(r.name.as_str()))
+            .filter(|r| {
+                r.phase != InstancePhase::Creating
+                    && r.seen_epoch < epoch
+                    && !seen.contains(r.name.as_str())
+            })
             .map(|r| r.name.clone())
             .collect();
         for name in gone {
             self.forget_instance(&name);
         }
+        let now = self.clock.now_ms();
+        self.recently_gone
+            .retain(|_, at| now.saturating_sub(*at) < FORGOTTEN_KEPT_MS);
         for i in list {
+            // Reported gone already: what the list saw is older news.
+            if !self.instances.contains_key(&i.name) && self.recently_gone.contains_key(&i.name) {
+                continue;
+            }
             self.observe(i);
         }
         if !self.listed {
@@ -102,6 +123,8 @@ impl<R: Runtime> Engine<R> {
             _ => None,
         };
         let rec = self.instances.entry(name.clone()).or_insert_with(|| {
+            debug!(instance = %name, state = ?i.state, ready = i.ready, revision = i.revision,
+                "tracking an instance the runtime reported");
             let hash = i.label(LABEL_HASH).unwrap_or_default().to_owned();
             InstRec::new(
                 name.clone(),
@@ -112,6 +135,7 @@ impl<R: Runtime> Engine<R> {
                 now,
             )
         });
+        rec.seen_epoch = self.list_epoch;
         if i.revision != 0 {
             if i.revision < rec.revision {
                 // Overtaken by a newer report (a list result computed before an event).
@@ -208,6 +232,7 @@ impl<R: Runtime> Engine<R> {
             return;
         };
         let now = self.clock.now_ms();
+        self.recently_gone.insert(name.to_owned(), now);
         self.ports.release(rec.ports.iter().copied(), name);
         self.unindex_instance(&rec);
         if let Some((d, _, _)) = &rec.deployment {

@@ -169,6 +169,10 @@ struct State {
     messages: Vec<Option<String>>,
     /// Creates in flight per node (placement counts them).
     pending: Vec<usize>,
+    /// Containers reported removed, and when: a list must not track them again. A list begun
+    /// before the removal saw them, and the daemon's list is served from a view that can lag
+    /// its removals (seen with 20.10 under load: a container listed `running` after `destroy`).
+    gone: HashMap<String, Instant>,
     /// Nodes declared down whose leftover containers must be removed when they return.
     sweep: HashSet<usize>,
 }
@@ -199,6 +203,9 @@ impl std::fmt::Debug for DockerRuntime {
 const API_TIMEOUT_SECS: u64 = 60;
 /// Probe period until the first success, so that readiness is noticed within tens of ms.
 const PROBE_FAST: Duration = Duration::from_millis(50);
+/// How long a removed container's name is remembered against stale lists. Names are unique
+/// (random suffixes), and a create of the same name clears the mark.
+const GONE_KEPT: Duration = Duration::from_secs(120);
 
 impl DockerRuntime {
     /// Connects to every node, negotiating the API version with each daemon (they may be older
@@ -277,6 +284,7 @@ impl DockerRuntime {
                     health,
                     messages,
                     pending: vec![0; count],
+                    gone: HashMap::new(),
                     sweep: HashSet::new(),
                 }),
             }),
@@ -285,6 +293,11 @@ impl DockerRuntime {
             tokio::spawn(rt.clone().watch_node(i));
         }
         Ok(rt)
+    }
+
+    /// The client of the first node (benchmarks compare against raw Docker calls through it).
+    pub fn first_client(&self) -> Docker {
+        self.inner.nodes[0].docker.clone()
     }
 
     /// Label filters selecting this controller's containers.
@@ -327,6 +340,21 @@ impl DockerRuntime {
         self.inner
             .revisions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops tracking a container that is gone; lists of the next [`GONE_KEPT`] do not track
+    /// it again.
+    fn untrack(&self, st: &mut State, name: &str) {
+        st.instances.remove(name);
+        Self::mark_gone(st, name);
+    }
+
+    /// Remembers that a container is gone (also one no longer tracked: a list may have
+    /// dropped it before its removal was reported).
+    fn mark_gone(st: &mut State, name: &str) {
+        let now = Instant::now();
+        st.gone.retain(|_, at| now.duration_since(*at) < GONE_KEPT);
+        st.gone.insert(name.to_owned(), now);
     }
 
     fn emit(subscribers: &mut Vec<mpsc::UnboundedSender<RuntimeEvent>>, ev: RuntimeEvent) {
@@ -466,7 +494,7 @@ impl DockerRuntime {
                     .map(|(n, _)| n.clone())
                     .collect();
                 for n in gone {
-                    st.instances.remove(&n);
+                    self.untrack(st, &n);
                     Self::emit(&mut st.subscribers, RuntimeEvent::Removed(n));
                 }
             }
@@ -481,6 +509,7 @@ impl DockerRuntime {
         let Some(name) = attrs.get("name").cloned() else {
             return;
         };
+        debug!(node = i, instance = %name, action = %action, "Docker event");
         match action.as_str() {
             "start" => {
                 let known = self
@@ -522,8 +551,10 @@ impl DockerRuntime {
                 let mut guard = self.lock();
                 let st = &mut *guard;
                 if st.instances.get(&name).is_some_and(|t| t.node == i) {
-                    st.instances.remove(&name);
+                    self.untrack(st, &name);
                     Self::emit(&mut st.subscribers, RuntimeEvent::Removed(name));
+                } else {
+                    Self::mark_gone(st, &name);
                 }
             }
             _ => {}
@@ -599,6 +630,7 @@ impl DockerRuntime {
                     }
                 }
                 if was != t.ready {
+                    debug!(instance = %name, ready = t.ready, "readiness changed");
                     t.revision = self.next_revision();
                     let inst = self.instance_of(&name, t);
                     Self::emit(&mut st.subscribers, RuntimeEvent::Changed(inst));
@@ -802,6 +834,7 @@ impl DockerRuntime {
     }
 
     async fn create_on(&self, i: usize, spec: &InstanceSpec) -> Result<Instance> {
+        let began = Instant::now();
         let node = &self.inner.nodes[i];
         let docker = &node.docker;
         self.ensure_image(docker, &spec.image, spec.pull_policy)
@@ -826,7 +859,9 @@ impl DockerRuntime {
         }
         // What the runtime tracks is read back from the labels, exactly as for an adopted
         // container after a restart.
-        let fresh = tracked(i, Some(&labels), None, None);
+        let mut fresh = tracked(i, Some(&labels), None, None);
+        fresh.revision = self.next_revision();
+        self.lock().gone.remove(&spec.name);
         let listen = node
             .config
             .listen_address
@@ -913,6 +948,7 @@ impl DockerRuntime {
             None
         };
         self.mark_started(&spec.name, ip);
+        debug!(instance = %spec.name, ms = began.elapsed().as_millis(), "container created and started");
         let st = self.lock();
         st.instances
             .get(&spec.name)
@@ -921,6 +957,7 @@ impl DockerRuntime {
     }
 
     async fn remove_on(&self, i: usize, name: &str) -> Result<()> {
+        let began = Instant::now();
         let opts = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(true)
@@ -936,11 +973,14 @@ impl DockerRuntime {
             Err(e) if status_of(&e) == Some(409) && docker_message(&e).contains("in progress") => {}
             Err(e) => return Err(map_err(e, name)),
         }
+        debug!(instance = %name, ms = began.elapsed().as_millis(), "container removed");
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.instances.get(name).is_some_and(|t| t.node == i) {
-            st.instances.remove(name);
+            self.untrack(st, name);
             Self::emit(&mut st.subscribers, RuntimeEvent::Removed(name.to_owned()));
+        } else {
+            Self::mark_gone(st, name);
         }
         Ok(())
     }
@@ -978,7 +1018,16 @@ impl Runtime for DockerRuntime {
                 }
                 Health::Ready => {}
             }
-            let found = self.list_node(i).await?;
+            // What changes from here on is newer than the list, which cannot tell it is gone.
+            let listed_from = self.next_revision();
+            let found: Vec<_> = {
+                let found = self.list_node(i).await?;
+                let st = self.lock();
+                found
+                    .into_iter()
+                    .filter(|(n, _)| !st.gone.contains_key(n))
+                    .collect()
+            };
             let mut seen = HashSet::new();
             for (name, c) in found {
                 seen.insert(name.clone());
@@ -1020,10 +1069,11 @@ impl Runtime for DockerRuntime {
                     out.push(self.instance_of(&name, t));
                 }
             }
-            // Forget what the daemon no longer has (the engine learns it from the list).
+            // Forget what the daemon no longer has (the engine learns it from the list); a
+            // container created while the list was taken is kept.
             self.lock()
                 .instances
-                .retain(|n, t| t.node != i || seen.contains(n));
+                .retain(|n, t| t.node != i || seen.contains(n) || t.revision > listed_from);
         }
         Ok(out)
     }

@@ -66,6 +66,8 @@ struct Inner {
     fail_exec: bool,
     fail_restart: bool,
     fail_files: Option<(u32, RuntimeError)>,
+    /// A list is taken at once and returned this much later (a slow daemon).
+    list_latency: Duration,
     hold_readiness: bool,
     drop_events: bool,
     creates: u64,
@@ -101,6 +103,7 @@ impl MemoryRuntime {
                 fail_exec: false,
                 fail_restart: false,
                 fail_files: None,
+                list_latency: Duration::ZERO,
                 hold_readiness: false,
                 drop_events: false,
                 creates: 0,
@@ -173,6 +176,16 @@ impl MemoryRuntime {
 
     pub fn fail_restart(&self, fail: bool) {
         self.lock().fail_restart = fail;
+    }
+
+    /// Lists are taken at once and returned `d` later.
+    pub fn set_list_latency(&self, d: Duration) {
+        self.lock().list_latency = d;
+    }
+
+    /// Asks the engine to list again, as a runtime does after its event stream reconnects.
+    pub fn request_relist(&self) {
+        self.lock().emit(RuntimeEvent::Relist);
     }
 
     /// The next `n` file copies fail with `error`.
@@ -298,7 +311,12 @@ impl Runtime for MemoryRuntime {
     }
 
     async fn list(&self) -> Result<Vec<Instance>> {
-        Ok(self.instances())
+        let list = self.instances();
+        let latency = self.lock().list_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        Ok(list)
     }
 
     async fn create(&self, spec: InstanceSpec) -> Result<Instance> {

@@ -7,7 +7,7 @@
 
 pub mod docker;
 pub mod memory;
-mod probe;
+pub(crate) mod probe;
 
 pub use probe::find_port;
 

@@ -8,6 +8,10 @@
 //! - `release`: deleting every claim until the pool is back to full warm.
 //! - `resync`: a full resync (list the runtime, reconcile every object) with `--resync-pools`
 //!   pools holding `--resync-claims` bound claims.
+//!
+//! `--runtime docker` runs the figures of [`docker`] instead.
+
+pub mod docker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,12 +31,12 @@ use crate::runtime::memory::{MemoryConfig, MemoryRuntime};
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = RuntimeKind::Memory)]
     pub runtime: RuntimeKind,
-    /// Warm instances in the pool.
-    #[arg(long, default_value_t = 1000)]
-    pub instances: u32,
-    /// Claims to bind.
-    #[arg(long, default_value_t = 10_000)]
-    pub claims: u32,
+    /// Warm instances in the pool (default 1000 on memory, 50 on docker).
+    #[arg(long)]
+    pub instances: Option<u32>,
+    /// Claims to bind (default 10000 on memory; on docker 200 without files, then 200 with).
+    #[arg(long)]
+    pub claims: Option<u32>,
     /// Claims outstanding at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: u32,
@@ -53,6 +57,24 @@ pub struct BenchArgs {
     /// resident memory is its own.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     pub scenario: Scenario,
+    /// Docker: the image of the pool and of the baselines. It must answer HTTP 2xx on
+    /// `--http-path` at `--http-port` (the default, the project's workload image, is built by
+    /// `e2e/build-workload-image.sh`).
+    #[arg(long, default_value = "poolkeeper-workload:test")]
+    pub image: String,
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    #[arg(long, default_value = "/healthz")]
+    pub http_path: String,
+    /// Docker: the first host port used (the pool takes `--instances` ports from here, the
+    /// baselines the ones after).
+    #[arg(long, default_value_t = 31000)]
+    pub port_base: u16,
+    /// Docker: cold starts timed for the baseline.
+    #[arg(long, default_value_t = 10)]
+    pub cold: u32,
+    #[command(flatten)]
+    pub docker: crate::cli::DockerArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,12 +181,16 @@ async fn start_engine(dir: &std::path::Path) -> anyhow::Result<(EngineHandle, Ar
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.runtime != RuntimeKind::Memory {
-        bail!("the docker runtime is not built yet; use --runtime memory");
-    }
     if args.concurrency == 0 || args.users == 0 {
         bail!("--concurrency and --users must be at least 1");
     }
+    if args.runtime == RuntimeKind::Docker {
+        return docker::run(&args).await;
+    }
+    let (instances, claims) = (
+        args.instances.unwrap_or(1000),
+        args.claims.unwrap_or(10_000),
+    );
     match args.scenario {
         Scenario::Claim => claim_bench(&args).await,
         Scenario::Resync => resync_bench(&args).await,
@@ -178,8 +204,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let mut cmd = std::process::Command::new(&exe);
                 cmd.arg("bench")
                     .args(["--scenario", sc])
-                    .args(["--instances", &args.instances.to_string()])
-                    .args(["--claims", &args.claims.to_string()])
+                    .args(["--instances", &instances.to_string()])
+                    .args(["--claims", &claims.to_string()])
                     .args(["--concurrency", &args.concurrency.to_string()])
                     .args(["--users", &args.users.to_string()])
                     .args(["--resync-pools", &args.resync_pools.to_string()])
@@ -206,11 +232,12 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     h.send(SourceEvent::Synced)?;
     // Fill.
-    let n = args.instances;
+    let n = args.instances.unwrap_or(1000);
+    let claims = args.claims.unwrap_or(10_000);
     let t = Instant::now();
     // Capacity for every claim: with claims <= instances the pool is at capacity once all are
     // bound (no refill); with more claims the pool refills behind them up to `claims`.
-    h.apply(obj("bench".into(), pool(n, n.max(args.claims))))?;
+    h.apply(obj("bench".into(), pool(n, n.max(claims))))?;
     wait_warm(&h, "bench", n, Duration::from_secs(600)).await?;
     let fill = t.elapsed();
     println!(
@@ -219,7 +246,7 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
                "per_s":round3(f64::from(n)/fill.as_secs_f64())})
     );
     // Claims, with `concurrency` outstanding.
-    let m = args.claims;
+    let m = claims;
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(m as usize);
     let mut latencies: Vec<f64> = Vec::with_capacity(m as usize);
     let mut next = 0u32;
