@@ -338,8 +338,12 @@ fn a_claim_is_served_on_its_port_and_release_leaves_only_fresh_instances() {
 
     // Release: the instance is destroyed and replaced; no instance serves alice's file.
     c.remove("claim.yaml");
-    c.wait("released and refilled", T, |s| {
-        pool_warm(s, "web") == 2 && object(s, "Claim", "mine").is_null()
+    c.wait("released, removed and refilled", T, |s| {
+        pool_warm(s, "web") == 2
+            && object(s, "Claim", "mine").is_null()
+            && instances_of(s, "web")
+                .iter()
+                .all(|i| i["name"] != instance.as_str())
     });
     let after = running(None, "e2e-claim");
     assert!(!after.contains(&instance), "the released instance is gone");
