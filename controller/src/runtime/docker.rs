@@ -346,15 +346,19 @@ impl DockerRuntime {
     /// it again.
     fn untrack(&self, st: &mut State, name: &str) {
         st.instances.remove(name);
-        Self::mark_gone(st, name);
+        st.gone.insert(name.to_owned(), Instant::now());
     }
 
-    /// Remembers that a container is gone (also one no longer tracked: a list may have
-    /// dropped it before its removal was reported).
-    fn mark_gone(st: &mut State, name: &str) {
-        let now = Instant::now();
-        st.gone.retain(|_, at| now.duration_since(*at) < GONE_KEPT);
-        st.gone.insert(name.to_owned(), now);
+    /// Container `name` on node `i` no longer exists: reported removed if it was tracked there,
+    /// and remembered as gone either way (a list may have dropped it before its removal was
+    /// reported, and a later stale list must not bring it back).
+    fn container_gone(&self, st: &mut State, i: usize, name: &str) {
+        if st.instances.get(name).is_some_and(|t| t.node == i) {
+            self.untrack(st, name);
+            Self::emit(&mut st.subscribers, RuntimeEvent::Removed(name.to_owned()));
+        } else {
+            st.gone.insert(name.to_owned(), Instant::now());
+        }
     }
 
     fn emit(subscribers: &mut Vec<mpsc::UnboundedSender<RuntimeEvent>>, ev: RuntimeEvent) {
@@ -549,13 +553,7 @@ impl DockerRuntime {
             }
             "destroy" => {
                 let mut guard = self.lock();
-                let st = &mut *guard;
-                if st.instances.get(&name).is_some_and(|t| t.node == i) {
-                    self.untrack(st, &name);
-                    Self::emit(&mut st.subscribers, RuntimeEvent::Removed(name));
-                } else {
-                    Self::mark_gone(st, &name);
-                }
+                self.container_gone(&mut guard, i, &name);
             }
             _ => {}
         }
@@ -975,13 +973,7 @@ impl DockerRuntime {
         }
         debug!(instance = %name, ms = began.elapsed().as_millis(), "container removed");
         let mut guard = self.lock();
-        let st = &mut *guard;
-        if st.instances.get(name).is_some_and(|t| t.node == i) {
-            self.untrack(st, name);
-            Self::emit(&mut st.subscribers, RuntimeEvent::Removed(name.to_owned()));
-        } else {
-            Self::mark_gone(st, name);
-        }
+        self.container_gone(&mut guard, i, name);
         Ok(())
     }
 }
@@ -1022,7 +1014,9 @@ impl Runtime for DockerRuntime {
             let listed_from = self.next_revision();
             let found: Vec<_> = {
                 let found = self.list_node(i).await?;
-                let st = self.lock();
+                let mut st = self.lock();
+                // Pruned here, where the marks are read, not on every removal.
+                st.gone.retain(|_, at| at.elapsed() < GONE_KEPT);
                 found
                     .into_iter()
                     .filter(|(n, _)| !st.gone.contains_key(n))
