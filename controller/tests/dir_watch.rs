@@ -322,6 +322,16 @@ async fn create_edit_rename_atomic_save_and_delete_are_picked_up() {
         declared_pool(s, "web").is_none() && instances_of(s, "web").is_empty()
     })
     .await;
+
+    // The folder made again under the same name is watched again: a later edit in it counts.
+    write(&r.path("base/web.yaml"), &pool_yaml("web", 1, "nginx"));
+    r.wait_for("web back with its folder", |s| pool_warm(s, "web", 1))
+        .await;
+    write(&r.path("base/web.yaml"), &pool_yaml("web", 2, "nginx"));
+    r.wait_for("an edit in the folder made again", |s| {
+        pool_warm(s, "web", 2)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -320,7 +320,12 @@ pub async fn run(
     let mut watcher = notify::recommended_watcher(move |res| {
         let _ = tx.send(res);
     })?;
-    watcher.watch(&root, RecursiveMode::Recursive)?;
+    // The state folder (status, store, instances' files folders) is not watched: it changes all
+    // the time and holds nothing to load. So the root is watched alone, and each folder in it
+    // but that one recursively.
+    watcher.watch(&root, RecursiveMode::NonRecursive)?;
+    let mut watched = BTreeSet::new();
+    watch_folders(&mut watcher, &root, &mut watched);
     let mut state = DirState::new(root.clone());
     let initial = state.rescan();
     let objects = state.objects.len();
@@ -331,7 +336,7 @@ pub async fn run(
     info!(dir = %root.display(), objects, "directory loaded; watching for changes");
     let task = tokio::spawn(async move {
         // The watcher lives as long as this task.
-        let _watcher = watcher;
+        let mut watcher = watcher;
         let mut rescan = tokio::time::interval(rescan_every);
         rescan.tick().await;
         loop {
@@ -352,10 +357,22 @@ pub async fn run(
                             },
                         }
                     }
+                    // A new folder is watched before it is read, so that nothing written into it
+                    // is missed (the folder's own event makes `paths_changed` rescan).
+                    // (A folder removed and made again under the same name needs a new watch.)
+                    let top: Vec<&PathBuf> =
+                        paths.iter().filter(|p| p.parent() == Some(root.as_path())).collect();
+                    if !top.is_empty() {
+                        for p in top {
+                            watched.remove(p);
+                        }
+                        watch_folders(&mut watcher, &root, &mut watched);
+                    }
                     let changes = state.paths_changed(&paths);
                     if send_all(&engine, changes).is_err() { break; }
                 }
                 _ = rescan.tick() => {
+                    watch_folders(&mut watcher, &root, &mut watched);
                     let changes = state.rescan();
                     if send_all(&engine, changes).is_err() { break; }
                 }
@@ -363,6 +380,29 @@ pub async fn run(
         }
     });
     Ok(task)
+}
+
+/// Watches, recursively, every folder directly in `root` except the state folder that is not
+/// watched yet; forgets folders that are gone (their watches went with them).
+fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet<PathBuf>) {
+    watched.retain(|p| p.is_dir());
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let path = e.path();
+        if e.file_name() == STATE_DIR || !path.is_dir() || watched.contains(&path) {
+            continue;
+        }
+        match watcher.watch(&path, RecursiveMode::Recursive) {
+            Ok(()) => {
+                watched.insert(path);
+            }
+            Err(e) => {
+                warn!(folder = %path.display(), error = %e, "cannot watch; the periodic rescan will catch up");
+            }
+        }
+    }
 }
 
 fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) {
