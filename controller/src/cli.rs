@@ -155,6 +155,7 @@ impl DockerArgs {
                 parse_duration(d).map_err(|e| anyhow::anyhow!("nodeDownAfter: {e}"))?;
         }
         config.allowed_bind_root = Some(state.to_path_buf());
+        config.files_root = Some(state.join("files"));
         if let Some(id) = self.controller_id.clone().or(file.controller_id) {
             if crate::units::check_name(&id).is_err() {
                 bail!("controller id {id:?} must be a DNS label (lowercase letters, digits, '-')");

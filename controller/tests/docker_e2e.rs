@@ -202,6 +202,11 @@ impl Drop for Controller {
             for name in all_containers(h.as_deref(), &self.id) {
                 docker(h.as_deref(), &["rm", "-f", &name]);
             }
+            let label = format!("label=poolkeeper.dev/controller={}", self.id);
+            let volumes = docker(h.as_deref(), &["volume", "ls", "-q", "--filter", &label]);
+            for v in volumes.lines() {
+                docker(h.as_deref(), &["volume", "rm", "-f", v]);
+            }
         }
     }
 }
@@ -335,6 +340,18 @@ fn a_claim_is_served_on_its_port_and_release_leaves_only_fresh_instances() {
         "bound a warm instance, not a new one"
     );
     assert_eq!(http_get(port, "/").as_deref(), Some("hello alice"));
+    // The file went straight into the instance's host-backed files folder (a local daemon),
+    // which Docker filled from the image; the other instance's folder holds only the image's.
+    let files = c.path().join(".poolkeeper/files");
+    assert_eq!(
+        std::fs::read_to_string(files.join(&instance).join("index.html")).unwrap(),
+        "hello alice"
+    );
+    let other = before.iter().find(|n| **n != instance).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(files.join(other).join("index.html")).unwrap(),
+        "fresh instance\n"
+    );
 
     // Release: the instance is destroyed and replaced; no instance serves alice's file.
     c.remove("claim.yaml");
@@ -348,6 +365,23 @@ fn a_claim_is_served_on_its_port_and_release_leaves_only_fresh_instances() {
     let after = running(None, "e2e-claim");
     assert!(!after.contains(&instance), "the released instance is gone");
     assert_eq!(after.len(), 2);
+    // Its files folder and volume go with it.
+    let gone = Instant::now();
+    while files.join(&instance).exists() && gone.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!files.join(&instance).exists(), "files folder left behind");
+    let volumes = docker(
+        None,
+        &[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name={instance}-files"),
+        ],
+    );
+    assert!(volumes.is_empty(), "files volume left behind: {volumes}");
     let s = c.status().unwrap();
     for i in instances_of(&s, "web")
         .into_iter()
@@ -356,6 +390,39 @@ fn a_claim_is_served_on_its_port_and_release_leaves_only_fresh_instances() {
         let port = i["ports"][0].as_u64().unwrap() as u16;
         assert_eq!(http_get(port, "/").as_deref(), Some("fresh instance\n"));
     }
+}
+
+#[test]
+fn files_go_through_the_api_when_the_daemon_does_not_share_the_filesystem() {
+    let _serial = serial();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "nodes:\n  - name: local\n    url: unix:///var/run/docker.sock\n    sharedFiles: false\n",
+    )
+    .unwrap();
+    let c = Controller::new(
+        "e2e-upload",
+        &[
+            ("pool.yaml", pool_yaml("up", 1, 21150, 21159, "")),
+            ("user.yaml", USER.to_owned()),
+        ],
+        &["--config", config.path().to_str().unwrap()],
+    );
+    c.wait("warm 1", T, |s| pool_warm(s, "up") == 1);
+    c.write("claim.yaml", &claim_yaml("mine", "up", "uploaded"));
+    let s = c.wait("claim bound", T, |s| claim_phase(s, "mine") == "Bound");
+    assert_eq!(
+        http_get(claim_port(&s, "mine"), "/").as_deref(),
+        Some("uploaded")
+    );
+    assert!(
+        !c.path()
+            .join(".poolkeeper/files")
+            .join(claim_instance(&s, "mine"))
+            .exists(),
+        "no host-backed folder for a daemon that does not share the filesystem"
+    );
 }
 
 #[test]
@@ -382,8 +449,22 @@ fn killed_and_removed_containers_are_replaced_through_the_event_stream() {
     let now = running(None, "e2e-drift");
     assert_eq!(now.len(), 2);
     assert!(now.iter().all(|n| !first.contains(n)));
-    // The killed container is removed, not left behind.
+    // The killed container is removed, not left behind; neither are the files folders and
+    // volumes of both (one removed by poolkeeper, one by hand).
     assert_eq!(all_containers(None, "e2e-drift").len(), 2);
+    let files = c.path().join(".poolkeeper/files");
+    let t = Instant::now();
+    while first.iter().any(|f| files.join(f).exists()) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in &first {
+        assert!(!files.join(f).exists(), "files folder of {f} left behind");
+        let v = docker(
+            None,
+            &["volume", "ls", "-q", "--filter", &format!("name={f}-files")],
+        );
+        assert!(v.is_empty(), "files volume of {f} left behind");
+    }
 }
 
 #[test]
@@ -415,7 +496,8 @@ fn a_controller_killed_with_sigkill_adopts_its_containers_and_keeps_bindings() {
     assert_eq!(
         all_containers(None, "e2e-adopt"),
         before,
-        "no duplicate, nothing replaced"
+        "no duplicate, nothing replaced\n{}",
+        c.log()
     );
     assert_eq!(http_get(port, "/").as_deref(), Some("still mine"));
     // What no spec wants is removed: drop the pool while the controller is down.
@@ -936,4 +1018,97 @@ spec: {{pool: ssh, user: carol}}
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Between its creation and its start a container is listed `created`. A resync list taken
+/// then must not report it exited: the engine would remove it as dead (which stalled refills
+/// at every resync).
+#[test]
+fn a_list_during_creations_never_reports_a_container_not_started_yet_as_exited() {
+    let _serial = serial();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(list_during_creations());
+}
+
+async fn list_during_creations() {
+    use poolkeeper::runtime::docker::{DockerConfig, DockerRuntime};
+    use poolkeeper::runtime::{
+        InstanceSpec, InstanceState, LABEL_MANAGED, LABEL_POOL, PortBinding, Runtime,
+    };
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let id = "e2e-listrace";
+    let state = tempfile::tempdir().unwrap();
+    let config = DockerConfig {
+        controller_id: id.to_owned(),
+        files_root: Some(state.path().join("files")),
+        ..DockerConfig::default()
+    };
+    let rt = Arc::new(DockerRuntime::connect(config).await.unwrap());
+    let labels = Arc::new(std::collections::BTreeMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_POOL.to_owned(), "listrace".to_owned()),
+    ]));
+    let specs: Vec<InstanceSpec> = (0..12u16)
+        .map(|i| InstanceSpec {
+            name: format!("listrace-{i}"),
+            image: image().to_owned(),
+            command: Vec::new(),
+            env: Default::default(),
+            ports: vec![PortBinding {
+                name: "http".to_owned(),
+                container_port: 8080,
+                host_port: 21160 + i,
+                protocol: Default::default(),
+            }],
+            labels: labels.clone(),
+            cpu_millis: None,
+            memory_bytes: None,
+            readiness: None,
+            network: None,
+            volumes: Default::default(),
+            pull_policy: Default::default(),
+            files_dir: Some("/srv".to_owned()),
+        })
+        .collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let lister = {
+        let (rt, done) = (rt.clone(), done.clone());
+        tokio::spawn(async move {
+            let (mut lists, mut exited) = (0, Vec::new());
+            while !done.load(Ordering::SeqCst) {
+                for i in rt.list().await.unwrap() {
+                    if matches!(i.state, InstanceState::Exited { .. }) {
+                        exited.push(i.name);
+                    }
+                }
+                lists += 1;
+            }
+            (lists, exited)
+        })
+    };
+    let results = futures::future::join_all(specs.into_iter().map(|s| {
+        let rt = rt.clone();
+        async move { rt.create(s).await }
+    }))
+    .await;
+    done.store(true, Ordering::SeqCst);
+    let (lists, exited) = lister.await.unwrap();
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    for i in 0..12 {
+        rt.remove(&format!("listrace-{i}")).await.unwrap();
+    }
+    assert!(lists > 3, "only {lists} lists ran during the creations");
+    assert!(
+        exited.is_empty(),
+        "reported exited while being created: {exited:?}"
+    );
+    assert!(all_containers(None, id).is_empty());
 }

@@ -733,7 +733,7 @@ impl<R: Runtime> Engine<R> {
                 .map(|b| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(*b % 36) as usize]))
                 .collect();
             let name = format!("{pool}-{suffix}");
-            if !self.instances.contains_key(&name) {
+            if !self.instances.contains_key(&name) && !self.recently_gone.contains_key(&name) {
                 return name;
             }
         }

@@ -52,7 +52,20 @@ impl<R: Runtime> Engine<R> {
 
     pub(super) fn on_runtime(&mut self, ev: RuntimeEvent) {
         match ev {
+            // Applied even for a name reported gone: a creation that the engine had given up
+            // on may still have happened, and an event is never older than the removal (the
+            // runtime untracks a container before reporting it removed).
             RuntimeEvent::Changed(i) => self.observe(i),
+            // A creation that fails is cleaned up, and reported removed, before its result
+            // arrives: that result (a port in use, say) decides, not the removal.
+            RuntimeEvent::Removed(name)
+                if self
+                    .instances
+                    .get(&name)
+                    .is_some_and(|r| r.create_in_flight) =>
+            {
+                debug!(instance = %name, "removed while its creation is in flight");
+            }
             RuntimeEvent::Removed(name) => self.forget_instance(&name),
             RuntimeEvent::Relist => {
                 debug!("the runtime asks for a relist");
@@ -90,16 +103,20 @@ impl<R: Runtime> Engine<R> {
         self.recently_gone
             .retain(|_, at| now.saturating_sub(*at) < FORGOTTEN_KEPT_MS);
         for i in list {
-            // Reported gone already: what the list saw is older news.
-            if !self.instances.contains_key(&i.name) && self.recently_gone.contains_key(&i.name) {
-                continue;
+            if !self.reported_gone(&i.name) {
+                self.observe(i);
             }
-            self.observe(i);
         }
         if !self.listed {
             self.listed = true;
             info!(instances = self.instances.len(), "runtime listed");
         }
+    }
+
+    /// `name` was reported gone and not created again since: a list that shows it began before
+    /// the removal.
+    fn reported_gone(&self, name: &str) -> bool {
+        !self.instances.contains_key(name) && self.recently_gone.contains_key(name)
     }
 
     fn observe(&mut self, i: Instance) {
@@ -916,6 +933,9 @@ impl<R: Runtime> Engine<R> {
             None => (Default::default(), Vec::new()),
         };
         let plan = plan_pool(target, counts);
+        if plan.surplus_starting + plan.surplus_warm > 0 {
+            debug!(pool = name, ?target, ?counts, ?plan, "pool over its target");
+        }
         if let Some(idx) = self.pool_index.get(name) {
             if plan.drain {
                 remove.extend(idx.warm.iter().map(|(_, n)| n.clone()));
@@ -1152,6 +1172,7 @@ impl<R: Runtime> Engine<R> {
             network: None,
             volumes: BTreeMap::new(),
             pull_policy: spec.pull_policy,
+            files_dir: t.files.as_ref().map(|f| f.mount_path.clone()),
         };
         let now = self.clock.now_ms();
         let mut rec = InstRec::new(
@@ -1170,7 +1191,9 @@ impl<R: Runtime> Engine<R> {
         true
     }
 
-    fn spawn_create(&self, name: String, spec: InstanceSpec) {
+    fn spawn_create(&mut self, name: String, spec: InstanceSpec) {
+        // Created again (a deployment's slot keeps its name): reports of it are news again.
+        self.recently_gone.remove(&name);
         let rt = self.rt.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -1437,6 +1460,7 @@ impl<R: Runtime> Engine<R> {
             network: spec.network.clone(),
             volumes: c.volumes.clone(),
             pull_policy: crate::api::PullPolicy::IfNotPresent,
+            files_dir: None,
         };
         let now = self.clock.now_ms();
         let mut rec = InstRec::new(

@@ -25,12 +25,13 @@ use bollard::errors::Error as DockerError;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerSummaryStateEnum,
-    EventMessage, ExecConfig, HostConfig, NetworkCreateRequest, PortBinding as DockerPortBinding,
+    EventMessage, ExecConfig, HostConfig, Mount, MountType, MountVolumeOptions,
+    MountVolumeOptionsDriverConfig, NetworkCreateRequest, PortBinding as DockerPortBinding,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    RestartContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    RemoveVolumeOptions, RestartContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -38,10 +39,12 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::NodeStatus;
+use super::hostfiles::{self, HostFiles};
 use super::probe;
 use super::{
-    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTROLLER, LABEL_MANAGED,
-    LABEL_PORTS, LABEL_READINESS, Labels, PortBinding, Result, Runtime, RuntimeError, RuntimeEvent,
+    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTROLLER, LABEL_FILES_DIR,
+    LABEL_MANAGED, LABEL_PORTS, LABEL_READINESS, Labels, PortBinding, Result, Runtime,
+    RuntimeError, RuntimeEvent,
 };
 use crate::api::{Probe, Protocol, PullPolicy, VolumeMode};
 
@@ -60,6 +63,11 @@ pub struct NodeConfig {
     /// local socket, the URL's host for tcp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_address: Option<String>,
+    /// Whether the daemon sees this machine's filesystem, so that claims' files are written
+    /// into a host-backed folder rather than uploaded through the API (see
+    /// `runtime::hostfiles`). Default: true for a unix socket, false for tcp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_files: Option<bool>,
 }
 
 impl NodeConfig {
@@ -70,7 +78,13 @@ impl NodeConfig {
             url: url.to_owned(),
             listen_address: None,
             advertise_address: None,
+            shared_files: None,
         }
+    }
+
+    fn shares_files(&self) -> bool {
+        self.shared_files
+            .unwrap_or_else(|| self.normalized_url().starts_with("unix://"))
     }
 
     fn normalized_url(&self) -> String {
@@ -110,6 +124,9 @@ pub struct DockerConfig {
     pub allowed_bind_root: Option<PathBuf>,
     /// Seconds `docker restart` waits for a graceful stop (the `Restart` reset policy).
     pub restart_grace_secs: i32,
+    /// Where host-backed files folders are made (under the state directory); `None` uploads
+    /// every claim's files through the API.
+    pub files_root: Option<PathBuf>,
     /// This controller's identity on shared daemons: it sees and removes only containers
     /// labelled `poolkeeper.dev/controller=<id>`.
     pub controller_id: String,
@@ -126,6 +143,7 @@ impl Default for DockerConfig {
             node_down_after: Duration::from_secs(30),
             allowed_bind_root: None,
             restart_grace_secs: 2,
+            files_root: None,
             controller_id: "default".to_owned(),
         }
     }
@@ -160,6 +178,8 @@ struct Tracked {
     ip: Option<String>,
     /// Revision of the last change (see `Instance::revision`).
     revision: u64,
+    /// Mount path of its host-backed files folder, if it has one.
+    files_mount: Option<String>,
 }
 
 struct State {
@@ -169,6 +189,9 @@ struct State {
     messages: Vec<Option<String>>,
     /// Creates in flight per node (placement counts them).
     pending: Vec<usize>,
+    /// Names of the creations in flight: between its creation and its start a container is
+    /// listed `created`, which is not an exit; the creation's result tells what it is.
+    creating: HashSet<String>,
     /// Containers reported removed, and when: a list must not track them again. A list begun
     /// before the removal saw them, and the daemon's list is served from a view that can lag
     /// its removals (seen with 20.10 under load: a container listed `running` after `destroy`).
@@ -179,6 +202,7 @@ struct State {
 
 struct Inner {
     nodes: Vec<Node>,
+    host_files: Option<HostFiles>,
     /// Source of `Tracked::revision`.
     revisions: std::sync::atomic::AtomicU64,
     config: DockerConfig,
@@ -206,6 +230,9 @@ const PROBE_FAST: Duration = Duration::from_millis(50);
 /// How long a removed container's name is remembered against stale lists. Names are unique
 /// (random suffixes), and a create of the same name clears the mark.
 const GONE_KEPT: Duration = Duration::from_secs(120);
+
+/// A files folder with no container is swept once this old (see `sweep_files_folders`).
+const FILES_SWEEP_AFTER: Duration = Duration::from_secs(60);
 
 impl DockerRuntime {
     /// Connects to every node, negotiating the API version with each daemon (they may be older
@@ -273,9 +300,11 @@ impl DockerRuntime {
             );
         }
         let count = nodes.len();
+        let host_files = config.files_root.clone().map(HostFiles::new);
         let rt = DockerRuntime {
             inner: Arc::new(Inner {
                 nodes,
+                host_files,
                 revisions: std::sync::atomic::AtomicU64::new(1),
                 config,
                 state: Mutex::new(State {
@@ -284,6 +313,7 @@ impl DockerRuntime {
                     health,
                     messages,
                     pending: vec![0; count],
+                    creating: HashSet::new(),
                     gone: HashMap::new(),
                     sweep: HashSet::new(),
                 }),
@@ -523,8 +553,20 @@ impl DockerRuntime {
                     .is_some_and(|t| t.node == i);
                 if !known {
                     match self.inspect(i, &name).await {
-                        Ok(Some(t)) => {
-                            self.lock().instances.insert(name.clone(), t);
+                        Ok(Some(mut t)) => {
+                            let probe = {
+                                let mut guard = self.lock();
+                                if guard.gone.contains_key(&name) {
+                                    return;
+                                }
+                                // Tracked and started at once: never seen half-made.
+                                t.revision = self.next_revision();
+                                let ip = t.ip.clone();
+                                guard.instances.entry(name.clone()).or_insert(t);
+                                self.started_locked(&mut guard, &name, ip)
+                            };
+                            self.spawn_probe(&name, probe);
+                            return;
                         }
                         Ok(None) => return,
                         Err(e) => {
@@ -552,8 +594,16 @@ impl DockerRuntime {
                 }
             }
             "destroy" => {
-                let mut guard = self.lock();
-                self.container_gone(&mut guard, i, &name);
+                let recreating = {
+                    let mut guard = self.lock();
+                    self.container_gone(&mut guard, i, &name);
+                    guard.creating.contains(&name)
+                };
+                // Removed behind our back (`docker rm -f`): its files folder goes too, unless
+                // a container of that name is being made again (which prepared its own).
+                if !recreating {
+                    self.drop_files_folder(&[i], &name).await;
+                }
             }
             _ => {}
         }
@@ -562,28 +612,35 @@ impl DockerRuntime {
     /// Marks a tracked container running (once per start) and starts probing it. `ip` updates
     /// the container's address when known.
     fn mark_started(&self, name: &str, ip: Option<String>) {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let Some(t) = st.instances.get_mut(name) else {
-            return;
+        let probe = {
+            let mut guard = self.lock();
+            self.started_locked(&mut guard, name, ip)
         };
+        self.spawn_probe(name, probe);
+    }
+
+    /// [`Self::mark_started`] under the lock the caller holds; returns the incarnation to probe.
+    fn started_locked(&self, st: &mut State, name: &str, ip: Option<String>) -> Option<u64> {
+        let t = st.instances.get_mut(name)?;
         if ip.is_some() {
             t.ip = ip;
         }
         if t.running {
-            return;
+            return None;
         }
         t.running = true;
         t.exit_code = None;
         t.incarnation += 1;
         t.ready = t.probe.is_none();
         t.revision = self.next_revision();
-        let incarnation = t.incarnation;
-        let probing = t.probe.is_some();
+        let probe = t.probe.is_some().then_some(t.incarnation);
         let inst = self.instance_of(name, t);
         Self::emit(&mut st.subscribers, RuntimeEvent::Changed(inst));
-        drop(guard);
-        if probing {
+        probe
+    }
+
+    fn spawn_probe(&self, name: &str, incarnation: Option<u64>) {
+        if let Some(incarnation) = incarnation {
             tokio::spawn(self.clone().probe_loop(name.to_owned(), incarnation));
         }
     }
@@ -698,6 +755,18 @@ impl DockerRuntime {
     }
 
     // ---- Docker calls ------------------------------------------------------------------------
+
+    /// The container's address, when `wanted` (and it can be read).
+    async fn ip_if(&self, wanted: bool, i: usize, name: &str) -> Option<String> {
+        if !wanted {
+            return None;
+        }
+        self.inspect(i, name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|t| t.ip)
+    }
 
     async fn inspect(&self, i: usize, name: &str) -> Result<Option<Tracked>> {
         let docker = &self.inner.nodes[i].docker;
@@ -838,6 +907,7 @@ impl DockerRuntime {
         self.ensure_image(docker, &spec.image, spec.pull_policy)
             .await?;
         let binds = self.check_binds(spec)?;
+        let files = self.files_folder(i, spec)?;
         let mut labels: HashMap<String, String> = spec
             .labels
             .iter()
@@ -849,6 +919,9 @@ impl DockerRuntime {
             self.inner.config.controller_id.clone(),
         );
         labels.insert(LABEL_PORTS.to_owned(), encode_ports(&spec.ports));
+        if let Some((mount, _)) = &files {
+            labels.insert(LABEL_FILES_DIR.to_owned(), mount.clone());
+        }
         if let Some(p) = &spec.readiness {
             labels.insert(
                 LABEL_READINESS.to_owned(),
@@ -859,7 +932,6 @@ impl DockerRuntime {
         // container after a restart.
         let mut fresh = tracked(i, Some(&labels), None, None);
         fresh.revision = self.next_revision();
-        self.lock().gone.remove(&spec.name);
         let listen = node
             .config
             .listen_address
@@ -892,6 +964,9 @@ impl DockerRuntime {
                 .memory_bytes
                 .map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
             binds: (!binds.is_empty()).then_some(binds),
+            mounts: files
+                .as_ref()
+                .map(|(mount, dir)| vec![self.files_mount(&spec.name, mount, dir)]),
             network_mode: spec.network.clone(),
             ..Default::default()
         };
@@ -916,6 +991,8 @@ impl DockerRuntime {
                 // A container of that name exists: a create that timed out earlier, or one left
                 // by a crash. Creates are idempotent: replace it.
                 self.remove_on(i, &spec.name).await?;
+                // The removal took the files folder with it.
+                self.files_folder(i, spec)?;
                 docker
                     .create_container(Some(opts), body)
                     .await
@@ -929,22 +1006,19 @@ impl DockerRuntime {
             }
             Err(e) => return Err(map_err(e, &spec.name)),
         }
-        self.lock().instances.insert(spec.name.clone(), fresh);
+        {
+            let mut st = self.lock();
+            // Not gone any more (a removal of an earlier container of this name marked it).
+            st.gone.remove(&spec.name);
+            st.instances.insert(spec.name.clone(), fresh);
+        }
         if let Err(e) = docker.start_container(&spec.name, None).await {
             let err = start_error(e, &spec.name);
             // Leave nothing half-made behind.
             let _ = self.remove_on(i, &spec.name).await;
             return Err(err);
         }
-        let ip = if spec.readiness.is_some() {
-            self.inspect(i, &spec.name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|t| t.ip)
-        } else {
-            None
-        };
+        let ip = self.ip_if(spec.readiness.is_some(), i, &spec.name).await;
         self.mark_started(&spec.name, ip);
         debug!(instance = %spec.name, ms = began.elapsed().as_millis(), "container created and started");
         let st = self.lock();
@@ -972,9 +1046,121 @@ impl DockerRuntime {
             Err(e) => return Err(map_err(e, name)),
         }
         debug!(instance = %name, ms = began.elapsed().as_millis(), "container removed");
-        let mut guard = self.lock();
-        self.container_gone(&mut guard, i, name);
+        {
+            let mut guard = self.lock();
+            self.container_gone(&mut guard, i, name);
+        }
+        self.drop_files_folder(&[i], name).await;
         Ok(())
+    }
+
+    /// The host-backed files folder for `spec`'s instance on node `i`, freshly emptied:
+    /// `(mount path, folder)`, or `None` when its files go through the API.
+    fn files_folder(&self, i: usize, spec: &InstanceSpec) -> Result<Option<(String, PathBuf)>> {
+        let (Some(mount), Some(hf)) = (&spec.files_dir, &self.inner.host_files) else {
+            return Ok(None);
+        };
+        if !self.inner.nodes[i].config.shares_files() {
+            return Ok(None);
+        }
+        let dir = hf.prepare(&spec.name).map_err(|e| {
+            RuntimeError::Failed(format!(
+                "preparing the files folder {}: {e}",
+                hf.dir_of(&spec.name).display()
+            ))
+        })?;
+        Ok(Some((mount.clone(), dir)))
+    }
+
+    /// A `local` volume bound to `dir`, mounted at `mount`: Docker fills it from the image's
+    /// content at `mount` when the container is created, as any empty named volume.
+    fn files_mount(&self, name: &str, mount: &str, dir: &Path) -> Mount {
+        Mount {
+            target: Some(mount.to_owned()),
+            source: Some(files_volume(name)),
+            typ: Some(MountType::VOLUME),
+            volume_options: Some(MountVolumeOptions {
+                no_copy: Some(false),
+                labels: Some(HashMap::from([
+                    (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                    (
+                        LABEL_CONTROLLER.to_owned(),
+                        self.inner.config.controller_id.clone(),
+                    ),
+                ])),
+                driver_config: Some(MountVolumeOptionsDriverConfig {
+                    name: Some("local".to_owned()),
+                    options: Some(HashMap::from([
+                        ("type".to_owned(), "none".to_owned()),
+                        ("o".to_owned(), "bind".to_owned()),
+                        ("device".to_owned(), dir.display().to_string()),
+                    ])),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Removes `name`'s files volume (from `nodes`) and folder, if it has them.
+    async fn drop_files_folder(&self, nodes: &[usize], name: &str) {
+        let Some(hf) = &self.inner.host_files else {
+            return;
+        };
+        if !hf.dir_of(name).exists() {
+            return;
+        }
+        for &i in nodes {
+            if !self.inner.nodes[i].config.shares_files() {
+                continue;
+            }
+            match self.inner.nodes[i]
+                .docker
+                .remove_volume(&files_volume(name), None::<RemoveVolumeOptions>)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if status_of(&e) == Some(404) => {}
+                Err(e) => {
+                    // Still in use (a container of that name exists again) or unreachable: the
+                    // folder stays; a later list sweeps it.
+                    debug!(instance = %name, error = %e, "files volume not removed");
+                    return;
+                }
+            }
+        }
+        if let Err(e) = hf.remove(name) {
+            warn!(instance = %name, folder = %hf.dir_of(name).display(), error = %e,
+                "removing the files folder failed");
+        }
+    }
+
+    /// Files folders of containers that no longer exist (removed by hand, or left by a crash):
+    /// removed once they are older than [`FILES_SWEEP_AFTER`], so that a creation in flight
+    /// (folder made, container not yet listed) keeps its own.
+    async fn sweep_files_folders(&self, listed: &HashSet<String>) {
+        let Some(hf) = &self.inner.host_files else {
+            return;
+        };
+        let stale: Vec<String> = {
+            let st = self.lock();
+            hf.instances()
+                .into_iter()
+                .filter(|n| !listed.contains(n) && !st.instances.contains_key(n))
+                .filter(|n| {
+                    std::fs::metadata(hf.dir_of(n))
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > FILES_SWEEP_AFTER)
+                })
+                .collect()
+        };
+        let all: Vec<usize> = (0..self.inner.nodes.len()).collect();
+        for name in stale {
+            debug!(instance = %name, "sweeping a files folder whose container is gone");
+            self.drop_files_folder(&all, &name).await;
+        }
     }
 }
 
@@ -998,6 +1184,7 @@ impl Runtime for DockerRuntime {
 
     async fn list(&self) -> Result<Vec<Instance>> {
         let mut out = Vec::new();
+        let mut listed = HashSet::new();
         for i in 0..self.inner.nodes.len() {
             let health = self.lock().health[i];
             match health {
@@ -1026,19 +1213,39 @@ impl Runtime for DockerRuntime {
             for (name, c) in found {
                 seen.insert(name.clone());
                 let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
-                let start_probe = {
+                // Running, and not known running: its address first, so that it is tracked
+                // running at once (never half-made, where another list would see it stopped).
+                let needs_ip =
+                    running && self.lock().instances.get(&name).is_none_or(|t| !t.running);
+                let ip = self.ip_if(needs_ip, i, &name).await;
+                let probe = {
                     let mut guard = self.lock();
                     let st = &mut *guard;
+                    // Destroyed or removed while this list went on (it awaits inspections):
+                    // the summary is older than that news and must not track it again.
+                    if st.gone.contains_key(&name) {
+                        continue;
+                    }
+                    // Being created (perhaps not started yet): its creation reports it.
+                    if st.creating.contains(&name) {
+                        continue;
+                    }
                     let entry = st
                         .instances
                         .entry(name.clone())
                         .or_insert_with(|| tracked_from_summary(i, &c));
+                    // Changed since the list began (an event, a creation that returned): the
+                    // summary is older news than what is tracked.
+                    let newer = entry.revision > listed_from;
                     entry.node = i;
                     if entry.revision == 0 {
                         entry.revision = self.next_revision();
                     }
-                    let start_probe = running && !entry.running;
-                    if !running {
+                    if newer {
+                        None
+                    } else if running {
+                        self.started_locked(st, &name, ip)
+                    } else {
                         if entry.running {
                             entry.incarnation += 1;
                             entry.revision = self.next_revision();
@@ -1046,18 +1253,10 @@ impl Runtime for DockerRuntime {
                         entry.running = false;
                         entry.ready = false;
                         entry.exit_code = exit_code_of(c.status.as_deref());
+                        None
                     }
-                    start_probe
                 };
-                if start_probe {
-                    let ip = self
-                        .inspect(i, &name)
-                        .await
-                        .ok()
-                        .flatten()
-                        .and_then(|t| t.ip);
-                    self.mark_started(&name, ip);
-                }
+                self.spawn_probe(&name, probe);
                 let st = self.lock();
                 if let Some(t) = st.instances.get(&name) {
                     out.push(self.instance_of(&name, t));
@@ -1068,16 +1267,20 @@ impl Runtime for DockerRuntime {
             self.lock()
                 .instances
                 .retain(|n, t| t.node != i || seen.contains(n) || t.revision > listed_from);
+            listed.extend(seen);
         }
+        self.sweep_files_folders(&listed).await;
         Ok(out)
     }
 
     async fn create(&self, spec: InstanceSpec) -> Result<Instance> {
         let i = self.pick_node()?;
+        self.lock().creating.insert(spec.name.clone());
         let r = self.create_on(i, &spec).await;
         let mut guard = self.lock();
         let st = &mut *guard;
         st.pending[i] = st.pending[i].saturating_sub(1);
+        st.creating.remove(&spec.name);
         if r.is_err() {
             st.instances.remove(&spec.name);
         }
@@ -1151,7 +1354,30 @@ impl Runtime for DockerRuntime {
     }
 
     async fn put_files(&self, name: &str, dir: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
-        let (_, docker) = self.docker_of(name)?;
+        let (i, docker) = self.docker_of(name)?;
+        let mount = self
+            .lock()
+            .instances
+            .get(name)
+            .and_then(|t| t.files_mount.clone());
+        let direct = mount
+            .and_then(|m| hostfiles::under_mount(&m, dir))
+            .filter(|_| self.inner.nodes[i].config.shares_files())
+            .and_then(|sub| {
+                self.inner
+                    .host_files
+                    .as_ref()
+                    .map(|hf| (hf.dir_of(name), sub))
+            });
+        if let Some((folder, sub)) = direct {
+            let files = files.to_vec();
+            return tokio::task::spawn_blocking(move || {
+                hostfiles::write_files(&folder, &sub, &files)
+            })
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("writing files: {e}")))?
+            .map_err(RuntimeError::Failed);
+        }
         let archive = tar_of(dir, files)?;
         let opts = UploadToContainerOptionsBuilder::default().path("/").build();
         docker
@@ -1229,6 +1455,11 @@ impl Runtime for DockerRuntime {
 
 // ---- helpers ---------------------------------------------------------------------------------
 
+/// The volume that mounts `name`'s host-backed files folder.
+fn files_volume(name: &str) -> String {
+    format!("{name}-files")
+}
+
 fn connect_url(url: &str) -> std::result::Result<Docker, DockerError> {
     if url.starts_with("unix://") {
         Docker::connect_with_unix(url, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
@@ -1285,7 +1516,9 @@ pub fn decode_ports(s: &str) -> Vec<PortBinding> {
         .collect()
 }
 
-fn labels_of(map: Option<&HashMap<String, String>>) -> (Labels, Vec<PortBinding>, Option<Probe>) {
+fn labels_of(
+    map: Option<&HashMap<String, String>>,
+) -> (Labels, Vec<PortBinding>, Option<Probe>, Option<String>) {
     let map = map.cloned().unwrap_or_default();
     let ports = map
         .get(LABEL_PORTS)
@@ -1294,12 +1527,13 @@ fn labels_of(map: Option<&HashMap<String, String>>) -> (Labels, Vec<PortBinding>
     let probe = map
         .get(LABEL_READINESS)
         .and_then(|s| serde_json::from_str(s).ok());
+    let files_mount = map.get(LABEL_FILES_DIR).cloned();
     // The bookkeeping labels stay out of the instance's labels (the engine compares those).
     let labels: BTreeMap<String, String> = map
         .into_iter()
-        .filter(|(k, _)| k != LABEL_PORTS && k != LABEL_READINESS)
+        .filter(|(k, _)| k != LABEL_PORTS && k != LABEL_READINESS && k != LABEL_FILES_DIR)
         .collect();
-    (Arc::new(labels), ports, probe)
+    (Arc::new(labels), ports, probe, files_mount)
 }
 
 fn tracked(
@@ -1308,7 +1542,7 @@ fn tracked(
     exit_code: Option<i64>,
     ip: Option<String>,
 ) -> Tracked {
-    let (labels, ports, probe) = labels_of(labels);
+    let (labels, ports, probe, files_mount) = labels_of(labels);
     Tracked {
         node,
         labels,
@@ -1320,6 +1554,7 @@ fn tracked(
         incarnation: 0,
         ip,
         revision: 0,
+        files_mount,
     }
 }
 

@@ -324,6 +324,27 @@ impl Runtime for MemoryRuntime {
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
+        // As Docker: a container whose host port another process holds is made, fails to
+        // start, and is removed (and reported removed) before the creation returns, which
+        // takes the time of that removal.
+        let foreign = {
+            let mut inner = self.lock();
+            let port = spec
+                .ports
+                .iter()
+                .map(|p| p.host_port)
+                .find(|p| inner.foreign_ports.contains(p));
+            let made = !inner.instances.contains_key(&spec.name)
+                && !inner.images_missing.contains(&spec.image);
+            if port.is_some() && made {
+                inner.emit(RuntimeEvent::Removed(spec.name.clone()));
+            }
+            port
+        };
+        if let Some(port) = foreign {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            return Err(RuntimeError::PortInUse { port });
+        }
         let instance = {
             let mut inner = self.lock();
             if inner.instances.contains_key(&spec.name) {
@@ -337,13 +358,6 @@ impl Runtime for MemoryRuntime {
                     image: spec.image,
                     reason: "not present, and the pull policy does not allow pulling it".to_owned(),
                 });
-            }
-            if let Some(p) = spec
-                .ports
-                .iter()
-                .find(|p| inner.foreign_ports.contains(&p.host_port))
-            {
-                return Err(RuntimeError::PortInUse { port: p.host_port });
             }
             if let Some(p) = spec
                 .ports

@@ -6,6 +6,7 @@
 //! the engine's durable store.
 
 pub mod docker;
+pub mod hostfiles;
 pub mod memory;
 pub(crate) mod probe;
 
@@ -32,6 +33,8 @@ pub const LABEL_CONTROLLER: &str = "poolkeeper.dev/controller";
 pub const LABEL_PORTS: &str = "poolkeeper.dev/ports";
 /// The readiness probe as JSON, so that probing resumes for adopted containers.
 pub const LABEL_READINESS: &str = "poolkeeper.dev/readiness";
+/// The mount path of a host-backed files folder (see `runtime::hostfiles`).
+pub const LABEL_FILES_DIR: &str = "poolkeeper.dev/files-dir";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortBinding {
@@ -61,6 +64,9 @@ pub struct InstanceSpec {
     /// Named volume or host path -> mount.
     pub volumes: BTreeMap<String, VolumeMount>,
     pub pull_policy: PullPolicy,
+    /// Where claims' files go (the pool's `files.mountPath`): a runtime may back it with a
+    /// folder it writes directly.
+    pub files_dir: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
