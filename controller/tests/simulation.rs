@@ -89,6 +89,21 @@ async fn a_slow_runtime_never_causes_a_second_creation() {
 }
 
 #[tokio::test]
+async fn a_large_pool_is_filled_with_a_bounded_number_of_creations_in_flight() {
+    let mut s = sim();
+    s.mem.set_create_latency(Duration::from_millis(50));
+    apply_pool(&mut s, "big", pool("nginx", 300, Some(300)));
+    s.wait_warm("big", 300).await;
+    assert_eq!(s.rt.create_calls(), 300, "each instance created once");
+    let peak = s.rt.max_creates_in_flight();
+    // Queued beyond the cap (128), and the cap used: the creations ran in parallel.
+    assert!(
+        (100..=128).contains(&peak),
+        "{peak} creations in flight at once"
+    );
+}
+
+#[tokio::test]
 async fn a_list_begun_before_a_creation_returned_does_not_make_the_engine_forget_it() {
     let mut s = sim();
     s.resync().await;

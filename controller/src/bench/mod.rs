@@ -324,7 +324,7 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
     h.send(SourceEvent::Synced)?;
     let t = Instant::now();
     // Wait for every pool to fill, then bind every claim.
-    while (rt.instances().iter().filter(|i| i.ready).count() as u32) < per_pool * pools {
+    while (rt.counts().1 as u32) < per_pool * pools {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if t.elapsed() > Duration::from_secs(600) {
             bail!("pools did not fill");
@@ -361,7 +361,7 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         json!({"bench":"resync","runtime":"memory","pools":pools,"claims":claims,
-               "instances":rt.instances().len(),"ms":round3(times[1]),"min_ms":round3(times[0]),
+               "instances":rt.counts().0,"ms":round3(times[1]),"min_ms":round3(times[0]),
                "setup_s":round3(setup.as_secs_f64()),"rss_mb":round3(rss_peak_mb()),
                "rss_now_mb":round3(rss_now)})
     );

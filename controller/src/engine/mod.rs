@@ -473,10 +473,10 @@ pub struct Engine<R: Runtime> {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     pools: BTreeMap<String, PoolEntry>,
-    claims: HashMap<String, ClaimEntry>,
+    claims: HashMap<String, Box<ClaimEntry>>,
     users: BTreeMap<String, UserEntry>,
     deployments: BTreeMap<String, DeploymentEntry>,
-    instances: HashMap<String, InstRec>,
+    instances: HashMap<String, Box<InstRec>>,
     pool_index: HashMap<String, PoolIndex>,
     /// Instances changed since they were last classified into their pool's index.
     touched: std::collections::HashSet<String>,
@@ -508,6 +508,10 @@ pub struct Engine<R: Runtime> {
     /// `FORGOTTEN_KEPT_MS`. A list begun before the removal saw them, and a daemon's list can
     /// lag its removals; names are never reused (random suffixes).
     recently_gone: HashMap<String, u64>,
+    /// Creations handed to the runtime and not answered yet; beyond `MAX_CREATES_IN_FLIGHT`
+    /// they wait in `create_queue` (their records are `Creating` all the same).
+    creates_in_flight: usize,
+    create_queue: std::collections::VecDeque<(String, Box<crate::runtime::InstanceSpec>)>,
     started: bool,
     subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
     no_files: Arc<Vec<(String, Vec<u8>)>>,
@@ -576,6 +580,8 @@ pub fn start<R: Runtime>(
         listed: false,
         list_epoch: 0,
         recently_gone: HashMap::new(),
+        creates_in_flight: 0,
+        create_queue: std::collections::VecDeque::new(),
         started: false,
         subscribers: Vec::new(),
         no_files: Arc::new(Vec::new()),
@@ -1142,7 +1148,7 @@ impl<R: Runtime> Engine<R> {
                 durable::RecPhase::Released | durable::RecPhase::Expired
             )
         });
-        self.claims.insert(name.clone(), entry);
+        self.claims.insert(name.clone(), Box::new(entry));
         if !terminal {
             self.index_claim(&name, seq);
         }

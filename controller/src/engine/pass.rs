@@ -46,6 +46,11 @@ const CREATE_BACKOFF_MAX_MS: u64 = 60_000;
 /// than any list takes.
 const FORGOTTEN_KEPT_MS: u64 = 120_000;
 
+/// Creations handed to the runtime at once; more wait in the engine's queue. Why 128: far more
+/// than a daemon serves in parallel (Docker here tops out well below), few enough that a
+/// pool of 100k does not hold 100k runtime calls (and their memory) at the same time.
+const MAX_CREATES_IN_FLIGHT: usize = 128;
+
 impl<R: Runtime> Engine<R> {
     // -----------------------------------------------------------------------------------------
     // Observed state
@@ -143,14 +148,14 @@ impl<R: Runtime> Engine<R> {
             debug!(instance = %name, state = ?i.state, ready = i.ready, revision = i.revision,
                 "tracking an instance the runtime reported");
             let hash = i.label(LABEL_HASH).unwrap_or_default().to_owned();
-            InstRec::new(
+            Box::new(InstRec::new(
                 name.clone(),
                 pool.clone(),
                 deployment.clone(),
                 hash,
                 phase,
                 now,
-            )
+            ))
         });
         rec.seen_epoch = self.list_epoch;
         if i.revision != 0 {
@@ -303,31 +308,38 @@ impl<R: Runtime> Engine<R> {
         self.to_report.insert(claim.to_owned());
     }
 
+    fn on_created(&mut self, name: String, result: Result<Instance, RuntimeError>, now: u64) {
+        match result {
+            Ok(i) => {
+                if let Some(p) = i.label(LABEL_POOL).and_then(|p| self.pools.get_mut(p)) {
+                    p.create_failures = 0;
+                    p.create_error = None;
+                }
+                // The runtime's event stream is ordered per instance; this reply travels
+                // another path and may be older than events already seen. It is news only
+                // while the record is still the placeholder of this creation.
+                let Some(rec) = self.instances.get_mut(&name) else {
+                    return;
+                };
+                rec.create_in_flight = false;
+                match rec.phase {
+                    InstancePhase::Creating => self.observe(i),
+                    // Removal was asked for while we were creating: do it now.
+                    InstancePhase::Deleting => self.spawn_remove(&name),
+                    _ => {}
+                }
+            }
+            Err(e) => self.create_failed(&name, e, now),
+        }
+    }
+
     pub(super) fn on_done(&mut self, c: Completion) {
         let now = self.clock.now_ms();
         match c {
-            Completion::Created { name, result } => match result {
-                Ok(i) => {
-                    if let Some(p) = i.label(LABEL_POOL).and_then(|p| self.pools.get_mut(p)) {
-                        p.create_failures = 0;
-                        p.create_error = None;
-                    }
-                    // The runtime's event stream is ordered per instance; this reply travels
-                    // another path and may be older than events already seen. It is news only
-                    // while the record is still the placeholder of this creation.
-                    let Some(rec) = self.instances.get_mut(&name) else {
-                        return;
-                    };
-                    rec.create_in_flight = false;
-                    match rec.phase {
-                        InstancePhase::Creating => self.observe(i),
-                        // Removal was asked for while we were creating: do it now.
-                        InstancePhase::Deleting => self.spawn_remove(&name),
-                        _ => {}
-                    }
-                }
-                Err(e) => self.create_failed(&name, e, now),
-            },
+            Completion::Created { name, result } => {
+                self.create_answered();
+                self.on_created(name, result, now);
+            }
             Completion::Removed { name, result } => match result {
                 // Forgotten when the runtime's event stream (or a relist) says it is gone: a
                 // `Changed` event still in that stream must not re-adopt a forgotten instance.
@@ -1185,7 +1197,7 @@ impl<R: Runtime> Engine<R> {
         );
         rec.ports = ports.iter().map(|p| p.host_port).collect();
         rec.create_in_flight = true;
-        self.instances.insert(name.clone(), rec);
+        self.instances.insert(name.clone(), Box::new(rec));
         self.touched.insert(name.clone());
         self.spawn_create(name, ispec);
         true
@@ -1194,6 +1206,26 @@ impl<R: Runtime> Engine<R> {
     fn spawn_create(&mut self, name: String, spec: InstanceSpec) {
         // Created again (a deployment's slot keeps its name): reports of it are news again.
         self.recently_gone.remove(&name);
+        if self.creates_in_flight >= MAX_CREATES_IN_FLIGHT {
+            // Boxed: a queue of 100k holds pointers, and its spare capacity costs little.
+            self.create_queue.push_back((name, Box::new(spec)));
+            return;
+        }
+        self.dispatch_create(name, spec);
+    }
+
+    /// A creation answered: the next queued one goes.
+    fn create_answered(&mut self) {
+        self.creates_in_flight = self.creates_in_flight.saturating_sub(1);
+        if self.creates_in_flight < MAX_CREATES_IN_FLIGHT
+            && let Some((name, spec)) = self.create_queue.pop_front()
+        {
+            self.dispatch_create(name, *spec);
+        }
+    }
+
+    fn dispatch_create(&mut self, name: String, spec: InstanceSpec) {
+        self.creates_in_flight += 1;
         let rt = self.rt.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -1473,7 +1505,7 @@ impl<R: Runtime> Engine<R> {
         );
         rec.ports = ports.iter().map(|p| p.host_port).collect();
         rec.create_in_flight = true;
-        self.instances.insert(slot.to_owned(), rec);
+        self.instances.insert(slot.to_owned(), Box::new(rec));
         self.spawn_create(slot.to_owned(), ispec);
         None
     }
@@ -1773,7 +1805,7 @@ impl<R: Runtime> Engine<R> {
         let recs: Vec<&InstRec> = members
             .into_iter()
             .flatten()
-            .filter_map(|m| self.instances.get(m))
+            .filter_map(|m| self.instances.get(m).map(|r| &**r))
             .collect();
         let mut s = PoolStatus {
             observed_generation: Some(p.generation),
@@ -1838,7 +1870,8 @@ impl<R: Runtime> Engine<R> {
                 &p.events,
             ));
         }
-        let mut claims: Vec<(&String, &ClaimEntry)> = self.claims.iter().collect();
+        let mut claims: Vec<(&String, &ClaimEntry)> =
+            self.claims.iter().map(|(n, c)| (n, &**c)).collect();
         claims.sort_by_key(|(_, c)| c.seq);
         for (name, c) in claims {
             let rec = st.claims.get(name);

@@ -55,7 +55,8 @@ struct Sim {
 struct Inner {
     config: MemoryConfig,
     rng: SmallRng,
-    instances: HashMap<String, Sim>,
+    /// Boxed: the table's empty slots then cost a pointer, not a whole `Sim`.
+    instances: HashMap<String, Box<Sim>>,
     subscribers: Vec<mpsc::UnboundedSender<RuntimeEvent>>,
     networks: BTreeSet<String>,
     images_missing: BTreeSet<String>,
@@ -223,6 +224,17 @@ impl MemoryRuntime {
             inner.emit(RuntimeEvent::Removed(name.to_owned()));
         }
         existed
+    }
+
+    /// How many instances there are, and how many of them are ready (no copies).
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let ready = inner
+            .instances
+            .values()
+            .filter(|s| s.instance.ready)
+            .count();
+        (inner.instances.len(), ready)
     }
 
     /// A snapshot of every instance.
@@ -396,12 +408,12 @@ impl Runtime for MemoryRuntime {
                 .extend(spec.ports.iter().map(|p| p.host_port));
             inner.instances.insert(
                 spec.name.clone(),
-                Sim {
+                Box::new(Sim {
                     instance: instance.clone(),
                     files: BTreeMap::new(),
                     incarnation: 0,
                     logs: Vec::new(),
-                },
+                }),
             );
             inner.emit(RuntimeEvent::Changed(instance.clone()));
             instance

@@ -39,11 +39,17 @@ pub struct Counting {
     pub mem: MemoryRuntime,
     create_calls: AtomicU64,
     creates_done: AtomicU64,
+    /// The most create calls outstanding at once.
+    max_in_flight: AtomicU64,
 }
 
 impl Counting {
     pub fn create_calls(&self) -> u64 {
         self.create_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn max_creates_in_flight(&self) -> u64 {
+        self.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Create calls that have not returned (possibly made by a controller since killed).
@@ -66,7 +72,9 @@ impl Runtime for Counting {
     }
 
     async fn create(&self, spec: InstanceSpec) -> RtResult<Instance> {
-        self.create_calls.fetch_add(1, Ordering::SeqCst);
+        let calls = self.create_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let outstanding = calls - self.creates_done.load(Ordering::SeqCst);
+        self.max_in_flight.fetch_max(outstanding, Ordering::SeqCst);
         let r = self.mem.create(spec).await;
         self.creates_done.fetch_add(1, Ordering::SeqCst);
         r
@@ -133,6 +141,7 @@ impl Sim {
             mem: mem.clone(),
             create_calls: AtomicU64::new(0),
             creates_done: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
         });
         let clock = ManualClock::new(T0_MS);
         let dir = tempfile::tempdir().unwrap();
