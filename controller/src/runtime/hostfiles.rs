@@ -41,10 +41,20 @@ impl HostFiles {
     }
 
     /// An empty folder for `instance` (whatever an earlier one of that name left is removed).
+    /// The root is private to this user (claims' files may be secrets): the daemon, as root,
+    /// still mounts what is under it.
     pub fn prepare(&self, instance: &str) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !self.root.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.root)?;
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+        }
         let dir = self.dir_of(instance);
         self.remove(instance)?;
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir(&dir)?;
         Ok(dir)
     }
 
@@ -246,8 +256,12 @@ mod tests {
     #[test]
     fn prepare_empties_and_remove_tolerates_absence() {
         let t = tempfile::tempdir().expect("tempdir");
-        let h = HostFiles::new(t.path().to_path_buf());
+        let h = HostFiles::new(t.path().join("files"));
         let d = h.prepare("i1").expect("prepare");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(h.root()).expect("root").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o700, "the root is private");
         std::fs::write(d.join("x"), "x").expect("write");
         let d = h.prepare("i1").expect("prepare again");
         assert_eq!(std::fs::read_dir(&d).expect("list").count(), 0);
