@@ -393,7 +393,7 @@ fn a_claim_is_served_on_its_port_and_release_leaves_only_fresh_instances() {
 }
 
 #[test]
-fn files_go_through_the_api_when_the_daemon_does_not_share_the_filesystem() {
+fn files_from_a_tar_go_through_the_api_when_the_daemon_does_not_share_the_filesystem() {
     let _serial = serial();
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
@@ -410,11 +410,27 @@ fn files_go_through_the_api_when_the_daemon_does_not_share_the_filesystem() {
         &["--config", config.path().to_str().unwrap()],
     );
     c.wait("warm 1", T, |s| pool_warm(s, "up") == 1);
-    c.write("claim.yaml", &claim_yaml("mine", "up", "uploaded"));
+    // The files come from a tar next to the claim (`filesFrom`).
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, body) in [("index.html", "uploaded"), ("docs/a.txt", "from the tar")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, path, body.as_bytes()).unwrap();
+    }
+    std::fs::create_dir_all(c.path().join("data")).unwrap();
+    std::fs::write(c.path().join("data/site.tar"), tar.into_inner().unwrap()).unwrap();
+    c.write(
+        "claim.yaml",
+        "apiVersion: poolkeeper.dev/v1alpha1\nkind: Claim\nmetadata: {name: mine}\n\
+         spec: {pool: up, user: alice, filesFrom: data/site.tar}\n",
+    );
     let s = c.wait("claim bound", T, |s| claim_phase(s, "mine") == "Bound");
+    let port = claim_port(&s, "mine");
+    assert_eq!(http_get(port, "/").as_deref(), Some("uploaded"));
     assert_eq!(
-        http_get(claim_port(&s, "mine"), "/").as_deref(),
-        Some("uploaded")
+        http_get(port, "/docs/a.txt").as_deref(),
+        Some("from the tar")
     );
     assert!(
         !c.path()

@@ -828,9 +828,14 @@ fn read_claim_files(spec: &ClaimSpec, origin: &Origin) -> Result<Vec<(String, Ve
         let root = base.join(from);
         let meta =
             std::fs::metadata(&root).map_err(|e| format!("filesFrom {}: {e}", root.display()))?;
+        if meta.is_file() {
+            out.extend(read_tar(&root)?);
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok(out);
+        }
         if !meta.is_dir() {
             return Err(format!(
-                "filesFrom {}: not a folder (tar archives arrive with the Docker runtime)",
+                "filesFrom {}: neither a folder nor a tar archive",
                 root.display()
             ));
         }
@@ -865,6 +870,56 @@ fn read_claim_files(spec: &ClaimSpec, origin: &Origin) -> Result<Vec<(String, Ve
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The regular files of a plain (uncompressed) tar archive, as relative paths. Links, devices
+/// and paths that would leave the mount path are refused, as in a folder.
+fn read_tar(path: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    use std::io::Read;
+    let fail = |e: &dyn std::fmt::Display| format!("filesFrom {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+    let mut archive = tar::Archive::new(file);
+    let mut out = Vec::new();
+    for entry in archive
+        .entries()
+        .map_err(|e| fail(&format!("not a tar archive ({e})")))?
+    {
+        let mut entry = entry.map_err(|e| fail(&format!("not a tar archive ({e})")))?;
+        let name = entry
+            .path()
+            .map_err(|e| fail(&e))?
+            .to_string_lossy()
+            .into_owned();
+        let rel = Path::new(&name);
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            continue;
+        }
+        if !(kind.is_file() || kind == tar::EntryType::Continuous) {
+            return Err(fail(&format!(
+                "{name}: only regular files are copied (links, devices and the like are not)"
+            )));
+        }
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                std::path::Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+                std::path::Component::CurDir => {}
+                _ => {
+                    return Err(fail(&format!(
+                        "{name}: paths must be relative and stay inside the mount path"
+                    )));
+                }
+            }
+        }
+        if parts.is_empty() {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).map_err(|e| fail(&e))?;
+        out.push((parts.join("/"), bytes));
+    }
     Ok(out)
 }
 
@@ -1313,5 +1368,95 @@ impl<R: Runtime> Engine<R> {
         }
         self.to_report.insert(claim.to_owned());
         info!(claim, instance, reason, "binding ended");
+    }
+}
+
+#[cfg(test)]
+mod files_from_tests {
+    use super::*;
+
+    fn claim_from(from: &str) -> ClaimSpec {
+        ClaimSpec {
+            pool: "p".to_owned(),
+            user: "u".to_owned(),
+            ttl: None,
+            files_from: Some(from.to_owned()),
+            files: BTreeMap::from([("inline.txt".to_owned(), "inline".to_owned())]),
+        }
+    }
+
+    fn origin(dir: &Path) -> Origin {
+        Origin {
+            file: dir.join("claim.yaml"),
+            line: 1,
+            col: 1,
+        }
+    }
+
+    fn tar_with(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            // `append_data` would refuse `..`: write the name raw, as a hostile archive does.
+            let name = h.as_old_mut().name.as_mut();
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).expect("append");
+        }
+        b.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn a_folder_and_a_tar_give_the_same_files() {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(t.path().join("site/css")).expect("mkdir");
+        std::fs::write(t.path().join("site/index.html"), "hi").expect("write");
+        std::fs::write(t.path().join("site/css/a.css"), "b{}").expect("write");
+        let tar = tar_with(&[
+            ("./index.html", tar::EntryType::Regular, b"hi"),
+            ("css/", tar::EntryType::Directory, b""),
+            ("css/a.css", tar::EntryType::Regular, b"b{}"),
+        ]);
+        std::fs::write(t.path().join("site.tar"), tar).expect("write");
+        let from_dir = read_claim_files(&claim_from("site"), &origin(t.path())).expect("dir");
+        let from_tar = read_claim_files(&claim_from("site.tar"), &origin(t.path())).expect("tar");
+        assert_eq!(from_dir, from_tar);
+        let names: Vec<&str> = from_tar.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["css/a.css", "index.html", "inline.txt"]);
+    }
+
+    #[test]
+    fn a_tar_that_leaves_the_mount_path_or_holds_links_is_refused() {
+        let t = tempfile::tempdir().expect("tempdir");
+        for (name, kind) in [
+            ("../escape", tar::EntryType::Regular),
+            ("/etc/passwd", tar::EntryType::Regular),
+            ("link", tar::EntryType::Symlink),
+            ("hard", tar::EntryType::Link),
+        ] {
+            std::fs::write(t.path().join("bad.tar"), tar_with(&[(name, kind, b"x")]))
+                .expect("write");
+            let e = read_claim_files(&claim_from("bad.tar"), &origin(t.path()))
+                .expect_err("must be refused");
+            assert!(e.contains("bad.tar") && e.contains(name), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_no_tar_is_an_error_naming_it() {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            t.path().join("notes.txt"),
+            "just text, not an archive at all",
+        )
+        .expect("write");
+        let e =
+            read_claim_files(&claim_from("notes.txt"), &origin(t.path())).expect_err("not a tar");
+        assert!(e.contains("notes.txt"), "{e}");
+        let e = read_claim_files(&claim_from("missing"), &origin(t.path())).expect_err("missing");
+        assert!(e.contains("missing"), "{e}");
     }
 }
