@@ -104,6 +104,29 @@ async fn a_large_pool_is_filled_with_a_bounded_number_of_creations_in_flight() {
 }
 
 #[tokio::test]
+async fn deleting_a_pool_while_it_fills_drops_the_creations_still_queued() {
+    let mut s = sim();
+    s.mem.set_create_latency(Duration::from_millis(200));
+    apply_pool(&mut s, "big", pool("nginx", 300, Some(300)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.delete(Kind::Pool, "big");
+    s.wait_until("drained", |snap, rt| {
+        rt.is_empty()
+            && snap
+                .instances
+                .iter()
+                .all(|i| i.pool.as_deref() != Some("big"))
+    })
+    .await;
+    let calls = s.rt.create_calls();
+    assert!(
+        calls <= 128,
+        "{calls} creations made for a pool deleted while filling"
+    );
+    assert!(s.mem.instances().is_empty(), "nothing left in the runtime");
+}
+
+#[tokio::test]
 async fn a_list_begun_before_a_creation_returned_does_not_make_the_engine_forget_it() {
     let mut s = sim();
     s.resync().await;

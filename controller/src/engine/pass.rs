@@ -1214,12 +1214,22 @@ impl<R: Runtime> Engine<R> {
         self.dispatch_create(name, spec);
     }
 
-    /// A creation answered: the next queued one goes.
+    /// A creation answered: the next queued one goes. One removed while it waited (its pool
+    /// deleted or shrunk) is dropped: nothing to create, nothing to remove.
     fn create_answered(&mut self) {
         self.creates_in_flight = self.creates_in_flight.saturating_sub(1);
-        if self.creates_in_flight < MAX_CREATES_IN_FLIGHT
+        while self.creates_in_flight < MAX_CREATES_IN_FLIGHT
             && let Some((name, spec)) = self.create_queue.pop_front()
         {
+            if self
+                .instances
+                .get(&name)
+                .is_some_and(|r| r.phase == InstancePhase::Deleting)
+            {
+                debug!(instance = %name, "removed before its creation was handed over");
+                self.forget_instance(&name);
+                continue;
+            }
             self.dispatch_create(name, *spec);
         }
     }
