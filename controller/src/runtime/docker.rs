@@ -187,11 +187,10 @@ struct State {
     instances: HashMap<String, Tracked>,
     health: Vec<Health>,
     messages: Vec<Option<String>>,
-    /// Creates in flight per node (placement counts them).
-    pending: Vec<usize>,
-    /// Names of the creations in flight: between its creation and its start a container is
-    /// listed `created`, which is not an exit; the creation's result tells what it is.
-    creating: HashSet<String>,
+    /// Creations in flight, by name, with their node. Placement counts them; and between its
+    /// creation and its start a container is listed `created`, which is not an exit: the
+    /// creation's result tells what it is.
+    creating: HashMap<String, usize>,
     /// Containers reported removed, and when: a list must not track them again. A list begun
     /// before the removal saw them, and the daemon's list is served from a view that can lag
     /// its removals (seen with 20.10 under load: a container listed `running` after `destroy`).
@@ -312,8 +311,7 @@ impl DockerRuntime {
                     instances: HashMap::new(),
                     health,
                     messages,
-                    pending: vec![0; count],
-                    creating: HashSet::new(),
+                    creating: HashMap::new(),
                     gone: HashMap::new(),
                     sweep: HashSet::new(),
                 }),
@@ -372,22 +370,15 @@ impl DockerRuntime {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stops tracking a container that is gone; lists of the next [`GONE_KEPT`] do not track
-    /// it again.
-    fn untrack(&self, st: &mut State, name: &str) {
-        st.instances.remove(name);
-        st.gone.insert(name.to_owned(), Instant::now());
-    }
-
     /// Container `name` on node `i` no longer exists: reported removed if it was tracked there,
-    /// and remembered as gone either way (a list may have dropped it before its removal was
-    /// reported, and a later stale list must not bring it back).
+    /// and remembered as gone either way, so that lists of the next [`GONE_KEPT`] do not track
+    /// it again (a list may have dropped it before its removal was reported, and a later stale
+    /// list must not bring it back).
     fn container_gone(&self, st: &mut State, i: usize, name: &str) {
+        st.gone.insert(name.to_owned(), Instant::now());
         if st.instances.get(name).is_some_and(|t| t.node == i) {
-            self.untrack(st, name);
+            st.instances.remove(name);
             Self::emit(&mut st.subscribers, RuntimeEvent::Removed(name.to_owned()));
-        } else {
-            st.gone.insert(name.to_owned(), Instant::now());
         }
     }
 
@@ -528,8 +519,7 @@ impl DockerRuntime {
                     .map(|(n, _)| n.clone())
                     .collect();
                 for n in gone {
-                    self.untrack(st, &n);
-                    Self::emit(&mut st.subscribers, RuntimeEvent::Removed(n));
+                    self.container_gone(st, i, &n);
                 }
             }
             _ => {}
@@ -597,7 +587,7 @@ impl DockerRuntime {
                 let recreating = {
                     let mut guard = self.lock();
                     self.container_gone(&mut guard, i, &name);
-                    guard.creating.contains(&name)
+                    guard.creating.contains_key(&name)
                 };
                 // Removed behind our back (`docker rm -f`): its files folder goes too, unless
                 // a container of that name is being made again (which prepared its own).
@@ -803,19 +793,25 @@ impl DockerRuntime {
             .collect())
     }
 
-    fn pick_node(&self) -> Result<usize> {
+    /// The least-loaded reachable node for creation `name`, which is in flight from here on.
+    fn pick_node(&self, name: &str) -> Result<usize> {
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut load = vec![0usize; self.inner.nodes.len()];
-        for t in st.instances.values() {
-            load[t.node] += 1;
+        for node in st
+            .instances
+            .values()
+            .map(|t| t.node)
+            .chain(st.creating.values().copied())
+        {
+            load[node] += 1;
         }
         let best = (0..self.inner.nodes.len())
             .filter(|i| st.health[*i] == Health::Ready)
-            .min_by_key(|i| (load[*i] + st.pending[*i], *i));
+            .min_by_key(|i| (load[*i], *i));
         match best {
             Some(i) => {
-                st.pending[i] += 1;
+                st.creating.insert(name.to_owned(), i);
                 Ok(i)
             }
             None => Err(RuntimeError::Unavailable(
@@ -1227,7 +1223,7 @@ impl Runtime for DockerRuntime {
                         continue;
                     }
                     // Being created (perhaps not started yet): its creation reports it.
-                    if st.creating.contains(&name) {
+                    if st.creating.contains_key(&name) {
                         continue;
                     }
                     let entry = st
@@ -1274,12 +1270,10 @@ impl Runtime for DockerRuntime {
     }
 
     async fn create(&self, spec: InstanceSpec) -> Result<Instance> {
-        let i = self.pick_node()?;
-        self.lock().creating.insert(spec.name.clone());
+        let i = self.pick_node(&spec.name)?;
         let r = self.create_on(i, &spec).await;
         let mut guard = self.lock();
         let st = &mut *guard;
-        st.pending[i] = st.pending[i].saturating_sub(1);
         st.creating.remove(&spec.name);
         if r.is_err() {
             st.instances.remove(&spec.name);
@@ -1682,7 +1676,7 @@ fn tar_of(dir: &str, files: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, bytes) in files {
         let rel = Path::new(path);
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        if !super::is_plain_relative(rel) {
             return Err(RuntimeError::Failed(format!(
                 "file path {path:?} must be relative and stay inside {dir}"
             )));

@@ -16,10 +16,12 @@
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
+
+use super::is_plain_relative;
 
 /// Where host-backed files folders live, one per instance.
 #[derive(Clone, Debug)]
@@ -82,9 +84,7 @@ impl HostFiles {
 /// the relative part, or `None` when `dir` is not under it.
 pub fn under_mount(mount: &str, dir: &str) -> Option<PathBuf> {
     let rel = Path::new(dir).strip_prefix(Path::new(mount)).ok()?;
-    rel.components()
-        .all(|c| matches!(c, Component::Normal(_)))
-        .then(|| rel.to_path_buf())
+    is_plain_relative(rel).then(|| rel.to_path_buf())
 }
 
 /// Writes `files` (paths relative to `sub`, itself relative to `folder`) into `folder`,
@@ -98,10 +98,7 @@ pub fn write_files(folder: &Path, sub: &Path, files: &[(String, Vec<u8>)]) -> Re
     .map_err(|e| format!("opening {}: {e}", folder.display()))?;
     for (path, bytes) in files {
         let rel = Path::new(path);
-        if path.is_empty()
-            || rel.is_absolute()
-            || rel.components().any(|c| !matches!(c, Component::Normal(_)))
-        {
+        if path.is_empty() || !is_plain_relative(rel) {
             return Err(format!(
                 "file path {path:?} must be relative and stay inside the mount path"
             ));

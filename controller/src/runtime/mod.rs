@@ -98,6 +98,13 @@ impl Instance {
     }
 }
 
+/// Whether `path` is made of plain names only: relative, with no `..` or `.`, so that joined
+/// to a folder it stays inside it (the rule for the paths of a claim's files).
+pub fn is_plain_relative(path: &std::path::Path) -> bool {
+    path.components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 /// A node's health as status shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
