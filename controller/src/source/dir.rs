@@ -360,10 +360,12 @@ pub async fn run(
                     // A new folder is watched before it is read, so that nothing written into it
                     // is missed (the folder's own event makes `paths_changed` rescan).
                     // (A folder removed and made again under the same name needs a new watch.)
-                    let top: Vec<&PathBuf> =
-                        paths.iter().filter(|p| p.parent() == Some(root.as_path())).collect();
-                    if !top.is_empty() {
-                        for p in top {
+                    let new_folders: Vec<&PathBuf> = paths
+                        .iter()
+                        .filter(|p| p.parent() == Some(root.as_path()) && p.is_dir())
+                        .collect();
+                    if !new_folders.is_empty() {
+                        for p in new_folders {
                             watched.remove(p);
                         }
                         watch_folders(&mut watcher, &root, &mut watched);
