@@ -156,6 +156,15 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// One memory-runtime figure: `n` operations that took `took`, as total ms and a rate.
+fn print_rate(bench: &str, n: u32, took: Duration) {
+    println!(
+        "{}",
+        json!({"bench":bench,"runtime":"memory","n":n,"ms":round3(took.as_secs_f64()*1e3),
+               "per_s":round3(f64::from(n)/took.as_secs_f64())})
+    );
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -239,12 +248,7 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
     // bound (no refill); with more claims the pool refills behind them up to `claims`.
     h.apply(obj("bench".into(), pool(n, n.max(claims))))?;
     wait_warm(&h, "bench", n, Duration::from_secs(600)).await?;
-    let fill = t.elapsed();
-    println!(
-        "{}",
-        json!({"bench":"fill","runtime":"memory","n":n,"ms":round3(fill.as_secs_f64()*1e3),
-               "per_s":round3(f64::from(n)/fill.as_secs_f64())})
-    );
+    print_rate("fill", n, t.elapsed());
     // Claims, with `concurrency` outstanding.
     let m = claims;
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(m as usize);
@@ -297,12 +301,7 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
             h.delete(ObjKey::new(crate::model::Kind::Claim, format!("c{i}")))?;
         }
         wait_warm(&h, "bench", n, Duration::from_secs(600)).await?;
-        let rel = t.elapsed();
-        println!(
-            "{}",
-            json!({"bench":"release","runtime":"memory","n":m,"ms":round3(rel.as_secs_f64()*1e3),
-                   "per_s":round3(f64::from(m)/rel.as_secs_f64())})
-        );
+        print_rate("release", m, t.elapsed());
     }
     h.shutdown().await;
     Ok(())
