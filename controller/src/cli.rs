@@ -117,6 +117,10 @@ impl DockerArgs {
     /// The runtime configuration these flags and the config file describe; `state` is the
     /// folder bind mounts must stay in.
     pub fn docker_config(&self, state: &Path) -> anyhow::Result<DockerConfig> {
+        // The daemon resolves mount sources on its own, so they must be absolute (`run --dir`
+        // is often given relative to the working directory).
+        let state = std::path::absolute(state)
+            .with_context(|| format!("resolving the state folder {}", state.display()))?;
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -154,7 +158,7 @@ impl DockerArgs {
             config.node_down_after =
                 parse_duration(d).map_err(|e| anyhow::anyhow!("nodeDownAfter: {e}"))?;
         }
-        config.allowed_bind_root = Some(state.to_path_buf());
+        config.allowed_bind_root = Some(state.clone());
         config.files_root = Some(state.join("files"));
         if let Some(id) = self.controller_id.clone().or(file.controller_id) {
             if crate::units::check_name(&id).is_err() {
@@ -626,5 +630,16 @@ mod docker_args_tests {
             one.docker_config(Path::new("/s")).unwrap().nodes[0].name,
             "local"
         );
+    }
+
+    #[test]
+    fn mount_sources_are_absolute_when_the_folder_is_given_relative() {
+        let c = DockerArgs::default()
+            .docker_config(Path::new("examples/quickstart/.poolkeeper"))
+            .unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let state = cwd.join("examples/quickstart/.poolkeeper");
+        assert_eq!(c.files_root, Some(state.join("files")));
+        assert_eq!(c.allowed_bind_root, Some(state));
     }
 }
