@@ -2067,6 +2067,39 @@ async fn host_ports_of_creations_a_killed_controller_left_in_flight_are_not_take
 }
 
 #[tokio::test]
+async fn a_list_taken_before_a_creation_lands_does_not_forget_that_creation() {
+    let mut s = sim();
+    s.mem.set_create_latency(Duration::from_millis(200));
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(1)));
+    s.wait_until("the creation is in flight", |snap, _| {
+        snap.instances.len() == 1
+    })
+    .await;
+    // Deleted while its only instance is being created: the record turns Deleting, its
+    // creation still in flight. A list taken now cannot show the instance; that must not
+    // count as the instance being gone. The instance's own report is lost (dropped events),
+    // so only the creation's reply can tell the engine it exists.
+    s.delete(Kind::Pool, "web");
+    s.wait_until("the instance is being removed", |snap, _| {
+        snap.instances.iter().all(|i| i.phase == "Deleting")
+    })
+    .await;
+    s.mem.drop_events(true);
+    s.resync().await;
+    s.wait_until("the creation has landed", |_, _| {
+        s.rt.creates_in_flight() == 0
+    })
+    .await;
+    s.mem.drop_events(false);
+    s.resync().await;
+    s.wait_until(
+        "the instance of the deleted pool is removed",
+        |snap, insts| insts.is_empty() && snap.instances.is_empty(),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn sequences_found_by_the_random_test_stay_fixed() {
     use random::Step::*;
     let found = [
@@ -2105,6 +2138,40 @@ async fn sequences_found_by_the_random_test_stay_fixed() {
                 image: 1,
             },
             Restart,
+        ],
+        // A list taken while a creation of a deleted pool was in flight forgot that creation;
+        // with its events dropped, the instance it made was leaked.
+        vec![
+            Latency { ms: 5 },
+            Pool {
+                p: 0,
+                warm: 2,
+                max: 2,
+                image: 1,
+            },
+            Pool {
+                p: 1,
+                warm: 0,
+                max: 1,
+                image: 0,
+            },
+            Claim { c: 3, p: 1 },
+            Claim { c: 4, p: 0 },
+            DeletePool { p: 1 },
+            Resync,
+            DropEvents,
+            Claim { c: 2, p: 1 },
+            Wait { ms: 2 },
+            RemoveBehindBack {
+                pick: 4578298866338305171,
+            },
+            Claim { c: 1, p: 1 },
+            RemoveBehindBack {
+                pick: 12417507255280065116,
+            },
+            Claim { c: 1, p: 1 },
+            FailCreates { n: 3 },
+            Claim { c: 3, p: 1 },
         ],
     ];
     for steps in found {

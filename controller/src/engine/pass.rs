@@ -95,7 +95,11 @@ impl<R: Runtime> Engine<R> {
             .instances
             .values()
             .filter(|r| {
-                r.phase != InstancePhase::Creating
+                // A creation still in flight may land after the list was taken, whatever the
+                // record's phase (a removal asked for meanwhile makes it Deleting): its reply
+                // decides, not the list.
+                !r.create_in_flight
+                    && r.phase != InstancePhase::Creating
                     && r.seen_epoch < epoch
                     && !seen.contains(r.name.as_str())
             })
@@ -319,6 +323,11 @@ impl<R: Runtime> Engine<R> {
                 // another path and may be older than events already seen. It is news only
                 // while the record is still the placeholder of this creation.
                 let Some(rec) = self.instances.get_mut(&name) else {
+                    // Untracked while its creation was in flight: the instance exists all the
+                    // same. Tracked again, it is drained or kept as its pool decides, never
+                    // leaked.
+                    warn!(instance = %name, "a creation answered for an untracked instance; adopting it");
+                    self.observe(i);
                     return;
                 };
                 rec.create_in_flight = false;
