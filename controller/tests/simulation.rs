@@ -2099,6 +2099,85 @@ async fn a_list_taken_before_a_creation_lands_does_not_forget_that_creation() {
     .await;
 }
 
+/// A pool of 2 with c1 bound; c1 is released while creations take `latency`, and the used
+/// instance is seen retired (out of the pool, its removal waiting). Returns that instance.
+async fn release_while_creations_are_slow(s: &mut Sim, latency: Duration) -> String {
+    apply_pool(s, "web", pool("nginx", 2, Some(2)));
+    s.wait_warm("web", 2).await;
+    apply_claim(s, "c1", "web");
+    let used = s.wait_bound("c1").await;
+    s.wait_warm("web", 1).await;
+    s.mem.set_create_latency(latency);
+    s.delete(Kind::Claim, "c1");
+    s.wait_until("the used instance is retired", |snap, _| {
+        snap.instances
+            .iter()
+            .any(|i| i.name == used && i.phase == "Deleting")
+    })
+    .await;
+    used
+}
+
+#[tokio::test]
+async fn the_removal_of_a_released_instance_waits_for_its_replacement_to_be_created() {
+    let mut s = sim();
+    let used = release_while_creations_are_slow(&mut s, Duration::from_millis(300)).await;
+    assert_eq!(
+        s.rt.creates_in_flight(),
+        1,
+        "the replacement is being created"
+    );
+    assert!(
+        s.mem.instances().iter().any(|i| i.name == used),
+        "the removal waits while the replacement is created"
+    );
+    let snap = s
+        .wait_until(
+            "the replacement is created, then the used one removed",
+            |snap, insts| {
+                s.rt.creates_in_flight() == 0
+                    && insts.iter().all(|i| i.name != used)
+                    && snap.instances.iter().all(|i| i.name != used)
+            },
+        )
+        .await;
+    assert!(claim_status(&snap, "c1").is_none());
+
+    // A creation that hangs does not hold a removal for more than a few seconds.
+    apply_claim(&mut s, "c2", "web");
+    let used = s.wait_bound("c2").await;
+    s.mem.set_create_latency(Duration::from_secs(3600));
+    s.delete(Kind::Claim, "c2");
+    s.wait_until("the creation of the replacement hangs", |_, _| {
+        s.rt.creates_in_flight() >= 1
+    })
+    .await;
+    s.wait_advancing(
+        "the used instance is removed all the same",
+        Duration::from_secs(1),
+        |_, insts| insts.iter().all(|i| i.name != used),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_instance_released_just_before_a_crash_is_reset_not_handed_to_the_next_claim() {
+    let mut s = sim();
+    // The controller dies while the removal waits: the store must remember that the instance
+    // was used.
+    let used = release_while_creations_are_slow(&mut s, Duration::from_millis(500)).await;
+    s.kill_and_restart().await;
+    s.mem.set_create_latency(Duration::ZERO);
+    apply_claim(&mut s, "c2", "web");
+    let got = s.wait_bound("c2").await;
+    assert_ne!(got, used, "a used instance was handed to the next claim");
+    s.wait_until("the used instance is removed", |_, insts| {
+        insts.iter().all(|i| i.name != used)
+    })
+    .await;
+    assert_eq!(s.wait_bound("c2").await, got);
+}
+
 #[tokio::test]
 async fn sequences_found_by_the_random_test_stay_fixed() {
     use random::Step::*;

@@ -46,6 +46,10 @@ pub struct Durable {
     pub bound: BTreeMap<String, String>,
     /// Instance -> why it was taken out of service.
     pub quarantined: BTreeMap<String, String>,
+    /// Instances a claim held and released, not reset yet (they may hold the previous user's
+    /// data): never bound again until reset or gone, also across a crash.
+    #[serde(default)]
+    pub used: std::collections::BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +80,10 @@ pub enum Op {
         reason: String,
     },
     Unquarantine {
+        instance: String,
+    },
+    /// The instance was reset, or is gone: nothing of a previous claim remains in it.
+    Fresh {
         instance: String,
     },
 }
@@ -115,6 +123,11 @@ impl StateMachine for Durable {
                         "instance {instance} is already bound to claim {other}"
                     ));
                 }
+                if self.used.contains(instance) {
+                    return Err(format!(
+                        "instance {instance} was released and not reset yet"
+                    ));
+                }
                 if self.quarantined.contains_key(instance) {
                     return Err(format!("instance {instance} is quarantined"));
                 }
@@ -143,6 +156,7 @@ impl StateMachine for Durable {
                 }
                 if let Some(i) = rec.instance.take() {
                     self.bound.remove(&i);
+                    self.used.insert(i);
                 }
                 rec.phase = *to;
                 rec.bound_at_ms = None;
@@ -169,6 +183,10 @@ impl StateMachine for Durable {
             }
             Op::Unquarantine { instance } => {
                 self.quarantined.remove(instance);
+                Ok(())
+            }
+            Op::Fresh { instance } => {
+                self.used.remove(instance);
                 Ok(())
             }
         }
@@ -248,5 +266,25 @@ mod tests {
         })
         .expect("quarantine");
         assert!(d.apply(&bind("a", "i")).is_err());
+    }
+
+    #[test]
+    fn a_released_instance_is_not_bound_again_until_it_is_fresh() {
+        let mut d = Durable::default();
+        admit(&mut d, "a");
+        admit(&mut d, "b");
+        d.apply(&bind("a", "i")).expect("bind");
+        d.apply(&Op::Unbind {
+            claim: "a".into(),
+            to: RecPhase::Released,
+        })
+        .expect("unbind");
+        assert!(d.used.contains("i"));
+        assert!(d.apply(&bind("b", "i")).is_err(), "used, not reset");
+        d.apply(&Op::Fresh {
+            instance: "i".into(),
+        })
+        .expect("fresh");
+        d.apply(&bind("b", "i")).expect("bound once reset");
     }
 }

@@ -334,6 +334,8 @@ struct InstRec {
     bindings: Vec<crate::runtime::PortBinding>,
     claim: Option<String>,
     resetting: bool,
+    /// A claim held it and it has not been reset since (mirrors `Durable::used`).
+    used: bool,
     quarantined: Option<String>,
     ready_since: u64,
     /// Where it is filed in its pool's index (pool members only).
@@ -391,6 +393,7 @@ impl InstRec {
             bindings: Vec::new(),
             claim: None,
             resetting: false,
+            used: false,
             quarantined: None,
             ready_since: now,
             slot: None,
@@ -499,6 +502,15 @@ pub struct Engine<R: Runtime> {
     /// Removals that failed (runtime unreachable), retried at the given time; the instance
     /// stays `Deleting` meanwhile, so nothing retries them in a tight loop.
     removal_retries: Vec<(u64, String)>,
+    /// Released instances retired for recreation, whose removal waits (see `retire`): when
+    /// it is due at the latest, the pass they were retired in, the instance.
+    held_removals: Vec<(u64, u64, String)>,
+    /// Passes run so far (orders `held_removals` against the pass that retired them).
+    passes: u64,
+    /// A pass is asked for (an input is on its way) and not run yet.
+    nudged: bool,
+    /// Release every held removal at the end of this pass (a pool ran out of host ports).
+    release_held: bool,
     next_seq: u64,
     synced: bool,
     listed: bool,
@@ -575,6 +587,10 @@ pub fn start<R: Runtime>(
         expiries: BinaryHeap::new(),
         wakeups: BinaryHeap::new(),
         removal_retries: Vec::new(),
+        held_removals: Vec::new(),
+        passes: 0,
+        nudged: false,
+        release_held: false,
         next_seq,
         synced: false,
         listed: false,
@@ -686,6 +702,7 @@ impl<R: Runtime> Engine<R> {
             Input::Done(c) => self.on_done(c),
             Input::Listed(epoch, r) => self.on_listed(epoch, r),
             Input::Tick => {
+                self.nudged = false;
                 let now = self.clock.now_ms();
                 while let Some(Reverse(t)) = self.wakeups.peek() {
                     if *t > now {
@@ -1350,6 +1367,7 @@ impl<R: Runtime> Engine<R> {
             self.touched.insert(instance.to_owned());
             rec.claim = None;
             rec.resetting = true;
+            rec.used = true;
             if let Some(p) = &rec.pool {
                 self.dirty_pools.insert(p.clone());
             }

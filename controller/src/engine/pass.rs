@@ -51,6 +51,10 @@ const FORGOTTEN_KEPT_MS: u64 = 120_000;
 /// pool of 100k does not hold 100k runtime calls (and their memory) at the same time.
 const MAX_CREATES_IN_FLIGHT: usize = 128;
 
+/// How long the removal of a released instance may wait for its replacement's creation (see
+/// `retire`).
+const RETIRE_HOLD_MAX_MS: u64 = 5_000;
+
 impl<R: Runtime> Engine<R> {
     // -----------------------------------------------------------------------------------------
     // Observed state
@@ -148,6 +152,7 @@ impl<R: Runtime> Engine<R> {
             )),
             _ => None,
         };
+        let first_sighting = !self.instances.contains_key(&name);
         let rec = self.instances.entry(name.clone()).or_insert_with(|| {
             debug!(instance = %name, state = ?i.state, ready = i.ready, revision = i.revision,
                 "tracking an instance the runtime reported");
@@ -221,12 +226,27 @@ impl<R: Runtime> Engine<R> {
                 None => !self.started,
             });
         let quarantined = st.quarantined.get(&name).cloned();
+        let used = first_sighting && st.used.contains(&name);
         if let Some(rec) = self.instances.get_mut(&name) {
+            rec.used |= used;
             if rec.claim.is_none() && bound.is_some() {
                 rec.claim = bound;
             }
             if quarantined.is_some() {
                 rec.quarantined = quarantined;
+            }
+            // Released before a crash (or a stop) and not reset since: reset before any reuse.
+            if used
+                && rec.claim.is_none()
+                && rec.quarantined.is_none()
+                && !rec.resetting
+                && rec.phase != InstancePhase::Deleting
+            {
+                debug!(instance = %name, "released and not reset before a restart; resetting it");
+                rec.resetting = true;
+                self.after_commit.push(AfterCommit::Reset {
+                    instance: name.clone(),
+                });
             }
         }
         self.touched.insert(name.clone());
@@ -269,8 +289,15 @@ impl<R: Runtime> Engine<R> {
                 instance: name.to_owned(),
             });
         }
+        let held = rec.claim.is_some();
         if let Some(claim) = rec.claim {
             self.instance_lost(&claim, name, "removed", now);
+        }
+        // After the unbinding above (which marks it used): gone, nothing of it is left.
+        if held || rec.used {
+            self.ops.push(Op::Fresh {
+                instance: name.to_owned(),
+            });
         }
     }
 
@@ -284,6 +311,7 @@ impl<R: Runtime> Engine<R> {
         );
         if let Some(rec) = self.instances.get_mut(instance) {
             rec.claim = None;
+            rec.used = true;
             self.touched.insert(instance.to_owned());
         }
         let holds = self
@@ -369,7 +397,13 @@ impl<R: Runtime> Engine<R> {
                 rec.resetting = false;
                 let pool = rec.pool.clone();
                 match result {
-                    Ok(()) => debug!(instance = %name, "reset done"),
+                    Ok(()) => {
+                        debug!(instance = %name, "reset done");
+                        rec.used = false;
+                        self.ops.push(Op::Fresh {
+                            instance: name.clone(),
+                        });
+                    }
                     Err(reason) => {
                         warn!(instance = %name, %reason, "reset failed; quarantining the instance");
                         rec.quarantined = Some(reason.clone());
@@ -569,6 +603,8 @@ impl<R: Runtime> Engine<R> {
             self.reconcile_deployment(&d, now);
         }
         self.commit(now);
+        self.release_held_removals(now);
+        self.passes += 1;
     }
 
     /// After a (re)start: drop records of claims deleted while we were down, notice bindings
@@ -594,6 +630,7 @@ impl<R: Runtime> Engine<R> {
                 {
                     rec.claim = None;
                     rec.resetting = true;
+                    rec.used = true;
                     self.touched.insert(i.clone());
                     self.after_commit.push(AfterCommit::Reset {
                         instance: i.clone(),
@@ -611,6 +648,7 @@ impl<R: Runtime> Engine<R> {
                         self.touched.insert(i.clone());
                         rec.claim = None;
                         rec.resetting = true;
+                        rec.used = true;
                         self.after_commit.push(AfterCommit::Reset {
                             instance: i.clone(),
                         });
@@ -681,6 +719,18 @@ impl<R: Runtime> Engine<R> {
             .collect();
         for i in stale {
             self.ops.push(Op::Unquarantine { instance: i });
+        }
+        // Used instances removed while we were down: nothing of them is left to reset.
+        let gone: Vec<String> = self
+            .store
+            .state()
+            .used
+            .iter()
+            .filter(|i| !self.instances.contains_key(*i))
+            .cloned()
+            .collect();
+        for i in gone {
+            self.ops.push(Op::Fresh { instance: i });
         }
         // Managed instances that belong to nothing declared are drained through their pool
         // entry (or removed, for deployments) by the passes below.
@@ -1011,6 +1061,10 @@ impl<R: Runtime> Engine<R> {
                 }
             }
         }
+        if exhausted {
+            // Held removals free host ports.
+            self.release_held = true;
+        }
         if let Some(p) = self.pools.get_mut(name) {
             if exhausted && !p.ports_exhausted {
                 p.events.push(
@@ -1106,6 +1160,57 @@ impl<R: Runtime> Engine<R> {
         self.touched.insert(name.to_owned());
         if !in_flight {
             self.spawn_remove(name);
+        }
+    }
+
+    /// Retires a released instance that its pool recreates. It leaves the pool at once
+    /// (`Deleting`), so that its replacement is created now; its removal waits until no
+    /// creation is in flight, for at most `RETIRE_HOLD_MAX_MS`, or until a pool runs out of
+    /// host ports. A Docker daemon creates and starts containers far faster without removals
+    /// competing for it, so a pool refills sooner. Meanwhile the instance is never bound, and
+    /// the store marks it used: a restarted controller resets it before any reuse.
+    fn retire(&mut self, name: &str) {
+        let Some(rec) = self.instances.get_mut(name) else {
+            return;
+        };
+        if rec.phase == InstancePhase::Deleting || rec.create_in_flight {
+            self.remove_instance(name);
+            return;
+        }
+        rec.phase = InstancePhase::Deleting;
+        self.touched.insert(name.to_owned());
+        let now = self.clock.now_ms();
+        let due = now + RETIRE_HOLD_MAX_MS;
+        self.held_removals.push((due, self.passes, name.to_owned()));
+        self.wakeups.push(Reverse(due));
+        // Retired after this pass's decisions: the next pass creates the replacement.
+        if !self.nudged {
+            self.nudged = true;
+            let _ = self.tx.send(Input::Tick);
+        }
+    }
+
+    /// At the end of a pass: starts the held removals that may go (see `retire`). One retired
+    /// in this very pass waits for the next, which starts its replacement's creation.
+    fn release_held_removals(&mut self, now: u64) {
+        if self.held_removals.is_empty() {
+            return;
+        }
+        let idle = self.creates_in_flight == 0 && self.create_queue.is_empty();
+        let force = std::mem::take(&mut self.release_held);
+        let pass = self.passes;
+        let (go, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_removals)
+            .into_iter()
+            .partition(|(due, at, _)| force || *due <= now || (idle && *at < pass));
+        self.held_removals = keep;
+        for (_, _, name) in go {
+            if self
+                .instances
+                .get(&name)
+                .is_some_and(|r| r.phase == InstancePhase::Deleting)
+            {
+                self.spawn_remove(&name);
+            }
         }
     }
 
@@ -1687,7 +1792,7 @@ impl<R: Runtime> Engine<R> {
                     r.resetting = false;
                     self.touched.insert(instance.to_owned());
                 }
-                self.remove_instance(instance);
+                self.retire(instance);
             }
             ResetPolicy::Restart => {
                 tokio::spawn(async move {
