@@ -503,8 +503,10 @@ pub struct Engine<R: Runtime> {
     /// stays `Deleting` meanwhile, so nothing retries them in a tight loop.
     removal_retries: Vec<(u64, String)>,
     /// Released instances retired for recreation, whose removal waits (see `retire`): when
-    /// it is due at the latest, the pass they were retired in, the instance.
+    /// they were retired, the pass they were retired in, the instance.
     held_removals: Vec<(u64, u64, String)>,
+    /// When a creation last answered (held removals wait while creations make progress).
+    last_create_answer_ms: u64,
     /// Passes run so far (orders `held_removals` against the pass that retired them).
     passes: u64,
     /// A pass is asked for (an input is on its way) and not run yet.
@@ -588,6 +590,7 @@ pub fn start<R: Runtime>(
         wakeups: BinaryHeap::new(),
         removal_retries: Vec::new(),
         held_removals: Vec::new(),
+        last_create_answer_ms: 0,
         passes: 0,
         nudged: false,
         release_held: false,

@@ -51,9 +51,11 @@ const FORGOTTEN_KEPT_MS: u64 = 120_000;
 /// pool of 100k does not hold 100k runtime calls (and their memory) at the same time.
 const MAX_CREATES_IN_FLIGHT: usize = 128;
 
-/// How long the removal of a released instance may wait for its replacement's creation (see
-/// `retire`).
-const RETIRE_HOLD_MAX_MS: u64 = 5_000;
+/// Held removals (see `retire`) go when no creation has answered for this long (a creation
+/// that hangs does not hold them)...
+const RETIRE_STALL_MS: u64 = 5_000;
+/// ...and at the latest this long after the release.
+const RETIRE_HOLD_MAX_MS: u64 = 60_000;
 
 impl<R: Runtime> Engine<R> {
     // -----------------------------------------------------------------------------------------
@@ -1165,10 +1167,11 @@ impl<R: Runtime> Engine<R> {
 
     /// Retires a released instance that its pool recreates. It leaves the pool at once
     /// (`Deleting`), so that its replacement is created now; its removal waits until no
-    /// creation is in flight, for at most `RETIRE_HOLD_MAX_MS`, or until a pool runs out of
-    /// host ports. A Docker daemon creates and starts containers far faster without removals
-    /// competing for it, so a pool refills sooner. Meanwhile the instance is never bound, and
-    /// the store marks it used: a restarted controller resets it before any reuse.
+    /// creation is in flight, or creations stall (none answered for `RETIRE_STALL_MS`), or a
+    /// pool runs out of host ports, and at most `RETIRE_HOLD_MAX_MS`. A Docker daemon creates
+    /// and starts containers far faster without removals competing for it, so a pool refills
+    /// sooner. Meanwhile the instance is never bound, and the store marks it used: a restarted
+    /// controller resets it before any reuse.
     fn retire(&mut self, name: &str) {
         let Some(rec) = self.instances.get_mut(name) else {
             return;
@@ -1180,9 +1183,8 @@ impl<R: Runtime> Engine<R> {
         rec.phase = InstancePhase::Deleting;
         self.touched.insert(name.to_owned());
         let now = self.clock.now_ms();
-        let due = now + RETIRE_HOLD_MAX_MS;
-        self.held_removals.push((due, self.passes, name.to_owned()));
-        self.wakeups.push(Reverse(due));
+        self.held_removals.push((now, self.passes, name.to_owned()));
+        self.wakeups.push(Reverse(now + RETIRE_STALL_MS));
         // Retired after this pass's decisions: the next pass creates the replacement.
         if !self.nudged {
             self.nudged = true;
@@ -1199,10 +1201,30 @@ impl<R: Runtime> Engine<R> {
         let idle = self.creates_in_flight == 0 && self.create_queue.is_empty();
         let force = std::mem::take(&mut self.release_held);
         let pass = self.passes;
+        let answered = self.last_create_answer_ms;
         let (go, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_removals)
             .into_iter()
-            .partition(|(due, at, _)| force || *due <= now || (idle && *at < pass));
+            .partition(|(retired, at, _)| {
+                force
+                    || (idle && *at < pass)
+                    || now >= (*retired).max(answered) + RETIRE_STALL_MS
+                    || now >= retired + RETIRE_HOLD_MAX_MS
+            });
         self.held_removals = keep;
+        if !self.held_removals.is_empty() {
+            // Looked at again when creations would count as stalled.
+            self.wakeups
+                .push(Reverse(now.max(answered) + RETIRE_STALL_MS));
+        }
+        if !go.is_empty() {
+            debug!(
+                removals = go.len(),
+                still_held = self.held_removals.len(),
+                idle,
+                force,
+                "held removals released"
+            );
+        }
         for (_, _, name) in go {
             if self
                 .instances
@@ -1332,6 +1354,7 @@ impl<R: Runtime> Engine<R> {
     /// deleted or shrunk) is dropped: nothing to create, nothing to remove.
     fn create_answered(&mut self) {
         self.creates_in_flight = self.creates_in_flight.saturating_sub(1);
+        self.last_create_answer_ms = self.clock.now_ms();
         while self.creates_in_flight < MAX_CREATES_IN_FLIGHT
             && let Some((name, spec)) = self.create_queue.pop_front()
         {
