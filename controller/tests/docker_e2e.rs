@@ -1128,3 +1128,133 @@ async fn list_during_creations() {
     );
     assert!(all_containers(None, id).is_empty());
 }
+
+/// The one container of deployment `dep` named `container` (running or not).
+fn deployment_container(id: &str, dep: &str, container: &str) -> String {
+    let f_ctl = format!("label=poolkeeper.dev/controller={id}");
+    let f_dep = format!("label=poolkeeper.dev/deployment={dep}");
+    let f_c = format!("label=poolkeeper.dev/container={container}");
+    docker(
+        None,
+        &[
+            "ps",
+            "-a",
+            "--filter",
+            &f_ctl,
+            "--filter",
+            &f_dep,
+            "--filter",
+            &f_c,
+            "--format",
+            "{{.Names}}",
+        ],
+    )
+}
+
+fn container_state(s: &Value, dep: &str, container: &str) -> (String, u64) {
+    let st = object(s, "Deployment", dep)["status"]["containerStatuses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == container).cloned())
+        .unwrap_or(Value::Null);
+    (
+        st["state"].as_str().unwrap_or("").to_owned(),
+        st["restarts"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn a_deployment_starts_in_dependency_order_on_its_own_network_and_is_kept_running() {
+    let _serial = serial();
+    let img = image();
+    let net = "pk-e2e-dep-net";
+    let dep = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Deployment
+metadata: {{name: shop}}
+spec:
+  network: {net}
+  containers:
+  - name: db
+    image: {img}
+    environment: {{READY_DELAY_MS: \"2000\"}}
+    readiness: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}
+    restartPolicy: Always
+  - name: web
+    image: {img}
+    ports: {{\"8080/tcp\": 19480}}
+    dependsOn: [db]
+    readiness: {{exec: {{command: [/pk-workload, get, \"db:8080\", /healthz]}}, periodSeconds: 1}}
+"
+    );
+    let c = Controller::new("e2e-dep", &[("shop.yaml", dep)], &[]);
+    let s = c.wait("both containers running", Duration::from_secs(60), |s| {
+        container_state(s, "shop", "db").0 == "Running"
+            && container_state(s, "shop", "web").0 == "Running"
+    });
+    assert_eq!(
+        object(&s, "Deployment", "shop")["status"]["ready"].as_u64(),
+        Some(2)
+    );
+    let db = deployment_container(&c.id, "shop", "db");
+    let web = deployment_container(&c.id, "shop", "web");
+    // web was created only once db answered its probe (2 s after db started).
+    let started = |name: &str, field: &str| {
+        let t = docker(None, &["inspect", "--format", field, name]);
+        docker_time_secs(&t)
+    };
+    let db_started = started(&db, "{{.State.StartedAt}}");
+    let web_created = started(&web, "{{.Created}}");
+    assert!(
+        web_created >= db_started + 1.9,
+        "web was created {:.2} s after db started; db is ready only after 2 s",
+        web_created - db_started
+    );
+    // Reachable from the host on its declared port, and db by its name on the network.
+    assert!(http_get(19480, "/healthz").is_some());
+    let out = Command::new("docker")
+        .args(["exec", &web, "/pk-workload", "get", "db:8080", "/healthz"])
+        .status()
+        .unwrap();
+    assert!(
+        out.success(),
+        "web reaches db by name on the deployment's network"
+    );
+
+    // A killed container is restarted (restartPolicy Always) and the restart counted.
+    docker(None, &["kill", &db]);
+    c.wait("db restarted", Duration::from_secs(60), |s| {
+        let (state, restarts) = container_state(s, "shop", "db");
+        state == "Running" && restarts >= 1
+    });
+
+    // Deleting the deployment removes its containers and its network, and nothing else.
+    c.remove("shop.yaml");
+    c.wait("the deployment is gone", Duration::from_secs(60), |s| {
+        object(s, "Deployment", "shop").is_null()
+    });
+    let start = Instant::now();
+    while !all_containers(None, &c.id).is_empty()
+        || !docker(
+            None,
+            &["network", "ls", "-q", "--filter", &format!("name=^{net}$")],
+        )
+        .is_empty()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "containers {:?} or network {net} left behind",
+            all_containers(None, &c.id)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Seconds since the epoch of a Docker timestamp (`2026-11-23T02:09:25.620429123Z`), enough to
+/// compare two of them.
+fn docker_time_secs(t: &str) -> f64 {
+    let out = Command::new("date")
+        .args(["-u", "-d", t, "+%s.%N"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}

@@ -25,8 +25,9 @@ use bollard::errors::Error as DockerError;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerSummaryStateEnum,
-    EventMessage, ExecConfig, HostConfig, Mount, MountType, MountVolumeOptions,
-    MountVolumeOptionsDriverConfig, NetworkCreateRequest, PortBinding as DockerPortBinding,
+    EndpointSettings, EventMessage, ExecConfig, HostConfig, Mount, MountType, MountVolumeOptions,
+    MountVolumeOptionsDriverConfig, NetworkCreateRequest, NetworkingConfig,
+    PortBinding as DockerPortBinding,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
@@ -42,9 +43,9 @@ use super::NodeStatus;
 use super::hostfiles::{self, HostFiles};
 use super::probe;
 use super::{
-    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTROLLER, LABEL_FILES_DIR,
-    LABEL_MANAGED, LABEL_PORTS, LABEL_READINESS, Labels, PortBinding, Result, Runtime,
-    RuntimeError, RuntimeEvent,
+    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTAINER, LABEL_CONTROLLER,
+    LABEL_FILES_DIR, LABEL_MANAGED, LABEL_PORTS, LABEL_READINESS, Labels, PortBinding, Result,
+    Runtime, RuntimeError, RuntimeEvent,
 };
 use crate::api::{Probe, Protocol, PullPolicy, VolumeMode};
 
@@ -966,8 +967,23 @@ impl DockerRuntime {
             network_mode: spec.network.clone(),
             ..Default::default()
         };
+        // On a deployment's network, a container answers to its name in the deployment
+        // ("db"), as in Compose, besides its container name.
+        let networking_config = spec.network.as_ref().and_then(|net| {
+            let alias = spec.labels.get(LABEL_CONTAINER)?;
+            Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    net.clone(),
+                    EndpointSettings {
+                        aliases: Some(vec![alias.clone()]),
+                        ..Default::default()
+                    },
+                )])),
+            })
+        });
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
+            networking_config,
             cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
             env: (!env.is_empty()).then_some(env),
             labels: Some(labels),

@@ -53,7 +53,7 @@ fn main() {
         Some("get") => match (args.get(1), args.get(2)) {
             (Some(port), Some(path)) => get(port, path),
             _ => {
-                eprintln!("get: usage: get PORT PATH");
+                eprintln!("get: usage: get PORT|HOST:PORT PATH");
                 2
             }
         },
@@ -86,9 +86,15 @@ fn clean(dir: &Path) -> i32 {
     code
 }
 
-/// An HTTP GET against localhost, for exec probes: exit 0 on a 2xx answer.
-fn get(port: &str, path: &str) -> i32 {
-    let Ok(mut s) = TcpStream::connect(format!("127.0.0.1:{port}")) else {
+/// An HTTP GET, for exec probes: exit 0 on a 2xx answer. `target` is a port on localhost, or
+/// `HOST:PORT` (another container, by name on a shared network).
+fn get(target: &str, path: &str) -> i32 {
+    let addr = if target.contains(':') {
+        target.to_owned()
+    } else {
+        format!("127.0.0.1:{target}")
+    };
+    let Ok(mut s) = TcpStream::connect(addr) else {
         return 1;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
