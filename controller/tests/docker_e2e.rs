@@ -207,6 +207,10 @@ impl Drop for Controller {
             for v in volumes.lines() {
                 docker(h.as_deref(), &["volume", "rm", "-f", v]);
             }
+            let networks = docker(h.as_deref(), &["network", "ls", "-q", "--filter", &label]);
+            for n in networks.lines() {
+                docker(h.as_deref(), &["network", "rm", n]);
+            }
         }
     }
 }

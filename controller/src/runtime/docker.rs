@@ -1427,10 +1427,13 @@ impl Runtime for DockerRuntime {
             let req = NetworkCreateRequest {
                 name: name.to_owned(),
                 driver: Some("bridge".to_owned()),
-                labels: Some(HashMap::from([(
-                    LABEL_MANAGED.to_owned(),
-                    "true".to_owned(),
-                )])),
+                labels: Some(HashMap::from([
+                    (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                    (
+                        LABEL_CONTROLLER.to_owned(),
+                        self.inner.config.controller_id.clone(),
+                    ),
+                ])),
                 ..Default::default()
             };
             match node.docker.create_network(req).await {
