@@ -910,11 +910,7 @@ impl DockerRuntime {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
-        labels.insert(
-            LABEL_CONTROLLER.to_owned(),
-            self.inner.config.controller_id.clone(),
-        );
+        labels.extend(self.ownership_labels());
         labels.insert(LABEL_PORTS.to_owned(), encode_ports(&spec.ports));
         if let Some((mount, _)) = &files {
             labels.insert(LABEL_FILES_DIR.to_owned(), mount.clone());
@@ -1066,6 +1062,18 @@ impl DockerRuntime {
         Ok(())
     }
 
+    /// The labels that mark what this controller makes (containers, volumes, networks) as its
+    /// own.
+    fn ownership_labels(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (
+                LABEL_CONTROLLER.to_owned(),
+                self.inner.config.controller_id.clone(),
+            ),
+        ])
+    }
+
     /// The host-backed files folder for `spec`'s instance on node `i`, freshly emptied:
     /// `(mount path, folder)`, or `None` when its files go through the API.
     fn files_folder(&self, i: usize, spec: &InstanceSpec) -> Result<Option<(String, PathBuf)>> {
@@ -1093,13 +1101,7 @@ impl DockerRuntime {
             typ: Some(MountType::VOLUME),
             volume_options: Some(MountVolumeOptions {
                 no_copy: Some(false),
-                labels: Some(HashMap::from([
-                    (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                    (
-                        LABEL_CONTROLLER.to_owned(),
-                        self.inner.config.controller_id.clone(),
-                    ),
-                ])),
+                labels: Some(self.ownership_labels()),
                 driver_config: Some(MountVolumeOptionsDriverConfig {
                     name: Some("local".to_owned()),
                     options: Some(HashMap::from([
@@ -1427,13 +1429,7 @@ impl Runtime for DockerRuntime {
             let req = NetworkCreateRequest {
                 name: name.to_owned(),
                 driver: Some("bridge".to_owned()),
-                labels: Some(HashMap::from([
-                    (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                    (
-                        LABEL_CONTROLLER.to_owned(),
-                        self.inner.config.controller_id.clone(),
-                    ),
-                ])),
+                labels: Some(self.ownership_labels()),
                 ..Default::default()
             };
             match node.docker.create_network(req).await {
