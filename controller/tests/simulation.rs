@@ -1967,8 +1967,8 @@ async fn deleting_a_deployment_while_its_containers_are_created_leaves_nothing_b
     .await;
 }
 
-#[tokio::test]
-async fn an_instance_whose_creation_outlives_the_controller_is_removed_when_its_pool_is_gone() {
+/// Pool `web` (1 of 1) whose one instance is being created, slowly (200 ms).
+async fn pool_creating_its_one_instance() -> Sim {
     let mut s = sim();
     s.mem.set_create_latency(Duration::from_millis(200));
     apply_pool(&mut s, "web", pool("nginx", 1, Some(1)));
@@ -1976,6 +1976,12 @@ async fn an_instance_whose_creation_outlives_the_controller_is_removed_when_its_
         snap.instances.len() == 1
     })
     .await;
+    s
+}
+
+#[tokio::test]
+async fn an_instance_whose_creation_outlives_the_controller_is_removed_when_its_pool_is_gone() {
+    let mut s = pool_creating_its_one_instance().await;
     s.delete(Kind::Pool, "web");
     s.restart().await;
     s.wait_until("the late instance is removed", |snap, insts| {
@@ -2068,13 +2074,7 @@ async fn host_ports_of_creations_a_killed_controller_left_in_flight_are_not_take
 
 #[tokio::test]
 async fn a_list_taken_before_a_creation_lands_does_not_forget_that_creation() {
-    let mut s = sim();
-    s.mem.set_create_latency(Duration::from_millis(200));
-    apply_pool(&mut s, "web", pool("nginx", 1, Some(1)));
-    s.wait_until("the creation is in flight", |snap, _| {
-        snap.instances.len() == 1
-    })
-    .await;
+    let mut s = pool_creating_its_one_instance().await;
     // Deleted while its only instance is being created: the record turns Deleting, its
     // creation still in flight. A list taken now cannot show the instance; that must not
     // count as the instance being gone. The instance's own report is lost (dropped events),
