@@ -850,46 +850,51 @@ fn read_claim_files(spec: &ClaimSpec, origin: &Origin) -> Result<Vec<(String, Ve
             std::fs::metadata(&root).map_err(|e| format!("filesFrom {}: {e}", root.display()))?;
         if meta.is_file() {
             out.extend(read_tar(&root)?);
-            out.sort_by(|a, b| a.0.cmp(&b.0));
-            return Ok(out);
-        }
-        if !meta.is_dir() {
+        } else if meta.is_dir() {
+            out.extend(read_folder(&root)?);
+        } else {
             return Err(format!(
                 "filesFrom {}: neither a folder nor a tar archive",
                 root.display()
             ));
         }
-        let mut stack = vec![root.clone()];
-        while let Some(dir) = stack.pop() {
-            let entries =
-                std::fs::read_dir(&dir).map_err(|e| format!("filesFrom {}: {e}", dir.display()))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| format!("filesFrom {}: {e}", dir.display()))?;
-                let path = entry.path();
-                let ft = entry
-                    .file_type()
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The regular files under `root`, as paths relative to it. Symbolic links are refused.
+fn read_folder(root: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| format!("filesFrom {}: {e}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("filesFrom {}: {e}", dir.display()))?;
+            let path = entry.path();
+            let ft = entry
+                .file_type()
+                .map_err(|e| format!("filesFrom {}: {e}", path.display()))?;
+            if ft.is_symlink() {
+                return Err(format!(
+                    "filesFrom {}: symbolic links are not copied",
+                    path.display()
+                ));
+            } else if ft.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path
+                    .strip_prefix(root)
+                    .map_err(|e| e.to_string())?
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                let bytes = std::fs::read(&path)
                     .map_err(|e| format!("filesFrom {}: {e}", path.display()))?;
-                if ft.is_symlink() {
-                    return Err(format!(
-                        "filesFrom {}: symbolic links are not copied",
-                        path.display()
-                    ));
-                } else if ft.is_dir() {
-                    stack.push(path);
-                } else {
-                    let rel = path
-                        .strip_prefix(&root)
-                        .map_err(|e| e.to_string())?
-                        .to_string_lossy()
-                        .replace('\\', "/");
-                    let bytes = std::fs::read(&path)
-                        .map_err(|e| format!("filesFrom {}: {e}", path.display()))?;
-                    out.push((rel, bytes));
-                }
+                out.push((rel, bytes));
             }
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
@@ -921,24 +926,22 @@ fn read_tar(path: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
                 "{name}: only regular files are copied (links, devices and the like are not)"
             )));
         }
-        let mut parts = Vec::new();
-        for c in rel.components() {
-            match c {
-                std::path::Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
-                std::path::Component::CurDir => {}
-                _ => {
-                    return Err(fail(&format!(
-                        "{name}: paths must be relative and stay inside the mount path"
-                    )));
-                }
-            }
+        // `./a` is `a`; anything else must pass the rule for claims' file paths.
+        let clean: std::path::PathBuf = rel
+            .components()
+            .filter(|c| *c != std::path::Component::CurDir)
+            .collect();
+        if !crate::runtime::is_plain_relative(&clean) {
+            return Err(fail(&format!(
+                "{name}: paths must be relative and stay inside the mount path"
+            )));
         }
-        if parts.is_empty() {
+        if clean.as_os_str().is_empty() {
             continue;
         }
         let mut bytes = Vec::new();
         entry.read_to_end(&mut bytes).map_err(|e| fail(&e))?;
-        out.push((parts.join("/"), bytes));
+        out.push((clean.to_string_lossy().into_owned(), bytes));
     }
     Ok(out)
 }
@@ -1366,18 +1369,10 @@ impl<R: Runtime> Engine<R> {
             claim: claim.to_owned(),
             to,
         });
-        if let Some(rec) = self.instances.get_mut(instance) {
-            self.touched.insert(instance.to_owned());
-            rec.claim = None;
-            rec.resetting = true;
-            rec.used = true;
-            if let Some(p) = &rec.pool {
-                self.dirty_pools.insert(p.clone());
-            }
-            self.after_commit.push(AfterCommit::Reset {
-                instance: instance.to_owned(),
-            });
+        if let Some(p) = self.instances.get(instance).and_then(|r| r.pool.clone()) {
+            self.dirty_pools.insert(p);
         }
+        self.reset_released(instance);
         if let Some(c) = self.claims.get_mut(claim) {
             c.files_pending = false;
             c.instance = None;
@@ -1389,6 +1384,21 @@ impl<R: Runtime> Engine<R> {
         }
         self.to_report.insert(claim.to_owned());
         info!(claim, instance, reason, "binding ended");
+    }
+
+    /// `instance` is no claim's any more and may hold a claim's data: it is used, and reset
+    /// (after this pass's commit) before anyone gets it.
+    fn reset_released(&mut self, instance: &str) {
+        let Some(rec) = self.instances.get_mut(instance) else {
+            return;
+        };
+        rec.claim = None;
+        rec.resetting = true;
+        rec.used = true;
+        self.touched.insert(instance.to_owned());
+        self.after_commit.push(AfterCommit::Reset {
+            instance: instance.to_owned(),
+        });
     }
 }
 

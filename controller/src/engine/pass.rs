@@ -229,6 +229,7 @@ impl<R: Runtime> Engine<R> {
             });
         let quarantined = st.quarantined.get(&name).cloned();
         let used = first_sighting && st.used.contains(&name);
+        let mut reset = false;
         if let Some(rec) = self.instances.get_mut(&name) {
             rec.used |= used;
             if rec.claim.is_none() && bound.is_some() {
@@ -237,19 +238,12 @@ impl<R: Runtime> Engine<R> {
             if quarantined.is_some() {
                 rec.quarantined = quarantined;
             }
-            // Released before a crash (or a stop) and not reset since: reset before any reuse.
-            if used
-                && rec.claim.is_none()
-                && rec.quarantined.is_none()
-                && !rec.resetting
-                && rec.phase != InstancePhase::Deleting
-            {
-                debug!(instance = %name, "released and not reset before a restart; resetting it");
-                rec.resetting = true;
-                self.after_commit.push(AfterCommit::Reset {
-                    instance: name.clone(),
-                });
-            }
+            reset = used && rec.claim.is_none() && rec.quarantined.is_none();
+        }
+        // Released before a crash (or a stop) and not reset since: reset before any reuse.
+        if reset {
+            debug!(instance = %name, "released and not reset before a restart; resetting it");
+            self.reset_released(&name);
         }
         self.touched.insert(name.clone());
         // Found after startup for something undeclared (a creation a previous controller had in
@@ -626,17 +620,11 @@ impl<R: Runtime> Engine<R> {
             // listed by then. Reset it here otherwise (never hand it on unreset).
             if self.forgotten.contains(&claim) {
                 if let Some(i) = &instance
-                    && let Some(rec) = self.instances.get_mut(i)
-                    && !rec.resetting
-                    && rec.claim.as_deref().is_none_or(|c| c == claim)
+                    && self.instances.get(i).is_some_and(|rec| {
+                        !rec.resetting && rec.claim.as_deref().is_none_or(|c| c == claim)
+                    })
                 {
-                    rec.claim = None;
-                    rec.resetting = true;
-                    rec.used = true;
-                    self.touched.insert(i.clone());
-                    self.after_commit.push(AfterCommit::Reset {
-                        instance: i.clone(),
-                    });
+                    self.reset_released(i);
                 }
                 continue;
             }
@@ -646,15 +634,7 @@ impl<R: Runtime> Engine<R> {
                         claim: claim.clone(),
                         to: RecPhase::Released,
                     });
-                    if let Some(rec) = self.instances.get_mut(i) {
-                        self.touched.insert(i.clone());
-                        rec.claim = None;
-                        rec.resetting = true;
-                        rec.used = true;
-                        self.after_commit.push(AfterCommit::Reset {
-                            instance: i.clone(),
-                        });
-                    }
+                    self.reset_released(i);
                 }
                 self.ops.push(Op::Forget { claim });
                 continue;
@@ -710,30 +690,21 @@ impl<R: Runtime> Engine<R> {
                 self.report_claim(&claim, now);
             }
         }
-        // Quarantined instances that no longer exist.
-        let stale: Vec<String> = self
-            .store
-            .state()
+        // Quarantined or used instances that were removed while we were down.
+        let st = self.store.state();
+        let gone = |i: &&String| !self.instances.contains_key(*i);
+        let unquarantine = st
             .quarantined
             .keys()
-            .filter(|i| !self.instances.contains_key(*i))
-            .cloned()
-            .collect();
-        for i in stale {
-            self.ops.push(Op::Unquarantine { instance: i });
-        }
-        // Used instances removed while we were down: nothing of them is left to reset.
-        let gone: Vec<String> = self
-            .store
-            .state()
-            .used
-            .iter()
-            .filter(|i| !self.instances.contains_key(*i))
-            .cloned()
-            .collect();
-        for i in gone {
-            self.ops.push(Op::Fresh { instance: i });
-        }
+            .filter(gone)
+            .map(|i| Op::Unquarantine {
+                instance: i.clone(),
+            });
+        let fresh = st.used.iter().filter(gone).map(|i| Op::Fresh {
+            instance: i.clone(),
+        });
+        let ops: Vec<Op> = unquarantine.chain(fresh).collect();
+        self.ops.extend(ops);
         // Managed instances that belong to nothing declared are drained through their pool
         // entry (or removed, for deployments) by the passes below.
         let orphan_pools: Vec<String> = self
