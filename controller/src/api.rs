@@ -536,6 +536,13 @@ pub struct ContainerSpec {
     pub depends_on: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness: Option<Probe>,
+    /// Health check while running: after `failureThreshold` failures in a row the container
+    /// is killed, and its `restartPolicy` restarts it (counted, with crash-loop backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Probe>,
+    /// Patterns watched in the container's output, each with a response.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_triggers: Vec<LogTrigger>,
     #[serde(default)]
     pub restart_policy: RestartPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -546,6 +553,29 @@ pub struct ContainerSpec {
 
 fn default_replicas() -> u32 {
     1
+}
+
+/// A pattern in a container's output and what to do when it appears. Matching lines that
+/// follow each other with less than `quietSeconds` between them are one burst, and a burst
+/// fires the trigger once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogTrigger {
+    pub name: String,
+    /// Text a line must contain.
+    pub contains: String,
+    pub action: LogAction,
+    /// Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_seconds: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum LogAction {
+    /// Restart the container (counted as a restart).
+    Restart,
+    /// Set the deployment's condition `LogTriggered` (and an event).
+    Condition,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -587,8 +617,26 @@ pub struct DeploymentStatus {
     pub ready: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub container_statuses: Vec<ContainerStatus>,
+    /// How often each log trigger fired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_triggers: Vec<LogTriggerStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogTriggerStatus {
+    pub container: String,
+    pub name: String,
+    /// Bursts that fired it.
+    pub fired: u32,
+    /// Matching lines seen.
+    pub matches: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_line: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fired_at: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -70,6 +70,76 @@ pub enum Command {
     },
     /// Measure claim binding and resync through the real reconcile path.
     Bench(crate::bench::BenchArgs),
+    /// Print a container's output. TARGET: deployment/NAME[/CONTAINER[/REPLICA]], claim/NAME
+    /// or instance/NAME.
+    Logs {
+        target: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only output newer than this (e.g. 10m, 2h).
+        #[arg(long, value_parser = duration_arg)]
+        since: Option<Duration>,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Run a command in a container, passing its output and exit code through; `-it` gives an
+    /// interactive shell with a terminal. With `--steps FILE`, run a script of checked steps.
+    Exec {
+        target: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Keep standard input open and send it to the command.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Give the command a terminal (the local one in raw mode, resized along).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// A YAML file of steps (`steps: [{name, run, expect: {exitCode, outputContains}}]`)
+        /// run in order; the first failure stops with exit code 1.
+        #[arg(long, conflicts_with_all = ["interactive", "tty"])]
+        steps: Option<PathBuf>,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// CPU and memory use of a container.
+    Stats {
+        target: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Back up a deployment's named volume to a tar, or restore one.
+    Volume {
+        #[command(subcommand)]
+        action: VolumeAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeAction {
+    /// Write the volume's files to a tar (default: DIR/.poolkeeper/backups/).
+    Backup {
+        /// deployment/NAME
+        deployment: String,
+        volume: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Write a backup's files into the volume (files the backup does not hold are kept).
+    Restore {
+        deployment: String,
+        volume: String,
+        file: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// Where the Docker runtime runs instances.
@@ -247,7 +317,85 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             rt.block_on(crate::bench::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Logs {
+            target,
+            dir,
+            follow,
+            since,
+            tail,
+        } => {
+            let t = reach_target(&dir, &target)?;
+            controller_runtime()?.block_on(crate::reach::logs(&t, follow, since, tail))
+        }
+        Command::Exec {
+            target,
+            dir,
+            interactive,
+            tty,
+            steps,
+            command,
+        } => {
+            let t = reach_target(&dir, &target)?;
+            let rt = controller_runtime()?;
+            match steps {
+                Some(file) => rt.block_on(crate::reach::run_steps(&t, &file)),
+                None => rt.block_on(crate::reach::exec(&t, &command, interactive, tty)),
+            }
+        }
+        Command::Stats {
+            target,
+            dir,
+            output,
+        } => {
+            let t = reach_target(&dir, &target)?;
+            let s = controller_runtime()?.block_on(crate::reach::stats(&t))?;
+            crate::reach::print_stats(&s, output == Some(Output::Json))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Volume { action } => volume_cmd(action),
     }
+}
+
+/// The container a target names, from the running controller's status.
+fn reach_target(dir: &Path, target: &str) -> anyhow::Result<crate::reach::Target> {
+    let (snap, _) = load_snapshot(dir)?;
+    crate::reach::resolve(&snap, target)
+}
+
+fn deployment_arg(s: &str) -> anyhow::Result<&str> {
+    s.strip_prefix("deployment/")
+        .or_else(|| s.strip_prefix("pkd/"))
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| anyhow::anyhow!("{s}: expected deployment/NAME"))
+}
+
+fn volume_cmd(action: VolumeAction) -> anyhow::Result<ExitCode> {
+    let rt = controller_runtime()?;
+    match action {
+        VolumeAction::Backup {
+            deployment,
+            volume,
+            dir,
+            to,
+        } => {
+            let dep = deployment_arg(&deployment)?;
+            let (snap, _) = load_snapshot(&dir)?;
+            let path = rt.block_on(crate::reach::backup_volume(&snap, &dir, dep, &volume, to))?;
+            println!("{}", path.display());
+        }
+        VolumeAction::Restore {
+            deployment,
+            volume,
+            file,
+            dir,
+        } => {
+            let dep = deployment_arg(&deployment)?;
+            let (snap, _) = load_snapshot(&dir)?;
+            rt.block_on(crate::reach::restore_volume(&snap, dep, &volume, &file))?;
+            println!("restored {} into {dep}/{volume}", file.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Loads every path; returns the objects and one line per problem.
@@ -315,7 +463,7 @@ fn validate_cmd(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn state_dir(dir: &Path) -> PathBuf {
+pub(crate) fn state_dir(dir: &Path) -> PathBuf {
     dir.join(STATE_DIR)
 }
 

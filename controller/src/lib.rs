@@ -18,6 +18,7 @@ pub mod crdgen;
 pub mod engine;
 pub mod loader;
 pub mod model;
+pub mod reach;
 pub mod runtime;
 pub mod source;
 pub mod units;

@@ -363,6 +363,31 @@ fn check_container(c: &ContainerSpec, base: &str, errs: &mut Vec<FieldError>) {
     if let Some(p) = &c.readiness {
         check_probe(p, &BTreeSet::new(), &format!("{base}.readiness"), errs);
     }
+    if let Some(p) = &c.liveness {
+        check_probe(p, &BTreeSet::new(), &format!("{base}.liveness"), errs);
+    }
+    let mut trigger_names = BTreeSet::new();
+    for (i, t) in c.log_triggers.iter().enumerate() {
+        let at = format!("{base}.logTriggers[{i}]");
+        if t.name.is_empty() || !trigger_names.insert(t.name.as_str()) {
+            errs.push(FieldError::new(
+                format!("{at}.name"),
+                format!("trigger name {:?} must be non-empty and unique", t.name),
+            ));
+        }
+        if t.contains.is_empty() {
+            errs.push(FieldError::new(
+                format!("{at}.contains"),
+                "must not be empty (it would match every line)".to_owned(),
+            ));
+        }
+        if t.quiet_seconds == Some(0) {
+            errs.push(FieldError::new(
+                format!("{at}.quietSeconds"),
+                "must be at least 1".to_owned(),
+            ));
+        }
+    }
 }
 
 /// A problem that involves more than one object.

@@ -1090,6 +1090,7 @@ async fn list_during_creations() {
             cpu_millis: None,
             memory_bytes: None,
             readiness: None,
+            liveness: None,
             network: None,
             volumes: Default::default(),
             pull_policy: Default::default(),

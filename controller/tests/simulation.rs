@@ -1226,6 +1226,311 @@ async fn deleting_a_deployment_removes_its_containers_and_its_network() {
     .await;
 }
 
+fn with_env(
+    mut c: poolkeeper::api::ContainerSpec,
+    k: &str,
+    v: &str,
+) -> poolkeeper::api::ContainerSpec {
+    c.environment.insert(k.to_owned(), v.to_owned());
+    c
+}
+
+fn running_images(s: &Sim) -> BTreeMap<String, String> {
+    s.mem
+        .instances()
+        .iter()
+        .map(|i| (i.name.clone(), hash_label(i)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rolling_update_replaces_only_the_changed_container_and_the_old_one_serves_until_the_new_one_is_ready()
+ {
+    let mut s = sim();
+    let spec = |v: &str| {
+        Spec::Deployment(deployment(
+            Some("shop-net"),
+            vec![
+                with_env(container("api", "shop-api", &["db"]), "V", v),
+                container("db", "postgres", &[]),
+            ],
+        ))
+    };
+    s.apply("shop", spec("1"));
+    s.wait_until("both run", |snap, _| {
+        deployment_status(snap, "shop").is_some_and(|d| d.ready == 2)
+    })
+    .await;
+    let before = running_images(&s);
+    s.mem.hold_readiness(true);
+    s.apply("shop", spec("2"));
+    let snap = s
+        .wait_until(
+            "the new api is created beside the old one",
+            |snap, insts| insts.len() == 3 && snap.instances.len() == 3,
+        )
+        .await;
+    let now = running_images(&s);
+    assert_eq!(
+        now.get("shop-db"),
+        before.get("shop-db"),
+        "db is unchanged and kept"
+    );
+    assert_eq!(
+        now.get("shop-api"),
+        before.get("shop-api"),
+        "the old api still serves"
+    );
+    let d = deployment_status(&snap, "shop").unwrap();
+    let api = d
+        .container_statuses
+        .iter()
+        .find(|c| c.name == "api")
+        .unwrap();
+    assert_eq!(api.state, "Starting", "status shows the replacement: {d:?}");
+    // Not ready: the old one stays, however long it takes.
+    s.advance(Duration::from_secs(120));
+    s.resync().await;
+    assert!(s.mem.instances().iter().any(|i| i.name == "shop-api"));
+    s.mem.hold_readiness(false);
+    let snap = s
+        .wait_until(
+            "the old api is gone once the new one is ready",
+            |snap, insts| {
+                insts.len() == 2 && deployment_status(snap, "shop").is_some_and(|d| d.ready == 2)
+            },
+        )
+        .await;
+    let after = running_images(&s);
+    assert_eq!(after.get("shop-db"), before.get("shop-db"));
+    assert!(!after.contains_key("shop-api"), "the old instance is gone");
+    assert_eq!(
+        s.mem.counters(),
+        (3, 1),
+        "one creation and one removal for the update"
+    );
+    assert!(
+        deployment_status(&snap, "shop")
+            .unwrap()
+            .container_statuses
+            .iter()
+            .all(|c| c.state == "Running" && c.message.is_none())
+    );
+}
+
+#[tokio::test]
+async fn recreate_and_fixed_host_ports_stop_the_old_container_before_starting_the_new_one() {
+    for (strategy, host_port) in [
+        (poolkeeper::api::UpdateStrategy::Recreate, None),
+        (
+            poolkeeper::api::UpdateStrategy::RollingUpdate,
+            Some(18080u16),
+        ),
+    ] {
+        let mut s = sim();
+        s.mem.set_remove_latency(Duration::from_millis(50));
+        let spec = |v: &str| {
+            let mut c = with_env(container("web", "nginx", &[]), "V", v);
+            if let Some(p) = host_port {
+                c.ports.insert("80/tcp".into(), p);
+            }
+            let mut d = deployment(None, vec![c]);
+            d.strategy = strategy;
+            Spec::Deployment(d)
+        };
+        s.apply("site", spec("1"));
+        s.wait_until("web runs", |snap, _| {
+            deployment_status(snap, "site").is_some_and(|d| d.ready == 1)
+        })
+        .await;
+        s.apply("site", spec("2"));
+        s.wait_until("replaced", |snap, insts| {
+            insts.len() == 1
+                && s.mem.counters() == (2, 1)
+                && deployment_status(snap, "site").is_some_and(|d| d.ready == 1)
+        })
+        .await;
+        // The removal began while the old one was the only instance: stop first.
+        let log = s.mem.removal_log();
+        assert_eq!(log.len(), 1, "{strategy:?}");
+        assert!(log[0].1.is_empty(), "{strategy:?}: {log:?}");
+    }
+}
+
+#[tokio::test]
+async fn changed_containers_are_replaced_in_dependency_order() {
+    let mut s = sim();
+    let spec = |v: &str| {
+        Spec::Deployment(deployment(
+            None,
+            vec![
+                with_env(container("api", "shop-api", &["db"]), "V", v),
+                with_env(container("db", "postgres", &[]), "V", v),
+            ],
+        ))
+    };
+    s.apply("shop", spec("1"));
+    s.wait_until("both run", |snap, _| {
+        deployment_status(snap, "shop").is_some_and(|d| d.ready == 2)
+    })
+    .await;
+    s.mem.hold_readiness(true);
+    s.apply("shop", spec("2"));
+    s.wait_until("the new db is created", |_, insts| insts.len() == 3)
+        .await;
+    s.advance(Duration::from_secs(30));
+    let snap = s.resync().await;
+    assert_eq!(
+        snap.instances.len(),
+        3,
+        "api waits for the new db: {:?}",
+        snap.instances
+    );
+    s.mem.hold_readiness(false);
+    s.wait_until("both replaced", |snap, insts| {
+        insts.len() == 2
+            && s.mem.counters() == (4, 2)
+            && deployment_status(snap, "shop").is_some_and(|d| d.ready == 2)
+    })
+    .await;
+    // db's old instance went before api's replacement was created.
+    let log = s.mem.removal_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0].0, "shop-db", "{log:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_deployment_stops_dependents_first_and_removes_its_volumes_unless_retained() {
+    for retain in [false, true] {
+        let mut s = sim();
+        s.mem.set_remove_latency(Duration::from_millis(30));
+        let mut web = container("web", "nginx", &["api"]);
+        web.volumes.insert(
+            "static".into(),
+            poolkeeper::api::VolumeMount {
+                bind: "/srv".into(),
+                mode: Default::default(),
+            },
+        );
+        let mut d = deployment(
+            None,
+            vec![
+                web,
+                container("api", "shop-api", &["db"]),
+                container("db", "postgres", &[]),
+            ],
+        );
+        d.retain_volumes = retain;
+        s.apply("shop", Spec::Deployment(d));
+        s.wait_until("all run", |snap, _| {
+            deployment_status(snap, "shop").is_some_and(|d| d.ready == 3)
+        })
+        .await;
+        assert_eq!(s.mem.volumes(), BTreeSet::from(["shop_static".to_owned()]));
+        s.delete(Kind::Deployment, "shop");
+        s.wait_until("gone", |snap, insts| {
+            insts.is_empty() && deployment_status(snap, "shop").is_none()
+        })
+        .await;
+        let log = s.mem.removal_log();
+        let order: Vec<&str> = log.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(order, ["shop-web", "shop-api", "shop-db"]);
+        // Each began only once its dependents were gone.
+        assert!(
+            !log[1].1.contains("shop-web") && !log[2].1.contains("shop-api"),
+            "{log:?}"
+        );
+        let volumes_left = s
+            .wait_until("volumes settled", |_, _| {
+                s.mem.volumes().is_empty() != retain
+            })
+            .await;
+        drop(volumes_left);
+        assert_eq!(s.mem.volumes().is_empty(), !retain);
+    }
+}
+
+#[tokio::test]
+async fn a_log_trigger_fires_once_per_burst_of_matching_lines() {
+    use poolkeeper::api::{LogAction, LogTrigger};
+    let mut s = sim();
+    let mut c = container("app", "app", &[]);
+    c.log_triggers = vec![
+        LogTrigger {
+            name: "disk-full".into(),
+            contains: "No space left".into(),
+            action: LogAction::Condition,
+            quiet_seconds: Some(5),
+        },
+        LogTrigger {
+            name: "wedged".into(),
+            contains: "deadlock".into(),
+            action: LogAction::Restart,
+            quiet_seconds: None,
+        },
+    ];
+    s.apply("svc", Spec::Deployment(deployment(None, vec![c])));
+    s.wait_until("app runs", |snap, _| {
+        deployment_status(snap, "svc").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    let fired = |snap: &poolkeeper::engine::status::Snapshot, name: &str| {
+        deployment_status(snap, "svc")
+            .and_then(|d| d.log_triggers.into_iter().find(|t| t.name == name))
+            .map(|t| (t.fired, t.matches))
+            .unwrap_or_default()
+    };
+    // A burst of three matching lines (and one that does not match): fired once.
+    // Lines are emitted once the follower is attached (it starts with the container).
+    s.wait_until("follower attached", |_, _| {
+        s.mem.log_followers("svc-app") == 1
+    })
+    .await;
+    for line in [
+        "write: No space left on device",
+        "ok",
+        "No space left",
+        "No space left again",
+    ] {
+        assert!(s.mem.emit_log("svc-app", line));
+    }
+    let snap = s
+        .wait_until("three matches, one firing", |snap, _| {
+            fired(snap, "disk-full") == (1, 3)
+        })
+        .await;
+    let d = deployment_status(&snap, "svc").unwrap();
+    let cond = condition(&d.conditions, "LogTriggered").expect("condition set");
+    assert_eq!(cond.status, "True");
+    assert!(cond.message.contains("disk-full"), "{cond:?}");
+    // Within the quiet period: still the same burst.
+    s.advance(Duration::from_secs(4));
+    s.mem.emit_log("svc-app", "No space left");
+    s.wait_until("four matches, one firing", |snap, _| {
+        fired(snap, "disk-full") == (1, 4)
+    })
+    .await;
+    // After 5 s of quiet: a new burst.
+    s.advance(Duration::from_secs(5));
+    s.mem.emit_log("svc-app", "No space left");
+    s.wait_until("second burst", |snap, _| fired(snap, "disk-full") == (2, 5))
+        .await;
+
+    // The restart action restarts the container in place, counted.
+    s.mem.emit_log("svc-app", "deadlock detected");
+    s.wait_until("restarted by the trigger", |snap, _| {
+        fired(snap, "wedged") == (1, 1)
+            && deployment_status(snap, "svc")
+                .is_some_and(|d| d.container_statuses[0].restarts == 1 && d.ready == 1)
+    })
+    .await;
+    assert_eq!(
+        s.mem.counters(),
+        (1, 0),
+        "restarted in place, not recreated"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 12. Controller restarts
 

@@ -147,6 +147,12 @@ enum Input {
     Resync(oneshot::Sender<Duration>),
     Subscribe(mpsc::UnboundedSender<ClaimChange>),
     Shutdown(oneshot::Sender<()>),
+    /// A line of a deployment container's output matched one of its log triggers.
+    LogMatch {
+        instance: String,
+        trigger: String,
+        line: String,
+    },
 }
 
 #[derive(Debug)]
@@ -309,6 +315,9 @@ struct UserEntry {
 
 struct DeploymentEntry {
     spec: Option<DeploymentSpec>,
+    /// The last spec applied, kept after deletion: it orders the shutdown and says whether the
+    /// volumes stay. None for a deployment found only through its containers.
+    last_spec: Option<DeploymentSpec>,
     origin: Origin,
     generation: i64,
     /// Container name -> hash of its spec (and the network).
@@ -317,8 +326,19 @@ struct DeploymentEntry {
     network_pending: bool,
     /// Slot -> (restarts, exited at ms).
     restarts: HashMap<String, (u32, u64)>,
+    /// (container, trigger) -> what its log trigger saw.
+    triggers: HashMap<(String, String), TriggerState>,
     conditions: Vec<Condition>,
     events: Events,
+}
+
+#[derive(Default)]
+struct TriggerState {
+    fired: u32,
+    matches: u32,
+    last_match_ms: Option<u64>,
+    last_fired_ms: Option<u64>,
+    last_line: Option<String>,
 }
 
 struct InstRec {
@@ -533,6 +553,8 @@ pub struct Engine<R: Runtime> {
     name_counter: u64,
     /// Claims forgotten in this pass: their store records are stale until the commit.
     forgotten: std::collections::HashSet<String>,
+    /// Tasks following the output of instances whose container has log triggers.
+    log_followers: HashMap<String, tokio::task::AbortHandle>,
 }
 
 /// Starts an engine on `rt`. Returns its handle and the task running it.
@@ -607,6 +629,7 @@ pub fn start<R: Runtime>(
         started_at_ms: now,
         name_counter: now,
         forgotten: std::collections::HashSet::new(),
+        log_followers: HashMap::new(),
     };
     // Subscribe before listing, so nothing falls between the list and the stream.
     let mut events = engine.rt.subscribe();
@@ -724,6 +747,11 @@ impl<R: Runtime> Engine<R> {
                 let _ = tx.send(self.pool_status(&name));
             }
             Input::Subscribe(tx) => self.subscribers.push(tx),
+            Input::LogMatch {
+                instance,
+                trigger,
+                line,
+            } => self.on_log_match(&instance, &trigger, line),
             Input::Shutdown(_) | Input::Resync(_) => {}
         }
     }
@@ -1088,12 +1116,14 @@ impl<R: Runtime> Engine<R> {
                         .entry(name.clone())
                         .or_insert_with(|| DeploymentEntry {
                             spec: None,
+                            last_spec: None,
                             origin: obj.origin.clone(),
                             generation,
                             hashes: BTreeMap::new(),
                             network_ready: None,
                             network_pending: false,
                             restarts: HashMap::new(),
+                            triggers: HashMap::new(),
                             conditions: Vec::new(),
                             events: Events::default(),
                         });
@@ -1105,6 +1135,7 @@ impl<R: Runtime> Engine<R> {
                         now,
                     );
                 }
+                entry.last_spec = Some(spec.clone());
                 entry.spec = Some(spec);
                 entry.hashes = hashes;
                 entry.origin = obj.origin;

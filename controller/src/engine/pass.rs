@@ -13,7 +13,10 @@ use crate::api::{
     UserStatus,
 };
 use crate::core::claims::{ClaimFacts, UserFacts, Verdict, admit, match_claims};
-use crate::core::deployment::{Observed, Step, plan_container, start_order};
+use crate::core::deployment::{
+    Current, Old, Slot, SlotContext, Step, burst_starts, is_host_path, plan_slot, start_order,
+    stoppable, volume_name,
+};
 use crate::core::pool::{InstancePhase, PoolTarget, plan_pool};
 use crate::model::Kind;
 use crate::runtime::{
@@ -275,6 +278,9 @@ impl<R: Runtime> Engine<R> {
         };
         let now = self.clock.now_ms();
         self.recently_gone.insert(name.to_owned(), now);
+        if let Some(f) = self.log_followers.remove(name) {
+            f.abort();
+        }
         self.ports.release(rec.ports.iter().copied(), name);
         self.unindex_instance(&rec);
         if let Some((d, _, _)) = &rec.deployment {
@@ -755,12 +761,14 @@ impl<R: Runtime> Engine<R> {
                 dep.to_owned(),
                 super::DeploymentEntry {
                     spec: None,
+                    last_spec: None,
                     origin: Default::default(),
                     generation: 0,
                     hashes: BTreeMap::new(),
                     network_ready: None,
                     network_pending: false,
                     restarts: Default::default(),
+                    triggers: Default::default(),
                     conditions: Vec::new(),
                     events: Default::default(),
                 },
@@ -1288,6 +1296,7 @@ impl<R: Runtime> Engine<R> {
                 .as_deref()
                 .and_then(|m| parse_memory_bytes(m).ok()),
             readiness: t.readiness.clone(),
+            liveness: None,
             network: None,
             volumes: BTreeMap::new(),
             pull_policy: spec.pull_policy,
@@ -1355,40 +1364,87 @@ impl<R: Runtime> Engine<R> {
     // -----------------------------------------------------------------------------------------
     // Deployments
 
+    /// The instances of deployment `name`, by (container, replica).
+    fn deployment_slots(&self, name: &str) -> BTreeMap<(String, u32), Vec<&InstRec>> {
+        let mut slots: BTreeMap<(String, u32), Vec<&InstRec>> = BTreeMap::new();
+        for r in self.instances.values() {
+            if let Some((d, c, replica)) = &r.deployment
+                && d == name
+            {
+                slots.entry((c.clone(), *replica)).or_default().push(r);
+            }
+        }
+        slots
+    }
+
+    /// A deleted deployment: stops dependents before their dependencies (each container goes
+    /// once nothing that depends on it is left), then removes its network and, unless
+    /// `retainVolumes`, its named volumes.
+    fn drain_deployment(&mut self, name: &str) {
+        let last = self.deployments.get(name).and_then(|d| d.last_spec.clone());
+        let slots = self.deployment_slots(name);
+        if slots.is_empty() {
+            let Some(d) = self.deployments.remove(name) else {
+                return;
+            };
+            let rt = self.rt.clone();
+            let dep = name.to_owned();
+            // Without the last spec (deleted while the controller was down) whether to keep
+            // the volumes is unknown: data is kept, and said so.
+            let drop_volumes = last.as_ref().map(|s| !s.retain_volumes);
+            tokio::spawn(async move {
+                if let Some(net) = d.network_ready
+                    && let Err(e) = rt.remove_network(&net).await
+                {
+                    warn!(network = %net, error = %e, "removing network failed");
+                }
+                match drop_volumes {
+                    Some(true) => {
+                        if let Err(e) = rt.remove_volumes(&dep).await {
+                            warn!(deployment = %dep, error = %e, "removing volumes failed");
+                        }
+                    }
+                    Some(false) => {}
+                    None => info!(deployment = %dep,
+                        "deployment removed while the controller was down: its volumes are kept"),
+                }
+            });
+            return;
+        }
+        let present: BTreeSet<&str> = slots.keys().map(|(c, _)| c.as_str()).collect();
+        let stop_now: BTreeSet<&str> = match &last {
+            Some(spec) => {
+                let mut ok: BTreeSet<&str> =
+                    stoppable(&spec.containers, &present).into_iter().collect();
+                // Containers the last spec no longer names have no order to keep.
+                ok.extend(
+                    present
+                        .iter()
+                        .filter(|c| !spec.containers.iter().any(|s| s.name == **c)),
+                );
+                ok
+            }
+            None => present.clone(),
+        };
+        let remove: Vec<String> = slots
+            .iter()
+            .filter(|((c, _), _)| stop_now.contains(c.as_str()))
+            .flat_map(|(_, recs)| recs.iter().map(|r| r.name.clone()))
+            .collect();
+        for i in remove {
+            self.remove_instance(&i);
+        }
+    }
+
     fn reconcile_deployment(&mut self, name: &str, now: u64) {
         let Some(dep) = self.deployments.get(name) else {
             return;
         };
-        let spec = dep.spec.clone();
-        let hashes = dep.hashes.clone();
-        let mine: Vec<String> = self
-            .instances
-            .values()
-            .filter(|r| r.deployment.as_ref().is_some_and(|d| d.0 == name))
-            .map(|r| r.name.clone())
-            .collect();
-        let Some(spec) = spec else {
-            // Deleted: remove everything it made, then its network.
-            for i in &mine {
-                self.remove_instance(i);
-            }
-            if mine.is_empty() {
-                if let Some(net) = self
-                    .deployments
-                    .get(name)
-                    .and_then(|d| d.network_ready.clone())
-                {
-                    let rt = self.rt.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = rt.remove_network(&net).await {
-                            warn!(network = %net, error = %e, "removing network failed");
-                        }
-                    });
-                }
-                self.deployments.remove(name);
-            }
+        let Some(spec) = dep.spec.clone() else {
+            self.drain_deployment(name);
             return;
         };
+        let hashes = dep.hashes.clone();
         // The network first.
         if let Some(net) = &spec.network {
             let ready = self
@@ -1416,92 +1472,139 @@ impl<R: Runtime> Engine<R> {
                 return;
             }
         }
-        let mut wanted: BTreeSet<String> = BTreeSet::new();
-        let ready_of = |this: &Self, c: &crate::api::ContainerSpec| {
-            (0..c.replicas).all(|r| {
-                this.instances
-                    .get(&slot_name(name, c, r))
-                    .is_some_and(|i| i.phase == InstancePhase::Ready)
+        let hash_of = |c: &str| hashes.get(c).map(String::as_str).unwrap_or_default();
+        // What each replica has: its current instance, older ones, removals in progress.
+        struct SlotNow {
+            current: Option<(String, Current)>,
+            old: Vec<(String, bool)>,
+            removing: bool,
+        }
+        let mut slots: BTreeMap<(String, u32), SlotNow> = BTreeMap::new();
+        let mut unwanted: Vec<String> = Vec::new();
+        for ((cname, r), recs) in self.deployment_slots(name) {
+            let declared = spec
+                .containers
+                .iter()
+                .any(|c| c.name == cname && r < c.replicas);
+            let mut slot = SlotNow {
+                current: None,
+                old: Vec::new(),
+                removing: false,
+            };
+            for rec in recs {
+                if rec.phase == InstancePhase::Deleting {
+                    slot.removing = true;
+                } else if !declared {
+                    unwanted.push(rec.name.clone());
+                } else if rec.hash == hash_of(&cname) && slot.current.is_none() {
+                    let cur = match rec.phase {
+                        InstancePhase::Creating => Current::Creating,
+                        InstancePhase::Ready => Current::Ready,
+                        InstancePhase::Dead => Current::Exited {
+                            code: rec.exit_code,
+                        },
+                        _ => Current::Starting,
+                    };
+                    slot.current = Some((rec.name.clone(), cur));
+                } else {
+                    slot.old
+                        .push((rec.name.clone(), rec.phase == InstancePhase::Ready));
+                }
+            }
+            slots.insert((cname, r), slot);
+        }
+        // A container is settled when every replica is current, ready, and alone.
+        let settled: BTreeMap<&str, bool> = spec
+            .containers
+            .iter()
+            .map(|c| {
+                let ok = (0..c.replicas).all(|r| {
+                    slots.get(&(c.name.clone(), r)).is_some_and(|s| {
+                        matches!(s.current, Some((_, Current::Ready))) && s.old.is_empty()
+                    })
+                });
+                (c.name.as_str(), ok)
             })
-        };
+            .collect();
         let by_name: BTreeMap<&str, &crate::api::ContainerSpec> = spec
             .containers
             .iter()
             .map(|c| (c.name.as_str(), c))
-            .collect();
-        let ready: BTreeMap<String, bool> = spec
-            .containers
-            .iter()
-            .map(|c| (c.name.clone(), ready_of(self, c)))
             .collect();
         let mut conflicts: Vec<String> = Vec::new();
         for cname in start_order(&spec.containers) {
             let Some(c) = by_name.get(cname).copied() else {
                 continue;
             };
-            let hash = hashes.get(cname).cloned().unwrap_or_default();
+            let hash = hash_of(cname).to_owned();
+            let deps_waiting: Vec<String> = c
+                .depends_on
+                .iter()
+                .filter(|d| !settled.get(d.as_str()).copied().unwrap_or(false))
+                .cloned()
+                .collect();
             for r in 0..c.replicas {
-                let slot = slot_name(name, c, r);
-                wanted.insert(slot.clone());
-                let observed = match self.instances.get(&slot) {
-                    None => Observed::Missing,
-                    Some(i) if i.phase == InstancePhase::Deleting => continue,
-                    Some(i) if i.phase == InstancePhase::Creating => continue,
-                    Some(i) if i.hash != hash => Observed::Outdated,
-                    Some(i) if i.phase == InstancePhase::Dead => {
-                        Observed::Exited { code: i.exit_code }
-                    }
-                    Some(i) if i.phase == InstancePhase::Ready => Observed::Ready,
-                    Some(_) => Observed::Starting,
+                let key = slot_name(name, c, r);
+                let empty = SlotNow {
+                    current: None,
+                    old: Vec::new(),
+                    removing: false,
+                };
+                let now_slot = slots.get(&(c.name.clone(), r)).unwrap_or(&empty);
+                let view = Slot {
+                    current: now_slot.current.as_ref().map(|(_, cur)| cur.clone()),
+                    old: if now_slot.old.iter().any(|(_, ready)| *ready) {
+                        Old::Ready
+                    } else if now_slot.old.is_empty() {
+                        Old::None
+                    } else {
+                        Old::NotReady
+                    },
+                    removing: now_slot.removing,
                 };
                 let (restarts, exited_at) = self
                     .deployments
                     .get(name)
-                    .and_then(|d| d.restarts.get(&slot).copied())
+                    .and_then(|d| d.restarts.get(&key).copied())
                     .unwrap_or((0, now));
-                if let Observed::Exited { .. } = observed
+                if let Some(Current::Exited { .. }) = view.current
                     && let Some(d) = self.deployments.get_mut(name)
                 {
-                    d.restarts.entry(slot.clone()).or_insert((0, now));
+                    d.restarts.entry(key.clone()).or_insert((0, now));
                 }
-                let since = std::time::Duration::from_millis(now.saturating_sub(exited_at));
-                let step = plan_container(
-                    c,
-                    &observed,
-                    &|d| ready.get(d).copied().unwrap_or(false),
+                let cx = SlotContext {
+                    deps_waiting: deps_waiting.clone(),
+                    surge: spec.strategy == crate::api::UpdateStrategy::RollingUpdate
+                        && c.ports.is_empty(),
                     restarts,
-                    since,
-                );
-                match step {
+                    since_exit: std::time::Duration::from_millis(now.saturating_sub(exited_at)),
+                };
+                match plan_slot(c, &view, &cx) {
                     Step::Create => {
+                        // The slot's name, unless an older instance still holds it.
+                        let instance = if self.instances.contains_key(&key) {
+                            format!("{key}-{}", hash.get(..6).unwrap_or(&hash))
+                        } else {
+                            key.clone()
+                        };
+                        if self.instances.contains_key(&instance) {
+                            continue;
+                        }
                         if let Some(conflict) =
-                            self.create_container(name, &spec, c, r, &slot, &hash)
+                            self.create_container(name, &spec, c, r, &instance, &hash)
                         {
                             conflicts.push(conflict);
                         }
                     }
-                    Step::Replace => self.remove_instance(&slot),
+                    Step::RemoveOld => {
+                        for (old, _) in &now_slot.old {
+                            self.remove_instance(old);
+                        }
+                    }
                     Step::Restart => {
-                        if let Some(d) = self.deployments.get_mut(name) {
-                            d.restarts.insert(slot.clone(), (restarts + 1, now));
-                            d.events.push(
-                                false,
-                                "Restarting",
-                                format!("{slot} (restart {})", restarts + 1),
-                                now,
-                            );
+                        if let Some((instance, _)) = now_slot.current.clone() {
+                            self.restart_container(name, &key, instance, "exited", now);
                         }
-                        if let Some(i) = self.instances.get_mut(&slot) {
-                            self.touched.insert(slot.clone());
-                            i.phase = InstancePhase::Starting;
-                        }
-                        let rt = self.rt.clone();
-                        let tx = self.tx.clone();
-                        tokio::spawn(async move {
-                            let result = rt.restart(&slot).await;
-                            let _ =
-                                tx.send(Input::Done(Completion::Restarted { name: slot, result }));
-                        });
                     }
                     Step::Backoff(wait) => {
                         self.wakeups.push(Reverse(now + wait.as_millis() as u64));
@@ -1510,19 +1613,26 @@ impl<R: Runtime> Engine<R> {
                 }
             }
         }
-        for i in mine {
-            if !wanted.contains(&i) {
-                self.remove_instance(&i);
+        for i in unwanted {
+            self.remove_instance(&i);
+        }
+        // Follow the output of current instances whose container has log triggers.
+        for ((cname, _), slot) in &slots {
+            let Some(c) = by_name.get(cname.as_str()) else {
+                continue;
+            };
+            if let Some((instance, cur)) = &slot.current
+                && !c.log_triggers.is_empty()
+                && !matches!(cur, Current::Creating)
+                && !self.log_followers.contains_key(instance)
+            {
+                self.follow_logs(instance, c.log_triggers.clone());
             }
         }
         let total: u32 = spec.containers.iter().map(|c| c.replicas).sum();
-        let ready_n = wanted
-            .iter()
-            .filter(|w| {
-                self.instances
-                    .get(*w)
-                    .is_some_and(|i| i.phase == InstancePhase::Ready)
-            })
+        let ready_n = slots
+            .values()
+            .filter(|s| matches!(s.current, Some((_, Current::Ready))))
             .count() as u32;
         if let Some(d) = self.deployments.get_mut(name) {
             let ok = ready_n == total;
@@ -1550,6 +1660,120 @@ impl<R: Runtime> Engine<R> {
                 }
             }
         }
+    }
+
+    /// Restarts a deployment's container in place, counting the restart.
+    fn restart_container(&mut self, dep: &str, key: &str, instance: String, why: &str, now: u64) {
+        let restarts = self
+            .deployments
+            .get(dep)
+            .and_then(|d| d.restarts.get(key).map(|r| r.0))
+            .unwrap_or(0);
+        if let Some(d) = self.deployments.get_mut(dep) {
+            d.restarts.insert(key.to_owned(), (restarts + 1, now));
+            d.events.push(
+                false,
+                "Restarting",
+                format!("{instance} ({why}; restart {})", restarts + 1),
+                now,
+            );
+        }
+        if let Some(i) = self.instances.get_mut(&instance) {
+            self.touched.insert(instance.clone());
+            i.phase = InstancePhase::Starting;
+        }
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = rt.restart(&instance).await;
+            let _ = tx.send(Input::Done(Completion::Restarted {
+                name: instance,
+                result,
+            }));
+        });
+    }
+
+    /// Follows an instance's output and reports lines that match a trigger.
+    fn follow_logs(&mut self, instance: &str, triggers: Vec<crate::api::LogTrigger>) {
+        let mut lines = self.rt.follow_logs(instance);
+        let tx = self.tx.clone();
+        let name = instance.to_owned();
+        let task = tokio::spawn(async move {
+            while let Some(line) = lines.recv().await {
+                for t in &triggers {
+                    if line.contains(t.contains.as_str()) {
+                        let _ = tx.send(Input::LogMatch {
+                            instance: name.clone(),
+                            trigger: t.name.clone(),
+                            line: line.clone(),
+                        });
+                    }
+                }
+            }
+        });
+        self.log_followers
+            .insert(instance.to_owned(), task.abort_handle());
+    }
+
+    /// A matching line: counted; the first of a burst fires the trigger's action.
+    pub(super) fn on_log_match(&mut self, instance: &str, trigger: &str, line: String) {
+        let now = self.clock.now_ms();
+        let Some((dep, cname, replica)) = self
+            .instances
+            .get(instance)
+            .filter(|r| r.phase != InstancePhase::Deleting)
+            .and_then(|r| r.deployment.clone())
+        else {
+            return;
+        };
+        let Some(d) = self.deployments.get_mut(&dep) else {
+            return;
+        };
+        let Some(c) = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == cname))
+            .cloned()
+        else {
+            return;
+        };
+        let Some(t) = c.log_triggers.iter().find(|t| t.name == trigger) else {
+            return;
+        };
+        let quiet_ms = u64::from(t.quiet_seconds.unwrap_or(5)) * 1000;
+        let st = d
+            .triggers
+            .entry((cname.clone(), trigger.to_owned()))
+            .or_default();
+        let fires = burst_starts(st.last_match_ms, now, quiet_ms);
+        st.matches += 1;
+        st.last_match_ms = Some(now);
+        st.last_line = Some(line.clone());
+        if !fires {
+            return;
+        }
+        st.fired += 1;
+        st.last_fired_ms = Some(now);
+        let message = format!("{cname}: trigger {trigger} matched: {line}");
+        d.events.push(true, "LogTrigger", message.clone(), now);
+        match t.action {
+            crate::api::LogAction::Condition => {
+                status::set_condition(
+                    &mut d.conditions,
+                    "LogTriggered",
+                    true,
+                    "PatternMatched",
+                    message,
+                    now,
+                );
+            }
+            crate::api::LogAction::Restart => {
+                let key = slot_name(&dep, &c, replica);
+                let why = format!("log trigger {trigger}");
+                self.restart_container(&dep, &key, instance.to_owned(), &why, now);
+            }
+        }
+        self.dirty_deployments.insert(dep);
     }
 
     /// Starts one container of a deployment. Returns a conflict message when its fixed host
@@ -1607,8 +1831,20 @@ impl<R: Runtime> Engine<R> {
                 .as_deref()
                 .and_then(|m| parse_memory_bytes(m).ok()),
             readiness: c.readiness.clone(),
+            liveness: c.liveness.clone(),
             network: spec.network.clone(),
-            volumes: c.volumes.clone(),
+            volumes: c
+                .volumes
+                .iter()
+                .map(|(source, mount)| {
+                    let source = if is_host_path(source) {
+                        source.clone()
+                    } else {
+                        volume_name(dep, source)
+                    };
+                    (source, mount.clone())
+                })
+                .collect(),
             pull_policy: crate::api::PullPolicy::IfNotPresent,
             files_dir: None,
         };
@@ -2080,10 +2316,23 @@ impl<R: Runtime> Engine<R> {
                 ..DeploymentStatus::default()
             };
             if let Some(spec) = &d.spec {
+                let slots = self.deployment_slots(name);
                 for c in &spec.containers {
+                    let hash = d
+                        .hashes
+                        .get(&c.name)
+                        .map(String::as_str)
+                        .unwrap_or_default();
                     for r in 0..c.replicas {
                         let slot = slot_name(name, c, r);
-                        let rec = self.instances.get(&slot);
+                        // The current instance; else one that is being replaced.
+                        let recs = slots.get(&(c.name.clone(), r));
+                        let rec = recs
+                            .and_then(|v| v.iter().find(|i| i.hash == hash))
+                            .or_else(|| recs.and_then(|v| v.first()))
+                            .copied();
+                        let updating = rec.is_some_and(|i| i.hash != hash)
+                            || recs.is_some_and(|v| v.len() > 1);
                         let restarts = d.restarts.get(&slot).map(|r| r.0).unwrap_or(0);
                         let state = match rec.map(|r| r.phase) {
                             None if c.depends_on.is_empty() => "Waiting",
@@ -2116,7 +2365,18 @@ impl<R: Runtime> Engine<R> {
                             ready,
                             restarts,
                             exit_code: rec.and_then(|r| r.exit_code),
-                            message: None,
+                            message: updating.then(|| "being replaced by its new spec".to_owned()),
+                        });
+                    }
+                    for t in &c.log_triggers {
+                        let st = d.triggers.get(&(c.name.clone(), t.name.clone()));
+                        s.log_triggers.push(crate::api::LogTriggerStatus {
+                            container: c.name.clone(),
+                            name: t.name.clone(),
+                            fired: st.map_or(0, |x| x.fired),
+                            matches: st.map_or(0, |x| x.matches),
+                            last_line: st.and_then(|x| x.last_line.clone()),
+                            last_fired_at: st.and_then(|x| x.last_fired_ms).map(status::rfc3339),
                         });
                     }
                 }

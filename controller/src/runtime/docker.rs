@@ -27,12 +27,13 @@ use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerSummaryStateEnum,
     EndpointSettings, EventMessage, ExecConfig, HostConfig, Mount, MountType, MountVolumeOptions,
     MountVolumeOptionsDriverConfig, NetworkCreateRequest, NetworkingConfig,
-    PortBinding as DockerPortBinding,
+    PortBinding as DockerPortBinding, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveVolumeOptions, RestartContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListVolumesOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveVolumeOptions, RestartContainerOptionsBuilder,
+    StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -44,8 +45,8 @@ use super::hostfiles::{self, HostFiles};
 use super::probe;
 use super::{
     ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTAINER, LABEL_CONTROLLER,
-    LABEL_FILES_DIR, LABEL_MANAGED, LABEL_PORTS, LABEL_READINESS, Labels, PortBinding, Result,
-    Runtime, RuntimeError, RuntimeEvent,
+    LABEL_DEPLOYMENT, LABEL_FILES_DIR, LABEL_LIVENESS, LABEL_MANAGED, LABEL_PORTS, LABEL_READINESS,
+    Labels, PortBinding, Result, Runtime, RuntimeError, RuntimeEvent,
 };
 use crate::api::{Probe, Protocol, PullPolicy, VolumeMode};
 
@@ -125,6 +126,9 @@ pub struct DockerConfig {
     pub allowed_bind_root: Option<PathBuf>,
     /// Seconds `docker restart` waits for a graceful stop (the `Restart` reset policy).
     pub restart_grace_secs: i32,
+    /// Seconds a deployment's container may take to stop (SIGTERM, then SIGKILL) before it is
+    /// removed. Pool instances are removed at once: they hold no state worth a clean stop.
+    pub stop_grace_secs: i32,
     /// Where host-backed files folders are made (under the state directory); `None` uploads
     /// every claim's files through the API.
     pub files_root: Option<PathBuf>,
@@ -144,6 +148,7 @@ impl Default for DockerConfig {
             node_down_after: Duration::from_secs(30),
             allowed_bind_root: None,
             restart_grace_secs: 2,
+            stop_grace_secs: 10,
             files_root: None,
             controller_id: "default".to_owned(),
         }
@@ -170,6 +175,7 @@ struct Tracked {
     labels: Labels,
     ports: Vec<PortBinding>,
     probe: Option<Probe>,
+    liveness: Option<Probe>,
     running: bool,
     ready: bool,
     exit_code: Option<i64>,
@@ -624,7 +630,7 @@ impl DockerRuntime {
         t.incarnation += 1;
         t.ready = t.probe.is_none();
         t.revision = self.next_revision();
-        let probe = t.probe.is_some().then_some(t.incarnation);
+        let probe = (t.probe.is_some() || t.liveness.is_some()).then_some(t.incarnation);
         let inst = self.instance_of(name, t);
         Self::emit(&mut st.subscribers, RuntimeEvent::Changed(inst));
         probe
@@ -633,7 +639,59 @@ impl DockerRuntime {
     fn spawn_probe(&self, name: &str, incarnation: Option<u64>) {
         if let Some(incarnation) = incarnation {
             tokio::spawn(self.clone().probe_loop(name.to_owned(), incarnation));
+            tokio::spawn(self.clone().liveness_loop(name.to_owned(), incarnation));
         }
+    }
+
+    /// Kills the container once its liveness probe failed `failureThreshold` times in a row;
+    /// its exit is reported as any other, and the engine's restart policy takes it from there.
+    async fn liveness_loop(self, name: String, incarnation: u64) {
+        let Some((probe, node)) = self.liveness_of(&name, incarnation) else {
+            return;
+        };
+        if let Some(d) = probe.initial_delay_seconds {
+            tokio::time::sleep(Duration::from_secs(u64::from(d))).await;
+        }
+        let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.unwrap_or(1).max(1)));
+        let period = Duration::from_secs(u64::from(probe.period_seconds.unwrap_or(10).max(1)));
+        let threshold = probe.failure_threshold.unwrap_or(3).max(1);
+        let mut failures = 0u32;
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(ok) = self
+                .probe_once(&name, incarnation, &probe, node, timeout)
+                .await
+            else {
+                return;
+            };
+            failures = if ok { 0 } else { failures + 1 };
+            if failures < threshold {
+                continue;
+            }
+            if self.liveness_of(&name, incarnation).is_none() {
+                return;
+            }
+            warn!(instance = %name, failures, "liveness probe failed: killing the container");
+            let docker = self.inner.nodes[node].docker.clone();
+            if let Err(e) = docker
+                .kill_container(
+                    &name,
+                    None::<bollard::query_parameters::KillContainerOptions>,
+                )
+                .await
+            {
+                warn!(instance = %name, error = %e, "killing an unhealthy container failed");
+            }
+            return;
+        }
+    }
+
+    fn liveness_of(&self, name: &str, incarnation: u64) -> Option<(Probe, usize)> {
+        let st = self.lock();
+        let t = st.instances.get(name)?;
+        (t.incarnation == incarnation && t.running)
+            .then(|| t.liveness.clone().map(|p| (p, t.node)))
+            .flatten()
     }
 
     // ---- readiness ---------------------------------------------------------------------------
@@ -871,7 +929,7 @@ impl DockerRuntime {
                 VolumeMode::Rw => "rw",
                 VolumeMode::Ro => "ro",
             };
-            if source.starts_with('/') || source.starts_with('.') {
+            if crate::core::deployment::is_host_path(source) {
                 let Some(root) = &self.inner.config.allowed_bind_root else {
                     return Err(RuntimeError::Failed(format!(
                         "bind mount of host path {source} refused: no allowed bind root is configured"
@@ -904,6 +962,7 @@ impl DockerRuntime {
         self.ensure_image(docker, &spec.image, spec.pull_policy)
             .await?;
         let binds = self.check_binds(spec)?;
+        self.ensure_volumes(docker, spec).await?;
         let files = self.files_folder(i, spec)?;
         let mut labels: HashMap<String, String> = spec
             .labels
@@ -915,11 +974,16 @@ impl DockerRuntime {
         if let Some((mount, _)) = &files {
             labels.insert(LABEL_FILES_DIR.to_owned(), mount.clone());
         }
-        if let Some(p) = &spec.readiness {
-            labels.insert(
-                LABEL_READINESS.to_owned(),
-                serde_json::to_string(p).map_err(|e| RuntimeError::Failed(e.to_string()))?,
-            );
+        for (label, probe) in [
+            (LABEL_READINESS, &spec.readiness),
+            (LABEL_LIVENESS, &spec.liveness),
+        ] {
+            if let Some(p) = probe {
+                labels.insert(
+                    label.to_owned(),
+                    serde_json::to_string(p).map_err(|e| RuntimeError::Failed(e.to_string()))?,
+                );
+            }
         }
         // What the runtime tracks is read back from the labels, exactly as for an adopted
         // container after a restart.
@@ -1038,6 +1102,26 @@ impl DockerRuntime {
 
     async fn remove_on(&self, i: usize, name: &str) -> Result<()> {
         let began = Instant::now();
+        let graceful = self
+            .lock()
+            .instances
+            .get(name)
+            .is_some_and(|t| t.labels.contains_key(LABEL_DEPLOYMENT));
+        if graceful {
+            let opts = StopContainerOptionsBuilder::default()
+                .t(self.inner.config.stop_grace_secs)
+                .build();
+            match self.inner.nodes[i]
+                .docker
+                .stop_container(name, Some(opts))
+                .await
+            {
+                // 304: already stopped.
+                Ok(()) => {}
+                Err(e) if matches!(status_of(&e), Some(304 | 404)) => {}
+                Err(e) => debug!(instance = %name, error = %e, "graceful stop failed; removing"),
+            }
+        }
         let opts = RemoveContainerOptionsBuilder::default()
             .force(true)
             .v(true)
@@ -1059,6 +1143,35 @@ impl DockerRuntime {
             self.container_gone(&mut guard, i, name);
         }
         self.drop_files_folder(&[i], name).await;
+        Ok(())
+    }
+
+    /// Creates the named volumes `spec` mounts that do not exist yet, labelled as this
+    /// controller's and its deployment's, so that deleting the deployment finds them.
+    async fn ensure_volumes(&self, docker: &Docker, spec: &InstanceSpec) -> Result<()> {
+        for source in spec.volumes.keys() {
+            if crate::core::deployment::is_host_path(source) {
+                continue;
+            }
+            match docker.inspect_volume(source).await {
+                Ok(_) => continue,
+                Err(e) if status_of(&e) == Some(404) => {}
+                Err(e) => return Err(map_err(e, source)),
+            }
+            let mut labels = self.ownership_labels();
+            if let Some(d) = spec.labels.get(LABEL_DEPLOYMENT) {
+                labels.insert(LABEL_DEPLOYMENT.to_owned(), d.clone());
+            }
+            let req = VolumeCreateRequest {
+                name: Some(source.clone()),
+                labels: Some(labels),
+                ..Default::default()
+            };
+            docker
+                .create_volume(req)
+                .await
+                .map_err(|e| map_err(e, source))?;
+        }
         Ok(())
     }
 
@@ -1416,6 +1529,58 @@ impl Runtime for DockerRuntime {
         Ok(out)
     }
 
+    fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let start = jiff::Timestamp::now();
+            // The last line's timestamp: a stream that ends (the container stopped) is taken
+            // up again from there, without repeating lines.
+            let mut last: Option<jiff::Timestamp> = None;
+            loop {
+                // Stops once the container is no longer tracked (removed).
+                let Ok((_, docker)) = this.docker_of(&name) else {
+                    return;
+                };
+                let since = last.unwrap_or(start).as_second();
+                let opts = LogsOptionsBuilder::default()
+                    .stdout(true)
+                    .stderr(true)
+                    .follow(true)
+                    .timestamps(true)
+                    .since(i32::try_from(since).unwrap_or(0))
+                    .build();
+                let mut stream = docker.logs(&name, Some(opts));
+                let mut partial = String::new();
+                while let Some(chunk) = stream.next().await {
+                    let Ok(chunk) = chunk else { break };
+                    partial.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+                    while let Some(nl) = partial.find('\n') {
+                        let line: String = partial.drain(..=nl).collect();
+                        let line = line.trim_end_matches(['\n', '\r']);
+                        let (ts, text) = line.split_once(' ').unwrap_or((line, ""));
+                        let Ok(t) = ts.parse::<jiff::Timestamp>() else {
+                            continue;
+                        };
+                        if last.is_some_and(|l| t <= l) || (last.is_none() && t < start) {
+                            continue;
+                        }
+                        last = Some(t);
+                        if tx.send(text.to_owned()).is_err() {
+                            return;
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        rx
+    }
+
     async fn ensure_network(&self, name: &str) -> Result<()> {
         for (i, node) in self.inner.nodes.iter().enumerate() {
             if self.lock().health[i] != Health::Ready {
@@ -1455,6 +1620,42 @@ impl Runtime for DockerRuntime {
         Ok(())
     }
 
+    async fn remove_volumes(&self, deployment: &str) -> Result<()> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_CONTROLLER}={}", self.inner.config.controller_id),
+                format!("{LABEL_DEPLOYMENT}={deployment}"),
+            ],
+        );
+        let opts = ListVolumesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        for (i, node) in self.inner.nodes.iter().enumerate() {
+            if self.lock().health[i] != Health::Ready {
+                continue;
+            }
+            let list = node
+                .docker
+                .list_volumes(Some(opts.clone()))
+                .await
+                .map_err(|e| map_err(e, deployment))?;
+            for v in list.volumes.unwrap_or_default() {
+                match node
+                    .docker
+                    .remove_volume(&v.name, None::<RemoveVolumeOptions>)
+                    .await
+                {
+                    Ok(()) => info!(volume = %v.name, "volume removed"),
+                    Err(e) if status_of(&e) == Some(404) => {}
+                    Err(e) => return Err(map_err(e, &v.name)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.lock().subscribers.push(tx);
@@ -1469,7 +1670,7 @@ fn files_volume(name: &str) -> String {
     format!("{name}-files")
 }
 
-fn connect_url(url: &str) -> std::result::Result<Docker, DockerError> {
+pub(crate) fn connect_url(url: &str) -> std::result::Result<Docker, DockerError> {
     if url.starts_with("unix://") {
         Docker::connect_with_unix(url, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
     } else if url.starts_with("tcp://") || url.starts_with("http://") {
@@ -1525,24 +1726,46 @@ pub fn decode_ports(s: &str) -> Vec<PortBinding> {
         .collect()
 }
 
-fn labels_of(
-    map: Option<&HashMap<String, String>>,
-) -> (Labels, Vec<PortBinding>, Option<Probe>, Option<String>) {
+/// What the labels of a container say: its instance labels, published ports, readiness and
+/// liveness probes, and files mount.
+struct FromLabels {
+    labels: Labels,
+    ports: Vec<PortBinding>,
+    probe: Option<Probe>,
+    liveness: Option<Probe>,
+    files_mount: Option<String>,
+}
+
+fn labels_of(map: Option<&HashMap<String, String>>) -> FromLabels {
     let map = map.cloned().unwrap_or_default();
     let ports = map
         .get(LABEL_PORTS)
         .map(|s| decode_ports(s))
         .unwrap_or_default();
-    let probe = map
-        .get(LABEL_READINESS)
-        .and_then(|s| serde_json::from_str(s).ok());
+    let probe_of = |label: &str| map.get(label).and_then(|s| serde_json::from_str(s).ok());
+    let probe = probe_of(LABEL_READINESS);
+    let liveness = probe_of(LABEL_LIVENESS);
     let files_mount = map.get(LABEL_FILES_DIR).cloned();
     // The bookkeeping labels stay out of the instance's labels (the engine compares those).
     let labels: BTreeMap<String, String> = map
         .into_iter()
-        .filter(|(k, _)| k != LABEL_PORTS && k != LABEL_READINESS && k != LABEL_FILES_DIR)
+        .filter(|(k, _)| {
+            ![
+                LABEL_PORTS,
+                LABEL_READINESS,
+                LABEL_LIVENESS,
+                LABEL_FILES_DIR,
+            ]
+            .contains(&k.as_str())
+        })
         .collect();
-    (Arc::new(labels), ports, probe, files_mount)
+    FromLabels {
+        labels: Arc::new(labels),
+        ports,
+        probe,
+        liveness,
+        files_mount,
+    }
 }
 
 fn tracked(
@@ -1551,12 +1774,19 @@ fn tracked(
     exit_code: Option<i64>,
     ip: Option<String>,
 ) -> Tracked {
-    let (labels, ports, probe, files_mount) = labels_of(labels);
+    let FromLabels {
+        labels,
+        ports,
+        probe,
+        liveness,
+        files_mount,
+    } = labels_of(labels);
     Tracked {
         node,
         labels,
         ports,
         probe,
+        liveness,
         running: false,
         ready: false,
         exit_code,

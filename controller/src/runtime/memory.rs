@@ -59,6 +59,8 @@ struct Inner {
     instances: HashMap<String, Box<Sim>>,
     subscribers: Vec<mpsc::UnboundedSender<RuntimeEvent>>,
     networks: BTreeSet<String>,
+    /// Named volumes (created by the first container mounting them), with their deployment.
+    volumes: BTreeMap<String, Option<String>>,
     images_missing: BTreeSet<String>,
     foreign_ports: BTreeSet<u16>,
     /// Host ports bound by instances (a daemon refuses a second bind of the same port).
@@ -73,6 +75,11 @@ struct Inner {
     drop_events: bool,
     creates: u64,
     removes: u64,
+    /// How long a removal takes (a container's graceful stop).
+    remove_latency: Duration,
+    /// Each removal, in order, with the instances that still existed when it began.
+    removal_log: Vec<(String, BTreeSet<String>)>,
+    log_followers: HashMap<String, Vec<mpsc::UnboundedSender<String>>>,
 }
 
 /// The in-memory runtime. Cloning shares the same simulated world.
@@ -97,6 +104,7 @@ impl MemoryRuntime {
                 instances: HashMap::new(),
                 subscribers: Vec::new(),
                 networks: BTreeSet::new(),
+                volumes: BTreeMap::new(),
                 images_missing: BTreeSet::new(),
                 foreign_ports: BTreeSet::new(),
                 bound_ports: std::collections::HashSet::new(),
@@ -108,6 +116,9 @@ impl MemoryRuntime {
                 hold_readiness: false,
                 drop_events: false,
                 creates: 0,
+                remove_latency: Duration::ZERO,
+                removal_log: Vec::new(),
+                log_followers: HashMap::new(),
                 removes: 0,
             })),
         }
@@ -131,6 +142,35 @@ impl MemoryRuntime {
 
     pub fn set_create_latency(&self, d: Duration) {
         self.lock().config.create_latency = d;
+    }
+
+    /// How many followers the instance's output has.
+    pub fn log_followers(&self, name: &str) -> usize {
+        self.lock().log_followers.get(name).map_or(0, |f| f.len())
+    }
+
+    /// The instance prints `line` (seen by `logs` and by followers).
+    pub fn emit_log(&self, name: &str, line: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return false;
+        };
+        sim.logs.push(line.to_owned());
+        if let Some(followers) = inner.log_followers.get_mut(name) {
+            followers.retain(|f| f.send(line.to_owned()).is_ok());
+        }
+        true
+    }
+
+    /// Removals take this long (real time): a graceful stop.
+    pub fn set_remove_latency(&self, d: Duration) {
+        self.lock().remove_latency = d;
+    }
+
+    /// Each removal so far, in the order they began, with the instances that still existed
+    /// at that moment.
+    pub fn removal_log(&self) -> Vec<(String, BTreeSet<String>)> {
+        self.lock().removal_log.clone()
     }
 
     pub fn set_ready_delay(&self, d: Duration) {
@@ -255,6 +295,11 @@ impl MemoryRuntime {
 
     pub fn networks(&self) -> BTreeSet<String> {
         self.lock().networks.clone()
+    }
+
+    /// Named volumes that exist.
+    pub fn volumes(&self) -> BTreeSet<String> {
+        self.lock().volumes.keys().cloned().collect()
     }
 
     /// (creates, removes) performed so far.
@@ -393,6 +438,15 @@ impl Runtime for MemoryRuntime {
             {
                 return Err(RuntimeError::Failed(format!("network {net} not found")));
             }
+            let deployment = spec.labels.get(crate::runtime::LABEL_DEPLOYMENT).cloned();
+            for source in spec.volumes.keys() {
+                if !crate::core::deployment::is_host_path(source) {
+                    inner
+                        .volumes
+                        .entry(source.clone())
+                        .or_insert_with(|| deployment.clone());
+                }
+            }
             let instance = Instance {
                 name: spec.name.clone(),
                 labels: spec.labels.clone(),
@@ -429,7 +483,24 @@ impl Runtime for MemoryRuntime {
     }
 
     async fn remove(&self, name: &str) -> Result<()> {
+        let latency = {
+            let mut inner = self.lock();
+            if inner.instances.contains_key(name) {
+                let others = inner
+                    .instances
+                    .keys()
+                    .filter(|n| *n != name)
+                    .cloned()
+                    .collect();
+                inner.removal_log.push((name.to_owned(), others));
+            }
+            inner.remove_latency
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let mut inner = self.lock();
+        inner.log_followers.remove(name);
         if let Some(sim) = inner.instances.remove(name) {
             for p in &sim.instance.ports {
                 inner.bound_ports.remove(&p.host_port);
@@ -517,8 +588,28 @@ impl Runtime for MemoryRuntime {
         Ok(sim.logs[start..].join("\n"))
     }
 
+    fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inner = self.lock();
+        if inner.instances.contains_key(name) {
+            inner
+                .log_followers
+                .entry(name.to_owned())
+                .or_default()
+                .push(tx);
+        }
+        rx
+    }
+
     async fn ensure_network(&self, name: &str) -> Result<()> {
         self.lock().networks.insert(name.to_owned());
+        Ok(())
+    }
+
+    async fn remove_volumes(&self, deployment: &str) -> Result<()> {
+        self.lock()
+            .volumes
+            .retain(|_, d| d.as_deref() != Some(deployment));
         Ok(())
     }
 

@@ -33,6 +33,8 @@ pub const LABEL_CONTROLLER: &str = "poolkeeper.dev/controller";
 pub const LABEL_PORTS: &str = "poolkeeper.dev/ports";
 /// The readiness probe as JSON, so that probing resumes for adopted containers.
 pub const LABEL_READINESS: &str = "poolkeeper.dev/readiness";
+/// The liveness probe as JSON (deployments' containers).
+pub const LABEL_LIVENESS: &str = "poolkeeper.dev/liveness";
 /// The mount path of a host-backed files folder (see `runtime::hostfiles`).
 pub const LABEL_FILES_DIR: &str = "poolkeeper.dev/files-dir";
 
@@ -60,6 +62,8 @@ pub struct InstanceSpec {
     pub cpu_millis: Option<u64>,
     pub memory_bytes: Option<u64>,
     pub readiness: Option<Probe>,
+    /// Failing it `failureThreshold` times in a row kills the instance (its exit is reported).
+    pub liveness: Option<Probe>,
     pub network: Option<String>,
     /// Named volume or host path -> mount.
     pub volumes: BTreeMap<String, VolumeMount>,
@@ -184,9 +188,14 @@ pub trait Runtime: Send + Sync + 'static {
         files: &[(String, Vec<u8>)],
     ) -> impl Future<Output = Result<()>> + Send;
     fn logs(&self, name: &str, tail: usize) -> impl Future<Output = Result<String>> + Send;
+    /// Follows the instance's output, line by line, from now on (across restarts) until the
+    /// instance is removed or the receiver dropped.
+    fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String>;
     /// Creates a network if it does not exist.
     fn ensure_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     fn remove_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the named volumes this controller made for deployment `deployment`.
+    fn remove_volumes(&self, deployment: &str) -> impl Future<Output = Result<()>> + Send;
     /// A new stream of events; every subscriber sees every event from now on.
     fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent>;
 }

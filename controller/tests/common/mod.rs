@@ -108,6 +108,14 @@ impl Runtime for Counting {
         self.mem.remove_network(name).await
     }
 
+    fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String> {
+        self.mem.follow_logs(name)
+    }
+
+    async fn remove_volumes(&self, deployment: &str) -> RtResult<()> {
+        self.mem.remove_volumes(deployment).await
+    }
+
     fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent> {
         self.mem.subscribe()
     }
