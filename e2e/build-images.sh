@@ -6,13 +6,14 @@
 #
 #   e2e/build-images.sh [--force]      (needs root for debootstrap, and Docker)
 #
-# Images: poolkeeper/{nginx,apache,python,node,ssh}:bookworm. Every web type serves /srv/www
+# Images: poolkeeper/{nginx,apache,python,node,ssh,redis}:bookworm. Every web type serves /srv/www
 # (where the pools put a claim's files); ssh runs sshd with fresh host keys per container.
 set -euo pipefail
 SUITE=bookworm
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-BASE="poolkeeper/debian-base:$SUITE"
-TYPES=(nginx apache python node ssh)
+# The base tag names its package set: a new set gets a new tag, so that it is rebuilt.
+BASE="poolkeeper/debian-base:$SUITE-2"
+TYPES=(nginx apache python node ssh redis)
 force=0
 [[ "${1:-}" == "--force" ]] && force=1
 
@@ -31,11 +32,11 @@ if [[ $force == 1 ]] || ! docker image inspect "$BASE" >/dev/null 2>&1; then
   trap 'rm -rf "$root"' EXIT
   echo "debootstrap $SUITE into $root (about a minute)"
   debootstrap --variant=minbase \
-    --include=nginx-light,apache2,python3,nodejs,openssh-server,ca-certificates \
+    --include=nginx-light,apache2,python3,nodejs,openssh-server,redis-server,ca-certificates \
     "$SUITE" "$root" "$MIRROR" >/dev/null
 
   # One document root for every web type: /srv/www.
-  mkdir -p "$root/srv/www"
+  mkdir -p "$root/srv/www" "$root/data"
   echo "fresh instance" > "$root/srv/www/index.html"
   # nginx: Debian's default site is not enabled after debootstrap; serve /srv/www on :80.
   rm -f "$root/etc/nginx/sites-enabled/default"
@@ -96,4 +97,5 @@ build nginx 'EXPOSE 80' 'STOPSIGNAL SIGQUIT' 'CMD ["/usr/sbin/nginx", "-g", "dae
 build apache 'EXPOSE 80' 'STOPSIGNAL SIGWINCH' 'CMD ["/usr/sbin/apache2ctl", "-D", "FOREGROUND"]'
 build python 'EXPOSE 8000' 'WORKDIR /srv/www' 'CMD ["/usr/bin/python3", "-m", "http.server", "8000", "--directory", "/srv/www"]'
 build node 'EXPOSE 3000' 'CMD ["/usr/bin/node", "/opt/poolkeeper/server.js"]'
+build redis 'EXPOSE 6379' 'WORKDIR /data' 'CMD ["/usr/bin/redis-server", "--protected-mode", "no"]'
 build ssh 'EXPOSE 22' 'CMD ["/bin/sh", "-c", "ssh-keygen -A >/dev/null && mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e"]'

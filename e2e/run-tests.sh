@@ -18,6 +18,8 @@ export KUBERNETES_VALIDATE="$PWD/$venv/bin/kubernetes-validate"
 # The quickstart's images, built from Debian packages (cached by tag; about 80 s the first time).
 # The Docker end-to-end tests build their own workload image, and fail without these.
 e2e/build-images.sh
+# Local stand-ins for the public images the Pod Manager examples name.
+e2e/tag-pod-manager-images.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -6,7 +6,12 @@
 //! - `FAIL_READINESS=1`: `/healthz` always answers 503;
 //! - `CRASH_AFTER_MS`: the process exits with code 3 after this long;
 //! - `EXIT_AFTER_MS` + `EXIT_CODE`: run to completion (a one-shot job) with that code;
-//! - `GREETING`: printed to stdout at start (log tests read it).
+//! - `GREETING`: printed to stdout at start (log tests read it);
+//! - `STOP_DELAY_MS`: on SIGTERM, print `stopping` and exit 0 after this long (default 0; as
+//!   PID 1 the process would otherwise ignore SIGTERM and wait for SIGKILL);
+//! - `LOG_LINE` + `LOG_EVERY_MS`: print bursts of that line this often, each of
+//!   `LOG_BURST_LINES` lines (default 1) 100 ms apart, `LOG_BURSTS` times (default: forever);
+//! - `/unhealthy` (any request): from then on `/healthz` answers 503 (liveness tests).
 //!
 //! A scratch image has no shell, so the binary is also its own toolbox for exec probes and
 //! resets: `pk-workload true|false|clean DIR|cat FILE|echo WORDS...|get PORT PATH`.
@@ -28,6 +33,12 @@ fn main() {
     let code = match args.first().map(String::as_str) {
         None | Some("serve") => serve(),
         Some("true") => 0,
+        Some("hello") => {
+            // What the classic hello-world image prints, in short.
+            println!("Hello from poolkeeper's hello-world!");
+            println!("This message shows that your installation appears to be working correctly.");
+            0
+        }
         Some("false") => 1,
         Some("echo") => {
             println!("{}", args[1..].join(" "));
@@ -94,7 +105,17 @@ fn get(target: &str, path: &str) -> i32 {
     } else {
         format!("127.0.0.1:{target}")
     };
-    let Ok(mut s) = TcpStream::connect(addr) else {
+    // A bounded connect: an address on a network this container is cut off from drops
+    // packets, and the caller wants an answer, not a two-minute wait.
+    let Some(addr) = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        eprintln!("get: cannot resolve {target}");
+        return 1;
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        eprintln!("get: cannot connect to {addr}");
         return 1;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -116,7 +137,43 @@ fn get(target: &str, path: &str) -> i32 {
     }
 }
 
+/// Exits 0 on SIGTERM, after `STOP_DELAY_MS`.
+fn on_sigterm() {
+    let term = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()).is_err() {
+        return;
+    }
+    let delay = env_ms("STOP_DELAY_MS").unwrap_or_default();
+    std::thread::spawn(move || {
+        while !term.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!("stopping");
+        std::thread::sleep(delay);
+        std::process::exit(0);
+    });
+}
+
+static UNHEALTHY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn serve() -> i32 {
+    on_sigterm();
+    if let (Some(every), Ok(line)) = (env_ms("LOG_EVERY_MS"), std::env::var("LOG_LINE")) {
+        let count = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        let lines = count("LOG_BURST_LINES").unwrap_or(1);
+        let bursts = count("LOG_BURSTS").unwrap_or(u64::MAX);
+        std::thread::spawn(move || {
+            for _ in 0..bursts {
+                std::thread::sleep(every);
+                for i in 0..lines {
+                    if i > 0 {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    println!("{line}");
+                }
+            }
+        });
+    }
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".to_owned());
     let root = PathBuf::from(std::env::var("ROOT").unwrap_or_else(|_| "/srv".to_owned()));
     let started = Instant::now();
@@ -177,8 +234,11 @@ fn handle(mut stream: TcpStream, root: &Path, ready: bool) {
         }
     }
     let path = request.split_whitespace().nth(1).unwrap_or("/");
+    if path == "/unhealthy" {
+        UNHEALTHY.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let (status, body) = if path == "/healthz" {
-        if ready {
+        if ready && !UNHEALTHY.load(std::sync::atomic::Ordering::Relaxed) {
             ("200 OK", b"ok\n".to_vec())
         } else {
             ("503 Service Unavailable", b"not ready\n".to_vec())
