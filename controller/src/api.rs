@@ -540,6 +540,10 @@ pub struct ContainerSpec {
     /// is killed, and its `restartPolicy` restarts it (counted, with crash-loop backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub liveness: Option<Probe>,
+    /// Run a tiny init as PID 1 that forwards signals and reaps zombies (Docker's `--init`):
+    /// for programs that do not stop on SIGTERM by themselves when they are PID 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init: bool,
     /// Patterns watched in the container's output, each with a response.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_triggers: Vec<LogTrigger>,

@@ -44,3 +44,18 @@ fn the_quickstart_declares_the_paas_pools_with_their_defaults() {
         ]
     );
 }
+
+#[test]
+fn every_steps_file_of_the_examples_parses() {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/flows/03-command-automation");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "steps") {
+            let steps = poolkeeper::reach::load_steps(&e.path()).unwrap();
+            assert!(steps.steps.len() >= 3, "{}", e.path().display());
+            n += 1;
+        }
+    }
+    assert_eq!(n, 2);
+}

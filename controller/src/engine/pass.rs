@@ -1297,6 +1297,7 @@ impl<R: Runtime> Engine<R> {
                 .and_then(|m| parse_memory_bytes(m).ok()),
             readiness: t.readiness.clone(),
             liveness: None,
+            init: false,
             network: None,
             volumes: BTreeMap::new(),
             pull_policy: spec.pull_policy,
@@ -1832,6 +1833,7 @@ impl<R: Runtime> Engine<R> {
                 .and_then(|m| parse_memory_bytes(m).ok()),
             readiness: c.readiness.clone(),
             liveness: c.liveness.clone(),
+            init: c.init,
             network: spec.network.clone(),
             volumes: c
                 .volumes

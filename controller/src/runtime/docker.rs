@@ -1013,6 +1013,7 @@ impl DockerRuntime {
         let host_config = HostConfig {
             port_bindings: Some(port_bindings),
             privileged: Some(false),
+            init: spec.init.then_some(true),
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
             nano_cpus: spec
                 .cpu_millis

@@ -64,6 +64,8 @@ pub struct InstanceSpec {
     pub readiness: Option<Probe>,
     /// Failing it `failureThreshold` times in a row kills the instance (its exit is reported).
     pub liveness: Option<Probe>,
+    /// An init process as PID 1 (signals forwarded, zombies reaped).
+    pub init: bool,
     pub network: Option<String>,
     /// Named volume or host path -> mount.
     pub volumes: BTreeMap<String, VolumeMount>,
