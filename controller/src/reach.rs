@@ -797,6 +797,95 @@ mod tests {
         b.into_inner().expect("tar")
     }
 
+    fn snapshot() -> Snapshot {
+        let origin = serde_json::json!({"file": "x.yaml", "line": 1, "col": 1});
+        let cs = |name: &str, replica: u32, instance: Option<&str>| {
+            serde_json::json!({"name": name, "replica": replica, "instance": instance,
+                "state": if instance.is_some() { "Running" } else { "WaitingForDependencies" },
+                "ready": instance.is_some(), "restarts": 0})
+        };
+        serde_json::from_value(serde_json::json!({
+            "controller": {"pid": 1, "runtime": "docker", "started_at": "", "updated_at": "",
+                "state_dir": "/tmp"},
+            "objects": [
+                {"kind": "Claim", "name": "alice-web", "origin": origin, "spec": {},
+                 "status": {"phase": "Bound", "instance": "nginx-abc"}},
+                {"kind": "Claim", "name": "bob-web", "origin": origin, "spec": {},
+                 "status": {"phase": "Pending"}},
+                {"kind": "Deployment", "name": "stack", "origin": origin, "spec": {},
+                 "status": {"containers": 4, "ready": 3, "containerStatuses": [
+                     cs("db", 0, Some("stack-db")), cs("web", 0, Some("stack-web-0")),
+                     cs("web", 1, Some("stack-web-1")), cs("worker", 0, None)]}},
+                {"kind": "Deployment", "name": "solo", "origin": origin, "spec": {},
+                 "status": {"containers": 1, "ready": 1,
+                     "containerStatuses": [cs("app", 0, Some("solo-app"))]}}
+            ],
+            "diagnostics": [],
+            "instances": [
+                {"name": "nginx-abc", "phase": "Ready", "ports": [], "node": "local"},
+                {"name": "stack-db", "phase": "Ready", "ports": [], "node": "local"},
+                {"name": "stack-web-1", "phase": "Ready", "ports": [], "node": "b"},
+                {"name": "solo-app", "phase": "Ready", "ports": [], "node": "local"}
+            ],
+            "nodes": [
+                {"name": "local", "url": "unix:///var/run/docker.sock", "address": "127.0.0.1",
+                 "state": "Ready", "instances": 3},
+                {"name": "b", "url": "tcp://10.0.0.2:2375", "address": "10.0.0.2",
+                 "state": "Ready", "instances": 1}
+            ]
+        }))
+        .expect("snapshot")
+    }
+
+    #[test]
+    fn targets_resolve_to_the_container_and_its_node() {
+        let s = snapshot();
+        let r = |t: &str| resolve(&s, t).map_err(|e| e.to_string());
+        let local = "unix:///var/run/docker.sock".to_owned();
+        assert_eq!(
+            r("claim/alice-web"),
+            Ok(Target {
+                container: "nginx-abc".into(),
+                node_url: local.clone()
+            })
+        );
+        assert_eq!(
+            r("deployment/stack/db").map(|t| t.container),
+            Ok("stack-db".into())
+        );
+        assert_eq!(
+            r("deployment/solo").map(|t| t.container),
+            Ok("solo-app".into())
+        );
+        assert_eq!(r("instance/solo-app").map(|t| t.node_url), Ok(local));
+        // A replica, on another node.
+        assert_eq!(
+            r("deployment/stack/web/1"),
+            Ok(Target {
+                container: "stack-web-1".into(),
+                node_url: "tcp://10.0.0.2:2375".into()
+            })
+        );
+    }
+
+    #[test]
+    fn targets_that_cannot_be_reached_say_why() {
+        let s = snapshot();
+        let e = |t: &str| resolve(&s, t).expect_err(t).to_string();
+        assert!(e("claim/bob-web").contains("not bound (phase Pending)"));
+        assert!(e("claim/nobody").contains("no Claim named \"nobody\""));
+        let several = e("deployment/stack");
+        assert!(
+            several.contains("deployment/stack/db") && several.contains("deployment/stack/web")
+        );
+        assert!(e("deployment/stack/worker").contains("no instance yet (WaitingForDependencies)"));
+        assert!(e("deployment/stack/cache").contains("no container \"cache\""));
+        assert!(e("deployment/stack/web/x").contains("not a number"));
+        // In status as a container, but not running (no instance record).
+        assert!(e("deployment/stack/web").contains("not running"));
+        assert!(e("pod/x").contains("a target is"));
+    }
+
     #[test]
     fn a_backup_must_stay_under_volume() {
         assert!(check_backup(&tar_with(&["volume/a.txt", "volume/d/b.txt"])).is_ok());

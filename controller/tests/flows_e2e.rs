@@ -479,6 +479,62 @@ fn flow_07_networking() {
         ],
     );
     assert_eq!(own.status.code(), Some(0), "{}", text(&own));
+
+    // A rolling update of blue's api (no host port): the new container runs and is ready
+    // before the old one is stopped, and the client is left alone.
+    let client_id = inspect("blue-client", "{{.Id}}");
+    let began = docker(None, &["system", "info", "-f", "{{.SystemTime}}"]);
+    let blue = std::fs::read_to_string(c.path().join("blue.yaml")).unwrap();
+    c.write(
+        "blue.yaml",
+        &blue.replace(
+            "  - name: api\n    image: poolkeeper-workload:test\n",
+            "  - name: api\n    image: poolkeeper-workload:test\n    environment: {GREETING: v2}\n",
+        ),
+    );
+    let s = c.wait("api replaced", T, |s| {
+        ready(s, "blue", 2)
+            && container(s, "blue", "api")["instance"]
+                .as_str()
+                .is_some_and(|i| i != "blue-api")
+            && s["instances"].as_array().is_some_and(|a| a.len() == 3)
+    });
+    let new_api = container(&s, "blue", "api")["instance"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let until = docker(None, &["system", "info", "-f", "{{.SystemTime}}"]);
+    let events = docker(
+        None,
+        &[
+            "events",
+            "--since",
+            &began,
+            "--until",
+            &until,
+            "--filter",
+            "label=poolkeeper.dev/controller=flow07",
+            "--filter",
+            "type=container",
+            "--format",
+            "{{.Action}} {{.Actor.Attributes.name}}",
+        ],
+    );
+    let lines: Vec<&str> = events.lines().collect();
+    let pos = |e: &str| lines.iter().position(|l| *l == e);
+    let started = pos(&format!("start {new_api}")).unwrap_or_else(|| panic!("{events}"));
+    let stopped = pos("kill blue-api").or(pos("destroy blue-api"));
+    assert!(
+        stopped.is_some_and(|k| started < k),
+        "new api started before the old one stopped:\n{events}"
+    );
+    assert_eq!(
+        inspect("blue-client", "{{.Id}}"),
+        client_id,
+        "the client is not replaced"
+    );
+    let again = get("api:8080");
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
 }
 
 // ---- 8. volumes: shared data, backup and restore -----------------------------------------
