@@ -306,6 +306,33 @@ fn flow_03_command_automation() {
 
 // ---- 4. dependencies, health checks and ordered shutdown ---------------------------------
 
+/// The daemon's clock, for `docker events --since`.
+fn daemon_time() -> String {
+    docker(None, &["system", "info", "-f", "{{.SystemTime}}"])
+}
+
+/// `ACTION NAME` lines of the container events of controller `id` since `since`, in order.
+fn container_events(id: &str, since: &str) -> String {
+    let until = daemon_time();
+    let label = format!("label=poolkeeper.dev/controller={id}");
+    docker(
+        None,
+        &[
+            "events",
+            "--since",
+            since,
+            "--until",
+            &until,
+            "--filter",
+            &label,
+            "--filter",
+            "type=container",
+            "--format",
+            "{{.Action}} {{.Actor.Attributes.name}}",
+        ],
+    )
+}
+
 fn inspect(name: &str, format: &str) -> String {
     docker(None, &["inspect", "-f", format, name])
 }
@@ -313,7 +340,7 @@ fn inspect(name: &str, format: &str) -> String {
 #[test]
 fn flow_04_dependencies() {
     let _g = serial();
-    let began = docker(None, &["system", "info", "-f", "{{.SystemTime}}"]);
+    let began = daemon_time();
     let c = run_example("flows/04-dependencies", "flow04");
     c.wait("db and web are ready", T, |s| ready(s, "stack", 2));
     // web was created only once db was ready (db takes 2 s).
@@ -332,24 +359,7 @@ fn flow_04_dependencies() {
         object(s, "Deployment", "stack").is_null()
             && s["instances"].as_array().is_some_and(Vec::is_empty)
     });
-    let until = docker(None, &["system", "info", "-f", "{{.SystemTime}}"]);
-    let label = "label=poolkeeper.dev/controller=flow04".to_string();
-    let events = docker(
-        None,
-        &[
-            "events",
-            "--since",
-            &began,
-            "--until",
-            &until,
-            "--filter",
-            &label,
-            "--filter",
-            "type=container",
-            "--format",
-            "{{.Action}} {{.Actor.Attributes.name}}",
-        ],
-    );
+    let events = container_events("flow04", &began);
     let lines: Vec<&str> = events.lines().collect();
     let pos = |e: &str| {
         lines
@@ -483,7 +493,7 @@ fn flow_07_networking() {
     // A rolling update of blue's api (no host port): the new container runs and is ready
     // before the old one is stopped, and the client is left alone.
     let client_id = inspect("blue-client", "{{.Id}}");
-    let began = docker(None, &["system", "info", "-f", "{{.SystemTime}}"]);
+    let began = daemon_time();
     let blue = std::fs::read_to_string(c.path().join("blue.yaml")).unwrap();
     c.write(
         "blue.yaml",
@@ -503,23 +513,7 @@ fn flow_07_networking() {
         .as_str()
         .unwrap()
         .to_owned();
-    let until = docker(None, &["system", "info", "-f", "{{.SystemTime}}"]);
-    let events = docker(
-        None,
-        &[
-            "events",
-            "--since",
-            &began,
-            "--until",
-            &until,
-            "--filter",
-            "label=poolkeeper.dev/controller=flow07",
-            "--filter",
-            "type=container",
-            "--format",
-            "{{.Action}} {{.Actor.Attributes.name}}",
-        ],
-    );
+    let events = container_events("flow07", &began);
     let lines: Vec<&str> = events.lines().collect();
     let pos = |e: &str| lines.iter().position(|l| *l == e);
     let started = pos(&format!("start {new_api}")).unwrap_or_else(|| panic!("{events}"));
