@@ -394,8 +394,39 @@ fn trigger(s: &Value, name: &str) -> (u64, u64) {
 fn flow_05_log_monitoring() {
     let _g = serial();
     let c = run_example("flows/05-log-monitoring", "flow05");
+    c.wait("the app runs", T, |s| ready(s, "watch", 1));
+    // `logs -f` streams the lines as they come, and keeps going.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_poolkeeper"))
+        .args(["logs", "-f", "deployment/watch", "--dir"])
+        .arg(c.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = follow.stdout.take().unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let into = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
     // Three bursts of three lines: three firings, nine matches.
     let s = c.wait("three bursts seen", T, |s| trigger(s, "disk-full").1 == 9);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "logs -f ended by itself"
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let streamed = seen.lock().unwrap().matches("ERROR disk full").count();
+    assert_eq!(streamed, 9, "logs -f streamed:\n{}", seen.lock().unwrap());
     assert_eq!(trigger(&s, "disk-full"), (3, 9), "once per burst");
     let cond = object(&s, "Deployment", "watch")["status"]["conditions"]
         .as_array()
