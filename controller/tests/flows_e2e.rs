@@ -121,6 +121,14 @@ fn flow_01_hello_world() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "Hello from a poolkeeper deployment"
     );
+    let recent = cli(&c, &["logs", "deployment/hello", "--since", "1h"]);
+    assert!(text(&recent).contains("Hello from a poolkeeper deployment"));
+    let none = cli(&c, &["logs", "deployment/hello", "--tail", "0"]);
+    assert!(
+        none.status.success() && none.stdout.is_empty(),
+        "{}",
+        text(&none)
+    );
     // restartPolicy Never: it stays done.
     std::thread::sleep(Duration::from_secs(2));
     let s = c.status().unwrap();
@@ -695,4 +703,10 @@ fn pod_manager_configs_run_unchanged() {
         "{}",
         text(&stats)
     );
+    assert!(
+        v["cpu_percent"].as_f64().is_some_and(|p| p >= 0.0),
+        "{}",
+        text(&stats)
+    );
+    assert!(v["pids"].as_u64().unwrap_or(0) >= 1, "{}", text(&stats));
 }
