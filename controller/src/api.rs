@@ -440,6 +440,10 @@ pub struct UserSpec {
     pub ssh_keys: Vec<String>,
     #[serde(default)]
     pub disabled: bool,
+    /// SHA-256 (hex) of the user's API token: the token itself is never stored.
+    /// `printf %s TOKEN | sha256sum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

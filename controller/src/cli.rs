@@ -50,6 +50,8 @@ pub enum Command {
         resync: Duration,
         #[command(flatten)]
         docker: DockerArgs,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// List objects with their status.
     Get {
@@ -140,6 +142,35 @@ pub enum VolumeAction {
         #[arg(long)]
         dir: PathBuf,
     },
+}
+
+/// The HTTP API of `run`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ApiArgs {
+    /// Address the HTTP API listens on (`off` serves none).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7080")]
+    pub listen: String,
+    /// A file holding the admin token (one line). Without it, only users' tokens work.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    fn admin_token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token from {}", path.display()))?;
+        let token = text.trim().to_owned();
+        if token.len() < 16 {
+            bail!(
+                "{}: the admin token must be at least 16 characters",
+                path.display()
+            );
+        }
+        Ok(Some(token))
+    }
 }
 
 /// Where the Docker runtime runs instances.
@@ -300,9 +331,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             runtime,
             resync,
             docker,
+            api,
         } => {
             let rt = controller_runtime()?;
-            rt.block_on(run_cmd(dir, runtime, resync, docker))?;
+            rt.block_on(run_cmd(dir, runtime, resync, docker, api))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Get {
@@ -476,6 +508,7 @@ async fn run_cmd(
     runtime: RuntimeKind,
     resync: Duration,
     docker: DockerArgs,
+    api: ApiArgs,
 ) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
@@ -483,12 +516,12 @@ async fn run_cmd(
     match runtime {
         RuntimeKind::Memory => {
             let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
-            run_with(rt, dir, resync).await
+            run_with(rt, dir, resync, api).await
         }
         RuntimeKind::Docker => {
             let config = docker.docker_config(&state_dir(&dir))?;
             let rt = Arc::new(DockerRuntime::connect(config).await?);
-            run_with(rt, dir, resync).await
+            run_with(rt, dir, resync, api).await
         }
     }
 }
@@ -497,13 +530,38 @@ async fn run_with<R: crate::runtime::Runtime>(
     rt: Arc<R>,
     dir: PathBuf,
     resync: Duration,
+    api: ApiArgs,
 ) -> anyhow::Result<()> {
     let sdir = state_dir(&dir);
     std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
+    let admin_token = api.admin_token()?;
+    // Bound before anything starts, so that a taken address is an error at once.
+    let listener = match api.listen.as_str() {
+        "off" => None,
+        addr => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} (--listen; `off` serves no API)"))?,
+        ),
+    };
+    let api_addr = listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
     let mut config = EngineConfig::new(sdir.join("state"));
     config.resync_every = resync;
     let (handle, task) = engine::start(rt, config)?;
     let watch = crate::source::dir::run(dir.clone(), handle.clone(), resync).await?;
+    let server = listener.map(|l| {
+        let state =
+            crate::server::ApiState::new(handle.clone(), dir.clone(), admin_token.as_deref());
+        info!(address = ?api_addr, "HTTP API listening");
+        tokio::spawn(async move {
+            if let Err(e) = crate::server::serve(l, state).await {
+                tracing::error!(error = %e, "the HTTP API stopped");
+            }
+        })
+    });
     // SIGTERM (what service managers and `docker stop` send) stops as cleanly as Ctrl-C.
     // Registered before the status file first names this process.
     #[cfg(unix)]
@@ -522,6 +580,7 @@ async fn run_with<R: crate::runtime::Runtime>(
             };
             // Compare without the timestamp, which changes every time.
             snap.controller.updated_at.clear();
+            snap.controller.api.clone_from(&api_addr);
             let Ok(cmp) = serde_json::to_vec(&snap) else {
                 continue;
             };
@@ -545,6 +604,9 @@ async fn run_with<R: crate::runtime::Runtime>(
         _ = tokio::signal::ctrl_c() => info!("stopping"),
         _ = terminated(&mut sigterm) => info!("stopping (SIGTERM)"),
         r = task => { writer.abort(); watch.abort(); r?; bail!("the engine stopped"); }
+    }
+    if let Some(s) = &server {
+        s.abort();
     }
     handle.shutdown().await;
     writer.abort();
@@ -614,6 +676,7 @@ fn load_snapshot(dir: &Path) -> anyhow::Result<(Snapshot, bool)> {
                         started_at: String::new(),
                         updated_at: String::new(),
                         state_dir: state_dir(dir),
+                        api: None,
                     },
                     objects,
                     diagnostics: problems,

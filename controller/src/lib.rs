@@ -20,6 +20,7 @@ pub mod loader;
 pub mod model;
 pub mod reach;
 pub mod runtime;
+pub mod server;
 pub mod source;
 pub mod units;
 pub mod validate;

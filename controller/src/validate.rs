@@ -246,6 +246,14 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
             ));
         }
     }
+    if let Some(h) = &u.token_sha256
+        && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        errs.push(FieldError::new(
+            "spec.tokenSha256",
+            "must be the 64 hex digits of a SHA-256 (`printf %s TOKEN | sha256sum`), not the token",
+        ));
+    }
 }
 
 fn validate_deployment(d: &DeploymentSpec, errs: &mut Vec<FieldError>) {

@@ -75,7 +75,7 @@ impl Controller {
         let child = Command::new(BIN)
             .args(["run", "--dir"])
             .arg(dir)
-            .args(["--runtime", "memory"])
+            .args(["--runtime", "memory", "--listen", "127.0.0.1:0"])
             .env("POOLKEEPER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -2414,6 +2414,7 @@ impl<R: Runtime> Engine<R> {
                 started_at: status::rfc3339(self.started_at_ms),
                 updated_at: status::rfc3339(now),
                 state_dir: self.config.state_dir.clone(),
+                api: None,
             },
             objects,
             diagnostics: self

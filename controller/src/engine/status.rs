@@ -160,6 +160,9 @@ pub struct ControllerInfo {
     pub started_at: String,
     pub updated_at: String,
     pub state_dir: PathBuf,
+    /// Where the HTTP API listens (`host:port`), when it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 /// Everything the controller knows, as written to `DIR/.poolkeeper/status.json`.

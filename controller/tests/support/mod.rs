@@ -113,6 +113,7 @@ impl Controller {
             .args(["run", "--dir"])
             .arg(self.dir.path())
             .args(["--runtime", "docker", "--controller-id", &self.id])
+            .args(["--listen", "127.0.0.1:0"])
             .args(&self.args)
             .env(
                 "POOLKEEPER_LOG",
