@@ -153,6 +153,20 @@ pub struct ApiArgs {
     /// A file holding the admin token (one line). Without it, only users' tokens work.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// A file holding the secret that signs reservation webhooks and their callbacks; enables
+    /// `POST /webhooks/reservations`.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Where reservation callbacks are POSTed (`http://HOST:PORT/PATH`).
+    #[arg(long, value_name = "URL", requires = "webhook_secret_file")]
+    pub notify_url: Option<String>,
+    /// An image booking systems may ask for (repeat; default: the images of declared pools).
+    #[arg(
+        long = "webhook-image",
+        value_name = "IMAGE",
+        requires = "webhook_secret_file"
+    )]
+    pub webhook_images: Vec<String>,
 }
 
 impl ApiArgs {
@@ -170,6 +184,32 @@ impl ApiArgs {
             );
         }
         Ok(Some(token))
+    }
+
+    fn webhooks(&self) -> anyhow::Result<Option<crate::server::WebhookConfig>> {
+        let Some(path) = &self.webhook_secret_file else {
+            return Ok(None);
+        };
+        let secret = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the webhook secret from {}", path.display()))?
+            .trim()
+            .to_owned();
+        if secret.len() < 16 {
+            bail!(
+                "{}: the webhook secret must be at least 16 characters",
+                path.display()
+            );
+        }
+        if let Some(url) = &self.notify_url
+            && !url.starts_with("http://")
+        {
+            bail!("--notify-url {url}: only http:// URLs are supported");
+        }
+        Ok(Some(crate::server::WebhookConfig {
+            secret: secret.into_bytes(),
+            allowed_images: self.webhook_images.clone(),
+            notify_url: self.notify_url.clone(),
+        }))
     }
 }
 
@@ -535,6 +575,7 @@ async fn run_with<R: crate::runtime::Runtime>(
     let sdir = state_dir(&dir);
     std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
     let admin_token = api.admin_token()?;
+    let webhooks = api.webhooks()?;
     // Bound before anything starts, so that a taken address is an error at once.
     let listener = match api.listen.as_str() {
         "off" => None,
@@ -553,8 +594,12 @@ async fn run_with<R: crate::runtime::Runtime>(
     let (handle, task) = engine::start(rt, config)?;
     let watch = crate::source::dir::run(dir.clone(), handle.clone(), resync).await?;
     let server = listener.map(|l| {
-        let state =
-            crate::server::ApiState::new(handle.clone(), dir.clone(), admin_token.as_deref());
+        let state = crate::server::ApiState::new(
+            handle.clone(),
+            dir.clone(),
+            admin_token.as_deref(),
+            webhooks,
+        );
         info!(address = ?api_addr, "HTTP API listening");
         tokio::spawn(async move {
             if let Err(e) = crate::server::serve(l, state).await {

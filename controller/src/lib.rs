@@ -24,3 +24,4 @@ pub mod server;
 pub mod source;
 pub mod units;
 pub mod validate;
+pub mod webhook;

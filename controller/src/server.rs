@@ -36,19 +36,37 @@ pub const MANAGED_CLAIMS: &str = "managed/claims";
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
 
-#[derive(Clone)]
 pub struct ApiState {
     handle: EngineHandle,
     dir: PathBuf,
     admin_sha256: Option<[u8; 32]>,
+    webhooks: Option<WebhookConfig>,
+    /// Signatures seen within the replay window, with their timestamp.
+    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// Reservations by webhook: the shared secret, the images booking systems may ask for (empty:
+/// those of the declared pools), and where callbacks go.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookConfig {
+    pub secret: Vec<u8>,
+    pub allowed_images: Vec<String>,
+    pub notify_url: Option<String>,
 }
 
 impl ApiState {
-    pub fn new(handle: EngineHandle, dir: PathBuf, admin_token: Option<&str>) -> Self {
+    pub fn new(
+        handle: EngineHandle,
+        dir: PathBuf,
+        admin_token: Option<&str>,
+        webhooks: Option<WebhookConfig>,
+    ) -> Self {
         ApiState {
             handle,
             dir,
             admin_sha256: admin_token.map(sha256),
+            webhooks,
+            seen: Default::default(),
         }
     }
 }
@@ -59,6 +77,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/v1/claims", get(list_claims).post(create_claim))
         .route("/api/v1/claims/{name}", get(get_claim).delete(delete_claim))
+        .route(
+            "/webhooks/reservations",
+            axum::routing::post(crate::server::reservation),
+        )
         .route("/api/v1/{kind}", get(list))
         .route("/api/v1/{kind}/{name}", get(get_one))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -66,8 +88,22 @@ pub fn router(state: ApiState) -> Router {
         .with_state(Arc::new(state))
 }
 
-/// Serves the API until the listener fails.
+/// Serves the API until the listener fails; with a notification URL, also delivers the
+/// reservations' callbacks.
 pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::io::Result<()> {
+    if let Some(url) = state.webhooks.as_ref().and_then(|w| w.notify_url.clone()) {
+        let secret = state
+            .webhooks
+            .as_ref()
+            .map(|w| w.secret.clone())
+            .unwrap_or_default();
+        tokio::spawn(callbacks(
+            state.handle.clone(),
+            state.dir.clone(),
+            url,
+            secret,
+        ));
+    }
     axum::serve(listener, router(state)).await
 }
 
@@ -314,7 +350,12 @@ async fn get_claim(
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    get_kind(&state, &headers, Kind::Claim, &name).await
+    let Json(mut v) = get_kind(&state, &headers, Kind::Claim, &name).await?;
+    // A reservation's claim shows where its callback stands.
+    if let Some(r) = read_reservation(&state.dir, &name) {
+        v["reservation"] = serde_json::to_value(&r).unwrap_or(Value::Null);
+    }
+    Ok(Json(v))
 }
 
 /// A claim as the API takes it.
@@ -566,6 +607,408 @@ async fn delete_claim(
             format!("removing the claim: {e}"),
         )),
     }
+}
+
+// ---- reservations by webhook ----------------------------------------------------------------
+
+/// What poolkeeper keeps of a reservation, beside its claim file: who asked, and where the
+/// callback stands. In the state folder (`DIR/.poolkeeper/reservations/CLAIM.json`), which the
+/// watcher does not load as specs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    pub resource_name: String,
+    #[serde(default)]
+    pub user_id: Option<Value>,
+    pub username: String,
+    pub pool: String,
+    pub callback: CallbackState,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallbackState {
+    /// `Pending`, `Delivered`, `Failed` (retries exhausted), or `NotConfigured`.
+    pub state: String,
+    #[serde(default)]
+    pub attempts: u32,
+    /// What was (or is to be) reported: `provisioned` or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+fn reservation_path(dir: &Path, claim: &str) -> PathBuf {
+    crate::cli::state_dir(dir)
+        .join("reservations")
+        .join(format!("{claim}.json"))
+}
+
+fn read_reservation(dir: &Path, claim: &str) -> Option<Reservation> {
+    let bytes = std::fs::read(reservation_path(dir, claim)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_reservation(dir: &Path, claim: &str, r: &Reservation) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
+    write_atomic(&reservation_path(dir, claim), &bytes)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) async fn reservation(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    use crate::webhook::{HEADER_SIGNATURE, HEADER_TIMESTAMP, REPLAY_WINDOW_SECS};
+    let Some(cfg) = &state.webhooks else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "webhooks are not configured (--webhook-secret-file)",
+        ));
+    };
+    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let signature = header(HEADER_SIGNATURE);
+    let now = unix_now();
+    crate::webhook::verify(&cfg.secret, header(HEADER_TIMESTAMP), signature, &body, now)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    {
+        let mut seen = state.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, at| now.abs_diff(*at) <= REPLAY_WINDOW_SECS);
+        let sig = signature.unwrap_or_default().to_owned();
+        if seen.insert(sig, now).is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "this signed request was already received (a replay)",
+            ));
+        }
+    }
+    let event: crate::webhook::ReservationEvent = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let name = crate::webhook::claim_name(&event.resource_name);
+    let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
+    match event.event.as_str() {
+        "release" => {
+            let existed = match std::fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => {
+                    return Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("removing the claim: {e}"),
+                    ));
+                }
+            };
+            let _ = std::fs::remove_file(reservation_path(&state.dir, &name));
+            Ok((
+                StatusCode::OK,
+                Json(json!({"claim": name, "released": existed})),
+            ))
+        }
+        "provision" => provision(&state, cfg, &event, &name, &path).await,
+        other => Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "event",
+            format!("unknown event {other:?}: provision or release"),
+        )),
+    }
+}
+
+async fn provision(
+    state: &ApiState,
+    cfg: &WebhookConfig,
+    event: &crate::webhook::ReservationEvent,
+    name: &str,
+    path: &Path,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let snap = snapshot(state).await?;
+    let Some(image) = event.custom_parameters.image.as_deref() else {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "custom_parameters.image",
+            "a provision names the image it wants",
+        ));
+    };
+    let pools: Vec<(String, String)> = snap
+        .objects
+        .iter()
+        .filter(|o| o.kind == Kind::Pool && !o.spec.is_null())
+        .filter_map(|o| {
+            let image = o.spec.pointer("/template/image")?.as_str()?;
+            Some((o.name.clone(), image.to_owned()))
+        })
+        .collect();
+    let pool = crate::webhook::pool_for_image(image, &cfg.allowed_images, &pools)
+        .map_err(|e| {
+            ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "custom_parameters.image",
+                e,
+            )
+        })?
+        .to_owned();
+    // A duplicate (the same reservation sent again) changes nothing.
+    if path.exists() {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"claim": name, "pool": pool, "created": false})),
+        ));
+    }
+    if let Some(problem) = admission_problem(&snap, &event.username, &pool) {
+        return Err(problem);
+    }
+    let spec = ClaimSpec {
+        pool: pool.clone(),
+        user: event.username.clone(),
+        ttl: None,
+        files: BTreeMap::new(),
+        files_from: None,
+    };
+    let record = Reservation {
+        resource_name: event.resource_name.clone(),
+        user_id: event.user_id.clone(),
+        username: event.username.clone(),
+        pool: pool.clone(),
+        callback: CallbackState {
+            state: if cfg.notify_url.is_some() {
+                "Pending"
+            } else {
+                "NotConfigured"
+            }
+            .to_owned(),
+            ..CallbackState::default()
+        },
+    };
+    let internal =
+        |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    // The record first: a crash between the two leaves a record without a claim (harmless),
+    // never a claim whose callback is forgotten.
+    write_reservation(&state.dir, name, &record).map_err(internal)?;
+    let text = claim_file_text(name, &spec)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    write_atomic(path, text.as_bytes()).map_err(internal)?;
+    // What the pool's template decides, not the request.
+    let p = &event.custom_parameters;
+    let ignored: Vec<&str> = [
+        ("cpu_limit", p.cpu_limit.is_some()),
+        ("memory_limit", p.memory_limit.is_some()),
+        ("ports", p.ports.is_some()),
+        ("environment", p.environment.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, given)| *given)
+    .map(|(n, _)| n)
+    .collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"claim": name, "pool": pool, "created": true,
+            "ignored": ignored, "note": "the pool's template sets limits, ports and environment"})),
+    ))
+}
+
+/// Delivers callbacks: when a reservation's claim is Bound (or Failed), POSTs the access
+/// details, signed, to `url`; retried with backoff (0.5 s doubling, 8 attempts); the state is
+/// kept in the reservation record and shown on the claim.
+async fn callbacks(handle: EngineHandle, dir: PathBuf, url: String, secret: Vec<u8>) {
+    let Ok(mut changes) = handle.subscribe() else {
+        return;
+    };
+    // Reservations pending from before a restart are looked at once at start.
+    let pending: Vec<String> = std::fs::read_dir(crate::cli::state_dir(&dir).join("reservations"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.path()
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .collect();
+    let in_flight = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    for claim in pending {
+        consider(&handle, &dir, &url, &secret, &claim, &in_flight).await;
+    }
+    while let Some(change) = changes.recv().await {
+        if matches!(
+            change.phase,
+            crate::api::ClaimPhase::Bound | crate::api::ClaimPhase::Failed
+        ) {
+            consider(&handle, &dir, &url, &secret, &change.name, &in_flight).await;
+        }
+    }
+}
+
+async fn consider(
+    handle: &EngineHandle,
+    dir: &Path,
+    url: &str,
+    secret: &[u8],
+    claim: &str,
+    in_flight: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+) {
+    let Some(record) = read_reservation(dir, claim) else {
+        return;
+    };
+    if record.callback.state != "Pending" {
+        return;
+    }
+    let Ok(snap) = handle.snapshot().await else {
+        return;
+    };
+    let Some(o) = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::Claim && o.name == claim)
+    else {
+        return;
+    };
+    let phase = o.status.get("phase").and_then(Value::as_str).unwrap_or("");
+    let mut body = json!({
+        "resource_name": record.resource_name,
+        "user_id": record.user_id,
+        "username": record.username,
+        "claim": claim,
+    });
+    let event = match phase {
+        "Bound" => {
+            let endpoint = o.status.get("endpoint").cloned().unwrap_or(Value::Null);
+            body["host"] = endpoint.get("host").cloned().unwrap_or(Value::Null);
+            body["ports"] = endpoint.get("ports").cloned().unwrap_or(Value::Null);
+            if let Some(ssh) = endpoint.get("ssh") {
+                body["ssh"] = ssh.clone();
+            }
+            "provisioned"
+        }
+        "Failed" => {
+            let reason = o
+                .status
+                .get("conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| c["status"] == "False"))
+                .map(|c| {
+                    format!(
+                        "{}: {}",
+                        c["reason"].as_str().unwrap_or(""),
+                        c["message"].as_str().unwrap_or("")
+                    )
+                })
+                .unwrap_or_else(|| "failed".to_owned());
+            body["reason"] = Value::String(reason);
+            "failed"
+        }
+        _ => return,
+    };
+    body["event"] = Value::String(event.to_owned());
+    {
+        let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.insert(claim.to_owned()) {
+            return;
+        }
+    }
+    let (dir, url, secret, claim, flight) = (
+        dir.to_path_buf(),
+        url.to_owned(),
+        secret.to_vec(),
+        claim.to_owned(),
+        in_flight.clone(),
+    );
+    tokio::spawn(async move {
+        let bytes = body.to_string().into_bytes();
+        let mut record = record;
+        record.callback.event = Some(event.to_owned());
+        let mut delay = Duration::from_millis(500);
+        for attempt in 1..=8u32 {
+            let r = post_signed(&url, &secret, &bytes).await;
+            record.callback.attempts = attempt;
+            match r {
+                Ok(()) => {
+                    record.callback.state = "Delivered".to_owned();
+                    record.callback.last_error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %claim, attempt, error = %e, "callback not delivered");
+                    record.callback.last_error = Some(e);
+                    if attempt == 8 {
+                        record.callback.state = "Failed".to_owned();
+                    }
+                }
+            }
+            // The claim may have been released meanwhile: then its record is gone, and stays so.
+            if read_reservation(&dir, &claim).is_some() {
+                let _ = write_reservation(&dir, &claim, &record);
+            }
+            if record.callback.state != "Pending" {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&claim);
+    });
+}
+
+/// POSTs `body` as JSON to a plain `http://HOST:PORT/PATH` URL with the signature headers;
+/// any 2xx answer is success.
+pub async fn post_signed(url: &str, secret: &[u8], body: &[u8]) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let ts = unix_now();
+    let signature = crate::webhook::sign(secret, ts, body);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n{}: {ts}\r\n{}: {signature}\r\nConnection: close\r\n\r\n",
+        body.len(),
+        crate::webhook::HEADER_TIMESTAMP,
+        crate::webhook::HEADER_SIGNATURE,
+    );
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("connecting to {authority}: {e}"))?;
+        s.write_all(head.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(body).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        // The status line is enough.
+        while !buf.windows(2).any(|w| w == b"\r\n") {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let code = line.split_whitespace().nth(1).unwrap_or("");
+        if code.starts_with('2') {
+            Ok(())
+        } else {
+            Err(format!(
+                "{url} answered {:?}",
+                line.lines().next().unwrap_or("")
+            ))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| format!("{url}: no answer within 5 s"))?
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -18,6 +18,7 @@ const ADMIN: &str = "admin-token-0123456789";
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789";
 const CAROL: &str = "carol-token-0123456789";
+const SECRET: &str = "booking-secret-0123456789";
 
 fn digest(t: &str) -> String {
     hex::encode(Sha256::digest(t.as_bytes()))
@@ -33,6 +34,7 @@ spec:
     image: nginx
     ports: [{{name: http, containerPort: 80}}]
   warm: 3
+  hostPorts: {{start: 30000, end: 30010}}
 ---
 apiVersion: poolkeeper.dev/v1alpha1
 kind: Pool
@@ -74,6 +76,22 @@ metadata: {name: bob-declared}
 spec: {pool: web, user: bob}
 ";
 
+/// Sends a whole request; the status code and the JSON body (Null when not JSON).
+fn exchange(mut s: TcpStream, request: &str) -> (u16, Value) {
+    // A request refused before its body is read may reset the connection: the answer counts.
+    let _ = s.write_all(request.as_bytes());
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let code: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
 struct Api {
     child: Child,
     addr: String,
@@ -89,7 +107,13 @@ impl Drop for Api {
 
 impl Api {
     fn start() -> Api {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Api {
         let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("webhook.secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
         std::fs::write(dir.path().join("specs.yaml"), specs()).unwrap();
         std::fs::write(dir.path().join("bob.yaml"), BOBS_FILE_CLAIM).unwrap();
         let token = dir.path().join("admin.token");
@@ -107,6 +131,11 @@ impl Api {
             .arg(dir.path())
             .arg("--admin-token-file")
             .arg(&token)
+            .args(
+                extra
+                    .iter()
+                    .map(|a| a.replace("SECRET_FILE", &secret.to_string_lossy())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -139,7 +168,7 @@ impl Api {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, Value) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
+        let s = TcpStream::connect(&self.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
         if let Some(t) = token {
@@ -149,19 +178,8 @@ impl Api {
         if !body.is_empty() {
             req.push_str("Content-Type: application/json\r\n");
         }
-        req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-        s.write_all(req.as_bytes()).unwrap();
-        let _ = s.write_all(body.as_bytes());
-        let mut resp = Vec::new();
-        let _ = s.read_to_end(&mut resp);
-        let resp = String::from_utf8_lossy(&resp).into_owned();
-        let code: u16 = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (code, serde_json::from_str(body).unwrap_or(Value::Null))
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        exchange(s, &req)
     }
 
     fn get(&self, path: &str, token: &str) -> (u16, Value) {
@@ -371,4 +389,206 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
         201
     );
     assert!(Path::new(&api.managed("a3")).exists());
+}
+
+// ---- webhooks ----------------------------------------------------------------------------
+
+/// A callback receiver: answers 500 to the first request, 200 after; keeps each request.
+fn receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = got.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the head, then the body by Content-Length.
+            loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(str::to_owned)
+                        })
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            let mut all = into.lock().unwrap();
+            all.push(String::from_utf8_lossy(&buf).into_owned());
+            let status = if all.len() == 1 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, got)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl Api {
+    /// A webhook request signed at `ts` with `secret`.
+    fn hook(&self, body: &Value, ts: u64, secret: &str) -> (u16, Value) {
+        let body = body.to_string();
+        let sig = poolkeeper::webhook::sign(secret.as_bytes(), ts, body.as_bytes());
+        self.hook_raw(&body, &ts.to_string(), &sig)
+    }
+
+    fn hook_raw(&self, body: &str, ts: &str, sig: &str) -> (u16, Value) {
+        let s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = format!(
+            "POST /webhooks/reservations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nX-Poolkeeper-Timestamp: {ts}\r\n\
+             X-Poolkeeper-Signature: {sig}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        exchange(s, &req)
+    }
+
+    fn claim_files(&self) -> usize {
+        std::fs::read_dir(self.dir.path().join("managed/claims"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn a_signed_reservation_becomes_a_bound_claim_and_a_signed_callback_with_retries() {
+    let (port, got) = receiver();
+    let url = format!("http://127.0.0.1:{port}/callbacks");
+    let api = Api::start_with(&[
+        "--webhook-secret-file",
+        "SECRET_FILE",
+        "--notify-url",
+        &url,
+        "--webhook-image",
+        "nginx",
+    ]);
+    let provision = json!({
+        "event": "provision", "resource_name": "Lab Room 4", "user_id": 42, "username": "alice",
+        "custom_parameters": {"image": "nginx", "cpu_limit": "1", "environment": {"A": "b"}}
+    });
+    let ts = now();
+    let body = provision.to_string();
+    let sig = poolkeeper::webhook::sign(SECRET.as_bytes(), ts, body.as_bytes());
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
+    assert_eq!(code, 201, "{v}");
+    let claim = v["claim"].as_str().unwrap().to_owned();
+    assert!(claim.starts_with("rsv-lab-room-4-"), "{v}");
+    assert_eq!(v["pool"], "web");
+    assert_eq!(v["ignored"], json!(["cpu_limit", "environment"]));
+    assert_eq!(api.claim_files(), 1);
+
+    // Refused, and nothing changes: a replay, a bad signature, an old timestamp, an image
+    // outside the allow-list.
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
+    assert_eq!(code, 409, "replay: {v}");
+    let (code, v) = api.hook(&provision, now(), "not-the-secret-at-all");
+    assert_eq!(code, 401, "{v}");
+    let (code, v) = api.hook(&provision, now() - 1_000, SECRET);
+    assert_eq!(code, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("window"), "{v}");
+    let mut python = provision.clone();
+    python["resource_name"] = json!("Lab Room 5");
+    python["custom_parameters"]["image"] = json!("busybox");
+    let (code, v) = api.hook(&python, now(), SECRET);
+    assert_eq!(
+        (code, v["field"].as_str()),
+        (422, Some("custom_parameters.image")),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains("not allowed"), "{v}");
+    let t = now();
+    let bad = poolkeeper::webhook::sign(SECRET.as_bytes(), t, b"{not json");
+    let (code, _) = api.hook_raw("{not json", &t.to_string(), &bad);
+    assert_eq!(code, 422);
+    assert_eq!(api.claim_files(), 1);
+    // The same reservation again (freshly signed): a duplicate, answered as the first.
+    let (code, v) = api.hook(&provision, now() + 1, SECRET);
+    assert_eq!((code, v["created"].clone()), (200, json!(false)), "{v}");
+    assert_eq!(api.claim_files(), 1);
+
+    // Bound, and the callback is delivered on the second attempt (the first got a 500).
+    api.wait_phase(&claim, ALICE, "Bound");
+    let start = Instant::now();
+    let shown = loop {
+        let (_, v) = api.get(&format!("/api/v1/claims/{claim}"), ALICE);
+        if v["reservation"]["callback"]["state"] == "Delivered" {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "callback not delivered: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(shown["reservation"]["callback"]["attempts"], 2, "{shown}");
+    let requests = got.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2);
+    let last = &requests[1];
+    let (head, body) = last.split_once("\r\n\r\n").unwrap();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                l.split_once(": ")
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.to_owned())
+            })
+            .unwrap()
+    };
+    assert!(head.starts_with("POST /callbacks "), "{head}");
+    poolkeeper::webhook::verify(
+        SECRET.as_bytes(),
+        Some(&header("x-poolkeeper-timestamp")),
+        Some(&header("x-poolkeeper-signature")),
+        body.as_bytes(),
+        now(),
+    )
+    .expect("the callback is signed");
+    let cb: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(cb["event"], "provisioned");
+    assert_eq!(cb["resource_name"], "Lab Room 4");
+    assert_eq!(cb["user_id"], 42);
+    assert_eq!(cb["claim"], claim);
+    assert!(
+        cb["host"].is_string() && cb["ports"]["http"].is_u64(),
+        "{cb}"
+    );
+
+    // Release: the claim goes; a second release is answered the same way.
+    let release = json!({"event": "release", "resource_name": "Lab Room 4", "username": "alice"});
+    let (code, v) = api.hook(&release, now(), SECRET);
+    assert_eq!((code, v["released"].clone()), (200, json!(true)), "{v}");
+    let (code, v) = api.hook(&release, now() + 2, SECRET);
+    assert_eq!((code, v["released"].clone()), (200, json!(false)), "{v}");
+    let start = Instant::now();
+    while api.get(&format!("/api/v1/claims/{claim}"), ALICE).0 != 404 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,0 +1,256 @@
+//! Reservations from booking systems: signed webhook events that become Claims, and signed
+//! callbacks that tell the booking system where its reservation runs.
+//!
+//! Signing (both ways): `X-Poolkeeper-Timestamp: <unix seconds>` and
+//! `X-Poolkeeper-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`. A request
+//! older or newer than [`REPLAY_WINDOW_SECS`] is refused, and so is the same signature twice
+//! (a replay); the same event sent again with a fresh signature is a duplicate, answered as the
+//! first and changing nothing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const HEADER_TIMESTAMP: &str = "x-poolkeeper-timestamp";
+pub const HEADER_SIGNATURE: &str = "x-poolkeeper-signature";
+pub const REPLAY_WINDOW_SECS: u64 = 300;
+
+/// HMAC-SHA256 (RFC 2104).
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(message);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// The signature header's value for `body` sent at `timestamp`.
+pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
+    let mut msg = format!("{timestamp}.").into_bytes();
+    msg.extend_from_slice(body);
+    format!("sha256={}", hex::encode(hmac_sha256(secret, &msg)))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("missing {0} header")]
+    Missing(&'static str),
+    #[error("the timestamp is not a number of seconds")]
+    BadTimestamp,
+    #[error("the timestamp is {0} s away from now (the window is {REPLAY_WINDOW_SECS} s)")]
+    OutsideWindow(u64),
+    #[error("the signature does not match")]
+    Mismatch,
+}
+
+/// Checks a request's signature at time `now` (unix seconds).
+pub fn verify(
+    secret: &[u8],
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now: u64,
+) -> Result<(), SignatureError> {
+    let ts = timestamp.ok_or(SignatureError::Missing(HEADER_TIMESTAMP))?;
+    let sig = signature.ok_or(SignatureError::Missing(HEADER_SIGNATURE))?;
+    let ts: u64 = ts
+        .trim()
+        .parse()
+        .map_err(|_| SignatureError::BadTimestamp)?;
+    let skew = now.abs_diff(ts);
+    if skew > REPLAY_WINDOW_SECS {
+        return Err(SignatureError::OutsideWindow(skew));
+    }
+    let want = sign(secret, ts, body);
+    let got = sig.trim();
+    let got = if got.starts_with("sha256=") {
+        got.to_owned()
+    } else {
+        format!("sha256={got}")
+    };
+    // Compared whole, whatever differs first.
+    let same = want.len() == got.len()
+        && want
+            .bytes()
+            .zip(got.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// A reservation event as booking systems send it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationEvent {
+    /// `provision` or `release`.
+    pub event: String,
+    pub resource_name: String,
+    #[serde(default)]
+    pub user_id: Option<serde_json::Value>,
+    pub username: String,
+    #[serde(default)]
+    pub custom_parameters: CustomParameters,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomParameters {
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub cpu_limit: Option<String>,
+    #[serde(default)]
+    pub memory_limit: Option<String>,
+    #[serde(default)]
+    pub ports: Option<serde_json::Value>,
+    #[serde(default)]
+    pub environment: Option<BTreeMap<String, String>>,
+}
+
+/// The claim name for a reservation: `rsv-` and the resource name made a DNS label (lowercase,
+/// other characters as `-`), with a short digest of the original so that two resources that
+/// differ only in case or punctuation never share a claim.
+pub fn claim_name(resource: &str) -> String {
+    let mut base: String = resource
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    base.truncate(40);
+    let base = base.trim_matches('-');
+    let digest = hex::encode(&Sha256::digest(resource.as_bytes())[..4]);
+    if base.is_empty() {
+        format!("rsv-{digest}")
+    } else {
+        format!("rsv-{base}-{digest}")
+    }
+}
+
+/// The pool that serves `image`, among pools `(name, image)`; refused with a reason when the
+/// image is not allowed or no pool runs it.
+pub fn pool_for_image<'a>(
+    image: &str,
+    allowed: &[String],
+    pools: &'a [(String, String)],
+) -> Result<&'a str, String> {
+    if !allowed.is_empty() && !allowed.iter().any(|a| a == image) {
+        return Err(format!(
+            "image {image:?} is not allowed (allowed: {})",
+            allowed.join(", ")
+        ));
+    }
+    pools
+        .iter()
+        .find(|(_, i)| i == image)
+        .map(|(p, _)| p.as_str())
+        .ok_or_else(|| format!("no pool runs image {image:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex::encode(mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block.
+        let mac = hmac_sha256(
+            &[0xaa; 131],
+            b"Test Using Larger Than Block-Size Key - Hash Key First",
+        );
+        assert_eq!(
+            hex::encode(mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn signatures_are_checked_with_a_window() {
+        let body = br#"{"event":"provision"}"#;
+        let sig = sign(b"s3cret", 1_000, body);
+        assert_eq!(
+            verify(b"s3cret", Some("1000"), Some(&sig), body, 1_100),
+            Ok(())
+        );
+        // Without the prefix too.
+        let bare = sig.trim_start_matches("sha256=");
+        assert_eq!(
+            verify(b"s3cret", Some("1000"), Some(bare), body, 1_000),
+            Ok(())
+        );
+        assert_eq!(
+            verify(b"other", Some("1000"), Some(&sig), body, 1_000),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify(b"s3cret", Some("1000"), Some(&sig), b"{}", 1_000),
+            Err(SignatureError::Mismatch)
+        );
+        // The timestamp is signed: moving it breaks the signature.
+        assert_eq!(
+            verify(b"s3cret", Some("1001"), Some(&sig), body, 1_000),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify(b"s3cret", Some("1000"), Some(&sig), body, 1_301),
+            Err(SignatureError::OutsideWindow(301))
+        );
+        assert_eq!(
+            verify(b"s3cret", None, Some(&sig), body, 1_000),
+            Err(SignatureError::Missing(HEADER_TIMESTAMP))
+        );
+        assert_eq!(
+            verify(b"s3cret", Some("soon"), Some(&sig), body, 1_000),
+            Err(SignatureError::BadTimestamp)
+        );
+    }
+
+    #[test]
+    fn claim_names_are_dns_labels_and_distinct() {
+        let a = claim_name("Lab Room #4");
+        assert!(crate::units::check_name(&a).is_ok(), "{a}");
+        assert!(a.starts_with("rsv-lab-room--4-"), "{a}");
+        assert_ne!(claim_name("lab-room-4"), claim_name("Lab Room 4"));
+        assert!(crate::units::check_name(&claim_name("###")).is_ok());
+        assert!(crate::units::check_name(&claim_name(&"x".repeat(300))).is_ok());
+    }
+
+    #[test]
+    fn an_image_maps_to_its_pool_within_the_allow_list() {
+        let pools = vec![
+            ("web".to_owned(), "nginx:1.27".to_owned()),
+            ("py".to_owned(), "python:3".to_owned()),
+        ];
+        assert_eq!(pool_for_image("python:3", &[], &pools), Ok("py"));
+        let allowed = vec!["nginx:1.27".to_owned()];
+        let e = pool_for_image("python:3", &allowed, &pools).expect_err("refused");
+        assert!(e.contains("not allowed"), "{e}");
+        let e = pool_for_image("redis", &[], &pools).expect_err("no pool");
+        assert!(e.contains("no pool"), "{e}");
+    }
+}
