@@ -727,6 +727,7 @@ fn load_snapshot(dir: &Path) -> anyhow::Result<(Snapshot, bool)> {
                     diagnostics: problems,
                     instances: Vec::new(),
                     nodes: Vec::new(),
+                    metrics: Default::default(),
                 },
                 false,
             ))

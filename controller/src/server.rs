@@ -75,12 +75,14 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/claims", get(list_claims).post(create_claim))
         .route("/api/v1/claims/{name}", get(get_claim).delete(delete_claim))
         .route(
             "/webhooks/reservations",
             axum::routing::post(crate::server::reservation),
         )
+        .route("/api/v1/events", get(events))
         .route("/api/v1/{kind}", get(list))
         .route("/api/v1/{kind}/{name}", get(get_one))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -291,6 +293,134 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
+/// Prometheus text format: the engine's counters, and gauges and counters per pool.
+async fn metrics(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {
+    let snap = snapshot(&state).await?;
+    let text = render_metrics(&snap);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Renders the metrics of a snapshot.
+pub fn render_metrics(snap: &Snapshot) -> String {
+    use std::fmt::Write;
+    let m = &snap.metrics;
+    let mut out = String::new();
+    let kinds = [
+        ("pool", &m.pool),
+        ("deployment", &m.deployment),
+        ("user", &m.user),
+    ];
+    let _ = writeln!(
+        out,
+        "# HELP poolkeeper_reconciles_total Objects reconciled, per kind."
+    );
+    let _ = writeln!(out, "# TYPE poolkeeper_reconciles_total counter");
+    for (k, km) in kinds {
+        let _ = writeln!(
+            out,
+            "poolkeeper_reconciles_total{{kind=\"{k}\"}} {}",
+            km.reconciles
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP poolkeeper_reconcile_errors_total Runtime actions that failed, per kind."
+    );
+    let _ = writeln!(out, "# TYPE poolkeeper_reconcile_errors_total counter");
+    for (k, km) in kinds {
+        let _ = writeln!(
+            out,
+            "poolkeeper_reconcile_errors_total{{kind=\"{k}\"}} {}",
+            km.errors
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP poolkeeper_reconcile_duration_seconds Time a pass spent on a kind."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE poolkeeper_reconcile_duration_seconds histogram"
+    );
+    for (k, km) in kinds {
+        histogram(
+            &mut out,
+            "poolkeeper_reconcile_duration_seconds",
+            &format!("kind=\"{k}\""),
+            &km.duration,
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP poolkeeper_claim_bind_seconds From a claim's arrival in the queue to Bound."
+    );
+    let _ = writeln!(out, "# TYPE poolkeeper_claim_bind_seconds histogram");
+    histogram(
+        &mut out,
+        "poolkeeper_claim_bind_seconds",
+        "",
+        &m.bind_latency,
+    );
+    let gauges = [
+        ("instances", "Instances of the pool."),
+        ("warm", "Ready, unbound instances."),
+        ("bound", "Instances bound to claims."),
+        ("queued", "Claims waiting for an instance."),
+    ];
+    let pools: Vec<&ObjectView> = snap
+        .objects
+        .iter()
+        .filter(|o| o.kind == Kind::Pool)
+        .collect();
+    for (field, help) in gauges {
+        let _ = writeln!(out, "# HELP poolkeeper_pool_{field} {help}");
+        let _ = writeln!(out, "# TYPE poolkeeper_pool_{field} gauge");
+        for p in &pools {
+            let v = p.status.get(field).and_then(Value::as_u64).unwrap_or(0);
+            let _ = writeln!(out, "poolkeeper_pool_{field}{{pool=\"{}\"}} {v}", p.name);
+        }
+    }
+    for (field, help) in [
+        ("hits", "Claims bound at once from a warm instance."),
+        ("misses", "Claims that had to wait."),
+    ] {
+        let _ = writeln!(out, "# HELP poolkeeper_pool_{field}_total {help}");
+        let _ = writeln!(out, "# TYPE poolkeeper_pool_{field}_total counter");
+        for p in &pools {
+            let v = p.status.get(field).and_then(Value::as_u64).unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "poolkeeper_pool_{field}_total{{pool=\"{}\"}} {v}",
+                p.name
+            );
+        }
+    }
+    out
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &crate::engine::metrics::Histogram) {
+    use std::fmt::Write;
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, n) in h.cumulative() {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braces} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{braces} {}", h.count);
+}
+
 async fn list_kind(state: &ApiState, headers: &HeaderMap, kind: Kind) -> ApiResult<Json<Value>> {
     let (who, snap) = caller(state, headers).await?;
     if kind == Kind::Deployment && who != Caller::Admin {
@@ -356,6 +486,37 @@ async fn get_claim(
         v["reservation"] = serde_json::to_value(&r).unwrap_or(Value::Null);
     }
     Ok(Json(v))
+}
+
+/// Server-Sent Events: each change of a claim's phase that the caller may see, as
+/// `event: claim` with `{"claim", "user", "phase"}`, from the moment of the request.
+async fn events(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> ApiResult<
+    axum::response::Sse<
+        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+> {
+    let (who, _) = caller(&state, &headers).await?;
+    let rx = state
+        .handle
+        .subscribe()
+        .map_err(|_| ApiError::unavailable())?;
+    let stream = futures::stream::unfold((rx, who), |(mut rx, who)| async move {
+        loop {
+            let change = rx.recv().await?;
+            if !who.sees_user(&change.user) {
+                continue;
+            }
+            let data = json!({"claim": change.name, "user": change.user, "phase": change.phase});
+            let ev = axum::response::sse::Event::default()
+                .event("claim")
+                .data(data.to_string());
+            return Some((Ok(ev), (rx, who)));
+        }
+    });
+    Ok(axum::response::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
 }
 
 /// A claim as the API takes it.

@@ -182,6 +182,30 @@ impl Api {
         exchange(s, &req)
     }
 
+    /// Opens the event stream as `token`; what arrives accumulates in the returned buffer.
+    fn stream(&self, token: &str) -> std::sync::Arc<std::sync::Mutex<String>> {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        write!(
+            s,
+            "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let into = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = s.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                into.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        buf
+    }
+
     fn get(&self, path: &str, token: &str) -> (u16, Value) {
         self.call("GET", path, Some(token), None)
     }
@@ -240,6 +264,50 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
     assert_eq!(api.get("/api/v1/pools", "not-a-token").0, 401);
     assert_eq!(api.get("/api/v1/pools", CAROL).0, 403);
 
+    // Metrics need no token; they move as claims are bound.
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let scrape = || {
+        let mut s = TcpStream::connect(&api.addr).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    };
+    // bob-declared is bound at start.
+    let start = Instant::now();
+    while metric(&scrape(), "poolkeeper_pool_bound{pool=\"web\"}") != 1 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = scrape();
+    let binds_before = metric(&before, "poolkeeper_claim_bind_seconds_count");
+    assert!(
+        metric(&before, "poolkeeper_reconciles_total{kind=\"pool\"}") > 0,
+        "{before}"
+    );
+
+    // The status stream, for each of them.
+    let alice_events = api.stream(ALICE);
+    let bob_events = api.stream(BOB);
+    let start = Instant::now();
+    while !alice_events.lock().unwrap().contains("text/event-stream") {
+        assert!(start.elapsed() < Duration::from_secs(10), "no event stream");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // Alice makes a claim: a file in the managed folder, bound like any other.
     let files = json!({"index.html": "<h1>alice</h1>"});
     let (code, v) = api.post(
@@ -251,6 +319,25 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
     assert!(api.managed("a1").exists());
     let bound = api.wait_phase("a1", ALICE, "Bound");
     assert!(bound["status"]["instance"].is_string(), "{bound}");
+    // Her stream said so; Bob's says nothing of her claims.
+    let start = Instant::now();
+    while !alice_events
+        .lock()
+        .unwrap()
+        .contains(r#"data: {"claim":"a1","phase":"Bound","user":"alice"}"#)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "alice's stream: {}",
+            alice_events.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !bob_events.lock().unwrap().contains("alice"),
+        "{}",
+        bob_events.lock().unwrap()
+    );
     // The same request again is answered as the first (a retry), not a second claim.
     let (code, v) = api.post(
         "/api/v1/claims",
@@ -302,6 +389,21 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
         201
     );
     api.wait_phase("a2", ALICE, "Bound");
+    let after = scrape();
+    assert_eq!(
+        metric(&after, "poolkeeper_pool_bound{pool=\"web\"}"),
+        3,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "poolkeeper_claim_bind_seconds_count"),
+        binds_before + 2
+    );
+    assert!(
+        metric(&after, "poolkeeper_pool_hits_total{pool=\"web\"}")
+            >= metric(&before, "poolkeeper_pool_hits_total{pool=\"web\"}") + 2,
+        "{after}"
+    );
     let (code, v) = api.post(
         "/api/v1/claims",
         ALICE,

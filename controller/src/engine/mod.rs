@@ -10,6 +10,7 @@
 //!   reports any claim Bound or starts any reset, so a crash loses nothing that was reported.
 
 pub mod durable;
+pub mod metrics;
 mod pass;
 pub mod status;
 
@@ -129,6 +130,8 @@ pub enum SourceEvent {
 #[derive(Clone, Debug)]
 pub struct ClaimChange {
     pub name: String,
+    /// The claim's user (watchers show users only their own claims).
+    pub user: String,
     pub phase: ClaimPhase,
     pub at: Instant,
 }
@@ -555,6 +558,7 @@ pub struct Engine<R: Runtime> {
     forgotten: std::collections::HashSet<String>,
     /// Tasks following the output of instances whose container has log triggers.
     log_followers: HashMap<String, tokio::task::AbortHandle>,
+    metrics: metrics::EngineMetrics,
 }
 
 /// Starts an engine on `rt`. Returns its handle and the task running it.
@@ -630,6 +634,7 @@ pub fn start<R: Runtime>(
         name_counter: now,
         forgotten: std::collections::HashSet::new(),
         log_followers: HashMap::new(),
+        metrics: Default::default(),
     };
     // Subscribe before listing, so nothing falls between the list and the stream.
     let mut events = engine.rt.subscribe();
@@ -794,10 +799,19 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn notify(&mut self, name: &str, phase: ClaimPhase) {
+        if self.subscribers.is_empty() {
+            return;
+        }
         let at = Instant::now();
+        let user = self
+            .claims
+            .get(name)
+            .map(|c| c.spec.user.clone())
+            .unwrap_or_default();
         self.subscribers.retain(|s| {
             s.send(ClaimChange {
                 name: name.to_owned(),
+                user: user.clone(),
                 phase,
                 at,
             })

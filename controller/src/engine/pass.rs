@@ -368,7 +368,23 @@ impl<R: Runtime> Engine<R> {
                     _ => {}
                 }
             }
-            Err(e) => self.create_failed(&name, e, now),
+            Err(e) => {
+                self.count_error(&name);
+                self.create_failed(&name, e, now)
+            }
+        }
+    }
+
+    /// A runtime action on `instance` failed: counted for its kind.
+    fn count_error(&mut self, instance: &str) {
+        let deployment = self
+            .instances
+            .get(instance)
+            .is_some_and(|r| r.deployment.is_some());
+        if deployment {
+            self.metrics.deployment.errors += 1;
+        } else {
+            self.metrics.pool.errors += 1;
         }
     }
 
@@ -384,6 +400,7 @@ impl<R: Runtime> Engine<R> {
                 // `Changed` event still in that stream must not re-adopt a forgotten instance.
                 Ok(()) => {}
                 Err(e) => {
+                    self.count_error(&name);
                     warn!(instance = %name, error = %e, "removal failed; will retry in 1 s");
                     if self.instances.contains_key(&name) {
                         self.removal_retries.push((now + 1_000, name));
@@ -591,22 +608,32 @@ impl<R: Runtime> Engine<R> {
             self.startup(now);
         }
         self.expire(now);
+        let began = std::time::Instant::now();
         let users = std::mem::take(&mut self.dirty_users);
+        let n = users.len() as u64;
         for u in users {
             self.admit_user(&u);
         }
+        observe(&mut self.metrics.user, n, began);
         self.reindex_touched();
+        let began = std::time::Instant::now();
         let pools = std::mem::take(&mut self.dirty_pools);
+        let n = pools.len() as u64;
         for p in pools {
             self.reconcile_pool(&p, now);
         }
+        observe(&mut self.metrics.pool, n, began);
+        let began = std::time::Instant::now();
         let deps = std::mem::take(&mut self.dirty_deployments);
+        let n = deps.len() as u64;
         for d in deps {
             self.reconcile_deployment(&d, now);
         }
+        observe(&mut self.metrics.deployment, n, began);
         self.commit(now);
         self.release_held_removals(now);
         self.passes += 1;
+        self.metrics.passes += 1;
     }
 
     /// After a (re)start: drop records of claims deleted while we were down, notice bindings
@@ -2077,6 +2104,10 @@ impl<R: Runtime> Engine<R> {
         let Some(c) = self.claims.get_mut(claim) else {
             return;
         };
+        if phase == ClaimPhase::Bound && c.reported == ClaimPhase::Pending {
+            let waited = now.saturating_sub(c.phase_since);
+            self.metrics.bind_latency.observe(waited as f64 / 1000.0);
+        }
         c.reported = phase;
         c.phase_since = now;
         if phase == ClaimPhase::Bound {
@@ -2425,7 +2456,16 @@ impl<R: Runtime> Engine<R> {
                 .collect(),
             instances,
             nodes: self.rt.nodes(),
+            metrics: self.metrics.clone(),
         }
+    }
+}
+
+/// Counts `n` reconciles of a kind and the time they took (a pass with none is not timed).
+fn observe(m: &mut super::metrics::KindMetrics, n: u64, began: std::time::Instant) {
+    if n > 0 {
+        m.reconciles += n;
+        m.duration.observe(began.elapsed().as_secs_f64());
     }
 }
 

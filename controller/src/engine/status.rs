@@ -176,6 +176,9 @@ pub struct Snapshot {
     /// Runtime nodes and their health (Docker).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<crate::runtime::NodeStatus>,
+    /// The engine's counters (for `/metrics`).
+    #[serde(default)]
+    pub metrics: super::metrics::EngineMetrics,
 }
 
 #[cfg(test)]
