@@ -58,10 +58,26 @@ pub enum Command {
         /// pools, claims, users or deployments
         kind: String,
         name: Option<String>,
-        #[arg(long)]
-        dir: PathBuf,
+        /// A watched folder (reads the status its controller writes).
+        #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+        dir: Option<PathBuf>,
+        /// Or a running controller's API, `http://HOST:PORT` (with `--token`).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        #[arg(
+            long,
+            env = "POOLKEEPER_TOKEN",
+            value_name = "TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
+    },
+    /// Claims through the API: create one, or release one.
+    Claim {
+        #[command(subcommand)]
+        action: ClaimAction,
     },
     /// Show one object in detail: spec, status, conditions, events.
     Describe {
@@ -119,6 +135,36 @@ pub enum Command {
     Volume {
         #[command(subcommand)]
         action: VolumeAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClaimAction {
+    /// Claim an instance from POOL; prints the claim's name (and, with --wait, its endpoint).
+    Create {
+        pool: String,
+        /// Default: USER-POOL-xxxxxx.
+        #[arg(long)]
+        name: Option<String>,
+        /// Whose claim (admins must say; a user's token claims for that user).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        ttl: Option<String>,
+        /// A file to place in the instance: `PATH=LOCAL_FILE` (repeatable).
+        #[arg(long = "file", value_name = "PATH=LOCAL_FILE")]
+        files: Vec<String>,
+        /// Wait until the claim is Bound (or Failed) and print where it runs.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Release a claim made through the API.
+    Release {
+        name: String,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
     },
 }
 
@@ -381,8 +427,30 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             kind,
             name,
             dir,
+            server,
+            token,
             output,
-        } => get_cmd(&kind, name.as_deref(), &dir, output),
+        } => {
+            let snap = match (dir, server) {
+                (Some(dir), _) => {
+                    if kind == "nodes" || kind == "node" {
+                        return nodes_cmd(&load_snapshot(&dir)?.0, output);
+                    }
+                    load_snapshot(&dir)?.0
+                }
+                (None, Some(server)) => {
+                    let Some(token) = token else {
+                        bail!("--server needs --token (or POOLKEEPER_TOKEN)");
+                    };
+                    let args = crate::client::ServerArgs { server, token };
+                    let segment = api_segment(parse_kind(&kind)?);
+                    crate::client::snapshot_of(&args, segment)?
+                }
+                (None, None) => bail!("get needs --dir or --server"),
+            };
+            get_cmd(&kind, name.as_deref(), snap, output)
+        }
+        Command::Claim { action } => claim_cmd(action),
         Command::Describe { kind, name, dir } => describe_cmd(&kind, &name, &dir),
         Command::Bench(args) => {
             let rt = controller_runtime()?;
@@ -793,18 +861,85 @@ fn nodes_cmd(snap: &Snapshot, output: Option<Output>) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// The API's path segment for a kind.
+fn api_segment(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Pool => "pools",
+        Kind::Claim => "claims",
+        Kind::User => "users",
+        Kind::Deployment => "deployments",
+    }
+}
+
+fn claim_cmd(action: ClaimAction) -> anyhow::Result<ExitCode> {
+    match action {
+        ClaimAction::Create {
+            pool,
+            name,
+            user,
+            ttl,
+            files,
+            wait,
+            server,
+        } => {
+            let mut contents = serde_json::Map::new();
+            for f in &files {
+                let (path, local) = f
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--file {f}: expected PATH=LOCAL_FILE"))?;
+                let text = std::fs::read_to_string(local)
+                    .with_context(|| format!("--file {f}: reading {local}"))?;
+                contents.insert(path.to_owned(), serde_json::Value::String(text));
+            }
+            let mut body = serde_json::json!({"pool": pool, "files": contents});
+            for (k, v) in [("name", name), ("user", user), ("ttl", ttl)] {
+                if let Some(v) = v {
+                    body[k] = serde_json::Value::String(v);
+                }
+            }
+            let v = crate::client::call(&server, "POST", "/api/v1/claims", Some(&body))?;
+            let name = v["name"].as_str().unwrap_or_default().to_owned();
+            println!("{name}");
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let start = std::time::Instant::now();
+            loop {
+                let c =
+                    crate::client::call(&server, "GET", &format!("/api/v1/claims/{name}"), None)?;
+                match c["status"]["phase"].as_str() {
+                    Some("Bound") => {
+                        let e = &c["status"]["endpoint"];
+                        println!("{} {}", e["host"].as_str().unwrap_or(""), e["ports"]);
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Some("Failed") => {
+                        eprintln!("error: claim {name} failed: {}", c["status"]["conditions"]);
+                        return Ok(ExitCode::from(1));
+                    }
+                    _ => {}
+                }
+                if start.elapsed() > Duration::from_secs(300) {
+                    bail!("claim {name} was not bound within 5 minutes");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        ClaimAction::Release { name, server } => {
+            crate::client::call(&server, "DELETE", &format!("/api/v1/claims/{name}"), None)?;
+            println!("released {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn get_cmd(
     kind: &str,
     name: Option<&str>,
-    dir: &Path,
+    snap: Snapshot,
     output: Option<Output>,
 ) -> anyhow::Result<ExitCode> {
-    if kind == "nodes" || kind == "node" {
-        let (snap, _) = load_snapshot(dir)?;
-        return nodes_cmd(&snap, output);
-    }
     let kind = parse_kind(kind)?;
-    let (snap, _) = load_snapshot(dir)?;
     let items: Vec<&ObjectView> = snap
         .objects
         .iter()

@@ -13,6 +13,7 @@ pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod cli_table;
+pub mod client;
 pub mod core;
 pub mod crdgen;
 pub mod engine;

@@ -273,7 +273,7 @@ fn shown(o: &ObjectView) -> Value {
     json!({
         "kind": o.kind,
         "name": o.name,
-        "origin": o.origin.to_string(),
+        "origin": o.origin,
         "spec": spec,
         "status": o.status,
         "events": o.events,

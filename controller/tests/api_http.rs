@@ -694,3 +694,76 @@ fn a_signed_reservation_becomes_a_bound_claim_and_a_signed_callback_with_retries
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// ---- the CLI through the API -------------------------------------------------------------
+
+fn pk(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("POOLKEEPER_TOKEN")
+        .env_remove("POOLKEEPER_SERVER")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_creates_lists_and_releases_claims_through_the_api() {
+    let api = Api::start();
+    let server = format!("http://{}", api.addr);
+    let out = pk(&[
+        "claim", "create", "web", "--name", "b1", "--wait", "--server", &server, "--token", BOB,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("b1"));
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with("127.0.0.1 ")),
+        "{text}"
+    );
+
+    // `get` through the API prints what Bob may see, as `get --dir` would.
+    let out = pk(&["get", "claims", "--server", &server, "--token", BOB]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{table}");
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("b1") && table.contains("bob-declared"),
+        "{table}"
+    );
+    let out = pk(&["get", "claims", "--server", &server, "--token", ALICE]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!table.contains("b1"), "alice sees bob's claim: {table}");
+
+    // Errors say why, with the API's status.
+    let out = pk(&[
+        "claim",
+        "release",
+        "bob-declared",
+        "--server",
+        &server,
+        "--token",
+        BOB,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("409") && err.contains("bob.yaml"), "{err}");
+    let out = pk(&[
+        "claim", "create", "web", "--server", &server, "--token", "wrong",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+
+    let out = pk(&[
+        "claim", "release", "b1", "--server", &server, "--token", BOB,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!api.managed("b1").exists());
+}
