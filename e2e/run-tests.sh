@@ -14,6 +14,12 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate
 fi
 export KUBERNETES_VALIDATE="$PWD/$venv/bin/kubernetes-validate"
+# schemathesis (PyPI) checks that the HTTP API follows its OpenAPI document.
+if [ ! -x "$venv/bin/schemathesis" ]; then
+  echo "installing schemathesis into $venv" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5
+fi
+export SCHEMATHESIS="$PWD/$venv/bin/schemathesis"
 
 # The quickstart's images, built from Debian packages (cached by tag; about 80 s the first time).
 # The Docker end-to-end tests build their own workload image, and fail without these.

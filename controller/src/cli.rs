@@ -904,9 +904,16 @@ fn claim_cmd(action: ClaimAction) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let start = std::time::Instant::now();
+            let path = format!("/api/v1/claims/{name}");
             loop {
-                let c =
-                    crate::client::call(&server, "GET", &format!("/api/v1/claims/{name}"), None)?;
+                // Just written, and not yet picked up by the watcher: give it a moment.
+                let (code, _) =
+                    crate::client::request(&server.server, &server.token, "GET", &path, None)?;
+                if code == 404 && start.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                let c = crate::client::call(&server, "GET", &path, None)?;
                 match c["status"]["phase"].as_str() {
                     Some("Bound") => {
                         let e = &c["status"]["endpoint"];

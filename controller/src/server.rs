@@ -33,6 +33,9 @@ use crate::model::Kind;
 
 /// Where claims made through the API live, under the watched folder.
 pub const MANAGED_CLAIMS: &str = "managed/claims";
+/// The API's OpenAPI document (committed; served at `/openapi.json`).
+pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
+
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
 
@@ -76,6 +79,15 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    OPENAPI,
+                )
+            }),
+        )
         .route("/api/v1/claims", get(list_claims).post(create_claim))
         .route("/api/v1/claims/{name}", get(get_claim).delete(delete_claim))
         .route(
@@ -546,7 +558,7 @@ fn admission_problem(snap: &Snapshot, user: &str, pool: &str) -> Option<ApiError
         .find(|o| o.kind == Kind::User && o.name == user)
     else {
         return Some(ApiError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::NOT_FOUND,
             "user",
             format!("no user {user:?}"),
         ));
@@ -557,7 +569,7 @@ fn admission_problem(snap: &Snapshot, user: &str, pool: &str) -> Option<ApiError
         .any(|o| o.kind == Kind::Pool && o.name == pool)
     {
         return Some(ApiError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::NOT_FOUND,
             "pool",
             format!("no pool {pool:?}"),
         ));
