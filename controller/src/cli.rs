@@ -79,6 +79,14 @@ pub enum Command {
         #[command(subcommand)]
         action: ClaimAction,
     },
+    /// Copy a file, a folder, or a `.tar` into a bound claim's instance (through the API).
+    Upload {
+        /// claim/NAME
+        target: String,
+        path: PathBuf,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
     /// Show one object in detail: spec, status, conditions, events.
     Describe {
         kind: String,
@@ -451,6 +459,28 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             get_cmd(&kind, name.as_deref(), snap, output)
         }
         Command::Claim { action } => claim_cmd(action),
+        Command::Upload {
+            target,
+            path,
+            server,
+        } => {
+            let claim = target
+                .strip_prefix("claim/")
+                .filter(|n| !n.is_empty() && !n.contains('/'))
+                .ok_or_else(|| anyhow::anyhow!("{target}: expected claim/NAME"))?;
+            let archive = crate::client::tar_of_path(&path)?;
+            let answer = crate::client::request_bytes(
+                &server.server,
+                &server.token,
+                "PUT",
+                &format!("/api/v1/claims/{claim}/files"),
+                "application/x-tar",
+                &archive,
+            )?;
+            let v = crate::client::ok_or_error(answer)?;
+            println!("copied {} file(s) into claim {claim}", v["files"]);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Describe { kind, name, dir } => describe_cmd(&kind, &name, &dir),
         Command::Bench(args) => {
             let rt = controller_runtime()?;

@@ -35,6 +35,26 @@ pub fn request(
     path: &str,
     body: Option<&Value>,
 ) -> anyhow::Result<(u16, Value)> {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    request_bytes(
+        server,
+        token,
+        method,
+        path,
+        "application/json",
+        body.as_bytes(),
+    )
+}
+
+/// One request with a raw body of `content_type`.
+pub fn request_bytes(
+    server: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, Value)> {
     let authority = server
         .strip_prefix("http://")
         .ok_or_else(|| anyhow!("--server {server}: expected http://HOST:PORT"))?
@@ -42,18 +62,17 @@ pub fn request(
     let mut s = TcpStream::connect(authority)
         .with_context(|| format!("connecting to the poolkeeper API at {server}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = body.map(Value::to_string).unwrap_or_default();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {token}\r\n\
          Connection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
+        req.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     req.push_str("\r\n");
-    req.push_str(&body);
     s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)
         .with_context(|| format!("reading the answer of {server}"))?;
@@ -74,7 +93,11 @@ pub fn call(
     path: &str,
     body: Option<&Value>,
 ) -> anyhow::Result<Value> {
-    let (code, v) = request(&args.server, &args.token, method, path, body)?;
+    ok_or_error(request(&args.server, &args.token, method, path, body)?)
+}
+
+/// A 2xx answer's body; otherwise the API's error, with its status.
+pub fn ok_or_error((code, v): (u16, Value)) -> anyhow::Result<Value> {
     if (200..300).contains(&code) {
         return Ok(v);
     }
@@ -112,4 +135,25 @@ pub fn snapshot_of(args: &ServerArgs, kind_segment: &str) -> anyhow::Result<Snap
         nodes: Vec::new(),
         metrics: Default::default(),
     })
+}
+
+/// What `upload` sends: a `.tar` as it is; a folder's regular files (symbolic links are sent as
+/// links, which the server refuses, never followed); or one file under its own name.
+pub fn tar_of_path(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "tar") {
+        return std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    if path.is_dir() {
+        b.append_dir_all("", path)
+            .with_context(|| format!("packing {}", path.display()))?;
+    } else {
+        let name = path
+            .file_name()
+            .ok_or_else(|| anyhow!("{}: not a file or folder", path.display()))?;
+        b.append_path_with_name(path, name)
+            .with_context(|| format!("packing {}", path.display()))?;
+    }
+    b.into_inner().context("packing")
 }

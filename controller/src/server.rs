@@ -38,6 +38,8 @@ pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1 << 20;
+/// Largest upload (a tar of files for a claim's instance).
+pub const UPLOAD_LIMIT: usize = 16 << 20;
 
 pub struct ApiState {
     handle: EngineHandle,
@@ -90,6 +92,10 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/claims", get(list_claims).post(create_claim))
         .route("/api/v1/claims/{name}", get(get_claim).delete(delete_claim))
+        .route(
+            "/api/v1/claims/{name}/files",
+            axum::routing::put(upload_files).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
+        )
         .route(
             "/webhooks/reservations",
             axum::routing::post(crate::server::reservation),
@@ -746,6 +752,45 @@ async fn create_claim(
     ))
 }
 
+/// A tar of files into a bound claim's instance, under its pool's `files.mountPath`. The
+/// archive may hold only regular files with plain relative paths: no links, no `..`, nothing
+/// absolute (checked before anything is written).
+async fn upload_files(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let (who, snap) = caller(&state, &headers).await?;
+    if !snap
+        .objects
+        .iter()
+        .any(|o| o.kind == Kind::Claim && o.name == name && visible(&who, o))
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no Claim {name:?}"),
+        ));
+    }
+    let files = crate::engine::parse_tar(&body[..], "the upload")
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    if files.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the upload holds no files (send a tar archive)",
+        ));
+    }
+    use crate::engine::PutFilesError;
+    match state.handle.put_files(&name, files).await {
+        Ok(Ok(n)) => Ok(Json(json!({"claim": name, "files": n}))),
+        Ok(Err(e @ (PutFilesError::NotBound(_) | PutFilesError::NoMountPath(_)))) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())),
+        Err(_) => Err(ApiError::unavailable()),
+    }
+}
+
 async fn delete_claim(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
@@ -918,7 +963,15 @@ async fn provision(
             Some((o.name.clone(), image.to_owned()))
         })
         .collect();
-    let pool = crate::webhook::pool_for_image(image, &cfg.allowed_images, &pools)
+    let user_pools: Vec<&str> = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::User && o.name == event.username)
+        .and_then(|u| u.spec.pointer("/quota/pools"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let pool = crate::webhook::pool_for_image(image, &cfg.allowed_images, &pools, &user_pools)
         .map_err(|e| {
             ApiError::field(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -146,12 +146,15 @@ pub fn claim_name(resource: &str) -> String {
     }
 }
 
-/// The pool that serves `image`, among pools `(name, image)`; refused with a reason when the
-/// image is not allowed or no pool runs it.
+/// The pool that serves `image`, among pools `(name, image)`: the first (by name) that the
+/// user may use (`user_pools`: the user's allowed pools, empty for all), else the first that
+/// runs it (admission then says why it may not). Refused with a reason when the image is not
+/// allowed or no pool runs it.
 pub fn pool_for_image<'a>(
     image: &str,
     allowed: &[String],
     pools: &'a [(String, String)],
+    user_pools: &[&str],
 ) -> Result<&'a str, String> {
     if !allowed.is_empty() && !allowed.iter().any(|a| a == image) {
         return Err(format!(
@@ -159,11 +162,17 @@ pub fn pool_for_image<'a>(
             allowed.join(", ")
         ));
     }
-    pools
+    let mut running = pools
         .iter()
-        .find(|(_, i)| i == image)
-        .map(|(p, _)| p.as_str())
-        .ok_or_else(|| format!("no pool runs image {image:?}"))
+        .filter(|(_, i)| i == image)
+        .map(|(p, _)| p.as_str());
+    let first = running
+        .clone()
+        .next()
+        .ok_or_else(|| format!("no pool runs image {image:?}"))?;
+    Ok(running
+        .find(|p| user_pools.is_empty() || user_pools.contains(p))
+        .unwrap_or(first))
 }
 
 #[cfg(test)]
@@ -246,11 +255,69 @@ mod tests {
             ("web".to_owned(), "nginx:1.27".to_owned()),
             ("py".to_owned(), "python:3".to_owned()),
         ];
-        assert_eq!(pool_for_image("python:3", &[], &pools), Ok("py"));
+        assert_eq!(pool_for_image("python:3", &[], &pools, &[]), Ok("py"));
         let allowed = vec!["nginx:1.27".to_owned()];
-        let e = pool_for_image("python:3", &allowed, &pools).expect_err("refused");
+        let e = pool_for_image("python:3", &allowed, &pools, &[]).expect_err("refused");
         assert!(e.contains("not allowed"), "{e}");
-        let e = pool_for_image("redis", &[], &pools).expect_err("no pool");
+        let e = pool_for_image("redis", &[], &pools, &[]).expect_err("no pool");
+        // Two pools run the image: the user's own is chosen.
+        let two = vec![
+            ("a-site".to_owned(), "nginx".to_owned()),
+            ("web".to_owned(), "nginx".to_owned()),
+        ];
+        assert_eq!(pool_for_image("nginx", &[], &two, &["web"]), Ok("web"));
+        assert_eq!(pool_for_image("nginx", &[], &two, &[]), Ok("a-site"));
+        assert_eq!(pool_for_image("nginx", &[], &two, &["other"]), Ok("a-site"));
         assert!(e.contains("no pool"), "{e}");
+    }
+}
+
+/// Hostile input to the parsers behind the API never panics: any bytes as a webhook body and
+/// signature, any bytes as an upload archive; and what an archive yields always stays inside
+/// the mount path.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(
+            std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+        ))]
+
+        #[test]
+        fn webhook_bodies_and_signatures(body in proptest::collection::vec(any::<u8>(), 0..512),
+                                         ts in ".{0,24}", sig in ".{0,80}") {
+            let _ = super::verify(b"0123456789abcdef", Some(&ts), Some(&sig), &body, 1_000);
+            let _ = serde_json::from_slice::<super::ReservationEvent>(&body);
+            let name = super::claim_name(&String::from_utf8_lossy(&body));
+            prop_assert!(crate::units::check_name(&name).is_ok(), "{}", name);
+        }
+
+        #[test]
+        fn upload_archives(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = crate::engine::parse_tar(&bytes[..], "fuzz");
+        }
+
+        #[test]
+        fn archive_paths_stay_inside(names in proptest::collection::vec("[a-z./]{1,20}", 1..5)) {
+            let mut b = tar::Builder::new(Vec::new());
+            for n in &names {
+                let mut h = tar::Header::new_gnu();
+                h.set_mode(0o644);
+                h.set_size(1);
+                h.set_entry_type(tar::EntryType::Regular);
+                let bytes = n.as_bytes();
+                h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+                h.set_cksum();
+                b.append(&h, &b"x"[..]).expect("append");
+            }
+            let archive = b.into_inner().expect("tar");
+            if let Ok(files) = crate::engine::parse_tar(&archive[..], "fuzz") {
+                for (path, _) in files {
+                    prop_assert!(crate::runtime::is_plain_relative(std::path::Path::new(&path)), "{}", path);
+                    prop_assert!(!path.is_empty());
+                }
+            }
+        }
     }
 }

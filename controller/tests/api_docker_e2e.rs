@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use support::*;
 
 const SECRET: &str = "booking-secret-0123456789";
+const ADMIN: &str = "admin-token-0123456789";
 
 /// Receives callbacks (200 to each); keeps their bodies.
 fn receiver() -> (u16, Arc<Mutex<Vec<String>>>) {
@@ -108,6 +109,8 @@ fn a_signed_reservation_is_bound_on_docker_and_the_callback_says_where() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
+    let admin = dir.path().join("admin");
+    std::fs::write(&admin, ADMIN).unwrap();
     let url = format!("http://127.0.0.1:{port}/booking/callback");
     let c = Controller::new(
         "apie2e",
@@ -120,6 +123,8 @@ fn a_signed_reservation_is_bound_on_docker_and_the_callback_says_where() {
             secret.to_str().unwrap(),
             "--notify-url",
             &url,
+            "--admin-token-file",
+            admin.to_str().unwrap(),
         ],
     );
     let s = c.wait("the pool is warm", T, |s| pool_warm(s, "web") == 2);
@@ -159,6 +164,25 @@ fn a_signed_reservation_is_bound_on_docker_and_the_callback_says_where() {
     assert!(
         http_get(port, "/").is_some(),
         "the instance answers on {host}:{port}"
+    );
+
+    // An upload through the CLI and the API lands in the instance, served at once.
+    let page = dir.path().join("welcome.html");
+    std::fs::write(&page, "<h1>welcome to course 42</h1>\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poolkeeper"))
+        .args(["upload", &format!("claim/{claim}")])
+        .arg(&page)
+        .args(["--server", &format!("http://{addr}"), "--token", ADMIN])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        http_get(port, "/welcome.html").as_deref(),
+        Some("<h1>welcome to course 42</h1>\n")
     );
 
     // Metrics moved.

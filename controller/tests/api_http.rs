@@ -38,6 +38,17 @@ spec:
 ---
 apiVersion: poolkeeper.dev/v1alpha1
 kind: Pool
+metadata: {{name: site}}
+spec:
+  template:
+    image: nginx
+    ports: [{{name: http, containerPort: 80}}]
+    files: {{mountPath: /srv}}
+  warm: 1
+  hostPorts: {{start: 30100, end: 30110}}
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
 metadata: {{name: other}}
 spec:
   template: {{image: busybox}}
@@ -787,6 +798,7 @@ fn the_openapi_document_is_served_and_names_every_route() {
         "/api/v1/{kind}/{name}",
         "/api/v1/claims",
         "/api/v1/claims/{name}",
+        "/api/v1/claims/{name}/files",
         "/api/v1/events",
         "/webhooks/reservations",
     ] {
@@ -828,4 +840,93 @@ fn the_api_follows_its_openapi_document() {
         );
         assert!(out.status.success(), "schemathesis found problems:\n{text}");
     }
+}
+
+// ---- uploads -----------------------------------------------------------------------------
+
+/// A tar with entries (name, kind): `f` a regular file, `l` a symbolic link to /etc.
+fn tar_with(entries: &[(&str, char)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        let bytes = name.as_bytes();
+        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+        if *kind == 'l' {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_link_name("/etc").unwrap();
+            h.set_size(0);
+            h.set_cksum();
+            b.append(&h, &b""[..]).unwrap();
+        } else {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(5);
+            h.set_cksum();
+            b.append(&h, &b"hello"[..]).unwrap();
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+impl Api {
+    fn upload(&self, claim: &str, token: &str, body: &[u8]) -> (u16, Value) {
+        let s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!(
+            "PUT /api/v1/claims/{claim}/files HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Authorization: Bearer {token}\r\nContent-Type: application/x-tar\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut raw = head.into_bytes();
+        raw.extend_from_slice(body);
+        exchange(s, &String::from_utf8_lossy(&raw))
+    }
+}
+
+#[test]
+fn uploads_go_only_into_ones_own_bound_claim_and_cannot_escape_the_mount_path() {
+    let api = Api::start();
+    assert_eq!(
+        api.post(
+            "/api/v1/claims",
+            BOB,
+            &json!({"name": "s1", "pool": "site"})
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        api.post("/api/v1/claims", BOB, &json!({"name": "w1", "pool": "web"}))
+            .0,
+        201
+    );
+    api.wait_phase("s1", BOB, "Bound");
+    api.wait_phase("w1", BOB, "Bound");
+    let ok = tar_with(&[("index.html", 'f'), ("css/site.css", 'f')]);
+    let (code, v) = api.upload("s1", BOB, &ok);
+    assert_eq!((code, v["files"].clone()), (200, json!(2)), "{v}");
+    // Not Alice's to write into: as if it did not exist.
+    assert_eq!(api.upload("s1", ALICE, &ok).0, 404);
+    // Escapes, links and garbage are refused before anything is written.
+    for (bad, says) in [
+        (tar_with(&[("../escape.html", 'f')]), "stay inside"),
+        (tar_with(&[("/etc/passwd", 'f')]), "stay inside"),
+        (
+            tar_with(&[("ok.html", 'f'), ("link", 'l')]),
+            "only regular files",
+        ),
+        (
+            b"not a tar at all, just some bytes that are long enough".repeat(20),
+            "tar",
+        ),
+    ] {
+        let (code, v) = api.upload("s1", BOB, &bad);
+        assert_eq!(code, 422, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{says}: {v}");
+    }
+    // A pool without files.mountPath has nowhere to put them.
+    let (code, v) = api.upload("w1", BOB, &ok);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("mountPath"), "{v}");
 }

@@ -126,6 +126,17 @@ pub enum SourceEvent {
     Synced,
 }
 
+/// Why files could not be put into a claim's instance.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutFilesError {
+    #[error("claim {0} is not bound")]
+    NotBound(String),
+    #[error("pool {0} declares no files.mountPath")]
+    NoMountPath(String),
+    #[error("writing the files failed: {0}")]
+    Runtime(String),
+}
+
 /// A claim's reported phase changed (for watchers: the API's stream, benchmarks, tests).
 #[derive(Clone, Debug)]
 pub struct ClaimChange {
@@ -150,6 +161,11 @@ enum Input {
     Resync(oneshot::Sender<Duration>),
     Subscribe(mpsc::UnboundedSender<ClaimChange>),
     Shutdown(oneshot::Sender<()>),
+    PutFiles {
+        claim: String,
+        files: Vec<(String, Vec<u8>)>,
+        reply: oneshot::Sender<Result<usize, PutFilesError>>,
+    },
     /// A line of a deployment container's output matched one of its log triggers.
     LogMatch {
         instance: String,
@@ -217,6 +233,23 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Input::Snapshot(tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Writes files into the instance bound to `claim`, under its pool's `files.mountPath`.
+    pub async fn put_files(
+        &self,
+        claim: &str,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<Result<usize, PutFilesError>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::PutFiles {
+                claim: claim.to_owned(),
+                files,
+                reply: tx,
+            })
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)
     }
@@ -751,6 +784,11 @@ impl<R: Runtime> Engine<R> {
             Input::PoolStatus(name, tx) => {
                 let _ = tx.send(self.pool_status(&name));
             }
+            Input::PutFiles {
+                claim,
+                files,
+                reply,
+            } => self.put_claim_files(&claim, files, reply),
             Input::Subscribe(tx) => self.subscribers.push(tx),
             Input::LogMatch {
                 instance,
@@ -943,10 +981,18 @@ fn read_folder(root: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
 /// The regular files of a plain (uncompressed) tar archive, as relative paths. Links, devices
 /// and paths that would leave the mount path are refused, as in a folder.
 fn read_tar(path: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let what = format!("filesFrom {}", path.display());
+    let file = std::fs::File::open(path).map_err(|e| format!("{what}: {e}"))?;
+    parse_tar(file, &what)
+}
+
+/// The regular files of a tar archive, as (relative path, bytes): refused, naming the entry,
+/// when an entry is a link or device, or its path is absolute or leaves the folder (`..`).
+/// Errors start with `what`.
+pub fn parse_tar(reader: impl std::io::Read, what: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
     use std::io::Read;
-    let fail = |e: &dyn std::fmt::Display| format!("filesFrom {}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
-    let mut archive = tar::Archive::new(file);
+    let fail = |e: &dyn std::fmt::Display| format!("{what}: {e}");
+    let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
     for entry in archive
         .entries()

@@ -1948,6 +1948,48 @@ impl<R: Runtime> Engine<R> {
         }
     }
 
+    /// Files uploaded into a bound claim's instance (the API's upload).
+    pub(super) fn put_claim_files(
+        &mut self,
+        claim: &str,
+        files: Vec<(String, Vec<u8>)>,
+        reply: tokio::sync::oneshot::Sender<Result<usize, super::PutFilesError>>,
+    ) {
+        use super::PutFilesError;
+        let Some(c) = self
+            .claims
+            .get(claim)
+            .filter(|c| c.reported == ClaimPhase::Bound)
+        else {
+            let _ = reply.send(Err(PutFilesError::NotBound(claim.to_owned())));
+            return;
+        };
+        let Some(instance) = c.instance.clone() else {
+            let _ = reply.send(Err(PutFilesError::NotBound(claim.to_owned())));
+            return;
+        };
+        let mount = self
+            .pools
+            .get(&c.spec.pool)
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.template.files.as_ref())
+            .map(|f| f.mount_path.clone());
+        let Some(mount) = mount else {
+            let _ = reply.send(Err(PutFilesError::NoMountPath(c.spec.pool.clone())));
+            return;
+        };
+        let rt = self.rt.clone();
+        tokio::spawn(async move {
+            let n = files.len();
+            let r = rt
+                .put_files(&instance, &mount, &files)
+                .await
+                .map(|()| n)
+                .map_err(|e| PutFilesError::Runtime(e.to_string()));
+            let _ = reply.send(r);
+        });
+    }
+
     fn start_bound(&mut self, claim: &str, instance: &str, now: u64) {
         let Some(c) = self.claims.get(claim) else {
             return;
