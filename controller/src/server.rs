@@ -744,6 +744,7 @@ async fn create_claim(
             format!("writing the claim: {e}"),
         )
     })?;
+    apply_written(&state, &path, &text);
     Ok((
         StatusCode::CREATED,
         Json(
@@ -814,7 +815,11 @@ async fn delete_claim(
             format!("claim {name} is declared in {}: release it there", o.origin),
         ));
     }
-    match std::fs::remove_file(&path) {
+    let removed = std::fs::remove_file(&path);
+    let _ = state
+        .handle
+        .delete(crate::model::ObjKey::new(Kind::Claim, &name));
+    match removed {
         Ok(()) => Ok(Json(json!({"name": name, "released": true}))),
         // Released by an earlier call the watcher has not reported yet: the same answer.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -925,6 +930,11 @@ pub(crate) async fn reservation(
                 }
             };
             let _ = std::fs::remove_file(reservation_path(&state.dir, &name));
+            if existed {
+                let _ = state
+                    .handle
+                    .delete(crate::model::ObjKey::new(Kind::Claim, &name));
+            }
             Ok((
                 StatusCode::OK,
                 Json(json!({"claim": name, "released": existed})),
@@ -1020,6 +1030,7 @@ async fn provision(
     let text = claim_file_text(name, &spec)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     write_atomic(path, text.as_bytes()).map_err(internal)?;
+    apply_written(state, path, &text);
     // What the pool's template decides, not the request.
     let p = &event.custom_parameters;
     let ignored: Vec<&str> = [
@@ -1235,6 +1246,18 @@ pub async fn post_signed(url: &str, secret: &[u8], body: &[u8]) -> Result<(), St
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
         .map_err(|_| format!("{url}: no answer within 5 s"))?
+}
+
+/// Hands a claim file just written to the engine at once, as the directory watcher will when
+/// it sees the file (same object, origin and first generation, which the engine then takes as
+/// no change): a claim made through the API is visible, and binds, without waiting for the
+/// watcher's debounce. The file stays the record that survives restarts.
+fn apply_written(state: &ApiState, path: &Path, text: &str) {
+    let parsed = crate::loader::parse_text(path, text);
+    for mut obj in parsed.objects {
+        obj.generation = 1;
+        let _ = state.handle.apply(obj);
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -11,6 +11,7 @@
 //!
 //! `--runtime docker` runs the figures of [`docker`] instead.
 
+pub mod api;
 pub mod docker;
 
 use std::collections::{BTreeMap, HashMap};
@@ -75,6 +76,11 @@ pub struct BenchArgs {
     pub cold: u32,
     #[command(flatten)]
     pub docker: crate::cli::DockerArgs,
+    /// Drive claims through the HTTP API (POST, Bound seen on the status stream, release):
+    /// `--claims` (default 20000 on memory, 500 on docker) with `--concurrency` clients, on a
+    /// pool of `--instances` warm (default 1000 / 50).
+    #[arg(long)]
+    pub api: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +154,7 @@ pub fn rss_peak_mb() -> f64 {
     proc_status_mb("VmHWM:")
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -165,7 +171,7 @@ fn print_rate(bench: &str, n: u32, took: Duration) {
     );
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -192,6 +198,9 @@ async fn start_engine(dir: &std::path::Path) -> anyhow::Result<(EngineHandle, Ar
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.users == 0 {
         bail!("--concurrency and --users must be at least 1");
+    }
+    if args.api {
+        return api::run(&args).await;
     }
     if args.runtime == RuntimeKind::Docker {
         return docker::run(&args).await;

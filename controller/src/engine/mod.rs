@@ -1110,6 +1110,18 @@ impl<R: Runtime> Engine<R> {
     fn apply_object(&mut self, obj: Object, now: u64) {
         let generation = obj.generation;
         let name = obj.name.clone();
+        // The same claim again (the API applies what it writes, and the watcher then sees the
+        // file): nothing changed.
+        if let Spec::Claim(spec) = &obj.spec
+            && self.claims.get(&name).is_some_and(|c| {
+                c.spec == *spec
+                    && c.origin == obj.origin
+                    && c.generation == generation
+                    && c.invalid.is_none()
+            })
+        {
+            return;
+        }
         match obj.spec {
             Spec::Pool(spec) => {
                 let hash = hash_of(&spec.template);
