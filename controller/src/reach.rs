@@ -56,11 +56,7 @@ pub fn resolve(snap: &Snapshot, target: &str) -> anyhow::Result<Target> {
             }
         );
     }
-    let url = snap
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .map(|n| n.url.clone())
+    let url = node_url(snap, &node)
         .ok_or_else(|| anyhow!("{target}: node {node} of {container} is not in status"))?;
     Ok(Target {
         container,
@@ -330,38 +326,6 @@ async fn exec_inner(
     Ok(info.exit_code.unwrap_or(-1))
 }
 
-/// Runs a command and returns its exit code and combined output (for `--steps`).
-async fn exec_capture(
-    docker: &Docker,
-    container: &str,
-    command: &[String],
-) -> anyhow::Result<(i64, String)> {
-    let exec = docker
-        .create_exec(
-            container,
-            ExecConfig {
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                cmd: Some(command.to_vec()),
-                ..Default::default()
-            },
-        )
-        .await
-        .with_context(|| format!("exec in {container}"))?;
-    let mut text = String::new();
-    if let StartExecResults::Attached { mut output, .. } = docker
-        .start_exec(&exec.id, None::<StartExecOptions>)
-        .await
-        .with_context(|| format!("starting exec in {container}"))?
-    {
-        while let Some(chunk) = output.next().await {
-            text.push_str(&String::from_utf8_lossy(chunk?.as_ref()));
-        }
-    }
-    let info = docker.inspect_exec(&exec.id).await?;
-    Ok((info.exit_code.unwrap_or(-1), text))
-}
-
 /// A script of exec steps: each runs in the target and checks its exit code and output.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -426,7 +390,12 @@ pub async fn run_steps(t: &Target, path: &Path) -> anyhow::Result<ExitCode> {
     let total = steps.steps.len();
     for (i, step) in steps.steps.iter().enumerate() {
         let n = i + 1;
-        let (code, output) = exec_capture(&docker, &t.container, &step.run.argv()).await?;
+        let crate::runtime::ExecOutput {
+            exit_code: code,
+            output,
+        } = crate::runtime::docker::exec_output(&docker, &t.container, &step.run.argv())
+            .await
+            .with_context(|| format!("exec in {}", t.container))?;
         let mut problems = Vec::new();
         if code != step.expect.exit_code {
             problems.push(format!(
@@ -721,6 +690,14 @@ pub fn check_backup(bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The URL of the Docker node named `node`, from status.
+fn node_url(snap: &Snapshot, node: &str) -> Option<String> {
+    snap.nodes
+        .iter()
+        .find(|n| n.name == node)
+        .map(|n| n.url.clone())
+}
+
 fn deployment_node(snap: &Snapshot, dep: &str) -> anyhow::Result<String> {
     let node = snap
         .instances
@@ -728,12 +705,7 @@ fn deployment_node(snap: &Snapshot, dep: &str) -> anyhow::Result<String> {
         .find(|i| i.deployment.as_deref() == Some(dep))
         .map(|i| i.node.clone());
     match node {
-        Some(n) => snap
-            .nodes
-            .iter()
-            .find(|x| x.name == n)
-            .map(|x| x.url.clone())
-            .ok_or_else(|| anyhow!("node {n} is not in status")),
+        Some(n) => node_url(snap, &n).ok_or_else(|| anyhow!("node {n} is not in status")),
         None => snap.nodes.first().map(|x| x.url.clone()).ok_or_else(|| {
             anyhow!("no Docker node in status (is the controller running on Docker?)")
         }),

@@ -649,12 +649,7 @@ impl DockerRuntime {
         let Some((probe, node)) = self.liveness_of(&name, incarnation) else {
             return;
         };
-        if let Some(d) = probe.initial_delay_seconds {
-            tokio::time::sleep(Duration::from_secs(u64::from(d))).await;
-        }
-        let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.unwrap_or(1).max(1)));
-        let period = Duration::from_secs(u64::from(probe.period_seconds.unwrap_or(10).max(1)));
-        let threshold = probe.failure_threshold.unwrap_or(3).max(1);
+        let (timeout, period, threshold) = probe_timing(&probe, 10).await;
         let mut failures = 0u32;
         loop {
             tokio::time::sleep(period).await;
@@ -700,12 +695,7 @@ impl DockerRuntime {
         let Some((probe, node)) = self.probe_of(&name, incarnation) else {
             return;
         };
-        if let Some(d) = probe.initial_delay_seconds {
-            tokio::time::sleep(Duration::from_secs(u64::from(d))).await;
-        }
-        let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.unwrap_or(1).max(1)));
-        let period = Duration::from_secs(u64::from(probe.period_seconds.unwrap_or(5).max(1)));
-        let threshold = probe.failure_threshold.unwrap_or(3).max(1);
+        let (timeout, period, threshold) = probe_timing(&probe, 5).await;
         let mut failures = 0u32;
         loop {
             let Some(ok) = self
@@ -1441,42 +1431,9 @@ impl Runtime for DockerRuntime {
 
     async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {
         let (_, docker) = self.docker_of(name)?;
-        let exec = docker
-            .create_exec(
-                name,
-                ExecConfig {
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    cmd: Some(command.to_vec()),
-                    ..Default::default()
-                },
-            )
+        exec_output(&docker, name, command)
             .await
-            .map_err(|e| map_err(e, name))?;
-        let mut output = String::new();
-        let started = docker
-            .start_exec(&exec.id, None::<StartExecOptions>)
-            .await
-            .map_err(|e| map_err(e, name))?;
-        if let StartExecResults::Attached {
-            output: mut out, ..
-        } = started
-        {
-            while let Some(chunk) = out.next().await {
-                match chunk {
-                    Ok(c) => output.push_str(&String::from_utf8_lossy(&c.into_bytes())),
-                    Err(e) => return Err(map_err(e, name)),
-                }
-            }
-        }
-        let info = docker
-            .inspect_exec(&exec.id)
-            .await
-            .map_err(|e| map_err(e, name))?;
-        Ok(ExecOutput {
-            exit_code: info.exit_code.unwrap_or(-1),
-            output,
-        })
+            .map_err(|e| map_err(e, name))
     }
 
     async fn put_files(&self, name: &str, dir: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
@@ -1665,6 +1622,57 @@ impl Runtime for DockerRuntime {
 }
 
 // ---- helpers ---------------------------------------------------------------------------------
+
+/// Waits out a probe's initial delay; returns its timeout, period (`default_period` seconds
+/// unless set) and failure threshold.
+async fn probe_timing(probe: &Probe, default_period: u32) -> (Duration, Duration, u32) {
+    if let Some(d) = probe.initial_delay_seconds {
+        tokio::time::sleep(Duration::from_secs(u64::from(d))).await;
+    }
+    let secs =
+        |s: Option<u32>, default: u32| Duration::from_secs(u64::from(s.unwrap_or(default).max(1)));
+    (
+        secs(probe.timeout_seconds, 1),
+        secs(probe.period_seconds, default_period),
+        probe.failure_threshold.unwrap_or(3).max(1),
+    )
+}
+
+/// Runs `command` in `container` and collects its exit code and combined output (the
+/// runtime's probes and resets, and the CLI's `exec --steps`).
+pub(crate) async fn exec_output(
+    docker: &Docker,
+    container: &str,
+    command: &[String],
+) -> std::result::Result<ExecOutput, DockerError> {
+    let exec = docker
+        .create_exec(
+            container,
+            ExecConfig {
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                cmd: Some(command.to_vec()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut output = String::new();
+    if let StartExecResults::Attached {
+        output: mut out, ..
+    } = docker
+        .start_exec(&exec.id, None::<StartExecOptions>)
+        .await?
+    {
+        while let Some(chunk) = out.next().await {
+            output.push_str(&String::from_utf8_lossy(&chunk?.into_bytes()));
+        }
+    }
+    let info = docker.inspect_exec(&exec.id).await?;
+    Ok(ExecOutput {
+        exit_code: info.exit_code.unwrap_or(-1),
+        output,
+    })
+}
 
 /// The volume that mounts `name`'s host-backed files folder.
 fn files_volume(name: &str) -> String {
