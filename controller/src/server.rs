@@ -133,7 +133,7 @@ fn sha256(s: &str) -> [u8; 32] {
 
 /// Equal without telling, by its timing, where two digests differ.
 fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::webhook::same_bytes(a, b)
 }
 
 // ---- errors ----------------------------------------------------------------------------------
@@ -556,70 +556,67 @@ pub struct NewClaim {
 }
 
 /// Why a claim cannot be made now, checked against the current objects before anything is
-/// written: the same rules the engine applies (it stays the authority).
+/// written: the engine's own admission (`core::claims::admit`) over the user's claims and the
+/// new one (the engine stays the authority).
 fn admission_problem(snap: &Snapshot, user: &str, pool: &str) -> Option<ApiError> {
-    let Some(u) = snap
+    use crate::core::claims::{ClaimFacts, UserFacts, Verdict, admit};
+    let spec: Option<crate::api::UserSpec> = snap
         .objects
         .iter()
         .find(|o| o.kind == Kind::User && o.name == user)
-    else {
-        return Some(ApiError::field(
-            StatusCode::NOT_FOUND,
-            "user",
-            format!("no user {user:?}"),
-        ));
-    };
-    if !snap
+        .and_then(|o| serde_json::from_value(o.spec.clone()).ok());
+    // The user's claims that hold or wait for an instance, then the new one.
+    let mut facts: Vec<ClaimFacts> = snap
         .objects
         .iter()
-        .any(|o| o.kind == Kind::Pool && o.name == pool)
-    {
-        return Some(ApiError::field(
-            StatusCode::NOT_FOUND,
-            "pool",
-            format!("no pool {pool:?}"),
-        ));
-    }
-    let quota = u.spec.get("quota");
-    let allowed: Vec<&str> = quota
-        .and_then(|q| q.get("pools"))
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    if !allowed.is_empty() && !allowed.contains(&pool) {
-        return Some(ApiError::field(
-            StatusCode::FORBIDDEN,
-            "pool",
-            format!(
-                "user {user} may not claim from pool {pool} (allowed: {})",
-                allowed.join(", ")
-            ),
-        ));
-    }
-    if let Some(max) = quota
-        .and_then(|q| q.get("maxClaims"))
-        .and_then(Value::as_u64)
-    {
-        let active = snap
-            .objects
-            .iter()
-            .filter(|o| o.kind == Kind::Claim)
-            .filter(|o| o.spec.get("user").and_then(Value::as_str) == Some(user))
-            .filter(|o| {
-                matches!(
-                    o.status.get("phase").and_then(Value::as_str),
-                    Some("Bound" | "Pending") | None
-                )
+        .filter(|o| o.kind == Kind::Claim)
+        .filter(|o| o.spec.get("user").and_then(Value::as_str) == Some(user))
+        .filter_map(|o| {
+            let phase = o.status.get("phase").and_then(Value::as_str);
+            matches!(phase, Some("Bound" | "Pending") | None).then(|| ClaimFacts {
+                name: &o.name,
+                pool: o
+                    .spec
+                    .get("pool")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+                user,
+                bound: phase == Some("Bound"),
             })
-            .count() as u64;
-        if active >= max {
-            return Some(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!("quota exceeded: user {user} has {active} of {max} claims"),
-            ));
-        }
-    }
-    None
+        })
+        .collect();
+    facts.push(ClaimFacts {
+        name: "",
+        pool,
+        user,
+        bound: false,
+    });
+    let verdict = admit(
+        &facts,
+        |_| {
+            spec.as_ref().map(|u| UserFacts {
+                disabled: u.disabled,
+                max_claims: u.quota.max_claims,
+                pools: &u.quota.pools,
+            })
+        },
+        |p| {
+            snap.objects
+                .iter()
+                .any(|o| o.kind == Kind::Pool && o.name == p && !o.spec.is_null())
+        },
+    )
+    .pop()?;
+    let Verdict::Refuse { reason, message } = verdict else {
+        return None;
+    };
+    Some(match reason {
+        "PoolNotFound" => ApiError::field(StatusCode::NOT_FOUND, "pool", message),
+        "UserNotFound" => ApiError::field(StatusCode::NOT_FOUND, "user", message),
+        "UserDisabled" => ApiError::field(StatusCode::FORBIDDEN, "user", message),
+        "PoolNotAllowed" => ApiError::field(StatusCode::FORBIDDEN, "pool", message),
+        _ => ApiError::new(StatusCode::FORBIDDEN, message),
+    })
 }
 
 fn managed_dir(dir: &Path) -> PathBuf {
