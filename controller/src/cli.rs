@@ -79,6 +79,34 @@ pub enum Command {
         #[command(subcommand)]
         action: ClaimAction,
     },
+    /// Admin: set a pool's warm size in the file that declares it (`scale pool NAME --warm N`).
+    Scale {
+        /// pool
+        kind: String,
+        name: String,
+        #[arg(long)]
+        warm: u32,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Admin: replace a pool's warm instances with fresh ones (`reinitialise pool NAME`).
+    #[command(alias = "reinit")]
+    Reinitialise {
+        /// pool
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Admin: delete a user (`delete user NAME`): their claims are released, and the user's
+    /// document is removed from the file that declares it.
+    Delete {
+        /// user
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
     /// Copy a file, a folder, or a `.tar` into a bound claim's instance (through the API).
     Upload {
         /// claim/NAME
@@ -168,9 +196,13 @@ pub enum ClaimAction {
         #[command(flatten)]
         server: crate::client::ServerArgs,
     },
-    /// Release a claim made through the API.
+    /// Release a claim made through the API, or (admin) every claim of a user (`--user`).
     Release {
-        name: String,
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        name: Option<String>,
+        /// Release all of this user's claims, wherever they are declared.
+        #[arg(long)]
+        user: Option<String>,
         #[command(flatten)]
         server: crate::client::ServerArgs,
     },
@@ -459,6 +491,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             get_cmd(&kind, name.as_deref(), snap, output)
         }
         Command::Claim { action } => claim_cmd(action),
+        cmd @ (Command::Scale { .. } | Command::Reinitialise { .. } | Command::Delete { .. }) => {
+            admin_cmd(cmd)
+        }
         Command::Upload {
             target,
             path,
@@ -678,8 +713,7 @@ async fn run_with<R: crate::runtime::Runtime>(
     let listener = match api.listen.as_str() {
         "off" => None,
         addr => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
+            std::net::TcpListener::bind(addr)
                 .with_context(|| format!("listening on {addr} (--listen; `off` serves no API)"))?,
         ),
     };
@@ -699,12 +733,9 @@ async fn run_with<R: crate::runtime::Runtime>(
             webhooks,
         );
         info!(address = ?api_addr, "HTTP API listening");
-        tokio::spawn(async move {
-            if let Err(e) = crate::server::serve(l, state).await {
-                tracing::error!(error = %e, "the HTTP API stopped");
-            }
-        })
+        crate::server::spawn(l, state?)
     });
+    let server = server.transpose().context("starting the HTTP API")?;
     // SIGTERM (what service managers and `docker stop` send) stops as cleanly as Ctrl-C.
     // Registered before the status file first names this process.
     #[cfg(unix)]
@@ -748,8 +779,8 @@ async fn run_with<R: crate::runtime::Runtime>(
         _ = terminated(&mut sigterm) => info!("stopping (SIGTERM)"),
         r = task => { writer.abort(); watch.abort(); r?; bail!("the engine stopped"); }
     }
-    if let Some(s) = &server {
-        s.abort();
+    if let Some(s) = server {
+        s.stop();
     }
     handle.shutdown().await;
     writer.abort();
@@ -842,6 +873,79 @@ fn spec_value(o: &Object) -> serde_json::Value {
         Spec::Deployment(s) => serde_json::to_value(s),
     }
     .unwrap_or(serde_json::Value::Null)
+}
+
+fn print_released(v: &serde_json::Value) {
+    let names: Vec<&str> = v["released"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+        .unwrap_or_default();
+    if names.is_empty() {
+        println!("no claims to release");
+    }
+    for n in names {
+        println!("released {n}");
+    }
+}
+
+/// The one kind an admin command acts on.
+fn expect_kind(kind: &str, want: Kind, command: &str) -> anyhow::Result<()> {
+    if parse_kind(kind)? != want {
+        bail!(
+            "{command} acts on {}s only",
+            want.to_string().to_lowercase()
+        );
+    }
+    Ok(())
+}
+
+fn admin_cmd(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Scale {
+            kind,
+            name,
+            warm,
+            server,
+        } => {
+            expect_kind(&kind, Kind::Pool, "scale")?;
+            let body = serde_json::json!({ "warm": warm });
+            let v = crate::client::call(
+                &server,
+                "POST",
+                &format!("/api/v1/pools/{name}/scale"),
+                Some(&body),
+            )?;
+            println!(
+                "pool {name}: warm {} -> {warm} (in {})",
+                v["was"],
+                v["file"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Reinitialise { kind, name, server } => {
+            expect_kind(&kind, Kind::Pool, "reinitialise")?;
+            let v = crate::client::call(
+                &server,
+                "POST",
+                &format!("/api/v1/pools/{name}/reinitialise"),
+                None,
+            )?;
+            println!(
+                "pool {name}: {} warm instances being replaced",
+                v["replaced"]
+            );
+        }
+        Command::Delete { kind, name, server } => {
+            expect_kind(&kind, Kind::User, "delete")?;
+            let v = crate::client::call(&server, "DELETE", &format!("/api/v1/users/{name}"), None)?;
+            print_released(&v);
+            println!(
+                "deleted user {name} (from {})",
+                v["file"].as_str().unwrap_or("?")
+            );
+        }
+        other => bail!("not an admin command: {other:?}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
@@ -962,9 +1066,28 @@ fn claim_cmd(action: ClaimAction) -> anyhow::Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        ClaimAction::Release { name, server } => {
+        ClaimAction::Release {
+            name: Some(name),
+            server,
+            ..
+        } => {
             crate::client::call(&server, "DELETE", &format!("/api/v1/claims/{name}"), None)?;
             println!("released {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ClaimAction::Release {
+            name: None,
+            user,
+            server,
+        } => {
+            let user = user.unwrap_or_default();
+            let v = crate::client::call(
+                &server,
+                "POST",
+                &format!("/api/v1/users/{user}/release"),
+                None,
+            )?;
+            print_released(&v);
             Ok(ExitCode::SUCCESS)
         }
     }

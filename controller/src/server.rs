@@ -48,6 +48,10 @@ pub struct ApiState {
     webhooks: Option<WebhookConfig>,
     /// Signatures seen within the replay window, with their timestamp.
     seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Claim files are written and removed through it (folder syncs in groups).
+    files: crate::filewriter::FileWriter,
+    /// Edits of declared files (admin operations) one at a time.
+    edits: tokio::sync::Mutex<()>,
 }
 
 /// Reservations by webhook: the shared secret, the images booking systems may ask for (empty:
@@ -65,14 +69,16 @@ impl ApiState {
         dir: PathBuf,
         admin_token: Option<&str>,
         webhooks: Option<WebhookConfig>,
-    ) -> Self {
-        ApiState {
+    ) -> std::io::Result<Self> {
+        Ok(ApiState {
             handle,
             dir,
             admin_sha256: admin_token.map(sha256),
             webhooks,
             seen: Default::default(),
-        }
+            files: crate::filewriter::FileWriter::new(),
+            edits: tokio::sync::Mutex::new(()),
+        })
     }
 }
 
@@ -101,6 +107,19 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::post(crate::server::reservation),
         )
         .route("/api/v1/events", get(events))
+        .route(
+            "/api/v1/pools/{name}/scale",
+            axum::routing::post(scale_pool),
+        )
+        .route(
+            "/api/v1/pools/{name}/reinitialise",
+            axum::routing::post(reinitialise_pool),
+        )
+        .route("/api/v1/users/{name}", get(get_user).delete(delete_user))
+        .route(
+            "/api/v1/users/{name}/release",
+            axum::routing::post(release_user),
+        )
         .route("/api/v1/{kind}", get(list))
         .route("/api/v1/{kind}/{name}", get(get_one))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -125,6 +144,52 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::i
         ));
     }
     axum::serve(listener, router(state)).await
+}
+
+/// The API served on a thread of its own (with its own single-threaded runtime): parsing
+/// requests, JSON and YAML never delays the engine's passes, which keep their thread; the two
+/// talk through the engine's channel as before.
+pub struct ApiThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ApiThread {
+    /// Stops accepting requests and drops the open connections.
+    pub fn stop(mut self) {
+        self.stop.take();
+    }
+}
+
+/// Serves the API on `listener` (bound already, so that a taken address fails the caller at
+/// once) from a new thread.
+pub fn spawn(listener: std::net::TcpListener, state: ApiState) -> std::io::Result<ApiThread> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("poolkeeper-api".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the HTTP API could not start");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    r = serve(listener, state) => {
+                        if let Err(e) = r {
+                            tracing::error!(error = %e, "the HTTP API stopped");
+                        }
+                    }
+                    _ = stopped => {}
+                }
+            });
+        })?;
+    Ok(ApiThread { stop: Some(stop) })
 }
 
 fn sha256(s: &str) -> [u8; 32] {
@@ -200,11 +265,12 @@ impl Caller {
     }
 }
 
-/// The caller a bearer token names, against the current users.
+/// The caller a bearer token names: the admin, or the user declaring its digest (from the
+/// engine's token index: no round trip to the engine).
 pub fn authenticate(
     headers: &HeaderMap,
     admin: Option<&[u8; 32]>,
-    snap: &Snapshot,
+    handle: &EngineHandle,
 ) -> ApiResult<Caller> {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m);
     let token = headers
@@ -220,25 +286,16 @@ pub fn authenticate(
     if admin.is_some_and(|a| same(a, &digest)) {
         return Ok(Caller::Admin);
     }
-    for o in snap.objects.iter().filter(|o| o.kind == Kind::User) {
-        let declared = o.spec.get("tokenSha256").and_then(Value::as_str);
-        let Some(bytes) = declared.and_then(|h| hex::decode(h).ok()) else {
-            continue;
-        };
-        let Ok(declared) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-            continue;
-        };
-        if same(&declared, &digest) {
-            if o.spec.get("disabled").and_then(Value::as_bool) == Some(true) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "this user is disabled",
-                ));
-            }
-            return Ok(Caller::User(o.name.clone()));
-        }
+    // The index is keyed by digest; the lookup's timing tells nothing of a token that is not
+    // a digest's preimage.
+    match handle.token_owner(&digest) {
+        Some(owner) if owner.disabled => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this user is disabled",
+        )),
+        Some(owner) => Ok(Caller::User(owner.user)),
+        None => Err(unauthorized("unknown token")),
     }
-    Err(unauthorized("unknown token"))
 }
 
 async fn snapshot(state: &ApiState) -> ApiResult<Snapshot> {
@@ -249,10 +306,41 @@ async fn snapshot(state: &ApiState) -> ApiResult<Snapshot> {
         .map_err(|_| ApiError::unavailable())
 }
 
+fn who(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {
+    authenticate(headers, state.admin_sha256.as_ref(), &state.handle)
+}
+
 async fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<(Caller, Snapshot)> {
+    let who = who(state, headers)?;
     let snap = snapshot(state).await?;
-    let who = authenticate(headers, state.admin_sha256.as_ref(), &snap)?;
     Ok((who, snap))
+}
+
+/// Claim `name` if the caller may see it, and (with `admit`) the engine's verdict on a new
+/// claim of (user, pool).
+async fn claim_access(
+    state: &ApiState,
+    who: &Caller,
+    name: &str,
+    admit: Option<(String, String)>,
+) -> ApiResult<crate::engine::ClaimAccess> {
+    let mut access = state
+        .handle
+        .claim_access(name, admit)
+        .await
+        .map_err(|_| ApiError::unavailable())?;
+    if access
+        .claim
+        .as_ref()
+        .is_some_and(|c| !who.sees_user(&c.spec.user))
+    {
+        access.claim = None;
+    }
+    Ok(access)
+}
+
+fn no_claim(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no Claim {name:?}"))
 }
 
 fn kind_of(segment: &str) -> ApiResult<Kind> {
@@ -516,7 +604,7 @@ async fn events(
         impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
     >,
 > {
-    let (who, _) = caller(&state, &headers).await?;
+    let who = who(&state, &headers)?;
     let rx = state
         .handle
         .subscribe()
@@ -555,68 +643,16 @@ pub struct NewClaim {
     pub files: BTreeMap<String, String>,
 }
 
-/// Why a claim cannot be made now, checked against the current objects before anything is
-/// written: the engine's own admission (`core::claims::admit`) over the user's claims and the
-/// new one (the engine stays the authority).
-fn admission_problem(snap: &Snapshot, user: &str, pool: &str) -> Option<ApiError> {
-    use crate::core::claims::{ClaimFacts, UserFacts, Verdict, admit};
-    let spec: Option<crate::api::UserSpec> = snap
-        .objects
-        .iter()
-        .find(|o| o.kind == Kind::User && o.name == user)
-        .and_then(|o| serde_json::from_value(o.spec.clone()).ok());
-    // The user's claims that hold or wait for an instance, then the new one.
-    let mut facts: Vec<ClaimFacts> = snap
-        .objects
-        .iter()
-        .filter(|o| o.kind == Kind::Claim)
-        .filter(|o| o.spec.get("user").and_then(Value::as_str) == Some(user))
-        .filter_map(|o| {
-            let phase = o.status.get("phase").and_then(Value::as_str);
-            matches!(phase, Some("Bound" | "Pending") | None).then(|| ClaimFacts {
-                name: &o.name,
-                pool: o
-                    .spec
-                    .get("pool")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-                user,
-                bound: phase == Some("Bound"),
-            })
-        })
-        .collect();
-    facts.push(ClaimFacts {
-        name: "",
-        pool,
-        user,
-        bound: false,
-    });
-    let verdict = admit(
-        &facts,
-        |_| {
-            spec.as_ref().map(|u| UserFacts {
-                disabled: u.disabled,
-                max_claims: u.quota.max_claims,
-                pools: &u.quota.pools,
-            })
-        },
-        |p| {
-            snap.objects
-                .iter()
-                .any(|o| o.kind == Kind::Pool && o.name == p && !o.spec.is_null())
-        },
-    )
-    .pop()?;
-    let Verdict::Refuse { reason, message } = verdict else {
-        return None;
-    };
-    Some(match reason {
+/// A refusal of the engine's admission (`core::claims::admit`, over the user's claims and the
+/// new one: the engine stays the authority), as the API answers it.
+fn refused((reason, message): (&'static str, String)) -> ApiError {
+    match reason {
         "PoolNotFound" => ApiError::field(StatusCode::NOT_FOUND, "pool", message),
         "UserNotFound" => ApiError::field(StatusCode::NOT_FOUND, "user", message),
         "UserDisabled" => ApiError::field(StatusCode::FORBIDDEN, "user", message),
         "PoolNotAllowed" => ApiError::field(StatusCode::FORBIDDEN, "pool", message),
         _ => ApiError::new(StatusCode::FORBIDDEN, message),
-    })
+    }
 }
 
 fn managed_dir(dir: &Path) -> PathBuf {
@@ -661,7 +697,7 @@ async fn create_claim(
     headers: HeaderMap,
     body: Result<Json<NewClaim>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let (who, snap) = caller(&state, &headers).await?;
+    let who = who(&state, &headers)?;
     let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let user = match (&who, &req.user) {
         (Caller::User(me), None) => me.clone(),
@@ -709,14 +745,17 @@ async fn create_claim(
         ));
     }
     let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
+    // Asked before anything is written; whatever the caller may see, a claim of that name
+    // exists or not.
+    let access = state
+        .handle
+        .claim_access(&name, Some((user.clone(), req.pool.clone())))
+        .await
+        .map_err(|_| ApiError::unavailable())?;
     // The same request again (a retry) is answered as the first one; another spec under the
     // same name is a conflict.
-    if let Some(existing) = snap
-        .objects
-        .iter()
-        .find(|o| o.kind == Kind::Claim && o.name == name)
-    {
-        let same_spec = serde_json::to_value(&spec).ok().as_ref() == Some(&existing.spec);
+    if let Some(existing) = &access.claim {
+        let same_spec = existing.spec == spec;
         let ours = existing.origin.file == path;
         if same_spec && ours && who.sees_user(&user) {
             return Ok((
@@ -730,17 +769,21 @@ async fn create_claim(
             format!("a claim named {name:?} exists"),
         ));
     }
-    if let Some(problem) = admission_problem(&snap, &user, &req.pool) {
-        return Err(problem);
+    if let Some(r) = access.refusal {
+        return Err(refused(r));
     }
     let text = claim_file_text(&name, &spec)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    write_atomic(&path, text.as_bytes()).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("writing the claim: {e}"),
-        )
-    })?;
+    state
+        .files
+        .write(path.clone(), text.clone().into_bytes())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing the claim: {e}"),
+            )
+        })?;
     apply_written(&state, &path, &text);
     Ok((
         StatusCode::CREATED,
@@ -759,16 +802,13 @@ async fn upload_files(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
-    let (who, snap) = caller(&state, &headers).await?;
-    if !snap
-        .objects
-        .iter()
-        .any(|o| o.kind == Kind::Claim && o.name == name && visible(&who, o))
+    let who = who(&state, &headers)?;
+    if claim_access(&state, &who, &name, None)
+        .await?
+        .claim
+        .is_none()
     {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no Claim {name:?}"),
-        ));
+        return Err(no_claim(&name));
     }
     let files = crate::engine::parse_tar(&body[..], "the upload")
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
@@ -794,16 +834,9 @@ async fn delete_claim(
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    let (who, snap) = caller(&state, &headers).await?;
-    let Some(o) = snap
-        .objects
-        .iter()
-        .find(|o| o.kind == Kind::Claim && o.name == name && visible(&who, o))
-    else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no Claim {name:?}"),
-        ));
+    let who = who(&state, &headers)?;
+    let Some(o) = claim_access(&state, &who, &name, None).await?.claim else {
+        return Err(no_claim(&name));
     };
     let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
     if o.origin.file != path {
@@ -812,7 +845,7 @@ async fn delete_claim(
             format!("claim {name} is declared in {}: release it there", o.origin),
         ));
     }
-    let removed = std::fs::remove_file(&path);
+    let removed = state.files.remove(path).await;
     let _ = state
         .handle
         .delete(crate::model::ObjKey::new(Kind::Claim, &name));
@@ -827,6 +860,232 @@ async fn delete_claim(
             format!("removing the claim: {e}"),
         )),
     }
+}
+
+// ---- admin operations ------------------------------------------------------------------------
+
+fn admin_only(who: &Caller) -> ApiResult<()> {
+    match who {
+        Caller::Admin => Ok(()),
+        Caller::User(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "this is an admin operation",
+        )),
+    }
+}
+
+/// A declared object's file, which must lie in the watched folder.
+fn declared_file(state: &ApiState, o: &ObjectView) -> ApiResult<PathBuf> {
+    let file = o.origin.file.clone();
+    if file.as_os_str().is_empty() || !file.starts_with(&state.dir) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{:?} {} is not declared in a file of the watched folder",
+                o.kind, o.name
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+fn read_declared(file: &Path) -> ApiResult<String> {
+    std::fs::read_to_string(file).map_err(|e| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("reading {}: {e}", file.display()),
+        )
+    })
+}
+
+fn relative(state: &ApiState, file: &Path) -> String {
+    file.strip_prefix(&state.dir)
+        .unwrap_or(file)
+        .display()
+        .to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scale {
+    warm: u32,
+}
+
+/// Sets a pool's `spec.warm` in the file that declares it (the declared spec, not just the
+/// running state); the watcher applies it like any other edit.
+async fn scale_pool(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Json<Scale>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    admin_only(&who(&state, &headers)?)?;
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let _one = state.edits.lock().await;
+    let snap = snapshot(&state).await?;
+    let pool = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::Pool && o.name == name && !o.spec.is_null())
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no Pool {name:?}")))?;
+    let file = declared_file(&state, pool)?;
+    let text = read_declared(&file)?;
+    let was = pool.spec.get("warm").and_then(Value::as_u64);
+    let new = crate::edit::scale_pool(&file, &text, &name, req.warm)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    state
+        .files
+        .write(file.clone(), new.into_bytes())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing {}: {e}", file.display()),
+            )
+        })?;
+    Ok(Json(
+        json!({"pool": name, "warm": req.warm, "was": was, "file": relative(&state, &file)}),
+    ))
+}
+
+/// Replaces every warm instance of a pool with a fresh one.
+async fn reinitialise_pool(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    admin_only(&who(&state, &headers)?)?;
+    match state.handle.reinitialise(&name).await {
+        Ok(Some(n)) => Ok(Json(json!({"pool": name, "replaced": n}))),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no Pool {name:?}"),
+        )),
+        Err(_) => Err(ApiError::unavailable()),
+    }
+}
+
+async fn get_user(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    get_kind(&state, &headers, Kind::User, &name).await
+}
+
+/// Releases every claim of `user`: API claims lose their files, claims declared in other
+/// files lose their documents (the rest of each file is kept). Returns the claims released.
+async fn release_claims_of(
+    state: &ApiState,
+    snap: &Snapshot,
+    user: &str,
+) -> ApiResult<Vec<String>> {
+    let managed = managed_dir(&state.dir);
+    let mut by_file: BTreeMap<PathBuf, Vec<&ObjectView>> = BTreeMap::new();
+    for o in snap.objects.iter().filter(|o| {
+        o.kind == Kind::Claim && o.spec.get("user").and_then(Value::as_str) == Some(user)
+    }) {
+        by_file.entry(declared_file(state, o)?).or_default().push(o);
+    }
+    let internal = |file: &Path, e: std::io::Error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("changing {}: {e}", file.display()),
+        )
+    };
+    let mut released = Vec::new();
+    for (file, claims) in by_file {
+        if file.parent() == Some(managed.as_path()) {
+            match state.files.remove(file.clone()).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(internal(&file, e)),
+            }
+        } else {
+            let mut text = Some(read_declared(&file)?);
+            for c in &claims {
+                let Some(t) = &text else { break };
+                text = crate::edit::remove_object(
+                    &file,
+                    t,
+                    &crate::model::ObjKey::new(Kind::Claim, &c.name),
+                )
+                .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+            }
+            let r = match text {
+                Some(t) => state.files.write(file.clone(), t.into_bytes()).await,
+                None => state.files.remove(file.clone()).await,
+            };
+            r.map_err(|e| internal(&file, e))?;
+        }
+        for c in claims {
+            let _ = state
+                .handle
+                .delete(crate::model::ObjKey::new(Kind::Claim, &c.name));
+            released.push(c.name.clone());
+        }
+    }
+    released.sort();
+    Ok(released)
+}
+
+fn find_user<'a>(snap: &'a Snapshot, name: &str) -> ApiResult<&'a ObjectView> {
+    snap.objects
+        .iter()
+        .find(|o| o.kind == Kind::User && o.name == name)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no User {name:?}")))
+}
+
+/// Releases all of a user's claims.
+async fn release_user(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    admin_only(&who(&state, &headers)?)?;
+    let _one = state.edits.lock().await;
+    let snap = snapshot(&state).await?;
+    find_user(&snap, &name)?;
+    let released = release_claims_of(&state, &snap, &name).await?;
+    Ok(Json(json!({"user": name, "released": released})))
+}
+
+/// Deletes a user: their claims are released, then the user's document is removed from the
+/// file that declares it.
+async fn delete_user(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    admin_only(&who(&state, &headers)?)?;
+    let _one = state.edits.lock().await;
+    let snap = snapshot(&state).await?;
+    let user = find_user(&snap, &name)?;
+    let file = declared_file(&state, user)?;
+    // Checked before any claim is released: a user who cannot be removed keeps everything.
+    let text = read_declared(&file)?;
+    let key = crate::model::ObjKey::new(Kind::User, &name);
+    crate::edit::remove_object(&file, &text, &key)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    let released = release_claims_of(&state, &snap, &name).await?;
+    // Read again: releasing claims may have edited the same file.
+    let text = read_declared(&file)?;
+    let edited = crate::edit::remove_object(&file, &text, &key)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
+    let r = match edited {
+        Some(t) => state.files.write(file.clone(), t.into_bytes()).await,
+        None => state.files.remove(file.clone()).await,
+    };
+    r.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("changing {}: {e}", file.display()),
+        )
+    })?;
+    let _ = state.handle.delete(key);
+    Ok(Json(
+        json!({"user": name, "deleted": true, "file": relative(&state, &file), "released": released}),
+    ))
 }
 
 // ---- reservations by webhook ----------------------------------------------------------------
@@ -994,8 +1253,14 @@ async fn provision(
             Json(json!({"claim": name, "pool": pool, "created": false})),
         ));
     }
-    if let Some(problem) = admission_problem(&snap, &event.username, &pool) {
-        return Err(problem);
+    if let Some(r) = state
+        .handle
+        .claim_access(name, Some((event.username.clone(), pool.clone())))
+        .await
+        .map_err(|_| ApiError::unavailable())?
+        .refusal
+    {
+        return Err(refused(r));
     }
     let spec = ClaimSpec {
         pool: pool.clone(),
@@ -1257,6 +1522,14 @@ fn apply_written(state: &ApiState, path: &Path, text: &str) {
     }
 }
 
+/// Syncs the folder holding `path`, so that a rename or removal in it survives a crash.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) => std::fs::File::open(parent)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -1273,7 +1546,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
 }
 
 #[cfg(test)]

@@ -53,6 +53,7 @@ metadata: {{name: other}}
 spec:
   template: {{image: busybox}}
   warm: 0
+  max: 4
 ---
 apiVersion: poolkeeper.dev/v1alpha1
 kind: User
@@ -779,6 +780,151 @@ fn the_cli_creates_lists_and_releases_claims_through_the_api() {
     assert!(!api.managed("b1").exists());
 }
 
+// ---- admin operations ------------------------------------------------------------------------
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn admins_scale_reinitialise_release_a_users_claims_and_delete_users() {
+    let api = Api::start();
+    let specs_file = api.dir.path().join("specs.yaml");
+    let original = std::fs::read_to_string(&specs_file).unwrap();
+    let pool = |name: &str| api.get(&format!("/api/v1/pools/{name}"), ADMIN).1;
+
+    // Users may not.
+    for (method, path, body) in [
+        ("POST", "/api/v1/pools/web/scale", Some(r#"{"warm": 1}"#)),
+        ("POST", "/api/v1/pools/web/reinitialise", None),
+        ("POST", "/api/v1/users/bob/release", None),
+        ("DELETE", "/api/v1/users/bob", None),
+    ] {
+        let (code, v) = api.call(method, path, Some(BOB), body);
+        assert_eq!(code, 403, "{method} {path}: {v}");
+    }
+
+    // Scaling edits the declared file, and only the number.
+    let (code, v) = api.post("/api/v1/pools/web/scale", ADMIN, &json!({"warm": 5}));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (v["was"].as_u64(), v["file"].as_str()),
+        (Some(3), Some("specs.yaml"))
+    );
+    let edited = std::fs::read_to_string(&specs_file).unwrap();
+    assert_eq!(edited, original.replacen("  warm: 3\n", "  warm: 5\n", 1));
+    wait_for("web is 5 warm", || {
+        let p = pool("web");
+        p["spec"]["warm"] == 5 && p["status"]["warm"] == 5
+    });
+    // Beyond what its host ports serve: refused, the file untouched.
+    let (code, v) = api.post("/api/v1/pools/web/scale", ADMIN, &json!({"warm": 50}));
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("greater than max"),
+        "{v}"
+    );
+    assert_eq!(std::fs::read_to_string(&specs_file).unwrap(), edited);
+    let (code, _) = api.post("/api/v1/pools/nope/scale", ADMIN, &json!({"warm": 1}));
+    assert_eq!(code, 404);
+    let (code, v) = api.post("/api/v1/pools/web/scale", ADMIN, &json!({"warm": -1}));
+    assert_eq!(code, 422, "{v}");
+
+    // Reinitialising replaces the warm instances; the pool is warm again.
+    let (code, v) = api.post("/api/v1/pools/web/reinitialise", ADMIN, &json!(null));
+    assert_eq!((code, v["replaced"].as_u64()), (200, Some(5)), "{v}");
+    wait_for("web reinitialised and warm", || {
+        let p = pool("web");
+        p["status"]["warm"] == 5 && p["events"].to_string().contains("Reinitialised")
+    });
+    let (code, _) = api.post("/api/v1/pools/nope/reinitialise", ADMIN, &json!(null));
+    assert_eq!(code, 404);
+
+    // Releasing all of Bob's claims: the API's file and the document in his own file.
+    let (code, v) = api.post("/api/v1/claims", BOB, &json!({"name": "b1", "pool": "web"}));
+    assert_eq!(code, 201, "{v}");
+    api.wait_phase("b1", BOB, "Bound");
+    let (code, v) = api.post("/api/v1/users/bob/release", ADMIN, &json!(null));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["released"], json!(["b1", "bob-declared"]));
+    assert!(!api.managed("b1").exists());
+    assert!(
+        !api.dir.path().join("bob.yaml").exists(),
+        "bob.yaml declared only that claim"
+    );
+    wait_for("bob has no claims", || {
+        names(&api.get("/api/v1/claims", BOB).1).is_empty()
+    });
+
+    // Deleting Alice: her claims go, then her document; the rest of the file stays.
+    let (code, v) = api.post(
+        "/api/v1/claims",
+        ALICE,
+        &json!({"name": "a1", "pool": "web"}),
+    );
+    assert_eq!(code, 201, "{v}");
+    let (code, v) = api.call("DELETE", "/api/v1/users/alice", Some(ADMIN), None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["released"], json!(["a1"]));
+    let left = std::fs::read_to_string(&specs_file).unwrap();
+    assert!(!left.contains("name: alice"), "{left}");
+    assert!(
+        left.contains("name: bob") && left.contains("name: web"),
+        "{left}"
+    );
+    wait_for("alice is gone and her token with her", || {
+        api.get("/api/v1/users/alice", ADMIN).0 == 404 && api.get("/api/v1/claims", ALICE).0 == 401
+    });
+    assert_eq!(
+        api.call("DELETE", "/api/v1/users/alice", Some(ADMIN), None)
+            .0,
+        404
+    );
+
+    // The same through the CLI.
+    let server = format!("http://{}", api.addr);
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--server", &server, "--token", ADMIN]);
+        let out = pk(&all);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = cli(&["scale", "pool", "web", "--warm", "2"]);
+    assert!(ok && text.contains("warm 5 -> 2"), "{text}");
+    assert!(
+        std::fs::read_to_string(&specs_file)
+            .unwrap()
+            .contains("  warm: 2\n")
+    );
+    let (ok, text) = cli(&["reinit", "pool", "web"]);
+    assert!(ok && text.contains("being replaced"), "{text}");
+    let (ok, text) = cli(&["scale", "user", "bob", "--warm", "2"]);
+    assert!(!ok && text.contains("scale acts on pools only"), "{text}");
+    let (code, _) = api.post("/api/v1/claims", BOB, &json!({"name": "b2", "pool": "web"}));
+    assert_eq!(code, 201);
+    let (ok, text) = cli(&["claim", "release", "--user", "bob"]);
+    assert!(ok && text.contains("released b2"), "{text}");
+    let (ok, text) = cli(&["delete", "user", "bob"]);
+    assert!(
+        ok && text.contains("deleted user bob (from specs.yaml)"),
+        "{text}"
+    );
+    let (ok, text) = cli(&["get", "users"]);
+    assert!(
+        ok && !text.contains("bob") && text.contains("carol"),
+        "{text}"
+    );
+}
+
 // ---- the OpenAPI document ----------------------------------------------------------------
 
 #[test]
@@ -801,6 +947,10 @@ fn the_openapi_document_is_served_and_names_every_route() {
         "/api/v1/claims/{name}/files",
         "/api/v1/events",
         "/webhooks/reservations",
+        "/api/v1/pools/{name}/scale",
+        "/api/v1/pools/{name}/reinitialise",
+        "/api/v1/users/{name}",
+        "/api/v1/users/{name}/release",
     ] {
         assert!(
             paths.iter().any(|p| *p == route),

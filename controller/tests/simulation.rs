@@ -34,6 +34,36 @@ fn apply_claim(s: &mut Sim, name: &str, pool: &str) {
 // 1. Warm pools
 
 #[tokio::test]
+async fn reinitialising_a_pool_replaces_its_warm_instances_and_leaves_bound_ones() {
+    let mut s = sim();
+    apply_pool(&mut s, "web", pool("nginx", 3, Some(10)));
+    apply_claim(&mut s, "c1", "web");
+    s.wait_bound("c1").await;
+    s.wait_until("3 warm and 1 bound", |snap, _| {
+        pool_status(snap, "web").is_some_and(|p| p.warm == 3 && p.bound == 1)
+    })
+    .await;
+    let snap = s.resync().await;
+    let bound = claim_status(&snap, "c1").and_then(|c| c.instance).unwrap();
+    let before: BTreeSet<String> = s.mem.instances().into_iter().map(|i| i.name).collect();
+    assert_eq!(s.handle.reinitialise("web").await.unwrap(), Some(3));
+    assert_eq!(s.handle.reinitialise("nope").await.unwrap(), None);
+    s.wait_until("3 fresh warm instances", |snap, insts| {
+        pool_status(snap, "web").is_some_and(|p| p.warm == 3 && p.bound == 1) && insts.len() == 4
+    })
+    .await;
+    let after: BTreeSet<String> = s.mem.instances().into_iter().map(|i| i.name).collect();
+    let kept: Vec<&String> = before.intersection(&after).collect();
+    assert_eq!(kept, vec![&bound], "only the bound instance stays");
+    let snap = s.resync().await;
+    assert_eq!(
+        claim_status(&snap, "c1").and_then(|c| c.instance),
+        Some(bound),
+        "the claim keeps its instance"
+    );
+}
+
+#[tokio::test]
 async fn a_pool_keeps_its_warm_count_of_ready_unbound_instances_within_max() {
     let mut s = sim();
     apply_pool(&mut s, "web", pool("nginx", 3, Some(5)));
@@ -1329,6 +1359,7 @@ async fn recreate_and_fixed_host_ports_stop_the_old_container_before_starting_th
     ] {
         let mut s = sim();
         s.mem.set_remove_latency(Duration::from_millis(50));
+        s.mem.record_removals();
         let spec = |v: &str| {
             let mut c = with_env(container("web", "nginx", &[]), "V", v);
             if let Some(p) = host_port {
@@ -1360,6 +1391,7 @@ async fn recreate_and_fixed_host_ports_stop_the_old_container_before_starting_th
 #[tokio::test]
 async fn changed_containers_are_replaced_in_dependency_order() {
     let mut s = sim();
+    s.mem.record_removals();
     let spec = |v: &str| {
         Spec::Deployment(deployment(
             None,
@@ -1404,6 +1436,7 @@ async fn a_deleted_deployment_stops_dependents_first_and_removes_its_volumes_unl
     for retain in [false, true] {
         let mut s = sim();
         s.mem.set_remove_latency(Duration::from_millis(30));
+        s.mem.record_removals();
         let mut web = container("web", "nginx", &["api"]);
         web.volumes.insert(
             "static".into(),

@@ -136,6 +136,33 @@ async fn follow_events(
 }
 
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let mut docker_rt = None;
+    let r = measure(args, &mut docker_rt).await;
+    // Every container the run made goes, also when it failed.
+    // Creations the engine began before it stopped may still land: sweep until the
+    // runtime lists nothing twice in a row (at most 60 s).
+    if let Some(rt) = docker_rt {
+        use crate::runtime::Runtime;
+        let began = Instant::now();
+        let mut empty = 0;
+        while empty < 2 && began.elapsed() < Duration::from_secs(60) {
+            let names: Vec<String> = rt
+                .list()
+                .await
+                .map(|l| l.into_iter().map(|i| i.name).collect())
+                .unwrap_or_default();
+            empty = if names.is_empty() { empty + 1 } else { 0 };
+            futures::future::join_all(names.iter().map(|n| rt.remove(n))).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    r
+}
+
+async fn measure(
+    args: &BenchArgs,
+    docker_rt: &mut Option<Arc<crate::runtime::docker::DockerRuntime>>,
+) -> anyhow::Result<()> {
     let docker = args.runtime == RuntimeKind::Docker;
     let instances = args.instances.unwrap_or(if docker { 50 } else { 1000 });
     let claims = args.claims.unwrap_or(if docker { 500 } else { 20_000 });
@@ -183,9 +210,10 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         let mut dargs = args.docker.clone();
         dargs
             .controller_id
-            .get_or_insert_with(|| "bench-api".to_owned());
+            .get_or_insert_with(|| format!("bench-api-{}", std::process::id()));
         let dc = dargs.docker_config(&sdir)?;
         let rt = Arc::new(crate::runtime::docker::DockerRuntime::connect(dc).await?);
+        *docker_rt = Some(rt.clone());
         crate::engine::start(rt, config)?
     } else {
         let rt = Arc::new(crate::runtime::memory::MemoryRuntime::new(
@@ -199,10 +227,16 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         Duration::from_secs(30),
     )
     .await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
-    let state = crate::server::ApiState::new(handle.clone(), dir.path().to_path_buf(), None, None);
-    tokio::spawn(crate::server::serve(listener, state));
+    let state = crate::server::ApiState::new(handle.clone(), dir.path().to_path_buf(), None, None)?;
+    // As `poolkeeper run` serves it: on a thread of its own.
+    let api = crate::server::spawn(listener, state)?;
+    // The clients are not the controller: they get a thread of their own too.
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
 
     let began = Instant::now();
     loop {
@@ -221,7 +255,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     }
     let waiters: Waiters = Arc::default();
     let (ready_tx, ready_rx) = oneshot::channel();
-    tokio::spawn(follow_events(addr.clone(), waiters.clone(), ready_tx));
+    clients.spawn(follow_events(addr.clone(), waiters.clone(), ready_tx));
     // The stream's headers come first: from then on every change is delivered.
     tokio::time::timeout(Duration::from_secs(10), ready_rx)
         .await
@@ -230,9 +264,10 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
+    let rate = args.rate.filter(|r| *r > 0.0);
     for _ in 0..args.concurrency {
         let (addr, waiters, next) = (addr.clone(), waiters.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
+        workers.push(clients.spawn(async move {
             let mut conn = Conn::open(&addr).await?;
             let mut latencies = Vec::new();
             loop {
@@ -240,13 +275,19 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
                 if i >= claims {
                     return anyhow::Ok(latencies);
                 }
+                // Open loop: claim i arrives at i / rate (a client late for it sends at once).
+                // Latency counts from the arrival, so that a late client is not hidden.
+                let arrival = rate.map(|r| started + Duration::from_secs_f64(f64::from(i) / r));
+                if let Some(due) = arrival {
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let name = format!("c{i}");
                 let (tx, rx) = oneshot::channel();
                 waiters
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(name.clone(), tx);
-                let t0 = Instant::now();
+                let t0 = arrival.unwrap_or_else(Instant::now);
                 let body = json!({"name": name, "pool": "bench"}).to_string();
                 let (code, answer) = conn.call("POST", "/api/v1/claims", &body).await?;
                 if code != 201 {
@@ -276,10 +317,14 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         json!({"figure": "api_claims", "runtime": if docker { "docker" } else { "memory" },
                "claims": claims, "concurrency": args.concurrency, "warm": instances,
                "released_as_they_complete": true,
-               "p50_ms": round3(pct(&latencies, 0.5)), "p99_ms": round3(pct(&latencies, 0.99)),
+               "offered_rate_per_s": rate,
+               "p50_ms": round3(pct(&latencies, 0.5)), "p90_ms": round3(pct(&latencies, 0.9)),
+               "p99_ms": round3(pct(&latencies, 0.99)),
                "max_ms": round3(latencies.last().copied().unwrap_or(0.0)),
                "claims_per_s": round3(claims as f64 / elapsed)})
     );
+    api.stop();
+    clients.shutdown_background();
     handle.shutdown().await;
     Ok(())
 }

@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// pool of `--instances` warm (default 1000 / 50).
     #[arg(long)]
     pub api: bool,
+    /// With `--api`: offer claims at this rate (claims per second, arrivals evenly spaced)
+    /// instead of as fast as the clients go. A pool refills only as fast as its runtime
+    /// recreates instances: a rate below that measures binding, one above measures the queue.
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

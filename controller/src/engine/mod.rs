@@ -160,6 +160,12 @@ enum Input {
     /// List the runtime and reconcile everything now; answers how long that took.
     Resync(oneshot::Sender<Duration>),
     Subscribe(mpsc::UnboundedSender<ClaimChange>),
+    Reinitialise(String, oneshot::Sender<Option<usize>>),
+    ClaimAccess {
+        name: String,
+        admit: Option<(String, String)>,
+        reply: oneshot::Sender<ClaimAccess>,
+    },
     Shutdown(oneshot::Sender<()>),
     PutFiles {
         claim: String,
@@ -207,6 +213,34 @@ enum Completion {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::UnboundedSender<Input>,
+    tokens: Tokens,
+}
+
+/// The declared users' token digests, published by the engine each time a user changes, so
+/// that the API authenticates a request without asking the engine (see [`EngineHandle::token_owner`]).
+pub type Tokens = Arc<std::sync::RwLock<HashMap<[u8; 32], TokenOwner>>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenOwner {
+    pub user: String,
+    pub disabled: bool,
+}
+
+/// What the API needs to know of one claim, asked of the engine for each request about it:
+/// the claim as it stands and, for a new one, the engine's own admission verdict. Costs the
+/// user's claims, not the whole state.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimAccess {
+    pub claim: Option<ClaimBrief>,
+    /// Why a new claim of (user, pool) would be refused now: the reason and the message.
+    pub refusal: Option<(&'static str, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClaimBrief {
+    pub spec: ClaimSpec,
+    pub origin: Origin,
+    pub phase: ClaimPhase,
 }
 
 impl EngineHandle {
@@ -227,6 +261,42 @@ impl EngineHandle {
     /// Runs a pass now (after moving a [`ManualClock`], for instance).
     pub fn tick(&self) -> Result<(), EngineError> {
         self.tx.send(Input::Tick).map_err(|_| EngineError::Stopped)
+    }
+
+    /// The user whose declared `tokenSha256` is `digest`, as of the last user the engine applied.
+    pub fn token_owner(&self, digest: &[u8; 32]) -> Option<TokenOwner> {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        tokens.get(digest).cloned()
+    }
+
+    /// Claim `name` as it stands and, with `admit: (user, pool)`, whether a new claim of that
+    /// user on that pool would be admitted now. Inputs are handled in order, so a claim
+    /// applied before this call is counted.
+    pub async fn claim_access(
+        &self,
+        name: &str,
+        admit: Option<(String, String)>,
+    ) -> Result<ClaimAccess, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ClaimAccess {
+                name: name.to_owned(),
+                admit,
+                reply: tx,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Replaces every warm instance of `pool` with a fresh one (bound instances are reset
+    /// when their claims end, as always). Returns how many were retired, or None when no such
+    /// pool is declared.
+    pub async fn reinitialise(&self, pool: &str) -> Result<Option<usize>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Reinitialise(pool.to_owned(), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
@@ -592,6 +662,8 @@ pub struct Engine<R: Runtime> {
     /// Tasks following the output of instances whose container has log triggers.
     log_followers: HashMap<String, tokio::task::AbortHandle>,
     metrics: metrics::EngineMetrics,
+    /// The users' token digests, as the API reads them (see [`Tokens`]).
+    tokens: Tokens,
 }
 
 /// Starts an engine on `rt`. Returns its handle and the task running it.
@@ -621,7 +693,9 @@ pub fn start<R: Runtime>(
     let next_seq = store.state().next_seq;
     let clock = config.clock.clone();
     let now = clock.now_ms();
+    let tokens = Tokens::default();
     let mut engine = Engine {
+        tokens: tokens.clone(),
         rt,
         store,
         tx: tx.clone(),
@@ -681,7 +755,7 @@ pub fn start<R: Runtime>(
     });
     engine.spawn_list();
     let task = tokio::spawn(engine.run(rx));
-    Ok((EngineHandle { tx }, task))
+    Ok((EngineHandle { tx, tokens }, task))
 }
 
 /// Why 4096: large enough that a burst of claims is bound in a few passes (one fsync each),
@@ -790,6 +864,12 @@ impl<R: Runtime> Engine<R> {
                 reply,
             } => self.put_claim_files(&claim, files, reply),
             Input::Subscribe(tx) => self.subscribers.push(tx),
+            Input::Reinitialise(pool, reply) => {
+                let _ = reply.send(self.reinitialise(&pool));
+            }
+            Input::ClaimAccess { name, admit, reply } => {
+                let _ = reply.send(self.claim_access(&name, admit));
+            }
             Input::LogMatch {
                 instance,
                 trigger,
@@ -797,6 +877,91 @@ impl<R: Runtime> Engine<R> {
             } => self.on_log_match(&instance, &trigger, line),
             Input::Shutdown(_) | Input::Resync(_) => {}
         }
+    }
+
+    /// Rebuilds the token index the API reads. A digest that two users declare authenticates
+    /// neither (and says so): a token must name one user.
+    fn publish_tokens(&self) {
+        let mut index: HashMap<[u8; 32], TokenOwner> = HashMap::new();
+        let mut ambiguous = std::collections::HashSet::new();
+        for (name, u) in &self.users {
+            let Some(digest) = u
+                .spec
+                .token_sha256
+                .as_deref()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            else {
+                continue;
+            };
+            let owner = TokenOwner {
+                user: name.clone(),
+                disabled: u.spec.disabled,
+            };
+            if let Some(first) = index.insert(digest, owner) {
+                warn!(
+                    users = %format!("{}, {name}", first.user),
+                    "two users declare the same tokenSha256: that token authenticates neither"
+                );
+                ambiguous.insert(digest);
+            }
+        }
+        for d in ambiguous {
+            index.remove(&d);
+        }
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = index;
+    }
+
+    /// See [`EngineHandle::reinitialise`]: the warm instances are retired like released
+    /// ones, and the pool's next pass creates their replacements.
+    fn reinitialise(&mut self, pool: &str) -> Option<usize> {
+        let declared = self.pools.get(pool).is_some_and(|p| p.spec.is_some());
+        if !declared {
+            return None;
+        }
+        let warm: Vec<String> = self
+            .pool_index
+            .get(pool)
+            .map(|idx| idx.warm.iter().map(|(_, n)| n.clone()).collect())
+            .unwrap_or_default();
+        let now = self.clock.now_ms();
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.events.push(
+                false,
+                "Reinitialised",
+                format!("{} warm instances replaced by fresh ones", warm.len()),
+                now,
+            );
+        }
+        for name in &warm {
+            self.retire(name);
+        }
+        self.dirty_pools.insert(pool.to_owned());
+        Some(warm.len())
+    }
+
+    /// See [`EngineHandle::claim_access`]: the claim, and the verdict `admit` over the user's
+    /// claims that are not over (in arrival order) followed by the new one.
+    fn claim_access(&self, name: &str, new: Option<(String, String)>) -> ClaimAccess {
+        use crate::core::claims::ClaimFacts;
+        let claim = self.claims.get(name).map(|c| ClaimBrief {
+            spec: c.spec.clone(),
+            origin: c.origin.clone(),
+            phase: c.reported,
+        });
+        let refusal = new.and_then(|(user, pool)| {
+            let new = ClaimFacts {
+                name: "",
+                pool: &pool,
+                user: &user,
+                bound: false,
+            };
+            match self.admit_claims_of(&user, Some(new)).1.pop()? {
+                Verdict::Refuse { reason, message } => Some((reason, message)),
+                Verdict::Admit => None,
+            }
+        });
+        ClaimAccess { claim, refusal }
     }
 
     fn spawn_list(&mut self) {
@@ -1176,6 +1341,7 @@ impl<R: Runtime> Engine<R> {
                 entry.origin = obj.origin;
                 entry.generation = generation;
                 self.dirty_users.insert(name);
+                self.publish_tokens();
             }
             Spec::Deployment(spec) => {
                 let hashes = spec
@@ -1424,6 +1590,7 @@ impl<R: Runtime> Engine<R> {
             Kind::User => {
                 if self.users.remove(&key.name).is_some() {
                     self.dirty_users.insert(key.name.clone());
+                    self.publish_tokens();
                 }
             }
             Kind::Deployment => {

@@ -843,12 +843,18 @@ impl<R: Runtime> Engine<R> {
         self.to_report.insert(claim.to_owned());
     }
 
-    fn admit_user(&mut self, user: &str) {
-        let Some(set) = self.claims_by_user.get(user) else {
-            return;
-        };
-        let facts: Vec<ClaimFacts<'_>> = set
-            .iter()
+    /// The engine's admission over `user`'s claims that are not over (in arrival order), with
+    /// `new` after them: the facts and their verdicts.
+    pub(super) fn admit_claims_of<'a>(
+        &'a self,
+        user: &'a str,
+        new: Option<ClaimFacts<'a>>,
+    ) -> (Vec<ClaimFacts<'a>>, Vec<Verdict>) {
+        let mut facts: Vec<ClaimFacts<'a>> = self
+            .claims_by_user
+            .get(user)
+            .into_iter()
+            .flatten()
             .filter_map(|(_, n)| self.claims.get(n).map(|c| (n, c)))
             .map(|(n, c)| ClaimFacts {
                 name: n,
@@ -857,6 +863,7 @@ impl<R: Runtime> Engine<R> {
                 bound: c.instance.is_some(),
             })
             .collect();
+        facts.extend(new);
         let u = self.users.get(user);
         let verdicts = admit(
             &facts,
@@ -869,6 +876,11 @@ impl<R: Runtime> Engine<R> {
             },
             |p| self.pools.get(p).is_some_and(|e| e.spec.is_some()),
         );
+        (facts, verdicts)
+    }
+
+    fn admit_user(&mut self, user: &str) {
+        let (facts, verdicts) = self.admit_claims_of(user, None);
         // Only the (rare) changes are collected, so a pass over a busy user allocates nothing.
         let changed: Vec<(String, Verdict)> = facts
             .iter()
@@ -1178,7 +1190,7 @@ impl<R: Runtime> Engine<R> {
     /// and starts containers far faster without removals competing for it, so a pool refills
     /// sooner. Meanwhile the instance is never bound, and the store marks it used: a restarted
     /// controller resets it before any reuse.
-    fn retire(&mut self, name: &str) {
+    pub(super) fn retire(&mut self, name: &str) {
         let Some(rec) = self.instances.get_mut(name) else {
             return;
         };

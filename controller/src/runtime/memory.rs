@@ -77,8 +77,10 @@ struct Inner {
     removes: u64,
     /// How long a removal takes (a container's graceful stop).
     remove_latency: Duration,
-    /// Each removal, in order, with the instances that still existed when it began.
+    /// Each removal, in order, with the instances that still existed when it began (kept
+    /// only after `record_removals`: it costs the world's size per removal).
     removal_log: Vec<(String, BTreeSet<String>)>,
+    log_removals: bool,
     log_followers: HashMap<String, Vec<mpsc::UnboundedSender<String>>>,
 }
 
@@ -118,6 +120,7 @@ impl MemoryRuntime {
                 creates: 0,
                 remove_latency: Duration::ZERO,
                 removal_log: Vec::new(),
+                log_removals: false,
                 log_followers: HashMap::new(),
                 removes: 0,
             })),
@@ -167,8 +170,13 @@ impl MemoryRuntime {
         self.lock().remove_latency = d;
     }
 
-    /// Each removal so far, in the order they began, with the instances that still existed
-    /// at that moment.
+    /// From now on, log each removal with the instances that still exist (`removal_log`).
+    pub fn record_removals(&self) {
+        self.lock().log_removals = true;
+    }
+
+    /// Each removal so far (since `record_removals`), in the order they began, with the
+    /// instances that still existed at that moment.
     pub fn removal_log(&self) -> Vec<(String, BTreeSet<String>)> {
         self.lock().removal_log.clone()
     }
@@ -485,7 +493,7 @@ impl Runtime for MemoryRuntime {
     async fn remove(&self, name: &str) -> Result<()> {
         let latency = {
             let mut inner = self.lock();
-            if inner.instances.contains_key(name) {
+            if inner.log_removals && inner.instances.contains_key(name) {
                 let others = inner
                     .instances
                     .keys()

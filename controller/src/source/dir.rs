@@ -409,6 +409,8 @@ fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet
 
 fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) {
     match ev {
+        // Reading a file or opening a folder (to sync it) changes nothing.
+        Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
         Ok(ev) => paths.extend(ev.paths),
         Err(e) => warn!(error = %e, "watch error; the periodic rescan will catch up"),
     }
