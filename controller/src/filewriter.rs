@@ -100,7 +100,8 @@ impl FileWriter {
         FileWriter::default()
     }
 
-    /// Writes `path` atomically and durably.
+    /// Writes `path` atomically and durably, off the async workers; the folder sync is shared
+    /// with the changes made meanwhile.
     pub async fn write(&self, path: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
         let this = self.clone();
         blocking(move || {
@@ -130,6 +131,17 @@ impl FileWriter {
             folders.entry(folder.to_path_buf()).or_default().clone()
         };
         sync.sync(folder)
+    }
+}
+
+/// Writes `path` atomically and durably now, on the calling thread (for rare writes, such as a
+/// reservation's record); the folder is synced for this write alone.
+pub fn write_now(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    stage(path, bytes)?;
+    std::fs::rename(temporary(path), path)?;
+    match path.parent() {
+        Some(folder) => std::fs::File::open(folder)?.sync_all(),
+        None => Ok(()),
     }
 }
 

@@ -413,6 +413,13 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {
         .into_response())
 }
 
+/// A metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
 /// Renders the metrics of a snapshot.
 pub fn render_metrics(snap: &Snapshot) -> String {
     use std::fmt::Write;
@@ -423,89 +430,61 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         ("deployment", &m.deployment),
         ("user", &m.user),
     ];
-    let _ = writeln!(
-        out,
-        "# HELP poolkeeper_reconciles_total Objects reconciled, per kind."
-    );
-    let _ = writeln!(out, "# TYPE poolkeeper_reconciles_total counter");
-    for (k, km) in kinds {
-        let _ = writeln!(
-            out,
-            "poolkeeper_reconciles_total{{kind=\"{k}\"}} {}",
-            km.reconciles
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP poolkeeper_reconcile_errors_total Runtime actions that failed, per kind."
-    );
-    let _ = writeln!(out, "# TYPE poolkeeper_reconcile_errors_total counter");
-    for (k, km) in kinds {
-        let _ = writeln!(
-            out,
-            "poolkeeper_reconcile_errors_total{{kind=\"{k}\"}} {}",
-            km.errors
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP poolkeeper_reconcile_duration_seconds Time a pass spent on a kind."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE poolkeeper_reconcile_duration_seconds histogram"
-    );
-    for (k, km) in kinds {
-        histogram(
-            &mut out,
-            "poolkeeper_reconcile_duration_seconds",
-            &format!("kind=\"{k}\""),
-            &km.duration,
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP poolkeeper_claim_bind_seconds From a claim's arrival in the queue to Bound."
-    );
-    let _ = writeln!(out, "# TYPE poolkeeper_claim_bind_seconds histogram");
-    histogram(
-        &mut out,
-        "poolkeeper_claim_bind_seconds",
-        "",
-        &m.bind_latency,
-    );
-    let gauges = [
-        ("instances", "Instances of the pool."),
-        ("warm", "Ready, unbound instances."),
-        ("bound", "Instances bound to claims."),
-        ("queued", "Claims waiting for an instance."),
+    let counters = [
+        (
+            "poolkeeper_reconciles_total",
+            "Objects reconciled, per kind.",
+            kinds.map(|(k, km)| (k, km.reconciles)),
+        ),
+        (
+            "poolkeeper_reconcile_errors_total",
+            "Runtime actions that failed, per kind.",
+            kinds.map(|(k, km)| (k, km.errors)),
+        ),
     ];
+    for (name, help, values) in counters {
+        family(&mut out, name, "counter", help);
+        for (k, v) in values {
+            let _ = writeln!(out, "{name}{{kind=\"{k}\"}} {v}");
+        }
+    }
+    let name = "poolkeeper_reconcile_duration_seconds";
+    family(&mut out, name, "histogram", "Time a pass spent on a kind.");
+    for (k, km) in kinds {
+        histogram(&mut out, name, &format!("kind=\"{k}\""), &km.duration);
+    }
+    let name = "poolkeeper_claim_bind_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "From a claim's arrival in the queue to Bound.",
+    );
+    histogram(&mut out, name, "", &m.bind_latency);
     let pools: Vec<&ObjectView> = snap
         .objects
         .iter()
         .filter(|o| o.kind == Kind::Pool)
         .collect();
-    for (field, help) in gauges {
-        let _ = writeln!(out, "# HELP poolkeeper_pool_{field} {help}");
-        let _ = writeln!(out, "# TYPE poolkeeper_pool_{field} gauge");
+    let per_pool = [
+        ("instances", "", "gauge", "Instances of the pool."),
+        ("warm", "", "gauge", "Ready, unbound instances."),
+        ("bound", "", "gauge", "Instances bound to claims."),
+        ("queued", "", "gauge", "Claims waiting for an instance."),
+        (
+            "hits",
+            "_total",
+            "counter",
+            "Claims bound at once from a warm instance.",
+        ),
+        ("misses", "_total", "counter", "Claims that had to wait."),
+    ];
+    for (field, suffix, kind, help) in per_pool {
+        let name = format!("poolkeeper_pool_{field}{suffix}");
+        family(&mut out, &name, kind, help);
         for p in &pools {
             let v = p.status.get(field).and_then(Value::as_u64).unwrap_or(0);
-            let _ = writeln!(out, "poolkeeper_pool_{field}{{pool=\"{}\"}} {v}", p.name);
-        }
-    }
-    for (field, help) in [
-        ("hits", "Claims bound at once from a warm instance."),
-        ("misses", "Claims that had to wait."),
-    ] {
-        let _ = writeln!(out, "# HELP poolkeeper_pool_{field}_total {help}");
-        let _ = writeln!(out, "# TYPE poolkeeper_pool_{field}_total counter");
-        for p in &pools {
-            let v = p.status.get(field).and_then(Value::as_u64).unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "poolkeeper_pool_{field}_total{{pool=\"{}\"}} {v}",
-                p.name
-            );
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {v}", p.name);
         }
     }
     out
@@ -987,19 +966,13 @@ async fn release_claims_of(
     }) {
         by_file.entry(declared_file(state, o)?).or_default().push(o);
     }
-    let internal = |file: &Path, e: std::io::Error| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("changing {}: {e}", file.display()),
-        )
-    };
     let mut released = Vec::new();
     for (file, claims) in by_file {
         if file.parent() == Some(managed.as_path()) {
             match state.files.remove(file.clone()).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(internal(&file, e)),
+                Err(e) => return Err(changing(&file, e)),
             }
         } else {
             let mut text = Some(read_declared(&file)?);
@@ -1012,11 +985,7 @@ async fn release_claims_of(
                 )
                 .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
             }
-            let r = match text {
-                Some(t) => state.files.write(file.clone(), t.into_bytes()).await,
-                None => state.files.remove(file.clone()).await,
-            };
-            r.map_err(|e| internal(&file, e))?;
+            put_edited(state, &file, text).await?;
         }
         for c in claims {
             let _ = state
@@ -1027,6 +996,22 @@ async fn release_claims_of(
     }
     released.sort();
     Ok(released)
+}
+
+fn changing(file: &Path, e: std::io::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("changing {}: {e}", file.display()),
+    )
+}
+
+/// Writes an edited declared file, or removes it when the edit left no object in it.
+async fn put_edited(state: &ApiState, file: &Path, text: crate::edit::Edited) -> ApiResult<()> {
+    let r = match text {
+        Some(t) => state.files.write(file.to_path_buf(), t.into_bytes()).await,
+        None => state.files.remove(file.to_path_buf()).await,
+    };
+    r.map_err(|e| changing(file, e))
 }
 
 fn find_user<'a>(snap: &'a Snapshot, name: &str) -> ApiResult<&'a ObjectView> {
@@ -1072,16 +1057,7 @@ async fn delete_user(
     let text = read_declared(&file)?;
     let edited = crate::edit::remove_object(&file, &text, &key)
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, e))?;
-    let r = match edited {
-        Some(t) => state.files.write(file.clone(), t.into_bytes()).await,
-        None => state.files.remove(file.clone()).await,
-    };
-    r.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("changing {}: {e}", file.display()),
-        )
-    })?;
+    put_edited(&state, &file, edited).await?;
     let _ = state.handle.delete(key);
     Ok(Json(
         json!({"user": name, "deleted": true, "file": relative(&state, &file), "released": released}),
@@ -1131,7 +1107,7 @@ fn read_reservation(dir: &Path, claim: &str) -> Option<Reservation> {
 
 fn write_reservation(dir: &Path, claim: &str, r: &Reservation) -> std::io::Result<()> {
     let bytes = serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?;
-    write_atomic(&reservation_path(dir, claim), &bytes)
+    crate::filewriter::write_now(&reservation_path(dir, claim), &bytes)
 }
 
 fn unix_now() -> u64 {
@@ -1291,7 +1267,11 @@ async fn provision(
     write_reservation(&state.dir, name, &record).map_err(internal)?;
     let text = claim_file_text(name, &spec)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    write_atomic(path, text.as_bytes()).map_err(internal)?;
+    state
+        .files
+        .write(path.to_path_buf(), text.clone().into_bytes())
+        .await
+        .map_err(internal)?;
     apply_written(state, path, &text);
     // What the pool's template decides, not the request.
     let p = &event.custom_parameters;
@@ -1520,34 +1500,6 @@ fn apply_written(state: &ApiState, path: &Path, text: &str) {
         obj.generation = 1;
         let _ = state.handle.apply(obj);
     }
-}
-
-/// Syncs the folder holding `path`, so that a rename or removal in it survives a crash.
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(parent) => std::fs::File::open(parent)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // A hidden temporary: the watcher ignores it until the rename.
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_parent(path)
 }
 
 #[cfg(test)]

@@ -240,10 +240,19 @@ pub struct ClaimAccess {
 pub struct ClaimBrief {
     pub spec: ClaimSpec,
     pub origin: Origin,
-    pub phase: ClaimPhase,
 }
 
 impl EngineHandle {
+    /// Asks the engine something and waits for its answer (inputs are handled in order).
+    async fn ask<T>(
+        &self,
+        input: impl FnOnce(oneshot::Sender<T>) -> Input,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(input(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
     pub fn send(&self, ev: SourceEvent) -> Result<(), EngineError> {
         self.tx
             .send(Input::Source(ev))
@@ -277,34 +286,24 @@ impl EngineHandle {
         name: &str,
         admit: Option<(String, String)>,
     ) -> Result<ClaimAccess, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Input::ClaimAccess {
-                name: name.to_owned(),
-                admit,
-                reply: tx,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.ask(|reply| Input::ClaimAccess {
+            name: name.to_owned(),
+            admit,
+            reply,
+        })
+        .await
     }
 
     /// Replaces every warm instance of `pool` with a fresh one (bound instances are reset
     /// when their claims end, as always). Returns how many were retired, or None when no such
     /// pool is declared.
     pub async fn reinitialise(&self, pool: &str) -> Result<Option<usize>, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Input::Reinitialise(pool.to_owned(), tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.ask(|tx| Input::Reinitialise(pool.to_owned(), tx))
+            .await
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Input::Snapshot(tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.ask(Input::Snapshot).await
     }
 
     /// Writes files into the instance bound to `claim`, under its pool's `files.mountPath`.
@@ -313,35 +312,24 @@ impl EngineHandle {
         claim: &str,
         files: Vec<(String, Vec<u8>)>,
     ) -> Result<Result<usize, PutFilesError>, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Input::PutFiles {
-                claim: claim.to_owned(),
-                files,
-                reply: tx,
-            })
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.ask(|reply| Input::PutFiles {
+            claim: claim.to_owned(),
+            files,
+            reply,
+        })
+        .await
     }
 
     pub async fn pool_status(
         &self,
         name: &str,
     ) -> Result<Option<crate::api::PoolStatus>, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Input::PoolStatus(name.to_owned(), tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.ask(|tx| Input::PoolStatus(name.to_owned(), tx)).await
     }
 
     /// A full resync: list the runtime, reconcile every object. Returns its duration.
     pub async fn resync(&self) -> Result<Duration, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Input::Resync(tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.await.map_err(|_| EngineError::Stopped)
+        self.ask(Input::Resync).await
     }
 
     pub fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<ClaimChange>, EngineError> {
@@ -354,10 +342,7 @@ impl EngineHandle {
 
     /// Stops the engine after its current pass.
     pub async fn shutdown(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Input::Shutdown(tx)).is_ok() {
-            let _ = rx.await;
-        }
+        let _ = self.ask(Input::Shutdown).await;
     }
 }
 
@@ -947,7 +932,6 @@ impl<R: Runtime> Engine<R> {
         let claim = self.claims.get(name).map(|c| ClaimBrief {
             spec: c.spec.clone(),
             origin: c.origin.clone(),
-            phase: c.reported,
         });
         let refusal = new.and_then(|(user, pool)| {
             let new = ClaimFacts {
