@@ -444,6 +444,13 @@ pub struct UserSpec {
     /// `printf %s TOKEN | sha256sum`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_sha256: Option<String>,
+    /// Instead of `tokenSha256`: a file holding the user's API token itself (as a secret
+    /// would; whitespace around it is ignored). A relative path is taken from the folder of the
+    /// file that declares the user. Read when the user is applied and at each resync (a
+    /// rotated token works from then on); only its SHA-256 is kept in memory. The User's
+    /// `TokenReady` condition says whether it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_file: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -724,7 +724,9 @@ async fn run_with<R: crate::runtime::Runtime>(
     let mut config = EngineConfig::new(sdir.join("state"));
     config.resync_every = resync;
     let (handle, task) = engine::start(rt, config)?;
-    let watch = crate::source::dir::run(dir.clone(), handle.clone(), resync).await?;
+    let prepared = crate::source::dir::Prepared::default();
+    let watch =
+        crate::source::dir::run(dir.clone(), handle.clone(), resync, prepared.clone()).await?;
     let server = listener.map(|l| {
         let state = crate::server::ApiState::new(
             handle.clone(),
@@ -733,7 +735,7 @@ async fn run_with<R: crate::runtime::Runtime>(
             webhooks,
         );
         info!(address = ?api_addr, "HTTP API listening");
-        crate::server::spawn(l, state?)
+        crate::server::spawn(l, state?.with_prepared(prepared))
     });
     let server = server.transpose().context("starting the HTTP API")?;
     // SIGTERM (what service managers and `docker stop` send) stops as cleanly as Ctrl-C.

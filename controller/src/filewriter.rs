@@ -1,154 +1,212 @@
 //! Durable writes and removals of small files (the API's claim files).
 //!
-//! Each write goes to a hidden temporary beside its file (the watcher ignores it), is synced,
-//! and renamed over the file; a removal unlinks. Then the folder is synced, so that the rename
-//! or removal survives a crash, before anyone is told it is done. The folder syncs are
-//! committed in groups: a change that finds a sync in progress waits for the next one, which
-//! covers every change made meanwhile, so under load one folder sync serves many claims, and
-//! with no load nothing waits for a timer. The files' own syncs run in parallel on the blocking
-//! pool (the block layer merges concurrent flushes), never on the async workers.
+//! Each write goes to a hidden temporary beside its file (the watcher ignores it), is made
+//! durable, and is renamed over the file; a removal unlinks. Then the folder is synced, so that
+//! the rename or removal survives a crash, before anyone is told it is done.
+//!
+//! All of it runs on one thread of its own, in rounds: a round takes every change asked for
+//! while the previous one ran. Its temporaries are written, then made durable together by one
+//! `syncfs` of their filesystem (one journal commit, where a sync per file would make one
+//! each), which also makes the previous round's renames and removals durable; then come this
+//! round's renames and removals, in the order they were asked. When no more changes come, the
+//! folders touched are synced. So under load one flush serves many claims, and with no load
+//! nothing waits for a timer. The price of `syncfs`: it also flushes whatever else is dirty on
+//! that filesystem at the time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc;
 
-/// A handle to the writer; cloning shares it.
-#[derive(Clone, Default)]
+use tokio::sync::oneshot;
+
+/// A handle to the writer thread; cloning shares it. The thread ends with the last handle.
+#[derive(Clone)]
 pub struct FileWriter {
-    folders: Arc<Mutex<HashMap<PathBuf, Arc<FolderSync>>>>,
+    tx: mpsc::Sender<Job>,
 }
 
-/// Group commit of one folder's syncs.
-#[derive(Default)]
-struct FolderSync {
-    state: Mutex<SyncState>,
-    done: Condvar,
-}
-
-#[derive(Default)]
-struct SyncState {
-    /// Changes made in the folder so far (each takes the next number).
-    changed: u64,
-    /// Every change up to this number is durable.
-    synced: u64,
-    /// A sync is running; it covers the changes up to the number it started with.
-    running: bool,
-    /// The last sync failed: the changes it covered are told so.
-    failed: Option<(u64, String)>,
-    /// The folder, open (opened once: each open is an event for the watcher).
-    handle: Option<Arc<std::fs::File>>,
-}
-
-impl FolderSync {
-    /// Makes the changes made so far in `folder` durable; returns once one sync that began
-    /// after this call's change covers it.
-    fn sync(&self, folder: &Path) -> std::io::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.changed += 1;
-        let mine = st.changed;
-        loop {
-            if st.synced >= mine {
-                return match &st.failed {
-                    Some((upto, e)) if *upto >= mine => {
-                        Err(std::io::Error::other(format!("syncing the folder: {e}")))
-                    }
-                    _ => Ok(()),
-                };
-            }
-            if st.running {
-                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            st.running = true;
-            let upto = st.changed;
-            let handle = st.handle.clone();
-            drop(st);
-            // The open folder is used while it is still the folder at that path (one made
-            // again under the same name is opened anew).
-            let r = match handle.filter(|h| same_file(h, folder)) {
-                Some(h) => Ok(h),
-                None => std::fs::File::open(folder).map(Arc::new),
-            };
-            let r = r.and_then(|h| h.sync_all().map(|()| h));
-            st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.running = false;
-            st.synced = upto;
-            match r {
-                Ok(h) => st.handle = Some(h),
-                Err(e) => {
-                    // Opened again next time (the folder may have been made again).
-                    st.handle = None;
-                    st.failed = Some((upto, e.to_string()));
-                }
-            }
-            self.done.notify_all();
-        }
-    }
-}
-
-fn same_file(open: &std::fs::File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (open.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+struct Job {
+    path: PathBuf,
+    /// The new content, or None for a removal.
+    bytes: Option<Vec<u8>>,
+    reply: oneshot::Sender<std::io::Result<()>>,
 }
 
 impl FileWriter {
-    pub fn new() -> FileWriter {
-        FileWriter::default()
+    pub fn new() -> std::io::Result<FileWriter> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("poolkeeper-files".into())
+            .spawn(move || run(&rx))?;
+        Ok(FileWriter { tx })
     }
 
-    /// Writes `path` atomically and durably, off the async workers; the folder sync is shared
-    /// with the changes made meanwhile.
+    /// Writes `path` atomically and durably.
     pub async fn write(&self, path: PathBuf, bytes: Vec<u8>) -> std::io::Result<()> {
-        let this = self.clone();
-        blocking(move || {
-            stage(&path, &bytes)?;
-            std::fs::rename(temporary(&path), &path)?;
-            this.sync_folder(&path)
-        })
-        .await
+        self.ask(path, Some(bytes)).await
     }
 
     /// Removes `path` durably (`NotFound` when it was not there).
     pub async fn remove(&self, path: PathBuf) -> std::io::Result<()> {
-        let this = self.clone();
-        blocking(move || {
-            std::fs::remove_file(&path)?;
-            this.sync_folder(&path)
-        })
-        .await
+        self.ask(path, None).await
     }
 
-    fn sync_folder(&self, path: &Path) -> std::io::Result<()> {
-        let Some(folder) = path.parent() else {
-            return Ok(());
-        };
-        let sync = {
-            let mut folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
-            folders.entry(folder.to_path_buf()).or_default().clone()
-        };
-        sync.sync(folder)
+    async fn ask(&self, path: PathBuf, bytes: Option<Vec<u8>>) -> std::io::Result<()> {
+        let (reply, done) = oneshot::channel();
+        let stopped = || std::io::Error::other("the file writer has stopped");
+        self.tx
+            .send(Job { path, bytes, reply })
+            .map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?
     }
+}
+
+/// A change applied (renamed or removed) and the outcome so far: answered once durable.
+type Applied = (Job, std::io::Result<()>);
+
+/// The writer thread. Each round takes a batch (every change waiting, up to a second change
+/// of one path, which waits for the next round: changes of a path stay in order), writes its
+/// temporaries, and flushes their filesystems once: that flush also makes the previous round's
+/// renames and removals durable, whose changes are then answered. Then this round's renames
+/// and removals are applied. When nothing new arrives, the changes applied last are made
+/// durable by syncing their folders. Under load, one flush per round serves two rounds.
+fn run(rx: &mpsc::Receiver<Job>) {
+    let mut next: Option<Job> = None;
+    let mut applied: Vec<Applied> = Vec::new();
+    loop {
+        let first = match next.take() {
+            Some(j) => Some(j),
+            None if applied.is_empty() => match rx.recv() {
+                Ok(j) => Some(j),
+                Err(_) => return,
+            },
+            None => rx.try_recv().ok(),
+        };
+        let Some(first) = first else {
+            answer_after_folder_syncs(std::mem::take(&mut applied));
+            continue;
+        };
+        let mut paths = HashSet::from([first.path.clone()]);
+        let mut batch = vec![first];
+        while let Ok(j) = rx.try_recv() {
+            if !paths.insert(j.path.clone()) {
+                next = Some(j);
+                break;
+            }
+            batch.push(j);
+        }
+        let mut results: Vec<std::io::Result<()>> = batch
+            .iter()
+            .map(|j| match &j.bytes {
+                Some(bytes) => stage(&j.path, bytes),
+                None => Ok(()),
+            })
+            .collect();
+        // The new temporaries' data, durable before any rename can be; and last round's
+        // renames and removals with it.
+        let staged = batch
+            .iter()
+            .zip(&results)
+            .filter(|(j, r)| j.bytes.is_some() && r.is_ok())
+            .map(|(j, _)| j);
+        let folders: Vec<&Path> = staged
+            .chain(applied.iter().map(|(j, _)| j))
+            .filter_map(|j| j.path.parent())
+            .collect();
+        let failed = flush_filesystems(&folders);
+        let failure = |path: &Path| {
+            failed
+                .iter()
+                .find(|(fs, _)| fs.iter().any(|f| path.starts_with(f)))
+                .map(|(_, e)| std::io::Error::new(e.kind(), format!("syncing: {e}")))
+        };
+        for (j, mut res) in applied.drain(..) {
+            if res.is_ok()
+                && let Some(e) = failure(&j.path)
+            {
+                res = Err(e);
+            }
+            let _ = j.reply.send(res);
+        }
+        for (j, res) in batch.iter().zip(results.iter_mut()) {
+            if j.bytes.is_some()
+                && res.is_ok()
+                && let Some(e) = failure(&j.path)
+            {
+                *res = Err(e);
+            }
+            if res.is_ok() {
+                *res = match j.bytes {
+                    Some(_) => std::fs::rename(temporary(&j.path), &j.path),
+                    None => std::fs::remove_file(&j.path),
+                };
+            } else if j.bytes.is_some() {
+                let _ = std::fs::remove_file(temporary(&j.path));
+            }
+        }
+        applied.extend(batch.into_iter().zip(results));
+    }
+}
+
+/// Makes applied changes durable by syncing each folder they touched once, then answers them.
+fn answer_after_folder_syncs(applied: Vec<Applied>) {
+    let mut folders: BTreeMap<PathBuf, std::io::Result<()>> = BTreeMap::new();
+    for (j, res) in &applied {
+        if let (Ok(()), Some(folder)) = (res, j.path.parent()) {
+            folders
+                .entry(folder.to_path_buf())
+                .or_insert_with(|| std::fs::File::open(folder).and_then(|f| f.sync_all()));
+        }
+    }
+    for (j, mut res) in applied {
+        if res.is_ok()
+            && let Some(Err(e)) = j.path.parent().and_then(|f| folders.get(f))
+        {
+            res = Err(std::io::Error::new(
+                e.kind(),
+                format!("syncing the folder: {e}"),
+            ));
+        }
+        let _ = j.reply.send(res);
+    }
+}
+
+/// `syncfs` once per filesystem holding one of `folders`; the failures, with the folders of
+/// the filesystem that failed.
+fn flush_filesystems(folders: &[&Path]) -> Vec<(Vec<PathBuf>, std::io::Error)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut by_device: BTreeMap<u64, (std::io::Result<std::fs::File>, Vec<PathBuf>)> =
+        BTreeMap::new();
+    for folder in folders {
+        let open = std::fs::File::open(folder);
+        let dev = match open.as_ref().map(|f| f.metadata()) {
+            Ok(Ok(m)) => m.dev(),
+            _ => u64::MAX,
+        };
+        let entry = by_device.entry(dev).or_insert_with(|| (open, Vec::new()));
+        entry.1.push(folder.to_path_buf());
+    }
+    let mut failed = Vec::new();
+    for (_, (file, folders)) in by_device {
+        let r = file.and_then(|f| rustix::fs::syncfs(&f).map_err(std::io::Error::from));
+        if let Err(e) = r {
+            failed.push((folders, e));
+        }
+    }
+    failed
 }
 
 /// Writes `path` atomically and durably now, on the calling thread (for rare writes, such as a
 /// reservation's record); the folder is synced for this write alone.
 pub fn write_now(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     stage(path, bytes)?;
+    std::fs::File::open(temporary(path))?.sync_data()?;
     std::fs::rename(temporary(path), path)?;
     match path.parent() {
         Some(folder) => std::fs::File::open(folder)?.sync_all(),
         None => Ok(()),
     }
-}
-
-async fn blocking(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> std::io::Result<()> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(std::io::Error::other)?
 }
 
 fn temporary(path: &Path) -> PathBuf {
@@ -159,14 +217,13 @@ fn temporary(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp"))
 }
 
-/// Writes and syncs the temporary of a write.
+/// Writes the temporary of a write (not yet durable).
 fn stage(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let mut f = std::fs::File::create(temporary(path))?;
-    f.write_all(bytes)?;
-    f.sync_data()
+    f.write_all(bytes)
 }
 
 #[cfg(test)]
@@ -176,7 +233,7 @@ mod tests {
     #[tokio::test]
     async fn writes_and_removals_are_atomic_and_leave_no_temporaries() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let w = FileWriter::new();
+        let w = FileWriter::new().expect("writer");
         let a = dir.path().join("sub/a.yaml");
         let b = dir.path().join("sub/b.yaml");
         // Many at once: each waits for a folder sync that covers it.
@@ -208,5 +265,30 @@ mod tests {
         assert_eq!(std::fs::read(&a).expect("a"), b"three");
         let e = w.remove(b).await.expect_err("b is gone");
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    /// Changes of one path asked for at once are applied in the order asked (a path appears
+    /// once per batch), whatever else shares their batches.
+    #[tokio::test]
+    async fn changes_of_one_path_keep_their_order_across_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = FileWriter::new().expect("writer");
+        let x = dir.path().join("x.yaml");
+        let others = (0..10).map(|i| dir.path().join(format!("o{i}.yaml")));
+        let mut jobs = vec![
+            Box::pin(w.write(x.clone(), b"1".to_vec()))
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>,
+            Box::pin(w.remove(x.clone())),
+        ];
+        jobs.extend(others.map(|o| {
+            Box::pin(w.write(o, b"o".to_vec()))
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>
+        }));
+        jobs.push(Box::pin(w.write(x.clone(), b"2".to_vec())));
+        for r in futures::future::join_all(jobs).await {
+            r.expect("each change succeeds in its turn");
+        }
+        assert_eq!(std::fs::read(&x).expect("x"), b"2");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 11);
     }
 }

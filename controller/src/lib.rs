@@ -26,5 +26,6 @@ pub mod runtime;
 pub mod server;
 pub mod source;
 pub mod units;
+pub mod upload;
 pub mod validate;
 pub mod webhook;

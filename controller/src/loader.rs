@@ -796,31 +796,41 @@ pub fn is_spec_file(path: &Path) -> bool {
 /// Reads one file from disk.
 pub fn parse_file(path: &Path) -> ParsedFile {
     match std::fs::read(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(text) => parse_text(path, &text),
-            Err(e) => ParsedFile {
-                objects: Vec::new(),
-                diagnostics: vec![Diagnostic {
-                    file: path.to_path_buf(),
-                    line: 1,
-                    col: 1,
-                    object: None,
-                    path: String::new(),
-                    message: format!("not UTF-8 text: {e}"),
-                }],
-            },
-        },
+        Ok(bytes) => parse_bytes(path, bytes),
+        Err(e) => unreadable(path, &e),
+    }
+}
+
+/// Parses a file's content as read.
+pub fn parse_bytes(path: &Path, bytes: Vec<u8>) -> ParsedFile {
+    match String::from_utf8(bytes) {
+        Ok(text) => parse_text(path, &text),
         Err(e) => ParsedFile {
             objects: Vec::new(),
             diagnostics: vec![Diagnostic {
                 file: path.to_path_buf(),
-                line: 0,
-                col: 0,
+                line: 1,
+                col: 1,
                 object: None,
                 path: String::new(),
-                message: format!("cannot read: {e}"),
+                message: format!("not UTF-8 text: {e}"),
             }],
         },
+    }
+}
+
+/// A file that could not be read.
+pub fn unreadable(path: &Path, e: &std::io::Error) -> ParsedFile {
+    ParsedFile {
+        objects: Vec::new(),
+        diagnostics: vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            col: 0,
+            object: None,
+            path: String::new(),
+            message: format!("cannot read: {e}"),
+        }],
     }
 }
 

@@ -27,9 +27,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::api::ClaimSpec;
-use crate::engine::EngineHandle;
 use crate::engine::status::{ObjectView, Snapshot};
-use crate::model::Kind;
+use crate::engine::{Creation, EngineHandle};
+use crate::model::{Kind, ObjKey, Object, Origin, Spec};
 
 /// Where claims made through the API live, under the watched folder.
 pub const MANAGED_CLAIMS: &str = "managed/claims";
@@ -52,6 +52,8 @@ pub struct ApiState {
     files: crate::filewriter::FileWriter,
     /// Edits of declared files (admin operations) one at a time.
     edits: tokio::sync::Mutex<()>,
+    /// Claim files written here, for the watcher to take without parsing them again.
+    prepared: crate::source::dir::Prepared,
 }
 
 /// Reservations by webhook: the shared secret, the images booking systems may ask for (empty:
@@ -70,15 +72,25 @@ impl ApiState {
         admin_token: Option<&str>,
         webhooks: Option<WebhookConfig>,
     ) -> std::io::Result<Self> {
+        // Canonical, as the watcher names files: a claim's origin is compared with it.
+        let dir = std::fs::canonicalize(&dir)?;
         Ok(ApiState {
             handle,
             dir,
             admin_sha256: admin_token.map(sha256),
             webhooks,
             seen: Default::default(),
-            files: crate::filewriter::FileWriter::new(),
+            files: crate::filewriter::FileWriter::new()?,
             edits: tokio::sync::Mutex::new(()),
+            prepared: Default::default(),
         })
+    }
+
+    /// Shares the watcher's [`crate::source::dir::Prepared`]: claim files written here are
+    /// then not parsed again when the watcher reads them.
+    pub fn with_prepared(mut self, prepared: crate::source::dir::Prepared) -> Self {
+        self.prepared = prepared;
+        self
     }
 }
 
@@ -143,6 +155,14 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::i
             secret,
         ));
     }
+    // Without TCP_NODELAY, a small write after another (an event on the stream, an answer
+    // sent in two parts) waits for the peer's delayed acknowledgement: up to 40 ms.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, router(state)).await
 }
 
@@ -316,27 +336,18 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<(Caller, Sna
     Ok((who, snap))
 }
 
-/// Claim `name` if the caller may see it, and (with `admit`) the engine's verdict on a new
-/// claim of (user, pool).
-async fn claim_access(
+/// Claim `name` if the caller may see it.
+async fn claim_seen(
     state: &ApiState,
     who: &Caller,
     name: &str,
-    admit: Option<(String, String)>,
-) -> ApiResult<crate::engine::ClaimAccess> {
-    let mut access = state
+) -> ApiResult<Option<crate::engine::ClaimBrief>> {
+    let claim = state
         .handle
-        .claim_access(name, admit)
+        .claim(name)
         .await
         .map_err(|_| ApiError::unavailable())?;
-    if access
-        .claim
-        .as_ref()
-        .is_some_and(|c| !who.sees_user(&c.spec.user))
-    {
-        access.claim = None;
-    }
-    Ok(access)
+    Ok(claim.filter(|c| who.sees_user(&c.spec.user)))
 }
 
 fn no_claim(name: &str) -> ApiError {
@@ -656,6 +667,16 @@ fn claim_file_text(name: &str, spec: &ClaimSpec) -> Result<String, String> {
     serde_saphyr::to_string(&doc).map_err(|e| e.to_string())
 }
 
+/// Where a claim file's one document starts, as the loader reports it: the claim applied
+/// from the API and the one the watcher then reads are the same object.
+fn claim_file_origin(path: &Path) -> Origin {
+    Origin {
+        file: path.to_path_buf(),
+        line: 1,
+        col: 1,
+    }
+}
+
 fn random_suffix() -> String {
     use rand::{Rng, SeedableRng};
     let seed = std::time::SystemTime::now()
@@ -724,57 +745,86 @@ async fn create_claim(
         ));
     }
     let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
-    // Asked before anything is written; whatever the caller may see, a claim of that name
-    // exists or not.
-    let access = state
-        .handle
-        .claim_access(&name, Some((user.clone(), req.pool.clone())))
-        .await
-        .map_err(|_| ApiError::unavailable())?;
-    // The same request again (a retry) is answered as the first one; another spec under the
-    // same name is a conflict.
-    if let Some(existing) = &access.claim {
-        let same_spec = existing.spec == spec;
-        let ours = existing.origin.file == path;
-        if same_spec && ours && who.sees_user(&user) {
-            return Ok((
+    match create_and_write(&state, &name, spec.clone(), &path, || Ok(())).await? {
+        Creation::Created => Ok((
+            StatusCode::CREATED,
+            Json(
+                json!({"name": name, "created": true, "file": format!("{MANAGED_CLAIMS}/{name}.yaml")}),
+            ),
+        )),
+        // The same request again (a retry) is answered as the first one; another spec under
+        // the same name is a conflict.
+        Creation::Exists(existing)
+            if existing.spec == spec && existing.origin.file == path && who.sees_user(&user) =>
+        {
+            Ok((
                 StatusCode::OK,
                 Json(json!({"name": name, "created": false})),
-            ));
+            ))
         }
-        return Err(ApiError::field(
+        Creation::Exists(_) => Err(ApiError::field(
             StatusCode::CONFLICT,
             "name",
             format!("a claim named {name:?} exists"),
-        ));
+        )),
+        Creation::Refused(reason, message) => Err(refused((reason, message))),
     }
-    if let Some(r) = access.refusal {
-        return Err(refused(r));
-    }
-    let text = claim_file_text(&name, &spec)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    state
-        .files
-        .write(path.clone(), text.clone().into_bytes())
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("writing the claim: {e}"),
-            )
-        })?;
-    apply_written(&state, &path, &text);
-    Ok((
-        StatusCode::CREATED,
-        Json(
-            json!({"name": name, "created": true, "file": format!("{MANAGED_CLAIMS}/{name}.yaml")}),
-        ),
-    ))
 }
 
-/// A tar of files into a bound claim's instance, under its pool's `files.mountPath`. The
-/// archive may hold only regular files with plain relative paths: no links, no `..`, nothing
-/// absolute (checked before anything is written).
+/// Creates claim `name` declared in `path`. The engine admits and applies it in one step (two
+/// requests at a user's quota cannot both pass); then `record` runs and the claim's file is
+/// written, the record that survives restarts. Should either fail, the engine forgets the
+/// claim again and the caller gets the error. Nothing is written unless the answer is
+/// `Created`.
+async fn create_and_write(
+    state: &ApiState,
+    name: &str,
+    spec: ClaimSpec,
+    path: &Path,
+    record: impl FnOnce() -> std::io::Result<()>,
+) -> ApiResult<Creation> {
+    let text = claim_file_text(name, &spec)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let claim = Object {
+        name: name.to_owned(),
+        spec: Spec::Claim(spec),
+        origin: claim_file_origin(path),
+        generation: 1,
+    };
+    let creation = state
+        .handle
+        .create_claim(claim.clone())
+        .await
+        .map_err(|_| ApiError::unavailable())?;
+    if !matches!(creation, Creation::Created) {
+        return Ok(creation);
+    }
+    let text = text.into_bytes();
+    state
+        .prepared
+        .put(path.to_path_buf(), text.clone(), vec![claim]);
+    let written = match record() {
+        Ok(()) => state.files.write(path.to_path_buf(), text).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        state.prepared.forget(path);
+        let _ = state.handle.delete(ObjKey::new(Kind::Claim, name));
+        if path.exists() {
+            let _ = state.files.remove(path.to_path_buf()).await;
+        }
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("writing the claim: {e}"),
+        ));
+    }
+    Ok(creation)
+}
+
+/// Files into a bound claim's instance, under its pool's `files.mountPath`: a tar archive, or
+/// a `multipart/form-data` form whose file parts are the files (`curl -F file=@index.html`).
+/// Only regular files with plain relative paths: no links, no `..`, nothing absolute (checked
+/// before anything is written).
 async fn upload_files(
     State(state): State<Arc<ApiState>>,
     UrlPath(name): UrlPath<String>,
@@ -782,19 +832,23 @@ async fn upload_files(
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
     let who = who(&state, &headers)?;
-    if claim_access(&state, &who, &name, None)
-        .await?
-        .claim
-        .is_none()
-    {
+    if claim_seen(&state, &who, &name).await?.is_none() {
         return Err(no_claim(&name));
     }
-    let files = crate::engine::parse_tar(&body[..], "the upload")
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let files = if crate::upload::is_multipart(content_type) {
+        crate::upload::parse_multipart(content_type, body).await
+    } else {
+        crate::engine::parse_tar(&body[..], "the upload")
+    }
+    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     if files.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            "the upload holds no files (send a tar archive)",
+            "the upload holds no files (send a tar archive or a multipart form)",
         ));
     }
     use crate::engine::PutFilesError;
@@ -814,7 +868,7 @@ async fn delete_claim(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     let who = who(&state, &headers)?;
-    let Some(o) = claim_access(&state, &who, &name, None).await?.claim else {
+    let Some(o) = claim_seen(&state, &who, &name).await? else {
         return Err(no_claim(&name));
     };
     let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
@@ -824,6 +878,7 @@ async fn delete_claim(
             format!("claim {name} is declared in {}: release it there", o.origin),
         ));
     }
+    state.prepared.forget(&path);
     let removed = state.files.remove(path).await;
     let _ = state
         .handle
@@ -1229,15 +1284,6 @@ async fn provision(
             Json(json!({"claim": name, "pool": pool, "created": false})),
         ));
     }
-    if let Some(r) = state
-        .handle
-        .claim_access(name, Some((event.username.clone(), pool.clone())))
-        .await
-        .map_err(|_| ApiError::unavailable())?
-        .refusal
-    {
-        return Err(refused(r));
-    }
     let spec = ClaimSpec {
         pool: pool.clone(),
         user: event.username.clone(),
@@ -1260,19 +1306,30 @@ async fn provision(
             ..CallbackState::default()
         },
     };
-    let internal =
-        |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    // The record first: a crash between the two leaves a record without a claim (harmless),
-    // never a claim whose callback is forgotten.
-    write_reservation(&state.dir, name, &record).map_err(internal)?;
-    let text = claim_file_text(name, &spec)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    state
-        .files
-        .write(path.to_path_buf(), text.clone().into_bytes())
-        .await
-        .map_err(internal)?;
-    apply_written(state, path, &text);
+    // The record before the claim's file: a crash between the two leaves a record without a
+    // claim (harmless), never a claim whose callback is forgotten.
+    let creation = create_and_write(state, name, spec, path, || {
+        write_reservation(&state.dir, name, &record)
+    })
+    .await?;
+    match creation {
+        Creation::Created => {}
+        // The same reservation, sent again while the first was being written.
+        Creation::Exists(c) if c.origin.file == path => {
+            return Ok((
+                StatusCode::OK,
+                Json(json!({"claim": name, "pool": pool, "created": false})),
+            ));
+        }
+        Creation::Exists(_) => {
+            return Err(ApiError::field(
+                StatusCode::CONFLICT,
+                "resource_name",
+                format!("a claim named {name:?} exists and is not this reservation's"),
+            ));
+        }
+        Creation::Refused(reason, message) => return Err(refused((reason, message))),
+    }
     // What the pool's template decides, not the request.
     let p = &event.custom_parameters;
     let ignored: Vec<&str> = [
@@ -1490,18 +1547,6 @@ pub async fn post_signed(url: &str, secret: &[u8], body: &[u8]) -> Result<(), St
         .map_err(|_| format!("{url}: no answer within 5 s"))?
 }
 
-/// Hands a claim file just written to the engine at once, as the directory watcher will when
-/// it sees the file (same object, origin and first generation, which the engine then takes as
-/// no change): a claim made through the API is visible, and binds, without waiting for the
-/// watcher's debounce. The file stays the record that survives restarts.
-fn apply_written(state: &ApiState, path: &Path, text: &str) {
-    let parsed = crate::loader::parse_text(path, text);
-    for mut obj in parsed.objects {
-        obj.generation = 1;
-        let _ = state.handle.apply(obj);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1523,11 +1568,14 @@ mod tests {
             files_from: None,
         };
         let text = claim_file_text("alice-web-1", &spec).expect("yaml");
-        let parsed = crate::loader::parse_text(Path::new("x.yaml"), &text);
+        let path = Path::new("managed/claims/alice-web-1.yaml");
+        let parsed = crate::loader::parse_text(path, &text);
         assert!(parsed.is_clean(), "{:?}", parsed.diagnostics);
         let objs = parsed.objects;
         assert_eq!(objs.len(), 1);
         assert_eq!(objs[0].name, "alice-web-1");
         assert_eq!(objs[0].spec, crate::model::Spec::Claim(spec));
+        // What the API hands the engine is what the watcher will read.
+        assert_eq!(objs[0].origin, claim_file_origin(path));
     }
 }

@@ -254,6 +254,16 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
             "must be the 64 hex digits of a SHA-256 (`printf %s TOKEN | sha256sum`), not the token",
         ));
     }
+    match &u.token_secret_file {
+        Some(_) if u.token_sha256.is_some() => errs.push(FieldError::new(
+            "spec.tokenSecretFile",
+            "give tokenSha256 or tokenSecretFile, not both",
+        )),
+        Some(f) if f.trim().is_empty() => {
+            errs.push(FieldError::new("spec.tokenSecretFile", "must name a file"))
+        }
+        _ => {}
+    }
 }
 
 fn validate_deployment(d: &DeploymentSpec, errs: &mut Vec<FieldError>) {

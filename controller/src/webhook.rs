@@ -271,8 +271,8 @@ mod tests {
 }
 
 /// Hostile input to the parsers behind the API never panics: any bytes as a webhook body and
-/// signature, any bytes as an upload archive; and what an archive yields always stays inside
-/// the mount path.
+/// signature, any bytes as an upload archive or form; and what an archive or a form yields
+/// always stays inside the mount path.
 #[cfg(test)]
 mod fuzz {
     use proptest::prelude::*;
@@ -294,6 +294,34 @@ mod fuzz {
         #[test]
         fn upload_archives(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let _ = crate::engine::parse_tar(&bytes[..], "fuzz");
+        }
+
+        #[test]
+        fn upload_forms(bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+                        boundary in "[a-zA-Z0-9'()+_,-./:=? ]{0,30}") {
+            let ct = format!("multipart/form-data; boundary={boundary}");
+            let _ = futures::executor::block_on(crate::upload::parse_multipart(&ct, bytes.into()));
+        }
+
+        #[test]
+        fn form_paths_stay_inside(names in proptest::collection::vec("[a-z./\\\\]{1,20}", 1..5)) {
+            let mut form = String::new();
+            for n in &names {
+                form.push_str(&format!(
+                    "--B\r\nContent-Disposition: form-data; name=\"f\"; filename=\"{n}\"\r\n\r\nx\r\n"
+                ));
+            }
+            form.push_str("--B--\r\n");
+            let parsed = futures::executor::block_on(crate::upload::parse_multipart(
+                "multipart/form-data; boundary=B",
+                form.into(),
+            ));
+            if let Ok(files) = parsed {
+                for (path, _) in files {
+                    prop_assert!(crate::runtime::is_plain_relative(std::path::Path::new(&path)), "{}", path);
+                    prop_assert!(!path.is_empty());
+                }
+            }
         }
 
         #[test]

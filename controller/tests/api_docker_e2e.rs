@@ -185,6 +185,28 @@ fn a_signed_reservation_is_bound_on_docker_and_the_callback_says_where() {
         Some("<h1>welcome to course 42</h1>\n")
     );
 
+    // The same as a multipart form (`curl -F file=@PATH;filename=...`): a file in a folder.
+    let form = "--b0undary\r\nContent-Disposition: form-data; name=\"file\"; \
+                filename=\"docs/form.html\"\r\nContent-Type: text/html\r\n\r\n\
+                <p>sent as a form</p>\n\r\n--b0undary--\r\n";
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "PUT /api/v1/claims/{claim}/files HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Authorization: Bearer {ADMIN}\r\n\
+         Content-Type: multipart/form-data; boundary=b0undary\r\n\
+         Content-Length: {}\r\n\r\n{form}",
+        form.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        http_get(port, "/docs/form.html").as_deref(),
+        Some("<p>sent as a form</p>\n")
+    );
+
     // Metrics moved.
     let after = metrics(&addr);
     let bound = "poolkeeper_pool_bound{pool=\"web\"}";

@@ -505,6 +505,103 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
     assert!(Path::new(&api.managed("a3")).exists());
 }
 
+/// Admission is one step with the claim's creation in the engine: requests racing at a user's
+/// quota are admitted exactly up to it, and the rest are refused up front (none is answered
+/// 201 and then left Pending with QuotaExceeded).
+#[test]
+fn concurrent_claims_are_admitted_exactly_up_to_the_quota() {
+    let api = std::sync::Arc::new(Api::start());
+    // Bob may hold 5 claims; bob.yaml declares one.
+    api.wait_phase("bob-declared", BOB, "Bound");
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let api = api.clone();
+                s.spawn(move || {
+                    api.post(
+                        "/api/v1/claims",
+                        BOB,
+                        &json!({"name": format!("race-{i}"), "pool": "web"}),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let created: Vec<&Value> = answers
+        .iter()
+        .filter(|(c, _)| *c == 201)
+        .map(|(_, v)| v)
+        .collect();
+    let refused = answers
+        .iter()
+        .filter(|(c, v)| *c == 403 && v["error"].as_str().is_some_and(|e| e.contains("quota")))
+        .count();
+    assert_eq!((created.len(), refused), (4, 8), "{answers:?}");
+    let files = std::fs::read_dir(api.dir.path().join("managed/claims"))
+        .unwrap()
+        .count();
+    assert_eq!(files, 4, "one file per admitted claim");
+    // Every admitted claim binds; none waits on a quota.
+    for v in created {
+        api.wait_phase(v["name"].as_str().unwrap(), BOB, "Bound");
+    }
+    let (_, v) = api.get("/api/v1/claims", BOB);
+    assert_eq!(names(&v).len(), 5, "{v}");
+}
+
+/// A `User` may keep its token in a secret file instead of declaring its digest: the token
+/// works, a rotation is picked up at the next resync (the old token stops working), and a
+/// file that cannot be read says so on the user and authenticates nothing.
+#[test]
+fn a_users_token_may_come_from_a_secret_file_that_is_read_again_at_each_resync() {
+    let api = Api::start_with(&["--resync", "1s"]);
+    let secrets = api.dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("dave.token"), "dave-token-one\n").unwrap();
+    std::fs::write(
+        api.dir.path().join("dave.yaml"),
+        "apiVersion: poolkeeper.dev/v1alpha1\nkind: User\nmetadata: {name: dave}\n\
+         spec: {tokenSecretFile: secrets/dave.token}\n",
+    )
+    .unwrap();
+    wait_for("dave's token", || {
+        api.get("/api/v1/users/dave", "dave-token-one").0 == 200
+    });
+    let (_, v) = api.get("/api/v1/users/dave", ADMIN);
+    let ready = &v["status"]["conditions"][0];
+    assert_eq!(
+        (
+            ready["type"].as_str(),
+            ready["status"].as_str(),
+            ready["reason"].as_str()
+        ),
+        (Some("TokenReady"), Some("True"), Some("TokenFileRead")),
+        "{v}"
+    );
+    assert_eq!(api.get("/api/v1/users/dave", "dave-token-two").0, 401);
+
+    std::fs::write(secrets.join("dave.token"), "dave-token-two").unwrap();
+    wait_for("the rotated token", || {
+        api.get("/api/v1/users/dave", "dave-token-two").0 == 200
+    });
+    assert_eq!(api.get("/api/v1/users/dave", "dave-token-one").0, 401);
+
+    std::fs::remove_file(secrets.join("dave.token")).unwrap();
+    wait_for("the unreadable token file on the user", || {
+        let (_, v) = api.get("/api/v1/users/dave", ADMIN);
+        v["status"]["conditions"][0]["reason"] == "TokenFileUnreadable"
+    });
+    let (_, v) = api.get("/api/v1/users/dave", ADMIN);
+    let ready = &v["status"]["conditions"][0];
+    assert_eq!(ready["status"], "False", "{v}");
+    assert!(
+        ready["message"].as_str().unwrap().contains("dave.token"),
+        "names the file: {v}"
+    );
+    assert_eq!(api.get("/api/v1/users/dave", "dave-token-two").0, 401);
+}
+
 // ---- webhooks ----------------------------------------------------------------------------
 
 /// A callback receiver: answers 500 to the first request, 200 after; keeps each request.
@@ -1018,13 +1115,37 @@ fn tar_with(entries: &[(&str, char)]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// A multipart form: (field name, file name, content) per part.
+fn form_with(parts: &[(&str, Option<&str>, &str)]) -> Vec<u8> {
+    let mut s = String::new();
+    for (name, file, body) in parts {
+        s.push_str(&format!(
+            "--FoRm\r\nContent-Disposition: form-data; name=\"{name}\""
+        ));
+        if let Some(f) = file {
+            s.push_str(&format!("; filename=\"{f}\""));
+        }
+        s.push_str(&format!("\r\n\r\n{body}\r\n"));
+    }
+    s.push_str("--FoRm--\r\n");
+    s.into_bytes()
+}
+
 impl Api {
     fn upload(&self, claim: &str, token: &str, body: &[u8]) -> (u16, Value) {
+        self.upload_as(claim, token, "application/x-tar", body)
+    }
+
+    fn upload_form(&self, claim: &str, token: &str, body: &[u8]) -> (u16, Value) {
+        self.upload_as(claim, token, "multipart/form-data; boundary=FoRm", body)
+    }
+
+    fn upload_as(&self, claim: &str, token: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
         let s = TcpStream::connect(&self.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let head = format!(
             "PUT /api/v1/claims/{claim}/files HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-             Authorization: Bearer {token}\r\nContent-Type: application/x-tar\r\n\
+             Authorization: Bearer {token}\r\nContent-Type: {content_type}\r\n\
              Content-Length: {}\r\n\r\n",
             body.len()
         );
@@ -1072,6 +1193,23 @@ fn uploads_go_only_into_ones_own_bound_claim_and_cannot_escape_the_mount_path() 
         ),
     ] {
         let (code, v) = api.upload("s1", BOB, &bad);
+        assert_eq!(code, 422, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{says}: {v}");
+    }
+    // The same as a multipart form: each part with a file name is a file.
+    let form = form_with(&[
+        ("file", Some("index.html"), "<h1>hi</h1>"),
+        ("file", Some("css/site.css"), "body {}"),
+    ]);
+    let (code, v) = api.upload_form("s1", BOB, &form);
+    assert_eq!((code, v["files"].clone()), (200, json!(2)), "{v}");
+    assert_eq!(api.upload_form("s1", ALICE, &form).0, 404);
+    for (bad, says) in [
+        (form_with(&[("f", Some("../up.html"), "x")]), "stay inside"),
+        (form_with(&[("note", None, "hello")]), "not a file"),
+        (b"--FoRm\r\nno headers, no end".to_vec(), "multipart"),
+    ] {
+        let (code, v) = api.upload_form("s1", BOB, &bad);
         assert_eq!(code, 422, "{v}");
         assert!(v["error"].as_str().unwrap().contains(says), "{says}: {v}");
     }

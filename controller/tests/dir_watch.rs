@@ -101,7 +101,7 @@ async fn start(setup: impl FnOnce(&Path)) -> Running {
         EngineConfig::new(root.join(".poolkeeper/state")),
     )
     .unwrap();
-    let watch = dir::run(root.clone(), handle.clone(), NO_RESCAN)
+    let watch = dir::run(root.clone(), handle.clone(), NO_RESCAN, Default::default())
         .await
         .unwrap();
     Running {
@@ -971,4 +971,37 @@ fn dirstate_a_cleared_cross_object_problem_reapplies_the_unchanged_object() {
     assert!(deleted(&ch.events).is_empty());
     // Nothing more to say afterwards.
     assert!(st.rescan().events.is_empty());
+}
+
+/// A text the API wrote is taken with the objects it handed over, not parsed again; any other
+/// content of that file is parsed as usual, and an entry is used once.
+#[test]
+fn dirstate_takes_prepared_objects_only_for_the_very_text_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("web.yaml");
+    let text = pool_yaml("web", 1, "nginx");
+    // What the writer says the text declares: marked (image "prepared"), so that the test
+    // sees which one was used.
+    let mut marked = poolkeeper::loader::parse_text(&f, &pool_yaml("web", 1, "prepared")).objects;
+    marked[0].origin.file = f.clone();
+    let prepared = dir::Prepared::default();
+    prepared.put(f.clone(), text.clone().into_bytes(), marked.clone());
+    write(&f, &text);
+    let mut st = DirState::with_prepared(tmp.path(), prepared.clone());
+    st.rescan();
+    let image = |st: &DirState| match &st.objects().next().unwrap().spec {
+        Spec::Pool(p) => p.template.image.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(image(&st), "prepared", "the prepared objects were taken");
+
+    // Another text under that path is parsed, even with an entry waiting for it.
+    prepared.put(f.clone(), text.clone().into_bytes(), marked);
+    write(&f, &pool_yaml("web", 1, "httpd"));
+    st.paths_changed(&paths(&[&f]));
+    assert_eq!(image(&st), "httpd");
+    // The mismatched entry is gone: the written text, read again, is parsed too.
+    write(&f, &text);
+    st.paths_changed(&paths(&[&f]));
+    assert_eq!(image(&st), "nginx");
 }

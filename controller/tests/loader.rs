@@ -454,6 +454,27 @@ fn warm_greater_than_max_is_reported_at_spec_warm() {
 }
 
 #[test]
+fn a_user_with_both_a_token_digest_and_a_token_file_is_reported_at_the_file() {
+    let d = only_diagnostic(
+        "user.yaml",
+        &[
+            API,
+            "kind: User",
+            "metadata:",
+            "  name: alice",
+            "spec:",
+            "  tokenSha256: 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "  tokenSecretFile: secrets/alice.token",
+        ],
+    );
+    assert_diag(
+        &d,
+        "user.yaml:7:3: User/alice: spec.tokenSecretFile",
+        "not both",
+    );
+}
+
+#[test]
 fn warm_greater_than_what_the_host_port_range_can_serve_is_reported_at_spec_warm() {
     let d = only_diagnostic(
         "pool.yaml",

@@ -2,7 +2,9 @@
 //! them. One controller (engine, watched folder, API) in this process on the chosen runtime;
 //! `--concurrency` clients, each on its own keep-alive connection, POST a claim, wait for the
 //! status stream (SSE) to say it is Bound, and release it. Latency is from the POST to the
-//! Bound event; throughput is claims bound per second over the run.
+//! Bound event; throughput is claims bound per second over the run. `created_*` is from the
+//! POST to its 201, which is sent once the claim's file is durable (the Bound event may come
+//! first: the engine admits and binds the claim while its file is written).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -221,15 +223,18 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         ));
         crate::engine::start(rt, config)?
     };
+    let prepared = crate::source::dir::Prepared::default();
     let _watch = crate::source::dir::run(
         dir.path().to_path_buf(),
         handle.clone(),
         Duration::from_secs(30),
+        prepared.clone(),
     )
     .await?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
-    let state = crate::server::ApiState::new(handle.clone(), dir.path().to_path_buf(), None, None)?;
+    let state = crate::server::ApiState::new(handle.clone(), dir.path().to_path_buf(), None, None)?
+        .with_prepared(prepared);
     // As `poolkeeper run` serves it: on a thread of its own.
     let api = crate::server::spawn(listener, state)?;
     // The clients are not the controller: they get a thread of their own too.
@@ -270,10 +275,11 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         workers.push(clients.spawn(async move {
             let mut conn = Conn::open(&addr).await?;
             let mut latencies = Vec::new();
+            let mut created = Vec::new();
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= claims {
-                    return anyhow::Ok(latencies);
+                    return anyhow::Ok((latencies, created));
                 }
                 // Open loop: claim i arrives at i / rate (a client late for it sends at once).
                 // Latency counts from the arrival, so that a late client is not hidden.
@@ -293,6 +299,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
                 if code != 201 {
                     bail!("POST {name}: {code} {answer}");
                 }
+                created.push(t0.elapsed().as_secs_f64() * 1000.0);
                 let bound = tokio::time::timeout(Duration::from_secs(60), rx)
                     .await
                     .map_err(|_| anyhow!("{name} was not bound within 60 s"))??;
@@ -307,9 +314,13 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         }));
     }
     let mut latencies = Vec::new();
+    let mut created = Vec::new();
     for w in workers {
-        latencies.extend(w.await??);
+        let (l, c) = w.await??;
+        latencies.extend(l);
+        created.extend(c);
     }
+    created.sort_by(f64::total_cmp);
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     println!(
@@ -320,6 +331,8 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
                "offered_rate_per_s": rate,
                "p50_ms": round3(pct(&latencies, 0.5)), "p90_ms": round3(pct(&latencies, 0.9)),
                "p99_ms": round3(pct(&latencies, 0.99)),
+               "created_p50_ms": round3(pct(&created, 0.5)),
+               "created_p99_ms": round3(pct(&created, 0.99)),
                "max_ms": round3(latencies.last().copied().unwrap_or(0.0)),
                "claims_per_s": round3(claims as f64 / elapsed)})
     );

@@ -161,10 +161,10 @@ enum Input {
     Resync(oneshot::Sender<Duration>),
     Subscribe(mpsc::UnboundedSender<ClaimChange>),
     Reinitialise(String, oneshot::Sender<Option<usize>>),
-    ClaimAccess {
-        name: String,
-        admit: Option<(String, String)>,
-        reply: oneshot::Sender<ClaimAccess>,
+    Claim(String, oneshot::Sender<Option<ClaimBrief>>),
+    CreateClaim {
+        claim: Object,
+        reply: oneshot::Sender<Creation>,
     },
     Shutdown(oneshot::Sender<()>),
     PutFiles {
@@ -226,16 +226,19 @@ pub struct TokenOwner {
     pub disabled: bool,
 }
 
-/// What the API needs to know of one claim, asked of the engine for each request about it:
-/// the claim as it stands and, for a new one, the engine's own admission verdict. Costs the
-/// user's claims, not the whole state.
-#[derive(Debug, Clone, Default)]
-pub struct ClaimAccess {
-    pub claim: Option<ClaimBrief>,
-    /// Why a new claim of (user, pool) would be refused now: the reason and the message.
-    pub refusal: Option<(&'static str, String)>,
+/// The engine's answer to [`EngineHandle::create_claim`].
+#[derive(Debug, Clone)]
+pub enum Creation {
+    /// Admitted and applied.
+    Created,
+    /// A claim of that name exists already (nothing was changed).
+    Exists(ClaimBrief),
+    /// Admission refused it: the reason and the message.
+    Refused(&'static str, String),
 }
 
+/// What the API needs to know of one claim, asked of the engine for each request about it
+/// (costs one lookup, not a snapshot of the whole state).
 #[derive(Debug, Clone)]
 pub struct ClaimBrief {
     pub spec: ClaimSpec,
@@ -278,20 +281,18 @@ impl EngineHandle {
         tokens.get(digest).cloned()
     }
 
-    /// Claim `name` as it stands and, with `admit: (user, pool)`, whether a new claim of that
-    /// user on that pool would be admitted now. Inputs are handled in order, so a claim
-    /// applied before this call is counted.
-    pub async fn claim_access(
-        &self,
-        name: &str,
-        admit: Option<(String, String)>,
-    ) -> Result<ClaimAccess, EngineError> {
-        self.ask(|reply| Input::ClaimAccess {
-            name: name.to_owned(),
-            admit,
-            reply,
-        })
-        .await
+    /// Claim `name` as it stands. Inputs are handled in order, so a claim applied before this
+    /// call is seen.
+    pub async fn claim(&self, name: &str) -> Result<Option<ClaimBrief>, EngineError> {
+        self.ask(|reply| Input::Claim(name.to_owned(), reply)).await
+    }
+
+    /// Admits and applies a new claim in one step, so that two requests at a user's quota
+    /// cannot both pass: the second is judged with the first one counted. The caller then
+    /// writes the claim's record (its file) and, should that fail, deletes the claim again.
+    pub async fn create_claim(&self, mut claim: Object) -> Result<Creation, EngineError> {
+        claim.generation = 1;
+        self.ask(|reply| Input::CreateClaim { claim, reply }).await
     }
 
     /// Replaces every warm instance of `pool` with a fresh one (bound instances are reset
@@ -402,6 +403,44 @@ struct UserEntry {
     origin: Origin,
     generation: i64,
     events: Events,
+    token: UserToken,
+    conditions: Vec<Condition>,
+}
+
+/// A user's API token as the engine holds it: a digest, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UserToken {
+    None,
+    Digest([u8; 32]),
+    /// `tokenSecretFile` could not be used: why (the file and the error).
+    Unreadable(String),
+}
+
+impl UserToken {
+    /// The token `spec` declares: its `tokenSha256`, or the digest of what its
+    /// `tokenSecretFile` holds (relative to the folder of `origin`'s file).
+    fn of(spec: &UserSpec, origin: &Origin) -> UserToken {
+        if let Some(h) = &spec.token_sha256 {
+            return hex::decode(h)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .map_or(UserToken::None, UserToken::Digest);
+        }
+        let Some(file) = &spec.token_secret_file else {
+            return UserToken::None;
+        };
+        let path = origin
+            .file
+            .parent()
+            .map_or_else(|| PathBuf::from(file), |d| d.join(file));
+        match std::fs::read_to_string(&path) {
+            Ok(t) if t.trim().is_empty() => {
+                UserToken::Unreadable(format!("{}: the file is empty", path.display()))
+            }
+            Ok(t) => UserToken::Digest(Sha256::digest(t.trim().as_bytes()).into()),
+            Err(e) => UserToken::Unreadable(format!("{}: {e}", path.display())),
+        }
+    }
 }
 
 struct DeploymentEntry {
@@ -852,8 +891,11 @@ impl<R: Runtime> Engine<R> {
             Input::Reinitialise(pool, reply) => {
                 let _ = reply.send(self.reinitialise(&pool));
             }
-            Input::ClaimAccess { name, admit, reply } => {
-                let _ = reply.send(self.claim_access(&name, admit));
+            Input::Claim(name, reply) => {
+                let _ = reply.send(self.claim_brief(&name));
+            }
+            Input::CreateClaim { claim, reply } => {
+                let _ = reply.send(self.create_claim(claim));
             }
             Input::LogMatch {
                 instance,
@@ -864,19 +906,67 @@ impl<R: Runtime> Engine<R> {
         }
     }
 
+    /// Reads user `name`'s token again (its `tokenSecretFile` may have changed) and sets its
+    /// `TokenReady` condition. True when the token changed.
+    fn refresh_token(&mut self, name: &str, now: u64) -> bool {
+        let Some(u) = self.users.get_mut(name) else {
+            return false;
+        };
+        let token = UserToken::of(&u.spec, &u.origin);
+        let changed = token != u.token;
+        let (ready, reason, message) = match (&token, &u.spec.token_secret_file) {
+            (UserToken::Unreadable(why), _) => (false, "TokenFileUnreadable", why.clone()),
+            (UserToken::Digest(_), Some(f)) => {
+                (true, "TokenFileRead", format!("token read from {f}"))
+            }
+            (UserToken::Digest(_), None) => (true, "TokenSha256", "token digest declared".into()),
+            (UserToken::None, _) => {
+                u.conditions.retain(|c| c.type_ != "TokenReady");
+                u.token = token;
+                return changed;
+            }
+        };
+        if status::set_condition(
+            &mut u.conditions,
+            "TokenReady",
+            ready,
+            reason,
+            &message,
+            now,
+        ) && !ready
+        {
+            warn!(user = name, "{message}");
+            u.events.push(true, reason, message, now);
+        }
+        u.token = token;
+        changed
+    }
+
+    /// Reads every `tokenSecretFile` again (at each resync): a rotated token works from then on.
+    fn reload_token_files(&mut self) {
+        let now = self.clock.now_ms();
+        let names: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, u)| u.spec.token_secret_file.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut changed = false;
+        for name in names {
+            changed |= self.refresh_token(&name, now);
+        }
+        if changed {
+            self.publish_tokens();
+        }
+    }
+
     /// Rebuilds the token index the API reads. A digest that two users declare authenticates
     /// neither (and says so): a token must name one user.
     fn publish_tokens(&self) {
         let mut index: HashMap<[u8; 32], TokenOwner> = HashMap::new();
         let mut ambiguous = std::collections::HashSet::new();
         for (name, u) in &self.users {
-            let Some(digest) = u
-                .spec
-                .token_sha256
-                .as_deref()
-                .and_then(|h| hex::decode(h).ok())
-                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-            else {
+            let UserToken::Digest(digest) = u.token else {
                 continue;
             };
             let owner = TokenOwner {
@@ -886,7 +976,7 @@ impl<R: Runtime> Engine<R> {
             if let Some(first) = index.insert(digest, owner) {
                 warn!(
                     users = %format!("{}, {name}", first.user),
-                    "two users declare the same tokenSha256: that token authenticates neither"
+                    "two users declare the same token: it authenticates neither"
                 );
                 ambiguous.insert(digest);
             }
@@ -925,27 +1015,42 @@ impl<R: Runtime> Engine<R> {
         Some(warm.len())
     }
 
-    /// See [`EngineHandle::claim_access`]: the claim, and the verdict `admit` over the user's
-    /// claims that are not over (in arrival order) followed by the new one.
-    fn claim_access(&self, name: &str, new: Option<(String, String)>) -> ClaimAccess {
-        use crate::core::claims::ClaimFacts;
-        let claim = self.claims.get(name).map(|c| ClaimBrief {
+    /// See [`EngineHandle::create_claim`].
+    fn create_claim(&mut self, claim: Object) -> Creation {
+        let Spec::Claim(spec) = &claim.spec else {
+            return Creation::Refused("NotAClaim", format!("{} is not a claim", claim.key()));
+        };
+        if let Some(existing) = self.claim_brief(&claim.name) {
+            return Creation::Exists(existing);
+        }
+        if let Some((reason, message)) = self.refusal_of_new(&spec.user, &spec.pool) {
+            return Creation::Refused(reason, message);
+        }
+        let now = self.clock.now_ms();
+        self.apply_object(claim, now);
+        Creation::Created
+    }
+
+    fn claim_brief(&self, name: &str) -> Option<ClaimBrief> {
+        self.claims.get(name).map(|c| ClaimBrief {
             spec: c.spec.clone(),
             origin: c.origin.clone(),
-        });
-        let refusal = new.and_then(|(user, pool)| {
-            let new = ClaimFacts {
-                name: "",
-                pool: &pool,
-                user: &user,
-                bound: false,
-            };
-            match self.admit_claims_of(&user, Some(new)).1.pop()? {
-                Verdict::Refuse { reason, message } => Some((reason, message)),
-                Verdict::Admit => None,
-            }
-        });
-        ClaimAccess { claim, refusal }
+        })
+    }
+
+    /// Why a new claim of `user` on `pool` would be refused now: the engine's own admission
+    /// over the user's claims that are not over (in arrival order) followed by the new one.
+    fn refusal_of_new(&self, user: &str, pool: &str) -> Option<(&'static str, String)> {
+        let new = crate::core::claims::ClaimFacts {
+            name: "",
+            pool,
+            user,
+            bound: false,
+        };
+        match self.admit_claims_of(user, Some(new)).1.pop()? {
+            Verdict::Refuse { reason, message } => Some((reason, message)),
+            Verdict::Admit => None,
+        }
     }
 
     fn spawn_list(&mut self) {
@@ -1153,7 +1258,6 @@ pub fn parse_tar(reader: impl std::io::Read, what: &str) -> Result<Vec<(String, 
             .map_err(|e| fail(&e))?
             .to_string_lossy()
             .into_owned();
-        let rel = Path::new(&name);
         let kind = entry.header().entry_type();
         if kind.is_dir() {
             continue;
@@ -1163,19 +1267,11 @@ pub fn parse_tar(reader: impl std::io::Read, what: &str) -> Result<Vec<(String, 
                 "{name}: only regular files are copied (links, devices and the like are not)"
             )));
         }
-        // `./a` is `a`; anything else must pass the rule for claims' file paths.
-        let clean: std::path::PathBuf = rel
-            .components()
-            .filter(|c| *c != std::path::Component::CurDir)
-            .collect();
-        if !crate::runtime::is_plain_relative(&clean) {
+        let Some(clean) = crate::upload::clean_relative(&name) else {
             return Err(fail(&format!(
                 "{name}: paths must be relative and stay inside the mount path"
             )));
-        }
-        if clean.as_os_str().is_empty() {
-            continue;
-        }
+        };
         let mut bytes = Vec::new();
         entry.read_to_end(&mut bytes).map_err(|e| fail(&e))?;
         out.push((clean.to_string_lossy().into_owned(), bytes));
@@ -1320,11 +1416,14 @@ impl<R: Runtime> Engine<R> {
                     origin: obj.origin.clone(),
                     generation,
                     events: Events::default(),
+                    token: UserToken::None,
+                    conditions: Vec::new(),
                 });
                 entry.spec = spec;
                 entry.origin = obj.origin;
                 entry.generation = generation;
-                self.dirty_users.insert(name);
+                self.dirty_users.insert(name.clone());
+                self.refresh_token(&name, now);
                 self.publish_tokens();
             }
             Spec::Deployment(spec) => {

@@ -92,6 +92,7 @@ impl<R: Runtime> Engine<R> {
     /// unless it was reported since the list began: a creation that returned meanwhile is not
     /// in a list taken before it.
     pub(super) fn on_listed(&mut self, epoch: u32, r: Result<Vec<Instance>, RuntimeError>) {
+        self.reload_token_files();
         let list = match r {
             Ok(l) => l,
             Err(e) => {
@@ -2385,7 +2386,7 @@ impl<R: Runtime> Engine<R> {
             let s = UserStatus {
                 observed_generation: Some(u.generation),
                 active_claims: active,
-                conditions: Vec::new(),
+                conditions: u.conditions.clone(),
             };
             objects.push(view(
                 Kind::User,

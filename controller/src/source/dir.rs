@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -41,9 +42,53 @@ struct FileState {
     flagged: BTreeSet<String>,
 }
 
+/// Files whose text was just written by poolkeeper itself (claims made through the API), with
+/// the objects that text declares: when the watcher reads such a file and finds that very
+/// text, it takes these objects instead of parsing it again. Any other content is parsed as
+/// usual, so a file changed in between is never mistaken for what was written.
+#[derive(Clone, Default)]
+pub struct Prepared(Arc<Mutex<HashMap<PathBuf, Written>>>);
+
+/// A text as written, and the objects it declares.
+type Written = (Vec<u8>, Vec<Object>);
+
+/// Entries the watcher has not read back yet (their files removed meanwhile, say) are dropped
+/// beyond this many: they only cost a parse.
+const PREPARED_MAX: usize = 4096;
+
+impl Prepared {
+    /// `path` is about to hold `text`, which declares `objects`.
+    pub fn put(&self, path: PathBuf, text: Vec<u8>, objects: Vec<Object>) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= PREPARED_MAX {
+            m.clear();
+        }
+        m.insert(path, (text, objects));
+    }
+
+    pub fn forget(&self, path: &Path) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+    }
+
+    /// The objects of `path` if `bytes` is the text that was put for it (taken once).
+    fn take(&self, path: &Path, bytes: &[u8]) -> Option<Vec<Object>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (text, _) = m.get(path)?;
+        if text.as_slice() != bytes {
+            m.remove(path);
+            return None;
+        }
+        m.remove(path).map(|(_, objects)| objects)
+    }
+}
+
 /// The directory's view: which file declares what.
 pub struct DirState {
     root: PathBuf,
+    prepared: Prepared,
     files: BTreeMap<PathBuf, FileState>,
     objects: HashMap<ObjKey, (PathBuf, Object)>,
     /// Objects that a file let go of during the current update (removed, renamed away, or no
@@ -59,8 +104,13 @@ pub struct Changes {
 
 impl DirState {
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self::with_prepared(root, Prepared::default())
+    }
+
+    pub fn with_prepared(root: impl Into<PathBuf>, prepared: Prepared) -> Self {
         DirState {
             root: root.into(),
+            prepared,
             files: BTreeMap::new(),
             objects: HashMap::new(),
             released: BTreeMap::new(),
@@ -192,7 +242,16 @@ impl DirState {
     }
 
     fn load_file(&mut self, file: &Path, changes: &mut Changes) {
-        let parsed = loader::parse_file(file);
+        let parsed = match std::fs::read(file) {
+            Ok(bytes) => match self.prepared.take(file, &bytes) {
+                Some(objects) => loader::ParsedFile {
+                    objects,
+                    diagnostics: Vec::new(),
+                },
+                None => loader::parse_bytes(file, bytes),
+            },
+            Err(e) => loader::unreadable(file, &e),
+        };
         let mut diagnostics = parsed.diagnostics.clone();
         let clean = parsed.is_clean();
         let mut now_owned = BTreeSet::new();
@@ -309,10 +368,12 @@ impl DirState {
 
 /// Loads `root`, tells the engine, then watches until the engine stops.
 /// Returns after the initial load has been handed to the engine; the watch runs in a task.
+/// `prepared`: texts the API writes (see [`Prepared`]).
 pub async fn run(
     root: PathBuf,
     engine: EngineHandle,
     rescan_every: Duration,
+    prepared: Prepared,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let root = std::fs::canonicalize(&root)
         .map_err(|e| anyhow::anyhow!("cannot open directory {}: {e}", root.display()))?;
@@ -326,7 +387,7 @@ pub async fn run(
     watcher.watch(&root, RecursiveMode::NonRecursive)?;
     let mut watched = BTreeSet::new();
     watch_folders(&mut watcher, &root, &mut watched);
-    let mut state = DirState::new(root.clone());
+    let mut state = DirState::with_prepared(root.clone(), prepared);
     let initial = state.rescan();
     let objects = state.objects.len();
     for ev in initial.events {
