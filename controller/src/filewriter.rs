@@ -13,7 +13,7 @@
 //! nothing waits for a timer. The price of `syncfs`: it also flushes whatever else is dirty on
 //! that filesystem at the time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -110,7 +110,7 @@ fn run(rx: &mpsc::Receiver<Job>) {
             .zip(&results)
             .filter(|(j, r)| j.bytes.is_some() && r.is_ok())
             .map(|(j, _)| j);
-        let folders: Vec<&Path> = staged
+        let folders: BTreeSet<&Path> = staged
             .chain(applied.iter().map(|(j, _)| j))
             .filter_map(|j| j.path.parent())
             .collect();
@@ -172,9 +172,9 @@ fn answer_after_folder_syncs(applied: Vec<Applied>) {
     }
 }
 
-/// `syncfs` once per filesystem holding one of `folders`; the failures, with the folders of
-/// the filesystem that failed.
-fn flush_filesystems(folders: &[&Path]) -> Vec<(Vec<PathBuf>, std::io::Error)> {
+/// `syncfs` once per filesystem holding one of `folders` (each opened once); the failures,
+/// with the folders of the filesystem that failed.
+fn flush_filesystems(folders: &BTreeSet<&Path>) -> Vec<(Vec<PathBuf>, std::io::Error)> {
     use std::os::unix::fs::MetadataExt;
     let mut by_device: BTreeMap<u64, (std::io::Result<std::fs::File>, Vec<PathBuf>)> =
         BTreeMap::new();

@@ -76,12 +76,8 @@ impl Prepared {
     /// The objects of `path` if `bytes` is the text that was put for it (taken once).
     fn take(&self, path: &Path, bytes: &[u8]) -> Option<Vec<Object>> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (text, _) = m.get(path)?;
-        if text.as_slice() != bytes {
-            m.remove(path);
-            return None;
-        }
-        m.remove(path).map(|(_, objects)| objects)
+        let (text, objects) = m.remove(path)?;
+        (text == bytes).then_some(objects)
     }
 }
 
