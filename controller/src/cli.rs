@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::engine::status::{ObjectView, Snapshot};
 use crate::engine::{self, EngineConfig};
@@ -709,6 +709,14 @@ async fn run_with<R: crate::runtime::Runtime>(
     std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
     let admin_token = api.admin_token()?;
     let webhooks = api.webhooks()?;
+    // What a crash left of the API's claim files while they were being created: never
+    // acknowledged, so removed before the folder is read.
+    let managed = crate::server::managed_dir(&dir);
+    let unfinished = crate::filewriter::remove_unfinished(&managed)
+        .with_context(|| format!("removing unfinished files from {}", managed.display()))?;
+    for path in unfinished {
+        warn!(file = %path.display(), "removed a file a crash left unfinished (its creation was never acknowledged)");
+    }
     // Bound before anything starts, so that a taken address is an error at once.
     let listener = match api.listen.as_str() {
         "off" => None,

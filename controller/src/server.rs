@@ -46,8 +46,9 @@ pub struct ApiState {
     dir: PathBuf,
     admin_sha256: Option<[u8; 32]>,
     webhooks: Option<WebhookConfig>,
-    /// Signatures seen within the replay window, with their timestamp.
-    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Webhook signatures that could still verify, as kept in the state folder: a request is
+    /// acted on only once its signature is recorded there.
+    seen: tokio::sync::Mutex<crate::webhook::SeenSignatures>,
     /// Claim files are written and removed through it (folder syncs in groups).
     files: crate::filewriter::FileWriter,
     /// Edits of declared files (admin operations) one at a time.
@@ -74,12 +75,16 @@ impl ApiState {
     ) -> std::io::Result<Self> {
         // Canonical, as the watcher names files: a claim's origin is compared with it.
         let dir = std::fs::canonicalize(&dir)?;
+        let seen = match webhooks {
+            Some(_) => read_seen(&seen_path(&dir))?,
+            None => Default::default(),
+        };
         Ok(ApiState {
             handle,
             dir,
             admin_sha256: admin_token.map(sha256),
             webhooks,
-            seen: Default::default(),
+            seen: tokio::sync::Mutex::new(seen),
             files: crate::filewriter::FileWriter::new()?,
             edits: tokio::sync::Mutex::new(()),
             prepared: Default::default(),
@@ -645,7 +650,7 @@ fn refused((reason, message): (&'static str, String)) -> ApiError {
     }
 }
 
-fn managed_dir(dir: &Path) -> PathBuf {
+pub(crate) fn managed_dir(dir: &Path) -> PathBuf {
     dir.join(MANAGED_CLAIMS)
 }
 
@@ -804,12 +809,23 @@ async fn create_and_write(
         .prepared
         .put(path.to_path_buf(), text.clone(), vec![claim]);
     let written = match record() {
-        Ok(()) => state.files.write(path.to_path_buf(), text).await,
+        Ok(()) => state.files.create(path.to_path_buf(), text).await,
         Err(e) => Err(e),
     };
     if let Err(e) = written {
         state.prepared.forget(path);
         let _ = state.handle.delete(ObjKey::new(Kind::Claim, name));
+        // A file of that name that holds no claim (one that does not load, say) is someone's
+        // to look at: it is left as it is.
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{} exists but holds no claim {name} that loaded: fix or remove it",
+                    path.display()
+                ),
+            ));
+        }
         if path.exists() {
             let _ = state.files.remove(path.to_path_buf()).await;
         }
@@ -1165,6 +1181,39 @@ fn write_reservation(dir: &Path, claim: &str, r: &Reservation) -> std::io::Resul
     crate::filewriter::write_now(&reservation_path(dir, claim), &bytes)
 }
 
+/// Where the webhook signatures seen are kept.
+fn seen_path(dir: &Path) -> PathBuf {
+    crate::cli::state_dir(dir).join("webhook-signatures.json")
+}
+
+/// The signatures recorded before a restart; none when the file is not there yet. A file that
+/// cannot be read is an error naming it, not a fresh start that would accept replays.
+fn read_seen(path: &Path) -> std::io::Result<crate::webhook::SeenSignatures> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("reading {}: {e}", path.display()),
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: line {} column {}: {e} (the webhook signatures seen; remove the file \
+                 only if no signed request of the last {} s may be replayed)",
+                path.display(),
+                e.line(),
+                e.column(),
+                crate::webhook::REPLAY_WINDOW_SECS
+            ),
+        )
+    })
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1177,7 +1226,7 @@ pub(crate) async fn reservation(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    use crate::webhook::{HEADER_SIGNATURE, HEADER_TIMESTAMP, REPLAY_WINDOW_SECS};
+    use crate::webhook::{HEADER_SIGNATURE, HEADER_TIMESTAMP};
     let Some(cfg) = &state.webhooks else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -1187,26 +1236,40 @@ pub(crate) async fn reservation(
     let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
     let signature = header(HEADER_SIGNATURE);
     let now = unix_now();
-    crate::webhook::verify(&cfg.secret, header(HEADER_TIMESTAMP), signature, &body, now)
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    let signed =
+        crate::webhook::verify(&cfg.secret, header(HEADER_TIMESTAMP), signature, &body, now)
+            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    let event: crate::webhook::ReservationEvent = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     {
-        let mut seen = state.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.retain(|_, at| now.abs_diff(*at) <= REPLAY_WINDOW_SECS);
-        let sig = signature.unwrap_or_default().to_owned();
-        if seen.insert(sig, now).is_some() {
+        // Recorded durably before anything is done: a crash after acting cannot make the
+        // same request acceptable again. Requests wait on each other here (webhooks are
+        // rare); the file is then written in the order its records were made.
+        let mut seen = state.seen.lock().await;
+        if !seen.record(&signed, now) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "this signed request was already received (a replay)",
             ));
         }
+        let written = match serde_json::to_vec(&*seen) {
+            Ok(bytes) => state.files.write(seen_path(&state.dir), bytes).await,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        if let Err(e) = written {
+            seen.forget(&signed);
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("recording the request's signature: {e}"),
+            ));
+        }
     }
-    let event: crate::webhook::ReservationEvent = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     let name = crate::webhook::claim_name(&event.resource_name);
     let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
     match event.event.as_str() {
         "release" => {
-            let existed = match std::fs::remove_file(&path) {
+            state.prepared.forget(&path);
+            let existed = match state.files.remove(path).await {
                 Ok(()) => true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => {
@@ -1216,7 +1279,17 @@ pub(crate) async fn reservation(
                     ));
                 }
             };
-            let _ = std::fs::remove_file(reservation_path(&state.dir, &name));
+            match state
+                .files
+                .remove(reservation_path(&state.dir, &name))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(claim = %name, error = %e, "cannot remove the reservation's record")
+                }
+            }
             if existed {
                 let _ = state
                     .handle

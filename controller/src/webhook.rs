@@ -58,6 +58,16 @@ pub enum SignatureError {
     Mismatch,
 }
 
+/// A request whose signature verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// Its timestamp (unix seconds).
+    pub at: u64,
+    /// Its signature in one canonical form (`sha256=<lowercase hex>`), whatever form it came
+    /// in: a replay is recognised by it.
+    pub key: String,
+}
+
 /// Checks a request's signature at time `now` (unix seconds).
 pub fn verify(
     secret: &[u8],
@@ -65,7 +75,7 @@ pub fn verify(
     signature: Option<&str>,
     body: &[u8],
     now: u64,
-) -> Result<(), SignatureError> {
+) -> Result<Signed, SignatureError> {
     let ts = timestamp.ok_or(SignatureError::Missing(HEADER_TIMESTAMP))?;
     let sig = signature.ok_or(SignatureError::Missing(HEADER_SIGNATURE))?;
     let ts: u64 = ts
@@ -84,9 +94,45 @@ pub fn verify(
         format!("sha256={got}")
     };
     if same_bytes(want.as_bytes(), got.as_bytes()) {
-        Ok(())
+        Ok(Signed { at: ts, key: want })
     } else {
         Err(SignatureError::Mismatch)
+    }
+}
+
+/// The signatures accepted while they could still verify (until their timestamp is more than
+/// the window in the past), with their timestamps. The API keeps them in its state folder, so
+/// that a restart does not make a replay acceptable again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SeenSignatures(BTreeMap<String, u64>);
+
+impl SeenSignatures {
+    /// Records `signed`, received at `now`: false when it was recorded already (a replay).
+    /// Signatures that can no longer verify are forgotten.
+    pub fn record(&mut self, signed: &Signed, now: u64) -> bool {
+        self.0
+            .retain(|_, at| at.saturating_add(REPLAY_WINDOW_SECS) >= now);
+        match self.0.entry(signed.key.clone()) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(signed.at);
+                true
+            }
+        }
+    }
+
+    /// Forgets `signed` (its request was not acted on).
+    pub fn forget(&mut self, signed: &Signed) {
+        self.0.remove(&signed.key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -200,15 +246,19 @@ mod tests {
     fn signatures_are_checked_with_a_window() {
         let body = br#"{"event":"provision"}"#;
         let sig = sign(b"s3cret", 1_000, body);
+        let signed = Signed {
+            at: 1_000,
+            key: sig.clone(),
+        };
         assert_eq!(
             verify(b"s3cret", Some("1000"), Some(&sig), body, 1_100),
-            Ok(())
+            Ok(signed.clone())
         );
-        // Without the prefix too.
+        // Without the prefix too, and with the same key: a replay cannot hide by its form.
         let bare = sig.trim_start_matches("sha256=");
         assert_eq!(
             verify(b"s3cret", Some("1000"), Some(bare), body, 1_000),
-            Ok(())
+            Ok(signed)
         );
         assert_eq!(
             verify(b"other", Some("1000"), Some(&sig), body, 1_000),
@@ -235,6 +285,35 @@ mod tests {
             verify(b"s3cret", Some("soon"), Some(&sig), body, 1_000),
             Err(SignatureError::BadTimestamp)
         );
+    }
+
+    #[test]
+    fn a_signature_is_a_replay_while_it_could_still_verify() {
+        let body = b"{}";
+        let at = |ts: u64| Signed {
+            at: ts,
+            key: sign(b"k", ts, body),
+        };
+        let mut seen = SeenSignatures::default();
+        assert!(seen.record(&at(1_000), 1_000));
+        assert!(!seen.record(&at(1_000), 1_200), "the same signature again");
+        // A timestamp ahead of the clock verifies until it is a window in the past: kept so
+        // long, though received long before.
+        assert!(seen.record(&at(1_290), 1_000));
+        assert!(!seen.record(&at(1_290), 1_590));
+        // At 1,301 the first can no longer verify: forgotten; the second is kept.
+        assert!(seen.record(&at(1_301), 1_301));
+        assert_eq!(seen.len(), 2);
+        assert!(
+            verify(b"k", Some("1000"), Some(&at(1_000).key), body, 1_301).is_err(),
+            "what is forgotten no longer verifies"
+        );
+        seen.forget(&at(1_301));
+        assert!(seen.record(&at(1_301), 1_301), "forgotten: accepted again");
+        // Kept on disk as a plain map.
+        let json = serde_json::to_string(&seen).expect("json");
+        let back: SeenSignatures = serde_json::from_str(&json).expect("back");
+        assert_eq!(back, seen);
     }
 
     #[test]

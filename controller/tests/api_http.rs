@@ -130,30 +130,41 @@ impl Api {
         std::fs::write(dir.path().join("bob.yaml"), BOBS_FILE_CLAIM).unwrap();
         let token = dir.path().join("admin.token");
         std::fs::write(&token, format!("{ADMIN}\n")).unwrap();
-        // The token file is not a spec: keep it out of the watched folder's specs.
-        let child = Command::new(BIN)
-            .args([
-                "run",
-                "--runtime",
-                "memory",
-                "--listen",
-                "127.0.0.1:0",
-                "--dir",
-            ])
-            .arg(dir.path())
-            .arg("--admin-token-file")
-            .arg(&token)
-            .args(
-                extra
-                    .iter()
-                    .map(|a| a.replace("SECRET_FILE", &secret.to_string_lossy())),
-            )
-            .stdin(Stdio::null())
+        let (child, addr) = Self::spawn_in(dir.path(), extra);
+        Api { child, addr, dir }
+    }
+
+    /// The command that serves the API for `dir` (whose files `start_with` wrote).
+    fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
+        let secret = dir.join("webhook.secret");
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "run",
+            "--runtime",
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+        ])
+        .arg(dir)
+        .arg("--admin-token-file")
+        .arg(dir.join("admin.token"))
+        .args(
+            extra
+                .iter()
+                .map(|a| a.replace("SECRET_FILE", &secret.to_string_lossy())),
+        )
+        .stdin(Stdio::null());
+        cmd
+    }
+
+    fn spawn_in(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
+        let child = Self::command(dir, extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let status = dir.path().join(".poolkeeper/status.json");
+        let status = dir.join(".poolkeeper/status.json");
         let start = Instant::now();
         let addr = loop {
             let api = std::fs::read(&status)
@@ -169,7 +180,18 @@ impl Api {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        Api { child, addr, dir }
+        (child, addr)
+    }
+
+    /// Kills the controller (no clean stop) and starts it again on the same folder.
+    fn restart(&mut self, extra: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The killed process's status still names its address.
+        std::fs::remove_file(self.dir.path().join(".poolkeeper/status.json")).unwrap();
+        let (child, addr) = Self::spawn_in(self.dir.path(), extra);
+        self.child = child;
+        self.addr = addr;
     }
 
     /// One request; the status code and the JSON body (Null when not JSON).
@@ -548,6 +570,34 @@ fn concurrent_claims_are_admitted_exactly_up_to_the_quota() {
     }
     let (_, v) = api.get("/api/v1/claims", BOB);
     assert_eq!(names(&v).len(), 5, "{v}");
+
+    // A file in the API's folder that holds no claim that loads (here, YAML cut short) is
+    // neither overwritten nor removed by a claim of its name: a 409 names it.
+    let broken = api.managed("race-x");
+    std::fs::write(&broken, "kind: Claim\nspec: {pool: [\n").unwrap();
+    // (Bob's quota is full: one claim goes first.)
+    let (code, _) = api.call("DELETE", "/api/v1/claims/race-0", Some(BOB), None);
+    assert_eq!(code, 200);
+    wait_for("race-0 released", || {
+        api.get("/api/v1/claims/race-0", BOB).0 == 404
+    });
+    let (code, v) = api.post(
+        "/api/v1/claims",
+        BOB,
+        &json!({"name": "race-x", "pool": "web"}),
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("race-x.yaml")),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&broken).unwrap(),
+        "kind: Claim\nspec: {pool: [\n"
+    );
+    assert_eq!(api.get("/api/v1/claims/race-x", BOB).0, 404);
 }
 
 /// A `User` may keep its token in a secret file instead of declaring its digest: the token
@@ -802,6 +852,78 @@ fn a_signed_reservation_becomes_a_bound_claim_and_a_signed_callback_with_retries
         assert!(start.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_replay_is_refused_after_a_restart_too_and_an_unreadable_record_stops_the_start() {
+    let hooks = ["--webhook-secret-file", "SECRET_FILE"];
+    let mut api = Api::start_with(&hooks);
+    let provision = json!({
+        "event": "provision", "resource_name": "Desk 7", "username": "alice",
+        "custom_parameters": {"image": "nginx"}
+    });
+    let ts = now();
+    let body = provision.to_string();
+    let sig = poolkeeper::webhook::sign(SECRET.as_bytes(), ts, body.as_bytes());
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
+    assert_eq!(code, 201, "{v}");
+    let release = json!({"event": "release", "resource_name": "Desk 7", "username": "alice"});
+    let (code, v) = api.hook(&release, now(), SECRET);
+    assert_eq!((code, v["released"].clone()), (200, json!(true)), "{v}");
+    assert_eq!(api.claim_files(), 0);
+
+    // Killed and started again: the provision replayed within its window is still a replay,
+    // in either form of its signature, and provisions nothing. A claim file a crash left
+    // empty (its creation never acknowledged) is gone after the start; other files stay.
+    let cut = api.managed("cut-short");
+    std::fs::write(&cut, "").unwrap();
+    api.restart(&hooks);
+    assert!(!cut.exists(), "the empty claim file was left");
+    assert!(api.dir.path().join("bob.yaml").exists());
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
+    assert_eq!(code, 409, "replay after a restart: {v}");
+    let bare = sig.trim_start_matches("sha256=");
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), bare);
+    assert_eq!(code, 409, "the same signature without its prefix: {v}");
+    assert_eq!(api.claim_files(), 0);
+    // A fresh signature (another timestamp) is a new request: it provisions again.
+    let (code, v) = api.hook(&provision, ts + 7, SECRET);
+    assert_eq!(code, 201, "{v}");
+
+    // A record that cannot be read stops the start, naming the file, rather than starting
+    // with no record (which would accept replays).
+    let _ = api.child.kill();
+    let _ = api.child.wait();
+    let record = api.dir.path().join(".poolkeeper/webhook-signatures.json");
+    std::fs::write(&record, "{\"sha256=ab\": \"x\"").unwrap();
+    let mut child = Api::command(api.dir.path(), &hooks)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the controller");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the controller started with a broken record");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("webhook-signatures.json") && stderr.contains("line 1"),
+        "{stderr}"
+    );
 }
 
 // ---- the CLI through the API -------------------------------------------------------------
