@@ -14,7 +14,7 @@
 //! load one flush serves many claims, and with no load nothing waits for a timer. The price of `syncfs`: it also flushes whatever else is dirty on
 //! that filesystem at the time.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -86,26 +86,134 @@ impl FileWriter {
 /// A write renamed into place and the outcome so far: answered once durable.
 type Applied = (Job, std::io::Result<()>);
 
+/// How a change stands once its round's files are written, before the round's flush.
+enum Staged {
+    /// Applied whole (a new file named, a removal): answered after this round's flush.
+    Done,
+    /// Its temporary written: renamed into place after this round's flush.
+    Temporary,
+    /// A new file's content written into this spare: named after this round's flush.
+    Spare(PathBuf),
+}
+
+/// Files removed, kept under hidden names (`.spare-N`, which the watcher ignores) so that a
+/// new file can take one over instead of the filesystem making and freeing an inode each time
+/// (on ext4 without a journal, making an inode scans past every one freed in the last minute:
+/// under a steady churn of claims that cost most of the writer's time). A spare is handed out
+/// only after the flush that made its renaming durable, so that what is written into it can
+/// never land under the name it had. At most [`Spares::MAX`] in all; the rest are removed, and
+/// all of them when the writer ends (or, after a crash, at the next start).
+#[derive(Default)]
+struct Spares {
+    ready: HashMap<PathBuf, Vec<PathBuf>>,
+    /// Made in this round: ready once its flush succeeded.
+    made: Vec<PathBuf>,
+    count: usize,
+    next: u64,
+}
+
+impl Spares {
+    const MAX: usize = 256;
+
+    /// Keeps the file at `path` as a spare, or removes it when there are enough.
+    fn remove(&mut self, path: &Path) -> std::io::Result<()> {
+        let Some(folder) = path.parent() else {
+            return std::fs::remove_file(path);
+        };
+        if self.count >= Self::MAX {
+            return std::fs::remove_file(path);
+        }
+        self.next += 1;
+        let spare = folder.join(format!(".spare-{}", self.next));
+        std::fs::rename(path, &spare)?;
+        self.count += 1;
+        self.made.push(spare);
+        Ok(())
+    }
+
+    /// Removes every spare (the writer is ending).
+    fn clear(&mut self) {
+        for spare in self
+            .ready
+            .drain()
+            .flat_map(|(_, v)| v)
+            .chain(self.made.drain(..))
+        {
+            let _ = std::fs::remove_file(spare);
+        }
+        self.count = 0;
+    }
+
+    fn take(&mut self, folder: &Path) -> Option<PathBuf> {
+        let spare = self.ready.get_mut(folder)?.pop()?;
+        self.count -= 1;
+        Some(spare)
+    }
+
+    fn put_back(&mut self, spare: PathBuf) {
+        if let Some(folder) = spare.parent() {
+            self.count += 1;
+            self.ready
+                .entry(folder.to_path_buf())
+                .or_default()
+                .push(spare);
+        }
+    }
+
+    /// The round's flush ended: its spares are ready, but those of a folder it failed to make
+    /// durable, which are forgotten (left as hidden files until the next start).
+    fn flushed(&mut self, failed: impl Fn(&Path) -> bool) {
+        for spare in std::mem::take(&mut self.made) {
+            match spare.parent() {
+                Some(folder) if !failed(&spare) => self
+                    .ready
+                    .entry(folder.to_path_buf())
+                    .or_default()
+                    .push(spare),
+                _ => self.count -= 1,
+            }
+        }
+    }
+}
+
+/// Writes `bytes` over what `spare` holds.
+fn overwrite(spare: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // Not truncated to nothing first: on ext4 that starts a writeback at once.
+    let mut f = std::fs::OpenOptions::new().write(true).open(spare)?;
+    f.write_all(bytes)?;
+    f.set_len(bytes.len() as u64)
+}
+
 /// The writer thread. Each round takes a batch (every change waiting, up to a second change
 /// of one path, which waits for the next round: changes of a path stay in order), writes its
-/// temporaries, renames its new files into place, applies its removals, and flushes their
-/// filesystems once: that flush makes those durable, and the previous round's replacing
-/// renames, and those changes are answered. Then this round's replacing renames are applied.
+/// files, and flushes their filesystems once; then it answers what that flush made durable,
+/// and applies the renames that had to wait for it. Within a round:
+/// - a removal renames its file to a spare (or removes it): answered after this flush;
+/// - a creation writes into a spare when there is one, renamed into place (never over another
+///   file) after this flush, so answered after the next; without a spare it writes a
+///   temporary and renames it at once, both made durable by this flush (a crash before can
+///   leave the file empty: [`remove_unfinished`]);
+/// - a replacement writes a temporary, renamed over the file after this flush, so answered
+///   after the next (a crash leaves the old content or the new).
+///
 /// When nothing new arrives, the renames applied last are made durable by syncing their
-/// folders. Under load, one flush per round serves two rounds: a creation or a removal waits
-/// for one flush, a replacement for two.
+/// folders.
 ///
 /// (Applying the next round's changes while a flush runs, on a second thread, was measured
 /// slower: `syncfs` then also writes back the files created meanwhile.)
 fn run(rx: &mpsc::Receiver<Job>) {
     let mut next: Option<Job> = None;
     let mut applied: Vec<Applied> = Vec::new();
+    let mut spares = Spares::default();
     loop {
         let first = match next.take() {
             Some(j) => Some(j),
             None if applied.is_empty() => match rx.recv() {
                 Ok(j) => Some(j),
-                Err(_) => return,
+                Err(_) => {
+                    spares.clear();
+                    return;
+                }
             },
             None => rx.try_recv().ok(),
         };
@@ -122,22 +230,29 @@ fn run(rx: &mpsc::Receiver<Job>) {
             }
             batch.push(j);
         }
-        // A write's temporary is written now; a new file is also renamed into place and a
-        // removal applied, all made durable by this round's flush.
-        let results: Vec<std::io::Result<()>> = batch
+        let results: Vec<std::io::Result<Staged>> = batch
             .iter()
             .map(|j| match &j.change {
-                Change::Create(bytes) => stage(&j.path, bytes).and_then(|()| {
-                    rename_new(&temporary(&j.path), &j.path).inspect_err(|_| {
-                        let _ = std::fs::remove_file(temporary(&j.path));
-                    })
-                }),
-                Change::Replace(bytes) => stage(&j.path, bytes),
-                Change::Remove => std::fs::remove_file(&j.path),
+                Change::Create(bytes) => match j.path.parent().and_then(|f| spares.take(f)) {
+                    Some(spare) => match overwrite(&spare, bytes) {
+                        Ok(()) => Ok(Staged::Spare(spare)),
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&spare);
+                            Err(e)
+                        }
+                    },
+                    None => stage(&j.path, bytes)
+                        .and_then(|()| rename_new(&temporary(&j.path), &j.path))
+                        .map(|()| Staged::Done)
+                        .inspect_err(|_| {
+                            let _ = std::fs::remove_file(temporary(&j.path));
+                        }),
+                },
+                Change::Replace(bytes) => stage(&j.path, bytes).map(|()| Staged::Temporary),
+                Change::Remove => spares.remove(&j.path).map(|()| Staged::Done),
             })
             .collect();
-        // The new temporaries' data, durable before any rename can be; this round's removals,
-        // and last round's renames with them.
+        // What this round wrote and named, and last round's renames: durable together.
         let folders: BTreeSet<&Path> = batch
             .iter()
             .zip(&results)
@@ -147,35 +262,52 @@ fn run(rx: &mpsc::Receiver<Job>) {
             .filter_map(|j| j.path.parent())
             .collect();
         let failed = flush_filesystems(&folders);
-        let after_flush = |path: &Path, res: std::io::Result<()>| {
-            res.and_then(|()| {
-                match failed
-                    .iter()
-                    .find(|(fs, _)| fs.iter().any(|f| path.starts_with(f)))
-                {
-                    Some((_, e)) => Err(std::io::Error::new(e.kind(), format!("syncing: {e}"))),
-                    None => Ok(()),
-                }
-            })
+        let flush_error = |path: &Path| {
+            failed
+                .iter()
+                .find(|(fs, _)| fs.iter().any(|f| path.starts_with(f)))
+                .map(|(_, e)| std::io::Error::new(e.kind(), format!("syncing: {e}")))
         };
+        spares.flushed(|spare| flush_error(spare).is_some());
         for (j, res) in applied.drain(..) {
-            let res = after_flush(&j.path, res);
+            let res = res.and_then(|()| flush_error(&j.path).map_or(Ok(()), Err));
             let _ = j.reply.send(res);
         }
         for (j, res) in batch.into_iter().zip(results) {
-            let res = after_flush(&j.path, res);
-            if !matches!(j.change, Change::Replace(_)) {
-                let _ = j.reply.send(res);
-                continue;
-            }
-            let res = match res {
-                Ok(()) => std::fs::rename(temporary(&j.path), &j.path),
-                Err(e) => {
-                    let _ = std::fs::remove_file(temporary(&j.path));
+            let res = res.and_then(|s| match flush_error(&j.path) {
+                Some(e) => {
+                    match s {
+                        Staged::Temporary => {
+                            let _ = std::fs::remove_file(temporary(&j.path));
+                        }
+                        Staged::Spare(spare) => spares.put_back(spare),
+                        Staged::Done => {}
+                    }
                     Err(e)
                 }
+                None => Ok(s),
+            });
+            let renamed = match res {
+                Err(e) => Err(e),
+                Ok(Staged::Done) => {
+                    let _ = j.reply.send(Ok(()));
+                    continue;
+                }
+                Ok(Staged::Temporary) => {
+                    std::fs::rename(temporary(&j.path), &j.path).inspect_err(|_| {
+                        let _ = std::fs::remove_file(temporary(&j.path));
+                    })
+                }
+                Ok(Staged::Spare(spare)) => {
+                    rename_new(&spare, &j.path).inspect_err(|_| spares.put_back(spare.clone()))
+                }
             };
-            applied.push((j, res));
+            match renamed {
+                Ok(()) => applied.push((j, Ok(()))),
+                Err(e) => {
+                    let _ = j.reply.send(Err(e));
+                }
+            }
         }
     }
 }
@@ -255,7 +387,7 @@ fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// What a crash left in `folder` (not its sub-folders) of changes never answered: temporaries
-/// (removed), and empty files, which only a [`FileWriter::create`] cut short leaves (removed:
+/// and spares (removed), and empty files, which only a [`FileWriter::create`] cut short leaves (removed:
 /// nothing was lost, as its caller was never told it was done). A file cut short with some of
 /// its content, which some filesystems can leave, is kept: it is not this writer's to judge,
 /// and whoever reads it reports it. The paths removed are returned.
@@ -274,7 +406,8 @@ pub fn remove_unfinished(folder: &Path) -> std::io::Result<Vec<PathBuf>> {
         }
         let name = entry.file_name().to_string_lossy().into_owned();
         let temporary = name.starts_with('.') && name.ends_with(".tmp");
-        if temporary || meta.len() == 0 {
+        let spare = name.starts_with(".spare-");
+        if temporary || spare || meta.len() == 0 {
             std::fs::remove_file(entry.path())?;
             removed.push(entry.path());
         }
@@ -313,6 +446,73 @@ fn stage(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The names in `folder` but the writer's spares.
+    fn visible(folder: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(folder)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".spare-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Removed files are kept as hidden spares and new files take them over (the same inode,
+    /// with exactly the new content, shorter than the old); at most `Spares::MAX`; all gone
+    /// when the writer ends.
+    #[tokio::test]
+    async fn removed_files_are_recycled_for_new_ones_and_cleared_at_the_end() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = FileWriter::new().expect("writer");
+        let old = dir.path().join("old.yaml");
+        w.create(old.clone(), vec![b'o'; 3000])
+            .await
+            .expect("create");
+        let inode = std::fs::metadata(&old).expect("old").ino();
+        w.remove(old.clone()).await.expect("remove");
+        let spares = || {
+            std::fs::read_dir(dir.path())
+                .expect("dir")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().starts_with(".spare-"))
+                })
+                .count()
+        };
+        assert_eq!(spares(), 1);
+        let new = dir.path().join("new.yaml");
+        w.create(new.clone(), b"kind: Claim\n".to_vec())
+            .await
+            .expect("create");
+        assert_eq!(std::fs::read(&new).expect("new"), b"kind: Claim\n");
+        assert_eq!(std::fs::metadata(&new).expect("new").ino(), inode);
+        assert_eq!(spares(), 0);
+        // Over the bound, removals remove.
+        let many: Vec<PathBuf> = (0..Spares::MAX + 10)
+            .map(|i| dir.path().join(format!("m{i}.yaml")))
+            .collect();
+        for r in
+            futures::future::join_all(many.iter().map(|p| w.create(p.clone(), b"m".to_vec()))).await
+        {
+            r.expect("create");
+        }
+        for r in futures::future::join_all(many.iter().map(|p| w.remove(p.clone()))).await {
+            r.expect("remove");
+        }
+        assert_eq!(spares(), Spares::MAX);
+        assert_eq!(visible(dir.path()), vec!["new.yaml".to_owned()]);
+        drop(w);
+        let start = std::time::Instant::now();
+        while spares() > 0 {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "spares left"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     #[tokio::test]
     async fn writes_and_removals_are_atomic_and_leave_no_temporaries() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -337,10 +537,7 @@ mod tests {
         assert_eq!(std::fs::read(&a).expect("a"), b"one");
         assert!(!b.exists(), "b was removed after its write");
         // No temporary is left behind.
-        let names: Vec<String> = std::fs::read_dir(dir.path().join("sub"))
-            .expect("read_dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
+        let names = visible(&dir.path().join("sub"));
         assert_eq!(names, vec!["a.yaml".to_owned()]);
         w.write(a.clone(), b"three".to_vec())
             .await
@@ -372,7 +569,7 @@ mod tests {
             r.expect("each change succeeds in its turn");
         }
         assert_eq!(std::fs::read(&x).expect("x"), b"2");
-        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 11);
+        assert_eq!(visible(dir.path()).len(), 11);
     }
 
     #[test]
@@ -383,13 +580,19 @@ mod tests {
         std::fs::write(p("cut.yaml"), "").expect("write");
         std::fs::write(p(".done.yaml.tmp"), "kind: Cl").expect("write");
         std::fs::write(p(".hidden.yaml"), "").expect("write");
+        std::fs::write(p(".spare-3"), "kind: Claim\n").expect("write");
         std::fs::create_dir(p("sub")).expect("mkdir");
         std::fs::write(p("sub/empty.yaml"), "").expect("write");
         let removed = remove_unfinished(dir.path()).expect("tidy");
         // An empty hidden file is empty all the same.
         assert_eq!(
             removed,
-            vec![p(".done.yaml.tmp"), p(".hidden.yaml"), p("cut.yaml")]
+            vec![
+                p(".done.yaml.tmp"),
+                p(".hidden.yaml"),
+                p(".spare-3"),
+                p("cut.yaml")
+            ]
         );
         assert!(p("done.yaml").exists() && p("sub/empty.yaml").exists());
         assert_eq!(
@@ -459,7 +662,7 @@ mod tests {
             );
         }
         assert_eq!(
-            std::fs::read_dir(dir.path()).expect("dir").count(),
+            visible(dir.path()).len(),
             model.len(),
             "no temporary is left"
         );
