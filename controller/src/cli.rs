@@ -243,9 +243,13 @@ pub struct ApiArgs {
     /// `POST /webhooks/reservations`.
     #[arg(long, value_name = "FILE")]
     pub webhook_secret_file: Option<PathBuf>,
-    /// Where reservation callbacks are POSTed (`http://HOST:PORT/PATH`).
+    /// Where reservation callbacks are POSTed (`https://HOST[:PORT]/PATH`, or `http://`).
     #[arg(long, value_name = "URL", requires = "webhook_secret_file")]
     pub notify_url: Option<String>,
+    /// Certificate authorities (PEM) trusted for an `https://` notification URL, besides the
+    /// system's.
+    #[arg(long, value_name = "FILE", requires = "notify_url")]
+    pub notify_ca_file: Option<PathBuf>,
     /// An image booking systems may ask for (repeat; default: the images of declared pools).
     #[arg(
         long = "webhook-image",
@@ -286,15 +290,17 @@ impl ApiArgs {
                 path.display()
             );
         }
-        if let Some(url) = &self.notify_url
-            && !url.starts_with("http://")
-        {
-            bail!("--notify-url {url}: only http:// URLs are supported");
-        }
+        let notify = match &self.notify_url {
+            Some(url) => Some(
+                crate::notify::Target::new(url, self.notify_ca_file.as_deref())
+                    .map_err(|e| anyhow::anyhow!("--notify-url: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Some(crate::server::WebhookConfig {
             secret: secret.into_bytes(),
             allowed_images: self.webhook_images.clone(),
-            notify_url: self.notify_url.clone(),
+            notify,
         }))
     }
 }

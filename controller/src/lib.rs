@@ -21,6 +21,7 @@ pub mod engine;
 pub mod filewriter;
 pub mod loader;
 pub mod model;
+pub mod notify;
 pub mod reach;
 pub mod runtime;
 pub mod server;

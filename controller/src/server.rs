@@ -63,7 +63,8 @@ pub struct ApiState {
 pub struct WebhookConfig {
     pub secret: Vec<u8>,
     pub allowed_images: Vec<String>,
-    pub notify_url: Option<String>,
+    /// Where callbacks go (checked at start).
+    pub notify: Option<crate::notify::Target>,
 }
 
 impl ApiState {
@@ -147,17 +148,14 @@ pub fn router(state: ApiState) -> Router {
 /// Serves the API until the listener fails; with a notification URL, also delivers the
 /// reservations' callbacks.
 pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::io::Result<()> {
-    if let Some(url) = state.webhooks.as_ref().and_then(|w| w.notify_url.clone()) {
-        let secret = state
-            .webhooks
-            .as_ref()
-            .map(|w| w.secret.clone())
-            .unwrap_or_default();
+    if let Some(cfg) = &state.webhooks
+        && let Some(target) = cfg.notify.clone()
+    {
         tokio::spawn(callbacks(
             state.handle.clone(),
             state.dir.clone(),
-            url,
-            secret,
+            Arc::new(target),
+            cfg.secret.clone(),
         ));
     }
     // Without TCP_NODELAY, a small write after another (an event on the stream, an answer
@@ -1370,7 +1368,7 @@ async fn provision(
         username: event.username.clone(),
         pool: pool.clone(),
         callback: CallbackState {
-            state: if cfg.notify_url.is_some() {
+            state: if cfg.notify.is_some() {
                 "Pending"
             } else {
                 "NotConfigured"
@@ -1425,7 +1423,12 @@ async fn provision(
 /// Delivers callbacks: when a reservation's claim is Bound (or Failed), POSTs the access
 /// details, signed, to `url`; retried with backoff (0.5 s doubling, 8 attempts); the state is
 /// kept in the reservation record and shown on the claim.
-async fn callbacks(handle: EngineHandle, dir: PathBuf, url: String, secret: Vec<u8>) {
+async fn callbacks(
+    handle: EngineHandle,
+    dir: PathBuf,
+    target: Arc<crate::notify::Target>,
+    secret: Vec<u8>,
+) {
     let Ok(mut changes) = handle.subscribe() else {
         return;
     };
@@ -1442,14 +1445,14 @@ async fn callbacks(handle: EngineHandle, dir: PathBuf, url: String, secret: Vec<
         .collect();
     let in_flight = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
     for claim in pending {
-        consider(&handle, &dir, &url, &secret, &claim, &in_flight).await;
+        consider(&handle, &dir, &target, &secret, &claim, &in_flight).await;
     }
     while let Some(change) = changes.recv().await {
         if matches!(
             change.phase,
             crate::api::ClaimPhase::Bound | crate::api::ClaimPhase::Failed
         ) {
-            consider(&handle, &dir, &url, &secret, &change.name, &in_flight).await;
+            consider(&handle, &dir, &target, &secret, &change.name, &in_flight).await;
         }
     }
 }
@@ -1457,7 +1460,7 @@ async fn callbacks(handle: EngineHandle, dir: PathBuf, url: String, secret: Vec<
 async fn consider(
     handle: &EngineHandle,
     dir: &Path,
-    url: &str,
+    target: &Arc<crate::notify::Target>,
     secret: &[u8],
     claim: &str,
     in_flight: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -1521,9 +1524,9 @@ async fn consider(
             return;
         }
     }
-    let (dir, url, secret, claim, flight) = (
+    let (dir, target, secret, claim, flight) = (
         dir.to_path_buf(),
-        url.to_owned(),
+        target.clone(),
         secret.to_vec(),
         claim.to_owned(),
         in_flight.clone(),
@@ -1534,7 +1537,7 @@ async fn consider(
         record.callback.event = Some(event.to_owned());
         let mut delay = Duration::from_millis(500);
         for attempt in 1..=8u32 {
-            let r = post_signed(&url, &secret, &bytes).await;
+            let r = target.post_signed(&secret, &bytes).await;
             record.callback.attempts = attempt;
             match r {
                 Ok(()) => {
@@ -1564,60 +1567,6 @@ async fn consider(
             .unwrap_or_else(|e| e.into_inner())
             .remove(&claim);
     });
-}
-
-/// POSTs `body` as JSON to a plain `http://HOST:PORT/PATH` URL with the signature headers;
-/// any 2xx answer is success.
-pub async fn post_signed(url: &str, secret: &[u8], body: &[u8]) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let ts = unix_now();
-    let signature = crate::webhook::sign(secret, ts, body);
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n{}: {ts}\r\n{}: {signature}\r\nConnection: close\r\n\r\n",
-        body.len(),
-        crate::webhook::HEADER_TIMESTAMP,
-        crate::webhook::HEADER_SIGNATURE,
-    );
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("connecting to {authority}: {e}"))?;
-        s.write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(body).await.map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
-        // The status line is enough.
-        while !buf.windows(2).any(|w| w == b"\r\n") {
-            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let code = line.split_whitespace().nth(1).unwrap_or("");
-        if code.starts_with('2') {
-            Ok(())
-        } else {
-            Err(format!(
-                "{url} answered {:?}",
-                line.lines().next().unwrap_or("")
-            ))
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| format!("{url}: no answer within 5 s"))?
 }
 
 #[cfg(test)]

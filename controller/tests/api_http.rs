@@ -652,53 +652,134 @@ fn a_users_token_may_come_from_a_secret_file_that_is_read_again_at_each_resync()
 // ---- webhooks ----------------------------------------------------------------------------
 
 /// A callback receiver: answers 500 to the first request, 200 after; keeps each request.
-fn receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+type Received = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A callback receiver on plain HTTP: it records each request and answers the first with a
+/// 500 (so that a retry is seen), the others with 200.
+fn receiver() -> (u16, Received) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = Received::default();
     let into = got.clone();
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Read the head, then the body by Content-Length.
-            loop {
-                let n = s.read(&mut chunk).unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).into_owned();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length: ")
-                                .map(str::to_owned)
-                        })
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        break;
-                    }
-                }
-            }
-            let mut all = into.lock().unwrap();
-            all.push(String::from_utf8_lossy(&buf).into_owned());
-            let status = if all.len() == 1 {
-                "500 Internal Server Error"
-            } else {
-                "200 OK"
-            };
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
+            answer(&mut s, &into);
         }
     });
     (port, got)
+}
+
+/// The same on HTTPS, with certificate `cert` and its key (DER).
+fn tls_receiver(cert: Vec<u8>, key: Vec<u8>) -> (u16, Received) {
+    use tokio_rustls::rustls;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.into()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+        )
+        .unwrap();
+    let config = std::sync::Arc::new(config);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = Received::default();
+    let into = got.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            answer(&mut rustls::StreamOwned::new(conn, s), &into);
+        }
+    });
+    (port, got)
+}
+
+/// A certificate authority (PEM), and a certificate for `localhost` it signed with its key
+/// (DER).
+fn test_ca() -> (String, Vec<u8>, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_pem, cert.der().to_vec(), key.serialize_der())
+}
+
+/// Reads one request (the head, then the body by Content-Length), records it, answers it.
+fn answer(s: &mut (impl Read + Write), into: &Received) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                break;
+            }
+        }
+    }
+    if buf.is_empty() {
+        // Nothing came (a handshake refused, say).
+        return;
+    }
+    let mut all = into.lock().unwrap();
+    all.push(String::from_utf8_lossy(&buf).into_owned());
+    let status = if all.len() == 1 {
+        "500 Internal Server Error"
+    } else {
+        "200 OK"
+    };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let _ = s.flush();
+}
+
+/// A request a receiver got, split into head and body; its signature checked.
+fn signed_callback(request: &str) -> (&str, &str) {
+    let (head, body) = request.split_once("\r\n\r\n").unwrap();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                l.split_once(": ")
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.to_owned())
+            })
+            .unwrap()
+    };
+    poolkeeper::webhook::verify(
+        SECRET.as_bytes(),
+        Some(&header("x-poolkeeper-timestamp")),
+        Some(&header("x-poolkeeper-signature")),
+        body.as_bytes(),
+        now(),
+    )
+    .expect("the callback is signed");
+    (head, body)
 }
 
 fn now() -> u64 {
@@ -814,25 +895,8 @@ fn a_signed_reservation_becomes_a_bound_claim_and_a_signed_callback_with_retries
     let requests = got.lock().unwrap().clone();
     assert_eq!(requests.len(), 2);
     let last = &requests[1];
-    let (head, body) = last.split_once("\r\n\r\n").unwrap();
-    let header = |name: &str| {
-        head.lines()
-            .find_map(|l| {
-                l.split_once(": ")
-                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v.to_owned())
-            })
-            .unwrap()
-    };
+    let (head, body) = signed_callback(last);
     assert!(head.starts_with("POST /callbacks "), "{head}");
-    poolkeeper::webhook::verify(
-        SECRET.as_bytes(),
-        Some(&header("x-poolkeeper-timestamp")),
-        Some(&header("x-poolkeeper-signature")),
-        body.as_bytes(),
-        now(),
-    )
-    .expect("the callback is signed");
     let cb: Value = serde_json::from_str(body).unwrap();
     assert_eq!(cb["event"], "provisioned");
     assert_eq!(cb["resource_name"], "Lab Room 4");
@@ -854,6 +918,75 @@ fn a_signed_reservation_becomes_a_bound_claim_and_a_signed_callback_with_retries
         assert!(start.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Callbacks to an `https://` URL: delivered, signed, when its certificate chains to a
+/// trusted authority (`--notify-ca-file`); refused by the handshake otherwise, which the
+/// claim's callback state then says.
+#[test]
+fn callbacks_go_over_https_to_a_trusted_certificate_and_to_no_other() {
+    let (ca_pem, cert, key) = test_ca();
+    let (port, got) = tls_receiver(cert, key);
+    let url = format!("https://localhost:{port}/callbacks");
+    let cas = tempfile::tempdir().unwrap();
+    let trusted = cas.path().join("trusted.pem");
+    std::fs::write(&trusted, &ca_pem).unwrap();
+    // Another authority: the receiver's certificate does not chain to it.
+    let other = cas.path().join("other.pem");
+    std::fs::write(&other, test_ca().0).unwrap();
+    let provision = json!({
+        "event": "provision", "resource_name": "Desk 9", "username": "alice",
+        "custom_parameters": {"image": "nginx"}
+    });
+    let callback_of = |api: &Api, claim: &str| {
+        let (_, v) = api.get(&format!("/api/v1/claims/{claim}"), ALICE);
+        v["reservation"]["callback"].clone()
+    };
+
+    let hooks = |ca: &Path| {
+        vec![
+            "--webhook-secret-file".to_owned(),
+            "SECRET_FILE".to_owned(),
+            "--notify-url".to_owned(),
+            url.clone(),
+            "--notify-ca-file".to_owned(),
+            ca.to_string_lossy().into_owned(),
+        ]
+    };
+    let args = hooks(&trusted);
+    let api = Api::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (code, v) = api.hook(&provision, now(), SECRET);
+    assert_eq!(code, 201, "{v}");
+    let claim = v["claim"].as_str().unwrap().to_owned();
+    wait_for("the callback delivered over https", || {
+        callback_of(&api, &claim)["state"] == "Delivered"
+    });
+    let requests = got.lock().unwrap().clone();
+    let last = requests.last().unwrap();
+    let (head, body) = signed_callback(last);
+    assert!(head.starts_with("POST /callbacks HTTP/1.1"), "{head}");
+    assert!(head.contains(&format!("Host: localhost:{port}")), "{head}");
+    assert_eq!(serde_json::from_str::<Value>(body).unwrap()["claim"], claim);
+    drop(api);
+
+    let seen = requests.len();
+    let args = hooks(&other);
+    let api = Api::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (code, v) = api.hook(&provision, now(), SECRET);
+    assert_eq!(code, 201, "{v}");
+    let claim = v["claim"].as_str().unwrap().to_owned();
+    wait_for("the handshake's refusal shown on the claim", || {
+        let cb = callback_of(&api, &claim);
+        cb["state"] == "Pending"
+            && cb["lastError"]
+                .as_str()
+                .is_some_and(|e| e.contains("TLS") && e.contains("certificate"))
+    });
+    assert_eq!(
+        got.lock().unwrap().len(),
+        seen,
+        "nothing was sent in the clear"
+    );
 }
 
 #[test]
