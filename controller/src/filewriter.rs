@@ -105,6 +105,9 @@ enum Staged {
 /// all of them when the writer ends (or, after a crash, at the next start).
 #[derive(Default)]
 struct Spares {
+    /// Folders this writer creates files in: only there are removed files kept (elsewhere,
+    /// in people's folders, say, nothing would take them over).
+    creating: HashSet<PathBuf>,
     ready: HashMap<PathBuf, Vec<PathBuf>>,
     /// Made in this round: ready once its flush succeeded.
     made: Vec<PathBuf>,
@@ -115,12 +118,13 @@ struct Spares {
 impl Spares {
     const MAX: usize = 256;
 
-    /// Keeps the file at `path` as a spare, or removes it when there are enough.
+    /// Keeps the file at `path` as a spare, or removes it when there are enough or when
+    /// nothing is created in its folder.
     fn remove(&mut self, path: &Path) -> std::io::Result<()> {
         let Some(folder) = path.parent() else {
             return std::fs::remove_file(path);
         };
-        if self.count >= Self::MAX {
+        if self.count >= Self::MAX || !self.creating.contains(folder) {
             return std::fs::remove_file(path);
         }
         self.next += 1;
@@ -144,7 +148,11 @@ impl Spares {
         self.count = 0;
     }
 
+    /// A spare for a new file in `folder`, if one is ready.
     fn take(&mut self, folder: &Path) -> Option<PathBuf> {
+        if !self.creating.contains(folder) {
+            self.creating.insert(folder.to_path_buf());
+        }
         let spare = self.ready.get_mut(folder)?.pop()?;
         self.count -= 1;
         Some(spare)
@@ -465,6 +473,19 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let w = FileWriter::new().expect("writer");
+        // Where nothing is created, a removal removes.
+        let elsewhere = dir.path().join("people/theirs.yaml");
+        w.write(elsewhere.clone(), b"x".to_vec())
+            .await
+            .expect("write");
+        w.remove(elsewhere).await.expect("remove");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("people"))
+                .expect("dir")
+                .count(),
+            0,
+            "no spare where nothing is created"
+        );
         let old = dir.path().join("old.yaml");
         w.create(old.clone(), vec![b'o'; 3000])
             .await
@@ -501,7 +522,10 @@ mod tests {
             r.expect("remove");
         }
         assert_eq!(spares(), Spares::MAX);
-        assert_eq!(visible(dir.path()), vec!["new.yaml".to_owned()]);
+        assert_eq!(
+            visible(dir.path()),
+            vec!["new.yaml".to_owned(), "people".to_owned()]
+        );
         drop(w);
         let start = std::time::Instant::now();
         while spares() > 0 {
