@@ -688,6 +688,9 @@ pub struct Engine<R: Runtime> {
     metrics: metrics::EngineMetrics,
     /// The users' token digests, as the API reads them (see [`Tokens`]).
     tokens: Tokens,
+    /// A user or its token changed since `tokens` was last published: it is, once per batch
+    /// of inputs (not once per user: a start applying thousands would rebuild it each time).
+    tokens_stale: bool,
 }
 
 /// Starts an engine on `rt`. Returns its handle and the task running it.
@@ -720,6 +723,7 @@ pub fn start<R: Runtime>(
     let tokens = Tokens::default();
     let mut engine = Engine {
         tokens: tokens.clone(),
+        tokens_stale: false,
         rt,
         store,
         tx: tx.clone(),
@@ -821,6 +825,7 @@ impl<R: Runtime> Engine<R> {
                         self.list_epoch += 1;
                         let listed = self.rt.list().await;
                         self.on_listed(self.list_epoch, listed);
+                        self.publish_tokens();
                         self.mark_all_dirty();
                         self.pass();
                         let _ = tx.send(t.elapsed());
@@ -828,6 +833,7 @@ impl<R: Runtime> Engine<R> {
                     other => self.handle(other),
                 }
             }
+            self.publish_tokens();
             self.pass();
             if let Some(tx) = shutdown {
                 let _ = tx.send(());
@@ -951,18 +957,20 @@ impl<R: Runtime> Engine<R> {
             .filter(|(_, u)| u.spec.token_secret_file.is_some())
             .map(|(n, _)| n.clone())
             .collect();
-        let mut changed = false;
         for name in names {
-            changed |= self.refresh_token(&name, now);
-        }
-        if changed {
-            self.publish_tokens();
+            if self.refresh_token(&name, now) {
+                self.tokens_stale = true;
+            }
         }
     }
 
-    /// Rebuilds the token index the API reads. A digest that two users declare authenticates
-    /// neither (and says so): a token must name one user.
-    fn publish_tokens(&self) {
+    /// Rebuilds the token index the API reads, if a user changed since it was last built. A
+    /// digest that two users declare authenticates neither (and says so): a token must name
+    /// one user.
+    fn publish_tokens(&mut self) {
+        if !std::mem::take(&mut self.tokens_stale) {
+            return;
+        }
         let mut index: HashMap<[u8; 32], TokenOwner> = HashMap::new();
         let mut ambiguous = std::collections::HashSet::new();
         for (name, u) in &self.users {
@@ -1424,7 +1432,7 @@ impl<R: Runtime> Engine<R> {
                 entry.generation = generation;
                 self.dirty_users.insert(name.clone());
                 self.refresh_token(&name, now);
-                self.publish_tokens();
+                self.tokens_stale = true;
             }
             Spec::Deployment(spec) => {
                 let hashes = spec
@@ -1673,7 +1681,7 @@ impl<R: Runtime> Engine<R> {
             Kind::User => {
                 if self.users.remove(&key.name).is_some() {
                     self.dirty_users.insert(key.name.clone());
-                    self.publish_tokens();
+                    self.tokens_stale = true;
                 }
             }
             Kind::Deployment => {
