@@ -69,6 +69,15 @@ impl FileWriter {
         self.ask(path, Change::Remove).await
     }
 
+    /// Removes `path` durably if it is there: whether it was.
+    pub async fn remove_if_present(&self, path: PathBuf) -> std::io::Result<bool> {
+        match self.remove(path).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn ask(&self, path: PathBuf, change: Change) -> std::io::Result<()> {
         let (reply, done) = oneshot::channel();
         let stopped = || std::io::Error::other("the file writer has stopped");

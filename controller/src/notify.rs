@@ -136,10 +136,7 @@ impl Target {
     /// POSTs `body` as JSON with the signature headers; any 2xx answer is success. Errors say
     /// what failed (connecting, the TLS handshake and why, or the answer).
     pub async fn post_signed(&self, secret: &[u8], body: &[u8]) -> Result<(), String> {
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let ts = crate::server::unix_now();
         let signature = crate::webhook::sign(secret, ts, body);
         let mut request = format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\

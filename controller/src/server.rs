@@ -652,6 +652,18 @@ pub(crate) fn managed_dir(dir: &Path) -> PathBuf {
     dir.join(MANAGED_CLAIMS)
 }
 
+/// The file of claim `name` made through the API (or a webhook).
+fn managed_file(dir: &Path, name: &str) -> PathBuf {
+    managed_dir(dir).join(format!("{name}.yaml"))
+}
+
+/// Removes the file of a claim made through the API (durably), and what the watcher was to
+/// take from it: whether it was there.
+async fn remove_claim_file(state: &ApiState, path: &Path) -> std::io::Result<bool> {
+    state.prepared.forget(path);
+    state.files.remove_if_present(path.to_path_buf()).await
+}
+
 fn claim_file_text(name: &str, spec: &ClaimSpec) -> Result<String, String> {
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -747,7 +759,7 @@ async fn create_claim(
             e.message,
         ));
     }
-    let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
+    let path = managed_file(&state.dir, &name);
     match create_and_write(&state, &name, spec.clone(), &path, || Ok(())).await? {
         Creation::Created => Ok((
             StatusCode::CREATED,
@@ -885,24 +897,21 @@ async fn delete_claim(
     let Some(o) = claim_seen(&state, &who, &name).await? else {
         return Err(no_claim(&name));
     };
-    let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
+    let path = managed_file(&state.dir, &name);
     if o.origin.file != path {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("claim {name} is declared in {}: release it there", o.origin),
         ));
     }
-    state.prepared.forget(&path);
-    let removed = state.files.remove(path).await;
+    let removed = remove_claim_file(&state, &path).await;
     let _ = state
         .handle
         .delete(crate::model::ObjKey::new(Kind::Claim, &name));
     match removed {
-        Ok(()) => Ok(Json(json!({"name": name, "released": true}))),
-        // Released by an earlier call the watcher has not reported yet: the same answer.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(Json(json!({"name": name, "released": true})))
-        }
+        // Not there: released by an earlier call the watcher has not reported yet, the same
+        // answer.
+        Ok(_) => Ok(Json(json!({"name": name, "released": true}))),
         Err(e) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("removing the claim: {e}"),
@@ -1038,11 +1047,9 @@ async fn release_claims_of(
     let mut released = Vec::new();
     for (file, claims) in by_file {
         if file.parent() == Some(managed.as_path()) {
-            match state.files.remove(file.clone()).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(changing(&file, e)),
-            }
+            remove_claim_file(state, &file)
+                .await
+                .map_err(|e| changing(&file, e))?;
         } else {
             let mut text = Some(read_declared(&file)?);
             for c in &claims {
@@ -1212,7 +1219,7 @@ fn read_seen(path: &Path) -> std::io::Result<crate::webhook::SeenSignatures> {
     })
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -1263,30 +1270,18 @@ pub(crate) async fn reservation(
         }
     }
     let name = crate::webhook::claim_name(&event.resource_name);
-    let path = managed_dir(&state.dir).join(format!("{name}.yaml"));
+    let path = managed_file(&state.dir, &name);
     match event.event.as_str() {
         "release" => {
-            state.prepared.forget(&path);
-            let existed = match state.files.remove(path).await {
-                Ok(()) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => {
-                    return Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("removing the claim: {e}"),
-                    ));
-                }
-            };
-            match state
-                .files
-                .remove(reservation_path(&state.dir, &name))
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(claim = %name, error = %e, "cannot remove the reservation's record")
-                }
+            let existed = remove_claim_file(&state, &path).await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("removing the claim: {e}"),
+                )
+            })?;
+            let record = reservation_path(&state.dir, &name);
+            if let Err(e) = state.files.remove_if_present(record).await {
+                tracing::warn!(claim = %name, error = %e, "cannot remove the reservation's record");
             }
             if existed {
                 let _ = state
