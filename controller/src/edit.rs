@@ -28,6 +28,19 @@ fn find<'a>(objects: &'a [Object], key: &ObjKey) -> Option<&'a Object> {
     objects.iter().find(|o| &o.key() == key)
 }
 
+/// The object `key` among those the file at `path` declares, or the error saying it is not.
+fn declared<'a>(path: &Path, objects: &'a [Object], key: &ObjKey) -> Result<&'a Object, String> {
+    find(objects, key).ok_or_else(|| format!("{} does not declare {key}", path.display()))
+}
+
+/// Whether every object of `before` but `key` is in `after`, with the same spec.
+fn others_unchanged(before: &[Object], after: &[Object], key: &ObjKey) -> bool {
+    before
+        .iter()
+        .filter(|o| &o.key() != key)
+        .all(|e| find(after, &e.key()).is_some_and(|a| a.spec == e.spec))
+}
+
 fn parse_clean(path: &Path, text: &str, what: &str) -> Result<Vec<Object>, String> {
     let parsed = parse_text(path, text);
     if let Some(d) = parsed.diagnostics.first() {
@@ -45,9 +58,7 @@ fn parse_clean(path: &Path, text: &str, what: &str) -> Result<Vec<Object>, Strin
 /// Removes the document that declares `key` from the file's text.
 pub fn remove_object(path: &Path, text: &str, key: &ObjKey) -> Result<Edited, String> {
     let before = parse_clean(path, text, "the file")?;
-    let obj =
-        find(&before, key).ok_or_else(|| format!("{} does not declare {key}", path.display()))?;
-    let line = obj.origin.line as usize;
+    let line = declared(path, &before, key)?.origin.line as usize;
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     // The document runs from the last separator before its first line to the next separator.
     let start = (0..line.saturating_sub(1).min(lines.len()))
@@ -61,16 +72,12 @@ pub fn remove_object(path: &Path, text: &str, key: &ObjKey) -> Result<Edited, St
     kept.extend_from_slice(&lines[..start]);
     kept.extend_from_slice(&lines[end..]);
     let new: String = kept.concat();
-    let expected: Vec<&Object> = before.iter().filter(|o| &o.key() != key).collect();
-    if expected.is_empty() {
+    let others = before.iter().filter(|o| &o.key() != key).count();
+    if others == 0 {
         return Ok(None);
     }
     let after = parse_clean(path, &new, "the edited file")?;
-    let same = after.len() == expected.len()
-        && expected
-            .iter()
-            .all(|e| find(&after, &e.key()).is_some_and(|a| a.spec == e.spec));
-    if !same {
+    if after.len() != others || !others_unchanged(&before, &after, key) {
         return Err(format!(
             "{}: could not remove {key} without changing the other documents; edit the file by hand",
             path.display()
@@ -223,8 +230,7 @@ pub fn set_integer(
     check: impl Fn(&Object) -> bool,
 ) -> Result<String, String> {
     let before = parse_clean(path, text, "the file")?;
-    let obj =
-        find(&before, key).ok_or_else(|| format!("{} does not declare {key}", path.display()))?;
+    let obj = declared(path, &before, key)?;
     let spot = locate(text, obj.origin.line as usize, field).ok_or_else(|| {
         format!(
             "{}:{}: cannot find where {} goes in {key}; edit the file by hand",
@@ -250,12 +256,11 @@ pub fn set_integer(
         }
     };
     let after = parse_clean(path, &new, "the edited file")?;
-    let others_same = before
-        .iter()
-        .filter(|o| &o.key() != key)
-        .all(|e| find(&after, &e.key()).is_some_and(|a| a.spec == e.spec));
     let edited = find(&after, key);
-    if after.len() != before.len() || !others_same || !edited.is_some_and(&check) {
+    if after.len() != before.len()
+        || !others_unchanged(&before, &after, key)
+        || !edited.is_some_and(&check)
+    {
         return Err(format!(
             "{}: could not set {} of {key} to {value} without changing anything else; edit the file by hand",
             path.display(),
@@ -364,6 +369,16 @@ spec:
             "kind: User\napiVersion: poolkeeper.dev/v1alpha1\nmetadata: {name: carol}\nspec: {}\n";
         let key = ObjKey::new(Kind::User, "carol");
         assert_eq!(remove_object(&file(), one, &key), Ok(None));
+    }
+
+    #[test]
+    fn an_object_declared_twice_in_a_file_is_not_half_removed() {
+        let twice = format!(
+            "{TEXT}---\nkind: User\napiVersion: poolkeeper.dev/v1alpha1\nmetadata: {{name: alice}}\nspec: {{}}\n"
+        );
+        let key = ObjKey::new(Kind::User, "alice");
+        let e = remove_object(&file(), &twice, &key).expect_err("one of two removed");
+        assert!(e.contains("edit the file by hand"), "{e}");
     }
 
     #[test]
