@@ -137,6 +137,38 @@ async fn follow_events(
     }
 }
 
+/// A runtime of its own for the clients. Dropping a runtime inside another one panics, also
+/// when a run ends early with an error: this one is shut down in the background instead.
+struct Background {
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Background {
+    fn new(rt: tokio::runtime::Runtime) -> Self {
+        let handle = rt.handle().clone();
+        Self {
+            rt: Some(rt),
+            handle,
+        }
+    }
+}
+
+impl std::ops::Deref for Background {
+    type Target = tokio::runtime::Handle;
+    fn deref(&self) -> &Self::Target {
+        &self.handle
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut docker_rt = None;
     let r = measure(args, &mut docker_rt).await;
@@ -216,6 +248,8 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         let dc = dargs.docker_config(&sdir)?;
         let rt = Arc::new(crate::runtime::docker::DockerRuntime::connect(dc).await?);
         *docker_rt = Some(rt.clone());
+        // The pool would wait for it (pullPolicy Never) until the fill gave up: say so at once.
+        super::docker::image_present(&rt.first_client(), &args.image).await?;
         crate::engine::start(rt, config)?
     } else {
         let rt = Arc::new(crate::runtime::memory::MemoryRuntime::new(
@@ -238,10 +272,12 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     // As `poolkeeper run` serves it: on a thread of its own.
     let api = crate::server::spawn(listener, state)?;
     // The clients are not the controller: they get a thread of their own too.
-    let clients = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let clients = Background::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?,
+    );
 
     let began = Instant::now();
     loop {
@@ -337,7 +373,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
                "claims_per_s": round3(claims as f64 / elapsed)})
     );
     api.stop();
-    clients.shutdown_background();
+    drop(clients);
     handle.shutdown().await;
     Ok(())
 }

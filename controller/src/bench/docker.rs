@@ -85,15 +85,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         host: rt.endpoint_host(&node.name),
         id: id.clone(),
     };
-    raw.docker.inspect_image(&args.image).await.map_err(|e| {
-        anyhow!(
-            "image {}: {e}; build it with e2e/build-workload-image.sh, or pass --image",
-            args.image
-        )
-    })?;
+    image_present(&raw.docker, &args.image).await?;
     let result = measure(args, &rt, &raw, tmp.path(), n, m).await;
     raw.sweep().await;
     result
+}
+
+/// An error naming the image and how to build it, unless the daemon has it.
+pub(super) async fn image_present(docker: &Docker, image: &str) -> anyhow::Result<()> {
+    docker.inspect_image(image).await.map(drop).map_err(|e| {
+        anyhow!("image {image}: {e}; build it with e2e/build-workload-image.sh, or pass --image")
+    })
 }
 
 /// Direct Docker API calls, for the baselines (and the final sweep).
