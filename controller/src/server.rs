@@ -475,6 +475,14 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         "From a claim's arrival in the queue to Bound.",
     );
     histogram(&mut out, name, "", &m.bind_latency);
+    let name = "poolkeeper_store_commit_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Writing and flushing one batch of the state store (every Bound waits for it).",
+    );
+    histogram(&mut out, name, "", &m.store_commit);
     let pools: Vec<&ObjectView> = snap
         .objects
         .iter()

@@ -328,6 +328,7 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
     }
     let before = scrape();
     let binds_before = metric(&before, "poolkeeper_claim_bind_seconds_count");
+    let commits_before = metric(&before, "poolkeeper_store_commit_seconds_count");
     assert!(
         metric(&before, "poolkeeper_reconciles_total{kind=\"pool\"}") > 0,
         "{before}"
@@ -432,6 +433,11 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
     assert_eq!(
         metric(&after, "poolkeeper_claim_bind_seconds_count"),
         binds_before + 2
+    );
+    // Each binding was flushed before it was reported.
+    assert!(
+        metric(&after, "poolkeeper_store_commit_seconds_count") > commits_before,
+        "{after}"
     );
     assert!(
         metric(&after, "poolkeeper_pool_hits_total{pool=\"web\"}")

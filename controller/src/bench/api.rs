@@ -4,7 +4,10 @@
 //! status stream (SSE) to say it is Bound, and release it. Latency is from the POST to the
 //! Bound event; throughput is claims bound per second over the run. `created_*` is from the
 //! POST to its 201, which is sent once the claim's file is durable (the Bound event may come
-//! first: the engine admits and binds the claim while its file is written).
+//! first: the engine admits and binds the claim while its file is written). `store_commits`
+//! and `store_commits_over_50ms` count the state store's flushes during the run (every Bound
+//! waits for one), so that a tail caused by the disk is told apart from one caused by the
+//! controller.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -302,6 +305,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         .await
         .context("the status stream did not open")??;
 
+    let commits_before = handle.snapshot().await?.metrics.store_commit;
     let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -359,6 +363,9 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     created.sort_by(f64::total_cmp);
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
+    // The flush every Bound waits for: when the disk stalls, the tail shows it here first.
+    let commits = handle.snapshot().await?.metrics.store_commit;
+    let slow = |h: &crate::engine::metrics::Histogram| h.above(0.05).unwrap_or(0);
     println!(
         "{}",
         json!({"figure": "api_claims", "runtime": if docker { "docker" } else { "memory" },
@@ -370,6 +377,8 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
                "created_p50_ms": round3(pct(&created, 0.5)),
                "created_p99_ms": round3(pct(&created, 0.99)),
                "max_ms": round3(latencies.last().copied().unwrap_or(0.0)),
+               "store_commits": commits.count - commits_before.count,
+               "store_commits_over_50ms": slow(&commits) - slow(&commits_before),
                "claims_per_s": round3(claims as f64 / elapsed)})
     );
     api.stop();

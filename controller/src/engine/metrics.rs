@@ -1,5 +1,6 @@
 //! What the engine counts for `/metrics`: reconciles and their errors and duration per kind,
-//! and how long claims wait to be bound. Pool gauges and hit/miss counters come from status.
+//! how long claims wait to be bound, and how long the state store takes to make a batch durable
+//! (the flush every Bound waits for). Pool gauges and hit/miss counters come from status.
 
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,12 @@ impl Histogram {
         self.counts[i] += 1;
         self.sum += seconds;
         self.count += 1;
+    }
+
+    /// Observations above `bound` seconds; `bound` must be one of [`BUCKETS`] (else None).
+    pub fn above(&self, bound: f64) -> Option<u64> {
+        let at_or_below = self.cumulative().into_iter().find(|(b, _)| *b == bound)?.1;
+        Some(self.count - at_or_below)
     }
 
     /// Cumulative counts per bucket bound, as Prometheus wants them.
@@ -59,6 +66,10 @@ pub struct EngineMetrics {
     pub user: KindMetrics,
     /// From a claim's arrival (or its return to the queue) to Bound.
     pub bind_latency: Histogram,
+    /// One state-store commit: the write and fdatasync of a batch, which every Bound waits for
+    /// (the counterpart of etcd's WAL fsync duration: a slow disk shows here first).
+    #[serde(default)]
+    pub store_commit: Histogram,
     pub passes: u64,
 }
 
@@ -79,5 +90,9 @@ mod tests {
         assert_eq!(c.last().map(|x| x.1), Some(3), "100 s is above every bound");
         assert_eq!(h.count, 4);
         assert!((h.sum - 100.0065).abs() < 1e-9);
+        assert_eq!(h.above(0.001), Some(3));
+        assert_eq!(h.above(0.005), Some(1));
+        assert_eq!(h.above(60.0), Some(1));
+        assert_eq!(h.above(0.002), None, "not a bucket bound: no exact answer");
     }
 }

@@ -1912,7 +1912,12 @@ impl<R: Runtime> Engine<R> {
     fn commit(&mut self, now: u64) {
         let ops = std::mem::take(&mut self.ops);
         if !ops.is_empty() {
-            match self.store.commit(ops) {
+            let began = std::time::Instant::now();
+            let committed = self.store.commit(ops);
+            self.metrics
+                .store_commit
+                .observe(began.elapsed().as_secs_f64());
+            match committed {
                 Ok(rejected) => {
                     for r in rejected {
                         // Decisions above make this unreachable; the store is the last guard.
