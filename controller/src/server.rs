@@ -483,6 +483,14 @@ pub fn render_metrics(snap: &Snapshot) -> String {
         "Writing and flushing one batch of the state store (every Bound waits for it).",
     );
     histogram(&mut out, name, "", &m.store_commit);
+    let name = "poolkeeper_store_deferred_commits_total";
+    family(
+        &mut out,
+        name,
+        "counter",
+        "Batches of the state store written without a flush of their own (what a restart derives again: a deleted claim's end, an instance gone); the next flush covers them.",
+    );
+    let _ = writeln!(out, "{name} {}", m.store_deferred);
     let pools: Vec<&ObjectView> = snap
         .objects
         .iter()

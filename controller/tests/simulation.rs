@@ -504,6 +504,28 @@ async fn a_claim_expires_after_its_ttl_and_recreate_replaces_its_instance() {
 }
 
 #[tokio::test]
+async fn an_expiry_is_flushed_before_its_instance_is_removed_so_a_power_loss_cannot_rebind_it() {
+    let mut s = sim();
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(3)));
+    s.wait_warm("web", 1).await;
+    s.apply("c1", ttl_claim("web", "10m"));
+    let inst = s.wait_bound("c1").await;
+    s.advance(Duration::from_secs(10 * 60 + 1));
+    s.wait_phase("c1", ClaimPhase::Expired).await;
+    s.wait_until("its instance is removed", |_, insts| {
+        insts.iter().all(|i| i.name != inst)
+    })
+    .await;
+    // The claim is still declared: had its expiry waited for a later flush, the restart would
+    // find it bound to an instance that is gone, and bind it again.
+    s.power_loss_and_restart().await;
+    s.wait_warm("web", 1).await;
+    let snap = s.resync().await;
+    let c = claim_status(&snap, "c1").unwrap();
+    assert_eq!((c.phase, c.instance), (ClaimPhase::Expired, None));
+}
+
+#[tokio::test]
 async fn a_claim_expiring_under_restart_gets_the_same_instance_restarted() {
     let mut s = sim();
     let mut p = pool("nginx", 1, Some(1));
@@ -1803,6 +1825,8 @@ mod random {
         Resync,
         Restart,
         Kill,
+        /// A kill that also loses every write of the state store after its last flush.
+        PowerLoss,
         Wait {
             ms: u64,
         },
@@ -1824,6 +1848,7 @@ mod random {
             1 => Just(Step::Resync),
             1 => Just(Step::Restart),
             1 => Just(Step::Kill),
+            1 => Just(Step::PowerLoss),
             2 => (0..30u64).prop_map(|ms| Step::Wait { ms }),
         ]
     }
@@ -2081,6 +2106,11 @@ mod random {
                 Step::Kill => {
                     let before = durable_bindings(&sim).await;
                     sim.kill_and_restart().await;
+                    check_kept(&sim, &before).await;
+                }
+                Step::PowerLoss => {
+                    let before = durable_bindings(&sim).await;
+                    sim.power_loss_and_restart().await;
                     check_kept(&sim, &before).await;
                 }
                 Step::Wait { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -2505,15 +2535,58 @@ async fn an_instance_released_just_before_a_crash_is_reset_not_handed_to_the_nex
     // was used.
     let used = release_while_creations_are_slow(&mut s, Duration::from_millis(500)).await;
     s.kill_and_restart().await;
+    let got = the_next_claim_gets_another_instance(&mut s, &used).await;
+    assert_eq!(s.wait_bound("c2").await, got);
+}
+
+/// After a restart: creations are fast again, c2 claims on `web`, and gets an instance other
+/// than `used`, which is removed. Returns c2's instance.
+async fn the_next_claim_gets_another_instance(s: &mut Sim, used: &str) -> String {
     s.mem.set_create_latency(Duration::ZERO);
-    apply_claim(&mut s, "c2", "web");
+    apply_claim(s, "c2", "web");
     let got = s.wait_bound("c2").await;
     assert_ne!(got, used, "a used instance was handed to the next claim");
     s.wait_until("the used instance is removed", |_, insts| {
         insts.iter().all(|i| i.name != used)
     })
     .await;
-    assert_eq!(s.wait_bound("c2").await, got);
+    got
+}
+
+#[tokio::test]
+async fn a_power_loss_that_takes_unflushed_releases_keeps_every_binding_and_hands_on_no_used_instance()
+ {
+    let mut s = sim();
+    apply_pool(&mut s, "web", pool("nginx", 3, Some(3)));
+    s.wait_warm("web", 3).await;
+    apply_claim(&mut s, "c0", "web");
+    let kept = s.wait_bound("c0").await;
+    apply_claim(&mut s, "c1", "web");
+    let used = s.wait_bound("c1").await;
+    let deferred = s.snapshot().await.metrics.store_deferred;
+    // The release waits for no flush: the used instance is retired while its end is in the
+    // page cache only, then the power goes.
+    s.mem.set_create_latency(Duration::from_millis(500));
+    s.delete(Kind::Claim, "c1");
+    let snap = s
+        .wait_until("the used instance is retired", |snap, _| {
+            snap.instances
+                .iter()
+                .any(|i| i.name == used && i.phase == "Deleting")
+        })
+        .await;
+    assert!(
+        snap.metrics.store_deferred > deferred,
+        "the release was written without a flush of its own"
+    );
+    let lost = s.power_loss_and_restart().await;
+    assert!(lost > 0, "the power loss took the unflushed release");
+    // The restart finds c1 undeclared and still bound in the store: it resets the instance.
+    the_next_claim_gets_another_instance(&mut s, &used).await;
+    assert_eq!(s.wait_bound("c0").await, kept, "c0 kept its instance");
+    let snap = s.snapshot().await;
+    assert_bindings_sound(&snap, &s.mem.instances());
+    assert!(claim_status(&snap, "c1").is_none());
 }
 
 #[tokio::test]

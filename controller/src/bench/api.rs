@@ -7,7 +7,8 @@
 //! first: the engine admits and binds the claim while its file is written). `store_commits`
 //! and `store_commits_over_50ms` count the state store's flushes during the run (every Bound
 //! waits for one), so that a tail caused by the disk is told apart from one caused by the
-//! controller.
+//! controller; `store_deferred_commits` the batches written without a flush of their own
+//! (releases, instances gone).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -305,7 +306,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         .await
         .context("the status stream did not open")??;
 
-    let commits_before = handle.snapshot().await?.metrics.store_commit;
+    let before = handle.snapshot().await?.metrics;
     let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -364,7 +365,8 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     // The flush every Bound waits for: when the disk stalls, the tail shows it here first.
-    let commits = handle.snapshot().await?.metrics.store_commit;
+    let after = handle.snapshot().await?.metrics;
+    let (commits, commits_before) = (&after.store_commit, &before.store_commit);
     let slow = |h: &crate::engine::metrics::Histogram| h.above(0.05).unwrap_or(0);
     println!(
         "{}",
@@ -378,7 +380,8 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
                "created_p99_ms": round3(pct(&created, 0.99)),
                "max_ms": round3(latencies.last().copied().unwrap_or(0.0)),
                "store_commits": commits.count - commits_before.count,
-               "store_commits_over_50ms": slow(&commits) - slow(&commits_before),
+               "store_commits_over_50ms": slow(commits) - slow(commits_before),
+               "store_deferred_commits": after.store_deferred - before.store_deferred,
                "claims_per_s": round3(claims as f64 / elapsed)})
     );
     api.stop();

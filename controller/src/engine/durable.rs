@@ -88,6 +88,35 @@ pub enum Op {
     },
 }
 
+/// Whether a batch must be on disk before anything it decided is reported or acted on; if
+/// not, it is written at once and flushed with the next batch that must be (or within
+/// [`super::DEFERRED_FLUSH_MS`]).
+///
+/// A batch may wait only if a restart after losing it derives the same from what is declared
+/// and what runs:
+/// - a deleted claim's end (`Forget`, and its `Unbind` in the same batch): the claim is found
+///   undeclared, its binding ended and its instance reset again;
+/// - an instance reset or gone (`Fresh`), a gone instance's quarantine dropped (`Unquarantine`):
+///   a used instance is reset again, a gone one dropped from the records at start.
+///
+/// Everything else is flushed first: arrival order (`Admit`), bindings (`Bind`), quarantines,
+/// and an end of a binding whose claim stays declared (expired, moved, or lost its instance):
+/// a restart that lost it would take the claim as still bound.
+pub fn needs_flush(ops: &[Op]) -> bool {
+    let forgotten: std::collections::BTreeSet<&str> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Forget { claim } => Some(claim.as_str()),
+            _ => None,
+        })
+        .collect();
+    ops.iter().any(|op| match op {
+        Op::Admit { .. } | Op::Bind { .. } | Op::Quarantine { .. } => true,
+        Op::Unbind { claim, .. } => !forgotten.contains(claim.as_str()),
+        Op::Forget { .. } | Op::Unquarantine { .. } | Op::Fresh { .. } => false,
+    })
+}
+
 impl StateMachine for Durable {
     type Op = Op;
 
@@ -266,6 +295,47 @@ mod tests {
         })
         .expect("quarantine");
         assert!(d.apply(&bind("a", "i")).is_err());
+    }
+
+    #[test]
+    fn only_what_a_restart_derives_again_waits_for_the_next_flush() {
+        let unbind = |c: &str, to| Op::Unbind {
+            claim: c.into(),
+            to,
+        };
+        let forget = |c: &str| Op::Forget { claim: c.into() };
+        let fresh = Op::Fresh {
+            instance: "i".into(),
+        };
+        // A deleted claim's end, an instance reset or gone: may wait.
+        assert!(!needs_flush(&[
+            unbind("a", RecPhase::Released),
+            forget("a")
+        ]));
+        assert!(!needs_flush(&[forget("a"), fresh.clone()]));
+        assert!(!needs_flush(&[Op::Unquarantine {
+            instance: "i".into()
+        }]));
+        assert!(!needs_flush(&[]));
+        // Anything a restart could not derive again: flushed.
+        assert!(needs_flush(&[bind("a", "i")]));
+        assert!(needs_flush(&[Op::Admit {
+            claim: "a".into(),
+            pool: "p".into()
+        }]));
+        assert!(needs_flush(&[Op::Quarantine {
+            instance: "i".into(),
+            reason: "reset failed".into()
+        }]));
+        assert!(needs_flush(&[unbind("a", RecPhase::Expired)]));
+        assert!(needs_flush(&[
+            unbind("a", RecPhase::Waiting),
+            fresh.clone()
+        ]));
+        // Another claim's deletion does not excuse this one's end.
+        assert!(needs_flush(&[unbind("a", RecPhase::Released), forget("b")]));
+        // One op that must be flushed takes the whole batch with it.
+        assert!(needs_flush(&[forget("b"), fresh, bind("a", "j")]));
     }
 
     #[test]

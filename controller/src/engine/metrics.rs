@@ -66,10 +66,13 @@ pub struct EngineMetrics {
     pub user: KindMetrics,
     /// From a claim's arrival (or its return to the queue) to Bound.
     pub bind_latency: Histogram,
-    /// One state-store commit: the write and fdatasync of a batch, which every Bound waits for
-    /// (the counterpart of etcd's WAL fsync duration: a slow disk shows here first).
+    /// One flush of the state store: the write and fdatasync of a batch, which every Bound
+    /// waits for (the counterpart of etcd's WAL fsync duration: a slow disk shows here first).
     #[serde(default)]
     pub store_commit: Histogram,
+    /// Batches written without a flush of their own (a later flush covers them).
+    #[serde(default)]
+    pub store_deferred: u64,
     pub passes: u64,
 }
 

@@ -8,6 +8,9 @@
 //!   slow runtime never causes a second creation or removal.
 //! - Group commit: a pass collects its binding changes and writes them with one fsync before it
 //!   reports any claim Bound or starts any reset, so a crash loses nothing that was reported.
+//!   A batch that a restart would derive again (a deleted claim's end, an instance gone or
+//!   reset: [`durable::needs_flush`]) is written without a flush of its own; the next flush
+//!   covers it, at most [`DEFERRED_FLUSH_MS`] later.
 
 pub mod durable;
 pub mod metrics;
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant};
 use poolkeeper_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::{ClaimPhase, ClaimSpec, Condition, DeploymentSpec, PoolSpec, UserSpec};
 use crate::core::claims::Verdict;
@@ -94,6 +97,9 @@ pub struct EngineConfig {
     pub clock: Arc<dyn Clock>,
     /// fsync each commit (only a benchmark of the store's cost would turn this off).
     pub sync: bool,
+    /// Told of each flush of the state store, with the log and its durable length (tests that
+    /// simulate a power loss cut the log there).
+    pub on_flush: Option<poolkeeper_store::FlushObserver>,
 }
 
 impl EngineConfig {
@@ -103,6 +109,7 @@ impl EngineConfig {
             resync_every: Duration::from_secs(30),
             clock: Arc::new(SystemClock),
             sync: true,
+            on_flush: None,
         }
     }
 }
@@ -664,6 +671,8 @@ pub struct Engine<R: Runtime> {
     /// Release every held removal at the end of this pass (a pool ran out of host ports).
     release_held: bool,
     next_seq: u64,
+    /// When the oldest batch written without a flush was committed (see `DEFERRED_FLUSH_MS`).
+    deferred_since_ms: Option<u64>,
     synced: bool,
     listed: bool,
     /// Bumped each time the runtime is listed; a list result carries the epoch it began in.
@@ -702,6 +711,7 @@ pub fn start<R: Runtime>(
         &config.state_dir,
         poolkeeper_store::Options {
             sync: config.sync,
+            on_flush: config.on_flush.clone(),
             ..poolkeeper_store::Options::default()
         },
     )
@@ -756,6 +766,7 @@ pub fn start<R: Runtime>(
         nudged: false,
         release_held: false,
         next_seq,
+        deferred_since_ms: None,
         synced: false,
         listed: false,
         list_epoch: 0,
@@ -785,6 +796,10 @@ pub fn start<R: Runtime>(
     let task = tokio::spawn(engine.run(rx));
     Ok((EngineHandle { tx, tokens }, task))
 }
+
+/// How long a batch written without a flush of its own ([`durable::needs_flush`]) may wait for
+/// one: a busy engine flushes it with the next binding long before.
+pub const DEFERRED_FLUSH_MS: u64 = 1_000;
 
 /// Why 4096: large enough that a burst of claims is bound in a few passes (one fsync each),
 /// small enough that one pass stays within a few milliseconds.
@@ -836,6 +851,10 @@ impl<R: Runtime> Engine<R> {
             self.publish_tokens();
             self.pass();
             if let Some(tx) = shutdown {
+                // What waited for a flush is durable before the engine says it has stopped.
+                if let Err(e) = self.store.flush() {
+                    error!(error = %e, "state store failed to flush at shutdown");
+                }
                 let _ = tx.send(());
                 break;
             }

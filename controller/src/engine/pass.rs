@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{debug, error, info, warn};
 
-use super::durable::{Op, RecPhase};
+use poolkeeper_store::Flush;
+
+use super::durable::{Op, RecPhase, needs_flush};
 use super::status::{self, InstanceView, ObjectView, Snapshot};
 use super::{AfterCommit, ClaimEntry, Completion, Engine, Input, InstRec};
 use crate::api::{
@@ -25,6 +27,12 @@ use crate::runtime::{
 };
 use crate::units::{parse_cpu_millis, parse_duration, parse_memory_bytes};
 use crate::validate::{parse_port_key, pool_max};
+
+/// Memory may be ahead of disk: stop rather than report what is not durable.
+fn store_failed(e: &poolkeeper_store::StoreError) -> ! {
+    error!(error = %e, "state store failed; stopping so that a restart recovers from disk");
+    std::process::exit(70);
+}
 
 fn phase_of(i: &Instance) -> InstancePhase {
     match i.state {
@@ -1912,11 +1920,20 @@ impl<R: Runtime> Engine<R> {
     fn commit(&mut self, now: u64) {
         let ops = std::mem::take(&mut self.ops);
         if !ops.is_empty() {
+            let flush = if needs_flush(&ops) {
+                Flush::Now
+            } else {
+                Flush::Deferred
+            };
             let began = std::time::Instant::now();
-            let committed = self.store.commit(ops);
-            self.metrics
-                .store_commit
-                .observe(began.elapsed().as_secs_f64());
+            let committed = self.store.commit_with(ops, flush);
+            match flush {
+                Flush::Now => self
+                    .metrics
+                    .store_commit
+                    .observe(began.elapsed().as_secs_f64()),
+                Flush::Deferred => self.metrics.store_deferred += 1,
+            }
             match committed {
                 Ok(rejected) => {
                     for r in rejected {
@@ -1944,13 +1961,10 @@ impl<R: Runtime> Engine<R> {
                         }
                     }
                 }
-                Err(e) => {
-                    // Memory may be ahead of disk: stop rather than report what is not durable.
-                    error!(error = %e, "state store failed; stopping so that a restart recovers from disk");
-                    std::process::exit(70);
-                }
+                Err(e) => store_failed(&e),
             }
         }
+        self.flush_deferred(now);
         self.forgotten.clear();
         let work = std::mem::take(&mut self.after_commit);
         for w in work {
@@ -1964,6 +1978,30 @@ impl<R: Runtime> Engine<R> {
         for c in std::mem::take(&mut self.to_report) {
             self.report_claim(&c, now);
         }
+    }
+
+    /// Flushes batches written without a flush once the oldest has waited `DEFERRED_FLUSH_MS`
+    /// (a flushed commit has covered them otherwise), and asks for a pass at that time.
+    fn flush_deferred(&mut self, now: u64) {
+        if !self.store.has_unflushed() {
+            self.deferred_since_ms = None;
+            return;
+        }
+        let since = *self.deferred_since_ms.get_or_insert_with(|| {
+            self.wakeups.push(Reverse(now + super::DEFERRED_FLUSH_MS));
+            now
+        });
+        if now.saturating_sub(since) < super::DEFERRED_FLUSH_MS {
+            return;
+        }
+        let began = std::time::Instant::now();
+        if let Err(e) = self.store.flush() {
+            store_failed(&e);
+        }
+        self.metrics
+            .store_commit
+            .observe(began.elapsed().as_secs_f64());
+        self.deferred_since_ms = None;
     }
 
     /// Files uploaded into a bound claim's instance (the API's upload).

@@ -2,6 +2,12 @@
 //! snapshot plus a write-ahead log with group commit (one log record and one fdatasync per
 //! [`Store::commit`]).
 //!
+//! A batch whose loss the caller can recover from may be committed with [`Flush::Deferred`]:
+//! its record is written at once but not flushed; the next flushed commit (or [`Store::flush`])
+//! makes it durable together with its own. The log stays a sequence: a power loss keeps a
+//! prefix of it (a torn or unflushed record and everything after it are dropped at open), so a
+//! flushed batch is never kept without the deferred ones before it.
+//!
 //! On-disk design (generation-named logs). `snapshot.json` is `{"generation": G, "state": ...}`;
 //! no snapshot means generation 0 with `S::default()`. Ops committed after snapshot G live in
 //! `wal-G.log` as records `u32 LE payload len | u32 LE crc32(payload) | JSON array of ops`.
@@ -41,14 +47,30 @@ pub trait StateMachine: Default + Serialize + DeserializeOwned {
     fn apply(&mut self, op: &Self::Op) -> Result<(), String>;
 }
 
+/// Called after each flush with the log and its length that is now durable (for tests that
+/// simulate a power loss by cutting the log there).
+pub type FlushObserver = Arc<dyn Fn(&Path, u64) + Send + Sync>;
+
 /// Tuning knobs for [`Store::open_with`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Options {
     /// `commit` compacts automatically once the current log is larger than this many bytes.
     pub compact_after_bytes: u64,
     /// fdatasync the log after every commit. Turning this off gives up durability on power loss
     /// (not on process crash); only meant for tests and throwaway stores.
     pub sync: bool,
+    /// Told of every flush (also when `sync` is off: the points where the store would flush).
+    pub on_flush: Option<FlushObserver>,
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("compact_after_bytes", &self.compact_after_bytes)
+            .field("sync", &self.sync)
+            .field("on_flush", &self.on_flush.is_some())
+            .finish()
+    }
 }
 
 impl Default for Options {
@@ -56,8 +78,19 @@ impl Default for Options {
         Self {
             compact_after_bytes: 64 * 1024 * 1024,
             sync: true,
+            on_flush: None,
         }
     }
+}
+
+/// Whether [`Store::commit_with`] waits for its record to reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// Write and fdatasync: durable when the call returns (with every deferred batch before it).
+    Now,
+    /// Write only: a crash of the process keeps it (the page cache does), a power loss may not.
+    /// Durable with the next flushed commit or [`Store::flush`].
+    Deferred,
 }
 
 /// What `open` found on disk.
@@ -147,6 +180,8 @@ pub struct Store<S: StateMachine> {
     generation: u64,
     log: File,
     log_len: u64,
+    /// A deferred record was written after the last flush.
+    unflushed: bool,
     recovery: Recovery,
     poisoned: Option<Arc<StoreError>>,
     last_compaction_error: Option<StoreError>,
@@ -360,9 +395,15 @@ impl<S: StateMachine> Store<S> {
         let valid = pos as u64;
         let total = bytes.len() as u64;
         if valid < total {
-            log.set_len(valid)
-                .and_then(|()| log.sync_all())
-                .map_err(io_err("truncate", &log_path))?;
+            log.set_len(valid).map_err(io_err("truncate", &log_path))?;
+        }
+        // What is replayed is acted on: make it durable first (a crashed process may have left
+        // deferred records that only the page cache holds).
+        if opts.sync {
+            log.sync_all().map_err(io_err("fsync", &log_path))?;
+        }
+        if let Some(observe) = &opts.on_flush {
+            observe(&log_path, valid);
         }
 
         Ok(Self {
@@ -372,6 +413,7 @@ impl<S: StateMachine> Store<S> {
             generation,
             log,
             log_len: valid,
+            unflushed: false,
             recovery: Recovery {
                 replayed_batches: replayed,
                 dropped_tail_bytes: total - valid,
@@ -430,6 +472,15 @@ impl<S: StateMachine> Store<S> {
     /// If the write or sync fails the store is poisoned and this and every later call returns
     /// [`StoreError::Poisoned`].
     pub fn commit(&mut self, ops: Vec<S::Op>) -> Result<Vec<Rejected<S::Op>>, StoreError> {
+        self.commit_with(ops, Flush::Now)
+    }
+
+    /// [`Store::commit`], flushed or not as `flush` says.
+    pub fn commit_with(
+        &mut self,
+        ops: Vec<S::Op>,
+        flush: Flush,
+    ) -> Result<Vec<Rejected<S::Op>>, StoreError> {
         self.check_poisoned()?;
 
         // Encode everything before touching the state, so nothing below can fail half-way
@@ -483,6 +534,10 @@ impl<S: StateMachine> Store<S> {
         if let Err(e) = self.append_record(&payload) {
             return Err(self.poison(e));
         }
+        self.unflushed = true;
+        if flush == Flush::Now {
+            self.flush()?;
+        }
 
         if self.log_len > self.opts.compact_after_bytes {
             // The batch is durable already; a failed compaction does not fail the commit (if it
@@ -512,13 +567,33 @@ impl<S: StateMachine> Store<S> {
         self.log
             .write_all(&record)
             .map_err(io_err("write", &log_path))?;
-        if self.opts.sync {
-            self.log
-                .sync_data()
-                .map_err(io_err("fdatasync", &log_path))?;
-        }
         self.log_len += record.len() as u64;
         Ok(())
+    }
+
+    /// Makes every record written so far durable (nothing to do if none was deferred since the
+    /// last flush). A failed flush poisons the store.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        self.check_poisoned()?;
+        if !self.unflushed {
+            return Ok(());
+        }
+        let log_path = self.dir.join(log_name(self.generation));
+        if self.opts.sync
+            && let Err(e) = self.log.sync_data()
+        {
+            return Err(self.poison(io_err("fdatasync", &log_path)(e)));
+        }
+        self.unflushed = false;
+        if let Some(observe) = &self.opts.on_flush {
+            observe(&log_path, self.log_len);
+        }
+        Ok(())
+    }
+
+    /// A record was committed with [`Flush::Deferred`] and not flushed since.
+    pub fn has_unflushed(&self) -> bool {
+        self.unflushed
     }
 
     /// Writes the full state to `snapshot.json` atomically and starts an empty log of the next
@@ -569,6 +644,11 @@ impl<S: StateMachine> Store<S> {
         self.log = new_log;
         self.generation = new_generation;
         self.log_len = 0;
+        // The snapshot holds everything, durably.
+        self.unflushed = false;
+        if let Some(observe) = &self.opts.on_flush {
+            observe(&new_path, 0);
+        }
         // The old log is already superseded; if removing it fails, the next open removes it.
         if fs::remove_file(&old_path).is_ok() {
             let _ = sync_dir(&self.dir);

@@ -86,6 +86,7 @@ fn no_compact() -> Options {
     Options {
         compact_after_bytes: u64::MAX,
         sync: true,
+        on_flush: None,
     }
 }
 
@@ -259,9 +260,10 @@ fn automatic_compaction_keeps_state_and_one_log() {
     let opts = Options {
         compact_after_bytes: 100,
         sync: true,
+        on_flush: None,
     };
     let expected = {
-        let mut s = Toy::open_with(dir.path(), opts).unwrap();
+        let mut s = Toy::open_with(dir.path(), opts.clone()).unwrap();
         for i in 0..20 {
             s.commit(vec![
                 bind(&format!("k{i}"), "o"),
@@ -637,8 +639,8 @@ proptest! {
         sync in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let opts = Options { compact_after_bytes, sync };
-        let mut store = Toy::open_with(dir.path(), opts).unwrap();
+        let opts = Options { compact_after_bytes, sync, on_flush: None };
+        let mut store = Toy::open_with(dir.path(), opts.clone()).unwrap();
         let mut model = Model::default();
         // Every (key, owner) the key has had, in order: an owner change needs an Unbind between.
         let mut history: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
@@ -669,7 +671,7 @@ proptest! {
                 }
                 Action::Reopen => {
                     drop(store);
-                    store = Toy::open_with(dir.path(), opts).unwrap();
+                    store = Toy::open_with(dir.path(), opts.clone()).unwrap();
                     prop_assert_eq!(store.recovery().dropped_tail_bytes, 0);
                 }
                 Action::Compact => store.compact().unwrap(),
@@ -681,5 +683,191 @@ proptest! {
         let store = Toy::open_with(dir.path(), opts).unwrap();
         prop_assert_eq!(&store.state().owners, &model.owners);
         prop_assert_eq!(store.state().applied, model.applied);
+    }
+}
+
+// ---------------------------------------------------------------- deferred flushes, power loss
+
+/// The last flush point the store reported, and how many it reported.
+#[derive(Default)]
+struct Flushes {
+    last: Option<(PathBuf, u64)>,
+    count: u64,
+}
+
+fn observed() -> (Arc<std::sync::Mutex<Flushes>>, Options) {
+    let seen = Arc::new(std::sync::Mutex::new(Flushes::default()));
+    let record = seen.clone();
+    let opts = Options {
+        on_flush: Some(Arc::new(move |path: &Path, len: u64| {
+            let mut f = record.lock().unwrap();
+            f.last = Some((path.to_path_buf(), len));
+            f.count += 1;
+        })),
+        ..no_compact()
+    };
+    (seen, opts)
+}
+
+/// What a power loss leaves: the log as of its last flush (the page cache's unflushed writes
+/// are gone).
+fn lose_power(seen: &std::sync::Mutex<Flushes>) {
+    if let Some((path, len)) = &seen.lock().unwrap().last
+        && path.exists()
+    {
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(*len)
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_deferred_commit_is_lost_only_to_a_power_loss_before_the_next_flush() {
+    let (seen, opts) = observed();
+    // Commits `a` flushed and `b` deferred, then stops (a process crash).
+    let start = |dir: &Path| {
+        let mut s = Toy::open_with(dir, opts.clone()).unwrap();
+        let count = seen.lock().unwrap().count;
+        s.commit(vec![bind("a", "1")]).unwrap();
+        assert_eq!(
+            seen.lock().unwrap().count,
+            count + 1,
+            "a flushed commit flushes"
+        );
+        assert!(!s.has_unflushed());
+        s.commit_with(vec![bind("b", "1")], Flush::Deferred)
+            .unwrap();
+        assert_eq!(
+            seen.lock().unwrap().count,
+            count + 1,
+            "a deferred commit does not"
+        );
+        assert!(s.has_unflushed());
+        assert_eq!(s.state().owners.len(), 2, "applied at once all the same");
+    };
+    let a_only = BTreeMap::from([("a".to_owned(), "1".to_owned())]);
+
+    // A power loss before any flush: only the flushed batch is left, cut at its end.
+    let dir = tempfile::tempdir().unwrap();
+    start(dir.path());
+    lose_power(&seen);
+    let s = Toy::open_with(dir.path(), opts.clone()).unwrap();
+    assert_eq!(s.state().owners, a_only);
+    assert_eq!(s.recovery().dropped_tail_bytes, 0);
+    drop(s);
+
+    // A crash of the process keeps the deferred record (the page cache has it), and the open
+    // that replays it makes it durable before anything acts on it.
+    let dir = tempfile::tempdir().unwrap();
+    start(dir.path());
+    let mut s = Toy::open_with(dir.path(), opts.clone()).unwrap();
+    assert_eq!(s.state().owners.len(), 2);
+    lose_power(&seen);
+    drop(s);
+    s = Toy::open_with(dir.path(), opts.clone()).unwrap();
+    assert_eq!(s.state().owners.len(), 2, "made durable by the open");
+
+    // A flushed commit covers the deferred ones before it.
+    s.commit_with(vec![bind("c", "1")], Flush::Deferred)
+        .unwrap();
+    s.commit(vec![bind("d", "1")]).unwrap();
+    drop(s);
+    lose_power(&seen);
+    s = Toy::open_with(dir.path(), opts.clone()).unwrap();
+    assert_eq!(s.state().owners.len(), 4, "{:?}", s.state().owners);
+
+    // So does an explicit flush; with nothing deferred it does nothing.
+    s.commit_with(vec![bind("e", "1")], Flush::Deferred)
+        .unwrap();
+    s.flush().unwrap();
+    let count = seen.lock().unwrap().count;
+    s.flush().unwrap();
+    assert_eq!(seen.lock().unwrap().count, count, "nothing left to flush");
+    drop(s);
+    lose_power(&seen);
+    let s = Toy::open_with(dir.path(), opts).unwrap();
+    assert_eq!(s.state().owners.len(), 5);
+}
+
+#[test]
+fn a_failed_flush_poisons_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    s.commit_with(vec![bind("a", "1")], Flush::Deferred)
+        .unwrap();
+    s.fail_next_write = Some(WriteFault::Nothing);
+    assert!(
+        s.commit_with(vec![bind("b", "1")], Flush::Deferred)
+            .is_err()
+    );
+    assert!(matches!(s.flush(), Err(StoreError::Poisoned { .. })));
+}
+
+#[derive(Debug, Clone)]
+enum PowerAction {
+    Commit(Vec<ToyOp>, Flush),
+    Flush,
+    Compact,
+    PowerLoss,
+}
+
+fn power_action_strategy() -> impl Strategy<Value = PowerAction> {
+    let flush = prop_oneof![Just(Flush::Now), Just(Flush::Deferred)];
+    prop_oneof![
+        6 => (proptest::collection::vec(op_strategy(), 0..6), flush)
+            .prop_map(|(ops, f)| PowerAction::Commit(ops, f)),
+        1 => Just(PowerAction::Flush),
+        1 => Just(PowerAction::Compact),
+        2 => Just(PowerAction::PowerLoss),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Whatever mix of flushed and deferred commits, flushes and compactions, a power loss
+    /// leaves exactly the state of the last flush: nothing flushed is lost, nothing deferred
+    /// after it is half kept.
+    #[test]
+    fn a_power_loss_keeps_exactly_what_was_flushed(
+        actions in proptest::collection::vec(power_action_strategy(), 1..40),
+        compact_after_bytes in 0u64..600,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (seen, opts) = observed();
+        let opts = Options { compact_after_bytes, ..opts };
+        let mut store = Toy::open_with(dir.path(), opts.clone()).unwrap();
+        let mut model = Model::default();
+        let mut flushed = (BTreeMap::new(), 0u64);
+        for action in actions {
+            let before = seen.lock().unwrap().count;
+            match action {
+                PowerAction::Commit(ops, flush) => {
+                    for op in &ops {
+                        model.apply(op);
+                    }
+                    store.commit_with(ops, flush).unwrap();
+                }
+                PowerAction::Flush => store.flush().unwrap(),
+                PowerAction::Compact => store.compact().unwrap(),
+                PowerAction::PowerLoss => {
+                    drop(store);
+                    lose_power(&seen);
+                    store = Toy::open_with(dir.path(), opts.clone()).unwrap();
+                    prop_assert_eq!(store.recovery().dropped_tail_bytes, 0);
+                    model.owners = flushed.0.clone();
+                    model.applied = flushed.1;
+                }
+            }
+            if seen.lock().unwrap().count > before {
+                // A flush covers every record written before it.
+                flushed = (model.owners.clone(), model.applied);
+            }
+            prop_assert_eq!(&store.state().owners, &model.owners);
+            prop_assert_eq!(store.state().applied, model.applied);
+        }
     }
 }

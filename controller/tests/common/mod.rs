@@ -6,8 +6,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
 use poolkeeper::api::{
@@ -135,6 +136,8 @@ pub struct Sim {
     /// What the source declares now (fed again to a restarted controller).
     pub declared: BTreeMap<ObjKey, Object>,
     generation: i64,
+    /// The state store's last flush: its log and the length that a power loss keeps.
+    flushed: Arc<Mutex<Option<(PathBuf, u64)>>>,
 }
 
 impl Sim {
@@ -153,7 +156,8 @@ impl Sim {
         });
         let clock = ManualClock::new(T0_MS);
         let dir = tempfile::tempdir().unwrap();
-        let (handle, join) = start_engine(&rt, &clock, &dir);
+        let flushed = Arc::default();
+        let (handle, join) = start_engine(&rt, &clock, &dir, &flushed);
         handle.send(SourceEvent::Synced).unwrap();
         Sim {
             mem,
@@ -164,6 +168,7 @@ impl Sim {
             join: Some(join),
             declared: BTreeMap::new(),
             generation: 0,
+            flushed,
         }
     }
 
@@ -214,6 +219,27 @@ impl Sim {
         self.start_again(false);
     }
 
+    /// A power loss: the engine is aborted wherever it is, and the state store keeps only what
+    /// it had flushed (every write after its last flush is lost, as the page cache is).
+    /// Returns how many bytes of the store's log were lost.
+    pub async fn power_loss_and_restart(&mut self) -> u64 {
+        if let Some(j) = self.join.take() {
+            j.abort();
+            let _ = j.await;
+        }
+        let flushed = self.flushed.lock().unwrap().clone();
+        let mut lost = 0;
+        if let Some((log, len)) = flushed
+            && log.exists()
+        {
+            let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+            lost = f.metadata().unwrap().len() - len;
+            f.set_len(len).unwrap();
+        }
+        self.start_again(false);
+        lost
+    }
+
     /// Like `restart`, but the objects are fed in reverse key order (a source may list files in
     /// any order; arrival order must come from the store, not from the feed).
     pub async fn restart_feeding_in_reverse(&mut self) {
@@ -232,7 +258,7 @@ impl Sim {
             j.await.unwrap();
         }
         self.clock.advance(Duration::from_secs(1));
-        let (handle, join) = start_engine(&self.rt, &self.clock, &self.dir);
+        let (handle, join) = start_engine(&self.rt, &self.clock, &self.dir, &self.flushed);
         for o in self.declared.values() {
             handle.apply(o.clone()).unwrap();
         }
@@ -245,7 +271,7 @@ impl Sim {
     fn start_again(&mut self, reverse: bool) {
         // Wall-clock time passes across a restart.
         self.clock.advance(Duration::from_secs(1));
-        let (handle, join) = start_engine(&self.rt, &self.clock, &self.dir);
+        let (handle, join) = start_engine(&self.rt, &self.clock, &self.dir, &self.flushed);
         let mut objs: Vec<&Object> = self.declared.values().collect();
         if reverse {
             objs.reverse();
@@ -349,11 +375,17 @@ fn start_engine(
     rt: &Arc<Counting>,
     clock: &ManualClock,
     dir: &tempfile::TempDir,
+    flushed: &Arc<Mutex<Option<(PathBuf, u64)>>>,
 ) -> (EngineHandle, JoinHandle<()>) {
     let mut cfg = EngineConfig::new(dir.path().join("state"));
     cfg.clock = Arc::new(clock.clone());
-    // A test's fsyncs cost time on a loaded machine without testing anything more.
+    // A test's fsyncs cost time on a loaded machine without testing anything more (the store
+    // still reports where it would have flushed, which a simulated power loss cuts at).
     cfg.sync = false;
+    let flushed = flushed.clone();
+    cfg.on_flush = Some(Arc::new(move |log: &std::path::Path, len: u64| {
+        *flushed.lock().unwrap() = Some((log.to_path_buf(), len));
+    }));
     engine::start(rt.clone(), cfg).unwrap()
 }
 
