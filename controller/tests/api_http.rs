@@ -512,6 +512,8 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
     assert!(v["error"].as_str().unwrap().contains("bob.yaml"), "{v}");
 
     // Alice releases hers: the file goes, and so does the claim.
+    let deferred = "poolkeeper_store_deferred_commits_total";
+    let deferred_before = metric(&scrape(), deferred);
     let (code, v) = api.call("DELETE", "/api/v1/claims/a1", Some(ALICE), None);
     assert_eq!(code, 200, "{v}");
     assert!(!api.managed("a1").exists());
@@ -520,6 +522,9 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
         assert!(start.elapsed() < Duration::from_secs(20), "a1 never went");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its end waited for no flush of its own (a restart derives it again).
+    let text = scrape();
+    assert!(metric(&text, deferred) > deferred_before, "{text}");
     // Her quota has room again.
     assert_eq!(
         api.post(

@@ -2590,6 +2590,34 @@ async fn a_power_loss_that_takes_unflushed_releases_keeps_every_binding_and_hand
 }
 
 #[tokio::test]
+async fn a_batch_written_without_a_flush_is_flushed_within_a_second_when_nothing_else_is() {
+    let mut s = sim();
+    apply_pool(&mut s, "web", pool("nginx", 2, Some(2)));
+    s.wait_warm("web", 2).await;
+    apply_claim(&mut s, "c1", "web");
+    s.wait_bound("c1").await;
+    let deferred = s.snapshot().await.metrics.store_deferred;
+    s.delete(Kind::Claim, "c1");
+    s.wait_warm("web", 2).await;
+    let snap = s.snapshot().await;
+    assert!(snap.metrics.store_deferred > deferred);
+    let flushes = snap.metrics.store_commit.count;
+    // Not flushed yet: nothing else asked for a flush, and the second has not passed.
+    s.advance(Duration::from_millis(500));
+    assert_eq!(s.snapshot().await.metrics.store_commit.count, flushes);
+    s.advance(Duration::from_millis(600));
+    s.wait_until("the deferred batches are flushed", |snap, _| {
+        snap.metrics.store_commit.count > flushes
+    })
+    .await;
+    assert_eq!(
+        s.power_loss_and_restart().await,
+        0,
+        "nothing was left unflushed"
+    );
+}
+
+#[tokio::test]
 async fn sequences_found_by_the_random_test_stay_fixed() {
     use random::Step::*;
     let found = [
