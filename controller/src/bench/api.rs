@@ -183,15 +183,26 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         use crate::runtime::Runtime;
         let began = Instant::now();
         let mut empty = 0;
+        let mut left = Vec::new();
         while empty < 2 && began.elapsed() < Duration::from_secs(60) {
-            let names: Vec<String> = rt
-                .list()
-                .await
-                .map(|l| l.into_iter().map(|i| i.name).collect())
-                .unwrap_or_default();
-            empty = if names.is_empty() { empty + 1 } else { 0 };
-            futures::future::join_all(names.iter().map(|n| rt.remove(n))).await;
+            left = match rt.list().await {
+                Ok(l) => l.into_iter().map(|i| i.name).collect(),
+                Err(e) => vec![format!("(the daemon did not list: {e})")],
+            };
+            empty = if left.is_empty() { empty + 1 } else { 0 };
+            futures::future::join_all(left.iter().map(|n| rt.remove(n))).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if !left.is_empty() {
+            // Say so rather than leave them unnoticed (a hung daemon, say).
+            let id = rt.controller_id();
+            let cleanup = anyhow!(
+                "{} containers of this run are left (first: {}); remove them with \
+                 docker rm -f $(docker ps -aq --filter label=poolkeeper.dev/controller={id})",
+                left.len(),
+                left[0]
+            );
+            return r.and(Err(cleanup));
         }
     }
     r
@@ -231,13 +242,22 @@ spec:
   warm: {instances}
   hostPorts: {host_ports}
   pullPolicy: {pull}
+  {reset}
 ---
 apiVersion: poolkeeper.dev/v1alpha1
 kind: User
 metadata: {{name: bench}}
 spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
 ",
-            pull = if docker { "Never" } else { "IfNotPresent" }
+            pull = if docker { "Never" } else { "IfNotPresent" },
+            reset = match args.reset {
+                super::BenchReset::Recreate => "reset: Recreate".to_owned(),
+                super::BenchReset::Restart => "reset: Restart".to_owned(),
+                super::BenchReset::Exec => format!(
+                    "reset: Exec\n  resetCommand: {}",
+                    serde_json::to_string(&args.reset_command)?
+                ),
+            }
         ),
     )?;
     let sdir = crate::cli::state_dir(dir.path());
@@ -373,6 +393,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         json!({"figure": "api_claims", "runtime": if docker { "docker" } else { "memory" },
                "claims": claims, "concurrency": args.concurrency, "warm": instances,
                "released_as_they_complete": true,
+               "reset": format!("{:?}", args.reset),
                "offered_rate_per_s": rate,
                "p50_ms": round3(pct(&latencies, 0.5)), "p90_ms": round3(pct(&latencies, 0.9)),
                "p99_ms": round3(pct(&latencies, 0.99)),

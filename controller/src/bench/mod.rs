@@ -86,6 +86,20 @@ pub struct BenchArgs {
     /// recreates instances: a rate below that measures binding, one above measures the queue.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// With `--api`: how the pool resets a released instance (`recreate`, the default, makes a
+    /// fresh container; `exec` runs `--reset-command` in it and hands it on in place).
+    #[arg(long, value_enum, default_value_t = BenchReset::Recreate)]
+    pub reset: BenchReset,
+    /// The command of `--reset exec` (words; the default suits the project's workload image).
+    #[arg(long, num_args = 1.., default_values_t = ["/pk-workload".to_owned(), "clean".to_owned(), "/srv".to_owned()])]
+    pub reset_command: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchReset {
+    Recreate,
+    Restart,
+    Exec,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

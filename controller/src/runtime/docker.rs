@@ -335,6 +335,11 @@ impl DockerRuntime {
         self.inner.nodes[0].docker.clone()
     }
 
+    /// The controller id its containers are labelled with.
+    pub fn controller_id(&self) -> &str {
+        &self.inner.config.controller_id
+    }
+
     /// Label filters selecting this controller's containers.
     fn owner_filter(&self) -> Vec<String> {
         vec![
