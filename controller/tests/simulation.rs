@@ -2589,6 +2589,100 @@ async fn a_power_loss_that_takes_unflushed_releases_keeps_every_binding_and_hand
     assert!(claim_status(&snap, "c1").is_none());
 }
 
+/// A pool of one instance reset in place (`rm -rf /data`), c1 bound to it with alice's secret
+/// file; c1 is deleted while the reset's exec takes 10 s, and the power goes with the
+/// release unflushed. Returns the instance.
+async fn power_loss_while_an_in_place_reset_runs(s: &mut Sim) -> String {
+    let mut p = with_files(pool("nginx", 1, Some(1)), "/data");
+    p.reset = ResetPolicy::Exec;
+    p.reset_command = vec!["rm".into(), "-rf".into(), "/data".into()];
+    apply_pool(s, "web", p);
+    s.wait_warm("web", 1).await;
+    let mut c = claim("web", USER);
+    c.files = BTreeMap::from([("secret.txt".to_owned(), "alice's".to_owned())]);
+    s.apply("c1", Spec::Claim(c));
+    let inst = s.wait_bound("c1").await;
+    assert!(s.mem.files(&inst).unwrap().contains_key("/data/secret.txt"));
+    s.mem.set_exec_latency(Duration::from_secs(10));
+    s.delete(Kind::Claim, "c1");
+    s.wait_until("c1 is gone", |snap, _| claim_status(snap, "c1").is_none())
+        .await;
+    assert!(s.power_loss_and_restart().await > 0, "the release was lost");
+    s.mem.set_exec_latency(Duration::ZERO);
+    inst
+}
+
+/// `claim` is bound to `inst`, which holds its file and none of alice's c1.
+async fn bound_without_the_secret(s: &Sim, claim: &str, inst: &str) {
+    assert_eq!(s.wait_bound(claim).await, inst, "the pool has one instance");
+    let files = s.mem.files(inst).unwrap();
+    assert!(
+        !files.contains_key("/data/secret.txt"),
+        "{claim} got an instance that still holds c1's file: {files:?}"
+    );
+    assert!(
+        files.contains_key(&format!("/data/{claim}.txt")),
+        "{files:?}"
+    );
+}
+
+fn claim_with_its_file(name: &str, user: &str) -> Spec {
+    let mut c = claim("web", user);
+    c.files = BTreeMap::from([(format!("{name}.txt"), name.to_owned())]);
+    Spec::Claim(c)
+}
+
+#[tokio::test]
+async fn a_power_loss_during_an_in_place_reset_resets_the_instance_again_before_reuse() {
+    let mut s = sim();
+    let inst = power_loss_while_an_in_place_reset_runs(&mut s).await;
+    // The restart finds c1 undeclared and bound in the store: it resets the instance first.
+    s.apply("c2", claim_with_its_file("c2", USER));
+    bound_without_the_secret(&s, "c2", &inst).await;
+}
+
+#[tokio::test]
+async fn a_name_declared_again_by_another_user_does_not_inherit_the_lost_binding() {
+    let mut s = sim();
+    s.apply("bob", Spec::User(user(10)));
+    let inst = power_loss_while_an_in_place_reset_runs(&mut s).await;
+    // c1 is declared again, by bob, before the restarted controller saw the deletion: the
+    // stored record (alice's c1, bound) is not his claim's.
+    s.apply("c1", claim_with_its_file("c1", "bob"));
+    bound_without_the_secret(&s, "c1", &inst).await;
+    let c = claim_status(&s.snapshot().await, "c1").unwrap();
+    assert_eq!(c.phase, ClaimPhase::Bound);
+    // And across a plain restart it stays his, bound to the same instance.
+    s.restart().await;
+    assert_eq!(s.wait_bound("c1").await, inst);
+    assert!(s.mem.files(&inst).unwrap().contains_key("/data/c1.txt"));
+}
+
+#[tokio::test]
+async fn a_claim_moved_to_another_user_keeps_its_arrival_and_binding_across_a_restart() {
+    let mut s = sim();
+    s.apply("bob", Spec::User(user(10)));
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(3)));
+    s.wait_warm("web", 1).await;
+    apply_claim(&mut s, "c1", "web");
+    let first = s.wait_bound("c1").await;
+    s.apply("c1", Spec::Claim(claim("web", "bob")));
+    let snap = s
+        .wait_until("c1 is bound again, as bob's", |snap, _| {
+            claim_status(snap, "c1").is_some_and(|c| {
+                c.phase == ClaimPhase::Bound && c.instance.as_deref() != Some(&first)
+            })
+        })
+        .await;
+    let second = claim_status(&snap, "c1").unwrap().instance.unwrap();
+    s.restart().await;
+    assert_eq!(
+        s.wait_bound("c1").await,
+        second,
+        "the record followed the move"
+    );
+}
+
 #[tokio::test]
 async fn a_batch_written_without_a_flush_is_flushed_within_a_second_when_nothing_else_is() {
     let mut s = sim();

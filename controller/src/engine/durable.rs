@@ -26,6 +26,10 @@ pub struct ClaimRecord {
     /// Arrival order (queue position is derived from it).
     pub seq: u64,
     pub pool: String,
+    /// Whose claim it is (absent in records written before it was kept). With the name and
+    /// the pool it tells the claim apart from a later one declared under the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub phase: RecPhase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
@@ -54,10 +58,13 @@ pub struct Durable {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    /// Enter the queue of `pool`; takes the next arrival number. No-op if already known.
+    /// Enter the queue of `pool`; takes the next arrival number. For a known claim (moved to
+    /// another pool or user) only its pool and user change; its arrival number stays.
     Admit {
         claim: String,
         pool: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     Bind {
         claim: String,
@@ -122,13 +129,17 @@ impl StateMachine for Durable {
 
     fn apply(&mut self, op: &Op) -> Result<(), String> {
         match op {
-            Op::Admit { claim, pool } => {
-                if !self.claims.contains_key(claim) {
+            Op::Admit { claim, pool, user } => {
+                if let Some(rec) = self.claims.get_mut(claim) {
+                    rec.pool.clone_from(pool);
+                    rec.user.clone_from(user);
+                } else {
                     self.claims.insert(
                         claim.clone(),
                         ClaimRecord {
                             seq: self.next_seq,
                             pool: pool.clone(),
+                            user: user.clone(),
                             phase: RecPhase::Waiting,
                             instance: None,
                             bound_at_ms: None,
@@ -230,6 +241,7 @@ mod tests {
         d.apply(&Op::Admit {
             claim: c.into(),
             pool: "p".into(),
+            user: Some("u".into()),
         })
         .expect("admit");
     }
@@ -264,6 +276,22 @@ mod tests {
         assert_eq!(d.claims["a"].seq, 0);
         assert_eq!(d.claims["b"].seq, 1);
         assert_eq!(d.next_seq, 2);
+        // Moved to another pool and user: the arrival number stays, the owner changes.
+        d.apply(&Op::Admit {
+            claim: "a".into(),
+            pool: "q".into(),
+            user: Some("v".into()),
+        })
+        .expect("admit again");
+        let a = &d.claims["a"];
+        assert_eq!(
+            (a.seq, a.pool.as_str(), a.user.as_deref()),
+            (0, "q", Some("v"))
+        );
+        // A record written before users were kept still reads.
+        let old: ClaimRecord =
+            serde_json::from_str(r#"{"seq":3,"pool":"p","phase":"Waiting"}"#).expect("old record");
+        assert_eq!(old.user, None);
     }
 
     #[test]
@@ -321,7 +349,8 @@ mod tests {
         assert!(needs_flush(&[bind("a", "i")]));
         assert!(needs_flush(&[Op::Admit {
             claim: "a".into(),
-            pool: "p".into()
+            pool: "p".into(),
+            user: None,
         }]));
         assert!(needs_flush(&[Op::Quarantine {
             instance: "i".into(),

@@ -868,13 +868,10 @@ impl<R: Runtime> Engine<R> {
         if let Some(Reverse((t, _))) = self.expiries.peek() {
             next = next.min(*t);
         }
-        while let Some(Reverse(t)) = self.wakeups.peek() {
-            if *t <= now && next != u64::MAX && *t < next {
-                self.wakeups.pop();
-                continue;
-            }
+        // An overdue wakeup means a pass now (the tick it causes pops it): never dropped here,
+        // or what it was for would wait for an unrelated pass.
+        if let Some(Reverse(t)) = self.wakeups.peek() {
             next = next.min(*t);
-            break;
         }
         if next == u64::MAX {
             return Duration::from_secs(3600);
@@ -1526,6 +1523,13 @@ impl<R: Runtime> Engine<R> {
             .map(|c| (c.spec.pool.clone(), c.spec.user.clone(), c.seq))
         {
             let moved = old_pool != spec.pool || old_user != spec.user;
+            // The record follows (its arrival number stays), so that a restart knows the claim
+            // for the same one.
+            let follow = moved.then(|| Op::Admit {
+                claim: name.clone(),
+                pool: spec.pool.clone(),
+                user: Some(spec.user.clone()),
+            });
             if moved {
                 // A claim moved to another pool or user: end its binding and queue it anew.
                 self.unindex_claim(&name);
@@ -1552,7 +1556,8 @@ impl<R: Runtime> Engine<R> {
                 self.dirty_users.insert(old_user);
                 self.dirty_pools.insert(old_pool);
             }
-            if moved {
+            if let Some(op) = follow {
+                self.ops.push(op);
                 self.index_claim(&name, seq);
             }
             self.touch_claim(&name);
@@ -1560,17 +1565,46 @@ impl<R: Runtime> Engine<R> {
         }
         // New to this engine: known to the store (a restart), or admitted now. A claim deleted
         // earlier in this pass is new again: its record is only forgotten at the commit.
-        let stored = if self.forgotten.contains(&name) {
+        let mut stored = if self.forgotten.contains(&name) {
             None
         } else {
             self.store.state().claims.get(&name).cloned()
         };
+        if let Some(rec) = &stored
+            && (rec.pool != spec.pool || rec.user.as_ref().is_some_and(|u| *u != spec.user))
+        {
+            // The record is another claim's: one of this name was deleted and this one declared
+            // (for another user or pool) while this engine did not see it, or the deletion was
+            // lost with a batch that waited for a flush. Its binding ends and its instance is
+            // reset (at the first pass, once it is listed); this claim is admitted anew.
+            warn!(
+                claim = %name,
+                stored_pool = %rec.pool,
+                stored_user = rec.user.as_deref().unwrap_or("?"),
+                "the stored record of this name belongs to an earlier claim; ending its binding"
+            );
+            if let Some(i) = &rec.instance {
+                self.ops.push(Op::Unbind {
+                    claim: name.clone(),
+                    to: durable::RecPhase::Released,
+                });
+                if self.started {
+                    self.reset_released(i);
+                }
+            }
+            self.ops.push(Op::Forget {
+                claim: name.clone(),
+            });
+            self.forgotten.insert(name.clone());
+            stored = None;
+        }
         let seq = match &stored {
             Some(rec) => rec.seq,
             None => {
                 self.ops.push(Op::Admit {
                     claim: name.clone(),
                     pool: spec.pool.clone(),
+                    user: Some(spec.user.clone()),
                 });
                 let s = self.next_seq;
                 self.next_seq += 1;

@@ -77,6 +77,8 @@ struct Inner {
     removes: u64,
     /// How long a removal takes (a container's graceful stop).
     remove_latency: Duration,
+    /// How long an exec takes before it runs.
+    exec_latency: Duration,
     /// Each removal, in order, with the instances that still existed when it began (kept
     /// only after `record_removals`: it costs the world's size per removal).
     removal_log: Vec<(String, BTreeSet<String>)>,
@@ -119,6 +121,7 @@ impl MemoryRuntime {
                 drop_events: false,
                 creates: 0,
                 remove_latency: Duration::ZERO,
+                exec_latency: Duration::ZERO,
                 removal_log: Vec::new(),
                 log_removals: false,
                 log_followers: HashMap::new(),
@@ -168,6 +171,11 @@ impl MemoryRuntime {
     /// Removals take this long (real time): a graceful stop.
     pub fn set_remove_latency(&self, d: Duration) {
         self.lock().remove_latency = d;
+    }
+
+    /// Execs wait this long (real time) before they run.
+    pub fn set_exec_latency(&self, d: Duration) {
+        self.lock().exec_latency = d;
     }
 
     /// From now on, log each removal with the instances that still exist (`removal_log`).
@@ -539,6 +547,10 @@ impl Runtime for MemoryRuntime {
     }
 
     async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {
+        let latency = self.lock().exec_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let mut inner = self.lock();
         let fail = inner.fail_exec;
         let Some(sim) = inner.instances.get_mut(name) else {

@@ -188,6 +188,8 @@ pub struct Store<S: StateMachine> {
     _lock: File,
     #[cfg(test)]
     fail_next_write: Option<tests::WriteFault>,
+    #[cfg(test)]
+    fail_next_sync: bool,
 }
 
 impl<S: StateMachine> fmt::Debug for Store<S> {
@@ -398,7 +400,9 @@ impl<S: StateMachine> Store<S> {
             log.set_len(valid).map_err(io_err("truncate", &log_path))?;
         }
         // What is replayed is acted on: make it durable first (a crashed process may have left
-        // deferred records that only the page cache holds).
+        // deferred records that only the page cache holds). This cannot bring back what a
+        // failed flush lost: the kernel may have dropped those pages already (the previous
+        // process stopped at that failure, before reporting anything that waited for it).
         if opts.sync {
             log.sync_all().map_err(io_err("fsync", &log_path))?;
         }
@@ -423,6 +427,8 @@ impl<S: StateMachine> Store<S> {
             _lock: lock,
             #[cfg(test)]
             fail_next_write: None,
+            #[cfg(test)]
+            fail_next_sync: false,
         })
     }
 
@@ -540,8 +546,9 @@ impl<S: StateMachine> Store<S> {
         }
 
         if self.log_len > self.opts.compact_after_bytes {
-            // The batch is durable already; a failed compaction does not fail the commit (if it
-            // failed past its commit point it poisons the store, which the next call reports).
+            // The batch is in the log already (flushed, or deferred as asked); a failed
+            // compaction does not fail the commit (if it failed past its commit point it
+            // poisons the store, which the next call reports).
             self.last_compaction_error = self.compact().err();
         }
         Ok(rejected)
@@ -579,6 +586,11 @@ impl<S: StateMachine> Store<S> {
             return Ok(());
         }
         let log_path = self.dir.join(log_name(self.generation));
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_sync) {
+            let e = io::Error::other("injected fdatasync failure");
+            return Err(self.poison(io_err("fdatasync", &log_path)(e)));
+        }
         if self.opts.sync
             && let Err(e) = self.log.sync_data()
         {
