@@ -1861,7 +1861,11 @@ mod random {
         };
         let mut s = pool_with_ports(&format!("img{p}:{image}"), warm, Some(max), start, end);
         if p == 1 {
+            // In place, keeping files (as a container's writable layer would): no files here.
             s.reset = ResetPolicy::Restart;
+        } else {
+            // Recreated: the claims' files show whether a used instance is ever handed on.
+            s = with_files(s, "/data");
         }
         s
     }
@@ -2077,7 +2081,9 @@ mod random {
                 }
                 Step::DeletePool { p } => sim.delete(Kind::Pool, POOLS[p]),
                 Step::Claim { c, p } => {
-                    sim.apply(&format!("c{c}"), Spec::Claim(claim(POOLS[p], USER)))
+                    let mut spec = claim(POOLS[p], USER);
+                    spec.files = BTreeMap::from([(format!("c{c}.txt"), format!("c{c}"))]);
+                    sim.apply(&format!("c{c}"), Spec::Claim(spec))
                 }
                 Step::DeleteClaim { c } => sim.delete(Kind::Claim, &format!("c{c}")),
                 Step::Crash { pick } => {
@@ -2127,6 +2133,15 @@ mod random {
                 if let Some(other) = holders.insert(i.clone(), c.clone()) {
                     panic!(
                         "instance {i} is bound to {other} and {c}\n{}",
+                        describe(&snap, &insts)
+                    );
+                }
+                // A bound instance holds its claim's files and nobody else's.
+                let files = sim.mem.files(&i).unwrap_or_default();
+                let own = format!("/data/{c}.txt");
+                if let Some(stray) = files.keys().find(|f| **f != own) {
+                    panic!(
+                        "{c} is bound to {i}, which holds {stray} of an earlier claim\n{}",
                         describe(&snap, &insts)
                     );
                 }
