@@ -1523,13 +1523,6 @@ impl<R: Runtime> Engine<R> {
             .map(|c| (c.spec.pool.clone(), c.spec.user.clone(), c.seq))
         {
             let moved = old_pool != spec.pool || old_user != spec.user;
-            // The record follows (its arrival number stays), so that a restart knows the claim
-            // for the same one.
-            let follow = moved.then(|| Op::Admit {
-                claim: name.clone(),
-                pool: spec.pool.clone(),
-                user: Some(spec.user.clone()),
-            });
             if moved {
                 // A claim moved to another pool or user: end its binding and queue it anew.
                 self.unindex_claim(&name);
@@ -1544,6 +1537,13 @@ impl<R: Runtime> Engine<R> {
                     // end_binding queued it on the old pool; it is queued on the new one below.
                     self.dequeue(&name);
                 }
+                // The record follows (its arrival number stays), so that a restart knows the
+                // claim for the same one.
+                self.ops.push(Op::Admit {
+                    claim: name.clone(),
+                    pool: spec.pool.clone(),
+                    user: Some(spec.user.clone()),
+                });
             }
             if let Some(entry) = self.claims.get_mut(&name) {
                 entry.spec = spec;
@@ -1556,8 +1556,7 @@ impl<R: Runtime> Engine<R> {
                 self.dirty_users.insert(old_user);
                 self.dirty_pools.insert(old_pool);
             }
-            if let Some(op) = follow {
-                self.ops.push(op);
+            if moved {
                 self.index_claim(&name, seq);
             }
             self.touch_claim(&name);
@@ -1584,18 +1583,9 @@ impl<R: Runtime> Engine<R> {
                 "the stored record of this name belongs to an earlier claim; ending its binding"
             );
             if let Some(i) = &rec.instance {
-                self.ops.push(Op::Unbind {
-                    claim: name.clone(),
-                    to: durable::RecPhase::Released,
-                });
-                if self.started {
-                    self.reset_released(i);
-                }
+                self.end_binding(&name, i, durable::RecPhase::Released, "NameReused", now);
             }
-            self.ops.push(Op::Forget {
-                claim: name.clone(),
-            });
-            self.forgotten.insert(name.clone());
+            self.forget_record(&name);
             stored = None;
         }
         let seq = match &stored {
@@ -1760,13 +1750,19 @@ impl<R: Runtime> Engine<R> {
                 self.touch_claim(&key.name);
                 self.unindex_claim(&key.name);
                 self.claims.remove(&key.name);
-                self.ops.push(Op::Forget {
-                    claim: key.name.clone(),
-                });
-                self.forgotten.insert(key.name.clone());
+                self.forget_record(&key.name);
                 self.notify(&key.name, ClaimPhase::Released);
             }
         }
+    }
+
+    /// Forgets the claim's store record at this pass's commit; until then it is stale, and a
+    /// claim of this name declared again meanwhile is new.
+    fn forget_record(&mut self, claim: &str) {
+        self.ops.push(Op::Forget {
+            claim: claim.to_owned(),
+        });
+        self.forgotten.insert(claim.to_owned());
     }
 
     /// Ends a claim's hold on `instance` (durably, in this pass's commit) and schedules the

@@ -73,6 +73,14 @@ impl fmt::Debug for Options {
     }
 }
 
+impl Options {
+    fn report_flush(&self, log: &Path, len: u64) {
+        if let Some(observe) = &self.on_flush {
+            observe(log, len);
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -406,9 +414,7 @@ impl<S: StateMachine> Store<S> {
         if opts.sync {
             log.sync_all().map_err(io_err("fsync", &log_path))?;
         }
-        if let Some(observe) = &opts.on_flush {
-            observe(&log_path, valid);
-        }
+        opts.report_flush(&log_path, valid);
 
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -597,9 +603,7 @@ impl<S: StateMachine> Store<S> {
             return Err(self.poison(io_err("fdatasync", &log_path)(e)));
         }
         self.unflushed = false;
-        if let Some(observe) = &self.opts.on_flush {
-            observe(&log_path, self.log_len);
-        }
+        self.opts.report_flush(&log_path, self.log_len);
         Ok(())
     }
 
@@ -658,9 +662,7 @@ impl<S: StateMachine> Store<S> {
         self.log_len = 0;
         // The snapshot holds everything, durably.
         self.unflushed = false;
-        if let Some(observe) = &self.opts.on_flush {
-            observe(&new_path, 0);
-        }
+        self.opts.report_flush(&new_path, 0);
         // The old log is already superseded; if removing it fails, the next open removes it.
         if fs::remove_file(&old_path).is_ok() {
             let _ = sync_dir(&self.dir);

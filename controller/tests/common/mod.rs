@@ -212,21 +212,22 @@ impl Sim {
 
     /// An abrupt stop: the engine task is aborted wherever it is, its handle dropped.
     pub async fn kill_and_restart(&mut self) {
+        self.abort_engine().await;
+        self.start_again(false);
+    }
+
+    async fn abort_engine(&mut self) {
         if let Some(j) = self.join.take() {
             j.abort();
             let _ = j.await;
         }
-        self.start_again(false);
     }
 
     /// A power loss: the engine is aborted wherever it is, and the state store keeps only what
     /// it had flushed (every write after its last flush is lost, as the page cache is).
     /// Returns how many bytes of the store's log were lost.
     pub async fn power_loss_and_restart(&mut self) -> u64 {
-        if let Some(j) = self.join.take() {
-            j.abort();
-            let _ = j.await;
-        }
+        self.abort_engine().await;
         let flushed = self.flushed.lock().unwrap().clone();
         let mut lost = 0;
         if let Some((log, len)) = flushed
