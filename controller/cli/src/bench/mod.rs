@@ -1,0 +1,397 @@
+//! `poolkeeper bench`: drives the real engine (same reconcile path, real fsyncs to a temporary
+//! store) and prints one JSON line per figure.
+//!
+//! - `fill`: time to bring a pool to `--instances` warm instances.
+//! - `claim`: `--claims` claims submitted with `--concurrency` outstanding; latency is from
+//!   handing the claim to the engine to the engine reporting it Bound (after its binding is
+//!   durable); throughput is claims bound per second over the whole run.
+//! - `release`: deleting every claim until the pool is back to full warm.
+//! - `resync`: a full resync (list the runtime, reconcile every object) with `--resync-pools`
+//!   pools holding `--resync-claims` bound claims.
+//!
+//! `--runtime docker` runs the figures of [`docker`] instead.
+
+pub mod api;
+pub mod docker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::cli::RuntimeKind;
+use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
+use poolkeeper_kinds::{ClaimPhase, ClaimSpec, InstanceTemplate, PoolSpec, Quota, UserSpec};
+use poolkeeper_kinds::{ObjKey, Object, Origin, Spec};
+use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Memory)]
+    pub runtime: RuntimeKind,
+    /// Warm instances in the pool (default 1000 on memory, 50 on docker).
+    #[arg(long)]
+    pub instances: Option<u32>,
+    /// Claims to bind (default 10000 on memory; on docker 200 without files, then 200 with).
+    #[arg(long)]
+    pub claims: Option<u32>,
+    /// Claims outstanding at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
+    /// Users the claims are spread over.
+    #[arg(long, default_value_t = 1000)]
+    pub users: u32,
+    /// Pools for the resync figure (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    pub resync_pools: u32,
+    /// Bound claims for the resync figure.
+    #[arg(long, default_value_t = 100_000)]
+    pub resync_claims: u32,
+    /// Release each claim as soon as it is bound (steady state: the pool refills behind the
+    /// traffic). Without it every claim keeps its instance until the end.
+    #[arg(long)]
+    pub release: bool,
+    /// Which scenario to run; `all` runs each in a process of its own, so that every figure's
+    /// resident memory is its own.
+    #[arg(long, value_enum, default_value_t = Scenario::All)]
+    pub scenario: Scenario,
+    /// Docker: the image of the pool and of the baselines. It must answer HTTP 2xx on
+    /// `--http-path` at `--http-port` (the default, the project's workload image, is built by
+    /// `e2e/build-workload-image.sh`).
+    #[arg(long, default_value = "poolkeeper-workload:test")]
+    pub image: String,
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    #[arg(long, default_value = "/healthz")]
+    pub http_path: String,
+    /// Docker: the first host port used (the pool takes `--instances` ports from here, the
+    /// baselines the ones after).
+    #[arg(long, default_value_t = 31000)]
+    pub port_base: u16,
+    /// Docker: cold starts timed for the baseline.
+    #[arg(long, default_value_t = 10)]
+    pub cold: u32,
+    #[command(flatten)]
+    pub docker: crate::cli::DockerArgs,
+    /// Drive claims through the HTTP API (POST, Bound seen on the status stream, release):
+    /// `--claims` (default 20000 on memory, 500 on docker) with `--concurrency` clients, on a
+    /// pool of `--instances` warm (default 1000 / 50).
+    #[arg(long)]
+    pub api: bool,
+    /// With `--api`: offer claims at this rate (claims per second, arrivals evenly spaced)
+    /// instead of as fast as the clients go. A pool refills only as fast as its runtime
+    /// recreates instances: a rate below that measures binding, one above measures the queue.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// With `--api`: how the pool resets a released instance (`recreate`, the default, makes a
+    /// fresh container; `exec` runs `--reset-command` in it and hands it on in place).
+    #[arg(long, value_enum, default_value_t = BenchReset::Recreate)]
+    pub reset: BenchReset,
+    /// The command of `--reset exec` (words; the default suits the project's workload image).
+    #[arg(long, num_args = 1.., default_values_t = ["/pk-workload".to_owned(), "clean".to_owned(), "/srv".to_owned()])]
+    pub reset_command: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchReset {
+    Recreate,
+    Restart,
+    Exec,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    All,
+    Claim,
+    Resync,
+}
+
+fn obj(name: String, spec: Spec) -> Object {
+    Object {
+        name,
+        spec,
+        origin: Origin::default(),
+        generation: 1,
+    }
+}
+
+fn pool(warm: u32, max: u32) -> Spec {
+    Spec::Pool(PoolSpec {
+        template: InstanceTemplate {
+            image: "bench".into(),
+            ..InstanceTemplate::default()
+        },
+        warm,
+        max: Some(max),
+        host_ports: None,
+        reset: Default::default(),
+        reset_command: Vec::new(),
+        claim_ttl: None,
+        pull_policy: Default::default(),
+    })
+}
+
+fn user() -> Spec {
+    Spec::User(UserSpec {
+        quota: Quota {
+            max_claims: u32::MAX,
+            pools: Vec::new(),
+        },
+        ..UserSpec::default()
+    })
+}
+
+fn claim(pool: &str, user: &str) -> Spec {
+    Spec::Claim(ClaimSpec {
+        pool: pool.into(),
+        user: user.into(),
+        ttl: None,
+        files: BTreeMap::new(),
+        files_from: None,
+    })
+}
+
+/// A memory figure of this process from /proc/self/status (`VmHWM` peak, `VmRSS` now), in MB.
+fn proc_status_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Peak resident memory of this process, in MB.
+pub fn rss_peak_mb() -> f64 {
+    proc_status_mb("VmHWM:")
+}
+
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// One memory-runtime figure: `n` operations that took `took`, as total ms and a rate.
+fn print_rate(bench: &str, n: u32, took: Duration) {
+    println!(
+        "{}",
+        json!({"bench":bench,"runtime":"memory","n":n,"ms":round3(took.as_secs_f64()*1e3),
+               "per_s":round3(f64::from(n)/took.as_secs_f64())})
+    );
+}
+
+pub(crate) fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+async fn wait_warm(h: &EngineHandle, pool: &str, want: u32, limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let st = h.pool_status(pool).await?;
+        if st.as_ref().is_some_and(|s| s.warm >= want) {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!("pool {pool} did not reach {want} warm within {limit:?}: {st:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn start_engine(dir: &std::path::Path) -> anyhow::Result<(EngineHandle, Arc<MemoryRuntime>)> {
+    let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+    let (h, _task) = poolkeeper_engine::start(rt.clone(), EngineConfig::new(dir.join("state")))?;
+    Ok((h, rt))
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 || args.users == 0 {
+        bail!("--concurrency and --users must be at least 1");
+    }
+    if args.api {
+        return api::run(&args).await;
+    }
+    if args.runtime == RuntimeKind::Docker {
+        return docker::run(&args).await;
+    }
+    let (instances, claims) = (
+        args.instances.unwrap_or(1000),
+        args.claims.unwrap_or(10_000),
+    );
+    match args.scenario {
+        Scenario::Claim => claim_bench(&args).await,
+        Scenario::Resync => resync_bench(&args).await,
+        Scenario::All => {
+            let mut scenarios = vec!["claim"];
+            if args.resync_pools > 0 {
+                scenarios.push("resync");
+            }
+            let exe = std::env::current_exe().context("locating this program")?;
+            for sc in scenarios {
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.arg("bench")
+                    .args(["--scenario", sc])
+                    .args(["--instances", &instances.to_string()])
+                    .args(["--claims", &claims.to_string()])
+                    .args(["--concurrency", &args.concurrency.to_string()])
+                    .args(["--users", &args.users.to_string()])
+                    .args(["--resync-pools", &args.resync_pools.to_string()])
+                    .args(["--resync-claims", &args.resync_claims.to_string()]);
+                if args.release {
+                    cmd.arg("--release");
+                }
+                let status = cmd.status().context("running a benchmark scenario")?;
+                if !status.success() {
+                    bail!("benchmark scenario {sc} failed: {status}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir().context("temporary state dir")?;
+    let (h, _rt) = start_engine(tmp.path()).await?;
+    let mut changes = h.subscribe()?;
+    for u in 0..args.users {
+        h.apply(obj(format!("u{u}"), user()))?;
+    }
+    h.send(SourceEvent::Synced)?;
+    // Fill.
+    let n = args.instances.unwrap_or(1000);
+    let claims = args.claims.unwrap_or(10_000);
+    let t = Instant::now();
+    // Capacity for every claim: with claims <= instances the pool is at capacity once all are
+    // bound (no refill); with more claims the pool refills behind them up to `claims`.
+    h.apply(obj("bench".into(), pool(n, n.max(claims))))?;
+    wait_warm(&h, "bench", n, Duration::from_secs(600)).await?;
+    print_rate("fill", n, t.elapsed());
+    // Claims, with `concurrency` outstanding.
+    let m = claims;
+    let mut sent: HashMap<String, Instant> = HashMap::with_capacity(m as usize);
+    let mut latencies: Vec<f64> = Vec::with_capacity(m as usize);
+    let mut next = 0u32;
+    let submit = |i: u32, sent: &mut HashMap<String, Instant>| {
+        let name = format!("c{i}");
+        sent.insert(name.clone(), Instant::now());
+        h.apply(obj(name, claim("bench", &format!("u{}", i % args.users))))
+    };
+    let t = Instant::now();
+    while next < m.min(args.concurrency) {
+        submit(next, &mut sent)?;
+        next += 1;
+    }
+    while latencies.len() < m as usize {
+        let Some(ch) = changes.recv().await else {
+            bail!("engine stopped")
+        };
+        if ch.phase != ClaimPhase::Bound {
+            continue;
+        }
+        if let Some(at) = sent.remove(&ch.name) {
+            latencies.push(ch.at.duration_since(at).as_secs_f64() * 1e3);
+            if args.release {
+                // Steady state: the user is done at once; the instance is reset (recreated)
+                // and the pool refills behind the traffic.
+                h.delete(ObjKey::new(poolkeeper_kinds::Kind::Claim, ch.name.clone()))?;
+            }
+            if next < m {
+                submit(next, &mut sent)?;
+                next += 1;
+            }
+        }
+    }
+    let elapsed = t.elapsed();
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({"bench":"claim","runtime":"memory","n":m,"pool":n,"concurrency":args.concurrency,
+               "release_as_bound":args.release,
+               "p50_ms":round3(pct(&latencies,0.5)),"p99_ms":round3(pct(&latencies,0.99)),
+               "max_ms":round3(pct(&latencies,1.0)),
+               "per_s":round3(f64::from(m)/elapsed.as_secs_f64()),"rss_mb":round3(rss_peak_mb())})
+    );
+    if !args.release {
+        // Release everything and wait for the pool to be full again.
+        let t = Instant::now();
+        for i in 0..m {
+            h.delete(ObjKey::new(poolkeeper_kinds::Kind::Claim, format!("c{i}")))?;
+        }
+        wait_warm(&h, "bench", n, Duration::from_secs(600)).await?;
+        print_rate("release", m, t.elapsed());
+    }
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir().context("temporary state dir")?;
+    let (h, rt) = start_engine(tmp.path()).await?;
+    let mut changes = h.subscribe()?;
+    let pools = args.resync_pools;
+    let claims = args.resync_claims;
+    let per_pool = claims.div_ceil(pools);
+    for u in 0..args.users {
+        h.apply(obj(format!("u{u}"), user()))?;
+    }
+    for p in 0..pools {
+        h.apply(obj(format!("p{p}"), pool(per_pool, per_pool)))?;
+    }
+    h.send(SourceEvent::Synced)?;
+    let t = Instant::now();
+    // Wait for every pool to fill, then bind every claim.
+    while (rt.counts().1 as u32) < per_pool * pools {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("pools did not fill");
+        }
+    }
+    // Declared in chunks, as files or API calls arrive, rather than 100k queued at once.
+    let mut bound = 0;
+    let mut c = 0;
+    while c < claims {
+        let end = (c + 4096).min(claims);
+        for i in c..end {
+            h.apply(obj(
+                format!("c{i}"),
+                claim(&format!("p{}", i % pools), &format!("u{}", i % args.users)),
+            ))?;
+        }
+        c = end;
+        while bound < c {
+            let Some(ch) = changes.recv().await else {
+                bail!("engine stopped")
+            };
+            if ch.phase == ClaimPhase::Bound {
+                bound += 1;
+            }
+        }
+    }
+    let setup = t.elapsed();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        times.push(h.resync().await?.as_secs_f64() * 1e3);
+    }
+    let rss_now = proc_status_mb("VmRSS:");
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        json!({"bench":"resync","runtime":"memory","pools":pools,"claims":claims,
+               "instances":rt.counts().0,"ms":round3(times[1]),"min_ms":round3(times[0]),
+               "setup_s":round3(setup.as_secs_f64()),"rss_mb":round3(rss_peak_mb()),
+               "rss_now_mb":round3(rss_now)})
+    );
+    h.shutdown().await;
+    Ok(())
+}

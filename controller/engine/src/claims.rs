@@ -1,0 +1,567 @@
+//! Claims: admission, queues, binding, release, and the files a bound claim carries.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use poolkeeper_core::claims::{ClaimFacts, UserFacts, Verdict, admit};
+use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Object, Origin, Spec};
+use poolkeeper_runtime::Runtime;
+
+use crate::durable::{self, Op, RecPhase};
+use crate::handle::{ClaimBrief, ClaimChange, Completion, Creation, Input};
+use crate::status::{self, Events};
+
+use crate::{AfterCommit, ClaimEntry, Engine};
+
+impl<R: Runtime> Engine<R> {
+    /// See [`EngineHandle::create_claim`].
+    pub(crate) fn create_claim(&mut self, claim: Object) -> Creation {
+        let Spec::Claim(spec) = &claim.spec else {
+            return Creation::Refused("NotAClaim", format!("{} is not a claim", claim.key()));
+        };
+        if let Some(existing) = self.claim_brief(&claim.name) {
+            return Creation::Exists(existing);
+        }
+        if let Some((reason, message)) = self.refusal_of_new(&spec.user, &spec.pool) {
+            return Creation::Refused(reason, message);
+        }
+        let now = self.clock.now_ms();
+        self.apply_object(claim, now);
+        Creation::Created
+    }
+
+    pub(crate) fn claim_brief(&self, name: &str) -> Option<ClaimBrief> {
+        self.claims.get(name).map(|c| ClaimBrief {
+            spec: c.spec.clone(),
+            origin: c.origin.clone(),
+        })
+    }
+
+    /// Why a new claim of `user` on `pool` would be refused now: the engine's own admission
+    /// over the user's claims that are not over (in arrival order) followed by the new one.
+    fn refusal_of_new(&self, user: &str, pool: &str) -> Option<(&'static str, String)> {
+        let new = poolkeeper_core::claims::ClaimFacts {
+            name: "",
+            pool,
+            user,
+            bound: false,
+        };
+        match self.admit_claims_of(user, Some(new)).1.pop()? {
+            Verdict::Refuse { reason, message } => Some((reason, message)),
+            Verdict::Admit => None,
+        }
+    }
+
+    pub(crate) fn notify(&mut self, name: &str, phase: ClaimPhase) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let at = Instant::now();
+        let user = self
+            .claims
+            .get(name)
+            .map(|c| c.spec.user.clone())
+            .unwrap_or_default();
+        self.subscribers.retain(|s| {
+            s.send(ClaimChange {
+                name: name.to_owned(),
+                user: user.clone(),
+                phase,
+                at,
+            })
+            .is_ok()
+        });
+    }
+
+    pub(crate) fn apply_claim(
+        &mut self,
+        name: String,
+        spec: ClaimSpec,
+        origin: Origin,
+        generation: i64,
+        now: u64,
+    ) {
+        let (files, files_error) = match self.config.resolve.claim_files(&spec, &origin) {
+            // Most claims have no files: they share one empty list rather than allocate one each.
+            Ok(f) if f.is_empty() => (self.no_files.clone(), None),
+            Ok(f) => (Arc::new(f), None),
+            Err(e) => (self.no_files.clone(), Some(e)),
+        };
+        if let Some((old_pool, old_user, seq)) = self
+            .claims
+            .get(&name)
+            .map(|c| (c.spec.pool.clone(), c.spec.user.clone(), c.seq))
+        {
+            let moved = old_pool != spec.pool || old_user != spec.user;
+            if moved {
+                // A claim moved to another pool or user: end its binding and queue it anew.
+                self.unindex_claim(&name);
+                if let Some(inst) = self.bound_instance(&name) {
+                    self.end_binding(
+                        &name,
+                        &inst,
+                        durable::RecPhase::Waiting,
+                        "ClaimChanged",
+                        now,
+                    );
+                    // end_binding queued it on the old pool; it is queued on the new one below.
+                    self.dequeue(&name);
+                }
+                // The record follows (its arrival number stays), so that a restart knows the
+                // claim for the same one.
+                self.ops.push(Op::Admit {
+                    claim: name.clone(),
+                    pool: spec.pool.clone(),
+                    user: Some(spec.user.clone()),
+                });
+            }
+            if let Some(entry) = self.claims.get_mut(&name) {
+                entry.spec = spec;
+                entry.origin = origin;
+                entry.generation = generation;
+                entry.files = files;
+                entry.files_error = files_error;
+                entry.copy_failures = 0;
+                entry.invalid = None;
+                self.dirty_users.insert(old_user);
+                self.dirty_pools.insert(old_pool);
+            }
+            if moved {
+                self.index_claim(&name, seq);
+            }
+            self.touch_claim(&name);
+            return;
+        }
+        // New to this engine: known to the store (a restart), or admitted now. A claim deleted
+        // earlier in this pass is new again: its record is only forgotten at the commit.
+        let mut stored = if self.forgotten.contains(&name) {
+            None
+        } else {
+            self.store.state().claims.get(&name).cloned()
+        };
+        if let Some(rec) = &stored
+            && (rec.pool != spec.pool || rec.user.as_ref().is_some_and(|u| *u != spec.user))
+        {
+            // The record is another claim's: one of this name was deleted and this one declared
+            // (for another user or pool) while this engine did not see it, or the deletion was
+            // lost with a batch that waited for a flush. Its binding ends and its instance is
+            // reset (at the first pass, once it is listed); this claim is admitted anew.
+            warn!(
+                claim = %name,
+                stored_pool = %rec.pool,
+                stored_user = rec.user.as_deref().unwrap_or("?"),
+                "the stored record of this name belongs to an earlier claim; ending its binding"
+            );
+            if let Some(i) = &rec.instance {
+                self.end_binding(&name, i, durable::RecPhase::Released, "NameReused", now);
+            }
+            self.forget_record(&name);
+            stored = None;
+        }
+        let seq = match &stored {
+            Some(rec) => rec.seq,
+            None => {
+                self.ops.push(Op::Admit {
+                    claim: name.clone(),
+                    pool: spec.pool.clone(),
+                    user: Some(spec.user.clone()),
+                });
+                let s = self.next_seq;
+                self.next_seq += 1;
+                s
+            }
+        };
+        let events = Events::default();
+        let instance = stored.as_ref().and_then(|r| r.instance.clone());
+        let entry = ClaimEntry {
+            spec,
+            origin,
+            generation,
+            seq,
+            verdict: Verdict::Admit,
+            files,
+            files_error,
+            copy_failures: 0,
+            instance,
+            files_pending: false,
+            waited: false,
+            queue_position: None,
+            reported: ClaimPhase::Pending,
+            phase_since: now,
+            verdict_since: now,
+            lost: None,
+            invalid: None,
+            events,
+        };
+        let terminal = stored.as_ref().is_some_and(|r| {
+            matches!(
+                r.phase,
+                durable::RecPhase::Released | durable::RecPhase::Expired
+            )
+        });
+        self.claims.insert(name.clone(), Box::new(entry));
+        if !terminal {
+            self.index_claim(&name, seq);
+        }
+        self.touch_claim(&name);
+    }
+
+    fn index_claim(&mut self, name: &str, seq: u64) {
+        let Some(c) = self.claims.get(name) else {
+            return;
+        };
+        if c.instance.is_none() {
+            self.queues
+                .entry(c.spec.pool.clone())
+                .or_default()
+                .insert((seq, name.to_owned()));
+        }
+        self.claims_by_pool
+            .entry(c.spec.pool.clone())
+            .or_default()
+            .insert((seq, name.to_owned()));
+        self.claims_by_user
+            .entry(c.spec.user.clone())
+            .or_default()
+            .insert((seq, name.to_owned()));
+    }
+
+    pub(crate) fn unindex_claim(&mut self, name: &str) {
+        self.dequeue(name);
+        let Some(c) = self.claims.get(name) else {
+            return;
+        };
+        let key = (c.seq, name.to_owned());
+        if let Some(s) = self.claims_by_pool.get_mut(&c.spec.pool) {
+            s.remove(&key);
+            if s.is_empty() {
+                self.claims_by_pool.remove(&c.spec.pool);
+            }
+        }
+        if let Some(s) = self.claims_by_user.get_mut(&c.spec.user) {
+            s.remove(&key);
+            if s.is_empty() {
+                self.claims_by_user.remove(&c.spec.user);
+            }
+        }
+    }
+
+    pub(crate) fn touch_claim(&mut self, name: &str) {
+        if let Some(c) = self.claims.get(name) {
+            self.dirty_users.insert(c.spec.user.clone());
+            self.dirty_pools.insert(c.spec.pool.clone());
+        }
+    }
+
+    /// The instance a claim holds (or is being handed in this pass).
+    pub(crate) fn bound_instance(&self, claim: &str) -> Option<String> {
+        self.claims.get(claim).and_then(|c| c.instance.clone())
+    }
+
+    /// Puts a claim without an instance in its pool's queue (idempotent).
+    pub(crate) fn enqueue(&mut self, claim: &str) {
+        if let Some(c) = self.claims.get(claim) {
+            self.queues
+                .entry(c.spec.pool.clone())
+                .or_default()
+                .insert((c.seq, claim.to_owned()));
+            self.dirty_pools.insert(c.spec.pool.clone());
+        }
+    }
+
+    pub(crate) fn dequeue(&mut self, claim: &str) {
+        if let Some(c) = self.claims.get(claim)
+            && let Some(q) = self.queues.get_mut(&c.spec.pool)
+        {
+            q.remove(&(c.seq, claim.to_owned()));
+            if q.is_empty() {
+                self.queues.remove(&c.spec.pool);
+            }
+        }
+    }
+
+    /// Forgets the claim's store record at this pass's commit; until then it is stale, and a
+    /// claim of this name declared again meanwhile is new.
+    pub(crate) fn forget_record(&mut self, claim: &str) {
+        self.ops.push(Op::Forget {
+            claim: claim.to_owned(),
+        });
+        self.forgotten.insert(claim.to_owned());
+    }
+
+    /// Ends a claim's hold on `instance` (durably, in this pass's commit) and schedules the
+    /// instance's reset for after the commit.
+    pub(crate) fn end_binding(
+        &mut self,
+        claim: &str,
+        instance: &str,
+        to: durable::RecPhase,
+        reason: &'static str,
+        now: u64,
+    ) {
+        self.ops.push(Op::Unbind {
+            claim: claim.to_owned(),
+            to,
+        });
+        if let Some(p) = self.instances.get(instance).and_then(|r| r.pool.clone()) {
+            self.dirty_pools.insert(p);
+        }
+        self.reset_released(instance);
+        if let Some(c) = self.claims.get_mut(claim) {
+            c.files_pending = false;
+            c.instance = None;
+            c.events
+                .push(false, reason, format!("released instance {instance}"), now);
+        }
+        if to == durable::RecPhase::Waiting {
+            self.enqueue(claim);
+        }
+        self.to_report.insert(claim.to_owned());
+        info!(claim, instance, reason, "binding ended");
+    }
+
+    /// `instance` is no claim's any more and may hold a claim's data: it is used, and reset
+    /// (after this pass's commit) before anyone gets it.
+    pub(crate) fn reset_released(&mut self, instance: &str) {
+        let Some(rec) = self.instances.get_mut(instance) else {
+            return;
+        };
+        rec.claim = None;
+        rec.resetting = true;
+        rec.used = true;
+        self.touched.insert(instance.to_owned());
+        self.after_commit.push(AfterCommit::Reset {
+            instance: instance.to_owned(),
+        });
+    }
+
+    pub(crate) fn expire(&mut self, now: u64) {
+        while let Some(Reverse((t, _))) = self.expiries.peek() {
+            if *t > now {
+                break;
+            }
+            let Some(Reverse((t, claim))) = self.expiries.pop() else {
+                break;
+            };
+            let rec = self.store.state().claims.get(&claim).cloned();
+            let Some(rec) = rec else { continue };
+            // A stale timer (the claim was rebound since) is ignored, and so is the record of a
+            // claim deleted in this pass (a claim declared again under its name is a new one).
+            if rec.phase != RecPhase::Bound || rec.expires_at_ms != Some(t) {
+                continue;
+            }
+            if self.forgotten.contains(&claim) {
+                continue;
+            }
+            if let Some(inst) = rec.instance {
+                self.end_binding(&claim, &inst, RecPhase::Expired, "Expired", now);
+                self.unindex_claim(&claim);
+                self.touch_claim(&claim);
+                if let Some(c) = self.claims.get_mut(&claim) {
+                    c.events.push(
+                        false,
+                        "Expired",
+                        format!("lease ended at {}", status::rfc3339(t)),
+                        now,
+                    );
+                }
+                self.pending_report(&claim);
+            }
+        }
+    }
+
+    /// Mark a claim to be reported after the commit (its phase changes with the ops).
+    fn pending_report(&mut self, claim: &str) {
+        self.to_report.insert(claim.to_owned());
+    }
+
+    /// The engine's admission over `user`'s claims that are not over (in arrival order), with
+    /// `new` after them: the facts and their verdicts.
+    pub(super) fn admit_claims_of<'a>(
+        &'a self,
+        user: &'a str,
+        new: Option<ClaimFacts<'a>>,
+    ) -> (Vec<ClaimFacts<'a>>, Vec<Verdict>) {
+        let mut facts: Vec<ClaimFacts<'a>> = self
+            .claims_by_user
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, n)| self.claims.get(n).map(|c| (n, c)))
+            .map(|(n, c)| ClaimFacts {
+                name: n,
+                pool: &c.spec.pool,
+                user: &c.spec.user,
+                bound: c.instance.is_some(),
+            })
+            .collect();
+        facts.extend(new);
+        let u = self.users.get(user);
+        let verdicts = admit(
+            &facts,
+            |_| {
+                u.map(|u| UserFacts {
+                    disabled: u.spec.disabled,
+                    max_claims: u.spec.quota.max_claims,
+                    pools: &u.spec.quota.pools,
+                })
+            },
+            |p| self.pools.get(p).is_some_and(|e| e.spec.is_some()),
+        );
+        (facts, verdicts)
+    }
+
+    pub(crate) fn admit_user(&mut self, user: &str) {
+        let (facts, verdicts) = self.admit_claims_of(user, None);
+        // Only the (rare) changes are collected, so a pass over a busy user allocates nothing.
+        let changed: Vec<(String, Verdict)> = facts
+            .iter()
+            .zip(verdicts)
+            .filter(|(f, v)| self.claims.get(f.name).is_some_and(|c| c.verdict != *v))
+            .map(|(f, v)| (f.name.to_owned(), v))
+            .collect();
+        let now = self.clock.now_ms();
+        for (name, v) in changed {
+            let Some(c) = self.claims.get_mut(&name) else {
+                continue;
+            };
+            match &v {
+                Verdict::Refuse { reason, message } => {
+                    c.events.push(true, reason, message.clone(), now);
+                }
+                Verdict::Admit => {
+                    c.events
+                        .push(false, "Admitted", "the claim may now be bound".into(), now);
+                }
+            }
+            c.verdict = v;
+            c.verdict_since = now;
+            self.dirty_pools.insert(c.spec.pool.clone());
+            self.pending_report(&name);
+        }
+    }
+
+    /// Files uploaded into a bound claim's instance (the API's upload).
+    pub(super) fn put_claim_files(
+        &mut self,
+        claim: &str,
+        files: Vec<(String, Vec<u8>)>,
+        reply: tokio::sync::oneshot::Sender<Result<usize, super::PutFilesError>>,
+    ) {
+        use super::PutFilesError;
+        let Some(c) = self
+            .claims
+            .get(claim)
+            .filter(|c| c.reported == ClaimPhase::Bound)
+        else {
+            let _ = reply.send(Err(PutFilesError::NotBound(claim.to_owned())));
+            return;
+        };
+        let Some(instance) = c.instance.clone() else {
+            let _ = reply.send(Err(PutFilesError::NotBound(claim.to_owned())));
+            return;
+        };
+        let mount = self
+            .pools
+            .get(&c.spec.pool)
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.template.files.as_ref())
+            .map(|f| f.mount_path.clone());
+        let Some(mount) = mount else {
+            let _ = reply.send(Err(PutFilesError::NoMountPath(c.spec.pool.clone())));
+            return;
+        };
+        let rt = self.rt.clone();
+        tokio::spawn(async move {
+            let n = files.len();
+            let r = rt
+                .put_files(&instance, &mount, &files)
+                .await
+                .map(|()| n)
+                .map_err(|e| PutFilesError::Runtime(e.to_string()));
+            let _ = reply.send(r);
+        });
+    }
+
+    pub(crate) fn start_bound(&mut self, claim: &str, instance: &str, now: u64) {
+        let Some(c) = self.claims.get(claim) else {
+            return;
+        };
+        if let Some(rec) = self.store.state().claims.get(claim)
+            && rec.phase != RecPhase::Bound
+        {
+            return;
+        }
+        let template = self
+            .pools
+            .get(&c.spec.pool)
+            .and_then(|p| p.spec.as_ref())
+            .map(|s| &s.template);
+        let mount = template
+            .and_then(|t| t.files.as_ref())
+            .map(|f| f.mount_path.clone());
+        // The user's keys, for pools with SSH access.
+        let keys = template.and_then(|t| t.ssh.as_ref()).map(|ssh| {
+            let keys = self
+                .users
+                .get(&c.spec.user)
+                .map(|u| u.spec.ssh_keys.join("\n"))
+                .unwrap_or_default();
+            (ssh.ssh_dir(), format!("{keys}\n").into_bytes())
+        });
+        if c.files.is_empty() && keys.is_none() {
+            self.report_claim(claim, now);
+            return;
+        }
+        let files = c.files.clone();
+        let mount = match mount {
+            Some(m) => Some(m),
+            None if files.is_empty() => None,
+            None => {
+                if let Some(c) = self.claims.get_mut(claim) {
+                    let msg = "the claim has files but the pool's template declares no files.mountPath; none were copied".to_owned();
+                    c.events.push(true, "NoMountPath", msg, now);
+                }
+                None
+            }
+        };
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        let (claim, instance) = (claim.to_owned(), instance.to_owned());
+        tokio::spawn(async move {
+            let mut result = Ok(());
+            if let Some(mount) = mount
+                && !files.is_empty()
+            {
+                result = rt.put_files(&instance, &mount, &files).await;
+            }
+            if result.is_ok()
+                && let Some((dir, keys)) = keys
+            {
+                result = rt
+                    .put_files(&instance, &dir, &[("authorized_keys".to_owned(), keys)])
+                    .await;
+            }
+            let _ = tx.send(Input::Done(Completion::Files {
+                claim,
+                instance,
+                result,
+            }));
+        });
+    }
+
+    /// Whether binding `claim` copies anything into the instance (files, or SSH keys).
+    pub(crate) fn needs_copy(&self, claim: &str) -> bool {
+        self.claims.get(claim).is_some_and(|c| {
+            !c.files.is_empty()
+                || self
+                    .pools
+                    .get(&c.spec.pool)
+                    .and_then(|p| p.spec.as_ref())
+                    .is_some_and(|s| s.template.ssh.is_some())
+        })
+    }
+}

@@ -1,0 +1,538 @@
+//! Deployments: each container kept running as declared, in dependency order, with its log triggers.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::{info, warn};
+
+use poolkeeper_core::deployment::{
+    Current, Old, SlotContext, Step, burst_starts, is_host_path, plan_slot, start_order, stoppable,
+    volume_name,
+};
+use poolkeeper_core::pool::InstancePhase;
+use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
+use poolkeeper_kinds::validate::parse_port_key;
+use poolkeeper_runtime::{
+    InstanceSpec, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH, LABEL_MANAGED, LABEL_REPLICA,
+    PortBinding, Runtime,
+};
+
+use crate::handle::{Completion, Input};
+use crate::status;
+
+use poolkeeper_core::deployment::Slot;
+
+use crate::{Engine, InstRec};
+
+/// The instance name of replica `r` of container `c` of deployment `dep` (the replica number is
+/// left out when there is only one).
+pub(crate) fn slot_name(dep: &str, c: &poolkeeper_kinds::ContainerSpec, r: u32) -> String {
+    if c.replicas > 1 {
+        format!("{dep}-{}-{r}", c.name)
+    } else {
+        format!("{dep}-{}", c.name)
+    }
+}
+
+impl<R: Runtime> Engine<R> {
+    /// The instances of deployment `name`, by (container, replica).
+    pub(crate) fn deployment_slots(&self, name: &str) -> BTreeMap<(String, u32), Vec<&InstRec>> {
+        let mut slots: BTreeMap<(String, u32), Vec<&InstRec>> = BTreeMap::new();
+        for r in self.instances.values() {
+            if let Some((d, c, replica)) = &r.deployment
+                && d == name
+            {
+                slots.entry((c.clone(), *replica)).or_default().push(r);
+            }
+        }
+        slots
+    }
+
+    /// A deleted deployment: stops dependents before their dependencies (each container goes
+    /// once nothing that depends on it is left), then removes its network and, unless
+    /// `retainVolumes`, its named volumes.
+    fn drain_deployment(&mut self, name: &str) {
+        let last = self.deployments.get(name).and_then(|d| d.last_spec.clone());
+        let slots = self.deployment_slots(name);
+        if slots.is_empty() {
+            let Some(d) = self.deployments.remove(name) else {
+                return;
+            };
+            let rt = self.rt.clone();
+            let dep = name.to_owned();
+            // Without the last spec (deleted while the controller was down) whether to keep
+            // the volumes is unknown: data is kept, and said so.
+            let drop_volumes = last.as_ref().map(|s| !s.retain_volumes);
+            tokio::spawn(async move {
+                if let Some(net) = d.network_ready
+                    && let Err(e) = rt.remove_network(&net).await
+                {
+                    warn!(network = %net, error = %e, "removing network failed");
+                }
+                match drop_volumes {
+                    Some(true) => {
+                        if let Err(e) = rt.remove_volumes(&dep).await {
+                            warn!(deployment = %dep, error = %e, "removing volumes failed");
+                        }
+                    }
+                    Some(false) => {}
+                    None => info!(deployment = %dep,
+                        "deployment removed while the controller was down: its volumes are kept"),
+                }
+            });
+            return;
+        }
+        let present: BTreeSet<&str> = slots.keys().map(|(c, _)| c.as_str()).collect();
+        let stop_now: BTreeSet<&str> = match &last {
+            Some(spec) => {
+                let mut ok: BTreeSet<&str> =
+                    stoppable(&spec.containers, &present).into_iter().collect();
+                // Containers the last spec no longer names have no order to keep.
+                ok.extend(
+                    present
+                        .iter()
+                        .filter(|c| !spec.containers.iter().any(|s| s.name == **c)),
+                );
+                ok
+            }
+            None => present.clone(),
+        };
+        let remove: Vec<String> = slots
+            .iter()
+            .filter(|((c, _), _)| stop_now.contains(c.as_str()))
+            .flat_map(|(_, recs)| recs.iter().map(|r| r.name.clone()))
+            .collect();
+        for i in remove {
+            self.remove_instance(&i);
+        }
+    }
+
+    pub(crate) fn reconcile_deployment(&mut self, name: &str, now: u64) {
+        let Some(dep) = self.deployments.get(name) else {
+            return;
+        };
+        let Some(spec) = dep.spec.clone() else {
+            self.drain_deployment(name);
+            return;
+        };
+        let hashes = dep.hashes.clone();
+        // The network first.
+        if let Some(net) = &spec.network {
+            let ready = self
+                .deployments
+                .get(name)
+                .and_then(|d| d.network_ready.as_ref())
+                == Some(net);
+            if !ready {
+                let pending = self
+                    .deployments
+                    .get(name)
+                    .is_some_and(|d| d.network_pending);
+                if !pending {
+                    if let Some(d) = self.deployments.get_mut(name) {
+                        d.network_pending = true;
+                    }
+                    let rt = self.rt.clone();
+                    let tx = self.tx.clone();
+                    let (deployment, net) = (name.to_owned(), net.clone());
+                    tokio::spawn(async move {
+                        let result = rt.ensure_network(&net).await;
+                        let _ = tx.send(Input::Done(Completion::Network { deployment, result }));
+                    });
+                }
+                return;
+            }
+        }
+        let hash_of = |c: &str| hashes.get(c).map(String::as_str).unwrap_or_default();
+        // What each replica has: its current instance, older ones, removals in progress.
+        struct SlotNow {
+            current: Option<(String, Current)>,
+            old: Vec<(String, bool)>,
+            removing: bool,
+        }
+        let mut slots: BTreeMap<(String, u32), SlotNow> = BTreeMap::new();
+        let mut unwanted: Vec<String> = Vec::new();
+        for ((cname, r), recs) in self.deployment_slots(name) {
+            let declared = spec
+                .containers
+                .iter()
+                .any(|c| c.name == cname && r < c.replicas);
+            let mut slot = SlotNow {
+                current: None,
+                old: Vec::new(),
+                removing: false,
+            };
+            for rec in recs {
+                if rec.phase == InstancePhase::Deleting {
+                    slot.removing = true;
+                } else if !declared {
+                    unwanted.push(rec.name.clone());
+                } else if rec.hash == hash_of(&cname) && slot.current.is_none() {
+                    let cur = match rec.phase {
+                        InstancePhase::Creating => Current::Creating,
+                        InstancePhase::Ready => Current::Ready,
+                        InstancePhase::Dead => Current::Exited {
+                            code: rec.exit_code,
+                        },
+                        _ => Current::Starting,
+                    };
+                    slot.current = Some((rec.name.clone(), cur));
+                } else {
+                    slot.old
+                        .push((rec.name.clone(), rec.phase == InstancePhase::Ready));
+                }
+            }
+            slots.insert((cname, r), slot);
+        }
+        // A container is settled when every replica is current, ready, and alone.
+        let settled: BTreeMap<&str, bool> = spec
+            .containers
+            .iter()
+            .map(|c| {
+                let ok = (0..c.replicas).all(|r| {
+                    slots.get(&(c.name.clone(), r)).is_some_and(|s| {
+                        matches!(s.current, Some((_, Current::Ready))) && s.old.is_empty()
+                    })
+                });
+                (c.name.as_str(), ok)
+            })
+            .collect();
+        let by_name: BTreeMap<&str, &poolkeeper_kinds::ContainerSpec> = spec
+            .containers
+            .iter()
+            .map(|c| (c.name.as_str(), c))
+            .collect();
+        let mut conflicts: Vec<String> = Vec::new();
+        for cname in start_order(&spec.containers) {
+            let Some(c) = by_name.get(cname).copied() else {
+                continue;
+            };
+            let hash = hash_of(cname).to_owned();
+            let deps_waiting: Vec<String> = c
+                .depends_on
+                .iter()
+                .filter(|d| !settled.get(d.as_str()).copied().unwrap_or(false))
+                .cloned()
+                .collect();
+            for r in 0..c.replicas {
+                let key = slot_name(name, c, r);
+                let empty = SlotNow {
+                    current: None,
+                    old: Vec::new(),
+                    removing: false,
+                };
+                let now_slot = slots.get(&(c.name.clone(), r)).unwrap_or(&empty);
+                let view = Slot {
+                    current: now_slot.current.as_ref().map(|(_, cur)| cur.clone()),
+                    old: if now_slot.old.iter().any(|(_, ready)| *ready) {
+                        Old::Ready
+                    } else if now_slot.old.is_empty() {
+                        Old::None
+                    } else {
+                        Old::NotReady
+                    },
+                    removing: now_slot.removing,
+                };
+                let (restarts, exited_at) = self
+                    .deployments
+                    .get(name)
+                    .and_then(|d| d.restarts.get(&key).copied())
+                    .unwrap_or((0, now));
+                if let Some(Current::Exited { .. }) = view.current
+                    && let Some(d) = self.deployments.get_mut(name)
+                {
+                    d.restarts.entry(key.clone()).or_insert((0, now));
+                }
+                let cx = SlotContext {
+                    deps_waiting: deps_waiting.clone(),
+                    surge: spec.strategy == poolkeeper_kinds::UpdateStrategy::RollingUpdate
+                        && c.ports.is_empty(),
+                    restarts,
+                    since_exit: std::time::Duration::from_millis(now.saturating_sub(exited_at)),
+                };
+                match plan_slot(c, &view, &cx) {
+                    Step::Create => {
+                        // The slot's name, unless an older instance still holds it.
+                        let instance = if self.instances.contains_key(&key) {
+                            format!("{key}-{}", hash.get(..6).unwrap_or(&hash))
+                        } else {
+                            key.clone()
+                        };
+                        if self.instances.contains_key(&instance) {
+                            continue;
+                        }
+                        if let Some(conflict) =
+                            self.create_container(name, &spec, c, r, &instance, &hash)
+                        {
+                            conflicts.push(conflict);
+                        }
+                    }
+                    Step::RemoveOld => {
+                        for (old, _) in &now_slot.old {
+                            self.remove_instance(old);
+                        }
+                    }
+                    Step::Restart => {
+                        if let Some((instance, _)) = now_slot.current.clone() {
+                            self.restart_container(name, &key, instance, "exited", now);
+                        }
+                    }
+                    Step::Backoff(wait) => {
+                        self.wakeups.push(Reverse(now + wait.as_millis() as u64));
+                    }
+                    Step::WaitDeps(_) | Step::Keep => {}
+                }
+            }
+        }
+        for i in unwanted {
+            self.remove_instance(&i);
+        }
+        // Follow the output of current instances whose container has log triggers.
+        for ((cname, _), slot) in &slots {
+            let Some(c) = by_name.get(cname.as_str()) else {
+                continue;
+            };
+            if let Some((instance, cur)) = &slot.current
+                && !c.log_triggers.is_empty()
+                && !matches!(cur, Current::Creating)
+                && !self.log_followers.contains_key(instance)
+            {
+                self.follow_logs(instance, c.log_triggers.clone());
+            }
+        }
+        let total: u32 = spec.containers.iter().map(|c| c.replicas).sum();
+        let ready_n = slots
+            .values()
+            .filter(|s| matches!(s.current, Some((_, Current::Ready))))
+            .count() as u32;
+        if let Some(d) = self.deployments.get_mut(name) {
+            let ok = ready_n == total;
+            status::set_condition(
+                &mut d.conditions,
+                "Available",
+                ok,
+                if ok { "AllReady" } else { "NotReady" },
+                format!("{ready_n}/{total} containers ready"),
+                now,
+            );
+            if conflicts.is_empty() {
+                status::remove_condition(&mut d.conditions, "HostPortConflict");
+            } else {
+                let msg = conflicts.join("; ");
+                if status::set_condition(
+                    &mut d.conditions,
+                    "HostPortConflict",
+                    true,
+                    "HostPortConflict",
+                    &msg,
+                    now,
+                ) {
+                    d.events.push(true, "HostPortConflict", msg, now);
+                }
+            }
+        }
+    }
+
+    /// Restarts a deployment's container in place, counting the restart.
+    fn restart_container(&mut self, dep: &str, key: &str, instance: String, why: &str, now: u64) {
+        let restarts = self
+            .deployments
+            .get(dep)
+            .and_then(|d| d.restarts.get(key).map(|r| r.0))
+            .unwrap_or(0);
+        if let Some(d) = self.deployments.get_mut(dep) {
+            d.restarts.insert(key.to_owned(), (restarts + 1, now));
+            d.events.push(
+                false,
+                "Restarting",
+                format!("{instance} ({why}; restart {})", restarts + 1),
+                now,
+            );
+        }
+        if let Some(i) = self.instances.get_mut(&instance) {
+            self.touched.insert(instance.clone());
+            i.phase = InstancePhase::Starting;
+        }
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = rt.restart(&instance).await;
+            let _ = tx.send(Input::Done(Completion::Restarted {
+                name: instance,
+                result,
+            }));
+        });
+    }
+
+    /// Follows an instance's output and reports lines that match a trigger.
+    fn follow_logs(&mut self, instance: &str, triggers: Vec<poolkeeper_kinds::LogTrigger>) {
+        let mut lines = self.rt.follow_logs(instance);
+        let tx = self.tx.clone();
+        let name = instance.to_owned();
+        let task = tokio::spawn(async move {
+            while let Some(line) = lines.recv().await {
+                for t in &triggers {
+                    if line.contains(t.contains.as_str()) {
+                        let _ = tx.send(Input::LogMatch {
+                            instance: name.clone(),
+                            trigger: t.name.clone(),
+                            line: line.clone(),
+                        });
+                    }
+                }
+            }
+        });
+        self.log_followers
+            .insert(instance.to_owned(), task.abort_handle());
+    }
+
+    /// A matching line: counted; the first of a burst fires the trigger's action.
+    pub(super) fn on_log_match(&mut self, instance: &str, trigger: &str, line: String) {
+        let now = self.clock.now_ms();
+        let Some((dep, cname, replica)) = self
+            .instances
+            .get(instance)
+            .filter(|r| r.phase != InstancePhase::Deleting)
+            .and_then(|r| r.deployment.clone())
+        else {
+            return;
+        };
+        let Some(d) = self.deployments.get_mut(&dep) else {
+            return;
+        };
+        let Some(c) = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == cname))
+            .cloned()
+        else {
+            return;
+        };
+        let Some(t) = c.log_triggers.iter().find(|t| t.name == trigger) else {
+            return;
+        };
+        let quiet_ms = u64::from(t.quiet_seconds.unwrap_or(5)) * 1000;
+        let st = d
+            .triggers
+            .entry((cname.clone(), trigger.to_owned()))
+            .or_default();
+        let fires = burst_starts(st.last_match_ms, now, quiet_ms);
+        st.matches += 1;
+        st.last_match_ms = Some(now);
+        st.last_line = Some(line.clone());
+        if !fires {
+            return;
+        }
+        st.fired += 1;
+        st.last_fired_ms = Some(now);
+        let message = format!("{cname}: trigger {trigger} matched: {line}");
+        d.events.push(true, "LogTrigger", message.clone(), now);
+        match t.action {
+            poolkeeper_kinds::LogAction::Condition => {
+                status::set_condition(
+                    &mut d.conditions,
+                    "LogTriggered",
+                    true,
+                    "PatternMatched",
+                    message,
+                    now,
+                );
+            }
+            poolkeeper_kinds::LogAction::Restart => {
+                let key = slot_name(&dep, &c, replica);
+                let why = format!("log trigger {trigger}");
+                self.restart_container(&dep, &key, instance.to_owned(), &why, now);
+            }
+        }
+        self.dirty_deployments.insert(dep);
+    }
+
+    /// Starts one container of a deployment. Returns a conflict message when its fixed host
+    /// ports are held by another instance.
+    fn create_container(
+        &mut self,
+        dep: &str,
+        spec: &poolkeeper_kinds::DeploymentSpec,
+        c: &poolkeeper_kinds::ContainerSpec,
+        replica: u32,
+        slot: &str,
+        hash: &str,
+    ) -> Option<String> {
+        let mut ports = Vec::new();
+        for (key, host) in &c.ports {
+            let Ok((cport, proto)) = parse_port_key(key) else {
+                continue;
+            };
+            if let Some(owner) = self.ports.owner(*host)
+                && owner != slot
+            {
+                return Some(format!(
+                    "container {}: host port {host} is held by {owner}",
+                    c.name
+                ));
+            }
+            ports.push(PortBinding {
+                name: key.clone(),
+                container_port: cport,
+                host_port: *host,
+                protocol: proto,
+            });
+        }
+        for p in &ports {
+            let _ = self.ports.hold(p.host_port, slot);
+        }
+        let labels = std::sync::Arc::new(BTreeMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_DEPLOYMENT.to_owned(), dep.to_owned()),
+            (LABEL_CONTAINER.to_owned(), c.name.clone()),
+            (LABEL_REPLICA.to_owned(), replica.to_string()),
+            (LABEL_HASH.to_owned(), hash.to_owned()),
+        ]));
+        let res = c.resources.clone().unwrap_or_default();
+        let ispec = InstanceSpec {
+            name: slot.to_owned(),
+            image: c.image.clone(),
+            command: c.command.clone(),
+            env: c.environment.clone(),
+            ports: ports.clone(),
+            labels,
+            cpu_millis: res.cpu.as_deref().and_then(|x| parse_cpu_millis(x).ok()),
+            memory_bytes: res
+                .memory
+                .as_deref()
+                .and_then(|m| parse_memory_bytes(m).ok()),
+            readiness: c.readiness.clone(),
+            liveness: c.liveness.clone(),
+            init: c.init,
+            network: spec.network.clone(),
+            volumes: c
+                .volumes
+                .iter()
+                .map(|(source, mount)| {
+                    let source = if is_host_path(source) {
+                        source.clone()
+                    } else {
+                        volume_name(dep, source)
+                    };
+                    (source, mount.clone())
+                })
+                .collect(),
+            pull_policy: poolkeeper_kinds::PullPolicy::IfNotPresent,
+            files_dir: None,
+        };
+        let now = self.clock.now_ms();
+        let mut rec = InstRec::new(
+            slot.to_owned(),
+            None,
+            Some((dep.to_owned(), c.name.clone(), replica)),
+            hash.to_owned(),
+            InstancePhase::Creating,
+            now,
+        );
+        rec.ports = ports.iter().map(|p| p.host_port).collect();
+        rec.create_in_flight = true;
+        self.instances.insert(slot.to_owned(), Box::new(rec));
+        self.spawn_create(slot.to_owned(), ispec);
+        None
+    }
+}

@@ -1,0 +1,239 @@
+//! The engine's handle: what sources, the HTTP API and tests send it and ask of it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use poolkeeper_kinds::{ClaimPhase, ClaimSpec, ObjKey, Object, Origin};
+use poolkeeper_runtime::{Instance, Result as RtResult, RuntimeEvent};
+
+use crate::source::SourceEvent;
+use crate::status::Snapshot;
+
+use crate::EngineError;
+
+/// Why files could not be put into a claim's instance.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutFilesError {
+    #[error("claim {0} is not bound")]
+    NotBound(String),
+    #[error("pool {0} declares no files.mountPath")]
+    NoMountPath(String),
+    #[error("writing the files failed: {0}")]
+    Runtime(String),
+}
+
+/// A claim's reported phase changed (for watchers: the API's stream, benchmarks, tests).
+#[derive(Clone, Debug)]
+pub struct ClaimChange {
+    pub name: String,
+    /// The claim's user (watchers show users only their own claims).
+    pub user: String,
+    pub phase: ClaimPhase,
+    pub at: Instant,
+}
+
+// See SourceEvent: inputs are moved once; boxing the large ones buys nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Input {
+    Source(SourceEvent),
+    Runtime(RuntimeEvent),
+    Done(Completion),
+    Listed(u32, RtResult<Vec<Instance>>),
+    Tick,
+    Snapshot(oneshot::Sender<Snapshot>),
+    PoolStatus(
+        String,
+        oneshot::Sender<Option<poolkeeper_kinds::PoolStatus>>,
+    ),
+    /// List the runtime and reconcile everything now; answers how long that took.
+    Resync(oneshot::Sender<Duration>),
+    Subscribe(mpsc::UnboundedSender<ClaimChange>),
+    Reinitialise(String, oneshot::Sender<Option<usize>>),
+    Claim(String, oneshot::Sender<Option<ClaimBrief>>),
+    CreateClaim {
+        claim: Object,
+        reply: oneshot::Sender<Creation>,
+    },
+    Shutdown(oneshot::Sender<()>),
+    PutFiles {
+        claim: String,
+        files: Vec<(String, Vec<u8>)>,
+        reply: oneshot::Sender<Result<usize, PutFilesError>>,
+    },
+    /// A line of a deployment container's output matched one of its log triggers.
+    LogMatch {
+        instance: String,
+        trigger: String,
+        line: String,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) enum Completion {
+    Created {
+        name: String,
+        result: RtResult<Instance>,
+    },
+    Removed {
+        name: String,
+        result: RtResult<()>,
+    },
+    Reset {
+        name: String,
+        result: Result<(), String>,
+    },
+    Files {
+        claim: String,
+        instance: String,
+        result: RtResult<()>,
+    },
+    Restarted {
+        name: String,
+        result: RtResult<()>,
+    },
+    Network {
+        deployment: String,
+        result: RtResult<()>,
+    },
+}
+
+/// A cheap, cloneable handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub(crate) tx: mpsc::UnboundedSender<Input>,
+    pub(crate) tokens: Tokens,
+}
+
+/// The declared users' token digests, published by the engine each time a user changes, so
+/// that the API authenticates a request without asking the engine (see [`EngineHandle::token_owner`]).
+pub type Tokens = Arc<std::sync::RwLock<HashMap<[u8; 32], TokenOwner>>>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenOwner {
+    pub user: String,
+    pub disabled: bool,
+}
+
+/// The engine's answer to [`EngineHandle::create_claim`].
+#[derive(Debug, Clone)]
+pub enum Creation {
+    /// Admitted and applied.
+    Created,
+    /// A claim of that name exists already (nothing was changed).
+    Exists(ClaimBrief),
+    /// Admission refused it: the reason and the message.
+    Refused(&'static str, String),
+}
+
+/// What the API needs to know of one claim, asked of the engine for each request about it
+/// (costs one lookup, not a snapshot of the whole state).
+#[derive(Debug, Clone)]
+pub struct ClaimBrief {
+    pub spec: ClaimSpec,
+    pub origin: Origin,
+}
+
+impl EngineHandle {
+    /// Asks the engine something and waits for its answer (inputs are handled in order).
+    async fn ask<T>(
+        &self,
+        input: impl FnOnce(oneshot::Sender<T>) -> Input,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(input(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    pub fn send(&self, ev: SourceEvent) -> Result<(), EngineError> {
+        self.tx
+            .send(Input::Source(ev))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    pub fn apply(&self, obj: Object) -> Result<(), EngineError> {
+        self.send(SourceEvent::Apply(obj))
+    }
+
+    pub fn delete(&self, key: ObjKey) -> Result<(), EngineError> {
+        self.send(SourceEvent::Delete(key))
+    }
+
+    /// Runs a pass now (after moving a [`ManualClock`], for instance).
+    pub fn tick(&self) -> Result<(), EngineError> {
+        self.tx.send(Input::Tick).map_err(|_| EngineError::Stopped)
+    }
+
+    /// The user whose declared `tokenSha256` is `digest`, as of the last user the engine applied.
+    pub fn token_owner(&self, digest: &[u8; 32]) -> Option<TokenOwner> {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        tokens.get(digest).cloned()
+    }
+
+    /// Claim `name` as it stands. Inputs are handled in order, so a claim applied before this
+    /// call is seen.
+    pub async fn claim(&self, name: &str) -> Result<Option<ClaimBrief>, EngineError> {
+        self.ask(|reply| Input::Claim(name.to_owned(), reply)).await
+    }
+
+    /// Admits and applies a new claim in one step, so that two requests at a user's quota
+    /// cannot both pass: the second is judged with the first one counted. The caller then
+    /// writes the claim's record (its file) and, should that fail, deletes the claim again.
+    pub async fn create_claim(&self, mut claim: Object) -> Result<Creation, EngineError> {
+        claim.generation = 1;
+        self.ask(|reply| Input::CreateClaim { claim, reply }).await
+    }
+
+    /// Replaces every warm instance of `pool` with a fresh one (bound instances are reset
+    /// when their claims end, as always). Returns how many were retired, or None when no such
+    /// pool is declared.
+    pub async fn reinitialise(&self, pool: &str) -> Result<Option<usize>, EngineError> {
+        self.ask(|tx| Input::Reinitialise(pool.to_owned(), tx))
+            .await
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
+        self.ask(Input::Snapshot).await
+    }
+
+    /// Writes files into the instance bound to `claim`, under its pool's `files.mountPath`.
+    pub async fn put_files(
+        &self,
+        claim: &str,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<Result<usize, PutFilesError>, EngineError> {
+        self.ask(|reply| Input::PutFiles {
+            claim: claim.to_owned(),
+            files,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn pool_status(
+        &self,
+        name: &str,
+    ) -> Result<Option<poolkeeper_kinds::PoolStatus>, EngineError> {
+        self.ask(|tx| Input::PoolStatus(name.to_owned(), tx)).await
+    }
+
+    /// A full resync: list the runtime, reconcile every object. Returns its duration.
+    pub async fn resync(&self) -> Result<Duration, EngineError> {
+        self.ask(Input::Resync).await
+    }
+
+    pub fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<ClaimChange>, EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.tx
+            .send(Input::Subscribe(tx))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Stops the engine after its current pass.
+    pub async fn shutdown(&self) {
+        let _ = self.ask(Input::Shutdown).await;
+    }
+}

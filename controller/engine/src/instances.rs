@@ -1,0 +1,627 @@
+//! Observed state: what the runtime reports of instances (events, lists, completions).
+
+use std::cmp::Reverse;
+
+use tracing::{debug, error, info, warn};
+
+use poolkeeper_core::pool::InstancePhase;
+use poolkeeper_kinds::ResetPolicy;
+use poolkeeper_runtime::{
+    Instance, InstanceState, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH, LABEL_MANAGED,
+    LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
+};
+
+use crate::durable::{Op, RecPhase};
+use crate::handle::{Completion, Input};
+use crate::status;
+
+use crate::{AfterCommit, Engine, InstRec};
+
+fn phase_of(i: &Instance) -> InstancePhase {
+    match i.state {
+        InstanceState::Exited { .. } => InstancePhase::Dead,
+        InstanceState::Running if i.ready => InstancePhase::Ready,
+        InstanceState::Running => InstancePhase::Starting,
+    }
+}
+
+fn exit_code(i: &Instance) -> Option<i64> {
+    match i.state {
+        InstanceState::Exited { code } => code,
+        InstanceState::Running => None,
+    }
+}
+
+/// Why 60 s: long enough that a pool with a broken image does not hammer the runtime, short
+/// enough that a fixed image is picked up within a minute.
+const CREATE_BACKOFF_MAX_MS: u64 = 60_000;
+
+/// How long an instance reported gone stays gone against lists (see `recently_gone`): longer
+/// than any list takes.
+const FORGOTTEN_KEPT_MS: u64 = 120_000;
+
+impl<R: Runtime> Engine<R> {
+    pub(super) fn on_runtime(&mut self, ev: RuntimeEvent) {
+        match ev {
+            // Applied even for a name reported gone: a creation that the engine had given up
+            // on may still have happened, and an event is never older than the removal (the
+            // runtime untracks a container before reporting it removed).
+            RuntimeEvent::Changed(i) => self.observe(i),
+            // A creation that fails is cleaned up, and reported removed, before its result
+            // arrives: that result (a port in use, say) decides, not the removal.
+            RuntimeEvent::Removed(name)
+                if self
+                    .instances
+                    .get(&name)
+                    .is_some_and(|r| r.create_in_flight) =>
+            {
+                debug!(instance = %name, "removed while its creation is in flight");
+            }
+            RuntimeEvent::Removed(name) => self.forget_instance(&name),
+            RuntimeEvent::Relist => {
+                debug!("the runtime asks for a relist");
+                self.spawn_list();
+            }
+        }
+    }
+
+    /// A list of the runtime, begun in list epoch `epoch`. An instance missing from it is gone
+    /// unless it was reported since the list began: a creation that returned meanwhile is not
+    /// in a list taken before it.
+    pub(super) fn on_listed(&mut self, epoch: u32, r: Result<Vec<Instance>, RuntimeError>) {
+        self.reload_token_files();
+        let list = match r {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "listing the runtime failed; will retry at the next resync");
+                return;
+            }
+        };
+        let seen: std::collections::HashSet<&str> = list.iter().map(|i| i.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .instances
+            .values()
+            .filter(|r| {
+                // A creation still in flight may land after the list was taken, whatever the
+                // record's phase (a removal asked for meanwhile makes it Deleting): its reply
+                // decides, not the list.
+                !r.create_in_flight
+                    && r.phase != InstancePhase::Creating
+                    && r.seen_epoch < epoch
+                    && !seen.contains(r.name.as_str())
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        for name in gone {
+            self.forget_instance(&name);
+        }
+        let now = self.clock.now_ms();
+        self.recently_gone
+            .retain(|_, at| now.saturating_sub(*at) < FORGOTTEN_KEPT_MS);
+        for i in list {
+            if !self.reported_gone(&i.name) {
+                self.observe(i);
+            }
+        }
+        if !self.listed {
+            self.listed = true;
+            info!(instances = self.instances.len(), "runtime listed");
+        }
+    }
+
+    /// `name` was reported gone and not created again since: a list that shows it began before
+    /// the removal.
+    fn reported_gone(&self, name: &str) -> bool {
+        !self.instances.contains_key(name) && self.recently_gone.contains_key(name)
+    }
+
+    fn observe(&mut self, i: Instance) {
+        if i.label(LABEL_MANAGED) != Some("true") {
+            return;
+        }
+        let now = self.clock.now_ms();
+        let phase = phase_of(&i);
+        let code = exit_code(&i);
+        let name = i.name.clone();
+        let ports: Vec<u16> = i.ports.iter().map(|p| p.host_port).collect();
+        let pool = i.label(LABEL_POOL).map(str::to_owned);
+        let deployment = match (i.label(LABEL_DEPLOYMENT), i.label(LABEL_CONTAINER)) {
+            (Some(d), Some(c)) => Some((
+                d.to_owned(),
+                c.to_owned(),
+                i.label(LABEL_REPLICA)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0),
+            )),
+            _ => None,
+        };
+        let first_sighting = !self.instances.contains_key(&name);
+        let rec = self.instances.entry(name.clone()).or_insert_with(|| {
+            debug!(instance = %name, state = ?i.state, ready = i.ready, revision = i.revision,
+                "tracking an instance the runtime reported");
+            let hash = i.label(LABEL_HASH).unwrap_or_default().to_owned();
+            Box::new(InstRec::new(
+                name.clone(),
+                pool.clone(),
+                deployment.clone(),
+                hash,
+                phase,
+                now,
+            ))
+        });
+        rec.seen_epoch = self.list_epoch;
+        if i.revision != 0 {
+            if i.revision < rec.revision {
+                // Overtaken by a newer report (a list result computed before an event).
+                return;
+            }
+            rec.revision = i.revision;
+        }
+        let was = rec.phase;
+        if rec.phase != InstancePhase::Deleting {
+            rec.phase = phase;
+        }
+        if phase == InstancePhase::Ready && was != InstancePhase::Ready {
+            rec.ready_since = now;
+        }
+        rec.exit_code = code;
+        if rec.node != i.node {
+            rec.node = i.node.clone();
+        }
+        if rec.bindings != i.ports {
+            rec.bindings = i.ports;
+        }
+        if rec.ports != ports {
+            let old = std::mem::take(&mut rec.ports);
+            self.ports.release(old, &name);
+            for p in &ports {
+                if let Err(owner) = self.ports.hold(*p, &name) {
+                    if self
+                        .instances
+                        .get(&owner)
+                        .is_some_and(|r| r.phase == InstancePhase::Creating)
+                    {
+                        // We handed the port to a creation while an instance we did not know yet
+                        // (created by a controller that died first) had it: the runtime will
+                        // refuse that creation; the port belongs to the instance that has it.
+                        self.ports.release([*p], &owner);
+                        let _ = self.ports.hold(*p, &name);
+                    } else {
+                        error!(instance = %name, port = p, %owner, "host port reported for two instances");
+                    }
+                }
+            }
+            if let Some(rec) = self.instances.get_mut(&name) {
+                rec.ports = ports;
+            }
+        }
+        // Adopt: bindings and quarantines come from the store. A binding is adopted only while
+        // the claim agrees (or is not known yet, before the first pass): the store lags memory
+        // within a pass, so a binding ended earlier in this batch (claim deleted, instance lost)
+        // must not come back from a stale record when the same instance is observed again.
+        let st = self.store.state();
+        let bound = st
+            .bound
+            .get(&name)
+            .cloned()
+            .filter(|c| match self.claims.get(c) {
+                Some(e) => e.instance.as_deref() == Some(name.as_str()),
+                None => !self.started,
+            });
+        let quarantined = st.quarantined.get(&name).cloned();
+        let used = first_sighting && st.used.contains(&name);
+        let mut reset = false;
+        if let Some(rec) = self.instances.get_mut(&name) {
+            rec.used |= used;
+            if rec.claim.is_none() && bound.is_some() {
+                rec.claim = bound;
+            }
+            if quarantined.is_some() {
+                rec.quarantined = quarantined;
+            }
+            reset = used && rec.claim.is_none() && rec.quarantined.is_none();
+        }
+        // Released before a crash (or a stop) and not reset since: reset before any reuse.
+        if reset {
+            debug!(instance = %name, "released and not reset before a restart; resetting it");
+            self.reset_released(&name);
+        }
+        self.touched.insert(name.clone());
+        // Found after startup for something undeclared (a creation a previous controller had in
+        // flight, finishing late): drained like the orphans startup finds.
+        if let Some(p) = pool {
+            if self.started {
+                self.ensure_draining_pool(&p, now);
+            }
+            self.dirty_pools.insert(p);
+        }
+        if let Some((d, _, _)) = deployment {
+            if self.started {
+                self.ensure_draining_deployment(&d, now);
+            }
+            self.dirty_deployments.insert(d);
+        }
+        // A bound instance that exited is lost to its claim.
+        if phase == InstancePhase::Dead
+            && was != InstancePhase::Dead
+            && let Some(claim) = self.instances.get(&name).and_then(|r| r.claim.clone())
+        {
+            self.instance_lost(&claim, &name, "exited", now);
+        }
+    }
+
+    pub(crate) fn forget_instance(&mut self, name: &str) {
+        let Some(rec) = self.instances.remove(name) else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        self.recently_gone.insert(name.to_owned(), now);
+        if let Some(f) = self.log_followers.remove(name) {
+            f.abort();
+        }
+        self.ports.release(rec.ports.iter().copied(), name);
+        self.unindex_instance(&rec);
+        if let Some((d, _, _)) = &rec.deployment {
+            self.dirty_deployments.insert(d.clone());
+        }
+        if rec.quarantined.is_some() {
+            self.ops.push(Op::Unquarantine {
+                instance: name.to_owned(),
+            });
+        }
+        let held = rec.claim.is_some();
+        if let Some(claim) = rec.claim {
+            self.instance_lost(&claim, name, "removed", now);
+        }
+        // After the unbinding above (which marks it used): gone, nothing of it is left.
+        if held || rec.used {
+            self.ops.push(Op::Fresh {
+                instance: name.to_owned(),
+            });
+        }
+    }
+
+    /// The instance a claim holds is gone or dead. Policy: the claim goes back to the head of its
+    /// pool's queue (its arrival order is kept), is told why, and is bound to a fresh instance,
+    /// which gets its files again. The dead instance is removed by the pool.
+    pub(crate) fn instance_lost(&mut self, claim: &str, instance: &str, how: &str, now: u64) {
+        warn!(
+            claim,
+            instance, how, "bound instance lost; the claim will be bound again"
+        );
+        if let Some(rec) = self.instances.get_mut(instance) {
+            rec.claim = None;
+            rec.used = true;
+            self.touched.insert(instance.to_owned());
+        }
+        let holds = self
+            .claims
+            .get(claim)
+            .is_some_and(|c| c.instance.as_deref() == Some(instance));
+        if !holds {
+            return;
+        }
+        self.ops.push(Op::Unbind {
+            claim: claim.to_owned(),
+            to: RecPhase::Waiting,
+        });
+        self.after_commit
+            .retain(|a| !matches!(a, AfterCommit::Bound { claim: c, .. } if c == claim));
+        if let Some(c) = self.claims.get_mut(claim) {
+            c.instance = None;
+            let msg = format!("instance {instance} {how}; binding a fresh instance");
+            c.lost = Some((msg.clone(), now));
+            c.events.push(true, "InstanceLost", msg, now);
+            c.files_pending = false;
+            let u = c.spec.user.clone();
+            self.dirty_users.insert(u);
+        }
+        self.enqueue(claim);
+        self.to_report.insert(claim.to_owned());
+    }
+
+    fn on_created(&mut self, name: String, result: Result<Instance, RuntimeError>, now: u64) {
+        match result {
+            Ok(i) => {
+                if let Some(p) = i.label(LABEL_POOL).and_then(|p| self.pools.get_mut(p)) {
+                    p.create_failures = 0;
+                    p.create_error = None;
+                }
+                // The runtime's event stream is ordered per instance; this reply travels
+                // another path and may be older than events already seen. It is news only
+                // while the record is still the placeholder of this creation.
+                let Some(rec) = self.instances.get_mut(&name) else {
+                    // Untracked while its creation was in flight: the instance exists all the
+                    // same. Tracked again, it is drained or kept as its pool decides, never
+                    // leaked.
+                    warn!(instance = %name, "a creation answered for an untracked instance; adopting it");
+                    self.observe(i);
+                    return;
+                };
+                rec.create_in_flight = false;
+                match rec.phase {
+                    InstancePhase::Creating => self.observe(i),
+                    // Removal was asked for while we were creating: do it now.
+                    InstancePhase::Deleting => self.spawn_remove(&name),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                self.count_error(&name);
+                self.create_failed(&name, e, now)
+            }
+        }
+    }
+
+    /// A runtime action on `instance` failed: counted for its kind.
+    fn count_error(&mut self, instance: &str) {
+        let deployment = self
+            .instances
+            .get(instance)
+            .is_some_and(|r| r.deployment.is_some());
+        if deployment {
+            self.metrics.deployment.errors += 1;
+        } else {
+            self.metrics.pool.errors += 1;
+        }
+    }
+
+    pub(super) fn on_done(&mut self, c: Completion) {
+        let now = self.clock.now_ms();
+        match c {
+            Completion::Created { name, result } => {
+                self.create_answered();
+                self.on_created(name, result, now);
+            }
+            Completion::Removed { name, result } => match result {
+                // Forgotten when the runtime's event stream (or a relist) says it is gone: a
+                // `Changed` event still in that stream must not re-adopt a forgotten instance.
+                Ok(()) => {}
+                Err(e) => {
+                    self.count_error(&name);
+                    warn!(instance = %name, error = %e, "removal failed; will retry in 1 s");
+                    if self.instances.contains_key(&name) {
+                        self.removal_retries.push((now + 1_000, name));
+                        self.wakeups.push(Reverse(now + 1_000));
+                    }
+                }
+            },
+            Completion::Reset { name, result } => {
+                let Some(rec) = self.instances.get_mut(&name) else {
+                    return;
+                };
+                self.touched.insert(name.clone());
+                rec.resetting = false;
+                let pool = rec.pool.clone();
+                match result {
+                    Ok(()) => {
+                        debug!(instance = %name, "reset done");
+                        rec.used = false;
+                        self.ops.push(Op::Fresh {
+                            instance: name.clone(),
+                        });
+                    }
+                    Err(reason) => {
+                        warn!(instance = %name, %reason, "reset failed; quarantining the instance");
+                        rec.quarantined = Some(reason.clone());
+                        self.ops.push(Op::Quarantine {
+                            instance: name.clone(),
+                            reason: reason.clone(),
+                        });
+                        if let Some(p) = pool.as_ref().and_then(|p| self.pools.get_mut(p)) {
+                            let msg = format!("instance {name}: {reason}");
+                            status::set_condition(
+                                &mut p.conditions,
+                                "Quarantined",
+                                true,
+                                "ResetFailed",
+                                &msg,
+                                now,
+                            );
+                            p.events.push(true, "Quarantined", msg, now);
+                        }
+                    }
+                }
+                if let Some(p) = pool {
+                    self.dirty_pools.insert(p);
+                }
+            }
+            Completion::Files {
+                claim,
+                instance,
+                result,
+            } => {
+                let still_bound = self
+                    .instances
+                    .get(&instance)
+                    .is_some_and(|r| r.claim.as_deref() == Some(claim.as_str()));
+                if !still_bound {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.files_pending = false;
+                            c.copy_failures = 0;
+                            c.events.push(
+                                false,
+                                "FilesCopied",
+                                format!("{} file(s) copied into {instance}", c.files.len()),
+                                now,
+                            );
+                        }
+                        self.report_claim(&claim, now);
+                    }
+                    Err(e) => {
+                        // The instance could not take the files: take it out and bind another.
+                        let msg = format!("copying files into {instance} failed: {e}");
+                        let outage =
+                            matches!(e, RuntimeError::Unavailable(_) | RuntimeError::NotFound(_));
+                        let mut give_up = false;
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.events.push(true, "FilesFailed", msg.clone(), now);
+                            if !outage {
+                                c.copy_failures += 1;
+                                // Twice in a row on different instances: the files, not the
+                                // instances, are the likelier cause. The claim fails rather
+                                // than quarantine the whole pool one instance at a time.
+                                if c.copy_failures >= 2 {
+                                    c.files_error = Some(format!(
+                                        "the files could not be copied into {} instances (last: \
+                                         {e}); change the claim to try again",
+                                        c.copy_failures
+                                    ));
+                                    give_up = true;
+                                }
+                            }
+                        }
+                        self.end_binding(&claim, &instance, RecPhase::Waiting, "FilesFailed", now);
+                        self.after_commit.retain(
+                            |a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance),
+                        );
+                        if let Some(rec) = self.instances.get_mut(&instance) {
+                            rec.resetting = false;
+                        }
+                        if outage || give_up {
+                            // Nothing is known against the instance (the runtime was unreachable,
+                            // or the instance is gone, or the claim's files are at fault), and it
+                            // may hold part of the files: it is replaced, not reset.
+                            self.remove_instance(&instance);
+                            if give_up {
+                                self.report_claim(&claim, now);
+                            }
+                            return;
+                        }
+                        if let Some(rec) = self.instances.get_mut(&instance) {
+                            self.touched.insert(instance.clone());
+                            rec.quarantined = Some(msg.clone());
+                        }
+                        self.ops.push(Op::Quarantine {
+                            instance: instance.clone(),
+                            reason: msg,
+                        });
+                    }
+                }
+            }
+            Completion::Restarted { name, result } => {
+                if let Err(e) = result {
+                    warn!(instance = %name, error = %e, "restart failed");
+                    if let Some((d, _, _)) =
+                        self.instances.get(&name).and_then(|r| r.deployment.clone())
+                        && let Some(dep) = self.deployments.get_mut(&d)
+                    {
+                        dep.events
+                            .push(true, "RestartFailed", format!("{name}: {e}"), now);
+                    }
+                }
+            }
+            Completion::Network { deployment, result } => {
+                if let Some(d) = self.deployments.get_mut(&deployment) {
+                    d.network_pending = false;
+                    match result {
+                        Ok(()) => {
+                            d.network_ready = d.spec.as_ref().and_then(|s| s.network.clone());
+                        }
+                        Err(e) => {
+                            d.events.push(true, "NetworkFailed", e.to_string(), now);
+                            self.wakeups.push(Reverse(now + 5_000));
+                        }
+                    }
+                    self.dirty_deployments.insert(deployment);
+                }
+            }
+        }
+    }
+
+    fn create_failed(&mut self, name: &str, e: RuntimeError, now: u64) {
+        let Some(rec) = self.instances.remove(name) else {
+            return;
+        };
+        self.ports.release(rec.ports.iter().copied(), name);
+        if let RuntimeError::PortInUse { port } = e {
+            self.ports.mark_foreign(port);
+        }
+        self.unindex_instance(&rec);
+        if let Some(p) = &rec.pool
+            && let Some(entry) = self.pools.get_mut(p)
+        {
+            let (reason, retry_now) = match &e {
+                RuntimeError::ImageMissing { .. } => ("ImageMissing", false),
+                // Another port will be picked at once; no backoff needed.
+                RuntimeError::PortInUse { .. } => ("HostPortInUse", true),
+                _ => ("CreateFailed", false),
+            };
+            entry
+                .events
+                .push(true, reason, format!("creating {name}: {e}"), now);
+            entry.create_error = Some((reason, e.to_string()));
+            if !retry_now {
+                entry.create_failures = entry.create_failures.saturating_add(1);
+                let backoff = (500u64 << entry.create_failures.min(10)).min(CREATE_BACKOFF_MAX_MS);
+                entry.create_backoff_until = now + backoff;
+                self.wakeups.push(Reverse(now + backoff));
+            }
+        }
+        if let Some((d, c, _)) = &rec.deployment {
+            self.dirty_deployments.insert(d.clone());
+            if let Some(dep) = self.deployments.get_mut(d) {
+                dep.events
+                    .push(true, "CreateFailed", format!("container {c}: {e}"), now);
+                self.wakeups.push(Reverse(now + 5_000));
+            }
+        }
+        warn!(instance = %name, error = %e, "create failed");
+    }
+
+    pub(crate) fn start_reset(&mut self, instance: &str) {
+        let Some(rec) = self.instances.get(instance) else {
+            return;
+        };
+        let policy = rec
+            .pool
+            .as_ref()
+            .and_then(|p| self.pools.get(p))
+            .and_then(|p| p.spec.as_ref())
+            .map(|s| (s.reset, s.reset_command.clone()));
+        let Some((policy, command)) = policy else {
+            // The pool is gone: the instance is drained.
+            self.remove_instance(instance);
+            return;
+        };
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        let name = instance.to_owned();
+        match policy {
+            ResetPolicy::Recreate => {
+                if let Some(r) = self.instances.get_mut(instance) {
+                    r.resetting = false;
+                    self.touched.insert(instance.to_owned());
+                }
+                self.retire(instance);
+            }
+            ResetPolicy::Restart => {
+                tokio::spawn(async move {
+                    let result = rt
+                        .restart(&name)
+                        .await
+                        .map_err(|e| format!("restart failed: {e}"));
+                    let _ = tx.send(Input::Done(Completion::Reset { name, result }));
+                });
+            }
+            ResetPolicy::Exec => {
+                tokio::spawn(async move {
+                    let result = match rt.exec(&name, &command).await {
+                        Ok(o) if o.exit_code == 0 => Ok(()),
+                        Ok(o) => Err(format!(
+                            "reset command exited with {}: {}",
+                            o.exit_code,
+                            o.output.trim()
+                        )),
+                        Err(e) => Err(format!("reset command failed: {e}")),
+                    };
+                    let _ = tx.send(Input::Done(Completion::Reset { name, result }));
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! The reconcile engine: one task owns all state, joins what is declared (from a source) with
+//! what runs (from a runtime), asks the pure decisions in `poolkeeper_core` for plans, and executes
+//! them.
+//!
+//! - Level-triggered: every pass works from the whole current state of the objects it touches;
+//!   a periodic relist and source rescan close any drift that events missed.
+//! - Expectations: creations in flight are `Creating` instances and removals `Deleting`, so a
+//!   slow runtime never causes a second creation or removal.
+//! - Group commit: a pass collects its binding changes and writes them with one fsync before it
+//!   reports any claim Bound or starts any reset, so a crash loses nothing that was reported.
+//!   A batch that a restart would derive again (a deleted claim's end, an instance gone or
+//!   reset: [`durable::needs_flush`]) is written without a flush of its own; the next flush
+//!   covers it, at most [`DEFERRED_FLUSH_MS`] later.
+
+//!
+//! Where things are: `run` (the loop), `objects` (declared objects applied), `claims`, `pools`,
+//! `deployments`, `instances` (what the runtime reports), `pass` (reconcile and commit),
+//! `report` and [`status`] (status), `tokens`, [`durable`] (the ops kept in the store),
+//! [`EngineHandle`] (the engine's API), [`source`] (what a source plugs into).
+
+mod claims;
+mod clock;
+mod deployments;
+pub mod durable;
+mod handle;
+mod instances;
+pub mod metrics;
+mod objects;
+mod pass;
+mod pools;
+mod report;
+mod run;
+pub mod source;
+pub mod status;
+mod tokens;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use handle::{
+    ClaimBrief, ClaimChange, Creation, EngineHandle, PutFilesError, TokenOwner, Tokens,
+};
+pub use source::SourceEvent;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use poolkeeper_store::Store;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use poolkeeper_core::claims::Verdict;
+use poolkeeper_core::pool::{InstancePhase, Slot};
+use poolkeeper_core::ports::PortBook;
+use poolkeeper_kinds::{
+    ClaimPhase, ClaimSpec, Condition, DeploymentSpec, Diagnostic, Origin, PoolSpec, UserSpec,
+};
+use poolkeeper_runtime::Runtime;
+
+use durable::{Durable, Op};
+use handle::Input;
+use source::UserToken;
+use status::Events;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("state store in {dir}: {source}")]
+    Store {
+        dir: PathBuf,
+        #[source]
+        source: poolkeeper_store::StoreError,
+    },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Where the durable store lives (e.g. `DIR/.poolkeeper/state`).
+    pub state_dir: PathBuf,
+    /// How often to list the runtime again, whatever the events said.
+    pub resync_every: Duration,
+    pub clock: Arc<dyn Clock>,
+    /// fsync each commit (only a benchmark of the store's cost would turn this off).
+    pub sync: bool,
+    /// Told of each flush of the state store, with the log and its durable length (tests that
+    /// simulate a power loss cut the log there).
+    pub on_flush: Option<poolkeeper_store::FlushObserver>,
+    /// Resolves what declared objects refer to (a claim's `filesFrom`, a user's token secret):
+    /// the source's own resolver ([`source::InlineOnly`] by default).
+    pub resolve: Arc<dyn source::Resolve>,
+}
+
+impl EngineConfig {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            state_dir: state_dir.into(),
+            resync_every: Duration::from_secs(30),
+            clock: Arc::new(SystemClock),
+            sync: true,
+            on_flush: None,
+            resolve: Arc::new(source::InlineOnly),
+        }
+    }
+}
+
+struct PoolEntry {
+    /// None: no longer declared; draining until its last instance is gone.
+    spec: Option<PoolSpec>,
+    origin: Origin,
+    generation: i64,
+    hash: String,
+    conditions: Vec<Condition>,
+    events: Events,
+    hits: u64,
+    misses: u64,
+    create_failures: u32,
+    create_backoff_until: u64,
+    /// Last failure to create, shown as a condition until a creation succeeds.
+    create_error: Option<(&'static str, String)>,
+    ports_exhausted: bool,
+    /// The labels of instances of the current template (shared by all of them).
+    labels: Option<poolkeeper_runtime::Labels>,
+}
+
+struct ClaimEntry {
+    spec: ClaimSpec,
+    origin: Origin,
+    generation: i64,
+    seq: u64,
+    verdict: Verdict,
+    files: Arc<Vec<(String, Vec<u8>)>>,
+    files_error: Option<String>,
+    /// Consecutive failed copies of its files into instances (two fail the claim).
+    copy_failures: u32,
+    /// The instance it holds: the durable binding, or one decided in this pass.
+    instance: Option<String>,
+    /// Bound durably, files still being copied: not reported Bound yet.
+    files_pending: bool,
+    /// Has waited in the queue (a bind after that is a miss).
+    waited: bool,
+    queue_position: Option<u32>,
+    reported: ClaimPhase,
+    /// When `reported` last changed, and when the admission verdict last changed: the
+    /// conditions' transition times (conditions are derived when status is read).
+    phase_since: u64,
+    verdict_since: u64,
+    /// Why its last instance was lost, and when.
+    lost: Option<(String, u64)>,
+    /// The latest text of its file is invalid (the last valid spec is in use).
+    invalid: Option<(String, u64)>,
+    events: Events,
+}
+
+struct UserEntry {
+    spec: UserSpec,
+    origin: Origin,
+    generation: i64,
+    events: Events,
+    token: UserToken,
+    conditions: Vec<Condition>,
+}
+
+struct DeploymentEntry {
+    spec: Option<DeploymentSpec>,
+    /// The last spec applied, kept after deletion: it orders the shutdown and says whether the
+    /// volumes stay. None for a deployment found only through its containers.
+    last_spec: Option<DeploymentSpec>,
+    origin: Origin,
+    generation: i64,
+    /// Container name -> hash of its spec (and the network).
+    hashes: BTreeMap<String, String>,
+    network_ready: Option<String>,
+    network_pending: bool,
+    /// Slot -> (restarts, exited at ms).
+    restarts: HashMap<String, (u32, u64)>,
+    /// (container, trigger) -> what its log trigger saw.
+    triggers: HashMap<(String, String), TriggerState>,
+    conditions: Vec<Condition>,
+    events: Events,
+}
+
+#[derive(Default)]
+struct TriggerState {
+    fired: u32,
+    matches: u32,
+    last_match_ms: Option<u64>,
+    last_fired_ms: Option<u64>,
+    last_line: Option<String>,
+}
+
+struct InstRec {
+    name: String,
+    pool: Option<String>,
+    deployment: Option<(String, String, u32)>,
+    hash: String,
+    phase: InstancePhase,
+    exit_code: Option<i64>,
+    ports: Vec<u16>,
+    node: String,
+    /// Published ports, as the runtime reports them.
+    bindings: Vec<poolkeeper_runtime::PortBinding>,
+    claim: Option<String>,
+    resetting: bool,
+    /// A claim held it and it has not been reset since (mirrors `Durable::used`).
+    used: bool,
+    quarantined: Option<String>,
+    ready_since: u64,
+    /// Where it is filed in its pool's index (pool members only).
+    slot: Option<(Slot, u64)>,
+    /// Our create call has not returned. A removal asked for meanwhile waits for it: removing
+    /// before the runtime has the instance would remove nothing, and the creation would land
+    /// unseen.
+    create_in_flight: bool,
+    /// The runtime's revision of the last report applied (see `Instance::revision`).
+    revision: u64,
+    /// The list epoch when it was last reported: a list begun before that cannot tell that it
+    /// is gone (see `Engine::list_epoch`).
+    seen_epoch: u32,
+}
+
+impl PoolEntry {
+    fn new(origin: Origin, generation: i64, hash: String) -> Self {
+        PoolEntry {
+            spec: None,
+            origin,
+            generation,
+            hash,
+            conditions: Vec::new(),
+            events: Events::default(),
+            hits: 0,
+            misses: 0,
+            create_failures: 0,
+            create_backoff_until: 0,
+            create_error: None,
+            ports_exhausted: false,
+            labels: None,
+        }
+    }
+}
+
+impl InstRec {
+    /// A record with nothing known yet beyond its identity and phase.
+    fn new(
+        name: String,
+        pool: Option<String>,
+        deployment: Option<(String, String, u32)>,
+        hash: String,
+        phase: InstancePhase,
+        now: u64,
+    ) -> Self {
+        InstRec {
+            name,
+            pool,
+            deployment,
+            hash,
+            phase,
+            exit_code: None,
+            ports: Vec::new(),
+            node: String::new(),
+            bindings: Vec::new(),
+            claim: None,
+            resetting: false,
+            used: false,
+            quarantined: None,
+            ready_since: now,
+            slot: None,
+            create_in_flight: false,
+            revision: 0,
+            seen_epoch: 0,
+        }
+    }
+}
+
+/// A pool's instances by slot, kept up to date as instances change, so that a pass over a pool
+/// costs what changed, not the size of the pool.
+#[derive(Default)]
+struct PoolIndex {
+    members: std::collections::HashSet<String>,
+    /// Oldest ready first.
+    warm: BTreeSet<(u64, String)>,
+    starting: BTreeSet<String>,
+    doomed: BTreeSet<String>,
+    occupied: usize,
+}
+
+impl PoolIndex {
+    fn file(&mut self, slot: Slot, since: u64, name: &str, add: bool) {
+        match slot {
+            Slot::Warm => {
+                if add {
+                    self.warm.insert((since, name.to_owned()));
+                } else {
+                    self.warm.remove(&(since, name.to_owned()));
+                }
+            }
+            Slot::Starting => {
+                if add {
+                    self.starting.insert(name.to_owned());
+                } else {
+                    self.starting.remove(name);
+                }
+            }
+            Slot::Doomed(_) => {
+                if add {
+                    self.doomed.insert(name.to_owned());
+                } else {
+                    self.doomed.remove(name);
+                }
+            }
+            Slot::Occupied => {
+                if add {
+                    self.occupied += 1;
+                } else {
+                    self.occupied = self.occupied.saturating_sub(1);
+                }
+            }
+            Slot::Deleting => {}
+        }
+    }
+
+    fn counts(&self) -> poolkeeper_core::pool::PoolCounts {
+        poolkeeper_core::pool::PoolCounts {
+            warm: self.warm.len() as u32,
+            starting: self.starting.len() as u32,
+            doomed: self.doomed.len() as u32,
+            occupied: self.occupied as u32,
+        }
+    }
+}
+
+/// Work that may start only once the pass's ops are durable.
+enum AfterCommit {
+    /// The claim is bound durably: copy its files, then report it.
+    Bound { claim: String, instance: String },
+    /// The instance's claim ended durably: reset it per the pool's policy.
+    Reset { instance: String },
+}
+
+pub struct Engine<R: Runtime> {
+    rt: Arc<R>,
+    store: Store<Durable>,
+    tx: mpsc::UnboundedSender<Input>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    pools: BTreeMap<String, PoolEntry>,
+    claims: HashMap<String, Box<ClaimEntry>>,
+    users: BTreeMap<String, UserEntry>,
+    deployments: BTreeMap<String, DeploymentEntry>,
+    instances: HashMap<String, Box<InstRec>>,
+    pool_index: HashMap<String, PoolIndex>,
+    /// Instances changed since they were last classified into their pool's index.
+    touched: std::collections::HashSet<String>,
+    /// Non-terminal claims per pool and per user, by arrival.
+    claims_by_pool: HashMap<String, BTreeSet<(u64, String)>>,
+    claims_by_user: HashMap<String, BTreeSet<(u64, String)>>,
+    /// Claims without an instance, per pool, by arrival: the queues.
+    queues: HashMap<String, BTreeSet<(u64, String)>>,
+    /// Claims whose reported status may have changed in this pass.
+    to_report: BTreeSet<String>,
+    ports: PortBook,
+    diagnostics: BTreeMap<PathBuf, Vec<Diagnostic>>,
+    dirty_pools: BTreeSet<String>,
+    dirty_users: BTreeSet<String>,
+    dirty_deployments: BTreeSet<String>,
+    ops: Vec<Op>,
+    after_commit: Vec<AfterCommit>,
+    expiries: BinaryHeap<Reverse<(u64, String)>>,
+    wakeups: BinaryHeap<Reverse<u64>>,
+    /// Removals that failed (runtime unreachable), retried at the given time; the instance
+    /// stays `Deleting` meanwhile, so nothing retries them in a tight loop.
+    removal_retries: Vec<(u64, String)>,
+    /// Released instances retired for recreation, whose removal waits (see `retire`): when
+    /// they were retired, the pass they were retired in, the instance.
+    held_removals: Vec<(u64, u64, String)>,
+    /// When a creation last answered (held removals wait while creations make progress).
+    last_create_answer_ms: u64,
+    /// Passes run so far (orders `held_removals` against the pass that retired them).
+    passes: u64,
+    /// A pass is asked for (an input is on its way) and not run yet.
+    nudged: bool,
+    /// Release every held removal at the end of this pass (a pool ran out of host ports).
+    release_held: bool,
+    next_seq: u64,
+    /// When the oldest batch written without a flush was committed (see `DEFERRED_FLUSH_MS`).
+    deferred_since_ms: Option<u64>,
+    synced: bool,
+    listed: bool,
+    /// Bumped each time the runtime is listed; a list result carries the epoch it began in.
+    list_epoch: u32,
+    /// Instances reported gone, and when (ms): a list cannot bring them back for
+    /// `FORGOTTEN_KEPT_MS`. A list begun before the removal saw them, and a daemon's list can
+    /// lag its removals; names are never reused (random suffixes).
+    recently_gone: HashMap<String, u64>,
+    /// Creations handed to the runtime and not answered yet; beyond `MAX_CREATES_IN_FLIGHT`
+    /// they wait in `create_queue` (their records are `Creating` all the same).
+    creates_in_flight: usize,
+    create_queue: std::collections::VecDeque<(String, Box<poolkeeper_runtime::InstanceSpec>)>,
+    started: bool,
+    subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
+    no_files: Arc<Vec<(String, Vec<u8>)>>,
+    started_at_ms: u64,
+    name_counter: u64,
+    /// Claims forgotten in this pass: their store records are stale until the commit.
+    forgotten: std::collections::HashSet<String>,
+    /// Tasks following the output of instances whose container has log triggers.
+    log_followers: HashMap<String, tokio::task::AbortHandle>,
+    metrics: metrics::EngineMetrics,
+    /// The users' token digests, as the API reads them (see [`Tokens`]).
+    tokens: Tokens,
+    /// A user or its token changed since `tokens` was last published: it is, once per batch
+    /// of inputs (not once per user: a start applying thousands would rebuild it each time).
+    tokens_stale: bool,
+}
+
+/// Starts an engine on `rt`. Returns its handle and the task running it.
+pub fn start<R: Runtime>(
+    rt: Arc<R>,
+    config: EngineConfig,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
+    let store = poolkeeper_store::Store::<Durable>::open_with(
+        &config.state_dir,
+        poolkeeper_store::Options {
+            sync: config.sync,
+            on_flush: config.on_flush.clone(),
+            ..poolkeeper_store::Options::default()
+        },
+    )
+    .map_err(|source| EngineError::Store {
+        dir: config.state_dir.clone(),
+        source,
+    })?;
+    let recovery = *store.recovery();
+    if recovery.dropped_tail_bytes > 0 {
+        warn!(
+            dropped_bytes = recovery.dropped_tail_bytes,
+            "state store: dropped a torn tail (a batch that was never acknowledged)"
+        );
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let next_seq = store.state().next_seq;
+    let clock = config.clock.clone();
+    let now = clock.now_ms();
+    let tokens = Tokens::default();
+    let mut engine = Engine {
+        tokens: tokens.clone(),
+        tokens_stale: false,
+        rt,
+        store,
+        tx: tx.clone(),
+        clock,
+        config,
+        pools: BTreeMap::new(),
+        claims: HashMap::new(),
+        users: BTreeMap::new(),
+        deployments: BTreeMap::new(),
+        instances: HashMap::new(),
+        pool_index: HashMap::new(),
+        touched: std::collections::HashSet::new(),
+        claims_by_pool: HashMap::new(),
+        claims_by_user: HashMap::new(),
+        queues: HashMap::new(),
+        to_report: BTreeSet::new(),
+        ports: PortBook::default(),
+        diagnostics: BTreeMap::new(),
+        dirty_pools: BTreeSet::new(),
+        dirty_users: BTreeSet::new(),
+        dirty_deployments: BTreeSet::new(),
+        ops: Vec::new(),
+        after_commit: Vec::new(),
+        expiries: BinaryHeap::new(),
+        wakeups: BinaryHeap::new(),
+        removal_retries: Vec::new(),
+        held_removals: Vec::new(),
+        last_create_answer_ms: 0,
+        passes: 0,
+        nudged: false,
+        release_held: false,
+        next_seq,
+        deferred_since_ms: None,
+        synced: false,
+        listed: false,
+        list_epoch: 0,
+        recently_gone: HashMap::new(),
+        creates_in_flight: 0,
+        create_queue: std::collections::VecDeque::new(),
+        started: false,
+        subscribers: Vec::new(),
+        no_files: Arc::new(Vec::new()),
+        started_at_ms: now,
+        name_counter: now,
+        forgotten: std::collections::HashSet::new(),
+        log_followers: HashMap::new(),
+        metrics: Default::default(),
+    };
+    // Subscribe before listing, so nothing falls between the list and the stream.
+    let mut events = engine.rt.subscribe();
+    let fwd = tx.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if fwd.send(Input::Runtime(ev)).is_err() {
+                break;
+            }
+        }
+    });
+    engine.spawn_list();
+    let task = tokio::spawn(engine.run(rx));
+    Ok((EngineHandle { tx, tokens }, task))
+}
+
+/// How long a batch written without a flush of its own ([`durable::needs_flush`]) may wait for
+/// one: a busy engine flushes it with the next binding long before.
+pub const DEFERRED_FLUSH_MS: u64 = 1_000;
+
+/// Why 4096: large enough that a burst of claims is bound in a few passes (one fsync each),
+/// small enough that one pass stays within a few milliseconds.
+const MAX_BATCH: usize = 4096;
+
+/// The hash that marks instances made from one template.
+pub fn hash_of<T: serde::Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..6])
+}

@@ -1,0 +1,323 @@
+//! The reconcile pass: what changed is reconciled, the pass's durable ops are committed, then reported.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+
+use poolkeeper_store::Flush;
+use tracing::{error, info};
+
+use poolkeeper_core::pool::InstancePhase;
+use poolkeeper_runtime::Runtime;
+
+use crate::durable::{Op, RecPhase, needs_flush};
+use crate::status;
+
+use crate::{AfterCommit, Engine};
+
+/// Memory may be ahead of disk: stop rather than report what is not durable.
+fn store_failed(e: &poolkeeper_store::StoreError) -> ! {
+    error!(error = %e, "state store failed; stopping so that a restart recovers from disk");
+    std::process::exit(70);
+}
+
+/// Counts `n` reconciles of a kind and the time they took (a pass with none is not timed).
+fn observe(m: &mut super::metrics::KindMetrics, n: u64, began: std::time::Instant) {
+    if n > 0 {
+        m.reconciles += n;
+        m.duration.observe(began.elapsed().as_secs_f64());
+    }
+}
+
+impl<R: Runtime> Engine<R> {
+    pub(super) fn pass(&mut self) {
+        if !(self.synced && self.listed) {
+            return;
+        }
+        let now = self.clock.now_ms();
+        if !self.started {
+            self.started = true;
+            self.startup(now);
+        }
+        self.expire(now);
+        let began = std::time::Instant::now();
+        let users = std::mem::take(&mut self.dirty_users);
+        let n = users.len() as u64;
+        for u in users {
+            self.admit_user(&u);
+        }
+        observe(&mut self.metrics.user, n, began);
+        self.reindex_touched();
+        let began = std::time::Instant::now();
+        let pools = std::mem::take(&mut self.dirty_pools);
+        let n = pools.len() as u64;
+        for p in pools {
+            self.reconcile_pool(&p, now);
+        }
+        observe(&mut self.metrics.pool, n, began);
+        let began = std::time::Instant::now();
+        let deps = std::mem::take(&mut self.dirty_deployments);
+        let n = deps.len() as u64;
+        for d in deps {
+            self.reconcile_deployment(&d, now);
+        }
+        observe(&mut self.metrics.deployment, n, began);
+        self.commit(now);
+        self.release_held_removals(now);
+        self.passes += 1;
+        self.metrics.passes += 1;
+    }
+
+    /// After a (re)start: drop records of claims deleted while we were down, notice bindings
+    /// whose instance vanished, and start expiry timers.
+    fn startup(&mut self, now: u64) {
+        self.reindex_touched();
+        let records: Vec<(String, Option<String>, RecPhase, Option<u64>)> = self
+            .store
+            .state()
+            .claims
+            .iter()
+            .map(|(k, r)| (k.clone(), r.instance.clone(), r.phase, r.expires_at_ms))
+            .collect();
+        for (claim, instance, phase, expires) in records {
+            // Deleted (and perhaps declared again) before this first pass: the deletion ended
+            // the binding and forgets the record, but could reset the instance only if it was
+            // listed by then. Reset it here otherwise (never hand it on unreset).
+            if self.forgotten.contains(&claim) {
+                if let Some(i) = &instance
+                    && self.instances.get(i).is_some_and(|rec| {
+                        !rec.resetting && rec.claim.as_deref().is_none_or(|c| c == claim)
+                    })
+                {
+                    self.reset_released(i);
+                }
+                continue;
+            }
+            if !self.claims.contains_key(&claim) {
+                if let Some(i) = &instance {
+                    self.ops.push(Op::Unbind {
+                        claim: claim.clone(),
+                        to: RecPhase::Released,
+                    });
+                    self.reset_released(i);
+                }
+                self.ops.push(Op::Forget { claim });
+                continue;
+            }
+            if phase == RecPhase::Bound {
+                match &instance {
+                    // It exited while we were down: observing it could not tell its claim (the
+                    // instance was never seen alive), so it is lost now.
+                    Some(i)
+                        if self
+                            .instances
+                            .get(i)
+                            .is_some_and(|r| r.phase == InstancePhase::Dead) =>
+                    {
+                        let i = i.clone();
+                        self.instance_lost(&claim, &i, "exited while the controller was down", now);
+                    }
+                    Some(i) if self.instances.contains_key(i) => {
+                        if let Some(t) = expires {
+                            self.expiries.push(Reverse((t, claim.clone())));
+                        }
+                        // A crash may have come between the durable binding and the copy of
+                        // the claim's files: copy them again (idempotent) before reporting.
+                        let copy = self.needs_copy(&claim);
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.files_pending = copy;
+                        }
+                        self.after_commit.push(AfterCommit::Bound {
+                            claim: claim.clone(),
+                            instance: i.clone(),
+                        });
+                    }
+                    Some(i) => {
+                        let i = i.clone();
+                        self.ops.push(Op::Unbind {
+                            claim: claim.clone(),
+                            to: RecPhase::Waiting,
+                        });
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.instance = None;
+                            let msg = format!(
+                                "instance {i} disappeared while the controller was down; binding a fresh instance"
+                            );
+                            c.lost = Some((msg.clone(), now));
+                            c.events.push(true, "InstanceLost", msg, now);
+                        }
+                        self.enqueue(&claim);
+                        self.to_report.insert(claim.clone());
+                    }
+                    None => {}
+                }
+            } else if phase != RecPhase::Waiting {
+                self.report_claim(&claim, now);
+            }
+        }
+        // Quarantined or used instances that were removed while we were down.
+        let st = self.store.state();
+        let gone = |i: &&String| !self.instances.contains_key(*i);
+        let unquarantine = st
+            .quarantined
+            .keys()
+            .filter(gone)
+            .map(|i| Op::Unquarantine {
+                instance: i.clone(),
+            });
+        let fresh = st.used.iter().filter(gone).map(|i| Op::Fresh {
+            instance: i.clone(),
+        });
+        let ops: Vec<Op> = unquarantine.chain(fresh).collect();
+        self.ops.extend(ops);
+        // Managed instances that belong to nothing declared are drained through their pool
+        // entry (or removed, for deployments) by the passes below.
+        let orphan_pools: Vec<String> = self
+            .pool_index
+            .keys()
+            .filter(|p| !self.pools.contains_key(*p))
+            .cloned()
+            .collect();
+        for p in orphan_pools {
+            self.ensure_draining_pool(&p, now);
+        }
+        let orphan_deps: Vec<String> = self
+            .instances
+            .values()
+            .filter_map(|r| r.deployment.as_ref().map(|d| d.0.clone()))
+            .filter(|d| !self.deployments.contains_key(d))
+            .collect();
+        for d in orphan_deps {
+            self.ensure_draining_deployment(&d, now);
+        }
+        self.mark_all_dirty();
+        info!(
+            pools = self.pools.len(),
+            claims = self.claims.len(),
+            bindings = self.store.state().bound.len(),
+            "state rebuilt; reconciling"
+        );
+    }
+
+    pub(crate) fn ensure_draining_pool(&mut self, pool: &str, now: u64) {
+        if !self.pools.contains_key(pool) {
+            let mut events = status::Events::default();
+            events.push(
+                false,
+                "Draining",
+                "instances found for an undeclared pool: removing unbound ones".into(),
+                now,
+            );
+            let mut entry = super::PoolEntry::new(Default::default(), 0, String::new());
+            entry.events = events;
+            self.pools.insert(pool.to_owned(), entry);
+        }
+    }
+
+    pub(crate) fn ensure_draining_deployment(&mut self, dep: &str, _now: u64) {
+        if !self.deployments.contains_key(dep) {
+            self.deployments.insert(
+                dep.to_owned(),
+                super::DeploymentEntry {
+                    spec: None,
+                    last_spec: None,
+                    origin: Default::default(),
+                    generation: 0,
+                    hashes: BTreeMap::new(),
+                    network_ready: None,
+                    network_pending: false,
+                    restarts: Default::default(),
+                    triggers: Default::default(),
+                    conditions: Vec::new(),
+                    events: Default::default(),
+                },
+            );
+        }
+    }
+
+    fn commit(&mut self, now: u64) {
+        let ops = std::mem::take(&mut self.ops);
+        if !ops.is_empty() {
+            let flush = if needs_flush(&ops) {
+                Flush::Now
+            } else {
+                Flush::Deferred
+            };
+            let began = std::time::Instant::now();
+            let committed = self.store.commit_with(ops, flush);
+            match flush {
+                Flush::Now => self
+                    .metrics
+                    .store_commit
+                    .observe(began.elapsed().as_secs_f64()),
+                Flush::Deferred => self.metrics.store_deferred += 1,
+            }
+            match committed {
+                Ok(rejected) => {
+                    for r in rejected {
+                        // Decisions above make this unreachable; the store is the last guard.
+                        error!(op = ?r.op, reason = %r.reason, "state store refused an op");
+                        if let Op::Bind {
+                            claim, instance, ..
+                        } = &r.op
+                        {
+                            if let Some(i) = self.instances.get_mut(instance)
+                                && i.claim.as_deref() == Some(claim.as_str())
+                            {
+                                self.touched.insert(instance.clone());
+                                i.claim = None;
+                            }
+                            if let Some(c) = self.claims.get_mut(claim) {
+                                c.instance = None;
+                            }
+                            self.after_commit.retain(
+                                |a| !matches!(a, AfterCommit::Bound { claim: c, .. } if c == claim),
+                            );
+                            let claim = claim.clone();
+                            self.enqueue(&claim);
+                            self.touch_claim(&claim);
+                        }
+                    }
+                }
+                Err(e) => store_failed(&e),
+            }
+        }
+        self.flush_deferred(now);
+        self.forgotten.clear();
+        let work = std::mem::take(&mut self.after_commit);
+        for w in work {
+            match w {
+                AfterCommit::Bound { claim, instance } => {
+                    self.start_bound(&claim, &instance, now);
+                }
+                AfterCommit::Reset { instance } => self.start_reset(&instance),
+            }
+        }
+        for c in std::mem::take(&mut self.to_report) {
+            self.report_claim(&c, now);
+        }
+    }
+
+    /// Flushes batches written without a flush once the oldest has waited `DEFERRED_FLUSH_MS`
+    /// (a flushed commit has covered them otherwise), and asks for a pass at that time.
+    fn flush_deferred(&mut self, now: u64) {
+        if !self.store.has_unflushed() {
+            self.deferred_since_ms = None;
+            return;
+        }
+        let since = *self.deferred_since_ms.get_or_insert_with(|| {
+            self.wakeups.push(Reverse(now + super::DEFERRED_FLUSH_MS));
+            now
+        });
+        if now.saturating_sub(since) < super::DEFERRED_FLUSH_MS {
+            return;
+        }
+        let began = std::time::Instant::now();
+        if let Err(e) = self.store.flush() {
+            store_failed(&e);
+        }
+        self.metrics
+            .store_commit
+            .observe(began.elapsed().as_secs_f64());
+        self.deferred_since_ms = None;
+    }
+}

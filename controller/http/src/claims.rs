@@ -1,0 +1,209 @@
+//! Claims made and released by people and scripts, and files uploaded into their instances.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use poolkeeper_kinds::ClaimSpec;
+
+use crate::auth::*;
+use crate::error::*;
+use crate::*;
+use poolkeeper_engine::source::Created;
+
+/// A claim as the API takes it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewClaim {
+    /// Default: `USER-POOL-` and six random characters.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub pool: String,
+    /// Default: the caller (admins must name one).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// Relative path -> content.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+/// A refusal of the engine's admission (`core::claims::admit`, over the user's claims and the
+/// new one: the engine stays the authority), as the API answers it.
+pub(crate) fn refused((reason, message): (&'static str, String)) -> ApiError {
+    match reason {
+        "PoolNotFound" => ApiError::field(StatusCode::NOT_FOUND, "pool", message),
+        "UserNotFound" => ApiError::field(StatusCode::NOT_FOUND, "user", message),
+        "UserDisabled" => ApiError::field(StatusCode::FORBIDDEN, "user", message),
+        "PoolNotAllowed" => ApiError::field(StatusCode::FORBIDDEN, "pool", message),
+        _ => ApiError::new(StatusCode::FORBIDDEN, message),
+    }
+}
+
+pub(crate) fn random_suffix() -> String {
+    use rand::{Rng, SeedableRng};
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ u64::from(std::process::id()));
+    (0..6)
+        .map(|_| {
+            let n = rng.random_range(0..36u8);
+            char::from(if n < 10 { b'0' + n } else { b'a' + n - 10 })
+        })
+        .collect()
+}
+
+pub(crate) async fn create_claim(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Json<NewClaim>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let who = who(&state, &headers)?;
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let user = match (&who, &req.user) {
+        (Caller::User(me), None) => me.clone(),
+        (Caller::User(me), Some(u)) if u == me => me.clone(),
+        (Caller::User(_), Some(_)) => {
+            return Err(ApiError::field(
+                StatusCode::FORBIDDEN,
+                "user",
+                "a user makes claims for themselves only",
+            ));
+        }
+        (Caller::Admin, Some(u)) => u.clone(),
+        (Caller::Admin, None) => {
+            return Err(ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "user",
+                "an admin must say for which user",
+            ));
+        }
+    };
+    let name = req
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{user}-{}-{}", req.pool, random_suffix()));
+    let spec = ClaimSpec {
+        pool: req.pool.clone(),
+        user: user.clone(),
+        ttl: req.ttl.clone(),
+        files: req.files.clone(),
+        files_from: None,
+    };
+    if let Err(e) = poolkeeper_kinds::units::check_name(&name) {
+        return Err(ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "name", e));
+    }
+    if let Some(e) = poolkeeper_kinds::validate::validate_object(
+        &name,
+        &poolkeeper_kinds::Spec::Claim(spec.clone()),
+    )
+    .into_iter()
+    .next()
+    {
+        let field = e.path.trim_start_matches("spec.").to_owned();
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &field,
+            e.message,
+        ));
+    }
+    match state
+        .declare
+        .create_claim(&name, spec.clone(), None)
+        .await?
+    {
+        Created::New { at } => Ok((
+            StatusCode::CREATED,
+            Json(json!({"name": name, "created": true, "file": at})),
+        )),
+        // The same request again (a retry) is answered as the first one; another spec under
+        // the same name is a conflict.
+        Created::Exists(existing)
+            if existing.spec == spec
+                && state.declare.made_here(&name, &existing.origin)
+                && who.sees_user(&user) =>
+        {
+            Ok((
+                StatusCode::OK,
+                Json(json!({"name": name, "created": false})),
+            ))
+        }
+        Created::Exists(_) => Err(ApiError::field(
+            StatusCode::CONFLICT,
+            "name",
+            format!("a claim named {name:?} exists"),
+        )),
+        Created::Refused(reason, message) => Err(refused((reason, message))),
+    }
+}
+
+/// Files into a bound claim's instance, under its pool's `files.mountPath`: a tar archive, or
+/// a `multipart/form-data` form whose file parts are the files (`curl -F file=@index.html`).
+/// Only regular files with plain relative paths: no links, no `..`, nothing absolute (checked
+/// before anything is written).
+pub(crate) async fn upload_files(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let who = who(&state, &headers)?;
+    if claim_seen(&state, &who, &name).await?.is_none() {
+        return Err(no_claim(&name));
+    }
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let files = if crate::upload::is_multipart(content_type) {
+        crate::upload::parse_multipart(content_type, body).await
+    } else {
+        poolkeeper_core::files::parse_tar(&body[..], "the upload")
+    }
+    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    if files.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the upload holds no files (send a tar archive or a multipart form)",
+        ));
+    }
+    use poolkeeper_engine::PutFilesError;
+    match state.handle.put_files(&name, files).await {
+        Ok(Ok(n)) => Ok(Json(json!({"claim": name, "files": n}))),
+        Ok(Err(e @ (PutFilesError::NotBound(_) | PutFilesError::NoMountPath(_)))) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())),
+        Err(_) => Err(ApiError::unavailable()),
+    }
+}
+
+pub(crate) async fn delete_claim(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let who = who(&state, &headers)?;
+    let Some(o) = claim_seen(&state, &who, &name).await? else {
+        return Err(no_claim(&name));
+    };
+    if !state.declare.made_here(&name, &o.origin) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("claim {name} is declared in {}: release it there", o.origin),
+        ));
+    }
+    // Not recorded any more: released by an earlier call the source has not reported yet,
+    // the same answer.
+    state.declare.delete_claim(&name).await?;
+    Ok(Json(json!({"name": name, "released": true})))
+}

@@ -1,0 +1,215 @@
+//! The HTTP API that `poolkeeper run` serves: objects with their status, claims created and
+//! released by people and scripts, health.
+//!
+//! Authentication is a bearer token: the admin token (from `--admin-token-file`) or a user's,
+//! whose SHA-256 the `User` declares (`tokenSha256`). A user sees and changes only their own
+//! claims and user; an admin sees everything. A claim that is not the caller's answers 404, as
+//! one that does not exist: errors never tell what other users have.
+//!
+//! The server changes declared state only through the source's [`Declare`] (claims made
+//! through the API are files in the directory source; objects in a Kubernetes source): it names
+//! no file and no API path itself.
+//!
+//! Where things are: [`auth`] (who is asking), [`objects`] (reading), [`claims`] (claims and
+//! uploads), [`admin`], [`reservations`] (webhooks and callbacks), [`metrics`], [`error`];
+//! [`webhook`] (signatures, payloads), [`notify`] (callback targets), [`upload`] (multipart).
+
+mod admin;
+mod auth;
+mod claims;
+mod error;
+mod metrics;
+pub mod notify;
+mod objects;
+mod reservations;
+pub mod upload;
+pub mod webhook;
+
+pub use auth::{Caller, authenticate};
+pub use claims::NewClaim;
+pub use error::ApiError;
+pub use metrics::render_metrics;
+pub use reservations::{CallbackState, Reservation};
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+use admin::*;
+use claims::*;
+use metrics::*;
+use objects::*;
+use poolkeeper_engine::EngineHandle;
+use poolkeeper_engine::source::Declare;
+use reservations::*;
+
+/// The API's OpenAPI document (committed; served at `/openapi.json`).
+pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// Largest upload (a tar of files for a claim's instance).
+pub const UPLOAD_LIMIT: usize = 16 << 20;
+
+pub struct ApiState {
+    handle: EngineHandle,
+    /// How people's changes reach declared state (files in the directory source).
+    declare: Arc<dyn Declare>,
+    admin_sha256: Option<[u8; 32]>,
+    webhooks: Option<WebhookConfig>,
+    /// Webhook signatures that could still verify, as kept in the source's records: a request
+    /// is acted on only once its signature is recorded there.
+    seen: tokio::sync::Mutex<crate::webhook::SeenSignatures>,
+}
+
+/// Reservations by webhook: the shared secret, the images booking systems may ask for (empty:
+/// those of the declared pools), and where callbacks go.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookConfig {
+    pub secret: Vec<u8>,
+    pub allowed_images: Vec<String>,
+    /// Where callbacks go (checked at start).
+    pub notify: Option<crate::notify::Target>,
+}
+
+impl ApiState {
+    /// Reads the webhook signatures seen before a restart (an unreadable record is an error
+    /// naming it, not a fresh start that would accept replays).
+    pub fn new(
+        handle: EngineHandle,
+        declare: Arc<dyn Declare>,
+        admin_token: Option<&str>,
+        webhooks: Option<WebhookConfig>,
+    ) -> std::io::Result<Self> {
+        let seen = match webhooks {
+            Some(_) => reservations::read_seen(declare.records())?,
+            None => Default::default(),
+        };
+        Ok(ApiState {
+            handle,
+            declare,
+            admin_sha256: admin_token.map(auth::sha256),
+            webhooks,
+            seen: tokio::sync::Mutex::new(seen),
+        })
+    }
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    OPENAPI,
+                )
+            }),
+        )
+        .route("/api/v1/claims", get(list_claims).post(create_claim))
+        .route("/api/v1/claims/{name}", get(get_claim).delete(delete_claim))
+        .route(
+            "/api/v1/claims/{name}/files",
+            axum::routing::put(upload_files).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
+        )
+        .route(
+            "/webhooks/reservations",
+            axum::routing::post(crate::reservation),
+        )
+        .route("/api/v1/events", get(events))
+        .route(
+            "/api/v1/pools/{name}/scale",
+            axum::routing::post(scale_pool),
+        )
+        .route(
+            "/api/v1/pools/{name}/reinitialise",
+            axum::routing::post(reinitialise_pool),
+        )
+        .route("/api/v1/users/{name}", get(get_user).delete(delete_user))
+        .route(
+            "/api/v1/users/{name}/release",
+            axum::routing::post(release_user),
+        )
+        .route("/api/v1/{kind}", get(list))
+        .route("/api/v1/{kind}/{name}", get(get_one))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(Arc::new(state))
+}
+
+/// Serves the API until the listener fails; with a notification URL, also delivers the
+/// reservations' callbacks.
+pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::io::Result<()> {
+    if let Some(cfg) = &state.webhooks
+        && let Some(target) = cfg.notify.clone()
+    {
+        tokio::spawn(reservations::callbacks(
+            state.handle.clone(),
+            state.declare.clone(),
+            Arc::new(target),
+            cfg.secret.clone(),
+        ));
+    }
+    // Without TCP_NODELAY, a small write after another (an event on the stream, an answer
+    // sent in two parts) waits for the peer's delayed acknowledgement: up to 40 ms.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
+    axum::serve(listener, router(state)).await
+}
+
+/// The API served on a thread of its own (with its own single-threaded runtime): parsing
+/// requests, JSON and YAML never delays the engine's passes, which keep their thread; the two
+/// talk through the engine's channel as before.
+pub struct ApiThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ApiThread {
+    /// Stops accepting requests and drops the open connections.
+    pub fn stop(mut self) {
+        self.stop.take();
+    }
+}
+
+/// Serves the API on `listener` (bound already, so that a taken address fails the caller at
+/// once) from a new thread.
+pub fn spawn(listener: std::net::TcpListener, state: ApiState) -> std::io::Result<ApiThread> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("poolkeeper-api".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the HTTP API could not start");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    r = serve(listener, state) => {
+                        if let Err(e) = r {
+                            tracing::error!(error = %e, "the HTTP API stopped");
+                        }
+                    }
+                    _ = stopped => {}
+                }
+            });
+        })?;
+    Ok(ApiThread { stop: Some(stop) })
+}

@@ -1,0 +1,432 @@
+//! Reservations by webhook: signed events from booking systems become claims; signed callbacks tell them where a reservation runs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use poolkeeper_engine::EngineHandle;
+use poolkeeper_kinds::ClaimSpec;
+use poolkeeper_kinds::Kind;
+
+use crate::auth::*;
+use crate::claims::*;
+use crate::error::*;
+use crate::*;
+use poolkeeper_engine::source::{Created, Declare, Record, Records};
+
+/// What poolkeeper keeps of a reservation, beside its claim file: who asked, and where the
+/// callback stands. In the state folder (`DIR/.poolkeeper/reservations/CLAIM.json`), which the
+/// watcher does not load as specs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    pub resource_name: String,
+    #[serde(default)]
+    pub user_id: Option<Value>,
+    pub username: String,
+    pub pool: String,
+    pub callback: CallbackState,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallbackState {
+    /// `Pending`, `Delivered`, `Failed` (retries exhausted), or `NotConfigured`.
+    pub state: String,
+    #[serde(default)]
+    pub attempts: u32,
+    /// What was (or is to be) reported: `provisioned` or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The key of a reservation's record in the source's records.
+fn reservation_key(claim: &str) -> String {
+    format!("{RESERVATIONS}{claim}.json")
+}
+
+const RESERVATIONS: &str = "reservations/";
+
+/// Where the webhook signatures seen are kept, in the source's records.
+const SEEN: &str = "webhook-signatures.json";
+
+pub(crate) fn read_reservation(records: &dyn Records, claim: &str) -> Option<Reservation> {
+    let bytes = records.get(&reservation_key(claim)).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn reservation_record(claim: &str, r: &Reservation) -> std::io::Result<Record> {
+    Ok(Record {
+        key: reservation_key(claim),
+        bytes: serde_json::to_vec_pretty(r).map_err(std::io::Error::other)?,
+    })
+}
+
+/// The signatures recorded before a restart; none when there is no record yet. A record that
+/// cannot be read is an error naming it, not a fresh start that would accept replays.
+pub(crate) fn read_seen(records: &dyn Records) -> std::io::Result<crate::webhook::SeenSignatures> {
+    let at = records.location(SEEN);
+    let bytes = match records.get(SEEN) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(Default::default()),
+        Err(e) => {
+            return Err(std::io::Error::new(e.kind(), format!("reading {at}: {e}")));
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{at}: line {} column {}: {e} (the webhook signatures seen; remove the file \
+                 only if no signed request of the last {} s may be replayed)",
+                e.line(),
+                e.column(),
+                crate::webhook::REPLAY_WINDOW_SECS
+            ),
+        )
+    })
+}
+
+pub(crate) async fn reservation(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    use crate::webhook::{HEADER_SIGNATURE, HEADER_TIMESTAMP};
+    let Some(cfg) = &state.webhooks else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "webhooks are not configured (--webhook-secret-file)",
+        ));
+    };
+    let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let signature = header(HEADER_SIGNATURE);
+    let now = crate::webhook::unix_now();
+    let signed =
+        crate::webhook::verify(&cfg.secret, header(HEADER_TIMESTAMP), signature, &body, now)
+            .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    let event: crate::webhook::ReservationEvent = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    {
+        // Recorded durably before anything is done: a crash after acting cannot make the
+        // same request acceptable again. Requests wait on each other here (webhooks are
+        // rare); the file is then written in the order its records were made.
+        let mut seen = state.seen.lock().await;
+        if !seen.record(&signed, now) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "this signed request was already received (a replay)",
+            ));
+        }
+        let written = match serde_json::to_vec(&*seen) {
+            Ok(bytes) => state.declare.records().put(SEEN, bytes).await,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        if let Err(e) = written {
+            seen.forget(&signed);
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("recording the request's signature: {e}"),
+            ));
+        }
+    }
+    let name = crate::webhook::claim_name(&event.resource_name);
+    match event.event.as_str() {
+        "release" => {
+            let existed = state.declare.delete_claim(&name).await?;
+            if let Err(e) = state
+                .declare
+                .records()
+                .remove(&reservation_key(&name))
+                .await
+            {
+                tracing::warn!(claim = %name, error = %e, "cannot remove the reservation's record");
+            }
+            Ok((
+                StatusCode::OK,
+                Json(json!({"claim": name, "released": existed})),
+            ))
+        }
+        "provision" => provision(&state, cfg, &event, &name).await,
+        other => Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "event",
+            format!("unknown event {other:?}: provision or release"),
+        )),
+    }
+}
+
+pub(crate) async fn provision(
+    state: &ApiState,
+    cfg: &WebhookConfig,
+    event: &crate::webhook::ReservationEvent,
+    name: &str,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let snap = snapshot(state).await?;
+    let Some(image) = event.custom_parameters.image.as_deref() else {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "custom_parameters.image",
+            "a provision names the image it wants",
+        ));
+    };
+    let pools: Vec<(String, String)> = snap
+        .objects
+        .iter()
+        .filter(|o| o.kind == Kind::Pool && !o.spec.is_null())
+        .filter_map(|o| {
+            let image = o.spec.pointer("/template/image")?.as_str()?;
+            Some((o.name.clone(), image.to_owned()))
+        })
+        .collect();
+    let user_pools: Vec<&str> = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::User && o.name == event.username)
+        .and_then(|u| u.spec.pointer("/quota/pools"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let pool = crate::webhook::pool_for_image(image, &cfg.allowed_images, &pools, &user_pools)
+        .map_err(|e| {
+            ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "custom_parameters.image",
+                e,
+            )
+        })?
+        .to_owned();
+    // A duplicate (the same reservation sent again) changes nothing.
+    if state.declare.is_recorded(name) {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"claim": name, "pool": pool, "created": false})),
+        ));
+    }
+    let spec = ClaimSpec {
+        pool: pool.clone(),
+        user: event.username.clone(),
+        ttl: None,
+        files: BTreeMap::new(),
+        files_from: None,
+    };
+    let record = Reservation {
+        resource_name: event.resource_name.clone(),
+        user_id: event.user_id.clone(),
+        username: event.username.clone(),
+        pool: pool.clone(),
+        callback: CallbackState {
+            state: if cfg.notify.is_some() {
+                "Pending"
+            } else {
+                "NotConfigured"
+            }
+            .to_owned(),
+            ..CallbackState::default()
+        },
+    };
+    // The record is written before the claim: a crash between the two leaves a record
+    // without a claim (harmless), never a claim whose callback is forgotten.
+    let record = reservation_record(name, &record)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match state.declare.create_claim(name, spec, Some(record)).await? {
+        Created::New { .. } => {}
+        // The same reservation, sent again while the first was being written.
+        Created::Exists(c) if state.declare.made_here(name, &c.origin) => {
+            return Ok((
+                StatusCode::OK,
+                Json(json!({"claim": name, "pool": pool, "created": false})),
+            ));
+        }
+        Created::Exists(_) => {
+            return Err(ApiError::field(
+                StatusCode::CONFLICT,
+                "resource_name",
+                format!("a claim named {name:?} exists and is not this reservation's"),
+            ));
+        }
+        Created::Refused(reason, message) => return Err(refused((reason, message))),
+    }
+    // What the pool's template decides, not the request.
+    let p = &event.custom_parameters;
+    let ignored: Vec<&str> = [
+        ("cpu_limit", p.cpu_limit.is_some()),
+        ("memory_limit", p.memory_limit.is_some()),
+        ("ports", p.ports.is_some()),
+        ("environment", p.environment.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, given)| *given)
+    .map(|(n, _)| n)
+    .collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"claim": name, "pool": pool, "created": true,
+            "ignored": ignored, "note": "the pool's template sets limits, ports and environment"})),
+    ))
+}
+
+/// Delivers callbacks: when a reservation's claim is Bound (or Failed), POSTs the access
+/// details, signed, to `url`; retried with backoff (0.5 s doubling, 8 attempts); the state is
+/// kept in the reservation record and shown on the claim.
+pub(crate) async fn callbacks(
+    handle: EngineHandle,
+    declare: Arc<dyn Declare>,
+    target: Arc<crate::notify::Target>,
+    secret: Vec<u8>,
+) {
+    let Ok(mut changes) = handle.subscribe() else {
+        return;
+    };
+    // Reservations pending from before a restart are looked at once at start.
+    let pending: Vec<String> = declare
+        .records()
+        .keys(RESERVATIONS)
+        .into_iter()
+        .filter_map(|k| k.strip_suffix(".json").map(str::to_owned))
+        .collect();
+    let in_flight = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    for claim in pending {
+        consider(&handle, &declare, &target, &secret, &claim, &in_flight).await;
+    }
+    while let Some(change) = changes.recv().await {
+        if matches!(
+            change.phase,
+            poolkeeper_kinds::ClaimPhase::Bound | poolkeeper_kinds::ClaimPhase::Failed
+        ) {
+            consider(
+                &handle,
+                &declare,
+                &target,
+                &secret,
+                &change.name,
+                &in_flight,
+            )
+            .await;
+        }
+    }
+}
+
+pub(crate) async fn consider(
+    handle: &EngineHandle,
+    declare: &Arc<dyn Declare>,
+    target: &Arc<crate::notify::Target>,
+    secret: &[u8],
+    claim: &str,
+    in_flight: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+) {
+    let Some(record) = read_reservation(declare.records(), claim) else {
+        return;
+    };
+    if record.callback.state != "Pending" {
+        return;
+    }
+    let Ok(snap) = handle.snapshot().await else {
+        return;
+    };
+    let Some(o) = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::Claim && o.name == claim)
+    else {
+        return;
+    };
+    let phase = o.status.get("phase").and_then(Value::as_str).unwrap_or("");
+    let mut body = json!({
+        "resource_name": record.resource_name,
+        "user_id": record.user_id,
+        "username": record.username,
+        "claim": claim,
+    });
+    let event = match phase {
+        "Bound" => {
+            let endpoint = o.status.get("endpoint").cloned().unwrap_or(Value::Null);
+            body["host"] = endpoint.get("host").cloned().unwrap_or(Value::Null);
+            body["ports"] = endpoint.get("ports").cloned().unwrap_or(Value::Null);
+            if let Some(ssh) = endpoint.get("ssh") {
+                body["ssh"] = ssh.clone();
+            }
+            "provisioned"
+        }
+        "Failed" => {
+            let reason = o
+                .status
+                .get("conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| c["status"] == "False"))
+                .map(|c| {
+                    format!(
+                        "{}: {}",
+                        c["reason"].as_str().unwrap_or(""),
+                        c["message"].as_str().unwrap_or("")
+                    )
+                })
+                .unwrap_or_else(|| "failed".to_owned());
+            body["reason"] = Value::String(reason);
+            "failed"
+        }
+        _ => return,
+    };
+    body["event"] = Value::String(event.to_owned());
+    {
+        let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.insert(claim.to_owned()) {
+            return;
+        }
+    }
+    let (declare, target, secret, claim, flight) = (
+        declare.clone(),
+        target.clone(),
+        secret.to_vec(),
+        claim.to_owned(),
+        in_flight.clone(),
+    );
+    tokio::spawn(async move {
+        let bytes = body.to_string().into_bytes();
+        let mut record = record;
+        record.callback.event = Some(event.to_owned());
+        let mut delay = Duration::from_millis(500);
+        for attempt in 1..=8u32 {
+            let r = target.post_signed(&secret, &bytes).await;
+            record.callback.attempts = attempt;
+            match r {
+                Ok(()) => {
+                    record.callback.state = "Delivered".to_owned();
+                    record.callback.last_error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %claim, attempt, error = %e, "callback not delivered");
+                    record.callback.last_error = Some(e);
+                    if attempt == 8 {
+                        record.callback.state = "Failed".to_owned();
+                    }
+                }
+            }
+            // The claim may have been released meanwhile: then its record is gone, and stays so.
+            let records = declare.records();
+            if read_reservation(records, &claim).is_some()
+                && let Ok(r) = reservation_record(&claim, &record)
+                && let Err(e) = records.put(&r.key, r.bytes).await
+            {
+                tracing::warn!(claim = %claim, error = %e, "cannot update the reservation's record");
+            }
+            if record.callback.state != "Pending" {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&claim);
+    });
+}

@@ -1,0 +1,599 @@
+//! Validation beyond what the types enforce: per object (ranges, durations, quantities,
+//! references inside one spec) and across objects (missing references, overlapping ports).
+//!
+//! Per-object errors make the object invalid (a source keeps its last valid version). Cross-object
+//! errors are facts about the current set: `validate` reports them as errors, while the running
+//! controller shows them as conditions, since the missing piece may be declared a moment later.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::units::{check_name, parse_cpu_millis, parse_duration, parse_memory_bytes};
+use crate::{
+    ClaimSpec, ContainerSpec, DeploymentSpec, PoolSpec, Probe, ResetPolicy, Resources, UserSpec,
+};
+use crate::{FieldError, Kind, ObjKey, Object, Spec};
+
+pub fn validate_object(name: &str, spec: &Spec) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    if let Err(e) = check_name(name) {
+        errs.push(FieldError::new("metadata.name", e));
+    }
+    match spec {
+        Spec::Pool(p) => validate_pool(p, &mut errs),
+        Spec::Claim(c) => validate_claim(c, &mut errs),
+        Spec::User(u) => validate_user(u, &mut errs),
+        Spec::Deployment(d) => validate_deployment(d, &mut errs),
+    }
+    errs
+}
+
+/// The number of instances a pool may have: `max`; else as many as `hostPorts` can serve;
+/// else no cap (claims are still bounded by users' quotas).
+pub fn pool_max(p: &PoolSpec) -> u32 {
+    if let Some(m) = p.max {
+        return m;
+    }
+    match (p.host_ports, p.template.ports.len()) {
+        (Some(r), n) if n > 0 => r.len() / n as u32,
+        _ => u32::MAX,
+    }
+}
+
+fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {
+    let max = pool_max(p);
+    if p.warm > max {
+        errs.push(FieldError::new(
+            "spec.warm",
+            format!("warm ({}) is greater than max ({max})", p.warm),
+        ));
+    }
+    let t = &p.template;
+    if t.image.trim().is_empty() {
+        errs.push(FieldError::new(
+            "spec.template.image",
+            "image must not be empty",
+        ));
+    }
+    let mut port_names = BTreeSet::new();
+    for (i, port) in t.ports.iter().enumerate() {
+        if let Err(e) = check_name(&port.name) {
+            errs.push(FieldError::new(format!("spec.template.ports[{i}].name"), e));
+        }
+        if !port_names.insert(port.name.as_str()) {
+            errs.push(FieldError::new(
+                format!("spec.template.ports[{i}].name"),
+                format!("duplicate port name {:?}", port.name),
+            ));
+        }
+        if port.container_port == 0 {
+            errs.push(FieldError::new(
+                format!("spec.template.ports[{i}].containerPort"),
+                "port must be between 1 and 65535",
+            ));
+        }
+    }
+    if let Some(r) = &p.host_ports {
+        let n = t.ports.len();
+        if r.start == 0 || r.end < r.start {
+            errs.push(FieldError::new(
+                "spec.hostPorts",
+                format!(
+                    "invalid range {}-{}: need 1 <= start <= end <= 65535",
+                    r.start, r.end
+                ),
+            ));
+        } else if n == 0 {
+            errs.push(FieldError::new(
+                "spec.hostPorts",
+                "hostPorts is set but the template declares no ports",
+            ));
+        } else if u64::from(max) * n as u64 > u64::from(r.len()) {
+            errs.push(FieldError::new(
+                "spec.hostPorts",
+                format!(
+                    "range {}-{} holds {} ports, but max ({max}) instances x {n} port(s) \
+                     need {}",
+                    r.start,
+                    r.end,
+                    r.len(),
+                    u64::from(max) * n as u64
+                ),
+            ));
+        }
+    }
+    check_resources(t.resources.as_ref(), "spec.template.resources", errs);
+    if let Some(probe) = &t.readiness {
+        check_probe(probe, &port_names, "spec.template.readiness", errs);
+    }
+    if let Some(ssh) = &t.ssh {
+        let known = match &ssh.port {
+            crate::PortRef::Name(n) => t.ports.iter().any(|p| &p.name == n),
+            crate::PortRef::Number(n) => t.ports.iter().any(|p| p.container_port == *n),
+        };
+        if !known {
+            errs.push(FieldError::new(
+                "spec.template.ssh.port",
+                "ssh.port names no port declared in spec.template.ports",
+            ));
+        }
+        if crate::units::check_name(&ssh.user).is_err() {
+            errs.push(FieldError::new(
+                "spec.template.ssh.user",
+                format!("{:?} is not a valid user name", ssh.user),
+            ));
+        }
+    }
+    if let Some(files) = &t.files
+        && !files.mount_path.starts_with('/')
+    {
+        errs.push(FieldError::new(
+            "spec.template.files.mountPath",
+            format!("mountPath {:?} must be an absolute path", files.mount_path),
+        ));
+    }
+    if p.reset == ResetPolicy::Exec && p.reset_command.is_empty() {
+        errs.push(FieldError::new(
+            "spec.resetCommand",
+            "reset is Exec but resetCommand is empty",
+        ));
+    }
+    if p.reset != ResetPolicy::Exec && !p.reset_command.is_empty() {
+        errs.push(FieldError::new(
+            "spec.resetCommand",
+            "resetCommand is only used with reset: Exec",
+        ));
+    }
+    if let Some(ttl) = &p.claim_ttl
+        && let Err(e) = parse_duration(ttl)
+    {
+        errs.push(FieldError::new("spec.claimTTL", e));
+    }
+}
+
+fn check_resources(r: Option<&Resources>, path: &str, errs: &mut Vec<FieldError>) {
+    let Some(r) = r else { return };
+    if let Some(cpu) = &r.cpu
+        && let Err(e) = parse_cpu_millis(cpu)
+    {
+        errs.push(FieldError::new(format!("{path}.cpu"), e));
+    }
+    if let Some(mem) = &r.memory
+        && let Err(e) = parse_memory_bytes(mem)
+    {
+        errs.push(FieldError::new(format!("{path}.memory"), e));
+    }
+}
+
+fn check_probe(probe: &Probe, port_names: &BTreeSet<&str>, path: &str, errs: &mut Vec<FieldError>) {
+    let set = [
+        probe.http_get.is_some(),
+        probe.tcp_socket.is_some(),
+        probe.exec.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if set != 1 {
+        errs.push(FieldError::new(
+            path,
+            format!("exactly one of httpGet, tcpSocket, exec must be set (found {set})"),
+        ));
+    }
+    let port = probe
+        .http_get
+        .as_ref()
+        .map(|h| (&h.port, "httpGet"))
+        .or(probe.tcp_socket.as_ref().map(|t| (&t.port, "tcpSocket")));
+    if let Some((crate::PortRef::Name(n), which)) = port
+        && !port_names.contains(n.as_str())
+    {
+        errs.push(FieldError::new(
+            format!("{path}.{which}.port"),
+            format!("no declared port is named {n:?}"),
+        ));
+    }
+    if let Some(exec) = &probe.exec
+        && exec.command.is_empty()
+    {
+        errs.push(FieldError::new(
+            format!("{path}.exec.command"),
+            "command must not be empty",
+        ));
+    }
+}
+
+fn validate_claim(c: &ClaimSpec, errs: &mut Vec<FieldError>) {
+    if c.pool.is_empty() {
+        errs.push(FieldError::new("spec.pool", "pool must not be empty"));
+    }
+    if c.user.is_empty() {
+        errs.push(FieldError::new("spec.user", "user must not be empty"));
+    }
+    if let Some(ttl) = &c.ttl
+        && let Err(e) = parse_duration(ttl)
+    {
+        errs.push(FieldError::new("spec.ttl", e));
+    }
+    for path in c.files.keys() {
+        if let Err(e) = check_relative_path(path) {
+            errs.push(FieldError::new(format!("spec.files.{path}"), e));
+        }
+    }
+}
+
+/// A claim's file path must stay under the mount path: relative, no `..`, no empty segment.
+pub fn check_relative_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.starts_with('/') {
+        return Err(format!(
+            "file path {path:?} must be relative to the mount path"
+        ));
+    }
+    if path.split('/').any(|seg| seg == ".." || seg.is_empty()) {
+        return Err(format!(
+            "file path {path:?} must not contain '..' or empty segments"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
+    for (i, key) in u.ssh_keys.iter().enumerate() {
+        let kind = key.split_whitespace().next().unwrap_or("");
+        if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-")) {
+            errs.push(FieldError::new(
+                format!("spec.sshKeys[{i}]"),
+                "not an OpenSSH public key (expected e.g. \"ssh-ed25519 AAAA... comment\")",
+            ));
+        }
+    }
+    if let Some(h) = &u.token_sha256
+        && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        errs.push(FieldError::new(
+            "spec.tokenSha256",
+            "must be the 64 hex digits of a SHA-256 (`printf %s TOKEN | sha256sum`), not the token",
+        ));
+    }
+    match &u.token_secret_file {
+        Some(_) if u.token_sha256.is_some() => errs.push(FieldError::new(
+            "spec.tokenSecretFile",
+            "give tokenSha256 or tokenSecretFile, not both",
+        )),
+        Some(f) if f.trim().is_empty() => {
+            errs.push(FieldError::new("spec.tokenSecretFile", "must name a file"))
+        }
+        _ => {}
+    }
+}
+
+fn validate_deployment(d: &DeploymentSpec, errs: &mut Vec<FieldError>) {
+    if d.containers.is_empty() {
+        errs.push(FieldError::new(
+            "spec.containers",
+            "a deployment needs at least one container",
+        ));
+    }
+    if let Some(net) = &d.network
+        && let Err(e) = check_name(net)
+    {
+        errs.push(FieldError::new("spec.network", e));
+    }
+    let names: BTreeMap<&str, usize> = d
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.as_str(), i))
+        .collect();
+    let mut seen = BTreeSet::new();
+    for (i, c) in d.containers.iter().enumerate() {
+        let base = format!("spec.containers[{i}]");
+        if let Err(e) = check_name(&c.name) {
+            errs.push(FieldError::new(format!("{base}.name"), e));
+        }
+        if !seen.insert(c.name.as_str()) {
+            errs.push(FieldError::new(
+                format!("{base}.name"),
+                format!("duplicate container name {:?}", c.name),
+            ));
+        }
+        check_container(c, &base, errs);
+        for (j, dep) in c.depends_on.iter().enumerate() {
+            if !names.contains_key(dep.as_str()) {
+                errs.push(FieldError::new(
+                    format!("{base}.dependsOn[{j}]"),
+                    format!("no container named {dep:?} in this deployment"),
+                ));
+            } else if dep == &c.name {
+                errs.push(FieldError::new(
+                    format!("{base}.dependsOn[{j}]"),
+                    "a container cannot depend on itself",
+                ));
+            }
+        }
+    }
+    if let Some(cycle) = find_cycle(&d.containers) {
+        errs.push(FieldError::new(
+            "spec.containers",
+            format!("dependsOn forms a cycle: {}", cycle.join(" -> ")),
+        ));
+    }
+}
+
+/// Parses a Docker-style port key `"80/tcp"` (protocol optional, default tcp).
+pub fn parse_port_key(key: &str) -> Result<(u16, crate::Protocol), String> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{key:?} is not a port (expected e.g. \"80/tcp\")"))?;
+    let proto = match proto {
+        "tcp" => crate::Protocol::Tcp,
+        "udp" => crate::Protocol::Udp,
+        other => {
+            return Err(format!(
+                "unknown protocol {other:?} in {key:?} (tcp or udp)"
+            ));
+        }
+    };
+    Ok((port, proto))
+}
+
+fn check_container(c: &ContainerSpec, base: &str, errs: &mut Vec<FieldError>) {
+    if c.image.trim().is_empty() {
+        errs.push(FieldError::new(
+            format!("{base}.image"),
+            "image must not be empty",
+        ));
+    }
+    for (key, host) in &c.ports {
+        if let Err(e) = parse_port_key(key) {
+            errs.push(FieldError::new(format!("{base}.ports.{key}"), e));
+        }
+        if *host == 0 {
+            errs.push(FieldError::new(
+                format!("{base}.ports.{key}"),
+                "host port must be between 1 and 65535",
+            ));
+        }
+    }
+    if c.replicas == 0 {
+        errs.push(FieldError::new(
+            format!("{base}.replicas"),
+            "replicas must be at least 1",
+        ));
+    }
+    if c.replicas > 1 && !c.ports.is_empty() {
+        errs.push(FieldError::new(
+            format!("{base}.replicas"),
+            "a container with fixed host ports cannot have more than one replica",
+        ));
+    }
+    for (src, m) in &c.volumes {
+        if !m.bind.starts_with('/') {
+            errs.push(FieldError::new(
+                format!("{base}.volumes.{src}.bind"),
+                format!("mount point {:?} must be an absolute path", m.bind),
+            ));
+        }
+    }
+    check_resources(c.resources.as_ref(), &format!("{base}.resources"), errs);
+    if let Some(p) = &c.readiness {
+        check_probe(p, &BTreeSet::new(), &format!("{base}.readiness"), errs);
+    }
+    if let Some(p) = &c.liveness {
+        check_probe(p, &BTreeSet::new(), &format!("{base}.liveness"), errs);
+    }
+    let mut trigger_names = BTreeSet::new();
+    for (i, t) in c.log_triggers.iter().enumerate() {
+        let at = format!("{base}.logTriggers[{i}]");
+        if t.name.is_empty() || !trigger_names.insert(t.name.as_str()) {
+            errs.push(FieldError::new(
+                format!("{at}.name"),
+                format!("trigger name {:?} must be non-empty and unique", t.name),
+            ));
+        }
+        if t.contains.is_empty() {
+            errs.push(FieldError::new(
+                format!("{at}.contains"),
+                "must not be empty (it would match every line)".to_owned(),
+            ));
+        }
+        if t.quiet_seconds == Some(0) {
+            errs.push(FieldError::new(
+                format!("{at}.quietSeconds"),
+                "must be at least 1".to_owned(),
+            ));
+        }
+    }
+}
+
+/// A problem that involves more than one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetError {
+    pub key: ObjKey,
+    pub error: FieldError,
+}
+
+/// Checks references and shared resources across a consistent set of (individually valid)
+/// objects.
+pub fn validate_set<'a>(objects: impl IntoIterator<Item = &'a Object>) -> Vec<SetError> {
+    let objects: Vec<&Object> = objects.into_iter().collect();
+    let mut pools: BTreeMap<&str, &PoolSpec> = BTreeMap::new();
+    let mut users: BTreeMap<&str, &UserSpec> = BTreeMap::new();
+    for o in &objects {
+        match &o.spec {
+            Spec::Pool(p) => {
+                pools.insert(&o.name, p);
+            }
+            Spec::User(u) => {
+                users.insert(&o.name, u);
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let mut err = |key: ObjKey, path: &str, msg: String| {
+        out.push(SetError {
+            key,
+            error: FieldError::new(path, msg),
+        })
+    };
+    // Host ports: every pool range and every fixed deployment port must be disjoint.
+    let mut claimed: Vec<(ObjKey, String, u16, u16)> = Vec::new();
+    for o in &objects {
+        match &o.spec {
+            Spec::Pool(p) => {
+                if let Some(r) = p.host_ports {
+                    claimed.push((o.key(), "spec.hostPorts".into(), r.start, r.end));
+                }
+            }
+            Spec::Deployment(d) => {
+                for (i, c) in d.containers.iter().enumerate() {
+                    for (key, host) in &c.ports {
+                        let path = format!("spec.containers[{i}].ports.{key}");
+                        claimed.push((o.key(), path, *host, *host));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for (i, a) in claimed.iter().enumerate() {
+        for b in &claimed[..i] {
+            if a.2 <= b.3 && b.2 <= a.3 {
+                let what = |x: &(ObjKey, String, u16, u16)| {
+                    if x.2 == x.3 {
+                        format!("port {}", x.2)
+                    } else {
+                        format!("ports {}-{}", x.2, x.3)
+                    }
+                };
+                err(
+                    a.0.clone(),
+                    &a.1,
+                    format!("host {} overlap {} of {}", what(a), what(b), b.0),
+                );
+            }
+        }
+    }
+    for o in &objects {
+        match &o.spec {
+            Spec::Claim(c) => {
+                if !pools.contains_key(c.pool.as_str()) {
+                    err(
+                        o.key(),
+                        "spec.pool",
+                        format!("pool {:?} is not declared", c.pool),
+                    );
+                }
+                if !users.contains_key(c.user.as_str()) {
+                    err(
+                        o.key(),
+                        "spec.user",
+                        format!("user {:?} is not declared", c.user),
+                    );
+                }
+            }
+            Spec::User(u) => {
+                for (i, p) in u.quota.pools.iter().enumerate() {
+                    if !pools.contains_key(p.as_str()) {
+                        err(
+                            o.key(),
+                            &format!("spec.quota.pools[{i}]"),
+                            format!("pool {p:?} is not declared"),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Objects declared twice (same kind and name): every occurrence after the first.
+pub fn duplicates<'a>(
+    objects: impl IntoIterator<Item = &'a Object>,
+) -> Vec<(&'a Object, &'a Object)> {
+    let mut first: HashMap<(Kind, &str), &Object> = HashMap::new();
+    let mut out = Vec::new();
+    for o in objects {
+        match first.get(&(o.spec.kind(), o.name.as_str())) {
+            Some(prev) => out.push((o, *prev)),
+            None => {
+                first.insert((o.spec.kind(), o.name.as_str()), o);
+            }
+        }
+    }
+    out
+}
+
+/// Returns a dependency cycle among containers, if any, as the names along it.
+pub fn find_cycle(containers: &[ContainerSpec]) -> Option<Vec<String>> {
+    let deps: BTreeMap<&str, &[String]> = containers
+        .iter()
+        .map(|c| (c.name.as_str(), c.depends_on.as_slice()))
+        .collect();
+    // Colours: 1 = on the current path, 2 = done.
+    let mut colour: BTreeMap<&str, u8> = BTreeMap::new();
+    fn visit<'a>(
+        n: &'a str,
+        deps: &BTreeMap<&'a str, &'a [String]>,
+        colour: &mut BTreeMap<&'a str, u8>,
+        path: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match colour.get(n) {
+            Some(2) => return None,
+            Some(1) => {
+                let start = path.iter().position(|p| *p == n).unwrap_or(0);
+                let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
+                cycle.push(n.to_owned());
+                return Some(cycle);
+            }
+            _ => {}
+        }
+        colour.insert(n, 1);
+        path.push(n);
+        for d in deps.get(n).copied().unwrap_or_default() {
+            if deps.contains_key(d.as_str())
+                && let Some(c) = visit(d, deps, colour, path)
+            {
+                return Some(c);
+            }
+        }
+        path.pop();
+        colour.insert(n, 2);
+        None
+    }
+    for c in containers {
+        if let Some(cycle) = visit(&c.name, &deps, &mut colour, &mut Vec::new()) {
+            return Some(cycle);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod cycle_tests {
+    use super::*;
+
+    fn c(name: &str, deps: &[&str]) -> ContainerSpec {
+        ContainerSpec {
+            name: name.to_owned(),
+            image: "img".to_owned(),
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            replicas: 1,
+            ..ContainerSpec::default()
+        }
+    }
+
+    #[test]
+    fn cycles_are_found_and_named() {
+        let cs = [c("a", &["b"]), c("b", &["c"]), c("c", &["a"])];
+        let cycle = find_cycle(&cs).expect("cycle");
+        assert_eq!(cycle.first(), cycle.last());
+        assert_eq!(cycle.len(), 4);
+        assert!(find_cycle(&[c("a", &["b"]), c("b", &[])]).is_none());
+    }
+}

@@ -1,0 +1,812 @@
+//! The Docker runtime: one or more Docker Engines (unix socket or tcp), driven through bollard.
+//!
+//! - **Ownership** is in labels (`poolkeeper.dev/managed=true` and the rest); a restarted
+//!   controller lists them and adopts what it made. Published ports and the readiness probe are
+//!   labels too, so an adopted container is probed and accounted for like a fresh one.
+//! - **Events**: one `/events` stream per node, filtered to managed containers; a reconnect asks
+//!   the engine to list again, and replays from the last event seen, so nothing is lost.
+//! - **Readiness** is probed by the controller (HTTP GET and TCP against the published port, or
+//!   exec inside the container): an instance is reported ready only after its probe passes.
+//! - **Nodes**: instances are placed on the least-loaded reachable node. A node unreachable for
+//!   longer than `node_down_after` is declared down: its instances are reported removed (the
+//!   engine replaces them elsewhere and re-binds their claims), and when the node comes back the
+//!   containers left on it are removed, so that no stale instance, with a former user's files,
+//!   is ever handed out again.
+//! - **Safety**: containers never run privileged, get `no-new-privileges`, and bind-mount only
+//!   paths under the configured allowed root.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerSummaryStateEnum, NetworkCreateRequest};
+use bollard::query_parameters::{
+    ListVolumesOptionsBuilder, LogsOptionsBuilder, RemoveVolumeOptions,
+    RestartContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+mod containers;
+mod errors;
+mod events;
+pub mod hostfiles;
+mod labels;
+mod probes;
+#[cfg(test)]
+mod tests;
+
+pub use containers::exec_output;
+pub use errors::port_in_use;
+pub use labels::{decode_ports, encode_ports};
+
+use containers::*;
+use errors::*;
+use hostfiles::HostFiles;
+use labels::*;
+use poolkeeper_kinds::Probe;
+use poolkeeper_runtime::{
+    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTROLLER, LABEL_DEPLOYMENT,
+    LABEL_MANAGED, Labels, NodeStatus, PortBinding, Result, Runtime, RuntimeError, RuntimeEvent,
+};
+
+/// One Docker Engine.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Shown in status and on instances.
+    pub name: String,
+    /// `unix:///var/run/docker.sock`, `tcp://10.0.0.2:2375`, or a socket path.
+    pub url: String,
+    /// Host address published ports bind to (default `0.0.0.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_address: Option<String>,
+    /// Address clients (and probes) use to reach published ports. Default: `127.0.0.1` for a
+    /// local socket, the URL's host for tcp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_address: Option<String>,
+    /// Whether the daemon sees this machine's filesystem, so that claims' files are written
+    /// into a host-backed folder rather than uploaded through the API (see
+    /// `runtime::hostfiles`). Default: true for a unix socket, false for tcp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_files: Option<bool>,
+}
+
+impl NodeConfig {
+    /// A node from a `DOCKER_HOST`-style URL, named `name`.
+    pub fn from_url(name: &str, url: &str) -> Self {
+        NodeConfig {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            listen_address: None,
+            advertise_address: None,
+            shared_files: None,
+        }
+    }
+
+    fn shares_files(&self) -> bool {
+        self.shared_files
+            .unwrap_or_else(|| self.normalized_url().starts_with("unix://"))
+    }
+
+    fn normalized_url(&self) -> String {
+        if self.url.starts_with('/') {
+            format!("unix://{}", self.url)
+        } else {
+            self.url.clone()
+        }
+    }
+
+    fn advertise(&self) -> String {
+        if let Some(a) = &self.advertise_address {
+            return a.clone();
+        }
+        let url = self.normalized_url();
+        for scheme in ["tcp://", "http://", "https://"] {
+            if let Some(rest) = url.strip_prefix(scheme) {
+                let host = rest.split(['/', ':']).next().unwrap_or("");
+                if !host.is_empty() {
+                    return host.to_owned();
+                }
+            }
+        }
+        match self.listen_address.as_deref() {
+            Some(l) if l != "0.0.0.0" && l != "::" => l.to_owned(),
+            _ => "127.0.0.1".to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DockerConfig {
+    pub nodes: Vec<NodeConfig>,
+    /// A node unreachable for this long is declared down and its instances replaced elsewhere.
+    pub node_down_after: Duration,
+    /// Bind mounts must resolve under this folder (the state directory by default).
+    pub allowed_bind_root: Option<PathBuf>,
+    /// Seconds `docker restart` waits for a graceful stop (the `Restart` reset policy).
+    pub restart_grace_secs: i32,
+    /// Seconds a deployment's container may take to stop (SIGTERM, then SIGKILL) before it is
+    /// removed. Pool instances are removed at once: they hold no state worth a clean stop.
+    pub stop_grace_secs: i32,
+    /// Where host-backed files folders are made (under the state directory); `None` uploads
+    /// every claim's files through the API.
+    pub files_root: Option<PathBuf>,
+    /// This controller's identity on shared daemons: it sees and removes only containers
+    /// labelled `poolkeeper.dev/controller=<id>`.
+    pub controller_id: String,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            nodes: vec![NodeConfig::from_url(
+                "local",
+                &std::env::var("DOCKER_HOST")
+                    .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned()),
+            )],
+            node_down_after: Duration::from_secs(30),
+            allowed_bind_root: None,
+            restart_grace_secs: 2,
+            stop_grace_secs: 10,
+            files_root: None,
+            controller_id: "default".to_owned(),
+        }
+    }
+}
+
+struct Node {
+    config: NodeConfig,
+    address: String,
+    docker: Docker,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    Ready,
+    Unreachable(Instant),
+    Down,
+}
+
+/// What the runtime knows of one managed container.
+#[derive(Clone, Debug)]
+struct Tracked {
+    node: usize,
+    labels: Labels,
+    ports: Vec<PortBinding>,
+    probe: Option<Probe>,
+    liveness: Option<Probe>,
+    running: bool,
+    ready: bool,
+    exit_code: Option<i64>,
+    /// Bumped on every start and stop so that a stale probe loop ends.
+    incarnation: u64,
+    /// Container IPs by network, for probes of ports that are not published.
+    ip: Option<String>,
+    /// Revision of the last change (see `Instance::revision`).
+    revision: u64,
+    /// Mount path of its host-backed files folder, if it has one.
+    files_mount: Option<String>,
+}
+
+struct State {
+    subscribers: Vec<mpsc::UnboundedSender<RuntimeEvent>>,
+    instances: HashMap<String, Tracked>,
+    health: Vec<Health>,
+    messages: Vec<Option<String>>,
+    /// Creations in flight, by name, with their node. Placement counts them; and between its
+    /// creation and its start a container is listed `created`, which is not an exit: the
+    /// creation's result tells what it is.
+    creating: HashMap<String, usize>,
+    /// Containers reported removed, and when: a list must not track them again. A list begun
+    /// before the removal saw them, and the daemon's list is served from a view that can lag
+    /// its removals (seen with 20.10 under load: a container listed `running` after `destroy`).
+    gone: HashMap<String, Instant>,
+    /// Nodes declared down whose leftover containers must be removed when they return.
+    sweep: HashSet<usize>,
+}
+
+struct Inner {
+    nodes: Vec<Node>,
+    host_files: Option<HostFiles>,
+    /// Source of `Tracked::revision`.
+    revisions: std::sync::atomic::AtomicU64,
+    config: DockerConfig,
+    state: Mutex<State>,
+}
+
+/// The Docker runtime. Cloning shares the connections and the view.
+#[derive(Clone)]
+pub struct DockerRuntime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DockerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerRuntime")
+            .field("nodes", &self.inner.nodes.len())
+            .finish()
+    }
+}
+
+/// How long to wait for one Docker API call (seconds).
+const API_TIMEOUT_SECS: u64 = 60;
+
+/// Probe period until the first success, so that readiness is noticed within tens of ms.
+const PROBE_FAST: Duration = Duration::from_millis(50);
+
+/// How long a removed container's name is remembered against stale lists. Names are unique
+/// (random suffixes), and a create of the same name clears the mark.
+const GONE_KEPT: Duration = Duration::from_secs(120);
+
+/// A files folder with no container is swept once this old (see `sweep_files_folders`).
+const FILES_SWEEP_AFTER: Duration = Duration::from_secs(60);
+
+impl DockerRuntime {
+    /// Connects to every node, negotiating the API version with each daemon (they may be older
+    /// than bollard's default). Fails when no node is reachable; unreachable ones start
+    /// `Unreachable` and are retried.
+    pub async fn connect(config: DockerConfig) -> anyhow::Result<Self> {
+        if config.nodes.is_empty() {
+            anyhow::bail!("no Docker nodes configured");
+        }
+        let mut names = HashSet::new();
+        let mut nodes = Vec::new();
+        let mut health = Vec::new();
+        let mut messages = Vec::new();
+        for n in &config.nodes {
+            if !names.insert(n.name.clone()) {
+                anyhow::bail!("node name {:?} is used twice", n.name);
+            }
+            let url = n.normalized_url();
+            let docker =
+                connect_url(&url).map_err(|e| anyhow::anyhow!("node {} ({url}): {e}", n.name))?;
+            let (docker, h, msg) = match docker.clone().negotiate_version().await {
+                Ok(d) => match d.ping().await {
+                    Ok(_) => (d, Health::Ready, None),
+                    Err(e) => (
+                        docker,
+                        Health::Unreachable(Instant::now()),
+                        Some(e.to_string()),
+                    ),
+                },
+                Err(e) => (
+                    docker,
+                    Health::Unreachable(Instant::now()),
+                    Some(e.to_string()),
+                ),
+            };
+            if let Some(m) = &msg {
+                warn!(node = %n.name, url = %url, error = %m, "Docker node unreachable");
+            } else {
+                info!(node = %n.name, url = %url, api = %docker.client_version(), "connected to Docker");
+            }
+            nodes.push(Node {
+                address: n.advertise(),
+                config: n.clone(),
+                docker,
+            });
+            health.push(h);
+            messages.push(msg);
+        }
+        if health.iter().all(|h| *h != Health::Ready) {
+            let detail: Vec<String> = nodes
+                .iter()
+                .zip(&messages)
+                .map(|(n, m)| {
+                    format!(
+                        "{} ({}): {}",
+                        n.config.name,
+                        n.config.normalized_url(),
+                        m.as_deref().unwrap_or("unreachable")
+                    )
+                })
+                .collect();
+            anyhow::bail!(
+                "cannot reach any Docker Engine: {}; is dockerd running, and may this user use its socket?",
+                detail.join("; ")
+            );
+        }
+        let count = nodes.len();
+        let host_files = config.files_root.clone().map(HostFiles::new);
+        let rt = DockerRuntime {
+            inner: Arc::new(Inner {
+                nodes,
+                host_files,
+                revisions: std::sync::atomic::AtomicU64::new(1),
+                config,
+                state: Mutex::new(State {
+                    subscribers: Vec::new(),
+                    instances: HashMap::new(),
+                    health,
+                    messages,
+                    creating: HashMap::new(),
+                    gone: HashMap::new(),
+                    sweep: HashSet::new(),
+                }),
+            }),
+        };
+        for i in 0..count {
+            tokio::spawn(rt.clone().watch_node(i));
+        }
+        Ok(rt)
+    }
+
+    /// The client of the first node (benchmarks compare against raw Docker calls through it).
+    pub fn first_client(&self) -> Docker {
+        self.inner.nodes[0].docker.clone()
+    }
+
+    /// The controller id its containers are labelled with.
+    pub fn controller_id(&self) -> &str {
+        &self.inner.config.controller_id
+    }
+
+    /// Label filters selecting this controller's containers.
+    fn owner_filter(&self) -> Vec<String> {
+        vec![
+            format!("{LABEL_MANAGED}=true"),
+            format!("{LABEL_CONTROLLER}={}", self.inner.config.controller_id),
+        ]
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Health of every node, for status.
+    fn node_status(&self) -> Vec<NodeStatus> {
+        let st = self.lock();
+        self.inner
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NodeStatus {
+                name: n.config.name.clone(),
+                url: n.config.normalized_url(),
+                address: n.address.clone(),
+                state: match st.health[i] {
+                    Health::Ready => "Ready",
+                    Health::Unreachable(_) => "Unreachable",
+                    Health::Down => "Down",
+                }
+                .to_owned(),
+                instances: st.instances.values().filter(|t| t.node == i).count(),
+                message: st.messages[i].clone(),
+                api_version: Some(n.docker.client_version().to_string()),
+            })
+            .collect()
+    }
+
+    fn next_revision(&self) -> u64 {
+        self.inner
+            .revisions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Container `name` on node `i` no longer exists: reported removed if it was tracked there,
+    /// and remembered as gone either way, so that lists of the next [`GONE_KEPT`] do not track
+    /// it again (a list may have dropped it before its removal was reported, and a later stale
+    /// list must not bring it back).
+    fn container_gone(&self, st: &mut State, i: usize, name: &str) {
+        st.gone.insert(name.to_owned(), Instant::now());
+        if st.instances.get(name).is_some_and(|t| t.node == i) {
+            st.instances.remove(name);
+            Self::emit(&mut st.subscribers, RuntimeEvent::Removed(name.to_owned()));
+        }
+    }
+
+    fn emit(subscribers: &mut Vec<mpsc::UnboundedSender<RuntimeEvent>>, ev: RuntimeEvent) {
+        subscribers.retain(|s| s.send(ev.clone()).is_ok());
+    }
+
+    fn instance_of(&self, name: &str, t: &Tracked) -> Instance {
+        Instance {
+            name: name.to_owned(),
+            labels: t.labels.clone(),
+            state: if t.running {
+                InstanceState::Running
+            } else {
+                InstanceState::Exited { code: t.exit_code }
+            },
+            ready: t.running && t.ready,
+            ports: t.ports.clone(),
+            node: self.inner.nodes[t.node].config.name.clone(),
+            revision: t.revision,
+        }
+    }
+
+    fn node_of(&self, name: &str) -> Result<usize> {
+        self.lock()
+            .instances
+            .get(name)
+            .map(|t| t.node)
+            .ok_or_else(|| RuntimeError::NotFound(name.to_owned()))
+    }
+
+    fn docker_of(&self, name: &str) -> Result<(usize, Docker)> {
+        let i = self.node_of(name)?;
+        Ok((i, self.inner.nodes[i].docker.clone()))
+    }
+
+    /// The least-loaded reachable node for creation `name`, which is in flight from here on.
+    fn pick_node(&self, name: &str) -> Result<usize> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut load = vec![0usize; self.inner.nodes.len()];
+        for node in st
+            .instances
+            .values()
+            .map(|t| t.node)
+            .chain(st.creating.values().copied())
+        {
+            load[node] += 1;
+        }
+        let best = (0..self.inner.nodes.len())
+            .filter(|i| st.health[*i] == Health::Ready)
+            .min_by_key(|i| (load[*i], *i));
+        match best {
+            Some(i) => {
+                st.creating.insert(name.to_owned(), i);
+                Ok(i)
+            }
+            None => Err(RuntimeError::Unavailable(
+                "no Docker node is reachable".to_owned(),
+            )),
+        }
+    }
+}
+
+impl Runtime for DockerRuntime {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn nodes(&self) -> Vec<NodeStatus> {
+        self.node_status()
+    }
+
+    fn endpoint_host(&self, node: &str) -> String {
+        self.inner
+            .nodes
+            .iter()
+            .find(|n| n.config.name == node)
+            .map(|n| n.address.clone())
+            .unwrap_or_else(|| "127.0.0.1".to_owned())
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>> {
+        let mut out = Vec::new();
+        let mut listed = HashSet::new();
+        for i in 0..self.inner.nodes.len() {
+            let health = self.lock().health[i];
+            match health {
+                Health::Down => continue,
+                Health::Unreachable(_) => {
+                    return Err(RuntimeError::Unavailable(format!(
+                        "Docker node {} is unreachable",
+                        self.inner.nodes[i].config.name
+                    )));
+                }
+                Health::Ready => {}
+            }
+            // What changes from here on is newer than the list, which cannot tell it is gone.
+            let listed_from = self.next_revision();
+            let found: Vec<_> = {
+                let found = self.list_node(i).await?;
+                let mut st = self.lock();
+                // Pruned here, where the marks are read, not on every removal.
+                st.gone.retain(|_, at| at.elapsed() < GONE_KEPT);
+                found
+                    .into_iter()
+                    .filter(|(n, _)| !st.gone.contains_key(n))
+                    .collect()
+            };
+            let mut seen = HashSet::new();
+            for (name, c) in found {
+                seen.insert(name.clone());
+                let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
+                // Running, and not known running: its address first, so that it is tracked
+                // running at once (never half-made, where another list would see it stopped).
+                let needs_ip =
+                    running && self.lock().instances.get(&name).is_none_or(|t| !t.running);
+                let ip = self.ip_if(needs_ip, i, &name).await;
+                let probe = {
+                    let mut guard = self.lock();
+                    let st = &mut *guard;
+                    // Destroyed or removed while this list went on (it awaits inspections):
+                    // the summary is older than that news and must not track it again.
+                    if st.gone.contains_key(&name) {
+                        continue;
+                    }
+                    // Being created (perhaps not started yet): its creation reports it.
+                    if st.creating.contains_key(&name) {
+                        continue;
+                    }
+                    let entry = st
+                        .instances
+                        .entry(name.clone())
+                        .or_insert_with(|| tracked_from_summary(i, &c));
+                    // Changed since the list began (an event, a creation that returned): the
+                    // summary is older news than what is tracked.
+                    let newer = entry.revision > listed_from;
+                    entry.node = i;
+                    if entry.revision == 0 {
+                        entry.revision = self.next_revision();
+                    }
+                    if newer {
+                        None
+                    } else if running {
+                        self.started_locked(st, &name, ip)
+                    } else {
+                        if entry.running {
+                            entry.incarnation += 1;
+                            entry.revision = self.next_revision();
+                        }
+                        entry.running = false;
+                        entry.ready = false;
+                        entry.exit_code = exit_code_of(c.status.as_deref());
+                        None
+                    }
+                };
+                self.spawn_probe(&name, probe);
+                let st = self.lock();
+                if let Some(t) = st.instances.get(&name) {
+                    out.push(self.instance_of(&name, t));
+                }
+            }
+            // Forget what the daemon no longer has (the engine learns it from the list); a
+            // container created while the list was taken is kept.
+            self.lock()
+                .instances
+                .retain(|n, t| t.node != i || seen.contains(n) || t.revision > listed_from);
+            listed.extend(seen);
+        }
+        self.sweep_files_folders(&listed).await;
+        Ok(out)
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<Instance> {
+        let i = self.pick_node(&spec.name)?;
+        let r = self.create_on(i, &spec).await;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.creating.remove(&spec.name);
+        if r.is_err() {
+            st.instances.remove(&spec.name);
+        }
+        r
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        match self.node_of(name) {
+            Ok(i) => self.remove_on(i, name).await,
+            Err(_) => {
+                // Not tracked (say, listed before a restart of ours): try every reachable node.
+                for i in 0..self.inner.nodes.len() {
+                    if self.lock().health[i] == Health::Ready {
+                        self.remove_on(i, name).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn restart(&self, name: &str) -> Result<()> {
+        let (_, docker) = self.docker_of(name)?;
+        let opts = RestartContainerOptionsBuilder::default()
+            .t(self.inner.config.restart_grace_secs)
+            .build();
+        docker
+            .restart_container(name, Some(opts))
+            .await
+            .map_err(|e| map_err(e, name))
+    }
+
+    async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {
+        let (_, docker) = self.docker_of(name)?;
+        exec_output(&docker, name, command)
+            .await
+            .map_err(|e| map_err(e, name))
+    }
+
+    async fn put_files(&self, name: &str, dir: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
+        let (i, docker) = self.docker_of(name)?;
+        let mount = self
+            .lock()
+            .instances
+            .get(name)
+            .and_then(|t| t.files_mount.clone());
+        let direct = mount
+            .and_then(|m| hostfiles::under_mount(&m, dir))
+            .filter(|_| self.inner.nodes[i].config.shares_files())
+            .and_then(|sub| {
+                self.inner
+                    .host_files
+                    .as_ref()
+                    .map(|hf| (hf.dir_of(name), sub))
+            });
+        if let Some((folder, sub)) = direct {
+            let files = files.to_vec();
+            return tokio::task::spawn_blocking(move || {
+                hostfiles::write_files(&folder, &sub, &files)
+            })
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("writing files: {e}")))?
+            .map_err(RuntimeError::Failed);
+        }
+        let archive = tar_of(dir, files)?;
+        let opts = UploadToContainerOptionsBuilder::default().path("/").build();
+        docker
+            .upload_to_container(name, Some(opts), bollard::body_full(archive.into()))
+            .await
+            .map_err(|e| map_err(e, name))
+    }
+
+    async fn logs(&self, name: &str, tail: usize) -> Result<String> {
+        let (_, docker) = self.docker_of(name)?;
+        let opts = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail.to_string())
+            .build();
+        let mut stream = docker.logs(name, Some(opts));
+        let mut out = String::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => out.push_str(&String::from_utf8_lossy(&c.into_bytes())),
+                Err(e) => return Err(map_err(e, name)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let start = jiff::Timestamp::now();
+            // The last line's timestamp: a stream that ends (the container stopped) is taken
+            // up again from there, without repeating lines.
+            let mut last: Option<jiff::Timestamp> = None;
+            loop {
+                // Stops once the container is no longer tracked (removed).
+                let Ok((_, docker)) = this.docker_of(&name) else {
+                    return;
+                };
+                let since = last.unwrap_or(start).as_second();
+                let opts = LogsOptionsBuilder::default()
+                    .stdout(true)
+                    .stderr(true)
+                    .follow(true)
+                    .timestamps(true)
+                    .since(i32::try_from(since).unwrap_or(0))
+                    .build();
+                let mut stream = docker.logs(&name, Some(opts));
+                let mut partial = String::new();
+                while let Some(chunk) = stream.next().await {
+                    let Ok(chunk) = chunk else { break };
+                    partial.push_str(&String::from_utf8_lossy(chunk.as_ref()));
+                    while let Some(nl) = partial.find('\n') {
+                        let line: String = partial.drain(..=nl).collect();
+                        let line = line.trim_end_matches(['\n', '\r']);
+                        let (ts, text) = line.split_once(' ').unwrap_or((line, ""));
+                        let Ok(t) = ts.parse::<jiff::Timestamp>() else {
+                            continue;
+                        };
+                        if last.is_some_and(|l| t <= l) || (last.is_none() && t < start) {
+                            continue;
+                        }
+                        last = Some(t);
+                        if tx.send(text.to_owned()).is_err() {
+                            return;
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        rx
+    }
+
+    async fn ensure_network(&self, name: &str) -> Result<()> {
+        for (i, node) in self.inner.nodes.iter().enumerate() {
+            if self.lock().health[i] != Health::Ready {
+                continue;
+            }
+            match node.docker.inspect_network(name, None).await {
+                Ok(_) => continue,
+                Err(e) if status_of(&e) == Some(404) => {}
+                Err(e) => return Err(map_err(e, name)),
+            }
+            let req = NetworkCreateRequest {
+                name: name.to_owned(),
+                driver: Some("bridge".to_owned()),
+                labels: Some(self.ownership_labels()),
+                ..Default::default()
+            };
+            match node.docker.create_network(req).await {
+                Ok(_) => {}
+                Err(e) if status_of(&e) == Some(409) => {}
+                Err(e) => return Err(map_err(e, name)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<()> {
+        for (i, node) in self.inner.nodes.iter().enumerate() {
+            if self.lock().health[i] != Health::Ready {
+                continue;
+            }
+            match node.docker.remove_network(name).await {
+                Ok(()) => {}
+                Err(e) if status_of(&e) == Some(404) => {}
+                Err(e) => return Err(map_err(e, name)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_volumes(&self, deployment: &str) -> Result<()> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_CONTROLLER}={}", self.inner.config.controller_id),
+                format!("{LABEL_DEPLOYMENT}={deployment}"),
+            ],
+        );
+        let opts = ListVolumesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        for (i, node) in self.inner.nodes.iter().enumerate() {
+            if self.lock().health[i] != Health::Ready {
+                continue;
+            }
+            let list = node
+                .docker
+                .list_volumes(Some(opts.clone()))
+                .await
+                .map_err(|e| map_err(e, deployment))?;
+            for v in list.volumes.unwrap_or_default() {
+                match node
+                    .docker
+                    .remove_volume(&v.name, None::<RemoveVolumeOptions>)
+                    .await
+                {
+                    Ok(()) => info!(volume = %v.name, "volume removed"),
+                    Err(e) if status_of(&e) == Some(404) => {}
+                    Err(e) => return Err(map_err(e, &v.name)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().subscribers.push(tx);
+        rx
+    }
+}
+
+pub fn connect_url(url: &str) -> std::result::Result<Docker, DockerError> {
+    if url.starts_with("unix://") {
+        Docker::connect_with_unix(url, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+    } else if url.starts_with("tcp://") || url.starts_with("http://") {
+        Docker::connect_with_http(url, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+    } else {
+        Docker::connect_with_host(url)
+    }
+}

@@ -1,0 +1,194 @@
+//! Where instances run. One trait, implemented by the in-memory simulator (tests, benchmarks)
+//! and, in later layers, by Docker and Kubernetes.
+//!
+//! Ownership lives in labels, so a restarted controller rebuilds its view with [`Runtime::list`]
+//! and adopts what it made. Bindings are not labels (Docker labels are immutable): they live in
+//! the engine's durable store.
+
+pub mod memory;
+pub mod probe;
+
+pub use probe::find_port;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use poolkeeper_kinds::{Probe, Protocol, PullPolicy, VolumeMount};
+
+pub const LABEL_MANAGED: &str = "poolkeeper.dev/managed";
+pub const LABEL_POOL: &str = "poolkeeper.dev/pool";
+pub const LABEL_HASH: &str = "poolkeeper.dev/template-hash";
+pub const LABEL_DEPLOYMENT: &str = "poolkeeper.dev/deployment";
+pub const LABEL_CONTAINER: &str = "poolkeeper.dev/container";
+pub const LABEL_REPLICA: &str = "poolkeeper.dev/replica";
+/// Which controller owns the instance (several controllers may share one daemon).
+pub const LABEL_CONTROLLER: &str = "poolkeeper.dev/controller";
+/// Published ports, `name:containerPort:hostPort/protocol` comma-separated, so that an exited
+/// container adopted after a restart still tells which host ports it holds.
+pub const LABEL_PORTS: &str = "poolkeeper.dev/ports";
+/// The readiness probe as JSON, so that probing resumes for adopted containers.
+pub const LABEL_READINESS: &str = "poolkeeper.dev/readiness";
+/// The liveness probe as JSON (deployments' containers).
+pub const LABEL_LIVENESS: &str = "poolkeeper.dev/liveness";
+/// The mount path of a host-backed files folder (see `runtime::hostfiles`).
+pub const LABEL_FILES_DIR: &str = "poolkeeper.dev/files-dir";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortBinding {
+    pub name: String,
+    pub container_port: u16,
+    pub host_port: u16,
+    pub protocol: Protocol,
+}
+
+/// Labels are shared: every instance of one pool template carries the same map.
+pub type Labels = std::sync::Arc<BTreeMap<String, String>>;
+
+/// Everything a runtime needs to create and start one instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceSpec {
+    /// Unique name; also the instance's id in every runtime call.
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub ports: Vec<PortBinding>,
+    pub labels: Labels,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub readiness: Option<Probe>,
+    /// Failing it `failureThreshold` times in a row kills the instance (its exit is reported).
+    pub liveness: Option<Probe>,
+    /// An init process as PID 1 (signals forwarded, zombies reaped).
+    pub init: bool,
+    pub network: Option<String>,
+    /// Named volume or host path -> mount.
+    pub volumes: BTreeMap<String, VolumeMount>,
+    pub pull_policy: PullPolicy,
+    /// Where claims' files go (the pool's `files.mountPath`): a runtime may back it with a
+    /// folder it writes directly.
+    pub files_dir: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    Running,
+    Exited { code: Option<i64> },
+}
+
+/// An instance as the runtime reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub name: String,
+    pub labels: Labels,
+    pub state: InstanceState,
+    /// Running and passing its readiness probe (or running, when it has none).
+    pub ready: bool,
+    pub ports: Vec<PortBinding>,
+    /// Which runtime node holds it.
+    pub node: String,
+    /// Runtime-wide sequence number of the instance's last change. Events and list results
+    /// travel different paths to the engine; a report older than one already seen is stale and
+    /// ignored. 0 means "unordered" (always applied).
+    pub revision: u64,
+}
+
+impl Instance {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+}
+
+/// A node's health as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub url: String,
+    pub address: String,
+    /// `Ready`, `Unreachable` (within the grace period) or `Down`.
+    pub state: String,
+    pub instances: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuntimeEvent {
+    /// Created, started, became ready or not, exited.
+    Changed(Instance),
+    /// Removed (by us or behind our back).
+    Removed(String),
+    /// The event stream lost events (reconnected): the engine must list again.
+    Relist,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i64,
+    pub output: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("instance {0} not found")]
+    NotFound(String),
+    #[error("image {image} is not available: {reason}")]
+    ImageMissing { image: String, reason: String },
+    #[error("host port {port} is in use by another process")]
+    PortInUse { port: u16 },
+    #[error("runtime unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// A runtime: every call is idempotent where that makes sense (removing a missing instance
+/// succeeds), and every change is also reported through [`Runtime::subscribe`].
+pub trait Runtime: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// The nodes instances run on, with their health (none for single-node runtimes).
+    fn nodes(&self) -> Vec<NodeStatus> {
+        Vec::new()
+    }
+    /// The host address clients use to reach published ports of instances on `node`.
+    fn endpoint_host(&self, node: &str) -> String;
+    /// Every instance carrying `poolkeeper.dev/managed=true`.
+    fn list(&self) -> impl Future<Output = Result<Vec<Instance>>> + Send;
+    /// Creates and starts an instance; returns once it runs (readiness comes later as events).
+    fn create(&self, spec: InstanceSpec) -> impl Future<Output = Result<Instance>> + Send;
+    /// Stops and removes an instance; succeeds when it is already gone.
+    fn remove(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Restarts (or starts an exited) instance in place.
+    fn restart(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    fn exec(
+        &self,
+        name: &str,
+        command: &[String],
+    ) -> impl Future<Output = Result<ExecOutput>> + Send;
+    /// Writes files (relative path -> bytes) under `dir` inside the instance.
+    fn put_files(
+        &self,
+        name: &str,
+        dir: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn logs(&self, name: &str, tail: usize) -> impl Future<Output = Result<String>> + Send;
+    /// Follows the instance's output, line by line, from now on (across restarts) until the
+    /// instance is removed or the receiver dropped.
+    fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String>;
+    /// Creates a network if it does not exist.
+    fn ensure_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Removes the named volumes this controller made for deployment `deployment`.
+    fn remove_volumes(&self, deployment: &str) -> impl Future<Output = Result<()>> + Send;
+    /// A new stream of events; every subscriber sees every event from now on.
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent>;
+}

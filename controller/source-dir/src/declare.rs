@@ -1,0 +1,429 @@
+//! People's changes to declared state, made in the folder ([`Declare`] for the directory
+//! source):
+//!
+//! - Claims made through the API (or a webhook) are files like any other spec,
+//!   `DIR/managed/claims/NAME.yaml`, written durably, picked up by the watcher, kept across
+//!   restarts and visible to `get`. Releasing one removes its file; a claim declared in a
+//!   person's own file is released there.
+//! - Admin operations edit the file that declares the object (a pool's `warm`, a user's or a
+//!   claim's document removed), keeping the rest of the file as it was.
+//! - Records (reservations, webhook signatures seen) live in `DIR/.poolkeeper/`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use poolkeeper_engine::source::{
+    BoxFuture, Created, Declare, DeclareError, Record, Records, Scaled, UserDeleted,
+};
+use poolkeeper_engine::status::{ObjectView, Snapshot};
+use poolkeeper_engine::{Creation, EngineHandle};
+use poolkeeper_kinds::{ClaimSpec, Kind, ObjKey, Object, Origin, Spec};
+
+use crate::edit;
+use crate::filewriter::{self, FileWriter};
+use crate::layout::{MANAGED_CLAIMS, managed_dir, managed_file, state_dir};
+use crate::watch::Prepared;
+
+/// The directory source's [`Declare`] (and [`Records`]).
+pub struct DirDeclare {
+    handle: EngineHandle,
+    /// The watched folder, canonical (as the watcher names files: origins are compared).
+    dir: PathBuf,
+    /// Claim files are written and removed through it (folder syncs in groups).
+    files: FileWriter,
+    /// Edits of declared files (admin operations) one at a time.
+    edits: tokio::sync::Mutex<()>,
+    /// Claim files written here, for the watcher to take without parsing them again.
+    prepared: Prepared,
+}
+
+impl DirDeclare {
+    /// `prepared` is shared with the watcher (see [`Prepared`]).
+    pub fn new(handle: EngineHandle, dir: &Path, prepared: Prepared) -> std::io::Result<Self> {
+        Ok(DirDeclare {
+            handle,
+            dir: std::fs::canonicalize(dir)?,
+            files: FileWriter::new()?,
+            edits: tokio::sync::Mutex::new(()),
+            prepared,
+        })
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, DeclareError> {
+        self.handle
+            .snapshot()
+            .await
+            .map_err(|_| DeclareError::Stopped)
+    }
+
+    /// Removes the file of a claim made through the API (durably), and what the watcher was to
+    /// take from it: whether it was there.
+    async fn remove_claim_file(&self, path: &Path) -> std::io::Result<bool> {
+        self.prepared.forget(path);
+        self.files.remove_if_present(path.to_path_buf()).await
+    }
+
+    /// A declared object's file, which must lie in the watched folder.
+    fn declared_file(&self, o: &ObjectView) -> Result<PathBuf, DeclareError> {
+        let file = o.origin.file.clone();
+        if file.as_os_str().is_empty() || !file.starts_with(&self.dir) {
+            return Err(DeclareError::Conflict(format!(
+                "{:?} {} is not declared in a file of the watched folder",
+                o.kind, o.name
+            )));
+        }
+        Ok(file)
+    }
+
+    fn relative(&self, file: &Path) -> String {
+        file.strip_prefix(&self.dir)
+            .unwrap_or(file)
+            .display()
+            .to_string()
+    }
+
+    /// Writes an edited declared file, or removes it when the edit left no object in it.
+    async fn put_edited(&self, file: &Path, text: edit::Edited) -> Result<(), DeclareError> {
+        let r = match text {
+            Some(t) => self.files.write(file.to_path_buf(), t.into_bytes()).await,
+            None => self.files.remove(file.to_path_buf()).await,
+        };
+        r.map_err(|e| changing(file, e))
+    }
+
+    /// Releases every claim of `user` in `snap`: API claims lose their files, claims declared
+    /// in other files lose their documents (the rest of each file is kept).
+    async fn release_claims_in(
+        &self,
+        snap: &Snapshot,
+        user: &str,
+    ) -> Result<Vec<String>, DeclareError> {
+        let managed = managed_dir(&self.dir);
+        let mut by_file: BTreeMap<PathBuf, Vec<&ObjectView>> = BTreeMap::new();
+        for o in snap.objects.iter().filter(|o| {
+            o.kind == Kind::Claim && o.spec.get("user").and_then(Value::as_str) == Some(user)
+        }) {
+            by_file.entry(self.declared_file(o)?).or_default().push(o);
+        }
+        let mut released = Vec::new();
+        for (file, claims) in by_file {
+            if file.parent() == Some(managed.as_path()) {
+                self.remove_claim_file(&file)
+                    .await
+                    .map_err(|e| changing(&file, e))?;
+            } else {
+                let mut text = Some(read_declared(&file)?);
+                for c in &claims {
+                    let Some(t) = &text else { break };
+                    text = edit::remove_object(&file, t, &ObjKey::new(Kind::Claim, &c.name))
+                        .map_err(DeclareError::Conflict)?;
+                }
+                self.put_edited(&file, text).await?;
+            }
+            for c in claims {
+                let _ = self.handle.delete(ObjKey::new(Kind::Claim, &c.name));
+                released.push(c.name.clone());
+            }
+        }
+        released.sort();
+        Ok(released)
+    }
+
+    fn record_path(&self, key: &str) -> Result<PathBuf, std::io::Error> {
+        let rel = Path::new(key);
+        if !poolkeeper_core::files::is_plain_relative(rel) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{key:?} is not a plain relative record key"),
+            ));
+        }
+        Ok(state_dir(&self.dir).join(rel))
+    }
+}
+
+impl Declare for DirDeclare {
+    fn create_claim<'a>(
+        &'a self,
+        name: &'a str,
+        spec: ClaimSpec,
+        record: Option<Record>,
+    ) -> BoxFuture<'a, Result<Created, DeclareError>> {
+        Box::pin(async move {
+            let path = managed_file(&self.dir, name);
+            let text = claim_file_text(name, &spec).map_err(DeclareError::Failed)?;
+            let claim = Object {
+                name: name.to_owned(),
+                spec: Spec::Claim(spec),
+                origin: claim_file_origin(&path),
+                generation: 1,
+            };
+            match self
+                .handle
+                .create_claim(claim.clone())
+                .await
+                .map_err(|_| DeclareError::Stopped)?
+            {
+                Creation::Created => {}
+                Creation::Exists(brief) => return Ok(Created::Exists(brief)),
+                Creation::Refused(reason, message) => {
+                    return Ok(Created::Refused(reason, message));
+                }
+            }
+            let text = text.into_bytes();
+            self.prepared.put(path.clone(), text.clone(), vec![claim]);
+            // The record before the claim's file: a crash between the two leaves a record
+            // without a claim (harmless), never a claim whose record is missing.
+            let written = match &record {
+                Some(r) => self
+                    .record_path(&r.key)
+                    .and_then(|p| filewriter::write_now(&p, &r.bytes)),
+                None => Ok(()),
+            };
+            let written = match written {
+                Ok(()) => self.files.create(path.clone(), text).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                self.prepared.forget(&path);
+                let _ = self.handle.delete(ObjKey::new(Kind::Claim, name));
+                // A file of that name that holds no claim (one that does not load, say) is
+                // someone's to look at: it is left as it is.
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    return Err(DeclareError::Conflict(format!(
+                        "{} exists but holds no claim {name} that loaded: fix or remove it",
+                        path.display()
+                    )));
+                }
+                if path.exists() {
+                    let _ = self.files.remove(path.clone()).await;
+                }
+                return Err(DeclareError::Failed(format!("writing the claim: {e}")));
+            }
+            Ok(Created::New {
+                at: format!("{MANAGED_CLAIMS}/{name}.yaml"),
+            })
+        })
+    }
+
+    fn made_here(&self, name: &str, origin: &Origin) -> bool {
+        origin.file == managed_file(&self.dir, name)
+    }
+
+    fn is_recorded(&self, name: &str) -> bool {
+        managed_file(&self.dir, name).exists()
+    }
+
+    fn delete_claim<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, DeclareError>> {
+        Box::pin(async move {
+            let path = managed_file(&self.dir, name);
+            let existed = self
+                .remove_claim_file(&path)
+                .await
+                .map_err(|e| DeclareError::Failed(format!("removing the claim: {e}")))?;
+            // Not there: released by an earlier call the watcher has not reported yet, which
+            // told the engine already.
+            if existed {
+                let _ = self.handle.delete(ObjKey::new(Kind::Claim, name));
+            }
+            Ok(existed)
+        })
+    }
+
+    /// Sets the pool's `spec.warm` in the file that declares it (the declared spec, not just
+    /// the running state); the watcher applies it like any other edit.
+    fn scale_pool<'a>(
+        &'a self,
+        name: &'a str,
+        warm: u32,
+    ) -> BoxFuture<'a, Result<Scaled, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let snap = self.snapshot().await?;
+            let pool = snap
+                .objects
+                .iter()
+                .find(|o| o.kind == Kind::Pool && o.name == name && !o.spec.is_null())
+                .ok_or_else(|| DeclareError::NotFound(format!("no Pool {name:?}")))?;
+            let file = self.declared_file(pool)?;
+            let text = read_declared(&file)?;
+            let was = pool.spec.get("warm").and_then(Value::as_u64);
+            let new = edit::scale_pool(&file, &text, name, warm).map_err(DeclareError::Conflict)?;
+            self.files
+                .write(file.clone(), new.into_bytes())
+                .await
+                .map_err(|e| DeclareError::Failed(format!("writing {}: {e}", file.display())))?;
+            Ok(Scaled {
+                was,
+                at: self.relative(&file),
+            })
+        })
+    }
+
+    fn release_claims_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let snap = self.snapshot().await?;
+            find_user(&snap, user)?;
+            self.release_claims_in(&snap, user).await
+        })
+    }
+
+    /// The user's claims are released, then the user's document is removed from the file that
+    /// declares it.
+    fn delete_user<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<UserDeleted, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let snap = self.snapshot().await?;
+            let user = find_user(&snap, name)?;
+            let file = self.declared_file(user)?;
+            // Checked before any claim is released: a user who cannot be removed keeps
+            // everything.
+            let text = read_declared(&file)?;
+            let key = ObjKey::new(Kind::User, name);
+            edit::remove_object(&file, &text, &key).map_err(DeclareError::Conflict)?;
+            let released = self.release_claims_in(&snap, name).await?;
+            // Read again: releasing claims may have edited the same file.
+            let text = read_declared(&file)?;
+            let edited = edit::remove_object(&file, &text, &key).map_err(DeclareError::Conflict)?;
+            self.put_edited(&file, edited).await?;
+            let _ = self.handle.delete(key);
+            Ok(UserDeleted {
+                at: self.relative(&file),
+                released,
+            })
+        })
+    }
+
+    fn records(&self) -> &dyn Records {
+        self
+    }
+}
+
+/// Records are files under `DIR/.poolkeeper/`, the key their relative path.
+impl Records for DirDeclare {
+    fn get(&self, key: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.record_path(key)?) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put<'a>(&'a self, key: &'a str, bytes: Vec<u8>) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            let path = self.record_path(key)?;
+            self.files.write(path, bytes).await
+        })
+    }
+
+    fn remove<'a>(&'a self, key: &'a str) -> BoxFuture<'a, std::io::Result<bool>> {
+        Box::pin(async move {
+            let path = self.record_path(key)?;
+            self.files.remove_if_present(path).await
+        })
+    }
+
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let Ok(folder) = self.record_path(prefix.trim_end_matches('/')) else {
+            return Vec::new();
+        };
+        std::fs::read_dir(folder)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    }
+
+    fn location(&self, key: &str) -> String {
+        self.record_path(key)
+            .map_or_else(|_| key.to_owned(), |p| p.display().to_string())
+    }
+}
+
+/// Removes what a crash left of the API's claim files while they were being created: never
+/// acknowledged, so removed before the folder is read. Returns the files removed.
+pub fn remove_unfinished_claims(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    filewriter::remove_unfinished(&managed_dir(dir))
+}
+
+fn changing(file: &Path, e: std::io::Error) -> DeclareError {
+    DeclareError::Failed(format!("changing {}: {e}", file.display()))
+}
+
+fn read_declared(file: &Path) -> Result<String, DeclareError> {
+    std::fs::read_to_string(file)
+        .map_err(|e| DeclareError::Conflict(format!("reading {}: {e}", file.display())))
+}
+
+fn find_user<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a ObjectView, DeclareError> {
+    snap.objects
+        .iter()
+        .find(|o| o.kind == Kind::User && o.name == name)
+        .ok_or_else(|| DeclareError::NotFound(format!("no User {name:?}")))
+}
+
+/// The text of a claim's file.
+pub fn claim_file_text(name: &str, spec: &ClaimSpec) -> Result<String, String> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Doc<'a> {
+        api_version: &'a str,
+        kind: &'a str,
+        metadata: BTreeMap<&'a str, &'a str>,
+        spec: &'a ClaimSpec,
+    }
+    let doc = Doc {
+        api_version: poolkeeper_kinds::API_VERSION,
+        kind: "Claim",
+        metadata: BTreeMap::from([("name", name)]),
+        spec,
+    };
+    serde_saphyr::to_string(&doc).map_err(|e| e.to_string())
+}
+
+/// Where a claim file's one document starts, as the loader reports it: the claim applied
+/// from the API and the one the watcher then reads are the same object.
+pub fn claim_file_origin(path: &Path) -> Origin {
+    Origin {
+        file: path.to_path_buf(),
+        line: 1,
+        col: 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_file_reads_back_as_the_claim() {
+        let spec = ClaimSpec {
+            pool: "web".into(),
+            user: "alice".into(),
+            ttl: None,
+            files: BTreeMap::from([("index.html".into(), "<h1>hi</h1>\n".into())]),
+            files_from: None,
+        };
+        let text = claim_file_text("alice-web-1", &spec).expect("yaml");
+        let path = Path::new("managed/claims/alice-web-1.yaml");
+        let parsed = crate::loader::parse_text(path, &text);
+        assert!(parsed.is_clean(), "{:?}", parsed.diagnostics);
+        let objs = parsed.objects;
+        assert_eq!(objs.len(), 1);
+        assert_eq!(objs[0].name, "alice-web-1");
+        assert_eq!(objs[0].spec, Spec::Claim(spec));
+        // What the API hands the engine is what the watcher will read.
+        assert_eq!(objs[0].origin, claim_file_origin(path));
+    }
+}

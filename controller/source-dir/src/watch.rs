@@ -1,0 +1,492 @@
+//! Desired state from a watched directory of YAML/JSON files.
+//!
+//! - Every file is loaded on start, then `notify` reports changes; a change is read after a short
+//!   debounce (editors write a file in several steps), well within the 200 ms users expect.
+//! - A file that turns invalid keeps its objects at their last valid version: nothing it declared
+//!   is deleted until it parses cleanly again (or is removed). Its problems are reported.
+//! - An object declared in two files belongs to the first; the second is reported.
+//! - An object that moves between files (a rename, a hand-over from a deleted duplicate) is
+//!   applied with its new origin, never deleted and re-created: deletions are decided at the end
+//!   of an update, once every file it touched has been read.
+//! - A full rescan runs periodically, so an event lost by the OS costs latency, not correctness.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::DirError;
+
+use crate::loader::{self, Diagnostic, STATE_DIR};
+use poolkeeper_engine::{EngineHandle, SourceEvent};
+use poolkeeper_kinds::validate::validate_set;
+use poolkeeper_kinds::{ObjKey, Object};
+
+/// Why 20 ms: editors' save sequences (write temp, rename, chmod) finish within a few ms; the
+/// whole pick-up stays far under the 200 ms budget.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct FileState {
+    /// The objects this file owns now (its last valid versions).
+    owned: BTreeSet<ObjKey>,
+    parse_diagnostics: Vec<Diagnostic>,
+    /// Declares an object that another file already declares (re-read when files go away).
+    shadowed: bool,
+    /// What was last sent for this file (parse and cross-object problems).
+    sent: Vec<Diagnostic>,
+    /// The objects (`Kind/name`) that `sent` names: the engine marks them SpecValid=False until
+    /// they are applied again.
+    flagged: BTreeSet<String>,
+}
+
+/// Files whose text was just written by poolkeeper itself (claims made through the API), with
+/// the objects that text declares: when the watcher reads such a file and finds that very
+/// text, it takes these objects instead of parsing it again. Any other content is parsed as
+/// usual, so a file changed in between is never mistaken for what was written.
+#[derive(Clone, Default)]
+pub struct Prepared(Arc<Mutex<HashMap<PathBuf, Written>>>);
+
+/// A text as written, and the objects it declares.
+type Written = (Vec<u8>, Vec<Object>);
+
+/// Entries the watcher has not read back yet (their files removed meanwhile, say) are dropped
+/// beyond this many: they only cost a parse.
+const PREPARED_MAX: usize = 4096;
+
+impl Prepared {
+    /// `path` is about to hold `text`, which declares `objects`.
+    pub fn put(&self, path: PathBuf, text: Vec<u8>, objects: Vec<Object>) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= PREPARED_MAX {
+            m.clear();
+        }
+        m.insert(path, (text, objects));
+    }
+
+    pub fn forget(&self, path: &Path) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+    }
+
+    /// The objects of `path` if `bytes` is the text that was put for it (taken once).
+    fn take(&self, path: &Path, bytes: &[u8]) -> Option<Vec<Object>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (text, objects) = m.remove(path)?;
+        (text == bytes).then_some(objects)
+    }
+}
+
+/// The directory's view: which file declares what.
+pub struct DirState {
+    root: PathBuf,
+    prepared: Prepared,
+    files: BTreeMap<PathBuf, FileState>,
+    objects: HashMap<ObjKey, (PathBuf, Object)>,
+    /// Objects that a file let go of during the current update (removed, renamed away, or no
+    /// longer declared). Deleted when the update ends unless another file declares them by then.
+    released: BTreeMap<ObjKey, Object>,
+}
+
+/// What a (re)load changed, in the order to tell the engine.
+#[derive(Default, Debug)]
+pub struct Changes {
+    pub events: Vec<SourceEvent>,
+}
+
+impl DirState {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self::with_prepared(root, Prepared::default())
+    }
+
+    pub fn with_prepared(root: impl Into<PathBuf>, prepared: Prepared) -> Self {
+        DirState {
+            root: root.into(),
+            prepared,
+            files: BTreeMap::new(),
+            objects: HashMap::new(),
+            released: BTreeMap::new(),
+        }
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &Object> {
+        self.objects.values().map(|(_, o)| o)
+    }
+
+    /// Reads every spec file under the root (and forgets files that are gone).
+    pub fn rescan(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        self.rescan_into(&mut changes);
+        self.finish(&mut changes);
+        changes
+    }
+
+    fn rescan_into(&mut self, changes: &mut Changes) {
+        let found: BTreeSet<PathBuf> = match loader::spec_files(&self.root) {
+            Ok(f) => f.into_iter().collect(),
+            Err(e) => {
+                warn!(dir = %self.root.display(), error = %e, "cannot list the directory");
+                return;
+            }
+        };
+        let known: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for f in known {
+            if !found.contains(&f) {
+                self.remove_file(&f, changes);
+            }
+        }
+        for f in &found {
+            self.load_file(f, changes);
+        }
+    }
+
+    /// Ends an update: objects let go of pass to a file that declared them too, the rest are
+    /// deleted; then the files' problems are reported.
+    fn finish(&mut self, changes: &mut Changes) {
+        // Each round can only hand over objects released in the round before; it ends.
+        let mut handled = 0;
+        while self.released.len() > handled {
+            handled = self.released.len();
+            self.reclaim_shadowed(changes);
+        }
+        for (key, _) in std::mem::take(&mut self.released) {
+            if !self.objects.contains_key(&key) {
+                changes.events.push(SourceEvent::Delete(key));
+            }
+        }
+        self.cross_check(changes);
+    }
+
+    /// Handles paths that an event named: files are (re)loaded or removed; folders rescanned.
+    pub fn paths_changed(&mut self, paths: &BTreeSet<PathBuf>) -> Changes {
+        let mut changes = Changes::default();
+        let mut full = false;
+        // Removals first, so that a file renamed to a name that sorts earlier takes its objects
+        // over instead of being reported as a duplicate of its own old name.
+        let mut loads = Vec::new();
+        for p in paths {
+            if p.components().any(|c| c.as_os_str() == STATE_DIR) {
+                continue;
+            }
+            if p.is_dir() {
+                full = true;
+            } else if loader::is_spec_file(p) {
+                if p.exists() {
+                    loads.push(p);
+                } else {
+                    self.remove_file(p, &mut changes);
+                }
+            } else if !p.exists() {
+                // A folder was removed or renamed away: drop the files we knew under it.
+                let under: Vec<PathBuf> = self
+                    .files
+                    .keys()
+                    .filter(|f| f.starts_with(p))
+                    .cloned()
+                    .collect();
+                for f in under {
+                    self.remove_file(&f, &mut changes);
+                }
+            }
+        }
+        for p in loads {
+            self.load_file(p, &mut changes);
+        }
+        if full {
+            self.rescan_into(&mut changes);
+        }
+        self.finish(&mut changes);
+        changes
+    }
+
+    fn remove_file(&mut self, file: &Path, changes: &mut Changes) {
+        let Some(state) = self.files.remove(file) else {
+            return;
+        };
+        for key in state.owned {
+            self.release(&key);
+        }
+        changes.events.push(SourceEvent::Diagnostics {
+            file: file.to_path_buf(),
+            diagnostics: Vec::new(),
+        });
+        info!(file = %file.display(), "file removed; its objects are deleted");
+    }
+
+    /// A file no longer declares `key`: deleted at the end of the update unless another file
+    /// declares it by then.
+    fn release(&mut self, key: &ObjKey) {
+        if let Some((_, obj)) = self.objects.remove(key) {
+            self.released.insert(key.clone(), obj);
+        }
+    }
+
+    fn reclaim_shadowed(&mut self, changes: &mut Changes) {
+        let files: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, s)| s.shadowed)
+            .map(|(f, _)| f.clone())
+            .collect();
+        for f in files {
+            self.load_file(&f, changes);
+        }
+    }
+
+    fn load_file(&mut self, file: &Path, changes: &mut Changes) {
+        let parsed = match std::fs::read(file) {
+            Ok(bytes) => match self.prepared.take(file, &bytes) {
+                Some(objects) => loader::ParsedFile {
+                    objects,
+                    diagnostics: Vec::new(),
+                },
+                None => loader::parse_bytes(file, bytes),
+            },
+            Err(e) => loader::unreadable(file, &e),
+        };
+        let mut diagnostics = parsed.diagnostics.clone();
+        let clean = parsed.is_clean();
+        let mut now_owned = BTreeSet::new();
+        let mut shadowed = false;
+        for mut obj in parsed.objects {
+            let key = obj.key();
+            if let Some((owner, prev)) = self.objects.get(&key)
+                && owner != file
+            {
+                // Not tied to the object (`object: None`): the object in use is valid, and the
+                // engine would mark it SpecValid=False. The text keeps the usual shape.
+                diagnostics.push(Diagnostic {
+                    file: file.to_path_buf(),
+                    line: obj.origin.line,
+                    col: obj.origin.col,
+                    object: None,
+                    path: String::new(),
+                    message: format!(
+                        "{key}: metadata.name: also declared in {}; that one is used",
+                        prev.origin
+                    ),
+                });
+                shadowed = true;
+                continue;
+            }
+            now_owned.insert(key.clone());
+            let current = self.objects.get(&key).map(|(_, p)| p);
+            // An object let go of earlier in this update (moving between files) keeps counting
+            // its generations.
+            let prev = current.or_else(|| self.released.get(&key));
+            obj.generation = match prev {
+                Some(p) if p.spec == obj.spec => p.generation,
+                Some(p) => p.generation + 1,
+                None => 1,
+            };
+            let unchanged = current.is_some_and(|p| p.spec == obj.spec && p.origin == obj.origin);
+            if !unchanged {
+                self.objects
+                    .insert(key.clone(), (file.to_path_buf(), obj.clone()));
+                changes.events.push(SourceEvent::Apply(obj));
+            }
+        }
+        let state = self.files.entry(file.to_path_buf()).or_default();
+        let before: Vec<ObjKey> = state.owned.iter().cloned().collect();
+        for key in before {
+            if now_owned.contains(&key) {
+                continue;
+            }
+            if clean {
+                state.owned.remove(&key);
+                // As `release` (split borrows: `state` lives in `self.files`).
+                if let Some((_, obj)) = self.objects.remove(&key) {
+                    self.released.insert(key, obj);
+                }
+            } else {
+                // Invalid file: keep the last valid version of what it declared.
+                debug!(%key, "kept at its last valid version");
+            }
+        }
+        state.owned.extend(now_owned);
+        state.parse_diagnostics = diagnostics;
+        state.shadowed = shadowed;
+    }
+
+    /// Cross-object checks (overlapping host ports) are reported on the files that declare
+    /// the objects; references to missing pools and users become claim conditions instead.
+    fn cross_check(&mut self, changes: &mut Changes) {
+        let set_errors = validate_set(self.objects.values().map(|(_, o)| o));
+        let mut per_file: BTreeMap<PathBuf, Vec<Diagnostic>> = BTreeMap::new();
+        for e in set_errors {
+            if !e.error.path.starts_with("spec.hostPorts")
+                && !e.error.path.starts_with("spec.containers")
+            {
+                continue;
+            }
+            if let Some((file, obj)) = self.objects.get(&e.key) {
+                per_file.entry(file.clone()).or_default().push(Diagnostic {
+                    file: file.clone(),
+                    line: obj.origin.line,
+                    col: obj.origin.col,
+                    object: Some(e.key.to_string()),
+                    path: e.error.path,
+                    message: e.error.message,
+                });
+            }
+        }
+        let mut cleared = Vec::new();
+        for (file, state) in self.files.iter_mut() {
+            let mut all = state.parse_diagnostics.clone();
+            all.extend(per_file.remove(file).unwrap_or_default());
+            if all != state.sent {
+                let named: BTreeSet<String> = all.iter().filter_map(|d| d.object.clone()).collect();
+                cleared.extend(state.flagged.difference(&named).cloned());
+                state.flagged = named;
+                state.sent = all.clone();
+                changes.events.push(SourceEvent::Diagnostics {
+                    file: file.clone(),
+                    diagnostics: all,
+                });
+            }
+        }
+        // An object no longer named by any problem is applied again, even when its text went
+        // back to the last valid version: the engine clears SpecValid=False on apply.
+        for label in cleared {
+            let key = label
+                .split_once('/')
+                .and_then(|(k, n)| Some(ObjKey::new(poolkeeper_kinds::Kind::parse(k)?, n)));
+            if let Some((_, obj)) = key.and_then(|k| self.objects.get(&k)) {
+                changes.events.push(SourceEvent::Apply(obj.clone()));
+            }
+        }
+    }
+}
+
+/// Loads `root`, tells the engine, then watches until the engine stops.
+/// Returns after the initial load has been handed to the engine; the watch runs in a task.
+/// `prepared`: texts the API writes (see [`Prepared`]).
+pub async fn run(
+    root: PathBuf,
+    engine: EngineHandle,
+    rescan_every: Duration,
+    prepared: Prepared,
+) -> Result<tokio::task::JoinHandle<()>, DirError> {
+    let root = std::fs::canonicalize(&root).map_err(|source| DirError::Open {
+        dir: root.clone(),
+        source,
+    })?;
+    let watch_error = |source| DirError::Watch {
+        dir: root.clone(),
+        source,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(move |res| {
+        let _ = tx.send(res);
+    })
+    .map_err(watch_error)?;
+    // The state folder (status, store, instances' files folders) is not watched: it changes all
+    // the time and holds nothing to load. So the root is watched alone, and each folder in it
+    // but that one recursively.
+    watcher
+        .watch(&root, RecursiveMode::NonRecursive)
+        .map_err(watch_error)?;
+    let mut watched = BTreeSet::new();
+    watch_folders(&mut watcher, &root, &mut watched);
+    let mut state = DirState::with_prepared(root.clone(), prepared);
+    let initial = state.rescan();
+    let objects = state.objects.len();
+    for ev in initial.events {
+        engine.send(ev)?;
+    }
+    engine.send(SourceEvent::Synced)?;
+    info!(dir = %root.display(), objects, "directory loaded; watching for changes");
+    let task = tokio::spawn(async move {
+        // The watcher lives as long as this task.
+        let mut watcher = watcher;
+        let mut rescan = tokio::time::interval(rescan_every);
+        rescan.tick().await;
+        loop {
+            let mut paths = BTreeSet::new();
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    collect(ev, &mut paths);
+                    // Debounce: take what else arrives shortly after.
+                    let deadline = tokio::time::sleep(DEBOUNCE);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            more = rx.recv() => match more {
+                                Some(ev) => collect(ev, &mut paths),
+                                None => break,
+                            },
+                        }
+                    }
+                    // A new folder is watched before it is read, so that nothing written into it
+                    // is missed (the folder's own event makes `paths_changed` rescan).
+                    // (A folder removed and made again under the same name needs a new watch.)
+                    let new_folders: Vec<&PathBuf> = paths
+                        .iter()
+                        .filter(|p| p.parent() == Some(root.as_path()) && p.is_dir())
+                        .collect();
+                    if !new_folders.is_empty() {
+                        for p in new_folders {
+                            watched.remove(p);
+                        }
+                        watch_folders(&mut watcher, &root, &mut watched);
+                    }
+                    let changes = state.paths_changed(&paths);
+                    if send_all(&engine, changes).is_err() { break; }
+                }
+                _ = rescan.tick() => {
+                    watch_folders(&mut watcher, &root, &mut watched);
+                    let changes = state.rescan();
+                    if send_all(&engine, changes).is_err() { break; }
+                }
+            }
+        }
+    });
+    Ok(task)
+}
+
+/// Watches, recursively, every folder directly in `root` except the state folder that is not
+/// watched yet; forgets folders that are gone (their watches went with them).
+fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet<PathBuf>) {
+    watched.retain(|p| p.is_dir());
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let path = e.path();
+        if e.file_name() == STATE_DIR || !path.is_dir() || watched.contains(&path) {
+            continue;
+        }
+        match watcher.watch(&path, RecursiveMode::Recursive) {
+            Ok(()) => {
+                watched.insert(path);
+            }
+            Err(e) => {
+                warn!(folder = %path.display(), error = %e, "cannot watch; the periodic rescan will catch up");
+            }
+        }
+    }
+}
+
+fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) {
+    match ev {
+        // Reading a file or opening a folder (to sync it) changes nothing.
+        Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
+        Ok(ev) => paths.extend(ev.paths),
+        Err(e) => warn!(error = %e, "watch error; the periodic rescan will catch up"),
+    }
+}
+
+fn send_all(engine: &EngineHandle, changes: Changes) -> Result<(), poolkeeper_engine::EngineError> {
+    for ev in changes.events {
+        engine.send(ev)?;
+    }
+    Ok(())
+}

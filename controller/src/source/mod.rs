@@ -1,3 +1,0 @@
-//! Where desired state comes from. `dir`: a watched directory of YAML/JSON files.
-
-pub mod dir;
