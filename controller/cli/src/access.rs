@@ -27,8 +27,7 @@ use tokio::io::AsyncWriteExt;
 
 use poolkeeper_core::deployment::volume_name;
 use poolkeeper_engine::status::Snapshot;
-use poolkeeper_kinds::Kind;
-use poolkeeper_kinds::{ContainerStatus, DeploymentSpec};
+use poolkeeper_kinds::{ContainerStatus, DeploymentSpec, Kind};
 
 /// A container to reach, and the Docker node that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]

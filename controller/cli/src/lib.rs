@@ -12,7 +12,9 @@
 //! - [`bench`]: the benchmarks.
 
 pub mod access;
+pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod client;
+mod run;
 pub mod table;

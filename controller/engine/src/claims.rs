@@ -13,7 +13,6 @@ use poolkeeper_runtime::Runtime;
 use crate::durable::{self, Op, RecPhase};
 use crate::handle::{ClaimBrief, ClaimChange, Completion, Creation, Input};
 use crate::status::{self, Events};
-
 use crate::{AfterCommit, ClaimEntry, Engine};
 
 impl<R: Runtime> Engine<R> {

@@ -1,4 +1,5 @@
-//! Deployments: each container kept running as declared, in dependency order, with its log triggers.
+//! Deployments: each container kept running as declared, in dependency order, with its log
+//! triggers.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
@@ -6,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use tracing::{info, warn};
 
 use poolkeeper_core::deployment::{
-    Current, Old, SlotContext, Step, burst_starts, is_host_path, plan_slot, start_order, stoppable,
-    volume_name,
+    Current, Old, Slot, SlotContext, Step, burst_starts, is_host_path, plan_slot, start_order,
+    stoppable, volume_name,
 };
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
@@ -18,11 +19,7 @@ use poolkeeper_runtime::{
 };
 
 use crate::handle::{Completion, Input};
-use crate::status;
-
-use poolkeeper_core::deployment::Slot;
-
-use crate::{Engine, InstRec};
+use crate::{Engine, InstRec, status};
 
 /// The instance name of replica `r` of container `c` of deployment `dep` (the replica number is
 /// left out when there is only one).

@@ -7,8 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use poolkeeper_store::StateMachine;
 use serde::{Deserialize, Serialize};
+
+use poolkeeper_store::StateMachine;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecPhase {

@@ -9,10 +9,9 @@ use tokio::sync::{mpsc, oneshot};
 use poolkeeper_kinds::{ClaimPhase, ClaimSpec, ObjKey, Object, Origin};
 use poolkeeper_runtime::{Instance, Result as RtResult, RuntimeEvent};
 
+use crate::EngineError;
 use crate::source::SourceEvent;
 use crate::status::Snapshot;
-
-use crate::EngineError;
 
 /// Why files could not be put into a claim's instance.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,7 +107,8 @@ pub struct EngineHandle {
 }
 
 /// The declared users' token digests, published by the engine each time a user changes, so
-/// that the API authenticates a request without asking the engine (see [`EngineHandle::token_owner`]).
+/// that the API authenticates a request without asking the engine (see
+/// [`EngineHandle::token_owner`]).
 pub type Tokens = Arc<std::sync::RwLock<HashMap<[u8; 32], TokenOwner>>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

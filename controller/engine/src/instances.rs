@@ -13,9 +13,7 @@ use poolkeeper_runtime::{
 
 use crate::durable::{Op, RecPhase};
 use crate::handle::{Completion, Input};
-use crate::status;
-
-use crate::{AfterCommit, Engine, InstRec};
+use crate::{AfterCommit, Engine, InstRec, status};
 
 fn phase_of(i: &Instance) -> InstancePhase {
     match i.state {

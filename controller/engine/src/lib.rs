@@ -46,7 +46,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use poolkeeper_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -58,11 +57,12 @@ use poolkeeper_kinds::{
     ClaimPhase, ClaimSpec, Condition, DeploymentSpec, Diagnostic, Origin, PoolSpec, UserSpec,
 };
 use poolkeeper_runtime::Runtime;
+use poolkeeper_store::Store;
 
-use durable::{Durable, Op};
-use handle::Input;
-use source::UserToken;
-use status::Events;
+use crate::durable::{Durable, Op};
+use crate::handle::Input;
+use crate::source::UserToken;
+use crate::status::Events;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

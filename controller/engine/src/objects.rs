@@ -7,12 +7,9 @@ use tracing::warn;
 use poolkeeper_kinds::{ClaimPhase, Kind, ObjKey, Object, Spec};
 use poolkeeper_runtime::Runtime;
 
-use crate::durable::{self};
-use crate::source::SourceEvent;
-use crate::source::UserToken;
+use crate::source::{SourceEvent, UserToken};
 use crate::status::{self, Events};
-
-use crate::{DeploymentEntry, Engine, PoolEntry, UserEntry, hash_of};
+use crate::{DeploymentEntry, Engine, PoolEntry, UserEntry, durable, hash_of};
 
 impl<R: Runtime> Engine<R> {
     pub(crate) fn on_source(&mut self, ev: SourceEvent) {

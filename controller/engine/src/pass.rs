@@ -1,18 +1,17 @@
-//! The reconcile pass: what changed is reconciled, the pass's durable ops are committed, then reported.
+//! The reconcile pass: what changed is reconciled, the pass's durable ops are committed, then
+//! reported.
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
-use poolkeeper_store::Flush;
 use tracing::{error, info};
 
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_runtime::Runtime;
+use poolkeeper_store::Flush;
 
 use crate::durable::{Op, RecPhase, needs_flush};
-use crate::status;
-
-use crate::{AfterCommit, Engine};
+use crate::{AfterCommit, Engine, status};
 
 /// Memory may be ahead of disk: stop rather than report what is not durable.
 fn store_failed(e: &poolkeeper_store::StoreError) -> ! {

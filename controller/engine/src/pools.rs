@@ -16,9 +16,7 @@ use poolkeeper_runtime::{
 
 use crate::durable::Op;
 use crate::handle::{Completion, Input};
-use crate::status;
-
-use crate::{AfterCommit, Engine, InstRec};
+use crate::{AfterCommit, Engine, InstRec, status};
 
 /// Creations handed to the runtime at once; more wait in the engine's queue. Why 128: far more
 /// than a daemon serves in parallel (Docker here tops out well below), few enough that a

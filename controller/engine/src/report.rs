@@ -11,7 +11,6 @@ use poolkeeper_runtime::Runtime;
 use crate::deployments::slot_name;
 use crate::durable::RecPhase;
 use crate::status::{self, InstanceView, ObjectView, Snapshot};
-
 use crate::{ClaimEntry, Engine, InstRec};
 
 fn view<S: serde::Serialize, T: serde::Serialize>(

@@ -9,7 +9,6 @@ use tracing::error;
 use poolkeeper_runtime::Runtime;
 
 use crate::handle::Input;
-
 use crate::{Engine, MAX_BATCH};
 
 impl<R: Runtime> Engine<R> {

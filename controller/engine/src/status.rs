@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use poolkeeper_kinds::Condition;
-use poolkeeper_kinds::{Kind, Origin};
+use poolkeeper_kinds::{Condition, Kind, Origin};
 
 /// Milliseconds since the Unix epoch as RFC 3339.
 pub fn rfc3339(ms: u64) -> String {

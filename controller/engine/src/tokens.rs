@@ -8,9 +8,7 @@ use poolkeeper_runtime::Runtime;
 
 use crate::handle::TokenOwner;
 use crate::source::UserToken;
-use crate::status;
-
-use crate::Engine;
+use crate::{Engine, status};
 
 impl<R: Runtime> Engine<R> {
     /// Reads user `name`'s token again (its `tokenSecretFile` may have changed) and sets its

@@ -9,9 +9,9 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::auth::*;
-use crate::error::*;
-use crate::*;
+use crate::ApiState;
+use crate::auth::{Caller, who};
+use crate::error::{ApiError, ApiResult};
 
 pub(crate) fn admin_only(who: &Caller) -> ApiResult<()> {
     match who {

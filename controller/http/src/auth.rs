@@ -1,4 +1,5 @@
-//! Who is asking: the admin token or a user's (bearer tokens, checked against the engine's token index).
+//! Who is asking: the admin token or a user's (bearer tokens, checked against the engine's token
+//! index).
 
 use axum::http::{HeaderMap, StatusCode};
 use sha2::{Digest, Sha256};
@@ -6,8 +7,8 @@ use sha2::{Digest, Sha256};
 use poolkeeper_engine::EngineHandle;
 use poolkeeper_engine::status::Snapshot;
 
-use crate::error::*;
-use crate::*;
+use crate::ApiState;
+use crate::error::{ApiError, ApiResult};
 
 pub(crate) fn sha256(s: &str) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()

@@ -10,12 +10,12 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use poolkeeper_engine::source::Created;
 use poolkeeper_kinds::ClaimSpec;
 
-use crate::auth::*;
-use crate::error::*;
-use crate::*;
-use poolkeeper_engine::source::Created;
+use crate::ApiState;
+use crate::auth::{Caller, claim_seen, no_claim, who};
+use crate::error::{ApiError, ApiResult};
 
 /// A claim as the API takes it.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -38,13 +38,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-use admin::*;
-use claims::*;
-use metrics::*;
-use objects::*;
 use poolkeeper_engine::EngineHandle;
 use poolkeeper_engine::source::Declare;
-use reservations::*;
 
 /// The API's OpenAPI document (committed; served at `/openapi.json`).
 pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
@@ -100,10 +95,11 @@ impl ApiState {
 }
 
 pub fn router(state: ApiState) -> Router {
+    use axum::routing::{post, put};
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", get(objects::readyz))
+        .route("/metrics", get(metrics::metrics))
         .route(
             "/openapi.json",
             get(|| async {
@@ -113,32 +109,32 @@ pub fn router(state: ApiState) -> Router {
                 )
             }),
         )
-        .route("/api/v1/claims", get(list_claims).post(create_claim))
-        .route("/api/v1/claims/{name}", get(get_claim).delete(delete_claim))
+        .route(
+            "/api/v1/claims",
+            get(objects::list_claims).post(claims::create_claim),
+        )
+        .route(
+            "/api/v1/claims/{name}",
+            get(objects::get_claim).delete(claims::delete_claim),
+        )
         .route(
             "/api/v1/claims/{name}/files",
-            axum::routing::put(upload_files).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
+            put(claims::upload_files).layer(DefaultBodyLimit::max(UPLOAD_LIMIT)),
         )
-        .route(
-            "/webhooks/reservations",
-            axum::routing::post(crate::reservation),
-        )
-        .route("/api/v1/events", get(events))
-        .route(
-            "/api/v1/pools/{name}/scale",
-            axum::routing::post(scale_pool),
-        )
+        .route("/webhooks/reservations", post(reservations::reservation))
+        .route("/api/v1/events", get(objects::events))
+        .route("/api/v1/pools/{name}/scale", post(admin::scale_pool))
         .route(
             "/api/v1/pools/{name}/reinitialise",
-            axum::routing::post(reinitialise_pool),
+            post(admin::reinitialise_pool),
         )
-        .route("/api/v1/users/{name}", get(get_user).delete(delete_user))
         .route(
-            "/api/v1/users/{name}/release",
-            axum::routing::post(release_user),
+            "/api/v1/users/{name}",
+            get(objects::get_user).delete(admin::delete_user),
         )
-        .route("/api/v1/{kind}", get(list))
-        .route("/api/v1/{kind}/{name}", get(get_one))
+        .route("/api/v1/users/{name}/release", post(admin::release_user))
+        .route("/api/v1/{kind}", get(objects::list))
+        .route("/api/v1/{kind}/{name}", get(objects::get_one))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(Arc::new(state))

@@ -9,9 +9,9 @@ use serde_json::Value;
 use poolkeeper_engine::status::{ObjectView, Snapshot};
 use poolkeeper_kinds::Kind;
 
-use crate::auth::*;
-use crate::error::*;
-use crate::*;
+use crate::ApiState;
+use crate::auth::snapshot;
+use crate::error::ApiResult;
 
 /// Prometheus text format: the engine's counters, and gauges and counters per pool.
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {

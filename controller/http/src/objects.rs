@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 use poolkeeper_engine::status::ObjectView;
 use poolkeeper_kinds::Kind;
 
-use crate::auth::*;
-use crate::error::*;
-use crate::*;
+use crate::ApiState;
+use crate::auth::{Caller, caller, who};
+use crate::error::{ApiError, ApiResult};
 
 pub(crate) fn kind_of(segment: &str) -> ApiResult<Kind> {
     match segment {

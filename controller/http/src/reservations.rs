@@ -1,4 +1,5 @@
-//! Reservations by webhook: signed events from booking systems become claims; signed callbacks tell them where a reservation runs.
+//! Reservations by webhook: signed events from booking systems become claims; signed callbacks
+//! tell them where a reservation runs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,14 +12,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use poolkeeper_engine::EngineHandle;
-use poolkeeper_kinds::ClaimSpec;
-use poolkeeper_kinds::Kind;
-
-use crate::auth::*;
-use crate::claims::*;
-use crate::error::*;
-use crate::*;
 use poolkeeper_engine::source::{Created, Declare, Record, Records};
+use poolkeeper_kinds::{ClaimSpec, Kind};
+
+use crate::auth::snapshot;
+use crate::claims::refused;
+use crate::error::{ApiError, ApiResult};
+use crate::{ApiState, WebhookConfig};
 
 /// What poolkeeper keeps of a reservation, beside its claim file: who asked, and where the
 /// callback stands. In the state folder (`DIR/.poolkeeper/reservations/CLAIM.json`), which the

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::units::{check_name, parse_cpu_millis, parse_duration, parse_memory_bytes};
 use crate::{
-    ClaimSpec, ContainerSpec, DeploymentSpec, PoolSpec, Probe, ResetPolicy, Resources, UserSpec,
+    ClaimSpec, ContainerSpec, DeploymentSpec, FieldError, Kind, ObjKey, Object, PoolSpec, Probe,
+    ResetPolicy, Resources, Spec, UserSpec,
 };
-use crate::{FieldError, Kind, ObjKey, Object, Spec};
 
 pub fn validate_object(name: &str, spec: &Spec) -> Vec<FieldError> {
     let mut errs = Vec::new();

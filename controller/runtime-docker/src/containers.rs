@@ -26,9 +26,9 @@ use poolkeeper_runtime::{
     RuntimeError,
 };
 
-use crate::errors::*;
-use crate::labels::*;
-use crate::*;
+use crate::errors::{docker_message, map_err, start_error, status_of};
+use crate::labels::{encode_ports, proto, tracked, tracked_from_inspect};
+use crate::{DockerRuntime, FILES_SWEEP_AFTER, Tracked};
 
 impl DockerRuntime {
     pub(crate) async fn inspect(&self, i: usize, name: &str) -> Result<Option<Tracked>> {

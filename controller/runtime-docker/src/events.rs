@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use poolkeeper_runtime::RuntimeEvent;
 
-use crate::*;
+use crate::{DockerRuntime, Health, State};
 
 impl DockerRuntime {
     pub(crate) async fn watch_node(self, i: usize) {

@@ -1,4 +1,5 @@
-//! What a container carries in its labels (ownership, ports, probes), written at creation and read back.
+//! What a container carries in its labels (ownership, ports, probes), written at creation and
+//! read back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use poolkeeper_runtime::{
     LABEL_FILES_DIR, LABEL_LIVENESS, LABEL_PORTS, LABEL_READINESS, Labels, PortBinding,
 };
 
-use crate::*;
+use crate::Tracked;
 
 pub(crate) fn proto(p: Protocol) -> &'static str {
     match p {

@@ -45,15 +45,16 @@ pub use containers::exec_output;
 pub use errors::port_in_use;
 pub use labels::{decode_ports, encode_ports};
 
-use containers::*;
-use errors::*;
-use hostfiles::HostFiles;
-use labels::*;
 use poolkeeper_kinds::Probe;
 use poolkeeper_runtime::{
     ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_CONTROLLER, LABEL_DEPLOYMENT,
     LABEL_MANAGED, Labels, NodeStatus, PortBinding, Result, Runtime, RuntimeError, RuntimeEvent,
 };
+
+use crate::containers::tar_of;
+use crate::errors::{map_err, status_of};
+use crate::hostfiles::HostFiles;
+use crate::labels::{exit_code_of, tracked_from_summary};
 
 /// One Docker Engine.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]

@@ -5,10 +5,9 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use poolkeeper_kinds::Probe;
-use poolkeeper_runtime::probe;
-use poolkeeper_runtime::{Runtime, RuntimeEvent};
+use poolkeeper_runtime::{Runtime, RuntimeEvent, probe};
 
-use crate::*;
+use crate::{DockerRuntime, PROBE_FAST};
 
 impl DockerRuntime {
     pub(crate) fn spawn_probe(&self, name: &str, incarnation: Option<u64>) {

@@ -6,8 +6,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::PortBinding;
 use poolkeeper_kinds::PortRef;
+
+use super::PortBinding;
 
 /// The binding a probe's port refers to: by name, or by container port number.
 pub fn find_port<'a>(ports: &'a [PortBinding], port: &PortRef) -> Option<&'a PortBinding> {

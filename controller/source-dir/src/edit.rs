@@ -11,8 +11,9 @@ use std::path::Path;
 
 use serde_saphyr::granit_parser::{Event, Parser};
 
-use crate::loader::parse_text;
 use poolkeeper_kinds::{Kind, ObjKey, Object};
+
+use crate::loader::parse_text;
 
 /// The result of an edit: the new text, or None when no object is left (remove the file).
 pub type Edited = Option<String>;

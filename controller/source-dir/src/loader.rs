@@ -18,8 +18,10 @@ use serde_saphyr::granit_parser::{Event, Parser};
 
 pub use poolkeeper_kinds::Diagnostic;
 use poolkeeper_kinds::validate::{duplicates, validate_object, validate_set};
-use poolkeeper_kinds::{ContainerSpec, DeploymentSpec, RestartPolicy, VolumeMode, VolumeMount};
-use poolkeeper_kinds::{FieldError, Kind, Object, Origin, Spec};
+use poolkeeper_kinds::{
+    ContainerSpec, DeploymentSpec, FieldError, Kind, Object, Origin, RestartPolicy, Spec,
+    VolumeMode, VolumeMount,
+};
 
 /// The folder inside a watched directory that holds poolkeeper's own state; never loaded.
 pub const STATE_DIR: &str = ".poolkeeper";

@@ -19,12 +19,12 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::DirError;
-
-use crate::loader::{self, Diagnostic, STATE_DIR};
 use poolkeeper_engine::{EngineHandle, SourceEvent};
 use poolkeeper_kinds::validate::validate_set;
 use poolkeeper_kinds::{ObjKey, Object};
+
+use crate::DirError;
+use crate::loader::{self, Diagnostic, STATE_DIR};
 
 /// Why 20 ms: editors' save sequences (write temp, rename, chmod) finish within a few ms; the
 /// whole pick-up stays far under the 200 ms budget.

@@ -36,12 +36,12 @@ use bollard::query_parameters::{
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{BenchArgs, obj, pct, round3, user, wait_warm};
 use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
-use poolkeeper_kinds::{ClaimPhase, ClaimSpec, PoolSpec};
-use poolkeeper_kinds::{Kind, ObjKey, Spec};
+use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Kind, ObjKey, PoolSpec, Spec};
 use poolkeeper_runtime::{LABEL_CONTROLLER, Runtime, probe};
 use poolkeeper_runtime_docker::DockerRuntime;
+
+use super::{BenchArgs, obj, pct, round3, user, wait_warm};
 
 /// Marks the baseline's own containers, so that they are removed whatever happens.
 const LABEL_BENCH: &str = "poolkeeper.dev/bench";

@@ -22,11 +22,14 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::RuntimeKind;
 use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
-use poolkeeper_kinds::{ClaimPhase, ClaimSpec, InstanceTemplate, PoolSpec, Quota, UserSpec};
-use poolkeeper_kinds::{ObjKey, Object, Origin, Spec};
+use poolkeeper_kinds::{
+    ClaimPhase, ClaimSpec, InstanceTemplate, ObjKey, Object, Origin, PoolSpec, Quota, Spec,
+    UserSpec,
+};
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
+
+use crate::cli::RuntimeKind;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {

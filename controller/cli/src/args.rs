@@ -1,0 +1,448 @@
+//! The command line's arguments (clap), and what `run` reads from them: the API's tokens and
+//! secrets, the Docker runtime's nodes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use poolkeeper_kinds::units::parse_duration;
+use poolkeeper_runtime_docker::{DockerConfig, NodeConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "poolkeeper",
+    version,
+    about = "Declarative warm container pools, claims and deployments"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions generated from the types.
+    Crds,
+    /// Check files or folders without running anything.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run the controller on a watched directory.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = RuntimeKind::Docker)]
+        runtime: RuntimeKind,
+        /// How often to relist the runtime and rescan the directory, whatever events said.
+        #[arg(long, default_value = "30s", value_parser = duration_arg)]
+        resync: Duration,
+        #[command(flatten)]
+        docker: DockerArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List objects with their status.
+    Get {
+        /// pools, claims, users or deployments
+        kind: String,
+        name: Option<String>,
+        /// A watched folder (reads the status its controller writes).
+        #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+        dir: Option<PathBuf>,
+        /// Or a running controller's API, `http://HOST:PORT` (with `--token`).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        #[arg(
+            long,
+            env = "POOLKEEPER_TOKEN",
+            value_name = "TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Claims through the API: create one, or release one.
+    Claim {
+        #[command(subcommand)]
+        action: ClaimAction,
+    },
+    /// Admin: set a pool's warm size in the file that declares it (`scale pool NAME --warm N`).
+    Scale {
+        /// pool
+        kind: String,
+        name: String,
+        #[arg(long)]
+        warm: u32,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Admin: replace a pool's warm instances with fresh ones (`reinitialise pool NAME`).
+    #[command(alias = "reinit")]
+    Reinitialise {
+        /// pool
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Admin: delete a user (`delete user NAME`): their claims are released, and the user's
+    /// document is removed from the file that declares it.
+    Delete {
+        /// user
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Copy a file, a folder, or a `.tar` into a bound claim's instance (through the API).
+    Upload {
+        /// claim/NAME
+        target: String,
+        path: PathBuf,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Show one object in detail: spec, status, conditions, events.
+    Describe {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Measure claim binding and resync through the real reconcile path.
+    Bench(crate::bench::BenchArgs),
+    /// Print a container's output. TARGET: deployment/NAME[/CONTAINER[/REPLICA]], claim/NAME
+    /// or instance/NAME.
+    Logs {
+        target: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only output newer than this (e.g. 10m, 2h).
+        #[arg(long, value_parser = duration_arg)]
+        since: Option<Duration>,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Run a command in a container, passing its output and exit code through; `-it` gives an
+    /// interactive shell with a terminal. With `--steps FILE`, run a script of checked steps.
+    Exec {
+        target: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Keep standard input open and send it to the command.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Give the command a terminal (the local one in raw mode, resized along).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// A YAML file of steps (`steps: [{name, run, expect: {exitCode, outputContains}}]`)
+        /// run in order; the first failure stops with exit code 1.
+        #[arg(long, conflicts_with_all = ["interactive", "tty"])]
+        steps: Option<PathBuf>,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// CPU and memory use of a container.
+    Stats {
+        target: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Back up a deployment's named volume to a tar, or restore one.
+    Volume {
+        #[command(subcommand)]
+        action: VolumeAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClaimAction {
+    /// Claim an instance from POOL; prints the claim's name (and, with --wait, its endpoint).
+    Create {
+        pool: String,
+        /// Default: USER-POOL-xxxxxx.
+        #[arg(long)]
+        name: Option<String>,
+        /// Whose claim (admins must say; a user's token claims for that user).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        ttl: Option<String>,
+        /// A file to place in the instance: `PATH=LOCAL_FILE` (repeatable).
+        #[arg(long = "file", value_name = "PATH=LOCAL_FILE")]
+        files: Vec<String>,
+        /// Wait until the claim is Bound (or Failed) and print where it runs.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+    /// Release a claim made through the API, or (admin) every claim of a user (`--user`).
+    Release {
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        name: Option<String>,
+        /// Release all of this user's claims, wherever they are declared.
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeAction {
+    /// Write the volume's files to a tar (default: DIR/.poolkeeper/backups/).
+    Backup {
+        /// deployment/NAME
+        deployment: String,
+        volume: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Write a backup's files into the volume (files the backup does not hold are kept).
+    Restore {
+        deployment: String,
+        volume: String,
+        file: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// The HTTP API of `run`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ApiArgs {
+    /// Address the HTTP API listens on (`off` serves none).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7080")]
+    pub listen: String,
+    /// A file holding the admin token (one line). Without it, only users' tokens work.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// A file holding the secret that signs reservation webhooks and their callbacks; enables
+    /// `POST /webhooks/reservations`.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Where reservation callbacks are POSTed (`https://HOST[:PORT]/PATH`, or `http://`).
+    #[arg(long, value_name = "URL", requires = "webhook_secret_file")]
+    pub notify_url: Option<String>,
+    /// Certificate authorities (PEM) trusted for an `https://` notification URL, besides the
+    /// system's.
+    #[arg(long, value_name = "FILE", requires = "notify_url")]
+    pub notify_ca_file: Option<PathBuf>,
+    /// An image booking systems may ask for (repeat; default: the images of declared pools).
+    #[arg(
+        long = "webhook-image",
+        value_name = "IMAGE",
+        requires = "webhook_secret_file"
+    )]
+    pub webhook_images: Vec<String>,
+}
+
+impl ApiArgs {
+    pub(crate) fn admin_token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token from {}", path.display()))?;
+        let token = text.trim().to_owned();
+        if token.len() < 16 {
+            bail!(
+                "{}: the admin token must be at least 16 characters",
+                path.display()
+            );
+        }
+        Ok(Some(token))
+    }
+
+    pub(crate) fn webhooks(&self) -> anyhow::Result<Option<poolkeeper_http::WebhookConfig>> {
+        let Some(path) = &self.webhook_secret_file else {
+            return Ok(None);
+        };
+        let secret = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the webhook secret from {}", path.display()))?
+            .trim()
+            .to_owned();
+        if secret.len() < 16 {
+            bail!(
+                "{}: the webhook secret must be at least 16 characters",
+                path.display()
+            );
+        }
+        let notify = match &self.notify_url {
+            Some(url) => Some(
+                poolkeeper_http::notify::Target::new(url, self.notify_ca_file.as_deref())
+                    .map_err(|e| anyhow::anyhow!("--notify-url: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(Some(poolkeeper_http::WebhookConfig {
+            secret: secret.into_bytes(),
+            allowed_images: self.webhook_images.clone(),
+            notify,
+        }))
+    }
+}
+
+/// Where the Docker runtime runs instances.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DockerArgs {
+    /// Docker Engine URL (`unix:///var/run/docker.sock`, `tcp://HOST:2375`); repeat for several
+    /// nodes. Default: `$DOCKER_HOST`, else the local socket.
+    #[arg(long = "docker-host", value_name = "URL")]
+    pub docker_hosts: Vec<String>,
+    /// Controller configuration (YAML): `nodes: [{name, url, listenAddress, advertiseAddress}]`,
+    /// `nodeDownAfter`, `listenAddress`, `advertiseAddress`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Host address that published ports bind to (default 0.0.0.0).
+    #[arg(long, value_name = "ADDR")]
+    pub listen_address: Option<String>,
+    /// Address that claims report and probes use to reach instances (default 127.0.0.1 for a
+    /// local socket, the host of a tcp URL).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise_address: Option<String>,
+    /// This controller's identity on shared Docker daemons: it adopts and removes only the
+    /// containers it labelled with it (default `default`).
+    #[arg(long, value_name = "ID")]
+    pub controller_id: Option<String>,
+}
+
+/// The controller configuration file.
+#[derive(serde::Deserialize, Debug, Default, Clone)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControllerConfig {
+    #[serde(default)]
+    pub nodes: Vec<poolkeeper_runtime_docker::NodeConfig>,
+    /// How long a node may be unreachable before its instances are replaced elsewhere.
+    #[serde(default)]
+    pub node_down_after: Option<String>,
+    #[serde(default)]
+    pub listen_address: Option<String>,
+    #[serde(default)]
+    pub advertise_address: Option<String>,
+    #[serde(default)]
+    pub controller_id: Option<String>,
+}
+
+impl DockerArgs {
+    /// The runtime configuration these flags and the config file describe; `state` is the
+    /// folder bind mounts must stay in.
+    pub fn docker_config(&self, state: &Path) -> anyhow::Result<DockerConfig> {
+        // The daemon resolves mount sources on its own, so they must be absolute (`run --dir`
+        // is often given relative to the working directory).
+        let state = std::path::absolute(state)
+            .with_context(|| format!("resolving the state folder {}", state.display()))?;
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                serde_saphyr::from_str::<ControllerConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
+            None => ControllerConfig::default(),
+        };
+        let mut config = DockerConfig::default();
+        let mut nodes = file.nodes.clone();
+        let declared = nodes.len();
+        for (i, url) in self.docker_hosts.iter().enumerate() {
+            let name = if self.docker_hosts.len() == 1 && declared == 0 {
+                "local".to_owned()
+            } else {
+                format!("node{}", declared + i + 1)
+            };
+            nodes.push(NodeConfig::from_url(&name, url));
+        }
+        if !nodes.is_empty() {
+            config.nodes = nodes;
+        }
+        let listen = self.listen_address.clone().or(file.listen_address);
+        let advertise = self.advertise_address.clone().or(file.advertise_address);
+        for n in &mut config.nodes {
+            if n.listen_address.is_none() {
+                n.listen_address.clone_from(&listen);
+            }
+            if n.advertise_address.is_none() {
+                n.advertise_address.clone_from(&advertise);
+            }
+        }
+        if let Some(d) = &file.node_down_after {
+            config.node_down_after =
+                parse_duration(d).map_err(|e| anyhow::anyhow!("nodeDownAfter: {e}"))?;
+        }
+        config.allowed_bind_root = Some(state.clone());
+        config.files_root = Some(state.join("files"));
+        if let Some(id) = self.controller_id.clone().or(file.controller_id) {
+            if poolkeeper_kinds::units::check_name(&id).is_err() {
+                bail!("controller id {id:?} must be a DNS label (lowercase letters, digits, '-')");
+            }
+            config.controller_id = id;
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    Memory,
+    Docker,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Wide,
+    Yaml,
+    Json,
+}
+
+pub(crate) fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod docker_args_tests {
+    use super::*;
+
+    #[test]
+    fn docker_hosts_are_named_in_order() {
+        let args = DockerArgs {
+            docker_hosts: vec!["unix:///a.sock".into(), "tcp://10.0.0.2:2375".into()],
+            ..Default::default()
+        };
+        let c = args.docker_config(Path::new("/state")).unwrap();
+        let names: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["node1", "node2"]);
+        let one = DockerArgs {
+            docker_hosts: vec!["unix:///a.sock".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            one.docker_config(Path::new("/s")).unwrap().nodes[0].name,
+            "local"
+        );
+    }
+
+    #[test]
+    fn mount_sources_are_absolute_when_the_folder_is_given_relative() {
+        let c = DockerArgs::default()
+            .docker_config(Path::new("examples/quickstart/.poolkeeper"))
+            .unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        let state = cwd.join("examples/quickstart/.poolkeeper");
+        assert_eq!(c.files_root, Some(state.join("files")));
+        assert_eq!(c.allowed_bind_root, Some(state));
+    }
+}
