@@ -1,20 +1,18 @@
 //! The CLI's side of the HTTP API: `--server URL --token T` (or `POOLKEEPER_SERVER`,
-//! `POOLKEEPER_TOKEN`). A small blocking HTTP/1.1 client over plain `http://`: the CLI makes one
-//! request at a time and needs nothing more.
+//! `POOLKEEPER_TOKEN`), `http://` or `https://`.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
 
 use poolkeeper_engine::status::{ControllerInfo, ObjectView, Snapshot};
+use poolkeeper_http::client::Client;
 
 /// Where the API is, and who is asking.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerArgs {
-    /// The API's address, `http://HOST:PORT` (a running `poolkeeper run`).
+    /// The API's address, `http://HOST:PORT` (a running `poolkeeper run`), or `https://`.
     #[arg(long, env = "POOLKEEPER_SERVER", value_name = "URL")]
     pub server: String,
     /// A bearer token (the admin's, or a user's).
@@ -46,7 +44,11 @@ pub fn request(
     )
 }
 
-/// One request with a raw body of `content_type`.
+/// How long the CLI waits for one answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One request with a raw body of `content_type`, through the project's HTTP client (on a
+/// runtime of its own: the CLI makes one request at a time).
 pub fn request_bytes(
     server: &str,
     token: &str,
@@ -55,35 +57,34 @@ pub fn request_bytes(
     content_type: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, Value)> {
-    let authority = server
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("--server {server}: expected http://HOST:PORT"))?
-        .trim_end_matches('/');
-    let mut s = TcpStream::connect(authority)
-        .with_context(|| format!("connecting to the poolkeeper API at {server}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {token}\r\n\
-         Connection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str(&format!("Content-Type: {content_type}\r\n"));
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        bail!("--server {server}: expected http://HOST:PORT (or https://)");
     }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
-        .with_context(|| format!("reading the answer of {server}"))?;
-    let resp = String::from_utf8_lossy(&resp);
-    let code: u16 = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("{server} did not answer HTTP"))?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
+    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![("authorization", auth.as_str())];
+    if !body.is_empty() {
+        headers.push(("content-type", content_type));
+    }
+    let req = poolkeeper_http::client::request(method, &url, &headers, body.to_vec())
+        .map_err(|e| anyhow!(e))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = rt
+        .block_on(async {
+            let client = if server.starts_with("https://") {
+                Client::with_system_roots()
+            } else {
+                Client::http_only()
+            };
+            client.send(req, ANSWER_TIMEOUT).await
+        })
+        .with_context(|| format!("the poolkeeper API at {server}"))?;
+    Ok((
+        answer.status,
+        serde_json::from_slice(&answer.body).unwrap_or(Value::Null),
+    ))
 }
 
 /// A request that must succeed (2xx); otherwise the API's error, with its status.

@@ -3,6 +3,7 @@
 
 use axum::http::{HeaderMap, StatusCode};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use poolkeeper_engine::EngineHandle;
 use poolkeeper_engine::status::Snapshot;
@@ -16,7 +17,7 @@ pub(crate) fn sha256(s: &str) -> [u8; 32] {
 
 /// Equal without telling, by its timing, where two digests differ.
 pub(crate) fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    crate::webhook::same_bytes(a, b)
+    bool::from(a.ct_eq(b))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

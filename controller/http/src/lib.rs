@@ -17,6 +17,7 @@
 mod admin;
 mod auth;
 mod claims;
+pub mod client;
 mod error;
 mod metrics;
 pub mod notify;

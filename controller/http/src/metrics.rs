@@ -1,11 +1,20 @@
 //! `/metrics`: the engine's counters and histograms, and gauges per pool.
 
+use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 use serde_json::Value;
 
+use poolkeeper_engine::metrics::{BUCKETS, Histogram};
 use poolkeeper_engine::status::{ObjectView, Snapshot};
 use poolkeeper_kinds::Kind;
 
@@ -13,130 +22,262 @@ use crate::ApiState;
 use crate::auth::snapshot;
 use crate::error::ApiResult;
 
-/// Prometheus text format: the engine's counters, and gauges and counters per pool.
+/// The OpenMetrics text exposition (which Prometheus scrapes) of the engine's counters and
+/// histograms, and gauges and counters per pool.
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {
     let snap = snapshot(&state).await?;
     let text = render_metrics(&snap);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         text,
     )
         .into_response())
 }
 
-/// A metric family's `# HELP` and `# TYPE` lines.
-pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    use std::fmt::Write;
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 /// Renders the metrics of a snapshot.
 pub fn render_metrics(snap: &Snapshot) -> String {
-    use std::fmt::Write;
-    let m = &snap.metrics;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(FromSnapshot(snap.clone())));
     let mut out = String::new();
-    let kinds = [
-        ("pool", &m.pool),
-        ("deployment", &m.deployment),
-        ("user", &m.user),
-    ];
-    let counters = [
-        (
-            "poolkeeper_reconciles_total",
-            "Objects reconciled, per kind.",
-            kinds.map(|(k, km)| (k, km.reconciles)),
-        ),
-        (
-            "poolkeeper_reconcile_errors_total",
-            "Runtime actions that failed, per kind.",
-            kinds.map(|(k, km)| (k, km.errors)),
-        ),
-    ];
-    for (name, help, values) in counters {
-        family(&mut out, name, "counter", help);
-        for (k, v) in values {
-            let _ = writeln!(out, "{name}{{kind=\"{k}\"}} {v}");
-        }
-    }
-    let name = "poolkeeper_reconcile_duration_seconds";
-    family(&mut out, name, "histogram", "Time a pass spent on a kind.");
-    for (k, km) in kinds {
-        histogram(&mut out, name, &format!("kind=\"{k}\""), &km.duration);
-    }
-    let name = "poolkeeper_claim_bind_seconds";
-    family(
-        &mut out,
-        name,
-        "histogram",
-        "From a claim's arrival in the queue to Bound.",
-    );
-    histogram(&mut out, name, "", &m.bind_latency);
-    let name = "poolkeeper_store_commit_seconds";
-    family(
-        &mut out,
-        name,
-        "histogram",
-        "Writing and flushing one batch of the state store (every Bound waits for it).",
-    );
-    histogram(&mut out, name, "", &m.store_commit);
-    let name = "poolkeeper_store_deferred_commits_total";
-    family(
-        &mut out,
-        name,
-        "counter",
-        "Batches of the state store written without a flush of their own (what a restart derives again: a deleted claim's end, an instance gone); the next flush covers them.",
-    );
-    let _ = writeln!(out, "{name} {}", m.store_deferred);
-    let pools: Vec<&ObjectView> = snap
-        .objects
-        .iter()
-        .filter(|o| o.kind == Kind::Pool)
-        .collect();
-    let per_pool = [
-        ("instances", "", "gauge", "Instances of the pool."),
-        ("warm", "", "gauge", "Ready, unbound instances."),
-        ("bound", "", "gauge", "Instances bound to claims."),
-        ("queued", "", "gauge", "Claims waiting for an instance."),
-        (
-            "hits",
-            "_total",
-            "counter",
-            "Claims bound at once from a warm instance.",
-        ),
-        ("misses", "_total", "counter", "Claims that had to wait."),
-    ];
-    for (field, suffix, kind, help) in per_pool {
-        let name = format!("poolkeeper_pool_{field}{suffix}");
-        family(&mut out, &name, kind, help);
-        for p in &pools {
-            let v = p.status.get(field).and_then(Value::as_u64).unwrap_or(0);
-            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {v}", p.name);
-        }
-    }
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
     out
 }
 
-pub(crate) fn histogram(
-    out: &mut String,
-    name: &str,
-    labels: &str,
-    h: &poolkeeper_engine::metrics::Histogram,
-) {
-    use std::fmt::Write;
-    let sep = if labels.is_empty() { "" } else { "," };
-    for (bound, n) in h.cumulative() {
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}");
+/// The metrics a snapshot holds, encoded at each scrape (the engine keeps the counts; a
+/// registry of live metrics would be a second copy of them).
+#[derive(Debug)]
+struct FromSnapshot(Snapshot);
+
+impl Collector for FromSnapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let m = &self.0.metrics;
+        let kinds = [
+            ("pool", &m.pool),
+            ("deployment", &m.deployment),
+            ("user", &m.user),
+        ];
+        let counters = [
+            (
+                "poolkeeper_reconciles",
+                "Objects reconciled, per kind.",
+                kinds.map(|(k, km)| (k, km.reconciles)),
+            ),
+            (
+                "poolkeeper_reconcile_errors",
+                "Runtime actions that failed, per kind.",
+                kinds.map(|(k, km)| (k, km.errors)),
+            ),
+        ];
+        for (name, help, values) in counters {
+            let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (kind, v) in values {
+                ConstCounter::new(v).encode(family.encode_family(&[("kind", kind)])?)?;
+            }
+        }
+        let mut family = e.encode_descriptor(
+            "poolkeeper_reconcile_duration_seconds",
+            "Time a pass spent on a kind.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (kind, km) in kinds {
+            Buckets(&km.duration).encode(family.encode_family(&[("kind", kind)])?)?;
+        }
+        for (name, help, h) in [
+            (
+                "poolkeeper_claim_bind_seconds",
+                "From a claim's arrival in the queue to Bound.",
+                &m.bind_latency,
+            ),
+            (
+                "poolkeeper_store_commit_seconds",
+                "Writing and flushing one batch of the state store (every Bound waits for it).",
+                &m.store_commit,
+            ),
+        ] {
+            Buckets(h).encode(e.encode_descriptor(name, help, None, MetricType::Histogram)?)?;
+        }
+        ConstCounter::new(m.store_deferred).encode(e.encode_descriptor(
+            "poolkeeper_store_deferred_commits",
+            "Batches of the state store written without a flush of their own (what a restart \
+             derives again: a deleted claim's end, an instance gone); the next flush covers them.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let pools: Vec<&ObjectView> = self
+            .0
+            .objects
+            .iter()
+            .filter(|o| o.kind == Kind::Pool)
+            .collect();
+        let per_pool = [
+            ("instances", MetricType::Gauge, "Instances of the pool."),
+            ("warm", MetricType::Gauge, "Ready, unbound instances."),
+            ("bound", MetricType::Gauge, "Instances bound to claims."),
+            (
+                "queued",
+                MetricType::Gauge,
+                "Claims waiting for an instance.",
+            ),
+            (
+                "hits",
+                MetricType::Counter,
+                "Claims bound at once from a warm instance.",
+            ),
+            ("misses", MetricType::Counter, "Claims that had to wait."),
+        ];
+        for (field, kind, help) in per_pool {
+            let name = format!("poolkeeper_pool_{field}");
+            let mut family = e.encode_descriptor(&name, help, None, kind)?;
+            for p in &pools {
+                let v = p.status.get(field).and_then(Value::as_u64).unwrap_or(0);
+                let labels = [("pool", p.name.as_str())];
+                match kind {
+                    MetricType::Counter => {
+                        ConstCounter::new(v).encode(family.encode_family(&labels)?)?
+                    }
+                    _ => ConstGauge::new(v as i64).encode(family.encode_family(&labels)?)?,
+                }
+            }
+        }
+        Ok(())
     }
-    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
-    let braces = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{labels}}}")
-    };
-    let _ = writeln!(out, "{name}_sum{braces} {}", h.sum);
-    let _ = writeln!(out, "{name}_count{braces} {}", h.count);
+}
+
+/// One of the engine's histograms, as a Prometheus histogram.
+struct Buckets<'a>(&'a Histogram);
+
+impl EncodeMetric for Buckets<'_> {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        // The encoder takes each bucket's own count (it sums them) and writes `f64::MAX` as
+        // `+Inf`, as prometheus-client's own histograms hold it.
+        let counts = self.0.counts.iter().copied().chain(std::iter::repeat(0));
+        let buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(counts)
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.0.sum, self.0.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use poolkeeper_engine::status::ControllerInfo;
+
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let mut snap = Snapshot {
+            controller: ControllerInfo {
+                pid: 1,
+                runtime: "memory".into(),
+                started_at: String::new(),
+                updated_at: String::new(),
+                state_dir: Default::default(),
+                api: None,
+            },
+            objects: vec![ObjectView {
+                kind: Kind::Pool,
+                name: "web".into(),
+                origin: Default::default(),
+                spec: Value::Null,
+                status: serde_json::json!({"instances": 3, "warm": 2, "bound": 1, "queued": 0,
+                    "hits": 5, "misses": 1}),
+                events: Vec::new(),
+            }],
+            diagnostics: Vec::new(),
+            instances: Vec::new(),
+            nodes: Vec::new(),
+            metrics: Default::default(),
+        };
+        snap.metrics.pool.reconciles = 7;
+        snap.metrics.bind_latency.observe(0.003);
+        snap.metrics.bind_latency.observe(0.2);
+        snap.metrics.store_deferred = 4;
+        snap
+    }
+
+    /// Each sample's name and label keys, as a scraper sees them.
+    fn series(text: &str) -> BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let name_labels = l.rsplit_once(' ').map_or(l, |(n, _)| n);
+                match name_labels.split_once('{') {
+                    Some((n, labels)) => {
+                        let mut keys: Vec<&str> = labels
+                            .trim_end_matches('}')
+                            .split(',')
+                            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                            .collect();
+                        keys.sort_unstable();
+                        format!("{n}{{{}}}", keys.join(","))
+                    }
+                    None => name_labels.to_owned(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_metric_names_and_label_sets_are_those_documented() {
+        let text = render_metrics(&snapshot());
+        let want: BTreeSet<String> = [
+            "poolkeeper_reconciles_total{kind}",
+            "poolkeeper_reconcile_errors_total{kind}",
+            "poolkeeper_reconcile_duration_seconds_bucket{kind,le}",
+            "poolkeeper_reconcile_duration_seconds_sum{kind}",
+            "poolkeeper_reconcile_duration_seconds_count{kind}",
+            "poolkeeper_claim_bind_seconds_bucket{le}",
+            "poolkeeper_claim_bind_seconds_sum",
+            "poolkeeper_claim_bind_seconds_count",
+            "poolkeeper_store_commit_seconds_bucket{le}",
+            "poolkeeper_store_commit_seconds_sum",
+            "poolkeeper_store_commit_seconds_count",
+            "poolkeeper_store_deferred_commits_total",
+            "poolkeeper_pool_instances{pool}",
+            "poolkeeper_pool_warm{pool}",
+            "poolkeeper_pool_bound{pool}",
+            "poolkeeper_pool_queued{pool}",
+            "poolkeeper_pool_hits_total{pool}",
+            "poolkeeper_pool_misses_total{pool}",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        assert_eq!(series(&text), want, "{text}");
+    }
+
+    #[test]
+    fn values_and_buckets_are_those_of_the_snapshot() {
+        let text = render_metrics(&snapshot());
+        for line in [
+            "poolkeeper_reconciles_total{kind=\"pool\"} 7",
+            "poolkeeper_pool_warm{pool=\"web\"} 2",
+            "poolkeeper_pool_hits_total{pool=\"web\"} 5",
+            "poolkeeper_store_deferred_commits_total 4",
+            "poolkeeper_claim_bind_seconds_bucket{le=\"0.005\"} 1",
+            "poolkeeper_claim_bind_seconds_bucket{le=\"0.25\"} 2",
+            "poolkeeper_claim_bind_seconds_bucket{le=\"+Inf\"} 2",
+            "poolkeeper_claim_bind_seconds_count 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing in:\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
 }

@@ -1,31 +1,20 @@
 //! Where reservation callbacks go: a URL checked once at start (`http://` or `https://`), and
 //! for `https://` the certificate authorities trusted (the system's, and those of a PEM file
-//! given with `--notify-ca-file`). Each callback is one signed `POST` on a connection of its own.
+//! given with `--notify-ca-file`). Each callback is one signed `POST` (see [`crate::client`]).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_rustls::rustls;
+use crate::client::Client;
 
 /// How long one delivery may take, connection and answer included.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A callback URL, parsed, with what is needed to reach it.
+/// A callback URL, checked, with the client that reaches it.
 #[derive(Clone)]
 pub struct Target {
     /// As given (for messages).
     pub url: String,
-    /// `HOST:PORT` to connect to (the default port filled in).
-    connect: String,
-    /// `Host` header: the URL's authority as given.
-    authority: String,
-    path: String,
-    /// For `https://`: the TLS client and the name the certificate must carry.
-    tls: Option<(
-        tokio_rustls::TlsConnector,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    client: Client,
 }
 
 impl std::fmt::Debug for Target {
@@ -101,20 +90,15 @@ pub fn parse(url: &str) -> Result<Parsed, String> {
 }
 
 impl Target {
-    /// Checks `url` and, for `https://`, builds the TLS client: trusting the system's
-    /// certificate authorities and those in `ca_file` (PEM). With none to trust, or a CA file
-    /// that holds no certificate, it is an error naming what is missing.
+    /// Checks `url` and, for `https://`, the certificate authorities to trust: the system's
+    /// and those in `ca_file` (PEM). With none to trust, or a CA file that holds no
+    /// certificate, it is an error naming what is missing.
     pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Target, String> {
         let p = parse(url)?;
-        let connect = if p.host.contains(':') {
-            format!("[{}]:{}", p.host, p.port)
-        } else {
-            format!("{}:{}", p.host, p.port)
-        };
-        let tls = if p.https {
-            let name = rustls::pki_types::ServerName::try_from(p.host.clone())
+        let client = if p.https {
+            rustls::pki_types::ServerName::try_from(p.host.clone())
                 .map_err(|e| format!("{url}: {:?} is not a host name: {e}", p.host))?;
-            Some((connector(ca_file)?, name))
+            Client::new(crate::client::tls_config(ca_file, "--notify-ca-file")?)
         } else {
             if let Some(f) = ca_file {
                 return Err(format!(
@@ -122,14 +106,11 @@ impl Target {
                     f.display()
                 ));
             }
-            None
+            Client::http_only()
         };
         Ok(Target {
             url: url.to_owned(),
-            connect,
-            authority: p.authority,
-            path: p.path,
-            tls,
+            client,
         })
     }
 
@@ -138,120 +119,28 @@ impl Target {
     pub async fn post_signed(&self, secret: &[u8], body: &[u8]) -> Result<(), String> {
         let ts = crate::webhook::unix_now();
         let signature = crate::webhook::sign(secret, ts, body);
-        let mut request = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n{}: {ts}\r\n{}: {signature}\r\nConnection: close\r\n\r\n",
-            self.path,
-            self.authority,
-            body.len(),
-            crate::webhook::HEADER_TIMESTAMP,
-            crate::webhook::HEADER_SIGNATURE,
-        )
-        .into_bytes();
-        request.extend_from_slice(body);
-        let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(&self.connect)
-                .await
-                .map_err(|e| format!("connecting to {}: {e}", self.connect))?;
-            let _ = tcp.set_nodelay(true);
-            match &self.tls {
-                None => exchange(tcp, &request).await,
-                Some((connector, name)) => {
-                    let tls = connector
-                        .connect(name.clone(), tcp)
-                        .await
-                        .map_err(|e| format!("TLS with {}: {e}", self.connect))?;
-                    exchange(tls, &request).await
-                }
-            }
-        };
-        let line = tokio::time::timeout(DELIVERY_TIMEOUT, exchange)
+        let ts = ts.to_string();
+        let req = crate::client::request(
+            "POST",
+            &self.url,
+            &[
+                ("content-type", "application/json"),
+                (crate::webhook::HEADER_TIMESTAMP, &ts),
+                (crate::webhook::HEADER_SIGNATURE, &signature),
+            ],
+            body.to_vec(),
+        )?;
+        let answer = self
+            .client
+            .send(req, DELIVERY_TIMEOUT)
             .await
-            .map_err(|_| {
-                format!(
-                    "{}: no answer within {} s",
-                    self.url,
-                    DELIVERY_TIMEOUT.as_secs()
-                )
-            })??;
-        let code = line.split_whitespace().nth(1).unwrap_or("");
-        if code.starts_with('2') {
+            .map_err(|e| e.to_string())?;
+        if (200..300).contains(&answer.status) {
             Ok(())
         } else {
-            Err(format!("{} answered {line:?}", self.url))
+            Err(format!("{} answered {}", self.url, answer.status))
         }
     }
-}
-
-/// Sends `request` and reads the answer's status line.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    request: &[u8],
-) -> Result<String, String> {
-    s.write_all(request).await.map_err(|e| e.to_string())?;
-    s.flush().await.map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(2).any(|w| w == b"\r\n") {
-        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(String::from_utf8_lossy(&buf)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned())
-}
-
-/// A TLS client trusting the system's authorities and those of `ca_file`.
-fn connector(ca_file: Option<&std::path::Path>) -> Result<tokio_rustls::TlsConnector, String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let system = rustls_native_certs::load_native_certs();
-    let (system_added, _) = roots.add_parsable_certificates(system.certs);
-    let mut file_added = 0;
-    if let Some(path) = ca_file {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| format!("--notify-ca-file {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "--notify-ca-file {}: no certificate (PEM `BEGIN CERTIFICATE`) in it",
-                path.display()
-            ));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| {
-                format!(
-                    "--notify-ca-file {}: a certificate is not usable: {e}",
-                    path.display()
-                )
-            })?;
-            file_added += 1;
-        }
-    }
-    if system_added + file_added == 0 {
-        let why = system
-            .errors
-            .first()
-            .map(|e| format!(" ({e})"))
-            .unwrap_or_default();
-        return Err(format!(
-            "no certificate authority to trust for an https:// notification URL: the system \
-             has none{why}; give --notify-ca-file"
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 #[cfg(test)]

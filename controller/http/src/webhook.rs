@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -24,34 +25,23 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// HMAC-SHA256 (RFC 2104).
-pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(k.map(|b| b ^ 0x36));
-    inner.update(message);
-    let mut outer = Sha256::new();
-    outer.update(k.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
-}
+type HmacSha256 = Hmac<Sha256>;
 
-/// Equal, compared whole: the time taken does not tell where two secrets' digests differ.
-pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// HMAC-SHA256 (RFC 2104), as RustCrypto's `hmac` computes it.
+fn mac_of(key: &[u8], timestamp: u64, body: &[u8]) -> HmacSha256 {
+    // Any key length is valid for HMAC: `new_from_slice` cannot fail here.
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
 }
 
 /// The signature header's value for `body` sent at `timestamp`.
 pub fn sign(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
-    let mut msg = format!("{timestamp}.").into_bytes();
-    msg.extend_from_slice(body);
-    format!("sha256={}", hex::encode(hmac_sha256(secret, &msg)))
+    let tag = mac_of(secret, timestamp, body).finalize().into_bytes();
+    format!("sha256={}", hex::encode(tag))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,18 +84,17 @@ pub fn verify(
     if skew > REPLAY_WINDOW_SECS {
         return Err(SignatureError::OutsideWindow(skew));
     }
-    let want = sign(secret, ts, body);
     let got = sig.trim();
-    let got = if got.starts_with("sha256=") {
-        got.to_owned()
-    } else {
-        format!("sha256={got}")
-    };
-    if same_bytes(want.as_bytes(), got.as_bytes()) {
-        Ok(Signed { at: ts, key: want })
-    } else {
-        Err(SignatureError::Mismatch)
-    }
+    let got = got.strip_prefix("sha256=").unwrap_or(got);
+    let tag = hex::decode(got).map_err(|_| SignatureError::Mismatch)?;
+    // `verify_slice` compares in constant time.
+    mac_of(secret, ts, body)
+        .verify_slice(&tag)
+        .map_err(|_| SignatureError::Mismatch)?;
+    Ok(Signed {
+        at: ts,
+        key: format!("sha256={}", hex::encode(tag)),
+    })
 }
 
 /// The signatures accepted while they could still verify (until their timestamp is more than
@@ -230,6 +219,12 @@ pub fn pool_for_image<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("any key length");
+        mac.update(message);
+        mac.finalize().into_bytes().to_vec()
+    }
 
     #[test]
     fn hmac_matches_rfc_4231() {

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+
+use poolkeeper_http::client::{Client, request};
 
 use super::{BenchArgs, pct, round3};
 use crate::cli::RuntimeKind;
@@ -27,17 +28,18 @@ const TOKEN: &str = "bench-api-token-0123456789";
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
 
-/// One keep-alive HTTP/1.1 connection.
+/// One client's requests: keep-alive, through the project's HTTP client.
 struct Conn {
-    s: TcpStream,
-    buf: Vec<u8>,
+    client: Client,
+    base: String,
 }
 
 impl Conn {
-    async fn open(addr: &str) -> anyhow::Result<Conn> {
-        let s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        Ok(Conn { s, buf: Vec::new() })
+    fn new(client: &Client, addr: &str) -> Conn {
+        Conn {
+            client: client.clone(),
+            base: format!("http://{addr}"),
+        }
     }
 
     /// Sends a request and reads the answer's status and body.
@@ -47,78 +49,47 @@ impl Conn {
         path: &str,
         body: &str,
     ) -> anyhow::Result<(u16, String)> {
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.s.write_all(req.as_bytes()).await?;
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            self.fill().await?;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
-        let code: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow!("not HTTP: {head}"))?;
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())
-                    .flatten()
-            })
-            .unwrap_or(0);
-        while self.buf.len() < head_end + len {
-            self.fill().await?;
-        }
-        let body = String::from_utf8_lossy(&self.buf[head_end..head_end + len]).into_owned();
-        self.buf.drain(..head_end + len);
-        Ok((code, body))
-    }
-
-    async fn fill(&mut self) -> anyhow::Result<()> {
-        let mut chunk = [0u8; 4096];
-        let n = self.s.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("the server closed the connection");
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
+        let req = request(
+            method,
+            &format!("{}{path}", self.base),
+            &[
+                ("authorization", &format!("Bearer {TOKEN}")),
+                ("content-type", "application/json"),
+            ],
+            body.as_bytes().to_vec(),
+        )
+        .map_err(|e| anyhow!(e))?;
+        let answer = self.client.send(req, Duration::from_secs(60)).await?;
+        Ok((
+            answer.status,
+            String::from_utf8_lossy(&answer.body).into_owned(),
+        ))
     }
 }
 
 /// Follows the status stream; each Bound event wakes the client waiting for that claim.
 async fn follow_events(
+    client: Client,
     addr: String,
     waiters: Waiters,
     ready: oneshot::Sender<()>,
 ) -> anyhow::Result<()> {
-    let mut s = TcpStream::connect(&addr).await?;
-    s.write_all(
-        format!(
-            "GET /api/v1/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-        )
-        .as_bytes(),
+    let req = request(
+        "GET",
+        &format!("http://{addr}/api/v1/events"),
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        Vec::new(),
     )
-    .await?;
+    .map_err(|e| anyhow!(e))?;
+    let mut body = client.open(req).await?.into_body();
+    // The answer's headers came: from now on every change is delivered.
+    let _ = ready.send(());
     let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut ready = Some(ready);
-    loop {
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(r) = ready.take() {
-            let _ = r.send(());
-        }
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
         while let Some(i) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..i + 2).collect();
             let text = String::from_utf8_lossy(&event);
@@ -139,6 +110,7 @@ async fn follow_events(
             }
         }
     }
+    Ok(())
 }
 
 /// A runtime of its own for the clients. Dropping a runtime inside another one panics, also
@@ -323,7 +295,13 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     }
     let waiters: Waiters = Arc::default();
     let (ready_tx, ready_rx) = oneshot::channel();
-    clients.spawn(follow_events(addr.clone(), waiters.clone(), ready_tx));
+    let client = Client::http_only();
+    clients.spawn(follow_events(
+        client.clone(),
+        addr.clone(),
+        waiters.clone(),
+        ready_tx,
+    ));
     // The stream's headers come first: from then on every change is delivered.
     tokio::time::timeout(Duration::from_secs(10), ready_rx)
         .await
@@ -336,8 +314,8 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     let rate = args.rate.filter(|r| *r > 0.0);
     for _ in 0..args.concurrency {
         let (addr, waiters, next) = (addr.clone(), waiters.clone(), next.clone());
+        let mut conn = Conn::new(&client, &addr);
         workers.push(clients.spawn(async move {
-            let mut conn = Conn::open(&addr).await?;
             let mut latencies = Vec::new();
             let mut created = Vec::new();
             loop {
