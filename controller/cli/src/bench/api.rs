@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use poolkeeper_http::client::{Client, request};
 
-use super::{BenchArgs, pct, round3};
+use super::{BenchArgs, Figure, pct};
 use crate::cli::RuntimeKind;
 
 const TOKEN: &str = "bench-api-token-0123456789";
@@ -369,23 +369,30 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
     let after = handle.snapshot().await?.metrics;
     let (commits, commits_before) = (&after.store_commit, &before.store_commit);
     let slow = |h: &poolkeeper_engine::metrics::Histogram| h.above(0.05).unwrap_or(0);
-    println!(
-        "{}",
-        json!({"figure": "api_claims", "runtime": if docker { "docker" } else { "memory" },
-               "claims": claims, "concurrency": args.concurrency, "warm": instances,
-               "released_as_they_complete": true,
-               "reset": format!("{:?}", args.reset),
-               "offered_rate_per_s": rate,
-               "p50_ms": round3(pct(&latencies, 0.5)), "p90_ms": round3(pct(&latencies, 0.9)),
-               "p99_ms": round3(pct(&latencies, 0.99)),
-               "created_p50_ms": round3(pct(&created, 0.5)),
-               "created_p99_ms": round3(pct(&created, 0.99)),
-               "max_ms": round3(latencies.last().copied().unwrap_or(0.0)),
-               "store_commits": commits.count - commits_before.count,
-               "store_commits_over_50ms": slow(commits) - slow(commits_before),
-               "store_deferred_commits": after.store_deferred - before.store_deferred,
-               "claims_per_s": round3(claims as f64 / elapsed)})
-    );
+    Figure::new(
+        "api_claims",
+        if docker { "docker" } else { "memory" },
+        claims,
+    )
+    .per_s(f64::from(claims) / elapsed)
+    .latencies(&latencies)
+    .with("concurrency", args.concurrency)
+    .with("warm", instances)
+    .with("released_as_they_complete", true)
+    .with("reset", format!("{:?}", args.reset))
+    .with("offered_rate_per_s", rate)
+    .with("created_p50_ms", pct(&created, 0.5))
+    .with("created_p99_ms", pct(&created, 0.99))
+    .with("store_commits", commits.count - commits_before.count)
+    .with(
+        "store_commits_over_50ms",
+        slow(commits) - slow(commits_before),
+    )
+    .with(
+        "store_deferred_commits",
+        after.store_deferred - before.store_deferred,
+    )
+    .print();
     api.stop();
     drop(clients);
     handle.shutdown().await;

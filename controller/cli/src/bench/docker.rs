@@ -33,7 +33,6 @@ use bollard::models::{ContainerCreateBody, HostConfig, PortBinding as DockerPort
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
@@ -41,7 +40,7 @@ use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Kind, ObjKey, PoolSpec, Spec};
 use poolkeeper_runtime::{LABEL_CONTROLLER, Runtime, probe};
 use poolkeeper_runtime_docker::DockerRuntime;
 
-use super::{BenchArgs, obj, pct, round3, user, wait_warm};
+use super::{BenchArgs, Figure, obj, pct, user, wait_warm};
 
 /// Marks the baseline's own containers, so that they are removed whatever happens.
 const LABEL_BENCH: &str = "poolkeeper.dev/bench";
@@ -243,11 +242,11 @@ async fn measure(
     let recycle_ms = t.elapsed().as_secs_f64() * 1e3;
     remove_all(&second).await;
     created?;
-    println!(
-        "{}",
-        json!({"bench":"raw_parallel","runtime":"docker","image":raw.image,"n":n,
-               "ms":round3(raw_ms),"recycle_ms":round3(recycle_ms)})
-    );
+    Figure::new("raw_parallel", "docker", n)
+        .with("ms", raw_ms)
+        .with("recycle_ms", recycle_ms)
+        .with("image", &raw.image)
+        .print();
 
     // Baseline 2: cold create + start + first HTTP 200, one after the other.
     let mut cold = Vec::new();
@@ -266,12 +265,11 @@ async fn measure(
     }
     cold.sort_by(f64::total_cmp);
     let cold_p50 = pct(&cold, 0.5);
-    println!(
-        "{}",
-        json!({"bench":"cold","runtime":"docker","image":raw.image,"n":args.cold,
-               "p50_ms":round3(cold_p50),"min_ms":round3(pct(&cold,0.0)),
-               "max_ms":round3(pct(&cold,1.0))})
-    );
+    Figure::new("cold", "docker", args.cold)
+        .latencies(&cold)
+        .with("min_ms", pct(&cold, 0.0))
+        .with("image", &raw.image)
+        .print();
 
     // poolkeeper: fill, then claims in rounds, then refills.
     let (h, _task) = poolkeeper_engine::start(rt.clone(), EngineConfig::new(dir.join("state")))?;
@@ -282,11 +280,11 @@ async fn measure(
     h.apply(obj("bench".into(), pool_spec(args, n)?))?;
     wait_warm(&h, "bench", n, LIMIT).await?;
     let fill_ms = t.elapsed().as_secs_f64() * 1e3;
-    println!(
-        "{}",
-        json!({"bench":"fill","runtime":"docker","n":n,"ms":round3(fill_ms),
-               "vs_raw_parallel":round3(fill_ms/raw_ms),"target_vs_raw_max":1.3})
-    );
+    Figure::new("fill", "docker", n)
+        .with("ms", fill_ms)
+        .with("vs_raw_parallel", fill_ms / raw_ms)
+        .with("target_vs_raw_max", 1.3)
+        .print();
 
     let small_files: BTreeMap<String, String> = BTreeMap::from([
         ("index.html".to_owned(), "<h1>bench</h1>\n".repeat(64)),
@@ -341,33 +339,33 @@ async fn measure(
         }
         latencies.sort_by(f64::total_cmp);
         let p50 = pct(&latencies, 0.5);
-        println!(
-            "{}",
-            json!({"bench":"claim","runtime":"docker","files":variant,
-                   "file_count":files.len(),"n":m,"pool":n,"rounds":round,
-                   "concurrency":args.concurrency,
-                   "p50_ms":round3(p50),"p99_ms":round3(pct(&latencies,0.99)),
-                   "max_ms":round3(pct(&latencies,1.0)),
-                   "per_s":round3(f64::from(m)/bound_s),
-                   "target_p99_ms":target,
-                   "cold_p50_vs_bind_p50":round3(cold_p50/p50.max(1e-6)),
-                   "target_vs_cold_min":50})
-        );
+        Figure::new("claim", "docker", m)
+            .per_s(f64::from(m) / bound_s)
+            .latencies(&latencies)
+            .with("files", variant)
+            .with("file_count", files.len())
+            .with("pool", n)
+            .with("rounds", round)
+            .with("concurrency", args.concurrency)
+            .with("target_p99_ms", target)
+            .with("cold_p50_vs_bind_p50", cold_p50 / p50.max(1e-6))
+            .with("target_vs_cold_min", 50)
+            .print();
     }
     cleanups.sort_by(f64::total_cmp);
     let refill_each: Vec<f64> = refills.iter().map(|x| x.round()).collect();
     refills.sort_by(f64::total_cmp);
     let refill_p50 = pct(&refills, 0.5);
-    println!(
-        "{}",
-        json!({"bench":"refill","runtime":"docker","n":n,"rounds":refills.len(),
-               "p50_ms":round3(refill_p50),"max_ms":round3(pct(&refills,1.0)),
-               "each_ms":refill_each,
-               "p50_vs_raw_parallel":round3(refill_p50/raw_ms),
-               "p50_vs_raw_recycle":round3(refill_p50/recycle_ms),
-               "cleanup_after_p50_ms":round3(pct(&cleanups,0.5)),
-               "target_vs_raw_max":1.3})
-    );
+    // n: the refills timed (one per round), each of `instances`.
+    Figure::new("refill", "docker", refills.len() as u64)
+        .latencies(&refills)
+        .with("instances", n)
+        .with("each_ms", refill_each)
+        .with("p50_vs_raw_parallel", refill_p50 / raw_ms)
+        .with("p50_vs_raw_recycle", refill_p50 / recycle_ms)
+        .with("cleanup_after_p50_ms", pct(&cleanups, 0.5))
+        .with("target_vs_raw_max", 1.3)
+        .print();
 
     // Drain: deleting the pool removes its instances.
     h.delete(ObjKey::new(Kind::Pool, "bench"))?;

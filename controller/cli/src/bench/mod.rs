@@ -13,6 +13,10 @@
 
 pub mod api;
 pub mod docker;
+mod figure;
+
+pub use figure::Figure;
+use figure::pct;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -20,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use serde_json::json;
 
 use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
 use poolkeeper_kinds::{
@@ -176,25 +179,12 @@ pub fn rss_peak_mb() -> f64 {
     proc_status_mb("VmHWM:")
 }
 
-pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// One memory-runtime figure: `n` operations that took `took`, as total ms and a rate.
-fn print_rate(bench: &str, n: u32, took: Duration) {
-    println!(
-        "{}",
-        json!({"bench":bench,"runtime":"memory","n":n,"ms":round3(took.as_secs_f64()*1e3),
-               "per_s":round3(f64::from(n)/took.as_secs_f64())})
-    );
-}
-
-pub(crate) fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
+fn print_rate(figure: &'static str, n: u32, took: Duration) {
+    Figure::new(figure, "memory", n)
+        .per_s(f64::from(n) / took.as_secs_f64())
+        .with("ms", took.as_secs_f64() * 1e3)
+        .print();
 }
 
 async fn wait_warm(h: &EngineHandle, pool: &str, want: u32, limit: Duration) -> anyhow::Result<()> {
@@ -317,14 +307,14 @@ async fn claim_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let elapsed = t.elapsed();
     latencies.sort_by(f64::total_cmp);
-    println!(
-        "{}",
-        json!({"bench":"claim","runtime":"memory","n":m,"pool":n,"concurrency":args.concurrency,
-               "release_as_bound":args.release,
-               "p50_ms":round3(pct(&latencies,0.5)),"p99_ms":round3(pct(&latencies,0.99)),
-               "max_ms":round3(pct(&latencies,1.0)),
-               "per_s":round3(f64::from(m)/elapsed.as_secs_f64()),"rss_mb":round3(rss_peak_mb())})
-    );
+    Figure::new("claim", "memory", m)
+        .per_s(f64::from(m) / elapsed.as_secs_f64())
+        .latencies(&latencies)
+        .rss()
+        .with("pool", n)
+        .with("concurrency", args.concurrency)
+        .with("release_as_bound", args.release)
+        .print();
     if !args.release {
         // Release everything and wait for the pool to be full again.
         let t = Instant::now();
@@ -388,13 +378,17 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let rss_now = proc_status_mb("VmRSS:");
     times.sort_by(f64::total_cmp);
-    println!(
-        "{}",
-        json!({"bench":"resync","runtime":"memory","pools":pools,"claims":claims,
-               "instances":rt.counts().0,"ms":round3(times[1]),"min_ms":round3(times[0]),
-               "setup_s":round3(setup.as_secs_f64()),"rss_mb":round3(rss_peak_mb()),
-               "rss_now_mb":round3(rss_now)})
-    );
+    // n: the full resyncs timed; `ms` is their median.
+    Figure::new("resync", "memory", times.len() as u64)
+        .rss()
+        .with("ms", times[1])
+        .with("min_ms", times[0])
+        .with("pools", pools)
+        .with("claims", claims)
+        .with("instances", rt.counts().0)
+        .with("setup_s", setup.as_secs_f64())
+        .with("rss_now_mb", rss_now)
+        .print();
     h.shutdown().await;
     Ok(())
 }
