@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use poolkeeper_http::client::{Client, request};
 
 use super::{BenchArgs, Figure, pct};
-use crate::cli::RuntimeKind;
+use crate::args::RuntimeKind;
 
 const TOKEN: &str = "bench-api-token-0123456789";
 

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
 
 use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
 use poolkeeper_kinds::{
@@ -32,88 +31,8 @@ use poolkeeper_kinds::{
 };
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
 
-use crate::cli::RuntimeKind;
-
-#[derive(Args, Debug, Clone)]
-pub struct BenchArgs {
-    #[arg(long, value_enum, default_value_t = RuntimeKind::Memory)]
-    pub runtime: RuntimeKind,
-    /// Warm instances in the pool (default 1000 on memory, 50 on docker).
-    #[arg(long)]
-    pub instances: Option<u32>,
-    /// Claims to bind (default 10000 on memory; on docker 200 without files, then 200 with).
-    #[arg(long)]
-    pub claims: Option<u32>,
-    /// Claims outstanding at once.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: u32,
-    /// Users the claims are spread over.
-    #[arg(long, default_value_t = 1000)]
-    pub users: u32,
-    /// Pools for the resync figure (0 skips it).
-    #[arg(long, default_value_t = 10_000)]
-    pub resync_pools: u32,
-    /// Bound claims for the resync figure.
-    #[arg(long, default_value_t = 100_000)]
-    pub resync_claims: u32,
-    /// Release each claim as soon as it is bound (steady state: the pool refills behind the
-    /// traffic). Without it every claim keeps its instance until the end.
-    #[arg(long)]
-    pub release: bool,
-    /// Which scenario to run; `all` runs each in a process of its own, so that every figure's
-    /// resident memory is its own.
-    #[arg(long, value_enum, default_value_t = Scenario::All)]
-    pub scenario: Scenario,
-    /// Docker: the image of the pool and of the baselines. It must answer HTTP 2xx on
-    /// `--http-path` at `--http-port` (the default, the project's workload image, is built by
-    /// `e2e/build-workload-image.sh`).
-    #[arg(long, default_value = "poolkeeper-workload:test")]
-    pub image: String,
-    #[arg(long, default_value_t = 8080)]
-    pub http_port: u16,
-    #[arg(long, default_value = "/healthz")]
-    pub http_path: String,
-    /// Docker: the first host port used (the pool takes `--instances` ports from here, the
-    /// baselines the ones after).
-    #[arg(long, default_value_t = 31000)]
-    pub port_base: u16,
-    /// Docker: cold starts timed for the baseline.
-    #[arg(long, default_value_t = 10)]
-    pub cold: u32,
-    #[command(flatten)]
-    pub docker: crate::cli::DockerArgs,
-    /// Drive claims through the HTTP API (POST, Bound seen on the status stream, release):
-    /// `--claims` (default 20000 on memory, 500 on docker) with `--concurrency` clients, on a
-    /// pool of `--instances` warm (default 1000 / 50).
-    #[arg(long)]
-    pub api: bool,
-    /// With `--api`: offer claims at this rate (claims per second, arrivals evenly spaced)
-    /// instead of as fast as the clients go. A pool refills only as fast as its runtime
-    /// recreates instances: a rate below that measures binding, one above measures the queue.
-    #[arg(long)]
-    pub rate: Option<f64>,
-    /// With `--api`: how the pool resets a released instance (`recreate`, the default, makes a
-    /// fresh container; `exec` runs `--reset-command` in it and hands it on in place).
-    #[arg(long, value_enum, default_value_t = BenchReset::Recreate)]
-    pub reset: BenchReset,
-    /// The command of `--reset exec` (words; the default suits the project's workload image).
-    #[arg(long, num_args = 1.., default_values_t = ["/pk-workload".to_owned(), "clean".to_owned(), "/srv".to_owned()])]
-    pub reset_command: Vec<String>,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BenchReset {
-    Recreate,
-    Restart,
-    Exec,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scenario {
-    All,
-    Claim,
-    Resync,
-}
+use crate::args::RuntimeKind;
+pub use crate::args::{BenchArgs, BenchReset, Scenario};
 
 fn obj(name: String, spec: Spec) -> Object {
     Object {
