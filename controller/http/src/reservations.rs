@@ -20,9 +20,9 @@ use crate::claims::refused;
 use crate::error::{ApiError, ApiResult};
 use crate::{ApiState, WebhookConfig};
 
-/// What poolkeeper keeps of a reservation, beside its claim file: who asked, and where the
-/// callback stands. In the state folder (`DIR/.poolkeeper/reservations/CLAIM.json`), which the
-/// watcher does not load as specs.
+/// What poolkeeper keeps of a reservation, beside its claim: who asked, and where the
+/// callback stands. In the source's records (`reservations/CLAIM.json`; the directory source
+/// keeps them in its state folder, which the watcher does not load as specs).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Reservation {
