@@ -231,12 +231,18 @@ impl<R: Runtime> Engine<R> {
                             poolkeeper_runtime::find_port(&r.bindings, &ssh.port)
                                 .map(|b| format!("ssh -p {} {}@{host}", b.host_port, ssh.user))
                         });
+                    let ports: std::collections::BTreeMap<String, u16> = r
+                        .bindings
+                        .iter()
+                        .map(|p| (p.name.clone(), p.host_port))
+                        .collect();
+                    let address = ports
+                        .values()
+                        .next()
+                        .map(|port| address_of(&host, *port));
                     Endpoint {
-                        ports: r
-                            .bindings
-                            .iter()
-                            .map(|p| (p.name.clone(), p.host_port))
-                            .collect(),
+                        ports,
+                        address,
                         host,
                         ssh,
                     }
@@ -410,5 +416,14 @@ impl<R: Runtime> Engine<R> {
             nodes: self.rt.nodes(),
             metrics: self.metrics.clone(),
         }
+    }
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+fn address_of(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }

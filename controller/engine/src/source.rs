@@ -82,12 +82,16 @@ impl Resolve for InlineOnly {
     }
 
     fn user_token(&self, spec: &UserSpec, _origin: &Origin) -> UserToken {
-        match (&spec.token_sha256, &spec.token_secret_file) {
-            (Some(h), _) => UserToken::from_sha256(h),
-            (None, Some(f)) => UserToken::Unreadable(format!(
+        match (&spec.token_sha256, &spec.token_secret_file, &spec.token_secret_ref) {
+            (Some(h), ..) => UserToken::from_sha256(h),
+            (None, Some(f), _) => UserToken::Unreadable(format!(
                 "tokenSecretFile {f}: this source does not read files (declare tokenSha256)"
             )),
-            (None, None) => UserToken::None,
+            (None, None, Some(r)) => UserToken::Unreadable(format!(
+                "tokenSecretRef {}: this source does not read Secrets (declare tokenSha256)",
+                r.name
+            )),
+            (None, None, None) => UserToken::None,
         }
     }
 }

@@ -19,13 +19,26 @@ impl<R: Runtime> Engine<R> {
         };
         let token = self.config.resolve.user_token(&u.spec, &u.origin);
         let changed = token != u.token;
-        let (ready, reason, message) = match (&token, &u.spec.token_secret_file) {
-            (UserToken::Unreadable(why), _) => (false, "TokenFileUnreadable", why.clone()),
-            (UserToken::Digest(_), Some(f)) => {
+        let secret = u.spec.token_secret_ref.as_ref();
+        let (ready, reason, message) = match (&token, &u.spec.token_secret_file, secret) {
+            (UserToken::Unreadable(why), _, Some(_)) => {
+                (false, "TokenSecretUnreadable", why.clone())
+            }
+            (UserToken::Unreadable(why), _, None) => {
+                (false, "TokenFileUnreadable", why.clone())
+            }
+            (UserToken::Digest(_), Some(f), _) => {
                 (true, "TokenFileRead", format!("token read from {f}"))
             }
-            (UserToken::Digest(_), None) => (true, "TokenSha256", "token digest declared".into()),
-            (UserToken::None, _) => {
+            (UserToken::Digest(_), None, Some(r)) => (
+                true,
+                "TokenSecretRead",
+                format!("token read from Secret {}, key {}", r.name, r.key),
+            ),
+            (UserToken::Digest(_), None, None) => {
+                (true, "TokenSha256", "token digest declared".into())
+            }
+            (UserToken::None, ..) => {
                 u.conditions.retain(|c| c.type_ != "TokenReady");
                 u.token = token;
                 return changed;
@@ -47,13 +60,16 @@ impl<R: Runtime> Engine<R> {
         changed
     }
 
-    /// Reads every `tokenSecretFile` again (at each resync): a rotated token works from then on.
+    /// Reads every `tokenSecretFile` and `tokenSecretRef` again (at each resync): a rotated
+    /// token works from then on.
     pub(crate) fn reload_token_files(&mut self) {
         let now = self.clock.now_ms();
         let names: Vec<String> = self
             .users
             .iter()
-            .filter(|(_, u)| u.spec.token_secret_file.is_some())
+            .filter(|(_, u)| {
+                u.spec.token_secret_file.is_some() || u.spec.token_secret_ref.is_some()
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {

@@ -22,11 +22,26 @@ use crate::Condition;
     status = "ClaimStatus",
     shortname = "cl",
     category = "poolkeeper",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool"),
     printcolumn(name = "User", type_ = "string", json_path = ".spec.user"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Instance", type_ = "string", json_path = ".status.instance"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint.address"
+    ),
+    printcolumn(
+        name = "Instance",
+        type_ = "string",
+        json_path = ".status.instance",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "date",
+        json_path = ".status.expiresAt",
+        priority = 1
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -99,6 +114,10 @@ pub struct ClaimStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     pub host: String,
+    /// `host:port` of its first port (by name): what `kubectl get claims` shows. All ports
+    /// are in `ports`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Port name -> host port.
     pub ports: BTreeMap<String, u16>,
     /// How to log in, for pools with `ssh` (e.g. `ssh -p 8400 root@10.0.0.5`).

@@ -24,15 +24,30 @@ use crate::Condition;
     status = "PoolStatus",
     shortname = "pl",
     category = "poolkeeper",
-    printcolumn(name = "Image", type_ = "string", json_path = ".spec.template.image"),
     printcolumn(name = "Warm", type_ = "integer", json_path = ".status.warm"),
     printcolumn(name = "Bound", type_ = "integer", json_path = ".status.bound"),
-    printcolumn(name = "Instances", type_ = "integer", json_path = ".status.instances"),
     printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queued"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Image",
+        type_ = "string",
+        json_path = ".spec.template.image",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Instances",
+        type_ = "integer",
+        json_path = ".status.instances",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

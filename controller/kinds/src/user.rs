@@ -49,6 +49,19 @@ pub struct UserSpec {
     /// `TokenReady` condition says whether it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_file: Option<String>,
+    /// Instead of `tokenSha256` (Kubernetes mode): a key of a Secret in the User's namespace
+    /// that holds the user's API token. Read when the user is applied and at each resync; only
+    /// its SHA-256 is kept in memory. The `TokenReady` condition says whether it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the referring object's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

@@ -264,6 +264,20 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
         }
         _ => {}
     }
+    if let Some(r) = &u.token_secret_ref {
+        if u.token_sha256.is_some() || u.token_secret_file.is_some() {
+            errs.push(FieldError::new(
+                "spec.tokenSecretRef",
+                "give one of tokenSha256, tokenSecretFile and tokenSecretRef",
+            ));
+        }
+        if r.name.trim().is_empty() || r.key.trim().is_empty() {
+            errs.push(FieldError::new(
+                "spec.tokenSecretRef",
+                "must name a Secret and a key",
+            ));
+        }
+    }
 }
 
 fn validate_deployment(d: &DeploymentSpec, errs: &mut Vec<FieldError>) {

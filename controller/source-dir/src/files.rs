@@ -29,7 +29,14 @@ impl Resolve for DirResolve {
             return UserToken::from_sha256(h);
         }
         let Some(file) = &spec.token_secret_file else {
-            return UserToken::None;
+            return match &spec.token_secret_ref {
+                Some(r) => UserToken::Unreadable(format!(
+                    "tokenSecretRef {}: a Kubernetes Secret, which only the Kubernetes source \
+                     reads (in a folder, use tokenSecretFile)",
+                    r.name
+                )),
+                None => UserToken::None,
+            };
         };
         let path = origin
             .file
