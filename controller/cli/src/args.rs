@@ -25,15 +25,35 @@ pub struct Cli {
 pub enum Command {
     /// Print the CustomResourceDefinitions generated from the types.
     Crds,
+    /// Print the least-privilege RBAC of `run --source kube`: the (Cluster)Role and bindings
+    /// for a ServiceAccount.
+    Rbac {
+        /// The controller's ServiceAccount.
+        #[arg(long, default_value = "poolkeeper")]
+        service_account: String,
+        /// Its namespace (where the Lease and records live).
+        #[arg(long = "controller-namespace", default_value = "poolkeeper")]
+        controller_namespace: String,
+        /// A namespace the controller watches (repeat); default: all (a ClusterRole).
+        #[arg(long = "namespace", value_name = "NS")]
+        namespaces: Vec<String>,
+    },
     /// Check files or folders without running anything.
     Validate {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Run the controller on a watched directory.
+    /// Run the controller on a watched directory (`--dir`), or on a Kubernetes API server's
+    /// custom resources (`--source kube`).
     Run {
-        #[arg(long)]
-        dir: PathBuf,
+        /// The watched folder (the directory source).
+        #[arg(long, required_unless_present = "source")]
+        dir: Option<PathBuf>,
+        /// Where desired state comes from.
+        #[arg(long, value_enum, default_value_t = SourceKind::Dir)]
+        source: SourceKind,
+        #[command(flatten)]
+        kube: KubeArgs,
         #[arg(long, value_enum, default_value_t = RuntimeKind::Docker)]
         runtime: RuntimeKind,
         /// How often to relist the runtime and rescan the directory, whatever events said.
@@ -392,6 +412,40 @@ impl DockerArgs {
         }
         Ok(config)
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// A watched directory of YAML/JSON files.
+    Dir,
+    /// A Kubernetes API server's custom resources (credentials from KUBECONFIG, else
+    /// in-cluster).
+    Kube,
+}
+
+/// `run --source kube`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KubeArgs {
+    /// A namespace to watch (repeat); default: all namespaces.
+    #[arg(long = "namespace", value_name = "NS")]
+    pub namespaces: Vec<String>,
+    /// Where the engine's state store and the instances' files live (default
+    /// `./poolkeeper-state`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The Lease that elects the one replica that acts.
+    #[arg(long, default_value = "poolkeeper", value_name = "NAME")]
+    pub lease_name: String,
+    /// The Lease's namespace, which also holds the controller's records (default: the current
+    /// context's namespace; in a pod, its own).
+    #[arg(long, value_name = "NS")]
+    pub lease_namespace: Option<String>,
+    /// This replica's name in the Lease (default: `$POD_NAME`, else the host name and pid).
+    #[arg(long, value_name = "ID")]
+    pub identity: Option<String>,
+    /// Act without electing a leader (one replica only).
+    #[arg(long)]
+    pub no_leader_election: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -14,7 +14,7 @@ use poolkeeper_source_dir::layout::{state_dir, status_file};
 use poolkeeper_source_dir::loader::validate_paths;
 
 pub use crate::args::*;
-use crate::run::run_cmd;
+use crate::run::{run_cmd, run_kube};
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -56,13 +56,41 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Validate { paths } => validate_cmd(&paths),
         Command::Run {
             dir,
+            source,
+            kube,
             runtime,
             resync,
             docker,
             api,
         } => {
             let rt = controller_runtime()?;
-            rt.block_on(run_cmd(dir, runtime, resync, docker, api))?;
+            match (source, dir) {
+                (SourceKind::Dir, Some(dir)) => {
+                    rt.block_on(run_cmd(dir, runtime, resync, docker, api))?
+                }
+                (SourceKind::Dir, None) => bail!("run needs --dir (or --source kube)"),
+                (SourceKind::Kube, Some(_)) => {
+                    bail!("--dir names a watched folder: not with --source kube")
+                }
+                (SourceKind::Kube, None) => {
+                    rt.block_on(run_kube(kube, runtime, resync, docker, api))?
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rbac {
+            service_account,
+            controller_namespace,
+            namespaces,
+        } => {
+            print!(
+                "{}",
+                poolkeeper_source_kube::rbac::yaml(&poolkeeper_source_kube::rbac::RbacTarget {
+                    service_account,
+                    namespace: controller_namespace,
+                    watched: namespaces,
+                })
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Get {

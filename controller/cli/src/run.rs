@@ -1,5 +1,6 @@
-//! `poolkeeper run`: the watched folder, the engine, a runtime and the HTTP API wired together
-//! until Ctrl-C or SIGTERM.
+//! `poolkeeper run`: a source (a watched folder, or a Kubernetes API server), the engine, a
+//! runtime and the HTTP API wired together until Ctrl-C or SIGTERM (or, in Kubernetes mode, the
+//! loss of the Lease).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,18 +61,7 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
     for path in unfinished {
         warn!(file = %path.display(), "removed a file a crash left unfinished (its creation was never acknowledged)");
     }
-    // Bound before anything starts, so that a taken address is an error at once.
-    let listener = match api.listen.as_str() {
-        "off" => None,
-        addr => Some(
-            std::net::TcpListener::bind(addr)
-                .with_context(|| format!("listening on {addr} (--listen; `off` serves no API)"))?,
-        ),
-    };
-    let api_addr = listener
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string());
+    let (listener, api_addr) = bind(&api)?;
     let mut config = EngineConfig::new(layout::store_dir(&dir));
     config.resync_every = resync;
     config.resolve = Arc::new(DirResolve);
@@ -89,17 +79,13 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
                 webhooks,
             )
             .context("starting the HTTP API")?;
-            info!(address = ?api_addr, "HTTP API listening");
-            Some(poolkeeper_http::spawn(l, state).context("starting the HTTP API")?)
+            Some(serve(l, state, &api_addr)?)
         }
         None => None,
     };
     // SIGTERM (what service managers and `docker stop` send) stops as cleanly as Ctrl-C.
     // Registered before the status file first names this process.
-    #[cfg(unix)]
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    #[cfg(not(unix))]
-    let mut sigterm = ();
+    let mut sigterm = sigterm()?;
     let writer = status::spawn_writer(handle.clone(), &dir, api_addr);
     info!(dir = %dir.display(), "poolkeeper running; Ctrl-C to stop");
     tokio::select! {
@@ -116,6 +102,44 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
     Ok(())
 }
 
+/// The API's listener, bound before anything starts, so that a taken address is an error at
+/// once; and its address.
+fn bind(api: &ApiArgs) -> anyhow::Result<(Option<std::net::TcpListener>, Option<String>)> {
+    let listener = match api.listen.as_str() {
+        "off" => None,
+        addr => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("listening on {addr} (--listen; `off` serves no API)"))?,
+        ),
+    };
+    let addr = listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
+    Ok((listener, addr))
+}
+
+fn serve(
+    listener: std::net::TcpListener,
+    state: poolkeeper_http::ApiState,
+    addr: &Option<String>,
+) -> anyhow::Result<poolkeeper_http::ApiThread> {
+    info!(address = ?addr, "HTTP API listening");
+    poolkeeper_http::spawn(listener, state).context("starting the HTTP API")
+}
+
+#[cfg(unix)]
+type Sigterm = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Sigterm = ();
+
+fn sigterm() -> std::io::Result<Sigterm> {
+    #[cfg(unix)]
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    #[cfg(not(unix))]
+    Ok(())
+}
+
 #[cfg(unix)]
 async fn terminated(s: &mut tokio::signal::unix::Signal) {
     s.recv().await;
@@ -124,4 +148,152 @@ async fn terminated(s: &mut tokio::signal::unix::Signal) {
 #[cfg(not(unix))]
 async fn terminated(_: &mut ()) {
     std::future::pending::<()>().await
+}
+
+/// `run --source kube`: the custom resources of a Kubernetes API server as the source, on
+/// `runtime`. With leader election (the default), it waits to lead, acts while it does, and
+/// stops (an error: its supervisor restarts it as a standby) when it loses the Lease.
+pub(crate) async fn run_kube(
+    kube: KubeArgs,
+    runtime: RuntimeKind,
+    resync: Duration,
+    docker: DockerArgs,
+    api: ApiArgs,
+) -> anyhow::Result<()> {
+    let conn = poolkeeper_source_kube::connect().await?;
+    info!(server = %conn.server, "Kubernetes API server");
+    let state = kube
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("poolkeeper-state"));
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    match runtime {
+        RuntimeKind::Memory => {
+            let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+            run_kube_with(rt, conn, kube, &state, resync, api).await
+        }
+        RuntimeKind::Docker => {
+            let config = docker.docker_config(&state)?;
+            let rt = Arc::new(DockerRuntime::connect(config).await?);
+            run_kube_with(rt, conn, kube, &state, resync, api).await
+        }
+    }
+}
+
+async fn run_kube_with<R: poolkeeper_runtime::Runtime>(
+    rt: Arc<R>,
+    conn: poolkeeper_source_kube::Connection,
+    kube: KubeArgs,
+    state: &std::path::Path,
+    resync: Duration,
+    api: ApiArgs,
+) -> anyhow::Result<()> {
+    use poolkeeper_source_kube::{KubeResolve, Shared, declare::KubeDeclare, lease, source};
+    let admin_token = api.admin_token()?;
+    let webhooks = api.webhooks()?;
+    let (listener, api_addr) = bind(&api)?;
+    let mut sigterm = sigterm()?;
+    let home = kube
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| conn.namespace.clone());
+    let identity = kube.identity.clone().unwrap_or_else(default_identity);
+    let lease_config = lease::LeaseConfig::new(&kube.lease_name, &home, &identity);
+    let mut leadership = if kube.no_leader_election {
+        None
+    } else {
+        tokio::select! {
+            l = lease::acquire(conn.client.clone(), lease_config.clone()) => Some(l),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminated(&mut sigterm) => return Ok(()),
+        }
+    };
+    let shared = Shared {
+        namespaces: kube.namespaces.clone(),
+        server: conn.server.clone(),
+        ..Shared::default()
+    };
+    let mut config = EngineConfig::new(state.join("state"));
+    config.resync_every = resync;
+    config.resolve = Arc::new(KubeResolve(shared.clone()));
+    let (handle, task) = poolkeeper_engine::start(rt, config)?;
+    let writer = poolkeeper_source_kube::writes::Writer::new(conn.client.clone(), Some(identity));
+    let health = poolkeeper_engine::source::Health::default();
+    let options = source::Options {
+        namespaces: kube.namespaces.clone(),
+        resync,
+    };
+    let watch = source::run(
+        conn.client.clone(),
+        handle.clone(),
+        writer.clone(),
+        shared.clone(),
+        health.clone(),
+        options,
+    )
+    .await?;
+    let server = match listener {
+        Some(l) => {
+            let declare = KubeDeclare::new(
+                handle.clone(),
+                writer,
+                shared,
+                kube.namespaces
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| conn.namespace.clone()),
+                home,
+            )
+            .await
+            .context("reading the controller's records (ConfigMaps)")?;
+            let state = poolkeeper_http::ApiState::new(
+                handle.clone(),
+                Arc::new(declare),
+                admin_token.as_deref(),
+                webhooks,
+            )
+            .context("starting the HTTP API")?
+            .with_health(health);
+            Some(serve(l, state, &api_addr)?)
+        }
+        None => None,
+    };
+    info!(namespaces = ?kube.namespaces, "poolkeeper running on Kubernetes; Ctrl-C to stop");
+    let lost = async {
+        match leadership.as_mut() {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { info!("stopping"); Ok(()) }
+        _ = terminated(&mut sigterm) => { info!("stopping (SIGTERM)"); Ok(()) }
+        _ = lost => Err(anyhow::anyhow!("lost the Lease {}: stopped acting", lease_config.name)),
+        r = task => { watch.abort(); r?; Err(anyhow::anyhow!("the engine stopped")) }
+    };
+    // Stop acting first: no more writes, no more runtime actions.
+    watch.abort();
+    if let Some(s) = server {
+        s.stop();
+    }
+    handle.shutdown().await;
+    if result.is_ok()
+        && let Some(l) = leadership
+    {
+        l.release(conn.client.clone(), &lease_config).await;
+    }
+    result
+}
+
+/// `$POD_NAME` in a pod; else the host's name and this process's id.
+fn default_identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "poolkeeper".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
 }

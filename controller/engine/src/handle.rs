@@ -11,7 +11,7 @@ use poolkeeper_runtime::{Instance, Result as RtResult, RuntimeEvent};
 
 use crate::EngineError;
 use crate::source::SourceEvent;
-use crate::status::Snapshot;
+use crate::status::{InstanceView, ObjectView, Snapshot};
 
 /// Why files could not be put into a claim's instance.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +43,10 @@ pub(crate) enum Input {
     Listed(u32, RtResult<Vec<Instance>>),
     Tick,
     Snapshot(oneshot::Sender<Snapshot>),
+    /// These objects as status shows them (None: not held).
+    Views(Vec<ObjKey>, oneshot::Sender<Vec<Option<ObjectView>>>),
+    /// These instances as status shows them (None: gone).
+    Instances(Vec<String>, oneshot::Sender<Vec<Option<InstanceView>>>),
     PoolStatus(
         String,
         oneshot::Sender<Option<poolkeeper_kinds::PoolStatus>>,
@@ -196,6 +200,20 @@ impl EngineHandle {
 
     pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
         self.ask(Input::Snapshot).await
+    }
+
+    /// Some objects as status shows them (None for one the engine does not hold): what a
+    /// source that writes status per object needs, at the cost of those objects only.
+    pub async fn views(&self, keys: Vec<ObjKey>) -> Result<Vec<Option<ObjectView>>, EngineError> {
+        self.ask(|tx| Input::Views(keys, tx)).await
+    }
+
+    /// Some instances as status shows them (None for one that is gone).
+    pub async fn instances(
+        &self,
+        names: Vec<String>,
+    ) -> Result<Vec<Option<InstanceView>>, EngineError> {
+        self.ask(|tx| Input::Instances(names, tx)).await
     }
 
     /// Writes files into the instance bound to `claim`, under its pool's `files.mountPath`.

@@ -3,7 +3,7 @@
 use poolkeeper_core::claims::Verdict;
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::{
-    ClaimPhase, ClaimStatus, ContainerStatus, DeploymentStatus, Endpoint, Kind, PoolStatus,
+    ClaimPhase, ClaimStatus, ContainerStatus, DeploymentStatus, Endpoint, Kind, ObjKey, PoolStatus,
     UserStatus,
 };
 use poolkeeper_runtime::Runtime;
@@ -192,208 +192,235 @@ impl<R: Runtime> Engine<R> {
         Some(s)
     }
 
+    /// One instance as status shows it; None when it is gone.
+    pub(crate) fn instance_view(&self, name: &str) -> Option<InstanceView> {
+        let r = self.instances.get(name)?;
+        Some(InstanceView {
+            name: r.name.clone(),
+            pool: r.pool.clone(),
+            deployment: r.deployment.as_ref().map(|d| d.0.clone()),
+            phase: format!("{:?}", r.phase),
+            claim: r.claim.clone(),
+            resetting: r.resetting,
+            ports: r.ports.clone(),
+            node: r.node.clone(),
+            quarantined: r.quarantined.clone(),
+        })
+    }
+
+    /// One declared object as status shows it; None when the engine does not hold it.
+    pub(crate) fn view_of(&self, key: &ObjKey) -> Option<ObjectView> {
+        let name = key.name.as_str();
+        match key.kind {
+            Kind::Pool => self.pool_view(name),
+            Kind::Claim => self.claim_view(name),
+            Kind::User => self.user_view(name),
+            Kind::Deployment => self.deployment_view(name),
+        }
+    }
+
+    fn pool_view(&self, name: &str) -> Option<ObjectView> {
+        let p = self.pools.get(name)?;
+        let s = self.pool_status(name)?;
+        Some(view(
+            Kind::Pool,
+            name,
+            &p.origin,
+            p.spec.as_ref(),
+            &s,
+            &p.events,
+        ))
+    }
+
+    fn claim_view(&self, name: &str) -> Option<ObjectView> {
+        let c = self.claims.get(name)?;
+        let st = self.store.state();
+        let rec = st.claims.get(name);
+        let instance = rec
+            .and_then(|r| r.instance.clone())
+            .filter(|_| c.reported == ClaimPhase::Bound);
+        let endpoint = instance
+            .as_ref()
+            .and_then(|i| self.instances.get(i))
+            .map(|r| {
+                let host = self.rt.endpoint_host(&r.node);
+                let ssh = self
+                    .pools
+                    .get(&c.spec.pool)
+                    .and_then(|p| p.spec.as_ref())
+                    .and_then(|s| s.template.ssh.as_ref())
+                    .and_then(|ssh| {
+                        poolkeeper_runtime::find_port(&r.bindings, &ssh.port)
+                            .map(|b| format!("ssh -p {} {}@{host}", b.host_port, ssh.user))
+                    });
+                let ports: std::collections::BTreeMap<String, u16> = r
+                    .bindings
+                    .iter()
+                    .map(|p| (p.name.clone(), p.host_port))
+                    .collect();
+                let address = ports.values().next().map(|port| address_of(&host, *port));
+                Endpoint {
+                    ports,
+                    address,
+                    host,
+                    ssh,
+                }
+            });
+        let s = ClaimStatus {
+            observed_generation: Some(c.generation),
+            phase: c.reported,
+            instance: instance.clone(),
+            endpoint,
+            bound_at: rec
+                .and_then(|r| r.bound_at_ms)
+                .filter(|_| instance.is_some())
+                .map(status::rfc3339),
+            expires_at: rec
+                .and_then(|r| r.expires_at_ms)
+                .filter(|_| instance.is_some())
+                .map(status::rfc3339),
+            queue_position: c
+                .queue_position
+                .filter(|_| c.reported == ClaimPhase::Pending),
+            conditions: self.claim_conditions(c),
+        };
+        Some(view(
+            Kind::Claim,
+            name,
+            &c.origin,
+            Some(&c.spec),
+            &s,
+            &c.events,
+        ))
+    }
+
+    fn user_view(&self, name: &str) -> Option<ObjectView> {
+        let u = self.users.get(name)?;
+        let active = self
+            .claims_by_user
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(_, c)| {
+                self.claims
+                    .get(c)
+                    .is_some_and(|e| matches!(e.reported, ClaimPhase::Bound | ClaimPhase::Pending))
+            })
+            .count() as u32;
+        let s = UserStatus {
+            observed_generation: Some(u.generation),
+            active_claims: active,
+            conditions: u.conditions.clone(),
+        };
+        Some(view(
+            Kind::User,
+            name,
+            &u.origin,
+            Some(&u.spec),
+            &s,
+            &u.events,
+        ))
+    }
+
+    fn deployment_view(&self, name: &str) -> Option<ObjectView> {
+        let d = self.deployments.get(name)?;
+        let mut s = DeploymentStatus {
+            observed_generation: Some(d.generation),
+            conditions: d.conditions.clone(),
+            ..DeploymentStatus::default()
+        };
+        if let Some(spec) = &d.spec {
+            let slots = self.deployment_slots(name);
+            for c in &spec.containers {
+                let hash = d
+                    .hashes
+                    .get(&c.name)
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                for r in 0..c.replicas {
+                    let slot = slot_name(name, c, r);
+                    // The current instance; else one that is being replaced.
+                    let recs = slots.get(&(c.name.clone(), r));
+                    let rec = recs
+                        .and_then(|v| v.iter().find(|i| i.hash == hash))
+                        .or_else(|| recs.and_then(|v| v.first()))
+                        .copied();
+                    let updating =
+                        rec.is_some_and(|i| i.hash != hash) || recs.is_some_and(|v| v.len() > 1);
+                    let restarts = d.restarts.get(&slot).map(|r| r.0).unwrap_or(0);
+                    let state = match rec.map(|r| r.phase) {
+                        None if c.depends_on.is_empty() => "Waiting",
+                        None => "WaitingForDependencies",
+                        Some(InstancePhase::Creating) | Some(InstancePhase::Starting) => "Starting",
+                        Some(InstancePhase::Ready) => "Running",
+                        Some(InstancePhase::Dead)
+                            if poolkeeper_core::deployment::should_restart(
+                                c.restart_policy,
+                                rec.and_then(|r| r.exit_code),
+                            ) && restarts > 0 =>
+                        {
+                            "CrashLoopBackOff"
+                        }
+                        Some(InstancePhase::Dead) => "Exited",
+                        Some(InstancePhase::Deleting) => "Terminating",
+                    };
+                    s.containers += 1;
+                    let ready = rec.is_some_and(|r| r.phase == InstancePhase::Ready);
+                    if ready {
+                        s.ready += 1;
+                    }
+                    s.container_statuses.push(ContainerStatus {
+                        name: c.name.clone(),
+                        replica: r,
+                        instance: rec.map(|r| r.name.clone()),
+                        state: state.to_owned(),
+                        ready,
+                        restarts,
+                        exit_code: rec.and_then(|r| r.exit_code),
+                        message: updating.then(|| "being replaced by its new spec".to_owned()),
+                    });
+                }
+                for t in &c.log_triggers {
+                    let st = d.triggers.get(&(c.name.clone(), t.name.clone()));
+                    s.log_triggers.push(poolkeeper_kinds::LogTriggerStatus {
+                        container: c.name.clone(),
+                        name: t.name.clone(),
+                        fired: st.map_or(0, |x| x.fired),
+                        matches: st.map_or(0, |x| x.matches),
+                        last_line: st.and_then(|x| x.last_line.clone()),
+                        last_fired_at: st.and_then(|x| x.last_fired_ms).map(status::rfc3339),
+                    });
+                }
+            }
+        }
+        Some(view(
+            Kind::Deployment,
+            name,
+            &d.origin,
+            d.spec.as_ref(),
+            &s,
+            &d.events,
+        ))
+    }
+
     pub(super) fn snapshot(&self) -> Snapshot {
         let now = self.clock.now_ms();
-        let st = self.store.state();
-        let mut objects = Vec::new();
-        for (name, p) in &self.pools {
-            let Some(s) = self.pool_status(name) else {
-                continue;
-            };
-            objects.push(view(
-                Kind::Pool,
-                name,
-                &p.origin,
-                p.spec.as_ref(),
-                &s,
-                &p.events,
-            ));
-        }
+        let mut objects: Vec<ObjectView> = Vec::new();
+        objects.extend(self.pools.keys().filter_map(|n| self.pool_view(n)));
         let mut claims: Vec<(&String, &ClaimEntry)> =
             self.claims.iter().map(|(n, c)| (n, &**c)).collect();
         claims.sort_by_key(|(_, c)| c.seq);
-        for (name, c) in claims {
-            let rec = st.claims.get(name);
-            let instance = rec
-                .and_then(|r| r.instance.clone())
-                .filter(|_| c.reported == ClaimPhase::Bound);
-            let endpoint = instance
-                .as_ref()
-                .and_then(|i| self.instances.get(i))
-                .map(|r| {
-                    let host = self.rt.endpoint_host(&r.node);
-                    let ssh = self
-                        .pools
-                        .get(&c.spec.pool)
-                        .and_then(|p| p.spec.as_ref())
-                        .and_then(|s| s.template.ssh.as_ref())
-                        .and_then(|ssh| {
-                            poolkeeper_runtime::find_port(&r.bindings, &ssh.port)
-                                .map(|b| format!("ssh -p {} {}@{host}", b.host_port, ssh.user))
-                        });
-                    let ports: std::collections::BTreeMap<String, u16> = r
-                        .bindings
-                        .iter()
-                        .map(|p| (p.name.clone(), p.host_port))
-                        .collect();
-                    let address = ports
-                        .values()
-                        .next()
-                        .map(|port| address_of(&host, *port));
-                    Endpoint {
-                        ports,
-                        address,
-                        host,
-                        ssh,
-                    }
-                });
-            let s = ClaimStatus {
-                observed_generation: Some(c.generation),
-                phase: c.reported,
-                instance: instance.clone(),
-                endpoint,
-                bound_at: rec
-                    .and_then(|r| r.bound_at_ms)
-                    .filter(|_| instance.is_some())
-                    .map(status::rfc3339),
-                expires_at: rec
-                    .and_then(|r| r.expires_at_ms)
-                    .filter(|_| instance.is_some())
-                    .map(status::rfc3339),
-                queue_position: c
-                    .queue_position
-                    .filter(|_| c.reported == ClaimPhase::Pending),
-                conditions: self.claim_conditions(c),
-            };
-            objects.push(view(
-                Kind::Claim,
-                name,
-                &c.origin,
-                Some(&c.spec),
-                &s,
-                &c.events,
-            ));
-        }
-        for (name, u) in &self.users {
-            let active = self
-                .claims_by_user
-                .get(name)
-                .into_iter()
-                .flatten()
-                .filter(|(_, c)| {
-                    self.claims.get(c).is_some_and(|e| {
-                        matches!(e.reported, ClaimPhase::Bound | ClaimPhase::Pending)
-                    })
-                })
-                .count() as u32;
-            let s = UserStatus {
-                observed_generation: Some(u.generation),
-                active_claims: active,
-                conditions: u.conditions.clone(),
-            };
-            objects.push(view(
-                Kind::User,
-                name,
-                &u.origin,
-                Some(&u.spec),
-                &s,
-                &u.events,
-            ));
-        }
-        for (name, d) in &self.deployments {
-            let mut s = DeploymentStatus {
-                observed_generation: Some(d.generation),
-                conditions: d.conditions.clone(),
-                ..DeploymentStatus::default()
-            };
-            if let Some(spec) = &d.spec {
-                let slots = self.deployment_slots(name);
-                for c in &spec.containers {
-                    let hash = d
-                        .hashes
-                        .get(&c.name)
-                        .map(String::as_str)
-                        .unwrap_or_default();
-                    for r in 0..c.replicas {
-                        let slot = slot_name(name, c, r);
-                        // The current instance; else one that is being replaced.
-                        let recs = slots.get(&(c.name.clone(), r));
-                        let rec = recs
-                            .and_then(|v| v.iter().find(|i| i.hash == hash))
-                            .or_else(|| recs.and_then(|v| v.first()))
-                            .copied();
-                        let updating = rec.is_some_and(|i| i.hash != hash)
-                            || recs.is_some_and(|v| v.len() > 1);
-                        let restarts = d.restarts.get(&slot).map(|r| r.0).unwrap_or(0);
-                        let state = match rec.map(|r| r.phase) {
-                            None if c.depends_on.is_empty() => "Waiting",
-                            None => "WaitingForDependencies",
-                            Some(InstancePhase::Creating) | Some(InstancePhase::Starting) => {
-                                "Starting"
-                            }
-                            Some(InstancePhase::Ready) => "Running",
-                            Some(InstancePhase::Dead)
-                                if poolkeeper_core::deployment::should_restart(
-                                    c.restart_policy,
-                                    rec.and_then(|r| r.exit_code),
-                                ) && restarts > 0 =>
-                            {
-                                "CrashLoopBackOff"
-                            }
-                            Some(InstancePhase::Dead) => "Exited",
-                            Some(InstancePhase::Deleting) => "Terminating",
-                        };
-                        s.containers += 1;
-                        let ready = rec.is_some_and(|r| r.phase == InstancePhase::Ready);
-                        if ready {
-                            s.ready += 1;
-                        }
-                        s.container_statuses.push(ContainerStatus {
-                            name: c.name.clone(),
-                            replica: r,
-                            instance: rec.map(|r| r.name.clone()),
-                            state: state.to_owned(),
-                            ready,
-                            restarts,
-                            exit_code: rec.and_then(|r| r.exit_code),
-                            message: updating.then(|| "being replaced by its new spec".to_owned()),
-                        });
-                    }
-                    for t in &c.log_triggers {
-                        let st = d.triggers.get(&(c.name.clone(), t.name.clone()));
-                        s.log_triggers.push(poolkeeper_kinds::LogTriggerStatus {
-                            container: c.name.clone(),
-                            name: t.name.clone(),
-                            fired: st.map_or(0, |x| x.fired),
-                            matches: st.map_or(0, |x| x.matches),
-                            last_line: st.and_then(|x| x.last_line.clone()),
-                            last_fired_at: st.and_then(|x| x.last_fired_ms).map(status::rfc3339),
-                        });
-                    }
-                }
-            }
-            objects.push(view(
-                Kind::Deployment,
-                name,
-                &d.origin,
-                d.spec.as_ref(),
-                &s,
-                &d.events,
-            ));
-        }
+        objects.extend(claims.iter().filter_map(|(n, _)| self.claim_view(n)));
+        objects.extend(self.users.keys().filter_map(|n| self.user_view(n)));
+        objects.extend(
+            self.deployments
+                .keys()
+                .filter_map(|n| self.deployment_view(n)),
+        );
         let mut instances: Vec<InstanceView> = self
             .instances
-            .values()
-            .map(|r| InstanceView {
-                name: r.name.clone(),
-                pool: r.pool.clone(),
-                deployment: r.deployment.as_ref().map(|d| d.0.clone()),
-                phase: format!("{:?}", r.phase),
-                claim: r.claim.clone(),
-                ports: r.ports.clone(),
-                node: r.node.clone(),
-                quarantined: r.quarantined.clone(),
-            })
+            .keys()
+            .filter_map(|n| self.instance_view(n))
             .collect();
         instances.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot {

@@ -107,6 +107,12 @@ impl<R: Runtime> Engine<R> {
             Input::Snapshot(tx) => {
                 let _ = tx.send(self.snapshot());
             }
+            Input::Views(keys, tx) => {
+                let _ = tx.send(keys.iter().map(|k| self.view_of(k)).collect());
+            }
+            Input::Instances(names, tx) => {
+                let _ = tx.send(names.iter().map(|n| self.instance_view(n)).collect());
+            }
             Input::PoolStatus(name, tx) => {
                 let _ = tx.send(self.pool_status(&name));
             }

@@ -82,7 +82,11 @@ impl Resolve for InlineOnly {
     }
 
     fn user_token(&self, spec: &UserSpec, _origin: &Origin) -> UserToken {
-        match (&spec.token_sha256, &spec.token_secret_file, &spec.token_secret_ref) {
+        match (
+            &spec.token_sha256,
+            &spec.token_secret_file,
+            &spec.token_secret_ref,
+        ) {
             (Some(h), ..) => UserToken::from_sha256(h),
             (None, Some(f), _) => UserToken::Unreadable(format!(
                 "tokenSecretFile {f}: this source does not read files (declare tokenSha256)"
@@ -102,6 +106,28 @@ pub fn inline_files(spec: &ClaimSpec) -> Vec<(String, Vec<u8>)> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
         .collect()
+}
+
+/// Whether a source can reach what it reads from (a Kubernetes API server, say): the HTTP API's
+/// `/readyz` reports it. Cheap to clone; a directory source is always healthy.
+#[derive(Clone, Debug, Default)]
+pub struct Health(std::sync::Arc<std::sync::RwLock<Option<String>>>);
+
+impl Health {
+    /// The source reaches what it reads from.
+    pub fn ok(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// It does not: why (naming what it cannot reach).
+    pub fn failing(&self, why: impl Into<String>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+    }
+
+    /// None when healthy; else why not.
+    pub fn problem(&self) -> Option<String> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// A boxed future, so that [`Declare`] and [`Records`] can be used as trait objects.

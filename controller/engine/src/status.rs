@@ -146,6 +146,9 @@ pub struct InstanceView {
     pub phase: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<String>,
+    /// Its claim ended and its reset (per the pool's policy) has not finished.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resetting: bool,
     pub ports: Vec<u16>,
     pub node: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

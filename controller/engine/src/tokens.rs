@@ -24,9 +24,7 @@ impl<R: Runtime> Engine<R> {
             (UserToken::Unreadable(why), _, Some(_)) => {
                 (false, "TokenSecretUnreadable", why.clone())
             }
-            (UserToken::Unreadable(why), _, None) => {
-                (false, "TokenFileUnreadable", why.clone())
-            }
+            (UserToken::Unreadable(why), _, None) => (false, "TokenFileUnreadable", why.clone()),
             (UserToken::Digest(_), Some(f), _) => {
                 (true, "TokenFileRead", format!("token read from {f}"))
             }

@@ -40,7 +40,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use poolkeeper_engine::EngineHandle;
-use poolkeeper_engine::source::Declare;
+use poolkeeper_engine::source::{Declare, Health};
 
 /// The API's OpenAPI document (committed; served at `/openapi.json`).
 pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
@@ -60,6 +60,8 @@ pub struct ApiState {
     /// Webhook signatures that could still verify, as kept in the source's records: a request
     /// is acted on only once its signature is recorded there.
     seen: tokio::sync::Mutex<crate::webhook::SeenSignatures>,
+    /// Whether the source reaches what it reads from (`/readyz`).
+    health: Health,
 }
 
 /// Reservations by webhook: the shared secret, the images booking systems may ask for (empty:
@@ -91,7 +93,14 @@ impl ApiState {
             admin_sha256: admin_token.map(auth::sha256),
             webhooks,
             seen: tokio::sync::Mutex::new(seen),
+            health: Health::default(),
         })
+    }
+
+    /// `/readyz` also reports `health` (a source's reach of what it reads from).
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 }
 

@@ -59,9 +59,14 @@ pub(crate) fn shown(o: &ObjectView) -> Value {
     })
 }
 
+/// Ready when the engine answers within 2 s and the source reaches what it reads from (a
+/// Kubernetes API server, say).
 pub(crate) async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     match tokio::time::timeout(Duration::from_secs(2), state.handle.snapshot()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Ok(_)) => match state.health.problem() {
+            None => (StatusCode::OK, "ready\n").into_response(),
+            Some(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+        },
         _ => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the engine does not answer",

@@ -38,7 +38,7 @@ use crate::Condition;
     ),
     printcolumn(
         name = "Expires",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.expiresAt",
         priority = 1
     ),

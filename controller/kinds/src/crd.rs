@@ -405,13 +405,16 @@ fn fix_formats(v: &mut Value) {
                 Some("uint8") => Some(("int32", u64::from(u8::MAX))),
                 Some("uint16") => Some(("int32", u64::from(u16::MAX))),
                 Some("uint32") => Some(("int64", u64::from(u32::MAX))),
-                Some("uint64") => Some(("int64", i64::MAX as u64)),
+                // No maximum: the API server reads bounds as floats, and `i64::MAX` is not one.
+                Some("uint64") => Some(("int64", 0)),
                 _ => None,
             };
             if let Some((format, max)) = bounds {
                 m.insert("format".into(), json!(format));
                 m.insert("minimum".into(), json!(0));
-                m.insert("maximum".into(), json!(max));
+                if max > 0 {
+                    m.insert("maximum".into(), json!(max));
+                }
             }
             for child in m.values_mut() {
                 fix_formats(child);

@@ -88,7 +88,8 @@ impl Spec {
     }
 }
 
-/// Where an object was declared.
+/// Where an object was declared: a file, line and column; or, for a custom resource,
+/// `NAMESPACE/Kind/NAME` with line 0.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
     pub file: PathBuf,
@@ -96,8 +97,13 @@ pub struct Origin {
     pub col: u64,
 }
 
+/// `FILE:LINE:COL` for an object declared in a file; just the place (`NAMESPACE/Kind/NAME` for
+/// a custom resource) when it has no line.
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}", self.file.display());
+        }
         write!(f, "{}:{}:{}", self.file.display(), self.line, self.col)
     }
 }

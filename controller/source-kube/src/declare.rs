@@ -1,0 +1,392 @@
+//! People's changes to declared state, as objects on the API server ([`Declare`] for the
+//! Kubernetes source): a Claim made through the HTTP API (or a webhook) is a Claim object in
+//! its user's namespace, labelled with its user and `poolkeeper.dev/made-by: api`; releasing
+//! it deletes it (its finalizer holds it until its instance is reset); `scale` patches the
+//! Pool's `spec.warm`; deleting a user deletes the User object. Records (reservations, webhook
+//! signatures seen) are ConfigMaps in the controller's namespace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use poolkeeper_engine::source::{
+    BoxFuture, Created, Declare, DeclareError, Record, Records, Scaled, UserDeleted,
+};
+use poolkeeper_engine::{Creation, EngineHandle};
+use poolkeeper_kinds::{ClaimSpec, Kind, ObjKey, Object, Origin, Spec};
+
+use crate::Shared;
+use crate::objects::{self, LABEL_MADE_BY, LABEL_USER};
+use crate::writes::{FIELD_MANAGER, Writer};
+
+/// The label of every record ConfigMap.
+const LABEL_RECORD: &str = "poolkeeper.dev/record";
+/// The annotation holding a record's key (ConfigMap names cannot hold every key).
+const ANNOTATION_KEY: &str = "poolkeeper.dev/record-key";
+
+/// The Kubernetes source's [`Declare`] (and [`Records`]).
+pub struct KubeDeclare {
+    handle: EngineHandle,
+    writer: Writer,
+    shared: Shared,
+    /// Where API claims go when their user is not declared (the engine refuses them then).
+    default_namespace: String,
+    records: KubeRecords,
+}
+
+impl KubeDeclare {
+    /// Loads the records kept in `records_namespace` (ConfigMaps); the controller then keeps
+    /// its copy, as their only writer (the leader).
+    pub async fn new(
+        handle: EngineHandle,
+        writer: Writer,
+        shared: Shared,
+        default_namespace: String,
+        records_namespace: String,
+    ) -> Result<KubeDeclare, kube::Error> {
+        let records = KubeRecords::load(writer.clone(), records_namespace).await?;
+        Ok(KubeDeclare {
+            handle,
+            writer,
+            shared,
+            default_namespace,
+            records,
+        })
+    }
+
+    /// Where the object the engine holds as `key` is, or NotFound.
+    fn namespace_of(&self, key: &ObjKey) -> Result<String, DeclareError> {
+        self.shared
+            .owner(key)
+            .map(|o| o.namespace)
+            .ok_or_else(|| DeclareError::NotFound(format!("no {} {:?}", key.kind, key.name)))
+    }
+
+    async fn claims_of(&self, user: &str) -> Result<Vec<String>, DeclareError> {
+        let snap = self
+            .handle
+            .snapshot()
+            .await
+            .map_err(|_| DeclareError::Stopped)?;
+        let mut claims: Vec<String> = snap
+            .objects
+            .iter()
+            .filter(|o| {
+                o.kind == Kind::Claim && o.spec.get("user").and_then(Value::as_str) == Some(user)
+            })
+            .map(|o| o.name.clone())
+            .collect();
+        claims.sort();
+        Ok(claims)
+    }
+
+    async fn release(&self, user: &str) -> Result<Vec<String>, DeclareError> {
+        let claims = self.claims_of(user).await?;
+        for name in &claims {
+            let ns = self.namespace_of(&ObjKey::new(Kind::Claim, name.clone()))?;
+            self.writer
+                .delete(Kind::Claim, &ns, name)
+                .await
+                .map_err(|e| failed("deleting Claim", &ns, name, e))?;
+        }
+        Ok(claims)
+    }
+}
+
+fn failed(what: &str, ns: &str, name: &str, e: kube::Error) -> DeclareError {
+    match &e {
+        kube::Error::Api(s) if s.code == 409 => {
+            DeclareError::Conflict(format!("{what} {ns}/{name}: {}", s.message))
+        }
+        kube::Error::Api(s) if s.code == 404 => {
+            DeclareError::NotFound(format!("{what} {ns}/{name}: {}", s.message))
+        }
+        _ => DeclareError::Failed(format!("{what} {ns}/{name}: {e}")),
+    }
+}
+
+impl Declare for KubeDeclare {
+    fn create_claim<'a>(
+        &'a self,
+        name: &'a str,
+        spec: ClaimSpec,
+        record: Option<Record>,
+    ) -> BoxFuture<'a, Result<Created, DeclareError>> {
+        Box::pin(async move {
+            let ns = self
+                .shared
+                .owner(&ObjKey::new(Kind::User, spec.user.clone()))
+                .map_or_else(|| self.default_namespace.clone(), |o| o.namespace);
+            let claim = Object {
+                name: name.to_owned(),
+                spec: Spec::Claim(spec.clone()),
+                origin: objects::origin(Kind::Claim, &ns, name),
+                generation: 1,
+            };
+            match self
+                .handle
+                .create_claim(claim)
+                .await
+                .map_err(|_| DeclareError::Stopped)?
+            {
+                Creation::Created => {}
+                Creation::Exists(brief) => return Ok(Created::Exists(brief)),
+                Creation::Refused(reason, message) => {
+                    return Ok(Created::Refused(reason, message));
+                }
+            }
+            let forget = || {
+                let _ = self.handle.delete(ObjKey::new(Kind::Claim, name));
+            };
+            if let Some(r) = &record
+                && let Err(e) = self.records.put(&r.key, r.bytes.clone()).await
+            {
+                forget();
+                return Err(DeclareError::Failed(format!("writing the record: {e}")));
+            }
+            let mut obj = DynamicObject::new(name, &objects::api_resource(Kind::Claim)).within(&ns);
+            obj.metadata.labels = Some(BTreeMap::from([
+                (LABEL_USER.to_owned(), spec.user.clone()),
+                (LABEL_MADE_BY.to_owned(), "api".to_owned()),
+            ]));
+            obj.data = json!({ "spec": spec });
+            if let Err(e) = self.writer.create(Kind::Claim, &ns, &obj).await {
+                forget();
+                return Err(failed("creating Claim", &ns, name, e));
+            }
+            Ok(Created::New {
+                at: format!("{ns}/Claim/{name}"),
+            })
+        })
+    }
+
+    fn made_here(&self, name: &str, origin: &Origin) -> bool {
+        let key = ObjKey::new(Kind::Claim, name);
+        self.shared.owner(&key).map_or_else(
+            // Applied by the API and not seen on the watch yet.
+            || objects::namespace_of(origin).is_some(),
+            |o| o.made_by_api,
+        )
+    }
+
+    fn is_recorded(&self, name: &str) -> bool {
+        self.shared
+            .owner(&ObjKey::new(Kind::Claim, name))
+            .is_some_and(|o| o.made_by_api)
+    }
+
+    fn delete_claim<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, DeclareError>> {
+        Box::pin(async move {
+            let Ok(ns) = self.namespace_of(&ObjKey::new(Kind::Claim, name)) else {
+                return Ok(false);
+            };
+            self.writer
+                .delete(Kind::Claim, &ns, name)
+                .await
+                .map_err(|e| failed("deleting Claim", &ns, name, e))
+        })
+    }
+
+    fn scale_pool<'a>(
+        &'a self,
+        name: &'a str,
+        warm: u32,
+    ) -> BoxFuture<'a, Result<Scaled, DeclareError>> {
+        Box::pin(async move {
+            let key = ObjKey::new(Kind::Pool, name);
+            let ns = self.namespace_of(&key)?;
+            let views = self
+                .handle
+                .views(vec![key])
+                .await
+                .map_err(|_| DeclareError::Stopped)?;
+            let was = views
+                .into_iter()
+                .flatten()
+                .next()
+                .and_then(|v| v.spec.get("warm").and_then(Value::as_u64));
+            self.writer
+                .merge_spec(Kind::Pool, &ns, name, json!({ "warm": warm }))
+                .await
+                .map_err(|e| failed("patching Pool", &ns, name, e))?;
+            Ok(Scaled {
+                was,
+                at: format!("{ns}/Pool/{name}"),
+            })
+        })
+    }
+
+    fn release_claims_of<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, DeclareError>> {
+        Box::pin(async move {
+            self.namespace_of(&ObjKey::new(Kind::User, user))?;
+            self.release(user).await
+        })
+    }
+
+    fn delete_user<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<UserDeleted, DeclareError>> {
+        Box::pin(async move {
+            let ns = self.namespace_of(&ObjKey::new(Kind::User, name))?;
+            let released = self.release(name).await?;
+            self.writer
+                .delete(Kind::User, &ns, name)
+                .await
+                .map_err(|e| failed("deleting User", &ns, name, e))?;
+            Ok(UserDeleted {
+                at: format!("{ns}/User/{name}"),
+                released,
+            })
+        })
+    }
+
+    fn records(&self) -> &dyn Records {
+        &self.records
+    }
+}
+
+/// Records as ConfigMaps: one per key, named after its digest, the key in an annotation and the
+/// bytes in `binaryData.value`. Read once at start; the leader is their only writer and keeps
+/// its copy in step with each write.
+pub struct KubeRecords {
+    writer: Writer,
+    namespace: String,
+    cache: RwLock<HashMap<String, Vec<u8>>>,
+}
+
+impl KubeRecords {
+    pub async fn load(writer: Writer, namespace: String) -> Result<KubeRecords, kube::Error> {
+        let api: Api<ConfigMap> = Api::namespaced(writer.client().clone(), &namespace);
+        let mut cache = HashMap::new();
+        for cm in api
+            .list(&ListParams::default().labels(LABEL_RECORD))
+            .await?
+        {
+            let key = cm
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_KEY))
+                .cloned();
+            let value = cm
+                .binary_data
+                .as_ref()
+                .and_then(|d| d.get("value"))
+                .map(|b| b.0.clone());
+            if let (Some(k), Some(v)) = (key, value) {
+                cache.insert(k, v);
+            }
+        }
+        Ok(KubeRecords {
+            writer,
+            namespace,
+            cache: RwLock::new(cache),
+        })
+    }
+
+    fn name(key: &str) -> String {
+        let digest = hex::encode(&Sha256::digest(key.as_bytes())[..12]);
+        format!("poolkeeper-record-{digest}")
+    }
+
+    fn api(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.writer.client().clone(), &self.namespace)
+    }
+}
+
+fn io(e: kube::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl Records for KubeRecords {
+    fn get(&self, key: &str) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned())
+    }
+
+    fn put<'a>(&'a self, key: &'a str, bytes: Vec<u8>) -> BoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            let name = Self::name(key);
+            let cm = ConfigMap {
+                metadata: kube::core::ObjectMeta {
+                    name: Some(name.clone()),
+                    labels: Some(BTreeMap::from([(
+                        LABEL_RECORD.to_owned(),
+                        "true".to_owned(),
+                    )])),
+                    annotations: Some(BTreeMap::from([(
+                        ANNOTATION_KEY.to_owned(),
+                        key.to_owned(),
+                    )])),
+                    ..Default::default()
+                },
+                binary_data: Some(BTreeMap::from([(
+                    "value".to_owned(),
+                    ByteString(bytes.clone()),
+                )])),
+                ..Default::default()
+            };
+            let mut body = serde_json::to_value(&cm).map_err(std::io::Error::other)?;
+            body["apiVersion"] = json!("v1");
+            body["kind"] = json!("ConfigMap");
+            self.api()
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+                .map_err(io)?;
+            self.cache
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.to_owned(), bytes);
+            Ok(())
+        })
+    }
+
+    fn remove<'a>(&'a self, key: &'a str) -> BoxFuture<'a, std::io::Result<bool>> {
+        Box::pin(async move {
+            let removed = match self
+                .api()
+                .delete(&Self::name(key), &Default::default())
+                .await
+            {
+                Ok(_) => true,
+                Err(kube::Error::Api(s)) if s.code == 404 => false,
+                Err(e) => return Err(io(e)),
+            };
+            self.cache
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
+            Ok(removed)
+        })
+    }
+
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        self.cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix).map(str::to_owned))
+            .collect()
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("ConfigMap {}/{} ({key})", self.namespace, Self::name(key))
+    }
+}
