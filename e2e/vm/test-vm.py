@@ -7,20 +7,22 @@
    PyPI, in the venv target/tools/ansible-venv); `vagrant validate` on vagrant/Vagrantfile
    (Debian's vagrant and vagrant-libvirt, installed with apt-get when missing).
 2. A Debian bookworm image with systemd as PID 1, built here from Debian packages (debootstrap,
-   no registry; cached by tag), run as a container whose poolkeeper drives this machine's Docker
-   Engine through the bind-mounted socket (`poolkeeper_docker_external`), with the network of
-   this machine.
-3. ansible/site.yml applied to it with e2e/vm/inventory.yml: the first run converges, the second
-   changes nothing; the service is active under systemd, /healthz answers, a claim through the
-   API binds and its endpoint answers; changing one pool's variable changes that pool's file
-   alone, the service is not restarted, and the pool's warm count follows; the watchdog is fed;
-   `systemd-analyze verify` passes and `systemd-analyze security` scores under 3.0.
-4. The optional firewall role applied for real to a second container (a network of its own):
-   it converges, changes nothing the second time, and its table is loaded.
+   no registry; cached by tag).
+3. ansible/site.yml applied to a container of it (e2e/vm/inventory.yml, pk-vm-node), the default
+   path: Debian's docker.io installed and its daemon started inside, the pools' image loaded from
+   a tarball, the firewall role on. The first run converges, the second changes nothing; the
+   service is active under systemd, /healthz answers, a claim through the API binds and serves
+   the file it was given; changing one pool's variable changes that pool's file alone, the
+   service is not restarted, and the pool's warm count follows; the watchdog is fed;
+   `systemd-analyze verify` passes and `systemd-analyze security` scores under 3.0; the firewall
+   table is loaded.
+4. The same playbook on a second container (pk-vm-external) whose poolkeeper drives this
+   machine's Docker Engine through the bind-mounted socket (poolkeeper_docker_external): it
+   converges, changes nothing the second time, and its pool is warm on this machine's daemon.
 
-Everything it made on the Docker Engine (its containers, and the pools' containers, found by
-their controller label) is removed at the end, unless --keep. A failure prints the failing
-Ansible output and the service's journal. The last line reads "vm: N passed, N failed".
+Everything it made is removed at the end (the containers; on this machine's daemon the pools'
+containers found by their controller label), unless --keep. A failure prints the failing Ansible
+output and the service's journal. The last line reads "vm: N passed, N failed".
 """
 
 import argparse
@@ -44,7 +46,9 @@ MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = "systemd,systemd-sysv,dbus,python3,sudo,curl,ca-certificates,procps,nftables"
 IMAGE = f"poolkeeper/vm-test:{SUITE}-1"
 WORKLOAD = "poolkeeper-workload:test"
-API = "127.0.0.1:39180"
+# The API of each container (the node has a network of its own; the external one shares this
+# machine's, so it takes a port of its own).
+API = {"node": "127.0.0.1:7080", "external": "127.0.0.1:39180"}
 SECURITY_LIMIT = 3.0
 
 passed = 0
@@ -133,7 +137,6 @@ def lint():
     for playbook, inventory in (
         ("ansible/site.yml", "ansible/inventory/example.yml"),
         ("ansible/site.yml", "e2e/vm/inventory.yml"),
-        ("e2e/vm/firewall.yml", "e2e/vm/inventory.yml"),
     ):
         status, out = run([os.path.join(VENV, "bin", "ansible-playbook"), "--syntax-check",
                            "-i", inventory, playbook], check=False, env=env, cwd=ROOT)
@@ -222,17 +225,19 @@ def workload_image():
         run([os.path.join(ROOT, "e2e", "build-workload-image.sh"), WORKLOAD])
 
 
-def start_container(name, network):
+def start_container(name, external):
     # systemd as PID 1 under Docker with cgroup v1: CAP_SYS_ADMIN (mounts and namespaces for the
-    # units' sandboxing), the cgroup tree, and /run, /run/lock as tmpfs. --privileged is neither
-    # needed nor possible everywhere. SIGRTMIN+3 asks systemd to shut down.
+    # units' sandboxing), the cgroup tree, and /run, /run/lock as tmpfs; --privileged is neither
+    # needed nor possible everywhere. SIGRTMIN+3 asks systemd to shut down. The node gets a
+    # network of its own (CAP_NET_ADMIN for its Docker daemon's and the firewall's rules); the
+    # external one this machine's network and Docker socket.
     args = ["docker", "run", "-d", "--name", name, "--hostname", name,
             "--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined",
             "--security-opt", "apparmor=unconfined", "--stop-signal", "SIGRTMIN+3",
             "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp",
-            "-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro", "--network", network]
-    if network == "host":
-        args += ["-v", "/var/run/docker.sock:/var/run/docker.sock"]
+            "-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro"]
+    if external:
+        args += ["--network", "host", "-v", "/var/run/docker.sock:/var/run/docker.sock"]
     else:
         args += ["--cap-add", "NET_ADMIN"]
     run(args + [IMAGE])
@@ -256,8 +261,9 @@ def sh_in(container, script, check_status=True):
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
-def playbook(what, playbook_path, env, extra_vars=None):
-    args = [os.path.join(VENV, "bin", "ansible-playbook"), "-i", "e2e/vm/inventory.yml", playbook_path]
+def playbook(what, host, env, extra_vars=None):
+    args = [os.path.join(VENV, "bin", "ansible-playbook"), "-i", "e2e/vm/inventory.yml",
+            "--limit", host, "ansible/site.yml"]
     if extra_vars:
         args += ["--extra-vars", json.dumps(extra_vars)]
     started = time.time()
@@ -288,9 +294,9 @@ def changed_tasks(out):
     return names
 
 
-def api(container, method, path, token, body=None):
+def api(container, method, path, token, body=None, address=API["node"]):
     args = ["docker", "exec", container, "curl", "-sS", "-X", method, "-H", f"Authorization: Bearer {token}",
-            "-w", "\n%{http_code}", f"http://{API}{path}"]
+            "-w", "\n%{http_code}", f"http://{address}{path}"]
     if body is not None:
         args[4:4] = ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
     _, out = run(args)
@@ -322,50 +328,51 @@ def service_prop(container, prop):
     return out.strip()
 
 
-def node_test(container, binary, controller_id, unit_type):
-    env = ansible_env({"PK_VM_CONTAINER": container, "PK_VM_BINARY": binary,
-                       "PK_VM_CONTROLLER_ID": controller_id, "PK_VM_UNIT_TYPE": unit_type})
-    changed, _ = playbook("first run", "ansible/site.yml", env)
+def node_test(container, env, unit_type):
+    """The default path, on a container with a network and a Docker daemon of its own."""
+    changed, _ = playbook("first run", "pk-vm-node", env)
     check(changed > 0, f"the first run converges ({changed} changed)")
-    changed, out = playbook("second run", "ansible/site.yml", env)
+    changed, out = playbook("second run", "pk-vm-node", env)
     check(changed == 0, "the second run reports changed=0", "\n".join(changed_tasks(out)) or out)
 
-    _, state = run(["docker", "exec", container, "systemctl", "is-active", "poolkeeper"], check=False)
-    check(state.strip() == "active", f"poolkeeper.service is active ({state.strip()})")
+    _, state = run(["docker", "exec", container, "systemctl", "is-active", "docker", "poolkeeper"], check=False)
+    check(state.split() == ["active", "active"], "docker.service and poolkeeper.service are active")
     check(service_prop(container, "Type") == unit_type, f"the unit is Type={unit_type}")
     pid = service_prop(container, "MainPID")
     started = service_prop(container, "ExecMainStartTimestampMonotonic")
     watchdog_at = service_prop(container, "WatchdogTimestampMonotonic")
     watchdog_from = time.time()
 
-    status, out = sh_in(container, f"curl -fsS http://{API}/healthz", check_status=False)
+    status, out = sh_in(container, f"curl -fsS http://{API['node']}/healthz", check_status=False)
     check(status == 0, f"/healthz answers ({out.strip()[:40]})", out)
 
     _, token = run(["docker", "exec", container, "cat", "/etc/poolkeeper/admin-token"])
     token = token.strip()
-    check(len(token) >= 16, "an admin token was generated (0600, the service user's)")
+    check(len(token) >= 16, "an admin token was generated")
     _, perms = run(["docker", "exec", container, "stat", "-c", "%a %U %G", "/etc/poolkeeper/admin-token"])
     check(perms.strip() == "600 poolkeeper poolkeeper", f"the admin token file is {perms.strip()}")
 
-    # Warm pools, then a claim through the API that binds.
+    # Warm pools, then a claim through the API that binds, with a file of its own.
     poll("the pool web has 2 warm instances",
-         lambda: ((lambda s: (s.get("warm") == 2, s))(pool_status(container, token, "web"))))
-    ok("the pool web is warm (2 instances)")
+         lambda: (lambda st: (st.get("warm") == 2, st))(pool_status(container, token, "web")))
+    ok("the pool web is warm (2 instances, its image loaded from the tarball)")
+    page = "<h1>vm-test</h1>"
     code, body = api(container, "POST", "/api/v1/claims", token,
-                     {"name": "vm-test", "pool": "web", "user": "tester", "ttl": "10m"})
+                     {"name": "vm-test", "pool": "web", "user": "tester", "ttl": "10m",
+                      "files": {"index.html": page}})
     check(code in (200, 201), f"POST /api/v1/claims answers {code}", json.dumps(body))
     claim = poll("the claim vm-test is Bound",
-                 lambda: (lambda c: (c.get("status", {}).get("phase") == "Bound", c))(
+                 lambda: (lambda c: (isinstance(c, dict) and c.get("status", {}).get("phase") == "Bound", c))(
                      api(container, "GET", "/api/v1/claims/vm-test", token)[1]))
     endpoint = claim["status"]["endpoint"]
     port = endpoint["ports"]["http"]
     check(39000 <= port <= 39049, f"the claim is Bound at {endpoint['host']}:{port}")
-    status, out = sh_in(container, f"curl -fsS http://{endpoint['host']}:{port}/healthz", check_status=False)
-    check(status == 0, "the claimed instance answers on its endpoint", out)
+    status, out = sh_in(container, f"curl -fsS http://{endpoint['host']}:{port}/index.html", check_status=False)
+    check(status == 0 and out.strip() == page, "the claimed instance serves the claim's file", out)
 
     # One pool variable changes: that file alone, no restart, the pool follows.
     before = spec_files(container)
-    changed, out = playbook("run with web.warm=3", "ansible/site.yml", env,
+    changed, out = playbook("run with web.warm=3", "pk-vm-node", env,
                             {"poolkeeper_pool_overrides": {"web": {"warm": 3}}})
     after = spec_files(container)
     differ = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
@@ -377,7 +384,7 @@ def node_test(container, binary, controller_id, unit_type):
           and service_prop(container, "ExecMainStartTimestampMonotonic") == started,
           f"the service was not restarted (MainPID {pid})")
     poll("the pool web has 3 warm instances",
-         lambda: ((lambda s: (s.get("warm") == 3, s))(pool_status(container, token, "web"))))
+         lambda: (lambda st: (st.get("warm") == 3, st))(pool_status(container, token, "web")))
     ok("the running service picked up warm: 3 (3 warm instances, 1 bound)")
     _, out = run(["docker", "exec", container, "runuser", "-u", "poolkeeper", "--", "/usr/local/bin/poolkeeper",
                   "get", "pools", "--dir", "/var/lib/poolkeeper/specs"])
@@ -396,6 +403,12 @@ def node_test(container, binary, controller_id, unit_type):
     check(score < SECURITY_LIMIT, f"systemd-analyze security: exposure {m.group(1) if m else '?'} "
           f"{m.group(2) if m else ''} (< {SECURITY_LIMIT})", out)
 
+    # The firewall role: its table is loaded next to the Docker daemon's rules.
+    status, out = run(["docker", "exec", container, "nft", "list", "table", "inet", "poolkeeper_firewall"],
+                      check=False)
+    check(status == 0 and "tcp dport 7080 accept" in out and "tcp dport { 39000-39099 }" in out,
+          "the firewall table is loaded (API 7080; pools 39000-39099 from the allowed sources)", out)
+
     if unit_type == "notify":
         # WATCHDOG=1 every WatchdogSec/2 (15 s): the timestamp systemd keeps moves on.
         wait = watchdog_from + 16 - time.time()
@@ -407,23 +420,28 @@ def node_test(container, binary, controller_id, unit_type):
     return score
 
 
-def pool_status(container, token, name):
-    code, body = api(container, "GET", f"/api/v1/pools/{name}", token)
+def external_test(container, env, controller_id):
+    """The Docker Engine provided from outside: this machine's, through its socket."""
+    changed, _ = playbook("external, first run", "pk-vm-external", env)
+    check(changed > 0, f"with an external Docker socket, the first run converges ({changed} changed)")
+    changed, out = playbook("external, second run", "pk-vm-external", env)
+    check(changed == 0, "with an external Docker socket, the second run reports changed=0",
+          "\n".join(changed_tasks(out)) or out)
+    _, state = run(["docker", "exec", container, "systemctl", "is-active", "poolkeeper"], check=False)
+    check(state.strip() == "active", "poolkeeper.service is active, in the socket's group")
+    _, token = run(["docker", "exec", container, "cat", "/etc/poolkeeper/admin-token"])
+    poll("the pool web has 1 warm instance",
+         lambda: (lambda st: (st.get("warm") == 1, st))(
+             pool_status(container, token.strip(), "web", address=API["external"])))
+    _, out = run(["docker", "ps", "-q", "--filter", f"label=poolkeeper.dev/controller={controller_id}"])
+    check(len(out.split()) == 1, f"its warm instance runs on this machine's daemon, labelled {controller_id}")
+
+
+def pool_status(container, token, name, address=API["node"]):
+    code, body = api(container, "GET", f"/api/v1/pools/{name}", token, address=address)
     if code != 200 or not isinstance(body, dict):
         return {}
     return body.get("status") or {}
-
-
-def firewall_test(container):
-    env = ansible_env({"PK_VM_FIREWALL_CONTAINER": container})
-    changed, _ = playbook("firewall, first run", "e2e/vm/firewall.yml", env)
-    check(changed > 0, f"the firewall role converges ({changed} changed)")
-    changed, out = playbook("firewall, second run", "e2e/vm/firewall.yml", env)
-    check(changed == 0, "the firewall role's second run reports changed=0", "\n".join(changed_tasks(out)))
-    status, out = run(["docker", "exec", container, "nft", "list", "table", "inet", "poolkeeper_firewall"],
-                      check=False)
-    check(status == 0 and "dport { 7080 }" not in out and "7080" in out and "8000-8099" in out,
-          "the firewall table is loaded (API 7080, pools 8000-8399)", out)
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -451,7 +469,8 @@ def main():
                         help="the poolkeeper binary to install (default: $POOLKEEPER_BIN, else "
                              "target/release/poolkeeper, else target/debug/poolkeeper)")
     parser.add_argument("--unit-type", default=os.environ.get("PK_VM_UNIT_TYPE", "notify"),
-                        choices=["notify", "simple"], help="the unit's Type= (notify)")
+                        choices=["notify", "simple"],
+                        help="the unit's Type= (notify; simple only for a binary without sd_notify)")
     parser.add_argument("--keep", action="store_true", help="leave the containers running")
     args = parser.parse_args()
     binary = args.binary
@@ -465,42 +484,50 @@ def main():
         return 1
 
     t0 = time.time()
-    controller_id = f"vm-test-{os.getpid()}"
-    node = f"poolkeeper-vm-node-{os.getpid()}"
-    fw = f"poolkeeper-vm-firewall-{os.getpid()}"
+    tag = os.getpid()
+    controller_id = f"vm-test-{tag}"
+    node = f"poolkeeper-vm-node-{tag}"
+    external = f"poolkeeper-vm-external-{tag}"
     work = tempfile.mkdtemp(prefix="poolkeeper-vm-test.")
     score = None
+    current = None
     try:
         # A copy: the binary may be rebuilt while the test runs, and the runs must see one file.
         shutil.copy2(binary, os.path.join(work, "poolkeeper"))
-        binary = os.path.join(work, "poolkeeper")
         tools()
         lint()
         vagrant()
         build_image()
         workload_image()
+        run(["docker", "save", "-o", os.path.join(work, "images.tar"), WORKLOAD])
         log(f"   tools and images ready ({time.time() - t0:.0f} s)")
-        start_container(node, "host")
-        score = node_test(node, binary, controller_id, args.unit_type)
-        start_container(fw, "bridge")
-        firewall_test(fw)
+        env = ansible_env({"PK_VM_NODE": node, "PK_VM_EXTERNAL": external,
+                           "PK_VM_BINARY": os.path.join(work, "poolkeeper"),
+                           "PK_VM_IMAGES": os.path.join(work, "images.tar"),
+                           "PK_VM_CONTROLLER_ID": controller_id, "PK_VM_UNIT_TYPE": args.unit_type})
+        current = node
+        start_container(node, external=False)
+        score = node_test(node, env, args.unit_type)
+        current = external
+        start_container(external, external=True)
+        external_test(external, env, controller_id)
     except Failure as e:
         failed += 1
         log(f"not ok - {e}")
         if e.output:
             log("---- output ----\n" + e.output.rstrip()[-20000:])
-        if run(["docker", "inspect", node], check=False)[0] == 0:
-            _, journal = run(["docker", "exec", node, "sh", "-c",
+        if current and run(["docker", "inspect", current], check=False)[0] == 0:
+            _, journal = run(["docker", "exec", current, "sh", "-c",
                               "journalctl -u poolkeeper --no-pager | tail -100"], check=False)
-            log("---- journalctl -u poolkeeper (last 100 lines) ----\n" + journal.rstrip())
+            log(f"---- journalctl -u poolkeeper in {current} (last 100 lines) ----\n" + journal.rstrip())
     except Exception as e:  # noqa: BLE001 -- a crash of the harness is a failure too
         failed += 1
         log(f"not ok - the harness crashed: {e!r}")
     finally:
         if args.keep:
-            log(f"kept: docker exec -it {node} bash; docker exec -it {fw} bash")
+            log(f"kept: docker exec -it {node} bash; docker exec -it {external} bash")
         else:
-            removed = cleanup([node, fw], controller_id)
+            removed = cleanup([node, external], controller_id)
             log(f"   removed the test containers and {removed} pool container(s) of {controller_id}")
         shutil.rmtree(work, ignore_errors=True)
     if score is not None:

@@ -8,6 +8,7 @@
 //! - [`cli`]: the commands;
 //! - [`table`]: `get` and `describe` output;
 //! - [`client`]: the CLI's side of the HTTP API;
+//! - [`kube_mode`]: a controller on a Kubernetes API server, assembled;
 //! - [`access`]: logs, exec, stats and volumes of the containers a controller runs;
 //! - [`bench`]: the benchmarks.
 
@@ -16,5 +17,6 @@ pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod kube_mode;
 mod run;
 pub mod table;

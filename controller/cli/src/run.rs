@@ -188,101 +188,42 @@ async fn run_kube_with<R: poolkeeper_runtime::Runtime>(
     resync: Duration,
     api: ApiArgs,
 ) -> anyhow::Result<()> {
-    use poolkeeper_source_kube::{KubeResolve, Shared, declare::KubeDeclare, lease, source};
-    let admin_token = api.admin_token()?;
-    let webhooks = api.webhooks()?;
-    let (listener, api_addr) = bind(&api)?;
+    use crate::kube_mode::{KubeController, KubeOptions};
+    let (listener, _) = bind(&api)?;
     let mut sigterm = sigterm()?;
     let home = kube
         .lease_namespace
         .clone()
         .unwrap_or_else(|| conn.namespace.clone());
     let identity = kube.identity.clone().unwrap_or_else(default_identity);
-    let lease_config = lease::LeaseConfig::new(&kube.lease_name, &home, &identity);
-    let mut leadership = if kube.no_leader_election {
-        None
-    } else {
-        tokio::select! {
-            l = lease::acquire(conn.client.clone(), lease_config.clone()) => Some(l),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = terminated(&mut sigterm) => return Ok(()),
+    let lease = (!kube.no_leader_election).then(|| {
+        poolkeeper_source_kube::lease::LeaseConfig::new(&kube.lease_name, &home, &identity)
+    });
+    let controller = KubeController::start(
+        rt,
+        KubeOptions {
+            client: conn.client,
+            server: conn.server,
+            namespaces: kube.namespaces,
+            state_dir: state.to_path_buf(),
+            lease,
+            home,
+            identity,
+            resync,
+            listener,
+            admin_token: api.admin_token()?,
+            webhooks: api.webhooks()?,
+        },
+    );
+    let mut phase = controller.phase.clone();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("stopping"),
+        _ = terminated(&mut sigterm) => info!("stopping (SIGTERM)"),
+        _ = phase.wait_for(|p| matches!(p, crate::kube_mode::Phase::Stopped(_))) => {
+            return controller.finished().await;
         }
-    };
-    let shared = Shared {
-        namespaces: kube.namespaces.clone(),
-        server: conn.server.clone(),
-        ..Shared::default()
-    };
-    let mut config = EngineConfig::new(state.join("state"));
-    config.resync_every = resync;
-    config.resolve = Arc::new(KubeResolve(shared.clone()));
-    let (handle, task) = poolkeeper_engine::start(rt, config)?;
-    let writer = poolkeeper_source_kube::writes::Writer::new(conn.client.clone(), Some(identity));
-    let health = poolkeeper_engine::source::Health::default();
-    let options = source::Options {
-        namespaces: kube.namespaces.clone(),
-        resync,
-    };
-    let watch = source::run(
-        conn.client.clone(),
-        handle.clone(),
-        writer.clone(),
-        shared.clone(),
-        health.clone(),
-        options,
-    )
-    .await?;
-    let server = match listener {
-        Some(l) => {
-            let declare = KubeDeclare::new(
-                handle.clone(),
-                writer,
-                shared,
-                kube.namespaces
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| conn.namespace.clone()),
-                home,
-            )
-            .await
-            .context("reading the controller's records (ConfigMaps)")?;
-            let state = poolkeeper_http::ApiState::new(
-                handle.clone(),
-                Arc::new(declare),
-                admin_token.as_deref(),
-                webhooks,
-            )
-            .context("starting the HTTP API")?
-            .with_health(health);
-            Some(serve(l, state, &api_addr)?)
-        }
-        None => None,
-    };
-    info!(namespaces = ?kube.namespaces, "poolkeeper running on Kubernetes; Ctrl-C to stop");
-    let lost = async {
-        match leadership.as_mut() {
-            Some(l) => l.lost().await,
-            None => std::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        _ = tokio::signal::ctrl_c() => { info!("stopping"); Ok(()) }
-        _ = terminated(&mut sigterm) => { info!("stopping (SIGTERM)"); Ok(()) }
-        _ = lost => Err(anyhow::anyhow!("lost the Lease {}: stopped acting", lease_config.name)),
-        r = task => { watch.abort(); r?; Err(anyhow::anyhow!("the engine stopped")) }
-    };
-    // Stop acting first: no more writes, no more runtime actions.
-    watch.abort();
-    if let Some(s) = server {
-        s.stop();
     }
-    handle.shutdown().await;
-    if result.is_ok()
-        && let Some(l) = leadership
-    {
-        l.release(conn.client.clone(), &lease_config).await;
-    }
-    result
+    controller.stop().await
 }
 
 /// `$POD_NAME` in a pod; else the host's name and this process's id.

@@ -143,7 +143,9 @@ pub enum UpdateStrategy {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Status is written whole by the controller; a field it leaves out reads as its default
+// (nothing in it is required of a writer).
+#[serde(rename_all = "camelCase", default)]
 pub struct DeploymentStatus {
     pub observed_generation: Option<i64>,
     pub containers: u32,

@@ -287,7 +287,9 @@ pub enum PullPolicy {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Status is written whole by the controller; a field it leaves out reads as its default
+// (nothing in it is required of a writer).
+#[serde(rename_all = "camelCase", default)]
 pub struct PoolStatus {
     pub observed_generation: Option<i64>,
     /// Instances that exist (warm, bound, starting, resetting, quarantined).

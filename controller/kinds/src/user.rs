@@ -90,7 +90,9 @@ impl Default for Quota {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Status is written whole by the controller; a field it leaves out reads as its default
+// (nothing in it is required of a writer).
+#[serde(rename_all = "camelCase", default)]
 pub struct UserStatus {
     pub observed_generation: Option<i64>,
     pub active_claims: u32,

@@ -60,6 +60,11 @@ impl Leadership {
         let _ = self.lost.wait_for(|lost| *lost).await;
     }
 
+    /// The renewing task (a crash stops it with everything else).
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.task.abort_handle()
+    }
+
     /// Gives the Lease up (a graceful stop: a standby takes over at once).
     pub async fn release(self, client: Client, config: &LeaseConfig) {
         self.task.abort();

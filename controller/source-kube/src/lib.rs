@@ -14,6 +14,8 @@
 //! With the Docker runtime the controller's local store stays the record of bindings (it runs
 //! beside its daemon), and a Claim's status mirrors it.
 
+pub use kube;
+
 pub mod declare;
 pub mod lease;
 pub mod objects;
@@ -49,9 +51,7 @@ pub struct Connection {
 
 /// Connects with the credentials of `KUBECONFIG` (or `~/.kube/config`), else in-cluster.
 pub async fn connect() -> Result<Connection, Error> {
-    // kube's TLS is rustls with ring; make it the process's provider before any client exists
-    // (an error only says one is installed already).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_crypto();
     let config = kube::Config::infer().await?;
     let server = config.cluster_url.to_string();
     let namespace = config.default_namespace.clone();
@@ -61,6 +61,12 @@ pub async fn connect() -> Result<Connection, Error> {
         server,
         namespace,
     })
+}
+
+/// kube's TLS is rustls with ring: makes it the process's provider before any client exists
+/// (a second call changes nothing).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Which namespace holds an object the engine has.

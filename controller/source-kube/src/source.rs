@@ -106,6 +106,8 @@ struct Source {
     /// Problems already reported as an Event, per object and generation.
     reported: HashSet<(Key, i64, String)>,
     cleanups: HashMap<Key, Cleanup>,
+    /// Status writes the API server refused, warned of once each.
+    refusals: HashSet<(Key, String)>,
     /// Why the engine does not hold an object, and since when (its condition's transition).
     refused: HashMap<Key, (String, String, String)>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -162,6 +164,7 @@ pub async fn run(
         reported: HashSet::new(),
         cleanups: HashMap::new(),
         refused: HashMap::new(),
+        refusals: HashSet::new(),
         done_tx,
     };
     // The first lists: handed to the engine before this returns.
@@ -580,8 +583,9 @@ impl Source {
                     Err(e) => {
                         // Refused (4xx) is a fault worth seeing; the rest (a server away,
                         // 5xx, 409, 429) is retried quietly.
-                        if matches!(&e, kube::Error::Api(s) if (400..500).contains(&s.code) && ![409, 429].contains(&s.code))
-                        {
+                        let refused = matches!(&e, kube::Error::Api(s)
+                            if (400..500).contains(&s.code) && ![409, 429].contains(&s.code));
+                        if refused && self.refusals.insert((key.clone(), e.to_string())) {
                             warn!(object = ?key, error = %e, "the API server refused a status; retrying");
                         } else {
                             debug!(object = ?key, error = %e, "writing status failed; retrying");

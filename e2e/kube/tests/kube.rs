@@ -1,0 +1,483 @@
+//! Kubernetes mode end to end, against the API server `KUBECONFIG` names (skipped without one;
+//! failing instead when `POOLKEEPER_REQUIRE_KUBE=1`). Each test has a namespace of its own and
+//! runs its controllers in-process, on the memory runtime, under a ServiceAccount that holds
+//! exactly the roles `poolkeeper rbac` prints. Only an API server is needed (no kubelet, no
+//! controller-manager).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use poolkeeper_e2e_kube::{Proxy, claim_status, cluster, eventually, http_get, start_controller};
+use poolkeeper_kinds::Kind;
+use poolkeeper_runtime::Runtime;
+use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
+use poolkeeper_source_kube::kube::{self, Api};
+use serde_json::Value;
+
+fn fixtures(sub: &str) -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(sub);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("fixtures")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A fixture's expected field and message (its `# field:` and `# expect:` lines).
+fn expectation(text: &str) -> (String, String) {
+    let line = |p: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(p))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (line("# field: "), line("# expect: "))
+}
+
+fn quickstart() -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let mut text = String::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("quickstart")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        text.push_str("---\n");
+        text.push_str(&std::fs::read_to_string(f).expect("read"));
+        text.push('\n');
+    }
+    text
+}
+
+fn dyn_api(client: &kube::Client, ns: &str, kind: Kind) -> Api<kube::api::DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        ns,
+        &poolkeeper_source_kube::objects::api_resource(kind),
+    )
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crds_apply_without_warnings_and_admission_refuses_what_validate_refuses() {
+    let Some(c) = cluster().await else { return };
+    let warnings = c.apply_crds();
+    assert!(
+        !warnings.to_lowercase().contains("warning"),
+        "applying the CRDs warned: {warnings}"
+    );
+    let ns = c.namespace("admission");
+    for f in fixtures("refused") {
+        let text = std::fs::read_to_string(&f).expect("read");
+        let (field, message) = expectation(&text);
+        // The controller's own validation refuses it, naming the field...
+        let parsed: Vec<String> = poolkeeper_source_dir::loader::parse_text(&f, &text)
+            .diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(
+            parsed
+                .iter()
+                .any(|d| d.contains(&field) && d.contains(&message)),
+            "{}: validate said {parsed:?}, not {field}: {message}",
+            f.display()
+        );
+        // ...and so does the API server, at admission, with the same message.
+        let out = c.kubectl_in(&["create", "-n", &ns, "-f", "-"], Some(&text));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: admitted", f.display());
+        assert!(
+            err.contains(&message)
+                && (!field.starts_with("spec") || err.contains(&format!("{field}: Invalid value"))),
+            "{}: the API server said {err}",
+            f.display()
+        );
+    }
+    // What CEL cannot say is admitted (and refused by the controller: see below).
+    for f in fixtures("controller-only") {
+        let text = std::fs::read_to_string(&f).expect("read");
+        let out = c.kubectl_in(
+            &["create", "--dry-run=server", "-n", &ns, "-f", "-"],
+            Some(&text),
+        );
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.cleanup(&ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quickstart_binds_shows_status_waits_and_deletes_through_the_finalizer() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("quickstart");
+    let config = c.service_account(&ns, std::slice::from_ref(&ns));
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut ctl = start_controller(&config, &ns, state.path(), "e2e-a", None, None);
+    ctl.inner.leading().await;
+    // The quickstart, unchanged, plus one object that only the controller refuses.
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&quickstart()));
+    let cycle = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/controller-only/deployment-cycle.yaml"),
+    )
+    .expect("read");
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&cycle));
+
+    let waited = c.kubectl(&[
+        "wait",
+        "-n",
+        &ns,
+        "--for=condition=Bound",
+        "--timeout=60s",
+        "claim/alice-web",
+        "claim/bob-python",
+    ]);
+    assert!(
+        waited.status.success(),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+
+    // Printer columns, with values.
+    let pools = eventually(
+        "pools show their warm counts",
+        Duration::from_secs(30),
+        async || {
+            let out = c.kubectl_ok(&["get", "pools", "-n", &ns], None);
+            out.lines()
+                .any(|l| l.starts_with("nginx") && l.split_whitespace().nth(1) == Some("5"))
+                .then_some(out)
+        },
+    )
+    .await;
+    let header: Vec<&str> = pools
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "WARM", "BOUND", "QUEUED", "READY", "AGE"],
+        "{pools}"
+    );
+    let nginx: Vec<&str> = pools
+        .lines()
+        .find(|l| l.starts_with("nginx"))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&nginx[1..5], ["5", "1", "0", "True"], "{pools}");
+    let claims = c.kubectl_ok(&["get", "claims", "-n", &ns], None);
+    let header: Vec<&str> = claims
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "POOL", "USER", "ENDPOINT", "AGE"],
+        "{claims}"
+    );
+    let alice: Vec<&str> = claims
+        .lines()
+        .find(|l| l.starts_with("alice-web"))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&alice[1..4], ["Bound", "nginx", "alice"], "{claims}");
+    assert!(alice[4].starts_with("127.0.0.1:80"), "{claims}");
+
+    // The status: observedGeneration, conditions per the API conventions.
+    let status = claim_status(&c.admin, &ns, "alice-web")
+        .await
+        .expect("status");
+    assert_eq!(status["observedGeneration"], 1, "{status}");
+    let bound = condition(&status, "Bound").expect("Bound condition");
+    assert_eq!(bound["status"], "True");
+    assert!(
+        bound["lastTransitionTime"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    // The controller-only refusal: SpecValid=False naming the field, and an Event.
+    let dep = eventually(
+        "the cycle is refused on its status",
+        Duration::from_secs(30),
+        async || {
+            let o = dyn_api(&c.admin, &ns, Kind::Deployment)
+                .get("cycle")
+                .await
+                .ok()?;
+            let s = o.data.get("status")?.clone();
+            condition(&s, "SpecValid")
+                .is_some_and(|c| c["status"] == "False")
+                .then_some(s)
+        },
+    )
+    .await;
+    let valid = condition(&dep, "SpecValid").expect("SpecValid");
+    assert!(
+        valid["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.containers") && m.contains("cycle")),
+        "{dep}"
+    );
+    let described = eventually(
+        "the refusal is an Event",
+        Duration::from_secs(30),
+        async || {
+            let out = c.kubectl_ok(
+                &["describe", "deployments.poolkeeper.dev", "cycle", "-n", &ns],
+                None,
+            );
+            out.contains("InvalidSpec").then_some(out)
+        },
+    )
+    .await;
+    assert!(described.contains("SpecValid"), "{described}");
+    // The valid objects beside it are unaffected (bound above).
+
+    // Deleting a claim: its finalizer holds it until its instance is reset.
+    let instance = status["instance"].as_str().expect("instance").to_owned();
+    let claim = dyn_api(&c.admin, &ns, Kind::Claim)
+        .get("alice-web")
+        .await
+        .expect("claim");
+    assert!(
+        claim
+            .metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|f| f == "poolkeeper.dev/cleanup")),
+        "{:?}",
+        claim.metadata
+    );
+    c.kubectl_ok(
+        &["delete", "claim", "alice-web", "-n", &ns, "--timeout=60s"],
+        None,
+    );
+    let listed = ctl.rt.list().await.expect("list");
+    assert!(
+        listed.iter().all(|i| i.name != instance),
+        "{instance} still runs after its claim was deleted"
+    );
+    ctl.inner.stop().await.expect("stopped");
+    c.cleanup(&ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_keeps_every_binding_and_binds_nothing_twice() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("restart");
+    let config = c.service_account(&ns, std::slice::from_ref(&ns));
+    let state = tempfile::tempdir().expect("tempdir");
+    // The runtime outlives the controller, as a Docker daemon does.
+    let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+    let mut ctl = start_controller(&config, &ns, state.path(), "e2e-a", Some(rt.clone()), None);
+    ctl.inner.leading().await;
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&quickstart()));
+    let mut claims = String::new();
+    for i in 0..6 {
+        claims.push_str(&format!(
+            "---\napiVersion: poolkeeper.dev/v1alpha1\nkind: Claim\nmetadata: {{name: extra-{i}}}\nspec: {{pool: python, user: {}}}\n",
+            if i % 2 == 0 { "alice" } else { "bob" }
+        ));
+    }
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&claims));
+    let names: Vec<String> = ["alice-web", "bob-python"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain((0..6).map(|i| format!("extra-{i}")))
+        .collect();
+    // alice has maxClaims 3 in the quickstart: some extras wait; the bound ones are recorded.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut before = Vec::new();
+    for n in &names {
+        if let Some(s) = claim_status(&c.admin, &ns, n).await
+            && s["phase"] == "Bound"
+        {
+            before.push((n.clone(), s["instance"].as_str().unwrap_or("").to_owned()));
+        }
+    }
+    assert!(before.len() >= 4, "{before:?}");
+    ctl.inner.kill();
+    let mut ctl = start_controller(&config, &ns, state.path(), "e2e-a", Some(rt.clone()), None);
+    assert_eq!(
+        ctl.inner.leading().await,
+        poolkeeper::kube_mode::Phase::Leading
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (n, inst) in &before {
+        let s = claim_status(&c.admin, &ns, n).await.expect("status");
+        assert_eq!(s["phase"], "Bound", "{n}: {s}");
+        assert_eq!(s["instance"].as_str(), Some(inst.as_str()), "{n} was moved");
+    }
+    let mut instances: Vec<String> = Vec::new();
+    for n in &names {
+        if let Some(s) = claim_status(&c.admin, &ns, n).await
+            && s["phase"] == "Bound"
+        {
+            instances.push(s["instance"].as_str().unwrap_or("").to_owned());
+        }
+    }
+    let mut unique = instances.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        instances.len(),
+        "an instance bound twice: {instances:?}"
+    );
+    ctl.inner.stop().await.expect("stopped");
+    c.cleanup(&ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_controllers_one_leads_and_the_standby_takes_over_when_it_dies() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("lease");
+    let config = c.service_account(&ns, std::slice::from_ref(&ns));
+    let (sa, sb) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+    let mut a = start_controller(&config, &ns, sa.path(), "replica-a", Some(rt.clone()), None);
+    assert_eq!(
+        a.inner.leading().await,
+        poolkeeper::kube_mode::Phase::Leading
+    );
+    let b = start_controller(&config, &ns, sb.path(), "replica-b", Some(rt.clone()), None);
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&quickstart()));
+    eventually("alice-web is bound", Duration::from_secs(30), async || {
+        let s = claim_status(&c.admin, &ns, "alice-web").await?;
+        (s["phase"] == "Bound").then_some(())
+    })
+    .await;
+    // The standby acts in no way: it wrote nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        *b.inner.phase.borrow(),
+        poolkeeper::kube_mode::Phase::Standby
+    );
+    assert_eq!(b.inner.counters.total(), 0, "the standby wrote");
+    // The leader dies (no graceful release): the standby takes over within the lease
+    // duration and a renewal period or two (it measures from when it saw the last renewal).
+    let died = std::time::Instant::now();
+    a.inner.kill();
+    let mut b = b;
+    let phase = tokio::time::timeout(Duration::from_secs(25), b.inner.leading())
+        .await
+        .expect("the standby never took over");
+    assert_eq!(phase, poolkeeper::kube_mode::Phase::Leading);
+    let took = died.elapsed();
+    assert!(
+        took >= Duration::from_secs(10),
+        "took over after {took:?}: too early"
+    );
+    eprintln!("the standby took over {took:?} after the leader died");
+    // It acts: a new claim is bound.
+    c.kubectl_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some("apiVersion: poolkeeper.dev/v1alpha1\nkind: Claim\nmetadata: {name: after}\nspec: {pool: node, user: alice}\n"),
+    );
+    eventually(
+        "the new leader binds",
+        Duration::from_secs(30),
+        async || {
+            let s = claim_status(&c.admin, &ns, "after").await?;
+            (s["phase"] == "Bound").then_some(())
+        },
+    )
+    .await;
+    b.inner.stop().await.expect("stopped");
+    c.cleanup(&ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_server_is_reported_and_the_controller_recovers() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("outage");
+    let config = c.service_account(&ns, std::slice::from_ref(&ns));
+    let (proxy, through) = Proxy::start(&config).await.expect("proxy");
+    let state = tempfile::tempdir().expect("tempdir");
+    // A Lease long enough for the outage: renewals go through the proxy too, and a leader
+    // that cannot renew for its whole deadline stops acting (and is restarted by its
+    // supervisor, as client-go's controllers are).
+    let mut ctl = start_controller(
+        &through,
+        &ns,
+        state.path(),
+        "e2e-a",
+        None,
+        Some(Duration::from_secs(120)),
+    );
+    ctl.inner.leading().await;
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&quickstart()));
+    eventually("alice-web is bound", Duration::from_secs(30), async || {
+        let s = claim_status(&c.admin, &ns, "alice-web").await?;
+        (s["phase"] == "Bound").then_some(())
+    })
+    .await;
+    let running_before = ctl.rt.list().await.expect("list").len();
+    proxy.set_up(false);
+    let (code, body) = eventually(
+        "readyz says the API server is away",
+        Duration::from_secs(30),
+        async || {
+            let (code, body) = http_get(&ctl.api, "/readyz").ok()?;
+            (code == 503).then_some((code, body))
+        },
+    )
+    .await;
+    assert_eq!(code, 503);
+    assert!(body.contains("watching"), "{body}");
+    // What runs keeps running.
+    assert_eq!(ctl.rt.list().await.expect("list").len(), running_before);
+    // A claim made meanwhile is bound once the server is back.
+    c.kubectl_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some("apiVersion: poolkeeper.dev/v1alpha1\nkind: Claim\nmetadata: {name: during}\nspec: {pool: node, user: alice}\n"),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.set_up(true);
+    eventually("readyz recovers", Duration::from_secs(60), async || {
+        let (code, _) = http_get(&ctl.api, "/readyz").ok()?;
+        (code == 200).then_some(())
+    })
+    .await;
+    eventually(
+        "the claim made during the outage is bound",
+        Duration::from_secs(60),
+        async || {
+            let s = claim_status(&c.admin, &ns, "during").await?;
+            (s["phase"] == "Bound").then_some(())
+        },
+    )
+    .await;
+    let _ = ctl.inner.stop().await;
+    c.cleanup(&ns);
+}
