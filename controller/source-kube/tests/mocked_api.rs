@@ -1,0 +1,547 @@
+//! The Kubernetes source against a scripted API server (kube's client over `tower-test`): for
+//! each reconcile, the exact requests it makes (the finalizer's JSON patch, the status's
+//! server-side apply with its field manager, the Event) and how it takes the answers (a stale
+//! finalizer patch's 422, a status's 500 and 404, a watch's 410). Every expectation has a
+//! timeout, so a request that is never made fails the test.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use poolkeeper_engine::EngineConfig;
+use poolkeeper_engine::source::Health;
+use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
+use poolkeeper_source_kube::kube::client::Body as KubeBody;
+use poolkeeper_source_kube::source::{self, Options};
+use poolkeeper_source_kube::writes::Writer;
+use poolkeeper_source_kube::{KubeResolve, Shared};
+
+type Resp = Response<BoxBody<Bytes, Infallible>>;
+
+const NS: &str = "team-a";
+
+/// A request the controller made that changes something (not a list or watch).
+#[derive(Clone, Debug)]
+struct Write {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+/// An answer to give instead of success: to the first write whose method and path match.
+struct Override {
+    method: &'static str,
+    path_ends: String,
+    status: u16,
+}
+
+/// The scripted API server.
+struct Fake {
+    /// Objects per plural (`pools`, `claims`, ...), as lists return them.
+    objects: HashMap<String, Vec<Value>>,
+    /// Per plural: where a watch's events go (the watch's body), newest watch last.
+    watches: Arc<Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Value>>>>>,
+    /// Lists made, per plural.
+    lists: Arc<Mutex<HashMap<String, u32>>>,
+    overrides: Arc<Mutex<VecDeque<Override>>>,
+    writes: mpsc::UnboundedSender<Write>,
+}
+
+fn json_resp(status: u16, v: &Value) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())).boxed())
+        .expect("response")
+}
+
+fn status_body(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+           "message": format!("scripted {code}"), "code": code})
+}
+
+fn plural_of(path: &str) -> Option<String> {
+    // /apis/poolkeeper.dev/v1alpha1/namespaces/NS/PLURAL[/NAME[/status]]
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let i = parts.iter().position(|p| *p == "namespaces")?;
+    parts.get(i + 2).map(|s| (*s).to_owned())
+}
+
+impl Fake {
+    async fn serve(self, mut handle: tower_test::mock::Handle<Request<KubeBody>, Resp>) {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_owned();
+            let query = req.uri().query().unwrap_or("").to_owned();
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let plural = plural_of(&path).unwrap_or_default();
+            if method == "GET" && query.contains("watch=true") {
+                let (tx, rx) = mpsc::unbounded_channel::<Value>();
+                self.watches
+                    .lock()
+                    .expect("lock")
+                    .entry(plural)
+                    .or_default()
+                    .push(tx);
+                let stream = futures::stream::unfold(rx, |mut rx| async move {
+                    let ev = rx.recv().await?;
+                    let line = format!("{ev}\n");
+                    Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), rx))
+                });
+                let resp = Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(StreamBody::new(stream).boxed())
+                    .expect("response");
+                send.send_response(resp);
+                continue;
+            }
+            if method == "GET" && path.contains("/secrets/") {
+                send.send_response(json_resp(404, &status_body(404, "NotFound")));
+                continue;
+            }
+            if method == "GET" {
+                *self
+                    .lists
+                    .lock()
+                    .expect("lock")
+                    .entry(plural.clone())
+                    .or_default() += 1;
+                let items = self.objects.get(&plural).cloned().unwrap_or_default();
+                send.send_response(json_resp(
+                    200,
+                    &json!({"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "List",
+                            "metadata": {"resourceVersion": "10"}, "items": items}),
+                ));
+                continue;
+            }
+            let w = Write {
+                method: method.clone(),
+                path: path.clone(),
+                query,
+                content_type,
+                body: body.clone(),
+            };
+            let _ = self.writes.send(w);
+            let scripted = {
+                let mut o = self.overrides.lock().expect("lock");
+                let i = o
+                    .iter()
+                    .position(|o| o.method == method && path.ends_with(&o.path_ends));
+                i.and_then(|i| o.remove(i))
+            };
+            if let Some(o) = scripted {
+                send.send_response(json_resp(o.status, &status_body(o.status, "Scripted")));
+                continue;
+            }
+            // Success: the object the write names (as the API server would answer it).
+            let name = path
+                .trim_end_matches("/status")
+                .rsplit('/')
+                .next()
+                .unwrap_or("");
+            let obj = self
+                .objects
+                .get(&plural)
+                .and_then(|items| items.iter().find(|o| o["metadata"]["name"] == name))
+                .cloned()
+                .unwrap_or_else(|| body.clone());
+            let code = if method == "POST" { 201 } else { 200 };
+            send.send_response(json_resp(code, &obj));
+        }
+    }
+}
+
+fn obj(kind: &str, name: &str, spec: Value, extra: Value) -> Value {
+    let mut o = json!({
+        "apiVersion": "poolkeeper.dev/v1alpha1", "kind": kind,
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"),
+                     "resourceVersion": "5", "generation": 1,
+                     "creationTimestamp": "2026-12-01T00:00:00Z"},
+        "spec": spec,
+    });
+    if let (Some(m), Some(e)) = (o["metadata"].as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    o
+}
+
+fn pool() -> Value {
+    obj(
+        "Pool",
+        "web",
+        json!({"template": {"image": "x", "ports": [{"name": "http", "containerPort": 80}]},
+               "warm": 1, "hostPorts": {"start": 42000, "end": 42010}}),
+        json!({"finalizers": ["poolkeeper.dev/cleanup"]}),
+    )
+}
+
+fn user() -> Value {
+    obj(
+        "User",
+        "alice",
+        json!({"quota": {"maxClaims": 2}}),
+        json!({}),
+    )
+}
+
+fn claim(name: &str, extra: Value) -> Value {
+    obj(
+        "Claim",
+        name,
+        json!({"pool": "web", "user": "alice"}),
+        extra,
+    )
+}
+
+/// A source under test: the engine on the memory runtime, the scripted server, and the writes
+/// it sees.
+struct Scene {
+    writes: mpsc::UnboundedReceiver<Write>,
+    /// Writes received and not matched by an expectation yet, in order.
+    log: Vec<Write>,
+    watches: Arc<Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Value>>>>>,
+    lists: Arc<Mutex<HashMap<String, u32>>>,
+    _state: tempfile::TempDir,
+    _source: tokio::task::JoinHandle<()>,
+}
+
+async fn scene(objects: Vec<Value>, overrides: Vec<Override>) -> Scene {
+    let (svc, handle) = tower_test::mock::pair::<Request<KubeBody>, Resp>();
+    let client = poolkeeper_source_kube::kube::Client::new(svc, NS);
+    let mut by_plural: HashMap<String, Vec<Value>> = HashMap::new();
+    for o in objects {
+        let plural = format!("{}s", o["kind"].as_str().unwrap_or("").to_lowercase());
+        by_plural.entry(plural).or_default().push(o);
+    }
+    let (wtx, writes) = mpsc::unbounded_channel();
+    let watches = Arc::new(Mutex::new(HashMap::new()));
+    let lists = Arc::new(Mutex::new(HashMap::new()));
+    let overrides = Arc::new(Mutex::new(overrides.into_iter().collect()));
+    let fake = Fake {
+        objects: by_plural,
+        watches: watches.clone(),
+        lists: lists.clone(),
+        overrides: overrides.clone(),
+        writes: wtx,
+    };
+    tokio::spawn(fake.serve(handle));
+    let state = tempfile::tempdir().expect("tempdir");
+    let shared = Shared {
+        namespaces: vec![NS.to_owned()],
+        server: "https://mock".to_owned(),
+        ..Shared::default()
+    };
+    let mut config = EngineConfig::new(state.path());
+    config.resolve = Arc::new(KubeResolve(shared.clone()));
+    let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+    let (engine, _task) = poolkeeper_engine::start(rt, config).expect("engine");
+    let writer = Writer::new(client.clone(), Some("test".to_owned()));
+    let source = tokio::time::timeout(
+        Duration::from_secs(10),
+        source::run(
+            client,
+            engine,
+            writer,
+            shared,
+            Health::default(),
+            Options {
+                namespaces: vec![NS.to_owned()],
+                resync: Duration::from_secs(60),
+            },
+        ),
+    )
+    .await
+    .expect("the source never finished its first lists")
+    .expect("source");
+    Scene {
+        writes,
+        log: Vec::new(),
+        watches,
+        lists,
+        _state: state,
+        _source: source,
+    }
+}
+
+impl Scene {
+    /// The first write matching `pred` not matched before, waiting up to 5 s for it.
+    async fn expect(&mut self, what: &str, pred: impl Fn(&Write) -> bool) -> Write {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(i) = self.log.iter().position(&pred) {
+                return self.log.remove(i);
+            }
+            match tokio::time::timeout_at(deadline, self.writes.recv()).await {
+                Ok(Some(w)) => self.log.push(w),
+                Ok(None) | Err(_) => panic!("never made: {what}; made: {:#?}", self.log),
+            }
+        }
+    }
+
+    /// No write matching `pred` within `wait`.
+    async fn expect_none(&mut self, what: &str, wait: Duration, pred: impl Fn(&Write) -> bool) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(w)) = tokio::time::timeout_at(deadline, self.writes.recv()).await {
+            assert!(!pred(&w), "unexpected: {what}: {w:?}");
+        }
+    }
+
+    /// Sends a watch event on the newest watch of `plural` (waiting for one to be open).
+    async fn watch_event(&self, plural: &str, ev: Value) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let tx = self
+                .watches
+                .lock()
+                .expect("lock")
+                .get(plural)
+                .and_then(|v| v.last().cloned());
+            if let Some(tx) = tx
+                && tx.send(ev.clone()).is_ok()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no watch of {plural} opened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn lists(&self, plural: &str) -> u32 {
+        self.lists
+            .lock()
+            .expect("lock")
+            .get(plural)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn is_status_of(w: &Write, name: &str) -> bool {
+    w.method == "PATCH" && w.path.ends_with(&format!("/claims/{name}/status"))
+}
+
+fn is_finalizer_patch(w: &Write, name: &str) -> bool {
+    w.method == "PATCH" && w.path.ends_with(&format!("/claims/{name}"))
+}
+
+#[tokio::test]
+async fn a_new_claim_gets_the_finalizer_then_its_bound_status_by_server_side_apply() {
+    let mut s = scene(vec![pool(), user(), claim("alice-web", json!({}))], vec![]).await;
+    let fin = s
+        .expect("the finalizer patch", |w| {
+            is_finalizer_patch(w, "alice-web")
+        })
+        .await;
+    assert_eq!(fin.content_type, "application/json-patch+json");
+    assert_eq!(
+        fin.body,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["poolkeeper.dev/cleanup"]},
+        ])
+    );
+    let st = s
+        .expect("the Bound status", |w| {
+            is_status_of(w, "alice-web") && w.body["status"]["phase"] == "Bound"
+        })
+        .await;
+    assert_eq!(st.content_type, "application/apply-patch+yaml");
+    assert!(st.query.contains("fieldManager=poolkeeper"), "{}", st.query);
+    assert!(st.query.contains("force=true"), "{}", st.query);
+    assert_eq!(st.body["apiVersion"], "poolkeeper.dev/v1alpha1");
+    assert_eq!(st.body["kind"], "Claim");
+    assert_eq!(st.body["status"]["observedGeneration"], 1);
+    let bound = st.body["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Bound"))
+        .cloned()
+        .expect("Bound condition");
+    assert_eq!(bound["status"], "True");
+    // Written once: the same status is not written again.
+    s.expect_none("the same status again", Duration::from_millis(2500), |w| {
+        is_status_of(w, "alice-web") && w.body["status"]["phase"] == "Bound"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_finalizer_patch_is_not_forced_and_a_failed_status_is_written_again() {
+    let mut s = scene(
+        vec![pool(), user(), claim("c1", json!({}))],
+        vec![
+            Override {
+                method: "PATCH",
+                path_ends: "/claims/c1".into(),
+                status: 422,
+            },
+            Override {
+                method: "PATCH",
+                path_ends: "/claims/c1/status".into(),
+                status: 500,
+            },
+        ],
+    )
+    .await;
+    s.expect("the finalizer patch", |w| is_finalizer_patch(w, "c1"))
+        .await;
+    // The 500: the status is written again.
+    s.expect("the first status (answered 500)", |w| is_status_of(w, "c1"))
+        .await;
+    s.expect("the status, again", |w| is_status_of(w, "c1"))
+        .await;
+    // The 422 (the finalizers changed under it): no blind retry; the watch brings the object
+    // as it is, with the finalizer someone else's write added, and nothing more is patched.
+    s.watch_event(
+        "claims",
+        json!({"type": "MODIFIED", "object": claim("c1", json!({"finalizers": ["poolkeeper.dev/cleanup"], "resourceVersion": "6"}))}),
+    )
+    .await;
+    s.expect_none("another finalizer patch", Duration::from_secs(2), |w| {
+        is_finalizer_patch(w, "c1")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_claim_loses_its_finalizer_once_its_instance_is_reset() {
+    let mut s = scene(
+        vec![
+            pool(),
+            user(),
+            claim("c2", json!({"finalizers": ["poolkeeper.dev/cleanup"]})),
+        ],
+        vec![],
+    )
+    .await;
+    s.expect("the Bound status", |w| {
+        is_status_of(w, "c2") && w.body["status"]["phase"] == "Bound"
+    })
+    .await;
+    s.watch_event(
+        "claims",
+        json!({"type": "MODIFIED", "object": claim("c2", json!({
+            "finalizers": ["poolkeeper.dev/cleanup"], "resourceVersion": "7",
+            "deletionTimestamp": "2026-12-04T00:00:00Z"}))}),
+    )
+    .await;
+    let fin = s
+        .expect("the finalizer's removal", |w| is_finalizer_patch(w, "c2"))
+        .await;
+    assert_eq!(
+        fin.body,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers/0", "value": "poolkeeper.dev/cleanup"},
+            {"op": "remove", "path": "/metadata/finalizers/0"},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_claim_gets_spec_valid_false_and_a_warning_event_beside_valid_ones() {
+    let bad = obj(
+        "Claim",
+        "bad",
+        json!({"pool": "web", "user": "alice", "ttl": "soon"}),
+        json!({"finalizers": ["poolkeeper.dev/cleanup"]}),
+    );
+    let mut s = scene(
+        vec![
+            pool(),
+            user(),
+            bad,
+            claim("good", json!({"finalizers": ["poolkeeper.dev/cleanup"]})),
+        ],
+        vec![],
+    )
+    .await;
+    let ev = s
+        .expect("a Warning Event", |w| {
+            w.method == "POST" && w.path.ends_with("/events") && w.body["reason"] == "InvalidSpec"
+        })
+        .await;
+    assert_eq!(
+        ev.path,
+        format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")
+    );
+    assert_eq!(ev.body["type"], "Warning");
+    assert_eq!(ev.body["regarding"]["name"], "bad");
+    assert_eq!(ev.body["reportingController"], "poolkeeper");
+    assert!(
+        ev.body["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("spec.ttl")),
+        "{}",
+        ev.body
+    );
+    let st = s
+        .expect("the refusal on its status", |w| is_status_of(w, "bad"))
+        .await;
+    let valid = &st.body["status"]["conditions"][0];
+    assert_eq!(valid["type"], "SpecValid");
+    assert_eq!(valid["status"], "False");
+    assert!(
+        valid["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.ttl"))
+    );
+    s.expect("the valid claim beside it is bound", |w| {
+        is_status_of(w, "good") && w.body["status"]["phase"] == "Bound"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_410_on_a_watch_makes_the_source_list_again() {
+    let mut s = scene(vec![pool(), user()], vec![]).await;
+    let before = s.lists("claims");
+    s.watch_event(
+        "claims",
+        json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "reason": "Expired", "message": "too old resource version", "code": 410}}),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.lists("claims") == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never listed again after a 410"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A claim that appeared meanwhile is found by the new list... (the fake's list holds what
+    // it was given), and the source keeps working: a new claim on the new watch is bound.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.watch_event(
+        "claims",
+        json!({"type": "ADDED", "object": claim("after-410", json!({"finalizers": ["poolkeeper.dev/cleanup"]}))}),
+    )
+    .await;
+    s.expect("the claim after the relist is bound", |w| {
+        is_status_of(w, "after-410") && w.body["status"]["phase"] == "Bound"
+    })
+    .await;
+}
