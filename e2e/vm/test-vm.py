@@ -14,8 +14,8 @@
    service is active under systemd, /healthz answers, a claim through the API binds and serves
    the file it was given; changing one pool's variable changes that pool's file alone, the
    service is not restarted, and the pool's warm count follows; the watchdog is fed;
-   `systemd-analyze verify` passes and `systemd-analyze security` scores under 3.0; the firewall
-   table is loaded.
+   `systemd-analyze verify` passes and `systemd-analyze security` scores under 3.0; the unit is
+   the one `poolkeeper install --print-unit` prints; the firewall table is loaded.
 4. The same playbook on a second container (pk-vm-external) whose poolkeeper drives this
    machine's Docker Engine through the bind-mounted socket (poolkeeper_docker_external): it
    converges, changes nothing the second time, and its pool is warm on this machine's daemon.
@@ -26,6 +26,7 @@ output and the service's journal. The last line reads "vm: N passed, N failed".
 """
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -131,7 +132,7 @@ def tools():
 
 def lint():
     env = ansible_env()
-    status, out = run([os.path.join(VENV, "bin", "ansible-lint")], check=False, env=env,
+    status, out = run([os.path.join(VENV, "bin", "ansible-lint"), "--offline"], check=False, env=env,
                       cwd=os.path.join(ROOT, "ansible"))
     check(status == 0, "ansible-lint is clean at its default profile", out)
     for playbook, inventory in (
@@ -403,6 +404,17 @@ def node_test(container, env, unit_type):
     check(score < SECURITY_LIMIT, f"systemd-analyze security: exposure {m.group(1) if m else '?'} "
           f"{m.group(2) if m else ''} (< {SECURITY_LIMIT})", out)
 
+    # The unit the role installs with its defaults is the one the binary prints.
+    status, printed = run(["docker", "exec", container, "/usr/local/bin/poolkeeper", "install", "--print-unit"],
+                          check=False)
+    if status == 0 and unit_type == "notify":
+        _, installed = run(["docker", "exec", container, "cat", "/etc/systemd/system/poolkeeper.service"])
+        check(printed.rstrip() == installed.rstrip(),
+              "poolkeeper install --print-unit prints the unit the role installed", diff(installed, printed))
+    else:
+        log("   (skipped: the unit against `poolkeeper install --print-unit`, which this binary "
+            "or Type= does not give)")
+
     # The firewall role: its table is loaded next to the Docker daemon's rules.
     status, out = run(["docker", "exec", container, "nft", "list", "table", "inet", "poolkeeper_firewall"],
                       check=False)
@@ -435,6 +447,10 @@ def external_test(container, env, controller_id):
              pool_status(container, token.strip(), "web", address=API["external"])))
     _, out = run(["docker", "ps", "-q", "--filter", f"label=poolkeeper.dev/controller={controller_id}"])
     check(len(out.split()) == 1, f"its warm instance runs on this machine's daemon, labelled {controller_id}")
+
+
+def diff(a, b):
+    return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "installed", "printed"))
 
 
 def pool_status(container, token, name, address=API["node"]):

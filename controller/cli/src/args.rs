@@ -506,6 +506,11 @@ mod docker_args_tests {
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = RuntimeKind::Memory)]
     pub runtime: RuntimeKind,
+    /// `kube`: claims as Claim objects on the API server KUBECONFIG names, created at `--rate`
+    /// by `--concurrency` clients, Bound seen by a watch (a controller runs in-process on the
+    /// memory runtime, in a namespace of the bench's own).
+    #[arg(long, value_enum, default_value_t = SourceKind::Dir)]
+    pub source: SourceKind,
     /// Warm instances in the pool (default 1000 on memory, 50 on docker).
     #[arg(long)]
     pub instances: Option<u32>,

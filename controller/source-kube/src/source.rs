@@ -197,7 +197,7 @@ pub async fn run(
                     while let Ok(c) = changes.try_recv() {
                         src.on_claim_change(&c);
                     }
-                    src.write_statuses().await;
+                    src.write_statuses(Some(Kind::Claim)).await;
                 }
                 done = done_rx.recv() => {
                     let Some(done) = done else { break };
@@ -208,7 +208,7 @@ pub async fn run(
                 }
                 _ = status_tick.tick() => {
                     src.mark_all_dirty();
-                    src.write_statuses().await;
+                    src.write_statuses(None).await;
                 }
                 _ = cleanup_tick.tick(), if !src.cleanups.is_empty() => {
                     src.check_cleanups().await;
@@ -308,6 +308,19 @@ impl Source {
 
     async fn on_apply(&mut self, seen: Seen) {
         let key: Key = (seen.kind, seen.namespace.clone(), seen.name.clone());
+        // Only its status changed (most often: ours, just written): nothing to apply again.
+        if let Some(old) = self.seen.get(&key)
+            && old.uid == seen.uid
+            && old.generation == seen.generation
+            && old.deleting == seen.deleting
+            && old.finalizers == seen.finalizers
+            && old.made_by_api == seen.made_by_api
+        {
+            if let Some(old) = self.seen.get_mut(&key) {
+                old.resource_version = seen.resource_version;
+            }
+            return;
+        }
         if seen.deleting {
             self.seen.insert(key.clone(), seen);
             self.on_deleting(&key).await;
@@ -621,12 +634,18 @@ impl Source {
         self.dirty.extend(self.seen.keys().cloned());
     }
 
-    /// Writes the status of each dirty object whose status changed since it was last written.
-    async fn write_statuses(&mut self) {
+    /// Writes the status of each dirty object (of `only` that kind) whose status changed since
+    /// it was last written. A claim's phase change is written at once; the other kinds' status
+    /// (a pool's counts move with every claim) at the next tick, at most once a second.
+    async fn write_statuses(&mut self, only: Option<Kind>) {
         if self.dirty.is_empty() {
             return;
         }
-        let keys: Vec<Key> = std::mem::take(&mut self.dirty)
+        let (now, later): (BTreeSet<Key>, BTreeSet<Key>) = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .partition(|k| only.is_none_or(|kind| k.0 == kind));
+        self.dirty = later;
+        let keys: Vec<Key> = now
             .into_iter()
             .filter(|k| self.seen.get(k).is_some_and(|s| !s.deleting))
             .collect();
@@ -660,6 +679,7 @@ impl Source {
                 self.dirty.insert(key);
                 continue;
             }
+            debug!(object = ?key, before = ?self.written.get(&key), status = %status, "writing status");
             self.in_flight.insert(key.clone());
             let (w, tx) = (self.writer.clone(), self.done_tx.clone());
             tokio::spawn(async move {

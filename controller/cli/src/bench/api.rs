@@ -115,13 +115,13 @@ async fn follow_events(
 
 /// A runtime of its own for the clients. Dropping a runtime inside another one panics, also
 /// when a run ends early with an error: this one is shut down in the background instead.
-struct Background {
+pub(crate) struct Background {
     rt: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
 }
 
 impl Background {
-    fn new(rt: tokio::runtime::Runtime) -> Self {
+    pub(crate) fn new(rt: tokio::runtime::Runtime) -> Self {
         let handle = rt.handle().clone();
         Self {
             rt: Some(rt),

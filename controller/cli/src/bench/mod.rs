@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod docker;
+pub mod kube;
 mod figure;
 
 pub use figure::Figure;
@@ -129,6 +130,9 @@ async fn start_engine(dir: &std::path::Path) -> anyhow::Result<(EngineHandle, Ar
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.users == 0 {
         bail!("--concurrency and --users must be at least 1");
+    }
+    if args.source == crate::args::SourceKind::Kube {
+        return kube::run(&args).await;
     }
     if args.api {
         return api::run(&args).await;

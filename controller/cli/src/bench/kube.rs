@@ -1,0 +1,270 @@
+//! `bench --source kube`: claims as Claim objects on the API server `KUBECONFIG` names. A
+//! controller runs in this process on the memory runtime (so that the API server's path is what
+//! is measured), watching a namespace of the bench's own; clients on a thread of their own
+//! create claims at `--rate` (or as fast as `--concurrency` allows), see each Bound through a
+//! watch, and delete it (the controller's finalizer holds it until its instance is reset).
+//!
+//! Latency is from a claim's create request (with `--rate`, from its scheduled arrival) to the
+//! watch showing it Bound. The controller's writes are counted (status, finalizers, events):
+//! `writes_per_claim` is their total over the run divided by the claims.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use poolkeeper_kinds::Kind;
+use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
+use poolkeeper_source_kube::kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use poolkeeper_source_kube::kube::runtime::{WatchStreamExt, watcher};
+use poolkeeper_source_kube::objects::api_resource;
+
+use super::api::Background;
+use super::{BenchArgs, Figure};
+use crate::kube_mode::{KubeController, KubeOptions, Phase};
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let conn = poolkeeper_source_kube::connect().await?;
+    let client = conn.client.clone();
+    let ns = format!("pk-bench-{}", std::process::id());
+    let namespaces: Api<k8s::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+        )
+        .await
+        .with_context(|| format!("creating namespace {ns} on {}", conn.server))?;
+    let r = measure(args, &conn, &ns).await;
+    cleanup(&client, &ns).await;
+    r
+}
+
+mod k8s {
+    pub use k8s_openapi::api::core::v1::Namespace;
+}
+
+async fn measure(
+    args: &BenchArgs,
+    conn: &poolkeeper_source_kube::Connection,
+    ns: &str,
+) -> anyhow::Result<()> {
+    let client = conn.client.clone();
+    let warm = args.instances.unwrap_or(200);
+    let claims = args.claims.unwrap_or(2_000);
+    let api = |kind| Api::<DynamicObject>::namespaced_with(client.clone(), ns, &api_resource(kind));
+    let pool = json!({"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "Pool",
+        "metadata": {"name": "bench"},
+        "spec": {"template": {"image": "bench", "ports": [{"name": "http", "containerPort": 80}]},
+                 "warm": warm, "hostPorts": {"start": 20000, "end": 60000}}});
+    let user = json!({"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "User",
+        "metadata": {"name": "bench"}, "spec": {"quota": {"maxClaims": 1000000}}});
+    api(Kind::Pool)
+        .create(&PostParams::default(), &serde_json::from_value(pool)?)
+        .await
+        .context("creating the Pool (are the CRDs applied? `poolkeeper crds | kubectl apply -f -`)")?;
+    api(Kind::User)
+        .create(&PostParams::default(), &serde_json::from_value(user)?)
+        .await?;
+
+    let state = tempfile::tempdir()?;
+    let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+    let mut controller = KubeController::start(
+        rt,
+        KubeOptions {
+            client: client.clone(),
+            server: conn.server.clone(),
+            namespaces: vec![ns.to_owned()],
+            state_dir: state.path().to_path_buf(),
+            lease: None,
+            home: ns.to_owned(),
+            identity: "bench".to_owned(),
+            resync: Duration::from_secs(30),
+            listener: None,
+            admin_token: None,
+            webhooks: None,
+        },
+    );
+    if let Phase::Stopped(why) = controller.leading().await {
+        bail!("the controller stopped: {why:?}");
+    }
+    let engine = controller
+        .engine
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| anyhow!("the controller stopped"))?
+        .clone()
+        .ok_or_else(|| anyhow!("no engine"))?;
+    let began = Instant::now();
+    loop {
+        let w = engine
+            .pool_status("bench")
+            .await?
+            .map(|s| s.warm)
+            .unwrap_or(0);
+        if w >= warm {
+            break;
+        }
+        if began.elapsed() > Duration::from_secs(300) {
+            bail!("the pool did not fill ({w}/{warm} warm)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let clients = Background::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?,
+    );
+    let waiters: Waiters = Arc::default();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (c, w, n) = (client.clone(), waiters.clone(), ns.to_owned());
+    clients.spawn(async move {
+        let api = Api::<DynamicObject>::namespaced_with(c, &n, &api_resource(Kind::Claim));
+        let mut events = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut ready = Some(ready_tx);
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    let bound = o.data["status"]["phase"] == "Bound";
+                    if bound
+                        && let Some(name) = o.metadata.name.as_deref()
+                        && let Some(tx) = w.lock().unwrap_or_else(|e| e.into_inner()).remove(name)
+                    {
+                        let _ = tx.send(Instant::now());
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), ready_rx)
+        .await
+        .context("the bench's watch did not start")??;
+
+    let counters = controller.counters.clone();
+    let before = snapshot(&counters);
+    let next = Arc::new(AtomicU32::new(0));
+    let started = Instant::now();
+    let rate = args.rate.filter(|r| *r > 0.0);
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let (c, w, next, n) = (client.clone(), waiters.clone(), next.clone(), ns.to_owned());
+        workers.push(clients.spawn(async move {
+            let api = Api::<DynamicObject>::namespaced_with(c, &n, &api_resource(Kind::Claim));
+            let mut latencies = Vec::new();
+            let mut creates = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= claims {
+                    return anyhow::Ok((latencies, creates));
+                }
+                let arrival = rate.map(|r| started + Duration::from_secs_f64(f64::from(i) / r));
+                if let Some(due) = arrival {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let name = format!("c{i}");
+                let (tx, rx) = oneshot::channel();
+                w.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone(), tx);
+                let t0 = arrival.unwrap_or_else(Instant::now);
+                let claim: DynamicObject = serde_json::from_value(json!({
+                    "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "Claim",
+                    "metadata": {"name": name}, "spec": {"pool": "bench", "user": "bench"}}))?;
+                let sent = Instant::now();
+                api.create(&PostParams::default(), &claim)
+                    .await
+                    .with_context(|| format!("creating {name}"))?;
+                creates.push(sent.elapsed().as_secs_f64() * 1000.0);
+                let bound = tokio::time::timeout(Duration::from_secs(60), rx)
+                    .await
+                    .map_err(|_| anyhow!("{name} was not bound within 60 s"))??;
+                latencies.push(bound.duration_since(t0).as_secs_f64() * 1000.0);
+                api.delete(&name, &DeleteParams::default())
+                    .await
+                    .with_context(|| format!("deleting {name}"))?;
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut creates = Vec::new();
+    for w in workers {
+        let (l, c) = w.await??;
+        latencies.extend(l);
+        creates.extend(c);
+    }
+    creates.sort_by(f64::total_cmp);
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    // The deletions' cleanups (finalizers removed) land shortly after the last Bound.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = snapshot(&counters);
+    let per = |i: usize| (after[i] - before[i]) as f64 / f64::from(claims);
+    Figure::new("kube_claims", "memory", claims)
+        .per_s(f64::from(claims) / elapsed)
+        .latencies(&latencies)
+        .with("concurrency", args.concurrency)
+        .with("offered_rate_per_s", rate)
+        .with("warm", warm)
+        .with("create_p50_ms", super::pct(&creates, 0.5))
+        .with("create_p99_ms", super::pct(&creates, 0.99))
+        .with("writes_per_claim", per(0) + per(1) + per(2))
+        .with("status_writes_per_claim", per(0))
+        .with("finalizer_writes_per_claim", per(1))
+        .with("event_writes_per_claim", per(2))
+        .with("server", &conn.server)
+        .print();
+    drop(clients);
+    controller.stop().await?;
+    Ok(())
+}
+
+fn snapshot(c: &poolkeeper_source_kube::writes::Counters) -> [u64; 3] {
+    [
+        c.status.load(Ordering::Relaxed),
+        c.finalizers.load(Ordering::Relaxed),
+        c.events.load(Ordering::Relaxed),
+    ]
+}
+
+/// Removes the bench's namespace and what is in it (finalizers cleared: the controller is gone).
+async fn cleanup(client: &poolkeeper_source_kube::kube::Client, ns: &str) {
+    for kind in Kind::ALL {
+        let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &api_resource(kind));
+        if let Ok(list) = api.list(&Default::default()).await {
+            for o in list {
+                let Some(name) = o.metadata.name.clone() else {
+                    continue;
+                };
+                let _ = api
+                    .patch(
+                        &name,
+                        &Default::default(),
+                        &poolkeeper_source_kube::kube::api::Patch::Merge(
+                            json!({"metadata": {"finalizers": null}}),
+                        ),
+                    )
+                    .await;
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            }
+        }
+    }
+    let namespaces: Api<k8s::Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+}
