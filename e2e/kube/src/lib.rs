@@ -338,12 +338,17 @@ pub async fn claim_status(admin: &Client, ns: &str, name: &str) -> Option<serde_
 
 /// GET `path` of the controller's API with the admin token: the status and the body.
 pub fn http_get(api: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_as(api, path, ADMIN_TOKEN)
+}
+
+/// GET `path` of the controller's API with `token`: the status and the body.
+pub fn http_get_as(api: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(api)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;

@@ -257,6 +257,41 @@ async fn the_quickstart_binds_shows_status_waits_and_deletes_through_the_finaliz
     assert!(described.contains("SpecValid"), "{described}");
     // The valid objects beside it are unaffected (bound above).
 
+    // A user's token from a Secret (tokenSecretRef): the API takes it.
+    c.kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "carol-token",
+            "-n",
+            &ns,
+            "--from-literal=token=carol-secret-token-0123",
+        ],
+        None,
+    );
+    c.kubectl_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some("apiVersion: poolkeeper.dev/v1alpha1\nkind: User\nmetadata: {name: carol}\nspec: {tokenSecretRef: {name: carol-token, key: token}}\n"),
+    );
+    eventually(
+        "carol's token from her Secret is accepted",
+        Duration::from_secs(30),
+        async || {
+            let (code, _) = poolkeeper_e2e_kube::http_get_as(
+                &ctl.api,
+                "/api/v1/claims",
+                "carol-secret-token-0123",
+            )
+            .ok()?;
+            (code == 200).then_some(())
+        },
+    )
+    .await;
+    let (code, _) =
+        poolkeeper_e2e_kube::http_get_as(&ctl.api, "/api/v1/claims", "not-carols").expect("get");
+    assert_eq!(code, 401);
+
     // Deleting a claim: its finalizer holds it until its instance is reset.
     let instance = status["instance"].as_str().expect("instance").to_owned();
     let claim = dyn_api(&c.admin, &ns, Kind::Claim)

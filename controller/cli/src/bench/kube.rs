@@ -69,7 +69,9 @@ async fn measure(
     api(Kind::Pool)
         .create(&PostParams::default(), &serde_json::from_value(pool)?)
         .await
-        .context("creating the Pool (are the CRDs applied? `poolkeeper crds | kubectl apply -f -`)")?;
+        .context(
+            "creating the Pool (are the CRDs applied? `poolkeeper crds | kubectl apply -f -`)",
+        )?;
     api(Kind::User)
         .create(&PostParams::default(), &serde_json::from_value(user)?)
         .await?;

@@ -13,8 +13,8 @@
 
 pub mod api;
 pub mod docker;
-pub mod kube;
 mod figure;
+pub mod kube;
 
 pub use figure::Figure;
 use figure::pct;
