@@ -857,7 +857,7 @@ fn a_signed_reservation_becomes_a_bound_claim_and_a_signed_callback_with_retries
     let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
     assert_eq!(code, 201, "{v}");
     let claim = v["claim"].as_str().unwrap().to_owned();
-    assert!(claim.starts_with("rsv-lab-room-4-"), "{v}");
+    assert!(claim.starts_with("rsv-alice-lab-room-4-"), "{v}");
     assert_eq!(v["pool"], "web");
     assert_eq!(v["ignored"], json!(["cpu_limit", "environment"]));
     assert_eq!(api.claim_files(), 1);
@@ -1001,6 +1001,71 @@ fn callbacks_go_over_https_to_a_trusted_certificate_and_to_no_other() {
         seen,
         "nothing was sent in the clear"
     );
+}
+
+/// A reservation is one resource for one user: another user's provision of a held resource
+/// is a reservation of its own, and a release naming the wrong user changes nothing and says
+/// so. A signed request refused before it was acted on is not taken for received (it may be
+/// sent again as it is), and a storage request is accepted and listed as ignored.
+#[test]
+fn reservations_belong_to_their_resource_and_user_and_refusals_are_not_recorded() {
+    let api = Api::start_with(&["--webhook-secret-file", "SECRET_FILE"]);
+    let for_user = |user: &str| {
+        json!({"event": "provision", "resource_name": "Lab Room 7", "username": user,
+               "custom_parameters": {"image": "nginx", "storage_limit": "5Gi",
+                                     "persistent_storage": true}})
+    };
+    let (code, a) = api.hook(&for_user("alice"), now(), SECRET);
+    assert_eq!(code, 201, "{a}");
+    assert_eq!(
+        a["ignored"],
+        json!(["storage_limit", "persistent_storage"]),
+        "{a}"
+    );
+    // bob's provision of the same resource: his own reservation, not alice's answered as his.
+    let (code, b) = api.hook(&for_user("bob"), now() + 1, SECRET);
+    assert_eq!(code, 201, "{b}");
+    assert_ne!(a["claim"], b["claim"]);
+    assert_eq!(api.claim_files(), 2);
+    // A release naming a user who holds no reservation of it changes nothing, and says so.
+    let release =
+        |user: &str| json!({"event": "release", "resource_name": "Lab Room 7", "username": user});
+    let (code, v) = api.hook(&release("carol"), now() + 2, SECRET);
+    assert_eq!((code, v["released"].clone()), (200, json!(false)), "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("carol"), "{v}");
+    assert_eq!(api.claim_files(), 2);
+    // bob's release releases bob's, and alice keeps hers.
+    let (code, v) = api.hook(&release("bob"), now() + 3, SECRET);
+    assert_eq!(
+        (code, v["released"].clone(), v["claim"].clone()),
+        (200, json!(true), b["claim"].clone()),
+        "{v}"
+    );
+    assert!(api.managed(a["claim"].as_str().unwrap()).exists());
+    assert!(!api.managed(b["claim"].as_str().unwrap()).exists());
+
+    // Refused (no such user), then the user is declared: the very same signed request is
+    // acted on, not answered as a replay.
+    let zed = json!({"event": "provision", "resource_name": "Lab Room 8", "username": "zed",
+                     "custom_parameters": {"image": "nginx"}});
+    let ts = now() + 4;
+    let body = zed.to_string();
+    let sig = poolkeeper_http::webhook::sign(SECRET.as_bytes(), ts, body.as_bytes());
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
+    assert_eq!((code, v["field"].as_str()), (404, Some("user")), "{v}");
+    std::fs::write(
+        api.dir.path().join("zed.yaml"),
+        "apiVersion: poolkeeper.dev/v1alpha1\nkind: User\nmetadata: {name: zed}\nspec: {}\n",
+    )
+    .unwrap();
+    wait_for("zed declared", || {
+        api.get("/api/v1/users/zed", ADMIN).0 == 200
+    });
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
+    assert_eq!(code, 201, "{v}");
+    // Acted on, it is recorded now: the same request again is a replay.
+    let (code, v) = api.hook_raw(&body, &ts.to_string(), &sig);
+    assert_eq!(code, 409, "{v}");
 }
 
 #[test]

@@ -115,47 +115,14 @@ pub(crate) async fn reservation(
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
     let event: crate::webhook::ReservationEvent = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    {
-        // Recorded durably before anything is done: a crash after acting cannot make the
-        // same request acceptable again. Requests wait on each other here (webhooks are
-        // rare); the file is then written in the order its records were made.
-        let mut seen = state.seen.lock().await;
-        if !seen.record(&signed, now) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "this signed request was already received (a replay)",
-            ));
-        }
-        let written = match serde_json::to_vec(&*seen) {
-            Ok(bytes) => state.declare.records().put(SEEN, bytes).await,
-            Err(e) => Err(std::io::Error::other(e)),
-        };
-        if let Err(e) = written {
-            seen.forget(&signed);
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("recording the request's signature: {e}"),
-            ));
-        }
-    }
-    let name = crate::webhook::claim_name(&event.resource_name);
+    // A reservation is one resource for one user: its claim is named after both.
+    let name = crate::webhook::claim_name(&event.resource_name, &event.username);
     match event.event.as_str() {
         "release" => {
-            let existed = state.declare.delete_claim(&name).await?;
-            if let Err(e) = state
-                .declare
-                .records()
-                .remove(&reservation_key(&name))
-                .await
-            {
-                tracing::warn!(claim = %name, error = %e, "cannot remove the reservation's record");
-            }
-            Ok((
-                StatusCode::OK,
-                Json(json!({"claim": name, "released": existed})),
-            ))
+            record_signature(&state, &signed, now).await?;
+            release(&state, &event, &name).await
         }
-        "provision" => provision(&state, cfg, &event, &name).await,
+        "provision" => provision(&state, cfg, &event, &name, &signed, now).await,
         other => Err(ApiError::field(
             StatusCode::UNPROCESSABLE_ENTITY,
             "event",
@@ -164,11 +131,104 @@ pub(crate) async fn reservation(
     }
 }
 
+/// Records a request's signature durably before it is acted on: a crash after acting cannot
+/// make the same request acceptable again. A request refused before it was acted on is not
+/// recorded (see [`forget_signature`]): the booking system may send it again as it is, once
+/// what refused it is mended. Requests wait on each other here (webhooks are rare); the record
+/// is then written in the order its entries were made.
+async fn record_signature(
+    state: &ApiState,
+    signed: &crate::webhook::Signed,
+    now: u64,
+) -> ApiResult<()> {
+    let mut seen = state.seen.lock().await;
+    if !seen.record(signed, now) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this signed request was already received (a replay)",
+        ));
+    }
+    let written = match serde_json::to_vec(&*seen) {
+        Ok(bytes) => state.declare.records().put(SEEN, bytes).await,
+        Err(e) => Err(std::io::Error::other(e)),
+    };
+    if let Err(e) = written {
+        seen.forget(signed);
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("recording the request's signature: {e}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes back the record of a request that, recorded, was then refused without being acted on.
+async fn forget_signature(state: &ApiState, signed: &crate::webhook::Signed) {
+    let mut seen = state.seen.lock().await;
+    seen.forget(signed);
+    let written = match serde_json::to_vec(&*seen) {
+        Ok(bytes) => state.declare.records().put(SEEN, bytes).await,
+        Err(e) => Err(std::io::Error::other(e)),
+    };
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot take back a refused request's signature record");
+    }
+}
+
+/// Releases the reservation of `event.resource_name` for `event.username`, and nothing else:
+/// another user's reservation of the same resource is untouched, and the answer says so.
+async fn release(
+    state: &ApiState,
+    event: &crate::webhook::ReservationEvent,
+    name: &str,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    // A reservation made before claims were named after their user too, if it is this user's.
+    let legacy = crate::webhook::legacy_claim_name(&event.resource_name);
+    let name = match read_reservation(state.declare.records(), &legacy) {
+        Some(r)
+            if !state.declare.is_recorded(name)
+                && r.username == event.username
+                && r.resource_name == event.resource_name =>
+        {
+            legacy
+        }
+        _ => name.to_owned(),
+    };
+    if let Some(r) = read_reservation(state.declare.records(), &name)
+        && r.username != event.username
+    {
+        return Ok((
+            StatusCode::OK,
+            Json(json!({"claim": name, "released": false,
+                "reason": format!("no reservation of {:?} for user {:?}", event.resource_name, event.username)})),
+        ));
+    }
+    let existed = state.declare.delete_claim(&name).await?;
+    if let Err(e) = state
+        .declare
+        .records()
+        .remove(&reservation_key(&name))
+        .await
+    {
+        tracing::warn!(claim = %name, error = %e, "cannot remove the reservation's record");
+    }
+    let mut answer = json!({"claim": name, "released": existed});
+    if !existed {
+        answer["reason"] = json!(format!(
+            "no reservation of {:?} for user {:?}",
+            event.resource_name, event.username
+        ));
+    }
+    Ok((StatusCode::OK, Json(answer)))
+}
+
 pub(crate) async fn provision(
     state: &ApiState,
     cfg: &WebhookConfig,
     event: &crate::webhook::ReservationEvent,
     name: &str,
+    signed: &crate::webhook::Signed,
+    now: u64,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let snap = snapshot(state).await?;
     let Some(image) = event.custom_parameters.image.as_deref() else {
@@ -204,7 +264,9 @@ pub(crate) async fn provision(
             )
         })?
         .to_owned();
-    // A duplicate (the same reservation sent again) changes nothing.
+    // Accepted from here on: a replay of this very request is refused from now.
+    record_signature(state, signed, now).await?;
+    // A duplicate (the same reservation sent again, signed anew) changes nothing.
     if state.declare.is_recorded(name) {
         return Ok((
             StatusCode::OK,
@@ -237,7 +299,18 @@ pub(crate) async fn provision(
     // without a claim (harmless), never a claim whose callback is forgotten.
     let record = reservation_record(name, &record)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    match state.declare.create_claim(name, spec, Some(record)).await? {
+    let created = match state.declare.create_claim(name, spec, Some(record)).await {
+        Ok(Created::Exists(c)) if state.declare.made_here(name, &c.origin) => {
+            Ok(Created::Exists(c))
+        }
+        Ok(Created::New { at }) => Ok(Created::New { at }),
+        other => {
+            // Not acted on: the request is not taken for received.
+            forget_signature(state, signed).await;
+            other
+        }
+    };
+    match created? {
         Created::New { .. } => {}
         // The same reservation, sent again while the first was being written.
         Created::Exists(c) if state.declare.made_here(name, &c.origin) => {
@@ -262,6 +335,8 @@ pub(crate) async fn provision(
         ("memory_limit", p.memory_limit.is_some()),
         ("ports", p.ports.is_some()),
         ("environment", p.environment.is_some()),
+        ("storage_limit", p.storage_limit.is_some()),
+        ("persistent_storage", p.persistent_storage.is_some()),
     ]
     .into_iter()
     .filter(|(_, given)| *given)
@@ -270,7 +345,7 @@ pub(crate) async fn provision(
     Ok((
         StatusCode::CREATED,
         Json(json!({"claim": name, "pool": pool, "created": true,
-            "ignored": ignored, "note": "the pool's template sets limits, ports and environment"})),
+            "ignored": ignored, "note": "the pool's template sets limits, ports, environment and storage"})),
     ))
 }
 

@@ -160,23 +160,37 @@ pub struct CustomParameters {
     pub ports: Option<serde_json::Value>,
     #[serde(default)]
     pub environment: Option<BTreeMap<String, String>>,
+    /// Persistent storage, as the older reservation service took it: accepted, and listed as
+    /// ignored (the pool's template decides its instances' storage).
+    #[serde(default)]
+    pub storage_limit: Option<String>,
+    #[serde(default)]
+    pub persistent_storage: Option<serde_json::Value>,
 }
 
-/// The claim name for a reservation: `rsv-` and the resource name made a DNS label (lowercase,
-/// other characters as `-`), with a short digest of the original so that two resources that
-/// differ only in case or punctuation never share a claim.
-pub fn claim_name(resource: &str) -> String {
-    let mut base: String = resource
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+/// The claim name of a reservation, which is one resource for one user: `rsv-`, the user and the
+/// resource made a DNS label (lowercase, other characters as `-`), and a short digest of both,
+/// so that two users' reservations of a resource never share a claim, nor do two resources that
+/// differ only in case or punctuation.
+pub fn claim_name(resource: &str, user: &str) -> String {
+    let mut base = label(&format!("{user}-{resource}"));
+    base.truncate(40);
+    let base = base.trim_matches('-');
+    let mut both = user.as_bytes().to_vec();
+    both.push(0);
+    both.extend_from_slice(resource.as_bytes());
+    let digest = hex::encode(&Sha256::digest(&both)[..4]);
+    if base.is_empty() {
+        format!("rsv-{digest}")
+    } else {
+        format!("rsv-{base}-{digest}")
+    }
+}
+
+/// The name reservations' claims had before they were named after their user too (a release
+/// finds those).
+pub fn legacy_claim_name(resource: &str) -> String {
+    let mut base = label(resource);
     base.truncate(40);
     let base = base.trim_matches('-');
     let digest = hex::encode(&Sha256::digest(resource.as_bytes())[..4]);
@@ -185,6 +199,19 @@ pub fn claim_name(resource: &str) -> String {
     } else {
         format!("rsv-{base}-{digest}")
     }
+}
+
+fn label(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// The pool that serves `image`, among pools `(name, image)`: the first (by name) that the
@@ -320,13 +347,28 @@ mod tests {
     }
 
     #[test]
-    fn claim_names_are_dns_labels_and_distinct() {
-        let a = claim_name("Lab Room #4");
+    fn claim_names_are_dns_labels_distinct_per_resource_and_user() {
+        let a = claim_name("Lab Room #4", "bob");
         assert!(poolkeeper_kinds::units::check_name(&a).is_ok(), "{a}");
-        assert!(a.starts_with("rsv-lab-room--4-"), "{a}");
-        assert_ne!(claim_name("lab-room-4"), claim_name("Lab Room 4"));
-        assert!(poolkeeper_kinds::units::check_name(&claim_name("###")).is_ok());
-        assert!(poolkeeper_kinds::units::check_name(&claim_name(&"x".repeat(300))).is_ok());
+        assert!(a.starts_with("rsv-bob-lab-room--4-"), "{a}");
+        assert_ne!(
+            claim_name("lab-room-4", "bob"),
+            claim_name("Lab Room 4", "bob")
+        );
+        // One resource, two users: two reservations.
+        assert_ne!(
+            claim_name("lab-room-4", "alice"),
+            claim_name("lab-room-4", "bob")
+        );
+        // The boundary between user and resource is part of the name's digest.
+        assert_ne!(claim_name("b-c", "a"), claim_name("c", "a-b"));
+        assert!(poolkeeper_kinds::units::check_name(&claim_name("###", "#")).is_ok());
+        assert!(
+            poolkeeper_kinds::units::check_name(&claim_name(&"x".repeat(300), &"y".repeat(300)))
+                .is_ok()
+        );
+        let legacy = legacy_claim_name("Lab Room #4");
+        assert!(legacy.starts_with("rsv-lab-room--4-"), "{legacy}");
     }
 
     #[test]
@@ -369,7 +411,7 @@ mod fuzz {
                                          ts in ".{0,24}", sig in ".{0,80}") {
             let _ = super::verify(b"0123456789abcdef", Some(&ts), Some(&sig), &body, 1_000);
             let _ = serde_json::from_slice::<super::ReservationEvent>(&body);
-            let name = super::claim_name(&String::from_utf8_lossy(&body));
+            let name = super::claim_name(&String::from_utf8_lossy(&body), &ts);
             prop_assert!(poolkeeper_kinds::units::check_name(&name).is_ok(), "{}", name);
         }
 
