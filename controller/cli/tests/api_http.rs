@@ -1527,6 +1527,15 @@ fn uploads_go_only_into_ones_own_bound_claim_and_cannot_escape_the_mount_path() 
             b"not a tar at all, just some bytes that are long enough".repeat(20),
             "tar",
         ),
+        // One path twice, as written or as `./x`: which content would land is unclear.
+        (
+            tar_with(&[("x.html", 'f'), ("./x.html", 'f')]),
+            r#"entry "./x.html": "x.html" is given twice"#,
+        ),
+        (
+            tar_with(&[("a", 'f'), ("a/b.html", 'f')]),
+            r#"entry "a/b.html": "a/b.html" is inside "a", which is a file"#,
+        ),
     ] {
         let (code, v) = api.upload("s1", BOB, &bad);
         assert_eq!(code, 422, "{v}");
@@ -1543,6 +1552,10 @@ fn uploads_go_only_into_ones_own_bound_claim_and_cannot_escape_the_mount_path() 
     for (bad, says) in [
         (form_with(&[("f", Some("../up.html"), "x")]), "stay inside"),
         (form_with(&[("note", None, "hello")]), "not a file"),
+        (
+            form_with(&[("f", Some("y.html"), "1"), ("g", Some("./y.html"), "2")]),
+            r#"part 2 ("g"): "y.html" is given twice"#,
+        ),
         (b"--FoRm\r\nno headers, no end".to_vec(), "multipart"),
     ] {
         let (code, v) = api.upload_form("s1", BOB, &bad);

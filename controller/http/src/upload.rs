@@ -3,7 +3,7 @@
 //! path must be plain and relative (no `..`, nothing absolute), checked before anything is
 //! written.
 
-use poolkeeper_core::files::clean_relative;
+use poolkeeper_core::files::{PathSet, clean_relative};
 
 /// Whether a request's `Content-Type` says multipart.
 pub fn is_multipart(content_type: &str) -> bool {
@@ -15,7 +15,7 @@ pub fn is_multipart(content_type: &str) -> bool {
 
 /// The files of a `multipart/form-data` body: each part's `filename` is its path under the
 /// mount path. A part without a file name, a path that leaves the mount path, or the same path
-/// twice is an error naming the part.
+/// twice (or a file where another is a folder) is an error naming the part.
 pub async fn parse_multipart(
     content_type: &str,
     body: axum::body::Bytes,
@@ -26,6 +26,7 @@ pub async fn parse_multipart(
     let mut form = multer::Multipart::new(stream, boundary);
     let mut out: Vec<(String, Vec<u8>)> = Vec::new();
     let mut index = 0usize;
+    let mut paths = PathSet::default();
     while let Some(field) = form
         .next_field()
         .await
@@ -46,10 +47,8 @@ pub async fn parse_multipart(
                 "{part}: {name:?}: paths must be relative and stay inside the mount path"
             ));
         };
+        paths.add(&path).map_err(|e| format!("{part}: {e}"))?;
         let path = path.to_string_lossy().into_owned();
-        if out.iter().any(|(p, _)| *p == path) {
-            return Err(format!("{part}: {path:?} is uploaded twice"));
-        }
         let bytes = field.bytes().await.map_err(|e| format!("{part}: {e}"))?;
         out.push((path, bytes.to_vec()));
     }
@@ -112,7 +111,11 @@ mod tests {
             ),
             (
                 vec![("a", Some("x"), "1"), ("b", Some("./x"), "2")],
-                "uploaded twice",
+                "part 2 (\"b\"): \"x\" is given twice",
+            ),
+            (
+                vec![("a", Some("x"), "1"), ("b", Some("x/y"), "2")],
+                "part 2 (\"b\"): \"x/y\" is inside \"x\", which is a file",
             ),
         ] {
             let e = parse(form(&parts)).expect_err("refused");
