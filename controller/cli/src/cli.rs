@@ -31,9 +31,14 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("POOLKEEPER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: not in a journal, a file or a pipe, nor when
+    // NO_COLOR is set (no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .try_init();
 }
 
@@ -54,6 +59,18 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths } => validate_cmd(&paths),
+        Command::Install {
+            print_unit,
+            print_specs: _,
+            unit,
+        } => {
+            if print_unit {
+                print!("{}", crate::install::unit(&unit));
+            } else {
+                print!("{}", crate::install::specs());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             dir,
             source,

@@ -9,6 +9,8 @@
 //! - [`table`]: `get` and `describe` output;
 //! - [`client`]: the CLI's side of the HTTP API;
 //! - [`kube_mode`]: a controller on a Kubernetes API server, assembled;
+//! - [`install`]: the systemd unit and a first specs folder, printed;
+//! - [`notify`]: the service manager's notifications (ready, watchdog, stopping);
 //! - [`access`]: logs, exec, stats and volumes of the containers a controller runs;
 //! - [`bench`]: the benchmarks.
 
@@ -17,6 +19,8 @@ pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod install;
 pub mod kube_mode;
+pub mod notify;
 mod run;
 pub mod table;

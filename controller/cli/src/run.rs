@@ -18,6 +18,7 @@ use poolkeeper_source_dir::layout::{self, state_dir};
 use poolkeeper_source_dir::{status, watch};
 
 use crate::args::*;
+use crate::notify::{self, Notifier};
 
 pub(crate) async fn run_cmd(
     dir: PathBuf,
@@ -86,13 +87,32 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
     // SIGTERM (what service managers and `docker stop` send) stops as cleanly as Ctrl-C.
     // Registered before the status file first names this process.
     let mut sigterm = sigterm()?;
-    let writer = status::spawn_writer(handle.clone(), &dir, api_addr);
+    let writer = status::spawn_writer(handle.clone(), &dir, api_addr.clone()).await;
     info!(dir = %dir.display(), "poolkeeper running; Ctrl-C to stop");
+    // Serving: the folder read, the engine started, the API listening.
+    let notifier = Notifier::from_env();
+    notifier.notify(&format!(
+        "READY=1\nSTATUS=watching {}{}",
+        dir.display(),
+        api_addr
+            .map(|a| format!(", API on {a}"))
+            .unwrap_or_default()
+    ));
+    let watchdog = async {
+        match notify::watchdog_from_env() {
+            Some(every) if notifier.enabled() => {
+                notify::watch_engine(&notifier, every, &handle).await
+            }
+            _ => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("stopping"),
         _ = terminated(&mut sigterm) => info!("stopping (SIGTERM)"),
+        _ = watchdog => {}
         r = task => { writer.abort(); watch.abort(); r?; bail!("the engine stopped"); }
     }
+    notifier.notify("STOPPING=1");
     if let Some(s) = server {
         s.stop();
     }
@@ -216,13 +236,26 @@ async fn run_kube_with<R: poolkeeper_runtime::Runtime>(
         },
     );
     let mut phase = controller.phase.clone();
+    // Serving: a standby is a healthy service too (it takes over when the leader goes).
+    let notifier = Notifier::from_env();
+    notifier.notify("READY=1\nSTATUS=Kubernetes mode");
+    let watchdog = async {
+        match notify::watchdog_from_env() {
+            Some(every) if notifier.enabled() => {
+                notify::watchdog(&notifier, every, || async { true }).await
+            }
+            _ => std::future::pending().await,
+        }
+    };
     tokio::select! {
+        _ = watchdog => {}
         _ = tokio::signal::ctrl_c() => info!("stopping"),
         _ = terminated(&mut sigterm) => info!("stopping (SIGTERM)"),
         _ = phase.wait_for(|p| matches!(p, crate::kube_mode::Phase::Stopped(_))) => {
             return controller.finished().await;
         }
     }
+    notifier.notify("STOPPING=1");
     controller.stop().await
 }
 

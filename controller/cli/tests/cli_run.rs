@@ -625,3 +625,85 @@ fn sigterm_stops_the_controller_cleanly() {
         ctl.child = None;
     }
 }
+
+/// Under systemd's `Type=notify` with a watchdog: READY=1 once the folder is read and the API
+/// listens, WATCHDOG=1 at half of `$WATCHDOG_USEC` while the engine answers, STOPPING=1 on
+/// SIGTERM. (That the pings stop when the engine's loop is stuck is a unit test of `notify`.)
+#[test]
+fn run_notifies_the_service_manager_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    std::fs::write(dir.join("pool.yaml"), pool_yaml(1)).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("run.log");
+    let mut child = Command::new(BIN)
+        .args(["run", "--dir"])
+        .arg(&dir)
+        .args(["--runtime", "memory", "--listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}):\n{}", read(&log)));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    assert!(ready.contains("STATUS=watching"), "{ready:?}");
+    // Ready means serving: the API answers at once, at the address the status file names.
+    let api = status_api(&dir).expect("the status file names the API when READY=1 is sent");
+    let mut s = std::net::TcpStream::connect(&api).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Pings every 0.2 s.
+    let start = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(next(), "WATCHDOG=1");
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(5),
+        "five pings in {took:?}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let stopping = loop {
+        let m = next();
+        if m != "WATCHDOG=1" {
+            break m;
+        }
+    };
+    assert_eq!(stopping, "STOPPING=1");
+    assert!(child.wait().unwrap().success(), "{}", read(&log));
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn status_api(dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(dir.join(".poolkeeper/status.json")).ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    v["controller"]["api"].as_str().map(str::to_owned)
+}
