@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every test of the workspace
 # (unit, simulation and property tests, loader, directory watcher, CLI, CRD drift and validity,
-# and end to end against the Docker Engine here).
+# and end to end against the Docker Engine here), then the VM's playbook and unit (e2e/vm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +35,13 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The VM (docs/vm.md): ansible-lint, vagrant validate, and ansible/site.yml applied for real to
+# Debian containers with systemd as PID 1, with the binary cargo test built (about 2.5 minutes).
+python3 e2e/vm/test-vm.py --binary target/debug/poolkeeper 2>&1 | tee -a "$log"
+vm_status=${PIPESTATUS[0]}
 set -e
-# One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+[ "$status" -ne 0 ] || status=$vm_status
+# One closing line for the whole run (cargo prints one per test binary, the VM test its own).
+awk '/^(test result|vm):/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -38,6 +38,18 @@ pub enum Command {
         #[arg(long = "namespace", value_name = "NS")]
         namespaces: Vec<String>,
     },
+    /// What a host needs to run poolkeeper as a systemd service without Ansible (docs/vm.md):
+    /// the unit the Ansible role installs, and a first specs folder.
+    Install {
+        /// Print the systemd unit (`Type=notify`, watchdog, hardened).
+        #[arg(long, required_unless_present = "print_specs")]
+        print_unit: bool,
+        /// Print the old PaaS's four pools, one file for the watched specs folder.
+        #[arg(long, conflicts_with = "print_unit")]
+        print_specs: bool,
+        #[command(flatten)]
+        unit: crate::install::UnitOptions,
+    },
     /// Check files or folders without running anything.
     Validate {
         #[arg(required = true)]

@@ -73,7 +73,9 @@ pub struct NodeConfig {
     pub advertise_address: Option<String>,
     /// Whether the daemon sees this machine's filesystem, so that claims' files are written
     /// into a host-backed folder rather than uploaded through the API (see
-    /// `runtime::hostfiles`). Default: true for a unix socket, false for tcp.
+    /// `runtime::hostfiles`). Default: true for a unix socket when poolkeeper runs as root,
+    /// false otherwise: Docker gives a folder it fills from the image the image's owner, so a
+    /// service running as its own user could not write claims' files into it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_files: Option<bool>,
 }
@@ -91,8 +93,13 @@ impl NodeConfig {
     }
 
     fn shares_files(&self) -> bool {
+        self.shares_files_as(rustix::process::geteuid().is_root())
+    }
+
+    /// [`Self::shares_files`], for a process that runs as root or not.
+    fn shares_files_as(&self, root: bool) -> bool {
         self.shared_files
-            .unwrap_or_else(|| self.normalized_url().starts_with("unix://"))
+            .unwrap_or_else(|| root && self.normalized_url().starts_with("unix://"))
     }
 
     fn normalized_url(&self) -> String {
@@ -265,6 +272,11 @@ impl DockerRuntime {
                 anyhow::bail!("node name {:?} is used twice", n.name);
             }
             let url = n.normalized_url();
+            if n.shared_files == Some(true) && !rustix::process::geteuid().is_root() {
+                warn!(node = %n.name, "sharedFiles is on while poolkeeper does not run as root: \
+                    Docker gives the files folders it fills the image's owner, so writing claims' \
+                    files may be refused (leave sharedFiles unset to upload them instead)");
+            }
             let docker =
                 connect_url(&url).map_err(|e| anyhow::anyhow!("node {} ({url}): {e}", n.name))?;
             let (docker, h, msg) = match docker.clone().negotiate_version().await {

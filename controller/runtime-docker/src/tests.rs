@@ -95,3 +95,25 @@ fn advertise_addresses() {
     n.listen_address = Some("127.0.0.2".into());
     assert_eq!(n.advertise(), "127.0.0.2");
 }
+
+#[test]
+fn files_are_shared_through_a_local_socket_only_when_running_as_root() {
+    let local = NodeConfig::from_url("local", "unix:///var/run/docker.sock");
+    let bare_path = NodeConfig::from_url("local", "/var/run/docker.sock");
+    let remote = NodeConfig::from_url("vm", "tcp://10.0.0.2:2375");
+    assert!(local.shares_files_as(true));
+    assert!(bare_path.shares_files_as(true));
+    // A service user cannot write into folders Docker hands the image's owner: uploads instead.
+    assert!(!local.shares_files_as(false));
+    assert!(!remote.shares_files_as(true));
+    let forced = NodeConfig {
+        shared_files: Some(true),
+        ..remote.clone()
+    };
+    assert!(forced.shares_files_as(false));
+    let off = NodeConfig {
+        shared_files: Some(false),
+        ..local
+    };
+    assert!(!off.shares_files_as(true));
+}
