@@ -21,6 +21,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the CustomResourceDefinitions generated from the types.
@@ -66,6 +68,8 @@ pub enum Command {
         source: SourceKind,
         #[command(flatten)]
         kube: KubeArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long, value_enum, default_value_t = RuntimeKind::Docker)]
         runtime: RuntimeKind,
         /// How often to relist the runtime and rescan the directory, whatever events said.
@@ -511,6 +515,43 @@ mod docker_args_tests {
         assert_eq!(c.files_root, Some(state.join("files")));
         assert_eq!(c.allowed_bind_root, Some(state));
     }
+}
+
+/// The bounds on what comes from outside (`poolkeeper_engine::limits::Limits`; refusals are
+/// counted in `/metrics` as `poolkeeper_refusals_total{reason}`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// The largest spec file read (`8Mi`, `512Ki`, bytes): a larger one is reported, not read.
+    #[arg(long, value_name = "SIZE", default_value = "8Mi", value_parser = size_arg)]
+    pub max_spec_file_size: u64,
+    /// The time a client has to send a request's headers (also a kept connection's idle time).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration_arg)]
+    pub header_timeout: Duration,
+    /// The time a client has to send a request's body, once its headers are in.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration_arg)]
+    pub body_timeout: Duration,
+    /// Connections the HTTP API serves at once; one more is answered 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> poolkeeper_engine::limits::Limits {
+        poolkeeper_engine::limits::Limits {
+            max_spec_file: self.max_spec_file_size,
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            max_connections: self.max_connections as usize,
+            ..Default::default()
+        }
+    }
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    poolkeeper_kinds::units::parse_memory_bytes(s)
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?}: a size such as 8Mi, 512Ki or 1000000 (bytes)"))
 }
 
 /// `poolkeeper bench` (see [`crate::bench`]).

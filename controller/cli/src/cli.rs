@@ -75,22 +75,24 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             dir,
             source,
             kube,
+            limits,
             runtime,
             resync,
             docker,
             api,
         } => {
             let rt = controller_runtime()?;
+            let limits = limits.limits();
             match (source, dir) {
                 (SourceKind::Dir, Some(dir)) => {
-                    rt.block_on(run_cmd(dir, runtime, resync, docker, api))?
+                    rt.block_on(run_cmd(dir, runtime, resync, docker, api, limits))?
                 }
                 (SourceKind::Dir, None) => bail!("run needs --dir (or --source kube)"),
                 (SourceKind::Kube, Some(_)) => {
                     bail!("--dir names a watched folder: not with --source kube")
                 }
                 (SourceKind::Kube, None) => {
-                    rt.block_on(run_kube(kube, runtime, resync, docker, api))?
+                    rt.block_on(run_kube(kube, runtime, resync, docker, api, limits))?
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -40,6 +40,8 @@ pub struct KubeOptions {
     pub listener: Option<TcpListener>,
     pub admin_token: Option<String>,
     pub webhooks: Option<WebhookConfig>,
+    /// The bounds on the API's connections and requests.
+    pub limits: poolkeeper_engine::limits::Limits,
 }
 
 /// Where a controller is in its life.
@@ -194,7 +196,8 @@ async fn run<R: Runtime>(
                 opts.webhooks,
             )
             .context("starting the HTTP API")?
-            .with_health(health);
+            .with_health(health)
+            .with_limits(opts.limits.clone(), Default::default());
             info!(address = ?addr, "HTTP API listening");
             Some(poolkeeper_http::spawn(l, state).context("starting the HTTP API")?)
         }

@@ -10,11 +10,13 @@ use anyhow::{Context, bail};
 use tracing::{info, warn};
 
 use poolkeeper_engine::EngineConfig;
+use poolkeeper_engine::limits::{Limits, Refusals};
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
 use poolkeeper_runtime_docker::DockerRuntime;
 use poolkeeper_source_dir::declare::{self, DirDeclare};
 use poolkeeper_source_dir::files::DirResolve;
 use poolkeeper_source_dir::layout::{self, state_dir};
+use poolkeeper_source_dir::loader::SpecLimit;
 use poolkeeper_source_dir::{status, watch};
 
 use crate::args::*;
@@ -26,6 +28,7 @@ pub(crate) async fn run_cmd(
     resync: Duration,
     docker: DockerArgs,
     api: ApiArgs,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
@@ -33,12 +36,12 @@ pub(crate) async fn run_cmd(
     match runtime {
         RuntimeKind::Memory => {
             let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
-            run_with(rt, dir, resync, api).await
+            run_with(rt, dir, resync, api, limits).await
         }
         RuntimeKind::Docker => {
             let config = docker.docker_config(&state_dir(&dir))?;
             let rt = Arc::new(DockerRuntime::connect(config).await?);
-            run_with(rt, dir, resync, api).await
+            run_with(rt, dir, resync, api, limits).await
         }
     }
 }
@@ -48,8 +51,11 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
     dir: PathBuf,
     resync: Duration,
     api: ApiArgs,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     let sdir = state_dir(&dir);
+    raise_open_files_limit();
+    let refusals = Arc::new(Refusals::default());
     std::fs::create_dir_all(&sdir).with_context(|| format!("creating {}", sdir.display()))?;
     let admin_token = api.admin_token()?;
     let webhooks = api.webhooks()?;
@@ -68,7 +74,18 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
     config.resolve = Arc::new(DirResolve);
     let (handle, task) = poolkeeper_engine::start(rt, config)?;
     let prepared = watch::Prepared::default();
-    let watch = watch::run(dir.clone(), handle.clone(), resync, prepared.clone()).await?;
+    let spec_limit = SpecLimit {
+        max_bytes: limits.max_spec_file,
+        refusals: refusals.clone(),
+    };
+    let watch = watch::run(
+        dir.clone(),
+        handle.clone(),
+        resync,
+        prepared.clone(),
+        spec_limit,
+    )
+    .await?;
     let server = match listener {
         Some(l) => {
             let declare = DirDeclare::new(handle.clone(), &dir, prepared)
@@ -79,7 +96,8 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
                 admin_token.as_deref(),
                 webhooks,
             )
-            .context("starting the HTTP API")?;
+            .context("starting the HTTP API")?
+            .with_limits(limits, refusals);
             Some(serve(l, state, &api_addr)?)
         }
         None => None,
@@ -179,7 +197,9 @@ pub(crate) async fn run_kube(
     resync: Duration,
     docker: DockerArgs,
     api: ApiArgs,
+    limits: Limits,
 ) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let conn = poolkeeper_source_kube::connect().await?;
     info!(server = %conn.server, "Kubernetes API server");
     let state = kube
@@ -190,12 +210,12 @@ pub(crate) async fn run_kube(
     match runtime {
         RuntimeKind::Memory => {
             let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
-            run_kube_with(rt, conn, kube, &state, resync, api).await
+            run_kube_with(rt, conn, kube, &state, resync, api, limits).await
         }
         RuntimeKind::Docker => {
             let config = docker.docker_config(&state)?;
             let rt = Arc::new(DockerRuntime::connect(config).await?);
-            run_kube_with(rt, conn, kube, &state, resync, api).await
+            run_kube_with(rt, conn, kube, &state, resync, api, limits).await
         }
     }
 }
@@ -207,6 +227,7 @@ async fn run_kube_with<R: poolkeeper_runtime::Runtime>(
     state: &std::path::Path,
     resync: Duration,
     api: ApiArgs,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     use crate::kube_mode::{KubeController, KubeOptions};
     let (listener, _) = bind(&api)?;
@@ -233,6 +254,7 @@ async fn run_kube_with<R: poolkeeper_runtime::Runtime>(
             listener,
             admin_token: api.admin_token()?,
             webhooks: api.webhooks()?,
+            limits,
         },
     );
     let mut phase = controller.phase.clone();
@@ -270,4 +292,18 @@ fn default_identity() -> String {
                 .unwrap_or_else(|_| "poolkeeper".to_owned());
             format!("{host}-{}", std::process::id())
         })
+}
+
+/// Raises this process's soft limit on open files to its hard limit (at most 65536): systemd
+/// starts services with 1024, fewer than `--max-connections` and the runtime's own need.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    let want = l.maximum.map_or(65_536, |m| m.min(65_536));
+    if l.current.is_some_and(|c| c < want) {
+        l.current = Some(want);
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            warn!(error = %e, "cannot raise the open files limit");
+        }
+    }
 }

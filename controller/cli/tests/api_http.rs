@@ -7,11 +7,14 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+
+mod api_support;
+use api_support::{Served, serve};
 
 const BIN: &str = env!("CARGO_BIN_EXE_poolkeeper");
 const ADMIN: &str = "admin-token-0123456789";
@@ -105,16 +108,8 @@ fn exchange(mut s: TcpStream, request: &str) -> (u16, Value) {
 }
 
 struct Api {
-    child: Child,
-    addr: String,
+    served: Served,
     dir: tempfile::TempDir,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Api {
@@ -130,8 +125,8 @@ impl Api {
         std::fs::write(dir.path().join("bob.yaml"), BOBS_FILE_CLAIM).unwrap();
         let token = dir.path().join("admin.token");
         std::fs::write(&token, format!("{ADMIN}\n")).unwrap();
-        let (child, addr) = Self::spawn_in(dir.path(), extra);
-        Api { child, addr, dir }
+        let served = Self::spawn_in(dir.path(), extra);
+        Api { served, dir }
     }
 
     /// The command that serves the API for `dir` (whose files `start_with` wrote).
@@ -158,40 +153,17 @@ impl Api {
         cmd
     }
 
-    fn spawn_in(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
-        let child = Self::command(dir, extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let status = dir.join(".poolkeeper/status.json");
-        let start = Instant::now();
-        let addr = loop {
-            let api = std::fs::read(&status)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .and_then(|v| v["controller"]["api"].as_str().map(str::to_owned));
-            if let Some(a) = api {
-                break a;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no API address in status"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        (child, addr)
+    fn spawn_in(dir: &std::path::Path, extra: &[&str]) -> Served {
+        serve(&mut Self::command(dir, extra), dir)
     }
 
     /// Kills the controller (no clean stop) and starts it again on the same folder.
     fn restart(&mut self, extra: &[&str]) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.served.child.kill();
+        let _ = self.served.child.wait();
         // The killed process's status still names its address.
         std::fs::remove_file(self.dir.path().join(".poolkeeper/status.json")).unwrap();
-        let (child, addr) = Self::spawn_in(self.dir.path(), extra);
-        self.child = child;
-        self.addr = addr;
+        self.served = Self::spawn_in(self.dir.path(), extra);
     }
 
     /// One request; the status code and the JSON body (Null when not JSON).
@@ -202,7 +174,7 @@ impl Api {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, Value) {
-        let s = TcpStream::connect(&self.addr).unwrap();
+        let s = TcpStream::connect(&self.served.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
         if let Some(t) = token {
@@ -218,7 +190,7 @@ impl Api {
 
     /// Opens the event stream as `token`; what arrives accumulates in the returned buffer.
     fn stream(&self, token: &str) -> std::sync::Arc<std::sync::Mutex<String>> {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
+        let mut s = TcpStream::connect(&self.served.addr).unwrap();
         write!(
             s,
             "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -309,7 +281,7 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
             .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
     let scrape = || {
-        let mut s = TcpStream::connect(&api.addr).unwrap();
+        let mut s = TcpStream::connect(&api.served.addr).unwrap();
         write!(
             s,
             "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -812,7 +784,7 @@ impl Api {
     }
 
     fn hook_raw(&self, body: &str, ts: &str, sig: &str) -> (u16, Value) {
-        let s = TcpStream::connect(&self.addr).unwrap();
+        let s = TcpStream::connect(&self.served.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let req = format!(
             "POST /webhooks/reservations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
@@ -1106,8 +1078,8 @@ fn a_replay_is_refused_after_a_restart_too_and_an_unreadable_record_stops_the_st
 
     // A record that cannot be read stops the start, naming the file, rather than starting
     // with no record (which would accept replays).
-    let _ = api.child.kill();
-    let _ = api.child.wait();
+    let _ = api.served.child.kill();
+    let _ = api.served.child.wait();
     let record = api.dir.path().join(".poolkeeper/webhook-signatures.json");
     std::fs::write(&record, "{\"sha256=ab\": \"x\"").unwrap();
     let mut child = Api::command(api.dir.path(), &hooks)
@@ -1154,7 +1126,7 @@ fn pk(args: &[&str]) -> std::process::Output {
 #[test]
 fn the_cli_creates_lists_and_releases_claims_through_the_api() {
     let api = Api::start();
-    let server = format!("http://{}", api.addr);
+    let server = format!("http://{}", api.served.addr);
     let out = pk(&[
         "claim", "create", "web", "--name", "b1", "--wait", "--server", &server, "--token", BOB,
     ]);
@@ -1319,7 +1291,7 @@ fn admins_scale_reinitialise_release_a_users_claims_and_delete_users() {
     );
 
     // The same through the CLI.
-    let server = format!("http://{}", api.addr);
+    let server = format!("http://{}", api.served.addr);
     let cli = |args: &[&str]| {
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--server", &server, "--token", ADMIN]);
@@ -1405,7 +1377,7 @@ fn the_api_follows_its_openapi_document() {
     // schema cannot say per caller: that run leaves out the check that valid data is accepted.
     for (token, exclude) in [(ALICE, None), (ADMIN, Some("positive_data_acceptance"))] {
         let mut cmd = Command::new(&st);
-        cmd.args(["run", &format!("http://{}/openapi.json", api.addr)]);
+        cmd.args(["run", &format!("http://{}/openapi.json", api.served.addr)]);
         if let Some(check) = exclude {
             cmd.args(["--exclude-checks", check]);
         }
@@ -1477,7 +1449,7 @@ impl Api {
     }
 
     fn upload_as(&self, claim: &str, token: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
-        let s = TcpStream::connect(&self.addr).unwrap();
+        let s = TcpStream::connect(&self.served.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let head = format!(
             "PUT /api/v1/claims/{claim}/files HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\

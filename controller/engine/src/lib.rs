@@ -24,6 +24,7 @@ mod deployments;
 pub mod durable;
 mod handle;
 mod instances;
+pub mod limits;
 pub mod metrics;
 mod objects;
 mod pass;

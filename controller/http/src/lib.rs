@@ -11,7 +11,8 @@
 //! no file and no API path itself.
 //!
 //! Where things are: [`auth`] (who is asking), [`objects`] (reading), [`claims`] (claims and
-//! uploads), [`admin`], [`reservations`] (webhooks and callbacks), [`metrics`], [`error`];
+//! uploads), [`admin`], [`reservations`] (webhooks and callbacks), [`metrics`], [`error`],
+//! `server` (connections and requests under their limits, every rejection as JSON);
 //! [`webhook`] (signatures, payloads), [`notify`] (callback targets), [`upload`] (multipart).
 
 mod admin;
@@ -23,6 +24,7 @@ mod metrics;
 pub mod notify;
 mod objects;
 mod reservations;
+mod server;
 pub mod upload;
 pub mod webhook;
 
@@ -40,6 +42,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use poolkeeper_engine::EngineHandle;
+use poolkeeper_engine::limits::{Limits, Refusals};
 use poolkeeper_engine::source::{Declare, Health};
 
 /// The API's OpenAPI document (committed; served at `/openapi.json`).
@@ -62,6 +65,10 @@ pub struct ApiState {
     seen: tokio::sync::Mutex<crate::webhook::SeenSignatures>,
     /// Whether the source reaches what it reads from (`/readyz`).
     health: Health,
+    /// The bounds on connections and requests, and the count of what they refused (shared with
+    /// the source, which counts its own).
+    limits: Limits,
+    refusals: Arc<Refusals>,
 }
 
 /// Reservations by webhook: the shared secret, the images booking systems may ask for (empty:
@@ -94,6 +101,8 @@ impl ApiState {
             webhooks,
             seen: tokio::sync::Mutex::new(seen),
             health: Health::default(),
+            limits: Limits::default(),
+            refusals: Arc::default(),
         })
     }
 
@@ -102,10 +111,18 @@ impl ApiState {
         self.health = health;
         self
     }
+
+    /// Serves under `limits` (default: [`Limits::default`]), counting refusals in `refusals`.
+    pub fn with_limits(mut self, limits: Limits, refusals: Arc<Refusals>) -> Self {
+        self.limits = limits;
+        self.refusals = refusals;
+        self
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
     use axum::routing::{post, put};
+    let state = Arc::new(state);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(objects::readyz))
@@ -147,7 +164,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/{kind}/{name}", get(objects::get_one))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(Arc::new(state))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            server::guard,
+        ))
+        .with_state(state)
 }
 
 /// Serves the API until the listener fails; with a notification URL, also delivers the
@@ -163,15 +184,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::i
             cfg.secret.clone(),
         ));
     }
-    // Without TCP_NODELAY, a small write after another (an event on the stream, an answer
-    // sent in two parts) waits for the peer's delayed acknowledgement: up to 40 ms.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
-        }
-    });
-    axum::serve(listener, router(state)).await
+    let (limits, refusals) = (state.limits.clone(), state.refusals.clone());
+    server::serve_connections(listener, router(state), limits, refusals).await
 }
 
 /// The API served on a thread of its own (with its own single-threaded runtime): parsing

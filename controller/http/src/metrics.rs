@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 
+use poolkeeper_engine::limits::{Refusal, Refusals};
 use poolkeeper_engine::metrics::{BUCKETS, Histogram};
 use poolkeeper_engine::status::{ObjectView, Snapshot};
 use poolkeeper_kinds::Kind;
@@ -26,7 +27,7 @@ use crate::error::ApiResult;
 /// histograms, and gauges and counters per pool.
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {
     let snap = snapshot(&state).await?;
-    let text = render_metrics(&snap);
+    let text = render_metrics(&snap, &state.refusals);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -37,10 +38,10 @@ pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> ApiResult<Res
         .into_response())
 }
 
-/// Renders the metrics of a snapshot.
-pub fn render_metrics(snap: &Snapshot) -> String {
+/// Renders the metrics of a snapshot, and the inputs refused so far.
+pub fn render_metrics(snap: &Snapshot, refusals: &Refusals) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(FromSnapshot(snap.clone())));
+    registry.register_collector(Box::new(FromSnapshot(snap.clone(), refusals.all())));
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);
@@ -50,7 +51,7 @@ pub fn render_metrics(snap: &Snapshot) -> String {
 /// The metrics a snapshot holds, encoded at each scrape (the engine keeps the counts; a
 /// registry of live metrics would be a second copy of them).
 #[derive(Debug)]
-struct FromSnapshot(Snapshot);
+struct FromSnapshot(Snapshot, Vec<(Refusal, u64)>);
 
 impl Collector for FromSnapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
@@ -100,6 +101,16 @@ impl Collector for FromSnapshot {
             ),
         ] {
             Buckets(h).encode(e.encode_descriptor(name, help, None, MetricType::Histogram)?)?;
+        }
+        let mut family = e.encode_descriptor(
+            "poolkeeper_refusals",
+            "Inputs refused by a limit, per reason: spec files too large, request bodies too \
+             large or too slow, request headers too large or too slow, connections over the limit.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in &self.1 {
+            ConstCounter::new(*n).encode(family.encode_family(&[("reason", reason.label())])?)?;
         }
         ConstCounter::new(m.store_deferred).encode(e.encode_descriptor(
             "poolkeeper_store_deferred_commits",
@@ -233,7 +244,7 @@ mod tests {
 
     #[test]
     fn the_metric_names_and_label_sets_are_those_documented() {
-        let text = render_metrics(&snapshot());
+        let text = render_metrics(&snapshot(), &Refusals::default());
         let want: BTreeSet<String> = [
             "poolkeeper_reconciles_total{kind}",
             "poolkeeper_reconcile_errors_total{kind}",
@@ -247,6 +258,7 @@ mod tests {
             "poolkeeper_store_commit_seconds_sum",
             "poolkeeper_store_commit_seconds_count",
             "poolkeeper_store_deferred_commits_total",
+            "poolkeeper_refusals_total{reason}",
             "poolkeeper_pool_instances{pool}",
             "poolkeeper_pool_warm{pool}",
             "poolkeeper_pool_bound{pool}",
@@ -262,7 +274,9 @@ mod tests {
 
     #[test]
     fn values_and_buckets_are_those_of_the_snapshot() {
-        let text = render_metrics(&snapshot());
+        let refusals = Refusals::default();
+        refusals.count(Refusal::BodyTimeout);
+        let text = render_metrics(&snapshot(), &refusals);
         for line in [
             "poolkeeper_reconciles_total{kind=\"pool\"} 7",
             "poolkeeper_pool_warm{pool=\"web\"} 2",
@@ -272,6 +286,8 @@ mod tests {
             "poolkeeper_claim_bind_seconds_bucket{le=\"0.25\"} 2",
             "poolkeeper_claim_bind_seconds_bucket{le=\"+Inf\"} 2",
             "poolkeeper_claim_bind_seconds_count 2",
+            "poolkeeper_refusals_total{reason=\"body_timeout\"} 1",
+            "poolkeeper_refusals_total{reason=\"too_many_connections\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

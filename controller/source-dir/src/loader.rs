@@ -770,12 +770,70 @@ pub fn is_spec_file(path: &Path) -> bool {
     )
 }
 
-/// Reads one file from disk.
+/// Reads one file from disk (at most the default largest spec file).
 pub fn parse_file(path: &Path) -> ParsedFile {
-    match std::fs::read(path) {
-        Ok(bytes) => parse_bytes(path, bytes),
-        Err(e) => unreadable(path, &e),
+    match read_spec(path, SpecLimit::default().max_bytes) {
+        Read::Bytes(bytes) => parse_bytes(path, bytes),
+        Read::TooLarge(size) => too_large(path, size, SpecLimit::default().max_bytes),
+        Read::Failed(e) => unreadable(path, &e),
     }
+}
+
+/// The largest spec file read, and where refusals are counted.
+#[derive(Clone, Debug)]
+pub struct SpecLimit {
+    pub max_bytes: u64,
+    pub refusals: std::sync::Arc<poolkeeper_engine::limits::Refusals>,
+}
+
+impl Default for SpecLimit {
+    fn default() -> Self {
+        SpecLimit {
+            max_bytes: poolkeeper_engine::limits::Limits::default().max_spec_file,
+            refusals: Default::default(),
+        }
+    }
+}
+
+/// A spec file's content, if it is not larger than the limit.
+#[derive(Debug)]
+pub enum Read {
+    Bytes(Vec<u8>),
+    /// Larger than the limit: its size (it was not read).
+    TooLarge(u64),
+    Failed(std::io::Error),
+}
+
+/// Reads `path` if it holds at most `max` bytes: a larger file is not read at all (its size is
+/// taken from the file system, and a file that grows while it is read stops at `max + 1`).
+pub fn read_spec(path: &Path, max: u64) -> Read {
+    use std::io::Read as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return Read::Failed(e),
+    };
+    match file.metadata() {
+        Ok(m) if m.len() > max => return Read::TooLarge(m.len()),
+        Ok(_) => {}
+        Err(e) => return Read::Failed(e),
+    }
+    let mut bytes = Vec::new();
+    match file.take(max.saturating_add(1)).read_to_end(&mut bytes) {
+        Ok(n) if n as u64 > max => Read::TooLarge(n as u64),
+        Ok(_) => Read::Bytes(bytes),
+        Err(e) => Read::Failed(e),
+    }
+}
+
+/// A file over the largest spec file read.
+pub fn too_large(path: &Path, size: u64, max: u64) -> ParsedFile {
+    whole_file_problem(
+        path,
+        format!(
+            "not read: {size} bytes, over the largest spec file of {max} bytes \
+             (--max-spec-file-size); split it into several files"
+        ),
+    )
 }
 
 /// Parses a file's content as read.
@@ -798,6 +856,11 @@ pub fn parse_bytes(path: &Path, bytes: Vec<u8>) -> ParsedFile {
 
 /// A file that could not be read.
 pub fn unreadable(path: &Path, e: &std::io::Error) -> ParsedFile {
+    whole_file_problem(path, format!("cannot read: {e}"))
+}
+
+/// A file that yields nothing, for `message` (about the whole file, no line in it).
+fn whole_file_problem(path: &Path, message: String) -> ParsedFile {
     ParsedFile {
         objects: Vec::new(),
         diagnostics: vec![Diagnostic {
@@ -806,7 +869,7 @@ pub fn unreadable(path: &Path, e: &std::io::Error) -> ParsedFile {
             col: 0,
             object: None,
             path: String::new(),
-            message: format!("cannot read: {e}"),
+            message,
         }],
     }
 }

@@ -92,6 +92,8 @@ pub struct DirState {
     /// Objects that a file let go of during the current update (removed, renamed away, or no
     /// longer declared). Deleted when the update ends unless another file declares them by then.
     released: BTreeMap<ObjKey, Object>,
+    /// The largest spec file read.
+    limit: loader::SpecLimit,
 }
 
 /// What a (re)load changed, in the order to tell the engine.
@@ -112,7 +114,14 @@ impl DirState {
             files: BTreeMap::new(),
             objects: HashMap::new(),
             released: BTreeMap::new(),
+            limit: loader::SpecLimit::default(),
         }
+    }
+
+    /// Reads no spec file larger than `limit` (default: [`loader::SpecLimit::default`]).
+    pub fn with_limit(mut self, limit: loader::SpecLimit) -> Self {
+        self.limit = limit;
+        self
     }
 
     pub fn objects(&self) -> impl Iterator<Item = &Object> {
@@ -240,15 +249,23 @@ impl DirState {
     }
 
     fn load_file(&mut self, file: &Path, changes: &mut Changes) {
-        let parsed = match std::fs::read(file) {
-            Ok(bytes) => match self.prepared.take(file, &bytes) {
+        let parsed = match loader::read_spec(file, self.limit.max_bytes) {
+            loader::Read::Bytes(bytes) => match self.prepared.take(file, &bytes) {
                 Some(objects) => loader::ParsedFile {
                     objects,
                     diagnostics: Vec::new(),
                 },
                 None => loader::parse_bytes(file, bytes),
             },
-            Err(e) => loader::unreadable(file, &e),
+            loader::Read::TooLarge(size) => {
+                self.limit
+                    .refusals
+                    .count(poolkeeper_engine::limits::Refusal::SpecFileTooLarge);
+                warn!(file = %file.display(), size, max = self.limit.max_bytes,
+                    "a spec file over the largest size is not read");
+                loader::too_large(file, size, self.limit.max_bytes)
+            }
+            loader::Read::Failed(e) => loader::unreadable(file, &e),
         };
         let mut diagnostics = parsed.diagnostics.clone();
         let clean = parsed.is_clean();
@@ -372,6 +389,7 @@ pub async fn run(
     engine: EngineHandle,
     rescan_every: Duration,
     prepared: Prepared,
+    limit: loader::SpecLimit,
 ) -> Result<tokio::task::JoinHandle<()>, DirError> {
     let root = std::fs::canonicalize(&root).map_err(|source| DirError::Open {
         dir: root.clone(),
@@ -394,7 +412,7 @@ pub async fn run(
         .map_err(watch_error)?;
     let mut watched = BTreeSet::new();
     watch_folders(&mut watcher, &root, &mut watched);
-    let mut state = DirState::with_prepared(root.clone(), prepared);
+    let mut state = DirState::with_prepared(root.clone(), prepared).with_limit(limit);
     let initial = state.rescan();
     let objects = state.objects.len();
     for ev in initial.events {

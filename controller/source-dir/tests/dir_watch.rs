@@ -101,9 +101,15 @@ async fn start(setup: impl FnOnce(&Path)) -> Running {
         EngineConfig::new(root.join(".poolkeeper/state")),
     )
     .unwrap();
-    let watch = watch::run(root.clone(), handle.clone(), NO_RESCAN, Default::default())
-        .await
-        .unwrap();
+    let watch = watch::run(
+        root.clone(),
+        handle.clone(),
+        NO_RESCAN,
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     Running {
         _tmp: tmp,
         root,

@@ -261,6 +261,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         handle.clone(),
         Duration::from_secs(30),
         prepared.clone(),
+        Default::default(),
     )
     .await?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

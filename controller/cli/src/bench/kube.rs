@@ -92,6 +92,7 @@ async fn measure(
             listener: None,
             admin_token: None,
             webhooks: None,
+            limits: Default::default(),
         },
     );
     if let Phase::Stopped(why) = controller.leading().await {
