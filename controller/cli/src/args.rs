@@ -586,6 +586,10 @@ pub struct BenchArgs {
     /// traffic). Without it every claim keeps its instance until the end.
     #[arg(long)]
     pub release: bool,
+    /// With `--source kube`: leave each claim bound instead of deleting it once bound, so that
+    /// only the path to Bound is measured (the pool is sized to the claims).
+    #[arg(long)]
+    pub keep: bool,
     /// Which scenario to run; `all` runs each in a process of its own, so that every figure's
     /// resident memory is its own.
     #[arg(long, value_enum, default_value_t = Scenario::All)]

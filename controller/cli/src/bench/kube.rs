@@ -2,7 +2,8 @@
 //! controller runs in this process on the memory runtime (so that the API server's path is what
 //! is measured), watching a namespace of the bench's own; clients on a thread of their own
 //! create claims at `--rate` (or as fast as `--concurrency` allows), see each Bound through a
-//! watch, and delete it (the controller's finalizer holds it until its instance is reset).
+//! watch, and delete it (the controller's finalizer holds it until its instance is reset), or,
+//! with `--keep`, leave it bound (the path to Bound alone).
 //!
 //! Latency is from a claim's create request (with `--rate`, from its scheduled arrival) to the
 //! watch showing it Bound. The controller's writes are counted (status, finalizers, events):
@@ -57,8 +58,11 @@ async fn measure(
     ns: &str,
 ) -> anyhow::Result<()> {
     let client = conn.client.clone();
-    let warm = args.instances.unwrap_or(200);
     let claims = args.claims.unwrap_or(2_000);
+    // Kept claims each hold an instance: the pool is as large as the claims.
+    let warm = args
+        .instances
+        .unwrap_or(if args.keep { claims } else { 200 });
     let api = |kind| Api::<DynamicObject>::namespaced_with(client.clone(), ns, &api_resource(kind));
     let pool = json!({"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "Pool",
         "metadata": {"name": "bench"},
@@ -168,6 +172,7 @@ async fn measure(
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
         let (c, w, next, n) = (client.clone(), waiters.clone(), next.clone(), ns.to_owned());
+        let keep = args.keep;
         workers.push(clients.spawn(async move {
             let api = Api::<DynamicObject>::namespaced_with(c, &n, &api_resource(Kind::Claim));
             let mut latencies = Vec::new();
@@ -199,9 +204,11 @@ async fn measure(
                     .await
                     .map_err(|_| anyhow!("{name} was not bound within 60 s"))??;
                 latencies.push(bound.duration_since(t0).as_secs_f64() * 1000.0);
-                api.delete(&name, &DeleteParams::default())
-                    .await
-                    .with_context(|| format!("deleting {name}"))?;
+                if !keep {
+                    api.delete(&name, &DeleteParams::default())
+                        .await
+                        .with_context(|| format!("deleting {name}"))?;
+                }
             }
         }));
     }
@@ -224,6 +231,7 @@ async fn measure(
         .latencies(&latencies)
         .with("concurrency", args.concurrency)
         .with("offered_rate_per_s", rate)
+        .with("deleted", !args.keep)
         .with("warm", warm)
         .with("create_p50_ms", super::pct(&creates, 0.5))
         .with("create_p99_ms", super::pct(&creates, 0.99))
