@@ -312,6 +312,7 @@ fn load_snapshot(dir: &Path) -> anyhow::Result<(Snapshot, bool)> {
                         updated_at: String::new(),
                         state_dir: state_dir(dir),
                         api: None,
+                        store_error: None,
                     },
                     objects,
                     diagnostics: problems,

@@ -129,6 +129,7 @@ pub fn snapshot_of(args: &ServerArgs, kind_segment: &str) -> anyhow::Result<Snap
             updated_at: String::new(),
             state_dir: Default::default(),
             api: Some(args.server.clone()),
+            store_error: None,
         },
         objects,
         diagnostics: Vec::new(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod api_support;
-use api_support::{Served, serve};
+use api_support::{Answer, Served, read_answer, serve};
 
 const BIN: &str = env!("CARGO_BIN_EXE_poolkeeper");
 const ADMIN: &str = "limits-admin-token-0123456789";
@@ -92,48 +92,6 @@ impl Api {
             .find_map(|l| l.strip_prefix(&prefix))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {prefix} in:\n{}", a.text))
-    }
-}
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    text: String,
-}
-
-impl Answer {
-    /// The API's error shape: JSON with an `error` text.
-    fn error(&self) -> String {
-        assert!(
-            self.head
-                .to_ascii_lowercase()
-                .contains("content-type: application/json"),
-            "not JSON: {self:?}"
-        );
-        let v: Value =
-            serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"));
-        v["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error text: {self:?}"))
-            .to_owned()
-    }
-}
-
-fn read_answer(s: &mut TcpStream) -> Answer {
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, text) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Answer {
-        status,
-        head: head.to_owned(),
-        text: text.to_owned(),
     }
 }
 

@@ -33,6 +33,7 @@ mod report;
 mod run;
 pub mod source;
 pub mod status;
+mod storedown;
 mod tokens;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -409,11 +410,84 @@ pub struct Engine<R: Runtime> {
     /// Tasks following the output of instances whose container has log triggers.
     log_followers: HashMap<String, tokio::task::AbortHandle>,
     metrics: metrics::EngineMetrics,
+    /// What the source declares, as it declared it: what the engine starts again from when its
+    /// store could not write for a while (see `storedown`).
+    declared: BTreeMap<poolkeeper_kinds::ObjKey, poolkeeper_kinds::Object>,
+    /// The state store failed to write, and since when (None: it writes).
+    store_down: Option<storedown::StoreDown>,
     /// The users' token digests, as the API reads them (see [`Tokens`]).
     tokens: Tokens,
     /// A user or its token changed since `tokens` was last published: it is, once per batch
     /// of inputs (not once per user: a start applying thousands would rebuild it each time).
     tokens_stale: bool,
+}
+
+impl<R: Runtime> Engine<R> {
+    /// An engine on `store` with nothing declared, nothing listed, nothing started.
+    fn new(
+        rt: Arc<R>,
+        store: Store<Durable>,
+        tx: mpsc::UnboundedSender<Input>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        tokens: Tokens,
+    ) -> Self {
+        let next_seq = store.state().next_seq;
+        let now = clock.now_ms();
+        Engine {
+            tokens,
+            tokens_stale: false,
+            rt,
+            store,
+            tx,
+            clock,
+            config,
+            pools: BTreeMap::new(),
+            claims: HashMap::new(),
+            users: BTreeMap::new(),
+            deployments: BTreeMap::new(),
+            instances: HashMap::new(),
+            pool_index: HashMap::new(),
+            touched: std::collections::HashSet::new(),
+            claims_by_pool: HashMap::new(),
+            claims_by_user: HashMap::new(),
+            queues: HashMap::new(),
+            to_report: BTreeSet::new(),
+            ports: PortBook::default(),
+            diagnostics: BTreeMap::new(),
+            dirty_pools: BTreeSet::new(),
+            dirty_users: BTreeSet::new(),
+            dirty_deployments: BTreeSet::new(),
+            ops: Vec::new(),
+            after_commit: Vec::new(),
+            expiries: BinaryHeap::new(),
+            wakeups: BinaryHeap::new(),
+            removal_retries: Vec::new(),
+            held_removals: Vec::new(),
+            last_create_answer_ms: 0,
+            passes: 0,
+            nudged: false,
+            release_held: false,
+            next_seq,
+            deferred_since_ms: None,
+            synced: false,
+            listed: false,
+            list_epoch: 0,
+            recently_gone: HashMap::new(),
+            creates_in_flight: 0,
+            create_queue: std::collections::VecDeque::new(),
+            started: false,
+            subscribers: Vec::new(),
+            no_files: Arc::new(Vec::new()),
+            started_at_ms: now,
+            name_counter: now,
+            forgotten: std::collections::HashSet::new(),
+            log_followers: HashMap::new(),
+            metrics: Default::default(),
+            declared: BTreeMap::new(),
+            store_down: None,
+        }
+    }
 }
 
 /// Starts an engine on `rt`. Returns its handle and the task running it.
@@ -441,61 +515,9 @@ pub fn start<R: Runtime>(
         );
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let next_seq = store.state().next_seq;
-    let clock = config.clock.clone();
-    let now = clock.now_ms();
     let tokens = Tokens::default();
-    let mut engine = Engine {
-        tokens: tokens.clone(),
-        tokens_stale: false,
-        rt,
-        store,
-        tx: tx.clone(),
-        clock,
-        config,
-        pools: BTreeMap::new(),
-        claims: HashMap::new(),
-        users: BTreeMap::new(),
-        deployments: BTreeMap::new(),
-        instances: HashMap::new(),
-        pool_index: HashMap::new(),
-        touched: std::collections::HashSet::new(),
-        claims_by_pool: HashMap::new(),
-        claims_by_user: HashMap::new(),
-        queues: HashMap::new(),
-        to_report: BTreeSet::new(),
-        ports: PortBook::default(),
-        diagnostics: BTreeMap::new(),
-        dirty_pools: BTreeSet::new(),
-        dirty_users: BTreeSet::new(),
-        dirty_deployments: BTreeSet::new(),
-        ops: Vec::new(),
-        after_commit: Vec::new(),
-        expiries: BinaryHeap::new(),
-        wakeups: BinaryHeap::new(),
-        removal_retries: Vec::new(),
-        held_removals: Vec::new(),
-        last_create_answer_ms: 0,
-        passes: 0,
-        nudged: false,
-        release_held: false,
-        next_seq,
-        deferred_since_ms: None,
-        synced: false,
-        listed: false,
-        list_epoch: 0,
-        recently_gone: HashMap::new(),
-        creates_in_flight: 0,
-        create_queue: std::collections::VecDeque::new(),
-        started: false,
-        subscribers: Vec::new(),
-        no_files: Arc::new(Vec::new()),
-        started_at_ms: now,
-        name_counter: now,
-        forgotten: std::collections::HashSet::new(),
-        log_followers: HashMap::new(),
-        metrics: Default::default(),
-    };
+    let clock = config.clock.clone();
+    let engine = Engine::new(rt, store, tx.clone(), clock, config, tokens.clone());
     // Subscribe before listing, so nothing falls between the list and the stream.
     let mut events = engine.rt.subscribe();
     let fwd = tx.clone();
@@ -506,6 +528,7 @@ pub fn start<R: Runtime>(
             }
         }
     });
+    let mut engine = engine;
     engine.spawn_list();
     let task = tokio::spawn(engine.run(rx));
     Ok((EngineHandle { tx, tokens }, task))

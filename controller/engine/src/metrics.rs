@@ -73,6 +73,10 @@ pub struct EngineMetrics {
     /// Batches written without a flush of their own (a later flush covers them).
     #[serde(default)]
     pub store_deferred: u64,
+    /// Commits or flushes of the state store that failed (each stops the engine acting until
+    /// the store writes again).
+    #[serde(default)]
+    pub store_failures: u64,
     pub passes: u64,
 }
 

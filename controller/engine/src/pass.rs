@@ -13,12 +13,6 @@ use poolkeeper_store::Flush;
 use crate::durable::{Op, RecPhase, needs_flush};
 use crate::{AfterCommit, Engine, status};
 
-/// Memory may be ahead of disk: stop rather than report what is not durable.
-fn store_failed(e: &poolkeeper_store::StoreError) -> ! {
-    error!(error = %e, "state store failed; stopping so that a restart recovers from disk");
-    std::process::exit(70);
-}
-
 /// Counts `n` reconciles of a kind and the time they took (a pass with none is not timed).
 fn observe(m: &mut super::metrics::KindMetrics, n: u64, began: std::time::Instant) {
     if n > 0 {
@@ -29,10 +23,14 @@ fn observe(m: &mut super::metrics::KindMetrics, n: u64, began: std::time::Instan
 
 impl<R: Runtime> Engine<R> {
     pub(super) fn pass(&mut self) {
+        let now = self.clock.now_ms();
+        if self.store_down.is_some() {
+            self.probe_store(now);
+            return;
+        }
         if !(self.synced && self.listed) {
             return;
         }
-        let now = self.clock.now_ms();
         if !self.started {
             self.started = true;
             self.startup(now);
@@ -277,10 +275,16 @@ impl<R: Runtime> Engine<R> {
                         }
                     }
                 }
-                Err(e) => store_failed(&e),
+                Err(e) => {
+                    // Memory may be ahead of disk: nothing of this pass is acted on or reported.
+                    self.store_failed(&e, now);
+                    return;
+                }
             }
         }
-        self.flush_deferred(now);
+        if !self.flush_deferred(now) {
+            return;
+        }
         self.forgotten.clear();
         let work = std::mem::take(&mut self.after_commit);
         for w in work {
@@ -297,26 +301,29 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// Flushes batches written without a flush once the oldest has waited `DEFERRED_FLUSH_MS`
-    /// (a flushed commit has covered them otherwise), and asks for a pass at that time.
-    fn flush_deferred(&mut self, now: u64) {
+    /// (a flushed commit has covered them otherwise), and asks for a pass at that time. False
+    /// when the flush failed.
+    fn flush_deferred(&mut self, now: u64) -> bool {
         if !self.store.has_unflushed() {
             self.deferred_since_ms = None;
-            return;
+            return true;
         }
         let since = *self.deferred_since_ms.get_or_insert_with(|| {
             self.wakeups.push(Reverse(now + super::DEFERRED_FLUSH_MS));
             now
         });
         if now.saturating_sub(since) < super::DEFERRED_FLUSH_MS {
-            return;
+            return true;
         }
         let began = std::time::Instant::now();
         if let Err(e) = self.store.flush() {
-            store_failed(&e);
+            self.store_failed(&e, now);
+            return false;
         }
         self.metrics
             .store_commit
             .observe(began.elapsed().as_secs_f64());
         self.deferred_since_ms = None;
+        true
     }
 }

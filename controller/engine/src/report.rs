@@ -431,6 +431,7 @@ impl<R: Runtime> Engine<R> {
                 updated_at: status::rfc3339(now),
                 state_dir: self.config.state_dir.clone(),
                 api: None,
+                store_error: self.store_down.as_ref().map(|d| d.error.clone()),
             },
             objects,
             diagnostics: self

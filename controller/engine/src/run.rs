@@ -56,6 +56,9 @@ impl<R: Runtime> Engine<R> {
             }
             self.publish_tokens();
             self.pass();
+            if self.store_down.as_ref().is_some_and(|d| d.back) {
+                self = self.rebuilt();
+            }
             if let Some(tx) = shutdown {
                 // What waited for a flush is durable before the engine says it has stopped.
                 if let Err(e) = self.store.flush() {
@@ -129,7 +132,18 @@ impl<R: Runtime> Engine<R> {
                 let _ = reply.send(self.claim_brief(&name));
             }
             Input::CreateClaim { claim, reply } => {
-                let _ = reply.send(self.create_claim(claim));
+                let answer = match &self.store_down {
+                    // Its binding could not be made durable: refused, not queued.
+                    Some(down) => crate::Creation::Refused(
+                        "StoreUnwritable",
+                        format!(
+                            "the controller's state store cannot write ({}); new claims are refused until it can",
+                            down.error
+                        ),
+                    ),
+                    None => self.create_claim(claim),
+                };
+                let _ = reply.send(answer);
             }
             Input::LogMatch {
                 instance,

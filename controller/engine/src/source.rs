@@ -146,6 +146,10 @@ pub enum DeclareError {
     /// The source could not record the change (a failed write): nothing was changed.
     #[error("{0}")]
     Failed(String),
+    /// The source could not record the change for want of space (a full disk): nothing was
+    /// changed; the same request succeeds once there is room.
+    #[error("{0}")]
+    NoSpace(String),
     /// The engine is stopping.
     #[error("the controller is stopping")]
     Stopped,

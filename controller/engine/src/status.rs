@@ -165,6 +165,9 @@ pub struct ControllerInfo {
     /// Where the HTTP API listens (`host:port`), when it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<String>,
+    /// Why the state store cannot write, while it cannot (new claims are refused meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// Everything the controller knows, as written to `DIR/.poolkeeper/status.json`.

@@ -43,6 +43,7 @@ pub(crate) fn refused((reason, message): (&'static str, String)) -> ApiError {
         "UserNotFound" => ApiError::field(StatusCode::NOT_FOUND, "user", message),
         "UserDisabled" => ApiError::field(StatusCode::FORBIDDEN, "user", message),
         "PoolNotAllowed" => ApiError::field(StatusCode::FORBIDDEN, "pool", message),
+        "StoreUnwritable" => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message),
         _ => ApiError::new(StatusCode::FORBIDDEN, message),
     }
 }

@@ -59,6 +59,7 @@ impl From<DeclareError> for ApiError {
             DeclareError::NotFound(_) => StatusCode::NOT_FOUND,
             DeclareError::Conflict(_) => StatusCode::CONFLICT,
             DeclareError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            DeclareError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             DeclareError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())

@@ -112,6 +112,21 @@ impl Collector for FromSnapshot {
         for (reason, n) in &self.1 {
             ConstCounter::new(*n).encode(family.encode_family(&[("reason", reason.label())])?)?;
         }
+        ConstCounter::new(m.store_failures).encode(e.encode_descriptor(
+            "poolkeeper_store_failures",
+            "Writes or flushes of the state store that failed (a full disk, say): the engine then \
+             changes nothing and refuses new claims until the store writes again.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstGauge::new(i64::from(self.0.controller.store_error.is_none())).encode(
+            e.encode_descriptor(
+                "poolkeeper_store_writable",
+                "1 while the state store writes, 0 while it cannot (see /readyz for why).",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
         ConstCounter::new(m.store_deferred).encode(e.encode_descriptor(
             "poolkeeper_store_deferred_commits",
             "Batches of the state store written without a flush of their own (what a restart \
@@ -198,6 +213,7 @@ mod tests {
                 updated_at: String::new(),
                 state_dir: Default::default(),
                 api: None,
+                store_error: None,
             },
             objects: vec![ObjectView {
                 kind: Kind::Pool,
@@ -258,6 +274,8 @@ mod tests {
             "poolkeeper_store_commit_seconds_sum",
             "poolkeeper_store_commit_seconds_count",
             "poolkeeper_store_deferred_commits_total",
+            "poolkeeper_store_failures_total",
+            "poolkeeper_store_writable",
             "poolkeeper_refusals_total{reason}",
             "poolkeeper_pool_instances{pool}",
             "poolkeeper_pool_warm{pool}",

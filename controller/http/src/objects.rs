@@ -63,6 +63,14 @@ pub(crate) fn shown(o: &ObjectView) -> Value {
 /// Kubernetes API server, say).
 pub(crate) async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     match tokio::time::timeout(Duration::from_secs(2), state.handle.snapshot()).await {
+        Ok(Ok(snap)) if snap.controller.store_error.is_some() => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the state store cannot write: {}",
+                snap.controller.store_error.unwrap_or_default()
+            ),
+        )
+        .into_response(),
         Ok(Ok(_)) => match state.health.problem() {
             None => (StatusCode::OK, "ready\n").into_response(),
             Some(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why).into_response(),

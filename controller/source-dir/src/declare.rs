@@ -200,7 +200,7 @@ impl Declare for DirDeclare {
                 if path.exists() {
                     let _ = self.files.remove(path.clone()).await;
                 }
-                return Err(DeclareError::Failed(format!("writing the claim: {e}")));
+                return Err(declare_failed("writing the claim", &e));
             }
             Ok(Created::New {
                 at: format!("{MANAGED_CLAIMS}/{name}.yaml"),
@@ -254,7 +254,7 @@ impl Declare for DirDeclare {
             self.files
                 .write(file.clone(), new.into_bytes())
                 .await
-                .map_err(|e| DeclareError::Failed(format!("writing {}: {e}", file.display())))?;
+                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
             Ok(Scaled {
                 was,
                 at: self.relative(&file),
@@ -358,7 +358,7 @@ pub fn remove_unfinished_claims(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn changing(file: &Path, e: std::io::Error) -> DeclareError {
-    DeclareError::Failed(format!("changing {}: {e}", file.display()))
+    declare_failed(&format!("changing {}", file.display()), &e)
 }
 
 fn read_declared(file: &Path) -> Result<String, DeclareError> {
@@ -399,6 +399,19 @@ pub fn claim_file_origin(path: &Path) -> Origin {
         file: path.to_path_buf(),
         line: 1,
         col: 1,
+    }
+}
+
+/// A failed write as the API reports it: for want of space (507, retry once there is room),
+/// or otherwise.
+pub(crate) fn declare_failed(what: &str, e: &std::io::Error) -> DeclareError {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    if matches!(e.kind(), StorageFull | QuotaExceeded) {
+        DeclareError::NoSpace(format!(
+            "{what}: {e} (nothing was changed; the same request succeeds once there is room)"
+        ))
+    } else {
+        DeclareError::Failed(format!("{what}: {e}"))
     }
 }
 

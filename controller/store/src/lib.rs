@@ -294,6 +294,23 @@ impl<S: StateMachine> Store<S> {
     pub fn open_with(dir: &Path, opts: Options) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         let lock = lock_dir(dir)?;
+        Self::open_locked(dir, opts, lock)
+    }
+
+    /// Reads the store again from disk, as a restart would, keeping its lock: what a failed
+    /// write left in memory (a poisoned store) is dropped, a torn tail truncated. Once a failed
+    /// write's cause is mended (a full disk has room again), the store is usable again. On
+    /// error the store stays as it was.
+    pub fn reopen(&mut self) -> Result<(), StoreError> {
+        let lock = self
+            ._lock
+            .try_clone()
+            .map_err(io_err("duplicate lock file", &self.dir.join(LOCK_FILE)))?;
+        *self = Self::open_locked(&self.dir, self.opts.clone(), lock)?;
+        Ok(())
+    }
+
+    fn open_locked(dir: &Path, opts: Options, lock: File) -> Result<Self, StoreError> {
         remove_if_exists(&dir.join(SNAPSHOT_TMP_FILE))?;
 
         let snap_path = dir.join(SNAPSHOT_FILE);

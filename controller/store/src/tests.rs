@@ -897,3 +897,30 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_poisoned_store_reopened_has_what_was_acknowledged_and_takes_writes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    s.commit(vec![bind("a", "1")]).unwrap();
+    s.fail_next_write = Some(WriteFault::Half);
+    assert!(s.commit(vec![bind("b", "2")]).is_err());
+    assert!(matches!(
+        s.commit(vec![bind("c", "3")]),
+        Err(StoreError::Poisoned { .. })
+    ));
+
+    s.reopen().unwrap();
+    // The acknowledged commit is there; the failed one (its torn half) is not.
+    let keys = |s: &Store<Bindings>| s.state().owners.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&s), ["a"]);
+    assert!(s.recovery().dropped_tail_bytes > 0);
+    s.commit(vec![bind("c", "3")]).unwrap();
+    // Still the lock's holder: nobody else may open it.
+    assert!(matches!(
+        Store::<Bindings>::open(dir.path()),
+        Err(StoreError::Locked { .. })
+    ));
+    drop(s);
+    assert_eq!(keys(&open(dir.path())), ["a", "c"]);
+}

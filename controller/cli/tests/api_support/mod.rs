@@ -1,6 +1,8 @@
 //! A `poolkeeper run` child process serving the HTTP API, for the API's tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,4 +50,66 @@ pub fn serve(cmd: &mut Command, dir: &Path) -> Served {
         std::thread::sleep(Duration::from_millis(20));
     };
     Served { child, addr }
+}
+
+/// An answer read off the wire: its status, head and body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub text: String,
+}
+
+impl Answer {
+    /// The API's error shape: JSON with an `error` text.
+    pub fn error(&self) -> String {
+        assert!(
+            self.head
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "not JSON: {self:?}"
+        );
+        let v: Value =
+            serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"));
+        v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error text: {self:?}"))
+            .to_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Reads an answer until the server closes the connection.
+pub fn read_answer(s: &mut TcpStream) -> Answer {
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, text) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Answer {
+        status,
+        head: head.to_owned(),
+        text: text.to_owned(),
+    }
+}
+
+/// `METHOD PATH` to `addr` with a bearer `token` and a JSON `body` (empty: none), one
+/// connection per request.
+pub fn request(addr: &str, method: &str, path: &str, token: &str, body: &str) -> Answer {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).unwrap();
+    read_answer(&mut s)
 }
