@@ -16,8 +16,7 @@ mod support;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -392,132 +391,6 @@ fn exec_reset_cleans_in_place_and_a_failing_reset_quarantines() {
         running(None, "e2e-reset").contains(&second),
         "kept for inspection"
     );
-}
-
-// ---- private daemons ---------------------------------------------------------------------
-
-/// A `dockerd` of the test's own: own socket, data root, exec root and bridge, no iptables.
-struct Daemon {
-    dir: PathBuf,
-    bridge: String,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start(tag: &str, subnet: u8) -> Self {
-        let dir = PathBuf::from(format!("/tmp/pk-dockerd-{tag}"));
-        let _ = std::fs::create_dir_all(&dir);
-        std::fs::write(dir.join("daemon.json"), "{}").unwrap();
-        let bridge = format!("pkbr-{tag}");
-        let _ = Command::new("ip")
-            .args(["link", "add", &bridge, "type", "bridge"])
-            .status();
-        let _ = Command::new("ip")
-            .args([
-                "addr",
-                "add",
-                &format!("172.29.{subnet}.1/24"),
-                "dev",
-                &bridge,
-            ])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "set", &bridge, "up"])
-            .status();
-        let mut d = Daemon {
-            dir,
-            bridge,
-            child: None,
-        };
-        d.run();
-        // Give it the test image (no registry).
-        let mut save = Command::new("docker")
-            .args(["save", image()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let status = Command::new("docker")
-            .args(["-H", &d.host(), "load", "-q"])
-            .stdin(save.stdout.take().unwrap())
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(save.wait().unwrap().success(), "docker save");
-        assert!(
-            status.success(),
-            "loading the image into the private daemon"
-        );
-        d
-    }
-
-    fn host(&self) -> String {
-        format!("unix://{}/docker.sock", self.dir.display())
-    }
-
-    fn run(&mut self) {
-        let log = std::fs::File::create(self.dir.join("dockerd.log")).unwrap();
-        let child = Command::new("dockerd")
-            .arg("--config-file")
-            .arg(self.dir.join("daemon.json"))
-            .args(["--host", &self.host()])
-            .arg("--data-root")
-            .arg(self.dir.join("data"))
-            .arg("--exec-root")
-            .arg(self.dir.join("exec"))
-            .arg("--pidfile")
-            .arg(self.dir.join("docker.pid"))
-            .args([
-                "--bridge",
-                &self.bridge,
-                "--iptables=false",
-                "--ip-masq=false",
-            ])
-            .args(["--storage-driver", "vfs"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd");
-        self.child = Some(child);
-        let start = Instant::now();
-        while docker(
-            Some(&self.host()),
-            &["info", "--format", "{{.ServerVersion}}"],
-        )
-        .is_empty()
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "private dockerd did not start: {}",
-                std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Stops the daemon as a service manager does (its containers stop with it).
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            for name in docker(Some(&self.host()), &["ps", "-aq"]).lines() {
-                docker(Some(&self.host()), &["rm", "-f", name]);
-            }
-        }
-        self.stop();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[test]
