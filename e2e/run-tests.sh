@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every test of the workspace
 # (unit, simulation and property tests, loader, directory watcher, CLI, CRD drift and validity,
-# and end to end against the Docker Engine here), then the VM's playbook and unit (e2e/vm).
+# and end to end against the Docker Engine here, chaos and a full disk included), then the VM's
+# playbook and unit (e2e/vm), then each fuzz target for 60 s (e2e/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,9 +40,15 @@ status=${PIPESTATUS[0]}
 # Debian containers with systemd as PID 1, with the binary cargo test built (about 2.5 minutes).
 python3 e2e/vm/test-vm.py --binary target/debug/poolkeeper 2>&1 | tee -a "$log"
 vm_status=${PIPESTATUS[0]}
+# Coverage-guided fuzzing (docs/fuzzing.md): each target 60 s from its seeds; any crash fails.
+e2e/fuzz.sh 60 2>&1 | tee -a "$log"
+fuzz_status=${PIPESTATUS[0]}
 set -e
 [ "$status" -ne 0 ] || status=$vm_status
-# One closing line for the whole run (cargo prints one per test binary, the VM test its own).
+[ "$status" -ne 0 ] || status=$fuzz_status
+# One closing line for the whole run (cargo prints one per test binary, the VM test its own,
+# the fuzzing one per target: a target that ran clean is one test passed).
 awk '/^(test result|vm):/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     /^fuzz: .* ok / { p += 1 } /^fuzz: .* FAILED/ { f += 1 }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
 exit "$status"
