@@ -629,6 +629,19 @@ pub struct BenchArgs {
     /// The command of `--reset exec` (words; the default suits the project's workload image).
     #[arg(long, num_args = 1.., default_values_t = ["/pk-workload".to_owned(), "clean".to_owned(), "/srv".to_owned()])]
     pub reset_command: Vec<String>,
+    /// `--scenario autoscale`: how long a new instance takes to be ready (the memory
+    /// runtime's readiness delay; measure it on Docker with `bench --runtime docker`).
+    #[arg(long, default_value = "3s", value_parser = duration_arg)]
+    pub fill_time: std::time::Duration,
+    /// `--scenario autoscale`: the seed its traces are generated from.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// `--scenario autoscale`: also replay this trace (`ARRIVAL_SECONDS HOLD_SECONDS` per line).
+    #[arg(long)]
+    pub trace_file: Option<std::path::PathBuf>,
+    /// `--scenario autoscale`: the demand policy's target hit rate.
+    #[arg(long, default_value_t = 0.99)]
+    pub hit_rate: f64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -643,4 +656,6 @@ pub enum Scenario {
     All,
     Claim,
     Resync,
+    /// Warm-pool policies against arrival traces, in virtual time (not part of `all`).
+    Autoscale,
 }

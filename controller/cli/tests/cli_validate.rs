@@ -213,7 +213,7 @@ fn an_invalid_folder_exits_1_with_one_exact_line_per_problem_on_stdout() {
         vec![
             format!(
                 "{a}:19:3: Pool/api: spec.tll: unknown field `tll`, expected one of template, \
-                 warm, max, hostPorts, reset, resetCommand, claimTTL, pullPolicy"
+                 warm, max, hostPorts, reset, resetCommand, claimTTL, pullPolicy, autoscale"
             ),
             format!(
                 "{b}:17:3: Claim/c2: spec.ttl: invalid duration \"10\": missing unit after 10 \
@@ -383,4 +383,94 @@ fn validate_without_a_path_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
     assert!(stderr(&out).contains("PATHS"), "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn invalid_autoscale_policies_are_refused_with_file_line_column_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "scaled.yaml",
+        &text(&[
+            API,
+            "kind: Pool",
+            "metadata:",
+            "  name: scaled",
+            "spec:",
+            "  template: {image: nginx}",
+            "  max: 20",
+            "  autoscale:",
+            "    buffer: 30",
+            "    schedules:",
+            "    - cron: \"0 0 31 2 *\"",
+            "      duration: 2h",
+            "      warm: 5",
+            "    - cron: \"50 8 * * 1-5\"",
+            "      timeZone: Mars/Olympus",
+            "      duration: 2h",
+            "      warm: 5",
+            "    demand: {hitRate: 1.0}",
+        ]),
+    );
+    let out = validate(&[&f]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines = stdout_lines(&out);
+    let want = [
+        (
+            "scaled.yaml:9:5: Pool/scaled: spec.autoscale.buffer:",
+            "buffer (30) is greater than max (20)",
+        ),
+        (
+            "scaled.yaml:11:7: Pool/scaled: spec.autoscale.schedules[0].cron:",
+            "never fires",
+        ),
+        (
+            "scaled.yaml:15:7: Pool/scaled: spec.autoscale.schedules[1].timeZone:",
+            "unknown time zone \"Mars/Olympus\"",
+        ),
+        (
+            "scaled.yaml:18:14: Pool/scaled: spec.autoscale.demand.hitRate:",
+            "not a share between 0 and 1",
+        ),
+    ];
+    for (at, says) in want {
+        assert!(
+            lines.iter().any(|l| l.contains(at) && l.contains(says)),
+            "no {at:?} ... {says:?} in:\n{}",
+            lines.join("\n")
+        );
+    }
+    assert_eq!(lines.len(), want.len(), "{}", lines.join("\n"));
+
+    // A valid policy passes.
+    let ok = write(
+        dir.path(),
+        "ok/scaled.yaml",
+        &text(&[
+            API,
+            "kind: Pool",
+            "metadata:",
+            "  name: scaled",
+            "spec:",
+            "  template: {image: nginx}",
+            "  warm: 1",
+            "  max: 60",
+            "  autoscale:",
+            "    buffer: \"20%\"",
+            "    min: 2",
+            "    max: 50",
+            "    schedules:",
+            "    - {cron: \"50 8 * * 1-5\", timeZone: Europe/Paris, duration: 2h, warm: 40}",
+            "    demand: {hitRate: 0.99, window: 10m}",
+            "    scaleDownCooldown: 2m",
+            "    scaleDownStep: 2",
+        ]),
+    );
+    let out = validate(&[&ok]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

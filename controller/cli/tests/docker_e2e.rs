@@ -852,3 +852,54 @@ fn docker_time_secs(t: &str) -> f64 {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
+
+#[test]
+fn a_buffer_policy_keeps_a_share_above_the_bound_and_scales_down_after_its_cooldown() {
+    let _serial = serial();
+    let policy =
+        "  autoscale: {buffer: \"100%\", min: 1, scaleDownCooldown: 5s, scaleDownStep: 1}\n";
+    let c = Controller::new(
+        "e2e-autoscale",
+        &[
+            ("pool.yaml", pool_yaml("elastic", 0, 21300, 21319, policy)),
+            ("user.yaml", USER.to_owned()),
+        ],
+        &[],
+    );
+    let desired = |s: &Value| object(s, "Pool", "elastic")["status"]["desiredWarm"].as_u64();
+    let s = c.wait("min 1 warm", T, |s| pool_warm(s, "elastic") == 1);
+    assert_eq!(desired(&s), Some(1));
+    assert_eq!(
+        object(&s, "Pool", "elastic")["status"]["scaling"]["policy"],
+        "min"
+    );
+    // Two bound: a buffer of 100% keeps two more ready.
+    c.write("a.yaml", &claim_yaml("a", "elastic", "a"));
+    c.write("b.yaml", &claim_yaml("b", "elastic", "b"));
+    let s = c.wait("two bound, two warm", T, |s| {
+        claim_phase(s, "a") == "Bound"
+            && claim_phase(s, "b") == "Bound"
+            && pool_warm(s, "elastic") == 2
+    });
+    assert_eq!(desired(&s), Some(2));
+    assert_eq!(
+        object(&s, "Pool", "elastic")["status"]["scaling"]["policy"],
+        "buffer"
+    );
+    assert_eq!(running(None, "e2e-autoscale").len(), 4);
+    // Released: back to one warm (a step a cooldown, as the simulation tests check).
+    c.remove("a.yaml");
+    c.remove("b.yaml");
+    c.wait("back to one warm", Duration::from_secs(60), |s| {
+        pool_warm(s, "elastic") == 1 && object(s, "Pool", "elastic")["status"]["instances"] == 1
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(None, "e2e-autoscale").len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            running(None, "e2e-autoscale")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -75,6 +75,9 @@ pub struct PoolTarget {
     pub deleting: bool,
     /// Claims waiting for an instance of this pool.
     pub queued: u32,
+    /// Surplus is taken from ready instances only, never from starting ones (an autoscaled
+    /// pool scaling down: what it started it finishes).
+    pub keep_starting: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -126,8 +129,12 @@ pub fn plan_pool(target: PoolTarget, c: PoolCounts) -> PoolPlan {
     let over_max = (spare + c.occupied).saturating_sub(target.max);
     if spare > want_spare || over_max > 0 {
         let surplus = (spare.saturating_sub(want_spare)).max(over_max.min(spare));
-        plan.surplus_starting = surplus.min(c.starting);
-        plan.surplus_warm = surplus - plan.surplus_starting;
+        plan.surplus_starting = if target.keep_starting {
+            0
+        } else {
+            surplus.min(c.starting)
+        };
+        plan.surplus_warm = (surplus - plan.surplus_starting).min(c.warm);
         return plan;
     }
     let room = target.max.saturating_sub(c.live());
@@ -145,6 +152,7 @@ mod tests {
             max,
             deleting: false,
             queued: 0,
+            keep_starting: false,
         }
     }
 

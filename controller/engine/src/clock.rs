@@ -40,3 +40,27 @@ impl Clock for ManualClock {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// Tokio's clock from `base_ms` on: under a paused Tokio runtime (`start_paused`) time moves
+/// only when every task waits, so a simulation of hours runs in seconds (the autoscale
+/// benchmark), the engine and the memory runtime agreeing on what time it is.
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    base_ms: u64,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn new(base_ms: u64) -> Self {
+        TokioClock {
+            base_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        self.base_ms + self.start.elapsed().as_millis() as u64
+    }
+}

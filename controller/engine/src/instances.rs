@@ -159,8 +159,12 @@ impl<R: Runtime> Engine<R> {
         if rec.phase != InstancePhase::Deleting {
             rec.phase = phase;
         }
+        let mut filled = None;
         if phase == InstancePhase::Ready && was != InstancePhase::Ready {
             rec.ready_since = now;
+            if let Some(asked) = rec.created_ms.take() {
+                filled = rec.pool.clone().map(|p| (p, now.saturating_sub(asked)));
+            }
         }
         rec.exit_code = code;
         if rec.node != i.node {
@@ -192,6 +196,11 @@ impl<R: Runtime> Engine<R> {
             if let Some(rec) = self.instances.get_mut(&name) {
                 rec.ports = ports;
             }
+        }
+        if let Some((pool, took)) = filled
+            && let Some(p) = self.pools.get_mut(&pool)
+        {
+            p.scale.filled(took);
         }
         // Adopt: bindings and quarantines come from the store. A binding is adopted only while
         // the claim agrees (or is not known yet, before the first pass): the store lags memory

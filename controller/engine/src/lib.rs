@@ -18,6 +18,7 @@
 //! `report` and [`status`] (status), `tokens`, [`durable`] (the ops kept in the store),
 //! [`EngineHandle`] (the engine's API), [`source`] (what a source plugs into).
 
+mod autoscale;
 mod claims;
 mod clock;
 mod deployments;
@@ -36,7 +37,7 @@ pub mod status;
 mod storedown;
 mod tokens;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use handle::{
     ClaimBrief, ClaimChange, Creation, EngineHandle, PutFilesError, TokenOwner, Tokens,
 };
@@ -125,6 +126,8 @@ struct PoolEntry {
     ports_exhausted: bool,
     /// The labels of instances of the current template (shared by all of them).
     labels: Option<poolkeeper_runtime::Labels>,
+    /// What `autoscale` observed and decided (see `autoscale`).
+    scale: autoscale::ScaleState,
 }
 
 struct ClaimEntry {
@@ -221,6 +224,8 @@ struct InstRec {
     /// The list epoch when it was last reported: a list begun before that cannot tell that it
     /// is gone (see `Engine::list_epoch`).
     seen_epoch: u32,
+    /// When this engine asked for it, until it is first ready (its pool's fill time).
+    created_ms: Option<u64>,
 }
 
 impl PoolEntry {
@@ -239,6 +244,7 @@ impl PoolEntry {
             create_error: None,
             ports_exhausted: false,
             labels: None,
+            scale: Default::default(),
         }
     }
 }
@@ -272,6 +278,7 @@ impl InstRec {
             create_in_flight: false,
             revision: 0,
             seen_epoch: 0,
+            created_ms: None,
         }
     }
 }
@@ -415,6 +422,8 @@ pub struct Engine<R: Runtime> {
     declared: BTreeMap<poolkeeper_kinds::ObjKey, poolkeeper_kinds::Object>,
     /// The state store failed to write, and since when (None: it writes).
     store_down: Option<storedown::StoreDown>,
+    /// When autoscaled pools are next decided again (see `autoscale`).
+    autoscale_next_ms: u64,
     /// The users' token digests, as the API reads them (see [`Tokens`]).
     tokens: Tokens,
     /// A user or its token changed since `tokens` was last published: it is, once per batch
@@ -486,6 +495,7 @@ impl<R: Runtime> Engine<R> {
             metrics: Default::default(),
             declared: BTreeMap::new(),
             store_down: None,
+            autoscale_next_ms: 0,
         }
     }
 }

@@ -44,6 +44,7 @@ impl<R: Runtime> Engine<R> {
         }
         observe(&mut self.metrics.user, n, began);
         self.reindex_touched();
+        self.autoscale_tick(now);
         let began = std::time::Instant::now();
         let pools = std::mem::take(&mut self.dirty_pools);
         let n = pools.len() as u64;

@@ -189,7 +189,13 @@ impl<R: Runtime> Engine<R> {
             c.instance = Some(inst.clone());
             c.files_pending = !c.files.is_empty() || ssh_pool;
             if let Some(p) = self.pools.get_mut(name) {
-                if hit { p.hits += 1 } else { p.misses += 1 }
+                if hit {
+                    p.hits += 1;
+                    // An arrival (a miss was counted when it first waited).
+                    p.scale.arrival(now);
+                } else {
+                    p.misses += 1;
+                }
             }
             self.ops.push(Op::Bind {
                 claim: claim.clone(),
@@ -213,6 +219,11 @@ impl<R: Runtime> Engine<R> {
         }
         for (pos, claim) in still_waiting.iter().enumerate() {
             if let Some(c) = self.claims.get_mut(claim) {
+                if !c.waited
+                    && let Some(p) = self.pools.get_mut(name)
+                {
+                    p.scale.arrival(now);
+                }
                 c.waited = true;
                 let p = Some(pos as u32 + 1);
                 if c.queue_position != p {
@@ -223,23 +234,26 @@ impl<R: Runtime> Engine<R> {
         }
         self.reindex_touched();
         // 2. Create and remove instances.
+        let (counts, mut remove) = match self.pool_index.get(name) {
+            Some(idx) => (idx.counts(), Vec::new()),
+            None => (Default::default(), Vec::new()),
+        };
         let target = match &spec {
             Some(s) => PoolTarget {
-                warm: s.warm,
+                warm: self.warm_target(name, s, counts, now),
                 max: pool_max(s),
                 deleting: false,
                 queued: still_waiting.len() as u32,
+                // An autoscaled pool scales down by its ready instances only.
+                keep_starting: s.autoscale.is_some(),
             },
             None => PoolTarget {
                 warm: 0,
                 max: 0,
                 deleting: true,
                 queued: 0,
+                keep_starting: false,
             },
-        };
-        let (counts, mut remove) = match self.pool_index.get(name) {
-            Some(idx) => (idx.counts(), Vec::new()),
-            None => (Default::default(), Vec::new()),
         };
         let plan = plan_pool(target, counts);
         if plan.surplus_starting + plan.surplus_warm > 0 {
@@ -315,6 +329,14 @@ impl<R: Runtime> Engine<R> {
             p.ports_exhausted = exhausted;
         }
         self.reindex_touched();
+        let warm_now = self
+            .pool_index
+            .get(name)
+            .map(|i| i.counts().warm)
+            .unwrap_or(0);
+        if let Some(p) = self.pools.get_mut(name) {
+            p.scale.idle(now, warm_now);
+        }
         self.update_pool_conditions(name, now);
         // 3. A drained pool with nothing left is gone.
         let empty = self
@@ -346,11 +368,12 @@ impl<R: Runtime> Engine<R> {
         };
         let c = &mut p.conditions;
         match &p.spec {
-            Some(spec) => {
-                let ok = counts.warm >= spec.warm;
+            Some(_) => {
+                let want = p.scale.desired;
+                let ok = counts.warm >= want;
                 let msg = format!(
-                    "{}/{} warm, {} starting, {} in use",
-                    counts.warm, spec.warm, counts.starting, counts.occupied
+                    "{}/{want} warm, {} starting, {} in use",
+                    counts.warm, counts.starting, counts.occupied
                 );
                 let reason = if ok { "Warm" } else { "Filling" };
                 status::set_condition(c, "Ready", ok, reason, msg, now);
@@ -571,6 +594,7 @@ impl<R: Runtime> Engine<R> {
         );
         rec.ports = ports.iter().map(|p| p.host_port).collect();
         rec.create_in_flight = true;
+        rec.created_ms = Some(now);
         self.instances.insert(name.clone(), Box::new(rec));
         self.touched.insert(name.clone());
         self.spawn_create(name, ispec);

@@ -182,6 +182,18 @@ impl<R: Runtime> Engine<R> {
             .count() as u32;
         s.hits = p.hits;
         s.misses = p.misses;
+        s.desired_warm = p.scale.desired;
+        s.idle_instance_seconds = p.scale.idle_ms / 1000;
+        s.scaling = p
+            .scale
+            .decision
+            .as_ref()
+            .map(|d| poolkeeper_kinds::Scaling {
+                policy: d.policy.label().to_owned(),
+                reason: d.reason.clone(),
+                arrival_rate: (p.scale.arrival_rate * 1000.0).round() / 1000.0,
+                fill_time_seconds: (p.scale.fill_time_s() * 100.0).round() / 100.0,
+            });
         // Conditions are kept by the passes (so transition times hold); a Quarantined
         // condition outlives its last quarantined instance only until the next pass.
         let mut conds = p.conditions.clone();

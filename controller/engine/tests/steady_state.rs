@@ -49,6 +49,7 @@ async fn claims_released_as_soon_as_bound_never_lose_their_instance() {
         reset_command: Vec::new(),
         claim_ttl: None,
         pull_policy: Default::default(),
+        autoscale: None,
     };
     h.apply(obj("p", Spec::Pool(pool))).unwrap();
     h.send(SourceEvent::Synced).unwrap();

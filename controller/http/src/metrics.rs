@@ -141,23 +141,57 @@ impl Collector for FromSnapshot {
             .filter(|o| o.kind == Kind::Pool)
             .collect();
         let per_pool = [
-            ("instances", MetricType::Gauge, "Instances of the pool."),
-            ("warm", MetricType::Gauge, "Ready, unbound instances."),
-            ("bound", MetricType::Gauge, "Instances bound to claims."),
             (
+                "instances",
+                "instances",
+                MetricType::Gauge,
+                "Instances of the pool.",
+            ),
+            (
+                "warm",
+                "warm",
+                MetricType::Gauge,
+                "Ready, unbound instances.",
+            ),
+            (
+                "bound",
+                "bound",
+                MetricType::Gauge,
+                "Instances bound to claims.",
+            ),
+            (
+                "queued",
                 "queued",
                 MetricType::Gauge,
                 "Claims waiting for an instance.",
             ),
             (
                 "hits",
+                "hits",
                 MetricType::Counter,
                 "Claims bound at once from a warm instance.",
             ),
-            ("misses", MetricType::Counter, "Claims that had to wait."),
+            (
+                "misses",
+                "misses",
+                MetricType::Counter,
+                "Claims that had to wait.",
+            ),
+            (
+                "desired_warm",
+                "desiredWarm",
+                MetricType::Gauge,
+                "Warm instances the pool keeps now: warm, or what autoscale decided.",
+            ),
+            (
+                "idle_instance_seconds",
+                "idleInstanceSeconds",
+                MetricType::Counter,
+                "Time ready instances waited unbound, summed (instance-seconds): the warm pool's cost.",
+            ),
         ];
-        for (field, kind, help) in per_pool {
-            let name = format!("poolkeeper_pool_{field}");
+        for (metric, field, kind, help) in per_pool {
+            let name = format!("poolkeeper_pool_{metric}");
             let mut family = e.encode_descriptor(&name, help, None, kind)?;
             for p in &pools {
                 let v = p.status.get(field).and_then(Value::as_u64).unwrap_or(0);
@@ -169,6 +203,22 @@ impl Collector for FromSnapshot {
                     _ => ConstGauge::new(v as i64).encode(family.encode_family(&labels)?)?,
                 }
             }
+        }
+        let mut family = e.encode_descriptor(
+            "poolkeeper_pool_hit_ratio",
+            "Share of the pool's claims bound at once from a warm instance (hits over hits and misses; 1 before any claim).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &pools {
+            let n = |f: &str| p.status.get(f).and_then(Value::as_u64).unwrap_or(0) as f64;
+            let (hits, misses) = (n("hits"), n("misses"));
+            let ratio = if hits + misses > 0.0 {
+                hits / (hits + misses)
+            } else {
+                1.0
+            };
+            ConstGauge::new(ratio).encode(family.encode_family(&[("pool", p.name.as_str())])?)?;
         }
         Ok(())
     }
@@ -283,6 +333,9 @@ mod tests {
             "poolkeeper_pool_queued{pool}",
             "poolkeeper_pool_hits_total{pool}",
             "poolkeeper_pool_misses_total{pool}",
+            "poolkeeper_pool_desired_warm{pool}",
+            "poolkeeper_pool_idle_instance_seconds_total{pool}",
+            "poolkeeper_pool_hit_ratio{pool}",
         ]
         .into_iter()
         .map(str::to_owned)

@@ -8,6 +8,7 @@
 //! (kube strips the resulting `additionalProperties: false` from the CRD schema, where the API
 //! server's pruning does that job).
 
+pub mod autoscale;
 mod claim;
 mod condition;
 pub mod crd;

@@ -22,6 +22,8 @@ use crate::Condition;
     doc = "A warm pool of ready instances of one template, kept at the declared size.",
     namespaced,
     status = "PoolStatus",
+    // `kubectl scale pool/NAME --replicas=N` sets `warm`: with `autoscale`, the floor.
+    scale(spec_replicas_path = ".spec.warm", status_replicas_path = ".status.warm"),
     shortname = "pl",
     category = "poolkeeper",
     printcolumn(name = "Warm", type_ = "integer", json_path = ".status.warm"),
@@ -76,6 +78,10 @@ pub struct PoolSpec {
     /// When the runtime may pull the template's image.
     #[serde(default)]
     pub pull_policy: PullPolicy,
+    /// Let the pool size its warm instances itself: a buffer above the bound ones, schedules,
+    /// demand (docs/autoscale.md). Without it, `warm` alone decides, as always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::autoscale::Autoscale>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -307,6 +313,28 @@ pub struct PoolStatus {
     pub hits: u64,
     /// Claims that had to wait.
     pub misses: u64,
+    /// Warm instances the pool keeps now: `warm`, or what `autoscale` decided.
+    pub desired_warm: u32,
+    /// With `autoscale`: which policy decided `desiredWarm`, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
+    /// Ready instances that waited unbound, summed over time (instance-seconds): what the
+    /// warm pool has cost.
+    pub idle_instance_seconds: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// What `autoscale` decided and what it decided from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Scaling {
+    /// The policy that asked for the most: `warm`, `min`, `buffer`, `schedule`, `demand`.
+    pub policy: String,
+    /// Why, in words (`demand: 0.42 claims/s x 3.1 s fill time -> 5 warm for 99% hits`).
+    pub reason: String,
+    /// Claims arriving per second, over `demand.window`.
+    pub arrival_rate: f64,
+    /// How long the pool takes to make a new instance ready, as measured (seconds).
+    pub fill_time_seconds: f64,
 }

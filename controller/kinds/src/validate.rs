@@ -47,6 +47,9 @@ fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {
             format!("warm ({}) is greater than max ({max})", p.warm),
         ));
     }
+    if let Some(a) = &p.autoscale {
+        check_autoscale(a, max, errs);
+    }
     let t = &p.template;
     if t.image.trim().is_empty() {
         errs.push(FieldError::new(
@@ -586,6 +589,99 @@ pub fn find_cycle(containers: &[ContainerSpec]) -> Option<Vec<String>> {
         }
     }
     None
+}
+
+/// `spec.autoscale`: every policy one that could be met, every schedule one that fires.
+fn check_autoscale(a: &crate::autoscale::Autoscale, pool_max: u32, errs: &mut Vec<FieldError>) {
+    use crate::autoscale::{Buffer, Cron, parse_percent, time_zone};
+    let at = |f: &str| format!("spec.autoscale.{f}");
+    let max = a.max.unwrap_or(pool_max);
+    if let Some(m) = a.max
+        && m > pool_max
+    {
+        errs.push(FieldError::new(
+            at("max"),
+            format!("max ({m}) is greater than the pool's max ({pool_max})"),
+        ));
+    }
+    if a.min > max {
+        errs.push(FieldError::new(
+            at("min"),
+            format!("min ({}) is greater than max ({max})", a.min),
+        ));
+    }
+    match &a.buffer {
+        Some(Buffer::Count(n)) if *n > max => errs.push(FieldError::new(
+            at("buffer"),
+            format!("buffer ({n}) is greater than max ({max}): it could never be kept"),
+        )),
+        Some(Buffer::Percent(p)) => {
+            if let Err(e) = parse_percent(p) {
+                errs.push(FieldError::new(at("buffer"), e));
+            }
+        }
+        _ => {}
+    }
+    for (i, s) in a.schedules.iter().enumerate() {
+        let f = |x: &str| at(&format!("schedules[{i}].{x}"));
+        match Cron::parse(&s.cron) {
+            Err(e) => errs.push(FieldError::new(f("cron"), e)),
+            Ok(c) if !c.ever_fires() => errs.push(FieldError::new(
+                f("cron"),
+                format!("{:?} never fires (no such day)", s.cron),
+            )),
+            Ok(_) => {}
+        }
+        if let Err(e) = time_zone(s.time_zone.as_deref()) {
+            errs.push(FieldError::new(f("timeZone"), e));
+        }
+        match crate::units::parse_duration(&s.duration) {
+            Err(e) => errs.push(FieldError::new(f("duration"), e)),
+            Ok(d) if d.as_secs() < 60 => errs.push(FieldError::new(
+                f("duration"),
+                format!("{:?}: a window lasts at least a minute", s.duration),
+            )),
+            Ok(_) => {}
+        }
+        if s.warm > max {
+            errs.push(FieldError::new(
+                f("warm"),
+                format!("warm ({}) is greater than max ({max})", s.warm),
+            ));
+        }
+    }
+    if let Some(d) = &a.demand {
+        if !(d.hit_rate > 0.0 && d.hit_rate < 1.0) {
+            errs.push(FieldError::new(
+                at("demand.hitRate"),
+                format!(
+                    "{} is not a share between 0 and 1 (1 itself no pool can promise), e.g. 0.99",
+                    d.hit_rate
+                ),
+            ));
+        }
+        if let Some(w) = &d.window {
+            match crate::units::parse_duration(w) {
+                Err(e) => errs.push(FieldError::new(at("demand.window"), e)),
+                Ok(x) if x.as_secs() < 10 => errs.push(FieldError::new(
+                    at("demand.window"),
+                    format!("{w:?}: at least 10s"),
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
+    if let Some(c) = &a.scale_down_cooldown
+        && let Err(e) = crate::units::parse_duration(c)
+    {
+        errs.push(FieldError::new(at("scaleDownCooldown"), e));
+    }
+    if a.scale_down_step == Some(0) {
+        errs.push(FieldError::new(
+            at("scaleDownStep"),
+            "0 would never scale down: at least 1",
+        ));
+    }
 }
 
 #[cfg(test)]

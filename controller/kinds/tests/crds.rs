@@ -53,6 +53,10 @@ fn crds_declare_status_subresource_short_names_and_printer_columns() {
         );
         assert_eq!(d["spec"]["names"]["categories"][0], "poolkeeper");
     }
+    // `kubectl scale pool/NAME --replicas=N` sets the Pool's warm floor.
+    let scale = &docs[0]["spec"]["versions"][0]["subresources"]["scale"];
+    assert_eq!(scale["specReplicasPath"], ".spec.warm", "{scale}");
+    assert_eq!(scale["statusReplicasPath"], ".status.warm", "{scale}");
 }
 
 /// `kubernetes-validate` (PyPI) checks the CRDs against the oldest Kubernetes we support

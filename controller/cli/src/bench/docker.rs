@@ -383,7 +383,7 @@ async fn measure(
 /// The benchmark's pool: `n` warm, at most `n` live (so nothing is created while claims bind;
 /// instances being removed do not count), HTTP readiness on the image's port, files under
 /// `/srv`, `2n` host ports of its own.
-fn pool_spec(args: &BenchArgs, n: u32) -> anyhow::Result<Spec> {
+pub(super) fn pool_spec(args: &BenchArgs, n: u32) -> anyhow::Result<Spec> {
     let yaml = format!(
         "template:
   image: {image:?}

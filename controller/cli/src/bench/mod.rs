@@ -12,6 +12,7 @@
 //! `--runtime docker` runs the figures of [`docker`] instead.
 
 pub mod api;
+pub mod autoscale;
 pub mod docker;
 mod figure;
 pub mod kube;
@@ -45,7 +46,11 @@ fn obj(name: String, spec: Spec) -> Object {
 }
 
 fn pool(warm: u32, max: u32) -> Spec {
-    Spec::Pool(PoolSpec {
+    Spec::Pool(pool_spec(warm, max))
+}
+
+fn pool_spec(warm: u32, max: u32) -> PoolSpec {
+    PoolSpec {
         template: InstanceTemplate {
             image: "bench".into(),
             ..InstanceTemplate::default()
@@ -57,7 +62,8 @@ fn pool(warm: u32, max: u32) -> Spec {
         reset_command: Vec::new(),
         claim_ttl: None,
         pull_policy: Default::default(),
-    })
+        autoscale: None,
+    }
 }
 
 fn user() -> Spec {
@@ -137,6 +143,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.api {
         return api::run(&args).await;
     }
+    if args.scenario == Scenario::Autoscale {
+        // Runtimes of its own (paused for the simulation), on a thread of its own.
+        return std::thread::spawn(move || autoscale::run(&args))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the autoscale benchmark panicked"))?;
+    }
     if args.runtime == RuntimeKind::Docker {
         return docker::run(&args).await;
     }
@@ -145,6 +157,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.claims.unwrap_or(10_000),
     );
     match args.scenario {
+        Scenario::Autoscale => Ok(()),
         Scenario::Claim => claim_bench(&args).await,
         Scenario::Resync => resync_bench(&args).await,
         Scenario::All => {

@@ -570,6 +570,7 @@ pub fn pool(image: &str, warm: u32, max: Option<u32>) -> PoolSpec {
         reset_command: Vec::new(),
         claim_ttl: None,
         pull_policy: PullPolicy::IfNotPresent,
+        autoscale: None,
     }
 }
 

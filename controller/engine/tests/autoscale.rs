@@ -1,0 +1,166 @@
+#![allow(clippy::unwrap_used)]
+//! Pools that size themselves, through the engine on the memory runtime with a manual clock:
+//! a schedule window grows the pool before it opens and lets it shrink after; a burst drains
+//! the pool and demand refills it; a scale-down waits out its cooldown and steps.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use poolkeeper_kinds::autoscale::{Autoscale, Buffer, Demand, Schedule};
+use poolkeeper_kinds::{PoolSpec, Spec};
+
+fn scaled(a: Autoscale) -> Spec {
+    let mut p: PoolSpec = pool("img", 0, Some(100));
+    p.autoscale = Some(a);
+    Spec::Pool(p)
+}
+
+fn status(snap: &poolkeeper_engine::status::Snapshot) -> poolkeeper_kinds::PoolStatus {
+    pool_status(snap, "p").unwrap()
+}
+
+#[tokio::test]
+async fn a_schedule_window_grows_the_pool_before_it_opens_and_it_shrinks_after() {
+    let mut sim = Sim::new();
+    // T0 is 2023-11-14T22:13:20Z: the window opens at 22:16 UTC, for 10 minutes.
+    sim.apply(
+        "p",
+        scaled(Autoscale {
+            schedules: vec![Schedule {
+                cron: "16 22 * * *".into(),
+                time_zone: None,
+                duration: "10m".into(),
+                warm: 5,
+            }],
+            scale_down_cooldown: Some("1m".into()),
+            scale_down_step: Some(5),
+            ..Autoscale::default()
+        }),
+    );
+    sim.advance(Duration::from_secs(60));
+    let snap = sim.snapshot().await;
+    assert_eq!(status(&snap).desired_warm, 0);
+    assert_eq!(status(&snap).warm, 0);
+    // 22:15:57: within one fill time (3 s until one is measured) of the window: filling.
+    sim.advance(Duration::from_secs(97));
+    let snap = sim.wait_warm("p", 5).await;
+    assert_eq!(status(&snap).desired_warm, 5);
+    // Open: the window decides (before, the pool filled ahead of it).
+    sim.advance(Duration::from_secs(3));
+    let snap = sim
+        .wait_until("the open window decides", |s, _| {
+            pool_status(s, "p")
+                .and_then(|p| p.scaling)
+                .is_some_and(|x| x.policy == "schedule")
+        })
+        .await;
+    let s = status(&snap);
+    assert_eq!((s.desired_warm, s.warm), (5, 5));
+    let scaling = s.scaling.unwrap();
+    assert_eq!(scaling.policy, "schedule");
+    assert!(scaling.reason.contains("window"), "{}", scaling.reason);
+    // Open for its 10 minutes, then back to nothing once the cooldown has passed.
+    sim.advance(Duration::from_secs(9 * 60 - 3));
+    assert_eq!(status(&sim.snapshot().await).desired_warm, 5);
+    sim.advance(Duration::from_secs(2 * 60));
+    sim.wait_advancing(
+        "the pool shrinks after its window",
+        Duration::from_secs(10),
+        |s, _| pool_status(s, "p").is_some_and(|p| p.warm == 0 && p.instances == 0),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_burst_drains_the_pool_and_demand_refills_it() {
+    // Creations take a while in real time, during which the manual clock moves 3 s: the pool
+    // measures a fill time of about 3 s.
+    let mut sim = Sim::with_config(poolkeeper_runtime::memory::MemoryConfig {
+        create_latency: Duration::from_millis(300),
+        ..Default::default()
+    });
+    sim.apply("u", Spec::User(user(1000)));
+    sim.apply(
+        "p",
+        scaled(Autoscale {
+            min: 1,
+            demand: Some(Demand {
+                hit_rate: 0.99,
+                window: Some("10m".into()),
+            }),
+            ..Autoscale::default()
+        }),
+    );
+    sim.wait_until("a creation asked for", |s, _| {
+        pool_status(s, "p").is_some_and(|p| p.instances == 1)
+    })
+    .await;
+    sim.advance(Duration::from_secs(3));
+    sim.wait_warm("p", 1).await;
+    sim.advance(Duration::from_secs(1));
+    // (3 s is also the value assumed before a fill is measured.)
+    let fill = status(&sim.snapshot().await)
+        .scaling
+        .unwrap()
+        .fill_time_seconds;
+    assert!((2.9..3.1).contains(&fill), "fill time {fill}");
+    for i in 0..30 {
+        sim.apply(&format!("c{i}"), Spec::Claim(claim("p", "u")));
+    }
+    let snap = sim
+        .wait_advancing(
+            "every claim of the burst bound",
+            Duration::from_millis(200),
+            |s, _| {
+                (0..30).all(|i| {
+                    claim_status(s, &format!("c{i}"))
+                        .is_some_and(|c| c.phase == poolkeeper_kinds::ClaimPhase::Bound)
+                })
+            },
+        )
+        .await;
+    let s = status(&snap);
+    assert_eq!(s.hits + s.misses, 30);
+    assert!(s.misses >= 29, "one warm instance, thirty claims: {s:?}");
+    // Thirty arrivals within the window: demand now keeps more than its floor, and says why.
+    let snap = sim
+        .wait_advancing(
+            "demand refills the pool",
+            Duration::from_millis(200),
+            |s, _| {
+                pool_status(s, "p").is_some_and(|p| p.desired_warm > 5 && p.warm == p.desired_warm)
+            },
+        )
+        .await;
+    let scaling = status(&snap).scaling.unwrap();
+    assert_eq!(scaling.policy, "demand");
+    assert!(scaling.arrival_rate > 0.3, "{scaling:?}");
+    assert!(scaling.reason.contains("fill time"), "{}", scaling.reason);
+}
+
+#[tokio::test]
+async fn a_scale_down_waits_out_its_cooldown_and_steps() {
+    let mut sim = Sim::new();
+    let policy = |buffer| Autoscale {
+        buffer: Some(Buffer::Count(buffer)),
+        scale_down_cooldown: Some("1m".into()),
+        scale_down_step: Some(1),
+        ..Autoscale::default()
+    };
+    sim.apply("p", scaled(policy(4)));
+    sim.wait_warm("p", 4).await;
+    sim.apply("p", scaled(policy(1)));
+    // Within the cooldown of the scale-up: all four stay.
+    sim.advance(Duration::from_secs(30));
+    let snap = sim.snapshot().await;
+    assert_eq!((status(&snap).desired_warm, status(&snap).warm), (4, 4));
+    // One at a time, one cooldown apart.
+    sim.advance(Duration::from_secs(31));
+    sim.wait_warm("p", 3).await;
+    sim.advance(Duration::from_secs(30));
+    assert_eq!(status(&sim.snapshot().await).warm, 3);
+    sim.advance(Duration::from_secs(31));
+    sim.wait_warm("p", 2).await;
+}
