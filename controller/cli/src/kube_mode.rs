@@ -174,6 +174,7 @@ async fn run<R: Runtime>(
     )
     .await?;
     track(watch.abort_handle());
+    crate::run::wait_started(&handle).await;
     let server = match opts.listener {
         Some(l) => {
             let addr = l.local_addr().ok();

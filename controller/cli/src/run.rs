@@ -86,6 +86,7 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
         spec_limit,
     )
     .await?;
+    wait_started(&handle).await;
     let server = match listener {
         Some(l) => {
             let declare = DirDeclare::new(handle.clone(), &dir, prepared)
@@ -305,5 +306,19 @@ fn raise_open_files_limit() {
         if let Err(e) = setrlimit(Resource::Nofile, l) {
             warn!(error = %e, "cannot raise the open files limit");
         }
+    }
+}
+
+/// Serve once the engine has started, so that nobody reads a bound claim as Pending while the
+/// runtime is listed after a restart; a runtime that does not answer is reported by the API and
+/// the status rather than hidden: at most 30 s.
+pub(crate) async fn wait_started(handle: &poolkeeper_engine::EngineHandle) {
+    if tokio::time::timeout(Duration::from_secs(30), handle.started())
+        .await
+        .is_err()
+    {
+        warn!(
+            "the engine has not started within 30 s (the runtime is slow to list); serving anyway"
+        );
     }
 }

@@ -54,6 +54,9 @@ pub(crate) enum Input {
     /// List the runtime and reconcile everything now; answers how long that took.
     Resync(oneshot::Sender<Duration>),
     Subscribe(mpsc::UnboundedSender<ClaimChange>),
+    /// Answered once the engine has started: the source synced, the runtime listed, and what
+    /// the store says checked against what runs.
+    Started(oneshot::Sender<()>),
     Reinitialise(String, oneshot::Sender<Option<usize>>),
     Claim(String, oneshot::Sender<Option<ClaimBrief>>),
     CreateClaim {
@@ -240,6 +243,13 @@ impl EngineHandle {
     /// A full resync: list the runtime, reconcile every object. Returns its duration.
     pub async fn resync(&self) -> Result<Duration, EngineError> {
         self.ask(Input::Resync).await
+    }
+
+    /// Waits until the engine has started (the source synced, the runtime listed, the store
+    /// checked against what runs): before that, a claim the store holds as bound shows
+    /// Pending, which a status reader must not take for the truth.
+    pub async fn started(&self) -> Result<(), EngineError> {
+        self.ask(Input::Started).await
     }
 
     pub fn subscribe(&self) -> Result<mpsc::UnboundedReceiver<ClaimChange>, EngineError> {

@@ -409,6 +409,8 @@ pub struct Engine<R: Runtime> {
     create_queue: std::collections::VecDeque<(String, Box<poolkeeper_runtime::InstanceSpec>)>,
     started: bool,
     subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
+    /// Who waits for the engine to have started (see [`EngineHandle::started`]).
+    started_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     no_files: Arc<Vec<(String, Vec<u8>)>>,
     started_at_ms: u64,
     name_counter: u64,
@@ -487,6 +489,7 @@ impl<R: Runtime> Engine<R> {
             create_queue: std::collections::VecDeque::new(),
             started: false,
             subscribers: Vec::new(),
+            started_waiters: Vec::new(),
             no_files: Arc::new(Vec::new()),
             started_at_ms: now,
             name_counter: now,

@@ -34,6 +34,9 @@ impl<R: Runtime> Engine<R> {
         if !self.started {
             self.started = true;
             self.startup(now);
+            for w in std::mem::take(&mut self.started_waiters) {
+                let _ = w.send(());
+            }
         }
         self.expire(now);
         let began = std::time::Instant::now();

@@ -183,6 +183,7 @@ impl<R: Runtime> Engine<R> {
         s.hits = p.hits;
         s.misses = p.misses;
         s.desired_warm = p.scale.desired;
+        s.selector = format!("{}={name}", poolkeeper_runtime::LABEL_POOL);
         s.idle_instance_seconds = p.scale.idle_ms / 1000;
         s.scaling = p
             .scale

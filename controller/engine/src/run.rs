@@ -125,6 +125,13 @@ impl<R: Runtime> Engine<R> {
                 reply,
             } => self.put_claim_files(&claim, files, reply),
             Input::Subscribe(tx) => self.subscribers.push(tx),
+            Input::Started(tx) => {
+                if self.started {
+                    let _ = tx.send(());
+                } else {
+                    self.started_waiters.push(tx);
+                }
+            }
             Input::Reinitialise(pool, reply) => {
                 let _ = reply.send(self.reinitialise(&pool));
             }

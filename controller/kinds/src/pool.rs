@@ -23,7 +23,11 @@ use crate::Condition;
     namespaced,
     status = "PoolStatus",
     // `kubectl scale pool/NAME --replicas=N` sets `warm`: with `autoscale`, the floor.
-    scale(spec_replicas_path = ".spec.warm", status_replicas_path = ".status.warm"),
+    scale(
+        spec_replicas_path = ".spec.warm",
+        status_replicas_path = ".status.warm",
+        label_selector_path = ".status.selector"
+    ),
     shortname = "pl",
     category = "poolkeeper",
     printcolumn(name = "Warm", type_ = "integer", json_path = ".status.warm"),
@@ -321,6 +325,10 @@ pub struct PoolStatus {
     /// Ready instances that waited unbound, summed over time (instance-seconds): what the
     /// warm pool has cost.
     pub idle_instance_seconds: u64,
+    /// The label selector of the pool's instances (`poolkeeper.dev/pool=NAME`), served by the
+    /// `scale` subresource (a HorizontalPodAutoscaler needs one).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub selector: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -57,6 +57,7 @@ fn crds_declare_status_subresource_short_names_and_printer_columns() {
     let scale = &docs[0]["spec"]["versions"][0]["subresources"]["scale"];
     assert_eq!(scale["specReplicasPath"], ".spec.warm", "{scale}");
     assert_eq!(scale["statusReplicasPath"], ".status.warm", "{scale}");
+    assert_eq!(scale["labelSelectorPath"], ".status.selector", "{scale}");
 }
 
 /// `kubernetes-validate` (PyPI) checks the CRDs against the oldest Kubernetes we support

@@ -109,6 +109,13 @@ async fn the_crds_apply_without_warnings_and_admission_refuses_what_validate_ref
     // What CEL cannot say is admitted (and refused by the controller: see below).
     for f in fixtures("controller-only") {
         let text = std::fs::read_to_string(&f).expect("read");
+        let (field, _) = expectation(&text);
+        let parsed = poolkeeper_source_dir::loader::parse_text(&f, &text).diagnostics;
+        assert!(
+            parsed.iter().any(|d| d.path == field),
+            "{}: validate said {parsed:?}, nothing of {field}",
+            f.display()
+        );
         let out = c.kubectl_in(
             &["create", "--dry-run=server", "-n", &ns, "-f", "-"],
             Some(&text),
@@ -514,5 +521,71 @@ async fn an_unreachable_api_server_is_reported_and_the_controller_recovers() {
     )
     .await;
     let _ = ctl.inner.stop().await;
+    c.cleanup(&ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_sets_the_warm_floor_that_autoscale_raises() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("autoscale");
+    let config = c.service_account(&ns, std::slice::from_ref(&ns));
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut ctl = start_controller(&config, &ns, state.path(), "e2e-scale", None, None);
+    ctl.inner.leading().await;
+    c.kubectl_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(
+            "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {name: elastic}
+spec:
+  template: {image: x}
+  warm: 0
+  max: 10
+  autoscale: {buffer: \"100%\", min: 1, scaleDownCooldown: 1s}
+",
+        ),
+    );
+    let pools = dyn_api(&c.admin, &ns, Kind::Pool);
+    let status = async |want: &dyn Fn(&Value) -> bool| {
+        let o = pools.get("elastic").await.ok()?;
+        let s = o.data.get("status")?.clone();
+        want(&s).then_some(s)
+    };
+    let s = eventually("min keeps one warm", Duration::from_secs(30), async || {
+        status(&|s| s["warm"] == 1 && s["desiredWarm"] == 1).await
+    })
+    .await;
+    assert_eq!(s["scaling"]["policy"], "min", "{s}");
+    assert_eq!(s["selector"], "poolkeeper.dev/pool=elastic", "{s}");
+    assert_eq!(
+        condition(&s, "ScalingLimited").map(|c| c["status"].clone()),
+        Some(Value::from("False")),
+        "{s}"
+    );
+
+    // kubectl scale sets spec.warm: a floor above min, which wins.
+    c.kubectl_ok(&["scale", "-n", &ns, "pool/elastic", "--replicas=3"], None);
+    let s = eventually("warm 3 decides", Duration::from_secs(30), async || {
+        status(&|s| s["warm"] == 3 && s["scaling"]["policy"] == "warm").await
+    })
+    .await;
+    assert_eq!(s["desiredWarm"], 3, "{s}");
+    let scale: Value = serde_json::from_str(&c.kubectl_ok(
+        &[
+            "get",
+            "--raw",
+            &format!("/apis/poolkeeper.dev/v1alpha1/namespaces/{ns}/pools/elastic/scale"),
+        ],
+        None,
+    ))
+    .expect("the scale subresource is JSON");
+    assert_eq!(scale["spec"]["replicas"], 3, "{scale}");
+    assert_eq!(scale["status"]["replicas"], 3, "{scale}");
+    assert_eq!(
+        scale["status"]["selector"], "poolkeeper.dev/pool=elastic",
+        "{scale}"
+    );
     c.cleanup(&ns);
 }
