@@ -132,24 +132,15 @@ impl Api {
     /// The command that serves the API for `dir` (whose files `start_with` wrote).
     fn command(dir: &std::path::Path, extra: &[&str]) -> Command {
         let secret = dir.join("webhook.secret");
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "run",
-            "--runtime",
-            "memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--dir",
-        ])
-        .arg(dir)
-        .arg("--admin-token-file")
-        .arg(dir.join("admin.token"))
-        .args(
-            extra
-                .iter()
-                .map(|a| a.replace("SECRET_FILE", &secret.to_string_lossy())),
-        )
-        .stdin(Stdio::null());
+        let mut cmd = api_support::run_memory(dir);
+        cmd.arg("--admin-token-file")
+            .arg(dir.join("admin.token"))
+            .args(
+                extra
+                    .iter()
+                    .map(|a| a.replace("SECRET_FILE", &secret.to_string_lossy())),
+            )
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -1187,12 +1178,8 @@ fn the_cli_creates_lists_and_releases_claims_through_the_api() {
 
 // ---- admin operations ------------------------------------------------------------------------
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    api_support::wait_for(what, Duration::from_secs(20), ok);
 }
 
 #[test]

@@ -7,15 +7,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod api_support;
-use api_support::{Answer, Served, read_answer, serve};
+use api_support::{Answer, Served, read_answer, run_memory, serve};
 
-const BIN: &str = env!("CARGO_BIN_EXE_poolkeeper");
 const ADMIN: &str = "limits-admin-token-0123456789";
 const SECRET: &str = "limits-webhook-secret-0123456789";
 
@@ -43,21 +41,12 @@ impl Api {
         std::fs::write(dir.path().join("specs.yaml"), SPECS).unwrap();
         std::fs::write(dir.path().join("admin.token"), ADMIN).unwrap();
         std::fs::write(dir.path().join("webhook.secret"), SECRET).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "run",
-            "--runtime",
-            "memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--dir",
-        ])
-        .arg(dir.path())
-        .arg("--admin-token-file")
-        .arg(dir.path().join("admin.token"))
-        .arg("--webhook-secret-file")
-        .arg(dir.path().join("webhook.secret"))
-        .args(extra);
+        let mut cmd = run_memory(dir.path());
+        cmd.arg("--admin-token-file")
+            .arg(dir.path().join("admin.token"))
+            .arg("--webhook-secret-file")
+            .arg(dir.path().join("webhook.secret"))
+            .args(extra);
         let served = serve(&mut cmd, dir.path());
         Api { served, dir }
     }

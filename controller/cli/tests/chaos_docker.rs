@@ -17,7 +17,7 @@ use sha2::Digest;
 
 mod api_support;
 mod support;
-use api_support::request;
+use api_support::try_request;
 use support::*;
 
 const TOKEN: &str = "chaos-token-0123456789abcdef";
@@ -123,8 +123,7 @@ fn api_addr(c: &Controller) -> Option<String> {
 /// One request to whichever controller runs now: None when none answers.
 fn call(c: &Controller, method: &str, path: &str, body: &str) -> Option<api_support::Answer> {
     let addr = api_addr(c)?;
-    std::net::TcpStream::connect(&addr).ok()?;
-    let a = std::panic::catch_unwind(|| request(&addr, method, path, TOKEN, body)).ok()?;
+    let a = try_request(&addr, method, path, TOKEN, body).ok()?;
     (a.status != 0).then_some(a)
 }
 

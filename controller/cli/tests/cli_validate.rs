@@ -385,19 +385,27 @@ fn validate_without_a_path_is_a_usage_error() {
     assert!(stderr(&out).contains("PATHS"), "stderr: {}", stderr(&out));
 }
 
+/// Pool `scaled` (nginx) with `spec` lines after its template, from line 7.
+fn scaled_pool(spec: &[&str]) -> String {
+    let mut lines = vec![
+        API,
+        "kind: Pool",
+        "metadata:",
+        "  name: scaled",
+        "spec:",
+        "  template: {image: nginx}",
+    ];
+    lines.extend_from_slice(spec);
+    text(&lines)
+}
+
 #[test]
 fn invalid_autoscale_policies_are_refused_with_file_line_column_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let f = write(
         dir.path(),
         "scaled.yaml",
-        &text(&[
-            API,
-            "kind: Pool",
-            "metadata:",
-            "  name: scaled",
-            "spec:",
-            "  template: {image: nginx}",
+        &scaled_pool(&[
             "  max: 20",
             "  autoscale:",
             "    buffer: 30",
@@ -446,13 +454,7 @@ fn invalid_autoscale_policies_are_refused_with_file_line_column_and_field() {
     let ok = write(
         dir.path(),
         "ok/scaled.yaml",
-        &text(&[
-            API,
-            "kind: Pool",
-            "metadata:",
-            "  name: scaled",
-            "spec:",
-            "  template: {image: nginx}",
+        &scaled_pool(&[
             "  warm: 1",
             "  max: 60",
             "  autoscale:",

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 use sha2::Digest;
 
 mod api_support;
-use api_support::{Answer, Served, request, serve};
+use api_support::{Answer, Served, request, run_memory, serve, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_poolkeeper");
 const TOKEN: &str = "disk-full-token-0123456789";
 
 /// The tmpfs, unmounted when dropped.
@@ -47,17 +46,7 @@ spec: {{quota: {{maxClaims: 30}}, tokenSha256: {}}}
 }
 
 fn start(dir: &Path) -> Served {
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "run",
-        "--runtime",
-        "memory",
-        "--listen",
-        "127.0.0.1:0",
-        "--dir",
-    ])
-    .arg(dir);
-    serve(&mut cmd, dir)
+    serve(&mut run_memory(dir), dir)
 }
 
 fn create(api: &Served, name: &str) -> Answer {
@@ -85,14 +74,6 @@ fn phase(api: &Served, name: &str) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "never: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Fills the filesystem of `dir` with `dir/filler.bin` until a write fails for want of space.

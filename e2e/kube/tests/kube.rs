@@ -38,6 +38,17 @@ fn expectation(text: &str) -> (String, String) {
     (line("# field: "), line("# expect: "))
 }
 
+/// The cells of the line of a `kubectl get` table that starts with `start` (`NAME`: the
+/// header).
+fn cells<'a>(table: &'a str, start: &str) -> Vec<&'a str> {
+    table
+        .lines()
+        .find(|l| l.starts_with(start))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect()
+}
+
 fn quickstart() -> String {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
     let mut text = String::new();
@@ -175,42 +186,22 @@ async fn the_quickstart_binds_shows_status_waits_and_deletes_through_the_finaliz
         },
     )
     .await;
-    let header: Vec<&str> = pools
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
+    let header = cells(&pools, "NAME");
     assert_eq!(
         header,
         ["NAME", "WARM", "BOUND", "QUEUED", "READY", "AGE"],
         "{pools}"
     );
-    let nginx: Vec<&str> = pools
-        .lines()
-        .find(|l| l.starts_with("nginx"))
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
+    let nginx = cells(&pools, "nginx");
     assert_eq!(&nginx[1..5], ["5", "1", "0", "True"], "{pools}");
     let claims = c.kubectl_ok(&["get", "claims", "-n", &ns], None);
-    let header: Vec<&str> = claims
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
+    let header = cells(&claims, "NAME");
     assert_eq!(
         header,
         ["NAME", "PHASE", "POOL", "USER", "ENDPOINT", "AGE"],
         "{claims}"
     );
-    let alice: Vec<&str> = claims
-        .lines()
-        .find(|l| l.starts_with("alice-web"))
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
+    let alice = cells(&claims, "alice-web");
     assert_eq!(&alice[1..4], ["Bound", "nginx", "alice"], "{claims}");
     assert!(alice[4].starts_with("127.0.0.1:80"), "{claims}");
 

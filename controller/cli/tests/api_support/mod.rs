@@ -103,13 +103,49 @@ pub fn read_answer(s: &mut TcpStream) -> Answer {
 /// `METHOD PATH` to `addr` with a bearer `token` and a JSON `body` (empty: none), one
 /// connection per request.
 pub fn request(addr: &str, method: &str, path: &str, token: &str, body: &str) -> Answer {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    try_request(addr, method, path, token, body)
+        .unwrap_or_else(|e| panic!("{method} {path} to {addr}: {e}"))
+}
+
+/// [`request`], or the error of a controller that is not there (down, restarting).
+pub fn try_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> std::io::Result<Answer> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(request.as_bytes()).unwrap();
-    read_answer(&mut s)
+    s.write_all(request.as_bytes())?;
+    Ok(read_answer(&mut s))
+}
+
+/// `poolkeeper run` on the memory runtime for `dir`, its API on a free port.
+pub fn run_memory(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_poolkeeper"));
+    cmd.args([
+        "run",
+        "--runtime",
+        "memory",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+    ])
+    .arg(dir);
+    cmd
+}
+
+/// Polls `ok` every 50 ms until it holds; fails naming `what` after `within`.
+pub fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
