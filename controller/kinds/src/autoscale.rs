@@ -219,20 +219,28 @@ impl Cron {
             .ok()?
             .to_zoned(tz.clone());
         let earliest = at_ms - within_ms;
+        let local_now = now.datetime();
         let mut date = now.date();
         loop {
             if self.day_matches(date) {
+                // Latest first: the first time at or before `at` is the last fire, and it is
+                // either recent enough or too old (so is every earlier one).
                 for h in self.hours.iter().rev() {
                     for m in self.minutes.iter().rev() {
                         let t = date.at(*h as i8, *m as i8, 0, 0);
+                        // Later today: passed over without a time-zone conversion.
+                        if t > local_now {
+                            continue;
+                        }
                         // A local time a DST change skips or repeats: the earlier instant.
                         let Ok(z) = t.to_zoned(tz.clone()) else {
                             continue;
                         };
                         let ms = z.timestamp().as_millisecond();
-                        if ms <= at_ms && ms >= earliest {
-                            return Some(ms);
+                        if ms > at_ms {
+                            continue;
                         }
+                        return (ms >= earliest).then_some(ms);
                     }
                 }
             }
@@ -327,6 +335,33 @@ mod tests {
         let s = class();
         assert!(!s.open(ms("2026-12-04T07:49:00Z"), 0));
         assert!(s.open(ms("2026-12-04T07:49:00Z"), 90_000));
+    }
+
+    #[test]
+    fn the_last_fire_is_the_latest_at_or_before_and_none_when_older_than_asked() {
+        let every = Cron::parse("* * * * *").unwrap();
+        let utc = jiff::tz::TimeZone::UTC;
+        let at = ms("2026-12-04T07:49:30Z");
+        assert_eq!(
+            every.last_fire(&utc, at, 60_000),
+            Some(ms("2026-12-04T07:49:00Z"))
+        );
+        let daily = Cron::parse("50 8 * * *").unwrap();
+        let paris = time_zone(Some("Europe/Paris")).unwrap();
+        // Fired at 07:50Z today: found within 10 minutes, not within 1.
+        assert_eq!(
+            daily.last_fire(&paris, ms("2026-12-04T07:59:00Z"), 600_000),
+            Some(ms("2026-12-04T07:50:00Z"))
+        );
+        assert_eq!(
+            daily.last_fire(&paris, ms("2026-12-04T07:59:00Z"), 60_000),
+            None
+        );
+        // Before today's 08:50 Paris: yesterday's, if the window reaches back that far.
+        assert_eq!(
+            daily.last_fire(&paris, ms("2026-12-04T07:00:00Z"), 86_400_000),
+            Some(ms("2026-12-03T07:50:00Z"))
+        );
     }
 
     #[test]
