@@ -237,6 +237,13 @@ async fn exec_inner(
                 attach_stdout: Some(true),
                 attach_stderr: Some(true),
                 tty: Some(tty),
+                // The terminal's size from the start: a resize sent just after the start can
+                // reach the daemon before the exec's TTY exists and be lost (`stty size` then
+                // says 0 0), so the size is given at creation too.
+                console_size: tty
+                    .then(terminal::size)
+                    .flatten()
+                    .map(|(h, w)| vec![usize::from(h), usize::from(w)]),
                 env,
                 cmd: Some(command.to_vec()),
                 ..Default::default()

@@ -134,6 +134,12 @@ pub enum Command {
         #[command(flatten)]
         server: crate::client::ServerArgs,
     },
+    /// Users through the API: `user passwd NAME` sets the password they sign in to the web
+    /// console with.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Copy a file, a folder, or a `.tar` into a bound claim's instance (through the API).
     Upload {
         /// claim/NAME
@@ -202,6 +208,18 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum UserAction {
+    /// Set a user's console password: read from standard input (asked for twice, without
+    /// echo, on a terminal), hashed here with argon2id; only the hash is sent and stored
+    /// (`spec.passwordHash`, in the file or object that declares the user).
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        server: crate::client::ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ClaimAction {
     /// Claim an instance from POOL; prints the claim's name (and, with --wait, its endpoint).
     Create {
@@ -284,9 +302,29 @@ pub struct ApiArgs {
         requires = "webhook_secret_file"
     )]
     pub webhook_images: Vec<String>,
+    /// Let people register in the web console (`/ui/register`): each registration declares a
+    /// User through the source (a file in the watched folder; a User object in Kubernetes
+    /// mode) with a password and `--registration-quota`.
+    #[arg(long)]
+    pub allow_registration: bool,
+    /// The number of instances a registered user may hold at once.
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "allow_registration")]
+    pub registration_quota: u32,
+    /// Mark the console's session cookie `Secure` (the API is reached over https, through a
+    /// TLS-terminating proxy, say).
+    #[arg(long)]
+    pub console_secure_cookie: bool,
 }
 
 impl ApiArgs {
+    pub(crate) fn console(&self) -> poolkeeper_http::console::ConsoleConfig {
+        poolkeeper_http::console::ConsoleConfig {
+            allow_registration: self.allow_registration,
+            registration_quota: self.registration_quota,
+            secure_cookie: self.console_secure_cookie,
+        }
+    }
+
     pub(crate) fn admin_token(&self) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.admin_token_file else {
             return Ok(None);

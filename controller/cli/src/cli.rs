@@ -140,6 +140,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             get_cmd(&kind, name.as_deref(), snap, output)
         }
         Command::Claim { action } => claim_cmd(action),
+        Command::User { action } => user_cmd(action),
         cmd @ (Command::Scale { .. } | Command::Reinitialise { .. } | Command::Delete { .. }) => {
             admin_cmd(cmd)
         }
@@ -465,6 +466,66 @@ fn api_segment(kind: Kind) -> &'static str {
         Kind::User => "users",
         Kind::Deployment => "deployments",
     }
+}
+
+fn user_cmd(action: UserAction) -> anyhow::Result<ExitCode> {
+    match action {
+        UserAction::Passwd { name, server } => {
+            let password = read_password(&name)?;
+            if password.chars().count() < 8 {
+                bail!("the password must be at least 8 characters");
+            }
+            let hash = poolkeeper_http::console::hash_password(&password)
+                .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+            let body = serde_json::json!({ "passwordHash": hash });
+            let v = crate::client::call(
+                &server,
+                "PUT",
+                &format!("/api/v1/users/{name}/password"),
+                Some(&body),
+            )?;
+            println!(
+                "user {name}: password set (in {})",
+                v["file"].as_str().unwrap_or("?")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A new password from standard input: on a terminal asked twice without echo; else its first
+/// line.
+fn read_password(user: &str) -> anyhow::Result<String> {
+    use rustix::termios::{self, LocalModes, OptionalActions};
+    let stdin = std::io::stdin();
+    let read_line = || -> anyhow::Result<String> {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        Ok(line.trim_end_matches(['\n', '\r']).to_owned())
+    };
+    if !termios::isatty(&stdin) {
+        return read_line();
+    }
+    let saved = termios::tcgetattr(&stdin).context("reading the terminal's settings")?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    termios::tcsetattr(&stdin, OptionalActions::Now, &quiet).context("turning echo off")?;
+    let answers = (|| -> anyhow::Result<(String, String)> {
+        eprint!("New password for {user}: ");
+        let a = read_line()?;
+        eprint!("\nThe same again: ");
+        let b = read_line()?;
+        eprintln!();
+        Ok((a, b))
+    })();
+    let _ = termios::tcsetattr(&stdin, OptionalActions::Now, &saved);
+    let (a, b) = answers?;
+    if a != b {
+        bail!("the two passwords differ");
+    }
+    Ok(a)
 }
 
 fn claim_cmd(action: ClaimAction) -> anyhow::Result<ExitCode> {

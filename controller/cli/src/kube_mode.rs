@@ -40,6 +40,8 @@ pub struct KubeOptions {
     pub listener: Option<TcpListener>,
     pub admin_token: Option<String>,
     pub webhooks: Option<WebhookConfig>,
+    /// The web console's settings.
+    pub console: poolkeeper_http::console::ConsoleConfig,
     /// The bounds on the API's connections and requests.
     pub limits: poolkeeper_engine::limits::Limits,
 }
@@ -198,7 +200,8 @@ async fn run<R: Runtime>(
             )
             .context("starting the HTTP API")?
             .with_health(health)
-            .with_limits(opts.limits.clone(), Default::default());
+            .with_limits(opts.limits.clone(), Default::default())
+            .with_console(opts.console.clone());
             info!(address = ?addr, "HTTP API listening");
             Some(poolkeeper_http::spawn(l, state).context("starting the HTTP API")?)
         }

@@ -1343,6 +1343,7 @@ fn the_openapi_document_is_served_and_names_every_route() {
         "/api/v1/pools/{name}/reinitialise",
         "/api/v1/users/{name}",
         "/api/v1/users/{name}/release",
+        "/api/v1/users/{name}/password",
     ] {
         assert!(
             paths.iter().any(|p| *p == route),

@@ -208,6 +208,21 @@ pub trait Declare: Send + Sync + 'static {
     /// and the claims released.
     fn delete_user<'a>(&'a self, name: &'a str)
     -> BoxFuture<'a, Result<UserDeleted, DeclareError>>;
+    /// Declares a new user (the web console's registration). A user of that name declared
+    /// already is a [`DeclareError::Conflict`]; nothing is changed then. Returns where it is
+    /// declared.
+    fn create_user<'a>(
+        &'a self,
+        name: &'a str,
+        spec: UserSpec,
+    ) -> BoxFuture<'a, Result<String, DeclareError>>;
+    /// Sets a declared user's `passwordHash` (a PHC string), where the user is declared.
+    /// Returns where that is.
+    fn set_password<'a>(
+        &'a self,
+        name: &'a str,
+        hash: &'a str,
+    ) -> BoxFuture<'a, Result<String, DeclareError>>;
     /// Records kept beside declared state (reservations, webhook signatures seen).
     fn records(&self) -> &dyn Records;
 }

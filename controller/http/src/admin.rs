@@ -39,10 +39,12 @@ pub(crate) async fn scale_pool(
 ) -> ApiResult<Json<Value>> {
     admin_only(&who(&state, &headers)?)?;
     let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let scaled = state.declare.scale_pool(&name, req.warm).await?;
-    Ok(Json(
-        json!({"pool": name, "warm": req.warm, "was": scaled.was, "file": scaled.at}),
-    ))
+    scale(&state, &name, req.warm).await.map(Json)
+}
+
+pub(crate) async fn scale(state: &ApiState, name: &str, warm: u32) -> ApiResult<Value> {
+    let scaled = state.declare.scale_pool(name, warm).await?;
+    Ok(json!({"pool": name, "warm": warm, "was": scaled.was, "file": scaled.at}))
 }
 
 /// Replaces every warm instance of a pool with a fresh one.
@@ -52,8 +54,12 @@ pub(crate) async fn reinitialise_pool(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     admin_only(&who(&state, &headers)?)?;
-    match state.handle.reinitialise(&name).await {
-        Ok(Some(n)) => Ok(Json(json!({"pool": name, "replaced": n}))),
+    reinitialise(&state, &name).await.map(Json)
+}
+
+pub(crate) async fn reinitialise(state: &ApiState, name: &str) -> ApiResult<Value> {
+    match state.handle.reinitialise(name).await {
+        Ok(Some(n)) => Ok(json!({"pool": name, "replaced": n})),
         Ok(None) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no Pool {name:?}"),
@@ -69,8 +75,12 @@ pub(crate) async fn release_user(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     admin_only(&who(&state, &headers)?)?;
-    let released = state.declare.release_claims_of(&name).await?;
-    Ok(Json(json!({"user": name, "released": released})))
+    release_user_claims(&state, &name).await.map(Json)
+}
+
+pub(crate) async fn release_user_claims(state: &ApiState, name: &str) -> ApiResult<Value> {
+    let released = state.declare.release_claims_of(name).await?;
+    Ok(json!({"user": name, "released": released}))
 }
 
 /// Deletes a user: their claims are released, then the user's declaration is removed.
@@ -80,8 +90,43 @@ pub(crate) async fn delete_user(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     admin_only(&who(&state, &headers)?)?;
-    let deleted = state.declare.delete_user(&name).await?;
-    Ok(Json(
-        json!({"user": name, "deleted": true, "file": deleted.at, "released": deleted.released}),
-    ))
+    remove_user(&state, &name).await.map(Json)
+}
+
+pub(crate) async fn remove_user(state: &ApiState, name: &str) -> ApiResult<Value> {
+    let deleted = state.declare.delete_user(name).await?;
+    Ok(json!({"user": name, "deleted": true, "file": deleted.at, "released": deleted.released}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct Password {
+    password_hash: String,
+}
+
+/// Sets a user's `passwordHash` (an argon2id PHC string, made by the client: the password never
+/// reaches the server): the admin for anyone, a user for themselves.
+pub(crate) async fn set_password(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: Result<Json<Password>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let who = who(&state, &headers)?;
+    if !who.sees_user(&name) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "a user sets their own password only",
+        ));
+    }
+    let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    if !poolkeeper_kinds::validate::is_argon2id_phc(&req.password_hash) {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "passwordHash",
+            poolkeeper_kinds::validate::PASSWORD_HASH_MESSAGE,
+        ));
+    }
+    let at = state.declare.set_password(&name, &req.password_hash).await?;
+    Ok(Json(json!({"user": name, "password": "set", "file": at})))
 }

@@ -70,7 +70,19 @@ pub(crate) async fn create_claim(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let who = who(&state, &headers)?;
     let Json(req) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let user = match (&who, &req.user) {
+    make_claim(&state, &who, req)
+        .await
+        .map(|(code, v)| (code, Json(v)))
+}
+
+/// Makes the claim `req` for `who` (the API's POST and the console's launch): 201 when new,
+/// 200 for the same request again.
+pub(crate) async fn make_claim(
+    state: &ApiState,
+    who: &Caller,
+    req: NewClaim,
+) -> ApiResult<(StatusCode, Value)> {
+    let user = match (who, &req.user) {
         (Caller::User(me), None) => me.clone(),
         (Caller::User(me), Some(u)) if u == me => me.clone(),
         (Caller::User(_), Some(_)) => {
@@ -124,7 +136,7 @@ pub(crate) async fn create_claim(
     {
         Created::New { at } => Ok((
             StatusCode::CREATED,
-            Json(json!({"name": name, "created": true, "file": at})),
+            json!({"name": name, "created": true, "file": at}),
         )),
         // The same request again (a retry) is answered as the first one; another spec under
         // the same name is a conflict.
@@ -133,10 +145,7 @@ pub(crate) async fn create_claim(
                 && state.declare.made_here(&name, &existing.origin)
                 && who.sees_user(&user) =>
         {
-            Ok((
-                StatusCode::OK,
-                Json(json!({"name": name, "created": false})),
-            ))
+            Ok((StatusCode::OK, json!({"name": name, "created": false})))
         }
         Created::Exists(_) => Err(ApiError::field(
             StatusCode::CONFLICT,
@@ -158,8 +167,20 @@ pub(crate) async fn upload_files(
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
     let who = who(&state, &headers)?;
-    if claim_seen(&state, &who, &name).await?.is_none() {
-        return Err(no_claim(&name));
+    put_files(&state, &who, &name, &headers, body).await.map(Json)
+}
+
+/// Puts the files of an upload (`headers` say whether it is a tar or a multipart form) into
+/// claim `name`'s instance, if `who` may see the claim.
+pub(crate) async fn put_files(
+    state: &ApiState,
+    who: &Caller,
+    name: &str,
+    headers: &HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Value> {
+    if claim_seen(state, who, name).await?.is_none() {
+        return Err(no_claim(name));
     }
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
@@ -178,8 +199,8 @@ pub(crate) async fn upload_files(
         ));
     }
     use poolkeeper_engine::PutFilesError;
-    match state.handle.put_files(&name, files).await {
-        Ok(Ok(n)) => Ok(Json(json!({"claim": name, "files": n}))),
+    match state.handle.put_files(name, files).await {
+        Ok(Ok(n)) => Ok(json!({"claim": name, "files": n})),
         Ok(Err(e @ (PutFilesError::NotBound(_) | PutFilesError::NoMountPath(_)))) => {
             Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
         }
@@ -194,10 +215,15 @@ pub(crate) async fn delete_claim(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     let who = who(&state, &headers)?;
-    let Some(o) = claim_seen(&state, &who, &name).await? else {
-        return Err(no_claim(&name));
+    release_claim(&state, &who, &name).await.map(Json)
+}
+
+/// Releases claim `name` if `who` may see it and it was made through the API.
+pub(crate) async fn release_claim(state: &ApiState, who: &Caller, name: &str) -> ApiResult<Value> {
+    let Some(o) = claim_seen(state, who, name).await? else {
+        return Err(no_claim(name));
     };
-    if !state.declare.made_here(&name, &o.origin) {
+    if !state.declare.made_here(name, &o.origin) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("claim {name} is declared in {}: release it there", o.origin),
@@ -205,6 +231,6 @@ pub(crate) async fn delete_claim(
     }
     // Not recorded any more: released by an earlier call the source has not reported yet,
     // the same answer.
-    state.declare.delete_claim(&name).await?;
-    Ok(Json(json!({"name": name, "released": true})))
+    state.declare.delete_claim(name).await?;
+    Ok(json!({"name": name, "released": true}))
 }

@@ -19,6 +19,7 @@ mod admin;
 mod auth;
 mod claims;
 pub mod client;
+pub mod console;
 mod error;
 mod metrics;
 pub mod notify;
@@ -69,6 +70,8 @@ pub struct ApiState {
     /// the source, which counts its own).
     limits: Limits,
     refusals: Arc<Refusals>,
+    /// The web console's sessions and feed.
+    console: console::Console,
 }
 
 /// Reservations by webhook: the shared secret, the images booking systems may ask for (empty:
@@ -103,7 +106,15 @@ impl ApiState {
             health: Health::default(),
             limits: Limits::default(),
             refusals: Arc::default(),
+            console: console::Console::new(console::ConsoleConfig::default()),
         })
+    }
+
+    /// Offers the web console under `/ui` as `config` says (default: sign-in only, no
+    /// registration).
+    pub fn with_console(mut self, config: console::ConsoleConfig) -> Self {
+        self.console = console::Console::new(config);
+        self
     }
 
     /// `/readyz` also reports `health` (a source's reach of what it reads from).
@@ -160,8 +171,10 @@ pub fn router(state: ApiState) -> Router {
             get(objects::get_user).delete(admin::delete_user),
         )
         .route("/api/v1/users/{name}/release", post(admin::release_user))
+        .route("/api/v1/users/{name}/password", put(admin::set_password))
         .route("/api/v1/{kind}", get(objects::list))
         .route("/api/v1/{kind}/{name}", get(objects::get_one))
+        .merge(console::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(

@@ -43,11 +43,12 @@ pub(crate) fn visible(who: &Caller, o: &ObjectView) -> bool {
     }
 }
 
-/// An object as the API shows it: the user's token digest is not shown.
+/// An object as the API shows it: the user's token digest and password hash are not shown.
 pub(crate) fn shown(o: &ObjectView) -> Value {
     let mut spec = o.spec.clone();
     if let Some(m) = spec.as_object_mut() {
         m.remove("tokenSha256");
+        m.remove("passwordHash");
     }
     json!({
         "kind": o.kind,

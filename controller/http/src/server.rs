@@ -40,8 +40,8 @@ pub(crate) async fn serve_connections(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut accept_errors = 0u64;
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors (EMFILE) and the like pass: wait a moment rather than spin.
                 accept_errors += 1;
@@ -62,7 +62,16 @@ pub(crate) async fn serve_connections(
             tokio::spawn(refuse_connection(tcp, limits.max_connections));
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // The client's address, for those that limit per address (the console's sign-in).
+        let service = hyper_util::service::TowerToHyperService::new(
+            tower::ServiceBuilder::new()
+                .map_request(move |mut r: axum::http::Request<hyper::body::Incoming>| {
+                    r.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    r
+                })
+                .service(app.clone()),
+        );
         let (header_timeout, refusals) = (limits.header_timeout, refusals.clone());
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
@@ -179,9 +188,11 @@ fn too_large(state: &ApiState, limit: usize) -> Response {
     .into_response()
 }
 
-/// The body size a route takes (the uploads' own, or every other route's).
+/// The body size a route takes (the uploads' own, the API's and the console's, or every other
+/// route's).
 fn body_limit(method: &axum::http::Method, path: &str) -> usize {
-    if method == axum::http::Method::PUT && path.ends_with("/files") {
+    use axum::http::Method;
+    if (method == Method::PUT || method == Method::POST) && path.ends_with("/files") {
         UPLOAD_LIMIT
     } else {
         BODY_LIMIT
@@ -192,12 +203,13 @@ fn body_limit(method: &axum::http::Method, path: &str) -> usize {
 /// text the message; its status and other headers (`Allow`, say) kept.
 async fn as_api_error(response: Response) -> Response {
     let status = response.status();
-    let is_json = response
+    let is_json_or_page = response
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        .is_some_and(|t| t.starts_with("application/json") || t.starts_with("text/html"));
+    // The console's pages (HTML) say their refusals themselves.
+    if !(status.is_client_error() || status.is_server_error()) || is_json_or_page {
         return response;
     }
     let (mut parts, body) = response.into_parts();

@@ -238,6 +238,12 @@ fn rules() -> Vec<Rule> {
         ),
         rule(
             User,
+            "spec.passwordHash",
+            "self.matches('^[$]argon2id[$]v=[0-9]+[$]m=[^$]+[$][A-Za-z0-9+/]+[$][A-Za-z0-9+/]+$')",
+            crate::validate::PASSWORD_HASH_MESSAGE,
+        ),
+        rule(
+            User,
             "spec",
             "!has(self.tokenSha256) || !has(self.tokenSecretFile)",
             "give tokenSha256 or tokenSecretFile, not both",
@@ -364,6 +370,7 @@ fn bounds(kind: Kind) -> &'static [(&'static str, &'static str, u64)] {
             ("spec.sshKeys", "maxItems", 256),
             ("spec.sshKeys[]", "maxLength", 16384),
             ("spec.tokenSha256", "maxLength", 128),
+            ("spec.passwordHash", "maxLength", 512),
         ],
         Kind::Deployment => &[
             ("spec.network", "maxLength", 253),

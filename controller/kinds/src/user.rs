@@ -54,6 +54,11 @@ pub struct UserSpec {
     /// its SHA-256 is kept in memory. The `TokenReady` condition says whether it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_ref: Option<SecretKeyRef>,
+    /// The user's password for the web console, as an argon2id hash in the PHC string format
+    /// (`$argon2id$v=19$m=...,t=...,p=...$SALT$HASH`): the password itself is never stored.
+    /// `poolkeeper user passwd NAME` sets it. Without it the user signs in with a token only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
 }
 
 /// A key of a Secret in the referring object's namespace.

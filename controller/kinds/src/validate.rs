@@ -257,6 +257,14 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
             "must be the 64 hex digits of a SHA-256 (`printf %s TOKEN | sha256sum`), not the token",
         ));
     }
+    if let Some(h) = &u.password_hash
+        && !is_argon2id_phc(h)
+    {
+        errs.push(FieldError::new(
+            "spec.passwordHash",
+            PASSWORD_HASH_MESSAGE,
+        ));
+    }
     match &u.token_secret_file {
         Some(_) if u.token_sha256.is_some() => errs.push(FieldError::new(
             "spec.tokenSecretFile",
@@ -281,6 +289,29 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
             ));
         }
     }
+}
+
+/// What `spec.passwordHash` must look like (also the CRD's rule).
+pub const PASSWORD_HASH_MESSAGE: &str = "must be an argon2id hash in the PHC format ($argon2id$v=19$m=...,t=...,p=...$SALT$HASH; `poolkeeper user passwd NAME` makes one), not the password";
+
+/// An argon2id PHC string's shape: `$argon2id$v=19$PARAMS$SALT$HASH` (whether its parameters
+/// verify is the console's to find when it checks a password).
+pub fn is_argon2id_phc(h: &str) -> bool {
+    let parts: Vec<&str> = h.split('$').collect();
+    let b64 = |s: &str| {
+        !s.is_empty()
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    };
+    h.len() <= 512
+        && parts.len() == 6
+        && parts[0].is_empty()
+        && parts[1] == "argon2id"
+        && parts[2].starts_with("v=")
+        && parts[3].starts_with("m=")
+        && b64(parts[4])
+        && b64(parts[5])
 }
 
 fn validate_deployment(d: &DeploymentSpec, errs: &mut Vec<FieldError>) {

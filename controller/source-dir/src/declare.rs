@@ -20,11 +20,11 @@ use poolkeeper_engine::source::{
 };
 use poolkeeper_engine::status::{ObjectView, Snapshot};
 use poolkeeper_engine::{Creation, EngineHandle};
-use poolkeeper_kinds::{ClaimSpec, Kind, ObjKey, Object, Origin, Spec};
+use poolkeeper_kinds::{ClaimSpec, Kind, ObjKey, Object, Origin, Spec, UserSpec};
 
 use crate::edit;
 use crate::filewriter::{self, FileWriter};
-use crate::layout::{MANAGED_CLAIMS, managed_dir, managed_file, state_dir};
+use crate::layout::{MANAGED_CLAIMS, managed_dir, managed_file, managed_user_file, state_dir};
 use crate::watch::Prepared;
 
 /// The directory source's [`Declare`] (and [`Records`]).
@@ -303,6 +303,68 @@ impl Declare for DirDeclare {
         })
     }
 
+    /// Writes `DIR/managed/users/NAME.yaml` (atomically, never over an existing file) and applies
+    /// the user at once, so that who registered can sign in before the watcher reads the file.
+    fn create_user<'a>(
+        &'a self,
+        name: &'a str,
+        spec: UserSpec,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let snap = self.snapshot().await?;
+            if find_user(&snap, name).is_ok() {
+                return Err(DeclareError::Conflict(format!("a User {name:?} exists")));
+            }
+            let path = managed_user_file(&self.dir, name);
+            let text = object_file_text("User", name, &spec).map_err(DeclareError::Failed)?;
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| declare_failed(&format!("creating {}", parent.display()), &e))?;
+            }
+            // Atomic (a crash leaves the file whole or absent); the edits lock keeps two
+            // registrations of one name apart.
+            if path.exists() {
+                return Err(DeclareError::Conflict(format!(
+                    "{} exists: a User {name:?} is declared there",
+                    path.display()
+                )));
+            }
+            self.files
+                .write(path.clone(), text.into_bytes())
+                .await
+                .map_err(|e| declare_failed("writing the user", &e))?;
+            let _ = self.handle.apply(Object {
+                name: name.to_owned(),
+                spec: Spec::User(spec),
+                origin: claim_file_origin(&path),
+                generation: 1,
+            });
+            Ok(self.relative(&path))
+        })
+    }
+
+    /// Sets `spec.passwordHash` in the file that declares the user (the rest of it kept).
+    fn set_password<'a>(
+        &'a self,
+        name: &'a str,
+        hash: &'a str,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let snap = self.snapshot().await?;
+            let user = find_user(&snap, name)?;
+            let file = self.declared_file(user)?;
+            let text = read_declared(&file)?;
+            let new = edit::set_password(&file, &text, name, hash).map_err(DeclareError::Conflict)?;
+            self.files
+                .write(file.clone(), new.into_bytes())
+                .await
+                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
+            Ok(self.relative(&file))
+        })
+    }
+
     fn records(&self) -> &dyn Records {
         self
     }
@@ -375,17 +437,22 @@ fn find_user<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a ObjectView, Decla
 
 /// The text of a claim's file.
 pub fn claim_file_text(name: &str, spec: &ClaimSpec) -> Result<String, String> {
+    object_file_text("Claim", name, spec)
+}
+
+/// The text of a file declaring one object.
+fn object_file_text<S: Serialize>(kind: &str, name: &str, spec: &S) -> Result<String, String> {
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
-    struct Doc<'a> {
+    struct Doc<'a, S> {
         api_version: &'a str,
         kind: &'a str,
         metadata: BTreeMap<&'a str, &'a str>,
-        spec: &'a ClaimSpec,
+        spec: &'a S,
     }
     let doc = Doc {
         api_version: poolkeeper_kinds::API_VERSION,
-        kind: "Claim",
+        kind,
         metadata: BTreeMap::from([("name", name)]),
         spec,
     };

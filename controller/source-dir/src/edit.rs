@@ -230,6 +230,20 @@ pub fn set_integer(
     value: u64,
     check: impl Fn(&Object) -> bool,
 ) -> Result<String, String> {
+    set_scalar(path, text, key, field, &value.to_string(), check)
+}
+
+/// Sets the scalar at `path` (under the object's document) to `value`, YAML text as it is
+/// written (a number, or a quoted string); a missing key is added beside its parent's first
+/// key. `check` says whether the edited object is what was meant.
+pub fn set_scalar(
+    path: &Path,
+    text: &str,
+    key: &ObjKey,
+    field: &[&str],
+    value: &str,
+    check: impl Fn(&Object) -> bool,
+) -> Result<String, String> {
     let before = parse_clean(path, text, "the file")?;
     let obj = declared(path, &before, key)?;
     let spot = locate(text, obj.origin.line as usize, field).ok_or_else(|| {
@@ -263,7 +277,7 @@ pub fn set_integer(
         || !edited.is_some_and(&check)
     {
         return Err(format!(
-            "{}: could not set {} of {key} to {value} without changing anything else; edit the file by hand",
+            "{}: could not set {} of {key} without changing anything else; edit the file by hand",
             path.display(),
             field.join(".")
         ));
@@ -282,6 +296,15 @@ pub fn scale_pool(path: &Path, text: &str, pool: &str, warm: u32) -> Result<Stri
         u64::from(warm),
         |o| matches!(&o.spec, poolkeeper_kinds::Spec::Pool(p) if p.warm == warm),
     )
+}
+
+/// The user's `spec.passwordHash` set to `hash` (a PHC string, written double-quoted).
+pub fn set_password(path: &Path, text: &str, user: &str, hash: &str) -> Result<String, String> {
+    let key = ObjKey::new(Kind::User, user);
+    let quoted = serde_json::to_string(hash).map_err(|e| e.to_string())?;
+    set_scalar(path, text, &key, &["spec", "passwordHash"], &quoted, |o| {
+        matches!(&o.spec, poolkeeper_kinds::Spec::User(u) if u.password_hash.as_deref() == Some(hash))
+    })
 }
 
 #[cfg(test)]
@@ -316,6 +339,28 @@ spec:
   quota:
     maxClaims: 1
 ";
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g";
+
+    #[test]
+    fn a_password_is_added_to_a_flow_or_block_spec_and_replaced_in_place() {
+        let new = set_password(&file(), TEXT, "alice", HASH).expect("alice");
+        assert!(
+            new.contains(&format!("spec: {{passwordHash: \"{HASH}\", quota: {{maxClaims: 2}}}}")),
+            "{new}"
+        );
+        let new = set_password(&file(), &new, "bob", HASH).expect("bob");
+        assert!(
+            new.contains(&format!("spec:\n  passwordHash: \"{HASH}\"\n  quota:\n")),
+            "{new}"
+        );
+        // Set again: the value is replaced, the rest of the file is as it was.
+        let other = HASH.replace("aGFz", "QUJD");
+        let again = set_password(&file(), &new, "bob", &other).expect("again");
+        assert_eq!(again, new.replacen(&format!("\"{HASH}\"\n  quota"), &format!("\"{other}\"\n  quota"), 1));
+        let err = set_password(&file(), TEXT, "carol", HASH).expect_err("no carol");
+        assert!(err.contains("carol"), "{err}");
+    }
 
     #[test]
     fn scaling_changes_the_number_and_nothing_else() {

@@ -24,6 +24,14 @@ pub fn store_dir(dir: &Path) -> PathBuf {
     state_dir(dir).join("state")
 }
 
+/// Where users registered through the web console live, under the watched folder.
+pub const MANAGED_USERS: &str = "managed/users";
+
+/// The file of user `name` registered through the web console.
+pub fn managed_user_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(MANAGED_USERS).join(format!("{name}.yaml"))
+}
+
 pub fn managed_dir(dir: &Path) -> PathBuf {
     dir.join(MANAGED_CLAIMS)
 }

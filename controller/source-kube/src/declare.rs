@@ -18,7 +18,7 @@ use poolkeeper_engine::source::{
     BoxFuture, Created, Declare, DeclareError, Record, Records, Scaled, UserDeleted,
 };
 use poolkeeper_engine::{Creation, EngineHandle};
-use poolkeeper_kinds::{ClaimSpec, Kind, ObjKey, Object, Origin, Spec};
+use poolkeeper_kinds::{ClaimSpec, Kind, ObjKey, Object, Origin, Spec, UserSpec};
 
 use crate::Shared;
 use crate::objects::{self, LABEL_MADE_BY, LABEL_USER};
@@ -246,6 +246,48 @@ impl Declare for KubeDeclare {
                 at: format!("{ns}/User/{name}"),
                 released,
             })
+        })
+    }
+
+    /// Creates a User object in the default namespace (the API server refuses a taken name:
+    /// a conflict).
+    fn create_user<'a>(
+        &'a self,
+        name: &'a str,
+        spec: UserSpec,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            if self.shared.owner(&ObjKey::new(Kind::User, name)).is_some() {
+                return Err(DeclareError::Conflict(format!("a User {name:?} exists")));
+            }
+            let ns = self.default_namespace.clone();
+            let mut obj = DynamicObject::new(name, &objects::api_resource(Kind::User)).within(&ns);
+            obj.metadata.labels = Some(BTreeMap::from([(
+                LABEL_MADE_BY.to_owned(),
+                "console".to_owned(),
+            )]));
+            obj.data = json!({ "spec": spec });
+            self.writer
+                .create(Kind::User, &ns, &obj)
+                .await
+                .map_err(|e| failed("creating User", &ns, name, e))?;
+            Ok(format!("{ns}/User/{name}"))
+        })
+    }
+
+    /// Patches the User's `spec.passwordHash`.
+    fn set_password<'a>(
+        &'a self,
+        name: &'a str,
+        hash: &'a str,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let ns = self.namespace_of(&ObjKey::new(Kind::User, name))?;
+            self.writer
+                .merge_spec(Kind::User, &ns, name, json!({ "passwordHash": hash }))
+                .await
+                .map_err(|e| failed("patching User", &ns, name, e))?;
+            Ok(format!("{ns}/User/{name}"))
         })
     }
 

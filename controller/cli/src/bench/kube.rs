@@ -96,6 +96,7 @@ async fn measure(
             listener: None,
             admin_token: None,
             webhooks: None,
+            console: Default::default(),
             limits: Default::default(),
         },
     );

@@ -1,0 +1,268 @@
+//! What the console's pages learn live (`GET /ui/events`, Server-Sent Events):
+//!
+//! - `claim`: each change of a claim the session may see, as the engine reports it (its push,
+//!   not a poll), with the claim's endpoint and TTL once bound, and `engineMs` (when the engine
+//!   made the change, Unix milliseconds) so that a page can tell how late it shows it;
+//! - `pools`: the pools' counts and their history (warm and bound, one point per
+//!   [`HISTORY_EVERY`] over [`HISTORY_POINTS`] points), sent when they change.
+//!
+//! The pools' counts are read by one sampler for all pages (started with the first page that
+//! asks), from the engine's snapshot every [`SAMPLE_EVERY`]: the engine has no push for counts,
+//! and one reader for every browser costs one snapshot per period whatever their number.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use poolkeeper_engine::EngineHandle;
+use poolkeeper_engine::status::Snapshot;
+use poolkeeper_kinds::{ClaimStatus, Kind, ObjKey, PoolStatus};
+
+use crate::ApiState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+pub(crate) const HISTORY_EVERY: Duration = Duration::from_secs(5);
+/// Ten minutes of history.
+pub(crate) const HISTORY_POINTS: usize = 120;
+
+/// One pool as the console shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PoolRow {
+    pub name: String,
+    pub image: String,
+    /// `8000-8099`, or empty.
+    pub ports: String,
+    pub ssh: bool,
+    pub warm: u32,
+    pub desired: u32,
+    pub bound: u32,
+    pub starting: u32,
+    pub queued: u32,
+    pub quarantined: u32,
+    pub hits: u64,
+    pub misses: u64,
+    /// The Ready condition: `True`/`False`, and its reason.
+    pub ready: String,
+    pub ready_reason: String,
+    /// Warm and bound, oldest first.
+    pub history: Vec<(u32, u32)>,
+}
+
+/// The latest rows, shared by every page.
+#[derive(Default)]
+pub(crate) struct Feed {
+    rows: tokio::sync::Mutex<Option<watch::Receiver<Arc<Vec<PoolRow>>>>>,
+}
+
+impl Feed {
+    /// The pools' rows, live; the sampler starts with the first caller, which gets its first
+    /// rows at once.
+    pub async fn rows(&self, handle: &EngineHandle) -> watch::Receiver<Arc<Vec<PoolRow>>> {
+        let mut rows = self.rows.lock().await;
+        if let Some(rx) = rows.as_ref() {
+            return rx.clone();
+        }
+        let mut sampler = Sampler::default();
+        let first = match handle.snapshot().await {
+            Ok(snap) => sampler.rows(&snap),
+            Err(_) => Vec::new(),
+        };
+        let (tx, rx) = watch::channel(Arc::new(first));
+        tokio::spawn(sampler.run(handle.clone(), tx));
+        *rows = Some(rx.clone());
+        rx
+    }
+}
+
+/// The pools' history, kept by the one sampler.
+#[derive(Default)]
+struct Sampler {
+    history: HashMap<String, VecDeque<(u32, u32)>>,
+    last_point: Option<Instant>,
+}
+
+impl Sampler {
+    /// The rows of `snap`, with their history (a point added every [`HISTORY_EVERY`]).
+    fn rows(&mut self, snap: &Snapshot) -> Vec<PoolRow> {
+        let mut rows = pool_rows(snap);
+        if self.last_point.is_none_or(|t| t.elapsed() >= HISTORY_EVERY) {
+            self.last_point = Some(Instant::now());
+            self.history
+                .retain(|name, _| rows.iter().any(|r| &r.name == name));
+            for r in &rows {
+                let h = self.history.entry(r.name.clone()).or_default();
+                h.push_back((r.warm, r.bound));
+                while h.len() > HISTORY_POINTS {
+                    h.pop_front();
+                }
+            }
+        }
+        for r in &mut rows {
+            r.history = self
+                .history
+                .get(&r.name)
+                .map(|h| h.iter().copied().collect())
+                .unwrap_or_default();
+        }
+        rows
+    }
+
+    /// Reads the snapshot every [`SAMPLE_EVERY`] and publishes the rows when they change,
+    /// until the engine stops.
+    async fn run(mut self, handle: EngineHandle, tx: watch::Sender<Arc<Vec<PoolRow>>>) {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Ok(snap) = handle.snapshot().await else {
+                return;
+            };
+            let rows = self.rows(&snap);
+            if **tx.borrow() != rows && tx.send(Arc::new(rows)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The pools of a snapshot as rows (without history).
+pub(crate) fn pool_rows(snap: &Snapshot) -> Vec<PoolRow> {
+    snap.objects
+        .iter()
+        .filter(|o| o.kind == Kind::Pool && !o.spec.is_null())
+        .map(|o| {
+            let st: PoolStatus = serde_json::from_value(o.status.clone()).unwrap_or_default();
+            let ready = st.conditions.iter().find(|c| c.type_ == "Ready");
+            let ports = o
+                .spec
+                .get("hostPorts")
+                .and_then(|p| Some((p.get("start")?.as_u64()?, p.get("end")?.as_u64()?)))
+                .map(|(a, b)| format!("{a}-{b}"))
+                .unwrap_or_default();
+            PoolRow {
+                name: o.name.clone(),
+                image: o
+                    .spec
+                    .pointer("/template/image")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                ports,
+                ssh: o.spec.get("ssh").is_some_and(|s| !s.is_null()),
+                warm: st.warm,
+                desired: st.desired_warm,
+                bound: st.bound,
+                starting: st.starting,
+                queued: st.queued,
+                quarantined: st.quarantined,
+                hits: st.hits,
+                misses: st.misses,
+                ready: ready.map_or_else(|| "Unknown".to_owned(), |c| c.status.clone()),
+                ready_reason: ready.map(|c| c.reason.clone()).unwrap_or_default(),
+                history: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// A claim as a `claim` event (and a page's row) shows it.
+pub(crate) fn claim_json(name: &str, spec: &Value, status: &Value) -> Value {
+    let st: ClaimStatus = serde_json::from_value(status.clone()).unwrap_or_default();
+    let endpoint = st.endpoint.as_ref();
+    json!({
+        "name": name,
+        "user": spec.get("user"),
+        "pool": spec.get("pool"),
+        "phase": st.phase,
+        "address": endpoint.and_then(|e| e.address.clone()),
+        "ssh": endpoint.and_then(|e| e.ssh.clone()),
+        "expiresAt": st.expires_at,
+        "boundAt": st.bound_at,
+        "queuePosition": st.queue_position,
+    })
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The stream of a signed-in page.
+pub(crate) async fn events(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
+    let Some((_, session)) = state.console.session(&headers) else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
+    };
+    let who = session.who;
+    let claims = state
+        .handle
+        .subscribe()
+        .map_err(|_| ApiError::unavailable())?;
+    let mut pools = state.console.feed.rows(&state.handle).await;
+    // The current rows first: a page rendered before the sampler started gets them at once.
+    pools.mark_changed();
+    let handle = state.handle.clone();
+    struct Live {
+        claims: tokio::sync::mpsc::UnboundedReceiver<poolkeeper_engine::ClaimChange>,
+        pools: watch::Receiver<Arc<Vec<PoolRow>>>,
+        who: Caller,
+        handle: EngineHandle,
+    }
+    let live = Live {
+        claims,
+        pools,
+        who,
+        handle,
+    };
+    let stream = futures::stream::unfold(live, |mut live| async move {
+        loop {
+            tokio::select! {
+                change = live.claims.recv() => {
+                    let change = change?;
+                    if !live.who.sees_user(&change.user) {
+                        continue;
+                    }
+                    let engine_ms = unix_ms(SystemTime::now()) - change.at.elapsed().as_millis() as u64;
+                    let view = live
+                        .handle
+                        .views(vec![ObjKey::new(Kind::Claim, change.name.clone())])
+                        .await
+                        .ok()
+                        .and_then(|v| v.into_iter().next().flatten());
+                    let mut data = match &view {
+                        Some(v) => claim_json(&v.name, &v.spec, &v.status),
+                        None => json!({"name": change.name, "user": change.user}),
+                    };
+                    // The change's own phase (the view may have moved on, or be gone).
+                    data["phase"] = json!(change.phase);
+                    data["gone"] = json!(view.is_none());
+                    data["engineMs"] = json!(engine_ms);
+                    let ev = Event::default().event("claim").data(data.to_string());
+                    return Some((Ok(ev), live));
+                }
+                changed = live.pools.changed() => {
+                    changed.ok()?;
+                    let rows = live.pools.borrow_and_update().clone();
+                    let ev = Event::default().event("pools").data(json!(*rows).to_string());
+                    return Some((Ok(ev), live));
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,369 @@
+//! The web console under `/ui`: self-service for users (sign in, launch an instance from a
+//! pool, see it bind live, upload files into it, release it) and a live dashboard for operators
+//! (pools, users, claims, nodes, deployments, events; scale, reinitialise, release, delete).
+//!
+//! It is the same API in other clothes: every change goes through the functions the JSON API
+//! calls (and so through the source's [`Declare`](poolkeeper_engine::source::Declare)), every
+//! figure comes from the engine's snapshot, and live updates are pushed by Server-Sent Events
+//! (`/ui/events`): claim changes as the engine reports them, pool counts when they change.
+//!
+//! Security: a session is a random id in an `HttpOnly`, `SameSite=Strict` cookie (`Secure`
+//! with `--console-secure-cookie`), kept in memory (a restart signs everyone out); every form
+//! carries a CSRF token (the session's, or before sign-in a cookie's, compared in constant
+//! time); sign-in attempts are limited per address and per user name; pages are served with a
+//! Content-Security-Policy that allows no inline script or style. Passwords are argon2id
+//! hashes on the User (`passwordHash`); tokens and passwords travel only in POST bodies.
+//!
+//! Where things are: this file (sessions, cookies, CSRF, the attempt limiter, routes),
+//! `pages` (the handlers and templates), `feed` (the live stream and the pools' history).
+
+mod feed;
+mod pages;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::routing::{get, post};
+
+use crate::auth::Caller;
+
+pub use pages::hash_password;
+
+/// How the console is offered.
+#[derive(Clone, Debug)]
+pub struct ConsoleConfig {
+    /// Whether people may register (`--allow-registration`): a User is declared through the
+    /// source with `registration_quota`.
+    pub allow_registration: bool,
+    /// The `maxClaims` of a registered user.
+    pub registration_quota: u32,
+    /// Mark the session cookie `Secure` (served over https, behind a TLS proxy, say).
+    pub secure_cookie: bool,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            allow_registration: false,
+            registration_quota: 2,
+            secure_cookie: false,
+        }
+    }
+}
+
+/// A signed-in browser.
+#[derive(Clone, Debug)]
+pub(crate) struct Session {
+    pub who: Caller,
+    /// Every form of this session carries it.
+    pub csrf: String,
+    /// A message for the next page (the outcome of a form), shown once.
+    pub flash: Option<Flash>,
+    last_seen: Instant,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Flash {
+    pub ok: bool,
+    pub text: String,
+}
+
+/// A session ends after this long without a request.
+const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
+/// The most sessions kept (the oldest idle one goes first).
+const MAX_SESSIONS: usize = 10_000;
+/// Failed sign-ins allowed per user name in [`WINDOW`].
+const MAX_FAILURES: usize = 5;
+/// Failed sign-ins (or registrations) allowed per address in [`WINDOW`]: more than per name,
+/// as a classroom or an office shares one address.
+const MAX_FAILURES_PER_ADDRESS: usize = 20;
+const WINDOW: Duration = Duration::from_secs(60);
+
+pub(crate) const SESSION_COOKIE: &str = "pk_session";
+/// Before sign-in: the CSRF token of the sign-in and registration forms.
+pub(crate) const PRE_COOKIE: &str = "pk_pre";
+
+/// The console's state, beside the API's.
+pub(crate) struct Console {
+    pub config: ConsoleConfig,
+    sessions: Mutex<HashMap<String, Session>>,
+    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    pub feed: feed::Feed,
+}
+
+impl Console {
+    pub fn new(config: ConsoleConfig) -> Console {
+        Console {
+            config,
+            sessions: Mutex::default(),
+            failures: Mutex::default(),
+            feed: feed::Feed::default(),
+        }
+    }
+
+    /// The session a request's cookie names, if it is still alive.
+    pub fn session(&self, headers: &HeaderMap) -> Option<(String, Session)> {
+        let id = cookie(headers, SESSION_COOKIE)?;
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let s = sessions.get_mut(id)?;
+        if s.last_seen.elapsed() > SESSION_IDLE {
+            sessions.remove(id);
+            return None;
+        }
+        s.last_seen = Instant::now();
+        Some((id.to_owned(), s.clone()))
+    }
+
+    /// Takes the session's flash message (shown once).
+    pub fn take_flash(&self, id: &str) -> Option<Flash> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.get_mut(id).and_then(|s| s.flash.take())
+    }
+
+    pub fn set_flash(&self, id: &str, ok: bool, text: impl Into<String>) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = sessions.get_mut(id) {
+            s.flash = Some(Flash {
+                ok,
+                text: text.into(),
+            });
+        }
+    }
+
+    /// Starts a session for `who`: its id (for the cookie).
+    pub fn sign_in(&self, who: Caller) -> Option<String> {
+        let id = random_token()?;
+        let csrf = random_token()?;
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.retain(|_, s| s.last_seen.elapsed() <= SESSION_IDLE);
+            if sessions.len() >= MAX_SESSIONS
+                && let Some(oldest) = sessions
+                    .iter()
+                    .min_by_key(|(_, s)| s.last_seen)
+                    .map(|(k, _)| k.clone())
+            {
+                sessions.remove(&oldest);
+            }
+        }
+        sessions.insert(
+            id.clone(),
+            Session {
+                who,
+                csrf,
+                flash: None,
+                last_seen: Instant::now(),
+            },
+        );
+        Some(id)
+    }
+
+    pub fn sign_out(&self, id: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.remove(id);
+    }
+
+    /// Ends every session of `user` (deleted or disabled).
+    pub fn sign_out_user(&self, user: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.retain(|_, s| s.who != Caller::User(user.to_owned()));
+    }
+
+    /// Whether any of `keys` (an address, a user name) failed too often lately: how long until
+    /// it may try again.
+    pub fn blocked(&self, keys: &[String]) -> Option<Duration> {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        keys.iter()
+            .filter_map(|k| {
+                let q = failures.get_mut(k)?;
+                while q.front().is_some_and(|t| now.duration_since(*t) > WINDOW) {
+                    q.pop_front();
+                }
+                (q.len() >= limit(k))
+                    .then(|| q.front().map(|t| WINDOW.saturating_sub(now.duration_since(*t))))
+                    .flatten()
+            })
+            .max()
+    }
+
+    pub fn failed(&self, keys: &[String]) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        // Bounded: addresses and names that stopped failing are dropped once their window
+        // has passed.
+        if failures.len() > 100_000 {
+            failures.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) <= WINDOW));
+        }
+        for k in keys {
+            let q = failures.entry(k.clone()).or_default();
+            q.push_back(now);
+            while q.len() > limit(k) {
+                q.pop_front();
+            }
+        }
+    }
+}
+
+/// How many failures key `k` (`ip:ADDRESS` or `user:NAME`) may have in [`WINDOW`].
+fn limit(k: &str) -> usize {
+    if k.starts_with("ip:") {
+        MAX_FAILURES_PER_ADDRESS
+    } else {
+        MAX_FAILURES
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
+
+/// A `Set-Cookie` value for the console's path; `None` clears it.
+pub(crate) fn set_cookie(name: &str, value: Option<&str>, secure: bool) -> HeaderValue {
+    let mut c = match value {
+        Some(v) => format!("{name}={v}; Path=/ui; HttpOnly; SameSite=Strict"),
+        None => format!("{name}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
+    };
+    if secure {
+        c.push_str("; Secure");
+    }
+    HeaderValue::from_str(&c).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// 32 random bytes from the operating system, as hex: a session id or a CSRF token. None
+/// when the system has no randomness to give (then nobody signs in).
+pub(crate) fn random_token() -> Option<String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).ok()?;
+    Some(hex::encode(b))
+}
+
+/// Equal without telling, by timing, where they differ.
+pub(crate) fn same_token(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// The client's address (as the listener accepted it), for the attempt limiter.
+pub(crate) fn peer(extensions: &axum::http::Extensions) -> String {
+    extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string())
+}
+
+/// The console's routes (the API's state; `/` redirects to `/ui`).
+pub(crate) fn routes() -> Router<std::sync::Arc<crate::ApiState>> {
+    Router::new()
+        .route("/", get(pages::root))
+        .route("/ui", get(pages::home))
+        .route("/ui/", get(pages::root))
+        .route("/ui/signin", get(pages::signin_page).post(pages::signin))
+        .route("/ui/signout", post(pages::signout))
+        .route(
+            "/ui/register",
+            get(pages::register_page).post(pages::register),
+        )
+        .route("/ui/claims", post(pages::launch))
+        .route("/ui/claims/{name}/release", post(pages::release))
+        .route(
+            "/ui/claims/{name}/files",
+            post(pages::upload).layer(DefaultBodyLimit::max(crate::UPLOAD_LIMIT)),
+        )
+        .route("/ui/pools/{name}/scale", post(pages::scale))
+        .route("/ui/pools/{name}/reinitialise", post(pages::reinitialise))
+        .route("/ui/users/{name}/release", post(pages::release_user))
+        .route("/ui/users/{name}/delete", post(pages::delete_user))
+        .route("/ui/events", get(feed::events))
+        .route("/ui/assets/console.css", get(pages::css))
+        .route("/ui/assets/console.js", get(pages::js))
+        .layer(axum::middleware::map_response(pages::page_headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cookie_is_found_among_others_and_an_empty_one_is_none() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; pk_session=abc; b=2"),
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("pk_pre="));
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, PRE_COOKIE), None);
+        assert_eq!(cookie(&h, "pk_sess"), None);
+    }
+
+    #[test]
+    fn the_session_cookie_is_http_only_strict_and_secure_when_asked() {
+        let c = set_cookie(SESSION_COOKIE, Some("x"), true);
+        let c = c.to_str().expect("ascii");
+        assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"));
+        let c = set_cookie(SESSION_COOKIE, None, false);
+        assert!(c.to_str().expect("ascii").contains("Max-Age=0"));
+    }
+
+    #[test]
+    fn failures_block_a_name_after_five_and_an_address_after_twenty_for_the_window() {
+        let c = Console::new(ConsoleConfig::default());
+        let user = vec!["user:bob".to_owned()];
+        for _ in 0..4 {
+            c.failed(&user);
+            assert_eq!(c.blocked(&user), None);
+        }
+        c.failed(&user);
+        let wait = c.blocked(&user).expect("blocked");
+        assert!(wait <= WINDOW && wait > Duration::from_secs(50), "{wait:?}");
+        let ip = vec!["ip:10.0.0.1".to_owned()];
+        for _ in 0..19 {
+            c.failed(&ip);
+        }
+        assert_eq!(c.blocked(&ip), None);
+        c.failed(&ip);
+        assert!(c.blocked(&ip).is_some());
+        // Another name is not blocked; a key list with a blocked one is.
+        let other = vec!["user:alice".to_owned()];
+        assert_eq!(c.blocked(&other), None);
+        assert!(c.blocked(&[other[0].clone(), user[0].clone()]).is_some());
+    }
+
+    #[test]
+    fn sessions_are_distinct_and_signing_out_a_user_ends_theirs_only() {
+        let c = Console::new(ConsoleConfig::default());
+        let a = c.sign_in(Caller::User("alice".into())).expect("id");
+        let b = c.sign_in(Caller::User("bob".into())).expect("id");
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        c.sign_out_user("alice");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={a}")).expect("header"),
+        );
+        assert!(c.session(&h).is_none());
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={b}")).expect("header"),
+        );
+        let (_, s) = c.session(&h).expect("bob's");
+        assert_eq!(s.who, Caller::User("bob".into()));
+        assert!(same_token(&s.csrf, &s.csrf.clone()));
+        assert!(!same_token(&s.csrf, "x"));
+    }
+}

@@ -1,0 +1,1105 @@
+//! The console's pages and forms. Each form posts back with the session's CSRF token and is
+//! answered by a redirect (303) to the page, whose next rendering shows the outcome once; the
+//! changes themselves are the JSON API's functions (`claims`, `admin`).
+
+use std::sync::{Arc, OnceLock};
+
+use askama::Template;
+use axum::extract::{FromRequest, Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::{Form, Json};
+use serde::Deserialize;
+use serde_json::Value;
+
+use poolkeeper_engine::status::{ObjectView, Snapshot};
+use poolkeeper_kinds::{DeploymentStatus, Kind, Quota, UserSpec};
+
+use super::feed::{PoolRow, claim_json, pool_rows};
+use super::{PRE_COOKIE, SESSION_COOKIE, Session, cookie, random_token, same_token, set_cookie};
+use crate::ApiState;
+use crate::auth::{Caller, sha256};
+use crate::error::ApiError;
+
+/// Pages may not be framed, run inline script or style, or load anything from elsewhere.
+pub(crate) const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+     base-uri 'none'";
+
+/// The headers of every console answer.
+pub(crate) async fn page_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    r
+}
+
+const CSS: &str = include_str!("../../assets/console.css");
+const JS: &str = include_str!("../../assets/console.js");
+
+pub(crate) async fn css() -> Response {
+    asset("text/css; charset=utf-8", CSS)
+}
+
+pub(crate) async fn js() -> Response {
+    asset("text/javascript; charset=utf-8", JS)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+pub(crate) async fn root() -> Redirect {
+    Redirect::to("/ui")
+}
+
+fn see(path: &str) -> Response {
+    Redirect::to(path).into_response()
+}
+
+fn render(status: StatusCode, t: &impl Template) -> Response {
+    match t.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "a console page did not render");
+            (StatusCode::INTERNAL_SERVER_ERROR, "the page did not render").into_response()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signing in, registering, signing out
+
+#[derive(Template)]
+#[template(path = "signin.html")]
+struct SignInPage<'a> {
+    title: &'a str,
+    csrf: String,
+    error: Option<String>,
+    registration: bool,
+    username: String,
+}
+
+#[derive(Template)]
+#[template(path = "register.html")]
+struct RegisterPage<'a> {
+    title: &'a str,
+    csrf: String,
+    error: Option<String>,
+    username: String,
+    quota: u32,
+}
+
+#[derive(Template)]
+#[template(path = "message.html")]
+struct MessagePage<'a> {
+    title: &'a str,
+    text: String,
+}
+
+fn message(status: StatusCode, title: &str, text: impl Into<String>) -> Response {
+    render(
+        status,
+        &MessagePage {
+            title,
+            text: text.into(),
+        },
+    )
+}
+
+/// A page before sign-in: its CSRF token is a cookie's, made here when there is none.
+fn pre_token(headers: &HeaderMap) -> Option<(String, bool)> {
+    match cookie(headers, PRE_COOKIE) {
+        Some(t) if t.len() == 64 => Some((t.to_owned(), false)),
+        _ => random_token().map(|t| (t, true)),
+    }
+}
+
+fn with_pre_cookie(mut r: Response, state: &ApiState, token: &str, new: bool) -> Response {
+    if new {
+        r.headers_mut().append(
+            header::SET_COOKIE,
+            set_cookie(PRE_COOKIE, Some(token), state.console.config.secure_cookie),
+        );
+    }
+    r
+}
+
+fn no_randomness() -> Response {
+    message(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        "the system gave no randomness for a session; try again",
+    )
+}
+
+pub(crate) async fn signin_page(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Response {
+    if state.console.session(&headers).is_some() {
+        return see("/ui");
+    }
+    signin_form(&state, &headers, StatusCode::OK, None, String::new())
+}
+
+fn signin_form(
+    state: &ApiState,
+    headers: &HeaderMap,
+    status: StatusCode,
+    error: Option<String>,
+    username: String,
+) -> Response {
+    let Some((csrf, new)) = pre_token(headers) else {
+        return no_randomness();
+    };
+    let page = SignInPage {
+        title: "Sign in",
+        csrf: csrf.clone(),
+        error,
+        registration: state.console.config.allow_registration,
+        username,
+    };
+    with_pre_cookie(render(status, &page), state, &csrf, new)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct SignInForm {
+    csrf: String,
+    token: String,
+    username: String,
+    password: String,
+}
+
+/// Whether a form's token is the one its cookie (before sign-in) holds.
+fn pre_csrf_ok(headers: &HeaderMap, form: &str) -> bool {
+    cookie(headers, PRE_COOKIE).is_some_and(|c| same_token(c, form))
+}
+
+fn expired_form() -> Response {
+    message(
+        StatusCode::FORBIDDEN,
+        "Form expired",
+        "this form's security token does not match your session (it expired, or the form came \
+         from another site): reload the page and send it again",
+    )
+}
+
+pub(crate) async fn signin(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+) -> Response {
+    let addr = super::peer(request.extensions());
+    let headers = request.headers().clone();
+    let Form(form) = match Form::<SignInForm>::from_request(request, &state).await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    if !pre_csrf_ok(&headers, &form.csrf) {
+        return expired_form();
+    }
+    let username = form.username.trim().to_owned();
+    let mut keys = vec![format!("ip:{addr}")];
+    if !username.is_empty() {
+        keys.push(format!("user:{username}"));
+    }
+    if let Some(wait) = state.console.blocked(&keys) {
+        return signin_form(
+            &state,
+            &headers,
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(format!(
+                "too many failed sign-ins from here or for this name: try again in {} s",
+                wait.as_secs().max(1)
+            )),
+            username,
+        );
+    }
+    let outcome = if !form.token.trim().is_empty() {
+        token_caller(&state, form.token.trim())
+    } else if !username.is_empty() && !form.password.is_empty() {
+        password_caller(&state, &username, form.password).await
+    } else {
+        Err("give a token, or a user name and a password".to_owned())
+    };
+    match outcome {
+        Ok(who) => {
+            let Some(id) = state.console.sign_in(who) else {
+                return no_randomness();
+            };
+            let mut r = see("/ui");
+            let secure = state.console.config.secure_cookie;
+            let h = r.headers_mut();
+            h.append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, Some(&id), secure));
+            h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, None, secure));
+            r
+        }
+        Err(why) => {
+            state.console.failed(&keys);
+            tracing::info!(address = %addr, user = %username, "a console sign-in failed");
+            signin_form(
+                &state,
+                &headers,
+                StatusCode::UNAUTHORIZED,
+                Some(why),
+                username,
+            )
+        }
+    }
+}
+
+
+fn token_caller(state: &ApiState, token: &str) -> Result<Caller, String> {
+    let digest = sha256(token);
+    if state
+        .admin_sha256
+        .as_ref()
+        .is_some_and(|a| crate::auth::same(a, &digest))
+    {
+        return Ok(Caller::Admin);
+    }
+    match state.handle.token_owner(&digest) {
+        Some(o) if o.disabled => Err("this user is disabled".to_owned()),
+        Some(o) => Ok(Caller::User(o.user)),
+        None => Err("unknown token".to_owned()),
+    }
+}
+
+/// A hash that matches no password, checked when the user has none, so that a missing user
+/// takes as long to refuse as a wrong password.
+fn decoy_hash() -> &'static str {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY.get_or_init(|| {
+        let pw = random_token().unwrap_or_else(|| "decoy".to_owned());
+        hash_password(&pw).unwrap_or_default()
+    })
+}
+
+async fn password_caller(
+    state: &ApiState,
+    username: &str,
+    password: String,
+) -> Result<Caller, String> {
+    let wrong = || "wrong user name or password".to_owned();
+    let snap = state
+        .handle
+        .snapshot()
+        .await
+        .map_err(|_| "the controller is stopping".to_owned())?;
+    let user = user_spec(&snap, username);
+    let hash = user
+        .as_ref()
+        .and_then(|u| u.password_hash.clone())
+        .unwrap_or_else(|| decoy_hash().to_owned());
+    let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    match user {
+        Some(u) if matches && u.password_hash.is_some() => {
+            if u.disabled {
+                Err("this user is disabled".to_owned())
+            } else {
+                Ok(Caller::User(username.to_owned()))
+            }
+        }
+        _ => Err(wrong()),
+    }
+}
+
+/// An argon2id hash of `password` (PHC string) with a random salt, with the crate's default
+/// parameters (19 MiB, 2 passes): what `passwordHash` holds.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| format!("no randomness for a salt: {e}"))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(hash).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+fn user_spec(snap: &Snapshot, name: &str) -> Option<UserSpec> {
+    snap.objects
+        .iter()
+        .find(|o| o.kind == Kind::User && o.name == name)
+        .and_then(|o| serde_json::from_value(o.spec.clone()).ok())
+}
+
+pub(crate) async fn register_page(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Response {
+    if !state.console.config.allow_registration {
+        return registration_off();
+    }
+    register_form(&state, &headers, StatusCode::OK, None, String::new())
+}
+
+fn registration_off() -> Response {
+    message(
+        StatusCode::NOT_FOUND,
+        "Registration is off",
+        "this controller does not take registrations (its operator can allow them with \
+         --allow-registration); ask the operator for an account",
+    )
+}
+
+fn register_form(
+    state: &ApiState,
+    headers: &HeaderMap,
+    status: StatusCode,
+    error: Option<String>,
+    username: String,
+) -> Response {
+    let Some((csrf, new)) = pre_token(headers) else {
+        return no_randomness();
+    };
+    let page = RegisterPage {
+        title: "Register",
+        csrf: csrf.clone(),
+        error,
+        username,
+        quota: state.console.config.registration_quota,
+    };
+    with_pre_cookie(render(status, &page), state, &csrf, new)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct RegisterForm {
+    csrf: String,
+    username: String,
+    password: String,
+    confirm: String,
+}
+
+/// The shortest password a registration takes.
+pub(crate) const MIN_PASSWORD: usize = 8;
+
+pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Request) -> Response {
+    if !state.console.config.allow_registration {
+        return registration_off();
+    }
+    let addr = super::peer(request.extensions());
+    let headers = request.headers().clone();
+    let Form(form) = match Form::<RegisterForm>::from_request(request, &state).await {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    if !pre_csrf_ok(&headers, &form.csrf) {
+        return expired_form();
+    }
+    let name = form.username.trim().to_owned();
+    let keys = vec![format!("ip:{addr}")];
+    let refuse = |status, why: String| {
+        register_form(&state, &headers, status, Some(why), name.clone())
+    };
+    if let Some(wait) = state.console.blocked(&keys) {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many attempts from here: try again in {} s", wait.as_secs().max(1)),
+        );
+    }
+    if let Err(e) = poolkeeper_kinds::units::check_name(&name) {
+        return refuse(StatusCode::UNPROCESSABLE_ENTITY, format!("user name: {e}"));
+    }
+    if form.password.chars().count() < MIN_PASSWORD || form.password.len() > 1024 {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("password: at least {MIN_PASSWORD} characters"),
+        );
+    }
+    if form.password != form.confirm {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "password: the two passwords differ".to_owned(),
+        );
+    }
+    let password = form.password;
+    let hash = match tokio::task::spawn_blocking(move || hash_password(&password)).await {
+        Ok(Ok(h)) => h,
+        _ => {
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the password could not be hashed".to_owned(),
+            );
+        }
+    };
+    let spec = UserSpec {
+        quota: Quota {
+            max_claims: state.console.config.registration_quota,
+            pools: Vec::new(),
+        },
+        password_hash: Some(hash),
+        ..UserSpec::default()
+    };
+    match state.declare.create_user(&name, spec).await {
+        Ok(at) => {
+            tracing::info!(user = %name, at = %at, "a user registered through the console");
+            let Some(id) = state.console.sign_in(Caller::User(name.clone())) else {
+                return no_randomness();
+            };
+            state.console.set_flash(
+                &id,
+                true,
+                format!("Welcome, {name}: you may hold {} instances at once.", state.console.config.registration_quota),
+            );
+            let mut r = see("/ui");
+            let secure = state.console.config.secure_cookie;
+            let h = r.headers_mut();
+            h.append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, Some(&id), secure));
+            h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, None, secure));
+            r
+        }
+        Err(poolkeeper_engine::source::DeclareError::Conflict(_)) => {
+            state.console.failed(&keys);
+            refuse(
+                StatusCode::CONFLICT,
+                format!("user name: {name:?} is taken"),
+            )
+        }
+        Err(e) => {
+            let e = ApiError::from(e);
+            refuse(e.status(), e.words())
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct CsrfForm {
+    csrf: String,
+}
+
+pub(crate) async fn signout(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Some((id, s)) = state.console.session(&headers) {
+        if !same_token(&s.csrf, &form.csrf) {
+            return expired_form();
+        }
+        state.console.sign_out(&id);
+    }
+    let mut r = see("/ui/signin");
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(SESSION_COOKIE, None, state.console.config.secure_cookie),
+    );
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signed-in pages
+
+/// The session of a signed-in page, checked against what is declared now (a user deleted or
+/// disabled since is signed out), with the snapshot the page shows.
+async fn signed_in(
+    state: &ApiState,
+    headers: &HeaderMap,
+) -> Result<(String, Session, Snapshot), Response> {
+    let Some((id, session)) = state.console.session(headers) else {
+        return Err(see("/ui/signin"));
+    };
+    let snap = state
+        .handle
+        .snapshot()
+        .await
+        .map_err(|_| message(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "the controller is stopping"))?;
+    if let Caller::User(u) = &session.who
+        && user_spec(&snap, u).is_none_or(|s| s.disabled)
+    {
+        state.console.sign_out_user(u);
+        return Err(see("/ui/signin"));
+    }
+    Ok((id, session, snap))
+}
+
+/// A signed-in form's session, its CSRF token checked.
+fn form_session(
+    state: &ApiState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<(String, Session), Response> {
+    let Some((id, session)) = state.console.session(headers) else {
+        return Err(see("/ui/signin"));
+    };
+    if !same_token(&session.csrf, csrf) {
+        return Err(expired_form());
+    }
+    Ok((id, session))
+}
+
+/// One claim as the pages show it.
+#[derive(Default)]
+pub(crate) struct ClaimRow {
+    name: String,
+    user: String,
+    pool: String,
+    phase: String,
+    address: String,
+    ssh: String,
+    expires_at: String,
+    queue: String,
+}
+
+fn claim_rows(snap: &Snapshot, who: &Caller) -> Vec<ClaimRow> {
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    snap.objects
+        .iter()
+        .filter(|o| o.kind == Kind::Claim && crate::objects::visible(who, o))
+        .map(|o| {
+            let v = claim_json(&o.name, &o.spec, &o.status);
+            ClaimRow {
+                name: o.name.clone(),
+                user: s(&v, "user"),
+                pool: s(&v, "pool"),
+                phase: s(&v, "phase"),
+                address: s(&v, "address"),
+                ssh: s(&v, "ssh"),
+                expires_at: s(&v, "expiresAt"),
+                queue: v
+                    .get("queuePosition")
+                    .and_then(Value::as_u64)
+                    .map(|p| format!("#{p} in the queue"))
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+#[derive(Template)]
+#[template(path = "mine.html")]
+struct MinePage<'a> {
+    title: &'a str,
+    csrf: String,
+    flash: Option<super::Flash>,
+    user: String,
+    max_claims: u32,
+    held: usize,
+    pools: Vec<PoolRow>,
+    claims: Vec<ClaimRow>,
+    /// The row the page's script copies for a claim it learns of live.
+    blank: ClaimRow,
+}
+
+/// A pool's chart: the polyline points of warm and bound over its history (a 120 x 32 box).
+pub(crate) struct Chart {
+    warm: String,
+    bound: String,
+    top: u32,
+}
+
+fn chart(history: &[(u32, u32)]) -> Chart {
+    let top = history
+        .iter()
+        .map(|(w, b)| (*w).max(*b))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let n = history.len().max(2) - 1;
+    let pts = |f: &dyn Fn(&(u32, u32)) -> u32| {
+        history
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let x = i as f64 * 120.0 / n as f64;
+                let y = 31.0 - f64::from(f(p)) * 30.0 / f64::from(top);
+                format!("{x:.1},{y:.1}")
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    Chart {
+        warm: pts(&|p| p.0),
+        bound: pts(&|p| p.1),
+        top,
+    }
+}
+
+/// The claim latency distribution's bars: (label, count, height in a 40-high box).
+pub(crate) struct Bar {
+    label: String,
+    count: u64,
+    height: u64,
+    y: u64,
+    x: usize,
+}
+
+fn latency_bars(h: &poolkeeper_engine::metrics::Histogram) -> Vec<Bar> {
+    use poolkeeper_engine::metrics::BUCKETS;
+    let max = h.counts.iter().copied().max().unwrap_or(0).max(1);
+    let label = |i: usize| match BUCKETS.get(i) {
+        Some(b) if *b < 1.0 => format!("≤{} ms", (b * 1000.0).round()),
+        Some(b) => format!("≤{b} s"),
+        None => format!("> {} s", BUCKETS[BUCKETS.len() - 1]),
+    };
+    (0..=BUCKETS.len())
+        .map(|i| {
+            let count = h.counts.get(i).copied().unwrap_or(0);
+            let height = count * 40 / max;
+            Bar {
+                label: label(i),
+                count,
+                height,
+                y: 40 - height,
+                x: i * 8,
+            }
+        })
+        .collect()
+}
+
+pub(crate) struct UserRow {
+    name: String,
+    claims: usize,
+    max_claims: u32,
+    disabled: bool,
+    sign_in: String,
+}
+
+pub(crate) struct DeploymentRow {
+    name: String,
+    ready: String,
+    containers: Vec<poolkeeper_kinds::ContainerStatus>,
+}
+
+pub(crate) struct EventRow {
+    time: String,
+    object: String,
+    type_: String,
+    reason: String,
+    message: String,
+}
+
+#[derive(Template)]
+#[template(path = "operator.html")]
+struct OperatorPage<'a> {
+    title: &'a str,
+    csrf: String,
+    flash: Option<super::Flash>,
+    pools: Vec<(PoolRow, Chart)>,
+    bars: Vec<Bar>,
+    bound_total: u64,
+    users: Vec<UserRow>,
+    claims: Vec<ClaimRow>,
+    nodes: Vec<poolkeeper_runtime::NodeStatus>,
+    deployments: Vec<DeploymentRow>,
+    events: Vec<EventRow>,
+}
+
+pub(crate) async fn home(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    let (id, session, snap) = match signed_in(&state, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let flash = state.console.take_flash(&id);
+    // The live rows (with their history) when the sampler runs; else read from this snapshot.
+    let live = state.console.feed.rows(&state.handle).await.borrow().clone();
+    let mut pools = pool_rows(&snap);
+    for p in &mut pools {
+        if let Some(l) = live.iter().find(|l| l.name == p.name) {
+            p.history.clone_from(&l.history);
+        }
+    }
+    match &session.who {
+        Caller::User(user) => {
+            let spec = user_spec(&snap, user).unwrap_or_default();
+            let claims = claim_rows(&snap, &session.who);
+            let held = claims
+                .iter()
+                .filter(|c| c.phase == "Pending" || c.phase == "Bound")
+                .count();
+            pools.retain(|p| spec.quota.pools.is_empty() || spec.quota.pools.contains(&p.name));
+            render(
+                StatusCode::OK,
+                &MinePage {
+                    title: "My instances",
+                    csrf: session.csrf,
+                    flash,
+                    user: user.clone(),
+                    max_claims: spec.quota.max_claims,
+                    held,
+                    pools,
+                    claims,
+                    blank: ClaimRow::default(),
+                },
+            )
+        }
+        Caller::Admin => render(StatusCode::OK, &operator_page(&snap, &session, flash, pools)),
+    }
+}
+
+fn operator_page<'a>(
+    snap: &Snapshot,
+    session: &Session,
+    flash: Option<super::Flash>,
+    pools: Vec<PoolRow>,
+) -> OperatorPage<'a> {
+    let claims = claim_rows(snap, &Caller::Admin);
+    let users = snap
+        .objects
+        .iter()
+        .filter(|o| o.kind == Kind::User)
+        .map(|o| {
+            let spec: UserSpec = serde_json::from_value(o.spec.clone()).unwrap_or_default();
+            let mut ways = Vec::new();
+            if spec.token_sha256.is_some()
+                || spec.token_secret_file.is_some()
+                || spec.token_secret_ref.is_some()
+            {
+                ways.push("token");
+            }
+            if spec.password_hash.is_some() {
+                ways.push("password");
+            }
+            UserRow {
+                name: o.name.clone(),
+                claims: claims
+                    .iter()
+                    .filter(|c| c.user == o.name && (c.phase == "Pending" || c.phase == "Bound"))
+                    .count(),
+                max_claims: spec.quota.max_claims,
+                disabled: spec.disabled,
+                sign_in: if ways.is_empty() {
+                    "none".to_owned()
+                } else {
+                    ways.join(", ")
+                },
+            }
+        })
+        .collect();
+    let deployments = snap
+        .objects
+        .iter()
+        .filter(|o| o.kind == Kind::Deployment)
+        .map(|o| {
+            let st: DeploymentStatus =
+                serde_json::from_value(o.status.clone()).unwrap_or_default();
+            let ready = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map_or_else(String::new, |c| format!("{} ({})", c.status, c.reason));
+            DeploymentRow {
+                name: o.name.clone(),
+                ready,
+                containers: st.container_statuses,
+            }
+        })
+        .collect();
+    let mut events: Vec<EventRow> = snap
+        .objects
+        .iter()
+        .flat_map(|o: &ObjectView| {
+            o.events.iter().map(move |e| EventRow {
+                time: e.time.clone(),
+                object: format!("{}/{}", o.kind, o.name),
+                type_: e.type_.clone(),
+                reason: e.reason.clone(),
+                message: e.message.clone(),
+            })
+        })
+        .collect();
+    events.sort_by(|a, b| b.time.cmp(&a.time));
+    events.truncate(25);
+    let h = &snap.metrics.bind_latency;
+    OperatorPage {
+        title: "Operations",
+        csrf: session.csrf.clone(),
+        flash,
+        pools: pools
+            .into_iter()
+            .map(|p| {
+                let c = chart(&p.history);
+                (p, c)
+            })
+            .collect(),
+        bars: latency_bars(h),
+        bound_total: h.count,
+        users,
+        claims,
+        nodes: snap.nodes.clone(),
+        deployments,
+        events,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forms
+
+/// Runs a form's action and puts its outcome on the next page.
+fn outcome(state: &ApiState, id: &str, r: Result<String, ApiError>) -> Response {
+    match r {
+        Ok(text) => state.console.set_flash(id, true, text),
+        Err(e) => state.console.set_flash(id, false, e.words()),
+    }
+    see("/ui")
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct LaunchForm {
+    csrf: String,
+    pool: String,
+    ttl: String,
+}
+
+pub(crate) async fn launch(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Form(form): Form<LaunchForm>,
+) -> Response {
+    let (id, session) = match form_session(&state, &headers, &form.csrf) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let req = crate::claims::NewClaim {
+        name: None,
+        pool: form.pool.clone(),
+        user: None,
+        ttl: Some(form.ttl.trim().to_owned()).filter(|t| !t.is_empty()),
+        files: Default::default(),
+    };
+    let r = crate::claims::make_claim(&state, &session.who, req)
+        .await
+        .map(|(_, v)| {
+            format!(
+                "Claim {} made from {}: it shows Bound below as soon as it is.",
+                v["name"].as_str().unwrap_or("?"),
+                form.pool
+            )
+        });
+    outcome(&state, &id, r)
+}
+
+pub(crate) async fn release(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let (id, session) = match form_session(&state, &headers, &form.csrf) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let r = crate::claims::release_claim(&state, &session.who, &name)
+        .await
+        .map(|_| format!("Claim {name} released: its instance is reset for the next user."));
+    outcome(&state, &id, r)
+}
+
+/// Files into a claim's instance, sent by the page's script (a multipart form or a tar), the
+/// CSRF token in the `X-CSRF-Token` header; answered as the API answers, in JSON.
+pub(crate) async fn upload(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some((_, session)) = state.console.session(&headers) else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "not signed in").into_response();
+    };
+    let sent = headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !same_token(&session.csrf, sent) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the upload's security token does not match your session: reload the page",
+        )
+        .into_response();
+    }
+    match crate::claims::put_files(&state, &session.who, &name, &headers, body).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// An admin's form: the session (an admin's) or the answer refusing it.
+fn admin_form(
+    state: &ApiState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<String, Response> {
+    let (id, session) = form_session(state, headers, csrf)?;
+    if session.who != Caller::Admin {
+        return Err(message(
+            StatusCode::FORBIDDEN,
+            "Operators only",
+            "this is an operator's action",
+        ));
+    }
+    Ok(id)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct ScaleForm {
+    csrf: String,
+    warm: String,
+}
+
+pub(crate) async fn scale(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Form(form): Form<ScaleForm>,
+) -> Response {
+    let id = match admin_form(&state, &headers, &form.csrf) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let r = match form.warm.trim().parse::<u32>() {
+        Ok(warm) => crate::admin::scale(&state, &name, warm).await.map(|v| {
+            format!(
+                "Pool {name}: warm {} → {warm} (in {}).",
+                v["was"],
+                v["file"].as_str().unwrap_or("?")
+            )
+        }),
+        Err(_) => Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "warm",
+            format!("{:?} is not a whole number of instances", form.warm),
+        )),
+    };
+    outcome(&state, &id, r)
+}
+
+pub(crate) async fn reinitialise(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let id = match admin_form(&state, &headers, &form.csrf) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let r = crate::admin::reinitialise(&state, &name)
+        .await
+        .map(|v| format!("Pool {name}: {} warm instances being replaced.", v["replaced"]));
+    outcome(&state, &id, r)
+}
+
+pub(crate) async fn release_user(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let id = match admin_form(&state, &headers, &form.csrf) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let r = crate::admin::release_user_claims(&state, &name)
+        .await
+        .map(|v| format!("User {name}: released {}.", list_or_none(&v["released"])));
+    outcome(&state, &id, r)
+}
+
+pub(crate) async fn delete_user(
+    State(state): State<Arc<ApiState>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let id = match admin_form(&state, &headers, &form.csrf) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let r = crate::admin::remove_user(&state, &name).await.map(|v| {
+        format!(
+            "User {name} deleted (from {}); released {}.",
+            v["file"].as_str().unwrap_or("?"),
+            list_or_none(&v["released"])
+        )
+    });
+    if r.is_ok() {
+        state.console.sign_out_user(&name);
+    }
+    outcome(&state, &id, r)
+}
+
+fn list_or_none(v: &Value) -> String {
+    let names: Vec<&str> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if names.is_empty() {
+        "no claims".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_verifies_against_its_hash_only() {
+        let h = hash_password("correct horse").expect("hash");
+        assert!(poolkeeper_kinds::validate::is_argon2id_phc(&h), "{h}");
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("correct hors", &h));
+        assert!(!verify_password("correct horse", "not a hash"));
+        // Salted: the same password hashes differently.
+        assert_ne!(h, hash_password("correct horse").expect("hash"));
+    }
+
+    #[test]
+    fn a_chart_spans_its_box_and_scales_to_its_top() {
+        let c = chart(&[(0, 0), (2, 1), (4, 0)]);
+        assert_eq!(c.top, 4);
+        assert_eq!(c.warm, "0.0,31.0 60.0,16.0 120.0,1.0");
+        assert_eq!(c.bound, "0.0,31.0 60.0,23.5 120.0,31.0");
+        assert_eq!(chart(&[]).warm, "");
+    }
+
+    #[test]
+    fn latency_bars_label_every_bucket_and_the_tallest_fills_the_box() {
+        let mut h = poolkeeper_engine::metrics::Histogram::default();
+        h.observe(0.0005);
+        h.observe(0.0005);
+        h.observe(0.3);
+        let bars = latency_bars(&h);
+        assert_eq!(bars.len(), poolkeeper_engine::metrics::BUCKETS.len() + 1);
+        assert_eq!(bars[0].label, "≤1 ms");
+        assert_eq!((bars[0].count, bars[0].height), (2, 40));
+        assert_eq!(bars[7].label, "≤500 ms");
+        assert_eq!((bars[7].count, bars[7].height), (1, 20));
+        assert_eq!(bars[bars.len() - 1].label, "> 60 s");
+    }
+}
