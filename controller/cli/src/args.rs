@@ -308,7 +308,12 @@ pub struct ApiArgs {
     #[arg(long)]
     pub allow_registration: bool,
     /// The number of instances a registered user may hold at once.
-    #[arg(long, value_name = "N", default_value_t = 2, requires = "allow_registration")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        requires = "allow_registration"
+    )]
     pub registration_quota: u32,
     /// Mark the console's session cookie `Secure` (the API is reached over https, through a
     /// TLS-terminating proxy, say).

@@ -109,7 +109,11 @@ impl Browser {
             body.len()
         );
         if !self.cookies.is_empty() {
-            let c: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let c: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             head.push_str(&format!("Cookie: {}\r\n", c.join("; ")));
         }
         for (k, v) in headers {
@@ -247,7 +251,12 @@ fn pages_redirect_until_signed_in_and_carry_a_strict_policy() {
     let csrf = hidden_csrf(&page.text);
     let reg = b.post(
         "/ui/register",
-        &[("csrf", &csrf), ("username", "mallory"), ("password", "longenough"), ("confirm", "longenough")],
+        &[
+            ("csrf", &csrf),
+            ("username", "mallory"),
+            ("password", "longenough"),
+            ("confirm", "longenough"),
+        ],
     );
     assert_eq!(reg.status, 404, "{reg:?}");
     assert!(!c.dir.path().join("managed/users/mallory.yaml").exists());
@@ -308,7 +317,10 @@ fn a_user_launches_sees_and_releases_their_own_claims_only() {
     assert!(!page.text.contains("data-pool=\"other\""));
     assert!(page.text.contains("30000-30010"));
     let csrf = hidden_csrf(&page.text);
-    let a = alice.post("/ui/claims", &[("csrf", &csrf), ("pool", "web"), ("ttl", "1h")]);
+    let a = alice.post(
+        "/ui/claims",
+        &[("csrf", &csrf), ("pool", "web"), ("ttl", "1h")],
+    );
     assert_eq!(a.status, 303, "{a:?}");
     let files = claim_files(c.dir.path());
     assert_eq!(files.len(), 1, "{files:?}");
@@ -316,34 +328,64 @@ fn a_user_launches_sees_and_releases_their_own_claims_only() {
     assert!(name.starts_with("alice-web-"), "{name}");
     // The outcome is on the next page, once; the claim shows Bound with its link.
     wait_for("alice's claim is Bound", Duration::from_secs(10), || {
-        let v = c.api("GET", &format!("/api/v1/claims/{name}"), ALICE, "").json();
+        let v = c
+            .api("GET", &format!("/api/v1/claims/{name}"), ALICE, "")
+            .json();
         v["status"]["phase"] == "Bound"
     });
     let page = alice.get("/ui");
-    assert!(page.text.contains(&format!("Claim {name} made from web")), "{}", page.text);
-    assert!(page.text.contains(&format!("data-claim=\"{name}\" data-phase=\"Bound\"")));
+    assert!(
+        page.text.contains(&format!("Claim {name} made from web")),
+        "{}",
+        page.text
+    );
+    assert!(
+        page.text
+            .contains(&format!("data-claim=\"{name}\" data-phase=\"Bound\""))
+    );
     assert!(page.text.contains("href=\"http://"));
     let again = alice.get("/ui");
-    assert!(!again.text.contains("made from web"), "a flash is shown once");
+    assert!(
+        !again.text.contains("made from web"),
+        "a flash is shown once"
+    );
     // A pool she may not use: refused in words.
     let a = alice.post("/ui/claims", &[("csrf", &csrf), ("pool", "other")]);
     assert_eq!(a.status, 303);
     let page = alice.get("/ui");
     assert!(page.text.contains("Refused"), "{}", page.text);
-    assert!(page.text.contains("may claim only from web"), "{}", page.text);
+    assert!(
+        page.text.contains("may claim only from web"),
+        "{}",
+        page.text
+    );
     // Bob's claim answers as missing to alice, and stays.
-    let made = c.api("POST", "/api/v1/claims", BOB, r#"{"pool": "other", "name": "bobs"}"#);
+    let made = c.api(
+        "POST",
+        "/api/v1/claims",
+        BOB,
+        r#"{"pool": "other", "name": "bobs"}"#,
+    );
     assert_eq!(made.status, 201, "{made:?}");
     assert!(!page.text.contains("bobs"));
     let a = alice.post("/ui/claims/bobs/release", &[("csrf", &csrf)]);
     assert_eq!(a.status, 303);
     let page = alice.get("/ui");
-    assert!(page.text.contains("no Claim &#34;bobs&#34;"), "{}", page.text);
+    assert!(
+        page.text.contains("no Claim &#34;bobs&#34;"),
+        "{}",
+        page.text
+    );
     assert_eq!(c.api("GET", "/api/v1/claims/bobs", BOB, "").status, 200);
     // She releases her own.
     let a = alice.post(&format!("/ui/claims/{name}/release"), &[("csrf", &csrf)]);
     assert_eq!(a.status, 303);
-    assert!(alice.get("/ui").text.contains(&format!("Claim {name} released")));
+    assert!(
+        alice
+            .get("/ui")
+            .text
+            .contains(&format!("Claim {name} released"))
+    );
     assert_eq!(claim_files(c.dir.path()), vec!["bobs.yaml".to_owned()]);
     // Operators' forms are not hers.
     let a = alice.post("/ui/pools/web/scale", &[("csrf", &csrf), ("warm", "9")]);
@@ -403,13 +445,19 @@ fn a_password_set_with_user_passwd_signs_in_and_failures_are_limited() {
     let mut op = c.browser();
     op.sign_in_token(ADMIN);
     wait_for("bob has a password", Duration::from_secs(10), || {
-        op.get("/ui").text.contains("<th scope=\"row\">bob</th><td>0 of 5</td><td>token, password</td>")
+        op.get("/ui")
+            .text
+            .contains("<th scope=\"row\">bob</th><td>0 of 5</td><td>token, password</td>")
     });
     let mut b = c.browser();
     let csrf = b.csrf("/ui/signin");
     let a = b.post(
         "/ui/signin",
-        &[("csrf", &csrf), ("username", "bob"), ("password", "hunter2hunter2")],
+        &[
+            ("csrf", &csrf),
+            ("username", "bob"),
+            ("password", "hunter2hunter2"),
+        ],
     );
     assert_eq!(a.status, 303, "{a:?}");
     assert!(b.get("/ui").text.contains("<strong id=\"me\">bob</strong>"));
@@ -419,7 +467,11 @@ fn a_password_set_with_user_passwd_signs_in_and_failures_are_limited() {
         let csrf = m.csrf("/ui/signin");
         let a = m.post(
             "/ui/signin",
-            &[("csrf", &csrf), ("username", "bob"), ("password", "wrong-password")],
+            &[
+                ("csrf", &csrf),
+                ("username", "bob"),
+                ("password", "wrong-password"),
+            ],
         );
         assert_eq!(a.status, 401, "{a:?}");
         assert!(a.text.contains("wrong user name or password"));
@@ -427,7 +479,11 @@ fn a_password_set_with_user_passwd_signs_in_and_failures_are_limited() {
     let csrf = m.csrf("/ui/signin");
     let a = m.post(
         "/ui/signin",
-        &[("csrf", &csrf), ("username", "bob"), ("password", "hunter2hunter2")],
+        &[
+            ("csrf", &csrf),
+            ("username", "bob"),
+            ("password", "hunter2hunter2"),
+        ],
     );
     assert_eq!(a.status, 429, "{a:?}");
     assert!(a.text.contains("too many failed sign-ins"));
@@ -444,10 +500,18 @@ fn registration_when_allowed_declares_a_user_file_and_signs_in() {
     let reg = |b: &mut Browser, name: &str, pw: &str, confirm: &str| {
         b.post(
             "/ui/register",
-            &[("csrf", &csrf), ("username", name), ("password", pw), ("confirm", confirm)],
+            &[
+                ("csrf", &csrf),
+                ("username", name),
+                ("password", pw),
+                ("confirm", confirm),
+            ],
         )
     };
-    assert_eq!(reg(&mut b, "Not A Name", "longenough", "longenough").status, 422);
+    assert_eq!(
+        reg(&mut b, "Not A Name", "longenough", "longenough").status,
+        422
+    );
     assert_eq!(reg(&mut b, "dora", "short", "short").status, 422);
     assert_eq!(reg(&mut b, "dora", "longenough", "different!").status, 422);
     let taken = reg(&mut b, "alice", "longenough", "longenough");
@@ -457,14 +521,28 @@ fn registration_when_allowed_declares_a_user_file_and_signs_in() {
     assert_eq!(a.status, 303, "{a:?}");
     let file = c.dir.path().join("managed/users/dora.yaml");
     let text = std::fs::read_to_string(&file).unwrap();
-    assert!(text.contains("kind: User") && text.contains("maxClaims: 1"), "{text}");
-    assert!(text.contains("passwordHash:") && text.contains("$argon2id$v=19$"), "{text}");
+    assert!(
+        text.contains("kind: User") && text.contains("maxClaims: 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("passwordHash:") && text.contains("$argon2id$v=19$"),
+        "{text}"
+    );
     let page = b.get("/ui");
     assert!(page.text.contains("Welcome, dora"), "{}", page.text);
     // She may launch (her quota is 1).
     let csrf = hidden_csrf(&page.text);
-    assert_eq!(b.post("/ui/claims", &[("csrf", &csrf), ("pool", "web")]).status, 303);
-    assert_eq!(b.post("/ui/claims", &[("csrf", &csrf), ("pool", "web")]).status, 303);
+    assert_eq!(
+        b.post("/ui/claims", &[("csrf", &csrf), ("pool", "web")])
+            .status,
+        303
+    );
+    assert_eq!(
+        b.post("/ui/claims", &[("csrf", &csrf), ("pool", "web")])
+            .status,
+        303
+    );
     let page = b.get("/ui");
     assert!(page.text.contains("Refused"), "{}", page.text);
     assert_eq!(claim_files(c.dir.path()).len(), 1);
@@ -481,7 +559,13 @@ fn an_operator_sees_the_grid_scales_a_pool_and_manages_users() {
     let page = op.get("/ui");
     assert_eq!(page.status, 200);
     assert!(page.text.contains("Operations"));
-    for want in ["data-pool=\"web\"", "data-pool=\"other\"", "data-user=\"alice\"", "Claim latency", "Recent events"] {
+    for want in [
+        "data-pool=\"web\"",
+        "data-pool=\"other\"",
+        "data-user=\"alice\"",
+        "Claim latency",
+        "Recent events",
+    ] {
         assert!(page.text.contains(want), "{want}");
     }
     let csrf = hidden_csrf(&page.text);
@@ -493,15 +577,34 @@ fn an_operator_sees_the_grid_scales_a_pool_and_manages_users() {
     let a = op.post("/ui/pools/web/scale", &[("csrf", &csrf), ("warm", "many")]);
     assert_eq!(a.status, 303);
     assert!(op.get("/ui").text.contains("is not a whole number"));
-    assert_eq!(op.post("/ui/pools/web/reinitialise", &[("csrf", &csrf)]).status, 303);
+    assert_eq!(
+        op.post("/ui/pools/web/reinitialise", &[("csrf", &csrf)])
+            .status,
+        303
+    );
     assert!(op.get("/ui").text.contains("warm instances being replaced"));
     // Release all of bob's claims, then delete alice: her session ends.
-    assert_eq!(c.api("POST", "/api/v1/claims", BOB, r#"{"pool": "other", "name": "b1"}"#).status, 201);
-    assert_eq!(op.post("/ui/users/bob/release", &[("csrf", &csrf)]).status, 303);
+    assert_eq!(
+        c.api(
+            "POST",
+            "/api/v1/claims",
+            BOB,
+            r#"{"pool": "other", "name": "b1"}"#
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        op.post("/ui/users/bob/release", &[("csrf", &csrf)]).status,
+        303
+    );
     assert!(op.get("/ui").text.contains("User bob: released b1"));
     let mut alice = c.browser();
     alice.sign_in_token(ALICE);
-    assert_eq!(op.post("/ui/users/alice/delete", &[("csrf", &csrf)]).status, 303);
+    assert_eq!(
+        op.post("/ui/users/alice/delete", &[("csrf", &csrf)]).status,
+        303
+    );
     assert!(op.get("/ui").text.contains("User alice deleted"));
     assert_eq!(location(&alice.get("/ui")), "/ui/signin");
 }
@@ -523,7 +626,10 @@ fn the_stream_pushes_pool_counts_and_the_sessions_own_claims() {
     let mut next_event = |r: &mut BufReader<&TcpStream>, want: &str| -> String {
         loop {
             let mut l = String::new();
-            assert!(r.read_line(&mut l).unwrap() > 0, "the stream ended: {lines:?}");
+            assert!(
+                r.read_line(&mut l).unwrap() > 0,
+                "the stream ended: {lines:?}"
+            );
             lines.push(l.clone());
             if l.trim() == format!("event: {want}") {
                 let mut data = String::new();
@@ -533,13 +639,39 @@ fn the_stream_pushes_pool_counts_and_the_sessions_own_claims() {
         }
     };
     let pools: serde_json::Value = serde_json::from_str(&next_event(&mut r, "pools")).unwrap();
-    let web = pools.as_array().unwrap().iter().find(|p| p["name"] == "web").unwrap();
+    let web = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "web")
+        .unwrap();
     assert_eq!(web["ports"], "30000-30010");
     // Bob's claim is not on alice's stream; hers is, Pending then Bound, with its address.
-    assert_eq!(c.api("POST", "/api/v1/claims", BOB, r#"{"pool": "other", "name": "b1"}"#).status, 201);
-    assert_eq!(c.api("POST", "/api/v1/claims", ALICE, r#"{"pool": "web", "name": "a1"}"#).status, 201);
+    assert_eq!(
+        c.api(
+            "POST",
+            "/api/v1/claims",
+            BOB,
+            r#"{"pool": "other", "name": "b1"}"#
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        c.api(
+            "POST",
+            "/api/v1/claims",
+            ALICE,
+            r#"{"pool": "web", "name": "a1"}"#
+        )
+        .status,
+        201
+    );
     let mut seen = Vec::new();
-    while !seen.iter().any(|v: &serde_json::Value| v["phase"] == "Bound") {
+    while !seen
+        .iter()
+        .any(|v: &serde_json::Value| v["phase"] == "Bound")
+    {
         let v: serde_json::Value = serde_json::from_str(&next_event(&mut r, "claim")).unwrap();
         assert_eq!(v["name"], "a1", "{v}");
         seen.push(v);

@@ -127,6 +127,9 @@ pub(crate) async fn set_password(
             poolkeeper_kinds::validate::PASSWORD_HASH_MESSAGE,
         ));
     }
-    let at = state.declare.set_password(&name, &req.password_hash).await?;
+    let at = state
+        .declare
+        .set_password(&name, &req.password_hash)
+        .await?;
     Ok(Json(json!({"user": name, "password": "set", "file": at})))
 }

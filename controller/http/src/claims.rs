@@ -167,7 +167,9 @@ pub(crate) async fn upload_files(
     body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
     let who = who(&state, &headers)?;
-    put_files(&state, &who, &name, &headers, body).await.map(Json)
+    put_files(&state, &who, &name, &headers, body)
+        .await
+        .map(Json)
 }
 
 /// Puts the files of an upload (`headers` say whether it is a tar or a multipart form) into

@@ -66,8 +66,7 @@ pub(crate) async fn serve_connections(
         let service = hyper_util::service::TowerToHyperService::new(
             tower::ServiceBuilder::new()
                 .map_request(move |mut r: axum::http::Request<hyper::body::Incoming>| {
-                    r.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(peer));
+                    r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
                     r
                 })
                 .service(app.clone()),

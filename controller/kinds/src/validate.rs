@@ -260,10 +260,7 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
     if let Some(h) = &u.password_hash
         && !is_argon2id_phc(h)
     {
-        errs.push(FieldError::new(
-            "spec.passwordHash",
-            PASSWORD_HASH_MESSAGE,
-        ));
+        errs.push(FieldError::new("spec.passwordHash", PASSWORD_HASH_MESSAGE));
     }
     match &u.token_secret_file {
         Some(_) if u.token_sha256.is_some() => errs.push(FieldError::new(
@@ -300,8 +297,7 @@ pub fn is_argon2id_phc(h: &str) -> bool {
     let parts: Vec<&str> = h.split('$').collect();
     let b64 = |s: &str| {
         !s.is_empty()
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
     };
     h.len() <= 512

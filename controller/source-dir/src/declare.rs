@@ -356,7 +356,8 @@ impl Declare for DirDeclare {
             let user = find_user(&snap, name)?;
             let file = self.declared_file(user)?;
             let text = read_declared(&file)?;
-            let new = edit::set_password(&file, &text, name, hash).map_err(DeclareError::Conflict)?;
+            let new =
+                edit::set_password(&file, &text, name, hash).map_err(DeclareError::Conflict)?;
             self.files
                 .write(file.clone(), new.into_bytes())
                 .await

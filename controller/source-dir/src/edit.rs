@@ -302,9 +302,14 @@ pub fn scale_pool(path: &Path, text: &str, pool: &str, warm: u32) -> Result<Stri
 pub fn set_password(path: &Path, text: &str, user: &str, hash: &str) -> Result<String, String> {
     let key = ObjKey::new(Kind::User, user);
     let quoted = serde_json::to_string(hash).map_err(|e| e.to_string())?;
-    set_scalar(path, text, &key, &["spec", "passwordHash"], &quoted, |o| {
-        matches!(&o.spec, poolkeeper_kinds::Spec::User(u) if u.password_hash.as_deref() == Some(hash))
-    })
+    set_scalar(
+        path,
+        text,
+        &key,
+        &["spec", "passwordHash"],
+        &quoted,
+        |o| matches!(&o.spec, poolkeeper_kinds::Spec::User(u) if u.password_hash.as_deref() == Some(hash)),
+    )
 }
 
 #[cfg(test)]
@@ -340,13 +345,16 @@ spec:
     maxClaims: 1
 ";
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g";
+    const HASH: &str =
+        "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g";
 
     #[test]
     fn a_password_is_added_to_a_flow_or_block_spec_and_replaced_in_place() {
         let new = set_password(&file(), TEXT, "alice", HASH).expect("alice");
         assert!(
-            new.contains(&format!("spec: {{passwordHash: \"{HASH}\", quota: {{maxClaims: 2}}}}")),
+            new.contains(&format!(
+                "spec: {{passwordHash: \"{HASH}\", quota: {{maxClaims: 2}}}}"
+            )),
             "{new}"
         );
         let new = set_password(&file(), &new, "bob", HASH).expect("bob");
@@ -357,7 +365,14 @@ spec:
         // Set again: the value is replaced, the rest of the file is as it was.
         let other = HASH.replace("aGFz", "QUJD");
         let again = set_password(&file(), &new, "bob", &other).expect("again");
-        assert_eq!(again, new.replacen(&format!("\"{HASH}\"\n  quota"), &format!("\"{other}\"\n  quota"), 1));
+        assert_eq!(
+            again,
+            new.replacen(
+                &format!("\"{HASH}\"\n  quota"),
+                &format!("\"{other}\"\n  quota"),
+                1
+            )
+        );
         let err = set_password(&file(), TEXT, "carol", HASH).expect_err("no carol");
         assert!(err.contains("carol"), "{err}");
     }

@@ -243,6 +243,7 @@ pub fn start_controller(
             listener: Some(listener),
             admin_token: Some(ADMIN_TOKEN.to_owned()),
             webhooks: None,
+            console: Default::default(),
             limits: Default::default(),
         },
     );

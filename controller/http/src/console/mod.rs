@@ -186,7 +186,10 @@ impl Console {
                     q.pop_front();
                 }
                 (q.len() >= limit(k))
-                    .then(|| q.front().map(|t| WINDOW.saturating_sub(now.duration_since(*t))))
+                    .then(|| {
+                        q.front()
+                            .map(|t| WINDOW.saturating_sub(now.duration_since(*t)))
+                    })
                     .flatten()
             })
             .max()

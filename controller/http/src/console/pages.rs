@@ -37,7 +37,10 @@ pub(crate) async fn page_headers(mut r: Response) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -204,10 +207,7 @@ fn expired_form() -> Response {
     )
 }
 
-pub(crate) async fn signin(
-    State(state): State<Arc<ApiState>>,
-    request: Request,
-) -> Response {
+pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request) -> Response {
     let addr = super::peer(request.extensions());
     let headers = request.headers().clone();
     let Form(form) = match Form::<SignInForm>::from_request(request, &state).await {
@@ -249,7 +249,10 @@ pub(crate) async fn signin(
             let mut r = see("/ui");
             let secure = state.console.config.secure_cookie;
             let h = r.headers_mut();
-            h.append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, Some(&id), secure));
+            h.append(
+                header::SET_COOKIE,
+                set_cookie(SESSION_COOKIE, Some(&id), secure),
+            );
             h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, None, secure));
             r
         }
@@ -266,7 +269,6 @@ pub(crate) async fn signin(
         }
     }
 }
-
 
 fn token_caller(state: &ApiState, token: &str) -> Result<Caller, String> {
     let digest = sha256(token);
@@ -420,13 +422,15 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
     }
     let name = form.username.trim().to_owned();
     let keys = vec![format!("ip:{addr}")];
-    let refuse = |status, why: String| {
-        register_form(&state, &headers, status, Some(why), name.clone())
-    };
+    let refuse =
+        |status, why: String| register_form(&state, &headers, status, Some(why), name.clone());
     if let Some(wait) = state.console.blocked(&keys) {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
-            format!("too many attempts from here: try again in {} s", wait.as_secs().max(1)),
+            format!(
+                "too many attempts from here: try again in {} s",
+                wait.as_secs().max(1)
+            ),
         );
     }
     if let Err(e) = poolkeeper_kinds::units::check_name(&name) {
@@ -471,12 +475,18 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
             state.console.set_flash(
                 &id,
                 true,
-                format!("Welcome, {name}: you may hold {} instances at once.", state.console.config.registration_quota),
+                format!(
+                    "Welcome, {name}: you may hold {} instances at once.",
+                    state.console.config.registration_quota
+                ),
             );
             let mut r = see("/ui");
             let secure = state.console.config.secure_cookie;
             let h = r.headers_mut();
-            h.append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, Some(&id), secure));
+            h.append(
+                header::SET_COOKIE,
+                set_cookie(SESSION_COOKIE, Some(&id), secure),
+            );
             h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, None, secure));
             r
         }
@@ -531,11 +541,13 @@ async fn signed_in(
     let Some((id, session)) = state.console.session(headers) else {
         return Err(see("/ui/signin"));
     };
-    let snap = state
-        .handle
-        .snapshot()
-        .await
-        .map_err(|_| message(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "the controller is stopping"))?;
+    let snap = state.handle.snapshot().await.map_err(|_| {
+        message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "the controller is stopping",
+        )
+    })?;
     if let Caller::User(u) = &session.who
         && user_spec(&snap, u).is_none_or(|s| s.disabled)
     {
@@ -550,12 +562,12 @@ fn form_session(
     state: &ApiState,
     headers: &HeaderMap,
     csrf: &str,
-) -> Result<(String, Session), Response> {
+) -> Result<(String, Session), Box<Response>> {
     let Some((id, session)) = state.console.session(headers) else {
-        return Err(see("/ui/signin"));
+        return Err(Box::new(see("/ui/signin")));
     };
     if !same_token(&session.csrf, csrf) {
-        return Err(expired_form());
+        return Err(Box::new(expired_form()));
     }
     Ok((id, session))
 }
@@ -574,7 +586,12 @@ pub(crate) struct ClaimRow {
 }
 
 fn claim_rows(snap: &Snapshot, who: &Caller) -> Vec<ClaimRow> {
-    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let s = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     snap.objects
         .iter()
         .filter(|o| o.kind == Kind::Claim && crate::objects::visible(who, o))
@@ -724,7 +741,13 @@ pub(crate) async fn home(State(state): State<Arc<ApiState>>, headers: HeaderMap)
     };
     let flash = state.console.take_flash(&id);
     // The live rows (with their history) when the sampler runs; else read from this snapshot.
-    let live = state.console.feed.rows(&state.handle).await.borrow().clone();
+    let live = state
+        .console
+        .feed
+        .rows(&state.handle)
+        .await
+        .borrow()
+        .clone();
     let mut pools = pool_rows(&snap);
     for p in &mut pools {
         if let Some(l) = live.iter().find(|l| l.name == p.name) {
@@ -755,7 +778,10 @@ pub(crate) async fn home(State(state): State<Arc<ApiState>>, headers: HeaderMap)
                 },
             )
         }
-        Caller::Admin => render(StatusCode::OK, &operator_page(&snap, &session, flash, pools)),
+        Caller::Admin => render(
+            StatusCode::OK,
+            &operator_page(&snap, &session, flash, pools),
+        ),
     }
 }
 
@@ -803,8 +829,7 @@ fn operator_page<'a>(
         .iter()
         .filter(|o| o.kind == Kind::Deployment)
         .map(|o| {
-            let st: DeploymentStatus =
-                serde_json::from_value(o.status.clone()).unwrap_or_default();
+            let st: DeploymentStatus = serde_json::from_value(o.status.clone()).unwrap_or_default();
             let ready = st
                 .conditions
                 .iter()
@@ -881,7 +906,7 @@ pub(crate) async fn launch(
 ) -> Response {
     let (id, session) = match form_session(&state, &headers, &form.csrf) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let req = crate::claims::NewClaim {
         name: None,
@@ -910,7 +935,7 @@ pub(crate) async fn release(
 ) -> Response {
     let (id, session) = match form_session(&state, &headers, &form.csrf) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let r = crate::claims::release_claim(&state, &session.who, &name)
         .await
@@ -947,18 +972,14 @@ pub(crate) async fn upload(
 }
 
 /// An admin's form: the session (an admin's) or the answer refusing it.
-fn admin_form(
-    state: &ApiState,
-    headers: &HeaderMap,
-    csrf: &str,
-) -> Result<String, Response> {
+fn admin_form(state: &ApiState, headers: &HeaderMap, csrf: &str) -> Result<String, Box<Response>> {
     let (id, session) = form_session(state, headers, csrf)?;
     if session.who != Caller::Admin {
-        return Err(message(
+        return Err(Box::new(message(
             StatusCode::FORBIDDEN,
             "Operators only",
             "this is an operator's action",
-        ));
+        )));
     }
     Ok(id)
 }
@@ -978,7 +999,7 @@ pub(crate) async fn scale(
 ) -> Response {
     let id = match admin_form(&state, &headers, &form.csrf) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let r = match form.warm.trim().parse::<u32>() {
         Ok(warm) => crate::admin::scale(&state, &name, warm).await.map(|v| {
@@ -1005,11 +1026,14 @@ pub(crate) async fn reinitialise(
 ) -> Response {
     let id = match admin_form(&state, &headers, &form.csrf) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
-    let r = crate::admin::reinitialise(&state, &name)
-        .await
-        .map(|v| format!("Pool {name}: {} warm instances being replaced.", v["replaced"]));
+    let r = crate::admin::reinitialise(&state, &name).await.map(|v| {
+        format!(
+            "Pool {name}: {} warm instances being replaced.",
+            v["replaced"]
+        )
+    });
     outcome(&state, &id, r)
 }
 
@@ -1021,7 +1045,7 @@ pub(crate) async fn release_user(
 ) -> Response {
     let id = match admin_form(&state, &headers, &form.csrf) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let r = crate::admin::release_user_claims(&state, &name)
         .await
@@ -1037,7 +1061,7 @@ pub(crate) async fn delete_user(
 ) -> Response {
     let id = match admin_form(&state, &headers, &form.csrf) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let r = crate::admin::remove_user(&state, &name).await.map(|v| {
         format!(
