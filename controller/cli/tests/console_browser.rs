@@ -119,7 +119,13 @@ fn controller(id: &str, warm: u32) -> (Controller, String, tempfile::TempDir) {
     let c = Controller::new(
         id,
         &[
-            ("pools.yaml", pool_yaml("web", warm, 38000, 38049, "")),
+            (
+                "pools.yaml",
+                pool_yaml("web", warm, 38000, 38049, "").replace(
+                    "    files: {mountPath: /srv}",
+                    "    env: {LOG_EVERY_MS: \"300\", LOG_LINE: \"tick from the instance\"}\n    files: {mountPath: /srv}",
+                ),
+            ),
             ("users.yaml", users()),
         ],
         &[
@@ -267,6 +273,14 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
             &b,
             "the upload's outcome",
             &format!("document.querySelector('{card} [data-result]').textContent.includes('Uploaded 1 file')"),
+        )
+        .await;
+        // Its output, live, once the view is opened.
+        click(&b, &format!("{card} details[data-logs] summary")).await;
+        until(
+            &b,
+            "the instance's output shows",
+            &format!("document.querySelector('{card} [data-log]').textContent.includes('tick from the instance')"),
         )
         .await;
         screenshot(&b, "my-instances").await;

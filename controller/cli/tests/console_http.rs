@@ -58,6 +58,12 @@ metadata: {{name: bob}}
 spec:
   quota: {{maxClaims: 5}}
   tokenSha256: {b}
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: Deployment
+metadata: {{name: infra}}
+spec:
+  containers: [{{name: db, image: postgres}}]
 ",
         a = digest(ALICE),
         b = digest(BOB),
@@ -679,4 +685,143 @@ fn the_stream_pushes_pool_counts_and_the_sessions_own_claims() {
     let bound = seen.last().unwrap();
     assert!(bound["address"].as_str().unwrap().contains(':'), "{bound}");
     assert!(bound["engineMs"].as_u64().unwrap() > 1_700_000_000_000);
+}
+
+/// Reads one SSE event of `want` from a stream opened with the session's cookie.
+fn open_stream(c: &Console, b: &Browser, path: &str) -> (u16, BufReader<TcpStream>) {
+    let cookie = format!(
+        "pk_session={}",
+        b.cookies.get("pk_session").cloned().unwrap_or_default()
+    );
+    let s = TcpStream::connect(&c.served.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let code = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, r)
+}
+
+fn next_data(r: &mut BufReader<TcpStream>, want: &str) -> serde_json::Value {
+    loop {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "the stream ended");
+        if l.trim() == format!("event: {want}") {
+            let mut data = String::new();
+            r.read_line(&mut data).unwrap();
+            return serde_json::from_str(data.trim().trim_start_matches("data: ")).unwrap();
+        }
+    }
+}
+
+#[test]
+fn output_streams_for_ones_own_claim_and_operators_act_on_deployment_containers() {
+    let c = Console::start(&[]);
+    let mut alice = c.browser();
+    alice.sign_in_token(ALICE);
+    assert_eq!(
+        c.api(
+            "POST",
+            "/api/v1/claims",
+            ALICE,
+            r#"{"pool": "web", "name": "a1"}"#
+        )
+        .status,
+        201
+    );
+    assert_eq!(
+        c.api(
+            "POST",
+            "/api/v1/claims",
+            BOB,
+            r#"{"pool": "other", "name": "b1"}"#
+        )
+        .status,
+        201
+    );
+    wait_for("a1 is Bound", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/claims/a1", ALICE, "").json()["status"]["phase"] == "Bound"
+    });
+    // Her claim's output: the recent lines first (an array).
+    let (code, mut r) = open_stream(&c, &alice, "/ui/claims/a1/logs");
+    assert_eq!(code, 200);
+    assert!(next_data(&mut r, "recent").is_array());
+    // Bob's claim answers as missing; signed out, nothing.
+    let (code, _) = open_stream(&c, &alice, "/ui/claims/b1/logs");
+    assert_eq!(code, 404);
+    let nobody = c.browser();
+    let (code, _) = open_stream(&c, &nobody, "/ui/claims/a1/logs");
+    assert_eq!(code, 401);
+    // Containers are for operators.
+    let (code, _) = open_stream(&c, &alice, "/ui/containers/infra-db/logs");
+    assert_eq!(code, 403);
+    let csrf = alice.csrf("/ui");
+    assert_eq!(
+        alice
+            .post("/ui/containers/infra-db/restart", &[("csrf", &csrf)])
+            .status,
+        403
+    );
+
+    let mut op = c.browser();
+    op.sign_in_token(ADMIN);
+    wait_for("the db container shows", Duration::from_secs(10), || {
+        op.get("/ui")
+            .text
+            .contains("/ui/containers/infra-db/restart")
+    });
+    let (code, mut r) = open_stream(&c, &op, "/ui/containers/infra-db/logs");
+    assert_eq!(code, 200);
+    assert!(next_data(&mut r, "recent").is_array());
+    let csrf = op.csrf("/ui");
+    assert_eq!(
+        op.post("/ui/containers/infra-db/restart", &[("csrf", &csrf)])
+            .status,
+        303
+    );
+    assert!(op.get("/ui").text.contains("Container infra-db restarted."));
+    // The restart shows in the container's output (the memory runtime notes it there).
+    drop(r);
+    let (_, mut r) = open_stream(&c, &op, "/ui/containers/infra-db/logs");
+    let recent = next_data(&mut r, "recent");
+    assert!(
+        recent.as_array().unwrap().iter().any(|l| l == "restarted"),
+        "{recent}"
+    );
+    assert_eq!(
+        op.post("/ui/containers/infra-db/remove", &[("csrf", &csrf)])
+            .status,
+        303
+    );
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("Container infra-db removed; its deployment starts a fresh one.")
+    );
+    wait_for("a fresh db runs", Duration::from_secs(10), || {
+        op.get("/ui")
+            .text
+            .contains("/ui/containers/infra-db/restart")
+    });
+    // A pool's instance is not a deployment's container; nor is an unknown name.
+    assert_eq!(
+        op.post("/ui/containers/nope/restart", &[("csrf", &csrf)])
+            .status,
+        303
+    );
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("no deployment container &#34;nope&#34;")
+    );
+    assert_eq!(
+        op.post("/ui/containers/infra-db/explode", &[("csrf", &csrf)])
+            .status,
+        303
+    );
+    assert!(op.get("/ui").text.contains("no action &#34;explode&#34;"));
 }

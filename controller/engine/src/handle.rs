@@ -24,6 +24,24 @@ pub enum PutFilesError {
     Runtime(String),
 }
 
+/// An instance's output: its last lines, then each new line as it comes (until the instance
+/// is gone or the receiver dropped). A line written at the seam may show in both.
+#[derive(Debug)]
+pub struct InstanceLogs {
+    pub recent: String,
+    pub follow: mpsc::UnboundedReceiver<String>,
+}
+
+/// What an operator may do to a deployment's container: the declaration stays as it is, so a
+/// removed container is replaced by a fresh one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerAction {
+    /// Restart the container in place (its restart count grows).
+    Restart,
+    /// Remove the container; the deployment makes a fresh one, as after any loss.
+    Remove,
+}
+
 /// A claim's reported phase changed (for watchers: the API's stream, benchmarks, tests).
 #[derive(Clone, Debug)]
 pub struct ClaimChange {
@@ -68,6 +86,18 @@ pub(crate) enum Input {
         claim: String,
         files: Vec<(String, Vec<u8>)>,
         reply: oneshot::Sender<Result<usize, PutFilesError>>,
+    },
+    /// An instance's output, recent and followed (None: no such instance).
+    Logs {
+        instance: String,
+        tail: usize,
+        reply: oneshot::Sender<Option<Result<InstanceLogs, String>>>,
+    },
+    /// An operator's action on a deployment's container (None: no such container).
+    Container {
+        instance: String,
+        action: ContainerAction,
+        reply: oneshot::Sender<Option<Result<(), String>>>,
     },
     /// A line of a deployment container's output matched one of its log triggers.
     LogMatch {
@@ -199,6 +229,36 @@ impl EngineHandle {
     pub async fn reinitialise(&self, pool: &str) -> Result<Option<usize>, EngineError> {
         self.ask(|tx| Input::Reinitialise(pool.to_owned(), tx))
             .await
+    }
+
+    /// Instance `instance`'s last `tail` lines of output and its new ones as they come; None
+    /// when the engine holds no such instance.
+    pub async fn logs(
+        &self,
+        instance: &str,
+        tail: usize,
+    ) -> Result<Option<Result<InstanceLogs, String>>, EngineError> {
+        self.ask(|reply| Input::Logs {
+            instance: instance.to_owned(),
+            tail,
+            reply,
+        })
+        .await
+    }
+
+    /// Restarts or removes a deployment's container (see [`ContainerAction`]); None when the
+    /// engine holds no such deployment container.
+    pub async fn container_action(
+        &self,
+        instance: &str,
+        action: ContainerAction,
+    ) -> Result<Option<Result<(), String>>, EngineError> {
+        self.ask(|reply| Input::Container {
+            instance: instance.to_owned(),
+            action,
+            reply,
+        })
+        .await
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {

@@ -39,7 +39,8 @@ mod tokens;
 
 pub use clock::{Clock, ManualClock, SystemClock, TokioClock};
 pub use handle::{
-    ClaimBrief, ClaimChange, Creation, EngineHandle, PutFilesError, TokenOwner, Tokens,
+    ClaimBrief, ClaimChange, ContainerAction, Creation, EngineHandle, InstanceLogs, PutFilesError,
+    TokenOwner, Tokens,
 };
 pub use source::SourceEvent;
 

@@ -152,6 +152,16 @@ impl<R: Runtime> Engine<R> {
                 };
                 let _ = reply.send(answer);
             }
+            Input::Logs {
+                instance,
+                tail,
+                reply,
+            } => self.logs(instance, tail, reply),
+            Input::Container {
+                instance,
+                action,
+                reply,
+            } => self.container_action(instance, action, reply),
             Input::LogMatch {
                 instance,
                 trigger,
@@ -159,6 +169,57 @@ impl<R: Runtime> Engine<R> {
             } => self.on_log_match(&instance, &trigger, line),
             Input::Shutdown(_) | Input::Resync(_) => {}
         }
+    }
+
+    /// An instance's output, read from the runtime off the engine's task.
+    fn logs(
+        &self,
+        instance: String,
+        tail: usize,
+        reply: tokio::sync::oneshot::Sender<Option<Result<crate::handle::InstanceLogs, String>>>,
+    ) {
+        if !self.instances.contains_key(&instance) {
+            let _ = reply.send(None);
+            return;
+        }
+        let rt = self.rt.clone();
+        tokio::spawn(async move {
+            // Followed first: a line written meanwhile is in both rather than in neither.
+            let follow = rt.follow_logs(&instance);
+            let r = rt
+                .logs(&instance, tail)
+                .await
+                .map(|recent| crate::handle::InstanceLogs { recent, follow })
+                .map_err(|e| e.to_string());
+            let _ = reply.send(Some(r));
+        });
+    }
+
+    /// An operator's restart or removal of a deployment's container. The engine learns of
+    /// either from the runtime's events, as of one behind its back, and keeps the deployment
+    /// as declared (a removed container is replaced).
+    fn container_action(
+        &self,
+        instance: String,
+        action: crate::handle::ContainerAction,
+        reply: tokio::sync::oneshot::Sender<Option<Result<(), String>>>,
+    ) {
+        if !self
+            .instances
+            .get(&instance)
+            .is_some_and(|i| i.deployment.is_some())
+        {
+            let _ = reply.send(None);
+            return;
+        }
+        let rt = self.rt.clone();
+        tokio::spawn(async move {
+            let r = match action {
+                crate::handle::ContainerAction::Restart => rt.restart(&instance).await,
+                crate::handle::ContainerAction::Remove => rt.remove(&instance).await,
+            };
+            let _ = reply.send(Some(r.map_err(|e| e.to_string())));
+        });
     }
 
     pub(crate) fn spawn_list(&mut self) {

@@ -1168,6 +1168,68 @@ async fn deployment_containers_start_in_dependency_order_once_dependencies_are_r
     );
 }
 
+#[tokio::test]
+async fn an_operator_reads_a_containers_output_and_restarts_or_removes_it() {
+    use poolkeeper_engine::ContainerAction;
+    let mut s = sim();
+    s.apply(
+        "job",
+        Spec::Deployment(deployment(None, vec![container("worker", "busybox", &[])])),
+    );
+    s.wait_until("worker runs", |snap, _| {
+        deployment_status(snap, "job").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    // Its output: the recent lines, then new ones as they come.
+    assert!(s.mem.emit_log("job-worker", "first line"));
+    let logs = s
+        .handle
+        .logs("job-worker", 10)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(logs.recent.contains("first line"), "{:?}", logs.recent);
+    let mut follow = logs.follow;
+    assert!(s.mem.emit_log("job-worker", "second line"));
+    let next = tokio::time::timeout(Duration::from_secs(5), follow.recv()).await;
+    assert_eq!(next.unwrap().as_deref(), Some("second line"));
+    assert!(s.handle.logs("no-such", 10).await.unwrap().is_none());
+    // Restart: in place, the deployment runs on.
+    let r = s
+        .handle
+        .container_action("job-worker", ContainerAction::Restart)
+        .await;
+    assert_eq!(r.unwrap(), Some(Ok(())));
+    assert!(
+        s.mem
+            .logs("job-worker", 1)
+            .await
+            .unwrap()
+            .contains("restarted")
+    );
+    // Remove: the declaration stands, so a fresh container replaces it.
+    let creates = s.rt.create_calls();
+    let r = s
+        .handle
+        .container_action("job-worker", ContainerAction::Remove)
+        .await;
+    assert_eq!(r.unwrap(), Some(Ok(())));
+    s.wait_until("a fresh worker runs", |snap, insts| {
+        insts.len() == 1
+            && insts[0].ready
+            && deployment_status(snap, "job").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    assert_eq!(s.rt.create_calls(), creates + 1);
+    // Only a deployment's containers: not a pool's instance, nor one that does not exist.
+    let r = s
+        .handle
+        .container_action("no-such", ContainerAction::Restart)
+        .await;
+    assert_eq!(r.unwrap(), None);
+}
+
 fn crashy(policy: RestartPolicy) -> Spec {
     let mut c = container("worker", "busybox", &[]);
     c.restart_policy = policy;

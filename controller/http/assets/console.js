@@ -31,6 +31,8 @@
     const h = card.querySelector("h3");
     h.id = "claim-" + name;
     card.setAttribute("aria-labelledby", h.id);
+    const logs = card.querySelector("[data-logs]");
+    if (logs) logs.setAttribute("data-logs", "/ui/claims/" + encodeURIComponent(name) + "/logs");
     const release = card.querySelector("form[data-release]");
     release.action = "/ui/claims/" + encodeURIComponent(name) + "/release";
     release.querySelector('input[name="csrf"]').value = csrf;
@@ -69,6 +71,8 @@
       if (ttl) ttl.setAttribute("data-expires", c.expiresAt || "");
       const up = el.querySelector("[data-upload]");
       if (up) up.hidden = c.phase !== "Bound";
+      const out = el.querySelector('[data-show="logs"]');
+      if (out) out.hidden = c.phase !== "Bound";
       if (c.gone && el.classList.contains("claim")) {
         setField(el, "phase", c.phase + " (gone)");
         setTimeout(() => el.remove(), 4000);
@@ -205,6 +209,32 @@
     }
   }
   document.querySelectorAll(".claim").forEach(wireUpload);
+
+  // --- live output: a stream while a view is open -----------------------------------------
+  const MAX_LINES = 1000;
+  document.addEventListener("toggle", (e) => {
+    const d = e.target;
+    if (!d.matches || !d.matches("details[data-logs]")) return;
+    const pre = d.querySelector("[data-log]");
+    if (d.open) {
+      pre.textContent = "";
+      const add = (lines) => {
+        const at = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 4;
+        pre.textContent += lines.map((l) => l + "\n").join("");
+        const all = pre.textContent.split("\n");
+        if (all.length > MAX_LINES) pre.textContent = all.slice(-MAX_LINES).join("\n");
+        if (at) pre.scrollTop = pre.scrollHeight;
+      };
+      const es = new EventSource(d.getAttribute("data-logs"));
+      es.addEventListener("recent", (m) => add(JSON.parse(m.data)));
+      es.addEventListener("line", (m) => add([JSON.parse(m.data)]));
+      es.addEventListener("error", () => { if (es.readyState === EventSource.CLOSED) add(["(the output ended)"]); });
+      d._stream = es;
+    } else if (d._stream) {
+      d._stream.close();
+      d._stream = null;
+    }
+  }, true);
 
   // --- confirmations --------------------------------------------------------------------------
   document.addEventListener("submit", (e) => {

@@ -222,6 +222,10 @@ struct Scene {
     log: Vec<Write>,
     watches: Arc<Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Value>>>>>,
     lists: Arc<Mutex<HashMap<String, u32>>>,
+    /// What the HTTP API's [`KubeDeclare`] is built from.
+    engine: poolkeeper_engine::EngineHandle,
+    writer: Writer,
+    shared: Shared,
     _state: tempfile::TempDir,
     _source: tokio::task::JoinHandle<()>,
 }
@@ -257,6 +261,8 @@ async fn scene(objects: Vec<Value>, overrides: Vec<Override>) -> Scene {
     let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
     let (engine, _task) = poolkeeper_engine::start(rt, config).expect("engine");
     let writer = Writer::new(client.clone(), Some("test".to_owned()));
+    let (engine_for_declare, writer_for_declare, shared_for_declare) =
+        (engine.clone(), writer.clone(), shared.clone());
     let source = tokio::time::timeout(
         Duration::from_secs(10),
         source::run(
@@ -279,6 +285,9 @@ async fn scene(objects: Vec<Value>, overrides: Vec<Override>) -> Scene {
         log: Vec::new(),
         watches,
         lists,
+        engine: engine_for_declare,
+        writer: writer_for_declare,
+        shared: shared_for_declare,
         _state: state,
         _source: source,
     }
@@ -544,4 +553,67 @@ async fn a_410_on_a_watch_makes_the_source_list_again() {
         is_status_of(w, "after-410") && w.body["status"]["phase"] == "Bound"
     })
     .await;
+}
+
+const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g";
+
+/// The console's registration creates a User object in the default namespace (labelled as made
+/// by the console); a taken name is refused without a request; `user passwd` patches the
+/// declared User's `spec.passwordHash` with a merge patch.
+#[tokio::test]
+async fn registration_creates_a_user_object_and_a_password_patches_its_spec() {
+    use poolkeeper_engine::source::{Declare, DeclareError};
+    let mut sc = scene(vec![pool(), user()], vec![]).await;
+    let declare = poolkeeper_source_kube::declare::KubeDeclare::new(
+        sc.engine.clone(),
+        sc.writer.clone(),
+        sc.shared.clone(),
+        NS.to_owned(),
+        NS.to_owned(),
+    )
+    .await
+    .expect("declare");
+    let spec = poolkeeper_kinds::UserSpec {
+        password_hash: Some(HASH.to_owned()),
+        ..Default::default()
+    };
+    let at = declare
+        .create_user("dora", spec.clone())
+        .await
+        .expect("created");
+    assert_eq!(at, format!("{NS}/User/dora"));
+    let w = sc
+        .expect("the User's creation", |w| {
+            w.method == "POST" && w.path.ends_with(&format!("/namespaces/{NS}/users"))
+        })
+        .await;
+    assert_eq!(w.body["metadata"]["name"], "dora");
+    assert_eq!(
+        w.body["metadata"]["labels"]["poolkeeper.dev/made-by"],
+        "console"
+    );
+    assert_eq!(w.body["spec"]["passwordHash"], HASH);
+    assert_eq!(w.body["spec"]["quota"]["maxClaims"], 3);
+    // alice is declared: a conflict, and nothing is sent.
+    let taken = declare.create_user("alice", spec).await;
+    assert!(matches!(taken, Err(DeclareError::Conflict(_))), "{taken:?}");
+    sc.expect_none("a creation of alice", Duration::from_millis(300), |w| {
+        w.method == "POST" && w.path.ends_with("/users")
+    })
+    .await;
+    let at = declare.set_password("alice", HASH).await.expect("set");
+    assert_eq!(at, format!("{NS}/User/alice"));
+    let w = sc
+        .expect("the password's patch", |w| {
+            w.method == "PATCH" && w.path.ends_with(&format!("/namespaces/{NS}/users/alice"))
+        })
+        .await;
+    assert!(w.content_type.contains("merge-patch"), "{w:?}");
+    assert_eq!(w.body, json!({"spec": {"passwordHash": HASH}}));
+    // An undeclared user has no password to set.
+    let missing = declare.set_password("nobody", HASH).await;
+    assert!(
+        matches!(missing, Err(DeclareError::NotFound(_))),
+        "{missing:?}"
+    );
 }

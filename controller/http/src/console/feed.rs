@@ -266,3 +266,104 @@ pub(crate) async fn events(
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
+
+/// The most recent lines a log view starts with.
+const LOG_TAIL: usize = 200;
+/// Longer lines are cut (a binary dump, say).
+const LOG_LINE_MAX: usize = 4096;
+
+fn cut(line: &str) -> String {
+    if line.len() <= LOG_LINE_MAX {
+        return line.to_owned();
+    }
+    let mut end = LOG_LINE_MAX;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
+}
+
+/// An instance's output as a stream: `recent` (the last lines, one event), then a `line`
+/// event per new line, until the instance goes or the page closes the view.
+async fn log_stream(
+    state: &ApiState,
+    instance: &str,
+) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>> + use<>>> {
+    let logs = match state.handle.logs(instance, LOG_TAIL).await {
+        Ok(Some(Ok(l))) => l,
+        Ok(Some(Err(e))) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("reading {instance}'s output: {e}"),
+            ));
+        }
+        Ok(None) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no instance {instance:?}"),
+            ));
+        }
+        Err(_) => return Err(ApiError::unavailable()),
+    };
+    let recent: Vec<String> = logs.recent.lines().map(cut).collect();
+    let first = Event::default()
+        .event("recent")
+        .data(json!(recent).to_string());
+    let rest = futures::stream::unfold(logs.follow, |mut rx| async move {
+        let line = rx.recv().await?;
+        let ev = Event::default()
+            .event("line")
+            .data(json!(cut(&line)).to_string());
+        Some((Ok(ev), rx))
+    });
+    let stream = futures::StreamExt::chain(futures::stream::once(async { Ok(first) }), rest);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The output of a claim's instance, for the claim's user (or an operator).
+pub(crate) async fn claim_logs(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
+    let Some((_, session)) = state.console.session(&headers) else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
+    };
+    if crate::auth::claim_seen(&state, &session.who, &name)
+        .await?
+        .is_none()
+    {
+        return Err(crate::auth::no_claim(&name));
+    }
+    let view = state
+        .handle
+        .views(vec![ObjKey::new(Kind::Claim, name.clone())])
+        .await
+        .map_err(|_| ApiError::unavailable())?
+        .into_iter()
+        .next()
+        .flatten();
+    let status: ClaimStatus = view
+        .map(|v| serde_json::from_value(v.status).unwrap_or_default())
+        .unwrap_or_default();
+    let Some(instance) = status.instance else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("claim {name} is not bound: it has no instance yet"),
+        ));
+    };
+    log_stream(&state, &instance).await
+}
+
+/// The output of a deployment's container, for operators.
+pub(crate) async fn container_logs(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Path(instance): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
+    let Some((_, session)) = state.console.session(&headers) else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
+    };
+    crate::admin::admin_only(&session.who)?;
+    log_stream(&state, &instance).await
+}

@@ -286,11 +286,15 @@ pub(crate) fn routes() -> Router<std::sync::Arc<crate::ApiState>> {
             "/ui/claims/{name}/files",
             post(pages::upload).layer(DefaultBodyLimit::max(crate::UPLOAD_LIMIT)),
         )
-        .route("/ui/pools/{name}/scale", post(pages::scale))
-        .route("/ui/pools/{name}/reinitialise", post(pages::reinitialise))
-        .route("/ui/users/{name}/release", post(pages::release_user))
-        .route("/ui/users/{name}/delete", post(pages::delete_user))
+        .route("/ui/pools/{name}/{action}", post(pages::pool_action))
+        .route("/ui/users/{name}/{action}", post(pages::user_action))
         .route("/ui/events", get(feed::events))
+        .route("/ui/claims/{name}/logs", get(feed::claim_logs))
+        .route("/ui/containers/{instance}/logs", get(feed::container_logs))
+        .route(
+            "/ui/containers/{instance}/{action}",
+            post(pages::container_action),
+        )
         .route("/ui/assets/console.css", get(pages::css))
         .route("/ui/assets/console.js", get(pages::js))
         .layer(axum::middleware::map_response(pages::page_headers))

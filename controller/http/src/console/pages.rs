@@ -986,94 +986,130 @@ fn admin_form(state: &ApiState, headers: &HeaderMap, csrf: &str) -> Result<Strin
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-pub(crate) struct ScaleForm {
+pub(crate) struct ActionForm {
     csrf: String,
+    /// `scale`'s new size.
     warm: String,
 }
 
-pub(crate) async fn scale(
-    State(state): State<Arc<ApiState>>,
-    UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
-    Form(form): Form<ScaleForm>,
+/// Runs an operator's action (`act`, only once the session is an admin's and its CSRF token
+/// holds) and puts its outcome on the next page.
+async fn operator(
+    state: &ApiState,
+    headers: &HeaderMap,
+    csrf: &str,
+    act: impl std::future::Future<Output = Result<String, ApiError>>,
 ) -> Response {
-    let id = match admin_form(&state, &headers, &form.csrf) {
-        Ok(id) => id,
-        Err(r) => return *r,
-    };
-    let r = match form.warm.trim().parse::<u32>() {
-        Ok(warm) => crate::admin::scale(&state, &name, warm).await.map(|v| {
-            format!(
-                "Pool {name}: warm {} → {warm} (in {}).",
-                v["was"],
-                v["file"].as_str().unwrap_or("?")
-            )
-        }),
-        Err(_) => Err(ApiError::field(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "warm",
-            format!("{:?} is not a whole number of instances", form.warm),
-        )),
-    };
-    outcome(&state, &id, r)
-}
-
-pub(crate) async fn reinitialise(
-    State(state): State<Arc<ApiState>>,
-    UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
-) -> Response {
-    let id = match admin_form(&state, &headers, &form.csrf) {
-        Ok(id) => id,
-        Err(r) => return *r,
-    };
-    let r = crate::admin::reinitialise(&state, &name).await.map(|v| {
-        format!(
-            "Pool {name}: {} warm instances being replaced.",
-            v["replaced"]
-        )
-    });
-    outcome(&state, &id, r)
-}
-
-pub(crate) async fn release_user(
-    State(state): State<Arc<ApiState>>,
-    UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
-) -> Response {
-    let id = match admin_form(&state, &headers, &form.csrf) {
-        Ok(id) => id,
-        Err(r) => return *r,
-    };
-    let r = crate::admin::release_user_claims(&state, &name)
-        .await
-        .map(|v| format!("User {name}: released {}.", list_or_none(&v["released"])));
-    outcome(&state, &id, r)
-}
-
-pub(crate) async fn delete_user(
-    State(state): State<Arc<ApiState>>,
-    UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
-) -> Response {
-    let id = match admin_form(&state, &headers, &form.csrf) {
-        Ok(id) => id,
-        Err(r) => return *r,
-    };
-    let r = crate::admin::remove_user(&state, &name).await.map(|v| {
-        format!(
-            "User {name} deleted (from {}); released {}.",
-            v["file"].as_str().unwrap_or("?"),
-            list_or_none(&v["released"])
-        )
-    });
-    if r.is_ok() {
-        state.console.sign_out_user(&name);
+    match admin_form(state, headers, csrf) {
+        Ok(id) => outcome(state, &id, act.await),
+        Err(r) => *r,
     }
-    outcome(&state, &id, r)
+}
+
+fn no_action(action: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no action {action:?}"))
+}
+
+/// `scale` (the form's `warm`) and `reinitialise` of pool `name`.
+pub(crate) async fn pool_action(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((name, action)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let act = async {
+        match action.as_str() {
+            "scale" => {
+                let warm = form.warm.trim().parse::<u32>().map_err(|_| {
+                    ApiError::field(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "warm",
+                        format!("{:?} is not a whole number of instances", form.warm),
+                    )
+                })?;
+                let v = crate::admin::scale(&state, &name, warm).await?;
+                Ok(format!(
+                    "Pool {name}: warm {} → {warm} (in {}).",
+                    v["was"],
+                    v["file"].as_str().unwrap_or("?")
+                ))
+            }
+            "reinitialise" => {
+                let v = crate::admin::reinitialise(&state, &name).await?;
+                Ok(format!(
+                    "Pool {name}: {} warm instances being replaced.",
+                    v["replaced"]
+                ))
+            }
+            other => Err(no_action(other)),
+        }
+    };
+    operator(&state, &headers, &form.csrf, act).await
+}
+
+/// `release` (all of the user's claims) and `delete` of user `name` (their sessions end).
+pub(crate) async fn user_action(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((name, action)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let act = async {
+        match action.as_str() {
+            "release" => {
+                let v = crate::admin::release_user_claims(&state, &name).await?;
+                Ok(format!(
+                    "User {name}: released {}.",
+                    list_or_none(&v["released"])
+                ))
+            }
+            "delete" => {
+                let v = crate::admin::remove_user(&state, &name).await?;
+                state.console.sign_out_user(&name);
+                Ok(format!(
+                    "User {name} deleted (from {}); released {}.",
+                    v["file"].as_str().unwrap_or("?"),
+                    list_or_none(&v["released"])
+                ))
+            }
+            other => Err(no_action(other)),
+        }
+    };
+    operator(&state, &headers, &form.csrf, act).await
+}
+
+/// `restart` or `remove` of a deployment's container (removed, the deployment makes a fresh
+/// one).
+pub(crate) async fn container_action(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((instance, action)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    use poolkeeper_engine::ContainerAction;
+    let act = async {
+        let (what, done) = match action.as_str() {
+            "restart" => (ContainerAction::Restart, "restarted"),
+            "remove" => (
+                ContainerAction::Remove,
+                "removed; its deployment starts a fresh one",
+            ),
+            other => return Err(no_action(other)),
+        };
+        match state.handle.container_action(&instance, what).await {
+            Ok(Some(Ok(()))) => Ok(format!("Container {instance} {done}.")),
+            Ok(Some(Err(e))) => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("container {instance}: {e}"),
+            )),
+            Ok(None) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no deployment container {instance:?}"),
+            )),
+            Err(_) => Err(ApiError::unavailable()),
+        }
+    };
+    operator(&state, &headers, &form.csrf, act).await
 }
 
 fn list_or_none(v: &Value) -> String {
