@@ -22,6 +22,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_poolkeeper");
 const ADMIN: &str = "admin-token-0123456789";
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789";
+const OLGA: &str = "olga-token-0123456789";
 
 fn digest(t: &str) -> String {
     hex::encode(Sha256::digest(t.as_bytes()))
@@ -60,6 +61,11 @@ spec:
   tokenSha256: {b}
 ---
 apiVersion: poolkeeper.dev/v1alpha1
+kind: User
+metadata: {{name: olga}}
+spec: {{admin: true, tokenSha256: {o}}}
+---
+apiVersion: poolkeeper.dev/v1alpha1
 kind: Deployment
 metadata: {{name: infra}}
 spec:
@@ -67,6 +73,7 @@ spec:
 ",
         a = digest(ALICE),
         b = digest(BOB),
+        o = digest(OLGA),
     )
 }
 
@@ -824,4 +831,34 @@ fn output_streams_for_ones_own_claim_and_operators_act_on_deployment_containers(
         303
     );
     assert!(op.get("/ui").text.contains("no action &#34;explode&#34;"));
+}
+
+#[test]
+fn an_admin_user_operates_until_no_longer_one() {
+    let c = Console::start(&[]);
+    // Her token is an admin's in the API...
+    assert_eq!(c.api("GET", "/api/v1/deployments", OLGA, "").status, 200);
+    assert_eq!(c.api("GET", "/api/v1/deployments", ALICE, "").status, 403);
+    // ...and in the console.
+    let mut olga = c.browser();
+    olga.sign_in_token(OLGA);
+    let page = olga.get("/ui");
+    assert!(page.text.contains("Operations"), "{}", page.text);
+    let csrf = hidden_csrf(&page.text);
+    // Demoted in her file: her session ends at the next request, her token is a user's.
+    let specs = std::fs::read_to_string(c.dir.path().join("specs.yaml")).unwrap();
+    let tmp = c.dir.path().join(".specs.tmp");
+    std::fs::write(&tmp, specs.replace("admin: true, ", "")).unwrap();
+    std::fs::rename(&tmp, c.dir.path().join("specs.yaml")).unwrap();
+    wait_for("olga is a user again", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/deployments", OLGA, "").status == 403
+    });
+    let a = olga.post("/ui/pools/web/scale", &[("csrf", &csrf), ("warm", "7")]);
+    assert_eq!(location(&a), "/ui/signin", "{a:?}");
+    assert!(
+        !std::fs::read_to_string(c.dir.path().join("specs.yaml"))
+            .unwrap()
+            .contains("warm: 7")
+    );
+    assert_eq!(location(&olga.get("/ui")), "/ui/signin");
 }

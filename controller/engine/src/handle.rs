@@ -152,6 +152,8 @@ pub type Tokens = Arc<std::sync::RwLock<HashMap<[u8; 32], TokenOwner>>>;
 pub struct TokenOwner {
     pub user: String,
     pub disabled: bool,
+    /// The user is an operator (`admin: true`).
+    pub admin: bool,
 }
 
 /// The engine's answer to [`EngineHandle::create_claim`].

@@ -66,6 +66,9 @@ pub struct EngineMetrics {
     pub user: KindMetrics,
     /// From a claim's arrival (or its return to the queue) to Bound.
     pub bind_latency: Histogram,
+    /// The same, per pool (by the claim's `pool`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub bind_latency_by_pool: std::collections::BTreeMap<String, Histogram>,
     /// One flush of the state store: the write and fdatasync of a batch, which every Bound
     /// waits for (the counterpart of etcd's WAL fsync duration: a slow disk shows here first).
     #[serde(default)]

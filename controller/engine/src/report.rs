@@ -60,8 +60,19 @@ impl<R: Runtime> Engine<R> {
             return;
         };
         if phase == ClaimPhase::Bound && c.reported == ClaimPhase::Pending {
-            let waited = now.saturating_sub(c.phase_since);
-            self.metrics.bind_latency.observe(waited as f64 / 1000.0);
+            let waited = now.saturating_sub(c.phase_since) as f64 / 1000.0;
+            self.metrics.bind_latency.observe(waited);
+            // Per pool too (the console's distributions); a pool's name is cloned once.
+            match self.metrics.bind_latency_by_pool.get_mut(&c.spec.pool) {
+                Some(h) => h.observe(waited),
+                None => {
+                    let mut h = crate::metrics::Histogram::default();
+                    h.observe(waited);
+                    self.metrics
+                        .bind_latency_by_pool
+                        .insert(c.spec.pool.clone(), h);
+                }
+            }
         }
         c.reported = phase;
         c.phase_since = now;

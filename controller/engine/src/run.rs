@@ -204,10 +204,10 @@ impl<R: Runtime> Engine<R> {
         action: crate::handle::ContainerAction,
         reply: tokio::sync::oneshot::Sender<Option<Result<(), String>>>,
     ) {
-        if !self
+        if self
             .instances
             .get(&instance)
-            .is_some_and(|i| i.deployment.is_some())
+            .is_none_or(|i| i.deployment.is_none())
         {
             let _ = reply.send(None);
             return;

@@ -93,6 +93,7 @@ impl<R: Runtime> Engine<R> {
             let owner = TokenOwner {
                 user: name.clone(),
                 disabled: u.spec.disabled,
+                admin: u.spec.admin,
             };
             if let Some(first) = index.insert(digest, owner) {
                 warn!(

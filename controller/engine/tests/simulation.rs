@@ -64,6 +64,26 @@ async fn reinitialising_a_pool_replaces_its_warm_instances_and_leaves_bound_ones
 }
 
 #[tokio::test]
+async fn claim_latency_is_counted_overall_and_per_pool() {
+    let mut s = sim();
+    apply_pool(&mut s, "web", pool("nginx", 2, Some(10)));
+    apply_pool(&mut s, "api", pool("python", 1, Some(10)));
+    s.wait_warm("web", 2).await;
+    s.wait_warm("api", 1).await;
+    apply_claim(&mut s, "c1", "web");
+    apply_claim(&mut s, "c2", "web");
+    apply_claim(&mut s, "c3", "api");
+    for c in ["c1", "c2", "c3"] {
+        s.wait_bound(c).await;
+    }
+    let m = s.snapshot().await.metrics;
+    assert_eq!(m.bind_latency.count, 3);
+    assert_eq!(m.bind_latency_by_pool["web"].count, 2);
+    assert_eq!(m.bind_latency_by_pool["api"].count, 1);
+    assert_eq!(m.bind_latency_by_pool.len(), 2);
+}
+
+#[tokio::test]
 async fn a_pool_keeps_its_warm_count_of_ready_unbound_instances_within_max() {
     let mut s = sim();
     apply_pool(&mut s, "web", pool("nginx", 3, Some(5)));

@@ -63,6 +63,7 @@ pub fn authenticate(
             StatusCode::FORBIDDEN,
             "this user is disabled",
         )),
+        Some(owner) if owner.admin => Ok(Caller::Admin),
         Some(owner) => Ok(Caller::User(owner.user)),
         None => Err(unauthorized("unknown token")),
     }

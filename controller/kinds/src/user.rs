@@ -38,6 +38,10 @@ pub struct UserSpec {
     pub ssh_keys: Vec<String>,
     #[serde(default)]
     pub disabled: bool,
+    /// An operator: their token (or their password, in the web console) opens everything the
+    /// admin token does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
     /// SHA-256 (hex) of the user's API token: the token itself is never stored.
     /// `printf %s TOKEN | sha256sum`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -205,7 +205,7 @@ pub(crate) async fn events(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let Some((_, session)) = state.console.session(&headers) else {
+    let Some((_, session)) = super::live_session(&state, &headers).await else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
     };
     let who = session.who;
@@ -326,7 +326,7 @@ pub(crate) async fn claim_logs(
     axum::extract::Path(name): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let Some((_, session)) = state.console.session(&headers) else {
+    let Some((_, session)) = super::live_session(&state, &headers).await else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
     };
     if crate::auth::claim_seen(&state, &session.who, &name)
@@ -361,7 +361,7 @@ pub(crate) async fn container_logs(
     axum::extract::Path(instance): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let Some((_, session)) = state.console.session(&headers) else {
+    let Some((_, session)) = super::live_session(&state, &headers).await else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
     };
     crate::admin::admin_only(&session.who)?;

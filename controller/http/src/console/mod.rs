@@ -60,6 +60,10 @@ impl Default for ConsoleConfig {
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
     pub who: Caller,
+    /// The declared user behind the session (None: the admin token): checked against what is
+    /// declared at each page, so that a user deleted, disabled or no longer an operator loses
+    /// the session.
+    pub account: Option<String>,
     /// Every form of this session carries it.
     pub csrf: String,
     /// A message for the next page (the outcome of a form), shown once.
@@ -135,8 +139,9 @@ impl Console {
         }
     }
 
-    /// Starts a session for `who`: its id (for the cookie).
-    pub fn sign_in(&self, who: Caller) -> Option<String> {
+    /// Starts a session for `who` (signed in as the declared user `account`, if any): its id
+    /// (for the cookie).
+    pub fn sign_in(&self, who: Caller, account: Option<String>) -> Option<String> {
         let id = random_token()?;
         let csrf = random_token()?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,6 +160,7 @@ impl Console {
             id.clone(),
             Session {
                 who,
+                account,
                 csrf,
                 flash: None,
                 last_seen: Instant::now(),
@@ -171,7 +177,7 @@ impl Console {
     /// Ends every session of `user` (deleted or disabled).
     pub fn sign_out_user(&self, user: &str) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.retain(|_, s| s.who != Caller::User(user.to_owned()));
+        sessions.retain(|_, s| s.account.as_deref() != Some(user));
     }
 
     /// Whether any of `keys` (an address, a user name) failed too often lately: how long until
@@ -211,6 +217,33 @@ impl Console {
             }
         }
     }
+}
+
+/// The session of a request, if it is alive and its declared user (if any) still may hold it:
+/// a user deleted, disabled, or no longer an operator (or newly one) is signed out.
+pub(crate) async fn live_session(
+    state: &crate::ApiState,
+    headers: &HeaderMap,
+) -> Option<(String, Session)> {
+    let (id, s) = state.console.session(headers)?;
+    if let Some(u) = &s.account {
+        let key = poolkeeper_kinds::ObjKey::new(poolkeeper_kinds::Kind::User, u.clone());
+        let view = state
+            .handle
+            .views(vec![key])
+            .await
+            .ok()?
+            .into_iter()
+            .next()
+            .flatten();
+        let spec =
+            view.and_then(|v| serde_json::from_value::<poolkeeper_kinds::UserSpec>(v.spec).ok());
+        if spec.is_none_or(|spec| spec.disabled || spec.admin != (s.who == Caller::Admin)) {
+            state.console.sign_out_user(u);
+            return None;
+        }
+    }
+    Some((id, s))
 }
 
 /// How many failures key `k` (`ip:ADDRESS` or `user:NAME`) may have in [`WINDOW`].
@@ -353,8 +386,12 @@ mod tests {
     #[test]
     fn sessions_are_distinct_and_signing_out_a_user_ends_theirs_only() {
         let c = Console::new(ConsoleConfig::default());
-        let a = c.sign_in(Caller::User("alice".into())).expect("id");
-        let b = c.sign_in(Caller::User("bob".into())).expect("id");
+        let a = c
+            .sign_in(Caller::User("alice".into()), Some("alice".into()))
+            .expect("id");
+        let b = c
+            .sign_in(Caller::User("bob".into()), Some("bob".into()))
+            .expect("id");
         assert_ne!(a, b);
         assert_eq!(a.len(), 64);
         c.sign_out_user("alice");

@@ -242,8 +242,8 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
         Err("give a token, or a user name and a password".to_owned())
     };
     match outcome {
-        Ok(who) => {
-            let Some(id) = state.console.sign_in(who) else {
+        Ok((who, account)) => {
+            let Some(id) = state.console.sign_in(who, account) else {
                 return no_randomness();
             };
             let mut r = see("/ui");
@@ -270,18 +270,22 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
     }
 }
 
-fn token_caller(state: &ApiState, token: &str) -> Result<Caller, String> {
+/// Who a token signs in as, and the declared user behind it (none for the admin token).
+type SignedIn = (Caller, Option<String>);
+
+fn token_caller(state: &ApiState, token: &str) -> Result<SignedIn, String> {
     let digest = sha256(token);
     if state
         .admin_sha256
         .as_ref()
         .is_some_and(|a| crate::auth::same(a, &digest))
     {
-        return Ok(Caller::Admin);
+        return Ok((Caller::Admin, None));
     }
     match state.handle.token_owner(&digest) {
         Some(o) if o.disabled => Err("this user is disabled".to_owned()),
-        Some(o) => Ok(Caller::User(o.user)),
+        Some(o) if o.admin => Ok((Caller::Admin, Some(o.user))),
+        Some(o) => Ok((Caller::User(o.user.clone()), Some(o.user))),
         None => Err("unknown token".to_owned()),
     }
 }
@@ -300,7 +304,7 @@ async fn password_caller(
     state: &ApiState,
     username: &str,
     password: String,
-) -> Result<Caller, String> {
+) -> Result<SignedIn, String> {
     let wrong = || "wrong user name or password".to_owned();
     let snap = state
         .handle
@@ -317,10 +321,13 @@ async fn password_caller(
         .unwrap_or(false);
     match user {
         Some(u) if matches && u.password_hash.is_some() => {
+            let account = Some(username.to_owned());
             if u.disabled {
                 Err("this user is disabled".to_owned())
+            } else if u.admin {
+                Ok((Caller::Admin, account))
             } else {
-                Ok(Caller::User(username.to_owned()))
+                Ok((Caller::User(username.to_owned()), account))
             }
         }
         _ => Err(wrong()),
@@ -469,7 +476,10 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
     match state.declare.create_user(&name, spec).await {
         Ok(at) => {
             tracing::info!(user = %name, at = %at, "a user registered through the console");
-            let Some(id) = state.console.sign_in(Caller::User(name.clone())) else {
+            let Some(id) = state
+                .console
+                .sign_in(Caller::User(name.clone()), Some(name.clone()))
+            else {
                 return no_randomness();
             };
             state.console.set_flash(
@@ -538,7 +548,7 @@ async fn signed_in(
     state: &ApiState,
     headers: &HeaderMap,
 ) -> Result<(String, Session, Snapshot), Response> {
-    let Some((id, session)) = state.console.session(headers) else {
+    let Some((id, session)) = super::live_session(state, headers).await else {
         return Err(see("/ui/signin"));
     };
     let snap = state.handle.snapshot().await.map_err(|_| {
@@ -548,22 +558,16 @@ async fn signed_in(
             "the controller is stopping",
         )
     })?;
-    if let Caller::User(u) = &session.who
-        && user_spec(&snap, u).is_none_or(|s| s.disabled)
-    {
-        state.console.sign_out_user(u);
-        return Err(see("/ui/signin"));
-    }
     Ok((id, session, snap))
 }
 
 /// A signed-in form's session, its CSRF token checked.
-fn form_session(
+async fn form_session(
     state: &ApiState,
     headers: &HeaderMap,
     csrf: &str,
 ) -> Result<(String, Session), Box<Response>> {
-    let Some((id, session)) = state.console.session(headers) else {
+    let Some((id, session)) = super::live_session(state, headers).await else {
         return Err(Box::new(see("/ui/signin")));
     };
     if !same_token(&session.csrf, csrf) {
@@ -696,6 +700,14 @@ fn latency_bars(h: &poolkeeper_engine::metrics::Histogram) -> Vec<Bar> {
         .collect()
 }
 
+/// A pool on the operator's grid: its row, its chart, and its claims' latency distribution.
+pub(crate) struct PoolCard {
+    p: PoolRow,
+    chart: Chart,
+    bars: Vec<Bar>,
+    bound: u64,
+}
+
 pub(crate) struct UserRow {
     name: String,
     claims: usize,
@@ -724,7 +736,7 @@ struct OperatorPage<'a> {
     title: &'a str,
     csrf: String,
     flash: Option<super::Flash>,
-    pools: Vec<(PoolRow, Chart)>,
+    pools: Vec<PoolCard>,
     bars: Vec<Bar>,
     bound_total: u64,
     users: Vec<UserRow>,
@@ -865,8 +877,13 @@ fn operator_page<'a>(
         pools: pools
             .into_iter()
             .map(|p| {
-                let c = chart(&p.history);
-                (p, c)
+                let own = snap.metrics.bind_latency_by_pool.get(&p.name);
+                PoolCard {
+                    chart: chart(&p.history),
+                    bars: own.map(latency_bars).unwrap_or_default(),
+                    bound: own.map_or(0, |h| h.count),
+                    p,
+                }
             })
             .collect(),
         bars: latency_bars(h),
@@ -904,7 +921,7 @@ pub(crate) async fn launch(
     headers: HeaderMap,
     Form(form): Form<LaunchForm>,
 ) -> Response {
-    let (id, session) = match form_session(&state, &headers, &form.csrf) {
+    let (id, session) = match form_session(&state, &headers, &form.csrf).await {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -933,7 +950,7 @@ pub(crate) async fn release(
     headers: HeaderMap,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let (id, session) = match form_session(&state, &headers, &form.csrf) {
+    let (id, session) = match form_session(&state, &headers, &form.csrf).await {
         Ok(s) => s,
         Err(r) => return *r,
     };
@@ -951,7 +968,7 @@ pub(crate) async fn upload(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let Some((_, session)) = state.console.session(&headers) else {
+    let Some((_, session)) = super::live_session(&state, &headers).await else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "not signed in").into_response();
     };
     let sent = headers
@@ -972,8 +989,12 @@ pub(crate) async fn upload(
 }
 
 /// An admin's form: the session (an admin's) or the answer refusing it.
-fn admin_form(state: &ApiState, headers: &HeaderMap, csrf: &str) -> Result<String, Box<Response>> {
-    let (id, session) = form_session(state, headers, csrf)?;
+async fn admin_form(
+    state: &ApiState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<String, Box<Response>> {
+    let (id, session) = form_session(state, headers, csrf).await?;
     if session.who != Caller::Admin {
         return Err(Box::new(message(
             StatusCode::FORBIDDEN,
@@ -1000,7 +1021,7 @@ async fn operator(
     csrf: &str,
     act: impl std::future::Future<Output = Result<String, ApiError>>,
 ) -> Response {
-    match admin_form(state, headers, csrf) {
+    match admin_form(state, headers, csrf).await {
         Ok(id) => outcome(state, &id, act.await),
         Err(r) => *r,
     }
