@@ -22,7 +22,6 @@ use bollard::query_parameters::{
     UploadToContainerOptionsBuilder,
 };
 use futures::StreamExt;
-use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use poolkeeper_core::deployment::volume_name;
@@ -332,49 +331,7 @@ async fn exec_inner(
     Ok(info.exit_code.unwrap_or(-1))
 }
 
-/// A script of exec steps: each runs in the target and checks its exit code and output.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Steps {
-    pub steps: Vec<StepSpec>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StepSpec {
-    pub name: String,
-    /// A command line for `sh -c`, or a list run as it is.
-    pub run: RunSpec,
-    #[serde(default)]
-    pub expect: Expect,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum RunSpec {
-    Shell(String),
-    Argv(Vec<String>),
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Expect {
-    /// Default 0.
-    #[serde(default)]
-    pub exit_code: i64,
-    /// Text the output must contain.
-    #[serde(default)]
-    pub output_contains: Option<String>,
-}
-
-impl RunSpec {
-    fn argv(&self) -> Vec<String> {
-        match self {
-            RunSpec::Shell(s) => vec!["sh".into(), "-c".into(), s.clone()],
-            RunSpec::Argv(v) => v.clone(),
-        }
-    }
-}
+pub use poolkeeper_kinds::steps::Steps;
 
 /// Parses a steps file; errors name the file, line and column.
 pub fn load_steps(path: &Path) -> anyhow::Result<Steps> {
@@ -402,18 +359,7 @@ pub async fn run_steps(t: &Target, path: &Path) -> anyhow::Result<ExitCode> {
         } = poolkeeper_runtime_docker::exec_output(&docker, &t.container, &step.run.argv())
             .await
             .with_context(|| format!("exec in {}", t.container))?;
-        let mut problems = Vec::new();
-        if code != step.expect.exit_code {
-            problems.push(format!(
-                "expected exit code {}, got {code}",
-                step.expect.exit_code
-            ));
-        }
-        if let Some(want) = &step.expect.output_contains
-            && !output.contains(want.as_str())
-        {
-            problems.push(format!("expected the output to contain {want:?}"));
-        }
+        let problems = step.problems(code, &output);
         if problems.is_empty() {
             println!("ok   {n}/{total} {}", step.name);
             continue;

@@ -319,15 +319,25 @@ pub struct ApiArgs {
     /// TLS-terminating proxy, say).
     #[arg(long)]
     pub console_secure_cookie: bool,
+    /// A folder of example flows (one folder each, with a README and YAML specs, e.g.
+    /// `examples/flows`) that operators may run from the web console.
+    #[arg(long, value_name = "DIR")]
+    pub flows: Option<PathBuf>,
 }
 
 impl ApiArgs {
-    pub(crate) fn console(&self) -> poolkeeper_http::console::ConsoleConfig {
-        poolkeeper_http::console::ConsoleConfig {
+    /// The web console's settings; the flows are read (and checked) now.
+    pub(crate) fn console(&self) -> anyhow::Result<poolkeeper_http::console::ConsoleConfig> {
+        let flows = match &self.flows {
+            Some(dir) => crate::flows::load(dir)?,
+            None => Vec::new(),
+        };
+        Ok(poolkeeper_http::console::ConsoleConfig {
             allow_registration: self.allow_registration,
             registration_quota: self.registration_quota,
             secure_cookie: self.console_secure_cookie,
-        }
+            flows,
+        })
     }
 
     pub(crate) fn admin_token(&self) -> anyhow::Result<Option<String>> {

@@ -19,6 +19,7 @@ pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod flows;
 pub mod install;
 pub mod kube_mode;
 pub mod notify;

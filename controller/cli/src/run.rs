@@ -99,7 +99,7 @@ async fn run_with<R: poolkeeper_runtime::Runtime>(
             )
             .context("starting the HTTP API")?
             .with_limits(limits, refusals)
-            .with_console(api.console());
+            .with_console(api.console()?);
             Some(serve(l, state, &api_addr)?)
         }
         None => None,
@@ -256,7 +256,7 @@ async fn run_kube_with<R: poolkeeper_runtime::Runtime>(
             listener,
             admin_token: api.admin_token()?,
             webhooks: api.webhooks()?,
-            console: api.console(),
+            console: api.console()?,
             limits,
         },
     );

@@ -116,6 +116,7 @@ fn controller(id: &str, warm: u32) -> (Controller, String, tempfile::TempDir) {
     let secrets = tempfile::tempdir().unwrap();
     let token = secrets.path().join("admin.token");
     std::fs::write(&token, ADMIN).unwrap();
+    let flows = repo().join("examples/flows");
     let c = Controller::new(
         id,
         &[
@@ -132,6 +133,8 @@ fn controller(id: &str, warm: u32) -> (Controller, String, tempfile::TempDir) {
             "--admin-token-file",
             token.to_str().unwrap(),
             "--allow-registration",
+            "--flows",
+            flows.to_str().unwrap(),
         ],
     );
     let s = c.wait("the pool is warm", T, |s| {
@@ -383,6 +386,67 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
         assert_eq!(marker, json!("same page"), "the page was reloaded");
         assert!(text(&b, "[data-pool=\"web\"] .ready").await.contains("Ready"));
         screenshot(&b, "operations").await;
+
+        // An example flow, with a parameter changed: its output shows.
+        click(&b, "details[data-flow=\"01-hello-world\"] > summary").await;
+        let command = "[data-flow=\"01-hello-world\"] input[name=\"hello/hello/command\"]";
+        b.find(Locator::Css(command)).await.unwrap().clear().await.unwrap();
+        fill(&b, command, "echo 'Hello from the console test'").await;
+        click(&b, "#run-01-hello-world button[type=submit]").await;
+        until(&b, "the flow runs", "document.querySelector('#flash').innerText.includes('Flow 01-hello-world runs')").await;
+        let output = "[data-flow=\"01-hello-world\"] details[data-logs=\"/ui/containers/hello-hello/logs\"]";
+        let start = Instant::now();
+        while b.find(Locator::Css(output)).await.is_err() {
+            assert!(start.elapsed() < T, "the flow's container never showed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            b.refresh().await.unwrap();
+        }
+        click(&b, &format!("{output} > summary")).await;
+        until(
+            &b,
+            "the flow's output shows",
+            &format!("document.querySelector('{output} [data-log]').textContent.includes('Hello from the console test')"),
+        )
+        .await;
+        // Its checked steps, in a running toolbox.
+        click(&b, "details[data-flow=\"03-command-automation\"] > summary").await;
+        click(&b, "#run-03-command-automation button[type=submit]").await;
+        until(&b, "the toolbox is declared", "document.querySelector('#flash').innerText.includes('Flow 03-command-automation runs')").await;
+        let start = Instant::now();
+        loop {
+            let ready = b
+                .execute("return document.body.innerText.includes('Deployment tools: 1 of 1 ready');", vec![])
+                .await
+                .unwrap();
+            if ready == json!(true) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "the toolbox never ran");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b.refresh().await.unwrap();
+        }
+        b.find(Locator::XPath("//details[@data-flow='03-command-automation']//button[contains(., 'steps.steps')]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        until(
+            &b,
+            "the steps pass",
+            "document.querySelector('[data-flow=\"03-command-automation\"] [data-flow-output]')?.textContent.includes('3 of 3 steps passed')",
+        )
+        .await;
+        screenshot(&b, "operations-flows").await;
+        for flow in ["01-hello-world", "03-command-automation"] {
+            b.find(Locator::XPath(&format!("//details[@data-flow='{flow}']//button[contains(., 'Stop')]")))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
+            until(&b, "the flow stopped", &format!("document.querySelector('#flash').innerText.includes('Flow {flow} stopped')")).await;
+        }
         b.close().await.unwrap();
     });
     drop(c);

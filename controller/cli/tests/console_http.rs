@@ -862,3 +862,131 @@ fn an_admin_user_operates_until_no_longer_one() {
     );
     assert_eq!(location(&olga.get("/ui")), "/ui/signin");
 }
+
+#[test]
+fn an_operator_runs_an_example_flow_with_its_parameters_then_its_steps_then_stops_it() {
+    let flows = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/flows");
+    let c = Console::start(&["--flows", flows.to_str().unwrap()]);
+    let mut op = c.browser();
+    op.sign_in_token(ADMIN);
+    let page = op.get("/ui");
+    assert!(page.text.contains("Example flows"));
+    assert_eq!(page.text.matches("class=\"flow card\"").count(), 8);
+    // Each parameter has a label, with the declared value.
+    assert!(page.text.contains("hello/hello: command"), "{}", page.text);
+    assert!(
+        page.text
+            .contains("name=\"hello/hello/image\" value=\"poolkeeper-workload:test\"")
+    );
+    let csrf = hidden_csrf(&page.text);
+    // An empty image is refused naming the field; an unknown parameter too; nothing declared.
+    let run = |op: &mut Browser, params: &[(&str, &str)]| {
+        let mut form = vec![("csrf", csrf.as_str())];
+        form.extend_from_slice(params);
+        op.post("/ui/flows/01-hello-world/run", &form)
+    };
+    assert_eq!(run(&mut op, &[("hello/hello/image", " ")]).status, 303);
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("Deployment hello: spec.containers[0].image")
+    );
+    assert_eq!(run(&mut op, &[("hello/nope/image", "x")]).status, 303);
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("hello/nope/image: not a parameter of this flow")
+    );
+    assert!(
+        !c.dir
+            .path()
+            .join("managed/flows/01-hello-world.yaml")
+            .exists()
+    );
+    // Run with another command: declared in the folder, applied by the watcher.
+    let a = run(
+        &mut op,
+        &[("hello/hello/command", "echo 'Hello from the console'")],
+    );
+    assert_eq!(a.status, 303);
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("Flow 01-hello-world runs: Deployment hello")
+    );
+    let file =
+        std::fs::read_to_string(c.dir.path().join("managed/flows/01-hello-world.yaml")).unwrap();
+    assert!(file.contains("Hello from the console"), "{file}");
+    wait_for(
+        "the deployment is declared",
+        Duration::from_secs(10),
+        || {
+            let v = c.api("GET", "/api/v1/deployments/hello", ADMIN, "");
+            v.status == 200
+                && v.json()["spec"]["containers"][0]["command"][1] == "Hello from the console"
+        },
+    );
+    // Steps run in the flow's container: on the memory runtime a command prints nothing, so
+    // the first step that wants output fails, and the report says so.
+    assert_eq!(
+        op.post("/ui/flows/03-command-automation/run", &[("csrf", &csrf)])
+            .status,
+        303
+    );
+    wait_for("the toolbox runs", Duration::from_secs(10), || {
+        op.get("/ui")
+            .text
+            .contains("Deployment tools: 1 of 1 ready")
+    });
+    assert_eq!(
+        op.post(
+            "/ui/flows/03-command-automation/steps-1",
+            &[("csrf", &csrf)]
+        )
+        .status,
+        303
+    );
+    let page = op.get("/ui");
+    assert!(
+        page.text
+            .contains("FAIL 1/3 python is there: expected the output to contain"),
+        "{}",
+        page.text
+    );
+    assert!(page.text.contains("0 of 3 steps passed"));
+    assert_eq!(
+        op.post(
+            "/ui/flows/03-command-automation/steps-9",
+            &[("csrf", &csrf)]
+        )
+        .status,
+        303
+    );
+    assert!(op.get("/ui").text.contains("no action &#34;steps-9&#34;"));
+    // Stop: the file goes, and the deployment with it.
+    assert_eq!(
+        op.post("/ui/flows/01-hello-world/stop", &[("csrf", &csrf)])
+            .status,
+        303
+    );
+    assert!(op.get("/ui").text.contains("Flow 01-hello-world stopped"));
+    assert!(
+        !c.dir
+            .path()
+            .join("managed/flows/01-hello-world.yaml")
+            .exists()
+    );
+    wait_for("the deployment is gone", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/deployments/hello", ADMIN, "").status == 404
+    });
+    // Users may not run flows.
+    let mut alice = c.browser();
+    alice.sign_in_token(ALICE);
+    let csrf = alice.csrf("/ui");
+    assert_eq!(
+        alice
+            .post("/ui/flows/01-hello-world/run", &[("csrf", &csrf)])
+            .status,
+        403
+    );
+}

@@ -93,6 +93,12 @@ pub(crate) enum Input {
         tail: usize,
         reply: oneshot::Sender<Option<Result<InstanceLogs, String>>>,
     },
+    /// A command run in a deployment's container (None: no such container).
+    Exec {
+        instance: String,
+        command: Vec<String>,
+        reply: oneshot::Sender<Option<Result<poolkeeper_runtime::ExecOutput, String>>>,
+    },
     /// An operator's action on a deployment's container (None: no such container).
     Container {
         instance: String,
@@ -258,6 +264,21 @@ impl EngineHandle {
         self.ask(|reply| Input::Container {
             instance: instance.to_owned(),
             action,
+            reply,
+        })
+        .await
+    }
+
+    /// Runs `command` in a deployment's container (a flow's checked steps); None when the
+    /// engine holds no such deployment container.
+    pub async fn exec(
+        &self,
+        instance: &str,
+        command: Vec<String>,
+    ) -> Result<Option<Result<poolkeeper_runtime::ExecOutput, String>>, EngineError> {
+        self.ask(|reply| Input::Exec {
+            instance: instance.to_owned(),
+            command,
             reply,
         })
         .await

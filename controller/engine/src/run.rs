@@ -162,6 +162,21 @@ impl<R: Runtime> Engine<R> {
                 action,
                 reply,
             } => self.container_action(instance, action, reply),
+            Input::Exec {
+                instance,
+                command,
+                reply,
+            } => {
+                if !self.is_deployment_container(&instance) {
+                    let _ = reply.send(None);
+                    return;
+                }
+                let rt = self.rt.clone();
+                tokio::spawn(async move {
+                    let r = rt.exec(&instance, &command).await;
+                    let _ = reply.send(Some(r.map_err(|e| e.to_string())));
+                });
+            }
             Input::LogMatch {
                 instance,
                 trigger,
@@ -195,6 +210,12 @@ impl<R: Runtime> Engine<R> {
         });
     }
 
+    fn is_deployment_container(&self, instance: &str) -> bool {
+        self.instances
+            .get(instance)
+            .is_some_and(|i| i.deployment.is_some())
+    }
+
     /// An operator's restart or removal of a deployment's container. The engine learns of
     /// either from the runtime's events, as of one behind its back, and keeps the deployment
     /// as declared (a removed container is replaced).
@@ -204,11 +225,7 @@ impl<R: Runtime> Engine<R> {
         action: crate::handle::ContainerAction,
         reply: tokio::sync::oneshot::Sender<Option<Result<(), String>>>,
     ) {
-        if self
-            .instances
-            .get(&instance)
-            .is_none_or(|i| i.deployment.is_none())
-        {
+        if !self.is_deployment_container(&instance) {
             let _ = reply.send(None);
             return;
         }

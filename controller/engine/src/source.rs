@@ -223,6 +223,22 @@ pub trait Declare: Send + Sync + 'static {
         name: &'a str,
         hash: &'a str,
     ) -> BoxFuture<'a, Result<String, DeclareError>>;
+    /// Declares `objects` as one group (an example flow run from the web console), replacing
+    /// what the group declared before. An object of the same kind and name declared elsewhere
+    /// is a [`DeclareError::Conflict`] naming where; nothing is changed then. Returns where
+    /// the group is declared.
+    fn declare_group<'a>(
+        &'a self,
+        group: &'a str,
+        objects: Vec<Object>,
+    ) -> BoxFuture<'a, Result<String, DeclareError>>;
+    /// Removes what group `group` declared (`objects`, as it declared them): true when there
+    /// was something.
+    fn remove_group<'a>(
+        &'a self,
+        group: &'a str,
+        objects: Vec<ObjKey>,
+    ) -> BoxFuture<'a, Result<bool, DeclareError>>;
     /// Records kept beside declared state (reservations, webhook signatures seen).
     fn records(&self) -> &dyn Records;
 }

@@ -15,6 +15,7 @@ pub mod crd;
 mod deployment;
 mod object;
 mod pool;
+pub mod steps;
 pub mod units;
 mod user;
 pub mod validate;

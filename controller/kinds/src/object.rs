@@ -78,6 +78,17 @@ pub enum Spec {
 }
 
 impl Spec {
+    /// The spec as its kind's own JSON (what `spec:` holds in a file or an object).
+    pub fn to_json(&self) -> serde_json::Value {
+        let v = match self {
+            Spec::Pool(s) => serde_json::to_value(s),
+            Spec::Claim(s) => serde_json::to_value(s),
+            Spec::User(s) => serde_json::to_value(s),
+            Spec::Deployment(s) => serde_json::to_value(s),
+        };
+        v.unwrap_or(serde_json::Value::Null)
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             Spec::Pool(_) => Kind::Pool,

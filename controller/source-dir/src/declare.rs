@@ -24,7 +24,9 @@ use poolkeeper_kinds::{ClaimSpec, Kind, ObjKey, Object, Origin, Spec, UserSpec};
 
 use crate::edit;
 use crate::filewriter::{self, FileWriter};
-use crate::layout::{MANAGED_CLAIMS, managed_dir, managed_file, managed_user_file, state_dir};
+use crate::layout::{
+    MANAGED_CLAIMS, managed_dir, managed_file, managed_group_file, managed_user_file, state_dir,
+};
 use crate::watch::Prepared;
 
 /// The directory source's [`Declare`] (and [`Records`]).
@@ -363,6 +365,69 @@ impl Declare for DirDeclare {
                 .await
                 .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
             Ok(self.relative(&file))
+        })
+    }
+
+    /// Writes `DIR/managed/flows/GROUP.yaml` (atomically) with the group's objects, replacing
+    /// what it held; the watcher applies the difference like any other edit.
+    fn declare_group<'a>(
+        &'a self,
+        group: &'a str,
+        objects: Vec<Object>,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let path = managed_group_file(&self.dir, group);
+            let snap = self.snapshot().await?;
+            for o in &objects {
+                let kind = o.spec.kind();
+                if let Some(other) = snap.objects.iter().find(|v| {
+                    v.kind == kind && v.name == o.name && !v.origin.file.as_os_str().is_empty()
+                }) && other.origin.file != path
+                {
+                    return Err(DeclareError::Conflict(format!(
+                        "{kind} {} is declared in {} already",
+                        o.name,
+                        self.relative(&other.origin.file)
+                    )));
+                }
+            }
+            let mut text = format!(
+                "# Declared by the web console: the example flow {group}. Stopping it there removes this file.\n"
+            );
+            for (i, o) in objects.iter().enumerate() {
+                if i > 0 {
+                    text.push_str("---\n");
+                }
+                let doc = object_file_text(&o.spec.kind().to_string(), &o.name, &o.spec.to_json())
+                    .map_err(DeclareError::Failed)?;
+                text.push_str(&doc);
+            }
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| declare_failed(&format!("creating {}", parent.display()), &e))?;
+            }
+            self.files
+                .write(path.clone(), text.into_bytes())
+                .await
+                .map_err(|e| declare_failed("writing the flow", &e))?;
+            Ok(self.relative(&path))
+        })
+    }
+
+    /// Removes `DIR/managed/flows/GROUP.yaml`: the watcher deletes its objects.
+    fn remove_group<'a>(
+        &'a self,
+        group: &'a str,
+        _objects: Vec<ObjKey>,
+    ) -> BoxFuture<'a, Result<bool, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let path = managed_group_file(&self.dir, group);
+            self.files
+                .remove_if_present(path.clone())
+                .await
+                .map_err(|e| changing(&path, e))
         })
     }
 

@@ -32,6 +32,14 @@ pub fn managed_user_file(dir: &Path, name: &str) -> PathBuf {
     dir.join(MANAGED_USERS).join(format!("{name}.yaml"))
 }
 
+/// Where the web console declares the example flows it runs, one file per flow.
+pub const MANAGED_FLOWS: &str = "managed/flows";
+
+/// The file of group (flow) `group`.
+pub fn managed_group_file(dir: &Path, group: &str) -> PathBuf {
+    dir.join(MANAGED_FLOWS).join(format!("{group}.yaml"))
+}
+
 pub fn managed_dir(dir: &Path) -> PathBuf {
     dir.join(MANAGED_CLAIMS)
 }

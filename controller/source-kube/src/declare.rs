@@ -24,6 +24,8 @@ use crate::Shared;
 use crate::objects::{self, LABEL_MADE_BY, LABEL_USER};
 use crate::writes::{FIELD_MANAGER, Writer};
 
+/// The label of the objects of an example flow run from the web console.
+const LABEL_FLOW: &str = "poolkeeper.dev/flow";
 /// The label of every record ConfigMap.
 const LABEL_RECORD: &str = "poolkeeper.dev/record";
 /// The annotation holding a record's key (ConfigMap names cannot hold every key).
@@ -288,6 +290,70 @@ impl Declare for KubeDeclare {
                 .await
                 .map_err(|e| failed("patching User", &ns, name, e))?;
             Ok(format!("{ns}/User/{name}"))
+        })
+    }
+
+    /// Creates the group's objects in the default namespace, labelled with the group
+    /// (`poolkeeper.dev/flow`); one that exists has its spec replaced by a merge patch.
+    fn declare_group<'a>(
+        &'a self,
+        group: &'a str,
+        objects: Vec<Object>,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let ns = self.default_namespace.clone();
+            for o in &objects {
+                let kind = o.spec.kind();
+                if let Some(owner) = self.shared.owner(&ObjKey::new(kind, o.name.clone()))
+                    && owner.namespace != ns
+                {
+                    return Err(DeclareError::Conflict(format!(
+                        "{kind} {} is declared in namespace {} already",
+                        o.name, owner.namespace
+                    )));
+                }
+            }
+            for o in objects {
+                let kind = o.spec.kind();
+                let spec = o.spec.to_json();
+                let mut obj = DynamicObject::new(&o.name, &objects::api_resource(kind)).within(&ns);
+                obj.metadata.labels = Some(BTreeMap::from([
+                    (LABEL_FLOW.to_owned(), group.to_owned()),
+                    (LABEL_MADE_BY.to_owned(), "console".to_owned()),
+                ]));
+                obj.data = json!({ "spec": spec });
+                match self.writer.create(kind, &ns, &obj).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        self.writer
+                            .merge_spec(kind, &ns, &o.name, spec)
+                            .await
+                            .map_err(|e| failed(&format!("patching {kind}"), &ns, &o.name, e))?;
+                    }
+                    Err(e) => return Err(failed(&format!("creating {kind}"), &ns, &o.name, e)),
+                }
+            }
+            Ok(format!("{ns} (label {LABEL_FLOW}={group})"))
+        })
+    }
+
+    /// Deletes the group's objects from the default namespace.
+    fn remove_group<'a>(
+        &'a self,
+        _group: &'a str,
+        objects: Vec<ObjKey>,
+    ) -> BoxFuture<'a, Result<bool, DeclareError>> {
+        Box::pin(async move {
+            let ns = self.default_namespace.clone();
+            let mut any = false;
+            for k in objects {
+                any |= self
+                    .writer
+                    .delete(k.kind, &ns, &k.name)
+                    .await
+                    .map_err(|e| failed(&format!("deleting {}", k.kind), &ns, &k.name, e))?;
+            }
+            Ok(any)
         })
     }
 

@@ -18,6 +18,7 @@
 //! `pages` (the handlers and templates), `feed` (the live stream and the pools' history).
 
 mod feed;
+mod flows;
 mod pages;
 
 use std::collections::{HashMap, VecDeque};
@@ -32,6 +33,7 @@ use axum::routing::{get, post};
 
 use crate::auth::Caller;
 
+pub use flows::Flow;
 pub use pages::hash_password;
 
 /// How the console is offered.
@@ -44,6 +46,8 @@ pub struct ConsoleConfig {
     pub registration_quota: u32,
     /// Mark the session cookie `Secure` (served over https, behind a TLS proxy, say).
     pub secure_cookie: bool,
+    /// The example flows operators may run (`--flows DIR`).
+    pub flows: Vec<Flow>,
 }
 
 impl Default for ConsoleConfig {
@@ -52,6 +56,7 @@ impl Default for ConsoleConfig {
             allow_registration: false,
             registration_quota: 2,
             secure_cookie: false,
+            flows: Vec::new(),
         }
     }
 }
@@ -98,6 +103,8 @@ pub(crate) struct Console {
     sessions: Mutex<HashMap<String, Session>>,
     failures: Mutex<HashMap<String, VecDeque<Instant>>>,
     pub feed: feed::Feed,
+    /// The last report of each flow's steps.
+    flow_output: Mutex<HashMap<String, String>>,
 }
 
 impl Console {
@@ -107,7 +114,18 @@ impl Console {
             sessions: Mutex::default(),
             failures: Mutex::default(),
             feed: feed::Feed::default(),
+            flow_output: Mutex::default(),
         }
+    }
+
+    pub fn set_flow_output(&self, flow: &str, text: String) {
+        let mut out = self.flow_output.lock().unwrap_or_else(|e| e.into_inner());
+        out.insert(flow.to_owned(), text);
+    }
+
+    pub fn flow_output(&self, flow: &str) -> String {
+        let out = self.flow_output.lock().unwrap_or_else(|e| e.into_inner());
+        out.get(flow).cloned().unwrap_or_default()
     }
 
     /// The session a request's cookie names, if it is still alive.
@@ -321,6 +339,7 @@ pub(crate) fn routes() -> Router<std::sync::Arc<crate::ApiState>> {
         )
         .route("/ui/pools/{name}/{action}", post(pages::pool_action))
         .route("/ui/users/{name}/{action}", post(pages::user_action))
+        .route("/ui/flows/{name}/{action}", post(flows::flow_action))
         .route("/ui/events", get(feed::events))
         .route("/ui/claims/{name}/logs", get(feed::claim_logs))
         .route("/ui/containers/{instance}/logs", get(feed::container_logs))

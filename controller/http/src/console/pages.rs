@@ -706,6 +706,31 @@ pub(crate) struct PoolCard {
     chart: Chart,
     bars: Vec<Bar>,
     bound: u64,
+    /// The distribution in words (`≤1 ms 2; ≤5 ms 1`).
+    words: String,
+}
+
+/// An example flow on the operator's page.
+pub(crate) struct FlowCard {
+    name: String,
+    title: String,
+    summary: String,
+    params: Vec<super::flows::Param>,
+    running: bool,
+    standing: Vec<String>,
+    containers: Vec<String>,
+    /// (index, file name) of each steps file.
+    steps: Vec<(usize, String)>,
+    output: String,
+}
+
+/// A distribution in words: each bucket that holds claims, `LABEL COUNT`, joined by `; `.
+fn in_words(bars: &[Bar]) -> String {
+    bars.iter()
+        .filter(|b| b.count > 0)
+        .map(|b| format!("{} {}", b.label, b.count))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 pub(crate) struct UserRow {
@@ -744,6 +769,7 @@ struct OperatorPage<'a> {
     nodes: Vec<poolkeeper_runtime::NodeStatus>,
     deployments: Vec<DeploymentRow>,
     events: Vec<EventRow>,
+    flows: Vec<FlowCard>,
 }
 
 pub(crate) async fn home(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
@@ -790,10 +816,35 @@ pub(crate) async fn home(State(state): State<Arc<ApiState>>, headers: HeaderMap)
                 },
             )
         }
-        Caller::Admin => render(
-            StatusCode::OK,
-            &operator_page(&snap, &session, flash, pools),
-        ),
+        Caller::Admin => {
+            let mut page = operator_page(&snap, &session, flash, pools);
+            page.flows = state
+                .console
+                .config
+                .flows
+                .iter()
+                .map(|f| {
+                    let (running, standing) = super::flows::standing(f, &snap);
+                    FlowCard {
+                        name: f.name.clone(),
+                        title: f.title.clone(),
+                        summary: f.summary.clone(),
+                        params: super::flows::params(f),
+                        running,
+                        standing,
+                        containers: super::flows::containers(f, &snap),
+                        steps: f
+                            .steps
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (file, _))| (i, file.clone()))
+                            .collect(),
+                        output: state.console.flow_output(&f.name),
+                    }
+                })
+                .collect();
+            render(StatusCode::OK, &page)
+        }
     }
 }
 
@@ -878,9 +929,11 @@ fn operator_page<'a>(
             .into_iter()
             .map(|p| {
                 let own = snap.metrics.bind_latency_by_pool.get(&p.name);
+                let bars = own.map(latency_bars).unwrap_or_default();
                 PoolCard {
                     chart: chart(&p.history),
-                    bars: own.map(latency_bars).unwrap_or_default(),
+                    words: in_words(&bars),
+                    bars,
                     bound: own.map_or(0, |h| h.count),
                     p,
                 }
@@ -893,6 +946,7 @@ fn operator_page<'a>(
         nodes: snap.nodes.clone(),
         deployments,
         events,
+        flows: Vec::new(),
     }
 }
 
@@ -1015,7 +1069,7 @@ pub(crate) struct ActionForm {
 
 /// Runs an operator's action (`act`, only once the session is an admin's and its CSRF token
 /// holds) and puts its outcome on the next page.
-async fn operator(
+pub(crate) async fn operator(
     state: &ApiState,
     headers: &HeaderMap,
     csrf: &str,
@@ -1027,7 +1081,7 @@ async fn operator(
     }
 }
 
-fn no_action(action: &str) -> ApiError {
+pub(crate) fn no_action(action: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, format!("no action {action:?}"))
 }
 
