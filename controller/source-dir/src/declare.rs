@@ -96,6 +96,25 @@ impl DirDeclare {
         r.map_err(|e| changing(file, e))
     }
 
+    /// Writes a file of the managed folders atomically (a crash leaves it whole or absent),
+    /// making its folder if need be: where it is, relative to the watched folder.
+    async fn write_managed(
+        &self,
+        path: &Path,
+        text: String,
+        what: &str,
+    ) -> Result<String, DeclareError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| declare_failed(&format!("creating {}", parent.display()), &e))?;
+        }
+        self.files
+            .write(path.to_path_buf(), text.into_bytes())
+            .await
+            .map_err(|e| declare_failed(what, &e))?;
+        Ok(self.relative(path))
+    }
+
     /// Releases every claim of `user` in `snap`: API claims lose their files, claims declared
     /// in other files lose their documents (the rest of each file is kept).
     async fn release_claims_in(
@@ -320,29 +339,21 @@ impl Declare for DirDeclare {
             }
             let path = managed_user_file(&self.dir, name);
             let text = object_file_text("User", name, &spec).map_err(DeclareError::Failed)?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| declare_failed(&format!("creating {}", parent.display()), &e))?;
-            }
-            // Atomic (a crash leaves the file whole or absent); the edits lock keeps two
-            // registrations of one name apart.
+            // The edits lock keeps two registrations of one name apart.
             if path.exists() {
                 return Err(DeclareError::Conflict(format!(
                     "{} exists: a User {name:?} is declared there",
                     path.display()
                 )));
             }
-            self.files
-                .write(path.clone(), text.into_bytes())
-                .await
-                .map_err(|e| declare_failed("writing the user", &e))?;
+            let at = self.write_managed(&path, text, "writing the user").await?;
             let _ = self.handle.apply(Object {
                 name: name.to_owned(),
                 spec: Spec::User(spec),
                 origin: claim_file_origin(&path),
                 generation: 1,
             });
-            Ok(self.relative(&path))
+            Ok(at)
         })
     }
 
@@ -403,15 +414,7 @@ impl Declare for DirDeclare {
                     .map_err(DeclareError::Failed)?;
                 text.push_str(&doc);
             }
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| declare_failed(&format!("creating {}", parent.display()), &e))?;
-            }
-            self.files
-                .write(path.clone(), text.into_bytes())
-                .await
-                .map_err(|e| declare_failed("writing the flow", &e))?;
-            Ok(self.relative(&path))
+            self.write_managed(&path, text, "writing the flow").await
         })
     }
 
