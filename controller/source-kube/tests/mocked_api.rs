@@ -617,3 +617,83 @@ async fn registration_creates_a_user_object_and_a_password_patches_its_spec() {
         "{missing:?}"
     );
 }
+
+/// An example flow run from the console: its objects are created labelled with the flow; one
+/// that exists (409) has its spec replaced by a merge patch; stopping deletes them.
+#[tokio::test]
+async fn a_flows_objects_are_created_labelled_patched_when_they_exist_and_deleted() {
+    use poolkeeper_engine::source::Declare;
+    use poolkeeper_kinds::{Kind, ObjKey, Object, Origin, Spec};
+    let mut sc = scene(
+        vec![pool(), user()],
+        vec![Override {
+            method: "POST",
+            path_ends: "/deployments".to_owned(),
+            status: 409,
+        }],
+    )
+    .await;
+    let declare = poolkeeper_source_kube::declare::KubeDeclare::new(
+        sc.engine.clone(),
+        sc.writer.clone(),
+        sc.shared.clone(),
+        NS.to_owned(),
+        NS.to_owned(),
+    )
+    .await
+    .expect("declare");
+    let spec: poolkeeper_kinds::DeploymentSpec = serde_json::from_value(
+        json!({"containers": [{"name": "hello", "image": "x", "command": ["echo", "hi"]}]}),
+    )
+    .expect("spec");
+    let obj = |name: &str| Object {
+        name: name.to_owned(),
+        spec: Spec::Deployment(spec.clone()),
+        origin: Origin::default(),
+        generation: 1,
+    };
+    // The first exists already (the scripted 409): patched; the second is created.
+    let at = declare
+        .declare_group("01-hello-world", vec![obj("hello"), obj("second")])
+        .await
+        .expect("declared");
+    assert!(at.contains("poolkeeper.dev/flow=01-hello-world"), "{at}");
+    let created = sc
+        .expect("the second's creation", |w| {
+            w.method == "POST"
+                && w.path.ends_with("/deployments")
+                && w.body["metadata"]["name"] == "second"
+        })
+        .await;
+    assert_eq!(
+        created.body["metadata"]["labels"]["poolkeeper.dev/flow"],
+        "01-hello-world"
+    );
+    assert_eq!(
+        created.body["spec"]["containers"][0]["command"],
+        json!(["echo", "hi"])
+    );
+    let patched = sc
+        .expect("the first's patch", |w| {
+            w.method == "PATCH" && w.path.ends_with("/deployments/hello")
+        })
+        .await;
+    assert_eq!(patched.body["spec"]["containers"][0]["name"], "hello");
+    let was = declare
+        .remove_group(
+            "01-hello-world",
+            vec![
+                ObjKey::new(Kind::Deployment, "hello"),
+                ObjKey::new(Kind::Deployment, "second"),
+            ],
+        )
+        .await
+        .expect("removed");
+    assert!(was);
+    for name in ["hello", "second"] {
+        sc.expect("a deletion", |w| {
+            w.method == "DELETE" && w.path.ends_with(&format!("/deployments/{name}"))
+        })
+        .await;
+    }
+}
