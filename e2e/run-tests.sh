@@ -34,7 +34,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace 2>&1 | tee "$log"
+# Every test binary runs, also after one fails, so that the closing count covers them all.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The VM (docs/vm.md): ansible-lint, vagrant validate, and ansible/site.yml applied for real to
 # Debian containers with systemd as PID 1, with the binary cargo test built (about 2.5 minutes).

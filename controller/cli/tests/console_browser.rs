@@ -196,6 +196,22 @@ async fn until(b: &Client, what: &str, script: &str) -> Value {
     }
 }
 
+/// Every control of the page has an accessible name (a label, `aria-label`, or a button's
+/// text).
+async fn all_labelled(b: &Client, page: &str) {
+    let unnamed = b
+        .execute(
+            "return Array.from(document.querySelectorAll('input:not([type=hidden]), select, textarea, button')) \
+               .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') \
+                            && !(e.tagName === 'BUTTON' && e.textContent.trim())) \
+               .map(e => e.outerHTML);",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(unnamed, json!([]), "controls without a label on {page}");
+}
+
 async fn fill(b: &Client, css: &str, text: &str) {
     b.find(Locator::Css(css))
         .await
@@ -240,6 +256,7 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
         b.goto(&format!("{base}/")).await.unwrap();
         until(&b, "the sign-in page", "document.title.startsWith('Sign in')").await;
         screenshot(&b, "signin").await;
+        all_labelled(&b, "the sign-in page").await;
         click(&b, "#register-link").await;
         until(&b, "the registration page", "document.title.startsWith('Register')").await;
         fill(&b, "#username", "erin").await;
@@ -287,6 +304,7 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
         )
         .await;
         screenshot(&b, "my-instances").await;
+        all_labelled(&b, "My instances").await;
         b.set_window_size(390, 844).await.unwrap();
         screenshot(&b, "my-instances-phone").await;
         // At a phone's width nothing overflows the page sideways.
@@ -386,6 +404,7 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
         assert_eq!(marker, json!("same page"), "the page was reloaded");
         assert!(text(&b, "[data-pool=\"web\"] .ready").await.contains("Ready"));
         screenshot(&b, "operations").await;
+        all_labelled(&b, "Operations").await;
 
         // An example flow, with a parameter changed: its output shows.
         click(&b, "details[data-flow=\"01-hello-world\"] > summary").await;
