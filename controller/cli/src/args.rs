@@ -39,6 +39,12 @@ pub enum Command {
         /// A namespace the controller watches (repeat); default: all (a ClusterRole).
         #[arg(long = "namespace", value_name = "NS")]
         namespaces: Vec<String>,
+        /// Also what the web console's registration needs (`run --allow-registration`).
+        #[arg(long)]
+        allow_registration: bool,
+        /// Also what the web console's example flows need (`run --flows DIR`).
+        #[arg(long)]
+        flows: bool,
     },
     /// What a host needs to run poolkeeper as a systemd service without Ansible (docs/vm.md):
     /// the unit the Ansible role installs, and a first specs folder.

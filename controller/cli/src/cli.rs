@@ -101,6 +101,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             service_account,
             controller_namespace,
             namespaces,
+            allow_registration,
+            flows,
         } => {
             print!(
                 "{}",
@@ -108,6 +110,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     service_account,
                     namespace: controller_namespace,
                     watched: namespaces,
+                    registration: allow_registration,
+                    flows,
                 })
             );
             Ok(ExitCode::SUCCESS)

@@ -267,7 +267,8 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
         assert!(text(&b, "#flash").await.contains("Welcome, erin"));
         assert_eq!(text(&b, "#me").await, "erin");
 
-        // Launch: bound from the warm pool, with a link.
+        // Launch for an hour: bound from the warm pool, with a link and the time left.
+        b.find(Locator::Css("#ttl-web option[value=\"1h\"]")).await.unwrap().click().await.unwrap();
         click(&b, "#launch-web").await;
         let name = until(
             &b,
@@ -278,6 +279,12 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
         let name = name.as_str().unwrap().to_owned();
         assert!(name.starts_with("erin-web-"), "{name}");
         let card = format!(".claim[data-claim=\"{name}\"]");
+        until(
+            &b,
+            "the time left shows",
+            &format!("/59m \\d+s left|1h 0m \\d+s left/.test(document.querySelector('{card} .ttl').textContent)"),
+        )
+        .await;
 
         // Upload an index.html through the file input, as a person choosing a file does.
         let local = tempfile::tempdir().unwrap();
@@ -301,6 +308,24 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
             &b,
             "the instance's output shows",
             &format!("document.querySelector('{card} [data-log]').textContent.includes('tick from the instance')"),
+        )
+        .await;
+        // Files dropped on the drop zone go in too (a drop as the browser makes it).
+        b.execute(
+            &format!(
+                "const zone = document.querySelector('{card} [data-drop]'); \
+                 const dt = new DataTransfer(); \
+                 dt.items.add(new File(['dropped, not chosen'], 'dropped.txt', {{type: 'text/plain'}})); \
+                 zone.dispatchEvent(new DragEvent('drop', {{dataTransfer: dt, bubbles: true, cancelable: true}}));"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap();
+        until(
+            &b,
+            "the dropped file is uploaded",
+            &format!("document.querySelector('{card} [data-result]').textContent.includes('Uploaded 1 file')"),
         )
         .await;
         screenshot(&b, "my-instances").await;
@@ -347,6 +372,13 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
             &b,
             "the instance serves the uploaded page",
             "document.body && document.body.innerText.includes('hello from the console test')",
+        )
+        .await;
+        b.goto(&format!("{}dropped.txt", href)).await.unwrap();
+        until(
+            &b,
+            "the instance serves the dropped file",
+            "document.body && document.body.innerText.includes('dropped, not chosen')",
         )
         .await;
         b.close_window().await.unwrap();

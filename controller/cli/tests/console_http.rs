@@ -596,6 +596,35 @@ fn an_operator_sees_the_grid_scales_a_pool_and_manages_users() {
         303
     );
     assert!(op.get("/ui").text.contains("warm instances being replaced"));
+    // Disable bob: his token stops working, his session ends; enable him again.
+    let mut bob = c.browser();
+    bob.sign_in_token(BOB);
+    assert_eq!(
+        op.post("/ui/users/bob/disable", &[("csrf", &csrf)]).status,
+        303
+    );
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("User bob disabled (in specs.yaml).")
+    );
+    assert!(
+        std::fs::read_to_string(c.dir.path().join("specs.yaml"))
+            .unwrap()
+            .contains("disabled: true")
+    );
+    wait_for("bob's token is refused", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/claims", BOB, "").status == 403
+    });
+    assert_eq!(location(&bob.get("/ui")), "/ui/signin");
+    assert_eq!(
+        op.post("/ui/users/bob/enable", &[("csrf", &csrf)]).status,
+        303
+    );
+    assert!(op.get("/ui").text.contains("User bob enabled"));
+    wait_for("bob's token works again", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/claims", BOB, "").status == 200
+    });
     // Release all of bob's claims, then delete alice: her session ends.
     assert_eq!(
         c.api(

@@ -223,6 +223,12 @@ pub trait Declare: Send + Sync + 'static {
         name: &'a str,
         hash: &'a str,
     ) -> BoxFuture<'a, Result<String, DeclareError>>;
+    /// Sets a declared user's `disabled`, where the user is declared. Returns where that is.
+    fn set_user_disabled<'a>(
+        &'a self,
+        name: &'a str,
+        disabled: bool,
+    ) -> BoxFuture<'a, Result<String, DeclareError>>;
     /// Declares `objects` as one group (an example flow run from the web console), replacing
     /// what the group declared before. An object of the same kind and name declared elsewhere
     /// is a [`DeclareError::Conflict`] naming where; nothing is changed then. Returns where

@@ -204,7 +204,11 @@
         const files = e.dataTransfer.files;
         const one = files.length === 1 && /\.tar$/i.test(files[0].name);
         if (one) { send(card, null, files[0]); return; }
-        dropped(items).then((list) => { if (list.length) send(card, list, null); });
+        // Folders are walked where the browser offers entries; otherwise the files as given.
+        dropped(items).then((list) => {
+          if (!list.length) list = Array.from(files).map((f) => ({ file: f, path: f.name }));
+          if (list.length) send(card, list, null);
+        });
       });
     }
   }

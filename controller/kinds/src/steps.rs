@@ -83,6 +83,6 @@ mod tests {
         assert_eq!(step.run.argv(), ["sh", "-c", "echo hi"]);
         assert!(step.problems(0, "hi there").is_empty());
         assert_eq!(step.problems(1, "hi").len(), 1);
-        assert_eq!(step.problems(2, "nothing").len(), 2);
+        assert_eq!(step.problems(2, "empty").len(), 2);
     }
 }

@@ -574,10 +574,21 @@ impl Runtime for DockerRuntime {
                 }
             }
             // Forget what the daemon no longer has (the engine learns it from the list); a
-            // container created while the list was taken is kept.
-            self.lock()
-                .instances
-                .retain(|n, t| t.node != i || seen.contains(n) || t.revision > listed_from);
+            // container created while the list was taken is kept, and so is one still being
+            // created: its record is made before the daemon has it (with a revision older than
+            // a list begun meanwhile), and forgetting it here failed its creation with
+            // NotFound (seen once in CI under load).
+            {
+                let mut guard = self.lock();
+                let st = &mut *guard;
+                let creating = &st.creating;
+                st.instances.retain(|n, t| {
+                    t.node != i
+                        || seen.contains(n)
+                        || t.revision > listed_from
+                        || creating.contains_key(n)
+                });
+            }
             listed.extend(seen);
         }
         self.sweep_files_folders(&listed).await;

@@ -379,6 +379,28 @@ impl Declare for DirDeclare {
         })
     }
 
+    /// Sets `spec.disabled` in the file that declares the user (the rest of it kept).
+    fn set_user_disabled<'a>(
+        &'a self,
+        name: &'a str,
+        disabled: bool,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let snap = self.snapshot().await?;
+            let user = find_user(&snap, name)?;
+            let file = self.declared_file(user)?;
+            let text = read_declared(&file)?;
+            let new =
+                edit::set_disabled(&file, &text, name, disabled).map_err(DeclareError::Conflict)?;
+            self.files
+                .write(file.clone(), new.into_bytes())
+                .await
+                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
+            Ok(self.relative(&file))
+        })
+    }
+
     /// Writes `DIR/managed/flows/GROUP.yaml` (atomically) with the group's objects, replacing
     /// what it held; the watcher applies the difference like any other edit.
     fn declare_group<'a>(

@@ -312,6 +312,19 @@ pub fn set_password(path: &Path, text: &str, user: &str, hash: &str) -> Result<S
     )
 }
 
+/// The user's `spec.disabled` set to `disabled`.
+pub fn set_disabled(path: &Path, text: &str, user: &str, disabled: bool) -> Result<String, String> {
+    let key = ObjKey::new(Kind::User, user);
+    set_scalar(
+        path,
+        text,
+        &key,
+        &["spec", "disabled"],
+        &disabled.to_string(),
+        |o| matches!(&o.spec, poolkeeper_kinds::Spec::User(u) if u.disabled == disabled),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +388,19 @@ spec:
         );
         let err = set_password(&file(), TEXT, "carol", HASH).expect_err("no carol");
         assert!(err.contains("carol"), "{err}");
+    }
+
+    #[test]
+    fn a_user_is_disabled_and_enabled_in_place() {
+        let new = set_disabled(&file(), TEXT, "bob", true).expect("bob");
+        assert!(new.contains("spec:\n  disabled: true\n  quota:"), "{new}");
+        let back = set_disabled(&file(), &new, "bob", false).expect("bob again");
+        assert!(back.contains("  disabled: false\n"), "{back}");
+        let alice = set_disabled(&file(), TEXT, "alice", true).expect("alice");
+        assert!(
+            alice.contains("spec: {disabled: true, quota: {maxClaims: 2}}"),
+            "{alice}"
+        );
     }
 
     #[test]

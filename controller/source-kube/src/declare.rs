@@ -293,6 +293,22 @@ impl Declare for KubeDeclare {
         })
     }
 
+    /// Patches the User's `spec.disabled`.
+    fn set_user_disabled<'a>(
+        &'a self,
+        name: &'a str,
+        disabled: bool,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let ns = self.namespace_of(&ObjKey::new(Kind::User, name))?;
+            self.writer
+                .merge_spec(Kind::User, &ns, name, json!({ "disabled": disabled }))
+                .await
+                .map_err(|e| failed("patching User", &ns, name, e))?;
+            Ok(format!("{ns}/User/{name}"))
+        })
+    }
+
     /// Creates the group's objects in the default namespace, labelled with the group
     /// (`poolkeeper.dev/flow`); one that exists has its spec replaced by a merge patch.
     fn declare_group<'a>(

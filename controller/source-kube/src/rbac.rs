@@ -8,30 +8,45 @@
 //! - Secrets: `get` (a User's `tokenSecretRef`; never listed).
 //! - In the controller's own namespace: Leases `get, create, update` (leader election) and
 //!   ConfigMaps `get, list, create, patch, delete` (records: reservations, webhook signatures).
+//! - Only when the web console is given them: `create` on users (`--allow-registration`), and
+//!   `create, delete` on the four kinds (`--flows`: the example flows it declares and removes).
 
 use serde_json::{Value, json};
 
 /// Who gets the roles, and where.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RbacTarget {
     /// The controller's ServiceAccount and namespace (where its Lease and records live).
     pub service_account: String,
     pub namespace: String,
     /// The namespaces it watches; empty: all (a ClusterRole).
     pub watched: Vec<String>,
+    /// The web console registers users (`run --allow-registration`).
+    pub registration: bool,
+    /// The web console runs example flows (`run --flows DIR`).
+    pub flows: bool,
 }
 
 const KINDS: [&str; 4] = ["pools", "claims", "users", "deployments"];
 
-fn watch_rules() -> Value {
-    json!([
+fn watch_rules(t: &RbacTarget) -> Value {
+    let mut rules = json!([
         {"apiGroups": ["poolkeeper.dev"], "resources": KINDS, "verbs": ["get", "list", "watch", "patch"]},
         {"apiGroups": ["poolkeeper.dev"], "resources": ["claims"], "verbs": ["create", "delete"]},
         {"apiGroups": ["poolkeeper.dev"], "resources": ["users"], "verbs": ["delete"]},
         {"apiGroups": ["poolkeeper.dev"], "resources": KINDS.map(|k| format!("{k}/status")), "verbs": ["patch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-    ])
+    ]);
+    if let Some(r) = rules.as_array_mut() {
+        if t.registration {
+            r.push(json!({"apiGroups": ["poolkeeper.dev"], "resources": ["users"], "verbs": ["create"]}));
+        }
+        if t.flows {
+            r.push(json!({"apiGroups": ["poolkeeper.dev"], "resources": KINDS, "verbs": ["create", "delete"]}));
+        }
+    }
+    rules
 }
 
 fn own_rules() -> Value {
@@ -53,7 +68,7 @@ pub fn objects(t: &RbacTarget) -> Vec<Value> {
         out.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": name},
-            "rules": watch_rules(),
+            "rules": watch_rules(t),
         }));
         out.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
@@ -66,7 +81,7 @@ pub fn objects(t: &RbacTarget) -> Vec<Value> {
             out.push(json!({
                 "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                 "metadata": {"name": name, "namespace": ns},
-                "rules": watch_rules(),
+                "rules": watch_rules(t),
             }));
             out.push(json!({
                 "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -112,6 +127,7 @@ mod tests {
             service_account: "pk".into(),
             namespace: "ops".into(),
             watched: vec!["team-a".into(), "team-b".into()],
+            ..Default::default()
         };
         let objs = objects(&t);
         let kinds: Vec<(&str, &str)> = objs
@@ -145,10 +161,44 @@ mod tests {
             service_account: "pk".into(),
             namespace: "ops".into(),
             watched: Vec::new(),
+            ..Default::default()
         };
         let objs = objects(&t);
         assert_eq!(objs[0]["kind"], "ClusterRole");
         assert_eq!(objs[1]["kind"], "ClusterRoleBinding");
         assert_eq!(objs[1]["subjects"][0]["namespace"], "ops");
+    }
+
+    #[test]
+    fn the_consoles_writes_are_granted_only_when_it_makes_them() {
+        let base = RbacTarget {
+            service_account: "pk".into(),
+            namespace: "ops".into(),
+            ..Default::default()
+        };
+        let grants = |t: &RbacTarget, resource: &str, verb: &str| {
+            objects(t)[0]["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| {
+                    r["resources"]
+                        .as_array()
+                        .is_some_and(|x| x.iter().any(|v| v == resource))
+                        && r["verbs"]
+                            .as_array()
+                            .is_some_and(|x| x.iter().any(|v| v == verb))
+                })
+        };
+        assert!(!grants(&base, "users", "create"));
+        assert!(!grants(&base, "deployments", "create"));
+        let console = RbacTarget {
+            registration: true,
+            flows: true,
+            ..base.clone()
+        };
+        assert!(grants(&console, "users", "create"));
+        assert!(grants(&console, "deployments", "create"));
+        assert!(grants(&console, "deployments", "delete"));
     }
 }

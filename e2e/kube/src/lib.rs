@@ -188,6 +188,7 @@ impl Cluster {
             service_account: "poolkeeper".into(),
             namespace: home.into(),
             watched: watched.to_vec(),
+            ..Default::default()
         });
         self.kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
         let token = self.kubectl_ok(

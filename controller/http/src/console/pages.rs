@@ -1122,7 +1122,8 @@ pub(crate) async fn pool_action(
     operator(&state, &headers, &form.csrf, act).await
 }
 
-/// `release` (all of the user's claims) and `delete` of user `name` (their sessions end).
+/// `release` (all of the user's claims), `disable` and `enable`, and `delete` of user `name`
+/// (disabled or deleted, their sessions end).
 pub(crate) async fn user_action(
     State(state): State<Arc<ApiState>>,
     UrlPath((name, action)): UrlPath<(String, String)>,
@@ -1137,6 +1138,14 @@ pub(crate) async fn user_action(
                     "User {name}: released {}.",
                     list_or_none(&v["released"])
                 ))
+            }
+            "disable" | "enable" => {
+                let disabled = action == "disable";
+                let at = state.declare.set_user_disabled(&name, disabled).await?;
+                if disabled {
+                    state.console.sign_out_user(&name);
+                }
+                Ok(format!("User {name} {action}d (in {at})."))
             }
             "delete" => {
                 let v = crate::admin::remove_user(&state, &name).await?;
