@@ -489,6 +489,31 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
         )
         .await;
         screenshot(&b, "operations-flows").await;
+        // Stop the toolbox's container (declared stopped, kept), then start it again.
+        for (action, state) in [("stop", "Stopped"), ("start", "Running")] {
+            click(
+                &b,
+                &format!("form[action=\"/ui/deployments/tools/containers/python/{action}\"] button"),
+            )
+            .await;
+            until(&b, "the action's outcome", "document.querySelector('#flash').innerText.includes('container python declared')").await;
+            let start = Instant::now();
+            loop {
+                let shown = b
+                    .execute(
+                        &format!("return !!Array.from(document.querySelectorAll('table[data-deployment=\"tools\"] tr[data-container=\"python\"] td')).find(td => td.textContent.trim() === '{state}');"),
+                        vec![],
+                    )
+                    .await
+                    .unwrap();
+                if shown == json!(true) {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(60), "the toolbox never showed {state}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                b.refresh().await.unwrap();
+            }
+        }
         for flow in ["01-hello-world", "03-command-automation"] {
             b.find(Locator::XPath(&format!("//details[@data-flow='{flow}']//button[contains(., 'Stop')]")))
                 .await

@@ -860,6 +860,56 @@ fn output_streams_for_ones_own_claim_and_operators_act_on_deployment_containers(
         303
     );
     assert!(op.get("/ui").text.contains("no action &#34;explode&#34;"));
+    // Stop: declared in the deployment's file, the container stopped and kept; Start: again.
+    let a = op.post(
+        "/ui/deployments/infra/containers/db/stop",
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(a.status, 303);
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("Deployment infra: container db declared stopped (in specs.yaml).")
+    );
+    let specs = std::fs::read_to_string(c.dir.path().join("specs.yaml")).unwrap();
+    assert!(
+        specs.contains("containers: [{stopped: true, name: db, image: postgres}]"),
+        "{specs}"
+    );
+    wait_for("db shows Stopped", Duration::from_secs(10), || {
+        let v = c.api("GET", "/api/v1/deployments/infra", ADMIN, "").json();
+        v["status"]["containerStatuses"][0]["state"] == "Stopped"
+    });
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("/ui/deployments/infra/containers/db/start")
+    );
+    assert_eq!(
+        op.post(
+            "/ui/deployments/infra/containers/db/start",
+            &[("csrf", &csrf)]
+        )
+        .status,
+        303
+    );
+    wait_for("db runs again", Duration::from_secs(10), || {
+        let v = c.api("GET", "/api/v1/deployments/infra", ADMIN, "").json();
+        v["status"]["containerStatuses"][0]["state"] == "Running"
+    });
+    assert_eq!(
+        op.post(
+            "/ui/deployments/infra/containers/nope/stop",
+            &[("csrf", &csrf)]
+        )
+        .status,
+        303
+    );
+    assert!(
+        op.get("/ui")
+            .text
+            .contains("has no container &#34;nope&#34;")
+    );
 }
 
 #[test]

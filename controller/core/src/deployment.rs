@@ -116,6 +116,9 @@ pub struct SlotContext {
     pub restarts: u32,
     /// How long ago the current instance exited.
     pub since_exit: Duration,
+    /// The current instance exited because the engine stopped it (declared `stopped`): once
+    /// no longer declared stopped, it is started again whatever its restart policy.
+    pub stopped_here: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +128,8 @@ pub enum Step {
     /// Remove the old instances (the current one is ready, or the update is stop-first).
     RemoveOld,
     Restart,
+    /// Stop the current instance and keep it (the container is declared `stopped`).
+    Stop,
     /// Waiting for dependencies to be ready.
     WaitDeps(Vec<String>),
     /// Restart held back until the backoff has passed.
@@ -140,6 +145,14 @@ pub enum Step {
 /// replacement that never gets ready leaves the old one serving.
 pub fn plan_slot(spec: &ContainerSpec, slot: &Slot, cx: &SlotContext) -> Step {
     let waiting = || Step::WaitDeps(cx.deps_waiting.clone());
+    if spec.stopped {
+        // Declared stopped: a running instance is stopped, none is made, an exited one stays.
+        return match &slot.current {
+            Some(Current::Creating | Current::Starting | Current::Ready) => Step::Stop,
+            _ if slot.old != Old::None && !slot.removing => Step::RemoveOld,
+            _ => Step::Keep,
+        };
+    }
     match &slot.current {
         None if slot.removing && slot.old == Old::None => Step::Keep,
         None if !cx.deps_waiting.is_empty() => waiting(),
@@ -150,6 +163,14 @@ pub fn plan_slot(spec: &ContainerSpec, slot: &Slot, cx: &SlotContext) -> Step {
         Some(Current::Creating | Current::Starting) => Step::Keep,
         Some(Current::Ready) if slot.old != Old::None => Step::RemoveOld,
         Some(Current::Ready) => Step::Keep,
+        Some(Current::Exited { .. }) if cx.stopped_here => {
+            // Started again after an operator's stop: at once, whatever the policy.
+            if cx.deps_waiting.is_empty() {
+                Step::Restart
+            } else {
+                waiting()
+            }
+        }
         Some(Current::Exited { code }) => {
             if !should_restart(spec.restart_policy, *code) {
                 // Finished as its policy wants: nothing older stays for it.
@@ -223,7 +244,46 @@ mod tests {
             surge,
             restarts: 0,
             since_exit: Duration::ZERO,
+            stopped_here: false,
         }
+    }
+
+    #[test]
+    fn a_container_declared_stopped_is_stopped_kept_and_started_again_in_place() {
+        let mut web = c("web", &[]);
+        web.stopped = true;
+        web.restart_policy = RestartPolicy::Always;
+        // Running (or on its way): stop it.
+        for cur in [Current::Creating, Current::Starting, Current::Ready] {
+            let s = slot(Some(cur), Old::None, false);
+            assert_eq!(plan_slot(&web, &s, &cx(&[], true)), Step::Stop);
+        }
+        // Stopped: kept as it is, whatever its policy; none is made.
+        let exited = slot(Some(Current::Exited { code: Some(137) }), Old::None, false);
+        assert_eq!(plan_slot(&web, &exited, &cx(&[], true)), Step::Keep);
+        assert_eq!(
+            plan_slot(&web, &slot(None, Old::None, false), &cx(&[], true)),
+            Step::Keep
+        );
+        // Started again: at once, even with a policy that would not restart it...
+        web.stopped = false;
+        web.restart_policy = RestartPolicy::Never;
+        let started = SlotContext {
+            stopped_here: true,
+            ..cx(&[], true)
+        };
+        assert_eq!(plan_slot(&web, &exited, &started), Step::Restart);
+        // ...once its dependencies are ready.
+        let waiting = SlotContext {
+            stopped_here: true,
+            ..cx(&["db"], true)
+        };
+        assert_eq!(
+            plan_slot(&web, &exited, &waiting),
+            Step::WaitDeps(vec!["db".to_owned()])
+        );
+        // An exit the engine did not cause follows the policy as before.
+        assert_eq!(plan_slot(&web, &exited, &cx(&[], true)), Step::Keep);
     }
 
     fn slot(current: Option<Current>, old: Old, removing: bool) -> Slot {

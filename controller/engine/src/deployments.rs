@@ -240,12 +240,17 @@ impl<R: Runtime> Engine<R> {
                 {
                     d.restarts.entry(key.clone()).or_insert((0, now));
                 }
+                let stopped_here = self
+                    .deployments
+                    .get(name)
+                    .is_some_and(|d| d.stopped.contains(&key));
                 let cx = SlotContext {
                     deps_waiting: deps_waiting.clone(),
                     surge: spec.strategy == poolkeeper_kinds::UpdateStrategy::RollingUpdate
                         && c.ports.is_empty(),
                     restarts,
                     since_exit: std::time::Duration::from_millis(now.saturating_sub(exited_at)),
+                    stopped_here,
                 };
                 match plan_slot(c, &view, &cx) {
                     Step::Create => {
@@ -271,7 +276,16 @@ impl<R: Runtime> Engine<R> {
                     }
                     Step::Restart => {
                         if let Some((instance, _)) = now_slot.current.clone() {
-                            self.restart_container(name, &key, instance, "exited", now);
+                            if stopped_here {
+                                self.start_container(name, &key, instance, now);
+                            } else {
+                                self.restart_container(name, &key, instance, "exited", now);
+                            }
+                        }
+                    }
+                    Step::Stop => {
+                        if let Some((instance, _)) = now_slot.current.clone() {
+                            self.stop_container(name, &key, instance, now);
                         }
                     }
                     Step::Backoff(wait) => {
@@ -343,6 +357,59 @@ impl<R: Runtime> Engine<R> {
                 false,
                 "Restarting",
                 format!("{instance} ({why}; restart {})", restarts + 1),
+                now,
+            );
+        }
+        if let Some(i) = self.instances.get_mut(&instance) {
+            self.touched.insert(instance.clone());
+            i.phase = InstancePhase::Starting;
+        }
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = rt.restart(&instance).await;
+            let _ = tx.send(Input::Done(Completion::Restarted {
+                name: instance,
+                result,
+            }));
+        });
+    }
+
+    /// Stops a container declared `stopped` (once: the slot remembers it until it is started).
+    fn stop_container(&mut self, dep: &str, key: &str, instance: String, now: u64) {
+        let Some(d) = self.deployments.get_mut(dep) else {
+            return;
+        };
+        if !d.stopped.insert(key.to_owned()) {
+            return;
+        }
+        d.events.push(
+            false,
+            "Stopping",
+            format!("{instance} (declared stopped)"),
+            now,
+        );
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = rt.stop(&instance).await;
+            let _ = tx.send(Input::Done(Completion::Stopped {
+                name: instance,
+                result,
+            }));
+        });
+    }
+
+    /// Starts a container the engine stopped, now that it is no longer declared `stopped` (not
+    /// counted as a restart).
+    fn start_container(&mut self, dep: &str, key: &str, instance: String, now: u64) {
+        if let Some(d) = self.deployments.get_mut(dep) {
+            d.stopped.remove(key);
+            d.restarts.remove(key);
+            d.events.push(
+                false,
+                "Starting",
+                format!("{instance} (no longer declared stopped)"),
                 now,
             );
         }

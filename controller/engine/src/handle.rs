@@ -132,6 +132,10 @@ pub(crate) enum Completion {
         instance: String,
         result: RtResult<()>,
     },
+    Stopped {
+        name: String,
+        result: RtResult<()>,
+    },
     Restarted {
         name: String,
         result: RtResult<()>,

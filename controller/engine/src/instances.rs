@@ -510,6 +510,28 @@ impl<R: Runtime> Engine<R> {
                     }
                 }
             }
+            Completion::Stopped { name, result } => {
+                if let Err(e) = result {
+                    warn!(instance = %name, error = %e, "stop failed");
+                    if let Some((d, container, replica)) =
+                        self.instances.get(&name).and_then(|r| r.deployment.clone())
+                        && let Some(dep) = self.deployments.get_mut(&d)
+                    {
+                        dep.events
+                            .push(true, "StopFailed", format!("{name}: {e}"), now);
+                        // Tried again at the next pass.
+                        let key = dep
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.containers.iter().find(|c| c.name == container))
+                            .map(|c| crate::deployments::slot_name(&d, c, replica));
+                        if let Some(k) = key {
+                            dep.stopped.remove(&k);
+                        }
+                        self.dirty_deployments.insert(d);
+                    }
+                }
+            }
             Completion::Restarted { name, result } => {
                 if let Err(e) = result {
                     warn!(instance = %name, error = %e, "restart failed");

@@ -182,6 +182,9 @@ struct DeploymentEntry {
     network_pending: bool,
     /// Slot -> (restarts, exited at ms).
     restarts: HashMap<String, (u32, u64)>,
+    /// Slots whose instance the engine stopped (declared `stopped`): started again in place
+    /// once no longer declared so.
+    stopped: std::collections::BTreeSet<String>,
     /// (container, trigger) -> what its log trigger saw.
     triggers: HashMap<(String, String), TriggerState>,
     conditions: Vec<Condition>,

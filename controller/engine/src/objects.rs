@@ -163,7 +163,15 @@ impl<R: Runtime> Engine<R> {
                 let hashes = spec
                     .containers
                     .iter()
-                    .map(|c| (c.name.clone(), hash_of(&(c, &spec.network))))
+                    .map(|c| {
+                        // `stopped` is not part of the container's identity: toggling it stops
+                        // or starts the container in place, never replaces it.
+                        let identity = poolkeeper_kinds::ContainerSpec {
+                            stopped: false,
+                            ..c.clone()
+                        };
+                        (c.name.clone(), hash_of(&(&identity, &spec.network)))
+                    })
                     .collect();
                 let entry =
                     self.deployments
@@ -177,6 +185,7 @@ impl<R: Runtime> Engine<R> {
                             network_ready: None,
                             network_pending: false,
                             restarts: HashMap::new(),
+                            stopped: Default::default(),
                             triggers: HashMap::new(),
                             conditions: Vec::new(),
                             events: Events::default(),

@@ -227,6 +227,7 @@ impl<R: Runtime> Engine<R> {
                     network_ready: None,
                     network_pending: false,
                     restarts: Default::default(),
+                    stopped: Default::default(),
                     triggers: Default::default(),
                     conditions: Vec::new(),
                     events: Default::default(),

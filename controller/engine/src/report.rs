@@ -375,6 +375,9 @@ impl<R: Runtime> Engine<R> {
                     let state = match rec.map(|r| r.phase) {
                         None if c.depends_on.is_empty() => "Waiting",
                         None => "WaitingForDependencies",
+                        _ if c.stopped && rec.is_none_or(|r| r.phase == InstancePhase::Dead) => {
+                            "Stopped"
+                        }
                         Some(InstancePhase::Creating) | Some(InstancePhase::Starting) => "Starting",
                         Some(InstancePhase::Ready) => "Running",
                         Some(InstancePhase::Dead)

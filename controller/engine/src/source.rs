@@ -229,6 +229,14 @@ pub trait Declare: Send + Sync + 'static {
         name: &'a str,
         disabled: bool,
     ) -> BoxFuture<'a, Result<String, DeclareError>>;
+    /// Declares container `container` of deployment `deployment` stopped (or not), where the
+    /// deployment is declared. Returns where that is.
+    fn set_container_stopped<'a>(
+        &'a self,
+        deployment: &'a str,
+        container: &'a str,
+        stopped: bool,
+    ) -> BoxFuture<'a, Result<String, DeclareError>>;
     /// Declares `objects` as one group (an example flow run from the web console), replacing
     /// what the group declared before. An object of the same kind and name declared elsewhere
     /// is a [`DeclareError::Conflict`] naming where; nothing is changed then. Returns where

@@ -1250,6 +1250,59 @@ async fn an_operator_reads_a_containers_output_and_restarts_or_removes_it() {
     assert_eq!(r.unwrap(), None);
 }
 
+#[tokio::test]
+async fn a_container_declared_stopped_is_stopped_and_kept_then_started_in_place() {
+    let mut s = sim();
+    let mut worker = container("worker", "busybox", &[]);
+    worker.restart_policy = RestartPolicy::Always;
+    s.apply(
+        "job",
+        Spec::Deployment(deployment(None, vec![worker.clone()])),
+    );
+    s.wait_until("worker runs", |snap, _| {
+        deployment_status(snap, "job").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    let creates = s.rt.create_calls();
+    // Declared stopped: stopped, kept, shown Stopped, and not restarted (policy Always).
+    worker.stopped = true;
+    s.apply(
+        "job",
+        Spec::Deployment(deployment(None, vec![worker.clone()])),
+    );
+    let state = |snap: &poolkeeper_engine::status::Snapshot| {
+        deployment_status(snap, "job").map(|d| d.container_statuses[0].state.clone())
+    };
+    s.wait_until("worker is stopped", |snap, insts| {
+        state(snap).as_deref() == Some("Stopped")
+            && insts.len() == 1
+            && matches!(insts[0].state, InstanceState::Exited { .. })
+    })
+    .await;
+    s.advance(Duration::from_secs(60));
+    let snap = s.resync().await;
+    assert_eq!(state(&snap).as_deref(), Some("Stopped"));
+    assert!(s.mem.instances().iter().all(|i| !is_running(i)));
+    // Started: the same container runs again (not a new one), no restart counted.
+    // (That it starts whatever the policy is planned in core::deployment's tests.)
+    worker.stopped = false;
+    s.apply("job", Spec::Deployment(deployment(None, vec![worker])));
+    let snap = s
+        .wait_until("worker runs again", |snap, _| {
+            deployment_status(snap, "job").is_some_and(|d| d.ready == 1)
+        })
+        .await;
+    assert_eq!(s.rt.create_calls(), creates, "a new container was made");
+    let d = deployment_status(&snap, "job").unwrap();
+    assert_eq!(
+        (
+            d.container_statuses[0].state.as_str(),
+            d.container_statuses[0].restarts
+        ),
+        ("Running", 0)
+    );
+}
+
 fn crashy(policy: RestartPolicy) -> Spec {
     let mut c = container("worker", "busybox", &[]);
     c.restart_policy = policy;

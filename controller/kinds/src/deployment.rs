@@ -82,6 +82,12 @@ pub struct ContainerSpec {
     pub resources: Option<Resources>,
     #[serde(default = "default_replicas")]
     pub replicas: u32,
+    /// Declared stopped (an operator's Stop in the web console): its running container is
+    /// stopped and kept, and not started again whatever its restart policy, until this is
+    /// false again (Start), when it is started in place. Not part of the container's identity:
+    /// toggling it never replaces the container.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 fn default_replicas() -> u32 {

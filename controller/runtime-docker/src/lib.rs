@@ -25,7 +25,7 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerSummaryStateEnum, NetworkCreateRequest};
 use bollard::query_parameters::{
     ListVolumesOptionsBuilder, LogsOptionsBuilder, RemoveVolumeOptions,
-    RestartContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    RestartContainerOptionsBuilder, StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -631,6 +631,18 @@ impl Runtime for DockerRuntime {
             .restart_container(name, Some(opts))
             .await
             .map_err(|e| map_err(e, name))
+    }
+
+    async fn stop(&self, name: &str) -> Result<()> {
+        let (_, docker) = self.docker_of(name)?;
+        let opts = StopContainerOptionsBuilder::default()
+            .t(self.inner.config.stop_grace_secs)
+            .build();
+        match docker.stop_container(name, Some(opts)).await {
+            // 304: already stopped.
+            Err(e) if status_of(&e) == Some(304) => Ok(()),
+            r => r.map_err(|e| map_err(e, name)),
+        }
     }
 
     async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {

@@ -168,6 +168,9 @@ pub trait Runtime: Send + Sync + 'static {
     fn remove(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     /// Restarts (or starts an exited) instance in place.
     fn restart(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Stops a running instance gracefully and keeps it (its filesystem stays): it shows as
+    /// exited until restarted. Stopping a stopped instance is not an error.
+    fn stop(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     fn exec(
         &self,
         name: &str,

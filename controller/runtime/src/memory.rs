@@ -546,6 +546,21 @@ impl Runtime for MemoryRuntime {
         Ok(())
     }
 
+    async fn stop(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return Err(RuntimeError::NotFound(name.to_owned()));
+        };
+        if sim.instance.state == InstanceState::Running {
+            sim.instance.state = InstanceState::Exited { code: Some(0) };
+            sim.instance.ready = false;
+            sim.logs.push("stopped".into());
+            let i = sim.instance.clone();
+            inner.emit(RuntimeEvent::Changed(i));
+        }
+        Ok(())
+    }
+
     async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {
         let latency = self.lock().exec_latency;
         if !latency.is_zero() {

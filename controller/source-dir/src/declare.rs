@@ -401,6 +401,33 @@ impl Declare for DirDeclare {
         })
     }
 
+    /// Sets the container's `stopped` in the file that declares the deployment.
+    fn set_container_stopped<'a>(
+        &'a self,
+        deployment: &'a str,
+        container: &'a str,
+        stopped: bool,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let _one = self.edits.lock().await;
+            let snap = self.snapshot().await?;
+            let dep = snap
+                .objects
+                .iter()
+                .find(|o| o.kind == Kind::Deployment && o.name == deployment)
+                .ok_or_else(|| DeclareError::NotFound(format!("no Deployment {deployment:?}")))?;
+            let file = self.declared_file(dep)?;
+            let text = read_declared(&file)?;
+            let new = edit::set_container_stopped(&file, &text, deployment, container, stopped)
+                .map_err(DeclareError::Conflict)?;
+            self.files
+                .write(file.clone(), new.into_bytes())
+                .await
+                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
+            Ok(self.relative(&file))
+        })
+    }
+
     /// Writes `DIR/managed/flows/GROUP.yaml` (atomically) with the group's objects, replacing
     /// what it held; the watcher applies the difference like any other edit.
     fn declare_group<'a>(

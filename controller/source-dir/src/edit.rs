@@ -111,7 +111,8 @@ fn locate(text: &str, doc_line: usize, path: &[&str]) -> Option<Spot> {
             key: Option<String>,
             first_key: Option<(usize, usize)>,
         },
-        Seq,
+        /// The index the next item gets (`[0]`, `[1]`, ...).
+        Seq(usize),
     }
     let mut stack: Vec<(Vec<String>, Frame)> = Vec::new();
     let mut in_doc = false;
@@ -133,7 +134,7 @@ fn locate(text: &str, doc_line: usize, path: &[&str]) -> Option<Spot> {
                     // A document's root node: the one at the object's origin line.
                     if start_line != doc_line {
                         if let Event::MappingStart(..) | Event::SequenceStart(..) = event {
-                            stack.push((vec!["<skip>".into()], Frame::Seq));
+                            stack.push((vec!["<skip>".into()], Frame::Seq(0)));
                         }
                         continue;
                     }
@@ -162,9 +163,10 @@ fn locate(text: &str, doc_line: usize, path: &[&str]) -> Option<Spot> {
                             (full, false)
                         }
                     },
-                    Some((p, Frame::Seq)) => {
+                    Some((p, Frame::Seq(next))) => {
                         let mut full = p.clone();
-                        full.push("[]".into());
+                        full.push(format!("[{next}]"));
+                        *next += 1;
                         (full, false)
                     }
                 };
@@ -196,7 +198,7 @@ fn locate(text: &str, doc_line: usize, path: &[&str]) -> Option<Spot> {
                             },
                         ));
                     }
-                    _ => stack.push((here, Frame::Seq)),
+                    _ => stack.push((here, Frame::Seq(0))),
                 }
             }
             Event::MappingEnd | Event::SequenceEnd => {
@@ -312,6 +314,37 @@ pub fn set_password(path: &Path, text: &str, user: &str, hash: &str) -> Result<S
     )
 }
 
+/// Container `container` of deployment `deployment` declared `stopped` (or not).
+pub fn set_container_stopped(
+    path: &Path,
+    text: &str,
+    deployment: &str,
+    container: &str,
+    stopped: bool,
+) -> Result<String, String> {
+    let key = ObjKey::new(Kind::Deployment, deployment);
+    let before = parse_clean(path, text, "the file")?;
+    let index = match &declared(path, &before, &key)?.spec {
+        poolkeeper_kinds::Spec::Deployment(d) => {
+            d.containers.iter().position(|c| c.name == container)
+        }
+        _ => None,
+    }
+    .ok_or_else(|| format!("{}: {key} has no container {container:?}", path.display()))?;
+    let item = format!("[{index}]");
+    set_scalar(
+        path,
+        text,
+        &key,
+        &["spec", "containers", &item, "stopped"],
+        &stopped.to_string(),
+        |o| {
+            matches!(&o.spec, poolkeeper_kinds::Spec::Deployment(d)
+                if d.containers.get(index).is_some_and(|c| c.stopped == stopped))
+        },
+    )
+}
+
 /// The user's `spec.disabled` set to `disabled`.
 pub fn set_disabled(path: &Path, text: &str, user: &str, disabled: bool) -> Result<String, String> {
     let key = ObjKey::new(Kind::User, user);
@@ -388,6 +421,34 @@ spec:
         );
         let err = set_password(&file(), TEXT, "carol", HASH).expect_err("no carol");
         assert!(err.contains("carol"), "{err}");
+    }
+
+    #[test]
+    fn a_deployments_container_is_stopped_and_started_in_place() {
+        let text = "apiVersion: poolkeeper.dev/v1alpha1
+kind: Deployment
+metadata: {name: shop}
+spec:
+  containers:
+  - name: web
+    image: nginx
+  - {name: db, image: postgres}
+";
+        let f = PathBuf::from("/srv/pk/shop.yaml");
+        let new = set_container_stopped(&f, text, "shop", "web", true).expect("web");
+        assert!(
+            new.contains("  - stopped: true\n    name: web\n    image: nginx\n"),
+            "{new}"
+        );
+        let new = set_container_stopped(&f, &new, "shop", "db", true).expect("db");
+        assert!(
+            new.contains("  - {stopped: true, name: db, image: postgres}"),
+            "{new}"
+        );
+        let back = set_container_stopped(&f, &new, "shop", "web", false).expect("web again");
+        assert!(back.contains("  - stopped: false\n    name: web"), "{back}");
+        let err = set_container_stopped(&f, text, "shop", "cache", true).expect_err("no cache");
+        assert!(err.contains("cache"), "{err}");
     }
 
     #[test]

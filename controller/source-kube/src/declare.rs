@@ -309,6 +309,53 @@ impl Declare for KubeDeclare {
         })
     }
 
+    /// Patches the Deployment's containers with the one changed (a merge patch replaces the
+    /// list whole: the others are sent as declared).
+    fn set_container_stopped<'a>(
+        &'a self,
+        deployment: &'a str,
+        container: &'a str,
+        stopped: bool,
+    ) -> BoxFuture<'a, Result<String, DeclareError>> {
+        Box::pin(async move {
+            let key = ObjKey::new(Kind::Deployment, deployment);
+            let ns = self.namespace_of(&key)?;
+            let view = self
+                .handle
+                .views(vec![key])
+                .await
+                .map_err(|_| DeclareError::Stopped)?
+                .into_iter()
+                .flatten()
+                .next()
+                .ok_or_else(|| DeclareError::NotFound(format!("no Deployment {deployment:?}")))?;
+            let mut spec: poolkeeper_kinds::DeploymentSpec = serde_json::from_value(view.spec)
+                .map_err(|e| {
+                    DeclareError::Failed(format!("reading Deployment {deployment}: {e}"))
+                })?;
+            let c = spec
+                .containers
+                .iter_mut()
+                .find(|c| c.name == container)
+                .ok_or_else(|| {
+                    DeclareError::NotFound(format!(
+                        "Deployment {deployment} has no container {container:?}"
+                    ))
+                })?;
+            c.stopped = stopped;
+            self.writer
+                .merge_spec(
+                    Kind::Deployment,
+                    &ns,
+                    deployment,
+                    json!({ "containers": spec.containers }),
+                )
+                .await
+                .map_err(|e| failed("patching Deployment", &ns, deployment, e))?;
+            Ok(format!("{ns}/Deployment/{deployment}"))
+        })
+    }
+
     /// Creates the group's objects in the default namespace, labelled with the group
     /// (`poolkeeper.dev/flow`); one that exists has its spec replaced by a merge patch.
     fn declare_group<'a>(

@@ -697,3 +697,49 @@ async fn a_flows_objects_are_created_labelled_patched_when_they_exist_and_delete
         .await;
     }
 }
+
+/// Stop and Start of a deployment's container: a merge patch of the Deployment's containers,
+/// the others as declared.
+#[tokio::test]
+async fn a_container_is_declared_stopped_by_a_merge_patch_of_the_whole_list() {
+    use poolkeeper_engine::source::{Declare, DeclareError};
+    let shop = obj(
+        "Deployment",
+        "shop",
+        json!({"containers": [{"name": "web", "image": "x"}, {"name": "db", "image": "y"}]}),
+        json!({}),
+    );
+    let mut sc = scene(vec![pool(), user(), shop], vec![]).await;
+    let declare = poolkeeper_source_kube::declare::KubeDeclare::new(
+        sc.engine.clone(),
+        sc.writer.clone(),
+        sc.shared.clone(),
+        NS.to_owned(),
+        NS.to_owned(),
+    )
+    .await
+    .expect("declare");
+    let at = declare
+        .set_container_stopped("shop", "db", true)
+        .await
+        .expect("stopped");
+    assert_eq!(at, format!("{NS}/Deployment/shop"));
+    let w = sc
+        .expect("the Deployment's merge patch", |w| {
+            w.method == "PATCH"
+                && w.content_type.contains("merge-patch")
+                && w.path
+                    .ends_with(&format!("/namespaces/{NS}/deployments/shop"))
+        })
+        .await;
+    let cs = &w.body["spec"]["containers"];
+    assert_eq!(cs[0]["name"], "web");
+    assert!(cs[0].get("stopped").is_none(), "{cs}");
+    assert_eq!(cs[1]["name"], "db");
+    assert_eq!(cs[1]["stopped"], true);
+    let missing = declare.set_container_stopped("shop", "cache", true).await;
+    assert!(
+        matches!(missing, Err(DeclareError::NotFound(_))),
+        "{missing:?}"
+    );
+}

@@ -89,6 +89,10 @@ impl Runtime for Counting {
         self.mem.restart(name).await
     }
 
+    async fn stop(&self, name: &str) -> RtResult<()> {
+        self.mem.stop(name).await
+    }
+
     async fn exec(&self, name: &str, command: &[String]) -> RtResult<ExecOutput> {
         self.mem.exec(name, command).await
     }

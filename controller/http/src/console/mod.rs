@@ -347,6 +347,10 @@ pub(crate) fn routes() -> Router<std::sync::Arc<crate::ApiState>> {
             "/ui/containers/{instance}/{action}",
             post(pages::container_action),
         )
+        .route(
+            "/ui/deployments/{name}/containers/{container}/{action}",
+            post(pages::deployment_container_action),
+        )
         .route("/ui/assets/console.css", get(pages::css))
         .route("/ui/assets/console.js", get(pages::js))
         .layer(axum::middleware::map_response(pages::page_headers))

@@ -1162,6 +1162,33 @@ pub(crate) async fn user_action(
     operator(&state, &headers, &form.csrf, act).await
 }
 
+/// `stop` or `start` of container `container` of deployment `name`: declared `stopped` (or
+/// not) where the deployment is declared; the engine stops it and keeps it, or starts it again
+/// in place.
+pub(crate) async fn deployment_container_action(
+    State(state): State<Arc<ApiState>>,
+    UrlPath((name, container, action)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    let act = async {
+        let stopped = match action.as_str() {
+            "stop" => true,
+            "start" => false,
+            other => return Err(no_action(other)),
+        };
+        let at = state
+            .declare
+            .set_container_stopped(&name, &container, stopped)
+            .await?;
+        Ok(format!(
+            "Deployment {name}: container {container} declared {} (in {at}).",
+            if stopped { "stopped" } else { "started" }
+        ))
+    };
+    operator(&state, &headers, &form.csrf, act).await
+}
+
 /// `restart` or `remove` of a deployment's container (removed, the deployment makes a fresh
 /// one).
 pub(crate) async fn container_action(
