@@ -360,19 +360,7 @@ impl<R: Runtime> Engine<R> {
                 now,
             );
         }
-        if let Some(i) = self.instances.get_mut(&instance) {
-            self.touched.insert(instance.clone());
-            i.phase = InstancePhase::Starting;
-        }
-        let rt = self.rt.clone();
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let result = rt.restart(&instance).await;
-            let _ = tx.send(Input::Done(Completion::Restarted {
-                name: instance,
-                result,
-            }));
-        });
+        self.spawn_restart(instance);
     }
 
     /// Stops a container declared `stopped` (once: the slot remembers it until it is started).
@@ -413,6 +401,11 @@ impl<R: Runtime> Engine<R> {
                 now,
             );
         }
+        self.spawn_restart(instance);
+    }
+
+    /// Restarts (or starts) an instance in place, shown Starting meanwhile.
+    fn spawn_restart(&mut self, instance: String) {
         if let Some(i) = self.instances.get_mut(&instance) {
             self.touched.insert(instance.clone());
             i.phase = InstancePhase::Starting;

@@ -96,6 +96,32 @@ impl DirDeclare {
         r.map_err(|e| changing(file, e))
     }
 
+    /// Edits the file that declares object `name` of `kind` (one edit at a time): `edit` gets
+    /// the file and its text and returns the new text, which is written atomically. Returns
+    /// where that is (relative to the watched folder) and the object as it was.
+    async fn edit_declared(
+        &self,
+        kind: Kind,
+        name: &str,
+        edit: impl FnOnce(&Path, &str) -> Result<String, String>,
+    ) -> Result<(String, ObjectView), DeclareError> {
+        let _one = self.edits.lock().await;
+        let snap = self.snapshot().await?;
+        let o = snap
+            .objects
+            .into_iter()
+            .find(|o| o.kind == kind && o.name == name && !o.spec.is_null())
+            .ok_or_else(|| DeclareError::NotFound(format!("no {kind} {name:?}")))?;
+        let file = self.declared_file(&o)?;
+        let text = read_declared(&file)?;
+        let new = edit(&file, &text).map_err(DeclareError::Conflict)?;
+        self.files
+            .write(file.clone(), new.into_bytes())
+            .await
+            .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
+        Ok((self.relative(&file), o))
+    }
+
     /// Writes a file of the managed folders atomically (a crash leaves it whole or absent),
     /// making its folder if need be: where it is, relative to the watched folder.
     async fn write_managed(
@@ -261,24 +287,14 @@ impl Declare for DirDeclare {
         warm: u32,
     ) -> BoxFuture<'a, Result<Scaled, DeclareError>> {
         Box::pin(async move {
-            let _one = self.edits.lock().await;
-            let snap = self.snapshot().await?;
-            let pool = snap
-                .objects
-                .iter()
-                .find(|o| o.kind == Kind::Pool && o.name == name && !o.spec.is_null())
-                .ok_or_else(|| DeclareError::NotFound(format!("no Pool {name:?}")))?;
-            let file = self.declared_file(pool)?;
-            let text = read_declared(&file)?;
-            let was = pool.spec.get("warm").and_then(Value::as_u64);
-            let new = edit::scale_pool(&file, &text, name, warm).map_err(DeclareError::Conflict)?;
-            self.files
-                .write(file.clone(), new.into_bytes())
-                .await
-                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
+            let (at, pool) = self
+                .edit_declared(Kind::Pool, name, |file, text| {
+                    edit::scale_pool(file, text, name, warm)
+                })
+                .await?;
             Ok(Scaled {
-                was,
-                at: self.relative(&file),
+                was: pool.spec.get("warm").and_then(Value::as_u64),
+                at,
             })
         })
     }
@@ -364,18 +380,11 @@ impl Declare for DirDeclare {
         hash: &'a str,
     ) -> BoxFuture<'a, Result<String, DeclareError>> {
         Box::pin(async move {
-            let _one = self.edits.lock().await;
-            let snap = self.snapshot().await?;
-            let user = find_user(&snap, name)?;
-            let file = self.declared_file(user)?;
-            let text = read_declared(&file)?;
-            let new =
-                edit::set_password(&file, &text, name, hash).map_err(DeclareError::Conflict)?;
-            self.files
-                .write(file.clone(), new.into_bytes())
-                .await
-                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
-            Ok(self.relative(&file))
+            self.edit_declared(Kind::User, name, |file, text| {
+                edit::set_password(file, text, name, hash)
+            })
+            .await
+            .map(|(at, _)| at)
         })
     }
 
@@ -386,18 +395,11 @@ impl Declare for DirDeclare {
         disabled: bool,
     ) -> BoxFuture<'a, Result<String, DeclareError>> {
         Box::pin(async move {
-            let _one = self.edits.lock().await;
-            let snap = self.snapshot().await?;
-            let user = find_user(&snap, name)?;
-            let file = self.declared_file(user)?;
-            let text = read_declared(&file)?;
-            let new =
-                edit::set_disabled(&file, &text, name, disabled).map_err(DeclareError::Conflict)?;
-            self.files
-                .write(file.clone(), new.into_bytes())
-                .await
-                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
-            Ok(self.relative(&file))
+            self.edit_declared(Kind::User, name, |file, text| {
+                edit::set_disabled(file, text, name, disabled)
+            })
+            .await
+            .map(|(at, _)| at)
         })
     }
 
@@ -409,22 +411,11 @@ impl Declare for DirDeclare {
         stopped: bool,
     ) -> BoxFuture<'a, Result<String, DeclareError>> {
         Box::pin(async move {
-            let _one = self.edits.lock().await;
-            let snap = self.snapshot().await?;
-            let dep = snap
-                .objects
-                .iter()
-                .find(|o| o.kind == Kind::Deployment && o.name == deployment)
-                .ok_or_else(|| DeclareError::NotFound(format!("no Deployment {deployment:?}")))?;
-            let file = self.declared_file(dep)?;
-            let text = read_declared(&file)?;
-            let new = edit::set_container_stopped(&file, &text, deployment, container, stopped)
-                .map_err(DeclareError::Conflict)?;
-            self.files
-                .write(file.clone(), new.into_bytes())
-                .await
-                .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
-            Ok(self.relative(&file))
+            self.edit_declared(Kind::Deployment, deployment, |file, text| {
+                edit::set_container_stopped(file, text, deployment, container, stopped)
+            })
+            .await
+            .map(|(at, _)| at)
         })
     }
 
