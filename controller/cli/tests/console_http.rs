@@ -43,6 +43,17 @@ spec:
 ---
 apiVersion: poolkeeper.dev/v1alpha1
 kind: Pool
+metadata: {{name: vm}}
+spec:
+  template:
+    image: poolkeeper/ssh:bookworm
+    ports: [{{name: ssh, containerPort: 22}}]
+    ssh: {{port: ssh, user: root}}
+  warm: 1
+  hostPorts: {{start: 30200, end: 30210}}
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
 metadata: {{name: other}}
 spec:
   template: {{image: busybox}}
@@ -562,6 +573,31 @@ fn registration_when_allowed_declares_a_user_file_and_signs_in() {
     // The user is declared like any other: the API knows her.
     let v = c.api("GET", "/api/v1/users/dora", ADMIN, "");
     assert_eq!(v.status, 200, "{v:?}");
+    // One address cannot declare users without bound: 20 registrations (made or refused) a
+    // minute, then 429 and no file.
+    let mut flood = c.browser();
+    let mut last = 0;
+    for i in 0..25 {
+        let csrf = flood.csrf("/ui/register");
+        let name = format!("flood-{i}");
+        last = flood
+            .post(
+                "/ui/register",
+                &[
+                    ("csrf", &csrf),
+                    ("username", &name),
+                    ("password", "longenough"),
+                    ("confirm", "longenough"),
+                ],
+            )
+            .status;
+        flood.cookies.remove("pk_session");
+    }
+    assert_eq!(last, 429);
+    let users = std::fs::read_dir(c.dir.path().join("managed/users"))
+        .unwrap()
+        .count();
+    assert!(users < 21, "{users} users registered from one address");
 }
 
 #[test]
@@ -782,6 +818,24 @@ fn output_streams_for_ones_own_claim_and_operators_act_on_deployment_containers(
     wait_for("a1 is Bound", Duration::from_secs(10), || {
         c.api("GET", "/api/v1/claims/a1", ALICE, "").json()["status"]["phase"] == "Bound"
     });
+    // An ssh pool's claim shows how to log in (bob may use every pool).
+    let mut bob = c.browser();
+    bob.sign_in_token(BOB);
+    let csrf = bob.csrf("/ui");
+    assert_eq!(
+        bob.post("/ui/claims", &[("csrf", &csrf), ("pool", "vm")])
+            .status,
+        303
+    );
+    wait_for(
+        "bob's vm shows its ssh command",
+        Duration::from_secs(10),
+        || {
+            let page = bob.get("/ui").text;
+            page.contains("data-phase=\"Bound\"")
+                && page.contains("<code data-field=\"ssh\">ssh -p 3020")
+        },
+    );
     // Her claim's output: the recent lines first (an array).
     let (code, mut r) = open_stream(&c, &alice, "/ui/claims/a1/logs");
     assert_eq!(code, 200);

@@ -88,8 +88,8 @@ const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
 const MAX_SESSIONS: usize = 10_000;
 /// Failed sign-ins allowed per user name in [`WINDOW`].
 const MAX_FAILURES: usize = 5;
-/// Failed sign-ins (or registrations) allowed per address in [`WINDOW`]: more than per name,
-/// as a classroom or an office shares one address.
+/// Failed sign-ins, and registrations (made or refused), allowed per address in [`WINDOW`]:
+/// more than per name, as a classroom or an office shares one address.
 const MAX_FAILURES_PER_ADDRESS: usize = 20;
 const WINDOW: Duration = Duration::from_secs(60);
 

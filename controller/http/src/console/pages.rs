@@ -476,6 +476,9 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
     match state.declare.create_user(&name, spec).await {
         Ok(at) => {
             tracing::info!(user = %name, at = %at, "a user registered through the console");
+            // Every registration counts against the address, not only refused ones: one
+            // address cannot declare users without bound.
+            state.console.failed(&keys);
             let Some(id) = state
                 .console
                 .sign_in(Caller::User(name.clone()), Some(name.clone()))
