@@ -21,6 +21,13 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check schemathesis==4.32.5
 fi
 export SCHEMATHESIS="$PWD/$venv/bin/schemathesis"
+# Helm's own library (PyPI's helm-python-sdk bundles Helm v4's engine; no helm binary is in the
+# registries CI reaches) lints and renders the chart (e2e/chart.py).
+if ! "$venv/bin/python" -c 'import helm_python' >/dev/null 2>&1; then
+  echo "installing helm-python-sdk into $venv" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check helm-python-sdk==0.2.2
+fi
+export HELM_PYTHON="$PWD/$venv/bin/python"
 
 # The quickstart's images, built from Debian packages (cached by tag; about 80 s the first time).
 # The Docker end-to-end tests build their own workload image, and fail without these.

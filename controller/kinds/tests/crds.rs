@@ -8,21 +8,28 @@ fn committed() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../crds/poolkeeper.dev.yaml")
 }
 
+/// The Helm chart's copy (Helm installs what is under a chart's `crds/` before its templates).
+fn in_chart() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../charts/poolkeeper/crds/poolkeeper.dev.yaml")
+}
+
 #[test]
-fn committed_crds_match_the_rust_types() {
+fn committed_crds_and_the_charts_copy_match_the_rust_types() {
     let generated = poolkeeper_kinds::crd::crds_yaml().unwrap();
-    let path = committed();
-    if std::env::var_os("UPDATE_CRDS").is_some() {
-        std::fs::write(&path, &generated).unwrap();
+    for path in [committed(), in_chart()] {
+        if std::env::var_os("UPDATE_CRDS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        assert!(
+            on_disk == generated,
+            "{} is out of date with the Rust types; regenerate it (and the chart's copy) with \
+             `UPDATE_CRDS=1 cargo test -p poolkeeper-kinds --test crds`",
+            path.display()
+        );
     }
-    let on_disk = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    assert!(
-        on_disk == generated,
-        "{} is out of date with the Rust types; regenerate it with \
-         `UPDATE_CRDS=1 cargo test -p poolkeeper --test crds` (or `poolkeeper crds > crds/poolkeeper.dev.yaml`)",
-        path.display()
-    );
 }
 
 #[test]
