@@ -432,6 +432,13 @@ fn a_person_and_an_operator_use_the_console_in_chromium() {
             "document.querySelector('[data-pool=\"web\"] [data-field=\"desired\"]').textContent === '4' && document.querySelector('[data-pool=\"web\"] [data-field=\"warm\"]').textContent === '4'",
         )
         .await;
+        // The scale's event shows in the recent events, pushed.
+        until(
+            &b,
+            "the scale's event shows without a reload",
+            "Array.from(document.querySelectorAll('#recent-events tr')).some(tr => tr.textContent.includes('Pool/web') && tr.textContent.includes('SpecApplied ×2'))",
+        )
+        .await;
         let marker = b.execute("return window.pkMarker;", vec![]).await.unwrap();
         assert_eq!(marker, json!("same page"), "the page was reloaded");
         assert!(text(&b, "[data-pool=\"web\"] .ready").await.contains("Ready"));

@@ -757,6 +757,29 @@ fn the_stream_pushes_pool_counts_and_the_sessions_own_claims() {
     let bound = seen.last().unwrap();
     assert!(bound["address"].as_str().unwrap().contains(':'), "{bound}");
     assert!(bound["engineMs"].as_u64().unwrap() > 1_700_000_000_000);
+    // Recent events name every object: on an operator's stream only, and pushed as they come.
+    assert!(
+        !lines.iter().any(|l| l.trim() == "event: events"),
+        "a user's stream carried events: {lines:?}"
+    );
+    let mut op = c.browser();
+    op.sign_in_token(ADMIN);
+    let (code, mut ops) = open_stream(&c, &op, "/ui/events");
+    assert_eq!(code, 200);
+    let first = next_data(&mut ops, "events");
+    assert!(first.is_array(), "{first}");
+    let csrf = op.csrf("/ui");
+    assert_eq!(
+        op.post("/ui/pools/web/scale", &[("csrf", &csrf), ("warm", "3")])
+            .status,
+        303
+    );
+    loop {
+        let ev = next_data(&mut ops, "events");
+        if ev[0]["object"] == "Pool/web" && ev[0]["reason"] == "SpecApplied" {
+            break;
+        }
+    }
 }
 
 /// Reads one SSE event of `want` from a stream opened with the session's cookie.

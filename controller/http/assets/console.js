@@ -120,6 +120,24 @@
     window.pkPools = rows;
   }
 
+  // --- recent events (operators) ------------------------------------------------------------
+  function showEvents(rows) {
+    const body = document.getElementById("recent-events");
+    if (!body) return;
+    const fresh = document.createDocumentFragment();
+    for (const e of rows) {
+      const tr = document.createElement("tr");
+      const reason = e.count > 1 ? e.reason + " ×" + e.count : e.reason;
+      for (const v of [e.time, e.object, e.type, reason, e.message]) {
+        const td = document.createElement("td");
+        td.textContent = v;
+        tr.appendChild(td);
+      }
+      fresh.appendChild(tr);
+    }
+    body.replaceChildren(fresh);
+  }
+
   // --- TTL countdown (a local clock, not a request) -----------------------------------------
   function tickTtl() {
     const now = Date.now();
@@ -250,5 +268,6 @@
   const stream = new EventSource("/ui/events");
   stream.addEventListener("claim", (e) => showClaim(JSON.parse(e.data)));
   stream.addEventListener("pools", (e) => showPools(JSON.parse(e.data)));
+  stream.addEventListener("events", (e) => showEvents(JSON.parse(e.data)));
   stream.addEventListener("open", () => document.documentElement.setAttribute("data-live", "1"));
 })();

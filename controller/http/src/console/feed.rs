@@ -59,29 +59,79 @@ pub(crate) struct PoolRow {
     pub history: Vec<(u32, u32)>,
 }
 
-/// The latest rows, shared by every page.
+/// One of the most recent events of all objects (operators only).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct EventRow {
+    pub time: String,
+    /// `Kind/name`.
+    pub object: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub reason: String,
+    pub message: String,
+    /// How often it happened in a row (the time is the last).
+    pub count: u32,
+}
+
+/// How many recent events the operator's page shows.
+const RECENT_EVENTS: usize = 25;
+
+/// The most recent events of every object, newest first.
+pub(crate) fn recent_events(snap: &Snapshot) -> Vec<EventRow> {
+    let mut events: Vec<EventRow> = snap
+        .objects
+        .iter()
+        .flat_map(|o| {
+            o.events.iter().map(move |e| EventRow {
+                time: e.time.clone(),
+                object: format!("{}/{}", o.kind, o.name),
+                type_: e.type_.clone(),
+                reason: e.reason.clone(),
+                message: e.message.clone(),
+                count: e.count,
+            })
+        })
+        .collect();
+    events.sort_by(|a, b| b.time.cmp(&a.time));
+    events.truncate(RECENT_EVENTS);
+    events
+}
+
+type Rows = watch::Receiver<Arc<Vec<PoolRow>>>;
+type Recent = watch::Receiver<Arc<Vec<EventRow>>>;
+
+/// The latest rows and events, shared by every page.
 #[derive(Default)]
 pub(crate) struct Feed {
-    rows: tokio::sync::Mutex<Option<watch::Receiver<Arc<Vec<PoolRow>>>>>,
+    live: tokio::sync::Mutex<Option<(Rows, Recent)>>,
 }
 
 impl Feed {
-    /// The pools' rows, live; the sampler starts with the first caller, which gets its first
-    /// rows at once.
-    pub async fn rows(&self, handle: &EngineHandle) -> watch::Receiver<Arc<Vec<PoolRow>>> {
-        let mut rows = self.rows.lock().await;
-        if let Some(rx) = rows.as_ref() {
-            return rx.clone();
+    /// The pools' rows and the recent events, live; the sampler starts with the first caller,
+    /// which gets the first ones at once.
+    async fn live(&self, handle: &EngineHandle) -> (Rows, Recent) {
+        let mut live = self.live.lock().await;
+        if let Some(l) = live.as_ref() {
+            return l.clone();
         }
         let mut sampler = Sampler::default();
-        let first = match handle.snapshot().await {
-            Ok(snap) => sampler.rows(&snap),
-            Err(_) => Vec::new(),
+        let (first, events) = match handle.snapshot().await {
+            Ok(snap) => (sampler.rows(&snap), recent_events(&snap)),
+            Err(_) => (Vec::new(), Vec::new()),
         };
         let (tx, rx) = watch::channel(Arc::new(first));
-        tokio::spawn(sampler.run(handle.clone(), tx));
-        *rows = Some(rx.clone());
-        rx
+        let (etx, erx) = watch::channel(Arc::new(events));
+        tokio::spawn(sampler.run(handle.clone(), tx, etx));
+        *live = Some((rx.clone(), erx.clone()));
+        (rx, erx)
+    }
+
+    pub async fn rows(&self, handle: &EngineHandle) -> Rows {
+        self.live(handle).await.0
+    }
+
+    pub async fn recent(&self, handle: &EngineHandle) -> Recent {
+        self.live(handle).await.1
     }
 }
 
@@ -118,9 +168,14 @@ impl Sampler {
         rows
     }
 
-    /// Reads the snapshot every [`SAMPLE_EVERY`] and publishes the rows when they change,
-    /// until the engine stops.
-    async fn run(mut self, handle: EngineHandle, tx: watch::Sender<Arc<Vec<PoolRow>>>) {
+    /// Reads the snapshot every [`SAMPLE_EVERY`] and publishes the rows and the recent events
+    /// when they change, until the engine stops.
+    async fn run(
+        mut self,
+        handle: EngineHandle,
+        tx: watch::Sender<Arc<Vec<PoolRow>>>,
+        etx: watch::Sender<Arc<Vec<EventRow>>>,
+    ) {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -132,6 +187,10 @@ impl Sampler {
             let rows = self.rows(&snap);
             if **tx.borrow() != rows && tx.send(Arc::new(rows)).is_err() {
                 return;
+            }
+            let events = recent_events(&snap);
+            if **etx.borrow() != events {
+                let _ = etx.send(Arc::new(events));
             }
         }
     }
@@ -216,16 +275,27 @@ pub(crate) async fn events(
     let mut pools = state.console.feed.rows(&state.handle).await;
     // The current rows first: a page rendered before the sampler started gets them at once.
     pools.mark_changed();
+    // Events name every object (other users' claims among them): operators only.
+    let recent = match who {
+        Caller::Admin => {
+            let mut rx = state.console.feed.recent(&state.handle).await;
+            rx.mark_changed();
+            Some(rx)
+        }
+        Caller::User(_) => None,
+    };
     let handle = state.handle.clone();
     struct Live {
         claims: tokio::sync::mpsc::UnboundedReceiver<poolkeeper_engine::ClaimChange>,
         pools: watch::Receiver<Arc<Vec<PoolRow>>>,
+        recent: Option<watch::Receiver<Arc<Vec<EventRow>>>>,
         who: Caller,
         handle: EngineHandle,
     }
     let live = Live {
         claims,
         pools,
+        recent,
         who,
         handle,
     };
@@ -253,6 +323,17 @@ pub(crate) async fn events(
                     data["gone"] = json!(view.is_none());
                     data["engineMs"] = json!(engine_ms);
                     let ev = Event::default().event("claim").data(data.to_string());
+                    return Some((Ok(ev), live));
+                }
+                changed = async {
+                    match live.recent.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    changed.ok()?;
+                    let events = live.recent.as_mut()?.borrow_and_update().clone();
+                    let ev = Event::default().event("events").data(json!(*events).to_string());
                     return Some((Ok(ev), live));
                 }
                 changed = live.pools.changed() => {

@@ -12,10 +12,10 @@ use axum::{Form, Json};
 use serde::Deserialize;
 use serde_json::Value;
 
-use poolkeeper_engine::status::{ObjectView, Snapshot};
+use poolkeeper_engine::status::Snapshot;
 use poolkeeper_kinds::{DeploymentStatus, Kind, Quota, UserSpec};
 
-use super::feed::{PoolRow, claim_json, pool_rows};
+use super::feed::{EventRow, PoolRow, claim_json, pool_rows};
 use super::{PRE_COOKIE, SESSION_COOKIE, Session, cookie, random_token, same_token, set_cookie};
 use crate::ApiState;
 use crate::auth::{Caller, sha256};
@@ -750,14 +750,6 @@ pub(crate) struct DeploymentRow {
     containers: Vec<poolkeeper_kinds::ContainerStatus>,
 }
 
-pub(crate) struct EventRow {
-    time: String,
-    object: String,
-    type_: String,
-    reason: String,
-    message: String,
-}
-
 #[derive(Template)]
 #[template(path = "operator.html")]
 struct OperatorPage<'a> {
@@ -908,21 +900,7 @@ fn operator_page<'a>(
             }
         })
         .collect();
-    let mut events: Vec<EventRow> = snap
-        .objects
-        .iter()
-        .flat_map(|o: &ObjectView| {
-            o.events.iter().map(move |e| EventRow {
-                time: e.time.clone(),
-                object: format!("{}/{}", o.kind, o.name),
-                type_: e.type_.clone(),
-                reason: e.reason.clone(),
-                message: e.message.clone(),
-            })
-        })
-        .collect();
-    events.sort_by(|a, b| b.time.cmp(&a.time));
-    events.truncate(25);
+    let events = super::feed::recent_events(snap);
     let h = &snap.metrics.bind_latency;
     OperatorPage {
         title: "Operations",
