@@ -370,22 +370,11 @@ async fn log_stream(
     state: &ApiState,
     instance: &str,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>> + use<>>> {
-    let logs = match state.handle.logs(instance, LOG_TAIL).await {
-        Ok(Some(Ok(l))) => l,
-        Ok(Some(Err(e))) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("reading {instance}'s output: {e}"),
-            ));
-        }
-        Ok(None) => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no instance {instance:?}"),
-            ));
-        }
-        Err(_) => return Err(ApiError::unavailable()),
-    };
+    let logs = super::instance_answer(
+        state.handle.logs(instance, LOG_TAIL).await,
+        |e| format!("reading {instance}'s output: {e}"),
+        (StatusCode::NOT_FOUND, format!("no instance {instance:?}")),
+    )?;
     let recent: Vec<String> = logs.recent.lines().map(cut).collect();
     let first = Event::default()
         .event("recent")

@@ -282,22 +282,11 @@ async fn run_steps(
     let mut report = String::new();
     for (i, step) in steps.steps.iter().enumerate() {
         let n = i + 1;
-        let out = match state.handle.exec(&target, step.run.argv()).await {
-            Ok(Some(Ok(out))) => out,
-            Ok(Some(Err(e))) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("exec in {target}: {e}"),
-                ));
-            }
-            Ok(None) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("{target} is gone"),
-                ));
-            }
-            Err(_) => return Err(ApiError::unavailable()),
-        };
+        let out = super::instance_answer(
+            state.handle.exec(&target, step.run.argv()).await,
+            |e| format!("exec in {target}: {e}"),
+            (StatusCode::CONFLICT, format!("{target} is gone")),
+        )?;
         let problems = step.problems(out.exit_code, &out.output);
         if problems.is_empty() {
             report.push_str(&format!("ok   {n}/{total} {}\n", step.name));

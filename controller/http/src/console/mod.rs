@@ -264,6 +264,26 @@ pub(crate) async fn live_session(
     Some((id, s))
 }
 
+/// The engine's answer about one of the runtime's instances (its output, an exec, an action)
+/// as the console answers it: the value; the runtime's failure (502, `failed` names what
+/// failed); no such instance (`missing`); or the engine stopping (503).
+pub(crate) fn instance_answer<T>(
+    answer: Result<Option<Result<T, String>>, poolkeeper_engine::EngineError>,
+    failed: impl FnOnce(String) -> String,
+    missing: (axum::http::StatusCode, String),
+) -> crate::error::ApiResult<T> {
+    use crate::error::ApiError;
+    match answer {
+        Ok(Some(Ok(v))) => Ok(v),
+        Ok(Some(Err(e))) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            failed(e),
+        )),
+        Ok(None) => Err(ApiError::new(missing.0, missing.1)),
+        Err(_) => Err(ApiError::unavailable()),
+    }
+}
+
 /// How many failures key `k` (`ip:ADDRESS` or `user:NAME`) may have in [`WINDOW`].
 fn limit(k: &str) -> usize {
     if k.starts_with("ip:") {

@@ -246,15 +246,7 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
             let Some(id) = state.console.sign_in(who, account) else {
                 return no_randomness();
             };
-            let mut r = see("/ui");
-            let secure = state.console.config.secure_cookie;
-            let h = r.headers_mut();
-            h.append(
-                header::SET_COOKIE,
-                set_cookie(SESSION_COOKIE, Some(&id), secure),
-            );
-            h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, None, secure));
-            r
+            signed_in_answer(&state, &id)
         }
         Err(why) => {
             state.console.failed(&keys);
@@ -272,6 +264,20 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
 
 /// Who a token signs in as, and the declared user behind it (none for the admin token).
 type SignedIn = (Caller, Option<String>);
+
+/// The answer to a sign-in or a registration that started session `id`: to the page, with
+/// the session's cookie, and without the pre-sign-in one.
+fn signed_in_answer(state: &ApiState, id: &str) -> Response {
+    let mut r = see("/ui");
+    let secure = state.console.config.secure_cookie;
+    let h = r.headers_mut();
+    h.append(
+        header::SET_COOKIE,
+        set_cookie(SESSION_COOKIE, Some(id), secure),
+    );
+    h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, None, secure));
+    r
+}
 
 fn token_caller(state: &ApiState, token: &str) -> Result<SignedIn, String> {
     let digest = sha256(token);
@@ -493,15 +499,7 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
                     state.console.config.registration_quota
                 ),
             );
-            let mut r = see("/ui");
-            let secure = state.console.config.secure_cookie;
-            let h = r.headers_mut();
-            h.append(
-                header::SET_COOKIE,
-                set_cookie(SESSION_COOKIE, Some(&id), secure),
-            );
-            h.append(header::SET_COOKIE, set_cookie(PRE_COOKIE, None, secure));
-            r
+            signed_in_answer(&state, &id)
         }
         Err(poolkeeper_engine::source::DeclareError::Conflict(_)) => {
             state.console.failed(&keys);
@@ -1188,18 +1186,15 @@ pub(crate) async fn container_action(
             ),
             other => return Err(no_action(other)),
         };
-        match state.handle.container_action(&instance, what).await {
-            Ok(Some(Ok(()))) => Ok(format!("Container {instance} {done}.")),
-            Ok(Some(Err(e))) => Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                format!("container {instance}: {e}"),
-            )),
-            Ok(None) => Err(ApiError::new(
+        super::instance_answer(
+            state.handle.container_action(&instance, what).await,
+            |e| format!("container {instance}: {e}"),
+            (
                 StatusCode::NOT_FOUND,
                 format!("no deployment container {instance:?}"),
-            )),
-            Err(_) => Err(ApiError::unavailable()),
-        }
+            ),
+        )
+        .map(|()| format!("Container {instance} {done}."))
     };
     operator(&state, &headers, &form.csrf, act).await
 }
