@@ -75,6 +75,8 @@ pub enum Command {
         #[command(flatten)]
         kube: KubeArgs,
         #[command(flatten)]
+        pods: PodArgs,
+        #[command(flatten)]
         limits: LimitArgs,
         #[arg(long, value_enum, default_value_t = RuntimeKind::Docker)]
         runtime: RuntimeKind,
@@ -523,10 +525,24 @@ pub struct KubeArgs {
     pub no_leader_election: bool,
 }
 
+/// Where the Kubernetes runtime (`--runtime kube`) makes its pods.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PodArgs {
+    /// The namespace of the runtime's pods and Services (default: the current context's
+    /// namespace; in a pod, its own).
+    #[arg(long, value_name = "NS")]
+    pub pod_namespace: Option<String>,
+    /// How long a deleted pod may take to stop (its termination grace period), in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub pod_grace_seconds: u32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RuntimeKind {
     Memory,
     Docker,
+    /// Pods on the Kubernetes cluster KUBECONFIG (or the pod's service account) names.
+    Kube,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

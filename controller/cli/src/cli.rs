@@ -14,7 +14,7 @@ use poolkeeper_source_dir::layout::{state_dir, status_file};
 use poolkeeper_source_dir::loader::validate_paths;
 
 pub use crate::args::*;
-use crate::run::{run_cmd, run_kube};
+use crate::run::{Runtimes, run_cmd, run_kube};
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -75,6 +75,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             dir,
             source,
             kube,
+            pods,
             limits,
             runtime,
             resync,
@@ -83,16 +84,17 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         } => {
             let rt = controller_runtime()?;
             let limits = limits.limits();
+            let runtimes = Runtimes { docker, pods };
             match (source, dir) {
                 (SourceKind::Dir, Some(dir)) => {
-                    rt.block_on(run_cmd(dir, runtime, resync, docker, api, limits))?
+                    rt.block_on(run_cmd(dir, runtime, resync, runtimes, api, limits))?
                 }
                 (SourceKind::Dir, None) => bail!("run needs --dir (or --source kube)"),
                 (SourceKind::Kube, Some(_)) => {
                     bail!("--dir names a watched folder: not with --source kube")
                 }
                 (SourceKind::Kube, None) => {
-                    rt.block_on(run_kube(kube, runtime, resync, docker, api, limits))?
+                    rt.block_on(run_kube(kube, runtime, resync, runtimes, api, limits))?
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -13,6 +13,7 @@ use poolkeeper_engine::EngineConfig;
 use poolkeeper_engine::limits::{Limits, Refusals};
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
 use poolkeeper_runtime_docker::DockerRuntime;
+use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
 use poolkeeper_source_dir::declare::{self, DirDeclare};
 use poolkeeper_source_dir::files::DirResolve;
 use poolkeeper_source_dir::layout::{self, state_dir};
@@ -22,11 +23,57 @@ use poolkeeper_source_dir::{status, watch};
 use crate::args::*;
 use crate::notify::{self, Notifier};
 
+/// The runtimes' flags: Docker's and the Kubernetes runtime's.
+pub(crate) struct Runtimes {
+    pub docker: DockerArgs,
+    pub pods: PodArgs,
+}
+
+/// The Kubernetes runtime on the cluster `conn` reaches (or KUBECONFIG's, without one).
+async fn kube_runtime(
+    conn: Option<&poolkeeper_source_kube::Connection>,
+    runtimes: &Runtimes,
+) -> anyhow::Result<KubeRuntime> {
+    let owned;
+    let conn = match conn {
+        Some(c) => c,
+        None => {
+            owned = poolkeeper_source_kube::connect().await?;
+            info!(server = %owned.server, "Kubernetes API server (the pod runtime)");
+            &owned
+        }
+    };
+    let controller_id = runtimes
+        .docker
+        .controller_id
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    if poolkeeper_kinds::units::check_name(&controller_id).is_err() {
+        bail!(
+            "controller id {controller_id:?} must be a DNS label (lowercase letters, digits, '-')"
+        );
+    }
+    let namespace = runtimes
+        .pods
+        .pod_namespace
+        .clone()
+        .unwrap_or_else(|| conn.namespace.clone());
+    info!(%namespace, "instances run as pods");
+    Ok(KubeRuntime::new(
+        conn.client.clone(),
+        KubeRuntimeConfig {
+            namespace,
+            controller_id,
+            grace_seconds: runtimes.pods.pod_grace_seconds,
+        },
+    ))
+}
+
 pub(crate) async fn run_cmd(
     dir: PathBuf,
     runtime: RuntimeKind,
     resync: Duration,
-    docker: DockerArgs,
+    runtimes: Runtimes,
     api: ApiArgs,
     limits: Limits,
 ) -> anyhow::Result<()> {
@@ -39,8 +86,12 @@ pub(crate) async fn run_cmd(
             run_with(rt, dir, resync, api, limits).await
         }
         RuntimeKind::Docker => {
-            let config = docker.docker_config(&state_dir(&dir))?;
+            let config = runtimes.docker.docker_config(&state_dir(&dir))?;
             let rt = Arc::new(DockerRuntime::connect(config).await?);
+            run_with(rt, dir, resync, api, limits).await
+        }
+        RuntimeKind::Kube => {
+            let rt = Arc::new(kube_runtime(None, &runtimes).await?);
             run_with(rt, dir, resync, api, limits).await
         }
     }
@@ -197,7 +248,7 @@ pub(crate) async fn run_kube(
     kube: KubeArgs,
     runtime: RuntimeKind,
     resync: Duration,
-    docker: DockerArgs,
+    runtimes: Runtimes,
     api: ApiArgs,
     limits: Limits,
 ) -> anyhow::Result<()> {
@@ -215,8 +266,12 @@ pub(crate) async fn run_kube(
             run_kube_with(rt, conn, kube, &state, resync, api, limits).await
         }
         RuntimeKind::Docker => {
-            let config = docker.docker_config(&state)?;
+            let config = runtimes.docker.docker_config(&state)?;
             let rt = Arc::new(DockerRuntime::connect(config).await?);
+            run_kube_with(rt, conn, kube, &state, resync, api, limits).await
+        }
+        RuntimeKind::Kube => {
+            let rt = Arc::new(kube_runtime(Some(&conn), &runtimes).await?);
             run_kube_with(rt, conn, kube, &state, resync, api, limits).await
         }
     }

@@ -511,7 +511,8 @@ impl<R: Runtime> Engine<R> {
                 .unwrap_or_default();
             (ssh.ssh_dir(), format!("{keys}\n").into_bytes())
         });
-        if c.files.is_empty() && keys.is_none() {
+        let record = self.rt.keeps_bindings();
+        if c.files.is_empty() && keys.is_none() && !record {
             self.report_claim(claim, now);
             return;
         }
@@ -531,8 +532,15 @@ impl<R: Runtime> Engine<R> {
         let tx = self.tx.clone();
         let (claim, instance) = (claim.to_owned(), instance.to_owned());
         tokio::spawn(async move {
-            let mut result = Ok(());
-            if let Some(mount) = mount
+            // On runtimes that keep bindings, the instance records its claim before the claim
+            // is reported Bound (and before anything is copied into it).
+            let mut result = if record {
+                rt.bind(&instance, Some(&claim)).await
+            } else {
+                Ok(())
+            };
+            if result.is_ok()
+                && let Some(mount) = mount
                 && !files.is_empty()
             {
                 result = rt.put_files(&instance, &mount, &files).await;

@@ -552,6 +552,17 @@ impl<R: Runtime> Engine<R> {
             command: c.command.clone(),
             env: c.environment.clone(),
             ports: ports.clone(),
+            container_ports: ports
+                .iter()
+                .map(|p| poolkeeper_kinds::ContainerPort {
+                    name: p.name.clone(),
+                    container_port: p.container_port,
+                    protocol: p.protocol,
+                })
+                .collect(),
+            exposure: None,
+            pod_overrides: None,
+            capabilities: None,
             labels,
             cpu_millis: res.cpu.as_deref().and_then(|x| parse_cpu_millis(x).ok()),
             memory_bytes: res

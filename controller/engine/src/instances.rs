@@ -7,8 +7,8 @@ use tracing::{debug, error, info, warn};
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::ResetPolicy;
 use poolkeeper_runtime::{
-    Instance, InstanceState, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH, LABEL_MANAGED,
-    LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
+    Instance, InstanceState, LABEL_CLAIM, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH,
+    LABEL_MANAGED, LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
 };
 
 use crate::durable::{Op, RecPhase};
@@ -167,6 +167,17 @@ impl<R: Runtime> Engine<R> {
             }
         }
         rec.exit_code = code;
+        let recorded = i.label(LABEL_CLAIM);
+        if rec.recorded.as_deref() != recorded {
+            rec.recorded = recorded.map(str::to_owned);
+            self.touched.insert(name.clone());
+            if let Some(p) = &rec.pool {
+                self.dirty_pools.insert(p.clone());
+            }
+        }
+        let Some(rec) = self.instances.get_mut(&name) else {
+            return;
+        };
         if rec.node != i.node {
             rec.node = i.node.clone();
         }
@@ -450,14 +461,37 @@ impl<R: Runtime> Engine<R> {
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.files_pending = false;
                             c.copy_failures = 0;
-                            c.events.push(
-                                false,
-                                "FilesCopied",
-                                format!("{} file(s) copied into {instance}", c.files.len()),
-                                now,
-                            );
+                            if !c.files.is_empty() {
+                                c.events.push(
+                                    false,
+                                    "FilesCopied",
+                                    format!("{} file(s) copied into {instance}", c.files.len()),
+                                    now,
+                                );
+                            }
                         }
                         self.report_claim(&claim, now);
+                    }
+                    Err(RuntimeError::Conflict { reason, .. }) => {
+                        // Another controller (or a stale view of ours) holds the instance: it
+                        // is not ours to reset or remove; bind another and leave it alone.
+                        let msg = format!("instance {instance} could not be bound: {reason}");
+                        if let Some(c) = self.claims.get_mut(&claim) {
+                            c.events.push(true, "BindConflict", msg.clone(), now);
+                        }
+                        self.end_binding(&claim, &instance, RecPhase::Waiting, "BindConflict", now);
+                        self.after_commit.retain(
+                            |a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance),
+                        );
+                        if let Some(rec) = self.instances.get_mut(&instance) {
+                            self.touched.insert(instance.clone());
+                            rec.resetting = false;
+                            rec.quarantined = Some(msg.clone());
+                        }
+                        self.ops.push(Op::Quarantine {
+                            instance: instance.clone(),
+                            reason: msg,
+                        });
                     }
                     Err(e) => {
                         // The instance could not take the files: take it out and bind another.
@@ -630,10 +664,13 @@ impl<R: Runtime> Engine<R> {
             }
             ResetPolicy::Restart => {
                 tokio::spawn(async move {
-                    let result = rt
+                    let mut result = rt
                         .restart(&name)
                         .await
                         .map_err(|e| format!("restart failed: {e}"));
+                    if result.is_ok() {
+                        result = unbind_after_reset(&*rt, &name).await;
+                    }
                     let _ = tx.send(Input::Done(Completion::Reset { name, result }));
                 });
             }
@@ -648,9 +685,23 @@ impl<R: Runtime> Engine<R> {
                         )),
                         Err(e) => Err(format!("reset command failed: {e}")),
                     };
+                    let result = match result {
+                        Ok(()) => unbind_after_reset(&*rt, &name).await,
+                        Err(e) => Err(e),
+                    };
                     let _ = tx.send(Input::Done(Completion::Reset { name, result }));
                 });
             }
         }
     }
+}
+
+/// A reset instance is fresh only once its runtime no longer records the claim it served.
+async fn unbind_after_reset<R: Runtime>(rt: &R, name: &str) -> Result<(), String> {
+    if !rt.keeps_bindings() {
+        return Ok(());
+    }
+    rt.bind(name, None)
+        .await
+        .map_err(|e| format!("clearing the binding after the reset failed: {e}"))
 }

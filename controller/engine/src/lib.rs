@@ -212,6 +212,9 @@ struct InstRec {
     /// Published ports, as the runtime reports them.
     bindings: Vec<poolkeeper_runtime::PortBinding>,
     claim: Option<String>,
+    /// The claim the runtime records on the instance (runtimes that keep bindings, see
+    /// `Runtime::keeps_bindings`): it is nobody else's while it says so.
+    recorded: Option<String>,
     resetting: bool,
     /// A claim held it and it has not been reset since (mirrors `Durable::used`).
     used: bool,
@@ -274,6 +277,7 @@ impl InstRec {
             node: String::new(),
             bindings: Vec::new(),
             claim: None,
+            recorded: None,
             resetting: false,
             used: false,
             quarantined: None,

@@ -155,6 +155,7 @@ impl<R: Runtime> Engine<R> {
                 self.report_claim(&claim, now);
             }
         }
+        self.settle_recorded_bindings();
         // Quarantined or used instances that were removed while we were down.
         let st = self.store.state();
         let gone = |i: &&String| !self.instances.contains_key(*i);
@@ -197,6 +198,34 @@ impl<R: Runtime> Engine<R> {
             bindings = self.store.state().bound.len(),
             "state rebuilt; reconciling"
         );
+    }
+
+    /// Instances whose runtime records a claim that is gone, or bound elsewhere, are reset
+    /// (the claim was deleted while we were down and our store, if any, did not know it).
+    /// Those whose claim waits are adopted by their pool's next pass.
+    fn settle_recorded_bindings(&mut self) {
+        if !self.rt.keeps_bindings() {
+            return;
+        }
+        let st = self.store.state();
+        let stale: Vec<String> = self
+            .instances
+            .values()
+            .filter(|r| !r.resetting)
+            .filter_map(|r| {
+                let claim = r.recorded.as_ref()?;
+                let bound_to = st.claims.get(claim).and_then(|c| c.instance.as_ref());
+                let keep = match bound_to {
+                    Some(i) => *i == r.name,
+                    None => self.claims.contains_key(claim),
+                };
+                (!keep).then(|| r.name.clone())
+            })
+            .collect();
+        for i in stale {
+            info!(instance = %i, "the claim its runtime records is gone: resetting it");
+            self.reset_released(&i);
+        }
     }
 
     pub(crate) fn ensure_draining_pool(&mut self, pool: &str, now: u64) {

@@ -93,7 +93,7 @@ impl<R: Runtime> Engine<R> {
         let slot = poolkeeper_core::pool::classify(
             rec.phase,
             current,
-            rec.claim.is_some(),
+            rec.claim.is_some() || rec.recorded.is_some(),
             rec.resetting,
             rec.quarantined.is_some(),
         );
@@ -127,6 +127,35 @@ impl<R: Runtime> Engine<R> {
         self.dirty_pools.insert(pool.clone());
     }
 
+    /// The waiting claims of `pool` whose instance the runtime still records (a controller
+    /// restarted without its store): taken out of `waiting`, with their instance.
+    fn recorded_bindings(&self, pool: &str, waiting: &mut Vec<String>) -> Vec<(String, String)> {
+        if waiting.is_empty() || !self.rt.keeps_bindings() {
+            return Vec::new();
+        }
+        let Some(idx) = self.pool_index.get(pool) else {
+            return Vec::new();
+        };
+        let st = self.store.state();
+        let mut adopted = Vec::new();
+        for name in &idx.members {
+            let Some(r) = self.instances.get(name) else {
+                continue;
+            };
+            let Some(claim) = &r.recorded else { continue };
+            let usable = r.claim.is_none()
+                && !r.resetting
+                && r.quarantined.is_none()
+                && !st.bound.contains_key(name)
+                && !st.used.contains(name)
+                && matches!(r.phase, InstancePhase::Ready | InstancePhase::Starting);
+            if usable && let Some(at) = waiting.iter().position(|c| c == claim) {
+                adopted.push((waiting.remove(at), name.clone()));
+            }
+        }
+        adopted
+    }
+
     pub(crate) fn reconcile_pool(&mut self, name: &str, now: u64) {
         let Some(pool) = self.pools.get(name) else {
             return;
@@ -150,6 +179,8 @@ impl<R: Runtime> Engine<R> {
                 waiting.push(c.clone());
             }
         }
+        // A binding the runtime records (and our store lost) is the claim's again.
+        let adopted = self.recorded_bindings(name, &mut waiting);
         let warm: Vec<String> = self
             .pool_index
             .get(name)
@@ -162,10 +193,14 @@ impl<R: Runtime> Engine<R> {
             })
             .unwrap_or_default();
         let matching = match_claims(waiting.iter().map(String::as_str), warm);
-        let binds: Vec<(String, String)> = matching
-            .binds
-            .iter()
-            .map(|(c, i)| ((*c).to_owned(), i.clone()))
+        let binds: Vec<(String, String)> = adopted
+            .into_iter()
+            .chain(
+                matching
+                    .binds
+                    .iter()
+                    .map(|(c, i)| ((*c).to_owned(), i.clone())),
+            )
             .collect();
         let still_waiting: Vec<String> = matching.waiting.iter().map(|s| (*s).to_owned()).collect();
         let default_ttl = spec
@@ -569,6 +604,10 @@ impl<R: Runtime> Engine<R> {
             command: t.command.clone(),
             env: t.env.clone(),
             ports: ports.clone(),
+            container_ports: t.ports.clone(),
+            exposure: spec.exposure,
+            pod_overrides: t.pod_overrides.clone(),
+            capabilities: t.capabilities.clone(),
             labels,
             cpu_millis: res.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
             memory_bytes: res

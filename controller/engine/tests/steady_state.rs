@@ -50,6 +50,7 @@ async fn claims_released_as_soon_as_bound_never_lose_their_instance() {
         claim_ttl: None,
         pull_policy: Default::default(),
         autoscale: None,
+        exposure: None,
     };
     h.apply(obj("p", Spec::Pool(pool))).unwrap();
     h.send(SourceEvent::Synced).unwrap();

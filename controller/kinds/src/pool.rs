@@ -86,6 +86,69 @@ pub struct PoolSpec {
     /// demand (docs/autoscale.md). Without it, `warm` alone decides, as always.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<crate::autoscale::Autoscale>,
+    /// How clients reach an instance on the Kubernetes runtime (`ClusterIP` when not given).
+    /// The Docker runtime always publishes `hostPorts` on its host and refuses the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposure: Option<Exposure>,
+}
+
+/// How clients reach a pool's instance on the Kubernetes runtime.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Exposure {
+    /// A Service per instance; the endpoint is its DNS name and the container port.
+    #[default]
+    ClusterIP,
+    /// A Service per instance with node ports taken from `hostPorts` (which must lie inside the
+    /// cluster's node-port range); the endpoint is the node's address.
+    NodePort,
+    /// The pod's own `hostPort`s from `hostPorts`, as the Docker runtime publishes them.
+    HostPort,
+    /// A Service of type LoadBalancer per instance; the endpoint is its ingress address.
+    LoadBalancer,
+}
+
+impl Exposure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exposure::ClusterIP => "ClusterIP",
+            Exposure::NodePort => "NodePort",
+            Exposure::HostPort => "HostPort",
+            Exposure::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// What a cluster needs of the pods the Kubernetes runtime makes (ignored by Docker).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodOverrides {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Names of Secrets in the pod's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+}
+
+/// A pod toleration, as Kubernetes declares it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Toleration {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `Exists` or `Equal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toleration_seconds: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -108,6 +171,14 @@ pub struct InstanceTemplate {
     /// authorized keys, and the claim's status says how to connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh: Option<SshAccess>,
+    /// Scheduling and pull settings for the Kubernetes runtime's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_overrides: Option<PodOverrides>,
+    /// The Linux capabilities the instance keeps (all others dropped), e.g. `[NET_BIND_SERVICE]`.
+    /// Not given: the runtime's default set (Docker's; on Kubernetes the baseline Pod Security
+    /// Standard's, which is Docker's without `NET_RAW`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -155,6 +226,16 @@ pub enum Protocol {
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
+}
+
+impl Protocol {
+    /// As Kubernetes spells it (`TCP`, `UDP`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

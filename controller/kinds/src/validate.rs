@@ -104,6 +104,38 @@ fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {
             ));
         }
     }
+    if let Some(e @ (crate::Exposure::NodePort | crate::Exposure::HostPort)) = p.exposure
+        && p.host_ports.is_none()
+    {
+        errs.push(FieldError::new(
+            "spec.exposure",
+            format!(
+                "exposure {} takes its ports from spec.hostPorts, which is not set",
+                e.as_str()
+            ),
+        ));
+    }
+    if let Some(o) = &t.pod_overrides {
+        for (i, tol) in o.tolerations.iter().enumerate() {
+            if let Some(op) = tol.operator.as_deref()
+                && op != "Exists"
+                && op != "Equal"
+            {
+                errs.push(FieldError::new(
+                    format!("spec.template.podOverrides.tolerations[{i}].operator"),
+                    format!("operator {op:?} must be Exists or Equal"),
+                ));
+            }
+            if let Some(e) = tol.effect.as_deref()
+                && !["NoSchedule", "PreferNoSchedule", "NoExecute"].contains(&e)
+            {
+                errs.push(FieldError::new(
+                    format!("spec.template.podOverrides.tolerations[{i}].effect"),
+                    format!("effect {e:?} must be NoSchedule, PreferNoSchedule or NoExecute"),
+                ));
+            }
+        }
+    }
     check_resources(t.resources.as_ref(), "spec.template.resources", errs);
     if let Some(probe) = &t.readiness {
         check_probe(probe, &port_names, "spec.template.readiness", errs);

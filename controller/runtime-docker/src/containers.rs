@@ -202,6 +202,8 @@ impl DockerRuntime {
             privileged: Some(false),
             init: spec.init.then_some(true),
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            cap_drop: spec.capabilities.as_ref().map(|_| vec!["ALL".to_owned()]),
+            cap_add: spec.capabilities.clone().filter(|c| !c.is_empty()),
             nano_cpus: spec
                 .cpu_millis
                 .map(|m| i64::try_from(m.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
@@ -536,33 +538,4 @@ pub(crate) fn within(root: &Path, path: &Path) -> bool {
     normal.starts_with(root)
 }
 
-/// A tar archive placing `files` (relative paths) under `dir`, extracted at `/`. Paths that
-/// would leave `dir` are refused.
-pub(crate) fn tar_of(dir: &str, files: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
-    let base = dir.trim_start_matches('/').trim_end_matches('/');
-    let mut builder = tar::Builder::new(Vec::new());
-    for (path, bytes) in files {
-        let rel = Path::new(path);
-        if !poolkeeper_core::files::is_plain_relative(rel) {
-            return Err(RuntimeError::Failed(format!(
-                "file path {path:?} must be relative and stay inside {dir}"
-            )));
-        }
-        let full = if base.is_empty() {
-            path.clone()
-        } else {
-            format!("{base}/{path}")
-        };
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(jiff::Timestamp::now().as_second().max(0).unsigned_abs());
-        header.set_entry_type(tar::EntryType::Regular);
-        builder
-            .append_data(&mut header, &full, bytes.as_slice())
-            .map_err(|e| RuntimeError::Failed(format!("packing {path}: {e}")))?;
-    }
-    builder
-        .into_inner()
-        .map_err(|e| RuntimeError::Failed(format!("packing files: {e}")))
-}
+pub(crate) use poolkeeper_runtime::tar_of;

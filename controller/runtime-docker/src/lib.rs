@@ -596,6 +596,15 @@ impl Runtime for DockerRuntime {
     }
 
     async fn create(&self, spec: InstanceSpec) -> Result<Instance> {
+        if let Some(e) = spec.exposure
+            && e != poolkeeper_kinds::Exposure::HostPort
+        {
+            return Err(RuntimeError::Failed(format!(
+                "spec.exposure: {} needs the Kubernetes runtime (--runtime kube); the Docker \
+                 runtime publishes host ports (exposure HostPort)",
+                e.as_str()
+            )));
+        }
         let i = self.pick_node(&spec.name)?;
         let r = self.create_on(i, &spec).await;
         let mut guard = self.lock();

@@ -16,7 +16,9 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use poolkeeper_kinds::{Probe, Protocol, PullPolicy, VolumeMount};
+use poolkeeper_kinds::{
+    ContainerPort, Exposure, PodOverrides, Probe, Protocol, PullPolicy, VolumeMount,
+};
 
 pub const LABEL_MANAGED: &str = "poolkeeper.dev/managed";
 pub const LABEL_POOL: &str = "poolkeeper.dev/pool";
@@ -35,6 +37,9 @@ pub const LABEL_READINESS: &str = "poolkeeper.dev/readiness";
 pub const LABEL_LIVENESS: &str = "poolkeeper.dev/liveness";
 /// The mount path of a host-backed files folder (see `runtime::hostfiles`).
 pub const LABEL_FILES_DIR: &str = "poolkeeper.dev/files-dir";
+/// The claim an instance is bound to, on runtimes that keep bindings themselves
+/// ([`Runtime::keeps_bindings`]: Kubernetes pods, whose labels can change).
+pub const LABEL_CLAIM: &str = "poolkeeper.dev/claim";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortBinding {
@@ -56,6 +61,15 @@ pub struct InstanceSpec {
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub ports: Vec<PortBinding>,
+    /// The template's ports, published or not (a Kubernetes Service exposes them).
+    pub container_ports: Vec<ContainerPort>,
+    /// How clients reach the instance; `None`: the runtime's default (Docker: host ports,
+    /// Kubernetes: a ClusterIP Service).
+    pub exposure: Option<Exposure>,
+    /// Scheduling and pull settings for Kubernetes pods (Docker has none to apply).
+    pub pod_overrides: Option<PodOverrides>,
+    /// The capabilities kept (all others dropped); `None`: the runtime's default set.
+    pub capabilities: Option<Vec<String>>,
     pub labels: Labels,
     pub cpu_millis: Option<u64>,
     pub memory_bytes: Option<u64>,
@@ -142,6 +156,9 @@ pub enum RuntimeError {
     ImageMissing { image: String, reason: String },
     #[error("host port {port} is in use by another process")]
     PortInUse { port: u16 },
+    /// The instance is bound to another claim, or changed under us (a stale view).
+    #[error("instance {instance} is taken: {reason}")]
+    Conflict { instance: String, reason: String },
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -187,6 +204,20 @@ pub trait Runtime: Send + Sync + 'static {
     /// Follows the instance's output, line by line, from now on (across restarts) until the
     /// instance is removed or the receiver dropped.
     fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String>;
+    /// Whether the runtime records bindings on the instances themselves (a label the engine
+    /// sets with [`Runtime::bind`] before a claim is reported Bound, and reads back from
+    /// [`Runtime::list`] when its own store has lost them). Docker's labels are immutable, so
+    /// its bindings live in the engine's store only.
+    fn keeps_bindings(&self) -> bool {
+        false
+    }
+    /// Records `claim` on the instance (or clears it with `None`), failing when another claim
+    /// holds it or the instance changed since it was last seen (so that two controllers never
+    /// bind one instance twice). A no-op on runtimes that do not keep bindings.
+    fn bind(&self, name: &str, claim: Option<&str>) -> impl Future<Output = Result<()>> + Send {
+        let _ = (name, claim);
+        async { Ok(()) }
+    }
     /// Creates a network if it does not exist.
     fn ensure_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     fn remove_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
@@ -194,4 +225,39 @@ pub trait Runtime: Send + Sync + 'static {
     fn remove_volumes(&self, deployment: &str) -> impl Future<Output = Result<()>> + Send;
     /// A new stream of events; every subscriber sees every event from now on.
     fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent>;
+}
+
+/// A tar archive placing `files` (relative paths) under `dir`, extracted at `/`. Paths that
+/// would leave `dir` are refused.
+pub fn tar_of(dir: &str, files: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
+    let base = dir.trim_start_matches('/').trim_end_matches('/');
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in files {
+        let rel = std::path::Path::new(path);
+        if !poolkeeper_core::files::is_plain_relative(rel) {
+            return Err(RuntimeError::Failed(format!(
+                "file path {path:?} must be relative and stay inside {dir}"
+            )));
+        }
+        let full = if base.is_empty() {
+            path.clone()
+        } else {
+            format!("{base}/{path}")
+        };
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
+        header.set_entry_type(tar::EntryType::Regular);
+        builder
+            .append_data(&mut header, &full, bytes.as_slice())
+            .map_err(|e| RuntimeError::Failed(format!("packing {path}: {e}")))?;
+    }
+    builder
+        .into_inner()
+        .map_err(|e| RuntimeError::Failed(format!("packing files: {e}")))
 }

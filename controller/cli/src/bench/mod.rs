@@ -63,6 +63,7 @@ fn pool_spec(warm: u32, max: u32) -> PoolSpec {
         claim_ttl: None,
         pull_policy: Default::default(),
         autoscale: None,
+        exposure: None,
     }
 }
 
@@ -136,6 +137,12 @@ async fn start_engine(dir: &std::path::Path) -> anyhow::Result<(EngineHandle, Ar
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.users == 0 {
         bail!("--concurrency and --users must be at least 1");
+    }
+    if args.runtime == RuntimeKind::Kube {
+        bail!(
+            "bench --runtime kube is not implemented yet: measure the pod runtime with the e2e \
+             suite (e2e/kube) against a real API server"
+        );
     }
     if args.source == crate::args::SourceKind::Kube {
         return kube::run(&args).await;

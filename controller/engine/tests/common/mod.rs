@@ -575,6 +575,7 @@ pub fn pool(image: &str, warm: u32, max: Option<u32>) -> PoolSpec {
         claim_ttl: None,
         pull_policy: PullPolicy::IfNotPresent,
         autoscale: None,
+        exposure: None,
     }
 }
 

@@ -1,0 +1,552 @@
+//! The Kubernetes runtime: a pool's instance is a Pod (with a Service per instance for its
+//! exposure), created warm so that binding a claim creates nothing.
+//!
+//! - Ownership: the labels every runtime uses (managed, pool, template hash, controller), an
+//!   ownerReference to the Pool where one exists in the pods' namespace (so that the cluster's
+//!   garbage collector cleans up if poolkeeper is gone), and the Service owned by its Pod.
+//! - Readiness: the template's probe is the pod's `readinessProbe`; an instance is warm when
+//!   the pod's `Ready` condition is True. Changes behind our back come from a pod watch.
+//! - Bindings live on the pods ([`Runtime::keeps_bindings`]): the label `poolkeeper.dev/claim`
+//!   is set with the pod's resourceVersion as a precondition before the claim is reported
+//!   Bound, so that two controllers, or a stale one, never bind one pod twice; a controller
+//!   whose disk is empty rebuilds every binding from the pods.
+//! - Reset: `Recreate` deletes the pod; `Restart` deletes it and creates it again under the
+//!   same name; `Exec` runs the reset command through pods/exec. Files go in through pods/exec
+//!   (`tar -x` on stdin).
+//!
+//! Every request goes through [`pods`] (what is sent) and this file (when); the mocked API
+//! server tests in `tests/` script each one.
+
+pub mod pods;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{
+    Api, AttachParams, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams,
+};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use poolkeeper_runtime::{
+    ExecOutput, Instance, InstanceSpec, LABEL_CLAIM, LABEL_CONTROLLER, LABEL_MANAGED, LABEL_POOL,
+    Result, Runtime, RuntimeError, RuntimeEvent,
+};
+
+pub use pods::{ANNOTATION_EXPOSURE, ANNOTATION_PORTS, instance_of};
+
+/// Where and as whom the runtime makes pods.
+#[derive(Clone, Debug)]
+pub struct KubeRuntimeConfig {
+    /// The namespace of every pod and Service.
+    pub namespace: String,
+    /// The value of `poolkeeper.dev/controller` on what this controller makes.
+    pub controller_id: String,
+    /// How long a deleted pod may take to stop (`terminationGracePeriodSeconds`).
+    pub grace_seconds: u32,
+}
+
+/// A pod's resourceVersion and the claim it recorded, by pod name.
+type Seen = HashMap<String, (String, Option<String>)>;
+
+#[derive(Clone)]
+pub struct KubeRuntime {
+    client: Client,
+    config: Arc<KubeRuntimeConfig>,
+    /// Each pod's last resourceVersion seen (watch, create, patch) and the claim it recorded
+    /// then, for the bind precondition.
+    versions: Arc<Mutex<Seen>>,
+}
+
+fn api_err(e: kube::Error, what: &str) -> RuntimeError {
+    match &e {
+        kube::Error::Api(s) if s.code == 404 => RuntimeError::NotFound(what.to_owned()),
+        kube::Error::Api(s) if s.code == 409 => RuntimeError::Conflict {
+            instance: what.to_owned(),
+            reason: s.message.clone(),
+        },
+        kube::Error::Api(s) if s.code >= 500 || s.code == 429 => {
+            RuntimeError::Unavailable(format!("{what}: {}", s.message))
+        }
+        kube::Error::Api(s) => RuntimeError::Failed(format!("{what}: {}", s.message)),
+        _ => RuntimeError::Unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn is_code(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl KubeRuntime {
+    pub fn new(client: Client, config: KubeRuntimeConfig) -> Self {
+        KubeRuntime {
+            client,
+            config: Arc::new(config),
+            versions: Arc::default(),
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    /// The label selector of everything this controller made.
+    pub fn selector(&self) -> String {
+        format!(
+            "{LABEL_MANAGED}=true,{LABEL_CONTROLLER}={}",
+            self.config.controller_id
+        )
+    }
+
+    fn remember(&self, pod: &Pod) {
+        if let (Some(name), Some(rv)) = (&pod.metadata.name, &pod.metadata.resource_version)
+            && let Ok(mut v) = self.versions.lock()
+        {
+            v.insert(
+                name.clone(),
+                (rv.clone(), pods::claim_of(pod).map(str::to_owned)),
+            );
+        }
+    }
+
+    fn forget(&self, name: &str) {
+        if let Ok(mut v) = self.versions.lock() {
+            v.remove(name);
+        }
+    }
+
+    fn version_of(&self, name: &str) -> Option<(String, Option<String>)> {
+        self.versions.lock().ok()?.get(name).cloned()
+    }
+
+    /// The Pool that owns the instance, when the pods' namespace declares one (not with the
+    /// directory source).
+    async fn owner(&self, spec: &InstanceSpec) -> Option<pods::Owner> {
+        let pool = spec.labels.get(LABEL_POOL)?;
+        let api: Api<poolkeeper_kinds::Pool> =
+            Api::namespaced(self.client.clone(), &self.config.namespace);
+        match api.get_opt(pool).await {
+            Ok(Some(p)) => Some(pods::Owner {
+                api_version: "poolkeeper.dev/v1alpha1".to_owned(),
+                kind: "Pool".to_owned(),
+                name: pool.clone(),
+                uid: p.metadata.uid?,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                // Without the CRD (the directory source) or the right to read Pools.
+                debug!(%pool, error = %e, "no Pool object to own the instance");
+                None
+            }
+        }
+    }
+
+    async fn create_service(&self, spec: &InstanceSpec, pod: &Pod) -> Result<()> {
+        let Some(svc) = pods::service_for(spec, &self.config.namespace, pod) else {
+            return Ok(());
+        };
+        match self.services().create(&PostParams::default(), &svc).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, 409) => Ok(()),
+            Err(e) if is_code(&e, 422) => Err(RuntimeError::Failed(format!(
+                "spec.exposure/spec.hostPorts: the Service for {} was refused: {}",
+                spec.name,
+                match &e {
+                    kube::Error::Api(s) => s.message.clone(),
+                    other => other.to_string(),
+                }
+            ))),
+            Err(e) => Err(api_err(e, &spec.name)),
+        }
+    }
+
+    async fn delete_pod(&self, name: &str) -> Result<()> {
+        let dp = DeleteParams {
+            grace_period_seconds: Some(self.config.grace_seconds),
+            ..DeleteParams::default()
+        };
+        match self.pods().delete(name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, 404) => Ok(()),
+            Err(e) => Err(api_err(e, name)),
+        }
+    }
+
+    async fn delete_service(&self, name: &str) -> Result<()> {
+        match self.services().delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, 404) => Ok(()),
+            Err(e) => Err(api_err(e, name)),
+        }
+    }
+
+    /// Runs `command` in the instance, feeding `stdin`; returns its exit code and output.
+    async fn run(
+        &self,
+        name: &str,
+        command: &[String],
+        stdin: Option<Vec<u8>>,
+    ) -> Result<ExecOutput> {
+        let ap = AttachParams::default()
+            .stdin(stdin.is_some())
+            .stdout(true)
+            .stderr(true);
+        let mut proc = self
+            .pods()
+            .exec(name, command.to_vec(), &ap)
+            .await
+            .map_err(|e| api_err(e, name))?;
+        if let (Some(bytes), Some(mut w)) = (stdin, proc.stdin()) {
+            w.write_all(&bytes)
+                .await
+                .map_err(|e| RuntimeError::Failed(format!("exec in {name}: {e}")))?;
+            w.shutdown()
+                .await
+                .map_err(|e| RuntimeError::Failed(format!("exec in {name}: {e}")))?;
+        }
+        let mut output = String::new();
+        let mut out = proc.stdout();
+        let mut err = proc.stderr();
+        let status = proc.take_status();
+        let (o, e) = tokio::join!(read_all(out.as_mut()), read_all(err.as_mut()));
+        output.push_str(&o);
+        output.push_str(&e);
+        let status = match status {
+            Some(s) => s.await,
+            None => None,
+        };
+        let _ = proc.join().await;
+        Ok(ExecOutput {
+            exit_code: exit_code_of(status.as_ref()),
+            output,
+        })
+    }
+}
+
+async fn read_all<R: tokio::io::AsyncRead + Unpin>(r: Option<&mut R>) -> String {
+    let mut buf = Vec::new();
+    if let Some(r) = r {
+        let _ = r.read_to_end(&mut buf).await;
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The exit code an exec's final status tells (`NonZeroExitCode` carries it as a cause).
+pub fn exit_code_of(
+    status: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>,
+) -> i64 {
+    let Some(s) = status else { return -1 };
+    if s.status.as_deref() == Some("Success") {
+        return 0;
+    }
+    s.details
+        .as_ref()
+        .and_then(|d| d.causes.as_ref())
+        .and_then(|c| c.iter().find(|c| c.reason.as_deref() == Some("ExitCode")))
+        .and_then(|c| c.message.as_deref())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(-1)
+}
+
+impl Runtime for KubeRuntime {
+    fn name(&self) -> &'static str {
+        "kube"
+    }
+
+    /// `node` is already the address a client uses (a Service's DNS name, or a node's IP).
+    fn endpoint_host(&self, node: &str) -> String {
+        node.to_owned()
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>> {
+        let lp = ListParams::default().labels(&self.selector());
+        let list = self
+            .pods()
+            .list(&lp)
+            .await
+            .map_err(|e| api_err(e, "pods"))?;
+        let mut out = Vec::with_capacity(list.items.len());
+        for pod in &list.items {
+            self.remember(pod);
+            out.extend(instance_of(pod));
+        }
+        Ok(out)
+    }
+
+    async fn create(&self, spec: InstanceSpec) -> Result<Instance> {
+        if spec.exposure == Some(poolkeeper_kinds::Exposure::LoadBalancer) {
+            return Err(RuntimeError::Failed(
+                "spec.exposure: LoadBalancer is not supported by the Kubernetes runtime yet \
+                 (use ClusterIP, NodePort or HostPort)"
+                    .to_owned(),
+            ));
+        }
+        let owner = self.owner(&spec).await;
+        let mut pod = pods::pod_for(
+            &spec,
+            &self.config.namespace,
+            &self.config.controller_id,
+            owner.as_ref(),
+        )?;
+        if let Some(s) = pod.spec.as_mut() {
+            s.termination_grace_period_seconds = Some(i64::from(self.config.grace_seconds));
+        }
+        let made = match self.pods().create(&PostParams::default(), &pod).await {
+            Ok(p) => p,
+            // A create that timed out earlier, or one a crash left: creates are idempotent.
+            Err(e) if is_code(&e, 409) => self
+                .pods()
+                .get(&spec.name)
+                .await
+                .map_err(|e| api_err(e, &spec.name))?,
+            Err(e) if is_code(&e, 422) => {
+                return Err(RuntimeError::Failed(format!(
+                    "the pod for {} was refused: {}",
+                    spec.name,
+                    match &e {
+                        kube::Error::Api(s) => s.message.clone(),
+                        other => other.to_string(),
+                    }
+                )));
+            }
+            Err(e) => return Err(api_err(e, &spec.name)),
+        };
+        self.remember(&made);
+        if let Err(e) = self.create_service(&spec, &made).await {
+            // No half-made instance: the pod goes with its Service.
+            let _ = self.delete_pod(&spec.name).await;
+            return Err(e);
+        }
+        instance_of(&made)
+            .ok_or_else(|| RuntimeError::Failed(format!("pod {} has no name", spec.name)))
+    }
+
+    async fn remove(&self, name: &str) -> Result<()> {
+        self.delete_pod(name).await?;
+        // Owned by its pod, but a cluster without a garbage collector keeps it.
+        self.delete_service(name).await?;
+        self.forget(name);
+        Ok(())
+    }
+
+    async fn restart(&self, name: &str) -> Result<()> {
+        let old = self.pods().get(name).await.map_err(|e| api_err(e, name))?;
+        let fresh = pods::fresh_copy(&old);
+        self.delete_pod(name).await?;
+        // The name is free once the old pod is gone (its grace period, at most).
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(u64::from(self.config.grace_seconds) + 30);
+        loop {
+            match self.pods().get_opt(name).await {
+                Ok(Some(p)) if p.metadata.uid == old.metadata.uid => {}
+                Ok(_) => break,
+                Err(e) => return Err(api_err(e, name)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::Failed(format!(
+                    "pod {name} did not go away within its grace period"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let made = self
+            .pods()
+            .create(&PostParams::default(), &fresh)
+            .await
+            .map_err(|e| api_err(e, name))?;
+        self.remember(&made);
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<()> {
+        Err(RuntimeError::Failed(format!(
+            "{name}: a pod cannot be stopped and kept; the Kubernetes runtime does not support \
+             stopping deployments' containers yet"
+        )))
+    }
+
+    async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {
+        self.run(name, command, None).await
+    }
+
+    async fn put_files(&self, name: &str, dir: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
+        let archive = poolkeeper_runtime::tar_of(dir, files)?;
+        let mkdir = ["mkdir".to_owned(), "-p".to_owned(), dir.to_owned()];
+        let made = self.run(name, &mkdir, None).await?;
+        if made.exit_code != 0 {
+            return Err(RuntimeError::Failed(format!(
+                "mkdir -p {dir} in {name} exited with {}: {}",
+                made.exit_code,
+                made.output.trim()
+            )));
+        }
+        let untar = ["tar", "-x", "-m", "-f", "-", "-C", "/"].map(str::to_owned);
+        let out = self.run(name, &untar, Some(archive)).await?;
+        if out.exit_code != 0 {
+            return Err(RuntimeError::Failed(format!(
+                "tar -x in {name} exited with {}: {}",
+                out.exit_code,
+                out.output.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn logs(&self, name: &str, tail: usize) -> Result<String> {
+        let lp = LogParams {
+            tail_lines: Some(i64::try_from(tail).unwrap_or(i64::MAX)),
+            ..LogParams::default()
+        };
+        self.pods()
+            .logs(name, &lp)
+            .await
+            .map_err(|e| api_err(e, name))
+    }
+
+    fn follow_logs(&self, name: &str) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pods = self.pods();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let lp = LogParams {
+                follow: true,
+                tail_lines: Some(0),
+                ..LogParams::default()
+            };
+            let Ok(stream) = pods.log_stream(&name, &lp).await else {
+                return;
+            };
+            let mut lines = stream.lines();
+            while let Some(Ok(line)) = lines.next().await {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    async fn ensure_network(&self, name: &str) -> Result<()> {
+        Err(RuntimeError::Failed(format!(
+            "network {name}: deployments are not supported by the Kubernetes runtime yet"
+        )))
+    }
+
+    async fn remove_network(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn remove_volumes(&self, _deployment: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn keeps_bindings(&self) -> bool {
+        true
+    }
+
+    async fn bind(&self, name: &str, claim: Option<&str>) -> Result<()> {
+        // The version the watch last showed; a fresh read when it is stale or unknown.
+        let mut version = self.version_of(name);
+        for _ in 0..5 {
+            let rv = match version.take() {
+                Some((_, Some(other))) if claim.is_some() && claim != Some(other.as_str()) => {
+                    return Err(RuntimeError::Conflict {
+                        instance: name.to_owned(),
+                        reason: format!("pod {name} is bound to claim {other}"),
+                    });
+                }
+                Some((rv, _)) => rv,
+                None => {
+                    let pod = self.pods().get(name).await.map_err(|e| api_err(e, name))?;
+                    self.remember(&pod);
+                    match (pods::claim_of(&pod), claim) {
+                        (current, wanted) if current == wanted => return Ok(()),
+                        (Some(other), Some(_)) => {
+                            return Err(RuntimeError::Conflict {
+                                instance: name.to_owned(),
+                                reason: format!("pod {name} is bound to claim {other}"),
+                            });
+                        }
+                        _ => {}
+                    }
+                    pod.resource_version().unwrap_or_default()
+                }
+            };
+            let patch = serde_json::json!({
+                "metadata": {
+                    "resourceVersion": rv,
+                    "labels": { LABEL_CLAIM: claim },
+                }
+            });
+            match self
+                .pods()
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(p) => {
+                    self.remember(&p);
+                    return Ok(());
+                }
+                // Changed since: read it again (a status update, or another controller).
+                Err(e) if is_code(&e, 409) => continue,
+                Err(e) => return Err(api_err(e, name)),
+            }
+        }
+        Err(RuntimeError::Conflict {
+            instance: name.to_owned(),
+            reason: format!("pod {name} kept changing while it was being bound"),
+        })
+    }
+
+    fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let config = watcher::Config::default().labels(&this.selector());
+            let mut stream = watcher(this.pods(), config).default_backoff().boxed();
+            let mut first = true;
+            loop {
+                let event = match stream.try_next().await {
+                    Ok(Some(e)) => e,
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!(error = %e, "pod watch failed; retrying");
+                        continue;
+                    }
+                };
+                let out = match event {
+                    watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                        this.remember(&pod);
+                        instance_of(&pod).map(RuntimeEvent::Changed)
+                    }
+                    watcher::Event::Delete(pod) => {
+                        let name = pod.name_any();
+                        this.forget(&name);
+                        Some(RuntimeEvent::Removed(name))
+                    }
+                    watcher::Event::Init => None,
+                    // A relist after the first: what changed meanwhile is known only by listing.
+                    watcher::Event::InitDone => {
+                        (!std::mem::take(&mut first)).then_some(RuntimeEvent::Relist)
+                    }
+                };
+                if let Some(e) = out
+                    && tx.send(e).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+}

@@ -1,0 +1,781 @@
+//! Pure translations between the runtime's instances and Kubernetes objects: the Pod and the
+//! Service made for an [`InstanceSpec`], and the [`Instance`] a Pod reports. No I/O, so that
+//! every field the cluster sees is unit-tested.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort as KContainerPort, EnvVar, ExecAction, HTTPGetAction,
+    LocalObjectReference, Pod, PodSecurityContext, PodSpec, Probe as KProbe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    Toleration as KToleration,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use poolkeeper_kinds::{ContainerPort, Exposure, PortRef, Probe, PullPolicy};
+use poolkeeper_runtime::{
+    Instance, InstanceSpec, InstanceState, LABEL_CLAIM, LABEL_CONTROLLER, PortBinding, RuntimeError,
+};
+
+/// The instance's ports (`name:containerPort:hostPort/protocol`, as the Docker runtime's label),
+/// so that the endpoint of an adopted pod is known without its Pool.
+pub const ANNOTATION_PORTS: &str = "poolkeeper.dev/ports";
+/// How the instance is exposed (`ClusterIP`, `NodePort`, `HostPort`, `LoadBalancer`).
+pub const ANNOTATION_EXPOSURE: &str = "poolkeeper.dev/exposure";
+
+/// The capabilities a pod keeps when its template names none: the baseline Pod Security
+/// Standard's list (Docker's default set without `NET_RAW`), so that images written for Docker
+/// (nginx as root, sshd) start unchanged.
+pub const BASELINE_CAPABILITIES: &[&str] = &[
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+
+/// The exposure an instance gets: the declared one, or a ClusterIP Service.
+pub fn exposure_of(spec: &InstanceSpec) -> Exposure {
+    spec.exposure.unwrap_or_default()
+}
+
+/// The pool an instance belongs to, for its ownerReference.
+pub struct Owner {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// The pod for `spec` in `namespace`, labelled for `controller`.
+pub fn pod_for(
+    spec: &InstanceSpec,
+    namespace: &str,
+    controller: &str,
+    owner: Option<&Owner>,
+) -> Result<Pod, RuntimeError> {
+    let exposure = exposure_of(spec);
+    if !spec.volumes.is_empty() {
+        return Err(RuntimeError::Failed(
+            "volumes are not supported by the Kubernetes runtime yet".to_owned(),
+        ));
+    }
+    let mut labels: BTreeMap<String, String> = (*spec.labels).clone();
+    labels.insert(LABEL_CONTROLLER.to_owned(), controller.to_owned());
+    labels.insert(POD_NAME_LABEL.to_owned(), spec.name.clone());
+    let annotations = BTreeMap::from([
+        (ANNOTATION_PORTS.to_owned(), encode_ports(&ports_of(spec))),
+        (ANNOTATION_EXPOSURE.to_owned(), exposure.as_str().to_owned()),
+    ]);
+    let ports = spec
+        .container_ports
+        .iter()
+        .map(|p| KContainerPort {
+            container_port: i32::from(p.container_port),
+            host_port: (exposure == Exposure::HostPort)
+                .then(|| host_port_of(spec, p))
+                .flatten()
+                .map(i32::from),
+            protocol: Some(p.protocol.as_str().to_owned()),
+            ..KContainerPort::default()
+        })
+        .collect::<Vec<_>>();
+    let quantities = {
+        let mut q = BTreeMap::new();
+        if let Some(m) = spec.cpu_millis {
+            q.insert("cpu".to_owned(), Quantity(format!("{m}m")));
+        }
+        if let Some(b) = spec.memory_bytes {
+            q.insert("memory".to_owned(), Quantity(b.to_string()));
+        }
+        q
+    };
+    let resources = (!quantities.is_empty()).then(|| ResourceRequirements {
+        limits: Some(quantities.clone()),
+        requests: Some(quantities),
+        ..ResourceRequirements::default()
+    });
+    let keep: Vec<String> = match &spec.capabilities {
+        Some(c) => c.clone(),
+        None => BASELINE_CAPABILITIES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect(),
+    };
+    let container = Container {
+        name: "instance".to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(
+            match spec.pull_policy {
+                PullPolicy::IfNotPresent => "IfNotPresent",
+                PullPolicy::Never => "Never",
+                PullPolicy::Always => "Always",
+            }
+            .to_owned(),
+        ),
+        // The template's command replaces the image's CMD, as on Docker.
+        args: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        env: (!spec.env.is_empty()).then(|| {
+            spec.env
+                .iter()
+                .map(|(k, v)| EnvVar {
+                    name: k.clone(),
+                    value: Some(v.clone()),
+                    ..EnvVar::default()
+                })
+                .collect()
+        }),
+        ports: (!ports.is_empty()).then_some(ports),
+        readiness_probe: spec
+            .readiness
+            .as_ref()
+            .map(|p| probe_of(p, &spec.container_ports))
+            .transpose()?,
+        liveness_probe: spec
+            .liveness
+            .as_ref()
+            .map(|p| probe_of(p, &spec.container_ports))
+            .transpose()?,
+        resources,
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: (!keep.is_empty()).then_some(keep),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let overrides = spec.pod_overrides.clone().unwrap_or_default();
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(spec.name.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: owner.map(|o| {
+                vec![OwnerReference {
+                    api_version: o.api_version.clone(),
+                    kind: o.kind.clone(),
+                    name: o.name.clone(),
+                    uid: o.uid.clone(),
+                    controller: Some(true),
+                    block_owner_deletion: None,
+                }]
+            }),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![container],
+            // An exit is reported and the pool replaces the instance, as on Docker.
+            restart_policy: Some("Never".to_owned()),
+            automount_service_account_token: Some(false),
+            // A namespace with many Services would otherwise fill every instance's environment.
+            enable_service_links: Some(false),
+            share_process_namespace: None,
+            security_context: Some(PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_owned(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            node_selector: (!overrides.node_selector.is_empty()).then_some(overrides.node_selector),
+            tolerations: (!overrides.tolerations.is_empty()).then(|| {
+                overrides
+                    .tolerations
+                    .into_iter()
+                    .map(|t| KToleration {
+                        key: t.key,
+                        operator: t.operator,
+                        value: t.value,
+                        effect: t.effect,
+                        toleration_seconds: t.toleration_seconds,
+                    })
+                    .collect()
+            }),
+            service_account_name: overrides.service_account_name,
+            image_pull_secrets: (!overrides.image_pull_secrets.is_empty()).then(|| {
+                overrides
+                    .image_pull_secrets
+                    .into_iter()
+                    .map(|name| LocalObjectReference { name })
+                    .collect()
+            }),
+            ..PodSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The Service that exposes the instance, owned by its pod; `None` for `HostPort` exposure
+/// or an instance without ports.
+pub fn service_for(spec: &InstanceSpec, namespace: &str, pod: &Pod) -> Option<Service> {
+    let exposure = exposure_of(spec);
+    if exposure == Exposure::HostPort || spec.container_ports.is_empty() {
+        return None;
+    }
+    let ports = spec
+        .container_ports
+        .iter()
+        .map(|p| ServicePort {
+            name: Some(service_port_name(&p.name)),
+            port: i32::from(p.container_port),
+            target_port: Some(IntOrString::Int(i32::from(p.container_port))),
+            protocol: Some(p.protocol.as_str().to_owned()),
+            node_port: (exposure == Exposure::NodePort)
+                .then(|| host_port_of(spec, p))
+                .flatten()
+                .map(i32::from),
+            ..ServicePort::default()
+        })
+        .collect();
+    let owner = pod.metadata.uid.as_ref().map(|uid| OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "Pod".to_owned(),
+        name: spec.name.clone(),
+        uid: uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    });
+    let mut labels: BTreeMap<String, String> = (*spec.labels).clone();
+    if let Some(c) = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_CONTROLLER))
+    {
+        labels.insert(LABEL_CONTROLLER.to_owned(), c.clone());
+    }
+    Some(Service {
+        metadata: ObjectMeta {
+            name: Some(spec.name.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some(exposure.as_str().to_owned()),
+            // Only this instance's pod: the pod's name is unique, the label selector is not.
+            selector: Some(BTreeMap::from([(
+                POD_NAME_LABEL.to_owned(),
+                spec.name.clone(),
+            )])),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The label that names an instance's pod, for its Service's selector.
+pub const POD_NAME_LABEL: &str = "poolkeeper.dev/instance";
+
+/// Service port names must be DNS labels: the declared name, lower-cased.
+fn service_port_name(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
+fn host_port_of(spec: &InstanceSpec, p: &ContainerPort) -> Option<u16> {
+    spec.ports
+        .iter()
+        .find(|b| b.name == p.name)
+        .map(|b| b.host_port)
+}
+
+/// The ports a client uses: the Service's (= container) ports for ClusterIP and LoadBalancer,
+/// the allocated host ports for NodePort and HostPort.
+pub fn ports_of(spec: &InstanceSpec) -> Vec<PortBinding> {
+    let exposure = exposure_of(spec);
+    spec.container_ports
+        .iter()
+        .map(|p| PortBinding {
+            name: p.name.clone(),
+            container_port: p.container_port,
+            host_port: match exposure {
+                Exposure::NodePort | Exposure::HostPort => {
+                    host_port_of(spec, p).unwrap_or(p.container_port)
+                }
+                Exposure::ClusterIP | Exposure::LoadBalancer => p.container_port,
+            },
+            protocol: p.protocol,
+        })
+        .collect()
+}
+
+fn encode_ports(ports: &[PortBinding]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            format!(
+                "{}:{}:{}/{}",
+                p.name,
+                p.container_port,
+                p.host_port,
+                p.protocol.as_str()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn decode_ports(s: &str) -> Vec<PortBinding> {
+    s.split(',')
+        .filter_map(|p| {
+            let (rest, proto) = p.rsplit_once('/')?;
+            let mut parts = rest.split(':');
+            let name = parts.next()?.to_owned();
+            let container_port = parts.next()?.parse().ok()?;
+            let host_port = parts.next()?.parse().ok()?;
+            let protocol = if proto == "UDP" {
+                poolkeeper_kinds::Protocol::Udp
+            } else {
+                poolkeeper_kinds::Protocol::Tcp
+            };
+            Some(PortBinding {
+                name,
+                container_port,
+                host_port,
+                protocol,
+            })
+        })
+        .collect()
+}
+
+fn port_of(port: &PortRef, ports: &[ContainerPort]) -> Result<IntOrString, RuntimeError> {
+    match port {
+        PortRef::Number(n) => Ok(IntOrString::Int(i32::from(*n))),
+        PortRef::Name(name) => ports
+            .iter()
+            .find(|p| &p.name == name)
+            .map(|p| IntOrString::Int(i32::from(p.container_port)))
+            .ok_or_else(|| RuntimeError::Failed(format!("probe port {name:?} is not declared"))),
+    }
+}
+
+/// A probe as the kubelet runs it (ports by number: pod port names are stricter than ours).
+pub fn probe_of(p: &Probe, ports: &[ContainerPort]) -> Result<KProbe, RuntimeError> {
+    let secs = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+    Ok(KProbe {
+        http_get: p
+            .http_get
+            .as_ref()
+            .map(|h| {
+                Ok::<_, RuntimeError>(HTTPGetAction {
+                    path: Some(h.path.clone()),
+                    port: port_of(&h.port, ports)?,
+                    ..HTTPGetAction::default()
+                })
+            })
+            .transpose()?,
+        tcp_socket: p
+            .tcp_socket
+            .as_ref()
+            .map(|t| {
+                Ok::<_, RuntimeError>(TCPSocketAction {
+                    port: port_of(&t.port, ports)?,
+                    ..TCPSocketAction::default()
+                })
+            })
+            .transpose()?,
+        exec: p.exec.as_ref().map(|e| ExecAction {
+            command: Some(e.command.clone()),
+        }),
+        initial_delay_seconds: secs(p.initial_delay_seconds),
+        period_seconds: secs(p.period_seconds),
+        timeout_seconds: secs(p.timeout_seconds),
+        failure_threshold: secs(p.failure_threshold),
+        ..KProbe::default()
+    })
+}
+
+/// The instance a pod is: running until its container ends, ready when the pod's `Ready`
+/// condition is True, reached at its Service's DNS name (ClusterIP, LoadBalancer) or its node's
+/// address (NodePort, HostPort).
+pub fn instance_of(pod: &Pod) -> Option<Instance> {
+    let name = pod.metadata.name.clone()?;
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let terminated = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+    let state = if let Some(t) = terminated {
+        InstanceState::Exited {
+            code: Some(i64::from(t.exit_code)),
+        }
+    } else if phase == "Failed" || phase == "Succeeded" {
+        InstanceState::Exited {
+            code: Some(if phase == "Succeeded" { 0 } else { 1 }),
+        }
+    } else {
+        InstanceState::Running
+    };
+    let ready = state == InstanceState::Running
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let exposure = annotations
+        .get(ANNOTATION_EXPOSURE)
+        .map(String::as_str)
+        .unwrap_or("ClusterIP");
+    let node = match exposure {
+        "NodePort" | "HostPort" => status
+            .and_then(|s| s.host_ip.clone())
+            .or_else(|| pod.spec.as_ref().and_then(|s| s.node_name.clone()))
+            .unwrap_or_default(),
+        _ => format!("{name}.{namespace}.svc"),
+    };
+    let ports = annotations
+        .get(ANNOTATION_PORTS)
+        .map(|s| decode_ports(s))
+        .unwrap_or_default();
+    let revision = pod
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Some(Instance {
+        name,
+        labels: std::sync::Arc::new(labels),
+        state,
+        ready,
+        ports,
+        node,
+        revision,
+    })
+}
+
+/// The claim a pod records.
+pub fn claim_of(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_CLAIM))
+        .map(String::as_str)
+}
+
+/// The pod to create again under the same name (a `Restart` reset): its declared parts only,
+/// with no binding and no node.
+pub fn fresh_copy(pod: &Pod) -> Pod {
+    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+    labels.remove(LABEL_CLAIM);
+    let mut spec = pod.spec.clone().unwrap_or_default();
+    spec.node_name = None;
+    Pod {
+        metadata: ObjectMeta {
+            name: pod.metadata.name.clone(),
+            namespace: pod.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: pod.metadata.annotations.clone(),
+            owner_references: pod.metadata.owner_references.clone(),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use poolkeeper_kinds::{HttpGetProbe, PodOverrides, Protocol, Toleration};
+    use poolkeeper_runtime::{LABEL_MANAGED, LABEL_POOL};
+
+    use super::*;
+
+    fn spec(exposure: Option<Exposure>) -> InstanceSpec {
+        InstanceSpec {
+            name: "web-a1".into(),
+            image: "nginx:1".into(),
+            command: vec!["serve".into()],
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            ports: vec![PortBinding {
+                name: "http".into(),
+                container_port: 80,
+                host_port: 30080,
+                protocol: Protocol::Tcp,
+            }],
+            container_ports: vec![ContainerPort {
+                name: "http".into(),
+                container_port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            exposure,
+            pod_overrides: None,
+            capabilities: None,
+            labels: Arc::new(BTreeMap::from([
+                (LABEL_MANAGED.into(), "true".into()),
+                (LABEL_POOL.into(), "web".into()),
+            ])),
+            cpu_millis: Some(500),
+            memory_bytes: Some(64 << 20),
+            readiness: Some(Probe {
+                http_get: Some(HttpGetProbe {
+                    path: "/healthz".into(),
+                    port: PortRef::Name("http".into()),
+                }),
+                tcp_socket: None,
+                exec: None,
+                initial_delay_seconds: None,
+                period_seconds: Some(1),
+                timeout_seconds: None,
+                failure_threshold: None,
+            }),
+            liveness: None,
+            init: false,
+            network: None,
+            volumes: BTreeMap::new(),
+            pull_policy: PullPolicy::Never,
+            files_dir: None,
+        }
+    }
+
+    #[test]
+    fn a_pod_carries_the_labels_the_owner_the_probe_and_a_restricted_security_context() {
+        let owner = Owner {
+            api_version: "poolkeeper.dev/v1alpha1".into(),
+            kind: "Pool".into(),
+            name: "web".into(),
+            uid: "u-1".into(),
+        };
+        let pod = pod_for(&spec(None), "team", "ctl", Some(&owner)).expect("pod");
+        let labels = pod.metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels[LABEL_MANAGED], "true");
+        assert_eq!(labels[LABEL_POOL], "web");
+        assert_eq!(labels[LABEL_CONTROLLER], "ctl");
+        assert_eq!(labels[POD_NAME_LABEL], "web-a1");
+        let refs = pod.metadata.owner_references.as_ref().expect("owner");
+        assert_eq!(
+            (refs[0].kind.as_str(), refs[0].uid.as_str()),
+            ("Pool", "u-1")
+        );
+        let ps = pod.spec.as_ref().expect("spec");
+        assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(ps.automount_service_account_token, Some(false));
+        assert_eq!(ps.enable_service_links, Some(false));
+        let c = &ps.containers[0];
+        assert_eq!(c.args.as_deref(), Some(&["serve".to_owned()][..]));
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Never"));
+        let probe = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref());
+        assert_eq!(probe.map(|h| h.port.clone()), Some(IntOrString::Int(80)));
+        let res = c.resources.as_ref().expect("resources");
+        assert_eq!(
+            res.limits.as_ref().map(|l| l["cpu"].0.as_str()),
+            Some("500m")
+        );
+        assert_eq!(res.requests, res.limits);
+        let sc = c.security_context.as_ref().expect("security context");
+        assert_eq!(sc.privileged, Some(false));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let caps = sc.capabilities.as_ref().expect("capabilities");
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert!(
+            !caps
+                .add
+                .as_ref()
+                .expect("kept")
+                .contains(&"NET_RAW".to_owned())
+        );
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        // ClusterIP: no host port on the pod.
+        assert_eq!(c.ports.as_ref().map(|p| p[0].host_port), Some(None));
+    }
+
+    #[test]
+    fn declared_capabilities_replace_the_baseline_and_overrides_reach_the_pod() {
+        let mut s = spec(Some(Exposure::HostPort));
+        s.capabilities = Some(vec!["NET_BIND_SERVICE".into()]);
+        s.pod_overrides = Some(PodOverrides {
+            node_selector: BTreeMap::from([("disk".into(), "ssd".into())]),
+            tolerations: vec![Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Exists".into()),
+                ..Toleration::default()
+            }],
+            service_account_name: Some("runner".into()),
+            image_pull_secrets: vec!["regcred".into()],
+        });
+        let pod = pod_for(&s, "team", "ctl", None).expect("pod");
+        assert!(pod.metadata.owner_references.is_none());
+        let ps = pod.spec.as_ref().expect("spec");
+        let c = &ps.containers[0];
+        let caps = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref());
+        assert_eq!(
+            caps.and_then(|c| c.add.clone()),
+            Some(vec!["NET_BIND_SERVICE".to_owned()])
+        );
+        assert_eq!(c.ports.as_ref().map(|p| p[0].host_port), Some(Some(30080)));
+        assert_eq!(
+            ps.node_selector.as_ref().map(|n| n["disk"].as_str()),
+            Some("ssd")
+        );
+        assert_eq!(ps.service_account_name.as_deref(), Some("runner"));
+        assert_eq!(
+            ps.image_pull_secrets.as_ref().map(|s| s[0].name.as_str()),
+            Some("regcred")
+        );
+        assert!(
+            service_for(&s, "team", &pod).is_none(),
+            "HostPort makes no Service"
+        );
+    }
+
+    #[test]
+    fn each_exposure_gives_its_service_and_endpoint() {
+        let mut pod = pod_for(&spec(None), "team", "ctl", None).expect("pod");
+        pod.metadata.uid = Some("pod-uid".into());
+        let svc = service_for(&spec(None), "team", &pod).expect("service");
+        let ss = svc.spec.as_ref().expect("spec");
+        assert_eq!(ss.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(
+            ss.selector.as_ref().map(|s| s[POD_NAME_LABEL].as_str()),
+            Some("web-a1")
+        );
+        let refs = svc
+            .metadata
+            .owner_references
+            .as_ref()
+            .expect("owned by its pod");
+        assert_eq!(
+            (refs[0].kind.as_str(), refs[0].uid.as_str()),
+            ("Pod", "pod-uid")
+        );
+        pod.metadata.namespace = Some("team".into());
+        let i = instance_of(&pod).expect("instance");
+        assert_eq!(i.node, "web-a1.team.svc");
+        assert_eq!(
+            i.ports[0].host_port, 80,
+            "a ClusterIP client uses the container port"
+        );
+
+        let np = spec(Some(Exposure::NodePort));
+        let pod = pod_for(&np, "team", "ctl", None).expect("pod");
+        let svc = service_for(&np, "team", &pod).expect("service");
+        let port = &svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.clone())
+            .expect("ports")[0];
+        assert_eq!(port.node_port, Some(30080));
+        let mut pod = pod;
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            host_ip: Some("10.0.0.7".into()),
+            ..Default::default()
+        });
+        let i = instance_of(&pod).expect("instance");
+        assert_eq!((i.node.as_str(), i.ports[0].host_port), ("10.0.0.7", 30080));
+    }
+
+    #[test]
+    fn a_pod_is_ready_only_with_its_ready_condition_and_exited_when_its_container_ended() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateTerminated, ContainerStatus, PodCondition, PodStatus,
+        };
+        let mut pod = pod_for(&spec(None), "team", "ctl", None).expect("pod");
+        pod.metadata.resource_version = Some("42".into());
+        let i = instance_of(&pod).expect("instance");
+        assert_eq!(
+            (i.state, i.ready, i.revision),
+            (InstanceState::Running, false, 42)
+        );
+        pod.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        assert!(instance_of(&pod).expect("instance").ready);
+        if let Some(s) = pod.status.as_mut() {
+            s.phase = Some("Failed".into());
+            s.container_statuses = Some(vec![ContainerStatus {
+                name: "instance".into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 3,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+        }
+        let i = instance_of(&pod).expect("instance");
+        assert_eq!(
+            (i.state, i.ready),
+            (InstanceState::Exited { code: Some(3) }, false)
+        );
+    }
+
+    #[test]
+    fn a_fresh_copy_keeps_the_declaration_and_drops_binding_node_and_status() {
+        let mut pod = pod_for(&spec(None), "team", "ctl", None).expect("pod");
+        if let Some(l) = pod.metadata.labels.as_mut() {
+            l.insert(LABEL_CLAIM.into(), "c1".into());
+        }
+        pod.metadata.uid = Some("old".into());
+        pod.metadata.resource_version = Some("9".into());
+        if let Some(s) = pod.spec.as_mut() {
+            s.node_name = Some("n1".into());
+        }
+        let fresh = fresh_copy(&pod);
+        assert_eq!(claim_of(&pod), Some("c1"));
+        assert_eq!(claim_of(&fresh), None);
+        assert!(fresh.metadata.uid.is_none() && fresh.metadata.resource_version.is_none());
+        assert!(fresh.spec.as_ref().expect("spec").node_name.is_none());
+        assert_eq!(
+            fresh
+                .metadata
+                .labels
+                .as_ref()
+                .map(|l| l[LABEL_POOL].as_str()),
+            Some("web")
+        );
+    }
+
+    #[test]
+    fn volumes_are_refused_with_a_message() {
+        let mut s = spec(None);
+        s.volumes.insert(
+            "data".into(),
+            poolkeeper_kinds::VolumeMount {
+                bind: "/data".into(),
+                mode: Default::default(),
+            },
+        );
+        let e = pod_for(&s, "team", "ctl", None).expect_err("refused");
+        assert!(e.to_string().contains("volumes"), "{e}");
+    }
+}
