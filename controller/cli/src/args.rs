@@ -45,6 +45,10 @@ pub enum Command {
         /// Also what the web console's example flows need (`run --flows DIR`).
         #[arg(long)]
         flows: bool,
+        /// Also what the Kubernetes runtime needs (`run --runtime kube`) in the namespace of
+        /// its pods.
+        #[arg(long, value_name = "NS")]
+        pod_namespace: Option<String>,
     },
     /// What a host needs to run poolkeeper as a systemd service without Ansible (docs/vm.md):
     /// the unit the Ansible role installs, and a first specs folder.

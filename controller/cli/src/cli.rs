@@ -105,6 +105,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             namespaces,
             allow_registration,
             flows,
+            pod_namespace,
         } => {
             print!(
                 "{}",
@@ -114,6 +115,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     watched: namespaces,
                     registration: allow_registration,
                     flows,
+                    pods: pod_namespace,
                 })
             );
             Ok(ExitCode::SUCCESS)

@@ -110,6 +110,7 @@ fn rbac_rules(watched: &[&str], registration: bool) -> Value {
         watched: watched.iter().map(|s| (*s).to_owned()).collect(),
         registration,
         flows: false,
+        pods: None,
     });
     objs[0]["rules"].clone()
 }

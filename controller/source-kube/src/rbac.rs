@@ -25,6 +25,8 @@ pub struct RbacTarget {
     pub registration: bool,
     /// The web console runs example flows (`run --flows DIR`).
     pub flows: bool,
+    /// The Kubernetes runtime's pods live in this namespace (`run --runtime kube`).
+    pub pods: Option<String>,
 }
 
 const KINDS: [&str; 4] = ["pools", "claims", "users", "deployments"];
@@ -53,6 +55,19 @@ fn own_rules() -> Value {
     json!([
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "patch", "delete"]},
+    ])
+}
+
+/// What the Kubernetes runtime does in its pods' namespace: pods made, watched, labelled
+/// (bindings), deleted (resets), exec'd into (files, `Exec` resets), read (logs); a Service per
+/// instance; the owning Pool read for the pods' ownerReference.
+fn pod_rules() -> Value {
+    json!([
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete"]},
+        {"apiGroups": ["poolkeeper.dev"], "resources": ["pools"], "verbs": ["get"]},
     ])
 }
 
@@ -90,6 +105,20 @@ pub fn objects(t: &RbacTarget) -> Vec<Value> {
                 "subjects": subject(t),
             }));
         }
+    }
+    if let Some(ns) = &t.pods {
+        let pods = format!("{name}-pods");
+        out.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": pods, "namespace": ns},
+            "rules": pod_rules(),
+        }));
+        out.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": pods, "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": pods},
+            "subjects": subject(t),
+        }));
     }
     let own = format!("{name}-leader");
     out.push(json!({

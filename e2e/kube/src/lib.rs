@@ -180,6 +180,16 @@ impl Cluster {
     /// A ServiceAccount `poolkeeper` in `home` bound to exactly the roles `poolkeeper rbac`
     /// prints for watching `watched`, and a client that acts as it.
     pub fn service_account(&self, home: &str, watched: &[String]) -> kube::Config {
+        self.service_account_with(home, watched, None)
+    }
+
+    /// [`Cluster::service_account`], also holding the pod runtime's role in `pods`.
+    pub fn service_account_with(
+        &self,
+        home: &str,
+        watched: &[String],
+        pods: Option<&str>,
+    ) -> kube::Config {
         self.kubectl_ok(
             &["create", "serviceaccount", "poolkeeper", "-n", home],
             None,
@@ -188,6 +198,7 @@ impl Cluster {
             service_account: "poolkeeper".into(),
             namespace: home.into(),
             watched: watched.to_vec(),
+            pods: pods.map(str::to_owned),
             ..Default::default()
         });
         self.kubectl_ok(&["apply", "-f", "-"], Some(&rbac));
@@ -223,6 +234,19 @@ pub fn start_controller(
     lease_duration: Option<Duration>,
 ) -> Controller {
     let rt = rt.unwrap_or_else(|| Arc::new(MemoryRuntime::new(MemoryConfig::default())));
+    let (inner, api) = start_on(rt.clone(), config, ns, state, identity, lease_duration);
+    Controller { inner, api, rt }
+}
+
+/// A controller as [`start_controller`] makes it, on any runtime; with its API's address.
+pub fn start_on<R: poolkeeper_runtime::Runtime>(
+    rt: Arc<R>,
+    config: &kube::Config,
+    ns: &str,
+    state: &std::path::Path,
+    identity: &str,
+    lease_duration: Option<Duration>,
+) -> (KubeController, String) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let api = listener.local_addr().expect("addr").to_string();
     let client = Client::try_from(config.clone()).expect("client");
@@ -248,7 +272,7 @@ pub fn start_controller(
             limits: Default::default(),
         },
     );
-    Controller { inner, api, rt }
+    (inner, api)
 }
 
 /// The admin token of the tests' controllers.
