@@ -30,6 +30,7 @@ fn helm(args: &[&str]) -> std::process::Output {
 
 const DOCKER: &str = "e2e/chart/values-docker.yaml";
 const FULL: &str = "e2e/chart/values-full.yaml";
+const KUBE: &str = "e2e/chart/values-kube.yaml";
 
 /// The chart rendered with `values` (a file under the repository), as manifests.
 fn render(values: &str) -> (String, Vec<Value>) {
@@ -54,7 +55,7 @@ fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 #[test]
 fn the_chart_lints_clean_for_the_oldest_and_newest_kubernetes() {
-    for values in [DOCKER, FULL] {
+    for values in [KUBE, DOCKER, FULL] {
         for version in ["1.33.0", "1.37.0"] {
             let out = helm(&["lint", version, repo().join(values).to_str().unwrap()]);
             assert!(
@@ -67,8 +68,30 @@ fn the_chart_lints_clean_for_the_oldest_and_newest_kubernetes() {
 }
 
 #[test]
-fn the_default_values_need_the_docker_host_and_say_so() {
+fn the_default_values_run_the_pod_runtime_in_the_releases_namespace() {
     let out = helm(&["render", "poolkeeper"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    let args = container_args(&docs);
+    for want in ["--runtime=kube", "--pod-namespace=poolkeeper", "--pod-grace-seconds=10"] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
+    let pods = of_kind(&docs, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "poolkeeper-pods")
+        .expect("the pod runtime's Role");
+    assert_eq!(pods["metadata"]["namespace"], "poolkeeper");
+}
+
+#[test]
+fn the_docker_runtime_needs_the_docker_host_and_says_so() {
+    let out = helm(&[
+        "render",
+        "poolkeeper",
+        repo().join("e2e/chart/values-docker-nohost.yaml").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("runtime docker needs docker.host"),
@@ -81,7 +104,7 @@ fn the_default_values_need_the_docker_host_and_say_so() {
 fn every_manifest_is_valid_for_the_oldest_and_newest_kubernetes() {
     let bin = std::env::var("KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
     let dir = tempfile::tempdir().unwrap();
-    for values in [DOCKER, FULL] {
+    for values in [KUBE, DOCKER, FULL] {
         let (text, docs) = render(values);
         assert_eq!(of_kind(&docs, "CustomResourceDefinition").len(), 4);
         let file = dir.path().join("manifests.yaml");
@@ -148,11 +171,30 @@ fn the_charts_roles_are_exactly_those_of_poolkeeper_rbac() {
         .find(|o| o["metadata"]["name"] == "poolkeeper-leader" && o["kind"] == "Role")
         .unwrap();
     assert_eq!(leader["rules"], own["rules"]);
+    // The pod runtime's Role, in its pods' namespace.
+    let (_, docs) = render(KUBE);
+    let pods = of_kind(&docs, "Role")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "poolkeeper-pods")
+        .expect("the pod runtime's Role");
+    assert_eq!(pods["metadata"]["namespace"], "instances");
+    let from_rbac = poolkeeper_source_kube::rbac::objects(&poolkeeper_source_kube::rbac::RbacTarget {
+        pods: Some("instances".into()),
+        ..Default::default()
+    });
+    let want = from_rbac
+        .iter()
+        .find(|o| o["metadata"]["name"] == "poolkeeper-pods" && o["kind"] == "Role")
+        .unwrap();
+    assert_eq!(pods["rules"], want["rules"]);
+    assert!(of_kind(&render(FULL).1, "Role")
+        .iter()
+        .all(|r| r["metadata"]["name"] != "poolkeeper-pods"));
 }
 
 #[test]
 fn the_pod_passes_the_restricted_pod_security_standard() {
-    for values in [DOCKER, FULL] {
+    for values in [KUBE, DOCKER, FULL] {
         let (_, docs) = render(values);
         let dep = of_kind(&docs, "Deployment")[0];
         let pod = &dep["spec"]["template"]["spec"];
@@ -198,6 +240,11 @@ fn the_options_become_the_controllers_arguments() {
         assert!(args.contains(&want), "{want} not in {args:?}");
     }
     assert_eq!(of_kind(&docs, "Deployment")[0]["spec"]["replicas"], 2);
+    let (_, docs) = render(KUBE);
+    let args = container_args(&docs);
+    for want in ["--runtime=kube", "--pod-namespace=instances", "--pod-grace-seconds=30"] {
+        assert!(args.contains(&want), "{want} not in {args:?}");
+    }
     let (_, docs) = render(FULL);
     let c = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
     let args = container_args(&docs);

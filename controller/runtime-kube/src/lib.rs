@@ -18,6 +18,7 @@
 //! server tests in `tests/` script each one.
 
 pub mod pods;
+pub mod standin;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -10,55 +10,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use poolkeeper_e2e_kube::{Cluster, cluster, eventually, start_on};
 use poolkeeper_runtime::{LABEL_CLAIM, LABEL_POOL, Runtime, RuntimeError};
 use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
-use poolkeeper_source_kube::kube::api::{Api, ListParams, Patch, PatchParams};
-use poolkeeper_source_kube::kube::runtime::{WatchStreamExt, watcher};
-use serde_json::json;
+use poolkeeper_source_kube::kube::api::{Api, ListParams};
 
-/// Stands in for the kubelet of a cluster without nodes: every pod of `ns` that is not yet
-/// ready is reported Running and Ready (pod IP from its name), as a kubelet would once its
-/// readiness probe passed.
+/// Stands in for the kubelet of a cluster without nodes (pods reported Running and Ready).
 fn kubelet(c: &Cluster, ns: &str) -> tokio::task::JoinHandle<()> {
-    let pods: Api<Pod> = Api::namespaced(c.admin.clone(), ns);
-    tokio::spawn(async move {
-        let stream = watcher(pods.clone(), watcher::Config::default()).applied_objects();
-        futures::pin_mut!(stream);
-        let mut n = 0u8;
-        while let Ok(Some(pod)) = stream.try_next().await {
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            if ready || pod.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            n = n.wrapping_add(1);
-            let now = "2026-12-05T00:00:00Z";
-            let status = json!({"status": {
-                "phase": "Running",
-                "hostIP": "10.0.0.1",
-                "podIP": format!("10.244.0.{}", n.max(1)),
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-                    {"type": "Ready", "status": "True", "lastTransitionTime": now},
-                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
-                ],
-                "containerStatuses": [{
-                    "name": "instance", "ready": true, "restartCount": 0, "image": "pk-test",
-                    "imageID": "", "state": {"running": {"startedAt": now}},
-                }],
-            }});
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let _ = pods
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                .await;
-        }
-    })
+    tokio::spawn(poolkeeper_runtime_kube::standin::kubelet(
+        c.admin.clone(),
+        ns.to_owned(),
+    ))
 }
 
 /// A namespace of the test's own, with the `default` ServiceAccount pods run as (a cluster's

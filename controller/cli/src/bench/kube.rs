@@ -21,6 +21,9 @@ use tokio::sync::oneshot;
 
 use poolkeeper_kinds::Kind;
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
+use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
+
+use crate::args::RuntimeKind;
 use poolkeeper_source_kube::kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use poolkeeper_source_kube::kube::runtime::{WatchStreamExt, watcher};
 use poolkeeper_source_kube::objects::api_resource;
@@ -43,6 +46,19 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         )
         .await
         .with_context(|| format!("creating namespace {ns} on {}", conn.server))?;
+    if args.runtime == RuntimeKind::Kube {
+        // Pods run as the namespace's `default` ServiceAccount, which a cluster's
+        // controller-manager makes; a bare API server has none.
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), &ns);
+        let sa = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+        if let Err(e) = sas.create(&PostParams::default(), &sa).await
+            && !matches!(&e, poolkeeper_source_kube::kube::Error::Api(s) if s.code == 409)
+        {
+            cleanup(&client, &ns).await;
+            return Err(e).context("creating the namespace's default ServiceAccount");
+        }
+    }
     let r = measure(args, &conn, &ns).await;
     cleanup(&client, &ns).await;
     r
@@ -81,25 +97,43 @@ async fn measure(
         .await?;
 
     let state = tempfile::tempdir()?;
-    let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
-    let mut controller = KubeController::start(
-        rt,
-        KubeOptions {
-            client: client.clone(),
-            server: conn.server.clone(),
-            namespaces: vec![ns.to_owned()],
-            state_dir: state.path().to_path_buf(),
-            lease: None,
-            home: ns.to_owned(),
-            identity: "bench".to_owned(),
-            resync: Duration::from_secs(30),
-            listener: None,
-            admin_token: None,
-            webhooks: None,
-            console: Default::default(),
-            limits: Default::default(),
-        },
-    );
+    let pods = args.runtime == RuntimeKind::Kube;
+    let opts = KubeOptions {
+        client: client.clone(),
+        server: conn.server.clone(),
+        namespaces: vec![ns.to_owned()],
+        state_dir: state.path().to_path_buf(),
+        lease: None,
+        home: ns.to_owned(),
+        identity: "bench".to_owned(),
+        resync: Duration::from_secs(30),
+        listener: None,
+        admin_token: None,
+        webhooks: None,
+        console: Default::default(),
+        limits: Default::default(),
+    };
+    // On the pod runtime, pods are what is measured; where the API server has no nodes, the
+    // bench reports them ready as a kubelet would (pods/status).
+    let mut standin = None;
+    let filling = Instant::now();
+    let mut controller = if pods {
+        standin = Some(tokio::spawn(poolkeeper_runtime_kube::standin::kubelet(
+            client.clone(),
+            ns.to_owned(),
+        )));
+        let rt = KubeRuntime::new(
+            client.clone(),
+            KubeRuntimeConfig {
+                namespace: ns.to_owned(),
+                controller_id: "bench".to_owned(),
+                grace_seconds: 0,
+            },
+        );
+        KubeController::start(Arc::new(rt), opts)
+    } else {
+        KubeController::start(Arc::new(MemoryRuntime::new(MemoryConfig::default())), opts)
+    };
     if let Phase::Stopped(why) = controller.leading().await {
         bail!("the controller stopped: {why:?}");
     }
@@ -125,6 +159,7 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let fill_secs = filling.elapsed().as_secs_f64();
 
     let clients = Background::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -227,7 +262,7 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = snapshot(&counters);
     let per = |i: usize| (after[i] - before[i]) as f64 / f64::from(claims);
-    Figure::new("kube_claims", "memory", claims)
+    Figure::new("kube_claims", if pods { "kube" } else { "memory" }, claims)
         .per_s(f64::from(claims) / elapsed)
         .latencies(&latencies)
         .with("concurrency", args.concurrency)
@@ -241,8 +276,22 @@ async fn measure(
         .with("finalizer_writes_per_claim", per(1))
         .with("event_writes_per_claim", per(2))
         .with("server", &conn.server)
+        .with("fill_instances", warm)
+        .with("fill_s", fill_secs)
+        .with("fill_per_s", f64::from(warm) / fill_secs.max(1e-9))
+        .with(
+            "kubelet",
+            if pods {
+                "stand-in (pods/status)"
+            } else {
+                "none (memory runtime)"
+            },
+        )
         .print();
     drop(clients);
+    if let Some(s) = standin {
+        s.abort();
+    }
     controller.stop().await?;
     Ok(())
 }

@@ -138,13 +138,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.users == 0 {
         bail!("--concurrency and --users must be at least 1");
     }
-    if args.runtime == RuntimeKind::Kube {
-        bail!(
-            "bench --runtime kube is not implemented yet: measure the pod runtime with the e2e \
-             suite (e2e/kube) against a real API server"
-        );
-    }
-    if args.source == crate::args::SourceKind::Kube {
+    if args.source == crate::args::SourceKind::Kube || args.runtime == RuntimeKind::Kube {
         return kube::run(&args).await;
     }
     if args.api {
