@@ -70,12 +70,20 @@ fn the_chart_lints_clean_for_the_oldest_and_newest_kubernetes() {
 #[test]
 fn the_default_values_run_the_pod_runtime_in_the_releases_namespace() {
     let out = helm(&["render", "poolkeeper"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
     let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
     let args = container_args(&docs);
-    for want in ["--runtime=kube", "--pod-namespace=poolkeeper", "--pod-grace-seconds=10"] {
+    for want in [
+        "--runtime=kube",
+        "--pod-namespace=poolkeeper",
+        "--pod-grace-seconds=10",
+    ] {
         assert!(args.contains(&want), "{want} not in {args:?}");
     }
     let pods = of_kind(&docs, "Role")
@@ -90,7 +98,10 @@ fn the_docker_runtime_needs_the_docker_host_and_says_so() {
     let out = helm(&[
         "render",
         "poolkeeper",
-        repo().join("e2e/chart/values-docker-nohost.yaml").to_str().unwrap(),
+        repo()
+            .join("e2e/chart/values-docker-nohost.yaml")
+            .to_str()
+            .unwrap(),
     ]);
     assert!(!out.status.success());
     assert!(
@@ -178,18 +189,21 @@ fn the_charts_roles_are_exactly_those_of_poolkeeper_rbac() {
         .find(|r| r["metadata"]["name"] == "poolkeeper-pods")
         .expect("the pod runtime's Role");
     assert_eq!(pods["metadata"]["namespace"], "instances");
-    let from_rbac = poolkeeper_source_kube::rbac::objects(&poolkeeper_source_kube::rbac::RbacTarget {
-        pods: Some("instances".into()),
-        ..Default::default()
-    });
+    let from_rbac =
+        poolkeeper_source_kube::rbac::objects(&poolkeeper_source_kube::rbac::RbacTarget {
+            pods: Some("instances".into()),
+            ..Default::default()
+        });
     let want = from_rbac
         .iter()
         .find(|o| o["metadata"]["name"] == "poolkeeper-pods" && o["kind"] == "Role")
         .unwrap();
     assert_eq!(pods["rules"], want["rules"]);
-    assert!(of_kind(&render(FULL).1, "Role")
-        .iter()
-        .all(|r| r["metadata"]["name"] != "poolkeeper-pods"));
+    assert!(
+        of_kind(&render(FULL).1, "Role")
+            .iter()
+            .all(|r| r["metadata"]["name"] != "poolkeeper-pods")
+    );
 }
 
 #[test]
@@ -242,7 +256,11 @@ fn the_options_become_the_controllers_arguments() {
     assert_eq!(of_kind(&docs, "Deployment")[0]["spec"]["replicas"], 2);
     let (_, docs) = render(KUBE);
     let args = container_args(&docs);
-    for want in ["--runtime=kube", "--pod-namespace=instances", "--pod-grace-seconds=30"] {
+    for want in [
+        "--runtime=kube",
+        "--pod-namespace=instances",
+        "--pod-grace-seconds=30",
+    ] {
         assert!(args.contains(&want), "{want} not in {args:?}");
     }
     let (_, docs) = render(FULL);

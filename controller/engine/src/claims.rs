@@ -560,10 +560,12 @@ impl<R: Runtime> Engine<R> {
         });
     }
 
-    /// Whether binding `claim` copies anything into the instance (files, or SSH keys).
+    /// Whether binding `claim` has work to do on the instance before it is reported Bound:
+    /// files or SSH keys to copy, or the binding to record (runtimes that keep bindings).
     pub(crate) fn needs_copy(&self, claim: &str) -> bool {
         self.claims.get(claim).is_some_and(|c| {
-            !c.files.is_empty()
+            self.rt.keeps_bindings()
+                || !c.files.is_empty()
                 || self
                     .pools
                     .get(&c.spec.pool)

@@ -143,7 +143,8 @@ struct ClaimEntry {
     copy_failures: u32,
     /// The instance it holds: the durable binding, or one decided in this pass.
     instance: Option<String>,
-    /// Bound durably, files still being copied: not reported Bound yet.
+    /// Bound durably, files still being copied (or the binding still being recorded on the
+    /// instance, on runtimes that keep bindings): not reported Bound yet.
     files_pending: bool,
     /// Has waited in the queue (a bind after that is a miss).
     waited: bool,

@@ -208,6 +208,8 @@ impl<R: Runtime> Engine<R> {
             .and_then(|s| s.claim_ttl.as_deref())
             .and_then(|t| parse_duration(t).ok());
         let ssh_pool = spec.as_ref().is_some_and(|s| s.template.ssh.is_some());
+        // The runtime records each binding before the claim is reported Bound.
+        let record = self.rt.keeps_bindings();
         for (claim, inst) in binds {
             let Some(c) = self.claims.get_mut(&claim) else {
                 continue;
@@ -222,7 +224,7 @@ impl<R: Runtime> Engine<R> {
             let hit = !c.waited;
             c.queue_position = None;
             c.instance = Some(inst.clone());
-            c.files_pending = !c.files.is_empty() || ssh_pool;
+            c.files_pending = !c.files.is_empty() || ssh_pool || record;
             if let Some(p) = self.pools.get_mut(name) {
                 if hit {
                     p.hits += 1;

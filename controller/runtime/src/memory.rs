@@ -28,6 +28,8 @@ pub struct MemoryConfig {
     pub create_failure_rate: f64,
     /// Name of the node instances are placed on.
     pub node: String,
+    /// Record bindings on the instances (a label), as the Kubernetes runtime does on pods.
+    pub keep_bindings: bool,
 }
 
 impl Default for MemoryConfig {
@@ -38,6 +40,7 @@ impl Default for MemoryConfig {
             ready_delay: Duration::ZERO,
             create_failure_rate: 0.0,
             node: "memory".to_owned(),
+            keep_bindings: false,
         }
     }
 }
@@ -377,6 +380,40 @@ impl Inner {
 impl Runtime for MemoryRuntime {
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn keeps_bindings(&self) -> bool {
+        self.lock().config.keep_bindings
+    }
+
+    /// As the pod runtime: the claim label set (or cleared), refused while another claim's.
+    async fn bind(&self, name: &str, claim: Option<&str>) -> Result<()> {
+        let mut inner = self.lock();
+        if !inner.config.keep_bindings {
+            return Ok(());
+        }
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return Err(RuntimeError::NotFound(name.to_owned()));
+        };
+        let current = sim.instance.label(crate::LABEL_CLAIM).map(str::to_owned);
+        if current.as_deref() == claim {
+            return Ok(());
+        }
+        if let (Some(other), Some(_)) = (&current, claim) {
+            return Err(RuntimeError::Conflict {
+                instance: name.to_owned(),
+                reason: format!("{name} is bound to claim {other}"),
+            });
+        }
+        let mut labels = (*sim.instance.labels).clone();
+        match claim {
+            Some(c) => labels.insert(crate::LABEL_CLAIM.to_owned(), c.to_owned()),
+            None => labels.remove(crate::LABEL_CLAIM),
+        };
+        sim.instance.labels = Arc::new(labels);
+        let i = sim.instance.clone();
+        inner.emit(RuntimeEvent::Changed(i));
+        Ok(())
     }
 
     fn endpoint_host(&self, _node: &str) -> String {

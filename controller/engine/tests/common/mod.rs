@@ -42,6 +42,10 @@ pub struct Counting {
     creates_done: AtomicU64,
     /// The most create calls outstanding at once.
     max_in_flight: AtomicU64,
+    /// Binds still to answer with a conflict (another controller took the instance first).
+    pub bind_conflicts: AtomicU64,
+    /// How long a bind takes (a patch to an API server), in milliseconds.
+    pub bind_delay_ms: AtomicU64,
 }
 
 impl Counting {
@@ -66,6 +70,31 @@ impl Runtime for Counting {
 
     fn endpoint_host(&self, node: &str) -> String {
         self.mem.endpoint_host(node)
+    }
+
+    fn keeps_bindings(&self) -> bool {
+        self.mem.keeps_bindings()
+    }
+
+    async fn bind(&self, name: &str, claim: Option<&str>) -> RtResult<()> {
+        let delay = self.bind_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if claim.is_some()
+            && self
+                .bind_conflicts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            // Another controller's claim lands on the instance first.
+            self.mem.bind(name, Some("taken-elsewhere")).await?;
+            return Err(poolkeeper_runtime::RuntimeError::Conflict {
+                instance: name.to_owned(),
+                reason: format!("{name} is bound to claim taken-elsewhere"),
+            });
+        }
+        self.mem.bind(name, claim).await
     }
 
     async fn list(&self) -> RtResult<Vec<Instance>> {
@@ -157,6 +186,8 @@ impl Sim {
             create_calls: AtomicU64::new(0),
             creates_done: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            bind_conflicts: AtomicU64::new(0),
+            bind_delay_ms: AtomicU64::new(0),
         });
         let clock = ManualClock::new(T0_MS);
         let dir = tempfile::tempdir().unwrap();
@@ -243,6 +274,14 @@ impl Sim {
         }
         self.start_again(false);
         lost
+    }
+
+    /// A controller started again with an empty state folder (a new pod): what it knows of
+    /// bindings comes from the runtime only.
+    pub async fn restart_with_empty_store(&mut self) {
+        self.abort_engine().await;
+        self.dir = tempfile::tempdir().unwrap();
+        self.start_again(false);
     }
 
     /// Like `restart`, but the objects are fed in reverse key order (a source may list files in

@@ -1,0 +1,138 @@
+//! Runtimes that keep bindings on the instances (the pod runtime; here the memory runtime
+//! with `keep_bindings`): a claim is reported Bound only once its instance records it, a
+//! controller started with an empty store adopts every recorded binding and resets those of
+//! claims that are gone, and an instance another controller took is left alone.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::*;
+use poolkeeper_kinds::{ClaimPhase, Kind, ObjKey, Spec};
+use poolkeeper_runtime::LABEL_CLAIM;
+use poolkeeper_runtime::memory::MemoryConfig;
+
+fn recording() -> Sim {
+    let mut sim = Sim::with_config(MemoryConfig {
+        keep_bindings: true,
+        ..MemoryConfig::default()
+    });
+    sim.apply("u", Spec::User(user(10)));
+    sim.apply("p", Spec::Pool(pool("img", 3, Some(8))));
+    sim
+}
+
+/// Which instance records which claim.
+fn recorded(sim: &Sim) -> std::collections::BTreeMap<String, String> {
+    sim.mem
+        .instances()
+        .into_iter()
+        .filter_map(|i| Some((i.label(LABEL_CLAIM)?.to_owned(), i.name.clone())))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_claim_is_reported_bound_only_once_its_instance_records_it() {
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    // Each bind takes a while, as a patch to an API server does.
+    sim.rt.bind_delay_ms.store(100, Ordering::SeqCst);
+    for c in ["c1", "c2", "c3"] {
+        sim.apply(c, Spec::Claim(claim("p", "u")));
+    }
+    // Every snapshot taken while they bind: a Bound claim's instance records it.
+    let mut seen_binding = false;
+    for _ in 0..100 {
+        let snap = sim.snapshot().await;
+        let on_instances = recorded(&sim);
+        for (c, i) in bindings(&snap) {
+            seen_binding = true;
+            if claim_status(&snap, &c).is_some_and(|s| s.phase == ClaimPhase::Bound) {
+                assert_eq!(
+                    on_instances.get(&c),
+                    Some(&i),
+                    "{c} Bound before {i} recorded it"
+                );
+            }
+        }
+        if claims(&snap).values().all(|(p, _)| *p == ClaimPhase::Bound) {
+            break;
+        }
+        sim.advance(std::time::Duration::from_millis(1));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(seen_binding, "no snapshot caught a binding in progress");
+    for c in ["c1", "c2", "c3"] {
+        let i = sim.wait_bound(c).await;
+        assert_eq!(recorded(&sim).get(c), Some(&i));
+    }
+    // Released (Recreate): the instance goes, and nothing records c1 any more.
+    sim.delete(Kind::Claim, "c1");
+    sim.wait_until("c1's instance is gone", |_, _| {
+        !recorded(&sim).contains_key("c1")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_controller_with_an_empty_store_adopts_every_recorded_binding() {
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    for c in ["c1", "c2", "c3"] {
+        sim.apply(c, Spec::Claim(claim("p", "u")));
+    }
+    let mut before = std::collections::BTreeMap::new();
+    for c in ["c1", "c2", "c3"] {
+        before.insert(c.to_owned(), sim.wait_bound(c).await);
+    }
+    // c3 is deleted while no controller runs: its instance must be reset, not adopted.
+    sim.declared.remove(&ObjKey::new(Kind::Claim, "c3"));
+    sim.restart_with_empty_store().await;
+    for c in ["c1", "c2"] {
+        assert_eq!(
+            sim.wait_bound(c).await,
+            before[c],
+            "{c} moved to another instance"
+        );
+    }
+    sim.wait_until("c3's instance is reset", |_, insts| {
+        insts.iter().all(|i| i.name != before["c3"])
+    })
+    .await;
+    sim.apply("c4", Spec::Claim(claim("p", "u")));
+    let c4 = sim.wait_bound("c4").await;
+    assert!(
+        c4 != before["c1"] && c4 != before["c2"],
+        "a pod bound twice"
+    );
+    let snap = sim.wait_warm("p", 3).await;
+    assert_bindings_sound(&snap, &sim.mem.instances());
+    let on_instances = recorded(&sim);
+    assert_eq!(on_instances.len(), 3, "{on_instances:?}");
+}
+
+#[tokio::test]
+async fn an_instance_another_controller_took_is_left_alone_and_the_claim_binds_another() {
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    sim.rt.bind_conflicts.store(1, Ordering::SeqCst);
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let i = sim.wait_bound("c1").await;
+    let on_instances = recorded(&sim);
+    assert_eq!(on_instances.get("c1"), Some(&i));
+    let taken = on_instances
+        .get("taken-elsewhere")
+        .cloned()
+        .expect("the instance the other controller took");
+    assert_ne!(taken, i);
+    // Not reset, not removed: it is the other controller's.
+    sim.advance(std::time::Duration::from_secs(5));
+    sim.wait_warm("p", 3).await;
+    assert!(sim.mem.instances().iter().any(|x| x.name == taken));
+    let snap = sim.snapshot().await;
+    let events = events_of(&snap, Kind::Claim, "c1");
+    assert!(
+        events.iter().any(|e| e.reason == "BindConflict"),
+        "{events:?}"
+    );
+}
