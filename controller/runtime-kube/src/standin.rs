@@ -5,8 +5,9 @@
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::Service;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
@@ -50,5 +51,24 @@ pub async fn kubelet(client: Client, namespace: String) {
         let _ = pods
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await;
+    }
+}
+
+/// Removes every pod and Service of `namespace` at once (what a cluster's namespace controller
+/// does when the namespace goes; a bare API server has none).
+pub async fn remove_all(client: &Client, namespace: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    let _ = pods.delete_collection(&now, &ListParams::default()).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    if let Ok(list) = services.list(&ListParams::default()).await {
+        for s in list {
+            if let Some(name) = s.metadata.name {
+                let _ = services.delete(&name, &DeleteParams::default()).await;
+            }
+        }
     }
 }

@@ -174,6 +174,16 @@ impl Cluster {
             }
             let _ = self.kubectl(&["delete", kind, "--all", "-n", ns, "--wait=false"]);
         }
+        let _ = self.kubectl(&[
+            "delete",
+            "pods,services",
+            "--all",
+            "-n",
+            ns,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ]);
         let _ = self.kubectl(&["delete", "namespace", ns, "--wait=false"]);
     }
 

@@ -326,6 +326,9 @@ async fn cleanup(client: &poolkeeper_source_kube::kube::Client, ns: &str) {
             }
         }
     }
+    // The pod runtime's pods and Services (a cluster's namespace controller would remove them
+    // with the namespace; a bare API server has none).
+    poolkeeper_runtime_kube::standin::remove_all(client, ns).await;
     let namespaces: Api<k8s::Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(ns, &DeleteParams::default()).await;
 }
