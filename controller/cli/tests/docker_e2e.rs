@@ -664,30 +664,14 @@ async fn list_during_creations() {
     ]));
     let specs: Vec<InstanceSpec> = (0..12u16)
         .map(|i| InstanceSpec {
-            name: format!("listrace-{i}"),
-            image: image().to_owned(),
-            command: Vec::new(),
-            env: Default::default(),
             ports: vec![PortBinding {
                 name: "http".to_owned(),
                 container_port: 8080,
                 host_port: 21160 + i,
                 protocol: Default::default(),
             }],
-            container_ports: Vec::new(),
-            exposure: None,
-            pod_overrides: None,
-            capabilities: None,
-            labels: labels.clone(),
-            cpu_millis: None,
-            memory_bytes: None,
-            readiness: None,
-            liveness: None,
-            init: false,
-            network: None,
-            volumes: Default::default(),
-            pull_policy: Default::default(),
             files_dir: Some("/srv".to_owned()),
+            ..InstanceSpec::plain(&format!("listrace-{i}"), image(), labels.clone())
         })
         .collect();
     let done = Arc::new(AtomicBool::new(false));

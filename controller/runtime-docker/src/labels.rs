@@ -6,58 +6,14 @@ use std::sync::Arc;
 
 use bollard::models::{ContainerInspectResponse, ContainerSummary};
 
-use poolkeeper_kinds::{Probe, Protocol};
+use poolkeeper_kinds::Probe;
 use poolkeeper_runtime::{
     LABEL_FILES_DIR, LABEL_LIVENESS, LABEL_PORTS, LABEL_READINESS, Labels, PortBinding,
 };
 
 use crate::Tracked;
 
-pub(crate) fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    }
-}
-
-/// `name:containerPort:hostPort/protocol`, comma-separated.
-pub fn encode_ports(ports: &[PortBinding]) -> String {
-    ports
-        .iter()
-        .map(|p| {
-            format!(
-                "{}:{}:{}/{}",
-                p.name,
-                p.container_port,
-                p.host_port,
-                proto(p.protocol)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-pub fn decode_ports(s: &str) -> Vec<PortBinding> {
-    s.split(',')
-        .filter_map(|item| {
-            let (rest, protocol) = item.rsplit_once('/')?;
-            let mut parts = rest.split(':');
-            let name = parts.next()?.to_owned();
-            let container_port = parts.next()?.parse().ok()?;
-            let host_port = parts.next()?.parse().ok()?;
-            Some(PortBinding {
-                name,
-                container_port,
-                host_port,
-                protocol: if protocol == "udp" {
-                    Protocol::Udp
-                } else {
-                    Protocol::Tcp
-                },
-            })
-        })
-        .collect()
-}
+pub use poolkeeper_runtime::{decode_ports, encode_ports, proto};
 
 /// What the labels of a container say: its instance labels, published ports, readiness and
 /// liveness probes, and files mount.

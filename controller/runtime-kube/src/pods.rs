@@ -16,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use poolkeeper_kinds::{ContainerPort, Exposure, PortRef, Probe, PullPolicy};
 use poolkeeper_runtime::{
-    Instance, InstanceSpec, InstanceState, LABEL_CLAIM, LABEL_CONTROLLER, PortBinding, RuntimeError,
+    Instance, InstanceSpec, InstanceState, LABEL_CLAIM, LABEL_CONTROLLER, PortBinding,
+    RuntimeError, decode_ports, encode_ports,
 };
 
 /// The instance's ports (`name:containerPort:hostPort/protocol`, as the Docker runtime's label),
@@ -320,45 +321,6 @@ pub fn ports_of(spec: &InstanceSpec) -> Vec<PortBinding> {
         .collect()
 }
 
-fn encode_ports(ports: &[PortBinding]) -> String {
-    ports
-        .iter()
-        .map(|p| {
-            format!(
-                "{}:{}:{}/{}",
-                p.name,
-                p.container_port,
-                p.host_port,
-                p.protocol.as_str()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn decode_ports(s: &str) -> Vec<PortBinding> {
-    s.split(',')
-        .filter_map(|p| {
-            let (rest, proto) = p.rsplit_once('/')?;
-            let mut parts = rest.split(':');
-            let name = parts.next()?.to_owned();
-            let container_port = parts.next()?.parse().ok()?;
-            let host_port = parts.next()?.parse().ok()?;
-            let protocol = if proto == "UDP" {
-                poolkeeper_kinds::Protocol::Udp
-            } else {
-                poolkeeper_kinds::Protocol::Tcp
-            };
-            Some(PortBinding {
-                name,
-                container_port,
-                host_port,
-                protocol,
-            })
-        })
-        .collect()
-}
-
 fn port_of(port: &PortRef, ports: &[ContainerPort]) -> Result<IntOrString, RuntimeError> {
     match port {
         PortRef::Number(n) => Ok(IntOrString::Int(i32::from(*n))),
@@ -508,9 +470,11 @@ mod tests {
     use super::*;
 
     fn spec(exposure: Option<Exposure>) -> InstanceSpec {
+        let labels = Arc::new(BTreeMap::from([
+            (LABEL_MANAGED.into(), "true".into()),
+            (LABEL_POOL.into(), "web".into()),
+        ]));
         InstanceSpec {
-            name: "web-a1".into(),
-            image: "nginx:1".into(),
             command: vec!["serve".into()],
             env: BTreeMap::from([("A".into(), "1".into())]),
             ports: vec![PortBinding {
@@ -525,12 +489,6 @@ mod tests {
                 protocol: Protocol::Tcp,
             }],
             exposure,
-            pod_overrides: None,
-            capabilities: None,
-            labels: Arc::new(BTreeMap::from([
-                (LABEL_MANAGED.into(), "true".into()),
-                (LABEL_POOL.into(), "web".into()),
-            ])),
             cpu_millis: Some(500),
             memory_bytes: Some(64 << 20),
             readiness: Some(Probe {
@@ -545,12 +503,8 @@ mod tests {
                 timeout_seconds: None,
                 failure_threshold: None,
             }),
-            liveness: None,
-            init: false,
-            network: None,
-            volumes: BTreeMap::new(),
             pull_policy: PullPolicy::Never,
-            files_dir: None,
+            ..InstanceSpec::plain("web-a1", "nginx:1", labels)
         }
     }
 

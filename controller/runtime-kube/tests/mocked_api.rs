@@ -76,11 +76,11 @@ async fn next(
 }
 
 fn spec(exposure: Option<Exposure>) -> InstanceSpec {
+    let labels = Arc::new(BTreeMap::from([
+        (LABEL_MANAGED.into(), "true".into()),
+        (LABEL_POOL.into(), "web".into()),
+    ]));
     InstanceSpec {
-        name: "web-a1".into(),
-        image: "pk-test:latest".into(),
-        command: Vec::new(),
-        env: BTreeMap::new(),
         ports: vec![PortBinding {
             name: "http".into(),
             container_port: 8080,
@@ -93,21 +93,7 @@ fn spec(exposure: Option<Exposure>) -> InstanceSpec {
             protocol: Protocol::Tcp,
         }],
         exposure,
-        pod_overrides: None,
-        capabilities: None,
-        labels: Arc::new(BTreeMap::from([
-            (LABEL_MANAGED.into(), "true".into()),
-            (LABEL_POOL.into(), "web".into()),
-        ])),
-        cpu_millis: None,
-        memory_bytes: None,
-        readiness: None,
-        liveness: None,
-        init: false,
-        network: None,
-        volumes: BTreeMap::new(),
-        pull_policy: Default::default(),
-        files_dir: None,
+        ..InstanceSpec::plain("web-a1", "pk-test:latest", labels)
     }
 }
 

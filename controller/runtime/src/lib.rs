@@ -87,6 +87,33 @@ pub struct InstanceSpec {
     pub files_dir: Option<String>,
 }
 
+impl InstanceSpec {
+    /// An instance of `image` with nothing else declared: no ports, command, limits or probes.
+    pub fn plain(name: &str, image: &str, labels: Labels) -> Self {
+        InstanceSpec {
+            name: name.to_owned(),
+            image: image.to_owned(),
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            ports: Vec::new(),
+            container_ports: Vec::new(),
+            exposure: None,
+            pod_overrides: None,
+            capabilities: None,
+            labels,
+            cpu_millis: None,
+            memory_bytes: None,
+            readiness: None,
+            liveness: None,
+            init: false,
+            network: None,
+            volumes: BTreeMap::new(),
+            pull_policy: PullPolicy::default(),
+            files_dir: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InstanceState {
     Running,
@@ -260,4 +287,51 @@ pub fn tar_of(dir: &str, files: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
     builder
         .into_inner()
         .map_err(|e| RuntimeError::Failed(format!("packing files: {e}")))
+}
+
+/// A protocol as Docker spells it in port keys and labels (`tcp`, `udp`).
+pub fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+/// `name:containerPort:hostPort/protocol`, comma-separated.
+pub fn encode_ports(ports: &[PortBinding]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            format!(
+                "{}:{}:{}/{}",
+                p.name,
+                p.container_port,
+                p.host_port,
+                proto(p.protocol)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn decode_ports(s: &str) -> Vec<PortBinding> {
+    s.split(',')
+        .filter_map(|item| {
+            let (rest, protocol) = item.rsplit_once('/')?;
+            let mut parts = rest.split(':');
+            let name = parts.next()?.to_owned();
+            let container_port = parts.next()?.parse().ok()?;
+            let host_port = parts.next()?.parse().ok()?;
+            Some(PortBinding {
+                name,
+                container_port,
+                host_port,
+                protocol: if protocol == "udp" {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
+            })
+        })
+        .collect()
 }

@@ -32,6 +32,24 @@ fn pod_namespace(c: &Cluster, name: &str) -> String {
     ns
 }
 
+/// The cluster with the CRDs, a namespace of the test's own, the controller's identity there
+/// (exactly `poolkeeper rbac --pod-namespace`'s roles) and the kubelet stand-in.
+async fn setup(
+    name: &str,
+) -> Option<(
+    Cluster,
+    String,
+    poolkeeper_source_kube::kube::Config,
+    tokio::task::JoinHandle<()>,
+)> {
+    let c = cluster().await?;
+    c.apply_crds();
+    let ns = pod_namespace(&c, name);
+    let config = c.service_account_with(&ns, std::slice::from_ref(&ns), Some(&ns));
+    let kubelet = kubelet(&c, &ns);
+    Some((c, ns, config, kubelet))
+}
+
 fn pool_yaml(ns: &str, warm: u32) -> String {
     format!(
         "apiVersion: poolkeeper.dev/v1alpha1\nkind: Pool\nmetadata: {{name: web, namespace: {ns}}}\n\
@@ -111,11 +129,9 @@ async fn wait_bound(c: &Cluster, ns: &str, claim: &str) {
 /// resets (pods/exec needs a kubelet).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_of_pods_fills_binds_on_the_pod_resets_and_replaces_a_pod_deleted_by_hand() {
-    let Some(c) = cluster().await else { return };
-    c.apply_crds();
-    let ns = pod_namespace(&c, "pods");
-    let config = c.service_account_with(&ns, std::slice::from_ref(&ns), Some(&ns));
-    let _kubelet = kubelet(&c, &ns);
+    let Some((c, ns, config, _kubelet)) = setup("pods").await else {
+        return;
+    };
     let state = tempfile::tempdir().expect("tempdir");
     let rt = Arc::new(runtime(&c, &config, &ns));
     let (mut ctl, _) = start_on(rt, &config, &ns, state.path(), "e2e-a", None);
@@ -209,11 +225,9 @@ async fn a_pool_of_pods_fills_binds_on_the_pod_resets_and_replaces_a_pod_deleted
 /// Not covered without nodes: files copied again after the restart (pods/exec).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_restarted_with_an_empty_state_folder_keeps_every_binding() {
-    let Some(c) = cluster().await else { return };
-    c.apply_crds();
-    let ns = pod_namespace(&c, "podsrestart");
-    let config = c.service_account_with(&ns, std::slice::from_ref(&ns), Some(&ns));
-    let _kubelet = kubelet(&c, &ns);
+    let Some((c, ns, config, _kubelet)) = setup("podsrestart").await else {
+        return;
+    };
     let first = tempfile::tempdir().expect("tempdir");
     let rt = Arc::new(runtime(&c, &config, &ns));
     let (mut ctl, _) = start_on(rt, &config, &ns, first.path(), "e2e-a", None);
@@ -265,30 +279,11 @@ async fn two_controllers_racing_for_one_pod_bind_it_once() {
     let config = c.service_account_with(&ns, std::slice::from_ref(&ns), Some(&ns));
     let a = runtime(&c, &config, &ns);
     let b = runtime(&c, &config, &ns);
-    let spec = poolkeeper_runtime::InstanceSpec {
-        name: "race-1".into(),
-        image: "pk-test:latest".into(),
-        command: Vec::new(),
-        env: BTreeMap::new(),
-        ports: Vec::new(),
-        container_ports: Vec::new(),
-        exposure: None,
-        pod_overrides: None,
-        capabilities: None,
-        labels: Arc::new(BTreeMap::from([
-            ("poolkeeper.dev/managed".to_owned(), "true".to_owned()),
-            (LABEL_POOL.to_owned(), "race".to_owned()),
-        ])),
-        cpu_millis: None,
-        memory_bytes: None,
-        readiness: None,
-        liveness: None,
-        init: false,
-        network: None,
-        volumes: BTreeMap::new(),
-        pull_policy: Default::default(),
-        files_dir: None,
-    };
+    let labels = Arc::new(BTreeMap::from([
+        ("poolkeeper.dev/managed".to_owned(), "true".to_owned()),
+        (LABEL_POOL.to_owned(), "race".to_owned()),
+    ]));
+    let spec = poolkeeper_runtime::InstanceSpec::plain("race-1", "pk-test:latest", labels);
     a.create(spec).await.expect("create");
     // Both have seen the pod at the same version.
     assert_eq!(a.list().await.expect("list").len(), 1);
