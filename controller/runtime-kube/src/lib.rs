@@ -13,6 +13,8 @@
 //! - Reset: `Recreate` deletes the pod; `Restart` deletes it and creates it again under the
 //!   same name; `Exec` runs the reset command through pods/exec. Files go in through pods/exec
 //!   (`tar -x` on stdin).
+//! - Deployments: each container a pod, reachable by its name through a headless Service; a
+//!   network is a NetworkPolicy, a named volume a PersistentVolumeClaim.
 //!
 //! Every request goes through [`pods`] (what is sent) and this file (when); the mocked API
 //! server tests in `tests/` script each one.
@@ -25,7 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{
     Api, AttachParams, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams,
 };
@@ -99,6 +102,111 @@ impl KubeRuntime {
 
     fn services(&self) -> Api<Service> {
         Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    fn policies(&self) -> Api<NetworkPolicy> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    fn claims(&self) -> Api<PersistentVolumeClaim> {
+        Api::namespaced(self.client.clone(), &self.config.namespace)
+    }
+
+    /// What a deployment's container needs before its pod: its named volumes' claims, the
+    /// headless Service that gives it its name (one per container, shared by its replicas),
+    /// and the policy that admits its published ports past its network's.
+    async fn deployment_parts(&self, spec: &InstanceSpec) -> Result<()> {
+        let ns = &self.config.namespace;
+        let dep = spec
+            .labels
+            .get(poolkeeper_runtime::LABEL_DEPLOYMENT)
+            .cloned()
+            .unwrap_or_default();
+        for volume in spec.volumes.keys() {
+            let pvc = pods::pvc_for(volume, ns, &dep, &self.config.controller_id);
+            match self.claims().create(&PostParams::default(), &pvc).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 409) => {}
+                Err(e) => return Err(api_err(e, &pods::pvc_name(volume))),
+            }
+        }
+        if let Some(svc) = pods::container_service(spec, ns) {
+            let name = svc.name_any();
+            match self.services().create(&PostParams::default(), &svc).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 409) => {
+                    let existing = self
+                        .services()
+                        .get(&name)
+                        .await
+                        .map_err(|e| api_err(e, &name))?;
+                    let owner = existing
+                        .labels()
+                        .get(poolkeeper_runtime::LABEL_DEPLOYMENT)
+                        .cloned();
+                    if owner.as_deref() != Some(dep.as_str()) {
+                        return Err(RuntimeError::Failed(format!(
+                            "container {name}: the Service {name} in namespace {ns} belongs to {}; \
+                             on the Kubernetes runtime a container's name must be unique in its \
+                             namespace (it is its DNS name)",
+                            owner
+                                .map_or("something else".to_owned(), |d| format!("deployment {d}"))
+                        )));
+                    }
+                }
+                Err(e) => return Err(api_err(e, &name)),
+            }
+        }
+        if let Some(policy) = pods::published_policy(spec, ns) {
+            match self
+                .policies()
+                .create(&PostParams::default(), &policy)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 409) => {}
+                Err(e) => return Err(api_err(e, &spec.name)),
+            }
+        }
+        Ok(())
+    }
+
+    /// After a deployment's pod went: its published-ports policy, and its container's Service
+    /// once no replica of the container is left.
+    async fn after_deployment_pod(
+        &self,
+        name: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let policy = pods::published_policy_name(name);
+        match self
+            .policies()
+            .delete(&policy, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_code(&e, 404) => {}
+            Err(e) => return Err(api_err(e, &policy)),
+        }
+        let (Some(dep), Some(container)) = (
+            labels.get(poolkeeper_runtime::LABEL_DEPLOYMENT),
+            labels.get(poolkeeper_runtime::LABEL_CONTAINER),
+        ) else {
+            return Ok(());
+        };
+        let lp = ListParams::default().labels(&format!(
+            "{}={dep},{}={container}",
+            poolkeeper_runtime::LABEL_DEPLOYMENT,
+            poolkeeper_runtime::LABEL_CONTAINER
+        ));
+        let left = self.pods().list(&lp).await.map_err(|e| api_err(e, name))?;
+        let others = left.items.iter().any(|p| {
+            p.metadata.name.as_deref() != Some(name) && p.metadata.deletion_timestamp.is_none()
+        });
+        if !others {
+            self.delete_service(container).await?;
+        }
+        Ok(())
     }
 
     /// The label selector of everything this controller made.
@@ -292,6 +400,9 @@ impl Runtime for KubeRuntime {
                     .to_owned(),
             ));
         }
+        if pods::is_deployment(&spec) {
+            self.deployment_parts(&spec).await?;
+        }
         let owner = self.owner(&spec).await;
         let mut pod = pods::pod_for(
             &spec,
@@ -333,9 +444,17 @@ impl Runtime for KubeRuntime {
     }
 
     async fn remove(&self, name: &str) -> Result<()> {
+        let labels = match self.pods().get_opt(name).await {
+            Ok(p) => p.and_then(|p| p.metadata.labels).unwrap_or_default(),
+            Err(e) => return Err(api_err(e, name)),
+        };
         self.delete_pod(name).await?;
-        // Owned by its pod, but a cluster without a garbage collector keeps it.
-        self.delete_service(name).await?;
+        if labels.contains_key(poolkeeper_runtime::LABEL_DEPLOYMENT) {
+            self.after_deployment_pod(name, &labels).await?;
+        } else {
+            // Owned by its pod, but a cluster without a garbage collector keeps it.
+            self.delete_service(name).await?;
+        }
         self.forget(name);
         Ok(())
     }
@@ -437,17 +556,55 @@ impl Runtime for KubeRuntime {
         rx
     }
 
+    /// A network is a NetworkPolicy: its pods admit traffic only from one another (and their
+    /// published ports from anywhere).
     async fn ensure_network(&self, name: &str) -> Result<()> {
-        Err(RuntimeError::Failed(format!(
-            "network {name}: deployments are not supported by the Kubernetes runtime yet"
-        )))
+        let policy = pods::network_policy(name, &self.config.namespace);
+        match self
+            .policies()
+            .create(&PostParams::default(), &policy)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, 409) => Ok(()),
+            Err(e) => Err(api_err(e, &pods::network_policy_name(name))),
+        }
     }
 
-    async fn remove_network(&self, _name: &str) -> Result<()> {
-        Ok(())
+    async fn remove_network(&self, name: &str) -> Result<()> {
+        let policy = pods::network_policy_name(name);
+        match self
+            .policies()
+            .delete(&policy, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, 404) => Ok(()),
+            Err(e) => Err(api_err(e, &policy)),
+        }
     }
 
-    async fn remove_volumes(&self, _deployment: &str) -> Result<()> {
+    /// The deployment's PersistentVolumeClaims (its named volumes).
+    async fn remove_volumes(&self, deployment: &str) -> Result<()> {
+        let lp = ListParams::default().labels(&format!(
+            "{}={deployment},{}={}",
+            poolkeeper_runtime::LABEL_DEPLOYMENT,
+            LABEL_CONTROLLER,
+            self.config.controller_id
+        ));
+        let list = self
+            .claims()
+            .list(&lp)
+            .await
+            .map_err(|e| api_err(e, deployment))?;
+        for pvc in list {
+            let name = pvc.name_any();
+            match self.claims().delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 404) => {}
+                Err(e) => return Err(api_err(e, &name)),
+            }
+        }
         Ok(())
     }
 

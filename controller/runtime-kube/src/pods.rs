@@ -6,18 +6,24 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort as KContainerPort, EnvVar, ExecAction, HTTPGetAction,
-    LocalObjectReference, Pod, PodSecurityContext, PodSpec, Probe as KProbe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    Toleration as KToleration,
+    LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe as KProbe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Toleration as KToleration, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use poolkeeper_kinds::{ContainerPort, Exposure, PortRef, Probe, PullPolicy};
+use poolkeeper_kinds::{ContainerPort, Exposure, PortRef, Probe, PullPolicy, VolumeMode};
 use poolkeeper_runtime::{
-    Instance, InstanceSpec, InstanceState, LABEL_CLAIM, LABEL_CONTROLLER, PortBinding,
-    RuntimeError, decode_ports, encode_ports,
+    Instance, InstanceSpec, InstanceState, LABEL_CLAIM, LABEL_CONTAINER, LABEL_CONTROLLER,
+    LABEL_DEPLOYMENT, LABEL_MANAGED, PortBinding, RuntimeError, decode_ports, encode_ports,
 };
 
 /// The instance's ports (`name:containerPort:hostPort/protocol`, as the Docker runtime's label),
@@ -45,6 +51,11 @@ pub const BASELINE_CAPABILITIES: &[&str] = &[
     "SYS_CHROOT",
 ];
 
+/// A host path (`/srv`, `./data`) rather than a named volume, as the engine tells them apart.
+fn is_host_path(source: &str) -> bool {
+    source.starts_with('/') || source.starts_with('.')
+}
+
 /// The exposure an instance gets: the declared one, or a ClusterIP Service.
 pub fn exposure_of(spec: &InstanceSpec) -> Exposure {
     spec.exposure.unwrap_or_default()
@@ -66,14 +77,38 @@ pub fn pod_for(
     owner: Option<&Owner>,
 ) -> Result<Pod, RuntimeError> {
     let exposure = exposure_of(spec);
-    if !spec.volumes.is_empty() {
-        return Err(RuntimeError::Failed(
-            "volumes are not supported by the Kubernetes runtime yet".to_owned(),
-        ));
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    for (i, (source, mount)) in spec.volumes.iter().enumerate() {
+        if is_host_path(source) {
+            return Err(RuntimeError::Failed(format!(
+                "volume {source:?} (mounted at {}): host paths are refused by the Kubernetes \
+                 runtime; use a named volume (a PersistentVolumeClaim)",
+                mount.bind
+            )));
+        }
+        let name = format!("v{i}");
+        volumes.push(Volume {
+            name: name.clone(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc_name(source),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name,
+            mount_path: mount.bind.clone(),
+            read_only: (mount.mode == VolumeMode::Ro).then_some(true),
+            ..VolumeMount::default()
+        });
     }
     let mut labels: BTreeMap<String, String> = (*spec.labels).clone();
     labels.insert(LABEL_CONTROLLER.to_owned(), controller.to_owned());
     labels.insert(POD_NAME_LABEL.to_owned(), spec.name.clone());
+    if let Some(net) = &spec.network {
+        labels.insert(NETWORK_LABEL.to_owned(), net.clone());
+    }
     let annotations = BTreeMap::from([
         (ANNOTATION_PORTS.to_owned(), encode_ports(&ports_of(spec))),
         (ANNOTATION_EXPOSURE.to_owned(), exposure.as_str().to_owned()),
@@ -83,7 +118,7 @@ pub fn pod_for(
         .iter()
         .map(|p| KContainerPort {
             container_port: i32::from(p.container_port),
-            host_port: (exposure == Exposure::HostPort)
+            host_port: (exposure == Exposure::HostPort || is_deployment(spec))
                 .then(|| host_port_of(spec, p))
                 .flatten()
                 .map(i32::from),
@@ -148,6 +183,7 @@ pub fn pod_for(
             .map(|p| probe_of(p, &spec.container_ports))
             .transpose()?,
         resources,
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
         security_context: Some(SecurityContext {
             privileged: Some(false),
             allow_privilege_escalation: Some(false),
@@ -184,6 +220,7 @@ pub fn pod_for(
         },
         spec: Some(PodSpec {
             containers: vec![container],
+            volumes: (!volumes.is_empty()).then_some(volumes),
             // An exit is reported and the pool replaces the instance, as on Docker.
             restart_policy: Some("Never".to_owned()),
             automount_service_account_token: Some(false),
@@ -229,7 +266,7 @@ pub fn pod_for(
 /// or an instance without ports.
 pub fn service_for(spec: &InstanceSpec, namespace: &str, pod: &Pod) -> Option<Service> {
     let exposure = exposure_of(spec);
-    if exposure == Exposure::HostPort || spec.container_ports.is_empty() {
+    if exposure == Exposure::HostPort || spec.container_ports.is_empty() || is_deployment(spec) {
         return None;
     }
     let ports = spec
@@ -288,6 +325,161 @@ pub fn service_for(spec: &InstanceSpec, namespace: &str, pod: &Pod) -> Option<Se
 
 /// The label that names an instance's pod, for its Service's selector.
 pub const POD_NAME_LABEL: &str = "poolkeeper.dev/instance";
+/// The deployment network a pod is on (its NetworkPolicy selects it by this label).
+pub const NETWORK_LABEL: &str = "poolkeeper.dev/network";
+
+/// Whether the instance is a deployment's container (not a pool's instance).
+pub fn is_deployment(spec: &InstanceSpec) -> bool {
+    spec.labels.contains_key(LABEL_DEPLOYMENT)
+}
+
+/// The PersistentVolumeClaim of a deployment's named volume (`DEP_VOLUME`, as Docker names it;
+/// `_` is not allowed in Kubernetes names).
+pub fn pvc_name(volume: &str) -> String {
+    volume.replace('_', "-").to_ascii_lowercase()
+}
+
+/// What a named volume asks of the cluster's default StorageClass.
+pub const DEFAULT_VOLUME_SIZE: &str = "1Gi";
+
+/// The claim for a deployment's named volume, labelled with its deployment.
+pub fn pvc_for(
+    volume: &str,
+    namespace: &str,
+    deployment: &str,
+    controller: &str,
+) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(pvc_name(volume)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_DEPLOYMENT.to_owned(), deployment.to_owned()),
+                (LABEL_CONTROLLER.to_owned(), controller.to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(DEFAULT_VOLUME_SIZE.to_owned()),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The headless Service that makes a deployment's container reachable by its name (every
+/// replica's address, every port, as on a Docker network).
+pub fn container_service(spec: &InstanceSpec, namespace: &str) -> Option<Service> {
+    let dep = spec.labels.get(LABEL_DEPLOYMENT)?;
+    let container = spec.labels.get(LABEL_CONTAINER)?;
+    let selector = BTreeMap::from([
+        (LABEL_DEPLOYMENT.to_owned(), dep.clone()),
+        (LABEL_CONTAINER.to_owned(), container.clone()),
+    ]);
+    let mut labels = selector.clone();
+    labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+    Some(Service {
+        metadata: ObjectMeta {
+            name: Some(container.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            selector: Some(selector),
+            publish_not_ready_addresses: Some(true),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// Network names may hold `_` (Compose's `NAME_default`); policy names may not.
+pub fn network_policy_name(network: &str) -> String {
+    format!("network-{}", network.replace('_', "-").to_ascii_lowercase())
+}
+
+fn managed_meta(name: String, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(BTreeMap::from([(
+            LABEL_MANAGED.to_owned(),
+            "true".to_owned(),
+        )])),
+        ..ObjectMeta::default()
+    }
+}
+
+fn selecting(key: &str, value: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(key.to_owned(), value.to_owned())])),
+        ..LabelSelector::default()
+    }
+}
+
+/// A deployment network's policy: its pods admit traffic only from pods on the same network.
+pub fn network_policy(network: &str, namespace: &str) -> NetworkPolicy {
+    let on_network = selecting(NETWORK_LABEL, network);
+    NetworkPolicy {
+        metadata: managed_meta(network_policy_name(network), namespace),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(on_network.clone()),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(on_network),
+                    ..NetworkPolicyPeer::default()
+                }]),
+                ..NetworkPolicyIngressRule::default()
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// The name of the policy that admits a networked pod's published ports.
+pub fn published_policy_name(instance: &str) -> String {
+    format!("{instance}-published")
+}
+
+/// The policy that admits a networked pod's published ports from anywhere (policies add up).
+pub fn published_policy(spec: &InstanceSpec, namespace: &str) -> Option<NetworkPolicy> {
+    spec.network.as_ref()?;
+    if spec.ports.is_empty() {
+        return None;
+    }
+    let ports = spec
+        .ports
+        .iter()
+        .map(|p| NetworkPolicyPort {
+            port: Some(IntOrString::Int(i32::from(p.container_port))),
+            protocol: Some(p.protocol.as_str().to_owned()),
+            ..NetworkPolicyPort::default()
+        })
+        .collect();
+    Some(NetworkPolicy {
+        metadata: managed_meta(published_policy_name(&spec.name), namespace),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(selecting(POD_NAME_LABEL, &spec.name)),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(ports),
+                ..NetworkPolicyIngressRule::default()
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    })
+}
 
 /// Service port names must be DNS labels: the declared name, lower-cased.
 fn service_port_name(name: &str) -> String {
@@ -720,16 +912,85 @@ mod tests {
     }
 
     #[test]
-    fn volumes_are_refused_with_a_message() {
-        let mut s = spec(None);
+    fn a_deployments_container_mounts_claims_joins_its_network_and_refuses_host_paths() {
+        let labels = Arc::new(BTreeMap::from([
+            (LABEL_MANAGED.into(), "true".into()),
+            (LABEL_DEPLOYMENT.into(), "shop".into()),
+            (LABEL_CONTAINER.into(), "db".into()),
+        ]));
+        let mut s = InstanceSpec::plain("shop-db", "postgres", labels);
+        s.network = Some("shop_default".into());
+        s.ports = vec![PortBinding {
+            name: "5432/tcp".into(),
+            container_port: 5432,
+            host_port: 15432,
+            protocol: Protocol::Tcp,
+        }];
         s.volumes.insert(
-            "data".into(),
+            "shop_data".into(),
+            poolkeeper_kinds::VolumeMount {
+                bind: "/var/lib/data".into(),
+                mode: VolumeMode::Ro,
+            },
+        );
+        let pod = pod_for(&s, "team", "ctl", None).expect("pod");
+        let ps = pod.spec.as_ref().expect("spec");
+        let claim = ps
+            .volumes
+            .as_ref()
+            .and_then(|v| v[0].persistent_volume_claim.clone());
+        assert_eq!(claim.map(|c| c.claim_name), Some("shop-data".to_owned()));
+        let m = &ps.containers[0].volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(
+            (m.mount_path.as_str(), m.read_only),
+            ("/var/lib/data", Some(true))
+        );
+        let labels = pod.metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels[NETWORK_LABEL], "shop_default");
+        assert!(
+            service_for(&s, "team", &pod).is_none(),
+            "no per-instance Service"
+        );
+        let svc = container_service(&s, "team").expect("the container's Service");
+        assert_eq!(svc.metadata.name.as_deref(), Some("db"));
+        let ss = svc.spec.expect("spec");
+        assert_eq!(ss.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(
+            ss.selector.as_ref().map(|x| x[LABEL_CONTAINER].as_str()),
+            Some("db")
+        );
+        let np = network_policy("shop_default", "team");
+        assert_eq!(np.metadata.name.as_deref(), Some("network-shop-default"));
+        let rule = &np
+            .spec
+            .as_ref()
+            .and_then(|s| s.ingress.clone())
+            .expect("ingress")[0];
+        let from = rule.from.as_ref().and_then(|f| f[0].pod_selector.clone());
+        assert_eq!(
+            from.and_then(|p| p.match_labels)
+                .map(|l| l[NETWORK_LABEL].clone()),
+            Some("shop_default".to_owned())
+        );
+        let published = published_policy(&s, "team").expect("published ports admitted");
+        let rule = &published.spec.and_then(|s| s.ingress).expect("ingress")[0];
+        assert!(rule.from.is_none(), "from anywhere");
+        assert_eq!(
+            rule.ports.as_ref().and_then(|p| p[0].port.clone()),
+            Some(IntOrString::Int(5432))
+        );
+        let pvc = pvc_for("shop_data", "team", "shop", "ctl");
+        assert_eq!(pvc.metadata.name.as_deref(), Some("shop-data"));
+
+        s.volumes.clear();
+        s.volumes.insert(
+            "/srv/data".into(),
             poolkeeper_kinds::VolumeMount {
                 bind: "/data".into(),
-                mode: Default::default(),
+                mode: VolumeMode::Rw,
             },
         );
         let e = pod_for(&s, "team", "ctl", None).expect_err("refused");
-        assert!(e.to_string().contains("volumes"), "{e}");
+        assert!(e.to_string().contains("host paths are refused"), "{e}");
     }
 }

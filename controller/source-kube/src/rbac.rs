@@ -60,13 +60,17 @@ fn own_rules() -> Value {
 
 /// What the Kubernetes runtime does in its pods' namespace: pods made, watched, labelled
 /// (bindings), deleted (resets), exec'd into (files, `Exec` resets), read (logs); a Service per
-/// instance; the owning Pool read for the pods' ownerReference.
+/// instance (and per deployment container, read back when its name is taken); deployments'
+/// volumes as PersistentVolumeClaims and networks as NetworkPolicies; the owning Pool read for
+/// the pods' ownerReference.
 fn pod_rules() -> Value {
     json!([
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "delete"]},
+        {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["list", "create", "delete"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "delete"]},
         {"apiGroups": ["poolkeeper.dev"], "resources": ["pools"], "verbs": ["get"]},
     ])
 }

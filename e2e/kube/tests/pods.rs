@@ -322,3 +322,132 @@ async fn two_controllers_racing_for_one_pod_bind_it_once() {
     a.remove("race-1").await.expect("remove");
     c.cleanup(&ns);
 }
+
+/// A deployment on the pod runtime: each container a pod, in dependency order, reachable by
+/// its name (a headless Service), its network a NetworkPolicy, its named volume a
+/// PersistentVolumeClaim; deleting it removes them all. Not covered without nodes: the
+/// containers reaching each other, and the volume's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_runs_as_pods_with_services_a_network_policy_and_a_volume_claim() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let Some((c, ns, config, _kubelet)) = setup("podsdep").await else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("tempdir");
+    let rt = Arc::new(runtime(&c, &config, &ns));
+    let (mut ctl, _) = start_on(rt, &config, &ns, state.path(), "e2e-a", None);
+    ctl.leading().await;
+    let dep = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1\nkind: Deployment\nmetadata: {{name: stack, namespace: {ns}}}\n\
+         spec:\n  network: stack\n  containers:\n  - name: db\n    image: pk-test:latest\n    \
+         volumes: {{data: {{bind: /var/lib/db}}}}\n  - name: web\n    image: pk-test:latest\n    \
+         dependsOn: [db]\n    ports: {{\"8080/tcp\": 18481}}\n"
+    );
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&dep));
+    let pods: Api<Pod> = Api::namespaced(c.admin.clone(), &ns);
+    let made = eventually(
+        "both containers' pods",
+        Duration::from_secs(60),
+        async || {
+            let list = pods
+                .list(&ListParams::default().labels("poolkeeper.dev/deployment=stack"))
+                .await
+                .ok()?;
+            (list.items.len() == 2).then_some(list.items)
+        },
+    )
+    .await;
+    let by_name = |n: &str| {
+        made.iter()
+            .find(|p| p.metadata.name.as_deref() == Some(n))
+            .cloned()
+            .unwrap_or_else(|| panic!("no pod {n}"))
+    };
+    let (db, web) = (by_name("stack-db"), by_name("stack-web"));
+    // web was made only once db was ready: never before it.
+    assert!(
+        db.metadata.creation_timestamp <= web.metadata.creation_timestamp,
+        "web before db"
+    );
+    let claim = db
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|v| v[0].persistent_volume_claim.clone())
+        .map(|c| c.claim_name);
+    assert_eq!(claim.as_deref(), Some("stack-data"));
+    let host_port = web
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers[0].ports.as_ref())
+        .and_then(|p| p[0].host_port);
+    assert_eq!(
+        host_port,
+        Some(18481),
+        "a published port is the pod's host port"
+    );
+    let services: Api<Service> = Api::namespaced(c.admin.clone(), &ns);
+    for name in ["db", "web"] {
+        let svc = services.get(name).await.expect("a Service per container");
+        assert_eq!(
+            svc.spec.and_then(|s| s.cluster_ip).as_deref(),
+            Some("None"),
+            "headless: the name resolves to the pods"
+        );
+    }
+    let policies: Api<NetworkPolicy> = Api::namespaced(c.admin.clone(), &ns);
+    policies
+        .get("network-stack")
+        .await
+        .expect("the network's policy");
+    policies
+        .get("stack-web-published")
+        .await
+        .expect("web's published port admitted");
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(c.admin.clone(), &ns);
+    pvcs.get("stack-data").await.expect("the volume's claim");
+
+    c.kubectl_ok(
+        &[
+            "delete",
+            "deployment.poolkeeper.dev",
+            "stack",
+            "-n",
+            &ns,
+            "--timeout=60s",
+        ],
+        None,
+    );
+    eventually(
+        "everything the deployment made is gone",
+        Duration::from_secs(60),
+        async || {
+            let pods_left = pods
+                .list(&ListParams::default().labels("poolkeeper.dev/deployment=stack"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count();
+            let svc = services.get_opt("db").await.ok()?.is_some()
+                || services.get_opt("web").await.ok()?.is_some();
+            let np = policies.get_opt("network-stack").await.ok()?.is_some()
+                || policies
+                    .get_opt("stack-web-published")
+                    .await
+                    .ok()?
+                    .is_some();
+            let pvc = pvcs
+                .get_opt("stack-data")
+                .await
+                .ok()?
+                .is_some_and(|p| p.metadata.deletion_timestamp.is_none());
+            (pods_left == 0 && !svc && !np && !pvc).then_some(())
+        },
+    )
+    .await;
+    ctl.stop().await.expect("stop");
+    c.cleanup(&ns);
+}
