@@ -306,6 +306,13 @@ async fn unbinding_removes_the_label_and_remove_deletes_the_pod_and_its_service(
     unbound.await.expect("join").expect("unbound");
 
     let removed = tokio::spawn(async move { rt.remove("web-a1").await });
+    // Read first: a deployment's pod takes its Service and policy along, a pool's its own.
+    let (m, uri, _, send) = next(&mut h).await;
+    assert_eq!(
+        (m.as_str(), uri.as_str()),
+        ("GET", "/api/v1/namespaces/team/pods/web-a1")
+    );
+    send.send_response(resp(200, &pod("web-a1", "41", None)));
     let (m, uri, body, send) = next(&mut h).await;
     assert_eq!(
         (m.as_str(), uri.as_str()),
@@ -380,4 +387,46 @@ async fn the_pod_watch_becomes_instance_changes_and_removals() {
         .expect("an event")
         .expect("open");
     assert_eq!(removed, RuntimeEvent::Removed("web-a1".into()));
+}
+
+#[tokio::test]
+async fn a_network_is_a_policy_made_once_and_removed_idempotently() {
+    let (rt, mut h) = runtime();
+    let rt2 = rt.clone();
+    let made = tokio::spawn(async move { rt2.ensure_network("shop_default").await });
+    let (m, uri, body, send) = next(&mut h).await;
+    assert_eq!(
+        (m.as_str(), uri.as_str()),
+        (
+            "POST",
+            "/apis/networking.k8s.io/v1/namespaces/team/networkpolicies?"
+        )
+    );
+    assert_eq!(body["metadata"]["name"], "network-shop-default");
+    assert_eq!(
+        body["spec"]["podSelector"]["matchLabels"]["poolkeeper.dev/network"],
+        "shop_default"
+    );
+    assert_eq!(
+        body["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["poolkeeper.dev/network"],
+        "shop_default"
+    );
+    send.send_response(resp(409, &status(409, "AlreadyExists", "exists")));
+    made.await
+        .expect("join")
+        .expect("an existing policy is fine");
+    let removed = tokio::spawn(async move { rt.remove_network("shop_default").await });
+    let (m, uri, _, send) = next(&mut h).await;
+    assert_eq!(
+        (m.as_str(), uri.as_str()),
+        (
+            "DELETE",
+            "/apis/networking.k8s.io/v1/namespaces/team/networkpolicies/network-shop-default?"
+        )
+    );
+    send.send_response(resp(404, &status(404, "NotFound", "gone")));
+    removed
+        .await
+        .expect("join")
+        .expect("a missing policy is fine");
 }
