@@ -66,6 +66,14 @@ pub struct KubeRuntime {
     /// Each pod's last resourceVersion seen (watch, create, patch) and the claim it recorded
     /// then, for the bind precondition.
     versions: Arc<Mutex<Seen>>,
+    /// The load-balancer address of each LoadBalancer instance's Service, once assigned.
+    ingress: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// What the runtime's watch sees.
+enum Watched {
+    Pod(watcher::Event<Pod>),
+    Service(watcher::Event<Service>),
 }
 
 fn api_err(e: kube::Error, what: &str) -> RuntimeError {
@@ -93,6 +101,7 @@ impl KubeRuntime {
             client,
             config: Arc::new(config),
             versions: Arc::default(),
+            ingress: Arc::default(),
         }
     }
 
@@ -226,6 +235,27 @@ impl KubeRuntime {
                 (rv.clone(), pods::claim_of(pod).map(str::to_owned)),
             );
         }
+    }
+
+    /// Records a LoadBalancer Service's address; whether it changed.
+    fn note_ingress(&self, svc: &Service) -> bool {
+        let Some(host) = pods::ingress_of(svc) else {
+            return false;
+        };
+        let Ok(mut m) = self.ingress.lock() else {
+            return false;
+        };
+        m.insert(svc.name_any(), host.clone()) != Some(host)
+    }
+
+    /// The instance `pod` is, with its load balancer's address where it has one.
+    fn instance(&self, pod: &Pod) -> Option<Instance> {
+        let lb = self
+            .ingress
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&pod.name_any()).cloned());
+        instance_of(pod, lb.as_deref())
     }
 
     fn forget(&self, name: &str) {
@@ -384,22 +414,25 @@ impl Runtime for KubeRuntime {
             .list(&lp)
             .await
             .map_err(|e| api_err(e, "pods"))?;
+        if list.items.iter().any(pods::is_load_balanced) {
+            let services = self
+                .services()
+                .list(&lp)
+                .await
+                .map_err(|e| api_err(e, "services"))?;
+            for svc in &services.items {
+                self.note_ingress(svc);
+            }
+        }
         let mut out = Vec::with_capacity(list.items.len());
         for pod in &list.items {
             self.remember(pod);
-            out.extend(instance_of(pod));
+            out.extend(self.instance(pod));
         }
         Ok(out)
     }
 
     async fn create(&self, spec: InstanceSpec) -> Result<Instance> {
-        if spec.exposure == Some(poolkeeper_kinds::Exposure::LoadBalancer) {
-            return Err(RuntimeError::Failed(
-                "spec.exposure: LoadBalancer is not supported by the Kubernetes runtime yet \
-                 (use ClusterIP, NodePort or HostPort)"
-                    .to_owned(),
-            ));
-        }
         if pods::is_deployment(&spec) {
             self.deployment_parts(&spec).await?;
         }
@@ -439,7 +472,7 @@ impl Runtime for KubeRuntime {
             let _ = self.delete_pod(&spec.name).await;
             return Err(e);
         }
-        instance_of(&made)
+        self.instance(&made)
             .ok_or_else(|| RuntimeError::Failed(format!("pod {} has no name", spec.name)))
     }
 
@@ -666,12 +699,24 @@ impl Runtime for KubeRuntime {
         })
     }
 
+    /// Pods and this controller's Services, watched together: a pod's change is an instance's;
+    /// a load balancer's address assigned (or changed) is its pod's too.
     fn subscribe(&self) -> mpsc::UnboundedReceiver<RuntimeEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         let this = self.clone();
         tokio::spawn(async move {
             let config = watcher::Config::default().labels(&this.selector());
-            let mut stream = watcher(this.pods(), config).default_backoff().boxed();
+            let pods = watcher(this.pods(), config.clone())
+                .default_backoff()
+                .map(|e| e.map(Watched::Pod))
+                .boxed();
+            let services = watcher(this.services(), config)
+                .default_backoff()
+                .map(|e| e.map(Watched::Service))
+                .boxed();
+            let mut stream = futures::stream::select(pods, services);
+            // The last version of each pod, to report again when its load balancer changes.
+            let mut latest: HashMap<String, Pod> = HashMap::new();
             let mut first = true;
             loop {
                 let event = match stream.try_next().await {
@@ -683,20 +728,40 @@ impl Runtime for KubeRuntime {
                     }
                 };
                 let out = match event {
-                    watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                    Watched::Pod(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
                         this.remember(&pod);
-                        instance_of(&pod).map(RuntimeEvent::Changed)
+                        let i = this.instance(&pod).map(RuntimeEvent::Changed);
+                        if pods::is_load_balanced(&pod) {
+                            latest.insert(pod.name_any(), pod);
+                        }
+                        i
                     }
-                    watcher::Event::Delete(pod) => {
+                    Watched::Pod(watcher::Event::Delete(pod)) => {
                         let name = pod.name_any();
                         this.forget(&name);
+                        latest.remove(&name);
                         Some(RuntimeEvent::Removed(name))
                     }
-                    watcher::Event::Init => None,
+                    Watched::Pod(watcher::Event::Init) => None,
                     // A relist after the first: what changed meanwhile is known only by listing.
-                    watcher::Event::InitDone => {
+                    Watched::Pod(watcher::Event::InitDone) => {
                         (!std::mem::take(&mut first)).then_some(RuntimeEvent::Relist)
                     }
+                    Watched::Service(
+                        watcher::Event::Apply(svc) | watcher::Event::InitApply(svc),
+                    ) => this
+                        .note_ingress(&svc)
+                        .then(|| latest.get(&svc.name_any()))
+                        .flatten()
+                        .and_then(|pod| this.instance(pod))
+                        .map(RuntimeEvent::Changed),
+                    Watched::Service(watcher::Event::Delete(svc)) => {
+                        if let Ok(mut m) = this.ingress.lock() {
+                            m.remove(&svc.name_any());
+                        }
+                        None
+                    }
+                    Watched::Service(_) => None,
                 };
                 if let Some(e) = out
                     && tx.send(e).is_err()

@@ -561,9 +561,10 @@ pub fn probe_of(p: &Probe, ports: &[ContainerPort]) -> Result<KProbe, RuntimeErr
 }
 
 /// The instance a pod is: running until its container ends, ready when the pod's `Ready`
-/// condition is True, reached at its Service's DNS name (ClusterIP, LoadBalancer) or its node's
-/// address (NodePort, HostPort).
-pub fn instance_of(pod: &Pod) -> Option<Instance> {
+/// condition is True, reached at its Service's DNS name (ClusterIP), its node's address
+/// (NodePort, HostPort), or its Service's load-balancer address `lb` (LoadBalancer: not ready
+/// until the cluster has assigned one, as clients could not reach it).
+pub fn instance_of(pod: &Pod, lb: Option<&str>) -> Option<Instance> {
     let name = pod.metadata.name.clone()?;
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -586,19 +587,22 @@ pub fn instance_of(pod: &Pod) -> Option<Instance> {
     } else {
         InstanceState::Running
     };
-    let ready = state == InstanceState::Running
-        && status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let exposure = annotations
         .get(ANNOTATION_EXPOSURE)
         .map(String::as_str)
         .unwrap_or("ClusterIP");
+    let reachable = exposure != "LoadBalancer" || lb.is_some();
+    let ready = state == InstanceState::Running
+        && reachable
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let node = match exposure {
         "NodePort" | "HostPort" => status
             .and_then(|s| s.host_ip.clone())
             .or_else(|| pod.spec.as_ref().and_then(|s| s.node_name.clone()))
             .unwrap_or_default(),
+        "LoadBalancer" => lb.unwrap_or_default().to_owned(),
         _ => format!("{name}.{namespace}.svc"),
     };
     let ports = annotations
@@ -620,6 +624,29 @@ pub fn instance_of(pod: &Pod) -> Option<Instance> {
         node,
         revision,
     })
+}
+
+/// Whether the pod is exposed through a LoadBalancer Service.
+pub fn is_load_balanced(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_EXPOSURE))
+        .is_some_and(|e| e == "LoadBalancer")
+}
+
+/// The address a LoadBalancer Service's clients use, once the cluster has assigned one.
+pub fn ingress_of(svc: &Service) -> Option<String> {
+    let ingress = svc
+        .status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .clone();
+    ingress.ip.or(ingress.hostname)
 }
 
 /// The claim a pod records.
@@ -817,7 +844,7 @@ mod tests {
             ("Pod", "pod-uid")
         );
         pod.metadata.namespace = Some("team".into());
-        let i = instance_of(&pod).expect("instance");
+        let i = instance_of(&pod, None).expect("instance");
         assert_eq!(i.node, "web-a1.team.svc");
         assert_eq!(
             i.ports[0].host_port, 80,
@@ -838,7 +865,7 @@ mod tests {
             host_ip: Some("10.0.0.7".into()),
             ..Default::default()
         });
-        let i = instance_of(&pod).expect("instance");
+        let i = instance_of(&pod, None).expect("instance");
         assert_eq!((i.node.as_str(), i.ports[0].host_port), ("10.0.0.7", 30080));
     }
 
@@ -849,7 +876,7 @@ mod tests {
         };
         let mut pod = pod_for(&spec(None), "team", "ctl", None).expect("pod");
         pod.metadata.resource_version = Some("42".into());
-        let i = instance_of(&pod).expect("instance");
+        let i = instance_of(&pod, None).expect("instance");
         assert_eq!(
             (i.state, i.ready, i.revision),
             (InstanceState::Running, false, 42)
@@ -863,7 +890,7 @@ mod tests {
             }]),
             ..Default::default()
         });
-        assert!(instance_of(&pod).expect("instance").ready);
+        assert!(instance_of(&pod, None).expect("instance").ready);
         if let Some(s) = pod.status.as_mut() {
             s.phase = Some("Failed".into());
             s.container_statuses = Some(vec![ContainerStatus {
@@ -878,7 +905,7 @@ mod tests {
                 ..Default::default()
             }]);
         }
-        let i = instance_of(&pod).expect("instance");
+        let i = instance_of(&pod, None).expect("instance");
         assert_eq!(
             (i.state, i.ready),
             (InstanceState::Exited { code: Some(3) }, false)

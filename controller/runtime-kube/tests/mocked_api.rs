@@ -332,61 +332,108 @@ async fn unbinding_removes_the_label_and_remove_deletes_the_pod_and_its_service(
         .expect("removing what is gone succeeds");
 }
 
+fn lines(events: &[Value]) -> Resp {
+    let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+    Response::builder()
+        .status(200)
+        .body(Full::new(Bytes::from(text)).boxed())
+        .expect("response")
+}
+
 #[tokio::test]
-async fn the_pod_watch_becomes_instance_changes_and_removals() {
+async fn the_watches_become_instance_changes_and_a_load_balancer_address_makes_its_pod_ready() {
     let (rt, mut h) = runtime();
     let mut events = rt.subscribe();
-    // The watcher lists first ...
-    let (m, uri, _, send) = next(&mut h).await;
-    assert_eq!(m, "GET");
-    assert!(uri.contains("labelSelector="), "{uri}");
-    send.send_response(resp(
-        200,
-        &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "50"},
-                "items": [pod("web-a1", "49", None)]}),
-    ));
-    let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
-        .await
-        .expect("an event")
-        .expect("open");
-    assert!(
-        matches!(&first, RuntimeEvent::Changed(i) if i.name == "web-a1" && !i.ready),
-        "{first:?}"
-    );
-    // ... then watches from the list's version.
-    let (m, uri, _, send) = next(&mut h).await;
-    assert_eq!(m, "GET");
-    assert!(
-        uri.contains("watch=true") && uri.contains("resourceVersion=50"),
-        "{uri}"
-    );
     let mut ready = pod("web-a1", "51", None);
     ready["status"] = json!({"phase": "Running",
                               "conditions": [{"type": "Ready", "status": "True"}]});
-    let lines = format!(
-        "{}\n{}\n",
+    let mut lb = pod("lb-a1", "53", None);
+    lb["metadata"]["annotations"]["poolkeeper.dev/exposure"] = json!("LoadBalancer");
+    lb["status"] = ready["status"].clone();
+    let svc = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "lb-a1", "namespace": "team", "resourceVersion": "61"},
+        "spec": {"type": "LoadBalancer"},
+        "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}});
+    let (pods_listed, services_listed) = (
+        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "50"},
+               "items": [pod("web-a1", "49", None), lb]}),
+        json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {"resourceVersion": "60"},
+               "items": []}),
+    );
+    let watched = lines(&[
         json!({"type": "MODIFIED", "object": ready}),
-        json!({"type": "DELETED", "object": pod("web-a1", "52", None)})
-    );
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Full::new(Bytes::from(lines)).boxed())
-            .expect("response"),
-    );
-    let changed = tokio::time::timeout(Duration::from_secs(5), events.recv())
-        .await
-        .expect("an event")
-        .expect("open");
+        json!({"type": "DELETED", "object": pod("web-a1", "52", None)}),
+    ]);
+    let mut pod_watch = Some(watched);
+    let mut svc_watch = Some(lines(&[json!({"type": "ADDED", "object": svc})]));
+    // The server: lists, then each watch from its list's version (later watches are held).
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok(Some((req, send))) =
+                tokio::time::timeout(Duration::from_secs(5), h.next_request()).await
+            else {
+                return held.len();
+            };
+            let uri = req.uri().to_string();
+            let watch = uri.contains("watch=true");
+            match (uri.contains("/pods"), watch) {
+                (true, false) => send.send_response(resp(200, &pods_listed)),
+                (false, false) => send.send_response(resp(200, &services_listed)),
+                (true, true) => {
+                    assert!(
+                        uri.contains("resourceVersion=50") || pod_watch.is_none(),
+                        "{uri}"
+                    );
+                    match pod_watch.take() {
+                        Some(r) => send.send_response(r),
+                        None => held.push(send),
+                    }
+                }
+                (false, true) => {
+                    assert!(
+                        uri.contains("resourceVersion=60") || svc_watch.is_none(),
+                        "{uri}"
+                    );
+                    match svc_watch.take() {
+                        Some(r) => send.send_response(r),
+                        None => held.push(send),
+                    }
+                }
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+        seen.push(e);
+    }
+    let of = |name: &str| -> Vec<&RuntimeEvent> {
+        seen.iter()
+            .filter(|e| match e {
+                RuntimeEvent::Changed(i) => i.name == name,
+                RuntimeEvent::Removed(n) => n == name,
+                RuntimeEvent::Relist => false,
+            })
+            .collect()
+    };
+    let web = of("web-a1");
     assert!(
-        matches!(&changed, RuntimeEvent::Changed(i) if i.ready && i.revision == 51),
-        "{changed:?}"
+        matches!(web.as_slice(), [
+            RuntimeEvent::Changed(a),
+            RuntimeEvent::Changed(b),
+            RuntimeEvent::Removed(_),
+        ] if !a.ready && b.ready && b.revision == 51),
+        "{web:?}"
     );
-    let removed = tokio::time::timeout(Duration::from_secs(5), events.recv())
-        .await
-        .expect("an event")
-        .expect("open");
-    assert_eq!(removed, RuntimeEvent::Removed("web-a1".into()));
+    let lb = of("lb-a1");
+    assert!(
+        matches!(lb.as_slice(), [RuntimeEvent::Changed(a), RuntimeEvent::Changed(b)]
+            if !a.ready && b.ready && b.node == "192.0.2.7"),
+        "a load-balanced pod is ready once its address is known: {lb:?}"
+    );
+    drop(events);
+    drop(rt);
+    let _ = server.await;
 }
 
 #[tokio::test]

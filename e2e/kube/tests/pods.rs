@@ -451,3 +451,53 @@ async fn a_deployment_runs_as_pods_with_services_a_network_policy_and_a_volume_c
     ctl.stop().await.expect("stop");
     c.cleanup(&ns);
 }
+
+/// `exposure: LoadBalancer`: an instance is warm only once the cluster has given its Service an
+/// address (here the test stands in for the cloud's load-balancer controller), and that address
+/// is the claim's endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_balanced_instance_is_warm_once_its_address_is_assigned() {
+    use poolkeeper_source_kube::kube::api::{Patch, PatchParams};
+    let Some((c, ns, config, _kubelet)) = setup("podslb").await else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("tempdir");
+    let rt = Arc::new(runtime(&c, &config, &ns));
+    let (mut ctl, _) = start_on(rt, &config, &ns, state.path(), "e2e-a", None);
+    ctl.leading().await;
+    let pool = pool_yaml(&ns, 1).replace("  warm: 1\n", "  warm: 1\n  exposure: LoadBalancer\n");
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&pool));
+    let services: Api<Service> = Api::namespaced(c.admin.clone(), &ns);
+    let name = eventually(
+        "the instance's LoadBalancer Service",
+        Duration::from_secs(60),
+        async || {
+            let list = services.list(&ListParams::default()).await.ok()?;
+            let svc = list.items.into_iter().next()?;
+            (svc.spec.as_ref()?.type_.as_deref() == Some("LoadBalancer"))
+                .then_some(svc.metadata.name?)
+        },
+    )
+    .await;
+    // Running and Ready, but unreachable: not warm.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(jsonpath(&c, &ns, "pool/web", "{.status.warm}"), "0");
+    let assigned =
+        serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}});
+    services
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&assigned))
+        .await
+        .expect("the load balancer's address");
+    eventually("warm once reachable", Duration::from_secs(30), async || {
+        (jsonpath(&c, &ns, "pool/web", "{.status.warm}") == "1").then_some(())
+    })
+    .await;
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&claim_yaml(&ns, "c1")));
+    wait_bound(&c, &ns, "c1").await;
+    assert_eq!(
+        jsonpath(&c, &ns, "claim/c1", "{.status.endpoint.address}"),
+        "192.0.2.10:8080"
+    );
+    ctl.stop().await.expect("stop");
+    c.cleanup(&ns);
+}
