@@ -71,6 +71,7 @@ pub struct KubeRuntime {
 }
 
 /// What the runtime's watch sees.
+#[allow(clippy::large_enum_variant)] // one at a time, straight from the stream
 enum Watched {
     Pod(watcher::Event<Pod>),
     Service(watcher::Event<Service>),
