@@ -155,7 +155,7 @@ impl<R: Runtime> Engine<R> {
                 self.report_claim(&claim, now);
             }
         }
-        self.settle_recorded_bindings();
+        self.settle_recorded_bindings(now);
         // Quarantined or used instances that were removed while we were down.
         let st = self.store.state();
         let gone = |i: &&String| !self.instances.contains_key(*i);
@@ -200,32 +200,106 @@ impl<R: Runtime> Engine<R> {
         );
     }
 
-    /// Instances whose runtime records a claim that is gone, or bound elsewhere, are reset
-    /// (the claim was deleted while we were down and our store, if any, did not know it).
-    /// Those whose claim waits are adopted by their pool's next pass.
-    fn settle_recorded_bindings(&mut self) {
+    /// The bindings a runtime records on its instances (the pod runtime), against the store:
+    /// one the store lost (a new pod with an empty disk) is adopted, durably, before anything is
+    /// reported; one whose claim is gone, or bound elsewhere, has its instance reset.
+    fn settle_recorded_bindings(&mut self, now: u64) {
         if !self.rt.keeps_bindings() {
             return;
         }
         let st = self.store.state();
-        let stale: Vec<String> = self
-            .instances
-            .values()
-            .filter(|r| !r.resetting)
-            .filter_map(|r| {
-                let claim = r.recorded.as_ref()?;
-                let bound_to = st.claims.get(claim).and_then(|c| c.instance.as_ref());
-                let keep = match bound_to {
-                    Some(i) => *i == r.name,
-                    None => self.claims.contains_key(claim),
-                };
-                (!keep).then(|| r.name.clone())
-            })
-            .collect();
+        let mut stale = Vec::new();
+        let mut adopt = Vec::new();
+        for r in self.instances.values() {
+            let Some(claim) = r.recorded.as_ref() else {
+                continue;
+            };
+            if r.resetting || r.phase == InstancePhase::Dead {
+                continue;
+            }
+            let record = st.claims.get(claim);
+            match record.and_then(|c| c.instance.as_ref()) {
+                Some(i) if *i == r.name => {}
+                Some(_) => stale.push(r.name.clone()),
+                None => match self.claims.get(claim) {
+                    Some(c)
+                        if c.instance.is_none()
+                            && r.claim.is_none()
+                            && r.pool.as_deref() == Some(c.spec.pool.as_str())
+                            && !st.bound.contains_key(&r.name)
+                            && !st.used.contains(&r.name) =>
+                    {
+                        adopt.push((claim.clone(), r.name.clone(), record.is_none()))
+                    }
+                    _ => stale.push(r.name.clone()),
+                },
+            }
+        }
         for i in stale {
-            info!(instance = %i, "the claim its runtime records is gone: resetting it");
+            info!(instance = %i, "the claim its runtime records is gone or bound elsewhere: resetting it");
             self.reset_released(&i);
         }
+        for (claim, instance, admit) in adopt {
+            self.adopt_recorded(&claim, &instance, admit, now);
+        }
+    }
+
+    /// Binds `claim` to the instance that records it, as the matching would have.
+    fn adopt_recorded(&mut self, claim: &str, instance: &str, admit: bool, now: u64) {
+        let copy = self.needs_copy(claim);
+        let Some(c) = self.claims.get_mut(claim) else {
+            return;
+        };
+        if admit {
+            self.ops.push(Op::Admit {
+                claim: claim.to_owned(),
+                pool: c.spec.pool.clone(),
+                user: Some(c.spec.user.clone()),
+            });
+        }
+        // The lease starts again from now: when it began was on the lost disk only.
+        let default_ttl = self
+            .pools
+            .get(&c.spec.pool)
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.claim_ttl.as_deref())
+            .and_then(|t| poolkeeper_kinds::units::parse_duration(t).ok());
+        let ttl = c
+            .spec
+            .ttl
+            .as_deref()
+            .and_then(|t| poolkeeper_kinds::units::parse_duration(t).ok())
+            .or(default_ttl);
+        let expires = ttl.map(|d| now + d.as_millis() as u64);
+        c.instance = Some(instance.to_owned());
+        c.files_pending = copy;
+        c.queue_position = None;
+        c.events.push(
+            false,
+            "BindingRecovered",
+            format!("bound to {instance}, as the instance records (the state store did not)"),
+            now,
+        );
+        self.ops.push(Op::Bind {
+            claim: claim.to_owned(),
+            instance: instance.to_owned(),
+            at_ms: now,
+            expires_at_ms: expires,
+            hit: true,
+        });
+        if let Some(t) = expires {
+            self.expiries.push(Reverse((t, claim.to_owned())));
+        }
+        if let Some(r) = self.instances.get_mut(instance) {
+            r.claim = Some(claim.to_owned());
+            self.touched.insert(instance.to_owned());
+        }
+        self.dequeue(claim);
+        self.after_commit.push(AfterCommit::Bound {
+            claim: claim.to_owned(),
+            instance: instance.to_owned(),
+        });
+        info!(claim, instance, "binding recovered from the runtime");
     }
 
     pub(crate) fn ensure_draining_pool(&mut self, pool: &str, now: u64) {

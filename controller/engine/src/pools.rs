@@ -93,7 +93,8 @@ impl<R: Runtime> Engine<R> {
         let slot = poolkeeper_core::pool::classify(
             rec.phase,
             current,
-            rec.claim.is_some() || rec.recorded.is_some(),
+            // A binding the runtime records holds the instance too, while it lives.
+            rec.claim.is_some() || (rec.recorded.is_some() && rec.phase != InstancePhase::Dead),
             rec.resetting,
             rec.quarantined.is_some(),
         );

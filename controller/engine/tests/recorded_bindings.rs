@@ -136,3 +136,40 @@ async fn an_instance_another_controller_took_is_left_alone_and_the_claim_binds_a
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn a_bound_instance_that_dies_is_replaced_though_it_still_records_its_claim() {
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let first = sim.wait_bound("c1").await;
+    assert!(sim.mem.crash(&first, 137));
+    sim.wait_until(
+        "c1 bound elsewhere and the dead instance gone",
+        |snap, insts| {
+            claim_status(snap, "c1").is_some_and(|c| {
+                c.phase == ClaimPhase::Bound && c.instance.as_deref() != Some(&first)
+            }) && insts.iter().all(|i| i.name != first)
+        },
+    )
+    .await;
+    sim.wait_warm("p", 3).await;
+}
+
+#[tokio::test]
+async fn a_recorded_binding_to_an_undeclared_pool_survives_a_restart_on_an_empty_store() {
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let inst = sim.wait_bound("c1").await;
+    // The pool goes; its bound instance stays with its claim (as with a store).
+    sim.delete(Kind::Pool, "p");
+    sim.restart_with_empty_store().await;
+    assert_eq!(sim.wait_bound("c1").await, inst);
+    let snap = sim.snapshot().await;
+    let events = events_of(&snap, Kind::Claim, "c1");
+    assert!(
+        events.iter().any(|e| e.reason == "BindingRecovered"),
+        "{events:?}"
+    );
+}
