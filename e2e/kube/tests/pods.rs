@@ -109,6 +109,20 @@ fn runtime(c: &Cluster, config: &poolkeeper_source_kube::kube::Config, ns: &str)
     )
 }
 
+/// A controller on the pod runtime in `ns`, once it leads.
+async fn leading(
+    c: &Cluster,
+    config: &poolkeeper_source_kube::kube::Config,
+    ns: &str,
+    state: &std::path::Path,
+    identity: &str,
+) -> poolkeeper::kube_mode::KubeController {
+    let rt = Arc::new(runtime(c, config, ns));
+    let (mut ctl, _) = start_on(rt, config, ns, state, identity, None);
+    ctl.leading().await;
+    ctl
+}
+
 async fn wait_bound(c: &Cluster, ns: &str, claim: &str) {
     let waited = c.kubectl(&[
         "wait",
@@ -133,9 +147,7 @@ async fn a_pool_of_pods_fills_binds_on_the_pod_resets_and_replaces_a_pod_deleted
         return;
     };
     let state = tempfile::tempdir().expect("tempdir");
-    let rt = Arc::new(runtime(&c, &config, &ns));
-    let (mut ctl, _) = start_on(rt, &config, &ns, state.path(), "e2e-a", None);
-    ctl.leading().await;
+    let ctl = leading(&c, &config, &ns, state.path(), "e2e-a").await;
     c.kubectl_ok(&["apply", "-f", "-"], Some(&pool_yaml(&ns, 2)));
 
     // The pool fills with pods that carry its labels and an ownerReference to the Pool, each
@@ -229,9 +241,7 @@ async fn a_controller_restarted_with_an_empty_state_folder_keeps_every_binding()
         return;
     };
     let first = tempfile::tempdir().expect("tempdir");
-    let rt = Arc::new(runtime(&c, &config, &ns));
-    let (mut ctl, _) = start_on(rt, &config, &ns, first.path(), "e2e-a", None);
-    ctl.leading().await;
+    let ctl = leading(&c, &config, &ns, first.path(), "e2e-a").await;
     c.kubectl_ok(&["apply", "-f", "-"], Some(&pool_yaml(&ns, 2)));
     for claim in ["c1", "c2"] {
         c.kubectl_ok(&["apply", "-f", "-"], Some(&claim_yaml(&ns, claim)));
@@ -245,9 +255,7 @@ async fn a_controller_restarted_with_an_empty_state_folder_keeps_every_binding()
     // A new controller, as in a new pod: an empty state folder. The bindings come back from
     // the pods, and nothing is bound twice.
     let second = tempfile::tempdir().expect("tempdir");
-    let rt = Arc::new(runtime(&c, &config, &ns));
-    let (mut ctl, _) = start_on(rt, &config, &ns, second.path(), "e2e-b", None);
-    ctl.leading().await;
+    let ctl = leading(&c, &config, &ns, second.path(), "e2e-b").await;
     c.kubectl_ok(&["apply", "-f", "-"], Some(&claim_yaml(&ns, "c3")));
     wait_bound(&c, &ns, "c3").await;
     for claim in ["c1", "c2"] {
@@ -335,9 +343,7 @@ async fn a_deployment_runs_as_pods_with_services_a_network_policy_and_a_volume_c
         return;
     };
     let state = tempfile::tempdir().expect("tempdir");
-    let rt = Arc::new(runtime(&c, &config, &ns));
-    let (mut ctl, _) = start_on(rt, &config, &ns, state.path(), "e2e-a", None);
-    ctl.leading().await;
+    let ctl = leading(&c, &config, &ns, state.path(), "e2e-a").await;
     let dep = format!(
         "apiVersion: poolkeeper.dev/v1alpha1\nkind: Deployment\nmetadata: {{name: stack, namespace: {ns}}}\n\
          spec:\n  network: stack\n  containers:\n  - name: db\n    image: pk-test:latest\n    \
@@ -462,9 +468,7 @@ async fn a_load_balanced_instance_is_warm_once_its_address_is_assigned() {
         return;
     };
     let state = tempfile::tempdir().expect("tempdir");
-    let rt = Arc::new(runtime(&c, &config, &ns));
-    let (mut ctl, _) = start_on(rt, &config, &ns, state.path(), "e2e-a", None);
-    ctl.leading().await;
+    let ctl = leading(&c, &config, &ns, state.path(), "e2e-a").await;
     let pool = pool_yaml(&ns, 1).replace("  warm: 1\n", "  warm: 1\n  exposure: LoadBalancer\n");
     c.kubectl_ok(&["apply", "-f", "-"], Some(&pool));
     let services: Api<Service> = Api::namespaced(c.admin.clone(), &ns);
