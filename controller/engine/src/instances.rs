@@ -479,19 +479,8 @@ impl<R: Runtime> Engine<R> {
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.events.push(true, "BindConflict", msg.clone(), now);
                         }
-                        self.end_binding(&claim, &instance, RecPhase::Waiting, "BindConflict", now);
-                        self.after_commit.retain(
-                            |a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance),
-                        );
-                        if let Some(rec) = self.instances.get_mut(&instance) {
-                            self.touched.insert(instance.clone());
-                            rec.resetting = false;
-                            rec.quarantined = Some(msg.clone());
-                        }
-                        self.ops.push(Op::Quarantine {
-                            instance: instance.clone(),
-                            reason: msg,
-                        });
+                        self.unbind_without_reset(&claim, &instance, "BindConflict", now);
+                        self.quarantine(&instance, msg);
                     }
                     Err(e) => {
                         // The instance could not take the files: take it out and bind another.
@@ -516,13 +505,7 @@ impl<R: Runtime> Engine<R> {
                                 }
                             }
                         }
-                        self.end_binding(&claim, &instance, RecPhase::Waiting, "FilesFailed", now);
-                        self.after_commit.retain(
-                            |a| !matches!(a, AfterCommit::Reset { instance: i } if *i == instance),
-                        );
-                        if let Some(rec) = self.instances.get_mut(&instance) {
-                            rec.resetting = false;
-                        }
+                        self.unbind_without_reset(&claim, &instance, "FilesFailed", now);
                         if outage || give_up {
                             // Nothing is known against the instance (the runtime was unreachable,
                             // or the instance is gone, or the claim's files are at fault), and it
@@ -533,14 +516,7 @@ impl<R: Runtime> Engine<R> {
                             }
                             return;
                         }
-                        if let Some(rec) = self.instances.get_mut(&instance) {
-                            self.touched.insert(instance.clone());
-                            rec.quarantined = Some(msg.clone());
-                        }
-                        self.ops.push(Op::Quarantine {
-                            instance: instance.clone(),
-                            reason: msg,
-                        });
+                        self.quarantine(&instance, msg);
                     }
                 }
             }
@@ -693,6 +669,37 @@ impl<R: Runtime> Engine<R> {
                 });
             }
         }
+    }
+}
+
+impl<R: Runtime> Engine<R> {
+    /// Ends `claim`'s binding (it waits for another instance) without resetting `instance`:
+    /// the caller decides what becomes of it.
+    fn unbind_without_reset(
+        &mut self,
+        claim: &str,
+        instance: &str,
+        reason: &'static str,
+        now: u64,
+    ) {
+        self.end_binding(claim, instance, RecPhase::Waiting, reason, now);
+        self.after_commit
+            .retain(|a| !matches!(a, AfterCommit::Reset { instance: i } if i == instance));
+        if let Some(rec) = self.instances.get_mut(instance) {
+            rec.resetting = false;
+        }
+    }
+
+    /// Takes `instance` out of service, durably, until it is removed.
+    fn quarantine(&mut self, instance: &str, reason: String) {
+        if let Some(rec) = self.instances.get_mut(instance) {
+            self.touched.insert(instance.to_owned());
+            rec.quarantined = Some(reason.clone());
+        }
+        self.ops.push(Op::Quarantine {
+            instance: instance.to_owned(),
+            reason,
+        });
     }
 }
 

@@ -258,19 +258,8 @@ impl<R: Runtime> Engine<R> {
             });
         }
         // The lease starts again from now: when it began was on the lost disk only.
-        let default_ttl = self
-            .pools
-            .get(&c.spec.pool)
-            .and_then(|p| p.spec.as_ref())
-            .and_then(|s| s.claim_ttl.as_deref())
-            .and_then(|t| poolkeeper_kinds::units::parse_duration(t).ok());
-        let ttl = c
-            .spec
-            .ttl
-            .as_deref()
-            .and_then(|t| poolkeeper_kinds::units::parse_duration(t).ok())
-            .or(default_ttl);
-        let expires = ttl.map(|d| now + d.as_millis() as u64);
+        let pool = self.pools.get(&c.spec.pool).and_then(|p| p.spec.as_ref());
+        let expires = crate::pools::lease_expiry(&c.spec, crate::pools::pool_ttl(pool), now);
         c.instance = Some(instance.to_owned());
         c.files_pending = copy;
         c.queue_position = None;

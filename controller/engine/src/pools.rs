@@ -128,35 +128,6 @@ impl<R: Runtime> Engine<R> {
         self.dirty_pools.insert(pool.clone());
     }
 
-    /// The waiting claims of `pool` whose instance the runtime still records (a controller
-    /// restarted without its store): taken out of `waiting`, with their instance.
-    fn recorded_bindings(&self, pool: &str, waiting: &mut Vec<String>) -> Vec<(String, String)> {
-        if waiting.is_empty() || !self.rt.keeps_bindings() {
-            return Vec::new();
-        }
-        let Some(idx) = self.pool_index.get(pool) else {
-            return Vec::new();
-        };
-        let st = self.store.state();
-        let mut adopted = Vec::new();
-        for name in &idx.members {
-            let Some(r) = self.instances.get(name) else {
-                continue;
-            };
-            let Some(claim) = &r.recorded else { continue };
-            let usable = r.claim.is_none()
-                && !r.resetting
-                && r.quarantined.is_none()
-                && !st.bound.contains_key(name)
-                && !st.used.contains(name)
-                && matches!(r.phase, InstancePhase::Ready | InstancePhase::Starting);
-            if usable && let Some(at) = waiting.iter().position(|c| c == claim) {
-                adopted.push((waiting.remove(at), name.clone()));
-            }
-        }
-        adopted
-    }
-
     pub(crate) fn reconcile_pool(&mut self, name: &str, now: u64) {
         let Some(pool) = self.pools.get(name) else {
             return;
@@ -180,8 +151,6 @@ impl<R: Runtime> Engine<R> {
                 waiting.push(c.clone());
             }
         }
-        // A binding the runtime records (and our store lost) is the claim's again.
-        let adopted = self.recorded_bindings(name, &mut waiting);
         let warm: Vec<String> = self
             .pool_index
             .get(name)
@@ -194,20 +163,13 @@ impl<R: Runtime> Engine<R> {
             })
             .unwrap_or_default();
         let matching = match_claims(waiting.iter().map(String::as_str), warm);
-        let binds: Vec<(String, String)> = adopted
-            .into_iter()
-            .chain(
-                matching
-                    .binds
-                    .iter()
-                    .map(|(c, i)| ((*c).to_owned(), i.clone())),
-            )
+        let binds: Vec<(String, String)> = matching
+            .binds
+            .iter()
+            .map(|(c, i)| ((*c).to_owned(), i.clone()))
             .collect();
         let still_waiting: Vec<String> = matching.waiting.iter().map(|s| (*s).to_owned()).collect();
-        let default_ttl = spec
-            .as_ref()
-            .and_then(|s| s.claim_ttl.as_deref())
-            .and_then(|t| parse_duration(t).ok());
+        let default_ttl = pool_ttl(spec.as_ref());
         let ssh_pool = spec.as_ref().is_some_and(|s| s.template.ssh.is_some());
         // The runtime records each binding before the claim is reported Bound.
         let record = self.rt.keeps_bindings();
@@ -215,13 +177,7 @@ impl<R: Runtime> Engine<R> {
             let Some(c) = self.claims.get_mut(&claim) else {
                 continue;
             };
-            let ttl = c
-                .spec
-                .ttl
-                .as_deref()
-                .and_then(|t| parse_duration(t).ok())
-                .or(default_ttl);
-            let expires = ttl.map(|d| now + d.as_millis() as u64);
+            let expires = lease_expiry(&c.spec, default_ttl, now);
             let hit = !c.waited;
             c.queue_position = None;
             c.instance = Some(inst.clone());
@@ -684,4 +640,24 @@ impl<R: Runtime> Engine<R> {
             let _ = tx.send(Input::Done(Completion::Created { name, result }));
         });
     }
+}
+
+/// A pool's default lease (`claimTTL`).
+pub(crate) fn pool_ttl(spec: Option<&poolkeeper_kinds::PoolSpec>) -> Option<std::time::Duration> {
+    spec.and_then(|s| s.claim_ttl.as_deref())
+        .and_then(|t| parse_duration(t).ok())
+}
+
+/// When a claim bound at `now` expires: its own `ttl`, else its pool's default.
+pub(crate) fn lease_expiry(
+    claim: &poolkeeper_kinds::ClaimSpec,
+    pool_ttl: Option<std::time::Duration>,
+    now: u64,
+) -> Option<u64> {
+    claim
+        .ttl
+        .as_deref()
+        .and_then(|t| parse_duration(t).ok())
+        .or(pool_ttl)
+        .map(|d| now + d.as_millis() as u64)
 }
