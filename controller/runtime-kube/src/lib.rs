@@ -96,6 +96,38 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+/// What the API server said, or the error itself.
+fn message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => s.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Creates `obj`; one of that name already there is fine (creates are idempotent).
+async fn create_once<K>(api: &Api<K>, obj: &K, what: &str) -> Result<()>
+where
+    K: Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_code(&e, 409) => Ok(()),
+        Err(e) => Err(api_err(e, what)),
+    }
+}
+
+/// Deletes `name`; one already gone is fine.
+async fn delete_gone<K>(api: &Api<K>, name: &str, dp: &DeleteParams) -> Result<()>
+where
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    match api.delete(name, dp).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_code(&e, 404) => Ok(()),
+        Err(e) => Err(api_err(e, name)),
+    }
+}
+
 impl KubeRuntime {
     pub fn new(client: Client, config: KubeRuntimeConfig) -> Self {
         KubeRuntime {
@@ -134,11 +166,7 @@ impl KubeRuntime {
             .unwrap_or_default();
         for volume in spec.volumes.keys() {
             let pvc = pods::pvc_for(volume, ns, &dep, &self.config.controller_id);
-            match self.claims().create(&PostParams::default(), &pvc).await {
-                Ok(_) => {}
-                Err(e) if is_code(&e, 409) => {}
-                Err(e) => return Err(api_err(e, &pods::pvc_name(volume))),
-            }
+            create_once(&self.claims(), &pvc, &pods::pvc_name(volume)).await?;
         }
         if let Some(svc) = pods::container_service(spec, ns) {
             let name = svc.name_any();
@@ -168,15 +196,7 @@ impl KubeRuntime {
             }
         }
         if let Some(policy) = pods::published_policy(spec, ns) {
-            match self
-                .policies()
-                .create(&PostParams::default(), &policy)
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_code(&e, 409) => {}
-                Err(e) => return Err(api_err(e, &spec.name)),
-            }
+            create_once(&self.policies(), &policy, &spec.name).await?;
         }
         Ok(())
     }
@@ -189,15 +209,7 @@ impl KubeRuntime {
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
         let policy = pods::published_policy_name(name);
-        match self
-            .policies()
-            .delete(&policy, &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_code(&e, 404) => {}
-            Err(e) => return Err(api_err(e, &policy)),
-        }
+        delete_gone(&self.policies(), &policy, &DeleteParams::default()).await?;
         let (Some(dep), Some(container)) = (
             labels.get(poolkeeper_runtime::LABEL_DEPLOYMENT),
             labels.get(poolkeeper_runtime::LABEL_CONTAINER),
@@ -301,10 +313,7 @@ impl KubeRuntime {
             Err(e) if is_code(&e, 422) => Err(RuntimeError::Failed(format!(
                 "spec.exposure/spec.hostPorts: the Service for {} was refused: {}",
                 spec.name,
-                match &e {
-                    kube::Error::Api(s) => s.message.clone(),
-                    other => other.to_string(),
-                }
+                message(&e)
             ))),
             Err(e) => Err(api_err(e, &spec.name)),
         }
@@ -315,19 +324,11 @@ impl KubeRuntime {
             grace_period_seconds: Some(self.config.grace_seconds),
             ..DeleteParams::default()
         };
-        match self.pods().delete(name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, 404) => Ok(()),
-            Err(e) => Err(api_err(e, name)),
-        }
+        delete_gone(&self.pods(), name, &dp).await
     }
 
     async fn delete_service(&self, name: &str) -> Result<()> {
-        match self.services().delete(name, &DeleteParams::default()).await {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, 404) => Ok(()),
-            Err(e) => Err(api_err(e, name)),
-        }
+        delete_gone(&self.services(), name, &DeleteParams::default()).await
     }
 
     /// Runs `command` in the instance, feeding `stdin`; returns its exit code and output.
@@ -459,10 +460,7 @@ impl Runtime for KubeRuntime {
                 return Err(RuntimeError::Failed(format!(
                     "the pod for {} was refused: {}",
                     spec.name,
-                    match &e {
-                        kube::Error::Api(s) => s.message.clone(),
-                        other => other.to_string(),
-                    }
+                    message(&e)
                 )));
             }
             Err(e) => return Err(api_err(e, &spec.name)),
@@ -594,28 +592,16 @@ impl Runtime for KubeRuntime {
     /// published ports from anywhere).
     async fn ensure_network(&self, name: &str) -> Result<()> {
         let policy = pods::network_policy(name, &self.config.namespace);
-        match self
-            .policies()
-            .create(&PostParams::default(), &policy)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, 409) => Ok(()),
-            Err(e) => Err(api_err(e, &pods::network_policy_name(name))),
-        }
+        create_once(&self.policies(), &policy, &pods::network_policy_name(name)).await
     }
 
     async fn remove_network(&self, name: &str) -> Result<()> {
-        let policy = pods::network_policy_name(name);
-        match self
-            .policies()
-            .delete(&policy, &DeleteParams::default())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, 404) => Ok(()),
-            Err(e) => Err(api_err(e, &policy)),
-        }
+        delete_gone(
+            &self.policies(),
+            &pods::network_policy_name(name),
+            &DeleteParams::default(),
+        )
+        .await
     }
 
     /// The deployment's PersistentVolumeClaims (its named volumes).
@@ -632,12 +618,7 @@ impl Runtime for KubeRuntime {
             .await
             .map_err(|e| api_err(e, deployment))?;
         for pvc in list {
-            let name = pvc.name_any();
-            match self.claims().delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(e) if is_code(&e, 404) => {}
-                Err(e) => return Err(api_err(e, &name)),
-            }
+            delete_gone(&self.claims(), &pvc.name_any(), &DeleteParams::default()).await?;
         }
         Ok(())
     }
