@@ -1,0 +1,174 @@
+//! The runtime against the fake API server (`poolkeeper-kube-fake`), where a script of
+//! requests is not enough: exec over WebSocket (files, commands, exit codes), logs, and the
+//! watch's recovery from a lost connection and from `410 Gone`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use poolkeeper_kube_fake::FakeApi;
+use poolkeeper_runtime::{InstanceSpec, LABEL_MANAGED, LABEL_POOL, Runtime, RuntimeEvent};
+use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
+
+const NS: &str = "team";
+
+fn runtime(fake: &FakeApi) -> KubeRuntime {
+    KubeRuntime::new(
+        fake.client(),
+        KubeRuntimeConfig {
+            namespace: NS.into(),
+            controller_id: "ctl".into(),
+            grace_seconds: 0,
+        },
+    )
+}
+
+fn spec(name: &str) -> InstanceSpec {
+    let labels = BTreeMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_POOL.to_owned(), "web".to_owned()),
+    ]);
+    let mut s = InstanceSpec::plain(name, "nginx", labels.into());
+    s.exposure = Some(poolkeeper_kinds::Exposure::HostPort);
+    s
+}
+
+/// A pod made by the runtime, running.
+async fn running(fake: &FakeApi, rt: &KubeRuntime, name: &str) {
+    rt.create(spec(name)).await.unwrap();
+    assert!(fake.set_pod_status(NS, name, &poolkeeper_kube_fake::running()));
+}
+
+#[tokio::test]
+async fn files_are_copied_into_the_pod_through_exec_with_tar_on_stdin() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    running(&fake, &rt, "web-1").await;
+    let files = vec![
+        ("notes.txt".to_owned(), b"hello".to_vec()),
+        ("keys/id.pub".to_owned(), vec![b'k'; 100_000]),
+    ];
+    rt.put_files("web-1", "/data", &files).await.unwrap();
+    assert_eq!(fake.file(NS, "web-1", "/data/notes.txt").unwrap(), b"hello");
+    assert_eq!(
+        fake.file(NS, "web-1", "/data/keys/id.pub").unwrap().len(),
+        100_000,
+        "a large file arrives whole (stdin in many frames, then its close)"
+    );
+    let execs: Vec<Vec<String>> = fake.execs().into_iter().map(|(_, argv)| argv).collect();
+    assert_eq!(execs[0], ["mkdir", "-p", "/data"]);
+    assert_eq!(execs[1], ["tar", "-x", "-m", "-f", "-", "-C", "/"]);
+}
+
+#[tokio::test]
+async fn exec_passes_output_and_exit_codes_through() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    running(&fake, &rt, "web-1").await;
+    let argv = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+    let ok = rt.exec("web-1", &argv("echo fresh")).await.unwrap();
+    assert_eq!((ok.exit_code, ok.output.as_str()), (0, "fresh\n"));
+    let code = rt
+        .exec("web-1", &["sh".into(), "-c".into(), "exit 3".into()])
+        .await
+        .unwrap();
+    assert_eq!(code.exit_code, 3);
+    let missing = rt.exec("web-1", &argv("/reset.sh")).await.unwrap();
+    assert_eq!(missing.exit_code, 127);
+    assert!(missing.output.contains("command not found"), "{missing:?}");
+    fake.script("/reset.sh", 0, "reset done\n");
+    let reset = rt.exec("web-1", &argv("/reset.sh")).await.unwrap();
+    assert_eq!(
+        (reset.exit_code, reset.output.as_str()),
+        (0, "reset done\n")
+    );
+}
+
+#[tokio::test]
+async fn exec_in_a_pod_that_is_not_running_or_gone_is_an_error_naming_it() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    rt.create(spec("web-1")).await.unwrap();
+    let e = rt.exec("web-1", &["true".into()]).await.unwrap_err();
+    assert!(e.to_string().contains("web-1"), "{e}");
+    assert!(e.to_string().contains("not running"), "{e}");
+    let e = rt
+        .put_files("web-2", "/data", &[("a".into(), b"a".to_vec())])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, poolkeeper_runtime::RuntimeError::NotFound(ref n) if n == "web-2"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn logs_are_read_with_a_tail_and_followed() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    running(&fake, &rt, "web-1").await;
+    fake.append_log(NS, "web-1", "one\ntwo\nthree\n");
+    assert_eq!(rt.logs("web-1", 2).await.unwrap(), "two\nthree\n");
+    let mut follow = rt.follow_logs("web-1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fake.append_log(NS, "web-1", "four\n");
+    let line = tokio::time::timeout(Duration::from_secs(5), follow.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, "four");
+}
+
+/// Waits for an event about `name` matching `want`.
+async fn seen(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    want: impl Fn(&RuntimeEvent) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = events.recv().await {
+            if want(&e) {
+                return;
+            }
+        }
+        panic!("the event stream ended");
+    })
+    .await
+    .expect("the event never came");
+}
+
+#[tokio::test]
+async fn the_watch_recovers_from_a_lost_connection_and_from_gone_history() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    let mut events = rt.subscribe();
+    running(&fake, &rt, "web-1").await;
+    seen(
+        &mut events,
+        |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "web-1" && i.ready),
+    )
+    .await;
+
+    // The connection drops: the watch comes back from where it was and misses nothing.
+    fake.cut_watches();
+    assert!(fake.remove("pods", NS, "web-1"));
+    seen(
+        &mut events,
+        |e| matches!(e, RuntimeEvent::Removed(n) if n == "web-1"),
+    )
+    .await;
+
+    // History gone while disconnected: 410, a relist, and the engine told to list again.
+    running(&fake, &rt, "web-2").await;
+    fake.compact();
+    fake.cut_watches();
+    seen(&mut events, |e| matches!(e, RuntimeEvent::Relist)).await;
+    let names: Vec<String> = rt
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, ["web-2"]);
+}
