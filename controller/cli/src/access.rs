@@ -28,16 +28,37 @@ use poolkeeper_core::deployment::volume_name;
 use poolkeeper_engine::status::Snapshot;
 use poolkeeper_kinds::{ContainerStatus, DeploymentSpec, Kind};
 
-/// A container to reach, and the Docker node that holds it.
+/// A container to reach, and the Docker node that holds it; or a pod, and its namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// The container's name, or the pod's.
     pub container: String,
+    /// The Docker node's URL (empty for a pod).
     pub node_url: String,
+    /// The pod's namespace, on the Kubernetes runtime.
+    pub pod_namespace: Option<String>,
+}
+
+impl Target {
+    /// A pod, reached through the API server.
+    pub fn pod(namespace: &str, name: &str) -> Target {
+        Target {
+            container: name.to_owned(),
+            node_url: String::new(),
+            pod_namespace: Some(namespace.to_owned()),
+        }
+    }
 }
 
 /// Resolves a target against the controller's status.
 pub fn resolve(snap: &Snapshot, target: &str) -> anyhow::Result<Target> {
     let container = resolve_instance(snap, target)?;
+    if let Some(ns) = snap.nodes.iter().find_map(|n| n.namespace.as_deref()) {
+        if !snap.instances.iter().any(|i| i.name == container) {
+            bail!("{target}: pod {container} is not running (not in status)");
+        }
+        return Ok(Target::pod(ns, &container));
+    }
     let node = snap
         .instances
         .iter()
@@ -59,6 +80,7 @@ pub fn resolve(snap: &Snapshot, target: &str) -> anyhow::Result<Target> {
     Ok(Target {
         container,
         node_url: url,
+        pod_namespace: None,
     })
 }
 
@@ -168,6 +190,9 @@ pub async fn logs(
     since: Option<Duration>,
     tail: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
+    if t.pod_namespace.is_some() {
+        return crate::access_pods::logs(t, follow, since, tail).await;
+    }
     let docker = connect(&t.node_url).await?;
     let since = since
         .map(|d| {
@@ -207,7 +232,11 @@ pub async fn exec(
         bail!("exec needs a command after `--`");
     }
     let local_tty = tty.then(terminal::Raw::enter).transpose()?;
-    let r = exec_inner(t, command, interactive, tty).await;
+    let r = if t.pod_namespace.is_some() {
+        crate::access_pods::exec(t, command, interactive, tty).await
+    } else {
+        exec_inner(t, command, interactive, tty).await
+    };
     drop(local_tty);
     let code = r?;
     Ok(ExitCode::from(
@@ -349,16 +378,23 @@ pub fn load_steps(path: &Path) -> anyhow::Result<Steps> {
 /// and what came (exit 1).
 pub async fn run_steps(t: &Target, path: &Path) -> anyhow::Result<ExitCode> {
     let steps = load_steps(path)?;
-    let docker = connect(&t.node_url).await?;
+    let docker = match t.pod_namespace {
+        Some(_) => None,
+        None => Some(connect(&t.node_url).await?),
+    };
     let total = steps.steps.len();
     for (i, step) in steps.steps.iter().enumerate() {
         let n = i + 1;
-        let poolkeeper_runtime::ExecOutput {
-            exit_code: code,
-            output,
-        } = poolkeeper_runtime_docker::exec_output(&docker, &t.container, &step.run.argv())
-            .await
-            .with_context(|| format!("exec in {}", t.container))?;
+        let argv = step.run.argv();
+        let (code, output) = match &docker {
+            Some(docker) => {
+                let out = poolkeeper_runtime_docker::exec_output(docker, &t.container, &argv)
+                    .await
+                    .with_context(|| format!("exec in {}", t.container))?;
+                (out.exit_code, out.output)
+            }
+            None => crate::access_pods::exec_output(t, &argv).await?,
+        };
         let problems = step.problems(code, &output);
         if problems.is_empty() {
             println!("ok   {n}/{total} {}", step.name);
@@ -396,6 +432,9 @@ pub struct Stats {
 }
 
 pub async fn stats(t: &Target) -> anyhow::Result<Stats> {
+    if t.pod_namespace.is_some() {
+        return crate::access_pods::stats(t).await;
+    }
     let docker = connect(&t.node_url).await?;
     // Not one-shot: the daemon takes two samples a second apart, so CPU use is a rate.
     let opts = StatsOptionsBuilder::default()
@@ -664,6 +703,11 @@ fn deployment_node(snap: &Snapshot, dep: &str) -> anyhow::Result<String> {
     }
 }
 
+/// (rows, columns) of the local terminal.
+pub(crate) fn terminal_size() -> Option<(u16, u16)> {
+    terminal::size()
+}
+
 // ---- the local terminal ----------------------------------------------------------------------
 
 mod terminal {
@@ -770,7 +814,8 @@ mod tests {
             r("claim/alice-web"),
             Ok(Target {
                 container: "nginx-abc".into(),
-                node_url: local.clone()
+                node_url: local.clone(),
+                pod_namespace: None,
             })
         );
         assert_eq!(
@@ -787,7 +832,8 @@ mod tests {
             r("deployment/stack/web/1"),
             Ok(Target {
                 container: "stack-web-1".into(),
-                node_url: "tcp://10.0.0.2:2375".into()
+                node_url: "tcp://10.0.0.2:2375".into(),
+                pod_namespace: None,
             })
         );
     }

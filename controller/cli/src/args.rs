@@ -173,8 +173,17 @@ pub enum Command {
     /// or instance/NAME.
     Logs {
         target: String,
+        /// The directory the controller watches (its status names the container).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        /// On the Kubernetes runtime without a directory (`run --source kube`): the namespace
+        /// of the pods; `claim/` and `deployment/` targets are read from the cluster.
+        #[arg(long, conflicts_with = "dir")]
+        pod_namespace: Option<String>,
+        /// With `--pod-namespace`: the namespace of the Claim or Deployment (default: the
+        /// pods' namespace).
+        #[arg(short = 'n', long, requires = "pod_namespace")]
+        namespace: Option<String>,
         /// Keep printing new output.
         #[arg(short = 'f', long)]
         follow: bool,
@@ -189,8 +198,17 @@ pub enum Command {
     /// interactive shell with a terminal. With `--steps FILE`, run a script of checked steps.
     Exec {
         target: String,
+        /// The directory the controller watches (its status names the container).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        /// On the Kubernetes runtime without a directory (`run --source kube`): the namespace
+        /// of the pods; `claim/` and `deployment/` targets are read from the cluster.
+        #[arg(long, conflicts_with = "dir")]
+        pod_namespace: Option<String>,
+        /// With `--pod-namespace`: the namespace of the Claim or Deployment (default: the
+        /// pods' namespace).
+        #[arg(short = 'n', long, requires = "pod_namespace")]
+        namespace: Option<String>,
         /// Keep standard input open and send it to the command.
         #[arg(short = 'i', long)]
         interactive: bool,
@@ -207,8 +225,17 @@ pub enum Command {
     /// CPU and memory use of a container.
     Stats {
         target: String,
+        /// The directory the controller watches (its status names the container).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        /// On the Kubernetes runtime without a directory (`run --source kube`): the namespace
+        /// of the pods; `claim/` and `deployment/` targets are read from the cluster.
+        #[arg(long, conflicts_with = "dir")]
+        pod_namespace: Option<String>,
+        /// With `--pod-namespace`: the namespace of the Claim or Deployment (default: the
+        /// pods' namespace).
+        #[arg(short = 'n', long, requires = "pod_namespace")]
+        namespace: Option<String>,
         #[arg(short = 'o', long, value_enum)]
         output: Option<Output>,
     },

@@ -183,23 +183,28 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Logs {
             target,
             dir,
+            pod_namespace,
+            namespace,
             follow,
             since,
             tail,
         } => {
-            let t = reach_target(&dir, &target)?;
-            controller_runtime()?.block_on(crate::access::logs(&t, follow, since, tail))
+            let rt = controller_runtime()?;
+            let t = reach_target(&rt, dir, pod_namespace, namespace, &target)?;
+            rt.block_on(crate::access::logs(&t, follow, since, tail))
         }
         Command::Exec {
             target,
             dir,
+            pod_namespace,
+            namespace,
             interactive,
             tty,
             steps,
             command,
         } => {
-            let t = reach_target(&dir, &target)?;
             let rt = controller_runtime()?;
+            let t = reach_target(&rt, dir, pod_namespace, namespace, &target)?;
             match steps {
                 Some(file) => rt.block_on(crate::access::run_steps(&t, &file)),
                 None => rt.block_on(crate::access::exec(&t, &command, interactive, tty)),
@@ -208,10 +213,13 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Stats {
             target,
             dir,
+            pod_namespace,
+            namespace,
             output,
         } => {
-            let t = reach_target(&dir, &target)?;
-            let s = controller_runtime()?.block_on(crate::access::stats(&t))?;
+            let rt = controller_runtime()?;
+            let t = reach_target(&rt, dir, pod_namespace, namespace, &target)?;
+            let s = rt.block_on(crate::access::stats(&t))?;
             crate::access::print_stats(&s, output == Some(Output::Json))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -219,10 +227,27 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The container a target names, from the running controller's status.
-fn reach_target(dir: &Path, target: &str) -> anyhow::Result<crate::access::Target> {
-    let (snap, _) = load_snapshot(dir)?;
-    crate::access::resolve(&snap, target)
+/// The container a target names, from the running controller's status; or the pod, from the
+/// cluster's objects (`--pod-namespace`).
+fn reach_target(
+    rt: &tokio::runtime::Runtime,
+    dir: Option<PathBuf>,
+    pod_namespace: Option<String>,
+    namespace: Option<String>,
+    target: &str,
+) -> anyhow::Result<crate::access::Target> {
+    match (dir, pod_namespace) {
+        (_, Some(pods)) => rt.block_on(crate::access_pods::resolve(
+            &pods,
+            namespace.as_deref().unwrap_or(&pods),
+            target,
+        )),
+        (Some(dir), None) => {
+            let (snap, _) = load_snapshot(&dir)?;
+            crate::access::resolve(&snap, target)
+        }
+        (None, None) => anyhow::bail!("{target}: give --dir DIR or --pod-namespace NS"),
+    }
 }
 
 fn deployment_arg(s: &str) -> anyhow::Result<&str> {

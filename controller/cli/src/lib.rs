@@ -15,6 +15,7 @@
 //! - [`bench`]: the benchmarks.
 
 pub mod access;
+pub mod access_pods;
 pub mod args;
 pub mod bench;
 pub mod cli;

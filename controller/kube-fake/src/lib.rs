@@ -258,7 +258,7 @@ impl FakeApi {
         self.inner.notify();
     }
 
-    /// Every request so far, as `VERB PATH`.
+    /// Every request so far, as `VERB PATH?QUERY`.
     pub fn requests(&self) -> Vec<String> {
         self.inner.lock().requests.clone()
     }
@@ -498,6 +498,10 @@ fn not_found(t: &Target, name: &str) -> Response {
 
 async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
+    let asked = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| path.clone(), ToString::to_string);
     let q = query(&req);
     let Some(t) = parse_path(&path) else {
         return status(
@@ -525,7 +529,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     };
     {
         let mut s = inner.lock();
-        s.requests.push(format!("{} {path}", req.method()));
+        s.requests.push(format!("{} {asked}", req.method()));
         if let Some(f) = s
             .faults
             .iter_mut()
@@ -547,7 +551,13 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         "list" => list(&inner, &t, &q),
         "get" => get(&inner, &t),
         "deletecollection" => delete_collection(&inner, &t, &q),
-        "delete" => delete(&inner, &t),
+        "delete" => {
+            let bytes = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
+            let options: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            delete(&inner, &t, &options)
+        }
         "create" | "patch" | "update" => {
             let bytes = match axum::body::to_bytes(req.into_body(), 64 << 20).await {
                 Ok(b) => b,
@@ -677,13 +687,26 @@ fn patch(inner: &Inner, t: &Target, body: &Value, replace: bool) -> Response {
     respond(200, &after)
 }
 
-fn delete(inner: &Inner, t: &Target) -> Response {
+/// Deletes an object; the options' `preconditions.uid` must match when given.
+fn delete(inner: &Inner, t: &Target, options: &Value) -> Response {
     let name = t.name.clone().unwrap_or_default();
     let key = key_of(t, &name);
     let mut s = inner.lock();
     let Some(before) = s.objects.get(&key).cloned() else {
         return not_found(t, &name);
     };
+    if let Some(uid) = options["preconditions"]["uid"].as_str()
+        && before["metadata"]["uid"].as_str() != Some(uid)
+    {
+        return status(
+            409,
+            "Conflict",
+            &format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                before["metadata"]["uid"].as_str().unwrap_or_default()
+            ),
+        );
+    }
     delete_object(&mut s, &key);
     drop(s);
     inner.notify();
@@ -1002,7 +1025,25 @@ async fn session<S>(
         out,
     };
     let runner = tokio::spawn(async move {
-        let code = run(&inner, &pod, &argv, &mut s).await;
+        // A pod deleted under a command ends it, as its container's death would.
+        let mut changed = inner.changed.subscribe();
+        let (ns, name) = pod.split_once('/').unwrap_or_default();
+        let key = Key {
+            resource: "pods".to_owned(),
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        };
+        let gone = async {
+            while inner.lock().objects.contains_key(&key) {
+                if changed.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let code = tokio::select! {
+            code = run(&inner, &pod, &argv, &mut s) => code,
+            () = gone => 137,
+        };
         let status = if code == 0 {
             json!({"metadata": {}, "status": "Success"})
         } else {

@@ -392,6 +392,7 @@ impl DockerRuntime {
                 instances: st.instances.values().filter(|t| t.node == i).count(),
                 message: st.messages[i].clone(),
                 api_version: Some(n.docker.client_version().to_string()),
+                namespace: None,
             })
             .collect()
     }

@@ -31,6 +31,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{
     Api, AttachParams, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams,
+    Preconditions,
 };
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -40,7 +41,7 @@ use tracing::{debug, warn};
 
 use poolkeeper_runtime::{
     ExecOutput, Instance, InstanceSpec, LABEL_CLAIM, LABEL_CONTROLLER, LABEL_MANAGED, LABEL_POOL,
-    Result, Runtime, RuntimeError, RuntimeEvent,
+    NodeStatus, Result, Runtime, RuntimeError, RuntimeEvent,
 };
 
 pub use pods::{ANNOTATION_EXPOSURE, ANNOTATION_PORTS, instance_of};
@@ -68,6 +69,8 @@ pub struct KubeRuntime {
     versions: Arc<Mutex<Seen>>,
     /// The load-balancer address of each LoadBalancer instance's Service, once assigned.
     ingress: Arc<Mutex<HashMap<String, String>>>,
+    /// Why the pod watch fails, while it does.
+    watch_error: Arc<Mutex<Option<String>>>,
 }
 
 /// What the runtime's watch sees.
@@ -135,6 +138,7 @@ impl KubeRuntime {
             config: Arc::new(config),
             versions: Arc::default(),
             ingress: Arc::default(),
+            watch_error: Arc::default(),
         }
     }
 
@@ -271,6 +275,12 @@ impl KubeRuntime {
         instance_of(pod, lb.as_deref())
     }
 
+    fn set_watch_error(&self, e: Option<String>) {
+        if let Ok(mut w) = self.watch_error.lock() {
+            *w = e;
+        }
+    }
+
     fn forget(&self, name: &str) {
         if let Ok(mut v) = self.versions.lock() {
             v.remove(name);
@@ -325,6 +335,33 @@ impl KubeRuntime {
             ..DeleteParams::default()
         };
         delete_gone(&self.pods(), name, &dp).await
+    }
+
+    /// Deletes an instance's Service once its pod (of uid `pod_uid`) is gone, as the cluster's
+    /// garbage collector does (a bare API server has none, and a pod deleted while no
+    /// controller watched would leave it behind). A Service made since for a new pod of the
+    /// same name is left alone.
+    async fn drop_orphan_service(&self, name: &str, pod_uid: &str) {
+        let svc = match self.services().get_opt(name).await {
+            Ok(Some(svc)) if pods::owner_pod_uid(&svc) == Some(pod_uid) => svc,
+            Ok(_) => return,
+            Err(e) => {
+                debug!(service = name, error = %e, "cannot read an orphaned Service");
+                return;
+            }
+        };
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: svc.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match self.services().delete(name, &dp).await {
+            Ok(_) => debug!(service = name, "deleted the Service of a pod that is gone"),
+            Err(e) if is_code(&e, 404) || is_code(&e, 409) => {}
+            Err(e) => warn!(service = name, error = %e, "cannot delete an orphaned Service"),
+        }
     }
 
     async fn delete_service(&self, name: &str) -> Result<()> {
@@ -404,6 +441,28 @@ impl Runtime for KubeRuntime {
         "kube"
     }
 
+    /// The cluster as one node: the pods' namespace, how many pods it holds, and whether the
+    /// pod watch works.
+    fn nodes(&self) -> Vec<NodeStatus> {
+        let instances = self.versions.lock().map(|v| v.len()).unwrap_or(0);
+        let message = self.watch_error.lock().ok().and_then(|e| e.clone());
+        vec![NodeStatus {
+            name: "kubernetes".to_owned(),
+            url: String::new(),
+            address: String::new(),
+            state: if message.is_some() {
+                "Unreachable"
+            } else {
+                "Ready"
+            }
+            .to_owned(),
+            instances,
+            message,
+            api_version: None,
+            namespace: Some(self.config.namespace.clone()),
+        }]
+    }
+
     /// `node` is already the address a client uses (a Service's DNS name, or a node's IP).
     fn endpoint_host(&self, node: &str) -> String {
         node.to_owned()
@@ -411,19 +470,29 @@ impl Runtime for KubeRuntime {
 
     async fn list(&self) -> Result<Vec<Instance>> {
         let lp = ListParams::default().labels(&self.selector());
+        // Services first: one whose pod is missing from the later list of pods is an orphan
+        // (a pod is made before its Service).
+        let services = self
+            .services()
+            .list(&lp)
+            .await
+            .map_err(|e| api_err(e, "services"))?;
         let list = self
             .pods()
             .list(&lp)
             .await
             .map_err(|e| api_err(e, "pods"))?;
-        if list.items.iter().any(pods::is_load_balanced) {
-            let services = self
-                .services()
-                .list(&lp)
-                .await
-                .map_err(|e| api_err(e, "services"))?;
-            for svc in &services.items {
-                self.note_ingress(svc);
+        let uids: std::collections::HashSet<&str> = list
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.uid.as_deref())
+            .collect();
+        for svc in &services.items {
+            self.note_ingress(svc);
+            if let Some(owner) = pods::owner_pod_uid(svc)
+                && !uids.contains(owner)
+            {
+                self.drop_orphan_service(&svc.name_any(), owner).await;
             }
         }
         let mut out = Vec::with_capacity(list.items.len());
@@ -494,7 +563,21 @@ impl Runtime for KubeRuntime {
     async fn restart(&self, name: &str) -> Result<()> {
         let old = self.pods().get(name).await.map_err(|e| api_err(e, name))?;
         let fresh = pods::fresh_copy(&old);
+        // Its Service is owned by the old pod, so the garbage collector takes it with the pod:
+        // it is made again for the new one.
+        let service = if old
+            .labels()
+            .contains_key(poolkeeper_runtime::LABEL_DEPLOYMENT)
+        {
+            None
+        } else {
+            self.services()
+                .get_opt(name)
+                .await
+                .map_err(|e| api_err(e, name))?
+        };
         self.delete_pod(name).await?;
+        self.delete_service(name).await?;
         // The name is free once the old pod is gone (its grace period, at most).
         let deadline = tokio::time::Instant::now()
             + Duration::from_secs(u64::from(self.config.grace_seconds) + 30);
@@ -517,6 +600,9 @@ impl Runtime for KubeRuntime {
             .await
             .map_err(|e| api_err(e, name))?;
         self.remember(&made);
+        if let Some(old) = service {
+            create_once(&self.services(), &pods::service_again(&old, &made), name).await?;
+        }
         Ok(())
     }
 
@@ -702,10 +788,14 @@ impl Runtime for KubeRuntime {
             let mut first = true;
             loop {
                 let event = match stream.try_next().await {
-                    Ok(Some(e)) => e,
+                    Ok(Some(e)) => {
+                        this.set_watch_error(None);
+                        e
+                    }
                     Ok(None) => return,
                     Err(e) => {
                         warn!(error = %e, "pod watch failed; retrying");
+                        this.set_watch_error(Some(format!("the pod watch fails: {e}")));
                         continue;
                     }
                 };
@@ -720,6 +810,17 @@ impl Runtime for KubeRuntime {
                     }
                     Watched::Pod(watcher::Event::Delete(pod)) => {
                         let name = pod.name_any();
+                        if let Some(uid) = pod.metadata.uid.clone()
+                            && !pod
+                                .labels()
+                                .contains_key(poolkeeper_runtime::LABEL_DEPLOYMENT)
+                        {
+                            let this = this.clone();
+                            let name = name.clone();
+                            tokio::spawn(
+                                async move { this.drop_orphan_service(&name, &uid).await },
+                            );
+                        }
                         this.forget(&name);
                         latest.remove(&name);
                         Some(RuntimeEvent::Removed(name))

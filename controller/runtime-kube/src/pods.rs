@@ -323,6 +323,45 @@ pub fn service_for(spec: &InstanceSpec, namespace: &str, pod: &Pod) -> Option<Se
     })
 }
 
+/// The uid of the pod that owns an instance's Service.
+pub fn owner_pod_uid(svc: &Service) -> Option<&str> {
+    svc.metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.kind == "Pod" && o.api_version == "v1")
+        .map(|o| o.uid.as_str())
+}
+
+/// An instance's Service made again for its pod made again under the same name (a `Restart`
+/// reset): the same ports and selector, owned by the new pod (the garbage collector takes a
+/// Service whose owner is gone), with the addresses the cluster assigns left to it.
+pub fn service_again(old: &Service, pod: &Pod) -> Service {
+    let mut spec = old.spec.clone().unwrap_or_default();
+    spec.cluster_ip = None;
+    spec.cluster_ips = None;
+    let owner = pod.metadata.uid.as_ref().map(|uid| OwnerReference {
+        api_version: "v1".to_owned(),
+        kind: "Pod".to_owned(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    });
+    Service {
+        metadata: ObjectMeta {
+            name: old.metadata.name.clone(),
+            namespace: old.metadata.namespace.clone(),
+            labels: old.metadata.labels.clone(),
+            annotations: old.metadata.annotations.clone(),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
 /// The label that names an instance's pod, for its Service's selector.
 pub const POD_NAME_LABEL: &str = "poolkeeper.dev/instance";
 /// The deployment network a pod is on (its NetworkPolicy selects it by this label).

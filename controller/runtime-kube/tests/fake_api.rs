@@ -172,3 +172,71 @@ async fn the_watch_recovers_from_a_lost_connection_and_from_gone_history() {
         .collect();
     assert_eq!(names, ["web-2"]);
 }
+
+fn served(name: &str) -> InstanceSpec {
+    let mut s = spec(name);
+    s.exposure = Some(poolkeeper_kinds::Exposure::ClusterIP);
+    s.container_ports = vec![poolkeeper_kinds::ContainerPort {
+        name: "http".into(),
+        container_port: 80,
+        protocol: poolkeeper_kinds::Protocol::Tcp,
+    }];
+    s
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_service_goes_with_its_pod_deleted_behind_our_back_watched_or_not() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    let events = rt.subscribe();
+    rt.create(served("web-1")).await.unwrap();
+    assert!(fake.get("services", NS, "web-1").is_some());
+    // Seen by the watch.
+    fake.remove("pods", NS, "web-1");
+    until("the Service of a deleted pod goes", || {
+        fake.get("services", NS, "web-1").is_none()
+    })
+    .await;
+
+    // Unseen (no controller watched): the next list finds the orphan.
+    drop(events);
+    drop(rt);
+    let quiet = runtime(&fake);
+    quiet.create(served("web-2")).await.unwrap();
+    fake.remove("pods", NS, "web-2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        fake.get("services", NS, "web-2").is_some(),
+        "nobody watched"
+    );
+    quiet.list().await.unwrap();
+    until("the orphaned Service goes at the next list", || {
+        fake.get("services", NS, "web-2").is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_pod_gets_its_service_again_owned_by_the_new_pod() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    rt.create(served("web-1")).await.unwrap();
+    let old_uid = fake.get("pods", NS, "web-1").unwrap()["metadata"]["uid"].clone();
+    rt.restart("web-1").await.unwrap();
+    let pod = fake.get("pods", NS, "web-1").unwrap();
+    assert_ne!(pod["metadata"]["uid"], old_uid, "a new pod");
+    let svc = fake.get("services", NS, "web-1").expect("its Service");
+    assert_eq!(
+        svc["metadata"]["ownerReferences"][0]["uid"], pod["metadata"]["uid"],
+        "owned by the new pod, so the garbage collector does not take it"
+    );
+    assert_eq!(svc["spec"]["ports"][0]["port"], 80);
+}

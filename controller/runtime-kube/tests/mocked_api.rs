@@ -225,6 +225,18 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
     let (rt, mut h) = runtime();
     let rt2 = rt.clone();
     let listed = tokio::spawn(async move { rt2.list().await });
+    // Services first (to find those whose pod is gone), then pods.
+    let (m, uri, _, send) = next(&mut h).await;
+    assert_eq!(m, "GET");
+    assert!(
+        uri.starts_with("/api/v1/namespaces/team/services?"),
+        "{uri}"
+    );
+    send.send_response(resp(
+        200,
+        &json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {"resourceVersion": "20"},
+                "items": []}),
+    ));
     let (m, uri, _, send) = next(&mut h).await;
     assert_eq!(m, "GET");
     assert!(uri.starts_with("/api/v1/namespaces/team/pods?"), "{uri}");

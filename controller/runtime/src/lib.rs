@@ -157,6 +157,10 @@ pub struct NodeStatus {
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
+    /// The namespace of its pods (the Kubernetes runtime): where `logs`, `exec` and `stats`
+    /// find them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

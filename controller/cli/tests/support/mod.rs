@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod pty;
+
 pub const IMAGE: &str = "poolkeeper-workload:test";
 
 pub fn repo() -> PathBuf {

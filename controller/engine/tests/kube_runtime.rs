@@ -1,0 +1,536 @@
+//! The simulation's invariants on the Kubernetes runtime: the engine drives `KubeRuntime`
+//! against the fake API server (`poolkeeper-kube-fake`, which also acts as the kubelet), through
+//! random operations and faults (pods deleted or failing behind its back, refused creates and
+//! binds, watches cut or expired, controller restarts with and without their state folder).
+//! At every step: no pod is bound to two claims, and a Bound claim's pod records it (the
+//! binding lives in the cluster). At the end: the pools converge, a restart with an empty state
+//! folder keeps every binding, and deleting everything leaves no pod and no Service behind.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use serde_json::Value;
+
+use common::{bindings, claim, claim_status, pool_with_ports, user, with_files};
+use poolkeeper_engine::status::Snapshot;
+use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
+use poolkeeper_kinds::{
+    ClaimPhase, Exposure, Kind, ObjKey, Object, Origin, PoolSpec, ResetPolicy, Spec,
+};
+use poolkeeper_kube_fake::FakeApi;
+use poolkeeper_runtime::{LABEL_CLAIM, LABEL_POOL};
+use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
+
+const NS: &str = "sim";
+const POOLS: [&str; 2] = ["web", "ssh"];
+const CLAIMS: usize = 6;
+const USER: &str = "u";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct World {
+    fake: FakeApi,
+    dir: tempfile::TempDir,
+    handle: EngineHandle,
+    join: Option<tokio::task::JoinHandle<()>>,
+    declared: BTreeMap<ObjKey, Object>,
+    generation: i64,
+}
+
+/// A controller: a new runtime (its own caches, as a new process has) on the same cluster.
+fn start(fake: &FakeApi, dir: &tempfile::TempDir) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    let rt = Arc::new(KubeRuntime::new(
+        fake.client(),
+        KubeRuntimeConfig {
+            namespace: NS.into(),
+            controller_id: "sim".into(),
+            grace_seconds: 0,
+        },
+    ));
+    let mut cfg = EngineConfig::new(dir.path().join("state"));
+    cfg.sync = false;
+    cfg.resync_every = Duration::from_secs(2);
+    poolkeeper_engine::start(rt, cfg).unwrap()
+}
+
+impl World {
+    async fn new() -> World {
+        let fake = FakeApi::start().await;
+        fake.run_kubelet(NS);
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, join) = start(&fake, &dir);
+        handle.send(SourceEvent::Synced).unwrap();
+        World {
+            fake,
+            dir,
+            handle,
+            join: Some(join),
+            declared: BTreeMap::new(),
+            generation: 0,
+        }
+    }
+
+    fn apply(&mut self, name: &str, spec: Spec) {
+        self.generation += 1;
+        let obj = Object {
+            name: name.to_owned(),
+            spec,
+            origin: Origin {
+                file: format!("/sim/{name}.yaml").into(),
+                line: 1,
+                col: 1,
+            },
+            generation: self.generation,
+        };
+        self.declared.insert(obj.key(), obj.clone());
+        self.handle.apply(obj).unwrap();
+    }
+
+    fn delete(&mut self, kind: Kind, name: &str) {
+        let key = ObjKey::new(kind, name);
+        self.declared.remove(&key);
+        self.handle.delete(key).unwrap();
+    }
+
+    /// The controller killed wherever it is, and started again (on a new state folder when
+    /// `empty`: a new pod without a volume).
+    async fn restart(&mut self, empty: bool) {
+        if let Some(j) = self.join.take() {
+            j.abort();
+            let _ = j.await;
+        }
+        if empty {
+            self.dir = tempfile::tempdir().unwrap();
+        }
+        let (handle, join) = start(&self.fake, &self.dir);
+        for o in self.declared.values() {
+            handle.apply(o.clone()).unwrap();
+        }
+        handle.send(SourceEvent::Synced).unwrap();
+        self.handle = handle;
+        self.join = Some(join);
+    }
+
+    async fn snapshot(&self) -> Snapshot {
+        // Two: the second after a whole pass that saw the first's changes.
+        self.handle.snapshot().await.unwrap();
+        self.handle.snapshot().await.unwrap()
+    }
+
+    fn pods(&self) -> Vec<Value> {
+        self.fake.list("pods", NS)
+    }
+
+    fn pool_spec(&self, name: &str) -> Option<PoolSpec> {
+        match self
+            .declared
+            .get(&ObjKey::new(Kind::Pool, name))
+            .map(|o| &o.spec)
+        {
+            Some(Spec::Pool(p)) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    fn claim_pool(&self, name: &str) -> Option<String> {
+        match self
+            .declared
+            .get(&ObjKey::new(Kind::Claim, name))
+            .map(|o| &o.spec)
+        {
+            Some(Spec::Claim(c)) => Some(c.pool.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn label<'a>(pod: &'a Value, key: &str) -> Option<&'a str> {
+    pod["metadata"]["labels"][key].as_str()
+}
+
+fn name(pod: &Value) -> &str {
+    pod["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn describe(snap: &Snapshot, pods: &[Value]) -> String {
+    let mut out = String::from("claims:\n");
+    for (c, i) in bindings(snap) {
+        out.push_str(&format!("  {c} -> {i}\n"));
+    }
+    out.push_str("pods:\n");
+    for p in pods {
+        out.push_str(&format!(
+            "  {} pool={:?} claim={:?} phase={}\n",
+            name(p),
+            label(p, LABEL_POOL),
+            label(p, LABEL_CLAIM),
+            p["status"]["phase"]
+        ));
+    }
+    out
+}
+
+/// What must hold after every step.
+fn check_safety(w: &World, snap: &Snapshot) {
+    let pods = w.pods();
+    let mut holders: BTreeMap<String, String> = BTreeMap::new();
+    for (c, i) in bindings(snap) {
+        if let Some(other) = holders.insert(i.clone(), c.clone()) {
+            panic!(
+                "pod {i} is bound to {other} and {c}\n{}",
+                describe(snap, &pods)
+            );
+        }
+        let Some(pod) = pods.iter().find(|p| name(p) == i) else {
+            continue; // deleted behind the controller's back, not seen yet
+        };
+        assert_eq!(
+            label(pod, LABEL_CLAIM),
+            Some(c.as_str()),
+            "{c} is Bound to {i}, whose pod does not record it\n{}",
+            describe(snap, &pods)
+        );
+        // A bound pod holds its claim's files and nobody else's.
+        let own = format!("/data/{c}.txt");
+        for other in 0..CLAIMS {
+            let path = format!("/data/c{other}.txt");
+            if path != own && w.fake.file(NS, &i, &path).is_some() {
+                panic!(
+                    "{c} is bound to {i}, which holds {path}\n{}",
+                    describe(snap, &pods)
+                );
+            }
+        }
+    }
+}
+
+/// Whether the world has converged: every declared pool has its warm pods, all running, and
+/// every claim that fits is Bound to a pod of its pool that records it.
+fn converged(w: &World, snap: &Snapshot) -> Result<(), String> {
+    let pods = w.pods();
+    let binds = bindings(snap);
+    for p in &pods {
+        if p["status"]["phase"] != "Running" {
+            return Err(format!("{} is not running", name(p)));
+        }
+    }
+    for pool in POOLS {
+        let mine: Vec<&Value> = pods
+            .iter()
+            .filter(|p| label(p, LABEL_POOL) == Some(pool))
+            .collect();
+        let bound = mine
+            .iter()
+            .filter(|p| binds.values().any(|i| i == name(p)))
+            .count() as u32;
+        let want = match w.pool_spec(pool) {
+            Some(spec) => {
+                let max = spec.max.unwrap_or(u32::MAX);
+                bound + spec.warm.min(max.saturating_sub(bound))
+            }
+            None => bound,
+        };
+        if mine.len() as u32 != want {
+            return Err(format!(
+                "pool {pool}: {} pods, want {want} ({bound} bound)",
+                mine.len()
+            ));
+        }
+    }
+    for c in 0..CLAIMS {
+        let cname = format!("c{c}");
+        let Some(pool) = w.claim_pool(&cname) else {
+            continue;
+        };
+        let Some(spec) = w.pool_spec(&pool) else {
+            continue;
+        };
+        let st = claim_status(snap, &cname).ok_or(format!("{cname} not shown"))?;
+        match (st.phase, &st.instance) {
+            (ClaimPhase::Bound, Some(i)) => {
+                let pod = pods
+                    .iter()
+                    .find(|p| name(p) == i)
+                    .ok_or(format!("{cname}'s pod {i} is gone"))?;
+                if label(pod, LABEL_CLAIM) != Some(cname.as_str()) {
+                    return Err(format!("{cname}'s pod {i} does not record it"));
+                }
+            }
+            (ClaimPhase::Pending, _) => {
+                let bound = binds
+                    .keys()
+                    .filter(|k| w.claim_pool(k).as_deref() == Some(pool.as_str()))
+                    .count() as u32;
+                if bound < spec.max.unwrap_or(u32::MAX) {
+                    return Err(format!("{cname} waits while {pool} has room"));
+                }
+            }
+            (phase, _) => return Err(format!("{cname} is {phase:?}")),
+        }
+    }
+    Ok(())
+}
+
+async fn settle(w: &World, what: &str) -> Snapshot {
+    w.handle.resync().await.unwrap();
+    let start = Instant::now();
+    loop {
+        let snap = w.snapshot().await;
+        match converged(w, &snap) {
+            Ok(()) => return snap,
+            Err(e) if start.elapsed() > DEADLINE => {
+                panic!(
+                    "{what}: did not converge: {e}\n{}",
+                    describe(&snap, &w.pods())
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn pool_spec(p: usize, warm: u32, max: u32) -> PoolSpec {
+    let mut s = pool_with_ports(
+        &format!("img{p}"),
+        warm,
+        Some(max),
+        31_000 + 20 * p as u16,
+        31_019 + 20 * p as u16,
+    );
+    if p == 0 {
+        // Recreated, with files: a used pod must never be handed on.
+        s = with_files(s, "/data");
+        s.exposure = Some(Exposure::ClusterIP);
+    } else {
+        // Deleted and made again under its name, reached through a node port.
+        s.reset = ResetPolicy::Restart;
+        s.exposure = Some(Exposure::NodePort);
+    }
+    s
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Pool {
+        p: usize,
+        warm: u32,
+        max: u32,
+    },
+    DeletePool {
+        p: usize,
+    },
+    Claim {
+        c: usize,
+        p: usize,
+    },
+    DeleteClaim {
+        c: usize,
+    },
+    /// A pod deleted behind the controller's back.
+    DeletePod {
+        pick: usize,
+    },
+    /// A pod's container exits (the kubelet reports it Failed).
+    FailPod {
+        pick: usize,
+    },
+    FailCreates {
+        n: u32,
+    },
+    /// The next bind patches are refused as stale (another writer got there first).
+    FailBinds {
+        n: u32,
+    },
+    CutWatches,
+    /// The watch's history is gone: 410 and a relist.
+    Compact,
+    Kill,
+    EmptyStore,
+    Wait {
+        ms: u64,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..2usize, 0..=3u32, 1..=4u32).prop_map(|(p, warm, max)| Step::Pool { p, warm: warm.min(max), max }),
+        1 => (0..2usize).prop_map(|p| Step::DeletePool { p }),
+        8 => (0..CLAIMS, 0..2usize).prop_map(|(c, p)| Step::Claim { c, p }),
+        3 => (0..CLAIMS).prop_map(|c| Step::DeleteClaim { c }),
+        1 => any::<usize>().prop_map(|pick| Step::DeletePod { pick }),
+        1 => any::<usize>().prop_map(|pick| Step::FailPod { pick }),
+        1 => (1..=3u32).prop_map(|n| Step::FailCreates { n }),
+        1 => (1..=3u32).prop_map(|n| Step::FailBinds { n }),
+        1 => Just(Step::CutWatches),
+        1 => Just(Step::Compact),
+        1 => Just(Step::Kill),
+        1 => Just(Step::EmptyStore),
+        2 => (0..40u64).prop_map(|ms| Step::Wait { ms }),
+    ]
+}
+
+/// Bound claims whose pod is there, once the controller has seen the world.
+async fn durable(w: &World) -> BTreeMap<String, String> {
+    let snap = w.snapshot().await;
+    let pods = w.pods();
+    bindings(&snap)
+        .into_iter()
+        .filter(|(_, i)| pods.iter().any(|p| name(p) == i))
+        .collect()
+}
+
+async fn check_kept(w: &World, before: &BTreeMap<String, String>) {
+    let start = Instant::now();
+    loop {
+        let snap = w.snapshot().await;
+        let now = bindings(&snap);
+        if before.iter().all(|(c, i)| now.get(c) == Some(i)) {
+            return;
+        }
+        // A pod that failed or went meanwhile may rebind its claim elsewhere; only those.
+        let pods = w.pods();
+        let lost: Vec<&String> = before
+            .iter()
+            .filter(|(c, i)| {
+                now.get(*c) != Some(*i)
+                    && pods
+                        .iter()
+                        .any(|p| name(p) == i.as_str() && p["status"]["phase"] == "Running")
+            })
+            .map(|(c, _)| c)
+            .collect();
+        if lost.is_empty() && before.keys().all(|c| now.contains_key(c)) {
+            return;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!(
+                "bindings lost across a restart: {lost:?}\nbefore: {before:?}\n{}",
+                describe(&snap, &pods)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run(steps: Vec<Step>) {
+    let mut w = World::new().await;
+    w.apply(USER, Spec::User(user(100)));
+    for s in steps {
+        let what = format!("{s:?}");
+        tokio::time::timeout(DEADLINE * 2, one_step(&mut w, s))
+            .await
+            .unwrap_or_else(|_| panic!("step {what} did not end"));
+    }
+    settle(&w, "after the random steps").await;
+    finish(w).await;
+}
+
+async fn one_step(w: &mut World, s: Step) {
+    {
+        let pick = |w: &World, pick: usize| {
+            let pods = w.pods();
+            (!pods.is_empty()).then(|| name(&pods[pick % pods.len()]).to_owned())
+        };
+        match s {
+            Step::Pool { p, warm, max } => w.apply(POOLS[p], Spec::Pool(pool_spec(p, warm, max))),
+            Step::DeletePool { p } => w.delete(Kind::Pool, POOLS[p]),
+            Step::Claim { c, p } => {
+                let mut spec = claim(POOLS[p], USER);
+                spec.files = BTreeMap::from([(format!("c{c}.txt"), format!("c{c}"))]);
+                w.apply(&format!("c{c}"), Spec::Claim(spec));
+            }
+            Step::DeleteClaim { c } => w.delete(Kind::Claim, &format!("c{c}")),
+            Step::DeletePod { pick: n } => {
+                if let Some(p) = pick(w, n) {
+                    w.fake.remove("pods", NS, &p);
+                }
+            }
+            Step::FailPod { pick: n } => {
+                if let Some(p) = pick(w, n) {
+                    let failed = serde_json::json!({
+                        "phase": "Failed",
+                        "conditions": [{"type": "Ready", "status": "False"}],
+                        "containerStatuses": [{"name": "instance", "ready": false, "restartCount": 0,
+                            "image": "fake", "imageID": "",
+                            "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}],
+                    });
+                    w.fake.set_pod_status(NS, &p, &failed);
+                }
+            }
+            Step::FailCreates { n } => w.fake.fail("create", "pods", 500, n),
+            Step::FailBinds { n } => w.fake.fail("patch", "pods", 409, n),
+            Step::CutWatches => w.fake.cut_watches(),
+            Step::Compact => {
+                w.fake.compact();
+                w.fake.cut_watches();
+            }
+            Step::Kill | Step::EmptyStore => {
+                let before = durable(w).await;
+                w.restart(matches!(s, Step::EmptyStore)).await;
+                check_kept(w, &before).await;
+            }
+            Step::Wait { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+        }
+        let snap = w.snapshot().await;
+        check_safety(w, &snap);
+    }
+}
+
+async fn finish(mut w: World) {
+    // A new controller pod with an empty disk rebuilds every binding from the pods.
+    let before = durable(&w).await;
+    w.restart(true).await;
+    let snap = settle(&w, "after a restart on an empty state folder").await;
+    assert_eq!(
+        bindings(&snap),
+        before,
+        "every binding is rebuilt from the pods"
+    );
+
+    // Deleting everything leaves nothing behind in the cluster.
+    let keys: Vec<ObjKey> = w.declared.keys().cloned().collect();
+    for k in keys {
+        if k.kind != Kind::User {
+            w.delete(k.kind, &k.name);
+        }
+    }
+    let start = Instant::now();
+    while !(w.pods().is_empty() && w.fake.list("services", NS).is_empty()) {
+        if start.elapsed() > DEADLINE {
+            let snap = w.snapshot().await;
+            panic!(
+                "left behind: {} pods, services {:?}\n{}",
+                w.pods().len(),
+                w.fake
+                    .list("services", NS)
+                    .iter()
+                    .map(name)
+                    .collect::<Vec<_>>(),
+                describe(&snap, &w.pods())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        // SIM_CASES raises the count for a longer hunt.
+        cases: std::env::var("SIM_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(8),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_operations_on_the_pod_runtime_keep_every_invariant(
+        steps in proptest::collection::vec(step(), 1..30)
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run(steps));
+    }
+}
