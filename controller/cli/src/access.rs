@@ -294,22 +294,7 @@ async fn exec_inner(
         bail!("exec in {} did not attach", t.container);
     };
     if interactive {
-        // A plain thread: a blocked read of stdin must not hold the process open at the end.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            let mut stdin = std::io::stdin();
-            loop {
-                match std::io::Read::read(&mut stdin, &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx.send(buf[..n].to_vec()).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        let mut rx = crate::access::stdin_chunks();
         let mut input = input;
         tokio::spawn(async move {
             while let Some(bytes) = rx.recv().await {
@@ -701,6 +686,27 @@ fn deployment_node(snap: &Snapshot, dep: &str) -> anyhow::Result<String> {
             anyhow!("no Docker node in status (is the controller running on Docker?)")
         }),
     }
+}
+
+/// What arrives on our standard input, chunk by chunk, until its end. A plain thread reads it:
+/// a blocked read must not hold the process open at the end.
+pub(crate) fn stdin_chunks() -> tokio::sync::mpsc::UnboundedReceiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut stdin = std::io::stdin();
+        loop {
+            match std::io::Read::read(&mut stdin, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// (rows, columns) of the local terminal.

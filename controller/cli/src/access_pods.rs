@@ -63,7 +63,7 @@ pub async fn resolve(pods: &str, namespace: &str, target: &str) -> anyhow::Resul
                 kind.1
             )
         }
-        Err(e) => return Err(anyhow!(e).context(format!("reading {target}"))),
+        Err(e) => return Err(api_error(e, format!("reading {target}"))),
     };
     // The status as the controller writes it, read by the same rules as the directory's.
     let snap: poolkeeper_engine::status::Snapshot = serde_json::from_value(serde_json::json!({
@@ -85,6 +85,14 @@ fn pods(client: &kube::Client, t: &Target) -> Api<Pod> {
         client.clone(),
         t.pod_namespace.as_deref().unwrap_or("default"),
     )
+}
+
+/// What the API server said (its message, not the whole Status), in context.
+fn api_error(e: kube::Error, what: String) -> anyhow::Error {
+    match e {
+        kube::Error::Api(s) => anyhow!("{what}: {}", s.message),
+        other => anyhow!(other).context(what),
+    }
 }
 
 fn located(t: &Target) -> String {
@@ -112,7 +120,7 @@ pub async fn logs(
     let stream = api
         .log_stream(&t.container, &lp)
         .await
-        .with_context(|| format!("logs of {}", located(t)))?;
+        .map_err(|e| api_error(e, format!("logs of {}", located(t))))?;
     let mut lines = stream.lines();
     let mut out = std::io::stdout();
     while let Some(line) = lines.next().await {
@@ -140,7 +148,7 @@ pub async fn exec(
     let mut proc = pods(&client, t)
         .exec(&t.container, command.to_vec(), &ap)
         .await
-        .with_context(|| format!("exec in {}", located(t)))?;
+        .map_err(|e| api_error(e, format!("exec in {}", located(t))))?;
     if tty && let Some(mut sizes) = proc.terminal_size() {
         tokio::spawn(async move {
             use futures::SinkExt;
@@ -160,22 +168,7 @@ pub async fn exec(
         });
     }
     if interactive && let Some(mut input) = proc.stdin() {
-        // A plain thread: a blocked read of stdin must not hold the process open at the end.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            let mut stdin = std::io::stdin();
-            loop {
-                match std::io::Read::read(&mut stdin, &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx.send(buf[..n].to_vec()).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        let mut rx = crate::access::stdin_chunks();
         tokio::spawn(async move {
             while let Some(bytes) = rx.recv().await {
                 if input.write_all(&bytes).await.is_err() || input.flush().await.is_err() {
@@ -275,7 +268,7 @@ pub async fn stats(t: &Target) -> anyhow::Result<Stats> {
     let pod = pods(&client, t)
         .get(&t.container)
         .await
-        .with_context(|| format!("reading {}", located(t)))?;
+        .map_err(|e| api_error(e, format!("reading {}", located(t))))?;
     let url = format!(
         "/apis/metrics.k8s.io/v1beta1/namespaces/{ns}/pods/{}",
         t.container
@@ -291,7 +284,7 @@ pub async fn stats(t: &Target) -> anyhow::Result<Stats> {
              of this pod yet",
             located(t)
         ),
-        Err(e) => return Err(anyhow!(e).context(format!("metrics of {}", located(t)))),
+        Err(e) => return Err(api_error(e, format!("metrics of {}", located(t)))),
     };
     let containers = metrics["containers"]
         .as_array()

@@ -20,9 +20,7 @@ use serde_json::Value;
 use common::{bindings, claim, claim_status, pool_with_ports, user, with_files};
 use poolkeeper_engine::status::Snapshot;
 use poolkeeper_engine::{EngineConfig, EngineHandle, SourceEvent};
-use poolkeeper_kinds::{
-    ClaimPhase, Exposure, Kind, ObjKey, Object, Origin, PoolSpec, ResetPolicy, Spec,
-};
+use poolkeeper_kinds::{ClaimPhase, Exposure, Kind, ObjKey, Object, PoolSpec, ResetPolicy, Spec};
 use poolkeeper_kube_fake::FakeApi;
 use poolkeeper_runtime::{LABEL_CLAIM, LABEL_POOL};
 use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
@@ -77,16 +75,7 @@ impl World {
 
     fn apply(&mut self, name: &str, spec: Spec) {
         self.generation += 1;
-        let obj = Object {
-            name: name.to_owned(),
-            spec,
-            origin: Origin {
-                file: format!("/sim/{name}.yaml").into(),
-                line: 1,
-                col: 1,
-            },
-            generation: self.generation,
-        };
+        let obj = common::declared(name, spec, self.generation);
         self.declared.insert(obj.key(), obj.clone());
         self.handle.apply(obj).unwrap();
     }

@@ -209,16 +209,7 @@ impl Sim {
 
     pub fn apply(&mut self, name: &str, spec: Spec) {
         self.generation += 1;
-        let obj = Object {
-            name: name.to_owned(),
-            spec,
-            origin: Origin {
-                file: format!("/sim/{name}.yaml").into(),
-                line: 1,
-                col: 1,
-            },
-            generation: self.generation,
-        };
+        let obj = declared(name, spec, self.generation);
         self.declared.insert(obj.key(), obj.clone());
         self.handle.apply(obj).unwrap();
     }
@@ -599,6 +590,20 @@ pub fn assert_bindings_sound(snap: &Snapshot, insts: &[Instance]) {
 
 // ---------------------------------------------------------------------------------------------
 // Specs
+
+/// An object as the simulated source declares it (from `/sim/NAME.yaml`).
+pub fn declared(name: &str, spec: Spec, generation: i64) -> Object {
+    Object {
+        name: name.to_owned(),
+        spec,
+        origin: Origin {
+            file: format!("/sim/{name}.yaml").into(),
+            line: 1,
+            col: 1,
+        },
+        generation,
+    }
+}
 
 pub fn pool(image: &str, warm: u32, max: Option<u32>) -> PoolSpec {
     PoolSpec {
