@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use poolkeeper_core::deployment::volume_name;
-use poolkeeper_engine::status::Snapshot;
+use poolkeeper_engine::status::{ObjectView, Snapshot};
 use poolkeeper_kinds::{ContainerStatus, DeploymentSpec, Kind};
 
 /// A container to reach, and the Docker node that holds it; or a pod, and its namespace.
@@ -52,7 +52,7 @@ impl Target {
 
 /// Resolves a target against the controller's status.
 pub fn resolve(snap: &Snapshot, target: &str) -> anyhow::Result<Target> {
-    let container = resolve_instance(snap, target)?;
+    let container = resolve_instance(&snap.objects, target)?;
     if let Some(ns) = snap.nodes.iter().find_map(|n| n.namespace.as_deref()) {
         if !snap.instances.iter().any(|i| i.name == container) {
             bail!("{target}: pod {container} is not running (not in status)");
@@ -85,10 +85,10 @@ pub fn resolve(snap: &Snapshot, target: &str) -> anyhow::Result<Target> {
 }
 
 /// The instance (container) name a target refers to.
-pub fn resolve_instance(snap: &Snapshot, target: &str) -> anyhow::Result<String> {
+pub fn resolve_instance(objects: &[ObjectView], target: &str) -> anyhow::Result<String> {
     let parts: Vec<&str> = target.split('/').collect();
     let object = |kind: Kind, name: &str| {
-        snap.objects
+        objects
             .iter()
             .find(|o| o.kind == kind && o.name == name)
             .ok_or_else(|| anyhow!("{target}: no {kind:?} named {name:?} in status"))
@@ -294,17 +294,7 @@ async fn exec_inner(
         bail!("exec in {} did not attach", t.container);
     };
     if interactive {
-        let mut rx = crate::access::stdin_chunks();
-        let mut input = input;
-        tokio::spawn(async move {
-            while let Some(bytes) = rx.recv().await {
-                if input.write_all(&bytes).await.is_err() || input.flush().await.is_err() {
-                    break;
-                }
-            }
-            // End of input: close our side, as `docker exec -i` does.
-            let _ = input.shutdown().await;
-        });
+        forward_stdin(input);
     }
     if tty {
         let docker = docker.clone();
@@ -688,10 +678,14 @@ fn deployment_node(snap: &Snapshot, dep: &str) -> anyhow::Result<String> {
     }
 }
 
-/// What arrives on our standard input, chunk by chunk, until its end. A plain thread reads it:
-/// a blocked read must not hold the process open at the end.
-pub(crate) fn stdin_chunks() -> tokio::sync::mpsc::UnboundedReceiver<Vec<u8>> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+/// Sends our standard input to the remote program's as it arrives, and closes the remote end
+/// at its end (as `docker exec -i` and `kubectl exec -i` do). A plain thread reads it: a
+/// blocked read must not hold the process open at the end.
+pub(crate) fn forward_stdin<W>(mut input: W)
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut stdin = std::io::stdin();
@@ -706,7 +700,14 @@ pub(crate) fn stdin_chunks() -> tokio::sync::mpsc::UnboundedReceiver<Vec<u8>> {
             }
         }
     });
-    rx
+    tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if input.write_all(&bytes).await.is_err() || input.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = input.shutdown().await;
+    });
 }
 
 /// (rows, columns) of the local terminal.

@@ -18,7 +18,10 @@ use futures::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, AttachParams, LogParams, TerminalSize};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+
+use poolkeeper_engine::status::ObjectView;
+use poolkeeper_kinds::{API_VERSION, Kind, Origin};
 
 use crate::access::{Stats, Target};
 
@@ -32,52 +35,56 @@ pub async fn client() -> anyhow::Result<kube::Client> {
 /// The pod a target names, reading the Claim or Deployment (in `namespace`) from the cluster:
 /// `instance/NAME`, `claim/NAME`, `deployment/NAME[/CONTAINER[/REPLICA]]`.
 pub async fn resolve(pods: &str, namespace: &str, target: &str) -> anyhow::Result<Target> {
+    // The object whose status names the pod; none for `instance/NAME`. The target's form is
+    // checked by the same rules as the directory's status.
     let kind = match target.split('/').next() {
-        Some("instance" | "instances") => {
-            let name = target.split_once('/').map(|(_, n)| n).unwrap_or_default();
-            if name.is_empty() || name.contains('/') {
-                bail!("{target}: expected instance/NAME");
-            }
-            return Ok(Target::pod(pods, name));
-        }
-        Some("claim" | "claims" | "cl") => ("claims", "Claim"),
-        Some("deployment" | "deployments" | "pkd") => ("deployments", "Deployment"),
-        _ => bail!(
-            "{target}: a target is deployment/NAME[/CONTAINER[/REPLICA]], claim/NAME or instance/NAME"
-        ),
+        Some("claim" | "claims" | "cl") => Some(Kind::Claim),
+        Some("deployment" | "deployments" | "pkd") => Some(Kind::Deployment),
+        _ => None,
     };
-    let name = target.split('/').nth(1).unwrap_or_default();
+    let mut objects = Vec::new();
+    if let Some(kind) = kind {
+        let name = target.split('/').nth(1).unwrap_or_default();
+        let mut object = read_object(kind, namespace, name, target).await?;
+        objects.push(ObjectView {
+            kind,
+            name: name.to_owned(),
+            origin: Origin {
+                file: format!("{namespace}/{kind:?}/{name}").into(),
+                line: 0,
+                col: 0,
+            },
+            spec: object["spec"].take(),
+            status: object["status"].take(),
+            events: Vec::new(),
+        });
+    }
+    let pod = crate::access::resolve_instance(&objects, target)?;
+    Ok(Target::pod(pods, &pod))
+}
+
+/// A Claim or Deployment as the cluster holds it.
+async fn read_object(
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+    target: &str,
+) -> anyhow::Result<Value> {
     let client = client().await?;
     let url = format!(
-        "/apis/poolkeeper.dev/v1alpha1/namespaces/{namespace}/{}/{name}",
-        kind.0
+        "/apis/{API_VERSION}/namespaces/{namespace}/{}/{name}",
+        kind.plural()
     );
     let req = http::Request::get(&url)
         .body(Vec::new())
         .context("a request")?;
-    let object: Value = match client.request(req).await {
-        Ok(v) => v,
+    match client.request(req).await {
+        Ok(v) => Ok(v),
         Err(kube::Error::Api(s)) if s.code == 404 => {
-            bail!(
-                "{target}: no {} named {name:?} in namespace {namespace}",
-                kind.1
-            )
+            bail!("{target}: no {kind:?} named {name:?} in namespace {namespace}")
         }
-        Err(e) => return Err(api_error(e, format!("reading {target}"))),
-    };
-    // The status as the controller writes it, read by the same rules as the directory's.
-    let snap: poolkeeper_engine::status::Snapshot = serde_json::from_value(serde_json::json!({
-        "controller": {"pid": 0, "runtime": "kube", "started_at": "", "updated_at": "",
-                       "state_dir": ""},
-        "objects": [{"kind": kind.1, "name": name,
-                     "origin": {"file": "", "line": 0, "col": 0},
-                     "spec": object["spec"], "status": object["status"]}],
-        "diagnostics": [],
-        "instances": [],
-    }))
-    .context("reading the object's status")?;
-    let pod = crate::access::resolve_instance(&snap, target)?;
-    Ok(Target::pod(pods, &pod))
+        Err(e) => Err(api_error(e, format!("reading {target}"))),
+    }
 }
 
 fn pods(client: &kube::Client, t: &Target) -> Api<Pod> {
@@ -167,17 +174,8 @@ pub async fn exec(
             }
         });
     }
-    if interactive && let Some(mut input) = proc.stdin() {
-        let mut rx = crate::access::stdin_chunks();
-        tokio::spawn(async move {
-            while let Some(bytes) = rx.recv().await {
-                if input.write_all(&bytes).await.is_err() || input.flush().await.is_err() {
-                    break;
-                }
-            }
-            // End of input: the remote side's stdin is closed, as `kubectl exec -i` does.
-            let _ = input.shutdown().await;
-        });
+    if interactive && let Some(input) = proc.stdin() {
+        crate::access::forward_stdin(input);
     }
     let status = proc.take_status();
     let out = copy(proc.stdout(), std::io::stdout());

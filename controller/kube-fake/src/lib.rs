@@ -19,8 +19,6 @@
 //!
 //! Nothing is validated beyond that: the real API server's admission is the end-to-end suite's.
 
-#![allow(clippy::missing_panics_doc)]
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -802,15 +800,20 @@ fn watch_objects(inner: Arc<Inner>, t: Target, q: &[(String, String)]) -> Respon
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let mut r = Response::new(Body::from_stream(stream));
+    let mut r = streamed(rx);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// A response whose body is what arrives on `rx`, until its sender goes.
+fn streamed(rx: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::new(Body::from_stream(stream))
 }
 
 // ---- pods/log -----------------------------------------------------------------------------------
@@ -865,10 +868,7 @@ async fn log(inner: Arc<Inner>, t: &Target, q: &[(String, String)]) -> Response 
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Response::new(Body::from_stream(stream))
+    streamed(rx)
 }
 
 // ---- pods/exec ----------------------------------------------------------------------------------

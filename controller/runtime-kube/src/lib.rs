@@ -342,14 +342,19 @@ impl KubeRuntime {
     /// controller watched would leave it behind). A Service made since for a new pod of the
     /// same name is left alone.
     async fn drop_orphan_service(&self, name: &str, pod_uid: &str) {
-        let svc = match self.services().get_opt(name).await {
-            Ok(Some(svc)) if pods::owner_pod_uid(&svc) == Some(pod_uid) => svc,
-            Ok(_) => return,
-            Err(e) => {
-                debug!(service = name, error = %e, "cannot read an orphaned Service");
-                return;
+        match self.services().get_opt(name).await {
+            Ok(Some(svc)) if pods::owner_pod_uid(&svc) == Some(pod_uid) => {
+                self.delete_orphan(&svc).await;
             }
-        };
+            Ok(_) => {}
+            Err(e) => debug!(service = name, error = %e, "cannot read an orphaned Service"),
+        }
+    }
+
+    /// Deletes `svc`, an orphan, unless it changed into another object since it was read.
+    async fn delete_orphan(&self, svc: &Service) {
+        let name = svc.name_any();
+        let name = name.as_str();
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: svc.metadata.uid.clone(),
@@ -489,10 +494,8 @@ impl Runtime for KubeRuntime {
             .collect();
         for svc in &services.items {
             self.note_ingress(svc);
-            if let Some(owner) = pods::owner_pod_uid(svc)
-                && !uids.contains(owner)
-            {
-                self.drop_orphan_service(&svc.name_any(), owner).await;
+            if pods::owner_pod_uid(svc).is_some_and(|owner| !uids.contains(owner)) {
+                self.delete_orphan(svc).await;
             }
         }
         let mut out = Vec::with_capacity(list.items.len());
