@@ -239,6 +239,26 @@ impl<R: Runtime> Engine<R> {
             }
             reset = used && rec.claim.is_none() && rec.quarantined.is_none();
         }
+        // A binding recorded on it late, for a claim bound elsewhere since: a write of a
+        // controller since replaced (or of this one, before a restart) that landed after the
+        // claim moved. It may hold that claim's files: reset (which clears the record), or it
+        // would stay occupied by nobody for good. Startup settles the same case at once.
+        if self.started
+            && let Some(rec) = self.instances.get(&name)
+            && let Some(c) = rec.recorded.as_deref()
+            && rec.claim.as_deref() != Some(c)
+            && !rec.resetting
+            && rec.phase != InstancePhase::Dead
+            && rec.deployment.is_none()
+            && self
+                .claims
+                .get(c)
+                .and_then(|e| e.instance.as_deref())
+                .is_some_and(|i| i != name)
+        {
+            info!(instance = %name, claim = c, "records a claim bound elsewhere: resetting it");
+            reset = true;
+        }
         // Released before a crash (or a stop) and not reset since: reset before any reuse.
         if reset {
             debug!(instance = %name, "released and not reset before a restart; resetting it");
@@ -472,15 +492,29 @@ impl<R: Runtime> Engine<R> {
                         }
                         self.report_claim(&claim, now);
                     }
-                    Err(RuntimeError::Conflict { reason, .. }) => {
-                        // Another controller (or a stale view of ours) holds the instance: it
-                        // is not ours to reset or remove; bind another and leave it alone.
+                    Err(RuntimeError::Conflict { reason, holder, .. }) => {
+                        // Another controller (or a stale view of ours) holds the instance, or
+                        // it changed under us: nothing was copied into it. It is not ours to
+                        // reset or remove, nor to take out of service for good (that would
+                        // cost the pool an instance for a transient race); the claim binds
+                        // another, and the instance counts as its holder's for as long as the
+                        // runtime records it so.
                         let msg = format!("instance {instance} could not be bound: {reason}");
                         if let Some(c) = self.claims.get_mut(&claim) {
-                            c.events.push(true, "BindConflict", msg.clone(), now);
+                            c.events.push(true, "BindConflict", msg, now);
                         }
                         self.unbind_without_reset(&claim, &instance, "BindConflict", now);
-                        self.quarantine(&instance, msg);
+                        if let Some(rec) = self.instances.get_mut(&instance) {
+                            // Never ours: as fresh as it was when it was picked.
+                            rec.used = false;
+                            if holder.is_some() {
+                                rec.recorded = holder;
+                            }
+                            self.touched.insert(instance.clone());
+                            self.ops.push(Op::Fresh {
+                                instance: instance.clone(),
+                            });
+                        }
                     }
                     Err(e) => {
                         // The instance could not take the files: take it out and bind another.

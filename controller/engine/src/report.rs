@@ -171,7 +171,10 @@ impl<R: Runtime> Engine<R> {
             }
             if r.quarantined.is_some() {
                 s.quarantined += 1;
-            } else if r.claim.is_some() {
+            } else if r.claim.is_some() || (r.recorded.is_some() && r.phase != InstancePhase::Dead)
+            {
+                // Bound here, or recorded by the runtime as another's (the pool's index holds
+                // it as occupied for the same reason).
                 s.bound += 1;
             } else if r.phase == InstancePhase::Ready && !r.resetting && r.hash == p.hash {
                 s.warm += 1;

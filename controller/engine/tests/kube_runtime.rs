@@ -30,6 +30,9 @@ const POOLS: [&str; 2] = ["web", "ssh"];
 const CLAIMS: usize = 6;
 const USER: &str = "u";
 const DEADLINE: Duration = Duration::from_secs(30);
+/// How long the world may take to converge after the random steps: a pool whose creates
+/// failed many times in a row waits out its backoff (at most 60 s) first.
+const SETTLE: Duration = Duration::from_secs(90);
 
 struct World {
     fake: FakeApi,
@@ -150,6 +153,22 @@ fn describe(snap: &Snapshot, pods: &[Value]) -> String {
     let mut out = String::from("claims:\n");
     for (c, i) in bindings(snap) {
         out.push_str(&format!("  {c} -> {i}\n"));
+    }
+    for o in snap.objects.iter().filter(|o| o.kind == Kind::Pool) {
+        out.push_str(&format!("pool {}: {}\n", o.name, o.status));
+        for e in o.events.iter().rev().take(3) {
+            out.push_str(&format!(
+                "  event {} {}: {}\n",
+                e.type_, e.reason, e.message
+            ));
+        }
+    }
+    out.push_str("instances, as the controller sees them:\n");
+    for i in &snap.instances {
+        out.push_str(&format!(
+            "  {} pool={:?} phase={} claim={:?} resetting={} quarantined={:?}\n",
+            i.name, i.pool, i.phase, i.claim, i.resetting, i.quarantined
+        ));
     }
     out.push_str("pods:\n");
     for p in pods {
@@ -272,7 +291,7 @@ async fn settle(w: &World, what: &str) -> Snapshot {
         let snap = w.snapshot().await;
         match converged(w, &snap) {
             Ok(()) => return snap,
-            Err(e) if start.elapsed() > DEADLINE => {
+            Err(e) if start.elapsed() > SETTLE => {
                 panic!(
                     "{what}: did not converge: {e}\n{}",
                     describe(&snap, &w.pods())

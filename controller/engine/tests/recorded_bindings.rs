@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use poolkeeper_kinds::{ClaimPhase, Kind, ObjKey, Spec};
-use poolkeeper_runtime::LABEL_CLAIM;
 use poolkeeper_runtime::memory::MemoryConfig;
+use poolkeeper_runtime::{LABEL_CLAIM, Runtime};
 
 fn recording() -> Sim {
     let mut sim = Sim::with_config(MemoryConfig {
@@ -134,6 +134,68 @@ async fn an_instance_another_controller_took_is_left_alone_and_the_claim_binds_a
     assert!(
         events.iter().any(|e| e.reason == "BindConflict"),
         "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bind_that_lost_a_race_costs_the_pool_nothing_and_the_claim_binds_at_once() {
+    // A pool at its ceiling: an instance taken out of service for a transient conflict would
+    // leave the claim waiting for good.
+    let mut sim = recording();
+    sim.apply("p", Spec::Pool(pool("img", 1, Some(1))));
+    sim.wait_warm("p", 1).await;
+    let only = sim.mem.instances()[0].name.clone();
+    sim.rt.bind_races.store(2, Ordering::SeqCst);
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    assert_eq!(sim.wait_bound("c1").await, only);
+    assert_eq!(recorded(&sim).get("c1"), Some(&only));
+    let snap = sim.snapshot().await;
+    let events = events_of(&snap, Kind::Claim, "c1");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason == "BindConflict" && e.type_ == "Warning")
+            .count(),
+        2,
+        "{events:?}"
+    );
+    assert!(
+        snap.instances.iter().all(|i| i.quarantined.is_none()),
+        "{:?}",
+        snap.instances
+    );
+}
+
+#[tokio::test]
+async fn a_binding_that_lands_late_on_a_second_instance_is_undone() {
+    // A bind sent by a controller since replaced lands after the claim was bound elsewhere:
+    // the second instance records a claim that is not its own.
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let mine = sim.wait_bound("c1").await;
+    let late = sim
+        .mem
+        .instances()
+        .into_iter()
+        .map(|i| i.name)
+        .find(|n| *n != mine)
+        .expect("a warm instance");
+    sim.mem
+        .bind(&late, Some("c1"))
+        .await
+        .expect("the late write lands");
+    sim.wait_until("only c1's instance records it", |_, insts| {
+        insts
+            .iter()
+            .filter(|i| i.label(LABEL_CLAIM) == Some("c1"))
+            .all(|i| i.name == mine)
+    })
+    .await;
+    let snap = sim.wait_warm("p", 3).await;
+    assert_eq!(
+        claim_status(&snap, "c1").and_then(|c| c.instance),
+        Some(mine)
     );
 }
 

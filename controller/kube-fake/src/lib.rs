@@ -208,6 +208,16 @@ impl FakeApi {
                 for name in pending {
                     merge_status(&inner, &namespace, &name, &running());
                 }
+                // A pod past its active deadline is stopped and kept, as a kubelet does.
+                let overdue: Vec<String> = list_of(&inner, "pods", &namespace)
+                    .iter()
+                    .filter(|p| p["status"]["phase"] == "Running")
+                    .filter(|p| p["spec"]["activeDeadlineSeconds"].is_u64())
+                    .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+                    .collect();
+                for name in overdue {
+                    merge_status(&inner, &namespace, &name, &deadline_exceeded());
+                }
                 if changed.changed().await.is_err() {
                     return;
                 }
@@ -300,23 +310,41 @@ impl FakeApi {
     }
 }
 
-/// A running, ready pod's status.
-pub fn running() -> Value {
+/// A pod's status with its one container in `state` (ready when the pod is `Running`).
+fn pod_status(phase: &str, state: Value) -> Value {
     let now = now();
+    let ready = if phase == "Running" { "True" } else { "False" };
     json!({
-        "phase": "Running",
-        "hostIP": "10.0.0.1",
-        "podIP": "10.244.0.9",
+        "phase": phase,
         "conditions": [
             {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-            {"type": "Ready", "status": "True", "lastTransitionTime": now},
-            {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+            {"type": "Ready", "status": ready, "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
         ],
         "containerStatuses": [{
-            "name": "instance", "ready": true, "restartCount": 0, "image": "fake",
-            "imageID": "", "state": {"running": {"startedAt": now}},
+            "name": "instance", "ready": phase == "Running", "restartCount": 0,
+            "image": "fake", "imageID": "", "state": state,
         }],
     })
+}
+
+/// A running, ready pod's status.
+pub fn running() -> Value {
+    let mut s = pod_status("Running", json!({"running": {"startedAt": now()}}));
+    s["hostIP"] = json!("10.0.0.1");
+    s["podIP"] = json!("10.244.0.9");
+    s
+}
+
+/// The status a kubelet gives a pod it stopped at its active deadline.
+pub fn deadline_exceeded() -> Value {
+    let mut s = pod_status(
+        "Failed",
+        json!({"terminated": {"exitCode": 143, "reason": "Error"}}),
+    );
+    s["reason"] = json!("DeadlineExceeded");
+    s["message"] = json!("Pod was active on the node longer than the specified deadline");
+    s
 }
 
 // ---- the store ----------------------------------------------------------------------------------

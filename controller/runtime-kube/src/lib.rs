@@ -86,6 +86,7 @@ fn api_err(e: kube::Error, what: &str) -> RuntimeError {
         kube::Error::Api(s) if s.code == 409 => RuntimeError::Conflict {
             instance: what.to_owned(),
             reason: s.message.clone(),
+            holder: None,
         },
         kube::Error::Api(s) if s.code >= 500 || s.code == 429 => {
             RuntimeError::Unavailable(format!("{what}: {}", s.message))
@@ -609,11 +610,25 @@ impl Runtime for KubeRuntime {
         Ok(())
     }
 
+    /// Stops the pod and keeps it (see `pods::stopping_patch`); its exit comes from the watch.
+    /// Starting it again is a `restart`: the pod made anew under its name, without the
+    /// deadline.
     async fn stop(&self, name: &str) -> Result<()> {
-        Err(RuntimeError::Failed(format!(
-            "{name}: a pod cannot be stopped and kept; the Kubernetes runtime does not support \
-             stopping deployments' containers yet"
-        )))
+        match self
+            .pods()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&pods::stopping_patch()),
+            )
+            .await
+        {
+            Ok(p) => {
+                self.remember(&p);
+                Ok(())
+            }
+            Err(e) => Err(api_err(e, name)),
+        }
     }
 
     async fn exec(&self, name: &str, command: &[String]) -> Result<ExecOutput> {
@@ -725,6 +740,7 @@ impl Runtime for KubeRuntime {
                     return Err(RuntimeError::Conflict {
                         instance: name.to_owned(),
                         reason: format!("pod {name} is bound to claim {other}"),
+                        holder: Some(other),
                     });
                 }
                 Some((rv, _)) => rv,
@@ -737,6 +753,7 @@ impl Runtime for KubeRuntime {
                             return Err(RuntimeError::Conflict {
                                 instance: name.to_owned(),
                                 reason: format!("pod {name} is bound to claim {other}"),
+                                holder: Some(other.to_owned()),
                             });
                         }
                         _ => {}
@@ -767,6 +784,7 @@ impl Runtime for KubeRuntime {
         Err(RuntimeError::Conflict {
             instance: name.to_owned(),
             reason: format!("pod {name} kept changing while it was being bound"),
+            holder: None,
         })
     }
 

@@ -226,7 +226,9 @@ pub fn pod_for(
             automount_service_account_token: Some(false),
             // A namespace with many Services would otherwise fill every instance's environment.
             enable_service_links: Some(false),
-            share_process_namespace: None,
+            // Docker's `--init`: the pod's pause container becomes PID 1 and reaps zombies;
+            // the instance's process gets signals with their default actions, as under tini.
+            share_process_namespace: spec.init.then_some(true),
             security_context: Some(PodSecurityContext {
                 seccomp_profile: Some(SeccompProfile {
                     type_: "RuntimeDefault".to_owned(),
@@ -699,11 +701,21 @@ pub fn claim_of(pod: &Pod) -> Option<&str> {
 
 /// The pod to create again under the same name (a `Restart` reset): its declared parts only,
 /// with no binding and no node.
+/// Stops a pod and keeps it, as `docker stop` does a container: an active deadline already
+/// past makes the kubelet stop its container (SIGTERM, the grace period, SIGKILL) and mark it
+/// `Failed` (`DeadlineExceeded`); the pod stays, with its logs and status, until it is started
+/// again (made anew) or removed. The deadline is mutable on a running pod, and may only go down.
+pub fn stopping_patch() -> serde_json::Value {
+    serde_json::json!({"spec": {"activeDeadlineSeconds": 1}})
+}
+
 pub fn fresh_copy(pod: &Pod) -> Pod {
     let mut labels = pod.metadata.labels.clone().unwrap_or_default();
     labels.remove(LABEL_CLAIM);
     let mut spec = pod.spec.clone().unwrap_or_default();
     spec.node_name = None;
+    // What a stop set (see `stopping_patch`): the fresh pod runs until stopped again.
+    spec.active_deadline_seconds = None;
     Pod {
         metadata: ObjectMeta {
             name: pod.metadata.name.clone(),

@@ -28,30 +28,68 @@ pub async fn kubelet(client: Client, namespace: String) {
     futures::pin_mut!(stream);
     let mut n = 0u8;
     while let Ok(Some(pod)) = stream.try_next().await {
-        if is_ready(&pod) || pod.metadata.deletion_timestamp.is_some() {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let deadline = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.active_deadline_seconds)
+            .is_some();
+        if deadline {
+            // Stopped at its active deadline and kept, as a kubelet does.
+            if phase != Some("Failed") {
+                let _ = pods
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&stopped()))
+                    .await;
+            }
+            continue;
+        }
+        if is_ready(&pod) {
             continue;
         }
         n = n.wrapping_add(1).max(1);
-        let now = "2026-01-01T00:00:00Z";
-        let status = json!({"status": {
-            "phase": "Running",
-            "hostIP": "10.0.0.1",
-            "podIP": format!("10.244.0.{n}"),
-            "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-                {"type": "Ready", "status": "True", "lastTransitionTime": now},
-                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
-            ],
-            "containerStatuses": [{
-                "name": "instance", "ready": true, "restartCount": 0, "image": "standin",
-                "imageID": "", "state": {"running": {"startedAt": now}},
-            }],
-        }});
-        let name = pod.metadata.name.clone().unwrap_or_default();
+        let mut status = pod_status("Running", json!({"running": {"startedAt": NOW}}));
+        status["hostIP"] = json!("10.0.0.1");
+        status["podIP"] = json!(format!("10.244.0.{n}"));
+        let status = json!({ "status": status });
         let _ = pods
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
             .await;
     }
+}
+
+const NOW: &str = "2026-01-01T00:00:00Z";
+
+/// A pod's status with its one container in `state` (ready when the pod is `Running`).
+fn pod_status(phase: &str, state: serde_json::Value) -> serde_json::Value {
+    let ready = if phase == "Running" { "True" } else { "False" };
+    json!({
+        "phase": phase,
+        "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": NOW},
+            {"type": "Ready", "status": ready, "lastTransitionTime": NOW},
+            {"type": "ContainersReady", "status": ready, "lastTransitionTime": NOW},
+        ],
+        "containerStatuses": [{
+            "name": "instance", "ready": phase == "Running", "restartCount": 0,
+            "image": "standin", "imageID": "", "state": state,
+        }],
+    })
+}
+
+/// What a kubelet reports of a pod it stopped at its active deadline.
+fn stopped() -> serde_json::Value {
+    let mut status = pod_status(
+        "Failed",
+        json!({"terminated": {"exitCode": 143, "reason": "Error", "startedAt": NOW,
+            "finishedAt": NOW}}),
+    );
+    status["reason"] = json!("DeadlineExceeded");
+    status["message"] = json!("Pod was active on the node longer than the specified deadline");
+    json!({ "status": status })
 }
 
 /// Removes every pod and Service of `namespace` at once (what a cluster's namespace controller

@@ -240,3 +240,48 @@ async fn a_restarted_pod_gets_its_service_again_owned_by_the_new_pod() {
     );
     assert_eq!(svc["spec"]["ports"][0]["port"], 80);
 }
+
+#[tokio::test]
+async fn a_stopped_pod_is_kept_exited_and_a_start_makes_it_run_again() {
+    let fake = FakeApi::start().await;
+    fake.run_kubelet(NS);
+    let rt = runtime(&fake);
+    let mut events = rt.subscribe();
+    let mut s = spec("app-web-0");
+    s.init = true;
+    rt.create(s).await.unwrap();
+    let pod = fake.get("pods", NS, "app-web-0").unwrap();
+    assert_eq!(
+        pod["spec"]["shareProcessNamespace"], true,
+        "init: the pause container is PID 1 and reaps zombies"
+    );
+    seen(
+        &mut events,
+        |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "app-web-0" && i.ready),
+    )
+    .await;
+
+    rt.stop("app-web-0").await.unwrap();
+    seen(&mut events, |e| {
+        matches!(e, RuntimeEvent::Changed(i) if i.name == "app-web-0"
+            && matches!(i.state, poolkeeper_runtime::InstanceState::Exited { .. }))
+    })
+    .await;
+    let stopped = fake
+        .get("pods", NS, "app-web-0")
+        .expect("kept, as docker stop keeps");
+    assert_eq!(stopped["spec"]["activeDeadlineSeconds"], 1);
+    assert_eq!(stopped["status"]["reason"], "DeadlineExceeded");
+
+    // Started again: a pod made anew under its name, without the deadline, running.
+    rt.restart("app-web-0").await.unwrap();
+    let again = fake.get("pods", NS, "app-web-0").unwrap();
+    assert_ne!(again["metadata"]["uid"], stopped["metadata"]["uid"]);
+    assert!(again["spec"]["activeDeadlineSeconds"].is_null(), "{again}");
+    assert_eq!(again["spec"]["shareProcessNamespace"], true);
+    seen(
+        &mut events,
+        |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "app-web-0" && i.ready),
+    )
+    .await;
+}

@@ -187,9 +187,14 @@ pub enum RuntimeError {
     ImageMissing { image: String, reason: String },
     #[error("host port {port} is in use by another process")]
     PortInUse { port: u16 },
-    /// The instance is bound to another claim, or changed under us (a stale view).
+    /// The instance is bound to another claim (`holder`, when the runtime read it), or it
+    /// changed under us (a stale view).
     #[error("instance {instance} is taken: {reason}")]
-    Conflict { instance: String, reason: String },
+    Conflict {
+        instance: String,
+        reason: String,
+        holder: Option<String>,
+    },
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
     #[error("{0}")]

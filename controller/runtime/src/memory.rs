@@ -403,6 +403,7 @@ impl Runtime for MemoryRuntime {
             return Err(RuntimeError::Conflict {
                 instance: name.to_owned(),
                 reason: format!("{name} is bound to claim {other}"),
+                holder: Some(other.clone()),
             });
         }
         let mut labels = (*sim.instance.labels).clone();

@@ -344,13 +344,15 @@ async fn a_deployment_runs_as_pods_with_services_a_network_policy_and_a_volume_c
     };
     let state = tempfile::tempdir().expect("tempdir");
     let ctl = leading(&c, &config, &ns, state.path(), "e2e-a").await;
-    let dep = format!(
-        "apiVersion: poolkeeper.dev/v1alpha1\nkind: Deployment\nmetadata: {{name: stack, namespace: {ns}}}\n\
-         spec:\n  network: stack\n  containers:\n  - name: db\n    image: pk-test:latest\n    \
-         volumes: {{data: {{bind: /var/lib/db}}}}\n  - name: web\n    image: pk-test:latest\n    \
-         dependsOn: [db]\n    ports: {{\"8080/tcp\": 18481}}\n"
-    );
-    c.kubectl_ok(&["apply", "-f", "-"], Some(&dep));
+    let dep = |web_stopped: bool| {
+        format!(
+            "apiVersion: poolkeeper.dev/v1alpha1\nkind: Deployment\nmetadata: {{name: stack, namespace: {ns}}}\n\
+             spec:\n  network: stack\n  containers:\n  - name: db\n    image: pk-test:latest\n    \
+             init: true\n    volumes: {{data: {{bind: /var/lib/db}}}}\n  - name: web\n    image: pk-test:latest\n    \
+             dependsOn: [db]\n    ports: {{\"8080/tcp\": 18481}}\n    stopped: {web_stopped}\n"
+        )
+    };
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&dep(false)));
     let pods: Api<Pod> = Api::namespaced(c.admin.clone(), &ns);
     let made = eventually(
         "both containers' pods",
@@ -383,6 +385,11 @@ async fn a_deployment_runs_as_pods_with_services_a_network_policy_and_a_volume_c
         .and_then(|v| v[0].persistent_volume_claim.clone())
         .map(|c| c.claim_name);
     assert_eq!(claim.as_deref(), Some("stack-data"));
+    assert_eq!(
+        db.spec.as_ref().and_then(|s| s.share_process_namespace),
+        Some(true),
+        "init: the pause container is PID 1 and reaps zombies"
+    );
     let host_port = web
         .spec
         .as_ref()
@@ -413,6 +420,50 @@ async fn a_deployment_runs_as_pods_with_services_a_network_policy_and_a_volume_c
         .expect("web's published port admitted");
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(c.admin.clone(), &ns);
     pvcs.get("stack-data").await.expect("the volume's claim");
+
+    // Stop: the pod is stopped at an active deadline and kept (here the stand-in kubelet
+    // reports it Failed, as a kubelet does); Start: a pod made anew, running.
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&dep(true)));
+    let stopped = eventually(
+        "web stopped and kept",
+        Duration::from_secs(60),
+        async || {
+            let p = pods.get("stack-web").await.ok()?;
+            let deadline = p.spec.as_ref().and_then(|s| s.active_deadline_seconds);
+            let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+            (deadline == Some(1) && phase.as_deref() == Some("Failed")).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(stopped.metadata.uid, web.metadata.uid, "the same pod, kept");
+    let ar = poolkeeper_source_kube::objects::api_resource(poolkeeper_kinds::Kind::Deployment);
+    let deps: Api<poolkeeper_source_kube::kube::api::DynamicObject> =
+        Api::namespaced_with(c.admin.clone(), &ns, &ar);
+    eventually(
+        "the deployment's status shows web Stopped",
+        Duration::from_secs(30),
+        async || {
+            let d = deps.get("stack").await.ok()?;
+            let containers = d.data["status"]["containerStatuses"].as_array()?.clone();
+            containers
+                .iter()
+                .any(|c| c["name"] == "web" && c["state"] == "Stopped")
+                .then_some(())
+        },
+    )
+    .await;
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&dep(false)));
+    eventually("web started again", Duration::from_secs(60), async || {
+        let p = pods.get("stack-web").await.ok()?;
+        let fresh = p.metadata.uid != web.metadata.uid
+            && p.spec
+                .as_ref()
+                .and_then(|s| s.active_deadline_seconds)
+                .is_none()
+            && poolkeeper_runtime_kube::standin::is_ready(&p);
+        fresh.then_some(())
+    })
+    .await;
 
     c.kubectl_ok(
         &[

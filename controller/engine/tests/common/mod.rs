@@ -44,6 +44,9 @@ pub struct Counting {
     max_in_flight: AtomicU64,
     /// Binds still to answer with a conflict (another controller took the instance first).
     pub bind_conflicts: AtomicU64,
+    /// Binds still to answer with a conflict and no holder (the instance kept changing while
+    /// it was being bound): nothing lands on it.
+    pub bind_races: AtomicU64,
     /// How long a bind takes (a patch to an API server), in milliseconds.
     pub bind_delay_ms: AtomicU64,
 }
@@ -92,6 +95,19 @@ impl Runtime for Counting {
             return Err(poolkeeper_runtime::RuntimeError::Conflict {
                 instance: name.to_owned(),
                 reason: format!("{name} is bound to claim taken-elsewhere"),
+                holder: Some("taken-elsewhere".to_owned()),
+            });
+        }
+        if claim.is_some()
+            && self
+                .bind_races
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(poolkeeper_runtime::RuntimeError::Conflict {
+                instance: name.to_owned(),
+                reason: format!("{name} kept changing while it was being bound"),
+                holder: None,
             });
         }
         self.mem.bind(name, claim).await
@@ -187,6 +203,7 @@ impl Sim {
             creates_done: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             bind_conflicts: AtomicU64::new(0),
+            bind_races: AtomicU64::new(0),
             bind_delay_ms: AtomicU64::new(0),
         });
         let clock = ManualClock::new(T0_MS);
