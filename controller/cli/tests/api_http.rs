@@ -118,7 +118,15 @@ impl Api {
     }
 
     fn start_with(extra: &[&str]) -> Api {
+        Self::start_with_files(&[], extra)
+    }
+
+    /// As `start_with`, with more spec files in the folder.
+    fn start_with_files(files: &[(&str, &str)], extra: &[&str]) -> Api {
         let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
         let secret = dir.path().join("webhook.secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
         std::fs::write(dir.path().join("specs.yaml"), specs()).unwrap();
@@ -796,6 +804,71 @@ impl Api {
             })
             .unwrap_or(0)
     }
+}
+
+/// A pool that lets claims set their limits (`claimResources`): a reservation's `cpu_limit` and
+/// `memory_limit` (Docker's notation too) become the claim's resources; above the pool's bound
+/// they are refused with the field and nothing is recorded.
+#[test]
+fn a_reservations_limits_become_the_claims_resources_where_the_pool_allows() {
+    const SIZED: &str = "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {name: sized}
+spec:
+  template:
+    image: python
+    resources: {cpu: 500m, memory: 256Mi}
+  claimResources: {cpu: '2', memory: 1Gi}
+  warm: 1
+";
+    let api = Api::start_with_files(
+        &[("sized.yaml", SIZED)],
+        &[
+            "--webhook-secret-file",
+            "SECRET_FILE",
+            "--webhook-image",
+            "python",
+        ],
+    );
+    let provision = |room: &str, cpu: &str, memory: &str| {
+        json!({
+            "event": "provision", "resource_name": room, "username": "bob",
+            "custom_parameters": {"image": "python", "cpu_limit": cpu, "memory_limit": memory,
+                "environment": {"A": "b"}}
+        })
+    };
+    let (code, v) = api.hook(&provision("Room 1", "1.5", "512m"), now(), SECRET);
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["pool"], "sized");
+    assert_eq!(v["resources"], json!({"cpu": "1.5", "memory": "512Mi"}));
+    assert_eq!(v["ignored"], json!(["environment"]));
+    let claim = v["claim"].as_str().unwrap().to_owned();
+    let (_, shown) = api.get(&format!("/api/v1/claims/{claim}"), BOB);
+    assert_eq!(
+        shown["spec"]["resources"],
+        json!({"cpu": "1.5", "memory": "512Mi"}),
+        "{shown}"
+    );
+    api.wait_phase(&claim, BOB, "Bound");
+
+    let files = api.claim_files();
+    let (code, v) = api.hook(&provision("Room 2", "4", "512m"), now(), SECRET);
+    assert_eq!(
+        (code, v["field"].as_str()),
+        (422, Some("custom_parameters.cpu_limit")),
+        "{v}"
+    );
+    assert!(
+        v["error"].as_str().unwrap().contains("above what pool"),
+        "{v}"
+    );
+    let (code, v) = api.hook(&provision("Room 3", "1", "lots"), now(), SECRET);
+    assert_eq!(
+        (code, v["field"].as_str()),
+        (422, Some("custom_parameters.memory_limit")),
+        "{v}"
+    );
+    assert_eq!(api.claim_files(), files, "refusals are not recorded");
 }
 
 #[test]

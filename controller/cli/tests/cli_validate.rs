@@ -213,7 +213,7 @@ fn an_invalid_folder_exits_1_with_one_exact_line_per_problem_on_stdout() {
         vec![
             format!(
                 "{a}:19:3: Pool/api: spec.tll: unknown field `tll`, expected one of template, \
-                 warm, max, hostPorts, reset, resetCommand, claimTTL, pullPolicy, autoscale, exposure"
+                 warm, max, hostPorts, reset, resetCommand, claimTTL, pullPolicy, autoscale, exposure, claimResources"
             ),
             format!(
                 "{b}:17:3: Claim/c2: spec.ttl: invalid duration \"10\": missing unit after 10 \

@@ -341,11 +341,15 @@ fn exec_reset_cleans_in_place_and_a_failing_reset_quarantines() {
                     1,
                     21090,
                     21099,
-                    "  max: 1\n  reset: Exec\n  resetCommand: [/pk-workload, clean, /srv]\n",
+                    "  max: 1\n  reset: Exec\n  resetCommand: [/pk-workload, clean, /srv]\n  \
+                     claimResources: {cpu: '1', memory: 128Mi}\n",
                 ),
             ),
             ("user.yaml", USER.to_owned()),
-            ("claim.yaml", claim_yaml("c1", "inplace", "secret")),
+            (
+                "claim.yaml",
+                claim_yaml("c1", "inplace", "secret") + "  resources: {cpu: 750m, memory: 96Mi}\n",
+            ),
         ],
         &[],
     );
@@ -353,6 +357,20 @@ fn exec_reset_cleans_in_place_and_a_failing_reset_quarantines() {
     let instance = claim_instance(&s, "c1");
     let port = claim_port(&s, "c1");
     assert_eq!(http_get(port, "/").as_deref(), Some("secret"));
+    // The claim's limits, set with `docker update` before it was reported Bound.
+    let limits = || {
+        let out = Command::new("docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}}",
+            ])
+            .arg(&instance)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(limits(), format!("750000000 {}", 96u64 << 20));
     c.remove("claim.yaml");
     c.wait("reset in place", T, |s| {
         object(s, "Claim", "c1").is_null()
@@ -361,9 +379,10 @@ fn exec_reset_cleans_in_place_and_a_failing_reset_quarantines() {
                 .iter()
                 .any(|i| i["name"] == instance.as_str() && i["phase"] == "Ready")
     });
-    // Same container (no create), and the secret is gone.
+    // Same container (no create), the secret gone, the template's limits back.
     assert_eq!(running(None, "e2e-reset"), vec![instance.clone()]);
     assert_eq!(http_get(port, "/"), None, "the secret is gone");
+    assert_eq!(limits(), format!("250000000 {}", 64u64 << 20));
 
     // A reset that fails keeps the instance for inspection, out of the pool.
     c.write(

@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 
+use poolkeeper_kinds::Resources;
+use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
+
 /// What admission needs to know about a claim that is not terminal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimFacts<'a> {
@@ -11,6 +14,15 @@ pub struct ClaimFacts<'a> {
     pub user: &'a str,
     /// Holds an instance now.
     pub bound: bool,
+    /// The cpu and memory it asks for its instance (`spec.resources`).
+    pub resources: Option<&'a Resources>,
+}
+
+/// What admission needs to know about a declared pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolFacts<'a> {
+    /// The most a claim may ask (`spec.claimResources`); `None`: claims may not ask.
+    pub claim_resources: Option<&'a Resources>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +49,7 @@ pub enum Verdict {
 pub fn admit<'a>(
     claims: &[ClaimFacts<'a>],
     user: impl Fn(&str) -> Option<UserFacts<'a>>,
-    pool_exists: impl Fn(&str) -> bool,
+    pool: impl Fn(&str) -> Option<PoolFacts<'a>>,
 ) -> Vec<Verdict> {
     let mut active: HashMap<&str, u32> = HashMap::new();
     for c in claims.iter().filter(|c| c.bound) {
@@ -49,10 +61,18 @@ pub fn admit<'a>(
             if c.bound {
                 return Verdict::Admit;
             }
-            if !pool_exists(c.pool) {
+            let Some(p) = pool(c.pool) else {
                 return Verdict::Refuse {
                     reason: "PoolNotFound",
                     message: format!("pool {:?} is not declared", c.pool),
+                };
+            };
+            if let Some(r) = c.resources
+                && let Err(message) = resources_within(r, p.claim_resources, c.pool)
+            {
+                return Verdict::Refuse {
+                    reason: "ResourcesNotAllowed",
+                    message,
                 };
             }
             let Some(u) = user(c.user) else {
@@ -93,6 +113,36 @@ pub fn admit<'a>(
         .collect()
 }
 
+/// Whether a claim's `resources` lie within its pool's `claimResources`: each one it gives
+/// must be bounded there, and not above the bound.
+pub fn resources_within(
+    asked: &Resources,
+    bound: Option<&Resources>,
+    pool: &str,
+) -> Result<(), String> {
+    let bound = bound.cloned().unwrap_or_default();
+    type Parse = fn(&str) -> Result<u64, String>;
+    let checks: [(&str, &Option<String>, &Option<String>, Parse); 2] = [
+        ("cpu", &asked.cpu, &bound.cpu, parse_cpu_millis),
+        ("memory", &asked.memory, &bound.memory, parse_memory_bytes),
+    ];
+    for (field, want, most, parse) in checks {
+        let Some(want) = want else { continue };
+        let Some(most) = most else {
+            return Err(format!(
+                "pool {pool:?} does not let claims set {field} (spec.claimResources.{field} is not declared)"
+            ));
+        };
+        let (w, m) = (parse(want)?, parse(most)?);
+        if w > m {
+            return Err(format!(
+                "{field} {want} is above what pool {pool:?} allows a claim ({most}, spec.claimResources.{field})"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The outcome of matching a pool's waiting claims with its warm instances.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Matching<'a> {
@@ -128,6 +178,7 @@ mod tests {
             pool: "nginx",
             user,
             bound: false,
+            resources: None,
         }
     }
 
@@ -145,7 +196,9 @@ mod tests {
 
     #[test]
     fn a_claim_by_an_unknown_user_is_refused_with_a_reason() {
-        let v = admit(&[claim("c", "bob")], alice(3), |_| true);
+        let v = admit(&[claim("c", "bob")], alice(3), |_| {
+            Some(PoolFacts::default())
+        });
         assert!(matches!(
             &v[0],
             Verdict::Refuse {
@@ -155,9 +208,71 @@ mod tests {
         ));
     }
 
+    fn res(cpu: Option<&str>, memory: Option<&str>) -> Resources {
+        Resources {
+            cpu: cpu.map(str::to_owned),
+            memory: memory.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_claim_may_ask_resources_only_within_its_pools_claim_resources() {
+        let bound = res(Some("2"), Some("1Gi"));
+        fn verdict<'a>(asked: &'a Resources, bound: Option<&'a Resources>) -> Verdict {
+            let mut c = claim("c", "alice");
+            c.resources = Some(asked);
+            let user = |_: &str| {
+                Some(UserFacts {
+                    disabled: false,
+                    max_claims: 3,
+                    pools: NO_POOLS,
+                })
+            };
+            admit(&[c], user, |_| {
+                Some(PoolFacts {
+                    claim_resources: bound,
+                })
+            })
+            .remove(0)
+        }
+        assert_eq!(
+            verdict(&res(Some("1500m"), Some("512Mi")), Some(&bound)),
+            Verdict::Admit
+        );
+        assert_eq!(
+            verdict(&res(Some("2"), None), Some(&bound)),
+            Verdict::Admit,
+            "at the bound"
+        );
+        let Verdict::Refuse { reason, message } = verdict(&res(Some("3"), None), Some(&bound))
+        else {
+            panic!("above the bound is admitted");
+        };
+        assert_eq!(reason, "ResourcesNotAllowed");
+        assert!(
+            message.contains("cpu 3 is above") && message.contains("(2,"),
+            "{message}"
+        );
+        let Verdict::Refuse { message, .. } = verdict(&res(None, Some("64Mi")), None) else {
+            panic!("a pool without claimResources lets claims set memory");
+        };
+        assert!(
+            message.contains("does not let claims set memory"),
+            "{message}"
+        );
+        let only_cpu = res(Some("2"), None);
+        assert!(
+            matches!(
+                verdict(&res(None, Some("64Mi")), Some(&only_cpu)),
+                Verdict::Refuse { .. }
+            ),
+            "memory is not bounded"
+        );
+    }
+
     #[test]
     fn a_claim_on_a_missing_pool_is_refused() {
-        let v = admit(&[claim("c", "alice")], alice(3), |_| false);
+        let v = admit(&[claim("c", "alice")], alice(3), |_| None);
         assert!(matches!(
             &v[0],
             Verdict::Refuse {
@@ -172,7 +287,7 @@ mod tests {
         let mut bound = claim("old", "alice");
         bound.bound = true;
         let claims = [claim("a", "alice"), bound, claim("b", "alice")];
-        let v = admit(&claims, alice(2), |_| true);
+        let v = admit(&claims, alice(2), |_| Some(PoolFacts::default()));
         assert_eq!(v[0], Verdict::Admit);
         assert_eq!(v[1], Verdict::Admit);
         match &v[2] {
@@ -195,7 +310,7 @@ mod tests {
             })
         };
         let v = admit(&[claim("a", "mallory"), claim("b", "alice")], users, |_| {
-            true
+            Some(PoolFacts::default())
         });
         assert!(matches!(
             &v[0],

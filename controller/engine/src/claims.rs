@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
-use poolkeeper_core::claims::{ClaimFacts, UserFacts, Verdict, admit};
+use poolkeeper_core::claims::{ClaimFacts, PoolFacts, UserFacts, Verdict, admit};
+use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
 use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Object, Origin, Spec};
 use poolkeeper_runtime::Runtime;
 
@@ -24,7 +25,7 @@ impl<R: Runtime> Engine<R> {
         if let Some(existing) = self.claim_brief(&claim.name) {
             return Creation::Exists(existing);
         }
-        if let Some((reason, message)) = self.refusal_of_new(&spec.user, &spec.pool) {
+        if let Some((reason, message)) = self.refusal_of_new(spec) {
             return Creation::Refused(reason, message);
         }
         let now = self.clock.now_ms();
@@ -41,14 +42,15 @@ impl<R: Runtime> Engine<R> {
 
     /// Why a new claim of `user` on `pool` would be refused now: the engine's own admission
     /// over the user's claims that are not over (in arrival order) followed by the new one.
-    fn refusal_of_new(&self, user: &str, pool: &str) -> Option<(&'static str, String)> {
+    fn refusal_of_new(&self, spec: &poolkeeper_kinds::ClaimSpec) -> Option<(&'static str, String)> {
         let new = poolkeeper_core::claims::ClaimFacts {
             name: "",
-            pool,
-            user,
+            pool: &spec.pool,
+            user: &spec.user,
             bound: false,
+            resources: spec.resources.as_ref(),
         };
-        match self.admit_claims_of(user, Some(new)).1.pop()? {
+        match self.admit_claims_of(&spec.user, Some(new)).1.pop()? {
             Verdict::Refuse { reason, message } => Some((reason, message)),
             Verdict::Admit => None,
         }
@@ -395,6 +397,7 @@ impl<R: Runtime> Engine<R> {
                 pool: &c.spec.pool,
                 user: &c.spec.user,
                 bound: c.instance.is_some(),
+                resources: c.spec.resources.as_ref(),
             })
             .collect();
         facts.extend(new);
@@ -408,7 +411,12 @@ impl<R: Runtime> Engine<R> {
                     pools: &u.spec.quota.pools,
                 })
             },
-            |p| self.pools.get(p).is_some_and(|e| e.spec.is_some()),
+            |p| {
+                let spec = self.pools.get(p)?.spec.as_ref()?;
+                Some(PoolFacts {
+                    claim_resources: spec.claim_resources.as_ref(),
+                })
+            },
         );
         (facts, verdicts)
     }
@@ -512,7 +520,8 @@ impl<R: Runtime> Engine<R> {
             (ssh.ssh_dir(), format!("{keys}\n").into_bytes())
         });
         let record = self.rt.keeps_bindings();
-        if c.files.is_empty() && keys.is_none() && !record {
+        let resize = claim_limits(&c.spec);
+        if c.files.is_empty() && keys.is_none() && !record && resize.is_none() {
             self.report_claim(claim, now);
             return;
         }
@@ -539,6 +548,16 @@ impl<R: Runtime> Engine<R> {
             } else {
                 Ok(())
             };
+            let mut step = "binding";
+            if result.is_ok()
+                && let Some((cpu, memory)) = resize
+            {
+                step = "resizing";
+                result = rt.resize(&instance, cpu, memory).await;
+            }
+            if result.is_ok() {
+                step = "copying files into";
+            }
             if result.is_ok()
                 && let Some(mount) = mount
                 && !files.is_empty()
@@ -555,6 +574,7 @@ impl<R: Runtime> Engine<R> {
             let _ = tx.send(Input::Done(Completion::Files {
                 claim,
                 instance,
+                step,
                 result,
             }));
         });
@@ -566,6 +586,7 @@ impl<R: Runtime> Engine<R> {
         self.claims.get(claim).is_some_and(|c| {
             self.rt.keeps_bindings()
                 || !c.files.is_empty()
+                || c.spec.resources.is_some()
                 || self
                     .pools
                     .get(&c.spec.pool)
@@ -573,4 +594,13 @@ impl<R: Runtime> Engine<R> {
                     .is_some_and(|s| s.template.ssh.is_some())
         })
     }
+}
+
+/// The cpu (millicores) and memory (bytes) limits a claim gives its instance, if any (admission
+/// has checked them against the pool's `claimResources`).
+pub(crate) fn claim_limits(spec: &ClaimSpec) -> Option<(Option<u64>, Option<u64>)> {
+    let r = spec.resources.as_ref()?;
+    let cpu = r.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok());
+    let memory = r.memory.as_deref().and_then(|m| parse_memory_bytes(m).ok());
+    (cpu.is_some() || memory.is_some()).then_some((cpu, memory))
 }

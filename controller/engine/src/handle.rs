@@ -130,6 +130,8 @@ pub(crate) enum Completion {
     Files {
         claim: String,
         instance: String,
+        /// The step that failed (`copying files into`, `resizing`), when one did.
+        step: &'static str,
         result: RtResult<()>,
     },
     Stopped {

@@ -467,6 +467,7 @@ impl<R: Runtime> Engine<R> {
             Completion::Files {
                 claim,
                 instance,
+                step,
                 result,
             } => {
                 let still_bound = self
@@ -518,7 +519,7 @@ impl<R: Runtime> Engine<R> {
                     }
                     Err(e) => {
                         // The instance could not take the files: take it out and bind another.
-                        let msg = format!("copying files into {instance} failed: {e}");
+                        let msg = format!("{step} {instance} failed: {e}");
                         let outage =
                             matches!(e, RuntimeError::Unavailable(_) | RuntimeError::NotFound(_));
                         let mut give_up = false;
@@ -655,8 +656,8 @@ impl<R: Runtime> Engine<R> {
             .as_ref()
             .and_then(|p| self.pools.get(p))
             .and_then(|p| p.spec.as_ref())
-            .map(|s| (s.reset, s.reset_command.clone()));
-        let Some((policy, command)) = policy else {
+            .map(|s| (s.reset, s.reset_command.clone(), template_limits(s)));
+        let Some((policy, command, restore)) = policy else {
             // The pool is gone: the instance is drained.
             self.remove_instance(instance);
             return;
@@ -674,10 +675,13 @@ impl<R: Runtime> Engine<R> {
             }
             ResetPolicy::Restart => {
                 tokio::spawn(async move {
-                    let mut result = rt
-                        .restart(&name)
-                        .await
-                        .map_err(|e| format!("restart failed: {e}"));
+                    let mut result = restore_limits(&*rt, &name, restore).await;
+                    if result.is_ok() {
+                        result = rt
+                            .restart(&name)
+                            .await
+                            .map_err(|e| format!("restart failed: {e}"));
+                    }
                     if result.is_ok() {
                         result = unbind_after_reset(&*rt, &name).await;
                     }
@@ -686,14 +690,18 @@ impl<R: Runtime> Engine<R> {
             }
             ResetPolicy::Exec => {
                 tokio::spawn(async move {
-                    let result = match rt.exec(&name, &command).await {
-                        Ok(o) if o.exit_code == 0 => Ok(()),
-                        Ok(o) => Err(format!(
-                            "reset command exited with {}: {}",
-                            o.exit_code,
-                            o.output.trim()
-                        )),
-                        Err(e) => Err(format!("reset command failed: {e}")),
+                    let restored = restore_limits(&*rt, &name, restore).await;
+                    let result = match restored {
+                        Err(e) => Err(e),
+                        Ok(()) => match rt.exec(&name, &command).await {
+                            Ok(o) if o.exit_code == 0 => Ok(()),
+                            Ok(o) => Err(format!(
+                                "reset command exited with {}: {}",
+                                o.exit_code,
+                                o.output.trim()
+                            )),
+                            Err(e) => Err(format!("reset command failed: {e}")),
+                        },
                     };
                     let result = match result {
                         Ok(()) => unbind_after_reset(&*rt, &name).await,
@@ -735,6 +743,39 @@ impl<R: Runtime> Engine<R> {
             reason,
         });
     }
+}
+
+/// The template's limits of the resources a pool lets claims change (`claimResources`): what a
+/// reset that keeps the instance gives back. `None` when claims cannot change any.
+fn template_limits(spec: &poolkeeper_kinds::PoolSpec) -> Option<(Option<u64>, Option<u64>)> {
+    use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
+    let bounded = spec.claim_resources.as_ref()?;
+    let declared = spec.template.resources.clone().unwrap_or_default();
+    let cpu = declared
+        .cpu
+        .as_deref()
+        .filter(|_| bounded.cpu.is_some())
+        .and_then(|c| parse_cpu_millis(c).ok());
+    let memory = declared
+        .memory
+        .as_deref()
+        .filter(|_| bounded.memory.is_some())
+        .and_then(|m| parse_memory_bytes(m).ok());
+    (cpu.is_some() || memory.is_some()).then_some((cpu, memory))
+}
+
+/// Gives an instance its template's limits back, before the reset that keeps it.
+async fn restore_limits<R: Runtime>(
+    rt: &R,
+    name: &str,
+    limits: Option<(Option<u64>, Option<u64>)>,
+) -> Result<(), String> {
+    let Some((cpu, memory)) = limits else {
+        return Ok(());
+    };
+    rt.resize(name, cpu, memory)
+        .await
+        .map_err(|e| format!("restoring the template's resources failed: {e}"))
 }
 
 /// A reset instance is fresh only once its runtime no longer records the claim it served.

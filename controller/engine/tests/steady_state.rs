@@ -51,6 +51,7 @@ async fn claims_released_as_soon_as_bound_never_lose_their_instance() {
         pull_policy: Default::default(),
         autoscale: None,
         exposure: None,
+        claim_resources: None,
     };
     h.apply(obj("p", Spec::Pool(pool))).unwrap();
     h.send(SourceEvent::Synced).unwrap();
@@ -65,6 +66,7 @@ async fn claims_released_as_soon_as_bound_never_lose_their_instance() {
                 ttl: None,
                 files: BTreeMap::new(),
                 files_from: None,
+                resources: None,
             }),
         )
     };

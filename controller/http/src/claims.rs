@@ -33,6 +33,10 @@ pub struct NewClaim {
     /// Relative path -> content.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// Cpu and memory for the instance while the claim holds it, within the pool's
+    /// `claimResources`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<poolkeeper_kinds::Resources>,
 }
 
 /// A refusal of the engine's admission (`core::claims::admit`, over the user's claims and the
@@ -43,6 +47,9 @@ pub(crate) fn refused((reason, message): (&'static str, String)) -> ApiError {
         "UserNotFound" => ApiError::field(StatusCode::NOT_FOUND, "user", message),
         "UserDisabled" => ApiError::field(StatusCode::FORBIDDEN, "user", message),
         "PoolNotAllowed" => ApiError::field(StatusCode::FORBIDDEN, "pool", message),
+        "ResourcesNotAllowed" => {
+            ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "resources", message)
+        }
         "StoreUnwritable" => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, message),
         _ => ApiError::new(StatusCode::FORBIDDEN, message),
     }
@@ -111,6 +118,7 @@ pub(crate) async fn make_claim(
         ttl: req.ttl.clone(),
         files: req.files.clone(),
         files_from: None,
+        resources: req.resources.clone(),
     };
     if let Err(e) = poolkeeper_kinds::units::check_name(&name) {
         return Err(ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "name", e));

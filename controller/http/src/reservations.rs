@@ -11,9 +11,11 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use poolkeeper_core::claims::resources_within;
 use poolkeeper_engine::EngineHandle;
 use poolkeeper_engine::source::{Created, Declare, Record, Records};
-use poolkeeper_kinds::{ClaimSpec, Kind};
+use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
+use poolkeeper_kinds::{ClaimSpec, Kind, Resources};
 
 use crate::auth::snapshot;
 use crate::claims::refused;
@@ -264,6 +266,14 @@ pub(crate) async fn provision(
             )
         })?
         .to_owned();
+    // The limits the pool lets claims set become the claim's; the others are ignored.
+    let bounds: Option<Resources> = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::Pool && o.name == pool)
+        .and_then(|o| o.spec.get("claimResources"))
+        .and_then(|v| serde_json::from_value(v.clone()).ok());
+    let resources = reservation_resources(&event.custom_parameters, bounds.as_ref(), &pool)?;
     // Accepted from here on: a replay of this very request is refused from now.
     record_signature(state, signed, now).await?;
     // A duplicate (the same reservation sent again, signed anew) changes nothing.
@@ -279,6 +289,7 @@ pub(crate) async fn provision(
         ttl: None,
         files: BTreeMap::new(),
         files_from: None,
+        resources: resources.clone(),
     };
     let record = Reservation {
         resource_name: event.resource_name.clone(),
@@ -330,9 +341,13 @@ pub(crate) async fn provision(
     }
     // What the pool's template decides, not the request.
     let p = &event.custom_parameters;
+    let set = resources.unwrap_or_default();
     let ignored: Vec<&str> = [
-        ("cpu_limit", p.cpu_limit.is_some()),
-        ("memory_limit", p.memory_limit.is_some()),
+        ("cpu_limit", p.cpu_limit.is_some() && set.cpu.is_none()),
+        (
+            "memory_limit",
+            p.memory_limit.is_some() && set.memory.is_none(),
+        ),
         ("ports", p.ports.is_some()),
         ("environment", p.environment.is_some()),
         ("storage_limit", p.storage_limit.is_some()),
@@ -345,8 +360,62 @@ pub(crate) async fn provision(
     Ok((
         StatusCode::CREATED,
         Json(json!({"claim": name, "pool": pool, "created": true,
-            "ignored": ignored, "note": "the pool's template sets limits, ports, environment and storage"})),
+            "resources": set, "ignored": ignored,
+            "note": "the pool's template sets ports, environment and storage, and the limits its spec.claimResources does not let claims set"})),
     ))
+}
+
+/// A reservation's `cpu_limit` and `memory_limit`, as the claim's resources where the pool's
+/// `claimResources` bounds them (the others are ignored). Memory may be in Docker's notation
+/// (`512m`, `1g`: binary units) as the older reservation service took it, or Kubernetes'.
+fn reservation_resources(
+    p: &crate::webhook::CustomParameters,
+    bounds: Option<&Resources>,
+    pool: &str,
+) -> ApiResult<Option<Resources>> {
+    let Some(bounds) = bounds else {
+        return Ok(None);
+    };
+    let cpu = p.cpu_limit.clone().filter(|_| bounds.cpu.is_some());
+    let memory = p
+        .memory_limit
+        .as_deref()
+        .filter(|_| bounds.memory.is_some())
+        .map(docker_memory);
+    let invalid =
+        |field: &str, e: String| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, field, e);
+    if let Some(c) = &cpu {
+        parse_cpu_millis(c).map_err(|e| invalid("custom_parameters.cpu_limit", e))?;
+    }
+    if let Some(m) = &memory {
+        parse_memory_bytes(m).map_err(|e| invalid("custom_parameters.memory_limit", e))?;
+    }
+    let one = |cpu: Option<String>, memory: Option<String>| Resources { cpu, memory };
+    resources_within(&one(cpu.clone(), None), Some(bounds), pool)
+        .map_err(|e| invalid("custom_parameters.cpu_limit", e))?;
+    resources_within(&one(None, memory.clone()), Some(bounds), pool)
+        .map_err(|e| invalid("custom_parameters.memory_limit", e))?;
+    Ok((cpu.is_some() || memory.is_some()).then(|| one(cpu, memory)))
+}
+
+/// Docker's memory notation (`512m`, `1g`, `64k`, `100b`: binary units, lowercase) as a
+/// Kubernetes quantity; anything else as given.
+fn docker_memory(text: &str) -> String {
+    let t = text.trim();
+    let Some(last) = t.chars().last() else {
+        return t.to_owned();
+    };
+    let num = &t[..t.len() - last.len_utf8()];
+    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit()) {
+        return t.to_owned();
+    }
+    match last {
+        'b' => num.to_owned(),
+        'k' => format!("{num}Ki"),
+        'm' => format!("{num}Mi"),
+        'g' => format!("{num}Gi"),
+        _ => t.to_owned(),
+    }
 }
 
 /// Delivers callbacks: when a reservation's claim is Bound (or Failed), POSTs the access

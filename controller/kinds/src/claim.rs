@@ -62,6 +62,10 @@ pub struct ClaimSpec {
     /// (relative paths are resolved against the claim file's folder).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files_from: Option<String>,
+    /// The instance's cpu and memory while this claim holds it, within the pool's
+    /// `claimResources` (what is not given stays the template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<crate::Resources>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]

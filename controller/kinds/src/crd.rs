@@ -105,6 +105,20 @@ fn rules() -> Vec<Rule> {
         .field(".image"),
         rule(
             Pool,
+            "spec",
+            "!has(self.claimResources) || !has(self.claimResources.cpu) || (has(self.template.resources) && has(self.template.resources.cpu))",
+            "claims may change cpu only where spec.template.resources.cpu declares it",
+        )
+        .field(".claimResources.cpu"),
+        rule(
+            Pool,
+            "spec",
+            "!has(self.claimResources) || !has(self.claimResources.memory) || (has(self.template.resources) && has(self.template.resources.memory))",
+            "claims may change memory only where spec.template.resources.memory declares it",
+        )
+        .field(".claimResources.memory"),
+        rule(
+            Pool,
             "spec.template.ports[]",
             "self.containerPort >= 1",
             "port must be between 1 and 65535",

@@ -90,6 +90,13 @@ pub struct PoolSpec {
     /// The Docker runtime always publishes `hostPorts` on its host and refuses the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exposure: Option<Exposure>,
+    /// The most cpu and memory a claim may give its instance (the Claim's `resources`, a
+    /// webhook reservation's `cpu_limit`/`memory_limit`), applied in place when it is bound
+    /// (a Kubernetes in-place pod resize, `docker update`) and undone by its reset. Each bound
+    /// needs the template to declare the same resource. Without it, claims cannot change
+    /// resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_resources: Option<Resources>,
 }
 
 /// How clients reach a pool's instance on the Kubernetes runtime.

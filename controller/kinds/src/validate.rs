@@ -137,6 +137,25 @@ fn validate_pool(p: &PoolSpec, errs: &mut Vec<FieldError>) {
         }
     }
     check_resources(t.resources.as_ref(), "spec.template.resources", errs);
+    check_resources(p.claim_resources.as_ref(), "spec.claimResources", errs);
+    if let Some(c) = &p.claim_resources {
+        // A claim changes what the template declares (a pod's QoS class cannot change in place).
+        let declared = t.resources.clone().unwrap_or_default();
+        for (field, bounded, base) in [
+            ("cpu", c.cpu.is_some(), declared.cpu.is_some()),
+            ("memory", c.memory.is_some(), declared.memory.is_some()),
+        ] {
+            if bounded && !base {
+                errs.push(FieldError::new(
+                    format!("spec.claimResources.{field}"),
+                    format!(
+                        "claims may change {field} only where spec.template.resources.{field} \
+                         declares it"
+                    ),
+                ));
+            }
+        }
+    }
     if let Some(probe) = &t.readiness {
         check_probe(probe, &port_names, "spec.template.readiness", errs);
     }
@@ -254,6 +273,7 @@ fn validate_claim(c: &ClaimSpec, errs: &mut Vec<FieldError>) {
             errs.push(FieldError::new(format!("spec.files.{path}"), e));
         }
     }
+    check_resources(c.resources.as_ref(), "spec.resources", errs);
 }
 
 /// A claim's file path must stay under the mount path: relative, no `..`, no empty segment.

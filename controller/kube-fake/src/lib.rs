@@ -695,8 +695,22 @@ fn patch(inner: &Inner, t: &Target, body: &Value, replace: bool) -> Response {
     } else {
         json_patch::merge(&mut after, body);
     }
-    // The main resource keeps its status; the status subresource changes nothing else.
-    if status_only {
+    // The main resource keeps its status; the status subresource changes nothing else; the
+    // resize subresource changes only containers' resources (matched by name, as a strategic
+    // merge patch does).
+    if t.sub.as_deref() == Some("resize") {
+        after = before.clone();
+        for c in body["spec"]["containers"].as_array().into_iter().flatten() {
+            let containers = after["spec"]["containers"].as_array_mut();
+            if let Some(mine) = containers
+                .into_iter()
+                .flatten()
+                .find(|m| m["name"] == c["name"])
+            {
+                json_patch::merge(&mut mine["resources"], &c["resources"]);
+            }
+        }
+    } else if status_only {
         let new_status = after["status"].clone();
         after = before.clone();
         after["status"] = new_status;

@@ -643,6 +643,30 @@ impl Runtime for DockerRuntime {
             .map_err(|e| map_err(e, name))
     }
 
+    /// `docker update`: the limits change on the running container. Memory's swap limit moves
+    /// with it (twice the memory, Docker's default when a container is created with a memory
+    /// limit), as the daemon refuses a memory limit above the swap limit already set.
+    async fn resize(
+        &self,
+        name: &str,
+        cpu_millis: Option<u64>,
+        memory_bytes: Option<u64>,
+    ) -> Result<()> {
+        let (_, docker) = self.docker_of(name)?;
+        let memory = memory_bytes.map(|b| i64::try_from(b).unwrap_or(i64::MAX));
+        let body = bollard::models::ContainerUpdateBody {
+            nano_cpus: cpu_millis
+                .map(|m| i64::try_from(m.saturating_mul(1_000_000)).unwrap_or(i64::MAX)),
+            memory,
+            memory_swap: memory.map(|m| m.saturating_mul(2)),
+            ..Default::default()
+        };
+        docker
+            .update_container(name, body)
+            .await
+            .map_err(|e| map_err(e, name))
+    }
+
     async fn stop(&self, name: &str) -> Result<()> {
         let (_, docker) = self.docker_of(name)?;
         let opts = StopContainerOptionsBuilder::default()

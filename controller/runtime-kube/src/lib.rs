@@ -610,6 +610,31 @@ impl Runtime for KubeRuntime {
         Ok(())
     }
 
+    /// An in-place pod resize (Kubernetes 1.33 and later; the `resize` subresource). The kubelet
+    /// applies it while the container runs; a node that cannot fit it reports the resize
+    /// infeasible on the pod, and the limits stay as they were.
+    async fn resize(
+        &self,
+        name: &str,
+        cpu_millis: Option<u64>,
+        memory_bytes: Option<u64>,
+    ) -> Result<()> {
+        if cpu_millis.is_none() && memory_bytes.is_none() {
+            return Ok(());
+        }
+        let patch = pods::resize_patch(cpu_millis, memory_bytes);
+        self.pods()
+            .patch_subresource(
+                "resize",
+                name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .map(|p| self.remember(&p))
+            .map_err(|e| api_err(e, name))
+    }
+
     /// Stops the pod and keeps it (see `pods::stopping_patch`); its exit comes from the watch.
     /// Starting it again is a `restart`: the pod made anew under its name, without the
     /// deadline.

@@ -126,16 +126,7 @@ pub fn pod_for(
             ..KContainerPort::default()
         })
         .collect::<Vec<_>>();
-    let quantities = {
-        let mut q = BTreeMap::new();
-        if let Some(m) = spec.cpu_millis {
-            q.insert("cpu".to_owned(), Quantity(format!("{m}m")));
-        }
-        if let Some(b) = spec.memory_bytes {
-            q.insert("memory".to_owned(), Quantity(b.to_string()));
-        }
-        q
-    };
+    let quantities = quantities(spec.cpu_millis, spec.memory_bytes);
     let resources = (!quantities.is_empty()).then(|| ResourceRequirements {
         limits: Some(quantities.clone()),
         requests: Some(quantities),
@@ -701,6 +692,29 @@ pub fn claim_of(pod: &Pod) -> Option<&str> {
 
 /// The pod to create again under the same name (a `Restart` reset): its declared parts only,
 /// with no binding and no node.
+/// Cpu (millicores) and memory (bytes) as Kubernetes quantities.
+fn quantities(cpu_millis: Option<u64>, memory_bytes: Option<u64>) -> BTreeMap<String, Quantity> {
+    let mut q = BTreeMap::new();
+    if let Some(m) = cpu_millis {
+        q.insert("cpu".to_owned(), Quantity(format!("{m}m")));
+    }
+    if let Some(b) = memory_bytes {
+        q.insert("memory".to_owned(), Quantity(b.to_string()));
+    }
+    q
+}
+
+/// The body of an in-place resize (`pods/NAME/resize`, a strategic merge patch: the container
+/// is matched by name): requests move with limits, as the pod was made, so that its QoS class
+/// stays what it was (it cannot change in place).
+pub fn resize_patch(cpu_millis: Option<u64>, memory_bytes: Option<u64>) -> serde_json::Value {
+    let q = quantities(cpu_millis, memory_bytes);
+    serde_json::json!({"spec": {"containers": [{
+        "name": "instance",
+        "resources": {"limits": q, "requests": q},
+    }]}})
+}
+
 /// Stops a pod and keeps it, as `docker stop` does a container: an active deadline already
 /// past makes the kubelet stop its container (SIGTERM, the grace period, SIGKILL) and mark it
 /// `Failed` (`DeadlineExceeded`); the pod stays, with its logs and status, until it is started

@@ -52,6 +52,16 @@ pub async fn kubelet(client: Client, namespace: String) {
         }
         n = n.wrapping_add(1).max(1);
         let mut status = pod_status("Running", json!({"running": {"startedAt": NOW}}));
+        // What a kubelet of 1.33 or later reports (the resources it gave the container), and
+        // what the API server requires before it lets a pod be resized in place.
+        let resources = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .and_then(|c| c.resources.as_ref())
+            .map(|r| json!({"limits": r.limits, "requests": r.requests}))
+            .unwrap_or_else(|| json!({}));
+        status["containerStatuses"][0]["resources"] = resources;
         status["hostIP"] = json!("10.0.0.1");
         status["podIP"] = json!(format!("10.244.0.{n}"));
         let status = json!({ "status": status });

@@ -285,3 +285,46 @@ async fn a_stopped_pod_is_kept_exited_and_a_start_makes_it_run_again() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_resize_patches_the_pods_resize_subresource_requests_with_limits() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    let mut s = spec("web-1");
+    s.cpu_millis = Some(500);
+    s.memory_bytes = Some(256 << 20);
+    rt.create(s).await.unwrap();
+    rt.resize("web-1", Some(1500), Some(512 << 20))
+        .await
+        .unwrap();
+    let pod = fake.get("pods", NS, "web-1").unwrap();
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["resources"]["limits"]["cpu"], "1500m");
+    assert_eq!(c["resources"]["requests"]["cpu"], "1500m", "QoS kept");
+    assert_eq!(
+        c["resources"]["limits"]["memory"],
+        (512u64 << 20).to_string()
+    );
+    assert_eq!(c["image"], "nginx", "nothing else changes");
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|r| r.starts_with("PATCH /api/v1/namespaces/team/pods/web-1/resize")),
+        "{:?}",
+        fake.requests()
+    );
+    // Only one of the two: the other stays.
+    rt.resize("web-1", Some(500), None).await.unwrap();
+    let pod = fake.get("pods", NS, "web-1").unwrap();
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["resources"]["limits"]["cpu"], "500m");
+    assert_eq!(
+        c["resources"]["limits"]["memory"],
+        (512u64 << 20).to_string()
+    );
+    let gone = rt.resize("web-2", Some(500), None).await.unwrap_err();
+    assert!(
+        matches!(gone, poolkeeper_runtime::RuntimeError::NotFound(_)),
+        "{gone:?}"
+    );
+}

@@ -254,6 +254,21 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = (name, claim);
         async { Ok(()) }
     }
+    /// Sets the instance's cpu (millicores) and memory (bytes) limits in place, while it runs;
+    /// `None` leaves that one as it is. Runtimes that cannot say so.
+    fn resize(
+        &self,
+        name: &str,
+        cpu_millis: Option<u64>,
+        memory_bytes: Option<u64>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (cpu_millis, memory_bytes);
+        let msg = format!(
+            "{name}: the {} runtime cannot change an instance's resources in place",
+            self.name()
+        );
+        async move { Err(RuntimeError::Failed(msg)) }
+    }
     /// Creates a network if it does not exist.
     fn ensure_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;
     fn remove_network(&self, name: &str) -> impl Future<Output = Result<()>> + Send;

@@ -52,6 +52,8 @@ struct Sim {
     /// Bumped on every (re)start so that a stale readiness timer does nothing.
     incarnation: u64,
     logs: Vec<String>,
+    /// Its cpu (millicores) and memory (bytes) limits: the spec's, then as resized.
+    resources: (Option<u64>, Option<u64>),
 }
 
 #[derive(Debug)]
@@ -297,6 +299,11 @@ impl MemoryRuntime {
     }
 
     /// A snapshot of every instance.
+    /// An instance's cpu (millicores) and memory (bytes) limits, as created or resized.
+    pub fn resources(&self, name: &str) -> Option<(Option<u64>, Option<u64>)> {
+        self.lock().instances.get(name).map(|s| s.resources)
+    }
+
     pub fn instances(&self) -> Vec<Instance> {
         let mut v: Vec<Instance> = self
             .lock()
@@ -521,6 +528,7 @@ impl Runtime for MemoryRuntime {
                     files: BTreeMap::new(),
                     incarnation: 0,
                     logs: Vec::new(),
+                    resources: (spec.cpu_millis, spec.memory_bytes),
                 }),
             );
             inner.emit(RuntimeEvent::Changed(instance.clone()));
@@ -581,6 +589,25 @@ impl Runtime for MemoryRuntime {
             inner.emit(RuntimeEvent::Changed(i));
         }
         self.schedule_ready(name);
+        Ok(())
+    }
+
+    async fn resize(
+        &self,
+        name: &str,
+        cpu_millis: Option<u64>,
+        memory_bytes: Option<u64>,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return Err(RuntimeError::NotFound(name.to_owned()));
+        };
+        if let Some(c) = cpu_millis {
+            sim.resources.0 = Some(c);
+        }
+        if let Some(m) = memory_bytes {
+            sim.resources.1 = Some(m);
+        }
         Ok(())
     }
 

@@ -603,6 +603,7 @@ mod tests {
             ttl: None,
             files: BTreeMap::from([("index.html".into(), "<h1>hi</h1>\n".into())]),
             files_from: None,
+            resources: None,
         };
         let text = claim_file_text("alice-web-1", &spec).expect("yaml");
         let path = Path::new("managed/claims/alice-web-1.yaml");

@@ -133,6 +133,7 @@ mod tests {
             user: "u".to_owned(),
             ttl: None,
             files_from: Some(from.to_owned()),
+            resources: None,
             files: BTreeMap::from([("inline.txt".to_owned(), "inline".to_owned())]),
         }
     }

@@ -592,6 +592,49 @@ fn bad_cpu_and_memory_quantities_are_reported_at_their_keys() {
 }
 
 #[test]
+fn claim_resources_need_the_template_to_declare_them_and_a_claims_must_parse() {
+    let d = only_diagnostic(
+        "pool.yaml",
+        &[
+            API,
+            "kind: Pool",
+            "metadata:",
+            "  name: web",
+            "spec:",
+            "  template:",
+            "    image: nginx",
+            "    resources: {cpu: 500m}",
+            "  claimResources:",
+            "    cpu: '2'",
+            "    memory: 1Gi",
+        ],
+    );
+    assert_diag(
+        &d,
+        "pool.yaml:11:5: Pool/web: spec.claimResources.memory",
+        "claims may change memory only where spec.template.resources.memory declares it",
+    );
+    let d = only_diagnostic(
+        "claim.yaml",
+        &[
+            API,
+            "kind: Claim",
+            "metadata:",
+            "  name: c1",
+            "spec:",
+            "  pool: web",
+            "  user: alice",
+            "  resources: {memory: 1GB}",
+        ],
+    );
+    assert_diag(
+        &d,
+        "claim.yaml:8:15: Claim/c1: spec.resources.memory",
+        "invalid memory quantity \"1GB\"",
+    );
+}
+
+#[test]
 fn a_zero_cpu_in_a_flow_mapping_is_reported_at_its_key() {
     let d = only_diagnostic(
         "pool.yaml",

@@ -59,7 +59,8 @@ fn own_rules() -> Value {
 }
 
 /// What the Kubernetes runtime does in its pods' namespace: pods made, watched, labelled
-/// (bindings), deleted (resets), exec'd into (files, `Exec` resets), read (logs); a Service per
+/// (bindings), deleted (resets), exec'd into (files, `Exec` resets), read (logs), resized in
+/// place (claims' resources); a Service per
 /// instance (and per deployment container, read back when its name is taken); deployments'
 /// volumes as PersistentVolumeClaims and networks as NetworkPolicies; the owning Pool read for
 /// the pods' ownerReference.
@@ -68,6 +69,7 @@ fn pod_rules() -> Value {
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods/resize"], "verbs": ["patch"]},
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "delete"]},
         {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["list", "create", "delete"]},
         {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "delete"]},

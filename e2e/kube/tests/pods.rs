@@ -556,3 +556,66 @@ async fn a_load_balanced_instance_is_warm_once_its_address_is_assigned() {
     ctl.stop().await.expect("stop");
     c.cleanup(&ns);
 }
+
+/// A claim's resources on the pod runtime: an in-place resize of the bound pod (the controller
+/// runs under exactly `poolkeeper rbac`'s roles, pods/resize included), the template's given
+/// back when the claim ends and the pod is made again under its name (`Restart`; a pool of one,
+/// so that it is the one kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_resources_resize_its_pod_in_place_and_the_reset_gives_the_templates_back() {
+    let Some((c, ns, config, _kubelet)) = setup("podsize").await else {
+        return;
+    };
+    let state = tempfile::tempdir().expect("tempdir");
+    let ctl = leading(&c, &config, &ns, state.path(), "e2e-a").await;
+    let pool = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1\nkind: Pool\nmetadata: {{name: web, namespace: {ns}}}\n\
+         spec:\n  warm: 1\n  max: 1\n  reset: Restart\n  claimResources: {{cpu: '2', memory: 1Gi}}\n  \
+         template:\n    image: pk-test:latest\n    resources: {{cpu: 500m, memory: 256Mi}}\n    \
+         ports: [{{name: http, containerPort: 8080}}]\n---\n\
+         apiVersion: poolkeeper.dev/v1alpha1\nkind: User\nmetadata: {{name: alice, namespace: {ns}}}\n\
+         spec: {{quota: {{maxClaims: 5}}}}\n"
+    );
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&pool));
+    let claim = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1\nkind: Claim\nmetadata: {{name: big, namespace: {ns}}}\n\
+         spec: {{pool: web, user: alice, resources: {{cpu: 1500m, memory: 512Mi}}}}\n"
+    );
+    c.kubectl_ok(&["apply", "-f", "-"], Some(&claim));
+    wait_bound(&c, &ns, "big").await;
+    let pod = jsonpath(&c, &ns, "claim/big", "{.status.instance}");
+    let limits = |what: &str| {
+        jsonpath(
+            &c,
+            &ns,
+            &format!("pod/{pod}"),
+            &format!("{{.spec.containers[0].resources.{what}}}"),
+        )
+    };
+    assert_eq!(
+        limits("limits.cpu"),
+        "1500m",
+        "resized by the time it is Bound"
+    );
+    assert_eq!(limits("requests.cpu"), "1500m");
+    assert_eq!(limits("limits.memory"), (512u64 << 20).to_string());
+
+    c.kubectl_ok(
+        &["delete", "claim", "big", "-n", &ns, "--timeout=60s"],
+        None,
+    );
+    eventually(
+        "the pod kept, with the template's resources, unbound",
+        Duration::from_secs(60),
+        async || {
+            let cpu = limits("limits.cpu");
+            let memory = limits("limits.memory");
+            let free = recorded(&c, &ns).await.is_empty();
+            let back = cpu == "500m" && memory == (256u64 << 20).to_string();
+            (back && free).then_some(())
+        },
+    )
+    .await;
+    ctl.stop().await.expect("stop");
+    c.cleanup(&ns);
+}

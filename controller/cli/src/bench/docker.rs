@@ -426,6 +426,7 @@ async fn bind_all(
                 ttl: None,
                 files: files.clone(),
                 files_from: None,
+                resources: None,
             }),
         ))
     };

@@ -64,6 +64,7 @@ fn pool_spec(warm: u32, max: u32) -> PoolSpec {
         pull_policy: Default::default(),
         autoscale: None,
         exposure: None,
+        claim_resources: None,
     }
 }
 
@@ -84,6 +85,7 @@ fn claim(pool: &str, user: &str) -> Spec {
         ttl: None,
         files: BTreeMap::new(),
         files_from: None,
+        resources: None,
     })
 }
 

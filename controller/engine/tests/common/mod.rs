@@ -79,6 +79,15 @@ impl Runtime for Counting {
         self.mem.keeps_bindings()
     }
 
+    async fn resize(
+        &self,
+        name: &str,
+        cpu_millis: Option<u64>,
+        memory_bytes: Option<u64>,
+    ) -> RtResult<()> {
+        self.mem.resize(name, cpu_millis, memory_bytes).await
+    }
+
     async fn bind(&self, name: &str, claim: Option<&str>) -> RtResult<()> {
         let delay = self.bind_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
@@ -637,6 +646,7 @@ pub fn pool(image: &str, warm: u32, max: Option<u32>) -> PoolSpec {
         pull_policy: PullPolicy::IfNotPresent,
         autoscale: None,
         exposure: None,
+        claim_resources: None,
     }
 }
 
@@ -666,6 +676,7 @@ pub fn claim(pool: &str, user: &str) -> ClaimSpec {
         ttl: None,
         files: BTreeMap::new(),
         files_from: None,
+        resources: None,
     }
 }
 

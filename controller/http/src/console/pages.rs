@@ -964,6 +964,7 @@ pub(crate) async fn launch(
         user: None,
         ttl: Some(form.ttl.trim().to_owned()).filter(|t| !t.is_empty()),
         files: Default::default(),
+        resources: None,
     };
     let r = crate::claims::make_claim(&state, &session.who, req)
         .await
