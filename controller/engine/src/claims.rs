@@ -7,7 +7,6 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use poolkeeper_core::claims::{ClaimFacts, PoolFacts, UserFacts, Verdict, admit};
-use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
 use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Object, Origin, Spec};
 use poolkeeper_runtime::Runtime;
 
@@ -42,7 +41,7 @@ impl<R: Runtime> Engine<R> {
 
     /// Why a new claim of `user` on `pool` would be refused now: the engine's own admission
     /// over the user's claims that are not over (in arrival order) followed by the new one.
-    fn refusal_of_new(&self, spec: &poolkeeper_kinds::ClaimSpec) -> Option<(&'static str, String)> {
+    fn refusal_of_new(&self, spec: &ClaimSpec) -> Option<(&'static str, String)> {
         let new = poolkeeper_core::claims::ClaimFacts {
             name: "",
             pool: &spec.pool,
@@ -599,8 +598,6 @@ impl<R: Runtime> Engine<R> {
 /// The cpu (millicores) and memory (bytes) limits a claim gives its instance, if any (admission
 /// has checked them against the pool's `claimResources`).
 pub(crate) fn claim_limits(spec: &ClaimSpec) -> Option<(Option<u64>, Option<u64>)> {
-    let r = spec.resources.as_ref()?;
-    let cpu = r.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok());
-    let memory = r.memory.as_deref().and_then(|m| parse_memory_bytes(m).ok());
+    let (cpu, memory) = spec.resources.as_ref()?.limits();
     (cpu.is_some() || memory.is_some()).then_some((cpu, memory))
 }

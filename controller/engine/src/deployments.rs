@@ -11,7 +11,6 @@ use poolkeeper_core::deployment::{
     stoppable, volume_name,
 };
 use poolkeeper_core::pool::InstancePhase;
-use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
 use poolkeeper_kinds::validate::parse_port_key;
 use poolkeeper_runtime::{
     InstanceSpec, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH, LABEL_MANAGED, LABEL_REPLICA,
@@ -545,7 +544,7 @@ impl<R: Runtime> Engine<R> {
             (LABEL_REPLICA.to_owned(), replica.to_string()),
             (LABEL_HASH.to_owned(), hash.to_owned()),
         ]));
-        let res = c.resources.clone().unwrap_or_default();
+        let (cpu_millis, memory_bytes) = c.resources.clone().unwrap_or_default().limits();
         let ispec = InstanceSpec {
             name: slot.to_owned(),
             image: c.image.clone(),
@@ -564,11 +563,8 @@ impl<R: Runtime> Engine<R> {
             pod_overrides: None,
             capabilities: None,
             labels,
-            cpu_millis: res.cpu.as_deref().and_then(|x| parse_cpu_millis(x).ok()),
-            memory_bytes: res
-                .memory
-                .as_deref()
-                .and_then(|m| parse_memory_bytes(m).ok()),
+            cpu_millis,
+            memory_bytes,
             readiness: c.readiness.clone(),
             liveness: c.liveness.clone(),
             init: c.init,

@@ -748,19 +748,10 @@ impl<R: Runtime> Engine<R> {
 /// The template's limits of the resources a pool lets claims change (`claimResources`): what a
 /// reset that keeps the instance gives back. `None` when claims cannot change any.
 fn template_limits(spec: &poolkeeper_kinds::PoolSpec) -> Option<(Option<u64>, Option<u64>)> {
-    use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
     let bounded = spec.claim_resources.as_ref()?;
-    let declared = spec.template.resources.clone().unwrap_or_default();
-    let cpu = declared
-        .cpu
-        .as_deref()
-        .filter(|_| bounded.cpu.is_some())
-        .and_then(|c| parse_cpu_millis(c).ok());
-    let memory = declared
-        .memory
-        .as_deref()
-        .filter(|_| bounded.memory.is_some())
-        .and_then(|m| parse_memory_bytes(m).ok());
+    let (cpu, memory) = spec.template.resources.clone().unwrap_or_default().limits();
+    let cpu = cpu.filter(|_| bounded.cpu.is_some());
+    let memory = memory.filter(|_| bounded.memory.is_some());
     (cpu.is_some() || memory.is_some()).then_some((cpu, memory))
 }
 

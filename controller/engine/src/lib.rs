@@ -258,6 +258,12 @@ impl PoolEntry {
 }
 
 impl InstRec {
+    /// Bound here, or recorded by the runtime as a claim's (another controller's, or a binding
+    /// not adopted yet) while it lives: nobody else may have it, and it counts as bound.
+    fn held(&self) -> bool {
+        self.claim.is_some() || (self.recorded.is_some() && self.phase != InstancePhase::Dead)
+    }
+
     /// A record with nothing known yet beyond its identity and phase.
     fn new(
         name: String,

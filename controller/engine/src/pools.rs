@@ -8,7 +8,7 @@ use tracing::debug;
 
 use poolkeeper_core::claims::{Verdict, match_claims};
 use poolkeeper_core::pool::{InstancePhase, PoolTarget, plan_pool};
-use poolkeeper_kinds::units::{parse_cpu_millis, parse_duration, parse_memory_bytes};
+use poolkeeper_kinds::units::parse_duration;
 use poolkeeper_kinds::validate::pool_max;
 use poolkeeper_runtime::{
     InstanceSpec, LABEL_HASH, LABEL_MANAGED, LABEL_POOL, PortBinding, Runtime,
@@ -93,8 +93,7 @@ impl<R: Runtime> Engine<R> {
         let slot = poolkeeper_core::pool::classify(
             rec.phase,
             current,
-            // A binding the runtime records holds the instance too, while it lives.
-            rec.claim.is_some() || (rec.recorded.is_some() && rec.phase != InstancePhase::Dead),
+            rec.held(),
             rec.resetting,
             rec.quarantined.is_some(),
         );
@@ -556,7 +555,7 @@ impl<R: Runtime> Engine<R> {
                 l
             }
         };
-        let res = t.resources.clone().unwrap_or_default();
+        let (cpu_millis, memory_bytes) = t.resources.clone().unwrap_or_default().limits();
         let ispec = InstanceSpec {
             name: name.clone(),
             image: t.image.clone(),
@@ -568,11 +567,8 @@ impl<R: Runtime> Engine<R> {
             pod_overrides: t.pod_overrides.clone(),
             capabilities: t.capabilities.clone(),
             labels,
-            cpu_millis: res.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
-            memory_bytes: res
-                .memory
-                .as_deref()
-                .and_then(|m| parse_memory_bytes(m).ok()),
+            cpu_millis,
+            memory_bytes,
             readiness: t.readiness.clone(),
             liveness: None,
             init: false,

@@ -171,10 +171,7 @@ impl<R: Runtime> Engine<R> {
             }
             if r.quarantined.is_some() {
                 s.quarantined += 1;
-            } else if r.claim.is_some() || (r.recorded.is_some() && r.phase != InstancePhase::Dead)
-            {
-                // Bound here, or recorded by the runtime as another's (the pool's index holds
-                // it as occupied for the same reason).
+            } else if r.held() {
                 s.bound += 1;
             } else if r.phase == InstancePhase::Ready && !r.resetting && r.hash == p.hash {
                 s.warm += 1;

@@ -284,6 +284,20 @@ pub struct Resources {
     pub memory: Option<String>,
 }
 
+impl Resources {
+    /// Cpu in millicores and memory in bytes; what does not parse (validation refuses it) is
+    /// `None`, as is what is not given.
+    pub fn limits(&self) -> (Option<u64>, Option<u64>) {
+        use crate::units::{parse_cpu_millis, parse_memory_bytes};
+        (
+            self.cpu.as_deref().and_then(|c| parse_cpu_millis(c).ok()),
+            self.memory
+                .as_deref()
+                .and_then(|m| parse_memory_bytes(m).ok()),
+        )
+    }
+}
+
 /// Where a claim's files land inside the instance.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
