@@ -121,7 +121,13 @@ impl<R: Runtime> Engine<R> {
         let phase = phase_of(&i);
         let code = exit_code(&i);
         let name = i.name.clone();
-        let ports: Vec<u16> = i.ports.iter().map(|p| p.host_port).collect();
+        // Only ports taken on a node are the engine's to share out; a Service's port is every
+        // instance's at once.
+        let ports: Vec<u16> = if i.host_ports {
+            i.ports.iter().map(|p| p.host_port).collect()
+        } else {
+            Vec::new()
+        };
         let pool = i.label(LABEL_POOL).map(str::to_owned);
         let deployment = match (i.label(LABEL_DEPLOYMENT), i.label(LABEL_CONTAINER)) {
             (Some(d), Some(c)) => Some((

@@ -208,6 +208,8 @@ struct InstRec {
     hash: String,
     phase: InstancePhase,
     exit_code: Option<i64>,
+    /// The host ports it holds in the engine's table (none where its runtime gives each
+    /// instance an address of its own, see `Instance::host_ports`).
     ports: Vec<u16>,
     node: String,
     /// Published ports, as the runtime reports them.
@@ -262,6 +264,16 @@ impl InstRec {
     /// not adopted yet) while it lives: nobody else may have it, and it counts as bound.
     fn held(&self) -> bool {
         self.claim.is_some() || (self.recorded.is_some() && self.phase != InstancePhase::Dead)
+    }
+
+    /// The ports a client dials, as status shows them: the runtime's last report, or the host
+    /// ports handed out at creation before the first.
+    fn client_ports(&self) -> Vec<u16> {
+        if self.bindings.is_empty() {
+            self.ports.clone()
+        } else {
+            self.bindings.iter().map(|b| b.host_port).collect()
+        }
     }
 
     /// A record with nothing known yet beyond its identity and phase.

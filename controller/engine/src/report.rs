@@ -226,7 +226,7 @@ impl<R: Runtime> Engine<R> {
             phase: format!("{:?}", r.phase),
             claim: r.claim.clone(),
             resetting: r.resetting,
-            ports: r.ports.clone(),
+            ports: r.client_ports(),
             node: r.node.clone(),
             quarantined: r.quarantined.clone(),
         })

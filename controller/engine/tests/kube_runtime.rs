@@ -526,6 +526,86 @@ async fn finish(mut w: World) {
     }
 }
 
+/// A Service per pod gives each instance an address of its own: its port is every instance's at
+/// once and takes nothing on a node. A deployment's container keeps the host ports it declares
+/// (its pod's `hostPort`s), the same numbers included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_ports_are_shared_and_a_deployments_host_ports_are_its_own() {
+    let mut w = World::new().await;
+    let mut web = common::pool("img0", 2, Some(2));
+    web.template.ports = vec![poolkeeper_kinds::ContainerPort {
+        name: "http".into(),
+        container_port: 80,
+        protocol: poolkeeper_kinds::Protocol::Tcp,
+    }];
+    web.exposure = Some(Exposure::ClusterIP);
+    w.apply("web", Spec::Pool(web));
+    let ready = |snap: &Snapshot, f: &dyn Fn(&poolkeeper_engine::status::InstanceView) -> bool| {
+        snap.instances
+            .iter()
+            .filter(|i| f(i) && i.phase == "Ready")
+            .map(|i| (i.name.clone(), i.ports.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let start = Instant::now();
+    loop {
+        let snap = w.snapshot().await;
+        let pool = ready(&snap, &|i| i.pool.as_deref() == Some("web"));
+        if pool.len() == 2 {
+            assert!(
+                pool.values().all(|p| p == &vec![80]),
+                "each instance is dialled at its Service's port: {pool:?}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the pool did not fill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut same = common::container("same", "img1", &[]);
+    same.ports = BTreeMap::from([("80".to_owned(), 80)]);
+    let mut other = common::container("other", "img1", &[]);
+    other.ports = BTreeMap::from([("80".to_owned(), 8080)]);
+    w.apply(
+        "edge",
+        Spec::Deployment(common::deployment(None, vec![same, other])),
+    );
+    let start = Instant::now();
+    loop {
+        let snap = w.snapshot().await;
+        let dep = ready(&snap, &|i| i.deployment.as_deref() == Some("edge"));
+        let ports: Vec<_> = dep.values().cloned().collect();
+        if dep.len() == 2 {
+            let mut ports = ports;
+            ports.sort();
+            assert_eq!(
+                ports,
+                vec![vec![80], vec![8080]],
+                "each container shows the host port it declared"
+            );
+            break;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!(
+                "the deployment did not start beside the pool: {:?}\n{}",
+                common::deployment_status(&snap, "edge"),
+                describe(&snap, &w.pods())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pods = w.pods();
+    let host_port = |c: &str| {
+        pods.iter()
+            .find(|p| label(p, poolkeeper_runtime::LABEL_CONTAINER) == Some(c))
+            .and_then(|p| p["spec"]["containers"][0]["ports"][0]["hostPort"].as_u64())
+    };
+    assert_eq!(
+        (host_port("same"), host_port("other")),
+        (Some(80), Some(8080))
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         // SIM_CASES raises the count for a longer hunt.

@@ -430,6 +430,7 @@ impl DockerRuntime {
             },
             ready: t.running && t.ready,
             ports: t.ports.clone(),
+            host_ports: true,
             node: self.inner.nodes[t.node].config.name.clone(),
             revision: t.revision,
         }

@@ -535,6 +535,7 @@ pub fn ports_of(spec: &InstanceSpec) -> Vec<PortBinding> {
             name: p.name.clone(),
             container_port: p.container_port,
             host_port: match exposure {
+                _ if is_deployment(spec) => host_port_of(spec, p).unwrap_or(p.container_port),
                 Exposure::NodePort | Exposure::HostPort => {
                     host_port_of(spec, p).unwrap_or(p.container_port)
                 }
@@ -641,6 +642,9 @@ pub fn instance_of(pod: &Pod, lb: Option<&str>) -> Option<Instance> {
         .get(ANNOTATION_PORTS)
         .map(|s| decode_ports(s))
         .unwrap_or_default();
+    // A deployment's container keeps its declared host ports (`hostPort`) whatever its Services.
+    let host_ports =
+        matches!(exposure, "NodePort" | "HostPort") || labels.contains_key(LABEL_DEPLOYMENT);
     let revision = pod
         .metadata
         .resource_version
@@ -653,6 +657,7 @@ pub fn instance_of(pod: &Pod, lb: Option<&str>) -> Option<Instance> {
         state,
         ready,
         ports,
+        host_ports,
         node,
         revision,
     })
@@ -915,6 +920,7 @@ mod tests {
             i.ports[0].host_port, 80,
             "a ClusterIP client uses the container port"
         );
+        assert!(!i.host_ports, "a Service's port takes nothing on a node");
 
         let np = spec(Some(Exposure::NodePort));
         let pod = pod_for(&np, "team", "ctl", None).expect("pod");
@@ -932,6 +938,7 @@ mod tests {
         });
         let i = instance_of(&pod, None).expect("instance");
         assert_eq!((i.node.as_str(), i.ports[0].host_port), ("10.0.0.7", 30080));
+        assert!(i.host_ports, "a node port is the node's");
     }
 
     #[test]

@@ -129,6 +129,11 @@ pub struct Instance {
     /// Running and passing its readiness probe (or running, when it has none).
     pub ready: bool,
     pub ports: Vec<PortBinding>,
+    /// Whether `ports` are taken on the node itself (Docker's published ports, a pod's
+    /// `hostPort`s, node ports), so that each belongs to one instance at a time. False where each
+    /// instance has an address of its own (a Service per pod): the ports then only say what a
+    /// client dials there, and many instances share them.
+    pub host_ports: bool,
     /// Which runtime node holds it.
     pub node: String,
     /// Runtime-wide sequence number of the instance's last change. Events and list results

@@ -514,6 +514,7 @@ impl Runtime for MemoryRuntime {
                 state: InstanceState::Running,
                 ready: false,
                 ports: spec.ports.clone(),
+                host_ports: true,
                 node: inner.config.node.clone(),
                 revision: 0,
             };
