@@ -693,9 +693,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub release: bool,
     /// With `--source kube`: leave each claim bound instead of deleting it once bound, so that
-    /// only the path to Bound is measured (the pool is sized to the claims).
+    /// only the path to Bound is measured (the pool is sized to the claims, and its `max` holds
+    /// it there: nothing is made while claims arrive, unless `--refill`).
     #[arg(long)]
     pub keep: bool,
+    /// With `--keep`: no `max` on the pool, so that it makes a new instance for each one bound
+    /// while claims arrive (a warm pool's refill sharing the API server with the binds).
+    #[arg(long, requires = "keep")]
+    pub refill: bool,
     /// Which scenario to run; `all` runs each in a process of its own, so that every figure's
     /// resident memory is its own.
     #[arg(long, value_enum, default_value_t = Scenario::All)]

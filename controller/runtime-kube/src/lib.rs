@@ -71,7 +71,17 @@ pub struct KubeRuntime {
     ingress: Arc<Mutex<HashMap<String, String>>>,
     /// Why the pod watch fails, while it does.
     watch_error: Arc<Mutex<Option<String>>>,
+    /// Each pool's owner as last read, and when: a pool fills with many pods at once, and each
+    /// would read the same Pool again (see `OWNER_FRESH`).
+    owners: Arc<Mutex<HashMap<String, (Option<pods::Owner>, std::time::Instant)>>>,
+    /// Held while a Pool is read: the creations that missed together read it once.
+    owner_read: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// How long a Pool's uid is taken as read. A Pool deleted and declared again within it gives
+/// the pods made meanwhile an owner that is gone: the cluster's garbage collector removes them
+/// and the pool makes them again, as after any pod deleted behind its back.
+const OWNER_FRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the runtime's watch sees.
 #[allow(clippy::large_enum_variant)] // one at a time, straight from the stream
@@ -140,6 +150,8 @@ impl KubeRuntime {
             versions: Arc::default(),
             ingress: Arc::default(),
             watch_error: Arc::default(),
+            owners: Arc::default(),
+            owner_read: Arc::default(),
         }
     }
 
@@ -296,22 +308,43 @@ impl KubeRuntime {
     /// directory source).
     async fn owner(&self, spec: &InstanceSpec) -> Option<pods::Owner> {
         let pool = spec.labels.get(LABEL_POOL)?;
+        let cached = || {
+            let owners = self.owners.lock().ok()?;
+            let (owner, at) = owners.get(pool)?;
+            (at.elapsed() < OWNER_FRESH).then(|| owner.clone())
+        };
+        if let Some(owner) = cached() {
+            return owner;
+        }
+        let _reading = self.owner_read.lock().await;
+        if let Some(owner) = cached() {
+            return owner;
+        }
         let api: Api<poolkeeper_kinds::Pool> =
             Api::namespaced(self.client.clone(), &self.config.namespace);
-        match api.get_opt(pool).await {
-            Ok(Some(p)) => Some(pods::Owner {
+        let owner = match api.get_opt(pool).await {
+            Ok(Some(p)) => p.metadata.uid.map(|uid| pods::Owner {
                 api_version: "poolkeeper.dev/v1alpha1".to_owned(),
                 kind: "Pool".to_owned(),
                 name: pool.clone(),
-                uid: p.metadata.uid?,
+                uid,
             }),
             Ok(None) => None,
-            Err(e) => {
+            Err(e) if is_code(&e, 403) || is_code(&e, 404) => {
                 // Without the CRD (the directory source) or the right to read Pools.
                 debug!(%pool, error = %e, "no Pool object to own the instance");
                 None
             }
+            Err(e) => {
+                // Read again next time: a passing failure says nothing about the Pool.
+                debug!(%pool, error = %e, "reading the Pool failed; its pod has no owner");
+                return None;
+            }
+        };
+        if let Ok(mut owners) = self.owners.lock() {
+            owners.insert(pool.clone(), (owner.clone(), std::time::Instant::now()));
         }
+        owner
     }
 
     async fn create_service(&self, spec: &InstanceSpec, pod: &Pod) -> Result<()> {

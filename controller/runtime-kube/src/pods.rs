@@ -62,6 +62,7 @@ pub fn exposure_of(spec: &InstanceSpec) -> Exposure {
 }
 
 /// The pool an instance belongs to, for its ownerReference.
+#[derive(Clone, Debug)]
 pub struct Owner {
     pub api_version: String,
     pub kind: String,

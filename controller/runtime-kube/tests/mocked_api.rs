@@ -114,6 +114,7 @@ fn pod(name: &str, rv: &str, claim: Option<&str>) -> Value {
 #[tokio::test]
 async fn create_reads_the_pool_then_makes_the_pod_with_its_owner_and_then_its_service() {
     let (rt, mut h) = runtime();
+    let again = rt.clone();
     let made = tokio::spawn(async move { rt.create(spec(None)).await });
 
     let (m, uri, _, send) = next(&mut h).await;
@@ -172,6 +173,30 @@ async fn create_reads_the_pool_then_makes_the_pod_with_its_owner_and_then_its_se
         !i.ready,
         "ready only once the pod's Ready condition says so"
     );
+
+    // The pool's next pod, at once: the Pool is not read again.
+    let mut second = spec(None);
+    second.name = "web-a2".into();
+    let made = tokio::spawn(async move { again.create(second).await });
+    let (m, uri, body, send) = next(&mut h).await;
+    assert_eq!(
+        (m.as_str(), uri.as_str()),
+        ("POST", "/api/v1/namespaces/team/pods?"),
+        "the Pool's uid as read for the first pod"
+    );
+    assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "pool-uid");
+    let mut answer = body.clone();
+    answer["metadata"]["uid"] = json!("pod-uid-2");
+    answer["metadata"]["resourceVersion"] = json!("12");
+    send.send_response(resp(201, &answer));
+    let (m, _, _, send) = next(&mut h).await;
+    assert_eq!(m, "POST");
+    send.send_response(resp(
+        201,
+        &json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web-a2"}}),
+    ));
+    made.await.expect("join").expect("created");
 }
 
 #[tokio::test]

@@ -80,10 +80,14 @@ async fn measure(
         .instances
         .unwrap_or(if args.keep { claims } else { 200 });
     let api = |kind| Api::<DynamicObject>::namespaced_with(client.clone(), ns, &api_resource(kind));
-    let pool = json!({"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "Pool",
+    let mut pool = json!({"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "Pool",
         "metadata": {"name": "bench"},
         "spec": {"template": {"image": "bench", "ports": [{"name": "http", "containerPort": 80}]},
                  "warm": warm, "hostPorts": {"start": 20000, "end": 60000}}});
+    let refill = !args.keep || args.refill;
+    if !refill {
+        pool["spec"]["max"] = json!(warm);
+    }
     let user = json!({"apiVersion": "poolkeeper.dev/v1alpha1", "kind": "User",
         "metadata": {"name": "bench"}, "spec": {"quota": {"maxClaims": 1000000}}});
     api(Kind::Pool)
@@ -268,6 +272,7 @@ async fn measure(
         .with("concurrency", args.concurrency)
         .with("offered_rate_per_s", rate)
         .with("deleted", !args.keep)
+        .with("refill", refill)
         .with("warm", warm)
         .with("create_p50_ms", super::pct(&creates, 0.5))
         .with("create_p99_ms", super::pct(&creates, 0.99))
