@@ -60,6 +60,9 @@ pub struct KubeRuntimeConfig {
 /// A pod's resourceVersion and the claim it recorded, by pod name.
 type Seen = HashMap<String, (String, Option<String>)>;
 
+/// Each pool's owner (none without a Pool object) and when it was read, by pool name.
+type Owners = HashMap<String, (Option<pods::Owner>, std::time::Instant)>;
+
 #[derive(Clone)]
 pub struct KubeRuntime {
     client: Client,
@@ -73,7 +76,7 @@ pub struct KubeRuntime {
     watch_error: Arc<Mutex<Option<String>>>,
     /// Each pool's owner as last read, and when: a pool fills with many pods at once, and each
     /// would read the same Pool again (see `OWNER_FRESH`).
-    owners: Arc<Mutex<HashMap<String, (Option<pods::Owner>, std::time::Instant)>>>,
+    owners: Arc<Mutex<Owners>>,
     /// Held while a Pool is read: the creations that missed together read it once.
     owner_read: Arc<tokio::sync::Mutex<()>>,
 }
