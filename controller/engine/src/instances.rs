@@ -83,7 +83,10 @@ impl<R: Runtime> Engine<R> {
                 // A creation still in flight may land after the list was taken, whatever the
                 // record's phase (a removal asked for meanwhile makes it Deleting): its reply
                 // decides, not the list.
+                // So may a reset that makes the instance again under its name (a pod's
+                // restart): its result decides.
                 !r.create_in_flight
+                    && !r.resetting
                     && r.phase != InstancePhase::Creating
                     && r.seen_epoch < epoch
                     && !seen.contains(r.name.as_str())
@@ -664,7 +667,10 @@ impl<R: Runtime> Engine<R> {
             .and_then(|p| p.spec.as_ref())
             .map(|s| (s.reset, s.reset_command.clone(), template_limits(s)));
         let Some((policy, command, restore)) = policy else {
-            // The pool is gone: the instance is drained.
+            // The pool is gone: the instance is drained, not reset.
+            if let Some(r) = self.instances.get_mut(instance) {
+                r.resetting = false;
+            }
             self.remove_instance(instance);
             return;
         };

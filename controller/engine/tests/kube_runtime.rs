@@ -526,6 +526,57 @@ async fn finish(mut w: World) {
     }
 }
 
+/// A `Restart` reset deletes the pod and makes it again under its name: the same instance,
+/// not one lost. The pool makes no other pod meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reset_keeps_the_instance_and_makes_no_other() {
+    let mut w = World::new().await;
+    let mut web = common::pool("img0", 1, Some(1));
+    web.reset = ResetPolicy::Restart;
+    w.apply("web", Spec::Pool(web));
+    w.apply("u", Spec::User(user(5)));
+    w.apply("c", Spec::Claim(claim("web", "u")));
+    let names =
+        |w: &World| -> Vec<String> { w.pods().iter().map(|p| name(p).to_owned()).collect() };
+    let start = Instant::now();
+    let (pod, uid) = loop {
+        let snap = w.snapshot().await;
+        if let Some(i) = claim_status(&snap, "c").and_then(|s| s.instance) {
+            let uid = w.pods()[0]["metadata"]["uid"].clone();
+            break (i, uid);
+        }
+        assert!(start.elapsed() < DEADLINE, "the claim did not bind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    w.delete(Kind::Claim, "c");
+    let start = Instant::now();
+    loop {
+        let all = names(&w);
+        assert!(
+            all.iter().all(|n| *n == pod),
+            "only {pod} while it restarts: {all:?}"
+        );
+        let snap = w.snapshot().await;
+        let fresh = w
+            .pods()
+            .first()
+            .is_some_and(|p| p["metadata"]["uid"] != uid && label(p, LABEL_CLAIM).is_none());
+        let warm = common::pool_status(&snap, "web").is_some_and(|s| s.warm == 1);
+        if fresh && warm {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "not restarted\n{}",
+            describe(&snap, &w.pods())
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // And it stays the one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(names(&w), vec![pod]);
+}
+
 /// A Service per pod gives each instance an address of its own: its port is every instance's at
 /// once and takes nothing on a node. A deployment's container keeps the host ports it declares
 /// (its pod's `hostPort`s), the same numbers included.

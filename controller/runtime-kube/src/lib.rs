@@ -79,6 +79,10 @@ pub struct KubeRuntime {
     owners: Arc<Mutex<Owners>>,
     /// Held while a Pool is read: the creations that missed together read it once.
     owner_read: Arc<tokio::sync::Mutex<()>>,
+    /// The pods a restart deleted to make again under their name, by name: their uid. The
+    /// watch's deletion of that uid is the restart's, not the instance's end (the restart's
+    /// result tells the engine), and is not reported.
+    replaced: Arc<Mutex<HashMap<String, String>>>,
 }
 
 /// How long a Pool's uid is taken as read. A Pool deleted and declared again within it gives
@@ -155,6 +159,7 @@ impl KubeRuntime {
             watch_error: Arc::default(),
             owners: Arc::default(),
             owner_read: Arc::default(),
+            replaced: Arc::default(),
         }
     }
 
@@ -301,6 +306,19 @@ impl KubeRuntime {
         if let Ok(mut v) = self.versions.lock() {
             v.remove(name);
         }
+    }
+
+    /// Whether `pod`'s deletion was a restart's (and is now seen: forgotten).
+    fn was_replaced(&self, pod: &Pod) -> bool {
+        let Ok(mut replaced) = self.replaced.lock() else {
+            return false;
+        };
+        let name = pod.name_any();
+        let ours = pod.metadata.uid.is_some() && replaced.get(&name) == pod.metadata.uid.as_ref();
+        if ours {
+            replaced.remove(&name);
+        }
+        ours
     }
 
     fn version_of(&self, name: &str) -> Option<(String, Option<String>)> {
@@ -616,7 +634,16 @@ impl Runtime for KubeRuntime {
                 .await
                 .map_err(|e| api_err(e, name))?
         };
-        self.delete_pod(name).await?;
+        if let (Some(uid), Ok(mut replaced)) = (old.metadata.uid.clone(), self.replaced.lock()) {
+            replaced.insert(name.to_owned(), uid);
+        }
+        if let Err(e) = self.delete_pod(name).await {
+            // Not deleted: a later deletion of it would be its end.
+            if let Ok(mut replaced) = self.replaced.lock() {
+                replaced.remove(name);
+            }
+            return Err(e);
+        }
         self.delete_service(name).await?;
         // The name is free once the old pod is gone (its grace period, at most).
         let deadline = tokio::time::Instant::now()
@@ -889,6 +916,10 @@ impl Runtime for KubeRuntime {
                             latest.insert(pod.name_any(), pod);
                         }
                         i
+                    }
+                    Watched::Pod(watcher::Event::Delete(pod)) if this.was_replaced(&pod) => {
+                        debug!(pod = %pod.name_any(), "deleted by its restart");
+                        None
                     }
                     Watched::Pod(watcher::Event::Delete(pod)) => {
                         let name = pod.name_any();

@@ -228,11 +228,35 @@ async fn a_service_goes_with_its_pod_deleted_behind_our_back_watched_or_not() {
 async fn a_restarted_pod_gets_its_service_again_owned_by_the_new_pod() {
     let fake = FakeApi::start().await;
     let rt = runtime(&fake);
+    let mut events = rt.subscribe();
     rt.create(served("web-1")).await.unwrap();
     let old_uid = fake.get("pods", NS, "web-1").unwrap()["metadata"]["uid"].clone();
+    seen(
+        &mut events,
+        |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "web-1"),
+    )
+    .await;
     rt.restart("web-1").await.unwrap();
     let pod = fake.get("pods", NS, "web-1").unwrap();
     assert_ne!(pod["metadata"]["uid"], old_uid, "a new pod");
+    // The old pod's deletion is the restart's: the instance lives on, as the new pod.
+    let new_version = pod["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = events.recv().await {
+            match e {
+                RuntimeEvent::Removed(n) => panic!("{n} reported removed by its restart"),
+                RuntimeEvent::Changed(i) if i.name == "web-1" && i.revision >= new_version => {
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the new pod is reported");
     let svc = fake.get("services", NS, "web-1").expect("its Service");
     assert_eq!(
         svc["metadata"]["ownerReferences"][0]["uid"], pod["metadata"]["uid"],
