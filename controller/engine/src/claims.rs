@@ -90,11 +90,14 @@ impl<R: Runtime> Engine<R> {
             Ok(f) => (Arc::new(f), None),
             Err(e) => (self.no_files.clone(), Some(e)),
         };
-        if let Some((old_pool, old_user, seq)) = self
-            .claims
-            .get(&name)
-            .map(|c| (c.spec.pool.clone(), c.spec.user.clone(), c.seq))
-        {
+        if let Some((old_pool, old_user, seq, resized)) = self.claims.get(&name).map(|c| {
+            (
+                c.spec.pool.clone(),
+                c.spec.user.clone(),
+                c.seq,
+                c.spec.resources != spec.resources,
+            )
+        }) {
             let moved = old_pool != spec.pool || old_user != spec.user;
             if moved {
                 // A claim moved to another pool or user: end its binding and queue it anew.
@@ -131,6 +134,8 @@ impl<R: Runtime> Engine<R> {
             }
             if moved {
                 self.index_claim(&name, seq);
+            } else if resized {
+                self.resize_bound(&name, now);
             }
             self.touch_claim(&name);
             return;
@@ -374,7 +379,7 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// Mark a claim to be reported after the commit (its phase changes with the ops).
-    fn pending_report(&mut self, claim: &str) {
+    pub(crate) fn pending_report(&mut self, claim: &str) {
         self.to_report.insert(claim.to_owned());
     }
 
@@ -574,6 +579,59 @@ impl<R: Runtime> Engine<R> {
                 claim,
                 instance,
                 step,
+                limits: resize,
+                result,
+            }));
+        });
+    }
+
+    /// A bound claim's `resources` changed: its instance is resized in place, to the claim's
+    /// limits, or to the template's for a resource the claim no longer gives. A change its pool
+    /// does not allow is refused with an Event, and the instance keeps what it has. While the
+    /// binding's own work is in flight, that work's completion calls this again.
+    pub(crate) fn resize_bound(&mut self, claim: &str, now: u64) {
+        let Some(c) = self.claims.get(claim) else {
+            return;
+        };
+        let Some(instance) = c.instance.clone() else {
+            return;
+        };
+        if c.files_pending {
+            return;
+        }
+        let Some(spec) = self.pools.get(&c.spec.pool).and_then(|p| p.spec.as_ref()) else {
+            return;
+        };
+        if let Some(r) = &c.spec.resources
+            && let Err(message) = poolkeeper_core::claims::resources_within(
+                r,
+                spec.claim_resources.as_ref(),
+                &c.spec.pool,
+            )
+        {
+            let msg = format!("{message}; {instance} keeps the resources it has");
+            if let Some(c) = self.claims.get_mut(claim) {
+                c.events.push(true, "ResourcesNotAllowed", msg, now);
+            }
+            return;
+        }
+        let (template_cpu, template_memory) =
+            crate::instances::template_limits(spec).unwrap_or_default();
+        let (cpu, memory) = claim_limits(&c.spec).unwrap_or_default();
+        let (cpu, memory) = (cpu.or(template_cpu), memory.or(template_memory));
+        if cpu.is_none() && memory.is_none() {
+            return;
+        }
+        let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        let claim = claim.to_owned();
+        tokio::spawn(async move {
+            let result = rt.resize(&instance, cpu, memory).await;
+            let _ = tx.send(Input::Done(Completion::Resized {
+                claim,
+                instance,
+                cpu,
+                memory,
                 result,
             }));
         });

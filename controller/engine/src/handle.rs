@@ -132,6 +132,16 @@ pub(crate) enum Completion {
         instance: String,
         /// The step that failed (`copying files into`, `resizing`), when one did.
         step: &'static str,
+        /// The claim's limits given to the instance, if any (see `claims::claim_limits`).
+        limits: Option<(Option<u64>, Option<u64>)>,
+        result: RtResult<()>,
+    },
+    /// A bound claim's changed `resources` given to its instance in place.
+    Resized {
+        claim: String,
+        instance: String,
+        cpu: Option<u64>,
+        memory: Option<u64>,
         result: RtResult<()>,
     },
     Stopped {

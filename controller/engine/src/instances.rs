@@ -477,6 +477,7 @@ impl<R: Runtime> Engine<R> {
                 claim,
                 instance,
                 step,
+                limits,
                 result,
             } => {
                 let still_bound = self
@@ -501,6 +502,14 @@ impl<R: Runtime> Engine<R> {
                             }
                         }
                         self.report_claim(&claim, now);
+                        // Its resources changed while it was being bound.
+                        if self
+                            .claims
+                            .get(&claim)
+                            .is_some_and(|c| crate::claims::claim_limits(&c.spec) != limits)
+                        {
+                            self.resize_bound(&claim, now);
+                        }
                     }
                     Err(RuntimeError::Conflict { reason, holder, .. }) => {
                         // Another controller (or a stale view of ours) holds the instance, or
@@ -563,6 +572,41 @@ impl<R: Runtime> Engine<R> {
                         self.quarantine(&instance, msg);
                     }
                 }
+            }
+            Completion::Resized {
+                claim,
+                instance,
+                cpu,
+                memory,
+                result,
+            } => {
+                let Some(c) = self
+                    .claims
+                    .get_mut(&claim)
+                    .filter(|c| c.instance.as_deref() == Some(instance.as_str()))
+                else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        let mut gave = Vec::new();
+                        if let Some(m) = cpu {
+                            gave.push(format!("cpu {m}m"));
+                        }
+                        if let Some(b) = memory {
+                            gave.push(format!("memory {b} bytes"));
+                        }
+                        let msg = format!("{instance} resized in place: {}", gave.join(", "));
+                        c.events.push(false, "Resized", msg, now);
+                    }
+                    Err(e) => {
+                        // The instance keeps what it had, and the claim its binding.
+                        let msg = format!("resizing {instance} failed: {e}");
+                        warn!(claim = %claim, "{msg}");
+                        c.events.push(true, "ResizeFailed", msg, now);
+                    }
+                }
+                self.pending_report(&claim);
             }
             Completion::Stopped { name, result } => {
                 if let Err(e) = result {
@@ -759,7 +803,9 @@ impl<R: Runtime> Engine<R> {
 
 /// The template's limits of the resources a pool lets claims change (`claimResources`): what a
 /// reset that keeps the instance gives back. `None` when claims cannot change any.
-fn template_limits(spec: &poolkeeper_kinds::PoolSpec) -> Option<(Option<u64>, Option<u64>)> {
+pub(crate) fn template_limits(
+    spec: &poolkeeper_kinds::PoolSpec,
+) -> Option<(Option<u64>, Option<u64>)> {
     let bounded = spec.claim_resources.as_ref()?;
     let (cpu, memory) = spec.template.resources.clone().unwrap_or_default().limits();
     let cpu = cpu.filter(|_| bounded.cpu.is_some());

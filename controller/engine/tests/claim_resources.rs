@@ -108,3 +108,58 @@ async fn a_pool_without_claim_resources_refuses_a_claim_that_asks() {
         .await;
     assert_eq!(bindings(&snap).get("c1"), None);
 }
+
+#[tokio::test]
+async fn a_bound_claims_changed_resources_resize_its_instance_in_place() {
+    let mut sim = sized();
+    sim.wait_warm("p", 1).await;
+    let mut c = claim("p", "u");
+    c.resources = Some(res("1", "512Mi"));
+    sim.apply("c1", Spec::Claim(c.clone()));
+    let i = sim.wait_bound("c1").await;
+    assert_eq!(sim.mem.resources(&i), Some((Some(1000), Some(512 << 20))));
+
+    // More, within the pool's bound: the same instance, resized, still Bound.
+    c.resources = Some(res("1500m", "1Gi"));
+    sim.apply("c1", Spec::Claim(c.clone()));
+    sim.wait_until("resized to the claim's new resources", |_, _| {
+        sim.mem.resources(&i) == Some((Some(1500), Some(1 << 30)))
+    })
+    .await;
+    let snap = sim
+        .wait_until("the resize said on the claim", |snap, _| {
+            events_of(snap, Kind::Claim, "c1")
+                .iter()
+                .any(|e| e.reason == "Resized")
+        })
+        .await;
+    assert_eq!(bindings(&snap).get("c1"), Some(&i), "kept its instance");
+
+    // More than the pool allows: refused with an Event; the instance keeps what it has.
+    c.resources = Some(res("3", "1Gi"));
+    sim.apply("c1", Spec::Claim(c.clone()));
+    let snap = sim
+        .wait_until("the change refused", |snap, _| {
+            events_of(snap, Kind::Claim, "c1")
+                .iter()
+                .any(|e| e.reason == "ResourcesNotAllowed" && e.message.contains("cpu 3"))
+        })
+        .await;
+    assert_eq!(sim.mem.resources(&i), Some((Some(1500), Some(1 << 30))));
+    assert_eq!(
+        claim_status(&snap, "c1").map(|s| s.phase),
+        Some(ClaimPhase::Bound),
+        "a refused change does not end the binding"
+    );
+
+    // Only memory given: cpu goes back to the template's.
+    c.resources = Some(Resources {
+        cpu: None,
+        memory: Some("768Mi".into()),
+    });
+    sim.apply("c1", Spec::Claim(c));
+    sim.wait_until("cpu back to the template's, memory the claim's", |_, _| {
+        sim.mem.resources(&i) == Some((Some(500), Some(768 << 20)))
+    })
+    .await;
+}

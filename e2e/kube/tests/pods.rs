@@ -600,6 +600,38 @@ async fn a_claims_resources_resize_its_pod_in_place_and_the_reset_gives_the_temp
     assert_eq!(limits("requests.cpu"), "1500m");
     assert_eq!(limits("limits.memory"), (512u64 << 20).to_string());
 
+    // Changed while bound: the same pod, resized in place (needs no node: the API server
+    // takes the resize; a kubelet would then apply it).
+    c.kubectl_ok(
+        &[
+            "patch",
+            "claim",
+            "big",
+            "-n",
+            &ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"resources":{"cpu":"2","memory":"1Gi"}}}"#,
+        ],
+        None,
+    );
+    eventually(
+        "the bound pod resized to the claim's new resources",
+        Duration::from_secs(30),
+        async || {
+            let cpu = limits("limits.cpu");
+            let memory = limits("limits.memory");
+            ((cpu == "2" || cpu == "2000m") && memory == (1u64 << 30).to_string()).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        jsonpath(&c, &ns, "claim/big", "{.status.instance}"),
+        pod,
+        "kept its pod"
+    );
+
     c.kubectl_ok(
         &["delete", "claim", "big", "-n", &ns, "--timeout=60s"],
         None,
