@@ -108,6 +108,30 @@ impl World {
         self.join = Some(join);
     }
 
+    /// Polls the controller's view and the cluster's pods until `check` gives Some; fails
+    /// naming `what`, with both, after `DEADLINE`.
+    async fn wait_for<T>(
+        &self,
+        what: &str,
+        mut check: impl FnMut(&Snapshot, &[Value]) -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            let snap = self.snapshot().await;
+            let pods = self.pods();
+            if let Some(v) = check(&snap, &pods) {
+                return v;
+            }
+            if start.elapsed() > DEADLINE {
+                panic!(
+                    "never within {DEADLINE:?}: {what}\n{}",
+                    describe(&snap, &pods)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn snapshot(&self) -> Snapshot {
         // Two: the second after a whole pass that saw the first's changes.
         self.handle.snapshot().await.unwrap();
@@ -537,44 +561,30 @@ async fn a_restart_reset_keeps_the_instance_and_makes_no_other() {
     w.apply("u", Spec::User(user(5)));
     w.apply("c", Spec::Claim(claim("web", "u")));
     let names =
-        |w: &World| -> Vec<String> { w.pods().iter().map(|p| name(p).to_owned()).collect() };
-    let start = Instant::now();
-    let (pod, uid) = loop {
-        let snap = w.snapshot().await;
-        if let Some(i) = claim_status(&snap, "c").and_then(|s| s.instance) {
-            let uid = w.pods()[0]["metadata"]["uid"].clone();
-            break (i, uid);
-        }
-        assert!(start.elapsed() < DEADLINE, "the claim did not bind");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        |pods: &[Value]| -> Vec<String> { pods.iter().map(|p| name(p).to_owned()).collect() };
+    let (pod, uid) = w
+        .wait_for("the claim binds", |snap, pods| {
+            let i = claim_status(snap, "c").and_then(|s| s.instance)?;
+            Some((i, pods.first()?["metadata"]["uid"].clone()))
+        })
+        .await;
     w.delete(Kind::Claim, "c");
-    let start = Instant::now();
-    loop {
-        let all = names(&w);
+    w.wait_for("restarted, fresh and warm", |snap, pods| {
+        let all = names(pods);
         assert!(
             all.iter().all(|n| *n == pod),
             "only {pod} while it restarts: {all:?}"
         );
-        let snap = w.snapshot().await;
-        let fresh = w
-            .pods()
+        let fresh = pods
             .first()
             .is_some_and(|p| p["metadata"]["uid"] != uid && label(p, LABEL_CLAIM).is_none());
-        let warm = common::pool_status(&snap, "web").is_some_and(|s| s.warm == 1);
-        if fresh && warm {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "not restarted\n{}",
-            describe(&snap, &w.pods())
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        let warm = common::pool_status(snap, "web").is_some_and(|s| s.warm == 1);
+        (fresh && warm).then_some(())
+    })
+    .await;
     // And it stays the one.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(names(&w), vec![pod]);
+    assert_eq!(names(&w.pods()), vec![pod]);
 }
 
 /// A Service per pod gives each instance an address of its own: its port is every instance's at
@@ -591,27 +601,28 @@ async fn service_ports_are_shared_and_a_deployments_host_ports_are_its_own() {
     }];
     web.exposure = Some(Exposure::ClusterIP);
     w.apply("web", Spec::Pool(web));
-    let ready = |snap: &Snapshot, f: &dyn Fn(&poolkeeper_engine::status::InstanceView) -> bool| {
-        snap.instances
-            .iter()
-            .filter(|i| f(i) && i.phase == "Ready")
-            .map(|i| (i.name.clone(), i.ports.clone()))
-            .collect::<BTreeMap<_, _>>()
-    };
-    let start = Instant::now();
-    loop {
-        let snap = w.snapshot().await;
-        let pool = ready(&snap, &|i| i.pool.as_deref() == Some("web"));
-        if pool.len() == 2 {
-            assert!(
-                pool.values().all(|p| p == &vec![80]),
-                "each instance is dialled at its Service's port: {pool:?}"
-            );
-            break;
-        }
-        assert!(start.elapsed() < DEADLINE, "the pool did not fill");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The ports of the ready instances `f` picks, sorted, once there are two.
+    let two_ready =
+        |snap: &Snapshot, f: &dyn Fn(&poolkeeper_engine::status::InstanceView) -> bool| {
+            let mut ports: Vec<Vec<u16>> = snap
+                .instances
+                .iter()
+                .filter(|i| f(i) && i.phase == "Ready")
+                .map(|i| i.ports.clone())
+                .collect();
+            ports.sort();
+            (ports.len() == 2).then_some(ports)
+        };
+    let pool = w
+        .wait_for("the pool fills", |snap, _| {
+            two_ready(snap, &|i| i.pool.as_deref() == Some("web"))
+        })
+        .await;
+    assert_eq!(
+        pool,
+        vec![vec![80], vec![80]],
+        "each instance is dialled at its Service's port"
+    );
 
     let mut same = common::container("same", "img1", &[]);
     same.ports = BTreeMap::from([("80".to_owned(), 80)]);
@@ -621,30 +632,16 @@ async fn service_ports_are_shared_and_a_deployments_host_ports_are_its_own() {
         "edge",
         Spec::Deployment(common::deployment(None, vec![same, other])),
     );
-    let start = Instant::now();
-    loop {
-        let snap = w.snapshot().await;
-        let dep = ready(&snap, &|i| i.deployment.as_deref() == Some("edge"));
-        let ports: Vec<_> = dep.values().cloned().collect();
-        if dep.len() == 2 {
-            let mut ports = ports;
-            ports.sort();
-            assert_eq!(
-                ports,
-                vec![vec![80], vec![8080]],
-                "each container shows the host port it declared"
-            );
-            break;
-        }
-        if start.elapsed() > DEADLINE {
-            panic!(
-                "the deployment did not start beside the pool: {:?}\n{}",
-                common::deployment_status(&snap, "edge"),
-                describe(&snap, &w.pods())
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ports = w
+        .wait_for("the deployment starts beside the pool", |snap, _| {
+            two_ready(snap, &|i| i.deployment.as_deref() == Some("edge"))
+        })
+        .await;
+    assert_eq!(
+        ports,
+        vec![vec![80], vec![8080]],
+        "each container shows the host port it declared"
+    );
     let pods = w.pods();
     let host_port = |c: &str| {
         pods.iter()

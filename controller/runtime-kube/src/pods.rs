@@ -526,21 +526,26 @@ fn host_port_of(spec: &InstanceSpec, p: &ContainerPort) -> Option<u16> {
         .map(|b| b.host_port)
 }
 
+/// Whether a pod's ports are taken on its node (`Instance::host_ports`): node ports and
+/// `hostPort`s, and a deployment's container, which keeps its declared `hostPort`s whatever its
+/// Services. Otherwise a Service gives the pod an address of its own.
+fn takes_node_ports(exposure: &str, deployment: bool) -> bool {
+    deployment || exposure == Exposure::NodePort.as_str() || exposure == Exposure::HostPort.as_str()
+}
+
 /// The ports a client uses: the Service's (= container) ports for ClusterIP and LoadBalancer,
-/// the allocated host ports for NodePort and HostPort.
+/// the allocated host ports for NodePort and HostPort (and a deployment's container).
 pub fn ports_of(spec: &InstanceSpec) -> Vec<PortBinding> {
-    let exposure = exposure_of(spec);
+    let on_node = takes_node_ports(exposure_of(spec).as_str(), is_deployment(spec));
     spec.container_ports
         .iter()
         .map(|p| PortBinding {
             name: p.name.clone(),
             container_port: p.container_port,
-            host_port: match exposure {
-                _ if is_deployment(spec) => host_port_of(spec, p).unwrap_or(p.container_port),
-                Exposure::NodePort | Exposure::HostPort => {
-                    host_port_of(spec, p).unwrap_or(p.container_port)
-                }
-                Exposure::ClusterIP | Exposure::LoadBalancer => p.container_port,
+            host_port: if on_node {
+                host_port_of(spec, p).unwrap_or(p.container_port)
+            } else {
+                p.container_port
             },
             protocol: p.protocol,
         })
@@ -643,9 +648,7 @@ pub fn instance_of(pod: &Pod, lb: Option<&str>) -> Option<Instance> {
         .get(ANNOTATION_PORTS)
         .map(|s| decode_ports(s))
         .unwrap_or_default();
-    // A deployment's container keeps its declared host ports (`hostPort`) whatever its Services.
-    let host_ports =
-        matches!(exposure, "NodePort" | "HostPort") || labels.contains_key(LABEL_DEPLOYMENT);
+    let host_ports = takes_node_ports(exposure, labels.contains_key(LABEL_DEPLOYMENT));
     let revision = pod
         .metadata
         .resource_version
