@@ -27,6 +27,10 @@ pub struct Cli {
 pub enum Command {
     /// Print the CustomResourceDefinitions generated from the types.
     Crds,
+    /// Print the admission policy (Kubernetes 1.36+) that gives Pools, Claims and Deployments
+    /// the controller's finalizer as they are created, saving the controller that write
+    /// (optional: without it the controller adds the finalizer itself).
+    Admission,
     /// Print the least-privilege RBAC of `run --source kube`: the (Cluster)Role and bindings
     /// for a ServiceAccount.
     Rbac {

@@ -58,6 +58,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             print!("{}", poolkeeper_kinds::crd::crds_yaml()?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Admission => {
+            print!("{}", poolkeeper_source_kube::admission::yaml());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { paths } => validate_cmd(&paths),
         Command::Install {
             print_unit,

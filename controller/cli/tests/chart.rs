@@ -332,3 +332,53 @@ fn the_controller_image_runs_as_non_root_on_a_read_only_root() {
     let committed = std::fs::read_to_string(repo().join("crds/poolkeeper.dev.yaml")).unwrap();
     assert_eq!(String::from_utf8_lossy(&run.stdout), committed);
 }
+
+#[test]
+fn the_admission_policy_is_exactly_poolkeeper_admissions_and_valid_from_kubernetes_1_36() {
+    const FORCED: &str = "e2e/chart/values-admission.yaml";
+    let (text, docs) = render(FORCED);
+    let wanted = poolkeeper_source_kube::admission::objects();
+    for want in &wanted {
+        let kind = want["kind"].as_str().unwrap();
+        let got = of_kind(&docs, kind);
+        assert_eq!(got.len(), 1, "one {kind}");
+        assert_eq!(got[0]["metadata"]["name"], want["metadata"]["name"]);
+        assert_eq!(got[0]["spec"], want["spec"], "the chart's {kind}");
+    }
+    let bin = std::env::var("KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("manifests.yaml");
+    std::fs::write(&file, text).unwrap();
+    for version in ["1.36.0", "1.37.0"] {
+        let out = Command::new(&bin)
+            .args(["--strict", "--quiet", "-k", version])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubernetes-validate --strict ({FORCED}, {version}):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // `auto` (the default) installs it only where the API server serves the API; rendered
+    // without a cluster, Helm's default capabilities do not include it.
+    let (_, docs) = render(KUBE);
+    assert!(of_kind(&docs, "MutatingAdmissionPolicy").is_empty());
+}
+
+#[test]
+fn an_unknown_admission_policy_value_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, "admissionPolicy: maybe\n").unwrap();
+    let out = helm(&["render", "poolkeeper", values.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("admissionPolicy \"maybe\": auto, true or false"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

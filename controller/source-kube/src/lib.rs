@@ -9,13 +9,15 @@
 //! - [`declare`]: the HTTP API's changes as objects (a Claim created, a Pool's `warm` patched),
 //!   and small records as ConfigMaps;
 //! - [`lease`]: leader election on a `coordination.k8s.io/v1` Lease;
-//! - [`rbac`]: the least-privilege roles this mode needs.
+//! - [`rbac`]: the least-privilege roles this mode needs;
+//! - [`admission`]: the admission policy that sets the finalizer as objects are created.
 //!
 //! With the Docker runtime the controller's local store stays the record of bindings (it runs
 //! beside its daemon), and a Claim's status mirrors it.
 
 pub use kube;
 
+pub mod admission;
 pub mod declare;
 pub mod lease;
 pub mod objects;
@@ -140,4 +142,15 @@ impl Resolve for KubeResolve {
         let ns = objects::namespace_of(origin).unwrap_or_default();
         source::secret_token(&self.0, ns, &r.name, &r.key)
     }
+}
+
+/// Objects as a multi-document YAML stream, for `kubectl apply -f -`.
+pub fn yaml_stream(objects: &[serde_json::Value]) -> String {
+    let mut out = String::new();
+    for o in objects {
+        out.push_str("---\n");
+        // Serialising a JSON value cannot fail.
+        out.push_str(&serde_saphyr::to_string(o).unwrap_or_default());
+    }
+    out
 }

@@ -143,13 +143,7 @@ pub fn objects(t: &RbacTarget) -> Vec<Value> {
 
 /// [`objects`] as a multi-document YAML stream.
 pub fn yaml(t: &RbacTarget) -> String {
-    let mut out = String::new();
-    for o in objects(t) {
-        out.push_str("---\n");
-        // Serialising a JSON value cannot fail.
-        out.push_str(&serde_saphyr::to_string(&o).unwrap_or_default());
-    }
-    out
+    crate::yaml_stream(&objects(t))
 }
 
 #[cfg(test)]

@@ -113,6 +113,19 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `kubectl wait --for=condition=Bound` on `claims` in `ns` (60 s), failing with its error.
+    pub fn wait_bound(&self, ns: &str, claims: &[&str]) {
+        let names: Vec<String> = claims.iter().map(|c| format!("claim/{c}")).collect();
+        let mut args = vec!["wait", "-n", ns, "--for=condition=Bound", "--timeout=60s"];
+        args.extend(names.iter().map(String::as_str));
+        let waited = self.kubectl(&args);
+        assert!(
+            waited.status.success(),
+            "{claims:?}: {}",
+            String::from_utf8_lossy(&waited.stderr)
+        );
+    }
+
     /// Applies the CRDs as `poolkeeper crds` prints them; what kubectl wrote to stderr (its
     /// warnings).
     pub fn apply_crds(&self) -> String {
@@ -283,6 +296,22 @@ pub fn start_on<R: poolkeeper_runtime::Runtime>(
         },
     );
     (inner, api)
+}
+
+impl Cluster {
+    /// A controller on the memory runtime watching `ns` alone, under the roles `poolkeeper rbac`
+    /// prints, once it leads; with its state folder (which must outlive it).
+    pub async fn leading_controller(
+        &self,
+        ns: &str,
+        identity: &str,
+    ) -> (Controller, tempfile::TempDir) {
+        let config = self.service_account(ns, &[ns.to_owned()]);
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut ctl = start_controller(&config, ns, state.path(), identity, None, None);
+        ctl.inner.leading().await;
+        (ctl, state)
+    }
 }
 
 /// The admin token of the tests' controllers.

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use poolkeeper_e2e_kube::{Proxy, claim_status, cluster, eventually, http_get, start_controller};
@@ -13,6 +14,7 @@ use poolkeeper_kinds::Kind;
 use poolkeeper_runtime::Runtime;
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
 use poolkeeper_source_kube::kube::{self, Api};
+use poolkeeper_source_kube::objects::FINALIZER;
 use serde_json::Value;
 
 fn fixtures(sub: &str) -> Vec<PathBuf> {
@@ -146,10 +148,7 @@ async fn the_quickstart_binds_shows_status_waits_and_deletes_through_the_finaliz
     let Some(c) = cluster().await else { return };
     c.apply_crds();
     let ns = c.namespace("quickstart");
-    let config = c.service_account(&ns, std::slice::from_ref(&ns));
-    let state = tempfile::tempdir().expect("tempdir");
-    let mut ctl = start_controller(&config, &ns, state.path(), "e2e-a", None, None);
-    ctl.inner.leading().await;
+    let (ctl, _state) = c.leading_controller(&ns, "e2e-a").await;
     // The quickstart, unchanged, plus one object that only the controller refuses.
     c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&quickstart()));
     let cycle = std::fs::read_to_string(
@@ -159,20 +158,7 @@ async fn the_quickstart_binds_shows_status_waits_and_deletes_through_the_finaliz
     .expect("read");
     c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&cycle));
 
-    let waited = c.kubectl(&[
-        "wait",
-        "-n",
-        &ns,
-        "--for=condition=Bound",
-        "--timeout=60s",
-        "claim/alice-web",
-        "claim/bob-python",
-    ]);
-    assert!(
-        waited.status.success(),
-        "{}",
-        String::from_utf8_lossy(&waited.stderr)
-    );
+    c.wait_bound(&ns, &["alice-web", "bob-python"]);
 
     // Printer columns, with values.
     let pools = eventually(
@@ -520,10 +506,7 @@ async fn kubectl_scale_sets_the_warm_floor_that_autoscale_raises() {
     let Some(c) = cluster().await else { return };
     c.apply_crds();
     let ns = c.namespace("autoscale");
-    let config = c.service_account(&ns, std::slice::from_ref(&ns));
-    let state = tempfile::tempdir().expect("tempdir");
-    let mut ctl = start_controller(&config, &ns, state.path(), "e2e-scale", None, None);
-    ctl.inner.leading().await;
+    let (_ctl, _state) = c.leading_controller(&ns, "e2e-scale").await;
     c.kubectl_ok(
         &["apply", "-n", &ns, "-f", "-"],
         Some(
@@ -578,5 +561,155 @@ spec:
         scale["status"]["selector"], "poolkeeper.dev/pool=elastic",
         "{scale}"
     );
+    c.cleanup(&ns);
+}
+
+/// `poolkeeper admission` applied: Pools and Claims carry the finalizer from their create, so
+/// the controller writes none on the way to Bound; a claim made with a finalizer of its own keeps
+/// it beside ours; deleting a claim still goes through its cleanup (the one finalizer write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_policy_sets_the_finalizer_at_create_and_the_controller_writes_none() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    // MutatingAdmissionPolicy is served from Kubernetes 1.36 (GA).
+    let served = c.kubectl_ok(
+        &[
+            "api-resources",
+            "--api-group=admissionregistration.k8s.io",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    if !served.contains("mutatingadmissionpolicies") {
+        eprintln!("skipped: this API server does not serve MutatingAdmissionPolicy (1.36+)");
+        return;
+    }
+    c.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&poolkeeper_source_kube::admission::yaml()),
+    );
+    let ns = c.namespace("admission");
+    // The policy takes effect once the API server has loaded it: a dry run shows when.
+    let probe = "apiVersion: poolkeeper.dev/v1alpha1
+kind: Claim
+metadata: {name: probe}
+spec: {pool: none, user: none}
+";
+    eventually(
+        "the policy is in effect",
+        Duration::from_secs(30),
+        async || {
+            let out = c.kubectl_in(
+                &[
+                    "create",
+                    "--dry-run=server",
+                    "-o",
+                    "json",
+                    "-n",
+                    &ns,
+                    "-f",
+                    "-",
+                ],
+                Some(probe),
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .contains(FINALIZER)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let (ctl, _state) = c.leading_controller(&ns, "e2e-admission").await;
+    c.kubectl_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(
+            "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {name: web}
+spec: {template: {image: x}, warm: 2}
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: User
+metadata: {name: ann}
+spec: {}
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: Claim
+metadata: {name: plain}
+spec: {pool: web, user: ann}
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: Claim
+metadata: {name: guarded, finalizers: [example.com/keep]}
+spec: {pool: web, user: ann}
+",
+        ),
+    );
+    c.wait_bound(&ns, &["plain", "guarded"]);
+    let finalizers = async |kind, name: &str| {
+        dyn_api(&c.admin, &ns, kind)
+            .get(name)
+            .await
+            .expect("get")
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+    };
+    assert_eq!(finalizers(Kind::Claim, "plain").await, [FINALIZER]);
+    assert_eq!(
+        finalizers(Kind::Claim, "guarded").await,
+        ["example.com/keep", FINALIZER]
+    );
+    assert_eq!(finalizers(Kind::Pool, "web").await, [FINALIZER]);
+    let finalizer_writes = || ctl.inner.counters.finalizers.load(Ordering::Relaxed);
+    assert_eq!(finalizer_writes(), 0, "the controller added a finalizer");
+
+    // Deleting: the cleanup resets the instance and removes our finalizer (its one write); a
+    // finalizer of the claim's own still holds the object.
+    c.kubectl_ok(
+        &["delete", "claim", "plain", "-n", &ns, "--timeout=60s"],
+        None,
+    );
+    c.kubectl_ok(
+        &["delete", "claim", "guarded", "-n", &ns, "--wait=false"],
+        None,
+    );
+    eventually(
+        "only the claim's own finalizer is left",
+        Duration::from_secs(30),
+        async || (finalizers(Kind::Claim, "guarded").await == ["example.com/keep"]).then_some(()),
+    )
+    .await;
+    assert_eq!(finalizer_writes(), 2);
+    eventually(
+        "the pool is warm again at 2",
+        Duration::from_secs(30),
+        async || {
+            let s = dyn_api(&c.admin, &ns, Kind::Pool)
+                .get("web")
+                .await
+                .ok()?
+                .data
+                .get("status")?
+                .clone();
+            (s["warm"] == 2 && s["bound"] == 0).then_some(())
+        },
+    )
+    .await;
+    c.kubectl_ok(
+        &[
+            "patch",
+            "claim",
+            "guarded",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+        None,
+    );
+    ctl.inner.stop().await.expect("stopped");
     c.cleanup(&ns);
 }

@@ -123,22 +123,6 @@ async fn leading(
     ctl
 }
 
-async fn wait_bound(c: &Cluster, ns: &str, claim: &str) {
-    let waited = c.kubectl(&[
-        "wait",
-        "-n",
-        ns,
-        "--for=condition=Bound",
-        "--timeout=60s",
-        &format!("claim/{claim}"),
-    ]);
-    assert!(
-        waited.status.success(),
-        "{claim}: {}",
-        String::from_utf8_lossy(&waited.stderr)
-    );
-}
-
 /// Not covered without nodes: the endpoint answering (no container runs), files and `Exec`
 /// resets (pods/exec needs a kubelet).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +165,7 @@ async fn a_pool_of_pods_fills_binds_on_the_pod_resets_and_replaces_a_pod_deleted
     // A claim binds: the pod records it before the claim says Bound, and the endpoint is the
     // instance's Service.
     c.kubectl_ok(&["apply", "-f", "-"], Some(&claim_yaml(&ns, "c1")));
-    wait_bound(&c, &ns, "c1").await;
+    c.wait_bound(&ns, &["c1"]);
     let instance = jsonpath(&c, &ns, "claim/c1", "{.status.instance}");
     let on_pods = recorded(&c, &ns).await;
     assert_eq!(on_pods.get("c1"), Some(&instance), "{on_pods:?}");
@@ -246,8 +230,7 @@ async fn a_controller_restarted_with_an_empty_state_folder_keeps_every_binding()
     for claim in ["c1", "c2"] {
         c.kubectl_ok(&["apply", "-f", "-"], Some(&claim_yaml(&ns, claim)));
     }
-    wait_bound(&c, &ns, "c1").await;
-    wait_bound(&c, &ns, "c2").await;
+    c.wait_bound(&ns, &["c1", "c2"]);
     let before = recorded(&c, &ns).await;
     assert_eq!(before.len(), 2, "{before:?}");
     ctl.stop().await.expect("stop");
@@ -257,7 +240,7 @@ async fn a_controller_restarted_with_an_empty_state_folder_keeps_every_binding()
     let second = tempfile::tempdir().expect("tempdir");
     let ctl = leading(&c, &config, &ns, second.path(), "e2e-b").await;
     c.kubectl_ok(&["apply", "-f", "-"], Some(&claim_yaml(&ns, "c3")));
-    wait_bound(&c, &ns, "c3").await;
+    c.wait_bound(&ns, &["c3"]);
     for claim in ["c1", "c2"] {
         let instance = eventually(
             "the claim still Bound to its pod",
@@ -548,7 +531,7 @@ async fn a_load_balanced_instance_is_warm_once_its_address_is_assigned() {
     })
     .await;
     c.kubectl_ok(&["apply", "-f", "-"], Some(&claim_yaml(&ns, "c1")));
-    wait_bound(&c, &ns, "c1").await;
+    c.wait_bound(&ns, &["c1"]);
     assert_eq!(
         jsonpath(&c, &ns, "claim/c1", "{.status.endpoint.address}"),
         "192.0.2.10:8080"
@@ -582,7 +565,7 @@ async fn a_claims_resources_resize_its_pod_in_place_and_the_reset_gives_the_temp
          spec: {{pool: web, user: alice, resources: {{cpu: 1500m, memory: 512Mi}}}}\n"
     );
     c.kubectl_ok(&["apply", "-f", "-"], Some(&claim));
-    wait_bound(&c, &ns, "big").await;
+    c.wait_bound(&ns, &["big"]);
     let pod = jsonpath(&c, &ns, "claim/big", "{.status.instance}");
     let limits = |what: &str| {
         jsonpath(

@@ -8,6 +8,9 @@
 //! Latency is from a claim's create request (with `--rate`, from its scheduled arrival) to the
 //! watch showing it Bound. The controller's writes are counted (status, finalizers, events):
 //! `writes_per_claim` is their total over the run divided by the claims.
+//! `finalizer_at_admission` is the share of claims the API server gave the finalizer as they
+//! were created (the policy `poolkeeper admission` prints), which the controller then need
+//! not write.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,9 +27,10 @@ use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
 use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
 
 use crate::args::RuntimeKind;
+use poolkeeper_source_kube::kube::ResourceExt;
 use poolkeeper_source_kube::kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use poolkeeper_source_kube::kube::runtime::{WatchStreamExt, watcher};
-use poolkeeper_source_kube::objects::api_resource;
+use poolkeeper_source_kube::objects::{FINALIZER, api_resource};
 
 use super::api::Background;
 use super::{BenchArgs, Figure};
@@ -207,11 +211,14 @@ async fn measure(
     let counters = controller.counters.clone();
     let before = snapshot(&counters);
     let next = Arc::new(AtomicU32::new(0));
+    // Claims the API server gave the finalizer as they were created (`poolkeeper admission`).
+    let admitted = Arc::new(AtomicU32::new(0));
     let started = Instant::now();
     let rate = args.rate.filter(|r| *r > 0.0);
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
         let (c, w, next, n) = (client.clone(), waiters.clone(), next.clone(), ns.to_owned());
+        let admitted = admitted.clone();
         let keep = args.keep;
         workers.push(clients.spawn(async move {
             let api = Api::<DynamicObject>::namespaced_with(c, &n, &api_resource(Kind::Claim));
@@ -236,9 +243,13 @@ async fn measure(
                     "apiVersion": "poolkeeper.dev/v1alpha1", "kind": "Claim",
                     "metadata": {"name": name}, "spec": {"pool": "bench", "user": "bench"}}))?;
                 let sent = Instant::now();
-                api.create(&PostParams::default(), &claim)
+                let made = api
+                    .create(&PostParams::default(), &claim)
                     .await
                     .with_context(|| format!("creating {name}"))?;
+                if made.finalizers().iter().any(|f| f == FINALIZER) {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
                 creates.push(sent.elapsed().as_secs_f64() * 1000.0);
                 let bound = tokio::time::timeout(Duration::from_secs(60), rx)
                     .await
@@ -280,6 +291,10 @@ async fn measure(
         .with("status_writes_per_claim", per(0))
         .with("finalizer_writes_per_claim", per(1))
         .with("event_writes_per_claim", per(2))
+        .with(
+            "finalizer_at_admission",
+            f64::from(admitted.load(Ordering::Relaxed)) / f64::from(claims),
+        )
         .with("server", &conn.server)
         .with("fill_instances", warm)
         .with("fill_s", fill_secs)
