@@ -113,6 +113,20 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A controller on the memory runtime watching `ns` alone, under the roles `poolkeeper rbac`
+    /// prints, once it leads; with its state folder (which must outlive it).
+    pub async fn leading_controller(
+        &self,
+        ns: &str,
+        identity: &str,
+    ) -> (Controller, tempfile::TempDir) {
+        let config = self.service_account(ns, &[ns.to_owned()]);
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut ctl = start_controller(&config, ns, state.path(), identity, None, None);
+        ctl.inner.leading().await;
+        (ctl, state)
+    }
+
     /// `kubectl wait --for=condition=Bound` on `claims` in `ns` (60 s), failing with its error.
     pub fn wait_bound(&self, ns: &str, claims: &[&str]) {
         let names: Vec<String> = claims.iter().map(|c| format!("claim/{c}")).collect();
@@ -298,22 +312,6 @@ pub fn start_on<R: poolkeeper_runtime::Runtime>(
     (inner, api)
 }
 
-impl Cluster {
-    /// A controller on the memory runtime watching `ns` alone, under the roles `poolkeeper rbac`
-    /// prints, once it leads; with its state folder (which must outlive it).
-    pub async fn leading_controller(
-        &self,
-        ns: &str,
-        identity: &str,
-    ) -> (Controller, tempfile::TempDir) {
-        let config = self.service_account(ns, &[ns.to_owned()]);
-        let state = tempfile::tempdir().expect("tempdir");
-        let mut ctl = start_controller(&config, ns, state.path(), identity, None, None);
-        ctl.inner.leading().await;
-        (ctl, state)
-    }
-}
-
 /// The admin token of the tests' controllers.
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 
@@ -392,7 +390,17 @@ impl Proxy {
 
 /// A claim's status field, read with the admin's client.
 pub async fn claim_status(admin: &Client, ns: &str, name: &str) -> Option<serde_json::Value> {
-    let ar = poolkeeper_source_kube::objects::api_resource(poolkeeper_kinds::Kind::Claim);
+    status_of(admin, ns, poolkeeper_kinds::Kind::Claim, name).await
+}
+
+/// The status of the `kind` named `name` in `ns`: None while it is missing or has none.
+pub async fn status_of(
+    admin: &Client,
+    ns: &str,
+    kind: poolkeeper_kinds::Kind,
+    name: &str,
+) -> Option<serde_json::Value> {
+    let ar = poolkeeper_source_kube::objects::api_resource(kind);
     let api: kube::Api<kube::api::DynamicObject> =
         kube::Api::namespaced_with(admin.clone(), ns, &ar);
     api.get_opt(name)

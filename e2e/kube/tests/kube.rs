@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use poolkeeper_e2e_kube::{Proxy, claim_status, cluster, eventually, http_get, start_controller};
+use poolkeeper_e2e_kube::{
+    Proxy, claim_status, cluster, eventually, http_get, start_controller, status_of,
+};
 use poolkeeper_kinds::Kind;
 use poolkeeper_runtime::Runtime;
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
@@ -208,11 +210,7 @@ async fn the_quickstart_binds_shows_status_waits_and_deletes_through_the_finaliz
         "the cycle is refused on its status",
         Duration::from_secs(30),
         async || {
-            let o = dyn_api(&c.admin, &ns, Kind::Deployment)
-                .get("cycle")
-                .await
-                .ok()?;
-            let s = o.data.get("status")?.clone();
+            let s = status_of(&c.admin, &ns, Kind::Deployment, "cycle").await?;
             condition(&s, "SpecValid")
                 .is_some_and(|c| c["status"] == "False")
                 .then_some(s)
@@ -521,10 +519,8 @@ spec:
 ",
         ),
     );
-    let pools = dyn_api(&c.admin, &ns, Kind::Pool);
     let status = async |want: &dyn Fn(&Value) -> bool| {
-        let o = pools.get("elastic").await.ok()?;
-        let s = o.data.get("status")?.clone();
+        let s = status_of(&c.admin, &ns, Kind::Pool, "elastic").await?;
         want(&s).then_some(s)
     };
     let s = eventually("min keeps one warm", Duration::from_secs(30), async || {
@@ -686,13 +682,7 @@ spec: {pool: web, user: ann}
         "the pool is warm again at 2",
         Duration::from_secs(30),
         async || {
-            let s = dyn_api(&c.admin, &ns, Kind::Pool)
-                .get("web")
-                .await
-                .ok()?
-                .data
-                .get("status")?
-                .clone();
+            let s = status_of(&c.admin, &ns, Kind::Pool, "web").await?;
             (s["warm"] == 2 && s["bound"] == 0).then_some(())
         },
     )
