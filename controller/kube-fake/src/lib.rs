@@ -6,8 +6,12 @@
 //! that matter to them:
 //! - namespaced objects of any resource (`/api/v1/namespaces/NS/RESOURCE[/NAME]` and
 //!   `/apis/GROUP/VERSION/namespaces/NS/RESOURCE[/NAME]`): create (409 when the name is
-//!   taken), get, list and delete (404 when gone), delete by collection, JSON merge patch with
-//!   the `metadata.resourceVersion` precondition (409 when stale), label selectors;
+//!   taken), get, list and delete (404 when gone; an object with finalizers is only marked
+//!   with a `deletionTimestamp` and goes with its last finalizer), delete by collection, JSON
+//!   merge patch with the `metadata.resourceVersion` precondition (409 when stale; server-side
+//!   apply is taken as a merge), JSON patch (a failed `test` is 422; a missing member tests
+//!   equal to null, as on the API server), label selectors; namespaces themselves
+//!   (`/api/v1/namespaces[/NAME]`);
 //! - watches from a resourceVersion, as the server sends them (an object leaving the selector
 //!   is DELETED), `410 Gone` for a version older than the history kept ([`FakeApi::compact`]);
 //! - `pods/status` (what a kubelet writes), `pods/log` (with `tailLines` and `follow`), and
@@ -464,6 +468,15 @@ struct Target {
 fn parse_path(path: &str) -> Option<Target> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, rest) = match parts.as_slice() {
+        // Namespaces themselves: cluster-scoped, kept under the namespace "".
+        ["api", "v1", "namespaces"] | ["api", "v1", "namespaces", _] => {
+            return Some(Target {
+                resource: "namespaces".to_owned(),
+                namespace: String::new(),
+                name: parts.get(3).map(|n| (*n).to_owned()),
+                sub: None,
+            });
+        }
         ["api", "v1", "namespaces", rest @ ..] => (None, rest),
         ["apis", group, _version, "namespaces", rest @ ..] => (Some(*group), rest),
         _ => return None,
@@ -585,6 +598,10 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             delete(&inner, &t, &options)
         }
         "create" | "patch" | "update" => {
+            let json_patch_type = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json-patch+json"));
             let bytes = match axum::body::to_bytes(req.into_body(), 64 << 20).await {
                 Ok(b) => b,
                 Err(e) => return status(400, "BadRequest", &e.to_string()),
@@ -595,6 +612,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             };
             match verb {
                 "create" => create(&inner, &t, body),
+                "patch" if json_patch_type => json_patch_object(&inner, &t, &body),
                 _ => patch(&inner, &t, &body, verb == "update"),
             }
         }
@@ -670,7 +688,7 @@ fn create(inner: &Inner, t: &Target, mut body: Value) -> Response {
 fn patch(inner: &Inner, t: &Target, body: &Value, replace: bool) -> Response {
     let name = t.name.clone().unwrap_or_default();
     let key = key_of(t, &name);
-    let mut s = inner.lock();
+    let s = inner.lock();
     let Some(before) = s.objects.get(&key).cloned() else {
         return not_found(t, &name);
     };
@@ -689,12 +707,60 @@ fn patch(inner: &Inner, t: &Target, body: &Value, replace: bool) -> Response {
         );
     }
     let mut after = before.clone();
-    let status_only = t.sub.as_deref() == Some("status");
     if replace {
         after = body.clone();
     } else {
         json_patch::merge(&mut after, body);
     }
+    commit_patch(inner, s, t, key, before, after, body)
+}
+
+/// A JSON patch (RFC 6902) of the object or its status: a failed `test` answers 422, as the
+/// API server does.
+fn json_patch_object(inner: &Inner, t: &Target, body: &Value) -> Response {
+    let name = t.name.clone().unwrap_or_default();
+    let key = key_of(t, &name);
+    let s = inner.lock();
+    let Some(before) = s.objects.get(&key).cloned() else {
+        return not_found(t, &name);
+    };
+    let ops: json_patch::Patch = match serde_json::from_value(body.clone()) {
+        Ok(p) => p,
+        Err(e) => return status(400, "BadRequest", &format!("invalid JSON patch: {e}")),
+    };
+    // As the API server's JSON patch has it, a missing member tests equal to null.
+    let ops: Vec<_> = ops
+        .0
+        .into_iter()
+        .filter(|op| {
+            !matches!(op, json_patch::PatchOperation::Test(t)
+                if t.value.is_null() && before.pointer(t.path.as_str()).is_none())
+        })
+        .collect();
+    let mut after = before.clone();
+    if let Err(e) = json_patch::patch(&mut after, &ops) {
+        return status(
+            422,
+            "Invalid",
+            &format!("the JSON patch was not applied: {e}"),
+        );
+    }
+    commit_patch(inner, s, t, key, before, after, &Value::Null)
+}
+
+/// Stores a patched object: the subresource's rules, a new resourceVersion and a MODIFIED event
+/// (none when nothing changed), and the object's end once it is being deleted and its last
+/// finalizer is gone.
+fn commit_patch(
+    inner: &Inner,
+    mut s: MutexGuard<'_, Store>,
+    t: &Target,
+    key: Key,
+    before: Value,
+    mut after: Value,
+    body: &Value,
+) -> Response {
+    let status_only = t.sub.as_deref() == Some("status");
     // The main resource keeps its status; the status subresource changes nothing else; the
     // resize subresource changes only containers' resources (matched by name, as a strategic
     // merge patch does).
@@ -721,10 +787,20 @@ fn patch(inner: &Inner, t: &Target, body: &Value, replace: bool) -> Response {
         return respond(200, &before);
     }
     stamp(&mut s, &key, &mut after, Some(&before));
-    record(&mut s, key, "MODIFIED", after.clone(), Some(before));
+    let finished = !after["metadata"]["deletionTimestamp"].is_null() && !has_finalizers(&after);
+    record(&mut s, key.clone(), "MODIFIED", after.clone(), Some(before));
+    if finished {
+        delete_object(&mut s, &key);
+    }
     drop(s);
     inner.notify();
     respond(200, &after)
+}
+
+fn has_finalizers(object: &Value) -> bool {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
 }
 
 /// Deletes an object; the options' `preconditions.uid` must match when given.
@@ -746,6 +822,19 @@ fn delete(inner: &Inner, t: &Target, options: &Value) -> Response {
                 before["metadata"]["uid"].as_str().unwrap_or_default()
             ),
         );
+    }
+    if has_finalizers(&before) {
+        // Held by its finalizers: marked, and gone when the last one is removed.
+        if before["metadata"]["deletionTimestamp"].is_null() {
+            let mut marked = before.clone();
+            marked["metadata"]["deletionTimestamp"] = json!(now());
+            stamp(&mut s, &key, &mut marked, Some(&before));
+            record(&mut s, key, "MODIFIED", marked.clone(), Some(before));
+            drop(s);
+            inner.notify();
+            return respond(202, &marked);
+        }
+        return respond(202, &before);
     }
     delete_object(&mut s, &key);
     drop(s);
@@ -783,7 +872,9 @@ fn events_since(s: &Store, t: &Target, selector: &str, since: u64) -> Result<Vec
         return Err(());
     }
     let mut out = Vec::new();
-    for c in s.history.iter().filter(|c| c.rv > since) {
+    // The history is in version order.
+    let from = s.history.partition_point(|c| c.rv <= since);
+    for c in &s.history[from..] {
         if c.key.resource != t.resource || c.key.namespace != t.namespace {
             continue;
         }

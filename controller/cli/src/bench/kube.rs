@@ -10,7 +10,8 @@
 //! `writes_per_claim` is their total over the run divided by the claims.
 //! `finalizer_at_admission` is the share of claims the API server gave the finalizer as they
 //! were created (the policy `poolkeeper admission` prints), which the controller then need
-//! not write.
+//! not write. `cpu_ms_per_claim` is the CPU time this process (clients and controller) took
+//! per claim over the run, and the API server's and etcd's where they run on this machine.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -210,6 +211,7 @@ async fn measure(
 
     let counters = controller.counters.clone();
     let before = snapshot(&counters);
+    let cpu_before = super::cpu_ms();
     let next = Arc::new(AtomicU32::new(0));
     // Claims the API server gave the finalizer as they were created (`poolkeeper admission`).
     let admitted = Arc::new(AtomicU32::new(0));
@@ -277,6 +279,18 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = snapshot(&counters);
     let per = |i: usize| (after[i] - before[i]) as f64 / f64::from(claims);
+    // Where the CPU went, per claim: this process (clients and controller) and, when they run
+    // on this machine, the API server and etcd.
+    let cpu_per_claim: serde_json::Map<String, serde_json::Value> = super::cpu_ms()
+        .into_iter()
+        .filter_map(|(name, ms)| {
+            let spent = ms - cpu_before.get(name)?;
+            Some((
+                name.to_owned(),
+                json!((spent / f64::from(claims) * 1e3).round() / 1e3),
+            ))
+        })
+        .collect();
     Figure::new("kube_claims", if pods { "kube" } else { "memory" }, claims)
         .per_s(f64::from(claims) / elapsed)
         .latencies(&latencies)
@@ -294,6 +308,11 @@ async fn measure(
         .with(
             "finalizer_at_admission",
             f64::from(admitted.load(Ordering::Relaxed)) / f64::from(claims),
+        )
+        .with("cpu_ms_per_claim", cpu_per_claim)
+        .with(
+            "cores",
+            std::thread::available_parallelism().map_or(0, usize::from),
         )
         .with("server", &conn.server)
         .with("fill_instances", warm)

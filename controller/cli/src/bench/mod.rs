@@ -103,6 +103,49 @@ fn proc_status_mb(field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time (user + system, all threads) taken so far by this process and by the processes on
+/// this machine named `kube-apiserver` and `etcd`, in ms, from `/proc/PID/stat` (in USER_HZ
+/// ticks, 100 a second on Linux). A process not found is absent, and it is 0 off Linux.
+pub fn cpu_ms() -> BTreeMap<&'static str, f64> {
+    let mut out = BTreeMap::new();
+    if let Some(ms) = proc_cpu_ms("self") {
+        out.insert("bench_process", ms);
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let pid = entry.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let name = match comm.trim() {
+            "kube-apiserver" => "kube-apiserver",
+            "etcd" => "etcd",
+            _ => continue,
+        };
+        if let Some(ms) = proc_cpu_ms(pid) {
+            *out.entry(name).or_insert(0.0) += ms;
+        }
+    }
+    out
+}
+
+/// `utime + stime` of `/proc/PID/stat`, in ms.
+fn proc_cpu_ms(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields count from after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) * 10.0)
+}
+
 /// Peak resident memory of this process, in MB.
 pub fn rss_peak_mb() -> f64 {
     proc_status_mb("VmHWM:")
