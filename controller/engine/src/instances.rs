@@ -538,8 +538,12 @@ impl<R: Runtime> Engine<R> {
                     Err(e) => {
                         // The instance could not take the files: take it out and bind another.
                         let msg = format!("{step} {instance} failed: {e}");
-                        let outage =
-                            matches!(e, RuntimeError::Unavailable(_) | RuntimeError::NotFound(_));
+                        let outage = matches!(
+                            e,
+                            RuntimeError::Unavailable(_)
+                                | RuntimeError::NotFound(_)
+                                | RuntimeError::NotRunning(_)
+                        );
                         let mut give_up = false;
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.events.push(true, "FilesFailed", msg.clone(), now);
@@ -561,8 +565,10 @@ impl<R: Runtime> Engine<R> {
                         self.unbind_without_reset(&claim, &instance, "FilesFailed", now);
                         if outage || give_up {
                             // Nothing is known against the instance (the runtime was unreachable,
-                            // or the instance is gone, or the claim's files are at fault), and it
-                            // may hold part of the files: it is replaced, not reset.
+                            // or the instance is gone or down, or the claim's files are at
+                            // fault), and it may hold part of the files: it is replaced, not
+                            // reset. A dead instance kept in quarantine would hold a pod or
+                            // container that no one asked to inspect.
                             self.remove_instance(&instance);
                             if give_up {
                                 self.report_claim(&claim, now);

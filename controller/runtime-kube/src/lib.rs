@@ -113,6 +113,19 @@ fn api_err(e: kube::Error, what: &str) -> RuntimeError {
     }
 }
 
+/// Whether the pod's containers run: phase Running, not being deleted, and every container
+/// whose state the kubelet reported in the running state.
+fn pod_running(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && pod.metadata.deletion_timestamp.is_none()
+        && status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .all(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
+}
+
 fn is_code(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
@@ -428,6 +441,19 @@ impl KubeRuntime {
         delete_gone(&self.services(), name, &DeleteParams::default()).await
     }
 
+    /// Why the API server refused an exec: a pod that is not running (it answers 400, e.g.
+    /// "cannot exec into a container in a completed pod") is [`RuntimeError::NotRunning`], as
+    /// the pod read again shows; anything else as the server put it.
+    async fn exec_refused(&self, name: &str, e: kube::Error) -> RuntimeError {
+        if is_code(&e, 400)
+            && let Ok(Some(pod)) = self.pods().get_opt(name).await
+            && !pod_running(&pod)
+        {
+            return RuntimeError::NotRunning(name.to_owned());
+        }
+        api_err(e, name)
+    }
+
     /// Runs `command` in the instance, feeding `stdin`; returns its exit code and output.
     async fn run(
         &self,
@@ -439,11 +465,10 @@ impl KubeRuntime {
             .stdin(stdin.is_some())
             .stdout(true)
             .stderr(true);
-        let mut proc = self
-            .pods()
-            .exec(name, command.to_vec(), &ap)
-            .await
-            .map_err(|e| api_err(e, name))?;
+        let mut proc = match self.pods().exec(name, command.to_vec(), &ap).await {
+            Ok(p) => p,
+            Err(e) => return Err(self.exec_refused(name, e).await),
+        };
         if let (Some(bytes), Some(mut w)) = (stdin, proc.stdin()) {
             w.write_all(&bytes)
                 .await

@@ -91,8 +91,24 @@ async fn exec_in_a_pod_that_is_not_running_or_gone_is_an_error_naming_it() {
     let rt = runtime(&fake);
     rt.create(spec("web-1")).await.unwrap();
     let e = rt.exec("web-1", &["true".into()]).await.unwrap_err();
+    assert!(
+        matches!(e, poolkeeper_runtime::RuntimeError::NotRunning(ref n) if n == "web-1"),
+        "a pending pod: {e}"
+    );
     assert!(e.to_string().contains("web-1"), "{e}");
     assert!(e.to_string().contains("not running"), "{e}");
+    // Failed while files were on their way: down, not a fault of the instance's own (the
+    // engine replaces it rather than quarantine it).
+    running(&fake, &rt, "web-1").await;
+    assert!(fake.set_pod_status(NS, "web-1", &poolkeeper_kube_fake::deadline_exceeded()));
+    let e = rt
+        .put_files("web-1", "/data", &[("a".into(), b"a".to_vec())])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, poolkeeper_runtime::RuntimeError::NotRunning(ref n) if n == "web-1"),
+        "a failed pod: {e}"
+    );
     let e = rt
         .put_files("web-2", "/data", &[("a".into(), b"a".to_vec())])
         .await

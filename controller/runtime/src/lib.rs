@@ -202,6 +202,11 @@ pub enum RuntimeError {
     },
     #[error("runtime unavailable: {0}")]
     Unavailable(String),
+    /// The instance is there but not running (exited, failed, not started yet, or being
+    /// removed): what needs its process (an exec, files copied by exec) cannot be done. It
+    /// says nothing against the instance but that it is down; its own events say the rest.
+    #[error("instance {0} is not running")]
+    NotRunning(String),
     #[error("{0}")]
     Failed(String),
 }

@@ -638,9 +638,7 @@ impl Runtime for MemoryRuntime {
             return Err(RuntimeError::NotFound(name.to_owned()));
         };
         if sim.instance.state != InstanceState::Running {
-            return Err(RuntimeError::Failed(format!(
-                "instance {name} is not running"
-            )));
+            return Err(RuntimeError::NotRunning(name.to_owned()));
         }
         if fail {
             return Ok(ExecOutput {
