@@ -2,7 +2,7 @@
 //! reported.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use tracing::{error, info};
 
@@ -210,6 +210,9 @@ impl<R: Runtime> Engine<R> {
         let st = self.store.state();
         let mut stale = Vec::new();
         let mut adopt = Vec::new();
+        // A claim is adopted by one instance only: a second that records it too (a binding
+        // moved on while the controller died before the old record was cleared) is stale.
+        let mut adopted = HashSet::new();
         for r in self.instances.values() {
             let Some(claim) = r.recorded.as_ref() else {
                 continue;
@@ -227,7 +230,8 @@ impl<R: Runtime> Engine<R> {
                             && r.claim.is_none()
                             && r.pool.as_deref() == Some(c.spec.pool.as_str())
                             && !st.bound.contains_key(&r.name)
-                            && !st.used.contains(&r.name) =>
+                            && !st.used.contains(&r.name)
+                            && adopted.insert(claim.clone()) =>
                     {
                         adopt.push((claim.clone(), r.name.clone(), record.is_none()))
                     }

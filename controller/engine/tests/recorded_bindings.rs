@@ -112,6 +112,44 @@ async fn a_controller_with_an_empty_store_adopts_every_recorded_binding() {
 }
 
 #[tokio::test]
+async fn a_claim_that_two_instances_record_is_adopted_by_one_and_the_other_is_reset() {
+    // Found by the random simulation: a binding moved to another instance and the controller
+    // died before the old instance's record was cleared; started on an empty store, it adopted
+    // the claim on both, and the claim ended Pending with an instance still holding it.
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let bound = sim.wait_bound("c1").await;
+    let stale = sim
+        .mem
+        .instances()
+        .into_iter()
+        .map(|i| i.name)
+        .find(|n| *n != bound)
+        .expect("another instance");
+    sim.mem.bind(&stale, Some("c1")).await.expect("recorded");
+    sim.restart_with_empty_store().await;
+    let got = sim.wait_bound("c1").await;
+    let snap = sim
+        .wait_until("c1 is held by one instance only", |snap, insts| {
+            let on_instances = insts
+                .iter()
+                .filter(|i| i.label(LABEL_CLAIM) == Some("c1"))
+                .count();
+            let in_engine = snap
+                .instances
+                .iter()
+                .filter(|i| i.claim.as_deref() == Some("c1"))
+                .count();
+            on_instances == 1 && in_engine == 1
+        })
+        .await;
+    assert_eq!(recorded(&sim).get("c1"), Some(&got));
+    assert_bindings_sound(&snap, &sim.mem.instances());
+    sim.wait_warm("p", 3).await;
+}
+
+#[tokio::test]
 async fn an_instance_another_controller_took_is_left_alone_and_the_claim_binds_another() {
     let mut sim = recording();
     sim.wait_warm("p", 3).await;
