@@ -424,7 +424,9 @@ async fn check_kept(w: &World, before: &BTreeMap<String, String>) {
         if before.iter().all(|(c, i)| now.get(c) == Some(i)) {
             return;
         }
-        // A pod that failed or went meanwhile may rebind its claim elsewhere; only those.
+        // A pod that failed or went meanwhile may rebind its claim elsewhere, or leave it
+        // waiting when its pool is at its max (the final convergence check says which); only
+        // those.
         let pods = w.pods();
         let lost: Vec<&String> = before
             .iter()
@@ -436,7 +438,7 @@ async fn check_kept(w: &World, before: &BTreeMap<String, String>) {
             })
             .map(|(c, _)| c)
             .collect();
-        if lost.is_empty() && before.keys().all(|c| now.contains_key(c)) {
+        if lost.is_empty() {
             return;
         }
         if start.elapsed() > DEADLINE {
