@@ -421,9 +421,6 @@ async fn check_kept(w: &World, before: &BTreeMap<String, String>) {
     loop {
         let snap = w.snapshot().await;
         let now = bindings(&snap);
-        if before.iter().all(|(c, i)| now.get(c) == Some(i)) {
-            return;
-        }
         // A pod that failed or went meanwhile may rebind its claim elsewhere, or leave it
         // waiting when its pool is at its max (the final convergence check says which); only
         // those.
