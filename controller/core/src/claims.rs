@@ -61,57 +61,74 @@ pub fn admit<'a>(
             if c.bound {
                 return Verdict::Admit;
             }
-            let Some(p) = pool(c.pool) else {
-                return Verdict::Refuse {
-                    reason: "PoolNotFound",
-                    message: format!("pool {:?} is not declared", c.pool),
-                };
-            };
-            if let Some(r) = c.resources
-                && let Err(message) = resources_within(r, p.claim_resources, c.pool)
-            {
-                return Verdict::Refuse {
-                    reason: "ResourcesNotAllowed",
-                    message,
-                };
-            }
-            let Some(u) = user(c.user) else {
-                return Verdict::Refuse {
-                    reason: "UserNotFound",
-                    message: format!("user {:?} is not declared", c.user),
-                };
-            };
-            if u.disabled {
-                return Verdict::Refuse {
-                    reason: "UserDisabled",
-                    message: format!("user {:?} is disabled", c.user),
-                };
-            }
-            if !u.pools.is_empty() && !u.pools.iter().any(|p| p == c.pool) {
-                return Verdict::Refuse {
-                    reason: "PoolNotAllowed",
-                    message: format!(
-                        "user {:?} may claim only from {}",
-                        c.user,
-                        u.pools.join(", ")
-                    ),
-                };
-            }
             let n = active.entry(c.user).or_default();
-            if *n >= u.max_claims {
-                return Verdict::Refuse {
-                    reason: "QuotaExceeded",
-                    message: format!(
-                        "user {:?} already has {} active claim(s) (quota maxClaims: {})",
-                        c.user, n, u.max_claims
-                    ),
-                };
-            }
-            *n += 1;
-            Verdict::Admit
+            admit_next(c, user(c.user), pool(c.pool), n)
         })
         .collect()
 }
+
+/// The verdict of a claim that is not bound, coming after claims of its user that hold
+/// `admitted` admissions (bound or not) in arrival order; an admitted claim is counted in. This is
+/// `admit`'s rule for one claim, so that a claim arriving after all its user's others can be
+/// decided from the count alone.
+pub fn admit_next(
+    c: &ClaimFacts<'_>,
+    user: Option<UserFacts<'_>>,
+    pool: Option<PoolFacts<'_>>,
+    admitted: &mut u32,
+) -> Verdict {
+    let Some(p) = pool else {
+        return Verdict::Refuse {
+            reason: "PoolNotFound",
+            message: format!("pool {:?} is not declared", c.pool),
+        };
+    };
+    if let Some(r) = c.resources
+        && let Err(message) = resources_within(r, p.claim_resources, c.pool)
+    {
+        return Verdict::Refuse {
+            reason: "ResourcesNotAllowed",
+            message,
+        };
+    }
+    let Some(u) = user else {
+        return Verdict::Refuse {
+            reason: "UserNotFound",
+            message: format!("user {:?} is not declared", c.user),
+        };
+    };
+    if u.disabled {
+        return Verdict::Refuse {
+            reason: "UserDisabled",
+            message: format!("user {:?} is disabled", c.user),
+        };
+    }
+    if !u.pools.is_empty() && !u.pools.iter().any(|p| p == c.pool) {
+        return Verdict::Refuse {
+            reason: "PoolNotAllowed",
+            message: format!(
+                "user {:?} may claim only from {}",
+                c.user,
+                u.pools.join(", ")
+            ),
+        };
+    }
+    if *admitted >= u.max_claims {
+        return Verdict::Refuse {
+            reason: QUOTA_EXCEEDED,
+            message: format!(
+                "user {:?} already has {} active claim(s) (quota maxClaims: {})",
+                c.user, admitted, u.max_claims
+            ),
+        };
+    }
+    *admitted += 1;
+    Verdict::Admit
+}
+
+/// The reason of a claim refused because its user's quota is full: the one refusal that
+/// depends on the user's other claims.
+pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
 
 /// Whether a claim's `resources` lie within its pool's `claimResources`: each one it gives
 /// must be bounded there, and not above the bound.
@@ -326,6 +343,37 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    proptest::proptest! {
+        /// A claim arriving after all its user's others gets, from the count of the user's
+        /// admitted claims alone, the verdict that admitting all of them again gives it; and
+        /// the count moves as the full admission's does.
+        #[test]
+        fn the_next_claims_verdict_from_the_count_is_the_full_admissions(
+            claims in proptest::collection::vec((proptest::bool::ANY, 0..3usize), 0..12),
+            next_pool in 0..3usize,
+            max in 0..6u32,
+        ) {
+            // Pool 2 is not declared: its claims are refused whatever the count.
+            const POOLS: [&str; 3] = ["web", "api", "gone"];
+            let pool = |p: &str| (p != "gone").then(PoolFacts::default);
+            let facts: Vec<ClaimFacts<'_>> = claims
+                .iter()
+                .map(|&(bound, p)| ClaimFacts { bound, pool: POOLS[p], ..claim("c", "alice") })
+                .collect();
+            let before = admit(&facts, alice(max), pool);
+            let mut admitted = before.iter().filter(|v| **v == Verdict::Admit).count() as u32;
+            let next = ClaimFacts { pool: POOLS[next_pool], ..claim("next", "alice") };
+            let alone = admit_next(&next, alice(max)("alice"), pool(next.pool), &mut admitted);
+            let mut all = facts.clone();
+            all.push(next);
+            let full = admit(&all, alice(max), pool);
+            proptest::prop_assert_eq!(&full[..facts.len()], &before[..], "the others' verdicts stay");
+            proptest::prop_assert_eq!(full.last(), Some(&alone));
+            let counted = full.iter().filter(|v| **v == Verdict::Admit).count() as u32;
+            proptest::prop_assert_eq!(admitted, counted);
+        }
     }
 
     #[test]

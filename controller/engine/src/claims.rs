@@ -6,7 +6,11 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 
-use poolkeeper_core::claims::{ClaimFacts, PoolFacts, UserFacts, Verdict, admit};
+use std::collections::BTreeSet;
+
+use poolkeeper_core::claims::{
+    ClaimFacts, PoolFacts, QUOTA_EXCEEDED, UserFacts, Verdict, admit, admit_next,
+};
 use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Object, Origin, Spec};
 use poolkeeper_runtime::Runtime;
 
@@ -49,10 +53,28 @@ impl<R: Runtime> Engine<R> {
             bound: false,
             resources: spec.resources.as_ref(),
         };
-        match self.admit_claims_of(&spec.user, Some(new)).1.pop()? {
+        let verdict = match self.current_tally(&spec.user) {
+            Some(mut admitted) => self.verdict_after(&new, &mut admitted),
+            None => self.admit_claims_of(&spec.user, Some(new)).1.pop()?,
+        };
+        match verdict {
             Verdict::Refuse { reason, message } => Some((reason, message)),
             Verdict::Admit => None,
         }
+    }
+
+    /// The number of `user`'s claims admitted, when every one of them has its verdict (none
+    /// waits for the next pass).
+    fn current_tally(&self, user: &str) -> Option<u32> {
+        if self.dirty_users.contains(user)
+            || self
+                .arrivals
+                .iter()
+                .any(|(_, n)| self.claims.get(n).is_some_and(|c| c.spec.user == user))
+        {
+            return None;
+        }
+        self.tallies.get(user).map(|t| t.admitted)
     }
 
     pub(crate) fn notify(&mut self, name: &str, phase: ClaimPhase) {
@@ -207,11 +229,21 @@ impl<R: Runtime> Engine<R> {
                 durable::RecPhase::Released | durable::RecPhase::Expired
             )
         });
+        let arrived = stored.is_none();
         self.claims.insert(name.clone(), Box::new(entry));
         if !terminal {
             self.index_claim(&name, seq);
         }
-        self.touch_claim(&name);
+        if arrived {
+            // Numbered after every claim this engine knows: it comes last in its user's arrival
+            // order, so its admission needs the user's tally, not all the user's claims.
+            if let Some(c) = self.claims.get(&name) {
+                self.dirty_pools.insert(c.spec.pool.clone());
+            }
+            self.arrivals.insert((seq, name));
+        } else {
+            self.touch_claim(&name);
+        }
     }
 
     fn index_claim(&mut self, name: &str, seq: u64) {
@@ -250,6 +282,42 @@ impl<R: Runtime> Engine<R> {
             s.remove(&key);
             if s.is_empty() {
                 self.claims_by_user.remove(&c.spec.user);
+                self.tallies.remove(&c.spec.user);
+            }
+        }
+    }
+
+    /// A claim is over (deleted or expired) and leaves its user's claims; call before
+    /// `unindex_claim`. Its user's other verdicts stay as they are when none of them waits for
+    /// quota (fewer claims admitted cannot refuse one), so only its tally changes; otherwise
+    /// the user is admitted again in full.
+    pub(crate) fn claim_leaves(&mut self, name: &str) {
+        let Some(c) = self.claims.get(name) else {
+            return;
+        };
+        self.dirty_pools.insert(c.spec.pool.clone());
+        let key = (c.seq, name.to_owned());
+        let indexed = self
+            .claims_by_user
+            .get(&c.spec.user)
+            .is_some_and(|s| s.contains(&key));
+        if !indexed {
+            // Over already (expired before it was deleted): it left then.
+            return;
+        }
+        if self.arrivals.remove(&key) || self.dirty_users.contains(&c.spec.user) {
+            // Not counted yet, or all counted again at the next pass.
+            return;
+        }
+        match self.tallies.get_mut(&c.spec.user) {
+            Some(t) if t.quota_refused == 0 => {
+                if c.verdict == Verdict::Admit {
+                    t.admitted = t.admitted.saturating_sub(1);
+                }
+                self.counted_alone.insert(c.spec.user.clone());
+            }
+            _ => {
+                self.dirty_users.insert(c.spec.user.clone());
             }
         }
     }
@@ -363,8 +431,8 @@ impl<R: Runtime> Engine<R> {
             }
             if let Some(inst) = rec.instance {
                 self.end_binding(&claim, &inst, RecPhase::Expired, "Expired", now);
+                self.claim_leaves(&claim);
                 self.unindex_claim(&claim);
-                self.touch_claim(&claim);
                 if let Some(c) = self.claims.get_mut(&claim) {
                     c.events.push(
                         false,
@@ -408,25 +476,16 @@ impl<R: Runtime> Engine<R> {
         let u = self.users.get(user);
         let verdicts = admit(
             &facts,
-            |_| {
-                u.map(|u| UserFacts {
-                    disabled: u.spec.disabled,
-                    max_claims: u.spec.quota.max_claims,
-                    pools: &u.spec.quota.pools,
-                })
-            },
-            |p| {
-                let spec = self.pools.get(p)?.spec.as_ref()?;
-                Some(PoolFacts {
-                    claim_resources: spec.claim_resources.as_ref(),
-                })
-            },
+            |_| u.map(user_facts),
+            |p| self.pools.get(p).and_then(pool_facts),
         );
         (facts, verdicts)
     }
 
+    /// Admits all of `user`'s claims again, and counts its tally anew.
     pub(crate) fn admit_user(&mut self, user: &str) {
         let (facts, verdicts) = self.admit_claims_of(user, None);
+        let tally = Tally::of(&verdicts);
         // Only the (rare) changes are collected, so a pass over a busy user allocates nothing.
         let changed: Vec<(String, Verdict)> = facts
             .iter()
@@ -434,25 +493,112 @@ impl<R: Runtime> Engine<R> {
             .filter(|(f, v)| self.claims.get(f.name).is_some_and(|c| c.verdict != *v))
             .map(|(f, v)| (f.name.to_owned(), v))
             .collect();
-        let now = self.clock.now_ms();
         for (name, v) in changed {
-            let Some(c) = self.claims.get_mut(&name) else {
+            self.set_verdict(&name, v);
+        }
+        self.tallies.insert(user.to_owned(), tally);
+    }
+
+    /// Admits the claims that arrived since the last pass after all their user's others, each
+    /// from its user's tally; `done` are the users admitted in full in this pass (their claims
+    /// all have their verdicts). A user without a tally is admitted in full.
+    pub(crate) fn admit_arrivals(&mut self, done: &mut BTreeSet<String>) {
+        for (seq, name) in std::mem::take(&mut self.arrivals) {
+            let Some(user) = self
+                .claims
+                .get(&name)
+                .filter(|c| c.seq == seq)
+                .map(|c| c.spec.user.clone())
+            else {
                 continue;
             };
-            match &v {
-                Verdict::Refuse { reason, message } => {
-                    c.events.push(true, reason, message.clone(), now);
-                }
-                Verdict::Admit => {
-                    c.events
-                        .push(false, "Admitted", "the claim may now be bound".into(), now);
-                }
+            if done.contains(&user) {
+                continue;
             }
-            c.verdict = v;
-            c.verdict_since = now;
-            self.dirty_pools.insert(c.spec.pool.clone());
-            self.pending_report(&name);
+            let Some(mut admitted) = self.tallies.get(&user).map(|t| t.admitted) else {
+                self.admit_user(&user);
+                done.insert(user);
+                continue;
+            };
+            let Some(c) = self.claims.get(&name) else {
+                continue;
+            };
+            let facts = ClaimFacts {
+                name: &name,
+                pool: &c.spec.pool,
+                user: &c.spec.user,
+                bound: c.instance.is_some(),
+                resources: c.spec.resources.as_ref(),
+            };
+            let v = if facts.bound {
+                admitted += 1;
+                Verdict::Admit
+            } else {
+                self.verdict_after(&facts, &mut admitted)
+            };
+            let changed = c.verdict != v;
+            if let Some(t) = self.tallies.get_mut(&user) {
+                t.admitted = admitted;
+                t.quota_refused += u32::from(is_quota_refusal(&v));
+            }
+            if changed {
+                self.set_verdict(&name, v);
+            }
+            self.counted_alone.insert(user);
         }
+        let counted = std::mem::take(&mut self.counted_alone);
+        #[cfg(debug_assertions)]
+        for user in &counted {
+            self.check_tally(user);
+        }
+        drop(counted);
+    }
+
+    /// `admit_next` with this engine's user and pool.
+    fn verdict_after(&self, c: &ClaimFacts<'_>, admitted: &mut u32) -> Verdict {
+        admit_next(
+            c,
+            self.users.get(c.user).map(user_facts),
+            self.pools.get(c.pool).and_then(pool_facts),
+            admitted,
+        )
+    }
+
+    /// In debug builds, after each admission: what was counted one claim at a time is what
+    /// counting all of the user's claims again gives.
+    #[cfg(debug_assertions)]
+    fn check_tally(&self, user: &str) {
+        let (facts, verdicts) = self.admit_claims_of(user, None);
+        for (f, v) in facts.iter().zip(&verdicts) {
+            let kept = self.claims.get(f.name).map(|c| &c.verdict);
+            debug_assert_eq!(kept, Some(v), "claim {}'s verdict, counted alone", f.name);
+        }
+        let kept = self.tallies.get(user).copied();
+        let want = (!facts.is_empty()).then(|| Tally::of(&verdicts));
+        debug_assert!(
+            kept == want || (want.is_none() && kept == Some(Tally::default())),
+            "user {user}'s tally: kept {kept:?}, counted {want:?}"
+        );
+    }
+
+    fn set_verdict(&mut self, name: &str, v: Verdict) {
+        let now = self.clock.now_ms();
+        let Some(c) = self.claims.get_mut(name) else {
+            return;
+        };
+        match &v {
+            Verdict::Refuse { reason, message } => {
+                c.events.push(true, reason, message.clone(), now);
+            }
+            Verdict::Admit => {
+                c.events
+                    .push(false, "Admitted", "the claim may now be bound".into(), now);
+            }
+        }
+        c.verdict = v;
+        c.verdict_since = now;
+        self.dirty_pools.insert(c.spec.pool.clone());
+        self.pending_report(name);
     }
 
     /// Files uploaded into a bound claim's instance (the API's upload).
@@ -658,4 +804,47 @@ impl<R: Runtime> Engine<R> {
 pub(crate) fn claim_limits(spec: &ClaimSpec) -> Option<(Option<u64>, Option<u64>)> {
     let (cpu, memory) = spec.resources.as_ref()?.limits();
     (cpu.is_some() || memory.is_some()).then_some((cpu, memory))
+}
+
+/// What the last admission of a user's claims gave, kept exact between full admissions by the
+/// changes that do not call for one: a claim arriving after all the user's others, and a claim
+/// leaving while none of the user's waits for quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    /// Claims admitted (bound ones among them): what a claim arriving next counts against quota.
+    pub(crate) admitted: u32,
+    /// Claims refused because the quota is full.
+    pub(crate) quota_refused: u32,
+}
+
+impl Tally {
+    fn of(verdicts: &[Verdict]) -> Tally {
+        let mut t = Tally::default();
+        for v in verdicts {
+            match v {
+                Verdict::Admit => t.admitted += 1,
+                v => t.quota_refused += u32::from(is_quota_refusal(v)),
+            }
+        }
+        t
+    }
+}
+
+fn user_facts(u: &crate::UserEntry) -> UserFacts<'_> {
+    UserFacts {
+        disabled: u.spec.disabled,
+        max_claims: u.spec.quota.max_claims,
+        pools: &u.spec.quota.pools,
+    }
+}
+
+fn pool_facts(p: &crate::PoolEntry) -> Option<PoolFacts<'_>> {
+    let spec = p.spec.as_ref()?;
+    Some(PoolFacts {
+        claim_resources: spec.claim_resources.as_ref(),
+    })
+}
+
+fn is_quota_refusal(v: &Verdict) -> bool {
+    matches!(v, Verdict::Refuse { reason, .. } if *reason == QUOTA_EXCEEDED)
 }

@@ -399,7 +399,16 @@ pub struct Engine<R: Runtime> {
     ports: PortBook,
     diagnostics: BTreeMap<PathBuf, Vec<Diagnostic>>,
     dirty_pools: BTreeSet<String>,
+    /// Users whose claims are all admitted again at the next pass.
     dirty_users: BTreeSet<String>,
+    /// Claims that arrived since the last pass after all their user's others (by arrival): each
+    /// is admitted from its user's tally alone, unless its user is in `dirty_users`.
+    arrivals: BTreeSet<(u64, String)>,
+    /// Per user, the verdicts of its claims counted (see [`claims::Tally`]).
+    tallies: HashMap<String, claims::Tally>,
+    /// Users whose tally changed one claim at a time since the last pass (checked against a
+    /// full count in debug builds).
+    counted_alone: BTreeSet<String>,
     dirty_deployments: BTreeSet<String>,
     ops: Vec<Op>,
     after_commit: Vec<AfterCommit>,
@@ -495,6 +504,9 @@ impl<R: Runtime> Engine<R> {
             diagnostics: BTreeMap::new(),
             dirty_pools: BTreeSet::new(),
             dirty_users: BTreeSet::new(),
+            arrivals: BTreeSet::new(),
+            tallies: HashMap::new(),
+            counted_alone: BTreeSet::new(),
             dirty_deployments: BTreeSet::new(),
             ops: Vec::new(),
             after_commit: Vec::new(),

@@ -259,7 +259,7 @@ impl<R: Runtime> Engine<R> {
                         now,
                     );
                 }
-                self.touch_claim(&key.name);
+                self.claim_leaves(&key.name);
                 self.unindex_claim(&key.name);
                 self.claims.remove(&key.name);
                 self.forget_record(&key.name);

@@ -40,11 +40,12 @@ impl<R: Runtime> Engine<R> {
         }
         self.expire(now);
         let began = std::time::Instant::now();
-        let users = std::mem::take(&mut self.dirty_users);
+        let mut users = std::mem::take(&mut self.dirty_users);
         let n = users.len() as u64;
-        for u in users {
-            self.admit_user(&u);
+        for u in &users {
+            self.admit_user(u);
         }
+        self.admit_arrivals(&mut users);
         observe(&mut self.metrics.user, n, began);
         self.reindex_touched();
         self.autoscale_tick(now);

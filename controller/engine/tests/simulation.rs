@@ -889,6 +889,63 @@ async fn claims_by_a_missing_user_a_disabled_user_or_over_quota_fail_until_that_
     s.wait_bound("c-car3").await;
 }
 
+/// Admission scales with the claims that change, not with all of a user's claims: a claim that
+/// arrives after its user's others is decided from the user's count of admitted claims, and one
+/// that leaves only changes that count while none of the user's waits for quota. Whenever a
+/// claim of the user waits for quota, a leaving claim admits the user's claims again in full,
+/// so the first one waiting gets its place.
+#[tokio::test]
+async fn arriving_and_leaving_claims_are_admitted_from_their_users_count_not_all_its_claims() {
+    let mut s = sim();
+    apply_pool(&mut s, "web", pool("nginx", 2, Some(20)));
+    s.apply("dave", Spec::User(user(3)));
+    s.wait_warm("web", 2).await;
+    let full = |snap: &poolkeeper_engine::status::Snapshot| snap.metrics.user.reconciles;
+
+    let before = full(&s.snapshot().await);
+    for c in ["d1", "d2", "d3"] {
+        s.apply(c, Spec::Claim(claim("web", "dave")));
+        s.wait_bound(c).await;
+    }
+    s.apply("d4", Spec::Claim(claim("web", "dave")));
+    assert_refused(&s, "d4", "QuotaExceeded").await;
+    let snap = s.snapshot().await;
+    let d4 = claim_status(&snap, "d4").unwrap();
+    let admitted = condition(&d4.conditions, "Admitted").unwrap();
+    assert!(
+        admitted.message.contains("already has 3 active claim(s)"),
+        "{}",
+        admitted.message
+    );
+    assert_eq!(full(&snap), before, "four arrivals, no full admission");
+
+    // d4 waits for quota: d1 leaving admits dave's claims in full, and d4 takes its place.
+    s.delete(Kind::Claim, "d1");
+    s.wait_bound("d4").await;
+    let after_leave = full(&s.snapshot().await);
+    assert!(
+        after_leave > before,
+        "a leave with a claim waiting for quota is a full admission"
+    );
+
+    // None waits now: d2 leaving changes the count only, and the count is right: one arrival
+    // fits (d3, d4, d5) and the next does not.
+    s.delete(Kind::Claim, "d2");
+    s.apply("d5", Spec::Claim(claim("web", "dave")));
+    s.wait_bound("d5").await;
+    s.apply("d6", Spec::Claim(claim("web", "dave")));
+    assert_refused(&s, "d6", "QuotaExceeded").await;
+    assert_eq!(
+        full(&s.snapshot().await),
+        after_leave,
+        "no full admission since"
+    );
+
+    // A quota raised is a change of the user: all of its claims are admitted again.
+    s.apply("dave", Spec::User(user(4)));
+    s.wait_bound("d6").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Lost instances
 
@@ -1978,6 +2035,10 @@ mod random {
         Wait {
             ms: u64,
         },
+        /// The user's quota of claims changes.
+        Quota {
+            max: u32,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -1999,6 +2060,7 @@ mod random {
             1 => Just(Step::PowerLoss),
             1 => Just(Step::EmptyStore),
             2 => (0..30u64).prop_map(|ms| Step::Wait { ms }),
+            1 => prop_oneof![Just(100u32), 0..=4u32].prop_map(|max| Step::Quota { max }),
         ]
     }
 
@@ -2027,6 +2089,17 @@ mod random {
         {
             Some(Spec::Pool(p)) => Some(p.clone()),
             _ => None,
+        }
+    }
+
+    fn declared_quota(sim: &Sim) -> u32 {
+        match sim
+            .declared
+            .get(&ObjKey::new(Kind::User, USER))
+            .map(|o| &o.spec)
+        {
+            Some(Spec::User(u)) => u.quota.max_claims,
+            _ => 0,
         }
     }
 
@@ -2070,6 +2143,7 @@ mod random {
             return Err("the engine knows instances the runtime does not have".into());
         }
         let all = claims(snap);
+        let (mut bound_claims, mut waiting_claims, mut refused_for_quota) = (0u32, 0u32, 0u32);
         for c in 0..CLAIMS {
             let name = format!("c{c}");
             let Some(pool) = declared_claim_pool(sim, &name) else {
@@ -2081,14 +2155,22 @@ mod random {
             let Some(st) = claim_status(snap, &name) else {
                 return Err(format!("{name} is not shown"));
             };
+            let over_quota = condition(&st.conditions, "Admitted")
+                .is_some_and(|a| a.status == "False" && a.reason == "QuotaExceeded");
             let ok = match (declared_pool(sim, &pool).is_some(), st.phase) {
                 (_, ClaimPhase::Bound) => true,
                 (true, ClaimPhase::Pending) => st.queue_position.is_some(),
+                (true, ClaimPhase::Failed) => over_quota,
                 (false, ClaimPhase::Failed) => true,
                 _ => false,
             };
             if !ok {
                 return Err(format!("{name} on {pool} is {:?}", st));
+            }
+            match st.phase {
+                ClaimPhase::Bound => bound_claims += 1,
+                ClaimPhase::Pending => waiting_claims += 1,
+                _ => refused_for_quota += u32::from(over_quota),
             }
             if let Some(i) = &st.instance {
                 let inst = insts.iter().find(|x| &x.name == i).unwrap();
@@ -2096,6 +2178,20 @@ mod random {
                     return Err(format!("{name} of {pool} holds {i} of another pool"));
                 }
             }
+        }
+        // The quota admits exactly as many claims as it allows: bound ones beyond it (it was
+        // lowered) stay, no waiting claim is admitted beyond it, and none is refused below it.
+        let quota = declared_quota(sim);
+        if waiting_claims > quota.saturating_sub(bound_claims) {
+            return Err(format!(
+                "{waiting_claims} claims wait with {bound_claims} bound, over the quota of {quota}"
+            ));
+        }
+        if refused_for_quota > 0 && bound_claims + waiting_claims < quota {
+            return Err(format!(
+                "{refused_for_quota} claims refused for quota with {bound_claims} bound and \
+                 {waiting_claims} waiting, under the quota of {quota}"
+            ));
         }
         for v in &snap.instances {
             if let Some(c) = &v.claim
@@ -2290,6 +2386,7 @@ mod random {
                 Step::Wait { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
                 Step::Latency { ms } => sim.mem.set_create_latency(Duration::from_millis(ms)),
                 Step::HoldReadiness(hold) => sim.mem.hold_readiness(hold),
+                Step::Quota { max } => sim.apply(USER, Spec::User(user(max))),
             }
             sim.snapshot().await;
             let snap = sim.snapshot().await;
