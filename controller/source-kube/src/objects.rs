@@ -72,8 +72,9 @@ pub struct Seen {
     pub deleting: bool,
     /// Made through the HTTP API (it carries [`LABEL_MADE_BY`]).
     pub made_by_api: bool,
-    /// `creationTimestamp`, to tell which of two namespaces declared a name first.
-    pub created: String,
+    /// `creationTimestamp`, to tell which of two namespaces declared a name first, and to hand
+    /// a list's claims over in the order they were created.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
     /// The object as the engine takes it, or why it cannot.
     pub object: Result<Object, Vec<FieldError>>,
 }
@@ -121,11 +122,7 @@ pub fn read(kind: Kind, obj: &DynamicObject) -> Seen {
         finalizers: meta.finalizers.clone().unwrap_or_default(),
         deleting: meta.deletion_timestamp.is_some(),
         made_by_api: obj.labels().get(LABEL_MADE_BY).is_some_and(|v| v == "api"),
-        created: meta
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string())
-            .unwrap_or_default(),
+        created: meta.creation_timestamp.as_ref().map(|t| t.0),
         object,
     }
 }

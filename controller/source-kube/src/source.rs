@@ -88,6 +88,10 @@ struct Source {
     seen: HashMap<Key, Seen>,
     /// Per watch stream (kind, scope): the keys its current relist has shown.
     listing: HashMap<(Kind, usize), HashSet<Key>>,
+    /// The claims of a list in progress, held until it ends so that they reach the engine in the
+    /// order they were created: a controller without its state store (a new disk) numbers
+    /// waiting claims in the order it first sees them, and the API server lists by name.
+    listed_claims: HashMap<usize, Vec<Seen>>,
     /// Watch streams that finished their first list.
     synced_streams: HashSet<(Kind, usize)>,
     streams: usize,
@@ -152,6 +156,7 @@ pub async fn run(
         health,
         seen: HashMap::new(),
         listing: HashMap::new(),
+        listed_claims: HashMap::new(),
         synced_streams: HashSet::new(),
         streams: streams_n,
         synced: false,
@@ -261,14 +266,30 @@ impl Source {
         match ev {
             WatchEvent::Init => {
                 self.listing.insert((kind, scope), HashSet::new());
+                if kind == Kind::Claim {
+                    self.listed_claims.remove(&scope);
+                }
             }
             WatchEvent::InitApply(obj) => {
                 let seen = objects::read(kind, &obj);
                 let key: Key = (kind, seen.namespace.clone(), seen.name.clone());
                 self.listing.entry((kind, scope)).or_default().insert(key);
-                self.on_apply(seen).await;
+                if kind == Kind::Claim {
+                    self.listed_claims.entry(scope).or_default().push(seen);
+                } else {
+                    self.on_apply(seen).await;
+                }
             }
             WatchEvent::InitDone => {
+                if kind == Kind::Claim {
+                    let mut claims = self.listed_claims.remove(&scope).unwrap_or_default();
+                    claims.sort_by(|a, b| {
+                        (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name))
+                    });
+                    for seen in claims {
+                        self.on_apply(seen).await;
+                    }
+                }
                 // What the relist did not show was deleted while the watch was away.
                 let listed = self.listing.remove(&(kind, scope)).unwrap_or_default();
                 let gone: Vec<Key> = self
@@ -410,8 +431,8 @@ impl Source {
                 && k.1 != key.1
                 && other.object.is_ok()
                 && !other.deleting
-                && (other.created.as_str(), other.namespace.as_str())
-                    < (seen.created.as_str(), seen.namespace.as_str())
+                && (other.created, other.namespace.as_str())
+                    < (seen.created, seen.namespace.as_str())
         })
     }
 
@@ -479,8 +500,8 @@ impl Source {
                 .iter()
                 .filter(|(k, s)| k.0 == key.0 && k.2 == key.2 && s.object.is_ok() && !s.deleting)
                 .min_by(|a, b| {
-                    (a.1.created.as_str(), a.1.namespace.as_str())
-                        .cmp(&(b.1.created.as_str(), b.1.namespace.as_str()))
+                    (a.1.created, a.1.namespace.as_str())
+                        .cmp(&(b.1.created, b.1.namespace.as_str()))
                 })
                 .map(|(_, s)| s.clone());
             if let Some(s) = next

@@ -743,3 +743,48 @@ async fn a_container_is_declared_stopped_by_a_merge_patch_of_the_whole_list() {
         "{missing:?}"
     );
 }
+
+/// The API server lists by name; a controller that starts without its state store (a new disk)
+/// numbers the waiting claims in the order it is handed them. The list's claims are handed over
+/// in the order they were created, so the one created first is bound first and the others wait
+/// in creation order.
+#[tokio::test]
+async fn listed_claims_are_queued_in_the_order_they_were_created_not_by_name() {
+    let one = obj(
+        "Pool",
+        "web",
+        json!({"template": {"image": "x", "ports": [{"name": "http", "containerPort": 80}]},
+               "warm": 1, "max": 1, "hostPorts": {"start": 42000, "end": 42010}}),
+        json!({"finalizers": ["poolkeeper.dev/cleanup"]}),
+    );
+    let alice = obj(
+        "User",
+        "alice",
+        json!({"quota": {"maxClaims": 5}}),
+        json!({}),
+    );
+    let at = |t: &str| json!({"creationTimestamp": t, "finalizers": ["poolkeeper.dev/cleanup"]});
+    let mut s = scene(
+        vec![
+            one,
+            alice,
+            claim("a-last", at("2026-12-01T00:00:03Z")),
+            claim("b-second", at("2026-12-01T00:00:02Z")),
+            claim("c-first", at("2026-12-01T00:00:01Z")),
+        ],
+        vec![],
+    )
+    .await;
+    s.expect("c-first Bound", |w| {
+        is_status_of(w, "c-first") && w.body["status"]["phase"] == "Bound"
+    })
+    .await;
+    for (name, position) in [("b-second", 1), ("a-last", 2)] {
+        s.expect(&format!("{name} waiting at {position}"), |w| {
+            is_status_of(w, name)
+                && w.body["status"]["phase"] == "Pending"
+                && w.body["status"]["queuePosition"] == position
+        })
+        .await;
+    }
+}
