@@ -11,7 +11,8 @@
 //! `finalizer_at_admission` is the share of claims the API server gave the finalizer as they
 //! were created (the policy `poolkeeper admission` prints), which the controller then need
 //! not write. `cpu_ms_per_claim` is the CPU time this process (clients and controller) took
-//! per claim over the run, and the API server's and etcd's where they run on this machine.
+//! per claim over the run, and the API server's (the process listening on its port, by name)
+//! and etcd's (beside a `kube-apiserver`) where they run on this machine.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -211,7 +212,7 @@ async fn measure(
 
     let counters = controller.counters.clone();
     let before = snapshot(&counters);
-    let cpu_before = super::cpu_ms();
+    let cpu_before = super::cpu_ms(&conn.server);
     let next = Arc::new(AtomicU32::new(0));
     // Claims the API server gave the finalizer as they were created (`poolkeeper admission`).
     let admitted = Arc::new(AtomicU32::new(0));
@@ -280,15 +281,12 @@ async fn measure(
     let after = snapshot(&counters);
     let per = |i: usize| (after[i] - before[i]) as f64 / f64::from(claims);
     // Where the CPU went, per claim: this process (clients and controller) and, when they run
-    // on this machine, the API server and etcd.
-    let cpu_per_claim: serde_json::Map<String, serde_json::Value> = super::cpu_ms()
+    // on this machine, the API server (or the fake) and etcd.
+    let cpu_per_claim: serde_json::Map<String, serde_json::Value> = super::cpu_ms(&conn.server)
         .into_iter()
         .filter_map(|(name, ms)| {
-            let spent = ms - cpu_before.get(name)?;
-            Some((
-                name.to_owned(),
-                json!((spent / f64::from(claims) * 1e3).round() / 1e3),
-            ))
+            let spent = ms - cpu_before.get(&name)?;
+            Some((name, json!((spent / f64::from(claims) * 1e3).round() / 1e3)))
         })
         .collect();
     Figure::new("kube_claims", if pods { "kube" } else { "memory" }, claims)

@@ -103,36 +103,92 @@ fn proc_status_mb(field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// CPU time (user + system, all threads) taken so far by this process and by the processes on
-/// this machine named `kube-apiserver` and `etcd`, in ms, from `/proc/PID/stat` (in USER_HZ
-/// ticks, 100 a second on Linux). A process not found is absent, and it is 0 off Linux.
-pub fn cpu_ms() -> BTreeMap<&'static str, f64> {
+/// CPU time (user + system, all threads) taken so far, in ms, from `/proc/PID/stat` (in USER_HZ
+/// ticks, 100 a second on Linux): by this process (`bench_process`), by the process on this
+/// machine that listens on `server`'s port (under its own name: `kube-apiserver`, or the fake
+/// API server's `serve`), and, when that is a `kube-apiserver`, by the processes named `etcd`.
+/// A process not found is absent (a remote server), and all are absent off Linux.
+pub fn cpu_ms(server: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     if let Some(ms) = proc_cpu_ms("self") {
-        out.insert("bench_process", ms);
+        out.insert("bench_process".to_owned(), ms);
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    let Some(pid) = local_port(server).and_then(listener_of) else {
         return out;
     };
-    for entry in dir.flatten() {
-        let pid = entry.file_name();
-        let Some(pid) = pid
-            .to_str()
-            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let name = match comm.trim() {
-            "kube-apiserver" => "kube-apiserver",
-            "etcd" => "etcd",
-            _ => continue,
-        };
-        if let Some(ms) = proc_cpu_ms(pid) {
-            *out.entry(name).or_insert(0.0) += ms;
+    let comm = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let name = comm(&pid);
+    if let Some(ms) = proc_cpu_ms(&pid) {
+        out.insert(name.clone(), ms);
+    }
+    if name == "kube-apiserver" {
+        for etcd in pids().filter(|p| comm(p) == "etcd") {
+            if let Some(ms) = proc_cpu_ms(&etcd) {
+                *out.entry("etcd".to_owned()).or_insert(0.0) += ms;
+            }
         }
     }
     out
+}
+
+/// The port of `server` (a URL) when its host is this machine's loopback.
+fn local_port(server: &str) -> Option<u16> {
+    let rest = server.split_once("://").map_or(server, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let (host, port) = authority.rsplit_once(':')?;
+    let local = matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "0.0.0.0");
+    local.then(|| port.parse().ok()).flatten()
+}
+
+/// The process (other than this one) holding a listening TCP socket on `port`.
+fn listener_of(port: u16) -> Option<String> {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|l| {
+                    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let listening = f.get(3) == Some(&"0A");
+                    let on_port = f
+                        .get(1)
+                        .and_then(|a| a.rsplit_once(':'))
+                        .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                        == Some(port);
+                    (listening && on_port).then(|| f.get(9).map(|i| format!("socket:[{i}]")))?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let me = std::process::id().to_string();
+    pids().filter(|p| *p != me).find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+    })
+}
+
+/// The process ids in `/proc`.
+fn pids() -> impl Iterator<Item = String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `utime + stime` of `/proc/PID/stat`, in ms.
@@ -373,4 +429,62 @@ async fn resync_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .print();
     h.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_loopback_servers_port_is_looked_for_on_this_machine() {
+        assert_eq!(local_port("https://127.0.0.1:6443"), Some(6443));
+        assert_eq!(local_port("http://127.0.0.1:39721/"), Some(39721));
+        assert_eq!(local_port("https://localhost:6443/api"), Some(6443));
+        assert_eq!(local_port("https://[::1]:6443"), Some(6443));
+        assert_eq!(local_port("https://10.0.0.1:443"), None);
+        assert_eq!(local_port("https://kubernetes.default.svc"), None);
+    }
+
+    /// The CPU of the process that serves the URL is counted under its own name, and nobody
+    /// else's: an idle `kube-apiserver` or `etcd` elsewhere on the machine is not the server.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_server_is_the_process_listening_on_its_port() {
+        let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            return;
+        };
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        drop(listener);
+        let script = format!(
+            "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',{port}))\ns.listen()\nprint('up',flush=True)\ntime.sleep(30)"
+        );
+        let Ok(mut child) = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        else {
+            return; // no python3 here
+        };
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+        }
+        let found = listener_of(port);
+        let cpu = cpu_ms(&format!("http://127.0.0.1:{port}/"));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(line.trim(), "up");
+        assert_eq!(found, Some(child.id().to_string()));
+        let names: Vec<&str> = cpu.keys().map(String::as_str).collect();
+        assert!(names.contains(&"bench_process"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n.starts_with("python")),
+            "the listener by its name: {names:?}"
+        );
+        assert!(
+            !names.contains(&"etcd"),
+            "etcd only beside a kube-apiserver"
+        );
+        assert_eq!(listener_of(port), None, "nobody listens once it is gone");
+    }
 }
