@@ -703,3 +703,55 @@ spec: {pool: web, user: ann}
     ctl.inner.stop().await.expect("stopped");
     c.cleanup(&ns);
 }
+
+/// A controller started without its store (a new disk, or the first start beside claims GitOps
+/// made already) queues the claims in the order they were created, although the API server
+/// lists them by name: the one created first is bound first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_without_its_store_queues_the_claims_in_the_order_they_were_created() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("order");
+    let config = c.service_account(&ns, std::slice::from_ref(&ns));
+    // One instance at most, so one claim is bound and the others wait in order. Names run the
+    // other way round from creation; creationTimestamp counts whole seconds.
+    let setup = "apiVersion: poolkeeper.dev/v1alpha1\nkind: Pool\nmetadata: {name: one}\n\
+        spec: {template: {image: x, ports: [{name: http, containerPort: 80}]}, warm: 1, max: 1, \
+        hostPorts: {start: 43100, end: 43110}}\n---\napiVersion: poolkeeper.dev/v1alpha1\n\
+        kind: User\nmetadata: {name: carol}\nspec: {quota: {maxClaims: 5}}\n";
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(setup));
+    for (i, name) in ["c-first", "b-second", "a-last"].iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let claim = format!(
+            "apiVersion: poolkeeper.dev/v1alpha1\nkind: Claim\nmetadata: {{name: {name}}}\n\
+             spec: {{pool: one, user: carol}}\n"
+        );
+        c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&claim));
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut ctl = start_controller(&config, &ns, state.path(), "e2e-order", None, None);
+    ctl.inner.leading().await;
+    let want = [
+        ("c-first", "Bound", None),
+        ("b-second", "Pending", Some(1)),
+        ("a-last", "Pending", Some(2)),
+    ];
+    eventually(
+        "c-first bound, b-second and a-last waiting at 1 and 2",
+        Duration::from_secs(30),
+        async || {
+            for (name, phase, position) in want {
+                let s = claim_status(&c.admin, &ns, name).await?;
+                if s["phase"] != phase || s["queuePosition"].as_u64() != position {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    ctl.inner.stop().await.expect("stopped");
+    c.cleanup(&ns);
+}
