@@ -370,9 +370,18 @@ impl<R: Runtime> Engine<R> {
     fn on_created(&mut self, name: String, result: Result<Instance, RuntimeError>, now: u64) {
         match result {
             Ok(i) => {
-                if let Some(p) = i.label(LABEL_POOL).and_then(|p| self.pools.get_mut(p)) {
+                if let Some(pool) = i.label(LABEL_POOL)
+                    && let Some(p) = self.pools.get_mut(pool)
+                {
+                    // The runtime creates again: what earlier failures set to wait is over, and
+                    // the pool fills now rather than when their backoff would have ended.
+                    let waited = p.create_backoff_until > now;
                     p.create_failures = 0;
+                    p.create_backoff_until = 0;
                     p.create_error = None;
+                    if waited {
+                        self.dirty_pools.insert(pool.to_owned());
+                    }
                 }
                 // The runtime's event stream is ordered per instance; this reply travels
                 // another path and may be older than events already seen. It is news only

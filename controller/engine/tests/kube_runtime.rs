@@ -669,3 +669,33 @@ proptest! {
         rt.block_on(run(steps));
     }
 }
+
+/// Found by the random simulation: creations failed eight times in a row while a pool filled, and
+/// a later one succeeded (the runtime creates again), but the pool still waited out the backoff
+/// its failed creations had set, up to a minute, before it made its warm instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_creations_succeed_again_refills_at_once_not_after_the_failures_backoff() {
+    run(vec![
+        Step::Pool {
+            p: 0,
+            warm: 0,
+            max: 4,
+        },
+        Step::DeleteClaim { c: 2 },
+        Step::Pool {
+            p: 1,
+            warm: 2,
+            max: 4,
+        },
+        Step::FailCreates { n: 2 },
+        Step::DeletePod {
+            pick: 6862549635394716040,
+        },
+        Step::FailCreates { n: 3 },
+        Step::FailCreates { n: 3 },
+        Step::Claim { c: 0, p: 1 },
+        Step::FailBinds { n: 3 },
+        Step::Wait { ms: 2 },
+    ])
+    .await;
+}

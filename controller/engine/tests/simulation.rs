@@ -1133,6 +1133,28 @@ async fn host_ports_are_unique_across_pools_and_ports_held_by_others_are_skipped
     }
 }
 
+/// Creations that fail set a backoff; one that succeeds after them shows the runtime creates
+/// again, and the pool fills at once rather than when the failures' backoff would have ended
+/// (the clock does not move here). Found by the pod runtime's random simulation, where a pool
+/// waited a minute with `InstancesCreatable=True`.
+#[tokio::test]
+async fn a_creation_that_succeeds_after_failures_ends_their_backoff() {
+    let mut s = sim();
+    s.mem.fail_next_creates(2);
+    apply_pool(&mut s, "web", pool("nginx", 3, Some(5)));
+    let snap = s
+        .wait_until("3 warm without the clock moving", |snap, _| {
+            pool_status(snap, "web").is_some_and(|p| p.warm == 3)
+        })
+        .await;
+    assert!(
+        events_of(&snap, Kind::Pool, "web")
+            .iter()
+            .any(|e| e.reason == "CreateFailed"),
+        "two creations failed first"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Missing images
 
