@@ -658,6 +658,10 @@ proptest! {
         // SIM_CASES raises the count for a longer hunt.
         cases: std::env::var("SIM_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(8),
         failure_persistence: None,
+        // A failing case waits out its deadlines (90 s to settle), and so does every attempt
+        // to shrink it: unbounded, shrinking ran for more than 25 minutes before the failure
+        // was printed. Five minutes, then the smallest case found so far is reported.
+        max_shrink_time: 300_000,
         ..ProptestConfig::default()
     })]
 
