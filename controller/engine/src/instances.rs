@@ -697,7 +697,9 @@ impl<R: Runtime> Engine<R> {
                 .events
                 .push(true, reason, format!("creating {name}: {e}"), now);
             entry.create_error = Some((reason, e.to_string()));
-            if !retry_now {
+            // One failure per round of creations: the others of a round that fails together
+            // (issued before the backoff began) do not lengthen it again.
+            if !retry_now && entry.create_backoff_until <= now {
                 entry.create_failures = entry.create_failures.saturating_add(1);
                 let backoff = (500u64 << entry.create_failures.min(10)).min(CREATE_BACKOFF_MAX_MS);
                 entry.create_backoff_until = now + backoff;

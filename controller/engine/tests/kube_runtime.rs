@@ -309,6 +309,8 @@ fn converged(w: &World, snap: &Snapshot) -> Result<(), String> {
 }
 
 async fn settle(w: &World, what: &str) -> Snapshot {
+    // Faults stop, as on the memory runtime: what is left is to converge, within one backoff.
+    w.fake.clear_faults();
     w.handle.resync().await.unwrap();
     let start = Instant::now();
     loop {

@@ -1155,6 +1155,30 @@ async fn a_creation_that_succeeds_after_failures_ends_their_backoff() {
     );
 }
 
+/// A round of creations that fails together (a runtime down for a moment) is one failure for
+/// the backoff, not one per instance: the pool tries again after the first step (1 s), where
+/// counting each of its three creations would have made it wait 4 s.
+#[tokio::test]
+async fn creations_failing_together_back_off_once() {
+    let mut s = sim();
+    s.mem.fail_next_creates(3);
+    apply_pool(&mut s, "web", pool("nginx", 3, Some(5)));
+    s.wait_until("three creations failed", |snap, _| {
+        events_of(snap, Kind::Pool, "web")
+            .iter()
+            .filter(|e| e.reason == "CreateFailed")
+            .map(|e| e.count.max(1))
+            .sum::<u32>()
+            >= 3
+    })
+    .await;
+    s.advance(Duration::from_millis(1100));
+    s.wait_until("3 warm after one step of backoff", |snap, _| {
+        pool_status(snap, "web").is_some_and(|p| p.warm == 3)
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Missing images
 

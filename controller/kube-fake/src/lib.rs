@@ -255,6 +255,11 @@ impl FakeApi {
         });
     }
 
+    /// Forgets the faults not yet answered (the outage is over).
+    pub fn clear_faults(&self) {
+        self.inner.lock().faults.clear();
+    }
+
     /// Forgets the history: a watch from an older version gets `410 Gone` and must relist.
     pub fn compact(&self) {
         let mut s = self.inner.lock();
