@@ -314,7 +314,9 @@ impl<R: Runtime> Engine<R> {
                 if c.verdict == Verdict::Admit {
                     t.admitted = t.admitted.saturating_sub(1);
                 }
-                self.counted_alone.insert(c.spec.user.clone());
+                if cfg!(debug_assertions) {
+                    self.counted_alone.insert(c.spec.user.clone());
+                }
             }
             _ => {
                 self.dirty_users.insert(c.spec.user.clone());
@@ -504,23 +506,16 @@ impl<R: Runtime> Engine<R> {
     /// all have their verdicts). A user without a tally is admitted in full.
     pub(crate) fn admit_arrivals(&mut self, done: &mut BTreeSet<String>) {
         for (seq, name) in std::mem::take(&mut self.arrivals) {
-            let Some(user) = self
-                .claims
-                .get(&name)
-                .filter(|c| c.seq == seq)
-                .map(|c| c.spec.user.clone())
-            else {
+            let Some(c) = self.claims.get(&name).filter(|c| c.seq == seq) else {
                 continue;
             };
-            if done.contains(&user) {
+            if done.contains(&c.spec.user) {
                 continue;
             }
-            let Some(mut admitted) = self.tallies.get(&user).map(|t| t.admitted) else {
+            let Some(mut admitted) = self.tallies.get(&c.spec.user).map(|t| t.admitted) else {
+                let user = c.spec.user.clone();
                 self.admit_user(&user);
                 done.insert(user);
-                continue;
-            };
-            let Some(c) = self.claims.get(&name) else {
                 continue;
             };
             let facts = ClaimFacts {
@@ -537,6 +532,7 @@ impl<R: Runtime> Engine<R> {
                 self.verdict_after(&facts, &mut admitted)
             };
             let changed = c.verdict != v;
+            let user = c.spec.user.clone();
             if let Some(t) = self.tallies.get_mut(&user) {
                 t.admitted = admitted;
                 t.quota_refused += u32::from(is_quota_refusal(&v));
@@ -544,14 +540,15 @@ impl<R: Runtime> Engine<R> {
             if changed {
                 self.set_verdict(&name, v);
             }
-            self.counted_alone.insert(user);
+            if cfg!(debug_assertions) {
+                self.counted_alone.insert(user);
+            }
         }
-        let counted = std::mem::take(&mut self.counted_alone);
-        #[cfg(debug_assertions)]
-        for user in &counted {
-            self.check_tally(user);
+        if cfg!(debug_assertions) {
+            for user in std::mem::take(&mut self.counted_alone) {
+                self.check_tally(&user);
+            }
         }
-        drop(counted);
     }
 
     /// `admit_next` with this engine's user and pool.
@@ -566,7 +563,6 @@ impl<R: Runtime> Engine<R> {
 
     /// In debug builds, after each admission: what was counted one claim at a time is what
     /// counting all of the user's claims again gives.
-    #[cfg(debug_assertions)]
     fn check_tally(&self, user: &str) {
         let (facts, verdicts) = self.admit_claims_of(user, None);
         for (f, v) in facts.iter().zip(&verdicts) {

@@ -406,8 +406,8 @@ pub struct Engine<R: Runtime> {
     arrivals: BTreeSet<(u64, String)>,
     /// Per user, the verdicts of its claims counted (see [`claims::Tally`]).
     tallies: HashMap<String, claims::Tally>,
-    /// Users whose tally changed one claim at a time since the last pass (checked against a
-    /// full count in debug builds).
+    /// Debug builds only: users whose tally changed one claim at a time since the last pass,
+    /// checked against a full count after it.
     counted_alone: BTreeSet<String>,
     dirty_deployments: BTreeSet<String>,
     ops: Vec<Op>,

@@ -80,6 +80,12 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Which of two objects was declared first: the older `creationTimestamp`, then the
+    /// namespace and the name (an API server's timestamps count whole seconds).
+    pub fn age_order(&self) -> (Option<k8s_openapi::jiff::Timestamp>, &str, &str) {
+        (self.created, &self.namespace, &self.name)
+    }
+
     pub fn reference(&self) -> k8s_openapi::api::core::v1::ObjectReference {
         let ar = api_resource(self.kind);
         k8s_openapi::api::core::v1::ObjectReference {

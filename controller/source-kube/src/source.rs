@@ -283,9 +283,7 @@ impl Source {
             WatchEvent::InitDone => {
                 if kind == Kind::Claim {
                     let mut claims = self.listed_claims.remove(&scope).unwrap_or_default();
-                    claims.sort_by(|a, b| {
-                        (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name))
-                    });
+                    claims.sort_by(|a, b| a.age_order().cmp(&b.age_order()));
                     for seen in claims {
                         self.on_apply(seen).await;
                     }
@@ -431,8 +429,7 @@ impl Source {
                 && k.1 != key.1
                 && other.object.is_ok()
                 && !other.deleting
-                && (other.created, other.namespace.as_str())
-                    < (seen.created, seen.namespace.as_str())
+                && other.age_order() < seen.age_order()
         })
     }
 
@@ -499,10 +496,7 @@ impl Source {
                 .seen
                 .iter()
                 .filter(|(k, s)| k.0 == key.0 && k.2 == key.2 && s.object.is_ok() && !s.deleting)
-                .min_by(|a, b| {
-                    (a.1.created, a.1.namespace.as_str())
-                        .cmp(&(b.1.created, b.1.namespace.as_str()))
-                })
+                .min_by(|a, b| a.1.age_order().cmp(&b.1.age_order()))
                 .map(|(_, s)| s.clone());
             if let Some(s) = next
                 && let Ok(obj) = &s.object
