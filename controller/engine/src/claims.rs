@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use poolkeeper_core::claims::{
     ClaimFacts, PoolFacts, QUOTA_EXCEEDED, UserFacts, Verdict, admit, admit_next,
 };
+use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Object, Origin, Spec};
 use poolkeeper_runtime::Runtime;
 
@@ -400,14 +401,19 @@ impl<R: Runtime> Engine<R> {
 
     /// `instance` is no claim's any more and may hold a claim's data: it is used, and reset
     /// (after this pass's commit) before anyone gets it.
+    /// An instance being removed is not reset: a reset that makes it again (a pod's restart)
+    /// would bring back what its removal took away.
     pub(crate) fn reset_released(&mut self, instance: &str) {
         let Some(rec) = self.instances.get_mut(instance) else {
             return;
         };
         rec.claim = None;
-        rec.resetting = true;
         rec.used = true;
         self.touched.insert(instance.to_owned());
+        if rec.phase == InstancePhase::Deleting {
+            return;
+        }
+        rec.resetting = true;
         self.after_commit.push(AfterCommit::Reset {
             instance: instance.to_owned(),
         });

@@ -443,12 +443,22 @@ impl<R: Runtime> Engine<R> {
                 }
             },
             Completion::Reset { name, result } => {
+                let Some(rec) = self.instances.get(&name) else {
+                    return;
+                };
+                let pool = rec.pool.clone();
+                if rec.phase == InstancePhase::Deleting {
+                    // Removed meanwhile: the removal waited for this reset, and goes now.
+                    self.reset_ended(&name);
+                    if let Some(p) = pool {
+                        self.dirty_pools.insert(p);
+                    }
+                    return;
+                }
+                self.reset_ended(&name);
                 let Some(rec) = self.instances.get_mut(&name) else {
                     return;
                 };
-                self.touched.insert(name.clone());
-                rec.resetting = false;
-                let pool = rec.pool.clone();
                 match result {
                     Ok(()) => {
                         debug!(instance = %name, "reset done");
@@ -721,6 +731,12 @@ impl<R: Runtime> Engine<R> {
         let Some(rec) = self.instances.get(instance) else {
             return;
         };
+        if rec.phase == InstancePhase::Deleting || !rec.resetting {
+            // Removed since the reset was scheduled (the removal waited for it), or no longer
+            // to be reset.
+            self.reset_ended(instance);
+            return;
+        }
         let policy = rec
             .pool
             .as_ref()
@@ -729,9 +745,7 @@ impl<R: Runtime> Engine<R> {
             .map(|s| (s.reset, s.reset_command.clone(), template_limits(s)));
         let Some((policy, command, restore)) = policy else {
             // The pool is gone: the instance is drained, not reset.
-            if let Some(r) = self.instances.get_mut(instance) {
-                r.resetting = false;
-            }
+            self.reset_ended(instance);
             self.remove_instance(instance);
             return;
         };
@@ -740,10 +754,7 @@ impl<R: Runtime> Engine<R> {
         let name = instance.to_owned();
         match policy {
             ResetPolicy::Recreate => {
-                if let Some(r) = self.instances.get_mut(instance) {
-                    r.resetting = false;
-                    self.touched.insert(instance.to_owned());
-                }
+                self.reset_ended(instance);
                 self.retire(instance);
             }
             ResetPolicy::Restart => {
@@ -800,9 +811,7 @@ impl<R: Runtime> Engine<R> {
         self.end_binding(claim, instance, RecPhase::Waiting, reason, now);
         self.after_commit
             .retain(|a| !matches!(a, AfterCommit::Reset { instance: i } if i == instance));
-        if let Some(rec) = self.instances.get_mut(instance) {
-            rec.resetting = false;
-        }
+        self.reset_ended(instance);
     }
 
     /// Takes `instance` out of service, durably, until it is removed.

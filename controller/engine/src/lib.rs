@@ -218,6 +218,9 @@ struct InstRec {
     /// The claim the runtime records on the instance (runtimes that keep bindings, see
     /// `Runtime::keeps_bindings`): it is nobody else's while it says so.
     recorded: Option<String>,
+    /// Its reset is scheduled or in flight. A removal asked for meanwhile waits for it (the
+    /// record is `Deleting` and `resetting`): a reset may make the instance again under its
+    /// name (a pod's restart), after a removal that ran beside it.
     resetting: bool,
     /// A claim held it and it has not been reset since (mirrors `Durable::used`).
     used: bool,

@@ -410,9 +410,23 @@ impl<R: Runtime> Engine<R> {
             return;
         }
         rec.phase = InstancePhase::Deleting;
-        let in_flight = rec.create_in_flight;
+        // A creation or a reset in flight ends first (see `InstRec::resetting`); its end
+        // removes it.
+        let wait = rec.create_in_flight || rec.resetting;
         self.touched.insert(name.to_owned());
-        if !in_flight {
+        if !wait {
+            self.spawn_remove(name);
+        }
+    }
+
+    /// `name`'s reset ended, or will not run: a removal that waited for it goes now.
+    pub(crate) fn reset_ended(&mut self, name: &str) {
+        let Some(rec) = self.instances.get_mut(name) else {
+            return;
+        };
+        let was = std::mem::replace(&mut rec.resetting, false);
+        self.touched.insert(name.to_owned());
+        if was && rec.phase == InstancePhase::Deleting && !rec.create_in_flight {
             self.spawn_remove(name);
         }
     }

@@ -705,3 +705,64 @@ async fn a_pool_whose_creations_succeed_again_refills_at_once_not_after_the_fail
     ])
     .await;
 }
+
+/// Found by the random simulation: an instance whose pod failed while bound was removed, and
+/// its claim bound to another. The pod, still going, reported the claim it had served (a
+/// binding recorded late, as it looks), and the instance was reset: a `Restart` reset deletes
+/// the pod, waits for it to go, and makes it again under its name. So the removal's pod came
+/// back, while the controller still saw the instance `Deleting` and its removal done: a pod
+/// kept running for good. An instance being removed is never reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_being_removed_is_not_reset_and_its_pod_does_not_come_back() {
+    let mut w = World::new().await;
+    let mut web = common::pool("img0", 1, Some(2));
+    web.reset = ResetPolicy::Restart;
+    w.apply("web", Spec::Pool(web));
+    w.apply("u", Spec::User(user(5)));
+    w.apply("c", Spec::Claim(claim("web", "u")));
+    let first = w
+        .wait_for("the claim binds and the pool refills", |snap, pods| {
+            let i = claim_status(snap, "c").and_then(|s| s.instance)?;
+            let warm = common::pool_status(snap, "web").is_some_and(|s| s.warm == 1);
+            (warm && pods.len() == 2).then_some(i)
+        })
+        .await;
+    // A finalizer holds the pod while it is deleted, as a slow kubelet would.
+    let mut held = w.fake.get("pods", NS, &first).unwrap();
+    held["metadata"]["finalizers"] = serde_json::json!(["test/hold"]);
+    w.fake.put("pods", NS, held);
+    let failed = serde_json::json!({
+        "phase": "Failed",
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{"name": "instance", "ready": false, "restartCount": 0,
+            "image": "fake", "imageID": "",
+            "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}],
+    });
+    assert!(w.fake.set_pod_status(NS, &first, &failed));
+    w.wait_for(
+        "the claim binds another instance, and the failed pod is deleted",
+        |snap, pods| {
+            let other = claim_status(snap, "c")
+                .and_then(|s| s.instance)
+                .is_some_and(|i| i != first);
+            let deleted = pods
+                .iter()
+                .any(|p| name(p) == first && !p["metadata"]["deletionTimestamp"].is_null());
+            (other && deleted).then_some(())
+        },
+    )
+    .await;
+    // Whatever the controller does with it meanwhile, then the finalizer goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.fake.remove("pods", NS, &first);
+    w.wait_for("the failed instance is gone, pod and all", |snap, pods| {
+        let pod = pods.iter().any(|p| name(p) == first);
+        let inst = snap.instances.iter().any(|i| i.name == first);
+        (!pod && !inst).then_some(())
+    })
+    .await;
+    // And it does not come back.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let pods: Vec<String> = w.pods().iter().map(|p| name(p).to_owned()).collect();
+    assert!(!pods.contains(&first), "{first} came back: {pods:?}");
+}
