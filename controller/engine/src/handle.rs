@@ -125,7 +125,7 @@ pub(crate) enum Completion {
     },
     Reset {
         name: String,
-        result: Result<(), String>,
+        result: Result<(), crate::instances::ResetFailed>,
     },
     Files {
         claim: String,

@@ -467,7 +467,22 @@ impl<R: Runtime> Engine<R> {
                             instance: name.clone(),
                         });
                     }
-                    Err(reason) => {
+                    Err(ResetFailed { reason, down: true }) => {
+                        // Down or gone (it crashed, say, while it was reset): nothing is known
+                        // against it, and a dead instance kept in quarantine would hold a pod
+                        // or container that no one asked to inspect. Replaced: still used, it
+                        // is removed, and the pool refills.
+                        warn!(instance = %name, %reason, "reset failed on a downed instance; replacing it");
+                        if let Some(p) = pool.as_ref().and_then(|p| self.pools.get_mut(p)) {
+                            let msg = format!("instance {name}: {reason}; replacing it");
+                            p.events.push(true, "ResetFailed", msg, now);
+                        }
+                        self.remove_instance(&name);
+                    }
+                    Err(ResetFailed {
+                        reason,
+                        down: false,
+                    }) => {
                         warn!(instance = %name, %reason, "reset failed; quarantining the instance");
                         rec.quarantined = Some(reason.clone());
                         self.ops.push(Op::Quarantine {
@@ -557,12 +572,7 @@ impl<R: Runtime> Engine<R> {
                     Err(e) => {
                         // The instance could not take the files: take it out and bind another.
                         let msg = format!("{step} {instance} failed: {e}");
-                        let outage = matches!(
-                            e,
-                            RuntimeError::Unavailable(_)
-                                | RuntimeError::NotFound(_)
-                                | RuntimeError::NotRunning(_)
-                        );
+                        let outage = says_only_down(&e);
                         let mut give_up = false;
                         if let Some(c) = self.claims.get_mut(&claim) {
                             c.events.push(true, "FilesFailed", msg.clone(), now);
@@ -759,38 +769,38 @@ impl<R: Runtime> Engine<R> {
             }
             ResetPolicy::Restart => {
                 tokio::spawn(async move {
-                    let mut result = restore_limits(&*rt, &name, restore).await;
-                    if result.is_ok() {
-                        result = rt
-                            .restart(&name)
+                    let result = async {
+                        restore_limits(&*rt, &name, restore).await?;
+                        rt.restart(&name)
                             .await
-                            .map_err(|e| format!("restart failed: {e}"));
+                            .map_err(|e| ResetFailed::runtime("restart failed", e))?;
+                        unbind_after_reset(&*rt, &name).await
                     }
-                    if result.is_ok() {
-                        result = unbind_after_reset(&*rt, &name).await;
-                    }
+                    .await;
                     let _ = tx.send(Input::Done(Completion::Reset { name, result }));
                 });
             }
             ResetPolicy::Exec => {
                 tokio::spawn(async move {
-                    let restored = restore_limits(&*rt, &name, restore).await;
-                    let result = match restored {
-                        Err(e) => Err(e),
-                        Ok(()) => match rt.exec(&name, &command).await {
-                            Ok(o) if o.exit_code == 0 => Ok(()),
-                            Ok(o) => Err(format!(
-                                "reset command exited with {}: {}",
-                                o.exit_code,
-                                o.output.trim()
-                            )),
-                            Err(e) => Err(format!("reset command failed: {e}")),
-                        },
-                    };
-                    let result = match result {
-                        Ok(()) => unbind_after_reset(&*rt, &name).await,
-                        Err(e) => Err(e),
-                    };
+                    let result = async {
+                        restore_limits(&*rt, &name, restore).await?;
+                        let out = rt
+                            .exec(&name, &command)
+                            .await
+                            .map_err(|e| ResetFailed::runtime("reset command failed", e))?;
+                        if out.exit_code != 0 {
+                            return Err(ResetFailed {
+                                reason: format!(
+                                    "reset command exited with {}: {}",
+                                    out.exit_code,
+                                    out.output.trim()
+                                ),
+                                down: false,
+                            });
+                        }
+                        unbind_after_reset(&*rt, &name).await
+                    }
+                    .await;
                     let _ = tx.send(Input::Done(Completion::Reset { name, result }));
                 });
             }
@@ -839,26 +849,54 @@ pub(crate) fn template_limits(
     (cpu.is_some() || memory.is_some()).then_some((cpu, memory))
 }
 
+/// Why a reset that keeps its instance failed.
+#[derive(Debug)]
+pub(crate) struct ResetFailed {
+    /// What failed, as the quarantine and the pool's events say it.
+    pub(crate) reason: String,
+    /// The instance was down or gone, or its runtime unreachable (see [`says_only_down`]):
+    /// nothing is known against the instance, which is replaced rather than quarantined.
+    pub(crate) down: bool,
+}
+
+impl ResetFailed {
+    fn runtime(step: &str, e: RuntimeError) -> ResetFailed {
+        ResetFailed {
+            down: says_only_down(&e),
+            reason: format!("{step}: {e}"),
+        }
+    }
+}
+
+/// `e` says nothing against the instance but that it, or its runtime, is down or gone: what
+/// failed on it (a reset, a copy of files) may work on a fresh one.
+pub(crate) fn says_only_down(e: &RuntimeError) -> bool {
+    matches!(
+        e,
+        RuntimeError::Unavailable(_) | RuntimeError::NotFound(_) | RuntimeError::NotRunning(_)
+    )
+}
+
 /// Gives an instance its template's limits back, before the reset that keeps it.
 async fn restore_limits<R: Runtime>(
     rt: &R,
     name: &str,
     limits: Option<(Option<u64>, Option<u64>)>,
-) -> Result<(), String> {
+) -> Result<(), ResetFailed> {
     let Some((cpu, memory)) = limits else {
         return Ok(());
     };
     rt.resize(name, cpu, memory)
         .await
-        .map_err(|e| format!("restoring the template's resources failed: {e}"))
+        .map_err(|e| ResetFailed::runtime("restoring the template's resources failed", e))
 }
 
 /// A reset instance is fresh only once its runtime no longer records the claim it served.
-async fn unbind_after_reset<R: Runtime>(rt: &R, name: &str) -> Result<(), String> {
+async fn unbind_after_reset<R: Runtime>(rt: &R, name: &str) -> Result<(), ResetFailed> {
     if !rt.keeps_bindings() {
         return Ok(());
     }
     rt.bind(name, None)
         .await
-        .map_err(|e| format!("clearing the binding after the reset failed: {e}"))
+        .map_err(|e| ResetFailed::runtime("clearing the binding after the reset failed", e))
 }

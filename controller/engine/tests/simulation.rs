@@ -649,6 +649,69 @@ async fn an_exec_reset_runs_its_command_and_a_failing_one_quarantines_the_instan
     assert!(s.mem.instances().iter().any(|i| i.name == victim));
 }
 
+/// An `Exec` reset that finds its instance down (it crashed while bound, or during the reset)
+/// says nothing against the instance but that it is down: the instance is replaced, as a file
+/// copy into a downed instance does, not quarantined and kept with its dead container.
+async fn a_reset_into_a_downed_instance_replaces_it(crash_during_the_reset: bool) {
+    let mut s = sim();
+    let mut p = pool("python", 1, Some(3));
+    p.reset = ResetPolicy::Exec;
+    p.reset_command = vec!["rm".into(), "-rf".into(), "/work".into()];
+    apply_pool(&mut s, "py", p);
+    s.wait_warm("py", 1).await;
+    apply_claim(&mut s, "c1", "py");
+    let victim = s.wait_bound("c1").await;
+    s.wait_warm("py", 1).await;
+    if crash_during_the_reset {
+        s.mem.set_exec_latency(Duration::from_millis(300));
+        s.delete(Kind::Claim, "c1");
+        s.wait_until("the reset is under way", |snap, _| {
+            snap.instances
+                .iter()
+                .any(|i| i.name == victim && i.resetting)
+        })
+        .await;
+        assert!(s.mem.crash(&victim, 137));
+    } else {
+        assert!(s.mem.crash(&victim, 137));
+        s.wait_until("the claim moves to another instance", |snap, _| {
+            claim_status(snap, "c1")
+                .and_then(|c| c.instance)
+                .is_some_and(|i| i != victim)
+        })
+        .await;
+    }
+    let snap = s
+        .wait_until(
+            "the downed instance is removed and the pool warm",
+            |snap, insts| {
+                pool_status(snap, "py").is_some_and(|p| p.warm >= 1)
+                    && insts.iter().all(|i| i.name != victim)
+                    && snap.instances.iter().all(|i| i.name != victim)
+            },
+        )
+        .await;
+    let p = pool_status(&snap, "py").unwrap();
+    assert_eq!(p.quarantined, 0, "nothing is quarantined");
+    assert!(condition(&p.conditions, "Quarantined").is_none_or(|q| q.status != "True"));
+    if crash_during_the_reset {
+        let said = events_of(&snap, Kind::Pool, "py")
+            .into_iter()
+            .any(|e| e.reason == "ResetFailed" && e.message.contains(&victim));
+        assert!(said, "the pool's events say why {victim} was replaced");
+    }
+}
+
+#[tokio::test]
+async fn a_reset_into_an_instance_that_crashed_while_bound_replaces_it() {
+    a_reset_into_a_downed_instance_replaces_it(false).await;
+}
+
+#[tokio::test]
+async fn a_reset_into_an_instance_that_crashed_during_the_reset_replaces_it() {
+    a_reset_into_a_downed_instance_replaces_it(true).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Releasing claims, and files
 
