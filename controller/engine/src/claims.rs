@@ -391,6 +391,11 @@ impl<R: Runtime> Engine<R> {
             c.instance = None;
             c.events
                 .push(false, reason, format!("released instance {instance}"), now);
+            if to == durable::RecPhase::Waiting {
+                // It stays, unbound: admitted again, as a bound claim is admitted whatever its
+                // pool, and a waiting one only on a declared pool within its user's quota.
+                self.dirty_users.insert(c.spec.user.clone());
+            }
         }
         if to == durable::RecPhase::Waiting {
             self.enqueue(claim);
@@ -400,9 +405,10 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// `instance` is no claim's any more and may hold a claim's data: it is used, and reset
-    /// (after this pass's commit) before anyone gets it.
-    /// An instance being removed is not reset: a reset that makes it again (a pod's restart)
-    /// would bring back what its removal took away.
+    /// (after this pass's commit) before anyone gets it. An instance being removed is not
+    /// reset: a reset that makes it again (a pod's restart) would bring back what its removal
+    /// took away. Nor is one whose reset is already scheduled or running: two restarts of one
+    /// pod at once would each delete what the other made.
     pub(crate) fn reset_released(&mut self, instance: &str) {
         let Some(rec) = self.instances.get_mut(instance) else {
             return;
@@ -410,7 +416,7 @@ impl<R: Runtime> Engine<R> {
         rec.claim = None;
         rec.used = true;
         self.touched.insert(instance.to_owned());
-        if rec.phase == InstancePhase::Deleting {
+        if rec.phase == InstancePhase::Deleting || rec.resetting {
             return;
         }
         rec.resetting = true;

@@ -891,6 +891,40 @@ async fn files_that_fail_on_two_instances_fail_the_claim_instead_of_quarantining
     assert!(s.mem.files(&inst).unwrap().contains_key("/work/main.py"));
 }
 
+/// Found by the pod runtime's random simulation (a debug check of the admission counts): a
+/// claim whose copy of files failed after its pool was deleted went back to waiting still
+/// `Admitted`, for good, where a claim on a pool that is not declared is refused. A binding
+/// that ends while its claim stays (it waits for another instance) decides the claim again.
+#[tokio::test]
+async fn a_claim_unbound_by_a_failed_copy_after_its_pool_went_is_refused_not_left_waiting() {
+    let mut s = sim();
+    apply_pool(
+        &mut s,
+        "py",
+        with_files(pool("python", 1, Some(2)), "/work"),
+    );
+    s.wait_warm("py", 1).await;
+    s.mem.set_files_latency(Duration::from_millis(300));
+    s.mem
+        .fail_next_files(1, RuntimeError::NotRunning("py-x".into()));
+    let mut c = claim("py", USER);
+    c.files = BTreeMap::from([("main.py".to_owned(), "print(1)".to_owned())]);
+    s.apply("c1", Spec::Claim(c));
+    s.wait_until("the claim is bound, its files on their way", |snap, _| {
+        snap.instances
+            .iter()
+            .any(|i| i.claim.as_deref() == Some("c1"))
+    })
+    .await;
+    s.delete(Kind::Pool, "py");
+    let st = s.wait_phase("c1", ClaimPhase::Failed).await;
+    let admitted = condition(&st.conditions, "Admitted").unwrap();
+    assert_eq!(
+        (admitted.status.as_str(), admitted.reason.as_str()),
+        ("False", "PoolNotFound")
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Admission
 

@@ -84,6 +84,8 @@ struct Inner {
     remove_latency: Duration,
     /// How long an exec takes before it runs.
     exec_latency: Duration,
+    /// How long a copy of files takes before it lands.
+    files_latency: Duration,
     /// Each removal, in order, with the instances that still existed when it began (kept
     /// only after `record_removals`: it costs the world's size per removal).
     removal_log: Vec<(String, BTreeSet<String>)>,
@@ -127,6 +129,7 @@ impl MemoryRuntime {
                 creates: 0,
                 remove_latency: Duration::ZERO,
                 exec_latency: Duration::ZERO,
+                files_latency: Duration::ZERO,
                 removal_log: Vec::new(),
                 log_removals: false,
                 log_followers: HashMap::new(),
@@ -181,6 +184,11 @@ impl MemoryRuntime {
     /// Execs wait this long (real time) before they run.
     pub fn set_exec_latency(&self, d: Duration) {
         self.lock().exec_latency = d;
+    }
+
+    /// Copies of files wait this long (real time) before they land.
+    pub fn set_files_latency(&self, d: Duration) {
+        self.lock().files_latency = d;
     }
 
     /// From now on, log each removal with the instances that still exist (`removal_log`).
@@ -661,6 +669,10 @@ impl Runtime for MemoryRuntime {
     }
 
     async fn put_files(&self, name: &str, dir: &str, files: &[(String, Vec<u8>)]) -> Result<()> {
+        let latency = self.lock().files_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let mut inner = self.lock();
         if let Some((n, e)) = inner.fail_files.take() {
             if n > 1 {
