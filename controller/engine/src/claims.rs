@@ -411,6 +411,11 @@ impl<R: Runtime> Engine<R> {
     /// pod at once would each delete what the other made.
     pub(crate) fn reset_released(&mut self, instance: &str) {
         let Some(rec) = self.instances.get_mut(instance) else {
+            if !self.started {
+                // Not listed yet: reset once it is (see `startup`), or it would keep the claim's
+                // data and the runtime's record of the claim for good.
+                self.unlisted_resets.insert(instance.to_owned());
+            }
             return;
         };
         rec.claim = None;

@@ -455,6 +455,9 @@ pub struct Engine<R: Runtime> {
     name_counter: u64,
     /// Claims forgotten in this pass: their store records are stale until the commit.
     forgotten: std::collections::HashSet<String>,
+    /// Instances released before the runtime was first listed (a claim changed or deleted
+    /// before the first pass), to be reset at startup if they exist.
+    unlisted_resets: BTreeSet<String>,
     /// Tasks following the output of instances whose container has log triggers.
     log_followers: HashMap<String, tokio::task::AbortHandle>,
     metrics: metrics::EngineMetrics,
@@ -536,6 +539,7 @@ impl<R: Runtime> Engine<R> {
             started_at_ms: now,
             name_counter: now,
             forgotten: std::collections::HashSet::new(),
+            unlisted_resets: BTreeSet::new(),
             log_followers: HashMap::new(),
             metrics: Default::default(),
             declared: BTreeMap::new(),

@@ -72,6 +72,11 @@ impl<R: Runtime> Engine<R> {
     /// After a (re)start: drop records of claims deleted while we were down, notice bindings
     /// whose instance vanished, and start expiry timers.
     fn startup(&mut self, now: u64) {
+        for i in std::mem::take(&mut self.unlisted_resets) {
+            if self.instances.get(&i).is_some_and(|r| r.claim.is_none()) {
+                self.reset_released(&i);
+            }
+        }
         self.reindex_touched();
         let records: Vec<(String, Option<String>, RecPhase, Option<u64>)> = self
             .store

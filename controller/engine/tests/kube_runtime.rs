@@ -517,12 +517,14 @@ async fn one_step(w: &mut World, s: Step) {
 async fn finish(mut w: World) {
     // A new controller pod with an empty disk rebuilds every binding from the pods.
     let before = durable(&w).await;
+    let pods_before = describe(&w.snapshot().await, &w.pods());
     w.restart(true).await;
     let snap = settle(&w, "after a restart on an empty state folder").await;
     assert_eq!(
         bindings(&snap),
         before,
-        "every binding is rebuilt from the pods"
+        "every binding is rebuilt from the pods\nbefore the restart:\n{pods_before}\nafter it:\n{}",
+        describe(&snap, &w.pods())
     );
 
     // Deleting everything leaves nothing behind in the cluster.

@@ -925,6 +925,49 @@ async fn a_claim_unbound_by_a_failed_copy_after_its_pool_went_is_refused_not_lef
     );
 }
 
+/// Found by the pod runtime's random simulation: a claim moved to another pool while the
+/// controller started, before its runtime was listed. Its binding ended, but its old instance,
+/// not yet known, was never reset: it kept the claim's files (and, on the pod runtime, the
+/// record of the claim, which held it out of its pool for good). A release before the first
+/// list is reset once the instance is listed.
+#[tokio::test]
+async fn a_claim_moved_while_the_controller_starts_has_its_old_instance_reset() {
+    let mut s = sim();
+    // An `Exec` reset keeps the instance, and a full pool removes none of its warm instances:
+    // what becomes of the old instance is the reset's doing alone.
+    let mut py = with_files(pool("python", 2, Some(2)), "/work");
+    py.reset = ResetPolicy::Exec;
+    py.reset_command = vec!["rm".into(), "-rf".into(), "/work".into()];
+    apply_pool(&mut s, "py", py);
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(2)));
+    s.wait_warm("py", 2).await;
+    s.wait_warm("web", 1).await;
+    let mut c = claim("py", USER);
+    c.files = BTreeMap::from([("main.py".to_owned(), "print(1)".to_owned())]);
+    s.apply("c1", Spec::Claim(c.clone()));
+    let old = s.wait_bound("c1").await;
+    assert!(s.mem.files(&old).unwrap().contains_key("/work/main.py"));
+
+    // Started again; the claim moves before the runtime's list comes back.
+    s.mem.set_list_latency(Duration::from_millis(300));
+    c.pool = "web".into();
+    c.files = BTreeMap::new();
+    let moved = common::declared("c1", Spec::Claim(c), 100);
+    s.restart_then(|h| h.apply(moved.clone()).unwrap()).await;
+    s.declared.insert(moved.key(), moved);
+    let new = s.wait_bound("c1").await;
+    assert_ne!(new, old);
+    s.wait_until("the old instance is reset and warm again", |snap, _| {
+        s.mem.files(&old).is_some_and(|f| f.is_empty())
+            && snap
+                .instances
+                .iter()
+                .any(|i| i.name == old && i.phase == "Ready" && !i.resetting)
+            && pool_status(snap, "py").is_some_and(|p| p.warm == 2)
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Admission
 
