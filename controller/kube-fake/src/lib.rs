@@ -19,7 +19,7 @@
 //!   channel with the exit code, resize, stdin's close), running a small set of commands
 //!   against an in-memory file system per pod ([`FakeApi::script`] adds more);
 //! - faults: the next N requests of a verb on a resource answer a given code
-//!   ([`FakeApi::fail`]); open watches can be cut ([`FakeApi::cut_watches`]).
+//!   ([`FakeApi::fail`]); open watches can be cut ([`FakeApi::cut_watches`]) or held back ([`FakeApi::hold_watches`]).
 //!
 //! Nothing is validated beyond that: the real API server's admission is the end-to-end suite's.
 
@@ -82,6 +82,8 @@ struct Store {
     scripts: HashMap<String, Script>,
     /// Bumped to end every open watch.
     cuts: u64,
+    /// Open watches deliver nothing while set (a watch lagging behind the API's answers).
+    held: bool,
 }
 
 struct Inner {
@@ -266,6 +268,13 @@ impl FakeApi {
         s.history.clear();
         s.compacted = s.rv;
         drop(s);
+        self.inner.notify();
+    }
+
+    /// While `hold`, open watches deliver nothing; they deliver what they missed, in order,
+    /// once released (a watch that lags behind the answers to requests).
+    pub fn hold_watches(&self, hold: bool) {
+        self.inner.lock().held = hold;
         self.inner.notify();
     }
 
@@ -910,9 +919,14 @@ fn watch_objects(inner: Arc<Inner>, t: Target, q: &[(String, String)]) -> Respon
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         loop {
-            let (events, rv, cut) = {
+            let (events, rv, cut, held) = {
                 let s = inner.lock();
-                (events_since(&s, &t, &selector, since), s.rv, s.cuts != cuts)
+                let events = if s.held {
+                    Ok(Vec::new())
+                } else {
+                    events_since(&s, &t, &selector, since)
+                };
+                (events, s.rv, s.cuts != cuts, s.held)
             };
             if cut {
                 return;
@@ -931,7 +945,9 @@ fn watch_objects(inner: Arc<Inner>, t: Target, q: &[(String, String)]) -> Respon
                     return;
                 }
             }
-            since = rv;
+            if !held {
+                since = rv;
+            }
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => {}
                 _ => return,

@@ -22,7 +22,7 @@
 pub mod pods;
 pub mod standin;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,10 +79,11 @@ pub struct KubeRuntime {
     owners: Arc<Mutex<Owners>>,
     /// Held while a Pool is read: the creations that missed together read it once.
     owner_read: Arc<tokio::sync::Mutex<()>>,
-    /// The pods a restart deleted to make again under their name, by name: their uid. The
-    /// watch's deletion of that uid is the restart's, not the instance's end (the restart's
-    /// result tells the engine), and is not reported.
-    replaced: Arc<Mutex<HashMap<String, String>>>,
+    /// The uids of the pods that restarts deleted to make again under their name. The watch's
+    /// deletion of such a uid is a restart's, not the instance's end (the restart's result
+    /// tells the engine), and is not reported. Every uid is kept until its deletion is seen:
+    /// two restarts of one instance in a row may both come before the watch reports the first.
+    replaced: Arc<Mutex<HashSet<String>>>,
 }
 
 /// How long a Pool's uid is taken as read. A Pool deleted and declared again within it gives
@@ -326,12 +327,10 @@ impl KubeRuntime {
         let Ok(mut replaced) = self.replaced.lock() else {
             return false;
         };
-        let name = pod.name_any();
-        let ours = pod.metadata.uid.is_some() && replaced.get(&name) == pod.metadata.uid.as_ref();
-        if ours {
-            replaced.remove(&name);
-        }
-        ours
+        pod.metadata
+            .uid
+            .as_ref()
+            .is_some_and(|uid| replaced.remove(uid))
     }
 
     fn version_of(&self, name: &str) -> Option<(String, Option<String>)> {
@@ -660,12 +659,13 @@ impl Runtime for KubeRuntime {
                 .map_err(|e| api_err(e, name))?
         };
         if let (Some(uid), Ok(mut replaced)) = (old.metadata.uid.clone(), self.replaced.lock()) {
-            replaced.insert(name.to_owned(), uid);
+            replaced.insert(uid);
         }
         if let Err(e) = self.delete_pod(name).await {
             // Not deleted: a later deletion of it would be its end.
-            if let Ok(mut replaced) = self.replaced.lock() {
-                replaced.remove(name);
+            if let (Some(uid), Ok(mut replaced)) = (old.metadata.uid.as_ref(), self.replaced.lock())
+            {
+                replaced.remove(uid);
             }
             return Err(e);
         }
