@@ -251,11 +251,14 @@ impl<R: Runtime> Engine<R> {
         // A binding recorded on it late, for a claim bound elsewhere since: a write of a
         // controller since replaced (or of this one, before a restart) that landed after the
         // claim moved. It may hold that claim's files: reset (which clears the record), or it
-        // would stay occupied by nobody for good. Startup settles the same case at once.
+        // would stay occupied by nobody for good. Startup settles the same case at once. Not
+        // an instance bound here to another claim: this engine's own write of that binding
+        // comes after, and the report is older than it (a reset's answer can overtake the
+        // watch's report of what the reset did).
         if self.started
             && let Some(rec) = self.instances.get(&name)
             && let Some(c) = rec.recorded.as_deref()
-            && rec.claim.as_deref() != Some(c)
+            && rec.claim.is_none()
             && !rec.resetting
             && rec.phase != InstancePhase::Dead
             && rec.deployment.is_none()

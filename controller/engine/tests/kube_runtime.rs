@@ -768,3 +768,65 @@ async fn an_instance_being_removed_is_not_reset_and_its_pod_does_not_come_back()
     let pods: Vec<String> = w.pods().iter().map(|p| name(p).to_owned()).collect();
     assert!(!pods.contains(&first), "{first} came back: {pods:?}");
 }
+
+/// Found by the random simulation: a claim moved off a `Restart` pool's instance, which was
+/// restarted and bound to the next claim, before the watch reported the first claim's binding
+/// on the old pod. That late report looked like a binding written by a controller since
+/// replaced, and the instance was reset under the new claim: its pod no longer recorded it
+/// (and the restart took it from its user). A report for an instance bound here to another
+/// claim is older than this engine's own write of that binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_report_of_an_earlier_claim_does_not_reset_an_instance_bound_since() {
+    let mut w = World::new().await;
+    let mut ssh = common::pool("img1", 1, Some(1));
+    ssh.reset = ResetPolicy::Restart;
+    w.apply("ssh", Spec::Pool(ssh));
+    w.apply("web", Spec::Pool(common::pool("img0", 1, Some(2))));
+    w.apply("u", Spec::User(user(5)));
+    w.wait_for("both pools are warm", |snap, _| {
+        let warm = |p| common::pool_status(snap, p).is_some_and(|s| s.warm == 1);
+        (warm("ssh") && warm("web")).then_some(())
+    })
+    .await;
+    // From here the watch lags behind everything below.
+    w.fake.hold_watches(true);
+    w.apply("c2", Spec::Claim(claim("ssh", "u")));
+    let x = w
+        .wait_for("c2 is bound", |snap, _| {
+            claim_status(snap, "c2").and_then(|s| s.instance)
+        })
+        .await;
+    w.apply("c2", Spec::Claim(claim("web", "u")));
+    w.wait_for("c2 moves to web", |snap, _| {
+        claim_status(snap, "c2")
+            .and_then(|s| s.instance)
+            .is_some_and(|i| i != x)
+            .then_some(())
+    })
+    .await;
+    w.apply("c5", Spec::Claim(claim("ssh", "u")));
+    w.wait_for("c5 is bound to the restarted instance", |snap, pods| {
+        let bound = claim_status(snap, "c5").and_then(|s| s.instance) == Some(x.clone());
+        let recorded = pods
+            .iter()
+            .any(|p| name(p) == x && label(p, LABEL_CLAIM) == Some("c5"));
+        (bound && recorded).then_some(())
+    })
+    .await;
+    let uid = w.fake.get("pods", NS, &x).unwrap()["metadata"]["uid"].clone();
+    // The watch catches up: c2's binding on the old pod is reported now.
+    w.fake.hold_watches(false);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let snap = w.snapshot().await;
+    let pod = w.fake.get("pods", NS, &x).unwrap();
+    assert_eq!(
+        (
+            claim_status(&snap, "c5").and_then(|s| s.instance),
+            label(&pod, LABEL_CLAIM),
+            &pod["metadata"]["uid"],
+        ),
+        (Some(x.clone()), Some("c5"), &uid),
+        "c5 keeps its instance, its pod records it, and it was not restarted\n{}",
+        describe(&snap, &w.pods())
+    );
+}
