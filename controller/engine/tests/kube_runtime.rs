@@ -1,7 +1,7 @@
 //! The simulation's invariants on the Kubernetes runtime: the engine drives `KubeRuntime`
 //! against the fake API server (`poolkeeper-kube-fake`, which also acts as the kubelet), through
 //! random operations and faults (pods deleted or failing behind its back, refused creates and
-//! binds, watches cut or expired, controller restarts with and without their state folder).
+//! binds, watches cut, expired or lagging, controller restarts with and without their state folder).
 //! At every step: no pod is bound to two claims, and a Bound claim's pod records it (the
 //! binding lives in the cluster). At the end: the pools converge, a restart with an empty state
 //! folder keeps every binding, and deleting everything leaves no pod and no Service behind.
@@ -311,6 +311,7 @@ fn converged(w: &World, snap: &Snapshot) -> Result<(), String> {
 async fn settle(w: &World, what: &str) -> Snapshot {
     // Faults stop, as on the memory runtime: what is left is to converge, within one backoff.
     w.fake.clear_faults();
+    w.fake.hold_watches(false);
     w.handle.resync().await.unwrap();
     let start = Instant::now();
     loop {
@@ -381,6 +382,10 @@ enum Step {
         n: u32,
     },
     CutWatches,
+    /// The watches lag (deliver nothing) from here until released, or until the world settles.
+    HoldWatches {
+        hold: bool,
+    },
     /// The watch's history is gone: 410 and a relist.
     Compact,
     Kill,
@@ -401,6 +406,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (1..=3u32).prop_map(|n| Step::FailCreates { n }),
         1 => (1..=3u32).prop_map(|n| Step::FailBinds { n }),
         1 => Just(Step::CutWatches),
+        1 => any::<bool>().prop_map(|hold| Step::HoldWatches { hold }),
         1 => Just(Step::Compact),
         1 => Just(Step::Kill),
         1 => Just(Step::EmptyStore),
@@ -498,6 +504,7 @@ async fn one_step(w: &mut World, s: Step) {
             Step::FailCreates { n } => w.fake.fail("create", "pods", 500, n),
             Step::FailBinds { n } => w.fake.fail("patch", "pods", 409, n),
             Step::CutWatches => w.fake.cut_watches(),
+            Step::HoldWatches { hold } => w.fake.hold_watches(hold),
             Step::Compact => {
                 w.fake.compact();
                 w.fake.cut_watches();
