@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use poolkeeper_kinds::{ClaimPhase, ResetPolicy, RestartPolicy};
-use poolkeeper_kinds::{Kind, Spec};
+use poolkeeper_kinds::{Kind, ObjKey, Spec};
 use poolkeeper_runtime::memory::MemoryConfig;
 use poolkeeper_runtime::{InstanceState, Runtime, RuntimeError};
 
@@ -966,6 +966,37 @@ async fn a_claim_moved_while_the_controller_starts_has_its_old_instance_reset() 
             && pool_status(snap, "py").is_some_and(|p| p.warm == 2)
     })
     .await;
+}
+
+/// A claim deleted while the controller starts, before its runtime is listed: its instance is
+/// reset once listed, and once only (the deletion and the store's stale record of the binding
+/// both ask for it; two restarts of one pod at once would each delete what the other made).
+#[tokio::test]
+async fn a_claim_deleted_while_the_controller_starts_has_its_instance_reset_once() {
+    let mut s = sim();
+    let mut p = pool("nginx", 1, Some(1));
+    p.reset = ResetPolicy::Restart;
+    apply_pool(&mut s, "web", p);
+    s.wait_warm("web", 1).await;
+    apply_claim(&mut s, "c1", "web");
+    let inst = s.wait_bound("c1").await;
+    s.mem.set_list_latency(Duration::from_millis(300));
+    let key = ObjKey::new(Kind::Claim, "c1");
+    s.declared.remove(&key);
+    s.restart_then(|h| h.delete(key.clone()).unwrap()).await;
+    s.wait_until("the instance is warm again", |snap, insts| {
+        pool_status(snap, "web").is_some_and(|p| p.warm == 1)
+            && insts.len() == 1
+            && insts[0].name == inst
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = s.mem.logs(&inst, 100).await.unwrap();
+    assert_eq!(
+        logs.matches("restarted").count(),
+        1,
+        "restarted once: {logs:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
