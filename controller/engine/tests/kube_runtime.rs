@@ -491,14 +491,7 @@ async fn one_step(w: &mut World, s: Step) {
             }
             Step::FailPod { pick: n } => {
                 if let Some(p) = pick(w, n) {
-                    let failed = serde_json::json!({
-                        "phase": "Failed",
-                        "conditions": [{"type": "Ready", "status": "False"}],
-                        "containerStatuses": [{"name": "instance", "ready": false, "restartCount": 0,
-                            "image": "fake", "imageID": "",
-                            "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}],
-                    });
-                    w.fake.set_pod_status(NS, &p, &failed);
+                    w.fake.set_pod_status(NS, &p, &failed());
                 }
             }
             Step::FailCreates { n } => w.fake.fail("create", "pods", 500, n),
@@ -519,6 +512,17 @@ async fn one_step(w: &mut World, s: Step) {
         let snap = w.snapshot().await;
         check_safety(w, &snap);
     }
+}
+
+/// A pod's status once its container exited with an error (the kubelet reports it Failed).
+fn failed() -> Value {
+    serde_json::json!({
+        "phase": "Failed",
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{"name": "instance", "ready": false, "restartCount": 0,
+            "image": "fake", "imageID": "",
+            "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}],
+    })
 }
 
 async fn finish(mut w: World) {
@@ -560,16 +564,22 @@ async fn finish(mut w: World) {
     }
 }
 
-/// A `Restart` reset deletes the pod and makes it again under its name: the same instance,
-/// not one lost. The pool makes no other pod meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_reset_keeps_the_instance_and_makes_no_other() {
+/// A world with pool `web` (one warm, at most `max`, reset by `Restart`) and claim `c` on it.
+async fn claim_on_a_restarting_pool(max: u32) -> World {
     let mut w = World::new().await;
-    let mut web = common::pool("img0", 1, Some(1));
+    let mut web = common::pool("img0", 1, Some(max));
     web.reset = ResetPolicy::Restart;
     w.apply("web", Spec::Pool(web));
     w.apply("u", Spec::User(user(5)));
     w.apply("c", Spec::Claim(claim("web", "u")));
+    w
+}
+
+/// A `Restart` reset deletes the pod and makes it again under its name: the same instance,
+/// not one lost. The pool makes no other pod meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reset_keeps_the_instance_and_makes_no_other() {
+    let mut w = claim_on_a_restarting_pool(1).await;
     let names =
         |pods: &[Value]| -> Vec<String> { pods.iter().map(|p| name(p).to_owned()).collect() };
     let (pod, uid) = w
@@ -723,12 +733,7 @@ async fn a_pool_whose_creations_succeed_again_refills_at_once_not_after_the_fail
 /// kept running for good. An instance being removed is never reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_being_removed_is_not_reset_and_its_pod_does_not_come_back() {
-    let mut w = World::new().await;
-    let mut web = common::pool("img0", 1, Some(2));
-    web.reset = ResetPolicy::Restart;
-    w.apply("web", Spec::Pool(web));
-    w.apply("u", Spec::User(user(5)));
-    w.apply("c", Spec::Claim(claim("web", "u")));
+    let w = claim_on_a_restarting_pool(2).await;
     let first = w
         .wait_for("the claim binds and the pool refills", |snap, pods| {
             let i = claim_status(snap, "c").and_then(|s| s.instance)?;
@@ -740,14 +745,7 @@ async fn an_instance_being_removed_is_not_reset_and_its_pod_does_not_come_back()
     let mut held = w.fake.get("pods", NS, &first).unwrap();
     held["metadata"]["finalizers"] = serde_json::json!(["test/hold"]);
     w.fake.put("pods", NS, held);
-    let failed = serde_json::json!({
-        "phase": "Failed",
-        "conditions": [{"type": "Ready", "status": "False"}],
-        "containerStatuses": [{"name": "instance", "ready": false, "restartCount": 0,
-            "image": "fake", "imageID": "",
-            "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}],
-    });
-    assert!(w.fake.set_pod_status(NS, &first, &failed));
+    assert!(w.fake.set_pod_status(NS, &first, &failed()));
     w.wait_for(
         "the claim binds another instance, and the failed pod is deleted",
         |snap, pods| {

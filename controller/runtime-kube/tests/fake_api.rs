@@ -262,21 +262,31 @@ async fn two_restarts_in_a_row_are_never_reported_as_the_instances_end() {
     }
     fake.hold_watches(false);
     let pod = fake.get("pods", NS, "web-1").unwrap();
-    let last = pod["metadata"]["resourceVersion"]
+    reported_alive(&mut events, &pod).await;
+}
+
+/// Waits until `pod` (its name, at its version or later) is reported, failing if its name is
+/// reported removed first: a restart's deletion is not the instance's end.
+async fn reported_alive(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+    pod: &serde_json::Value,
+) {
+    let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+    let version = pod["metadata"]["resourceVersion"]
         .as_str()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(e) = events.recv().await {
             match e {
-                RuntimeEvent::Removed(n) => panic!("{n} reported removed by its restarts"),
-                RuntimeEvent::Changed(i) if i.name == "web-1" && i.revision >= last => return,
+                RuntimeEvent::Removed(n) => panic!("{n} reported removed by its restart"),
+                RuntimeEvent::Changed(i) if i.name == name && i.revision >= version => return,
                 _ => {}
             }
         }
     })
     .await
-    .expect("the last pod is reported");
+    .expect("the new pod is reported");
 }
 
 #[tokio::test]
@@ -295,23 +305,7 @@ async fn a_restarted_pod_gets_its_service_again_owned_by_the_new_pod() {
     let pod = fake.get("pods", NS, "web-1").unwrap();
     assert_ne!(pod["metadata"]["uid"], old_uid, "a new pod");
     // The old pod's deletion is the restart's: the instance lives on, as the new pod.
-    let new_version = pod["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(e) = events.recv().await {
-            match e {
-                RuntimeEvent::Removed(n) => panic!("{n} reported removed by its restart"),
-                RuntimeEvent::Changed(i) if i.name == "web-1" && i.revision >= new_version => {
-                    return;
-                }
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the new pod is reported");
+    reported_alive(&mut events, &pod).await;
     let svc = fake.get("services", NS, "web-1").expect("its Service");
     assert_eq!(
         svc["metadata"]["ownerReferences"][0]["uid"], pod["metadata"]["uid"],
