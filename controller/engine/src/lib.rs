@@ -461,9 +461,6 @@ pub struct Engine<R: Runtime> {
     /// Tasks following the output of instances whose container has log triggers.
     log_followers: HashMap<String, tokio::task::AbortHandle>,
     metrics: metrics::EngineMetrics,
-    /// What the source declares, as it declared it: what the engine starts again from when its
-    /// store could not write for a while (see `storedown`).
-    declared: BTreeMap<poolkeeper_kinds::ObjKey, poolkeeper_kinds::Object>,
     /// The state store failed to write, and since when (None: it writes).
     store_down: Option<storedown::StoreDown>,
     /// When autoscaled pools are next decided again (see `autoscale`).
@@ -542,7 +539,6 @@ impl<R: Runtime> Engine<R> {
             unlisted_resets: BTreeSet::new(),
             log_followers: HashMap::new(),
             metrics: Default::default(),
-            declared: BTreeMap::new(),
             store_down: None,
             autoscale_next_ms: 0,
         }

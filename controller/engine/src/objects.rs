@@ -85,7 +85,6 @@ impl<R: Runtime> Engine<R> {
     }
 
     pub(crate) fn apply_object(&mut self, obj: Object, now: u64) {
-        self.declared.insert(obj.key(), obj.clone());
         let generation = obj.generation;
         let name = obj.name.clone();
         // The same claim again (the API applies what it writes, and the watcher then sees the
@@ -222,7 +221,6 @@ impl<R: Runtime> Engine<R> {
     }
 
     fn delete_object(&mut self, key: &ObjKey, now: u64) {
-        self.declared.remove(key);
         match key.kind {
             Kind::Pool => {
                 if let Some(p) = self.pools.get_mut(&key.name) {

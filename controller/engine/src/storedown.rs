@@ -7,15 +7,17 @@
 //! source declared and whoever follows its claims.
 
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
 use tracing::{error, info, warn};
 
+use poolkeeper_kinds::{Object, Origin, Spec};
 use poolkeeper_runtime::Runtime;
 use poolkeeper_store::StoreError;
 
-use crate::Engine;
+use crate::{ClaimEntry, DeploymentEntry, Engine, PoolEntry, UserEntry};
 
 /// How often a store that failed is tried again.
 pub(crate) const PROBE_EVERY_MS: u64 = 1_000;
@@ -125,7 +127,10 @@ impl<R: Runtime> Engine<R> {
             tokens,
             subscribers,
             metrics,
-            declared,
+            pools,
+            claims,
+            users,
+            deployments,
             diagnostics,
             list_epoch,
             recently_gone,
@@ -148,7 +153,7 @@ impl<R: Runtime> Engine<R> {
         fresh.creates_in_flight = creates_in_flight;
         fresh.started_at_ms = started_at_ms;
         let now = fresh.clock.now_ms();
-        for obj in declared.into_values() {
+        for obj in declared(pools, claims, users, deployments) {
             fresh.apply_object(obj, now);
         }
         fresh.synced = synced;
@@ -162,4 +167,40 @@ impl<R: Runtime> Engine<R> {
         );
         fresh
     }
+}
+
+/// What the source declares, as it declared it (each entry keeps its last valid spec, origin
+/// and generation), in key order: what the engine starts again from. Rebuilt from the entries
+/// rather than kept beside them, which doubled the memory the declared objects take.
+fn declared(
+    pools: BTreeMap<String, PoolEntry>,
+    claims: HashMap<String, Box<ClaimEntry>>,
+    users: BTreeMap<String, UserEntry>,
+    deployments: BTreeMap<String, DeploymentEntry>,
+) -> Vec<Object> {
+    let object = |name: String, spec: Spec, origin: Origin, generation: i64| Object {
+        name,
+        spec,
+        origin,
+        generation,
+    };
+    let mut all: Vec<Object> = pools
+        .into_iter()
+        .filter_map(|(n, p)| Some(object(n, Spec::Pool(p.spec?), p.origin, p.generation)))
+        .chain(
+            claims
+                .into_iter()
+                .map(|(n, c)| object(n, Spec::Claim(c.spec), c.origin, c.generation)),
+        )
+        .chain(
+            users
+                .into_iter()
+                .map(|(n, u)| object(n, Spec::User(u.spec), u.origin, u.generation)),
+        )
+        .chain(deployments.into_iter().filter_map(|(n, d)| {
+            Some(object(n, Spec::Deployment(d.spec?), d.origin, d.generation))
+        }))
+        .collect();
+    all.sort_by_key(Object::key);
+    all
 }
