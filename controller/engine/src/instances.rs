@@ -450,16 +450,14 @@ impl<R: Runtime> Engine<R> {
                     return;
                 };
                 let pool = rec.pool.clone();
-                if rec.phase == InstancePhase::Deleting {
-                    // Removed meanwhile: the removal waited for this reset, and goes now.
-                    self.reset_ended(&name);
-                    if let Some(p) = pool {
-                        self.dirty_pools.insert(p);
-                    }
-                    return;
-                }
+                let removed = rec.phase == InstancePhase::Deleting;
+                // A removal asked for meanwhile waited for this reset: it goes now, and what
+                // the reset did no longer matters.
                 self.reset_ended(&name);
-                let Some(rec) = self.instances.get_mut(&name) else {
+                if let Some(p) = &pool {
+                    self.dirty_pools.insert(p.clone());
+                }
+                let Some(rec) = self.instances.get_mut(&name).filter(|_| !removed) else {
                     return;
                 };
                 match result {
@@ -505,9 +503,6 @@ impl<R: Runtime> Engine<R> {
                             p.events.push(true, "Quarantined", msg, now);
                         }
                     }
-                }
-                if let Some(p) = pool {
-                    self.dirty_pools.insert(p);
                 }
             }
             Completion::Files {
