@@ -580,13 +580,18 @@ async fn a_claim_expiring_under_restart_gets_the_same_instance_restarted() {
     assert_eq!(s.wait_bound("c2").await, inst);
 }
 
+/// A python pool with files under /work, reset in place by `rm -rf /work`.
+fn emptied_by_exec(warm: u32, max: u32) -> poolkeeper_kinds::PoolSpec {
+    let mut p = with_files(pool("python", warm, Some(max)), "/work");
+    p.reset = ResetPolicy::Exec;
+    p.reset_command = vec!["rm".into(), "-rf".into(), "/work".into()];
+    p
+}
+
 #[tokio::test]
 async fn an_exec_reset_runs_its_command_and_a_failing_one_quarantines_the_instance_for_good() {
     let mut s = sim();
-    let mut p = with_files(pool("python", 1, Some(3)), "/work");
-    p.reset = ResetPolicy::Exec;
-    p.reset_command = vec!["rm".into(), "-rf".into(), "/work".into()];
-    apply_pool(&mut s, "py", p);
+    apply_pool(&mut s, "py", emptied_by_exec(1, 3));
     s.wait_warm("py", 1).await;
 
     // A successful reset: the command ran (it emptied /work) and the instance is warm again.
@@ -654,10 +659,7 @@ async fn an_exec_reset_runs_its_command_and_a_failing_one_quarantines_the_instan
 /// copy into a downed instance does, not quarantined and kept with its dead container.
 async fn a_reset_into_a_downed_instance_replaces_it(crash_during_the_reset: bool) {
     let mut s = sim();
-    let mut p = pool("python", 1, Some(3));
-    p.reset = ResetPolicy::Exec;
-    p.reset_command = vec!["rm".into(), "-rf".into(), "/work".into()];
-    apply_pool(&mut s, "py", p);
+    apply_pool(&mut s, "py", emptied_by_exec(1, 3));
     s.wait_warm("py", 1).await;
     apply_claim(&mut s, "c1", "py");
     let victim = s.wait_bound("c1").await;
@@ -935,10 +937,7 @@ async fn a_claim_moved_while_the_controller_starts_has_its_old_instance_reset() 
     let mut s = sim();
     // An `Exec` reset keeps the instance, and a full pool removes none of its warm instances:
     // what becomes of the old instance is the reset's doing alone.
-    let mut py = with_files(pool("python", 2, Some(2)), "/work");
-    py.reset = ResetPolicy::Exec;
-    py.reset_command = vec!["rm".into(), "-rf".into(), "/work".into()];
-    apply_pool(&mut s, "py", py);
+    apply_pool(&mut s, "py", emptied_by_exec(2, 2));
     apply_pool(&mut s, "web", pool("nginx", 1, Some(2)));
     s.wait_warm("py", 2).await;
     s.wait_warm("web", 1).await;
