@@ -496,7 +496,7 @@ impl<R: Runtime> Engine<R> {
         let verdicts = admit(
             &facts,
             |_| u.map(user_facts),
-            |p| self.pools.get(p).and_then(pool_facts),
+            |p| self.pools.get(p).and_then(|p| pool_facts(p)),
         );
         (facts, verdicts)
     }
@@ -573,7 +573,7 @@ impl<R: Runtime> Engine<R> {
         admit_next(
             c,
             self.users.get(c.user).map(user_facts),
-            self.pools.get(c.pool).and_then(pool_facts),
+            self.pools.get(c.pool).and_then(|p| pool_facts(p)),
             admitted,
         )
     }

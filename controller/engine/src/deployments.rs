@@ -35,7 +35,7 @@ impl<R: Runtime> Engine<R> {
     pub(crate) fn deployment_slots(&self, name: &str) -> BTreeMap<(String, u32), Vec<&InstRec>> {
         let mut slots: BTreeMap<(String, u32), Vec<&InstRec>> = BTreeMap::new();
         for r in self.instances.values() {
-            if let Some((d, c, replica)) = &r.deployment
+            if let Some((d, c, replica)) = r.deployment.as_deref()
                 && d == name
             {
                 slots.entry((c.clone(), *replica)).or_default().push(r);
@@ -163,7 +163,7 @@ impl<R: Runtime> Engine<R> {
                     slot.removing = true;
                 } else if !declared {
                     unwanted.push(rec.name.clone());
-                } else if rec.hash == hash_of(&cname) && slot.current.is_none() {
+                } else if *rec.hash == *hash_of(&cname) && slot.current.is_none() {
                     let cur = match rec.phase {
                         InstancePhase::Creating => Current::Creating,
                         InstancePhase::Ready => Current::Ready,
@@ -449,7 +449,7 @@ impl<R: Runtime> Engine<R> {
             .instances
             .get(instance)
             .filter(|r| r.phase != InstancePhase::Deleting)
-            .and_then(|r| r.deployment.clone())
+            .and_then(|r| r.deployment.as_deref().cloned())
         else {
             return;
         };
@@ -589,7 +589,7 @@ impl<R: Runtime> Engine<R> {
             slot.to_owned(),
             None,
             Some((dep.to_owned(), c.name.clone(), replica)),
-            hash.to_owned(),
+            std::sync::Arc::from(hash),
             InstancePhase::Creating,
             now,
         );

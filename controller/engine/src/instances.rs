@@ -146,7 +146,12 @@ impl<R: Runtime> Engine<R> {
         let rec = self.instances.entry(name.clone()).or_insert_with(|| {
             debug!(instance = %name, state = ?i.state, ready = i.ready, revision = i.revision,
                 "tracking an instance the runtime reported");
-            let hash = i.label(LABEL_HASH).unwrap_or_default().to_owned();
+            let hash = i.label(LABEL_HASH).unwrap_or_default();
+            // The pool's own string when it is of the pool's template.
+            let hash = match pool.as_deref().and_then(|p| self.pools.get(p)) {
+                Some(p) if *p.hash == *hash => p.hash.clone(),
+                _ => std::sync::Arc::from(hash),
+            };
             Box::new(InstRec::new(
                 name.clone(),
                 pool.clone(),
@@ -187,8 +192,8 @@ impl<R: Runtime> Engine<R> {
         let Some(rec) = self.instances.get_mut(&name) else {
             return;
         };
-        if rec.node != i.node {
-            rec.node = i.node.clone();
+        if *rec.node != *i.node {
+            rec.node = crate::intern(&mut self.nodes, &i.node);
         }
         if rec.bindings != i.ports {
             rec.bindings = i.ports;
@@ -311,7 +316,7 @@ impl<R: Runtime> Engine<R> {
         }
         self.ports.release(rec.ports.iter().copied(), name);
         self.unindex_instance(&rec);
-        if let Some((d, _, _)) = &rec.deployment {
+        if let Some((d, _, _)) = rec.deployment.as_deref() {
             self.dirty_deployments.insert(d.clone());
         }
         if rec.quarantined.is_some() {
@@ -360,7 +365,7 @@ impl<R: Runtime> Engine<R> {
         if let Some(c) = self.claims.get_mut(claim) {
             c.instance = None;
             let msg = format!("instance {instance} {how}; binding a fresh instance");
-            c.lost = Some((msg.clone(), now));
+            c.lost = Some(Box::new((msg.clone(), now)));
             c.events.push(true, "InstanceLost", msg, now);
             c.files_pending = false;
             let u = c.spec.user.clone();
@@ -644,8 +649,10 @@ impl<R: Runtime> Engine<R> {
             Completion::Stopped { name, result } => {
                 if let Err(e) = result {
                     warn!(instance = %name, error = %e, "stop failed");
-                    if let Some((d, container, replica)) =
-                        self.instances.get(&name).and_then(|r| r.deployment.clone())
+                    if let Some((d, container, replica)) = self
+                        .instances
+                        .get(&name)
+                        .and_then(|r| r.deployment.as_deref().cloned())
                         && let Some(dep) = self.deployments.get_mut(&d)
                     {
                         dep.events
@@ -666,8 +673,10 @@ impl<R: Runtime> Engine<R> {
             Completion::Restarted { name, result } => {
                 if let Err(e) = result {
                     warn!(instance = %name, error = %e, "restart failed");
-                    if let Some((d, _, _)) =
-                        self.instances.get(&name).and_then(|r| r.deployment.clone())
+                    if let Some((d, _, _)) = self
+                        .instances
+                        .get(&name)
+                        .and_then(|r| r.deployment.as_deref().cloned())
                         && let Some(dep) = self.deployments.get_mut(&d)
                     {
                         dep.events
@@ -724,7 +733,7 @@ impl<R: Runtime> Engine<R> {
                 self.wakeups.push(Reverse(now + backoff));
             }
         }
-        if let Some((d, c, _)) = &rec.deployment {
+        if let Some((d, c, _)) = rec.deployment.as_deref() {
             self.dirty_deployments.insert(d.clone());
             if let Some(dep) = self.deployments.get_mut(d) {
                 dep.events

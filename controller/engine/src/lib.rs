@@ -115,7 +115,8 @@ struct PoolEntry {
     spec: Option<PoolSpec>,
     origin: Origin,
     generation: i64,
-    hash: String,
+    /// Its template's hash, shared with the records of its instances of that template.
+    hash: Arc<str>,
     conditions: Vec<Condition>,
     events: Events,
     hits: u64,
@@ -155,9 +156,9 @@ struct ClaimEntry {
     phase_since: u64,
     verdict_since: u64,
     /// Why its last instance was lost, and when.
-    lost: Option<(String, u64)>,
+    lost: Option<Box<(String, u64)>>,
     /// The latest text of its file is invalid (the last valid spec is in use).
-    invalid: Option<(String, u64)>,
+    invalid: Option<Box<(String, u64)>>,
     events: Events,
 }
 
@@ -204,14 +205,19 @@ struct TriggerState {
 struct InstRec {
     name: String,
     pool: Option<String>,
-    deployment: Option<(String, String, u32)>,
-    hash: String,
+    /// Boxed (with the deployment's name, the container's and the replica): most instances
+    /// are a pool's, and the record of each of 100k pool instances is 48 bytes smaller.
+    deployment: Option<Box<(String, String, u32)>>,
+    /// Shared with its pool's entry while the template is the current one (see
+    /// `Engine::instance_hash`): one string per template, not one per instance.
+    hash: Arc<str>,
     phase: InstancePhase,
     exit_code: Option<i64>,
     /// The host ports it holds in the engine's table (none where its runtime gives each
     /// instance an address of its own, see `Instance::host_ports`).
     ports: Vec<u16>,
-    node: String,
+    /// Interned (see `Engine::nodes`): a handful of names shared by every instance.
+    node: Arc<str>,
     /// Published ports, as the runtime reports them.
     bindings: Vec<poolkeeper_runtime::PortBinding>,
     claim: Option<String>,
@@ -242,7 +248,7 @@ struct InstRec {
 }
 
 impl PoolEntry {
-    fn new(origin: Origin, generation: i64, hash: String) -> Self {
+    fn new(origin: Origin, generation: i64, hash: Arc<str>) -> Self {
         PoolEntry {
             spec: None,
             origin,
@@ -284,19 +290,19 @@ impl InstRec {
         name: String,
         pool: Option<String>,
         deployment: Option<(String, String, u32)>,
-        hash: String,
+        hash: Arc<str>,
         phase: InstancePhase,
         now: u64,
     ) -> Self {
         InstRec {
             name,
             pool,
-            deployment,
+            deployment: deployment.map(Box::new),
             hash,
             phase,
             exit_code: None,
             ports: Vec::new(),
-            node: String::new(),
+            node: no_node(),
             bindings: Vec::new(),
             claim: None,
             recorded: None,
@@ -384,7 +390,9 @@ pub struct Engine<R: Runtime> {
     tx: mpsc::UnboundedSender<Input>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
-    pools: BTreeMap<String, PoolEntry>,
+    /// Boxed: a node of the tree then holds pointers, not eleven 1 KB entries, most of them
+    /// empty slots.
+    pools: BTreeMap<String, Box<PoolEntry>>,
     claims: HashMap<String, Box<ClaimEntry>>,
     users: BTreeMap<String, UserEntry>,
     deployments: BTreeMap<String, DeploymentEntry>,
@@ -392,6 +400,8 @@ pub struct Engine<R: Runtime> {
     pool_index: HashMap<String, PoolIndex>,
     /// Instances changed since they were last classified into their pool's index.
     touched: std::collections::HashSet<String>,
+    /// The node names instances were reported on, each held once (see `InstRec::node`).
+    nodes: std::collections::HashSet<Arc<str>>,
     /// Non-terminal claims per pool and per user, by arrival.
     claims_by_pool: HashMap<String, BTreeSet<(u64, String)>>,
     claims_by_user: HashMap<String, BTreeSet<(u64, String)>>,
@@ -499,6 +509,7 @@ impl<R: Runtime> Engine<R> {
             instances: HashMap::new(),
             pool_index: HashMap::new(),
             touched: std::collections::HashSet::new(),
+            nodes: std::collections::HashSet::new(),
             claims_by_pool: HashMap::new(),
             claims_by_user: HashMap::new(),
             queues: HashMap::new(),
@@ -598,6 +609,22 @@ pub const DEFERRED_FLUSH_MS: u64 = 1_000;
 const MAX_BATCH: usize = 4096;
 
 /// The hash that marks instances made from one template.
+/// The node of an instance not reported yet: one allocation shared by all of them.
+fn no_node() -> Arc<str> {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    EMPTY.clone()
+}
+
+/// `s` as held in `set`, added if new.
+fn intern(set: &mut std::collections::HashSet<Arc<str>>, s: &str) -> Arc<str> {
+    if let Some(held) = set.get(s) {
+        return held.clone();
+    }
+    let held: Arc<str> = Arc::from(s);
+    set.insert(held.clone());
+    held
+}
+
 pub fn hash_of<T: serde::Serialize>(value: &T) -> String {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     hex::encode(&Sha256::digest(&bytes)[..6])

@@ -50,7 +50,7 @@ impl<R: Runtime> Engine<R> {
                         }
                         Some(Kind::Claim) => {
                             if let Some(c) = self.claims.get_mut(name) {
-                                c.invalid = Some((msg.clone(), now));
+                                c.invalid = Some(Box::new((msg.clone(), now)));
                                 c.events.push(true, "InvalidSpec", msg, now);
                             }
                         }
@@ -101,9 +101,9 @@ impl<R: Runtime> Engine<R> {
         }
         match obj.spec {
             Spec::Pool(spec) => {
-                let hash = hash_of(&spec.template);
+                let hash: std::sync::Arc<str> = hash_of(&spec.template).into();
                 let entry = self.pools.entry(name.clone()).or_insert_with(|| {
-                    PoolEntry::new(obj.origin.clone(), generation, hash.clone())
+                    Box::new(PoolEntry::new(obj.origin.clone(), generation, hash.clone()))
                 });
                 if entry.spec.as_ref() != Some(&spec) {
                     let what = if entry.spec.is_none() {

@@ -149,7 +149,7 @@ impl<R: Runtime> Engine<R> {
                             let msg = format!(
                                 "instance {i} disappeared while the controller was down; binding a fresh instance"
                             );
-                            c.lost = Some((msg.clone(), now));
+                            c.lost = Some(Box::new((msg.clone(), now)));
                             c.events.push(true, "InstanceLost", msg, now);
                         }
                         self.enqueue(&claim);
@@ -310,9 +310,9 @@ impl<R: Runtime> Engine<R> {
                 "instances found for an undeclared pool: removing unbound ones".into(),
                 now,
             );
-            let mut entry = super::PoolEntry::new(Default::default(), 0, String::new());
+            let mut entry = super::PoolEntry::new(Default::default(), 0, std::sync::Arc::from(""));
             entry.events = events;
-            self.pools.insert(pool.to_owned(), entry);
+            self.pools.insert(pool.to_owned(), Box::new(entry));
         }
     }
 

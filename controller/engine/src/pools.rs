@@ -534,7 +534,7 @@ impl<R: Runtime> Engine<R> {
         &mut self,
         pool: &str,
         spec: &poolkeeper_kinds::PoolSpec,
-        hash: &str,
+        hash: &std::sync::Arc<str>,
     ) -> bool {
         let name = self.new_instance_name(pool);
         let t = &spec.template;
@@ -556,12 +556,12 @@ impl<R: Runtime> Engine<R> {
                 .collect();
         }
         let labels = match self.pools.get(pool).and_then(|p| p.labels.clone()) {
-            Some(l) if l.get(LABEL_HASH).map(String::as_str) == Some(hash) => l,
+            Some(l) if l.get(LABEL_HASH).map(String::as_str) == Some(&**hash) => l,
             _ => {
                 let l: poolkeeper_runtime::Labels = std::sync::Arc::new(BTreeMap::from([
                     (LABEL_MANAGED.to_owned(), "true".to_owned()),
                     (LABEL_POOL.to_owned(), pool.to_owned()),
-                    (LABEL_HASH.to_owned(), hash.to_owned()),
+                    (LABEL_HASH.to_owned(), hash.to_string()),
                 ]));
                 if let Some(p) = self.pools.get_mut(pool) {
                     p.labels = Some(l.clone());
@@ -596,7 +596,7 @@ impl<R: Runtime> Engine<R> {
             name.clone(),
             Some(pool.to_owned()),
             None,
-            hash.to_owned(),
+            hash.clone(),
             InstancePhase::Creating,
             now,
         );

@@ -140,10 +140,10 @@ impl<R: Runtime> Engine<R> {
             message,
             c.phase_since,
         ));
-        if let Some((msg, at)) = &c.lost {
+        if let Some((msg, at)) = c.lost.as_deref() {
             out.push(cond("InstanceLost", true, "InstanceLost", msg.clone(), *at));
         }
-        if let Some((msg, at)) = &c.invalid {
+        if let Some((msg, at)) = c.invalid.as_deref() {
             out.push(cond("SpecValid", false, "InvalidSpec", msg.clone(), *at));
         }
         out
@@ -227,7 +227,7 @@ impl<R: Runtime> Engine<R> {
             claim: r.claim.clone(),
             resetting: r.resetting,
             ports: r.client_ports(),
-            node: r.node.clone(),
+            node: r.node.to_string(),
             quarantined: r.quarantined.clone(),
         })
     }
@@ -366,11 +366,11 @@ impl<R: Runtime> Engine<R> {
                     // The current instance; else one that is being replaced.
                     let recs = slots.get(&(c.name.clone(), r));
                     let rec = recs
-                        .and_then(|v| v.iter().find(|i| i.hash == hash))
+                        .and_then(|v| v.iter().find(|i| *i.hash == *hash))
                         .or_else(|| recs.and_then(|v| v.first()))
                         .copied();
                     let updating =
-                        rec.is_some_and(|i| i.hash != hash) || recs.is_some_and(|v| v.len() > 1);
+                        rec.is_some_and(|i| *i.hash != *hash) || recs.is_some_and(|v| v.len() > 1);
                     let restarts = d.restarts.get(&slot).map(|r| r.0).unwrap_or(0);
                     let state = match rec.map(|r| r.phase) {
                         None if c.depends_on.is_empty() => "Waiting",

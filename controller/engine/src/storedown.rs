@@ -173,7 +173,7 @@ impl<R: Runtime> Engine<R> {
 /// and generation), in key order: what the engine starts again from. Rebuilt from the entries
 /// rather than kept beside them, which doubled the memory the declared objects take.
 fn declared(
-    pools: BTreeMap<String, PoolEntry>,
+    pools: BTreeMap<String, Box<PoolEntry>>,
     claims: HashMap<String, Box<ClaimEntry>>,
     users: BTreeMap<String, UserEntry>,
     deployments: BTreeMap<String, DeploymentEntry>,
