@@ -83,6 +83,8 @@ pub struct KubeRuntime {
     /// deletion of such a uid is a restart's, not the instance's end (the restart's result
     /// tells the engine), and is not reported. Every uid is kept until its deletion is seen:
     /// two restarts of one instance in a row may both come before the watch reports the first.
+    /// A deletion that falls in a gap of the watch is never reported: a relist forgets the uids
+    /// it does not list (see `forget_unlisted_restarts`).
     replaced: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -331,6 +333,25 @@ impl KubeRuntime {
             .uid
             .as_ref()
             .is_some_and(|uid| replaced.remove(uid))
+    }
+
+    /// A relist is done: of the restarts' deleted uids known when it began (`before`), those it
+    /// did not list (`listed`) are gone and their deletion came before the list, so the watch,
+    /// which goes on from the list, will never report it. A uid added while the list ran may be
+    /// of a pod made after the list was read, whose deletion is still to come: it stays.
+    fn forget_unlisted_restarts(&self, before: HashSet<String>, listed: &HashSet<String>) {
+        if let Ok(mut replaced) = self.replaced.lock() {
+            for uid in before.difference(listed) {
+                replaced.remove(uid);
+            }
+        }
+    }
+
+    /// How many restarts' deletions the watch has not reported yet (their uids are kept until
+    /// it does, or until a relist shows them gone).
+    #[doc(hidden)]
+    pub fn restarts_unseen(&self) -> usize {
+        self.replaced.lock().map(|r| r.len()).unwrap_or(0)
     }
 
     fn version_of(&self, name: &str) -> Option<(String, Option<String>)> {
@@ -907,7 +928,11 @@ impl Runtime for KubeRuntime {
         let (tx, rx) = mpsc::unbounded_channel();
         let this = self.clone();
         tokio::spawn(async move {
-            let config = watcher::Config::default().labels(&this.selector());
+            // Lists read the latest state (not the API server's cache, which may lag): a pod a
+            // relist does not show is gone (see `forget_unlisted_restarts`).
+            let config = watcher::Config::default()
+                .labels(&this.selector())
+                .list_semantic(watcher::ListSemantic::MostRecent);
             let pods = watcher(this.pods(), config.clone())
                 .default_backoff()
                 .map(|e| e.map(Watched::Pod))
@@ -920,6 +945,9 @@ impl Runtime for KubeRuntime {
             // The last version of each pod, to report again when its load balancer changes.
             let mut latest: HashMap<String, Pod> = HashMap::new();
             let mut first = true;
+            // During a relist of pods: the restarts' uids known when it began, and the uids
+            // it has listed so far.
+            let mut relist: Option<(HashSet<String>, HashSet<String>)> = None;
             loop {
                 let event = match stream.try_next().await {
                     Ok(Some(e)) => {
@@ -933,6 +961,12 @@ impl Runtime for KubeRuntime {
                         continue;
                     }
                 };
+                if let (Watched::Pod(watcher::Event::InitApply(pod)), Some((_, listed))) =
+                    (&event, relist.as_mut())
+                    && let Some(uid) = &pod.metadata.uid
+                {
+                    listed.insert(uid.clone());
+                }
                 let out = match event {
                     Watched::Pod(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
                         this.remember(&pod);
@@ -963,9 +997,17 @@ impl Runtime for KubeRuntime {
                         latest.remove(&name);
                         Some(RuntimeEvent::Removed(name))
                     }
-                    Watched::Pod(watcher::Event::Init) => None,
+                    // Emitted before the list is requested (the next poll requests it).
+                    Watched::Pod(watcher::Event::Init) => {
+                        let before = this.replaced.lock().map(|r| r.clone()).unwrap_or_default();
+                        relist = Some((before, HashSet::new()));
+                        None
+                    }
                     // A relist after the first: what changed meanwhile is known only by listing.
                     Watched::Pod(watcher::Event::InitDone) => {
+                        if let Some((before, listed)) = relist.take() {
+                            this.forget_unlisted_restarts(before, &listed);
+                        }
                         (!std::mem::take(&mut first)).then_some(RuntimeEvent::Relist)
                     }
                     Watched::Service(

@@ -265,6 +265,44 @@ async fn two_restarts_in_a_row_are_never_reported_as_the_instances_end() {
     reported_alive(&mut events, &pod).await;
 }
 
+/// A restart's deletion that falls in a gap of the watch (its history compacted away while it
+/// lagged: `410 Gone`, a relist) is never reported. Its uid was kept for good, one per such
+/// restart for the controller's life; the relist, which does not list the deleted pod, now
+/// forgets it.
+#[tokio::test]
+async fn a_restarts_deletion_the_watch_missed_is_forgotten_at_the_relist() {
+    let fake = FakeApi::start().await;
+    let rt = runtime(&fake);
+    let mut events = rt.subscribe();
+    rt.create(served("web-1")).await.unwrap();
+    seen(
+        &mut events,
+        |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "web-1"),
+    )
+    .await;
+    fake.hold_watches(true);
+    rt.restart("web-1").await.unwrap();
+    assert_eq!(rt.restarts_unseen(), 1, "the deletion is not reported yet");
+    fake.compact();
+    fake.cut_watches();
+    fake.hold_watches(false);
+    seen(&mut events, |e| matches!(e, RuntimeEvent::Relist)).await;
+    assert_eq!(rt.restarts_unseen(), 0, "the relist shows the old pod gone");
+    // The instance lives on, as the new pod.
+    let pod = fake.get("pods", NS, "web-1").unwrap();
+    rt.restart("web-1").await.unwrap();
+    assert_ne!(
+        fake.get("pods", NS, "web-1").unwrap()["metadata"]["uid"],
+        pod["metadata"]["uid"]
+    );
+    let pod = fake.get("pods", NS, "web-1").unwrap();
+    reported_alive(&mut events, &pod).await;
+    until("the second restart's deletion is seen", || {
+        rt.restarts_unseen() == 0
+    })
+    .await;
+}
+
 /// Waits until `pod` (its name, at its version or later) is reported, failing if its name is
 /// reported removed first: a restart's deletion is not the instance's end.
 async fn reported_alive(
