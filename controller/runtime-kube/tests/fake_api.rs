@@ -240,12 +240,12 @@ async fn a_service_goes_with_its_pod_deleted_behind_our_back_watched_or_not() {
     .await;
 }
 
-/// Found by the pod runtime's random simulation: an instance reset twice in a row (released,
-/// bound, released again) restarted again before the watch reported the first restart's
-/// deletion. Only the last deleted pod was remembered as a restart's, so the first one's
-/// deletion was reported as the instance's end: its claim lost a live instance.
-#[tokio::test]
-async fn two_restarts_in_a_row_are_never_reported_as_the_instances_end() {
+/// A runtime watching, with one served pod, `web-1`, made and reported.
+async fn one_served_pod_watched() -> (
+    FakeApi,
+    KubeRuntime,
+    tokio::sync::mpsc::UnboundedReceiver<RuntimeEvent>,
+) {
     let fake = FakeApi::start().await;
     let rt = runtime(&fake);
     let mut events = rt.subscribe();
@@ -255,6 +255,16 @@ async fn two_restarts_in_a_row_are_never_reported_as_the_instances_end() {
         |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "web-1"),
     )
     .await;
+    (fake, rt, events)
+}
+
+/// Found by the pod runtime's random simulation: an instance reset twice in a row (released,
+/// bound, released again) restarted again before the watch reported the first restart's
+/// deletion. Only the last deleted pod was remembered as a restart's, so the first one's
+/// deletion was reported as the instance's end: its claim lost a live instance.
+#[tokio::test]
+async fn two_restarts_in_a_row_are_never_reported_as_the_instances_end() {
+    let (fake, rt, mut events) = one_served_pod_watched().await;
     // The watch lags: it reports the first restart's deletion after the second has begun.
     fake.hold_watches(true);
     for _ in 0..2 {
@@ -271,15 +281,7 @@ async fn two_restarts_in_a_row_are_never_reported_as_the_instances_end() {
 /// forgets it.
 #[tokio::test]
 async fn a_restarts_deletion_the_watch_missed_is_forgotten_at_the_relist() {
-    let fake = FakeApi::start().await;
-    let rt = runtime(&fake);
-    let mut events = rt.subscribe();
-    rt.create(served("web-1")).await.unwrap();
-    seen(
-        &mut events,
-        |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "web-1"),
-    )
-    .await;
+    let (fake, rt, mut events) = one_served_pod_watched().await;
     fake.hold_watches(true);
     rt.restart("web-1").await.unwrap();
     assert_eq!(rt.restarts_unseen(), 1, "the deletion is not reported yet");
@@ -329,16 +331,8 @@ async fn reported_alive(
 
 #[tokio::test]
 async fn a_restarted_pod_gets_its_service_again_owned_by_the_new_pod() {
-    let fake = FakeApi::start().await;
-    let rt = runtime(&fake);
-    let mut events = rt.subscribe();
-    rt.create(served("web-1")).await.unwrap();
+    let (fake, rt, mut events) = one_served_pod_watched().await;
     let old_uid = fake.get("pods", NS, "web-1").unwrap()["metadata"]["uid"].clone();
-    seen(
-        &mut events,
-        |e| matches!(e, RuntimeEvent::Changed(i) if i.name == "web-1"),
-    )
-    .await;
     rt.restart("web-1").await.unwrap();
     let pod = fake.get("pods", NS, "web-1").unwrap();
     assert_ne!(pod["metadata"]["uid"], old_uid, "a new pod");
