@@ -10,7 +10,8 @@
 //! (today's `warm`, the smallest that reaches the demand policy's hit ratio, searched), `buffer`
 //! (Agones' way: a share of the bound ones above them), and `demand` (`autoscale.demand` at
 //! `--hit-rate`). One line per trace and policy: hit ratio, claim wait p50/p99, idle
-//! instance-seconds, peak instances; then, per trace, demand's idle over fixed's.
+//! instance-seconds, peak instances; then, per trace, demand's idle over fixed's; and for the
+//! steady trace, the least idle any policy needs for demand's hit ratio (`least_mean_warm`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -349,6 +350,54 @@ fn print_on(runtime: &'static str, trace: &str, policy: &Policy, o: &Outcome, fi
     f.print();
 }
 
+/// The least mean number of warm instances with which any pool reaches `hit_ratio` on Poisson
+/// arrivals at `rate` a second, when a new instance takes `fill` seconds: the base-stock
+/// frontier. A pool that keeps S instances ready or starting (starting one per claim) has
+/// `max(S - N, 0)` ready, N the claims of the last fill time (Poisson, mean `rate * fill`); a
+/// claim finds one ready with probability P(N < S). With no cost to start or remove an
+/// instance and a fixed fill time, keeping such a level is the best a policy can do on
+/// stationary arrivals (the order-up-to result of inventory theory), and a policy that
+/// alternates between two levels reaches the points between them: the frontier is the lower
+/// convex hull of the levels' (hit ratio, mean ready) points. None above a hit ratio of 1.
+pub fn least_mean_warm(rate: f64, fill: f64, hit_ratio: f64) -> Option<f64> {
+    let mean = rate * fill;
+    if !(0.0..=1.0).contains(&hit_ratio) || !mean.is_finite() || mean < 0.0 {
+        return None;
+    }
+    // Points (P(N < S), E[max(S - N, 0)]) for S = 0, 1, ... until the hit ratio is passed.
+    let mut points = vec![(0.0_f64, 0.0_f64)];
+    let (mut pmf, mut cdf, mut ready) = ((-mean).exp(), 0.0_f64, 0.0_f64);
+    for s in 0..100_000u32 {
+        // Level s + 1: one more ready in every case where N <= s.
+        cdf += pmf;
+        ready += cdf;
+        points.push((cdf.min(1.0), ready));
+        if cdf >= hit_ratio || cdf >= 1.0 - 1e-15 {
+            break;
+        }
+        pmf *= mean / f64::from(s + 1);
+    }
+    // Lower convex hull (the points come in order of hit ratio).
+    let mut hull: Vec<(f64, f64)> = Vec::new();
+    for p in points {
+        while hull.len() >= 2 {
+            let (a, b) = (hull[hull.len() - 2], hull[hull.len() - 1]);
+            if (b.0 - a.0) * (p.1 - a.1) - (b.1 - a.1) * (p.0 - a.0) <= 0.0 {
+                hull.pop();
+            } else {
+                break;
+            }
+        }
+        hull.push(p);
+    }
+    let i = hull.iter().position(|p| p.0 >= hit_ratio)?;
+    if i == 0 {
+        return Some(0.0);
+    }
+    let (a, b) = (hull[i - 1], hull[i]);
+    Some(a.1 + (b.1 - a.1) * (hit_ratio - a.0) / (b.0 - a.0))
+}
+
 /// The smallest fixed `warm` whose hit ratio reaches `target` (hit ratio grows with warm).
 fn best_fixed(
     trace: &[Arrival],
@@ -410,6 +459,37 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 },
             )
             .print();
+        // On stationary arrivals no policy can do better than the base-stock frontier.
+        if *name == "steady"
+            && let Some(last) = trace.last()
+            && let Some(warm) = least_mean_warm(
+                trace.len() as f64 / last.at,
+                fill.as_secs_f64(),
+                d.hit_ratio(),
+            )
+        {
+            let seconds = last.at + 1.0;
+            let least = warm * seconds;
+            let rate = trace.len() as f64 / last.at;
+            // The most hits any policy gets from 70% of fixed's idle instance-seconds.
+            let budget = 0.7 * f.idle_instance_seconds / seconds;
+            let (mut lo, mut hi) = (0.0_f64, 1.0_f64);
+            for _ in 0..60 {
+                let mid = (lo + hi) / 2.0;
+                match least_mean_warm(rate, fill.as_secs_f64(), mid) {
+                    Some(w) if w <= budget => lo = mid,
+                    _ => hi = mid,
+                }
+            }
+            Figure::new("autoscale_bound", "memory", d.claims)
+                .with("trace", *name)
+                .with("hit_ratio", d.hit_ratio())
+                .with("least_idle_instance_s", least)
+                .with("demand_over_least", d.idle_instance_seconds / least)
+                .with("fixed_over_least", f.idle_instance_seconds / least)
+                .with("best_hit_ratio_at_70pct_of_fixed", lo)
+                .print();
+        }
     }
     Ok(())
 }
@@ -477,6 +557,31 @@ mod tests {
         // The steady trace is about one arrival a second for an hour.
         let steady = &a[0].1;
         assert!((3300..3900).contains(&steady.len()), "{}", steady.len());
+    }
+
+    #[test]
+    fn the_least_mean_warm_is_a_base_stock_level_at_its_hit_ratio_and_between_levels_between() {
+        let m: f64 = 3.0;
+        let pmf = |k: u32| (-m).exp() * m.powi(k as i32) / (1..=k).map(f64::from).product::<f64>();
+        let below = |s: u32| (0..s).map(pmf).sum::<f64>();
+        let ready = |s: u32| (0..s).map(|k| f64::from(s - k) * pmf(k)).sum::<f64>();
+        // Keeping 9 ready or starting at 1 claim/s with 3 s fills: hits when fewer than 9
+        // claims came in the last 3 s; about 6 ready on average.
+        let at9 = least_mean_warm(1.0, 3.0, below(9)).unwrap();
+        assert!((at9 - ready(9)).abs() < 1e-9, "{at9} vs {}", ready(9));
+        assert!((at9 - 6.0).abs() < 0.01, "{at9}");
+        // Halfway between the hit ratios of 9 and 10: halfway between their means.
+        let mid = least_mean_warm(1.0, 3.0, (below(9) + below(10)) / 2.0).unwrap();
+        assert!((mid - (ready(9) + ready(10)) / 2.0).abs() < 1e-9, "{mid}");
+        // More hits cost more; no hits cost nothing; beyond 1 is out of reach.
+        let mut last = 0.0;
+        for h in [0.5, 0.9, 0.99, 0.997, 0.9999] {
+            let w = least_mean_warm(1.0, 3.0, h).unwrap();
+            assert!(w > last, "{h}: {w} <= {last}");
+            last = w;
+        }
+        assert_eq!(least_mean_warm(1.0, 3.0, 0.0), Some(0.0));
+        assert_eq!(least_mean_warm(1.0, 3.0, 1.5), None);
     }
 
     #[test]
