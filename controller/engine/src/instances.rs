@@ -104,6 +104,8 @@ impl<R: Runtime> Engine<R> {
                 self.observe(i);
             }
         }
+        // Nodes that are gone (a cluster scaled down) with all their instances.
+        crate::forget_unheld(&mut self.nodes);
         if !self.listed {
             self.listed = true;
             info!(instances = self.instances.len(), "runtime listed");

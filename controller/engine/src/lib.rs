@@ -208,15 +208,17 @@ struct InstRec {
     /// Boxed (with the deployment's name, the container's and the replica): most instances
     /// are a pool's, and the record of each of 100k pool instances is 48 bytes smaller.
     deployment: Option<Box<(String, String, u32)>>,
-    /// Shared with its pool's entry while the template is the current one (see
-    /// `Engine::instance_hash`): one string per template, not one per instance.
+    /// The pool entry's own string when the instance is of the pool's template (made by this
+    /// engine, or first reported once the pool was declared): one string per template, not one
+    /// per instance. Compared by content, so a record made before its pool was declared, which
+    /// holds a string of its own, compares the same.
     hash: Arc<str>,
     phase: InstancePhase,
     exit_code: Option<i64>,
     /// The host ports it holds in the engine's table (none where its runtime gives each
     /// instance an address of its own, see `Instance::host_ports`).
     ports: Vec<u16>,
-    /// Interned (see `Engine::nodes`): a handful of names shared by every instance.
+    /// Interned (see `Engine::nodes`): one string per node, shared by its instances.
     node: Arc<str>,
     /// Published ports, as the runtime reports them.
     bindings: Vec<poolkeeper_runtime::PortBinding>,
@@ -400,7 +402,8 @@ pub struct Engine<R: Runtime> {
     pool_index: HashMap<String, PoolIndex>,
     /// Instances changed since they were last classified into their pool's index.
     touched: std::collections::HashSet<String>,
-    /// The node names instances were reported on, each held once (see `InstRec::node`).
+    /// The node names instances were reported on, each held once (see `InstRec::node`); a
+    /// name no record holds any more is dropped at the next list.
     nodes: std::collections::HashSet<Arc<str>>,
     /// Non-terminal claims per pool and per user, by arrival.
     claims_by_pool: HashMap<String, BTreeSet<(u64, String)>>,
@@ -608,7 +611,6 @@ pub const DEFERRED_FLUSH_MS: u64 = 1_000;
 /// small enough that one pass stays within a few milliseconds.
 const MAX_BATCH: usize = 4096;
 
-/// The hash that marks instances made from one template.
 /// The node of an instance not reported yet: one allocation shared by all of them.
 fn no_node() -> Arc<str> {
     static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
@@ -625,7 +627,34 @@ fn intern(set: &mut std::collections::HashSet<Arc<str>>, s: &str) -> Arc<str> {
     held
 }
 
+/// Drops from `set` the strings nothing else holds any more.
+fn forget_unheld(set: &mut std::collections::HashSet<Arc<str>>) {
+    set.retain(|s| Arc::strong_count(s) > 1);
+}
+
+/// The hash that marks instances made from one template.
 pub fn hash_of<T: serde::Serialize>(value: &T) -> String {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     hex::encode(&Sha256::digest(&bytes)[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interned_string_is_held_once_and_dropped_once_nothing_else_holds_it() {
+        let mut set = std::collections::HashSet::new();
+        let a = intern(&mut set, "node-a");
+        let again = intern(&mut set, "node-a");
+        assert!(Arc::ptr_eq(&a, &again), "one allocation per name");
+        let b = intern(&mut set, "node-b");
+        assert_eq!(set.len(), 2);
+        drop(b);
+        forget_unheld(&mut set);
+        assert_eq!(set.len(), 1, "node-b is held by nothing but the set");
+        drop((a, again));
+        forget_unheld(&mut set);
+        assert!(set.is_empty());
+    }
 }

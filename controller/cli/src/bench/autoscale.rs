@@ -358,24 +358,26 @@ fn print_on(runtime: &'static str, trace: &str, policy: &Policy, o: &Outcome, fi
 /// instance and a fixed fill time, keeping such a level is the best a policy can do on
 /// stationary arrivals (the order-up-to result of inventory theory), and a policy that
 /// alternates between two levels reaches the points between them: the frontier is the lower
-/// convex hull of the levels' (hit ratio, mean ready) points. None above a hit ratio of 1.
+/// convex hull of the levels' (hit ratio, mean ready) points. None for a hit ratio of 1 or
+/// more (no finite level reaches it) or below 0.
 pub fn least_mean_warm(rate: f64, fill: f64, hit_ratio: f64) -> Option<f64> {
     let mean = rate * fill;
-    if !(0.0..=1.0).contains(&hit_ratio) || !mean.is_finite() || mean < 0.0 {
+    if !(0.0..1.0).contains(&hit_ratio) || !mean.is_finite() || mean < 0.0 {
         return None;
     }
     // Points (P(N < S), E[max(S - N, 0)]) for S = 0, 1, ... until the hit ratio is passed.
+    // P(N = s) in logarithms: e^-mean alone underflows from a mean of about 700.
     let mut points = vec![(0.0_f64, 0.0_f64)];
-    let (mut pmf, mut cdf, mut ready) = ((-mean).exp(), 0.0_f64, 0.0_f64);
-    for s in 0..100_000u32 {
+    let (mut ln_pmf, mut cdf, mut ready) = (-mean, 0.0_f64, 0.0_f64);
+    for s in 0..1_000_000u32 {
         // Level s + 1: one more ready in every case where N <= s.
-        cdf += pmf;
+        cdf = (cdf + ln_pmf.exp()).min(1.0);
         ready += cdf;
-        points.push((cdf.min(1.0), ready));
-        if cdf >= hit_ratio || cdf >= 1.0 - 1e-15 {
+        points.push((cdf, ready));
+        if cdf >= hit_ratio {
             break;
         }
-        pmf *= mean / f64::from(s + 1);
+        ln_pmf += mean.ln() - f64::from(s + 1).ln();
     }
     // Lower convex hull (the points come in order of hit ratio).
     let mut hull: Vec<(f64, f64)> = Vec::new();
@@ -581,7 +583,13 @@ mod tests {
             last = w;
         }
         assert_eq!(least_mean_warm(1.0, 3.0, 0.0), Some(0.0));
+        assert_eq!(least_mean_warm(1.0, 3.0, 1.0), None);
         assert_eq!(least_mean_warm(1.0, 3.0, 1.5), None);
+        // A large mean (e^-mean underflows): about the normal quantile, mean + 2.33 sd for
+        // 99% of claims served, less the mean.
+        let big = least_mean_warm(100.0, 8.0, 0.99).unwrap();
+        let sd = 800.0_f64.sqrt();
+        assert!((big - 2.33 * sd).abs() < 0.1 * sd, "{big}");
     }
 
     #[test]
