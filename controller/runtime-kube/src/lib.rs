@@ -928,18 +928,16 @@ impl Runtime for KubeRuntime {
         let (tx, rx) = mpsc::unbounded_channel();
         let this = self.clone();
         tokio::spawn(async move {
-            let config = watcher::Config::default().labels(&this.selector());
-            // The pods' lists read the latest state (not the API server's cache, which may
-            // lag): a pod a relist does not show is gone (see `forget_unlisted_restarts`).
-            let pods = watcher(
-                this.pods(),
-                config
-                    .clone()
-                    .list_semantic(watcher::ListSemantic::MostRecent),
-            )
-            .default_backoff()
-            .map(|e| e.map(Watched::Pod))
-            .boxed();
+            // Lists read the latest state (not the API server's cache, which may lag): a pod a
+            // relist does not show is gone (see `forget_unlisted_restarts`). kube-runtime's
+            // default, set here because that relies on it.
+            let config = watcher::Config::default()
+                .labels(&this.selector())
+                .list_semantic(watcher::ListSemantic::MostRecent);
+            let pods = watcher(this.pods(), config.clone())
+                .default_backoff()
+                .map(|e| e.map(Watched::Pod))
+                .boxed();
             let services = watcher(this.services(), config)
                 .default_backoff()
                 .map(|e| e.map(Watched::Service))
