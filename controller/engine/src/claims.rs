@@ -683,6 +683,15 @@ impl<R: Runtime> Engine<R> {
             (ssh.ssh_dir(), format!("{keys}\n").into_bytes())
         });
         let record = self.rt.keeps_bindings();
+        // When it was bound, recorded beside the claim: the later of two records of one claim
+        // name is the claim's (see `settle_recorded_bindings`).
+        let bound_at = self
+            .store
+            .state()
+            .claims
+            .get(claim)
+            .and_then(|r| r.bound_at_ms)
+            .unwrap_or(now);
         let resize = claim_limits(&c.spec);
         if c.files.is_empty() && keys.is_none() && !record && resize.is_none() {
             self.report_claim(claim, now);
@@ -707,7 +716,7 @@ impl<R: Runtime> Engine<R> {
             // On runtimes that keep bindings, the instance records its claim before the claim
             // is reported Bound (and before anything is copied into it).
             let mut result = if record {
-                rt.bind(&instance, Some(&claim)).await
+                rt.bind(&instance, Some((&claim, bound_at))).await
             } else {
                 Ok(())
             };

@@ -7,8 +7,8 @@ use tracing::{debug, error, info, warn};
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::ResetPolicy;
 use poolkeeper_runtime::{
-    Instance, InstanceState, LABEL_CLAIM, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH,
-    LABEL_MANAGED, LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
+    Instance, InstanceState, LABEL_BOUND_AT, LABEL_CLAIM, LABEL_CONTAINER, LABEL_DEPLOYMENT,
+    LABEL_HASH, LABEL_MANAGED, LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
 };
 
 use crate::durable::{Op, RecPhase};
@@ -183,6 +183,7 @@ impl<R: Runtime> Engine<R> {
             }
         }
         rec.exit_code = code;
+        rec.recorded_at = i.label(LABEL_BOUND_AT).and_then(|v| v.parse().ok());
         let recorded = i.label(LABEL_CLAIM);
         if rec.recorded.as_deref() != recorded {
             rec.recorded = recorded.map(str::to_owned);

@@ -226,6 +226,8 @@ struct InstRec {
     /// The claim the runtime records on the instance (runtimes that keep bindings, see
     /// `Runtime::keeps_bindings`): it is nobody else's while it says so.
     recorded: Option<String>,
+    /// When that binding was made, as recorded beside it (`LABEL_BOUND_AT`).
+    recorded_at: Option<u64>,
     /// Its reset is scheduled or in flight. A removal asked for meanwhile waits for it (the
     /// record is `Deleting` and `resetting`): a reset may make the instance again under its
     /// name (a pod's restart), after a removal that ran beside it.
@@ -308,6 +310,7 @@ impl InstRec {
             bindings: Vec::new(),
             claim: None,
             recorded: None,
+            recorded_at: None,
             resetting: false,
             used: false,
             quarantined: None,
@@ -402,6 +405,8 @@ pub struct Engine<R: Runtime> {
     pool_index: HashMap<String, PoolIndex>,
     /// Instances changed since they were last classified into their pool's index.
     touched: std::collections::HashSet<String>,
+    /// The latest binding's time (see `Engine::bind_stamp`).
+    last_bound_at: u64,
     /// The node names instances were reported on, each held once (see `InstRec::node`); a
     /// name no record holds any more is dropped at the next list.
     nodes: std::collections::HashSet<Arc<str>>,
@@ -513,6 +518,7 @@ impl<R: Runtime> Engine<R> {
             pool_index: HashMap::new(),
             touched: std::collections::HashSet::new(),
             nodes: std::collections::HashSet::new(),
+            last_bound_at: 0,
             claims_by_pool: HashMap::new(),
             claims_by_user: HashMap::new(),
             queues: HashMap::new(),

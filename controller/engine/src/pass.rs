@@ -71,7 +71,26 @@ impl<R: Runtime> Engine<R> {
 
     /// After a (re)start: drop records of claims deleted while we were down, notice bindings
     /// whose instance vanished, and start expiry timers.
+    /// The time of a binding made now: later than every binding before it, here or recorded
+    /// (the clock may not have moved, or may be behind another controller's), so that of two
+    /// records of one claim name the later is the claim's (see `settle_recorded_bindings`).
+    pub(crate) fn bind_stamp(&mut self, now: u64) -> u64 {
+        let at = now.max(self.last_bound_at + 1);
+        self.last_bound_at = at;
+        at
+    }
+
     fn startup(&mut self, now: u64) {
+        let latest_stored = self
+            .store
+            .state()
+            .claims
+            .values()
+            .filter_map(|r| r.bound_at_ms);
+        let latest_recorded = self.instances.values().filter_map(|r| r.recorded_at);
+        self.last_bound_at = latest_stored
+            .chain(latest_recorded)
+            .fold(self.last_bound_at, u64::max);
         for i in std::mem::take(&mut self.unlisted_resets) {
             if self.instances.get(&i).is_some_and(|r| r.claim.is_none()) {
                 self.reset_released(&i);
@@ -217,9 +236,22 @@ impl<R: Runtime> Engine<R> {
         let mut stale = Vec::new();
         let mut adopt = Vec::new();
         // A claim is adopted by one instance only: a second that records it too (a binding
-        // moved on while the controller died before the old record was cleared) is stale.
+        // moved on, or the claim was deleted and declared again, while the controller died
+        // before the old record was cleared) is stale. The latest binding is the claim's: the
+        // records are taken latest first.
         let mut adopted = HashSet::new();
-        for r in self.instances.values() {
+        let mut recorded: Vec<&crate::InstRec> = self
+            .instances
+            .values()
+            .map(|r| &**r)
+            .filter(|r| r.recorded.is_some())
+            .collect();
+        recorded.sort_by(|a, b| {
+            b.recorded_at
+                .cmp(&a.recorded_at)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        for r in recorded {
             let Some(claim) = r.recorded.as_ref() else {
                 continue;
             };
@@ -279,10 +311,11 @@ impl<R: Runtime> Engine<R> {
             format!("bound to {instance}, as the instance records (the state store did not)"),
             now,
         );
+        let at_ms = self.bind_stamp(now);
         self.ops.push(Op::Bind {
             claim: claim.to_owned(),
             instance: instance.to_owned(),
-            at_ms: now,
+            at_ms,
             expires_at_ms: expires,
             hit: true,
         });

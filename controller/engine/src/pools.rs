@@ -190,10 +190,11 @@ impl<R: Runtime> Engine<R> {
                     p.misses += 1;
                 }
             }
+            let at_ms = self.bind_stamp(now);
             self.ops.push(Op::Bind {
                 claim: claim.clone(),
                 instance: inst.clone(),
-                at_ms: now,
+                at_ms,
                 expires_at_ms: expires,
                 hit,
             });

@@ -127,7 +127,10 @@ async fn a_claim_that_two_instances_record_is_adopted_by_one_and_the_other_is_re
         .map(|i| i.name)
         .find(|n| *n != bound)
         .expect("another instance");
-    sim.mem.bind(&stale, Some("c1")).await.expect("recorded");
+    sim.mem
+        .bind(&stale, Some(("c1", 0)))
+        .await
+        .expect("recorded");
     sim.restart_with_empty_store().await;
     let got = sim.wait_bound("c1").await;
     let snap = sim
@@ -147,6 +150,50 @@ async fn a_claim_that_two_instances_record_is_adopted_by_one_and_the_other_is_re
     assert_eq!(recorded(&sim).get("c1"), Some(&got));
     assert_bindings_sound(&snap, &sim.mem.instances());
     sim.wait_warm("p", 3).await;
+}
+
+/// Found by the random simulation: a claim deleted and declared again under its name while
+/// its old instance still recorded it (the reset that clears the record had not run when the
+/// controller died). Started on an empty store, the controller found two instances recording
+/// the name and adopted either (in the order of a hash map): the claim could lose its live
+/// instance, and get one that may hold the earlier claim's data. The later binding is the
+/// claim's; the other instance is reset.
+#[tokio::test]
+async fn of_two_instances_recording_a_claim_the_later_binding_is_adopted() {
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let bound = sim.wait_bound("c1").await;
+    // Several rounds: with the old choice, each was a coin toss.
+    for round in 0..6 {
+        let others: Vec<String> = sim
+            .mem
+            .instances()
+            .into_iter()
+            .map(|i| i.name)
+            .filter(|n| *n != bound)
+            .collect();
+        let stale = &others[round % others.len()];
+        // An earlier binding of the name, never cleared.
+        sim.mem
+            .bind(stale, Some(("c1", 1)))
+            .await
+            .expect("recorded");
+        sim.restart_with_empty_store().await;
+        let got = sim.wait_bound("c1").await;
+        assert_eq!(
+            got, bound,
+            "round {round}: the later binding is the claim's"
+        );
+        sim.wait_until("the earlier record is cleared", |_, insts| {
+            insts
+                .iter()
+                .filter(|i| i.label(LABEL_CLAIM) == Some("c1"))
+                .count()
+                == 1
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
@@ -220,7 +267,7 @@ async fn a_binding_that_lands_late_on_a_second_instance_is_undone() {
         .find(|n| *n != mine)
         .expect("a warm instance");
     sim.mem
-        .bind(&late, Some("c1"))
+        .bind(&late, Some(("c1", 0)))
         .await
         .expect("the late write lands");
     sim.wait_until("only c1's instance records it", |_, insts| {

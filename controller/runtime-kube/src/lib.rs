@@ -40,8 +40,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use poolkeeper_runtime::{
-    ExecOutput, Instance, InstanceSpec, LABEL_CLAIM, LABEL_CONTROLLER, LABEL_MANAGED, LABEL_POOL,
-    NodeStatus, Result, Runtime, RuntimeError, RuntimeEvent,
+    ExecOutput, Instance, InstanceSpec, LABEL_BOUND_AT, LABEL_CLAIM, LABEL_CONTROLLER,
+    LABEL_MANAGED, LABEL_POOL, NodeStatus, Result, Runtime, RuntimeError, RuntimeEvent,
 };
 
 pub use pods::{ANNOTATION_EXPOSURE, ANNOTATION_PORTS, instance_of};
@@ -865,7 +865,8 @@ impl Runtime for KubeRuntime {
         true
     }
 
-    async fn bind(&self, name: &str, claim: Option<&str>) -> Result<()> {
+    async fn bind(&self, name: &str, claim: Option<(&str, u64)>) -> Result<()> {
+        let (claim, at) = (claim.map(|c| c.0), claim.map(|c| c.1.to_string()));
         // The version the watch last showed; a fresh read when it is stale or unknown.
         let mut version = self.version_of(name);
         for _ in 0..5 {
@@ -898,7 +899,7 @@ impl Runtime for KubeRuntime {
             let patch = serde_json::json!({
                 "metadata": {
                     "resourceVersion": rv,
-                    "labels": { LABEL_CLAIM: claim },
+                    "labels": { LABEL_CLAIM: claim, LABEL_BOUND_AT: at },
                 }
             });
             match self

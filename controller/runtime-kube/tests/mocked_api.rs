@@ -278,7 +278,7 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
     ));
     assert_eq!(listed.await.expect("join").expect("list").len(), 1);
 
-    let bound = tokio::spawn(async move { rt.bind("web-a1", Some("c1")).await });
+    let bound = tokio::spawn(async move { rt.bind("web-a1", Some(("c1", 1))).await });
     // The version seen, as a precondition.
     let (m, uri, body, send) = next(&mut h).await;
     assert_eq!(
@@ -308,7 +308,7 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
 #[tokio::test]
 async fn a_pod_another_claim_took_meanwhile_is_a_conflict_and_is_not_patched() {
     let (rt, mut h) = runtime();
-    let bound = tokio::spawn(async move { rt.bind("web-a1", Some("c1")).await });
+    let bound = tokio::spawn(async move { rt.bind("web-a1", Some(("c1", 1))).await });
     // Never seen: read first; another controller's claim is on it.
     let (m, _, _, send) = next(&mut h).await;
     assert_eq!(m, "GET");

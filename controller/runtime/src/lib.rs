@@ -40,6 +40,10 @@ pub const LABEL_FILES_DIR: &str = "poolkeeper.dev/files-dir";
 /// The claim an instance is bound to, on runtimes that keep bindings themselves
 /// ([`Runtime::keeps_bindings`]: Kubernetes pods, whose labels can change).
 pub const LABEL_CLAIM: &str = "poolkeeper.dev/claim";
+/// When that binding was made (milliseconds since the epoch, the binding controller's clock):
+/// of two instances recording one claim name (a claim deleted and declared again while the old
+/// instance's reset had not cleared it), the later binding is the claim's.
+pub const LABEL_BOUND_AT: &str = "poolkeeper.dev/bound-at";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortBinding {
@@ -257,10 +261,15 @@ pub trait Runtime: Send + Sync + 'static {
     fn keeps_bindings(&self) -> bool {
         false
     }
-    /// Records `claim` on the instance (or clears it with `None`), failing when another claim
-    /// holds it or the instance changed since it was last seen (so that two controllers never
-    /// bind one instance twice). A no-op on runtimes that do not keep bindings.
-    fn bind(&self, name: &str, claim: Option<&str>) -> impl Future<Output = Result<()>> + Send {
+    /// Records `claim` on the instance with when it was bound ([`LABEL_CLAIM`],
+    /// [`LABEL_BOUND_AT`]), or clears both with `None`, failing when another claim holds it or
+    /// the instance changed since it was last seen (so that two controllers never bind one
+    /// instance twice). A no-op on runtimes that do not keep bindings.
+    fn bind(
+        &self,
+        name: &str,
+        claim: Option<(&str, u64)>,
+    ) -> impl Future<Output = Result<()>> + Send {
         let _ = (name, claim);
         async { Ok(()) }
     }

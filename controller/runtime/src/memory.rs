@@ -402,7 +402,8 @@ impl Runtime for MemoryRuntime {
     }
 
     /// As the pod runtime: the claim label set (or cleared), refused while another claim's.
-    async fn bind(&self, name: &str, claim: Option<&str>) -> Result<()> {
+    async fn bind(&self, name: &str, claim: Option<(&str, u64)>) -> Result<()> {
+        let (claim, at) = (claim.map(|c| c.0), claim.map(|c| c.1));
         let mut inner = self.lock();
         if !inner.config.keep_bindings {
             return Ok(());
@@ -422,10 +423,16 @@ impl Runtime for MemoryRuntime {
             });
         }
         let mut labels = (*sim.instance.labels).clone();
-        match claim {
-            Some(c) => labels.insert(crate::LABEL_CLAIM.to_owned(), c.to_owned()),
-            None => labels.remove(crate::LABEL_CLAIM),
-        };
+        match (claim, at) {
+            (Some(c), Some(at)) => {
+                labels.insert(crate::LABEL_CLAIM.to_owned(), c.to_owned());
+                labels.insert(crate::LABEL_BOUND_AT.to_owned(), at.to_string());
+            }
+            _ => {
+                labels.remove(crate::LABEL_CLAIM);
+                labels.remove(crate::LABEL_BOUND_AT);
+            }
+        }
         sim.instance.labels = Arc::new(labels);
         let i = sim.instance.clone();
         inner.emit(RuntimeEvent::Changed(i));

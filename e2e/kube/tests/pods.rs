@@ -283,8 +283,8 @@ async fn two_controllers_racing_for_one_pod_bind_it_once() {
         let claim_a = format!("a{round}");
         let claim_b = format!("b{round}");
         let (ra, rb) = tokio::join!(
-            a.bind("race-1", Some(&claim_a)),
-            b.bind("race-1", Some(&claim_b))
+            a.bind("race-1", Some((&claim_a, 1))),
+            b.bind("race-1", Some((&claim_b, 2)))
         );
         let won: Vec<&str> = [(&ra, claim_a.as_str()), (&rb, claim_b.as_str())]
             .iter()

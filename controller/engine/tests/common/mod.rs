@@ -88,7 +88,7 @@ impl Runtime for Counting {
         self.mem.resize(name, cpu_millis, memory_bytes).await
     }
 
-    async fn bind(&self, name: &str, claim: Option<&str>) -> RtResult<()> {
+    async fn bind(&self, name: &str, claim: Option<(&str, u64)>) -> RtResult<()> {
         let delay = self.bind_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -100,7 +100,7 @@ impl Runtime for Counting {
                 .is_ok()
         {
             // Another controller's claim lands on the instance first.
-            self.mem.bind(name, Some("taken-elsewhere")).await?;
+            self.mem.bind(name, Some(("taken-elsewhere", 0))).await?;
             return Err(poolkeeper_runtime::RuntimeError::Conflict {
                 instance: name.to_owned(),
                 reason: format!("{name} is bound to claim taken-elsewhere"),
