@@ -37,6 +37,9 @@ struct FileState {
     parse_diagnostics: Vec<Diagnostic>,
     /// Declares an object that another file already declares (re-read when files go away).
     shadowed: bool,
+    /// The size at which it was last refused as too large: reading it again at that size (a
+    /// second event of one write, a rescan) is not another refusal, counted and logged.
+    refused_size: Option<u64>,
     /// What was last sent for this file (parse and cross-object problems).
     sent: Vec<Diagnostic>,
     /// The objects (`Kind/name`) that `sent` names: the engine marks them SpecValid=False until
@@ -249,6 +252,7 @@ impl DirState {
     }
 
     fn load_file(&mut self, file: &Path, changes: &mut Changes) {
+        let mut refused_size = None;
         let parsed = match loader::read_spec(file, self.limit.max_bytes) {
             loader::Read::Bytes(bytes) => match self.prepared.take(file, &bytes) {
                 Some(objects) => loader::ParsedFile {
@@ -258,11 +262,18 @@ impl DirState {
                 None => loader::parse_bytes(file, bytes),
             },
             loader::Read::TooLarge(size) => {
-                self.limit
-                    .refusals
-                    .count(poolkeeper_engine::limits::Refusal::SpecFileTooLarge);
-                warn!(file = %file.display(), size, max = self.limit.max_bytes,
-                    "a spec file over the largest size is not read");
+                refused_size = Some(size);
+                let again = self
+                    .files
+                    .get(file)
+                    .is_some_and(|s| s.refused_size == Some(size));
+                if !again {
+                    self.limit
+                        .refusals
+                        .count(poolkeeper_engine::limits::Refusal::SpecFileTooLarge);
+                    warn!(file = %file.display(), size, max = self.limit.max_bytes,
+                        "a spec file over the largest size is not read");
+                }
                 loader::too_large(file, size, self.limit.max_bytes)
             }
             loader::Read::Failed(e) => loader::unreadable(file, &e),
@@ -329,6 +340,7 @@ impl DirState {
         state.owned.extend(now_owned);
         state.parse_diagnostics = diagnostics;
         state.shadowed = shadowed;
+        state.refused_size = refused_size;
     }
 
     /// Cross-object checks (overlapping host ports) are reported on the files that declare

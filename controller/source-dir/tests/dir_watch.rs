@@ -1012,3 +1012,51 @@ fn dirstate_takes_prepared_objects_only_for_the_very_text_written() {
     st.paths_changed(&paths(&[&f]));
     assert_eq!(image(&st), "nginx");
 }
+
+/// One write of a file over the limit gives the watcher more than one event (its creation, its
+/// content), and a rescan reads it again: it is refused once, and again only once it changes
+/// (the API's 2 for 1 was seen in CI). The diagnostic names it each time.
+#[test]
+fn a_spec_file_over_the_limit_is_refused_once_per_version_however_often_it_is_read() {
+    use poolkeeper_engine::limits::Refusal;
+    let dir = tempfile::tempdir().unwrap();
+    let limit = poolkeeper_source_dir::loader::SpecLimit {
+        max_bytes: 64,
+        refusals: Default::default(),
+    };
+    let refusals = limit.refusals.clone();
+    let mut state = DirState::new(dir.path()).with_limit(limit);
+    let big = dir.path().join("big.yaml");
+    std::fs::write(&big, format!("# {}\n", "z".repeat(100))).unwrap();
+    let paths = BTreeSet::from([big.clone()]);
+    let names_it = |c: &watch::Changes| {
+        c.events.iter().any(|e| {
+            matches!(e, SourceEvent::Diagnostics { file, diagnostics }
+                if *file == big && diagnostics.iter().any(|d| d.message.contains("not read")))
+        })
+    };
+    assert!(names_it(&state.paths_changed(&paths)));
+    state.paths_changed(&paths);
+    state.rescan();
+    assert_eq!(
+        refusals.get(Refusal::SpecFileTooLarge),
+        1,
+        "one version, one refusal"
+    );
+    std::fs::write(&big, format!("# {}\n", "z".repeat(200))).unwrap();
+    state.paths_changed(&paths);
+    assert_eq!(
+        refusals.get(Refusal::SpecFileTooLarge),
+        2,
+        "a new version is refused again"
+    );
+    std::fs::write(&big, "# small now\n").unwrap();
+    state.paths_changed(&paths);
+    std::fs::write(&big, format!("# {}\n", "z".repeat(200))).unwrap();
+    state.paths_changed(&paths);
+    assert_eq!(
+        refusals.get(Refusal::SpecFileTooLarge),
+        3,
+        "too large again after a valid read"
+    );
+}
