@@ -774,11 +774,25 @@ fn the_stream_pushes_pool_counts_and_the_sessions_own_claims() {
             .status,
         303
     );
+    // Pushed among the recent events; not necessarily the newest by the time a sample is taken
+    // (the pool's new instances may come within the same sampling period).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let ev = next_data(&mut ops, "events");
-        if ev[0]["object"] == "Pool/web" && ev[0]["reason"] == "SpecApplied" {
+        let pushed = ev.as_array().into_iter().flatten().any(|e| {
+            e["object"] == "Pool/web"
+                && e["reason"] == "SpecApplied"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("spec changed"))
+        });
+        if pushed {
             break;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scale's SpecApplied never came: {ev}"
+        );
     }
 }
 
