@@ -69,8 +69,6 @@ impl<R: Runtime> Engine<R> {
         self.metrics.passes += 1;
     }
 
-    /// After a (re)start: drop records of claims deleted while we were down, notice bindings
-    /// whose instance vanished, and start expiry timers.
     /// The time of a binding made now: later than every binding before it, here or recorded
     /// (the clock may not have moved, or may be behind another controller's), so that of two
     /// records of one claim name the later is the claim's (see `settle_recorded_bindings`).
@@ -80,6 +78,8 @@ impl<R: Runtime> Engine<R> {
         at
     }
 
+    /// After a (re)start: drop records of claims deleted while we were down, notice bindings
+    /// whose instance vanished, and start expiry timers.
     fn startup(&mut self, now: u64) {
         let latest_stored = self
             .store

@@ -31,6 +31,25 @@ fn recorded(sim: &Sim) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// A recording pool of three, warm, and the claim `c1` bound: with the instance it holds.
+async fn c1_bound() -> (Sim, String) {
+    let mut sim = recording();
+    sim.wait_warm("p", 3).await;
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let bound = sim.wait_bound("c1").await;
+    (sim, bound)
+}
+
+/// The instances other than `bound`.
+fn others(sim: &Sim, bound: &str) -> Vec<String> {
+    sim.mem
+        .instances()
+        .into_iter()
+        .map(|i| i.name)
+        .filter(|n| n != bound)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_claim_is_reported_bound_only_once_its_instance_records_it() {
     let mut sim = recording();
@@ -116,16 +135,10 @@ async fn a_claim_that_two_instances_record_is_adopted_by_one_and_the_other_is_re
     // Found by the random simulation: a binding moved to another instance and the controller
     // died before the old instance's record was cleared; started on an empty store, it adopted
     // the claim on both, and the claim ended Pending with an instance still holding it.
-    let mut sim = recording();
-    sim.wait_warm("p", 3).await;
-    sim.apply("c1", Spec::Claim(claim("p", "u")));
-    let bound = sim.wait_bound("c1").await;
-    let stale = sim
-        .mem
-        .instances()
+    let (mut sim, bound) = c1_bound().await;
+    let stale = others(&sim, &bound)
         .into_iter()
-        .map(|i| i.name)
-        .find(|n| *n != bound)
+        .next()
         .expect("another instance");
     sim.mem
         .bind(&stale, Some(("c1", 0)))
@@ -160,19 +173,10 @@ async fn a_claim_that_two_instances_record_is_adopted_by_one_and_the_other_is_re
 /// claim's; the other instance is reset.
 #[tokio::test]
 async fn of_two_instances_recording_a_claim_the_later_binding_is_adopted() {
-    let mut sim = recording();
-    sim.wait_warm("p", 3).await;
-    sim.apply("c1", Spec::Claim(claim("p", "u")));
-    let bound = sim.wait_bound("c1").await;
+    let (mut sim, bound) = c1_bound().await;
     // Several rounds: with the old choice, each was a coin toss.
     for round in 0..6 {
-        let others: Vec<String> = sim
-            .mem
-            .instances()
-            .into_iter()
-            .map(|i| i.name)
-            .filter(|n| *n != bound)
-            .collect();
+        let others = others(&sim, &bound);
         let stale = &others[round % others.len()];
         // An earlier binding of the name, never cleared.
         sim.mem
