@@ -234,6 +234,9 @@ impl<R: Runtime> Engine<R> {
         // the claim agrees (or is not known yet, before the first pass): the store lags memory
         // within a pass, so a binding ended earlier in this batch (claim deleted, instance lost)
         // must not come back from a stale record when the same instance is observed again.
+        // Before the first pass the store lags longer (nothing is committed until the runtime
+        // is listed), so a claim deleted meanwhile is not "not known yet": its record is one
+        // that the first commit forgets.
         let st = self.store.state();
         let bound = st
             .bound
@@ -241,7 +244,7 @@ impl<R: Runtime> Engine<R> {
             .cloned()
             .filter(|c| match self.claims.get(c) {
                 Some(e) => e.instance.as_deref() == Some(name.as_str()),
-                None => !self.started,
+                None => !self.started && !self.forgotten.contains(c),
             });
         let quarantined = st.quarantined.get(&name).cloned();
         let used = first_sighting && st.used.contains(&name);

@@ -967,11 +967,8 @@ async fn a_claim_moved_while_the_controller_starts_has_its_old_instance_reset() 
     .await;
 }
 
-/// A claim deleted while the controller starts, before its runtime is listed: its instance is
-/// reset once listed, and once only (the deletion and the store's stale record of the binding
-/// both ask for it; two restarts of one pod at once would each delete what the other made).
-#[tokio::test]
-async fn a_claim_deleted_while_the_controller_starts_has_its_instance_reset_once() {
+/// A pool of one that resets by restarting, and the claim `c1` bound to its instance.
+async fn c1_bound_on_a_restarting_pool() -> (Sim, String) {
     let mut s = sim();
     let mut p = pool("nginx", 1, Some(1));
     p.reset = ResetPolicy::Restart;
@@ -979,6 +976,24 @@ async fn a_claim_deleted_while_the_controller_starts_has_its_instance_reset_once
     s.wait_warm("web", 1).await;
     apply_claim(&mut s, "c1", "web");
     let inst = s.wait_bound("c1").await;
+    (s, inst)
+}
+
+async fn assert_restarted_once(s: &Sim, inst: &str) {
+    let logs = s.mem.logs(inst, 100).await.unwrap();
+    assert_eq!(
+        logs.matches("restarted").count(),
+        1,
+        "restarted once: {logs:?}"
+    );
+}
+
+/// A claim deleted while the controller starts, before its runtime is listed: its instance is
+/// reset once listed, and once only (the deletion and the store's stale record of the binding
+/// both ask for it; two restarts of one pod at once would each delete what the other made).
+#[tokio::test]
+async fn a_claim_deleted_while_the_controller_starts_has_its_instance_reset_once() {
+    let (mut s, inst) = c1_bound_on_a_restarting_pool().await;
     s.mem.set_list_latency(Duration::from_millis(300));
     let key = ObjKey::new(Kind::Claim, "c1");
     s.declared.remove(&key);
@@ -990,12 +1005,35 @@ async fn a_claim_deleted_while_the_controller_starts_has_its_instance_reset_once
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let logs = s.mem.logs(&inst, 100).await.unwrap();
-    assert_eq!(
-        logs.matches("restarted").count(),
-        1,
-        "restarted once: {logs:?}"
-    );
+    assert_restarted_once(&s, &inst).await;
+}
+
+/// Found by the pod runtime's random simulation: a pod's watch reports each pod before it says
+/// its list is done. A claim deleted between the report of its instance and the end of the list
+/// was released at once (its instance's reset scheduled), but the list's report of the same
+/// instance adopted the binding again from the store, which forgets it only at the first
+/// pass's commit: the instance stayed held by a claim that no longer existed, for good.
+#[tokio::test]
+async fn a_claim_deleted_after_its_instance_is_reported_and_before_the_list_ends_lets_it_go() {
+    let (mut s, inst) = c1_bound_on_a_restarting_pool().await;
+    s.mem.set_list_latency(Duration::from_millis(1500));
+    s.restart_then(|_| {}).await;
+    assert!(s.mem.report_again(&inst));
+    s.wait_until("the restarted controller tracks the instance", |snap, _| {
+        snap.instances.iter().any(|i| i.name == inst)
+    })
+    .await;
+    s.delete(Kind::Claim, "c1");
+    s.wait_until("the instance is free and warm again", |snap, insts| {
+        pool_status(snap, "web").is_some_and(|p| p.warm == 1 && p.bound == 0)
+            && snap
+                .instances
+                .iter()
+                .any(|i| i.name == inst && i.claim.is_none() && !i.resetting)
+            && insts.len() == 1
+    })
+    .await;
+    assert_restarted_once(&s, &inst).await;
 }
 
 // ---------------------------------------------------------------------------------------------

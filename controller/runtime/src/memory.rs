@@ -258,6 +258,17 @@ impl MemoryRuntime {
         self.lock().emit(RuntimeEvent::Relist);
     }
 
+    /// Reports the instance again as it is, as a watch that lists again reports each pod
+    /// before it says the list is done. False when there is no such instance.
+    pub fn report_again(&self, name: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(i) = inner.instances.get(name).map(|s| s.instance.clone()) else {
+            return false;
+        };
+        inner.emit(RuntimeEvent::Changed(i));
+        true
+    }
+
     /// The next `n` file copies fail with `error`.
     pub fn fail_next_files(&self, n: u32, error: RuntimeError) {
         self.lock().fail_files = (n > 0).then_some((n, error));
