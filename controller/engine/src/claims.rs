@@ -448,6 +448,16 @@ impl<R: Runtime> Engine<R> {
             if self.forgotten.contains(&claim) {
                 continue;
             }
+            // Nor is the lease of a binding that ended in memory and not yet in the store (a
+            // claim moved to another pool while the controller started, before its first
+            // commit): the claim left it.
+            if self
+                .claims
+                .get(&claim)
+                .is_some_and(|c| c.instance != rec.instance)
+            {
+                continue;
+            }
             if let Some(inst) = rec.instance {
                 self.end_binding(&claim, &inst, RecPhase::Expired, "Expired", now);
                 self.claim_leaves(&claim);

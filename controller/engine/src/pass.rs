@@ -129,6 +129,16 @@ impl<R: Runtime> Engine<R> {
                 self.ops.push(Op::Forget { claim });
                 continue;
             }
+            // A claim changed since its record was written (moved to another pool before this
+            // first pass): its binding ended in memory and ends in the store at this pass's
+            // commit. The record is stale; the claim is queued on its new pool already.
+            if self
+                .claims
+                .get(&claim)
+                .is_some_and(|c| c.instance != instance)
+            {
+                continue;
+            }
             if phase == RecPhase::Bound {
                 match &instance {
                     // It exited while we were down: observing it could not tell its claim (the

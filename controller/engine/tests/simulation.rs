@@ -967,6 +967,37 @@ async fn a_claim_moved_while_the_controller_starts_has_its_old_instance_reset() 
     .await;
 }
 
+/// A claim moved to another pool while the controller starts, the lease of its binding having
+/// run out while no controller ran: the move ended that binding before the first pass, so the
+/// lease's timer is stale. It expired the claim (the store, not committed yet, still showed the
+/// old binding), which was never bound on its new pool.
+#[tokio::test]
+async fn a_claim_moved_while_the_controller_starts_is_not_expired_by_the_lease_it_left() {
+    let mut s = sim();
+    apply_pool(&mut s, "py", pool("python", 1, Some(2)));
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(2)));
+    s.wait_warm("py", 1).await;
+    s.wait_warm("web", 1).await;
+    s.apply("c1", ttl_claim("py", "1s"));
+    let old = s.wait_bound("c1").await;
+    // The restart moves the clock one second on: the lease is over when the controller starts.
+    s.mem.set_list_latency(Duration::from_millis(300));
+    let moved = common::declared("c1", ttl_claim("web", "10m"), 100);
+    s.restart_then(|h| h.apply(moved.clone()).unwrap()).await;
+    s.declared.insert(moved.key(), moved);
+    let new = s.wait_bound("c1").await;
+    assert!(new.starts_with("web-"), "bound on its new pool: {new}");
+    let snap = s.snapshot().await;
+    assert!(
+        !events_of(&snap, Kind::Claim, "c1")
+            .iter()
+            .any(|e| e.reason == "Expired" || e.reason == "InstanceLost"),
+        "{:?}",
+        events_of(&snap, Kind::Claim, "c1")
+    );
+    assert_ne!(new, old);
+}
+
 /// A pool of one that resets by restarting, and the claim `c1` bound to its instance.
 async fn c1_bound_on_a_restarting_pool() -> (Sim, String) {
     let mut s = sim();
