@@ -448,9 +448,10 @@ impl<R: Runtime> Engine<R> {
             if self.forgotten.contains(&claim) {
                 continue;
             }
-            // Nor is the lease of a binding that ended in memory and not yet in the store (a
-            // claim moved to another pool while the controller started, before its first
-            // commit): the claim left it.
+            // Nor is the lease of a binding that ended in memory and not yet in the store: the
+            // claim left it earlier in this batch (moved to another pool; its instance lost, so
+            // that it waits for a fresh one with a lease of its own, as when the loss comes in
+            // an earlier batch).
             if self
                 .claims
                 .get(&claim)
@@ -670,8 +671,10 @@ impl<R: Runtime> Engine<R> {
         let Some(c) = self.claims.get(claim) else {
             return;
         };
+        // Only the binding the store holds: one that ended since it was scheduled (the claim
+        // moved, or was bound elsewhere) must not be recorded on an instance being reset.
         if let Some(rec) = self.store.state().claims.get(claim)
-            && rec.phase != RecPhase::Bound
+            && (rec.phase != RecPhase::Bound || rec.instance.as_deref() != Some(instance))
         {
             return;
         }

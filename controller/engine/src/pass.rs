@@ -272,9 +272,12 @@ impl<R: Runtime> Engine<R> {
             match record.and_then(|c| c.instance.as_ref()) {
                 Some(i) if *i == r.name => {}
                 Some(_) => stale.push(r.name.clone()),
+                // A claim deleted while the controller started (and perhaps declared again) is
+                // not the one the instance records: the instance may hold its data.
                 None => match self.claims.get(claim) {
                     Some(c)
                         if c.instance.is_none()
+                            && !self.forgotten.contains(claim)
                             && r.claim.is_none()
                             && r.pool.as_deref() == Some(c.spec.pool.as_str())
                             && !st.bound.contains_key(&r.name)

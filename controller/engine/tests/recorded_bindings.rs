@@ -324,3 +324,31 @@ async fn a_recorded_binding_to_an_undeclared_pool_survives_a_restart_on_an_empty
         "{events:?}"
     );
 }
+
+/// Found in review: a controller on an empty store learns of a binding from its instance's
+/// record only. A claim of that name deleted and declared again while the controller started is
+/// a new claim, and the instance may hold the deleted one's data: it is reset, not adopted for
+/// the new claim.
+#[tokio::test]
+async fn a_claim_deleted_and_declared_again_while_an_empty_store_starts_gets_a_fresh_instance() {
+    let (mut sim, old) = c1_bound().await;
+    let key = ObjKey::new(Kind::Claim, "c1");
+    let again = declared("c1", Spec::Claim(claim("p", "u")), 100);
+    sim.restart_with_empty_store_then(|h| {
+        h.delete(key.clone()).expect("the engine runs");
+        h.apply(again.clone()).expect("the engine runs");
+    })
+    .await;
+    sim.declared.insert(again.key(), again);
+    let new = sim.wait_bound("c1").await;
+    assert_ne!(new, old, "the new claim got the deleted one's instance");
+    sim.wait_until("nothing else records c1", |_, _| {
+        recorded(&sim).get("c1") == Some(&new)
+            && sim
+                .mem
+                .instances()
+                .iter()
+                .all(|i| i.name == new || i.label(LABEL_CLAIM).is_none())
+    })
+    .await;
+}

@@ -318,6 +318,17 @@ impl Sim {
         if let Some(j) = self.join.take() {
             j.await.unwrap();
         }
+        self.start_feeding(feed);
+    }
+
+    /// Like `restart_with_empty_store`, with `feed` run as in `restart_then`.
+    pub async fn restart_with_empty_store_then(&mut self, feed: impl FnOnce(&EngineHandle)) {
+        self.abort_engine().await;
+        self.dir = tempfile::tempdir().unwrap();
+        self.start_feeding(feed);
+    }
+
+    fn start_feeding(&mut self, feed: impl FnOnce(&EngineHandle)) {
         self.clock.advance(Duration::from_secs(1));
         let (handle, join) = start_engine(&self.rt, &self.clock, &self.dir, &self.flushed);
         for o in self.declared.values() {
