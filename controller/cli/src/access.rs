@@ -300,32 +300,27 @@ async fn exec_inner(
         let docker = docker.clone();
         let id = exec.id.clone();
         tokio::spawn(async move {
-            let resize = |docker: Docker, id: String| async move {
-                if let Some((h, w)) = terminal::size() {
-                    let _ = docker
-                        .resize_exec(
-                            &id,
-                            ResizeExecOptions {
-                                h: i32::from(h),
-                                w: i32::from(w),
-                            },
-                        )
-                        .await;
-                }
-            };
-            resize(docker.clone(), id.clone()).await;
+            resize_exec_to_terminal(&docker, &id).await;
             let Ok(mut winch) =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
             else {
                 return;
             };
             while winch.recv().await.is_some() {
-                resize(docker.clone(), id.clone()).await;
+                resize_exec_to_terminal(&docker, &id).await;
             }
         });
     }
+    let mut first = tty;
     while let Some(chunk) = output.next().await {
         let Ok(chunk) = chunk else { break };
+        if std::mem::take(&mut first) {
+            // The exec's TTY exists once it has written: size it again before showing what it
+            // wrote (a prompt the user answers), in case the size given at creation was not
+            // applied and the resize after the start came too early for the daemon (`stty
+            // size` then says 0 0).
+            resize_exec_to_terminal(&docker, &exec.id).await;
+        }
         pass_through(&chunk)?;
     }
     let info = docker
@@ -749,6 +744,22 @@ mod terminal {
     pub fn size() -> Option<(u16, u16)> {
         let ws = termios::tcgetwinsize(std::io::stdin()).ok()?;
         (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+    }
+}
+
+/// Gives an exec's TTY the local terminal's size (best effort: a failed resize leaves the
+/// previous size).
+async fn resize_exec_to_terminal(docker: &Docker, id: &str) {
+    if let Some((h, w)) = terminal::size() {
+        let _ = docker
+            .resize_exec(
+                id,
+                ResizeExecOptions {
+                    h: i32::from(h),
+                    w: i32::from(w),
+                },
+            )
+            .await;
     }
 }
 
