@@ -332,6 +332,14 @@ impl<R: Runtime> Engine<R> {
         }
     }
 
+    /// The claim is declared and holds another instance (or none) than `recorded`, the one its
+    /// store record names: the binding ended (or moved) in memory since the last commit.
+    pub(crate) fn left_recorded_binding(&self, claim: &str, recorded: Option<&str>) -> bool {
+        self.claims
+            .get(claim)
+            .is_some_and(|c| c.instance.as_deref() != recorded)
+    }
+
     /// The instance a claim holds (or is being handed in this pass).
     pub(crate) fn bound_instance(&self, claim: &str) -> Option<String> {
         self.claims.get(claim).and_then(|c| c.instance.clone())
@@ -452,11 +460,7 @@ impl<R: Runtime> Engine<R> {
             // claim left it earlier in this batch (moved to another pool; its instance lost, so
             // that it waits for a fresh one with a lease of its own, as when the loss comes in
             // an earlier batch).
-            if self
-                .claims
-                .get(&claim)
-                .is_some_and(|c| c.instance != rec.instance)
-            {
+            if self.left_recorded_binding(&claim, rec.instance.as_deref()) {
                 continue;
             }
             if let Some(inst) = rec.instance {

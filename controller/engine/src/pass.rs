@@ -132,11 +132,7 @@ impl<R: Runtime> Engine<R> {
             // A claim changed since its record was written (moved to another pool before this
             // first pass): its binding ended in memory and ends in the store at this pass's
             // commit. The record is stale; the claim is queued on its new pool already.
-            if self
-                .claims
-                .get(&claim)
-                .is_some_and(|c| c.instance != instance)
-            {
+            if self.left_recorded_binding(&claim, instance.as_deref()) {
                 continue;
             }
             if phase == RecPhase::Bound {
