@@ -187,7 +187,9 @@ impl<R: Runtime> Engine<R> {
             }
         }
         self.settle_recorded_bindings(now);
-        // Quarantined or used instances that were removed while we were down.
+        // Quarantined or used instances that were removed while we were down, and the gone
+        // instances of the bindings that this pass ends (each end marks its instance used, and
+        // nothing will ever report these removed): pushed after those ends, so applied after.
         let st = self.store.state();
         let gone = |i: &&String| !self.instances.contains_key(*i);
         let unquarantine = st
@@ -197,9 +199,15 @@ impl<R: Runtime> Engine<R> {
             .map(|i| Op::Unquarantine {
                 instance: i.clone(),
             });
-        let fresh = st.used.iter().filter(gone).map(|i| Op::Fresh {
-            instance: i.clone(),
-        });
+        let recorded = st.claims.values().filter_map(|r| r.instance.as_ref());
+        let fresh = st
+            .used
+            .iter()
+            .chain(recorded)
+            .filter(gone)
+            .map(|i| Op::Fresh {
+                instance: i.clone(),
+            });
         let ops: Vec<Op> = unquarantine.chain(fresh).collect();
         self.ops.extend(ops);
         // Managed instances that belong to nothing declared are drained through their pool

@@ -1085,6 +1085,59 @@ async fn a_claim_deleted_while_the_controller_starts_has_its_instance_reset_once
     assert_restarted_once(&s, &inst).await;
 }
 
+/// Found in review: instances removed while the controller was down, whose bindings its first
+/// pass ends (the claim deleted meanwhile, moved to another pool, or kept and given a fresh
+/// instance), kept the store's mark that they may hold a claim's data (`used`) until the next
+/// restart. Startup dropped the marks of gone instances before the pass's own ends of bindings
+/// added theirs; nothing reports those instances again to drop them later.
+#[tokio::test]
+async fn instances_removed_while_the_controller_was_down_leave_no_mark_in_its_store() {
+    let mut s = sim();
+    apply_pool(&mut s, "py", pool("python", 3, Some(6)));
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(2)));
+    s.wait_warm("web", 1).await;
+    s.wait_warm("py", 3).await;
+    let names = ["kept", "deleted", "moved"];
+    for c in names {
+        apply_claim(&mut s, c, "py");
+    }
+    let mut old = Vec::new();
+    for c in names {
+        old.push(s.wait_bound(c).await);
+    }
+    let deleted = ObjKey::new(Kind::Claim, "deleted");
+    s.declared.remove(&deleted);
+    let moved = common::declared("moved", Spec::Claim(claim("web", USER)), 100);
+    s.declared.insert(moved.key(), moved.clone());
+    let (mem, gone) = (s.mem.clone(), old.clone());
+    s.restart_then(|h| {
+        for i in &gone {
+            assert!(mem.remove_behind_back(i));
+        }
+        h.delete(deleted).unwrap();
+        h.apply(moved).unwrap();
+    })
+    .await;
+    s.wait_until(
+        "kept and moved are bound again, deleted is gone",
+        |snap, _| {
+            let bound_anew = |c: &str| {
+                claim_status(snap, c).is_some_and(|st| {
+                    st.phase == ClaimPhase::Bound && st.instance.is_some_and(|i| !old.contains(&i))
+                })
+            };
+            bound_anew("kept") && bound_anew("moved") && claim_status(snap, "deleted").is_none()
+        },
+    )
+    .await;
+    let stored = s.stop_and_read_store().await;
+    for i in &old {
+        assert!(!stored.used.contains(i), "{i} is gone: {stored:?}");
+        assert!(!stored.bound.contains_key(i), "{i} is gone: {stored:?}");
+    }
+    assert!(!stored.claims.contains_key("deleted"), "{stored:?}");
+}
+
 /// Found by the pod runtime's random simulation: a pod's watch reports each pod before it says
 /// its list is done. A claim deleted between the report of its instance and the end of the list
 /// was released at once (its instance's reset scheduled), but the list's report of the same

@@ -356,6 +356,17 @@ impl Sim {
         self.join = Some(join);
     }
 
+    /// Stops the controller gracefully and reads its state store as its next start would.
+    pub async fn stop_and_read_store(&mut self) -> poolkeeper_engine::durable::Durable {
+        self.handle.shutdown().await;
+        if let Some(j) = self.join.take() {
+            j.await.unwrap();
+        }
+        let dir = self.dir.path().join("state");
+        let store = poolkeeper_store::Store::<poolkeeper_engine::durable::Durable>::open(&dir);
+        store.unwrap().state().clone()
+    }
+
     pub async fn snapshot(&self) -> Snapshot {
         self.handle.snapshot().await.unwrap()
     }
