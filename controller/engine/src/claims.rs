@@ -13,7 +13,7 @@ use poolkeeper_core::claims::{
 };
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Object, Origin, Spec};
-use poolkeeper_runtime::Runtime;
+use poolkeeper_runtime::{RecordedBinding, Runtime};
 
 use crate::durable::{self, Op, RecPhase};
 use crate::handle::{ClaimBrief, ClaimChange, Completion, Creation, Input};
@@ -416,7 +416,8 @@ impl<R: Runtime> Engine<R> {
     /// (after this pass's commit) before anyone gets it. An instance being removed is not
     /// reset: a reset that makes it again (a pod's restart) would bring back what its removal
     /// took away. Nor is one whose reset is already scheduled or running: two restarts of one
-    /// pod at once would each delete what the other made.
+    /// pod at once would each delete what the other made. Nor is one in quarantine: it is kept
+    /// as it is, for inspection, and never bound again.
     pub(crate) fn reset_released(&mut self, instance: &str) {
         let Some(rec) = self.instances.get_mut(instance) else {
             if !self.started {
@@ -429,7 +430,7 @@ impl<R: Runtime> Engine<R> {
         rec.claim = None;
         rec.used = true;
         self.touched.insert(instance.to_owned());
-        if rec.phase == InstancePhase::Deleting || rec.resetting {
+        if rec.phase == InstancePhase::Deleting || rec.resetting || rec.quarantined.is_some() {
             return;
         }
         rec.resetting = true;
@@ -715,6 +716,11 @@ impl<R: Runtime> Engine<R> {
             return;
         }
         let files = c.files.clone();
+        let user = if record {
+            c.spec.user.clone()
+        } else {
+            String::new()
+        };
         let mount = match mount {
             Some(m) => Some(m),
             None if files.is_empty() => None,
@@ -733,7 +739,8 @@ impl<R: Runtime> Engine<R> {
             // On runtimes that keep bindings, the instance records its claim before the claim
             // is reported Bound (and before anything is copied into it).
             let mut result = if record {
-                rt.bind(&instance, Some((&claim, bound_at))).await
+                let binding = RecordedBinding::new(&claim, &user, bound_at);
+                rt.bind(&instance, Some(binding)).await
             } else {
                 Ok(())
             };

@@ -7,8 +7,8 @@ use tracing::{debug, error, info, warn};
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::ResetPolicy;
 use poolkeeper_runtime::{
-    Instance, InstanceState, LABEL_BOUND_AT, LABEL_CLAIM, LABEL_CONTAINER, LABEL_DEPLOYMENT,
-    LABEL_HASH, LABEL_MANAGED, LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
+    Instance, InstanceState, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH, LABEL_MANAGED,
+    LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
 };
 
 use crate::durable::{Op, RecPhase};
@@ -183,10 +183,19 @@ impl<R: Runtime> Engine<R> {
             }
         }
         rec.exit_code = code;
-        rec.recorded_at = i.label(LABEL_BOUND_AT).and_then(|v| v.parse().ok());
-        let recorded = i.label(LABEL_CLAIM);
-        if rec.recorded.as_deref() != recorded {
-            rec.recorded = recorded.map(str::to_owned);
+        let recorded = crate::Recorded::of(&i);
+        let same = match (&rec.recorded, recorded) {
+            (Some(was), Some(now)) => was.is(now),
+            (was, now) => was.is_none() && now.is_none(),
+        };
+        if !same {
+            rec.recorded = recorded.map(|(claim, user, at)| {
+                Box::new(crate::Recorded {
+                    claim: claim.to_owned(),
+                    user: user.map(str::to_owned),
+                    at,
+                })
+            });
             self.touched.insert(name.clone());
             if let Some(p) = &rec.pool {
                 self.dirty_pools.insert(p.clone());
@@ -259,16 +268,21 @@ impl<R: Runtime> Engine<R> {
             }
             reset = used && rec.claim.is_none() && rec.quarantined.is_none();
         }
-        // A binding recorded on it late, for a claim bound elsewhere since: a write of a
-        // controller since replaced (or of this one, before a restart) that landed after the
-        // claim moved. It may hold that claim's files: reset (which clears the record), or it
-        // would stay occupied by nobody for good. Startup settles the same case at once. Not
-        // an instance bound here to another claim: this engine's own write of that binding
-        // comes after, and the report is older than it (a reset's answer can overtake the
-        // watch's report of what the reset did).
+        // A binding recorded on it late, for a claim bound elsewhere since, or whose binding
+        // has ended for good (released or expired): a write of a controller since replaced (or
+        // of this one, before a restart) that landed after the claim moved on. It may hold that
+        // claim's files: reset (which clears the record), or it would stay occupied by nobody
+        // for good. Startup settles the same case at once. Not an instance bound here to
+        // another claim: this engine's own write of that binding comes after, and the report
+        // is older than it (a reset's answer can overtake the watch's report of what the reset
+        // did). Nor one recording a claim unknown here: another controller's.
+        let ended = |c: &str| {
+            let rec = self.store.state().claims.get(c);
+            rec.is_some_and(|r| matches!(r.phase, RecPhase::Released | RecPhase::Expired))
+        };
         if self.started
             && let Some(rec) = self.instances.get(&name)
-            && let Some(c) = rec.recorded.as_deref()
+            && let Some(c) = rec.recorded.as_ref().map(|r| r.claim.as_str())
             && rec.claim.is_none()
             && !rec.resetting
             && rec.phase != InstancePhase::Dead
@@ -276,10 +290,9 @@ impl<R: Runtime> Engine<R> {
             && self
                 .claims
                 .get(c)
-                .and_then(|e| e.instance.as_deref())
-                .is_some_and(|i| i != name)
+                .is_some_and(|e| e.instance.as_deref().map_or(ended(c), |i| i != name))
         {
-            info!(instance = %name, claim = c, "records a claim bound elsewhere: resetting it");
+            info!(instance = %name, claim = c, "records a claim bound elsewhere or ended: resetting it");
             reset = true;
         }
         // Released before a crash (or a stop) and not reset since: reset before any reuse.
@@ -569,8 +582,12 @@ impl<R: Runtime> Engine<R> {
                         if let Some(rec) = self.instances.get_mut(&instance) {
                             // Never ours: as fresh as it was when it was picked.
                             rec.used = false;
-                            if holder.is_some() {
-                                rec.recorded = holder;
+                            if let Some(claim) = holder {
+                                rec.recorded = Some(Box::new(crate::Recorded {
+                                    claim,
+                                    user: None,
+                                    at: None,
+                                }));
                             }
                             self.touched.insert(instance.clone());
                             self.ops.push(Op::Fresh {

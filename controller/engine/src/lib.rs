@@ -223,11 +223,10 @@ struct InstRec {
     /// Published ports, as the runtime reports them.
     bindings: Vec<poolkeeper_runtime::PortBinding>,
     claim: Option<String>,
-    /// The claim the runtime records on the instance (runtimes that keep bindings, see
-    /// `Runtime::keeps_bindings`): it is nobody else's while it says so.
-    recorded: Option<String>,
-    /// When that binding was made, as recorded beside it (`LABEL_BOUND_AT`).
-    recorded_at: Option<u64>,
+    /// The binding the runtime records on the instance (runtimes that keep bindings, see
+    /// `Runtime::keeps_bindings`): it is nobody else's while it says so. Boxed: most instances
+    /// record none, and a record is 32 bytes smaller.
+    recorded: Option<Box<Recorded>>,
     /// Its reset is scheduled or in flight. A removal asked for meanwhile waits for it (the
     /// record is `Deleting` and `resetting`): a reset may make the instance again under its
     /// name (a pod's restart), after a removal that ran beside it.
@@ -249,6 +248,31 @@ struct InstRec {
     seen_epoch: u32,
     /// When this engine asked for it, until it is first ready (its pool's fill time).
     created_ms: Option<u64>,
+}
+
+/// A binding as the runtime records it on an instance (see `RecordedBinding`).
+#[derive(Debug, PartialEq, Eq)]
+struct Recorded {
+    claim: String,
+    /// The claim's user when it was bound (`LABEL_USER`); none on instances bound by versions
+    /// that did not record it.
+    user: Option<String>,
+    /// When it was bound (`LABEL_BOUND_AT`).
+    at: Option<u64>,
+}
+
+impl Recorded {
+    /// The binding `instance`'s labels record, if any.
+    fn of(instance: &poolkeeper_runtime::Instance) -> Option<(&str, Option<&str>, Option<u64>)> {
+        use poolkeeper_runtime::{LABEL_BOUND_AT, LABEL_CLAIM, LABEL_USER};
+        let claim = instance.label(LABEL_CLAIM)?;
+        let at = instance.label(LABEL_BOUND_AT).and_then(|v| v.parse().ok());
+        Some((claim, instance.label(LABEL_USER), at))
+    }
+
+    fn is(&self, (claim, user, at): (&str, Option<&str>, Option<u64>)) -> bool {
+        self.claim == claim && self.user.as_deref() == user && self.at == at
+    }
 }
 
 impl PoolEntry {
@@ -310,7 +334,6 @@ impl InstRec {
             bindings: Vec::new(),
             claim: None,
             recorded: None,
-            recorded_at: None,
             resetting: false,
             used: false,
             quarantined: None,

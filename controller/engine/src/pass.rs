@@ -87,7 +87,10 @@ impl<R: Runtime> Engine<R> {
             .claims
             .values()
             .filter_map(|r| r.bound_at_ms);
-        let latest_recorded = self.instances.values().filter_map(|r| r.recorded_at);
+        let latest_recorded = self
+            .instances
+            .values()
+            .filter_map(|r| r.recorded.as_ref()?.at);
         self.last_bound_at = latest_stored
             .chain(latest_recorded)
             .fold(self.last_bound_at, u64::max);
@@ -254,36 +257,35 @@ impl<R: Runtime> Engine<R> {
         // before the old record was cleared) is stale. The latest binding is the claim's: the
         // records are taken latest first.
         let mut adopted = HashSet::new();
-        let mut recorded: Vec<&crate::InstRec> = self
+        let mut recorded: Vec<(&crate::InstRec, &crate::Recorded)> = self
             .instances
             .values()
-            .map(|r| &**r)
-            .filter(|r| r.recorded.is_some())
+            .filter_map(|r| Some((&**r, &**r.recorded.as_ref()?)))
             .collect();
-        recorded.sort_by(|a, b| {
-            b.recorded_at
-                .cmp(&a.recorded_at)
-                .then_with(|| a.name.cmp(&b.name))
-        });
-        for r in recorded {
-            let Some(claim) = r.recorded.as_ref() else {
-                continue;
-            };
-            if r.resetting || r.phase == InstancePhase::Dead {
+        recorded.sort_by(|(a, ra), (b, rb)| rb.at.cmp(&ra.at).then_with(|| a.name.cmp(&b.name)));
+        for (r, rec) in recorded {
+            // Quarantined: kept as it is, for inspection, never bound again.
+            if r.resetting || r.phase == InstancePhase::Dead || r.quarantined.is_some() {
                 continue;
             }
+            let claim = &rec.claim;
             let record = st.claims.get(claim);
             match record.and_then(|c| c.instance.as_ref()) {
                 Some(i) if *i == r.name => {}
                 Some(_) => stale.push(r.name.clone()),
                 // A claim deleted while the controller started (and perhaps declared again) is
-                // not the one the instance records: the instance may hold its data.
+                // not the one the instance records: the instance may hold its data. Nor is one
+                // moved since to another pool or user (an instance records its claim's user; one
+                // bound by an earlier version does not), nor one whose binding ended for good
+                // (released or expired: the store would refuse to bind it again).
                 None => match self.claims.get(claim) {
                     Some(c)
                         if c.instance.is_none()
                             && !self.forgotten.contains(claim)
+                            && record.is_none_or(|x| x.phase == RecPhase::Waiting)
                             && r.claim.is_none()
                             && r.pool.as_deref() == Some(c.spec.pool.as_str())
+                            && rec.user.as_deref().is_none_or(|u| u == c.spec.user)
                             && !st.bound.contains_key(&r.name)
                             && !st.used.contains(&r.name)
                             && adopted.insert(claim.clone()) =>

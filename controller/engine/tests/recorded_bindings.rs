@@ -5,12 +5,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use common::*;
-use poolkeeper_kinds::{ClaimPhase, Kind, ObjKey, Spec};
+use poolkeeper_kinds::{ClaimPhase, Kind, ObjKey, ResetPolicy, Spec};
 use poolkeeper_runtime::memory::MemoryConfig;
-use poolkeeper_runtime::{LABEL_CLAIM, Runtime};
+use poolkeeper_runtime::{LABEL_CLAIM, LABEL_USER, RecordedBinding, Runtime, RuntimeError};
 
 fn recording() -> Sim {
     let mut sim = Sim::with_config(MemoryConfig {
@@ -141,7 +143,7 @@ async fn a_claim_that_two_instances_record_is_adopted_by_one_and_the_other_is_re
         .next()
         .expect("another instance");
     sim.mem
-        .bind(&stale, Some(("c1", 0)))
+        .bind(&stale, Some(RecordedBinding::new("c1", "u", 0)))
         .await
         .expect("recorded");
     sim.restart_with_empty_store().await;
@@ -180,7 +182,7 @@ async fn of_two_instances_recording_a_claim_the_later_binding_is_adopted() {
         let stale = &others[round % others.len()];
         // An earlier binding of the name, never cleared.
         sim.mem
-            .bind(stale, Some(("c1", 1)))
+            .bind(stale, Some(RecordedBinding::new("c1", "u", 1)))
             .await
             .expect("recorded");
         sim.restart_with_empty_store().await;
@@ -271,7 +273,7 @@ async fn a_binding_that_lands_late_on_a_second_instance_is_undone() {
         .find(|n| *n != mine)
         .expect("a warm instance");
     sim.mem
-        .bind(&late, Some(("c1", 0)))
+        .bind(&late, Some(RecordedBinding::new("c1", "u", 0)))
         .await
         .expect("the late write lands");
     sim.wait_until("only c1's instance records it", |_, insts| {
@@ -351,4 +353,163 @@ async fn a_claim_deleted_and_declared_again_while_an_empty_store_starts_gets_a_f
                 .all(|i| i.name == new || i.label(LABEL_CLAIM).is_none())
     })
     .await;
+}
+
+/// Found in review: a controller on an empty store learns of a binding from its instance's
+/// record only, which named the claim and not its user. A claim moved to another user while no
+/// store remembered its binding (while the controller was down, or while it started) was handed
+/// the instance its old user had, with whatever that user left in it. An instance records its
+/// claim's user now; one that records another user is reset.
+#[tokio::test]
+async fn a_claim_moved_to_another_user_while_no_store_remembers_it_gets_a_fresh_instance() {
+    for while_starting in [false, true] {
+        let (mut sim, old) = c1_bound().await;
+        let on_old = sim.mem.instances().into_iter().find(|i| i.name == old);
+        assert_eq!(on_old.expect("u's instance").label(LABEL_USER), Some("u"));
+        let v = declared("v", Spec::User(user(10)), 100);
+        let moved = declared("c1", Spec::Claim(claim("p", "v")), 101);
+        sim.declared.insert(v.key(), v);
+        if while_starting {
+            sim.restart_with_empty_store_then(|h| h.apply(moved.clone()).expect("running"))
+                .await;
+        } else {
+            sim.declared.insert(moved.key(), moved.clone());
+            sim.restart_with_empty_store().await;
+        }
+        sim.declared.insert(moved.key(), moved);
+        let new = sim.wait_bound("c1").await;
+        assert_ne!(
+            new, old,
+            "while starting: {while_starting}: v got u's instance"
+        );
+        sim.wait_until("u's instance is reset", |_, insts| {
+            insts.iter().all(|i| i.name != old)
+        })
+        .await;
+        let on_new = sim.mem.instances().into_iter().find(|i| i.name == new);
+        assert_eq!(on_new.expect("v's instance").label(LABEL_USER), Some("v"));
+    }
+}
+
+/// A pool of `warm` whose instances record their bindings and take a claim's files in `/work`.
+fn recording_with_files(warm: u32) -> Sim {
+    let mut sim = Sim::with_config(MemoryConfig {
+        keep_bindings: true,
+        ..MemoryConfig::default()
+    });
+    sim.apply("u", Spec::User(user(10)));
+    let p = with_files(pool("img", warm, Some(8)), "/work");
+    sim.apply("p", Spec::Pool(p));
+    sim
+}
+
+/// Found in review: an instance quarantined for a failed copy of a claim's files still records
+/// the claim (a binding is recorded before anything is copied). The next report of it (a
+/// resync), or a restart, took it for a binding that landed late, its claim bound elsewhere
+/// since, and reset it, which with `Recreate` removes it: what quarantine keeps for inspection
+/// was gone.
+#[tokio::test]
+async fn an_instance_quarantined_with_its_claim_recorded_is_kept_across_resyncs_and_restarts() {
+    let mut sim = recording_with_files(3);
+    sim.wait_warm("p", 3).await;
+    sim.mem
+        .fail_next_files(1, RuntimeError::Failed("disk".to_owned()));
+    let mut c = claim("p", "u");
+    c.files = BTreeMap::from([("a".to_owned(), "x".to_owned())]);
+    sim.apply("c1", Spec::Claim(c));
+    let snap = sim
+        .wait_until("an instance is quarantined", |snap, _| {
+            snap.instances.iter().any(|i| i.quarantined.is_some())
+        })
+        .await;
+    let q = snap.instances.iter().find(|i| i.quarantined.is_some());
+    let q = q.expect("quarantined").name.clone();
+    assert_ne!(sim.wait_bound("c1").await, q);
+    let kept = |sim: &Sim| {
+        let on_q = sim.mem.instances().into_iter().find(|i| i.name == q);
+        on_q.is_some_and(|i| i.label(LABEL_CLAIM) == Some("c1"))
+    };
+    assert!(kept(&sim), "{q} records c1 when it is quarantined");
+    for restart in [false, true] {
+        if restart {
+            sim.restart().await;
+        } else {
+            sim.resync().await;
+        }
+        // Past any hold of a removal (at most 60 s).
+        for _ in 0..7 {
+            sim.advance(Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let snap = sim.wait_warm("p", 3).await;
+        assert!(kept(&sim), "restart: {restart}: {q} was reset");
+        let still = snap.instances.iter().find(|i| i.name == q);
+        assert!(still.is_some_and(|i| i.quarantined.is_some()), "{snap:?}");
+    }
+}
+
+/// Found in review: a binding recorded late (by a controller since replaced) for a claim whose
+/// lease has run out. The instance was held by nobody for good, and a controller started again
+/// adopted it for the expired claim: the store refused the binding, and every pass bound the
+/// claim again and was refused again. Such an instance is reset, at once and at a start.
+#[tokio::test]
+async fn a_binding_recorded_late_for_an_expired_claim_is_undone_running_and_at_a_start() {
+    let mut sim = Sim::with_config(MemoryConfig {
+        keep_bindings: true,
+        ..MemoryConfig::default()
+    });
+    sim.apply("u", Spec::User(user(10)));
+    // One instance at most: the one reset after the lease is not removed as one too many.
+    let mut p = pool("img", 1, Some(1));
+    p.reset = ResetPolicy::Restart;
+    sim.apply("p", Spec::Pool(p));
+    sim.wait_warm("p", 1).await;
+    let mut c = claim("p", "u");
+    c.ttl = Some("1s".to_owned());
+    sim.apply("c1", Spec::Claim(c));
+    let inst = sim.wait_bound("c1").await;
+    sim.advance(Duration::from_secs(2));
+    sim.wait_phase("c1", ClaimPhase::Expired).await;
+    let nothing_records_c1 = |insts: &[poolkeeper_runtime::Instance]| {
+        insts.iter().all(|i| i.label(LABEL_CLAIM).is_none())
+    };
+    sim.wait_until("the reset cleared the record", |_, insts| {
+        nothing_records_c1(insts)
+    })
+    .await;
+    for restart in [false, true] {
+        // Nothing for the running controller to see before its restart.
+        sim.mem.drop_events(restart);
+        sim.mem
+            .bind(&inst, Some(RecordedBinding::new("c1", "u", 0)))
+            .await
+            .unwrap_or_else(|e| panic!("restart {restart}: the late write lands: {e}"));
+        sim.mem.drop_events(false);
+        if restart {
+            sim.restart().await;
+        }
+        sim.wait_until("nothing records c1", |_, insts| nothing_records_c1(insts))
+            .await;
+        let snap = sim.wait_warm("p", 1).await;
+        let st = claim_status(&snap, "c1").expect("c1");
+        assert_eq!((st.phase, st.instance), (ClaimPhase::Expired, None));
+    }
+}
+
+/// An instance bound by a version that recorded no user is adopted by its claim and pool, as
+/// before: upgrading a controller on an empty store (a new pod) keeps every binding.
+#[tokio::test]
+async fn a_binding_recorded_without_a_user_by_an_earlier_version_is_adopted() {
+    let (mut sim, old) = c1_bound().await;
+    sim.mem.drop_events(true);
+    assert!(sim.mem.remove_label(&old, LABEL_USER));
+    sim.mem.drop_events(false);
+    sim.restart_with_empty_store().await;
+    assert_eq!(sim.wait_bound("c1").await, old);
+    let snap = sim.snapshot().await;
+    let events = events_of(&snap, Kind::Claim, "c1");
+    assert!(
+        events.iter().any(|e| e.reason == "BindingRecovered"),
+        "{events:?}"
+    );
 }

@@ -41,7 +41,8 @@ use tracing::{debug, warn};
 
 use poolkeeper_runtime::{
     ExecOutput, Instance, InstanceSpec, LABEL_BOUND_AT, LABEL_CLAIM, LABEL_CONTROLLER,
-    LABEL_MANAGED, LABEL_POOL, NodeStatus, Result, Runtime, RuntimeError, RuntimeEvent,
+    LABEL_MANAGED, LABEL_POOL, LABEL_USER, NodeStatus, RecordedBinding, Result, Runtime,
+    RuntimeError, RuntimeEvent,
 };
 
 pub use pods::{ANNOTATION_EXPOSURE, ANNOTATION_PORTS, instance_of};
@@ -865,8 +866,10 @@ impl Runtime for KubeRuntime {
         true
     }
 
-    async fn bind(&self, name: &str, claim: Option<(&str, u64)>) -> Result<()> {
-        let (claim, at) = (claim.map(|c| c.0), claim.map(|c| c.1.to_string()));
+    async fn bind(&self, name: &str, binding: Option<RecordedBinding<'_>>) -> Result<()> {
+        let claim = binding.map(|b| b.claim);
+        let user = binding.map(|b| b.user);
+        let at = binding.map(|b| b.at_ms.to_string());
         // The version the watch last showed; a fresh read when it is stale or unknown.
         let mut version = self.version_of(name);
         for _ in 0..5 {
@@ -899,7 +902,7 @@ impl Runtime for KubeRuntime {
             let patch = serde_json::json!({
                 "metadata": {
                     "resourceVersion": rv,
-                    "labels": { LABEL_CLAIM: claim, LABEL_BOUND_AT: at },
+                    "labels": { LABEL_CLAIM: claim, LABEL_USER: user, LABEL_BOUND_AT: at },
                 }
             });
             match self

@@ -736,6 +736,7 @@ pub fn fresh_copy(pod: &Pod) -> Pod {
     let mut labels = pod.metadata.labels.clone().unwrap_or_default();
     labels.remove(LABEL_CLAIM);
     labels.remove(poolkeeper_runtime::LABEL_BOUND_AT);
+    labels.remove(poolkeeper_runtime::LABEL_USER);
     let mut spec = pod.spec.clone().unwrap_or_default();
     spec.node_name = None;
     // What a stop set (see `stopping_patch`): the fresh pod runs until stopped again.

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use poolkeeper_kinds::{ContainerPort, Exposure, Protocol};
 use poolkeeper_runtime::{
-    InstanceSpec, InstanceState, LABEL_MANAGED, LABEL_POOL, PortBinding, Runtime, RuntimeError,
-    RuntimeEvent,
+    InstanceSpec, InstanceState, LABEL_MANAGED, LABEL_POOL, PortBinding, RecordedBinding, Runtime,
+    RuntimeError, RuntimeEvent,
 };
 use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
 
@@ -278,7 +278,10 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
     ));
     assert_eq!(listed.await.expect("join").expect("list").len(), 1);
 
-    let bound = tokio::spawn(async move { rt.bind("web-a1", Some(("c1", 1))).await });
+    let bound = tokio::spawn(async move {
+        rt.bind("web-a1", Some(RecordedBinding::new("c1", "alice", 1)))
+            .await
+    });
     // The version seen, as a precondition.
     let (m, uri, body, send) = next(&mut h).await;
     assert_eq!(
@@ -287,6 +290,8 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
     );
     assert_eq!(body["metadata"]["resourceVersion"], "15");
     assert_eq!(body["metadata"]["labels"]["poolkeeper.dev/claim"], "c1");
+    assert_eq!(body["metadata"]["labels"]["poolkeeper.dev/user"], "alice");
+    assert_eq!(body["metadata"]["labels"]["poolkeeper.dev/bound-at"], "1");
     send.send_response(resp(
         409,
         &status(409, "Conflict", "the object has been modified"),
@@ -308,7 +313,10 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
 #[tokio::test]
 async fn a_pod_another_claim_took_meanwhile_is_a_conflict_and_is_not_patched() {
     let (rt, mut h) = runtime();
-    let bound = tokio::spawn(async move { rt.bind("web-a1", Some(("c1", 1))).await });
+    let bound = tokio::spawn(async move {
+        rt.bind("web-a1", Some(RecordedBinding::new("c1", "alice", 1)))
+            .await
+    });
     // Never seen: read first; another controller's claim is on it.
     let (m, _, _, send) = next(&mut h).await;
     assert_eq!(m, "GET");
@@ -334,10 +342,10 @@ async fn unbinding_removes_the_label_and_remove_deletes_the_pod_and_its_service(
     send.send_response(resp(200, &pod("web-a1", "40", Some("c1"))));
     let (m, _, body, send) = next(&mut h).await;
     assert_eq!(m, "PATCH");
-    assert_eq!(
-        body["metadata"]["labels"]["poolkeeper.dev/claim"],
-        Value::Null
-    );
+    for label in ["claim", "user", "bound-at"] {
+        let key = format!("poolkeeper.dev/{label}");
+        assert_eq!(body["metadata"]["labels"][&key], Value::Null, "{key}");
+    }
     assert_eq!(body["metadata"]["resourceVersion"], "40");
     send.send_response(resp(200, &pod("web-a1", "41", None)));
     unbound.await.expect("join").expect("unbound");

@@ -44,6 +44,26 @@ pub const LABEL_CLAIM: &str = "poolkeeper.dev/claim";
 /// of two instances recording one claim name (a claim deleted and declared again while the old
 /// instance's reset had not cleared it), the later binding is the claim's.
 pub const LABEL_BOUND_AT: &str = "poolkeeper.dev/bound-at";
+/// The user of the claim recorded there, when it was bound: a claim moved to another user while
+/// no store remembered its binding is not handed the instance its old user had (and may have
+/// left data in). Instances bound by earlier versions record no user.
+pub const LABEL_USER: &str = "poolkeeper.dev/user";
+
+/// A binding as a runtime that keeps bindings records it on the instance
+/// ([`Runtime::keeps_bindings`]): [`LABEL_CLAIM`], [`LABEL_USER`] and [`LABEL_BOUND_AT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordedBinding<'a> {
+    pub claim: &'a str,
+    pub user: &'a str,
+    /// When it was bound: milliseconds since the epoch, on the binding controller's clock.
+    pub at_ms: u64,
+}
+
+impl<'a> RecordedBinding<'a> {
+    pub fn new(claim: &'a str, user: &'a str, at_ms: u64) -> Self {
+        RecordedBinding { claim, user, at_ms }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortBinding {
@@ -261,16 +281,16 @@ pub trait Runtime: Send + Sync + 'static {
     fn keeps_bindings(&self) -> bool {
         false
     }
-    /// Records `claim` on the instance with when it was bound ([`LABEL_CLAIM`],
-    /// [`LABEL_BOUND_AT`]), or clears both with `None`, failing when another claim holds it or
-    /// the instance changed since it was last seen (so that two controllers never bind one
-    /// instance twice). A no-op on runtimes that do not keep bindings.
+    /// Records a binding on the instance (see [`RecordedBinding`]), or clears it with `None`,
+    /// failing when another claim holds it or the instance changed since it was last seen (so
+    /// that two controllers never bind one instance twice). A no-op on runtimes that do not keep
+    /// bindings.
     fn bind(
         &self,
         name: &str,
-        claim: Option<(&str, u64)>,
+        binding: Option<RecordedBinding<'_>>,
     ) -> impl Future<Output = Result<()>> + Send {
-        let _ = (name, claim);
+        let _ = (name, binding);
         async { Ok(()) }
     }
     /// Sets the instance's cpu (millicores) and memory (bytes) limits in place, while it runs;

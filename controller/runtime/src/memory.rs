@@ -269,6 +269,21 @@ impl MemoryRuntime {
         true
     }
 
+    /// Removes a label from the instance, as an earlier version that did not set it would have
+    /// left it. False when there is no such instance.
+    pub fn remove_label(&self, name: &str, key: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return false;
+        };
+        let mut labels = (*sim.instance.labels).clone();
+        labels.remove(key);
+        sim.instance.labels = Arc::new(labels);
+        let i = sim.instance.clone();
+        inner.emit(RuntimeEvent::Changed(i));
+        true
+    }
+
     /// The next `n` file copies fail with `error`.
     pub fn fail_next_files(&self, n: u32, error: RuntimeError) {
         self.lock().fail_files = (n > 0).then_some((n, error));
@@ -413,8 +428,8 @@ impl Runtime for MemoryRuntime {
     }
 
     /// As the pod runtime: the claim label set (or cleared), refused while another claim's.
-    async fn bind(&self, name: &str, claim: Option<(&str, u64)>) -> Result<()> {
-        let (claim, at) = (claim.map(|c| c.0), claim.map(|c| c.1));
+    async fn bind(&self, name: &str, binding: Option<crate::RecordedBinding<'_>>) -> Result<()> {
+        let claim = binding.map(|b| b.claim);
         let mut inner = self.lock();
         if !inner.config.keep_bindings {
             return Ok(());
@@ -434,13 +449,15 @@ impl Runtime for MemoryRuntime {
             });
         }
         let mut labels = (*sim.instance.labels).clone();
-        match (claim, at) {
-            (Some(c), Some(at)) => {
-                labels.insert(crate::LABEL_CLAIM.to_owned(), c.to_owned());
-                labels.insert(crate::LABEL_BOUND_AT.to_owned(), at.to_string());
+        match binding {
+            Some(b) => {
+                labels.insert(crate::LABEL_CLAIM.to_owned(), b.claim.to_owned());
+                labels.insert(crate::LABEL_USER.to_owned(), b.user.to_owned());
+                labels.insert(crate::LABEL_BOUND_AT.to_owned(), b.at_ms.to_string());
             }
-            _ => {
+            None => {
                 labels.remove(crate::LABEL_CLAIM);
+                labels.remove(crate::LABEL_USER);
                 labels.remove(crate::LABEL_BOUND_AT);
             }
         }

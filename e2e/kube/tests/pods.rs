@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use poolkeeper_e2e_kube::{Cluster, cluster, eventually, start_on};
-use poolkeeper_runtime::{LABEL_CLAIM, LABEL_POOL, Runtime, RuntimeError};
+use poolkeeper_runtime::{LABEL_CLAIM, LABEL_POOL, RecordedBinding, Runtime, RuntimeError};
 use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
 use poolkeeper_source_kube::kube::api::{Api, ListParams};
 
@@ -283,8 +283,8 @@ async fn two_controllers_racing_for_one_pod_bind_it_once() {
         let claim_a = format!("a{round}");
         let claim_b = format!("b{round}");
         let (ra, rb) = tokio::join!(
-            a.bind("race-1", Some((&claim_a, 1))),
-            b.bind("race-1", Some((&claim_b, 2)))
+            a.bind("race-1", Some(RecordedBinding::new(&claim_a, "u", 1))),
+            b.bind("race-1", Some(RecordedBinding::new(&claim_b, "u", 2)))
         );
         let won: Vec<&str> = [(&ra, claim_a.as_str()), (&rb, claim_b.as_str())]
             .iter()

@@ -21,8 +21,8 @@ use poolkeeper_kinds::{
 use poolkeeper_kinds::{Kind, ObjKey, Object, Origin, Spec};
 use poolkeeper_runtime::memory::{MemoryConfig, MemoryRuntime};
 use poolkeeper_runtime::{
-    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_HASH, LABEL_POOL, Result as RtResult,
-    Runtime, RuntimeEvent,
+    ExecOutput, Instance, InstanceSpec, InstanceState, LABEL_HASH, LABEL_POOL, RecordedBinding,
+    Result as RtResult, Runtime, RuntimeEvent,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -88,7 +88,7 @@ impl Runtime for Counting {
         self.mem.resize(name, cpu_millis, memory_bytes).await
     }
 
-    async fn bind(&self, name: &str, claim: Option<(&str, u64)>) -> RtResult<()> {
+    async fn bind(&self, name: &str, claim: Option<RecordedBinding<'_>>) -> RtResult<()> {
         let delay = self.bind_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -100,7 +100,8 @@ impl Runtime for Counting {
                 .is_ok()
         {
             // Another controller's claim lands on the instance first.
-            self.mem.bind(name, Some(("taken-elsewhere", 0))).await?;
+            let theirs = RecordedBinding::new("taken-elsewhere", "someone", 0);
+            self.mem.bind(name, Some(theirs)).await?;
             return Err(poolkeeper_runtime::RuntimeError::Conflict {
                 instance: name.to_owned(),
                 reason: format!("{name} is bound to claim taken-elsewhere"),
