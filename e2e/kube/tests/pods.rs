@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use poolkeeper_e2e_kube::{Cluster, cluster, eventually, start_on};
-use poolkeeper_runtime::{LABEL_CLAIM, LABEL_POOL, RecordedBinding, Runtime, RuntimeError};
+use poolkeeper_runtime::{
+    LABEL_CLAIM, LABEL_POOL, LABEL_USER, RecordedBinding, Runtime, RuntimeError,
+};
 use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
 use poolkeeper_source_kube::kube::api::{Api, ListParams};
 
@@ -169,6 +171,14 @@ async fn a_pool_of_pods_fills_binds_on_the_pod_resets_and_replaces_a_pod_deleted
     let instance = jsonpath(&c, &ns, "claim/c1", "{.status.instance}");
     let on_pods = recorded(&c, &ns).await;
     assert_eq!(on_pods.get("c1"), Some(&instance), "{on_pods:?}");
+    // With its user: a claim moved to another user is not handed this pod by a controller
+    // that lost its store.
+    let pods = pods_of(&c, &ns).await;
+    let pod = pods
+        .into_iter()
+        .find(|p| p.metadata.name.as_ref() == Some(&instance));
+    let labels = pod.and_then(|p| p.metadata.labels).unwrap_or_default();
+    assert_eq!(labels.get(LABEL_USER).map(String::as_str), Some("alice"));
     let endpoint = jsonpath(&c, &ns, "claim/c1", "{.status.endpoint.address}");
     assert_eq!(endpoint, format!("{instance}.{ns}.svc:8080"));
 
