@@ -156,7 +156,11 @@ impl<R: Runtime> Engine<R> {
                 self.dirty_pools.insert(old_pool);
             }
             if moved {
-                self.index_claim(&name, seq);
+                // A claim whose binding ended for good stays ended wherever it moves (the store
+                // would refuse to bind it again): it waits in no queue.
+                if !self.ended_for_good(&name) {
+                    self.index_claim(&name, seq);
+                }
             } else if resized {
                 self.resize_bound(&name, now);
             }
@@ -245,6 +249,20 @@ impl<R: Runtime> Engine<R> {
         } else {
             self.touch_claim(&name);
         }
+    }
+
+    /// Whether the claim's binding has ended for good (released or expired), in the store or
+    /// earlier in this batch.
+    fn ended_for_good(&self, name: &str) -> bool {
+        let ended = |p: RecPhase| matches!(p, RecPhase::Released | RecPhase::Expired);
+        let in_batch = self.ops.iter().rev().find_map(|op| match op {
+            Op::Unbind { claim, to } if claim == name => Some(ended(*to)),
+            _ => None,
+        });
+        in_batch.unwrap_or_else(|| {
+            let rec = self.store.state().claims.get(name);
+            rec.is_some_and(|r| ended(r.phase))
+        })
     }
 
     fn index_claim(&mut self, name: &str, seq: u64) {

@@ -523,6 +523,26 @@ async fn a_claim_expires_after_its_ttl_and_recreate_replaces_its_instance() {
     assert_eq!((c.phase, c.instance), (ClaimPhase::Expired, None));
 }
 
+/// Found in review: an expired claim moved to another pool or user was queued there, and each
+/// pass bound it and had the binding refused by the store (a claim whose binding ended for good
+/// never binds again), counting a hit each time. It stays expired wherever it moves.
+#[tokio::test]
+async fn an_expired_claim_moved_to_another_pool_stays_expired_and_is_not_bound() {
+    let (mut s, _) = c1_leased_on_py("1m").await;
+    s.advance(Duration::from_secs(61));
+    s.wait_phase("c1", ClaimPhase::Expired).await;
+    s.apply("c1", ttl_claim("web", "1m"));
+    for _ in 0..5 {
+        s.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let snap = s.resync().await;
+    let c = claim_status(&snap, "c1").unwrap();
+    assert_eq!((c.phase, c.instance), (ClaimPhase::Expired, None));
+    let web = pool_status(&snap, "web").unwrap();
+    assert_eq!((web.hits, web.misses, web.bound), (0, 0, 0), "{web:?}");
+}
+
 #[tokio::test]
 async fn an_expiry_is_flushed_before_its_instance_is_removed_so_a_power_loss_cannot_rebind_it() {
     let mut s = sim();
