@@ -8,7 +8,7 @@ use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_kinds::ResetPolicy;
 use poolkeeper_runtime::{
     Instance, InstanceState, LABEL_CONTAINER, LABEL_DEPLOYMENT, LABEL_HASH, LABEL_MANAGED,
-    LABEL_POOL, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
+    LABEL_POOL, LABEL_QUARANTINED, LABEL_REPLICA, Runtime, RuntimeError, RuntimeEvent,
 };
 
 use crate::durable::{Op, RecPhase};
@@ -184,6 +184,7 @@ impl<R: Runtime> Engine<R> {
         }
         rec.exit_code = code;
         let recorded = crate::Recorded::of(&i);
+        let marked_quarantined = i.label(LABEL_QUARANTINED).is_some();
         let same = match (&rec.recorded, recorded) {
             (Some(was), Some(now)) => was.is(now),
             (was, now) => was.is_none() && now.is_none(),
@@ -255,7 +256,14 @@ impl<R: Runtime> Engine<R> {
                 Some(e) => e.instance.as_deref() == Some(name.as_str()),
                 None => !self.started && !self.forgotten.contains(c),
             });
-        let quarantined = st.quarantined.get(&name).cloned();
+        let mut quarantined = st.quarantined.get(&name).cloned();
+        // Quarantined as the instance records it, where the store does not (a controller that
+        // lost its store): kept out of service, and durably so.
+        let mut quarantine_recorded = None;
+        if quarantined.is_none() && marked_quarantined && !st.bound.contains_key(&name) {
+            quarantined = Some(RECORDED_QUARANTINE.to_owned());
+            quarantine_recorded = quarantined.clone();
+        }
         let used = first_sighting && st.used.contains(&name);
         let mut reset = false;
         if let Some(rec) = self.instances.get_mut(&name) {
@@ -263,10 +271,20 @@ impl<R: Runtime> Engine<R> {
             if rec.claim.is_none() && bound.is_some() {
                 rec.claim = bound;
             }
+            if rec.quarantined.is_some() {
+                quarantine_recorded = None;
+            }
             if quarantined.is_some() {
                 rec.quarantined = quarantined;
             }
             reset = used && rec.claim.is_none() && rec.quarantined.is_none();
+        }
+        if let Some(reason) = quarantine_recorded {
+            info!(instance = %name, "quarantined, as the instance records: kept out of service");
+            self.ops.push(Op::Quarantine {
+                instance: name.clone(),
+                reason,
+            });
         }
         // A binding recorded on it late, for a claim bound elsewhere since, or whose binding
         // has ended for good (released or expired): a write of a controller since replaced (or
@@ -285,6 +303,7 @@ impl<R: Runtime> Engine<R> {
             && let Some(c) = rec.recorded.as_ref().map(|r| r.claim.as_str())
             && rec.claim.is_none()
             && !rec.resetting
+            && rec.quarantined.is_none()
             && rec.phase != InstancePhase::Dead
             && rec.deployment.is_none()
             && self
@@ -513,6 +532,9 @@ impl<R: Runtime> Engine<R> {
                         self.ops.push(Op::Quarantine {
                             instance: name.clone(),
                             reason: reason.clone(),
+                        });
+                        self.after_commit.push(AfterCommit::Quarantine {
+                            instance: name.clone(),
                         });
                         if let Some(p) = pool.as_ref().and_then(|p| self.pools.get_mut(p)) {
                             let msg = format!("instance {name}: {reason}");
@@ -864,8 +886,29 @@ impl<R: Runtime> Engine<R> {
             instance: instance.to_owned(),
             reason,
         });
+        self.after_commit.push(AfterCommit::Quarantine {
+            instance: instance.to_owned(),
+        });
+    }
+
+    /// Records the quarantine on the instance (runtimes that keep bindings), once the store has
+    /// it: a controller that loses its store keeps the instance out of service too.
+    pub(crate) fn record_quarantine(&self, instance: &str) {
+        if !self.rt.keeps_bindings() {
+            return;
+        }
+        let rt = self.rt.clone();
+        let instance = instance.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = rt.quarantine(&instance).await {
+                warn!(%instance, error = %e, "could not record the quarantine on the instance");
+            }
+        });
     }
 }
+
+/// Why an instance is quarantined when only the instance says so (its label).
+const RECORDED_QUARANTINE: &str = "quarantined before the controller lost its state store (the instance records it; the reason was in that store)";
 
 /// The template's limits of the resources a pool lets claims change (`claimResources`): what a
 /// reset that keeps the instance gives back. `None` when claims cannot change any.

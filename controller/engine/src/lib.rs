@@ -262,12 +262,17 @@ struct Recorded {
 }
 
 impl Recorded {
-    /// The binding `instance`'s labels record, if any.
+    /// The binding `instance`'s labels record, if any. Its user only if the user label was
+    /// written with this binding (an earlier version rebinding it left the label as it was).
     fn of(instance: &poolkeeper_runtime::Instance) -> Option<(&str, Option<&str>, Option<u64>)> {
-        use poolkeeper_runtime::{LABEL_BOUND_AT, LABEL_CLAIM, LABEL_USER};
+        use poolkeeper_runtime::{LABEL_BOUND_AT, LABEL_CLAIM, LABEL_USER, LABEL_USER_BOUND_AT};
         let claim = instance.label(LABEL_CLAIM)?;
-        let at = instance.label(LABEL_BOUND_AT).and_then(|v| v.parse().ok());
-        Some((claim, instance.label(LABEL_USER), at))
+        let at_label = instance.label(LABEL_BOUND_AT);
+        let at = at_label.and_then(|v| v.parse().ok());
+        let user = instance
+            .label(LABEL_USER)
+            .filter(|_| at_label.is_some() && instance.label(LABEL_USER_BOUND_AT) == at_label);
+        Some((claim, user, at))
     }
 
     fn is(&self, (claim, user, at): (&str, Option<&str>, Option<u64>)) -> bool {
@@ -410,6 +415,8 @@ enum AfterCommit {
     Bound { claim: String, instance: String },
     /// The instance's claim ended durably: reset it per the pool's policy.
     Reset { instance: String },
+    /// The instance is quarantined durably: record it on the instance too.
+    Quarantine { instance: String },
 }
 
 pub struct Engine<R: Runtime> {

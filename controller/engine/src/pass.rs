@@ -452,6 +452,7 @@ impl<R: Runtime> Engine<R> {
                     self.start_bound(&claim, &instance, now);
                 }
                 AfterCommit::Reset { instance } => self.start_reset(&instance),
+                AfterCommit::Quarantine { instance } => self.record_quarantine(&instance),
             }
         }
         for c in std::mem::take(&mut self.to_report) {

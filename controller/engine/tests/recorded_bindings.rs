@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::*;
 use poolkeeper_kinds::{ClaimPhase, Kind, ObjKey, ResetPolicy, Spec};
 use poolkeeper_runtime::memory::MemoryConfig;
-use poolkeeper_runtime::{LABEL_CLAIM, LABEL_USER, RecordedBinding, Runtime, RuntimeError};
+use poolkeeper_runtime::{
+    LABEL_BOUND_AT, LABEL_CLAIM, LABEL_USER, RecordedBinding, Runtime, RuntimeError,
+};
 
 fn recording() -> Sim {
     let mut sim = Sim::with_config(MemoryConfig {
@@ -391,14 +393,14 @@ async fn a_claim_moved_to_another_user_while_no_store_remembers_it_gets_a_fresh_
     }
 }
 
-/// A pool of `warm` whose instances record their bindings and take a claim's files in `/work`.
-fn recording_with_files(warm: u32) -> Sim {
+/// A pool of `warm` (at most `max`) whose instances record their bindings and take a claim's files in `/work`.
+fn recording_with_files(warm: u32, max: u32) -> Sim {
     let mut sim = Sim::with_config(MemoryConfig {
         keep_bindings: true,
         ..MemoryConfig::default()
     });
     sim.apply("u", Spec::User(user(10)));
-    let p = with_files(pool("img", warm, Some(8)), "/work");
+    let p = with_files(pool("img", warm, Some(max)), "/work");
     sim.apply("p", Spec::Pool(p));
     sim
 }
@@ -410,7 +412,7 @@ fn recording_with_files(warm: u32) -> Sim {
 /// was gone.
 #[tokio::test]
 async fn an_instance_quarantined_with_its_claim_recorded_is_kept_across_resyncs_and_restarts() {
-    let mut sim = recording_with_files(3);
+    let mut sim = recording_with_files(3, 8);
     sim.wait_warm("p", 3).await;
     sim.mem
         .fail_next_files(1, RuntimeError::Failed("disk".to_owned()));
@@ -502,7 +504,7 @@ async fn a_binding_recorded_late_for_an_expired_claim_is_undone_running_and_at_a
 async fn a_binding_recorded_without_a_user_by_an_earlier_version_is_adopted() {
     let (mut sim, old) = c1_bound().await;
     sim.mem.drop_events(true);
-    assert!(sim.mem.remove_label(&old, LABEL_USER));
+    assert!(sim.mem.set_label(&old, LABEL_USER, None));
     sim.mem.drop_events(false);
     sim.restart_with_empty_store().await;
     assert_eq!(sim.wait_bound("c1").await, old);
@@ -512,4 +514,76 @@ async fn a_binding_recorded_without_a_user_by_an_earlier_version_is_adopted() {
         events.iter().any(|e| e.reason == "BindingRecovered"),
         "{events:?}"
     );
+}
+
+/// Found in review: a quarantine lived in the store only, and a controller on the pod runtime
+/// starts with an empty store whenever its pod is replaced (the chart's state folder is an
+/// emptyDir). The instance came back into service: adopted by the claim it still recorded (a
+/// claim that waits, its pool at its ceiling), or handed on. The instance records its
+/// quarantine now.
+#[tokio::test]
+async fn a_quarantined_instance_stays_out_of_service_when_the_store_is_lost() {
+    let mut sim = recording_with_files(1, 1);
+    sim.wait_warm("p", 1).await;
+    let q = sim.mem.instances()[0].name.clone();
+    sim.mem
+        .fail_next_files(1, RuntimeError::Failed("disk".to_owned()));
+    let mut c = claim("p", "u");
+    c.files = BTreeMap::from([("a".to_owned(), "x".to_owned())]);
+    sim.apply("c1", Spec::Claim(c));
+    sim.wait_until("q is quarantined and records it", |snap, insts| {
+        let marked = insts
+            .iter()
+            .any(|i| i.name == q && i.label(poolkeeper_runtime::LABEL_QUARANTINED) == Some("true"));
+        marked && snap.instances.iter().any(|i| i.quarantined.is_some())
+    })
+    .await;
+    sim.restart_with_empty_store().await;
+    for _ in 0..5 {
+        sim.advance(Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snap = sim
+        .wait_until("q is quarantined again", |snap, _| {
+            snap.instances
+                .iter()
+                .any(|i| i.name == q && i.quarantined.is_some())
+        })
+        .await;
+    let st = claim_status(&snap, "c1").expect("c1");
+    assert_eq!(
+        (st.phase, st.instance),
+        (ClaimPhase::Pending, None),
+        "c1 waits: the only instance allowed is quarantined"
+    );
+    assert!(
+        sim.mem.instances().iter().any(|i| i.name == q),
+        "{q} was removed"
+    );
+    assert_eq!(pool_status(&snap, "p").expect("p").quarantined, 1);
+}
+
+/// Found in review: an earlier version, which knows no user label, rebinds an instance (after
+/// a rollback) and leaves the user label of the binding before. Taken for the new binding's
+/// user, it made a controller started on an empty store reset an instance its claim still
+/// uses. A user label counts only with the binding it was written with.
+#[tokio::test]
+async fn a_user_label_left_from_an_earlier_binding_is_not_taken_for_the_claims_user() {
+    let (mut sim, inst) = c1_bound().await;
+    // As an earlier version leaves it: c1 declared again for v and bound to the same instance;
+    // the claim and bound-at labels rewritten, the user labels (unknown to it) left.
+    let on_inst = sim.mem.instances().into_iter().find(|i| i.name == inst);
+    let at: u64 = on_inst
+        .and_then(|i| i.label(LABEL_BOUND_AT)?.parse().ok())
+        .expect("bound-at");
+    sim.mem.drop_events(true);
+    let later = (at + 1000).to_string();
+    assert!(sim.mem.set_label(&inst, LABEL_BOUND_AT, Some(&later)));
+    sim.mem.drop_events(false);
+    let v = declared("v", Spec::User(user(10)), 100);
+    let again = declared("c1", Spec::Claim(claim("p", "v")), 101);
+    sim.declared.insert(v.key(), v);
+    sim.declared.insert(again.key(), again);
+    sim.restart_with_empty_store().await;
+    assert_eq!(sim.wait_bound("c1").await, inst, "c1's instance was reset");
 }

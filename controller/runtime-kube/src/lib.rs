@@ -41,8 +41,8 @@ use tracing::{debug, warn};
 
 use poolkeeper_runtime::{
     ExecOutput, Instance, InstanceSpec, LABEL_BOUND_AT, LABEL_CLAIM, LABEL_CONTROLLER,
-    LABEL_MANAGED, LABEL_POOL, LABEL_USER, NodeStatus, RecordedBinding, Result, Runtime,
-    RuntimeError, RuntimeEvent,
+    LABEL_MANAGED, LABEL_POOL, LABEL_QUARANTINED, LABEL_USER, LABEL_USER_BOUND_AT, NodeStatus,
+    RecordedBinding, Result, Runtime, RuntimeError, RuntimeEvent,
 };
 
 pub use pods::{ANNOTATION_EXPOSURE, ANNOTATION_PORTS, instance_of};
@@ -870,6 +870,7 @@ impl Runtime for KubeRuntime {
         let claim = binding.map(|b| b.claim);
         let user = binding.map(|b| b.user);
         let at = binding.map(|b| b.at_ms.to_string());
+        let user_at = at.clone();
         // The version the watch last showed; a fresh read when it is stale or unknown.
         let mut version = self.version_of(name);
         for _ in 0..5 {
@@ -902,7 +903,12 @@ impl Runtime for KubeRuntime {
             let patch = serde_json::json!({
                 "metadata": {
                     "resourceVersion": rv,
-                    "labels": { LABEL_CLAIM: claim, LABEL_USER: user, LABEL_BOUND_AT: at },
+                    "labels": {
+                        LABEL_CLAIM: claim,
+                        LABEL_BOUND_AT: at,
+                        LABEL_USER: user,
+                        LABEL_USER_BOUND_AT: user_at,
+                    },
                 }
             });
             match self
@@ -924,6 +930,22 @@ impl Runtime for KubeRuntime {
             reason: format!("pod {name} kept changing while it was being bound"),
             holder: None,
         })
+    }
+
+    async fn quarantine(&self, name: &str) -> Result<()> {
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_QUARANTINED: "true"}}});
+        let params = PatchParams::default();
+        match self
+            .pods()
+            .patch(name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(p) => {
+                self.remember(&p);
+                Ok(())
+            }
+            Err(e) => Err(api_err(e, name)),
+        }
     }
 
     /// Pods and this controller's Services, watched together: a pod's change is an instance's;

@@ -737,6 +737,8 @@ pub fn fresh_copy(pod: &Pod) -> Pod {
     labels.remove(LABEL_CLAIM);
     labels.remove(poolkeeper_runtime::LABEL_BOUND_AT);
     labels.remove(poolkeeper_runtime::LABEL_USER);
+    labels.remove(poolkeeper_runtime::LABEL_USER_BOUND_AT);
+    labels.remove(poolkeeper_runtime::LABEL_QUARANTINED);
     let mut spec = pod.spec.clone().unwrap_or_default();
     spec.node_name = None;
     // What a stop set (see `stopping_patch`): the fresh pod runs until stopped again.

@@ -292,6 +292,10 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
     assert_eq!(body["metadata"]["labels"]["poolkeeper.dev/claim"], "c1");
     assert_eq!(body["metadata"]["labels"]["poolkeeper.dev/user"], "alice");
     assert_eq!(body["metadata"]["labels"]["poolkeeper.dev/bound-at"], "1");
+    assert_eq!(
+        body["metadata"]["labels"]["poolkeeper.dev/user-bound-at"],
+        "1"
+    );
     send.send_response(resp(
         409,
         &status(409, "Conflict", "the object has been modified"),
@@ -334,6 +338,23 @@ async fn a_pod_another_claim_took_meanwhile_is_a_conflict_and_is_not_patched() {
 }
 
 #[tokio::test]
+async fn a_quarantine_is_recorded_on_the_pod() {
+    let (rt, mut h) = runtime();
+    let done = tokio::spawn(async move { rt.quarantine("web-a1").await });
+    let (m, uri, body, send) = next(&mut h).await;
+    assert_eq!(
+        (m.as_str(), uri.as_str()),
+        ("PATCH", "/api/v1/namespaces/team/pods/web-a1?")
+    );
+    assert_eq!(
+        body["metadata"]["labels"]["poolkeeper.dev/quarantined"],
+        "true"
+    );
+    send.send_response(resp(200, &pod("web-a1", "50", Some("c1"))));
+    done.await.expect("join").expect("recorded");
+}
+
+#[tokio::test]
 async fn unbinding_removes_the_label_and_remove_deletes_the_pod_and_its_service() {
     let (rt, mut h) = runtime();
     let rt2 = rt.clone();
@@ -342,7 +363,7 @@ async fn unbinding_removes_the_label_and_remove_deletes_the_pod_and_its_service(
     send.send_response(resp(200, &pod("web-a1", "40", Some("c1"))));
     let (m, _, body, send) = next(&mut h).await;
     assert_eq!(m, "PATCH");
-    for label in ["claim", "user", "bound-at"] {
+    for label in ["claim", "user", "bound-at", "user-bound-at"] {
         let key = format!("poolkeeper.dev/{label}");
         assert_eq!(body["metadata"]["labels"][&key], Value::Null, "{key}");
     }

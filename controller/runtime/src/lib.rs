@@ -48,9 +48,18 @@ pub const LABEL_BOUND_AT: &str = "poolkeeper.dev/bound-at";
 /// no store remembered its binding is not handed the instance its old user had (and may have
 /// left data in). Instances bound by earlier versions record no user.
 pub const LABEL_USER: &str = "poolkeeper.dev/user";
+/// The bound-at of the binding [`LABEL_USER`] was written with: a user label left from an
+/// earlier binding (an earlier version rebound the instance and did not know the label) does
+/// not match the binding's bound-at, and is not taken for its user.
+pub const LABEL_USER_BOUND_AT: &str = "poolkeeper.dev/user-bound-at";
+
+/// Set on an instance taken out of service (a failed reset or copy of files), on runtimes that
+/// keep bindings: a controller that lost its store (a new pod) keeps it out of service too.
+pub const LABEL_QUARANTINED: &str = "poolkeeper.dev/quarantined";
 
 /// A binding as a runtime that keeps bindings records it on the instance
-/// ([`Runtime::keeps_bindings`]): [`LABEL_CLAIM`], [`LABEL_USER`] and [`LABEL_BOUND_AT`].
+/// ([`Runtime::keeps_bindings`]): [`LABEL_CLAIM`], [`LABEL_BOUND_AT`], [`LABEL_USER`] and
+/// [`LABEL_USER_BOUND_AT`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordedBinding<'a> {
     pub claim: &'a str,
@@ -291,6 +300,12 @@ pub trait Runtime: Send + Sync + 'static {
         binding: Option<RecordedBinding<'_>>,
     ) -> impl Future<Output = Result<()>> + Send {
         let _ = (name, binding);
+        async { Ok(()) }
+    }
+    /// Records on the instance that it is quarantined ([`LABEL_QUARANTINED`]), on runtimes that
+    /// keep bindings. A no-op elsewhere (the engine's store keeps it).
+    fn quarantine(&self, name: &str) -> impl Future<Output = Result<()>> + Send {
+        let _ = name;
         async { Ok(()) }
     }
     /// Sets the instance's cpu (millicores) and memory (bytes) limits in place, while it runs;

@@ -269,15 +269,18 @@ impl MemoryRuntime {
         true
     }
 
-    /// Removes a label from the instance, as an earlier version that did not set it would have
-    /// left it. False when there is no such instance.
-    pub fn remove_label(&self, name: &str, key: &str) -> bool {
+    /// Sets (or with `None` removes) a label of the instance, as another version of the
+    /// controller might have left it. False when there is no such instance.
+    pub fn set_label(&self, name: &str, key: &str, value: Option<&str>) -> bool {
         let mut inner = self.lock();
         let Some(sim) = inner.instances.get_mut(name) else {
             return false;
         };
         let mut labels = (*sim.instance.labels).clone();
-        labels.remove(key);
+        match value {
+            Some(v) => labels.insert(key.to_owned(), v.to_owned()),
+            None => labels.remove(key),
+        };
         sim.instance.labels = Arc::new(labels);
         let i = sim.instance.clone();
         inner.emit(RuntimeEvent::Changed(i));
@@ -454,13 +457,31 @@ impl Runtime for MemoryRuntime {
                 labels.insert(crate::LABEL_CLAIM.to_owned(), b.claim.to_owned());
                 labels.insert(crate::LABEL_USER.to_owned(), b.user.to_owned());
                 labels.insert(crate::LABEL_BOUND_AT.to_owned(), b.at_ms.to_string());
+                labels.insert(crate::LABEL_USER_BOUND_AT.to_owned(), b.at_ms.to_string());
             }
             None => {
                 labels.remove(crate::LABEL_CLAIM);
                 labels.remove(crate::LABEL_USER);
                 labels.remove(crate::LABEL_BOUND_AT);
+                labels.remove(crate::LABEL_USER_BOUND_AT);
             }
         }
+        sim.instance.labels = Arc::new(labels);
+        let i = sim.instance.clone();
+        inner.emit(RuntimeEvent::Changed(i));
+        Ok(())
+    }
+
+    async fn quarantine(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if !inner.config.keep_bindings {
+            return Ok(());
+        }
+        let Some(sim) = inner.instances.get_mut(name) else {
+            return Err(RuntimeError::NotFound(name.to_owned()));
+        };
+        let mut labels = (*sim.instance.labels).clone();
+        labels.insert(crate::LABEL_QUARANTINED.to_owned(), "true".to_owned());
         sim.instance.labels = Arc::new(labels);
         let i = sim.instance.clone();
         inner.emit(RuntimeEvent::Changed(i));

@@ -88,6 +88,10 @@ impl Runtime for Counting {
         self.mem.resize(name, cpu_millis, memory_bytes).await
     }
 
+    async fn quarantine(&self, name: &str) -> RtResult<()> {
+        self.mem.quarantine(name).await
+    }
+
     async fn bind(&self, name: &str, claim: Option<RecordedBinding<'_>>) -> RtResult<()> {
         let delay = self.bind_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
