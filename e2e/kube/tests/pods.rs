@@ -13,7 +13,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use poolkeeper_e2e_kube::{Cluster, cluster, eventually, start_on};
 use poolkeeper_runtime::{
-    LABEL_CLAIM, LABEL_POOL, LABEL_USER, RecordedBinding, Runtime, RuntimeError,
+    LABEL_BOUND_AT, LABEL_CLAIM, LABEL_POOL, LABEL_QUARANTINED, LABEL_USER, LABEL_USER_BOUND_AT,
+    RecordedBinding, Runtime, RuntimeError,
 };
 use poolkeeper_runtime_kube::{KubeRuntime, KubeRuntimeConfig};
 use poolkeeper_source_kube::kube::api::{Api, ListParams};
@@ -319,6 +320,18 @@ async fn two_controllers_racing_for_one_pod_bind_it_once() {
         winner.bind("race-1", None).await.expect("unbind");
         a.list().await.expect("list");
         b.list().await.expect("list");
+    }
+    // Unbound, all four binding labels are gone; a quarantine is recorded on the pod.
+    a.quarantine("race-1").await.expect("quarantine");
+    let pods: Api<Pod> = Api::namespaced(c.admin.clone(), &ns);
+    let labels = pods.get("race-1").await.expect("pod").metadata.labels;
+    let labels = labels.unwrap_or_default();
+    assert_eq!(
+        labels.get(LABEL_QUARANTINED).map(String::as_str),
+        Some("true")
+    );
+    for gone in [LABEL_CLAIM, LABEL_BOUND_AT, LABEL_USER, LABEL_USER_BOUND_AT] {
+        assert!(!labels.contains_key(gone), "{gone}: {labels:?}");
     }
     a.remove("race-1").await.expect("remove");
     c.cleanup(&ns);
