@@ -252,11 +252,13 @@ impl<R: Runtime> Engine<R> {
     }
 
     /// Whether the claim's binding has ended for good (released or expired), in the store or
-    /// earlier in this batch.
+    /// earlier in this batch. Not a claim of its name deleted earlier in the batch: the latest
+    /// `Forget` of the name ends what comes before it.
     fn ended_for_good(&self, name: &str) -> bool {
         let ended = |p: RecPhase| matches!(p, RecPhase::Released | RecPhase::Expired);
         let in_batch = self.ops.iter().rev().find_map(|op| match op {
             Op::Unbind { claim, to } if claim == name => Some(ended(*to)),
+            Op::Forget { claim } if claim == name => Some(false),
             _ => None,
         });
         in_batch.unwrap_or_else(|| {

@@ -543,6 +543,27 @@ async fn an_expired_claim_moved_to_another_pool_stays_expired_and_is_not_bound()
     assert_eq!((web.hits, web.misses, web.bound), (0, 0, 0), "{web:?}");
 }
 
+/// Found in review of the test above's fix: a claim deleted, declared again under its name and
+/// moved, all before one pass, is a new claim. The ended binding of the claim deleted (in the
+/// store, which forgets it only at the commit) is not its own: it waits and binds.
+#[tokio::test]
+async fn a_claim_declared_again_under_an_expired_ones_name_and_moved_in_one_batch_binds() {
+    let (mut s, _) = c1_leased_on_py("1m").await;
+    s.advance(Duration::from_secs(61));
+    s.wait_phase("c1", ClaimPhase::Expired).await;
+    let key = ObjKey::new(Kind::Claim, "c1");
+    let again = common::declared("c1", ttl_claim("py", "1m"), 100);
+    let moved = common::declared("c1", ttl_claim("web", "1m"), 101);
+    s.declared.insert(moved.key(), moved.clone());
+    s.restart_then(|h| {
+        h.delete(key).unwrap();
+        h.apply(again).unwrap();
+        h.apply(moved).unwrap();
+    })
+    .await;
+    assert_moved_to_web(&s, &[]).await;
+}
+
 #[tokio::test]
 async fn an_expiry_is_flushed_before_its_instance_is_removed_so_a_power_loss_cannot_rebind_it() {
     let mut s = sim();
