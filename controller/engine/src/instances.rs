@@ -257,6 +257,9 @@ impl<R: Runtime> Engine<R> {
                 None => !self.started && !self.forgotten.contains(c),
             });
         let mut quarantined = st.quarantined.get(&name).cloned();
+        // Quarantined in the store and not on the instance (by a version before the label, or
+        // its write failed): recorded again (idempotent), or a lost store would hand it on.
+        let rewrite_quarantine = quarantined.is_some() && !marked_quarantined;
         // Quarantined as the instance records it, where the store does not (a controller that
         // lost its store): kept out of service, and durably so.
         let mut quarantine_recorded = None;
@@ -278,6 +281,9 @@ impl<R: Runtime> Engine<R> {
                 rec.quarantined = quarantined;
             }
             reset = used && rec.claim.is_none() && rec.quarantined.is_none();
+        }
+        if rewrite_quarantine {
+            self.record_quarantine(&name);
         }
         if let Some(reason) = quarantine_recorded {
             info!(instance = %name, "quarantined, as the instance records: kept out of service");

@@ -13,7 +13,8 @@ use common::*;
 use poolkeeper_kinds::{ClaimPhase, Kind, ObjKey, ResetPolicy, Spec};
 use poolkeeper_runtime::memory::MemoryConfig;
 use poolkeeper_runtime::{
-    LABEL_BOUND_AT, LABEL_CLAIM, LABEL_USER, RecordedBinding, Runtime, RuntimeError,
+    LABEL_BOUND_AT, LABEL_CLAIM, LABEL_QUARANTINED, LABEL_USER, RecordedBinding, Runtime,
+    RuntimeError,
 };
 
 fn recording() -> Sim {
@@ -534,7 +535,7 @@ async fn a_quarantined_instance_stays_out_of_service_when_the_store_is_lost() {
     sim.wait_until("q is quarantined and records it", |snap, insts| {
         let marked = insts
             .iter()
-            .any(|i| i.name == q && i.label(poolkeeper_runtime::LABEL_QUARANTINED) == Some("true"));
+            .any(|i| i.name == q && i.label(LABEL_QUARANTINED) == Some("true"));
         marked && snap.instances.iter().any(|i| i.quarantined.is_some())
     })
     .await;
@@ -561,6 +562,49 @@ async fn a_quarantined_instance_stays_out_of_service_when_the_store_is_lost() {
         "{q} was removed"
     );
     assert_eq!(pool_status(&snap, "p").expect("p").quarantined, 1);
+    // Durably: the store has it again. Its label lost too (a version before it), it is
+    // quarantined still, and the label written again.
+    sim.mem.drop_events(true);
+    assert!(sim.mem.set_label(&q, LABEL_QUARANTINED, None));
+    sim.mem.drop_events(false);
+    sim.restart().await;
+    sim.wait_until("q is quarantined and records it again", |snap, insts| {
+        let marked = insts
+            .iter()
+            .any(|i| i.name == q && i.label(LABEL_QUARANTINED) == Some("true"));
+        marked && snap.instances.iter().any(|i| i.quarantined.is_some())
+    })
+    .await;
+}
+
+/// Found in review: a quarantine label with no quarantine behind it (a replaced controller's
+/// write landing late, on an instance bound since) outlived the next reset that keeps the
+/// instance (`Exec`), and the next report of the freshly reset instance quarantined it. A
+/// reset clears the label with the binding's.
+#[tokio::test]
+async fn a_reset_clears_a_quarantine_label_that_no_quarantine_stands_behind() {
+    let mut sim = Sim::with_config(MemoryConfig {
+        keep_bindings: true,
+        ..MemoryConfig::default()
+    });
+    sim.apply("u", Spec::User(user(10)));
+    let mut p = pool("img", 1, Some(1));
+    p.reset = ResetPolicy::Exec;
+    p.reset_command = vec!["true".to_owned()];
+    sim.apply("p", Spec::Pool(p));
+    sim.wait_warm("p", 1).await;
+    sim.apply("c1", Spec::Claim(claim("p", "u")));
+    let inst = sim.wait_bound("c1").await;
+    assert!(sim.mem.set_label(&inst, LABEL_QUARANTINED, Some("true")));
+    sim.delete(Kind::Claim, "c1");
+    let snap = sim.wait_warm("p", 1).await;
+    assert!(
+        snap.instances.iter().all(|i| i.quarantined.is_none()),
+        "{:?}",
+        snap.instances
+    );
+    let on_inst = sim.mem.instances().into_iter().find(|i| i.name == inst);
+    assert_eq!(on_inst.expect("kept").label(LABEL_QUARANTINED), None);
 }
 
 /// Found in review: an earlier version, which knows no user label, rebinds an instance (after

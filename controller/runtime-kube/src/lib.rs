@@ -871,6 +871,16 @@ impl Runtime for KubeRuntime {
         let user = binding.map(|b| b.user);
         let at = binding.map(|b| b.at_ms.to_string());
         let user_at = at.clone();
+        let mut labels = serde_json::json!({
+            LABEL_CLAIM: claim,
+            LABEL_BOUND_AT: at,
+            LABEL_USER: user,
+            LABEL_USER_BOUND_AT: user_at,
+        });
+        if binding.is_none() {
+            // Cleared after a reset, and a quarantined pod is never reset (see `Runtime::bind`).
+            labels[LABEL_QUARANTINED] = serde_json::Value::Null;
+        }
         // The version the watch last showed; a fresh read when it is stale or unknown.
         let mut version = self.version_of(name);
         for _ in 0..5 {
@@ -903,12 +913,7 @@ impl Runtime for KubeRuntime {
             let patch = serde_json::json!({
                 "metadata": {
                     "resourceVersion": rv,
-                    "labels": {
-                        LABEL_CLAIM: claim,
-                        LABEL_BOUND_AT: at,
-                        LABEL_USER: user,
-                        LABEL_USER_BOUND_AT: user_at,
-                    },
+                    "labels": labels,
                 }
             });
             match self

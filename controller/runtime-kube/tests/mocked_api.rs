@@ -296,6 +296,11 @@ async fn bind_patches_the_label_with_the_version_seen_and_a_stale_version_is_rea
         body["metadata"]["labels"]["poolkeeper.dev/user-bound-at"],
         "1"
     );
+    let labels = body["metadata"]["labels"].as_object().expect("labels");
+    assert!(
+        !labels.contains_key("poolkeeper.dev/quarantined"),
+        "a binding leaves a quarantine label as it is: {labels:?}"
+    );
     send.send_response(resp(
         409,
         &status(409, "Conflict", "the object has been modified"),
@@ -363,7 +368,7 @@ async fn unbinding_removes_the_label_and_remove_deletes_the_pod_and_its_service(
     send.send_response(resp(200, &pod("web-a1", "40", Some("c1"))));
     let (m, _, body, send) = next(&mut h).await;
     assert_eq!(m, "PATCH");
-    for label in ["claim", "user", "bound-at", "user-bound-at"] {
+    for label in ["claim", "user", "bound-at", "user-bound-at", "quarantined"] {
         let key = format!("poolkeeper.dev/{label}");
         assert_eq!(body["metadata"]["labels"][&key], Value::Null, "{key}");
     }

@@ -290,10 +290,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn keeps_bindings(&self) -> bool {
         false
     }
-    /// Records a binding on the instance (see [`RecordedBinding`]), or clears it with `None`,
-    /// failing when another claim holds it or the instance changed since it was last seen (so
-    /// that two controllers never bind one instance twice). A no-op on runtimes that do not keep
-    /// bindings.
+    /// Records a binding on the instance (see [`RecordedBinding`]), or clears it with `None`
+    /// (after a reset: with any [`LABEL_QUARANTINED`], since a quarantined instance is never
+    /// reset), failing when another claim holds it or the instance changed since it was last
+    /// seen (so that two controllers never bind one instance twice). A no-op on runtimes that do
+    /// not keep bindings.
     fn bind(
         &self,
         name: &str,

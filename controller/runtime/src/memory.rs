@@ -464,6 +464,7 @@ impl Runtime for MemoryRuntime {
                 labels.remove(crate::LABEL_USER);
                 labels.remove(crate::LABEL_BOUND_AT);
                 labels.remove(crate::LABEL_USER_BOUND_AT);
+                labels.remove(crate::LABEL_QUARANTINED);
             }
         }
         sim.instance.labels = Arc::new(labels);
