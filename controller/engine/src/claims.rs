@@ -228,12 +228,7 @@ impl<R: Runtime> Engine<R> {
             invalid: None,
             events,
         };
-        let terminal = stored.as_ref().is_some_and(|r| {
-            matches!(
-                r.phase,
-                durable::RecPhase::Released | durable::RecPhase::Expired
-            )
-        });
+        let terminal = stored.as_ref().is_some_and(|r| r.phase.ended());
         let arrived = stored.is_none();
         self.claims.insert(name.clone(), Box::new(entry));
         if !terminal {
@@ -255,15 +250,14 @@ impl<R: Runtime> Engine<R> {
     /// earlier in this batch. Not a claim of its name deleted earlier in the batch: the latest
     /// `Forget` of the name ends what comes before it.
     fn ended_for_good(&self, name: &str) -> bool {
-        let ended = |p: RecPhase| matches!(p, RecPhase::Released | RecPhase::Expired);
         let in_batch = self.ops.iter().rev().find_map(|op| match op {
-            Op::Unbind { claim, to } if claim == name => Some(ended(*to)),
+            Op::Unbind { claim, to } if claim == name => Some(to.ended()),
             Op::Forget { claim } if claim == name => Some(false),
             _ => None,
         });
         in_batch.unwrap_or_else(|| {
             let rec = self.store.state().claims.get(name);
-            rec.is_some_and(|r| ended(r.phase))
+            rec.is_some_and(|r| r.phase.ended())
         })
     }
 

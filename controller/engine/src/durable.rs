@@ -22,6 +22,13 @@ pub enum RecPhase {
     Expired,
 }
 
+impl RecPhase {
+    /// Its binding ended for good (released or expired): it never binds again.
+    pub fn ended(self) -> bool {
+        matches!(self, RecPhase::Released | RecPhase::Expired)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimRecord {
     /// Arrival order (queue position is derived from it).

@@ -256,17 +256,15 @@ impl<R: Runtime> Engine<R> {
                 Some(e) => e.instance.as_deref() == Some(name.as_str()),
                 None => !self.started && !self.forgotten.contains(c),
             });
-        let mut quarantined = st.quarantined.get(&name).cloned();
+        let quarantined = st.quarantined.get(&name).cloned();
         // Quarantined in the store and not on the instance (by a version before the label, or
         // its write failed): recorded again (idempotent), or a lost store would hand it on.
         let rewrite_quarantine = quarantined.is_some() && !marked_quarantined;
         // Quarantined as the instance records it, where the store does not (a controller that
         // lost its store): kept out of service, and durably so.
+        let label_only =
+            quarantined.is_none() && marked_quarantined && !st.bound.contains_key(&name);
         let mut quarantine_recorded = None;
-        if quarantined.is_none() && marked_quarantined && !st.bound.contains_key(&name) {
-            quarantined = Some(RECORDED_QUARANTINE.to_owned());
-            quarantine_recorded = quarantined.clone();
-        }
         let used = first_sighting && st.used.contains(&name);
         let mut reset = false;
         if let Some(rec) = self.instances.get_mut(&name) {
@@ -274,11 +272,11 @@ impl<R: Runtime> Engine<R> {
             if rec.claim.is_none() && bound.is_some() {
                 rec.claim = bound;
             }
-            if rec.quarantined.is_some() {
-                quarantine_recorded = None;
-            }
             if quarantined.is_some() {
                 rec.quarantined = quarantined;
+            } else if label_only && rec.quarantined.is_none() {
+                rec.quarantined = Some(RECORDED_QUARANTINE.to_owned());
+                quarantine_recorded = rec.quarantined.clone();
             }
             reset = used && rec.claim.is_none() && rec.quarantined.is_none();
         }
@@ -301,8 +299,11 @@ impl<R: Runtime> Engine<R> {
         // is older than it (a reset's answer can overtake the watch's report of what the reset
         // did). Nor one recording a claim unknown here: another controller's.
         let ended = |c: &str| {
-            let rec = self.store.state().claims.get(c);
-            rec.is_some_and(|r| matches!(r.phase, RecPhase::Released | RecPhase::Expired))
+            self.store
+                .state()
+                .claims
+                .get(c)
+                .is_some_and(|r| r.phase.ended())
         };
         if self.started
             && let Some(rec) = self.instances.get(&name)

@@ -17,14 +17,42 @@ use poolkeeper_runtime::{
     RuntimeError,
 };
 
-fn recording() -> Sim {
+/// A runtime that records bindings on its instances, and the user `u`.
+fn keeping_bindings() -> Sim {
     let mut sim = Sim::with_config(MemoryConfig {
         keep_bindings: true,
         ..MemoryConfig::default()
     });
     sim.apply("u", Spec::User(user(10)));
+    sim
+}
+
+fn recording() -> Sim {
+    let mut sim = keeping_bindings();
     sim.apply("p", Spec::Pool(pool("img", 3, Some(8))));
     sim
+}
+
+/// Sets (or with `None` removes) a label of `instance` unseen by the running controller, as
+/// another version left it while none ran.
+fn relabel_unseen(sim: &Sim, instance: &str, key: &str, value: Option<&str>) {
+    sim.mem.drop_events(true);
+    assert!(
+        sim.mem.set_label(instance, key, value),
+        "{instance} is gone"
+    );
+    sim.mem.drop_events(false);
+}
+
+/// `claim` is bound to `instance` again, from the instance's record.
+async fn assert_recovered(sim: &Sim, claim: &str, instance: &str) {
+    assert_eq!(sim.wait_bound(claim).await, instance);
+    let snap = sim.snapshot().await;
+    let events = events_of(&snap, Kind::Claim, claim);
+    assert!(
+        events.iter().any(|e| e.reason == "BindingRecovered"),
+        "{events:?}"
+    );
 }
 
 /// Which instance records which claim.
@@ -321,13 +349,7 @@ async fn a_recorded_binding_to_an_undeclared_pool_survives_a_restart_on_an_empty
     // The pool goes; its bound instance stays with its claim (as with a store).
     sim.delete(Kind::Pool, "p");
     sim.restart_with_empty_store().await;
-    assert_eq!(sim.wait_bound("c1").await, inst);
-    let snap = sim.snapshot().await;
-    let events = events_of(&snap, Kind::Claim, "c1");
-    assert!(
-        events.iter().any(|e| e.reason == "BindingRecovered"),
-        "{events:?}"
-    );
+    assert_recovered(&sim, "c1", &inst).await;
 }
 
 /// Found in review: a controller on an empty store learns of a binding from its instance's
@@ -396,11 +418,7 @@ async fn a_claim_moved_to_another_user_while_no_store_remembers_it_gets_a_fresh_
 
 /// A pool of `warm` (at most `max`) whose instances record their bindings and take a claim's files in `/work`.
 fn recording_with_files(warm: u32, max: u32) -> Sim {
-    let mut sim = Sim::with_config(MemoryConfig {
-        keep_bindings: true,
-        ..MemoryConfig::default()
-    });
-    sim.apply("u", Spec::User(user(10)));
+    let mut sim = keeping_bindings();
     let p = with_files(pool("img", warm, Some(max)), "/work");
     sim.apply("p", Spec::Pool(p));
     sim
@@ -457,11 +475,7 @@ async fn an_instance_quarantined_with_its_claim_recorded_is_kept_across_resyncs_
 /// claim again and was refused again. Such an instance is reset, at once and at a start.
 #[tokio::test]
 async fn a_binding_recorded_late_for_an_expired_claim_is_undone_running_and_at_a_start() {
-    let mut sim = Sim::with_config(MemoryConfig {
-        keep_bindings: true,
-        ..MemoryConfig::default()
-    });
-    sim.apply("u", Spec::User(user(10)));
+    let mut sim = keeping_bindings();
     // One instance at most: the one reset after the lease is not removed as one too many.
     let mut p = pool("img", 1, Some(1));
     p.reset = ResetPolicy::Restart;
@@ -504,17 +518,9 @@ async fn a_binding_recorded_late_for_an_expired_claim_is_undone_running_and_at_a
 #[tokio::test]
 async fn a_binding_recorded_without_a_user_by_an_earlier_version_is_adopted() {
     let (mut sim, old) = c1_bound().await;
-    sim.mem.drop_events(true);
-    assert!(sim.mem.set_label(&old, LABEL_USER, None));
-    sim.mem.drop_events(false);
+    relabel_unseen(&sim, &old, LABEL_USER, None);
     sim.restart_with_empty_store().await;
-    assert_eq!(sim.wait_bound("c1").await, old);
-    let snap = sim.snapshot().await;
-    let events = events_of(&snap, Kind::Claim, "c1");
-    assert!(
-        events.iter().any(|e| e.reason == "BindingRecovered"),
-        "{events:?}"
-    );
+    assert_recovered(&sim, "c1", &old).await;
 }
 
 /// Found in review: a quarantine lived in the store only, and a controller on the pod runtime
@@ -564,9 +570,7 @@ async fn a_quarantined_instance_stays_out_of_service_when_the_store_is_lost() {
     assert_eq!(pool_status(&snap, "p").expect("p").quarantined, 1);
     // Durably: the store has it again. Its label lost too (a version before it), it is
     // quarantined still, and the label written again.
-    sim.mem.drop_events(true);
-    assert!(sim.mem.set_label(&q, LABEL_QUARANTINED, None));
-    sim.mem.drop_events(false);
+    relabel_unseen(&sim, &q, LABEL_QUARANTINED, None);
     sim.restart().await;
     sim.wait_until("q is quarantined and records it again", |snap, insts| {
         let marked = insts
@@ -583,11 +587,7 @@ async fn a_quarantined_instance_stays_out_of_service_when_the_store_is_lost() {
 /// reset clears the label with the binding's.
 #[tokio::test]
 async fn a_reset_clears_a_quarantine_label_that_no_quarantine_stands_behind() {
-    let mut sim = Sim::with_config(MemoryConfig {
-        keep_bindings: true,
-        ..MemoryConfig::default()
-    });
-    sim.apply("u", Spec::User(user(10)));
+    let mut sim = keeping_bindings();
     let mut p = pool("img", 1, Some(1));
     p.reset = ResetPolicy::Exec;
     p.reset_command = vec!["true".to_owned()];
@@ -620,10 +620,8 @@ async fn a_user_label_left_from_an_earlier_binding_is_not_taken_for_the_claims_u
     let at: u64 = on_inst
         .and_then(|i| i.label(LABEL_BOUND_AT)?.parse().ok())
         .expect("bound-at");
-    sim.mem.drop_events(true);
     let later = (at + 1000).to_string();
-    assert!(sim.mem.set_label(&inst, LABEL_BOUND_AT, Some(&later)));
-    sim.mem.drop_events(false);
+    relabel_unseen(&sim, &inst, LABEL_BOUND_AT, Some(&later));
     let v = declared("v", Spec::User(user(10)), 100);
     let again = declared("c1", Spec::Claim(claim("p", "v")), 101);
     sim.declared.insert(v.key(), v);

@@ -40,9 +40,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use poolkeeper_runtime::{
-    ExecOutput, Instance, InstanceSpec, LABEL_BOUND_AT, LABEL_CLAIM, LABEL_CONTROLLER,
-    LABEL_MANAGED, LABEL_POOL, LABEL_QUARANTINED, LABEL_USER, LABEL_USER_BOUND_AT, NodeStatus,
-    RecordedBinding, Result, Runtime, RuntimeError, RuntimeEvent,
+    ExecOutput, Instance, InstanceSpec, LABEL_CONTROLLER, LABEL_MANAGED, LABEL_POOL,
+    LABEL_QUARANTINED, NodeStatus, RESET_CLEARS, RecordedBinding, Result, Runtime, RuntimeError,
+    RuntimeEvent,
 };
 
 pub use pods::{ANNOTATION_EXPOSURE, ANNOTATION_PORTS, instance_of};
@@ -868,19 +868,15 @@ impl Runtime for KubeRuntime {
 
     async fn bind(&self, name: &str, binding: Option<RecordedBinding<'_>>) -> Result<()> {
         let claim = binding.map(|b| b.claim);
-        let user = binding.map(|b| b.user);
-        let at = binding.map(|b| b.at_ms.to_string());
-        let user_at = at.clone();
-        let mut labels = serde_json::json!({
-            LABEL_CLAIM: claim,
-            LABEL_BOUND_AT: at,
-            LABEL_USER: user,
-            LABEL_USER_BOUND_AT: user_at,
-        });
-        if binding.is_none() {
-            // Cleared after a reset, and a quarantined pod is never reset (see `Runtime::bind`).
-            labels[LABEL_QUARANTINED] = serde_json::Value::Null;
-        }
+        // A merge patch: the binding's labels set, or after a reset every one it clears null.
+        let labels: serde_json::Map<String, serde_json::Value> = match binding {
+            Some(b) => (b.labels().into_iter())
+                .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+                .collect(),
+            None => (RESET_CLEARS.into_iter())
+                .map(|k| (k.to_owned(), serde_json::Value::Null))
+                .collect(),
+        };
         // The version the watch last showed; a fresh read when it is stale or unknown.
         let mut version = self.version_of(name);
         for _ in 0..5 {

@@ -734,11 +734,9 @@ pub fn stopping_patch() -> serde_json::Value {
 
 pub fn fresh_copy(pod: &Pod) -> Pod {
     let mut labels = pod.metadata.labels.clone().unwrap_or_default();
-    labels.remove(LABEL_CLAIM);
-    labels.remove(poolkeeper_runtime::LABEL_BOUND_AT);
-    labels.remove(poolkeeper_runtime::LABEL_USER);
-    labels.remove(poolkeeper_runtime::LABEL_USER_BOUND_AT);
-    labels.remove(poolkeeper_runtime::LABEL_QUARANTINED);
+    for k in poolkeeper_runtime::RESET_CLEARS {
+        labels.remove(k);
+    }
     let mut spec = pod.spec.clone().unwrap_or_default();
     spec.node_name = None;
     // What a stop set (see `stopping_patch`): the fresh pod runs until stopped again.

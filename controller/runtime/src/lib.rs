@@ -72,7 +72,28 @@ impl<'a> RecordedBinding<'a> {
     pub fn new(claim: &'a str, user: &'a str, at_ms: u64) -> Self {
         RecordedBinding { claim, user, at_ms }
     }
+
+    /// The labels that record it, with their values.
+    pub fn labels(&self) -> [(&'static str, String); 4] {
+        let at = self.at_ms.to_string();
+        [
+            (LABEL_CLAIM, self.claim.to_owned()),
+            (LABEL_BOUND_AT, at.clone()),
+            (LABEL_USER, self.user.to_owned()),
+            (LABEL_USER_BOUND_AT, at),
+        ]
+    }
 }
+
+/// The labels a reset clears: its binding's, and any [`LABEL_QUARANTINED`] (a quarantined
+/// instance is never reset, so one on an instance being reset stands for no quarantine).
+pub const RESET_CLEARS: [&str; 5] = [
+    LABEL_CLAIM,
+    LABEL_BOUND_AT,
+    LABEL_USER,
+    LABEL_USER_BOUND_AT,
+    LABEL_QUARANTINED,
+];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortBinding {

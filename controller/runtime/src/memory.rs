@@ -453,19 +453,10 @@ impl Runtime for MemoryRuntime {
         }
         let mut labels = (*sim.instance.labels).clone();
         match binding {
-            Some(b) => {
-                labels.insert(crate::LABEL_CLAIM.to_owned(), b.claim.to_owned());
-                labels.insert(crate::LABEL_USER.to_owned(), b.user.to_owned());
-                labels.insert(crate::LABEL_BOUND_AT.to_owned(), b.at_ms.to_string());
-                labels.insert(crate::LABEL_USER_BOUND_AT.to_owned(), b.at_ms.to_string());
-            }
-            None => {
-                labels.remove(crate::LABEL_CLAIM);
-                labels.remove(crate::LABEL_USER);
-                labels.remove(crate::LABEL_BOUND_AT);
-                labels.remove(crate::LABEL_USER_BOUND_AT);
-                labels.remove(crate::LABEL_QUARANTINED);
-            }
+            Some(b) => labels.extend(b.labels().map(|(k, v)| (k.to_owned(), v))),
+            None => crate::RESET_CLEARS.iter().for_each(|k| {
+                labels.remove(*k);
+            }),
         }
         sim.instance.labels = Arc::new(labels);
         let i = sim.instance.clone();
@@ -474,19 +465,12 @@ impl Runtime for MemoryRuntime {
     }
 
     async fn quarantine(&self, name: &str) -> Result<()> {
-        let mut inner = self.lock();
-        if !inner.config.keep_bindings {
+        if !self.lock().config.keep_bindings
+            || self.set_label(name, crate::LABEL_QUARANTINED, Some("true"))
+        {
             return Ok(());
         }
-        let Some(sim) = inner.instances.get_mut(name) else {
-            return Err(RuntimeError::NotFound(name.to_owned()));
-        };
-        let mut labels = (*sim.instance.labels).clone();
-        labels.insert(crate::LABEL_QUARANTINED.to_owned(), "true".to_owned());
-        sim.instance.labels = Arc::new(labels);
-        let i = sim.instance.clone();
-        inner.emit(RuntimeEvent::Changed(i));
-        Ok(())
+        Err(RuntimeError::NotFound(name.to_owned()))
     }
 
     fn endpoint_host(&self, _node: &str) -> String {
