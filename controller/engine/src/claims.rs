@@ -675,6 +675,8 @@ impl<R: Runtime> Engine<R> {
             return;
         };
         let rt = self.rt.clone();
+        let tx = self.tx.clone();
+        self.claim_work_began(&instance);
         tokio::spawn(async move {
             let n = files.len();
             let r = rt
@@ -683,6 +685,7 @@ impl<R: Runtime> Engine<R> {
                 .map(|()| n)
                 .map_err(|e| PutFilesError::Runtime(e.to_string()));
             let _ = reply.send(r);
+            let _ = tx.send(Input::Done(Completion::Uploaded { instance }));
         });
     }
 
@@ -749,12 +752,13 @@ impl<R: Runtime> Engine<R> {
         let rt = self.rt.clone();
         let tx = self.tx.clone();
         let (claim, instance) = (claim.to_owned(), instance.to_owned());
+        self.claim_work_began(&instance);
         tokio::spawn(async move {
             // On runtimes that keep bindings, the instance records its claim before the claim
             // is reported Bound (and before anything is copied into it).
             let mut result = if record {
                 let binding = RecordedBinding::new(&claim, &user, bound_at);
-                rt.bind(&instance, Some(binding)).await
+                rt.bind(&instance, Some(binding)).await.map(|_| ())
             } else {
                 Ok(())
             };
@@ -831,6 +835,7 @@ impl<R: Runtime> Engine<R> {
         let rt = self.rt.clone();
         let tx = self.tx.clone();
         let claim = claim.to_owned();
+        self.claim_work_began(&instance);
         tokio::spawn(async move {
             let result = rt.resize(&instance, cpu, memory).await;
             let _ = tx.send(Input::Done(Completion::Resized {

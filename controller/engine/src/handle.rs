@@ -125,7 +125,8 @@ pub(crate) enum Completion {
     },
     Reset {
         name: String,
-        result: Result<(), crate::instances::ResetFailed>,
+        /// The instance's revision as the reset left it (see `Runtime::bind`).
+        result: Result<u64, crate::instances::ResetFailed>,
     },
     Files {
         claim: String,
@@ -135,6 +136,10 @@ pub(crate) enum Completion {
         /// The claim's limits given to the instance, if any (see `claims::claim_limits`).
         limits: Option<(Option<u64>, Option<u64>)>,
         result: RtResult<()>,
+    },
+    /// Files uploaded into a bound claim's instance (answered to the caller already).
+    Uploaded {
+        instance: String,
     },
     /// A bound claim's changed `resources` given to its instance in place.
     Resized {

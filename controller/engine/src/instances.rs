@@ -511,9 +511,13 @@ impl<R: Runtime> Engine<R> {
                     return;
                 };
                 match result {
-                    Ok(()) => {
-                        debug!(instance = %name, "reset done");
+                    Ok(revision) => {
+                        debug!(instance = %name, revision, "reset done");
                         rec.used = false;
+                        // A report older than what the reset left (a watch lagging behind, a
+                        // list taken before) still shows the binding the reset cleared: applied
+                        // now, it would have the instance reset again.
+                        rec.revision = rec.revision.max(revision);
                         self.ops.push(Op::Fresh {
                             instance: name.clone(),
                         });
@@ -565,6 +569,7 @@ impl<R: Runtime> Engine<R> {
                 limits,
                 result,
             } => {
+                self.claim_work_ended(&instance);
                 let still_bound = self
                     .instances
                     .get(&instance)
@@ -663,6 +668,7 @@ impl<R: Runtime> Engine<R> {
                     }
                 }
             }
+            Completion::Uploaded { instance } => self.claim_work_ended(&instance),
             Completion::Resized {
                 claim,
                 instance,
@@ -670,6 +676,7 @@ impl<R: Runtime> Engine<R> {
                 memory,
                 result,
             } => {
+                self.claim_work_ended(&instance);
                 let Some(c) = self
                     .claims
                     .get_mut(&claim)
@@ -806,6 +813,16 @@ impl<R: Runtime> Engine<R> {
             self.reset_ended(instance);
             return;
         }
+        if let Some(work) = self.claim_work.get_mut(instance) {
+            // Files still being copied in (or limits set) for the claim it served: they would
+            // land after the reset, on the instance the next claim gets.
+            debug!(instance, "its reset waits for the claim's work in flight");
+            work.reset_waits = true;
+            return;
+        }
+        let Some(rec) = self.instances.get(instance) else {
+            return;
+        };
         let policy = rec
             .pool
             .as_ref()
@@ -868,6 +885,30 @@ impl<R: Runtime> Engine<R> {
 }
 
 impl<R: Runtime> Engine<R> {
+    /// Work on a claim's instance handed to the runtime (see `Engine::claim_work`).
+    pub(crate) fn claim_work_began(&mut self, instance: &str) {
+        self.claim_work
+            .entry(instance.to_owned())
+            .or_default()
+            .in_flight += 1;
+    }
+
+    /// Work on a claim's instance answered: the last one starts the reset that waited for it.
+    fn claim_work_ended(&mut self, instance: &str) {
+        let Some(work) = self.claim_work.get_mut(instance) else {
+            return;
+        };
+        work.in_flight = work.in_flight.saturating_sub(1);
+        if work.in_flight > 0 {
+            return;
+        }
+        let waits = work.reset_waits;
+        self.claim_work.remove(instance);
+        if waits {
+            self.start_reset(instance);
+        }
+    }
+
     /// Ends `claim`'s binding (it waits for another instance) without resetting `instance`:
     /// the caller decides what becomes of it.
     fn unbind_without_reset(
@@ -972,9 +1013,9 @@ async fn restore_limits<R: Runtime>(
 }
 
 /// A reset instance is fresh only once its runtime no longer records the claim it served.
-async fn unbind_after_reset<R: Runtime>(rt: &R, name: &str) -> Result<(), ResetFailed> {
+async fn unbind_after_reset<R: Runtime>(rt: &R, name: &str) -> Result<u64, ResetFailed> {
     if !rt.keeps_bindings() {
-        return Ok(());
+        return Ok(0);
     }
     rt.bind(name, None)
         .await

@@ -250,6 +250,14 @@ struct InstRec {
     created_ms: Option<u64>,
 }
 
+/// Work on a claim's instance in flight (see `Engine::claim_work`).
+#[derive(Debug, Default)]
+struct ClaimWork {
+    in_flight: u32,
+    /// The instance's reset was due and waits for the work to end.
+    reset_waits: bool,
+}
+
 /// A binding as the runtime records it on an instance (see `RecordedBinding`).
 #[derive(Debug, PartialEq, Eq)]
 struct Recorded {
@@ -493,6 +501,10 @@ pub struct Engine<R: Runtime> {
     /// Creations handed to the runtime and not answered yet; beyond `MAX_CREATES_IN_FLIGHT`
     /// they wait in `create_queue` (their records are `Creating` all the same).
     creates_in_flight: usize,
+    /// Work on a claim's instance in flight (its binding's files, an upload, a resize), by
+    /// instance: a reset waits for it, or what it writes would land on the fresh instance and
+    /// be handed to the next claim (see `Engine::claim_work_ended`).
+    claim_work: HashMap<String, ClaimWork>,
     create_queue: std::collections::VecDeque<(String, Box<poolkeeper_runtime::InstanceSpec>)>,
     started: bool,
     subscribers: Vec<mpsc::UnboundedSender<ClaimChange>>,
@@ -578,6 +590,7 @@ impl<R: Runtime> Engine<R> {
             list_epoch: 0,
             recently_gone: HashMap::new(),
             creates_in_flight: 0,
+            claim_work: HashMap::new(),
             create_queue: std::collections::VecDeque::new(),
             started: false,
             subscribers: Vec::new(),

@@ -835,3 +835,68 @@ async fn a_late_report_of_an_earlier_claim_does_not_reset_an_instance_bound_sinc
         describe(&snap, &w.pods())
     );
 }
+
+/// A report older than a reset's clearing of the binding, arriving once the reset is done (a
+/// watch lagging behind it), still shows the claim the reset cleared. It is stale: the
+/// instance is not reset a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_report_of_the_binding_a_reset_cleared_does_not_reset_the_instance_again() {
+    let mut w = World::new().await;
+    let mut web = common::pool("img0", 1, Some(1));
+    web.reset = ResetPolicy::Exec;
+    web.reset_command = vec!["reset-web".to_owned()];
+    w.fake.script("reset-web", 0, "");
+    w.apply("web", Spec::Pool(web));
+    w.apply("ssh", Spec::Pool(common::pool("img1", 1, Some(1))));
+    w.apply("u", Spec::User(user(5)));
+    w.wait_for("both pools are warm", |snap, _| {
+        let warm = |p| common::pool_status(snap, p).is_some_and(|s| s.warm == 1);
+        (warm("ssh") && warm("web")).then_some(())
+    })
+    .await;
+    let resets = |w: &World| {
+        (w.fake.execs().iter())
+            .filter(|(_, argv)| argv.iter().any(|a| a == "reset-web"))
+            .count()
+    };
+    // From here the watch lags behind everything below: the controller learns of the binding
+    // it records, and of the reset's clearing of it, only once it is released.
+    w.fake.hold_watches(true);
+    w.apply("c", Spec::Claim(claim("web", "u")));
+    let x = w
+        .wait_for("c is bound and its pod records it", |snap, pods| {
+            let i = claim_status(snap, "c").and_then(|s| s.instance)?;
+            let pod = pods.iter().find(|p| name(p) == i)?;
+            (label(pod, LABEL_CLAIM) == Some("c")).then_some(i)
+        })
+        .await;
+    // Moved: its binding on x ends and x is reset (its command run, then the label cleared).
+    w.apply("c", Spec::Claim(claim("ssh", "u")));
+    w.wait_for(
+        "c moves to ssh and x is reset and warm again",
+        |snap, pods| {
+            let moved = claim_status(snap, "c")
+                .and_then(|s| s.instance)
+                .is_some_and(|i| i != x);
+            let cleared = pods
+                .iter()
+                .any(|p| name(p) == x && label(p, LABEL_CLAIM).is_none());
+            let warm = common::pool_status(snap, "web").is_some_and(|s| s.warm == 1);
+            (moved && cleared && warm && resets(&w) == 1).then_some(())
+        },
+    )
+    .await;
+    // The watch catches up: first the binding, then its clearing.
+    w.fake.hold_watches(false);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let snap = w.snapshot().await;
+    assert_eq!(
+        (
+            resets(&w),
+            common::pool_status(&snap, "web").map(|s| s.warm)
+        ),
+        (1, Some(1)),
+        "x was reset once and stays warm\n{}",
+        describe(&snap, &w.pods())
+    );
+}

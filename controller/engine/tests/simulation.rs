@@ -695,6 +695,48 @@ async fn an_exec_reset_runs_its_command_and_a_failing_one_quarantines_the_instan
     assert!(s.mem.instances().iter().any(|i| i.name == victim));
 }
 
+/// Files uploaded into a claim's instance while the claim is released land before its reset,
+/// not after: the reset waits for the upload, and the next claim gets the instance empty (not
+/// holding what the previous user wrote).
+#[tokio::test]
+async fn an_upload_still_in_flight_when_the_claim_is_released_is_reset_away_with_it() {
+    let mut s = sim();
+    apply_pool(&mut s, "py", emptied_by_exec(1, 1));
+    s.wait_warm("py", 1).await;
+    apply_claim(&mut s, "c1", "py");
+    let inst = s.wait_bound("c1").await;
+    s.mem.set_files_latency(Duration::from_millis(300));
+    let handle = s.handle.clone();
+    let upload = tokio::spawn(async move {
+        let files = vec![("secret.txt".to_owned(), b"alice's".to_vec())];
+        handle.put_files("c1", files).await
+    });
+    // The upload is under way when the claim goes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.delete(Kind::Claim, "c1");
+    assert_eq!(
+        upload.await.unwrap().unwrap(),
+        Ok(1),
+        "the upload itself succeeds"
+    );
+    s.wait_until("the instance is warm again", |snap, _| {
+        pool_status(snap, "py").is_some_and(|p| p.warm == 1)
+            && snap
+                .instances
+                .iter()
+                .any(|i| i.name == inst && i.claim.is_none())
+    })
+    .await;
+    assert_eq!(
+        s.mem.files(&inst).unwrap_or_default(),
+        BTreeMap::new(),
+        "the reset ran after the upload landed"
+    );
+    apply_claim(&mut s, "c2", "py");
+    assert_eq!(s.wait_bound("c2").await, inst);
+    assert_eq!(s.mem.files(&inst).unwrap_or_default(), BTreeMap::new());
+}
+
 /// An `Exec` reset that finds its instance down (it crashed while bound, or during the reset)
 /// says nothing against the instance but that it is down: the instance is replaced, as a file
 /// copy into a downed instance does, not quarantined and kept with its dead container.

@@ -866,7 +866,7 @@ impl Runtime for KubeRuntime {
         true
     }
 
-    async fn bind(&self, name: &str, binding: Option<RecordedBinding<'_>>) -> Result<()> {
+    async fn bind(&self, name: &str, binding: Option<RecordedBinding<'_>>) -> Result<u64> {
         let claim = binding.map(|b| b.claim);
         // A merge patch: the binding's labels set, or after a reset every one it clears null.
         let labels: serde_json::Map<String, serde_json::Value> = match binding {
@@ -893,7 +893,9 @@ impl Runtime for KubeRuntime {
                     let pod = self.pods().get(name).await.map_err(|e| api_err(e, name))?;
                     self.remember(&pod);
                     match (pods::claim_of(&pod), claim) {
-                        (current, wanted) if current == wanted => return Ok(()),
+                        (current, wanted) if current == wanted => {
+                            return Ok(pods::revision_of(&pod));
+                        }
                         (Some(other), Some(_)) => {
                             return Err(RuntimeError::Conflict {
                                 instance: name.to_owned(),
@@ -919,7 +921,7 @@ impl Runtime for KubeRuntime {
             {
                 Ok(p) => {
                     self.remember(&p);
-                    return Ok(());
+                    return Ok(pods::revision_of(&p));
                 }
                 // Changed since: read it again (a status update, or another controller).
                 Err(e) if is_code(&e, 409) => continue,

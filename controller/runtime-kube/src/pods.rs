@@ -603,6 +603,16 @@ pub fn probe_of(p: &Probe, ports: &[ContainerPort]) -> Result<KProbe, RuntimeErr
 /// condition is True, reached at its Service's DNS name (ClusterIP), its node's address
 /// (NodePort, HostPort), or its Service's load-balancer address `lb` (LoadBalancer: not ready
 /// until the cluster has assigned one, as clients could not reach it).
+/// The pod's resourceVersion as an [`Instance::revision`] (0, unordered, when it is not a
+/// number: the API server promises none, though etcd's are).
+pub fn revision_of(pod: &Pod) -> u64 {
+    pod.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn instance_of(pod: &Pod, lb: Option<&str>) -> Option<Instance> {
     let name = pod.metadata.name.clone()?;
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
@@ -649,12 +659,7 @@ pub fn instance_of(pod: &Pod, lb: Option<&str>) -> Option<Instance> {
         .map(|s| decode_ports(s))
         .unwrap_or_default();
     let host_ports = takes_node_ports(exposure, labels.contains_key(LABEL_DEPLOYMENT));
-    let revision = pod
-        .metadata
-        .resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let revision = revision_of(pod);
     Some(Instance {
         name,
         labels: std::sync::Arc::new(labels),

@@ -315,14 +315,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// (after a reset: with any [`LABEL_QUARANTINED`], since a quarantined instance is never
     /// reset), failing when another claim holds it or the instance changed since it was last
     /// seen (so that two controllers never bind one instance twice). A no-op on runtimes that do
-    /// not keep bindings.
+    /// not keep bindings. Returns the instance's [`Instance::revision`] once written (0 where
+    /// reports are unordered): a report older than that shows the instance as it was before,
+    /// and is stale.
     fn bind(
         &self,
         name: &str,
         binding: Option<RecordedBinding<'_>>,
-    ) -> impl Future<Output = Result<()>> + Send {
+    ) -> impl Future<Output = Result<u64>> + Send {
         let _ = (name, binding);
-        async { Ok(()) }
+        async { Ok(0) }
     }
     /// Records on the instance that it is quarantined ([`LABEL_QUARANTINED`]), on runtimes that
     /// keep bindings. A no-op elsewhere (the engine's store keeps it).

@@ -431,18 +431,18 @@ impl Runtime for MemoryRuntime {
     }
 
     /// As the pod runtime: the claim label set (or cleared), refused while another claim's.
-    async fn bind(&self, name: &str, binding: Option<crate::RecordedBinding<'_>>) -> Result<()> {
+    async fn bind(&self, name: &str, binding: Option<crate::RecordedBinding<'_>>) -> Result<u64> {
         let claim = binding.map(|b| b.claim);
         let mut inner = self.lock();
         if !inner.config.keep_bindings {
-            return Ok(());
+            return Ok(0);
         }
         let Some(sim) = inner.instances.get_mut(name) else {
             return Err(RuntimeError::NotFound(name.to_owned()));
         };
         let current = sim.instance.label(crate::LABEL_CLAIM).map(str::to_owned);
         if current.as_deref() == claim {
-            return Ok(());
+            return Ok(0);
         }
         if let (Some(other), Some(_)) = (&current, claim) {
             return Err(RuntimeError::Conflict {
@@ -461,7 +461,7 @@ impl Runtime for MemoryRuntime {
         sim.instance.labels = Arc::new(labels);
         let i = sim.instance.clone();
         inner.emit(RuntimeEvent::Changed(i));
-        Ok(())
+        Ok(0)
     }
 
     async fn quarantine(&self, name: &str) -> Result<()> {

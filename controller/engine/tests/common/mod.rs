@@ -92,7 +92,7 @@ impl Runtime for Counting {
         self.mem.quarantine(name).await
     }
 
-    async fn bind(&self, name: &str, claim: Option<RecordedBinding<'_>>) -> RtResult<()> {
+    async fn bind(&self, name: &str, claim: Option<RecordedBinding<'_>>) -> RtResult<u64> {
         let delay = self.bind_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
