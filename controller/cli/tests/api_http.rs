@@ -1600,3 +1600,101 @@ fn uploads_go_only_into_ones_own_bound_claim_and_cannot_escape_the_mount_path() 
     assert_eq!(code, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("mountPath"), "{v}");
 }
+
+/// What a claim's own request could do to others is refused before anything is written: a
+/// reservation's name (which would answer that booking as made and give the taker its place),
+/// a file path that a copy would refuse (the failed copy would take an instance out of service
+/// for good), and a TTL so long that adding it to a time overflows.
+#[test]
+fn a_claim_request_cannot_take_a_reservations_name_or_break_an_instance() {
+    let api = Api::start_with(&["--webhook-secret-file", "SECRET_FILE"]);
+    let alices = poolkeeper_http::webhook::claim_name("Lab Room 7", "alice");
+    for (body, field) in [
+        (json!({"name": alices, "pool": "web"}), "name"),
+        (
+            json!({"pool": "site", "files": {"./index.html": "x"}}),
+            "files../index.html",
+        ),
+        (
+            json!({"pool": "site", "files": {"a": "x", "a/b": "y"}}),
+            "files.a/b",
+        ),
+        (
+            json!({"pool": "web", "ttl": "18446744073709551615ms"}),
+            "ttl",
+        ),
+    ] {
+        let (code, v) = api.post("/api/v1/claims", BOB, &body);
+        assert_eq!(
+            (code, v["field"].as_str()),
+            (422, Some(field)),
+            "{body}: {v}"
+        );
+    }
+    assert_eq!(api.claim_files(), 0);
+    // Alice's booking is hers to make.
+    let provision = json!({"event": "provision", "resource_name": "Lab Room 7",
+                           "username": "alice", "custom_parameters": {"image": "nginx"}});
+    let (code, v) = api.hook(&provision, now(), SECRET);
+    assert_eq!(
+        (code, v["claim"].as_str()),
+        (201, Some(alices.as_str())),
+        "{v}"
+    );
+}
+
+/// A request without a valid token is refused before its body is read: a client that sends the
+/// head of a large upload and then nothing holds no memory and gets its 401 at once.
+#[test]
+fn an_unauthenticated_request_is_answered_before_its_body_is_read() {
+    let api = Api::start();
+    for token in [None, Some("not-a-token")] {
+        let mut s = TcpStream::connect(&api.served.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(
+            s,
+            "PUT /api/v1/claims/a1/files HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-tar\r\n\
+             Content-Length: 16000000\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 64];
+        let n = s
+            .read(&mut head)
+            .expect("answered without waiting for the body");
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 401"), "{token:?}: {head}");
+    }
+}
+
+/// The event stream asks at each change whether its caller may still see it: a user disabled
+/// while watching sees nothing more (the stream ends).
+#[test]
+fn the_event_stream_follows_the_callers_permissions_as_they_change() {
+    let api = Api::start();
+    let bob = api.stream(BOB);
+    wait_for("bob's stream is open", || {
+        bob.lock().unwrap().contains("text/event-stream")
+    });
+    let claim = json!({"name": "b1", "pool": "web", "ttl": "4s"});
+    let (code, v) = api.post("/api/v1/claims", BOB, &claim);
+    assert_eq!(code, 201, "{v}");
+    api.wait_phase("b1", BOB, "Bound");
+    wait_for("bob sees b1", || bob.lock().unwrap().contains("\"b1\""));
+    let disabled = specs().replace(
+        "spec: {quota: {maxClaims: 5}, tokenSha256:",
+        "spec: {disabled: true, quota: {maxClaims: 5}, tokenSha256:",
+    );
+    assert_ne!(disabled, specs());
+    std::fs::write(api.dir.path().join("specs.yaml"), disabled).unwrap();
+    wait_for("bob is disabled", || api.get("/api/v1/pools", BOB).0 == 403);
+    let seen = bob.lock().unwrap().len();
+    // b1's lease ends: a change of bob's claim, which bob no longer sees.
+    api.wait_phase("b1", ADMIN, "Expired");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = bob.lock().unwrap()[seen..].to_owned();
+    assert!(
+        !after.contains("b1"),
+        "a disabled user still sees changes: {after}"
+    );
+}

@@ -77,7 +77,9 @@ pub fn parse_tar(reader: impl std::io::Read, what: &str) -> Result<Vec<(String, 
             .to_string_lossy()
             .into_owned();
         let kind = entry.header().entry_type();
-        if kind.is_dir() {
+        // Folders are made as needed; a pax global header (`git archive` starts with one) says
+        // something of the archive, not a file.
+        if kind.is_dir() || kind.is_pax_global_extensions() {
             continue;
         }
         if !(kind.is_file() || kind == tar::EntryType::Continuous) {
@@ -119,6 +121,28 @@ mod tests {
             b.append(&h, content.as_bytes()).expect("appended");
         }
         b.into_inner().expect("finished")
+    }
+
+    #[test]
+    fn a_git_archive_s_pax_global_header_is_no_file_and_is_skipped() {
+        let mut b = tar::Builder::new(Vec::new());
+        let comment = b"52 comment=0123456789abcdef0123456789abcdef01234567\n";
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XGlobalHeader);
+        h.set_path("pax_global_header").expect("path");
+        h.set_size(comment.len() as u64);
+        h.set_cksum();
+        b.append(&h, &comment[..]).expect("appended");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_path("a").expect("path");
+        h.set_cksum();
+        b.append(&h, &b"1"[..]).expect("appended");
+        let archive = b.into_inner().expect("finished");
+        let files = parse_tar(&archive[..], "t").expect("read");
+        assert_eq!(files, vec![("a".to_owned(), b"1".to_vec())]);
     }
 
     #[test]

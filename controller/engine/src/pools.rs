@@ -670,5 +670,5 @@ pub(crate) fn lease_expiry(
         .as_deref()
         .and_then(|t| parse_duration(t).ok())
         .or(pool_ttl)
-        .map(|d| now + d.as_millis() as u64)
+        .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
 }

@@ -55,6 +55,13 @@ pub(crate) fn refused((reason, message): (&'static str, String)) -> ApiError {
     }
 }
 
+/// A claim's name when its request gives none: `USER-POOL-xxxxxx`, the first part cut so that
+/// the whole stays a valid name (at most 63 characters) however long the two names are.
+fn generated_name(user: &str, pool: &str) -> String {
+    let base: String = format!("{user}-{pool}").chars().take(63 - 7).collect();
+    format!("{}-{}", base.trim_end_matches('-'), random_suffix())
+}
+
 pub(crate) fn random_suffix() -> String {
     use rand::{Rng, SeedableRng};
     let seed = std::time::SystemTime::now()
@@ -108,10 +115,22 @@ pub(crate) async fn make_claim(
             ));
         }
     };
-    let name = req
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{user}-{}-{}", req.pool, random_suffix()));
+    let name = match &req.name {
+        // The webhook's claims: a name taken here first would answer a booking system's
+        // reservation as made while no claim of it exists (and hand the taker its place).
+        Some(n) if n.starts_with(crate::webhook::RESERVATION_PREFIX) => {
+            return Err(ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "name",
+                format!(
+                    "names starting with {:?} are kept for reservations made by webhooks",
+                    crate::webhook::RESERVATION_PREFIX
+                ),
+            ));
+        }
+        Some(n) => n.clone(),
+        None => generated_name(&user, &req.pool),
+    };
     let spec = ClaimSpec {
         pool: req.pool.clone(),
         user: user.clone(),
@@ -243,4 +262,26 @@ pub(crate) async fn release_claim(state: &ApiState, who: &Caller, name: &str) ->
     // the same answer.
     state.declare.delete_claim(name).await?;
     Ok(json!({"name": name, "released": true}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generated_name;
+
+    #[test]
+    fn a_generated_name_is_valid_however_long_the_user_and_pool_names_are() {
+        let long = "a".repeat(63);
+        for (user, pool) in [
+            ("bob", "web"),
+            (long.as_str(), long.as_str()),
+            (
+                "u",
+                "p-------------------------------------------------------------x",
+            ),
+        ] {
+            let name = generated_name(user, pool);
+            assert_eq!(poolkeeper_kinds::units::check_name(&name), Ok(()), "{name}");
+        }
+        assert!(generated_name("bob", "web").starts_with("bob-web-"));
+    }
 }

@@ -154,6 +154,14 @@ pub(crate) async fn guard(
     if declared.is_some_and(|n| n > limit as u64) {
         return too_large(&state, limit);
     }
+    // Who asks is in the headers: an API request without a valid token is answered before any
+    // of its body is read, so that holding bodies open (16 MiB uploads, 1 MiB JSON, each for up
+    // to --body-timeout) takes a token.
+    if request.uri().path().starts_with("/api/v1/")
+        && let Err(e) = crate::auth::who(&state, request.headers())
+    {
+        return e.into_response();
+    }
     let timed_out = Arc::new(AtomicBool::new(false));
     let request = {
         let timed_out = timed_out.clone();

@@ -168,6 +168,9 @@ pub struct CustomParameters {
     pub persistent_storage: Option<serde_json::Value>,
 }
 
+/// How every reservation's claim name begins; the API refuses it to other claims.
+pub const RESERVATION_PREFIX: &str = "rsv-";
+
 /// The claim name of a reservation, which is one resource for one user: `rsv-`, the user and the
 /// resource made a DNS label (lowercase, other characters as `-`), and a short digest of both,
 /// so that two users' reservations of a resource never share a claim, nor do two resources that
@@ -181,9 +184,9 @@ pub fn claim_name(resource: &str, user: &str) -> String {
     both.extend_from_slice(resource.as_bytes());
     let digest = hex::encode(&Sha256::digest(&both)[..4]);
     if base.is_empty() {
-        format!("rsv-{digest}")
+        format!("{RESERVATION_PREFIX}{digest}")
     } else {
-        format!("rsv-{base}-{digest}")
+        format!("{RESERVATION_PREFIX}{base}-{digest}")
     }
 }
 
@@ -195,9 +198,9 @@ pub fn legacy_claim_name(resource: &str) -> String {
     let base = base.trim_matches('-');
     let digest = hex::encode(&Sha256::digest(resource.as_bytes())[..4]);
     if base.is_empty() {
-        format!("rsv-{digest}")
+        format!("{RESERVATION_PREFIX}{digest}")
     } else {
-        format!("rsv-{base}-{digest}")
+        format!("{RESERVATION_PREFIX}{base}-{digest}")
     }
 }
 

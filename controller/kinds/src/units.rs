@@ -3,7 +3,12 @@
 
 use std::time::Duration;
 
-/// Parses a Go-style duration: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`, `d`.
+/// The longest duration a spec may give (100 years): a longer one is a mistake, and a time
+/// it is added to must stay a time.
+pub const MAX_DURATION_MS: u128 = 100 * 365 * 86_400_000;
+
+/// Parses a Go-style duration: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`, `d`,
+/// greater than zero and at most [`MAX_DURATION_MS`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
@@ -47,6 +52,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if total_ms == 0 {
         return Err(format!(
             "invalid duration {text:?}: must be greater than zero"
+        ));
+    }
+    if total_ms > MAX_DURATION_MS {
+        return Err(format!(
+            "duration {text:?} is too large (at most 100 years, 36500d)"
         ));
     }
     let ms = u64::try_from(total_ms).map_err(|_| format!("duration {text:?} is too large"))?;
@@ -173,6 +183,22 @@ mod tests {
         );
         assert!(parse_duration("").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn a_duration_beyond_a_hundred_years_is_refused_not_wrapped() {
+        assert_eq!(
+            parse_duration("36500d"),
+            Ok(Duration::from_secs(36_500 * 86_400))
+        );
+        for big in [
+            "36501d",
+            "18446744073709551615ms",
+            "99999999999999999999999999999d",
+        ] {
+            let e = parse_duration(big).expect_err(big);
+            assert!(e.contains("too large"), "{big}: {e}");
+        }
     }
 
     #[test]

@@ -269,23 +269,44 @@ fn validate_claim(c: &ClaimSpec, errs: &mut Vec<FieldError>) {
         errs.push(FieldError::new("spec.ttl", e));
     }
     for path in c.files.keys() {
+        let shown = format!("spec.files.{path}");
         if let Err(e) = check_relative_path(path) {
-            errs.push(FieldError::new(format!("spec.files.{path}"), e));
+            errs.push(FieldError::new(shown, e));
+        } else if let Some(file) = (path.match_indices('/'))
+            .map(|(at, _)| &path[..at])
+            .find(|p| c.files.contains_key(*p))
+        {
+            // The copy would have to make a folder where a file is (or the other way round).
+            errs.push(FieldError::new(
+                shown,
+                format!("file path {path:?} is inside {file:?}, which is a file"),
+            ));
         }
     }
     check_resources(c.resources.as_ref(), "spec.resources", errs);
 }
 
-/// A claim's file path must stay under the mount path: relative, no `..`, no empty segment.
+/// A claim's file path must stay under the mount path and name one file one way: relative, its
+/// segments plain names (no `.`, `..` or empty segment), no control character. Anything a copy
+/// would refuse is refused here, where the claim's author sees it: a copy that fails takes the
+/// instance out of service.
 pub fn check_relative_path(path: &str) -> Result<(), String> {
     if path.is_empty() || path.starts_with('/') {
         return Err(format!(
             "file path {path:?} must be relative to the mount path"
         ));
     }
-    if path.split('/').any(|seg| seg == ".." || seg.is_empty()) {
+    if path
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
         return Err(format!(
-            "file path {path:?} must not contain '..' or empty segments"
+            "file path {path:?} must not contain '.', '..' or empty segments"
+        ));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(format!(
+            "file path {path:?} must not contain control characters"
         ));
     }
     Ok(())
@@ -784,5 +805,60 @@ mod cycle_tests {
         assert_eq!(cycle.first(), cycle.last());
         assert_eq!(cycle.len(), 4);
         assert!(find_cycle(&[c("a", &["b"]), c("b", &[])]).is_none());
+    }
+}
+
+#[cfg(test)]
+mod claim_file_tests {
+    use super::*;
+
+    fn claim_with(paths: &[&str]) -> Vec<FieldError> {
+        let spec = ClaimSpec {
+            pool: "web".to_owned(),
+            user: "u".to_owned(),
+            ttl: None,
+            files: paths
+                .iter()
+                .map(|p| ((*p).to_owned(), "x".to_owned()))
+                .collect(),
+            files_from: None,
+            resources: None,
+        };
+        validate_object("c", &Spec::Claim(spec))
+    }
+
+    fn refused(paths: &[&str]) -> Vec<String> {
+        claim_with(paths).into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn plain_relative_paths_are_accepted() {
+        assert!(claim_with(&["index.html", "site/a/b.txt", "site/c.txt", ".hidden"]).is_empty());
+    }
+
+    #[test]
+    fn a_path_a_copy_would_refuse_is_refused_naming_its_field() {
+        for bad in [
+            "./x", "a/./b", "a/.", ".", "../x", "a//b", "a/", "/abs", "", "a\u{0}b", "a\nb",
+        ] {
+            assert_eq!(
+                refused(&[bad]),
+                vec![format!("spec.files.{bad}")],
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_where_another_path_needs_a_folder_is_refused() {
+        assert_eq!(refused(&["x", "x/y"]), vec!["spec.files.x/y".to_owned()]);
+        assert_eq!(
+            refused(&["a/b", "a/b/c/d"]),
+            vec!["spec.files.a/b/c/d".to_owned()]
+        );
+        assert!(
+            refused(&["ab", "a/b"]).is_empty(),
+            "a name that starts alike is no folder"
+        );
     }
 }
