@@ -98,6 +98,12 @@ fn read_folder(root: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
                 ));
             } else if ft.is_dir() {
                 stack.push(path);
+            } else if !ft.is_file() {
+                // A FIFO would block the read (and the engine with it), a device is no file.
+                return Err(format!(
+                    "filesFrom {}: only regular files are copied (not FIFOs, sockets or devices)",
+                    path.display()
+                ));
             } else {
                 let rel = path
                     .strip_prefix(root)

@@ -808,6 +808,15 @@ pub enum Read {
 /// taken from the file system, and a file that grows while it is read stops at `max + 1`).
 pub fn read_spec(path: &Path, max: u64) -> Read {
     use std::io::Read as _;
+    // Only a regular file (or a link to one) is opened: opening a FIFO would wait for a writer,
+    // and the watcher with it.
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Read::Failed(std::io::Error::other("not a regular file"));
+        }
+        Ok(_) => {}
+        Err(e) => return Read::Failed(e),
+    }
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => return Read::Failed(e),
@@ -859,6 +868,31 @@ pub fn unreadable(path: &Path, e: &std::io::Error) -> ParsedFile {
     whole_file_problem(path, format!("cannot read: {e}"))
 }
 
+/// A file that declared objects, found empty: truncated to be written again (`cmd > file`, some
+/// editors' saves), not a way to delete them. They are kept until it holds text again.
+pub fn being_written(path: &Path) -> ParsedFile {
+    whole_file_problem(
+        path,
+        "empty: taken for a file being written, so what it declared is kept; delete the file to \
+         delete its objects"
+            .to_owned(),
+    )
+}
+
+/// The note added to the problems of a file found invalid at the start: its objects are those
+/// of its last valid version, which the state folder kept.
+pub fn kept_from_last_good(path: &Path) -> Diagnostic {
+    Diagnostic {
+        file: path.to_path_buf(),
+        line: 0,
+        col: 0,
+        object: None,
+        path: String::new(),
+        message: "its last valid version (kept in the state folder) is in use until it is fixed"
+            .to_owned(),
+    }
+}
+
 /// A file that yields nothing, for `message` (about the whole file, no line in it).
 fn whole_file_problem(path: &Path, message: String) -> ParsedFile {
     ParsedFile {
@@ -874,19 +908,65 @@ fn whole_file_problem(path: &Path, message: String) -> ParsedFile {
     }
 }
 
-/// Lists the spec files under `root` (a file or a folder, recursively), sorted.
+/// Lists the spec files under `root` (a file or a folder, recursively), sorted; an error when
+/// any folder under it cannot be read.
 pub fn spec_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let listing = list_spec_files(root)?;
+    match listing.unreadable.into_iter().next() {
+        Some((dir, e)) => Err(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", dir.display()),
+        )),
+        None => Ok(listing.files),
+    }
+}
+
+/// The spec files under a folder, and the folders under it that could not be read (what they
+/// hold is unknown, not gone).
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub files: Vec<PathBuf>,
+    pub unreadable: Vec<(PathBuf, std::io::Error)>,
+}
+
+/// Lists the spec files under `root` (a file or a folder, recursively), sorted. Only `root`
+/// itself failing is an error: a folder under it that cannot be read (its permissions, or
+/// removed while it was listed) is listed as such, and the rest is read.
+pub fn list_spec_files(root: &Path) -> std::io::Result<Listing> {
     let meta = std::fs::metadata(root)?;
     if meta.is_file() {
-        return Ok(vec![root.to_path_buf()]);
+        return Ok(Listing {
+            files: vec![root.to_path_buf()],
+            unreadable: Vec::new(),
+        });
     }
-    let mut out = Vec::new();
+    let mut out = Listing::default();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if dir == root => return Err(e),
+            Err(e) => {
+                out.unreadable.push((dir, e));
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    out.unreadable.push((dir.clone(), e));
+                    break;
+                }
+            };
             let path = entry.path();
-            let ft = entry.file_type()?;
+            let ft = match entry.file_type() {
+                Ok(ft) => ft,
+                Err(e) => {
+                    out.unreadable.push((dir.clone(), e));
+                    break;
+                }
+            };
             let hidden = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -894,11 +974,11 @@ pub fn spec_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
             if ft.is_dir() && !hidden {
                 stack.push(path);
             } else if (ft.is_file() || ft.is_symlink()) && is_spec_file(&path) {
-                out.push(path);
+                out.files.push(path);
             }
         }
     }
-    out.sort();
+    out.files.sort();
     Ok(out)
 }
 

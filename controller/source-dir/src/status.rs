@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use poolkeeper_engine::EngineHandle;
-use poolkeeper_engine::status::Snapshot;
 
 use crate::layout::status_file;
 
@@ -23,8 +22,8 @@ pub async fn spawn_writer(
 ) -> tokio::task::JoinHandle<()> {
     let path = status_file(dir);
     // The first one written before this returns: once `run` says it serves, `get` reads it.
-    let mut last = Vec::new();
-    let first = write_changed(&handle, &path, &api, &mut last).await;
+    let mut written = Written::default();
+    let first = write_changed(&handle, &path, &api, &mut written).await;
     tokio::spawn(async move {
         if first.is_none() {
             return;
@@ -33,7 +32,7 @@ pub async fn spawn_writer(
         tick.tick().await;
         loop {
             tick.tick().await;
-            if write_changed(&handle, &path, &api, &mut last)
+            if write_changed(&handle, &path, &api, &mut written)
                 .await
                 .is_none()
             {
@@ -43,13 +42,13 @@ pub async fn spawn_writer(
     })
 }
 
-/// Writes the engine's snapshot to `path` if it changed since `last` (the timestamp aside).
-/// None once the engine has stopped.
+/// Writes the engine's snapshot to `path` if it changed since it was last written (the
+/// timestamp aside). None once the engine has stopped.
 async fn write_changed(
     handle: &EngineHandle,
     path: &Path,
     api: &Option<String>,
-    last: &mut Vec<u8>,
+    written: &mut Written,
 ) -> Option<()> {
     let mut snap = handle.snapshot().await.ok()?;
     // Compare without the timestamp, which changes every time.
@@ -58,25 +57,84 @@ async fn write_changed(
     let Ok(cmp) = serde_json::to_vec(&snap) else {
         return Some(());
     };
-    if cmp == *last {
-        return Some(());
-    }
-    *last = cmp;
-    snap.controller.updated_at = poolkeeper_engine::status::rfc3339(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    );
-    if let Err(e) = write_atomic(path, &snap) {
-        tracing::warn!(file = %path.display(), error = %e, "writing status failed");
-    }
+    written.offer(path, cmp, || {
+        snap.controller.updated_at = poolkeeper_engine::status::rfc3339(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        );
+        serde_json::to_vec(&snap).map_err(std::io::Error::other)
+    });
     Some(())
 }
 
-fn write_atomic(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
+/// What the status file holds: a text is written when it differs from the last one written
+/// (compared as `cmp`, without what changes every time). A write that failed (a full disk) is
+/// tried again at the next offer, however unchanged the text, and logged once.
+#[derive(Default)]
+struct Written {
+    last: Vec<u8>,
+    failing: bool,
+}
+
+impl Written {
+    fn offer(
+        &mut self,
+        path: &Path,
+        cmp: Vec<u8>,
+        text: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) {
+        if cmp == self.last {
+            return;
+        }
+        match text().and_then(|bytes| write_atomic(path, &bytes)) {
+            Ok(()) => {
+                if std::mem::take(&mut self.failing) {
+                    tracing::info!(file = %path.display(), "status written again");
+                }
+                self.last = cmp;
+            }
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(file = %path.display(), error = %e,
+                    "writing status failed; trying again until it is written");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec(snap).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // A part written on a full disk holds the space the next try needs.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Written;
+
+    #[test]
+    fn a_status_that_could_not_be_written_is_written_at_the_next_offer_though_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Its folder missing: every write fails, as on a full disk.
+        let path = dir.path().join("gone").join("status.json");
+        let mut w = Written::default();
+        let text = || Ok(b"{\"x\":1}".to_vec());
+        w.offer(&path, b"1".to_vec(), text);
+        w.offer(&path, b"1".to_vec(), text);
+        assert!(!path.exists());
+        std::fs::create_dir(dir.path().join("gone")).expect("mkdir");
+        w.offer(&path, b"1".to_vec(), text);
+        assert_eq!(std::fs::read(&path).expect("written"), b"{\"x\":1}");
+        // Written: the same text again is not written again.
+        std::fs::remove_file(&path).expect("rm");
+        w.offer(&path, b"1".to_vec(), text);
+        assert!(!path.exists());
+    }
 }

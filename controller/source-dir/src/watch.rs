@@ -26,6 +26,10 @@ use poolkeeper_kinds::{ObjKey, Object};
 use crate::DirError;
 use crate::loader::{self, Diagnostic, STATE_DIR};
 
+/// The folder, in the state folder, of each file's last valid copy (see
+/// [`DirState::with_last_good`]).
+pub const LAST_GOOD: &str = "last-good";
+
 /// Why 20 ms: editors' save sequences (write temp, rename, chmod) finish within a few ms; the
 /// whole pick-up stays far under the 200 ms budget.
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -45,6 +49,8 @@ struct FileState {
     /// The objects (`Kind/name`) that `sent` names: the engine marks them SpecValid=False until
     /// they are applied again.
     flagged: BTreeSet<String>,
+    /// A digest of the text last kept as its last valid copy (see `DirState::with_last_good`).
+    saved: Option<u64>,
 }
 
 /// Files whose text was just written by poolkeeper itself (claims made through the API), with
@@ -97,6 +103,11 @@ pub struct DirState {
     released: BTreeMap<ObjKey, Object>,
     /// The largest spec file read.
     limit: loader::SpecLimit,
+    /// Where each file's last valid text is kept (see [`DirState::with_last_good`]).
+    last_good: Option<PathBuf>,
+    /// Folders that could not be listed at the last rescan, with why: the files known under
+    /// them are kept (what such a folder holds is unknown, not gone).
+    unreadable: BTreeMap<PathBuf, String>,
 }
 
 /// What a (re)load changed, in the order to tell the engine.
@@ -118,6 +129,69 @@ impl DirState {
             objects: HashMap::new(),
             released: BTreeMap::new(),
             limit: loader::SpecLimit::default(),
+            last_good: None,
+            unreadable: BTreeMap::new(),
+        }
+    }
+
+    /// Keeps a copy of each file's last valid text under `dir` (in the state folder). A file
+    /// that is invalid, unreadable, empty or in a folder that cannot be read when the
+    /// controller starts declares what its copy declares, as a running controller keeps the
+    /// last valid version of a file that turns invalid: a restart must not delete what the
+    /// file declared (a claim released, a pool drained) because the file was being edited.
+    /// Files poolkeeper writes itself (claims made through the API) are written whole, once,
+    /// and get no copy.
+    pub fn with_last_good(mut self, dir: PathBuf) -> Self {
+        self.last_good = Some(dir);
+        self
+    }
+
+    /// Where `file`'s last valid copy is kept, if it gets one.
+    fn last_good_of(&self, file: &Path) -> Option<PathBuf> {
+        let rel = file.strip_prefix(&self.root).ok()?;
+        if rel.starts_with(crate::layout::MANAGED_CLAIMS) {
+            return None;
+        }
+        Some(self.last_good.as_ref()?.join(rel))
+    }
+
+    /// `file`'s last valid copy, parsed (its origins name `file`, where the objects came from).
+    fn read_last_good(&self, file: &Path) -> Option<loader::ParsedFile> {
+        let copy = self.last_good_of(file)?;
+        let bytes = std::fs::read(&copy).ok()?;
+        let parsed = loader::parse_bytes(file, bytes);
+        parsed.is_clean().then_some(parsed)
+    }
+
+    /// Keeps `bytes`, `file`'s valid text, as its last valid copy (written whole or not at all).
+    fn save_last_good(&mut self, file: &Path, bytes: &[u8], digest: u64) {
+        let Some(copy) = self.last_good_of(file) else {
+            return;
+        };
+        let tmp = copy.with_extension("tmp~");
+        let written = copy
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &copy));
+        match written {
+            Ok(()) => {
+                if let Some(state) = self.files.get_mut(file) {
+                    state.saved = Some(digest);
+                }
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                warn!(file = %file.display(), copy = %copy.display(), error = %e,
+                    "cannot keep the file's last valid copy; a restart while it is invalid would not know what it declared");
+            }
+        }
+    }
+
+    /// `file` is gone for good: so is its last valid copy.
+    fn forget_last_good(&self, file: &Path) {
+        if let Some(copy) = self.last_good_of(file) {
+            let _ = std::fs::remove_file(copy);
         }
     }
 
@@ -140,22 +214,79 @@ impl DirState {
     }
 
     fn rescan_into(&mut self, changes: &mut Changes) {
-        let found: BTreeSet<PathBuf> = match loader::spec_files(&self.root) {
-            Ok(f) => f.into_iter().collect(),
+        let listing = match loader::list_spec_files(&self.root) {
+            Ok(l) => l,
             Err(e) => {
                 warn!(dir = %self.root.display(), error = %e, "cannot list the directory");
                 return;
             }
         };
+        let unreadable: BTreeMap<PathBuf, String> = (listing.unreadable.into_iter())
+            .map(|(dir, e)| (dir, e.to_string()))
+            .collect();
+        for (dir, e) in &unreadable {
+            if !self.unreadable.contains_key(dir) {
+                warn!(folder = %dir.display(), error = %e,
+                    "cannot list a folder; the files known under it are kept as they are");
+            }
+        }
+        self.unreadable = unreadable;
+        let under_unreadable =
+            |f: &Path, u: &BTreeMap<PathBuf, String>| u.keys().any(|dir| f.starts_with(dir));
+        let found: BTreeSet<PathBuf> = listing.files.into_iter().collect();
         let known: Vec<PathBuf> = self.files.keys().cloned().collect();
         for f in known {
-            if !found.contains(&f) {
+            if !found.contains(&f) && !under_unreadable(&f, &self.unreadable) {
                 self.remove_file(&f, changes);
             }
         }
         for f in &found {
             self.load_file(f, changes);
         }
+        // Files under a folder that cannot be read, never read since the start: what their
+        // last valid copies declare.
+        let dirs: Vec<PathBuf> = self.unreadable.keys().cloned().collect();
+        for dir in dirs {
+            for file in self.last_good_files_under(&dir) {
+                if !self.files.contains_key(&file) {
+                    let why = self.unreadable.get(&dir).cloned().unwrap_or_default();
+                    let e = std::io::Error::other(format!(
+                        "its folder {} cannot be listed: {why}",
+                        dir.display()
+                    ));
+                    self.apply_read(&file, loader::unreadable(&file, &e), None, None, changes);
+                }
+            }
+        }
+    }
+
+    /// The files under `dir` that have a last valid copy.
+    fn last_good_files_under(&self, dir: &Path) -> Vec<PathBuf> {
+        let Some(copies) = self.last_good_of(dir) else {
+            return Vec::new();
+        };
+        let Some(base) = self.last_good.clone() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut stack = vec![copies];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.filter_map(Result::ok) {
+                let path = e.path();
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(&base)
+                    && loader::is_spec_file(&self.root.join(rel))
+                {
+                    out.push(self.root.join(rel));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Ends an update: objects let go of pass to a file that declared them too, the rest are
@@ -218,6 +349,7 @@ impl DirState {
     }
 
     fn remove_file(&mut self, file: &Path, changes: &mut Changes) {
+        self.forget_last_good(file);
         let Some(state) = self.files.remove(file) else {
             return;
         };
@@ -253,13 +385,27 @@ impl DirState {
 
     fn load_file(&mut self, file: &Path, changes: &mut Changes) {
         let mut refused_size = None;
+        // The text read, to keep as the last valid copy if it is valid and not kept yet.
+        let mut keep = None;
         let parsed = match loader::read_spec(file, self.limit.max_bytes) {
             loader::Read::Bytes(bytes) => match self.prepared.take(file, &bytes) {
                 Some(objects) => loader::ParsedFile {
                     objects,
                     diagnostics: Vec::new(),
                 },
-                None => loader::parse_bytes(file, bytes),
+                None if bytes.is_empty() && self.holds_objects(file) => {
+                    // Truncated, to be written again (`cmd > file`, an editor's save): no
+                    // way to delete what it declares (deleting the file is).
+                    loader::being_written(file)
+                }
+                None => {
+                    let digest = digest_of(&bytes);
+                    let saved = self.files.get(file).and_then(|s| s.saved);
+                    if saved != Some(digest) && self.last_good_of(file).is_some() {
+                        keep = Some((bytes.clone(), digest));
+                    }
+                    loader::parse_bytes(file, bytes)
+                }
             },
             loader::Read::TooLarge(size) => {
                 refused_size = Some(size);
@@ -278,28 +424,70 @@ impl DirState {
             }
             loader::Read::Failed(e) => loader::unreadable(file, &e),
         };
+        self.apply_read(file, parsed, refused_size, keep, changes);
+    }
+
+    /// Whether `file` declares objects now, or declared some when a copy of it was last kept.
+    fn holds_objects(&self, file: &Path) -> bool {
+        match self.files.get(file) {
+            Some(s) => !s.owned.is_empty(),
+            None => self
+                .read_last_good(file)
+                .is_some_and(|p| !p.objects.is_empty()),
+        }
+    }
+
+    /// Takes what `file` declares now. Read for the first time since the start and not valid:
+    /// first what its last valid copy declares, so that its problems keep those objects as a
+    /// running controller would have kept them.
+    fn apply_read(
+        &mut self,
+        file: &Path,
+        mut parsed: loader::ParsedFile,
+        refused_size: Option<u64>,
+        keep: Option<(Vec<u8>, u64)>,
+        changes: &mut Changes,
+    ) {
+        if !parsed.is_clean()
+            && !self.files.contains_key(file)
+            && let Some(good) = self.read_last_good(file)
+        {
+            info!(file = %file.display(), "not valid at the start: what its last valid copy declares is kept");
+            self.take_parsed(file, good, None, changes);
+            parsed.diagnostics.push(loader::kept_from_last_good(file));
+        }
+        let clean = parsed.is_clean();
+        self.take_parsed(file, parsed, refused_size, changes);
+        if clean && let Some((bytes, digest)) = keep {
+            self.save_last_good(file, &bytes, digest);
+        }
+    }
+
+    fn take_parsed(
+        &mut self,
+        file: &Path,
+        parsed: loader::ParsedFile,
+        refused_size: Option<u64>,
+        changes: &mut Changes,
+    ) {
         let mut diagnostics = parsed.diagnostics.clone();
         let clean = parsed.is_clean();
         let mut now_owned = BTreeSet::new();
         let mut shadowed = false;
+        // Declared twice in this file: the first is used, as `validate` says (taking each in
+        // turn would apply both at every read, a claim moving back and forth).
+        let mut here: HashMap<ObjKey, String> = HashMap::new();
         for mut obj in parsed.objects {
             let key = obj.key();
+            if let Some(first) = here.get(&key) {
+                diagnostics.push(declared_before(file, &obj, first));
+                continue;
+            }
+            here.insert(key.clone(), obj.origin.to_string());
             if let Some((owner, prev)) = self.objects.get(&key)
                 && owner != file
             {
-                // Not tied to the object (`object: None`): the object in use is valid, and the
-                // engine would mark it SpecValid=False. The text keeps the usual shape.
-                diagnostics.push(Diagnostic {
-                    file: file.to_path_buf(),
-                    line: obj.origin.line,
-                    col: obj.origin.col,
-                    object: None,
-                    path: String::new(),
-                    message: format!(
-                        "{key}: metadata.name: also declared in {}; that one is used",
-                        prev.origin
-                    ),
-                });
+                diagnostics.push(declared_before(file, &obj, &prev.origin));
                 shadowed = true;
                 continue;
             }
@@ -393,6 +581,31 @@ impl DirState {
     }
 }
 
+/// `obj`, in `file`, is declared at `first` too, which is used. Not tied to the object
+/// (`object: None`): the object in use is valid, and the engine would mark it SpecValid=False.
+/// The text keeps the usual shape.
+fn declared_before(file: &Path, obj: &Object, first: &dyn std::fmt::Display) -> Diagnostic {
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: obj.origin.line,
+        col: obj.origin.col,
+        object: None,
+        path: String::new(),
+        message: format!(
+            "{}: metadata.name: also declared in {first}; that one is used",
+            obj.key()
+        ),
+    }
+}
+
+/// A digest of a file's text, to tell whether its last valid copy is up to date.
+fn digest_of(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
 /// Loads `root`, tells the engine, then watches until the engine stops.
 /// Returns after the initial load has been handed to the engine; the watch runs in a task.
 /// `prepared`: texts the API writes (see [`Prepared`]).
@@ -424,7 +637,15 @@ pub async fn run(
         .map_err(watch_error)?;
     let mut watched = BTreeSet::new();
     watch_folders(&mut watcher, &root, &mut watched);
-    let mut state = DirState::with_prepared(root.clone(), prepared).with_limit(limit);
+    // Nothing known is better than everything deleted: a directory that cannot be listed is an
+    // error at the start (at run time a failed listing changes nothing).
+    loader::list_spec_files(&root).map_err(|source| DirError::Open {
+        dir: root.clone(),
+        source,
+    })?;
+    let mut state = DirState::with_prepared(root.clone(), prepared)
+        .with_limit(limit)
+        .with_last_good(root.join(STATE_DIR).join(LAST_GOOD));
     let initial = state.rescan();
     let objects = state.objects.len();
     for ev in initial.events {
@@ -442,7 +663,7 @@ pub async fn run(
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
-                    collect(ev, &mut paths);
+                    collect(ev, &mut paths, &root);
                     // Debounce: take what else arrives shortly after.
                     let deadline = tokio::time::sleep(DEBOUNCE);
                     tokio::pin!(deadline);
@@ -450,7 +671,7 @@ pub async fn run(
                         tokio::select! {
                             _ = &mut deadline => break,
                             more = rx.recv() => match more {
-                                Some(ev) => collect(ev, &mut paths),
+                                Some(ev) => collect(ev, &mut paths, &root),
                                 None => break,
                             },
                         }
@@ -505,8 +726,14 @@ fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet
     }
 }
 
-fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>) {
+fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, root: &Path) {
     match ev {
+        // The OS dropped events (its queue overflowed): anything may have changed. The root
+        // named as changed rescans it all (see `paths_changed`).
+        Ok(ev) if ev.need_rescan() => {
+            warn!("the OS dropped file events; rescanning the directory");
+            paths.insert(root.to_path_buf());
+        }
         // Reading a file or opening a folder (to sync it) changes nothing.
         Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
         Ok(ev) => paths.extend(ev.paths),
@@ -519,4 +746,25 @@ fn send_all(engine: &EngineHandle, changes: Changes) -> Result<(), poolkeeper_en
         engine.send(ev)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_the_os_dropped_rescan_the_whole_directory() {
+        let root = Path::new("/specs");
+        let mut paths = BTreeSet::new();
+        let overflow =
+            notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        collect(Ok(overflow), &mut paths, root);
+        assert_eq!(paths, BTreeSet::from([root.to_path_buf()]));
+        // A read changes nothing; a write names its file.
+        let mut paths = BTreeSet::new();
+        let read = notify::Event::new(notify::EventKind::Access(notify::event::AccessKind::Any))
+            .add_path(root.join("a.yaml"));
+        collect(Ok(read), &mut paths, root);
+        assert!(paths.is_empty());
+    }
 }

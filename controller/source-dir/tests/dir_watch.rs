@@ -1060,3 +1060,230 @@ fn a_spec_file_over_the_limit_is_refused_once_per_version_however_often_it_is_re
         "too large again after a valid read"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// What a file being written, or one that cannot be read, keeps
+
+/// A DirState as `run` makes it: it keeps each file's last valid copy in the state folder.
+fn keeping(root: &Path) -> DirState {
+    DirState::new(root).with_last_good(root.join(".poolkeeper").join(watch::LAST_GOOD))
+}
+
+fn all_diags(events: &[SourceEvent]) -> String {
+    format!("{:#?}", diags(events))
+}
+
+#[test]
+fn dirstate_a_file_invalid_at_the_start_declares_its_last_valid_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let f = root.join("team/both.yaml");
+    write(
+        &f,
+        &format!(
+            "{}---\n{}",
+            pool_yaml("web", 1, "nginx"),
+            user_yaml("a", "a@x")
+        ),
+    );
+    let mut running = keeping(root);
+    assert_eq!(applied(&running.rescan().events).len(), 2);
+    // Broken while the controller is down (an edit half done, a bad merge).
+    write(&f, "kind: Pool\nmetadata: {name: web\n");
+    let mut started = keeping(root);
+    let ch = started.rescan();
+    let mut keys: Vec<ObjKey> = applied(&ch.events).into_iter().map(|a| a.0).collect();
+    keys.sort();
+    assert_eq!(keys, vec![pool("web"), user("a")], "{:#?}", ch.events);
+    assert!(deleted(&ch.events).is_empty());
+    let shown = all_diags(&ch.events);
+    assert!(shown.contains("last valid version"), "{shown}");
+    assert!(
+        shown.contains("both.yaml:"),
+        "the problem is still reported: {shown}"
+    );
+    // Fixed, with the user gone: the fix decides.
+    write(&f, &pool_yaml("web", 2, "nginx"));
+    let ch = started.paths_changed(&paths(&[&f]));
+    assert_eq!(deleted(&ch.events), vec![user("a")]);
+    // And a start now sees the fixed file, whatever its copy said before.
+    write(&f, "not: [valid");
+    let ch = keeping(root).rescan();
+    let keys: Vec<ObjKey> = applied(&ch.events).into_iter().map(|a| a.0).collect();
+    assert_eq!(keys, vec![pool("web")]);
+    // Without the copy (deleted with its file), nothing is made up.
+    std::fs::remove_file(&f).unwrap();
+    assert_eq!(deleted(&started.rescan().events), vec![pool("web")]);
+    write(&f, "not: [valid");
+    assert!(applied(&keeping(root).rescan().events).is_empty());
+}
+
+#[test]
+fn dirstate_a_file_emptied_keeps_its_objects_until_it_is_written_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let f = root.join("web.yaml");
+    write(&f, &pool_yaml("web", 1, "nginx"));
+    let mut st = keeping(root);
+    st.rescan();
+    // `generate > web.yaml`: the shell truncates first, the text comes later.
+    write(&f, "");
+    let ch = st.paths_changed(&paths(&[&f]));
+    assert!(deleted(&ch.events).is_empty(), "{:#?}", ch.events);
+    assert!(all_diags(&ch.events).contains("being written"));
+    // A start while it is empty keeps it too.
+    let ch = keeping(root).rescan();
+    assert_eq!(applied(&ch.events).len(), 1, "{:#?}", ch.events);
+    write(&f, &pool_yaml("web", 3, "nginx"));
+    let ch = st.paths_changed(&paths(&[&f]));
+    assert_eq!(applied(&ch.events).len(), 1);
+    assert!(
+        diags(&ch.events).iter().all(|(_, d)| d.is_empty()),
+        "cleared"
+    );
+    // An empty new file is no problem at all.
+    let g = root.join("new.yaml");
+    write(&g, "");
+    assert!(st.paths_changed(&paths(&[&g])).events.is_empty());
+}
+
+#[test]
+fn dirstate_an_object_twice_in_one_file_is_the_first_and_reported_without_flapping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let f = root.join("web.yaml");
+    let text = format!(
+        "{}---\n{}",
+        pool_yaml("web", 1, "nginx"),
+        pool_yaml("web", 2, "httpd")
+    );
+    write(&f, &text);
+    let mut st = DirState::new(root);
+    let ch = st.rescan();
+    assert_eq!(applied(&ch.events), vec![(pool("web"), 1, f.clone())]);
+    let shown = all_diags(&ch.events);
+    assert!(
+        shown.contains(&format!("also declared in {}:1:1", f.display())),
+        "the second is reported, naming the first: {shown}"
+    );
+    assert!(
+        st.objects()
+            .any(|o| matches!(&o.spec, Spec::Pool(p) if p.warm == 1)),
+        "the first is used"
+    );
+    // Read again: nothing moves.
+    assert!(st.rescan().events.is_empty());
+    assert!(st.paths_changed(&paths(&[&f])).events.is_empty());
+}
+
+#[test]
+fn dirstate_a_fifo_named_like_a_spec_is_reported_and_does_not_block_the_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(&root.join("web.yaml"), &pool_yaml("web", 1, "nginx"));
+    let fifo = root.join("pipe.yaml");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = root.to_path_buf();
+    std::thread::spawn(move || {
+        let mut st = DirState::new(&root);
+        let _ = tx.send((st.rescan(), st));
+    });
+    let (ch, mut st) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the rescan returns");
+    assert_eq!(applied(&ch.events).len(), 1);
+    // Named by an event: reported, never opened.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(st.paths_changed(&paths(&[&fifo])));
+    });
+    let ch = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the change is read");
+    assert!(
+        all_diags(&ch.events).contains("not a regular file"),
+        "{:#?}",
+        ch.events
+    );
+}
+
+#[test]
+fn dirstate_claims_written_by_the_api_get_no_copy_and_user_files_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(&root.join("web.yaml"), &pool_yaml("web", 1, "nginx"));
+    write(
+        &root.join("managed/claims/c.yaml"),
+        "apiVersion: poolkeeper.dev/v1alpha1\nkind: Claim\nmetadata: {name: c}\nspec: {pool: web, user: u}\n",
+    );
+    keeping(root).rescan();
+    let copies = root.join(".poolkeeper").join(watch::LAST_GOOD);
+    assert!(copies.join("web.yaml").is_file());
+    assert!(!copies.join("managed").exists());
+}
+
+/// Root reads every folder, whatever its permissions: run as root, the test runs itself again
+/// as `nobody` (the test binary, this test alone) and checks that it ran and passed.
+fn unprivileged(test: &str, body: impl FnOnce()) {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+    if !root || std::env::var_os("POOLKEEPER_TEST_UNPRIVILEGED").is_some() {
+        return body();
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("POOLKEEPER_TEST_UNPRIVILEGED", "1")
+        .env("TMPDIR", "/tmp")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("1 passed"),
+        "as nobody:\n{text}"
+    );
+}
+
+#[test]
+fn dirstate_a_folder_that_cannot_be_read_keeps_what_its_files_declared() {
+    unprivileged(
+        "dirstate_a_folder_that_cannot_be_read_keeps_what_its_files_declared",
+        || {
+            use std::os::unix::fs::PermissionsExt;
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            write(&root.join("web.yaml"), &pool_yaml("web", 1, "nginx"));
+            write(&root.join("team/users.yaml"), &user_yaml("a", "a@x"));
+            let mut st = keeping(root);
+            assert_eq!(applied(&st.rescan().events).len(), 2);
+            let team = root.join("team");
+            std::fs::set_permissions(&team, std::fs::Permissions::from_mode(0o000)).unwrap();
+            // Running: the files known under it are kept.
+            let ch = st.rescan();
+            assert!(deleted(&ch.events).is_empty(), "{:#?}", ch.events);
+            // Starting: what their last valid copies declare, and the folder named.
+            let ch = keeping(root).rescan();
+            let mut keys: Vec<ObjKey> = applied(&ch.events).into_iter().map(|a| a.0).collect();
+            keys.sort();
+            assert_eq!(keys, vec![pool("web"), user("a")], "{:#?}", ch.events);
+            let shown = all_diags(&ch.events);
+            assert!(shown.contains("cannot be listed"), "{shown}");
+            std::fs::set_permissions(&team, std::fs::Permissions::from_mode(0o755)).unwrap();
+            // Readable again and the file gone: now it is gone.
+            std::fs::remove_file(team.join("users.yaml")).unwrap();
+            assert_eq!(deleted(&st.rescan().events), vec![user("a")]);
+        },
+    );
+}
