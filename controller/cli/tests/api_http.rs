@@ -1612,8 +1612,12 @@ fn a_claim_request_cannot_take_a_reservations_name_or_break_an_instance() {
     for (body, field) in [
         (json!({"name": alices, "pool": "web"}), "name"),
         (
-            json!({"pool": "site", "files": {"./index.html": "x"}}),
-            "files../index.html",
+            json!({"pool": "site", "files": {"./a": "x", "a": "y"}}),
+            "files.a",
+        ),
+        (
+            json!({"pool": "site", "files": {"../a": "x"}}),
+            "files.../a",
         ),
         (
             json!({"pool": "site", "files": {"a": "x", "a/b": "y"}}),
@@ -1648,13 +1652,18 @@ fn a_claim_request_cannot_take_a_reservations_name_or_break_an_instance() {
 #[test]
 fn an_unauthenticated_request_is_answered_before_its_body_is_read() {
     let api = Api::start();
-    for token in [None, Some("not-a-token")] {
+    let console = ("POST /ui/claims/a1/files", None);
+    for (request, token) in [
+        ("PUT /api/v1/claims/a1/files", None),
+        ("PUT /api/v1/claims/a1/files", Some("not-a-token")),
+        console,
+    ] {
         let mut s = TcpStream::connect(&api.served.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         write!(
             s,
-            "PUT /api/v1/claims/a1/files HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-tar\r\n\
+            "{request} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-tar\r\n\
              Content-Length: 16000000\r\n\r\n"
         )
         .unwrap();
@@ -1663,7 +1672,10 @@ fn an_unauthenticated_request_is_answered_before_its_body_is_read() {
             .read(&mut head)
             .expect("answered without waiting for the body");
         let head = String::from_utf8_lossy(&head[..n]);
-        assert!(head.starts_with("HTTP/1.1 401"), "{token:?}: {head}");
+        assert!(
+            head.starts_with("HTTP/1.1 401"),
+            "{request} {token:?}: {head}"
+        );
     }
 }
 

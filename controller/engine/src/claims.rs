@@ -648,6 +648,7 @@ impl<R: Runtime> Engine<R> {
     pub(super) fn put_claim_files(
         &mut self,
         claim: &str,
+        user: Option<&str>,
         files: Vec<(String, Vec<u8>)>,
         reply: tokio::sync::oneshot::Sender<Result<usize, super::PutFilesError>>,
     ) {
@@ -656,6 +657,7 @@ impl<R: Runtime> Engine<R> {
             .claims
             .get(claim)
             .filter(|c| c.reported == ClaimPhase::Bound)
+            .filter(|c| user.is_none_or(|u| u == c.spec.user))
         else {
             let _ = reply.send(Err(PutFilesError::NotBound(claim.to_owned())));
             return;

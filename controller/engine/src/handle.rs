@@ -84,6 +84,8 @@ pub(crate) enum Input {
     Shutdown(oneshot::Sender<()>),
     PutFiles {
         claim: String,
+        /// The claim's user, as the caller saw it (None: an admin's, any user's).
+        user: Option<String>,
         files: Vec<(String, Vec<u8>)>,
         reply: oneshot::Sender<Result<usize, PutFilesError>>,
     },
@@ -323,14 +325,18 @@ impl EngineHandle {
         self.ask(|tx| Input::Instances(names, tx)).await
     }
 
-    /// Writes files into the instance bound to `claim`, under its pool's `files.mountPath`.
+    /// Writes files into the instance bound to `claim`, under its pool's `files.mountPath`;
+    /// with `user`, only while the claim is that user's (a claim deleted and made again under
+    /// its name by another user meanwhile is not).
     pub async fn put_files(
         &self,
         claim: &str,
+        user: Option<&str>,
         files: Vec<(String, Vec<u8>)>,
     ) -> Result<Result<usize, PutFilesError>, EngineError> {
         self.ask(|reply| Input::PutFiles {
             claim: claim.to_owned(),
+            user: user.map(str::to_owned),
             files,
             reply,
         })

@@ -817,7 +817,11 @@ impl<R: Runtime> Engine<R> {
             // Files still being copied in (or limits set) for the claim it served: they would
             // land after the reset, on the instance the next claim gets.
             debug!(instance, "its reset waits for the claim's work in flight");
-            work.reset_waits = true;
+            let now = self.clock.now_ms();
+            if work.reset_waits_since.is_none() {
+                work.reset_waits_since = Some(now);
+                self.wakeups.push(Reverse(now + crate::CLAIM_WORK_WAIT_MS));
+            }
             return;
         }
         let Some(rec) = self.instances.get(instance) else {
@@ -902,10 +906,29 @@ impl<R: Runtime> Engine<R> {
         if work.in_flight > 0 {
             return;
         }
-        let waits = work.reset_waits;
+        let waits = work.reset_waits_since.is_some();
         self.claim_work.remove(instance);
         if waits {
             self.start_reset(instance);
+        }
+    }
+
+    /// Resets that waited `CLAIM_WORK_WAIT_MS` for the claim's work give up on it: the
+    /// instance is replaced, not reset (what the work may still write lands on an instance
+    /// being removed), and the pool refills.
+    pub(crate) fn give_up_waiting_resets(&mut self, now: u64) {
+        let overdue: Vec<String> = (self.claim_work.iter())
+            .filter(|(_, w)| {
+                w.reset_waits_since
+                    .is_some_and(|t| now >= t + crate::CLAIM_WORK_WAIT_MS)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in overdue {
+            warn!(instance = %name, "the claim's work on it has not ended within 60 s; replacing it instead of resetting it");
+            self.claim_work.remove(&name);
+            self.reset_ended(&name);
+            self.remove_instance(&name);
         }
     }
 

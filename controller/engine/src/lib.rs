@@ -254,9 +254,15 @@ struct InstRec {
 #[derive(Debug, Default)]
 struct ClaimWork {
     in_flight: u32,
-    /// The instance's reset was due and waits for the work to end.
-    reset_waits: bool,
+    /// Since when the instance's reset, due, waits for the work to end (at most
+    /// `CLAIM_WORK_WAIT_MS`).
+    reset_waits_since: Option<u64>,
 }
+
+/// How long a reset waits for the claim's work on the instance (a copy of files, an upload, a
+/// resize). Why 60 s: far longer than a 16 MiB copy takes; a copy that hangs (an exec whose
+/// command never ends) must not hold the instance for good: it is replaced instead.
+const CLAIM_WORK_WAIT_MS: u64 = 60_000;
 
 /// A binding as the runtime records it on an instance (see `RecordedBinding`).
 #[derive(Debug, PartialEq, Eq)]

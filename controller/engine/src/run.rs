@@ -106,6 +106,7 @@ impl<R: Runtime> Engine<R> {
                     self.mark_all_dirty();
                 }
                 self.retry_removals(now);
+                self.give_up_waiting_resets(now);
             }
             Input::Snapshot(tx) => {
                 let _ = tx.send(self.snapshot());
@@ -121,9 +122,10 @@ impl<R: Runtime> Engine<R> {
             }
             Input::PutFiles {
                 claim,
+                user,
                 files,
                 reply,
-            } => self.put_claim_files(&claim, files, reply),
+            } => self.put_claim_files(&claim, user.as_deref(), files, reply),
             Input::Subscribe(tx) => self.subscribers.push(tx),
             Input::Started(tx) => {
                 if self.started {

@@ -100,11 +100,16 @@ impl Resolve for InlineOnly {
     }
 }
 
-/// A claim's inline `files`, sorted by path (a map: sorted already).
+/// A claim's inline `files`, each path as a copy writes it (`./a` is `a`, see
+/// `normal_relative_path`; validation refused the claim if one is not a path).
 pub fn inline_files(spec: &ClaimSpec) -> Vec<(String, Vec<u8>)> {
     spec.files
         .iter()
-        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+        .map(|(k, v)| {
+            let path =
+                poolkeeper_kinds::validate::normal_relative_path(k).unwrap_or_else(|_| k.clone());
+            (path, v.clone().into_bytes())
+        })
         .collect()
 }
 

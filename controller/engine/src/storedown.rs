@@ -135,6 +135,7 @@ impl<R: Runtime> Engine<R> {
             list_epoch,
             recently_gone,
             creates_in_flight,
+            claim_work,
             log_followers,
             synced,
             started_at_ms,
@@ -151,6 +152,8 @@ impl<R: Runtime> Engine<R> {
         fresh.list_epoch = list_epoch;
         fresh.recently_gone = recently_gone;
         fresh.creates_in_flight = creates_in_flight;
+        // Answers still to come: a reset must wait for the work they end, as before.
+        fresh.claim_work = claim_work;
         fresh.started_at_ms = started_at_ms;
         let now = fresh.clock.now_ms();
         for obj in declared(pools, claims, users, deployments) {

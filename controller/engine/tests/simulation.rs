@@ -709,7 +709,7 @@ async fn an_upload_still_in_flight_when_the_claim_is_released_is_reset_away_with
     let handle = s.handle.clone();
     let upload = tokio::spawn(async move {
         let files = vec![("secret.txt".to_owned(), b"alice's".to_vec())];
-        handle.put_files("c1", files).await
+        handle.put_files("c1", Some(USER), files).await
     });
     // The upload is under way when the claim goes.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -735,6 +735,42 @@ async fn an_upload_still_in_flight_when_the_claim_is_released_is_reset_away_with
     apply_claim(&mut s, "c2", "py");
     assert_eq!(s.wait_bound("c2").await, inst);
     assert_eq!(s.mem.files(&inst).unwrap_or_default(), BTreeMap::new());
+}
+
+/// A copy into a released claim's instance that never ends (an exec that hangs) does not hold
+/// the instance for good: after 60 s its reset gives up waiting and the instance is replaced.
+/// And files go only into the claim of the user who sent them.
+#[tokio::test]
+async fn a_reset_waits_at_most_a_minute_for_the_claims_work_and_uploads_go_to_their_users_claim() {
+    let mut s = sim();
+    apply_pool(&mut s, "py", emptied_by_exec(1, 1));
+    s.wait_warm("py", 1).await;
+    apply_claim(&mut s, "c1", "py");
+    let inst = s.wait_bound("c1").await;
+    let files = || vec![("x".to_owned(), b"x".to_vec())];
+    assert_eq!(
+        s.handle
+            .put_files("c1", Some("someone-else"), files())
+            .await
+            .unwrap(),
+        Err(poolkeeper_engine::PutFilesError::NotBound("c1".to_owned())),
+        "another user's upload into c1 is refused"
+    );
+    s.mem.set_files_latency(Duration::from_secs(3600));
+    let handle = s.handle.clone();
+    tokio::spawn(async move { handle.put_files("c1", Some(USER), files()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.delete(Kind::Claim, "c1");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        s.mem.instances().iter().any(|i| i.name == inst),
+        "waiting for the upload"
+    );
+    s.advance(Duration::from_secs(61));
+    s.wait_until("replaced, and the pool warm again", |snap, insts| {
+        pool_status(snap, "py").is_some_and(|p| p.warm == 1) && insts.iter().all(|i| i.name != inst)
+    })
+    .await;
 }
 
 /// An `Exec` reset that finds its instance down (it crashed while bound, or during the reset)

@@ -228,7 +228,11 @@ pub(crate) async fn put_files(
         ));
     }
     use poolkeeper_engine::PutFilesError;
-    match state.handle.put_files(name, files).await {
+    let user = match who {
+        Caller::User(u) => Some(u.as_str()),
+        Caller::Admin => None,
+    };
+    match state.handle.put_files(name, user, files).await {
         Ok(Ok(n)) => Ok(json!({"claim": name, "files": n})),
         Ok(Err(e @ (PutFilesError::NotBound(_) | PutFilesError::NoMountPath(_)))) => {
             Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))

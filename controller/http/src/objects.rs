@@ -155,11 +155,11 @@ pub(crate) async fn get_claim(
     Ok(Json(v))
 }
 
-/// Server-Sent Events: each change of a claim's phase that the caller may see, as
-/// `event: claim` with `{"claim", "user", "phase"}`, from the moment of the request.
 /// The changes an event stream holds for a client that does not read them (see `events`).
 const EVENTS_BUFFERED: usize = 1024;
 
+/// Server-Sent Events: each change of a claim's phase that the caller may see, as
+/// `event: claim` with `{"claim", "user", "phase"}`, from the moment of the request.
 pub(crate) async fn events(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -173,37 +173,30 @@ pub(crate) async fn events(
         .handle
         .subscribe()
         .map_err(|_| ApiError::unavailable())?;
-    // The engine's changes are taken as they come, into a bounded buffer: a client that does
+    // The engine's changes are taken as they come; those the caller may see (decided at each
+    // change, with the token as it stands then: a user disabled, deleted or no longer an admin
+    // stops seeing at once, and the stream ends) go into a bounded buffer: a client that does
     // not read costs at most EVENTS_BUFFERED changes, then its stream ends (it may connect
     // again) and the engine stops sending to it.
     let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
     tokio::spawn(async move {
         while let Some(change) = changes.recv().await {
-            if tx.try_send(change).is_err() {
+            let Ok(who) = who(&state, &headers) else {
+                break;
+            };
+            if who.sees_user(&change.user) && tx.try_send(change).is_err() {
                 break;
             }
         }
     });
-    // Who may see what is decided at each change, with the token as it stands then: a user
-    // disabled, deleted or no longer an admin stops seeing at once (the stream ends).
-    let stream = futures::stream::unfold(
-        (rx, state, headers),
-        |(mut rx, state, headers)| async move {
-            loop {
-                let change = rx.recv().await?;
-                let who = who(&state, &headers).ok()?;
-                if !who.sees_user(&change.user) {
-                    continue;
-                }
-                let data =
-                    json!({"claim": change.name, "user": change.user, "phase": change.phase});
-                let ev = axum::response::sse::Event::default()
-                    .event("claim")
-                    .data(data.to_string());
-                return Some((Ok(ev), (rx, state, headers)));
-            }
-        },
-    );
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let change = rx.recv().await?;
+        let data = json!({"claim": change.name, "user": change.user, "phase": change.phase});
+        let ev = axum::response::sse::Event::default()
+            .event("claim")
+            .data(data.to_string());
+        Some((Ok(ev), rx))
+    });
     Ok(axum::response::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
 }
 

@@ -157,10 +157,20 @@ pub(crate) async fn guard(
     // Who asks is in the headers: an API request without a valid token is answered before any
     // of its body is read, so that holding bodies open (16 MiB uploads, 1 MiB JSON, each for up
     // to --body-timeout) takes a token.
-    if request.uri().path().starts_with("/api/v1/")
+    let path = request.uri().path();
+    if path.starts_with("/api/v1/")
         && let Err(e) = crate::auth::who(&state, request.headers())
     {
         return e.into_response();
+    }
+    // The console's upload (16 MiB) likewise, by its session.
+    if path.starts_with("/ui/")
+        && path.ends_with("/files")
+        && crate::console::live_session(&state, request.headers())
+            .await
+            .is_none()
+    {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "not signed in").into_response();
     }
     let timed_out = Arc::new(AtomicBool::new(false));
     let request = {

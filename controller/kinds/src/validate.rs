@@ -268,17 +268,32 @@ fn validate_claim(c: &ClaimSpec, errs: &mut Vec<FieldError>) {
     {
         errs.push(FieldError::new("spec.ttl", e));
     }
+    // Each path as a copy writes it; two that name one file, or a file where another path
+    // makes a folder, would make what lands depend on the order of writing.
+    let mut normal: BTreeMap<String, &str> = BTreeMap::new();
     for path in c.files.keys() {
         let shown = format!("spec.files.{path}");
-        if let Err(e) = check_relative_path(path) {
-            errs.push(FieldError::new(shown, e));
-        } else if let Some(file) = (path.match_indices('/'))
-            .map(|(at, _)| &path[..at])
-            .find(|p| c.files.contains_key(*p))
+        match normal_relative_path(path) {
+            Err(e) => errs.push(FieldError::new(shown, e)),
+            Ok(n) => {
+                if let Some(other) = normal.get(&n) {
+                    errs.push(FieldError::new(
+                        shown,
+                        format!("file path {path:?} names the same file as {other:?}"),
+                    ));
+                } else {
+                    normal.insert(n, path);
+                }
+            }
+        }
+    }
+    for (n, path) in &normal {
+        if let Some(file) = (n.match_indices('/'))
+            .map(|(at, _)| &n[..at])
+            .find(|p| normal.contains_key(*p))
         {
-            // The copy would have to make a folder where a file is (or the other way round).
             errs.push(FieldError::new(
-                shown,
+                format!("spec.files.{path}"),
                 format!("file path {path:?} is inside {file:?}, which is a file"),
             ));
         }
@@ -286,22 +301,21 @@ fn validate_claim(c: &ClaimSpec, errs: &mut Vec<FieldError>) {
     check_resources(c.resources.as_ref(), "spec.resources", errs);
 }
 
-/// A claim's file path must stay under the mount path and name one file one way: relative, its
-/// segments plain names (no `.`, `..` or empty segment), no control character. Anything a copy
-/// would refuse is refused here, where the claim's author sees it: a copy that fails takes the
-/// instance out of service.
-pub fn check_relative_path(path: &str) -> Result<(), String> {
-    if path.is_empty() || path.starts_with('/') {
+/// The longest name of one folder or file in a claim's file path (most file systems').
+const MAX_PATH_SEGMENT: usize = 255;
+/// The longest claim file path: with the mount path it stays well under the 4096 bytes a
+/// path may have.
+const MAX_PATH: usize = 1024;
+
+/// A claim's file path as a copy writes it under the mount path (`./a`, `a//b`, `a/./b` and
+/// `a/` are `a`, `a/b`, `a/b` and `a`), or why it cannot be one: absolute, leaving the mount
+/// path (`..`), naming nothing, a control character, or a name too long for a file system.
+/// Anything a copy would fail on is refused here, where the claim's author sees it: a copy
+/// that fails takes the instance out of service.
+pub fn normal_relative_path(path: &str) -> Result<String, String> {
+    if path.starts_with('/') {
         return Err(format!(
             "file path {path:?} must be relative to the mount path"
-        ));
-    }
-    if path
-        .split('/')
-        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-    {
-        return Err(format!(
-            "file path {path:?} must not contain '.', '..' or empty segments"
         ));
     }
     if path.chars().any(char::is_control) {
@@ -309,7 +323,33 @@ pub fn check_relative_path(path: &str) -> Result<(), String> {
             "file path {path:?} must not contain control characters"
         ));
     }
-    Ok(())
+    let mut parts = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                return Err(format!(
+                    "file path {path:?} must not contain '..' (it would leave the mount path)"
+                ));
+            }
+            long if long.len() > MAX_PATH_SEGMENT => {
+                return Err(format!(
+                    "file path {path:?} has a name longer than {MAX_PATH_SEGMENT} bytes"
+                ));
+            }
+            name => parts.push(name),
+        }
+    }
+    if parts.is_empty() {
+        return Err(format!("file path {path:?} names no file"));
+    }
+    let normal = parts.join("/");
+    if normal.len() > MAX_PATH {
+        return Err(format!(
+            "file path {path:?} is longer than {MAX_PATH} bytes"
+        ));
+    }
+    Ok(normal)
 }
 
 fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
@@ -832,14 +872,27 @@ mod claim_file_tests {
     }
 
     #[test]
-    fn plain_relative_paths_are_accepted() {
+    fn plain_relative_paths_are_accepted_and_spelled_once() {
         assert!(claim_with(&["index.html", "site/a/b.txt", "site/c.txt", ".hidden"]).is_empty());
+        // Paths earlier versions accepted (a copy writes them plainly) are still accepted.
+        assert!(claim_with(&["./x", "a//b", "c/./d", "e/", "f/."]).is_empty());
+        for (path, normal) in [
+            ("./x", "x"),
+            ("a//b", "a/b"),
+            ("c/./d", "c/d"),
+            ("e/", "e"),
+            ("f/.", "f"),
+        ] {
+            assert_eq!(normal_relative_path(path).as_deref(), Ok(normal));
+        }
     }
 
     #[test]
     fn a_path_a_copy_would_refuse_is_refused_naming_its_field() {
+        let long_name = "n".repeat(256);
+        let long_path = ["d"; 600].join("/");
         for bad in [
-            "./x", "a/./b", "a/.", ".", "../x", "a//b", "a/", "/abs", "", "a\u{0}b", "a\nb",
+            ".", "./", "../x", "a/../b", "/abs", "", "a\u{0}b", "a\nb", &long_name, &long_path,
         ] {
             assert_eq!(
                 refused(&[bad]),
@@ -847,11 +900,14 @@ mod claim_file_tests {
                 "{bad:?}"
             );
         }
+        assert!(claim_with(&[&"n".repeat(255)]).is_empty());
     }
 
     #[test]
-    fn a_file_where_another_path_needs_a_folder_is_refused() {
+    fn two_paths_for_one_file_or_a_file_where_another_needs_a_folder_are_refused() {
+        assert_eq!(refused(&["x", "./x"]).len(), 1);
         assert_eq!(refused(&["x", "x/y"]), vec!["spec.files.x/y".to_owned()]);
+        assert_eq!(refused(&["x/", "x/y"]), vec!["spec.files.x/y".to_owned()]);
         assert_eq!(
             refused(&["a/b", "a/b/c/d"]),
             vec!["spec.files.a/b/c/d".to_owned()]

@@ -661,10 +661,30 @@ fn pod_manager_container(c: PodManagerConfig) -> Result<ContainerSpec, (&'static
         let host = match v {
             PodManagerPort::Port(p) => p,
             PodManagerPort::Text(s) => {
-                s.rsplit(':').next().and_then(|p| p.parse().ok()).ok_or((
-                    "ports",
-                    format!("host port {s:?} for {k:?} is not a number"),
-                ))?
+                let (ip, port) = match s.rsplit_once(':') {
+                    Some((ip, port)) => {
+                        (Some(ip.trim_start_matches('[').trim_end_matches(']')), port)
+                    }
+                    None => (None, s.as_str()),
+                };
+                // Published on every interface, as a port alone is: an address that narrows it
+                // (127.0.0.1: only this machine) would be widened without a word.
+                if let Some(ip) = ip.filter(|ip| !matches!(*ip, "" | "0.0.0.0" | "::")) {
+                    return Err((
+                        "ports",
+                        format!(
+                            "host port {s:?} for {k:?} binds to the address {ip}, which poolkeeper \
+                             does not do (it publishes on every interface): give the port alone, \
+                             or 0.0.0.0:PORT, to accept that"
+                        ),
+                    ));
+                }
+                port.parse().map_err(|_| {
+                    (
+                        "ports",
+                        format!("host port {s:?} for {k:?} is not a number"),
+                    )
+                })?
             }
         };
         let key = if k.contains('/') {

@@ -243,6 +243,7 @@ impl DirState {
         for f in &found {
             self.load_file(f, changes);
         }
+        self.prune_last_good(&found);
         // Files under a folder that cannot be read, never read since the start: what their
         // last valid copies declare.
         let dirs: Vec<PathBuf> = self.unreadable.keys().cloned().collect();
@@ -256,6 +257,18 @@ impl DirState {
                     ));
                     self.apply_read(&file, loader::unreadable(&file, &e), None, None, changes);
                 }
+            }
+        }
+    }
+
+    /// Forgets the copies of files that are gone (deleted or renamed while the controller was
+    /// down, say): a file made later under that name must not declare what they did. Files under
+    /// a folder that cannot be listed are not known to be gone.
+    fn prune_last_good(&self, found: &BTreeSet<PathBuf>) {
+        for file in self.last_good_files_under(&self.root) {
+            let unknown = self.unreadable.keys().any(|dir| file.starts_with(dir));
+            if !found.contains(&file) && !unknown {
+                self.forget_last_good(&file);
             }
         }
     }
@@ -320,6 +333,9 @@ impl DirState {
             if p.is_dir() {
                 full = true;
             } else if loader::is_spec_file(p) {
+                if !self.listed(p) {
+                    continue;
+                }
                 if p.exists() {
                     loads.push(p);
                 } else {
@@ -346,6 +362,27 @@ impl DirState {
         }
         self.finish(&mut changes);
         changes
+    }
+
+    /// Whether a rescan lists `file`: not in a hidden folder, nor reached through a linked
+    /// folder. Events name such files too (the OS reports what happens in hidden folders, and
+    /// notify follows links); taken from an event and not from a rescan, their objects would
+    /// come and go with each rescan.
+    fn listed(&self, file: &Path) -> bool {
+        let Ok(rel) = file.strip_prefix(&self.root) else {
+            return false;
+        };
+        let mut dir = self.root.clone();
+        for part in rel.parent().into_iter().flat_map(Path::components) {
+            if part.as_os_str().to_string_lossy().starts_with('.') {
+                return false;
+            }
+            dir.push(part);
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                return false;
+            }
+        }
+        true
     }
 
     fn remove_file(&mut self, file: &Path, changes: &mut Changes) {
@@ -712,7 +749,10 @@ fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet
     };
     for e in entries.filter_map(Result::ok) {
         let path = e.path();
-        if e.file_name() == STATE_DIR || !path.is_dir() || watched.contains(&path) {
+        // Hidden folders (the state folder, `.git`) hold nothing to load: their changes are not
+        // watched (a rescan does not read them either).
+        let hidden = e.file_name().to_string_lossy().starts_with('.');
+        if hidden || !path.is_dir() || watched.contains(&path) {
             continue;
         }
         match watcher.watch(&path, RecursiveMode::Recursive) {

@@ -1287,3 +1287,44 @@ fn dirstate_a_folder_that_cannot_be_read_keeps_what_its_files_declared() {
         },
     );
 }
+
+#[test]
+fn dirstate_a_file_deleted_while_the_controller_was_down_leaves_no_copy_to_come_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let f = root.join("web.yaml");
+    write(&f, &pool_yaml("web", 1, "nginx"));
+    keeping(root).rescan();
+    // Down: the file is deleted. Up again: nothing declares the pool.
+    std::fs::remove_file(&f).unwrap();
+    let mut st = keeping(root);
+    assert!(st.rescan().events.is_empty());
+    // A file made later under its name, invalid, declares nothing of the old one.
+    write(&f, "kind: Pool\nmetadata: {name: web\n");
+    let ch = st.paths_changed(&paths(&[&f]));
+    assert!(applied(&ch.events).is_empty(), "{:#?}", ch.events);
+    assert!(!all_diags(&ch.events).contains("last valid version"));
+}
+
+/// The OS reports changes in hidden folders and notify follows linked folders, while a rescan
+/// reads neither: a file there is ignored by both, or its objects would come with each change
+/// and go with the next rescan.
+#[test]
+fn dirstate_files_in_hidden_or_linked_folders_are_ignored_by_events_as_by_rescans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hidden = root.join("team/.drafts/web.yaml");
+    write(&hidden, &pool_yaml("web", 1, "nginx"));
+    write(
+        &elsewhere.path().join("db.yaml"),
+        &pool_yaml("db", 1, "postgres"),
+    );
+    std::os::unix::fs::symlink(elsewhere.path(), root.join("linked")).unwrap();
+    let mut st = DirState::new(root);
+    assert!(st.rescan().events.is_empty());
+    let linked = root.join("linked/db.yaml");
+    let ch = st.paths_changed(&paths(&[&hidden, &linked]));
+    assert!(ch.events.is_empty(), "{:#?}", ch.events);
+    assert_eq!(st.objects().count(), 0);
+}

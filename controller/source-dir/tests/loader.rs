@@ -1229,6 +1229,37 @@ fn a_pod_manager_port_key_without_protocol_and_a_host_ip_binding_are_normalised(
 }
 
 #[test]
+fn a_pod_manager_port_bound_to_one_host_address_is_refused_not_published_on_all() {
+    for addr in ["127.0.0.1:5432", "10.0.0.5:5432", "[::1]:5432"] {
+        let json =
+            format!(r#"{{"name": "db", "image": "postgres", "ports": {{"5432/tcp": "{addr}"}}}}"#);
+        let parsed = parse_text(Path::new("db.json"), &json);
+        assert!(parsed.objects.is_empty(), "{addr}");
+        assert_eq!(
+            parsed.diagnostics.len(),
+            1,
+            "{addr}: {:#?}",
+            parsed.diagnostics
+        );
+        assert_diag(
+            &parsed.diagnostics[0],
+            "db.json:1:37: Deployment/db: ports",
+            "does not do",
+        );
+    }
+    for all in ["0.0.0.0:5432", "[::]:5432", ":5432", "5432"] {
+        let json =
+            format!(r#"{{"name": "db", "image": "postgres", "ports": {{"5432/tcp": "{all}"}}}}"#);
+        let d = pod_manager("db.json", &json);
+        assert_eq!(
+            d.containers[0].ports,
+            BTreeMap::from([("5432/tcp".to_owned(), 5432)]),
+            "{all}"
+        );
+    }
+}
+
+#[test]
 fn a_pod_manager_unknown_field_is_an_error_naming_the_field_at_its_key() {
     let parsed = parse_text(
         Path::new("bad.json"),
