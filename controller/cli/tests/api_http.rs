@@ -234,6 +234,20 @@ impl Api {
         }
     }
 
+    /// `/metrics`, as a scraper reads it (the whole answer, headers first).
+    fn scrape(&self) -> String {
+        let mut s = TcpStream::connect(&self.served.addr).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    }
+
     fn managed(&self, name: &str) -> std::path::PathBuf {
         self.dir
             .path()
@@ -279,18 +293,7 @@ fn the_api_authenticates_separates_users_and_makes_and_releases_claims() {
             .map(|v| v as u64)
             .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
-    let scrape = || {
-        let mut s = TcpStream::connect(&api.served.addr).unwrap();
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        text
-    };
+    let scrape = || api.scrape();
     // bob-declared is bound at start.
     let start = Instant::now();
     while metric(&scrape(), "poolkeeper_pool_bound{pool=\"web\"}") != 1 {
@@ -1709,4 +1712,47 @@ fn the_event_stream_follows_the_callers_permissions_as_they_change() {
         !after.contains("b1"),
         "a disabled user still sees changes: {after}"
     );
+}
+
+/// An event stream whose client went away is let go of (its task, and the engine's sending to
+/// it), whether or not a change its caller may see ever comes: connecting and leaving in a loop
+/// must cost nothing. `poolkeeper_claim_subscribers` counts who follows claims' changes.
+#[test]
+fn an_event_stream_whose_client_left_is_let_go_of() {
+    let api = Api::start();
+    let subscribers = || -> u64 {
+        let text = api.scrape();
+        text.lines()
+            .find_map(|l| l.strip_prefix("poolkeeper_claim_subscribers "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no poolkeeper_claim_subscribers in:\n{text}"))
+    };
+    let before = subscribers();
+    let mut s = TcpStream::connect(&api.served.addr).unwrap();
+    write!(
+        s,
+        "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 512];
+    let n = s.read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).contains("text/event-stream"));
+    wait_for("the stream is followed", || subscribers() == before + 1);
+    drop(s);
+    // Changes alice may not see come and go; the stream she left is let go of all the same.
+    let start = Instant::now();
+    let mut round = 0;
+    while subscribers() != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the stream alice left is still followed"
+        );
+        let name = format!("bx{round}");
+        let (code, v) = api.post("/api/v1/claims", BOB, &json!({"name": name, "pool": "web"}));
+        assert_eq!(code, 201, "{v}");
+        let (code, v) = api.call("DELETE", &format!("/api/v1/claims/{name}"), Some(BOB), None);
+        assert_eq!(code, 200, "{v}");
+        round += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -81,6 +81,9 @@ pub struct EngineMetrics {
     #[serde(default)]
     pub store_failures: u64,
     pub passes: u64,
+    /// Who follows claims' changes now: the API's open event streams, the webhooks' callbacks.
+    #[serde(default)]
+    pub claim_subscribers: u64,
 }
 
 #[cfg(test)]

@@ -469,7 +469,10 @@ impl<R: Runtime> Engine<R> {
                 .collect(),
             instances,
             nodes: self.rt.nodes(),
-            metrics: self.metrics.clone(),
+            metrics: super::metrics::EngineMetrics {
+                claim_subscribers: self.subscribers.len() as u64,
+                ..self.metrics.clone()
+            },
         }
     }
 }

@@ -106,7 +106,10 @@ impl<R: Runtime> Engine<R> {
                     self.mark_all_dirty();
                 }
                 self.retry_removals(now);
-                self.give_up_waiting_resets(now);
+                // Nothing is removed while the store is down (see `storedown`).
+                if self.store_down.is_none() {
+                    self.give_up_waiting_resets(now);
+                }
             }
             Input::Snapshot(tx) => {
                 let _ = tx.send(self.snapshot());

@@ -208,9 +208,9 @@ pub(crate) async fn put_files(
     headers: &HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Value> {
-    if claim_seen(state, who, name).await?.is_none() {
+    let Some(claim) = claim_seen(state, who, name).await? else {
         return Err(no_claim(name));
-    }
+    };
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -228,11 +228,13 @@ pub(crate) async fn put_files(
         ));
     }
     use poolkeeper_engine::PutFilesError;
-    let user = match who {
-        Caller::User(u) => Some(u.as_str()),
-        Caller::Admin => None,
-    };
-    match state.handle.put_files(name, user, files).await {
+    // Into the claim seen above only, an admin's upload too: not into one of another user
+    // declared under its name while the body was read.
+    match state
+        .handle
+        .put_files(name, Some(&claim.spec.user), files)
+        .await
+    {
         Ok(Ok(n)) => Ok(json!({"claim": name, "files": n})),
         Ok(Err(e @ (PutFilesError::NotBound(_) | PutFilesError::NoMountPath(_)))) => {
             Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))

@@ -119,6 +119,15 @@ impl Collector for FromSnapshot {
             None,
             MetricType::Counter,
         )?)?;
+        ConstGauge::new(i64::try_from(m.claim_subscribers).unwrap_or(i64::MAX)).encode(
+            e.encode_descriptor(
+                "poolkeeper_claim_subscribers",
+                "Who follows claims' changes: the API's open event streams (/api/v1/events), \
+                 and the webhooks' callbacks.",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
         ConstGauge::new(i64::from(self.0.controller.store_error.is_none())).encode(
             e.encode_descriptor(
                 "poolkeeper_store_writable",

@@ -180,7 +180,14 @@ pub(crate) async fn events(
     // again) and the engine stops sending to it.
     let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
     tokio::spawn(async move {
-        while let Some(change) = changes.recv().await {
+        loop {
+            // A client gone ends this at once (the engine stops sending to it), not at the next
+            // change it may see, which may never come.
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                () = tx.closed() => None,
+            };
+            let Some(change) = change else { break };
             let Ok(who) = who(&state, &headers) else {
                 break;
             };

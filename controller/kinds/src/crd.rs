@@ -237,6 +237,30 @@ fn rules() -> Vec<Rule> {
         )
         .expr()
         .field(".files"),
+        rule(
+            Claim,
+            "spec",
+            "!has(self.files) || self.files.all(k, size(k) <= 1024 && k.split('/').all(s, size(s) <= 255))",
+            r#"'file path "%s" is too long (names of at most 255 bytes, 1024 bytes in all)'.format([self.files.filter(k, size(k) > 1024 || k.split('/').exists(s, size(s) > 255))[0]])"#,
+        )
+        .expr()
+        .field(".files"),
+        rule(
+            Claim,
+            "spec",
+            "!has(self.files) || self.files.all(k, !k.matches('[\\x00-\\x1f\\x7f]'))",
+            r#"'file path "%s" must not contain control characters'.format([self.files.filter(k, k.matches('[\x00-\x1f\x7f]'))[0]])"#,
+        )
+        .expr()
+        .field(".files"),
+        rule(
+            Claim,
+            "spec",
+            "!has(self.files) || self.files.all(k, k.split('/').exists(s, s != '.'))",
+            r#"'file path "%s" names no file'.format([self.files.filter(k, k.split('/').all(s, s == '.'))[0]])"#,
+        )
+        .expr()
+        .field(".files"),
         // User
         rule(
             User,

@@ -334,24 +334,24 @@ pub fn normal_relative_path(path: &str) -> Result<String, String> {
                     "file path {path:?} must not contain '..' or empty segments"
                 ));
             }
-            long if long.len() > MAX_PATH_SEGMENT => {
-                return Err(format!(
-                    "file path {path:?} has a name longer than {MAX_PATH_SEGMENT} bytes"
-                ));
-            }
+            long if long.len() > MAX_PATH_SEGMENT => return Err(too_long(path)),
             name => parts.push(name),
         }
     }
     if parts.is_empty() {
         return Err(format!("file path {path:?} names no file"));
     }
-    let normal = parts.join("/");
-    if normal.len() > MAX_PATH {
-        return Err(format!(
-            "file path {path:?} is longer than {MAX_PATH} bytes"
-        ));
+    if path.len() > MAX_PATH {
+        return Err(too_long(path));
     }
-    Ok(normal)
+    Ok(parts.join("/"))
+}
+
+fn too_long(path: &str) -> String {
+    format!(
+        "file path {path:?} is too long (names of at most {MAX_PATH_SEGMENT} bytes, {MAX_PATH} \
+         bytes in all)"
+    )
 }
 
 fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
