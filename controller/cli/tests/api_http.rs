@@ -1756,3 +1756,36 @@ fn an_event_stream_whose_client_left_is_let_go_of() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// An admin's edit through the API rewrites the file that declares the object as it is kept:
+/// its permissions stay (a users file kept 0600 is not left readable to all), and a file that is
+/// a link to another stays a link (the file it points to is the one rewritten).
+#[test]
+fn an_admins_edit_keeps_the_files_permissions_and_its_link() {
+    use std::os::unix::fs::PermissionsExt;
+    let api = Api::start();
+    let specs = api.dir.path().join("specs.yaml");
+    std::fs::set_permissions(&specs, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, v) = api.post("/api/v1/pools/web/scale", ADMIN, &json!({"warm": 2}));
+    assert_eq!(code, 200, "{v}");
+    let mode = std::fs::metadata(&specs).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(std::fs::read_to_string(&specs).unwrap().contains("warm: 2"));
+    // The same file as a link to one kept elsewhere.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let kept = elsewhere.path().join("specs.yaml");
+    std::fs::rename(&specs, &kept).unwrap();
+    std::os::unix::fs::symlink(&kept, &specs).unwrap();
+    wait_for("the linked file is read", || {
+        api.post("/api/v1/pools/web/scale", ADMIN, &json!({"warm": 3}))
+            .0
+            == 200
+    });
+    assert!(
+        std::fs::symlink_metadata(&specs)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(std::fs::read_to_string(&kept).unwrap().contains("warm: 3"));
+}

@@ -335,6 +335,7 @@ mod tests {
             "poolkeeper_store_deferred_commits_total",
             "poolkeeper_store_failures_total",
             "poolkeeper_store_writable",
+            "poolkeeper_claim_subscribers",
             "poolkeeper_refusals_total{reason}",
             "poolkeeper_pool_instances{pool}",
             "poolkeeper_pool_warm{pool}",

@@ -115,8 +115,11 @@ impl DirDeclare {
         let file = self.declared_file(&o)?;
         let text = read_declared(&file)?;
         let new = edit(&file, &text).map_err(DeclareError::Conflict)?;
+        // A linked file is written where it lives: the link stays a link.
+        let target = std::fs::canonicalize(&file)
+            .map_err(|e| declare_failed(&format!("reading {}", file.display()), &e))?;
         self.files
-            .write(file.clone(), new.into_bytes())
+            .write(target, new.into_bytes())
             .await
             .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
         Ok((self.relative(&file), o))

@@ -456,6 +456,10 @@ fn stage(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         }
         other => other?,
     };
+    // A file replaced keeps its permissions (a users file kept 0600 stays so).
+    if let Ok(meta) = std::fs::metadata(path) {
+        f.set_permissions(meta.permissions())?;
+    }
     f.write_all(bytes)
 }
 
@@ -544,6 +548,20 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    #[tokio::test]
+    async fn a_replaced_file_keeps_its_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = FileWriter::new().expect("writer");
+        let p = dir.path().join("users.yaml");
+        std::fs::write(&p, "a").expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        w.write(p.clone(), b"b".to_vec()).await.expect("replaced");
+        assert_eq!(std::fs::read(&p).expect("read"), b"b");
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[tokio::test]
