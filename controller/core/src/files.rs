@@ -28,9 +28,17 @@ pub fn clean_relative(name: &str) -> Option<PathBuf> {
 pub struct PathSet(std::collections::BTreeSet<PathBuf>);
 
 impl PathSet {
-    /// Adds `path` (already clean): the reason when it collides with one added before.
+    /// Adds `path` (already clean): the reason when it collides with one added before, or is
+    /// longer than a copy can write (a name over 255 bytes, a path over 1024: the copy would
+    /// fail and take the instance out of service).
     pub fn add(&mut self, path: &Path) -> Result<(), String> {
         let shown = path.display();
+        let long_name = path.components().any(|c| c.as_os_str().len() > 255);
+        if long_name || path.as_os_str().len() > 1024 {
+            return Err(format!(
+                "{shown:?} is too long (names of at most 255 bytes, 1024 bytes in all)"
+            ));
+        }
         if self.0.contains(path) {
             return Err(format!("{shown:?} is given twice"));
         }
@@ -121,6 +129,17 @@ mod tests {
             b.append(&h, content.as_bytes()).expect("appended");
         }
         b.into_inner().expect("finished")
+    }
+
+    #[test]
+    fn a_path_too_long_for_a_copy_is_refused_naming_it() {
+        let mut set = PathSet::default();
+        let long_name = "n".repeat(256);
+        let e = set.add(Path::new(&long_name)).expect_err("a long name");
+        assert!(e.contains("too long"), "{e}");
+        let long_path = ["d"; 600].join("/");
+        assert!(set.add(Path::new(&long_path)).is_err());
+        assert_eq!(set.add(Path::new(&"n".repeat(255))), Ok(()));
     }
 
     #[test]
