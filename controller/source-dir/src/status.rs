@@ -105,8 +105,12 @@ impl Written {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
+/// Replaces `path` with `bytes` whole or not at all (written beside it as `PATH.tmp`, then
+/// renamed over it), without a flush: for what is derived again if a crash loses it.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
     let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         // A part written on a full disk holds the space the next try needs.

@@ -168,12 +168,10 @@ impl DirState {
         let Some(copy) = self.last_good_of(file) else {
             return;
         };
-        let tmp = copy.with_extension("tmp~");
         let written = copy
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &copy));
+            .and_then(|()| crate::status::write_atomic(&copy, bytes));
         match written {
             Ok(()) => {
                 if let Some(state) = self.files.get_mut(file) {
@@ -181,7 +179,6 @@ impl DirState {
                 }
             }
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
                 warn!(file = %file.display(), copy = %copy.display(), error = %e,
                     "cannot keep the file's last valid copy; a restart while it is invalid would not know what it declared");
             }
