@@ -156,11 +156,18 @@ pub(crate) async fn make_claim(
             e.message,
         ));
     }
-    match state
-        .declare
-        .create_claim(&name, spec.clone(), None)
-        .await?
-    {
+    // The name's turn (a retry of this request is answered once this one is durable), and
+    // the work carried through should the client go away.
+    let created = crate::serial::detached({
+        let (declare, claims) = (state.declare.clone(), state.claims.clone());
+        let (name, spec) = (name.clone(), spec.clone());
+        async move {
+            let _turn = claims.lock(&name).await;
+            declare.create_claim(&name, spec, None).await
+        }
+    })
+    .await??;
+    match created {
         Created::New { at } => Ok((
             StatusCode::CREATED,
             json!({"name": name, "created": true, "file": at}),
@@ -255,6 +262,8 @@ pub(crate) async fn delete_claim(
 
 /// Releases claim `name` if `who` may see it and it was made through the API.
 pub(crate) async fn release_claim(state: &ApiState, who: &Caller, name: &str) -> ApiResult<Value> {
+    // After a request still making it: what is released is the claim as made.
+    let turn = state.claims.lock(name).await;
     let Some(o) = claim_seen(state, who, name).await? else {
         return Err(no_claim(name));
     };
@@ -266,7 +275,14 @@ pub(crate) async fn release_claim(state: &ApiState, who: &Caller, name: &str) ->
     }
     // Not recorded any more: released by an earlier call the source has not reported yet,
     // the same answer.
-    state.declare.delete_claim(name).await?;
+    crate::serial::detached({
+        let (declare, name) = (state.declare.clone(), name.to_owned());
+        async move {
+            let _turn = turn;
+            declare.delete_claim(&name).await
+        }
+    })
+    .await??;
     Ok(json!({"name": name, "released": true}))
 }
 

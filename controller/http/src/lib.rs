@@ -25,6 +25,7 @@ mod metrics;
 pub mod notify;
 mod objects;
 mod reservations;
+mod serial;
 mod server;
 pub mod upload;
 pub mod webhook;
@@ -64,6 +65,8 @@ pub struct ApiState {
     /// Webhook signatures that could still verify, as kept in the source's records: a request
     /// is acted on only once its signature is recorded there.
     seen: tokio::sync::Mutex<crate::webhook::SeenSignatures>,
+    /// One change at a time per claim name (see [`serial`]).
+    claims: Arc<serial::ClaimLocks>,
     /// Whether the source reaches what it reads from (`/readyz`).
     health: Health,
     /// The bounds on connections and requests, and the count of what they refused (shared with
@@ -103,6 +106,7 @@ impl ApiState {
             admin_sha256: admin_token.map(auth::sha256),
             webhooks,
             seen: tokio::sync::Mutex::new(seen),
+            claims: Arc::default(),
             health: Health::default(),
             limits: Limits::default(),
             refusals: Arc::default(),
@@ -195,6 +199,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::i
             state.declare.clone(),
             Arc::new(target),
             cfg.secret.clone(),
+            state.claims.clone(),
         ));
     }
     let (limits, refusals) = (state.limits.clone(), state.refusals.clone());

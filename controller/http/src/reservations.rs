@@ -119,18 +119,28 @@ pub(crate) async fn reservation(
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     // A reservation is one resource for one user: its claim is named after both.
     let name = crate::webhook::claim_name(&event.resource_name, &event.username);
-    match event.event.as_str() {
-        "release" => {
-            record_signature(&state, &signed, now).await?;
-            release(&state, &event, &name).await
-        }
-        "provision" => provision(&state, cfg, &event, &name, &signed, now).await,
-        other => Err(ApiError::field(
+    if !matches!(event.event.as_str(), "provision" | "release") {
+        return Err(ApiError::field(
             StatusCode::UNPROCESSABLE_ENTITY,
             "event",
-            format!("unknown event {other:?}: provision or release"),
-        )),
+            format!("unknown event {:?}: provision or release", event.event),
+        ));
     }
+    // The claim's turn: a release waits for the provision it releases (and the other way
+    // round), and a callback's record update for both; once begun, the request is carried
+    // through should the booking system hang up.
+    let turn = state.claims.lock(&name).await;
+    let cfg = cfg.clone();
+    crate::serial::detached(async move {
+        let _turn = turn;
+        if event.event == "release" {
+            record_signature(&state, &signed, now).await?;
+            release(&state, &event, &name).await
+        } else {
+            provision(&state, &cfg, &event, &name, &signed, now).await
+        }
+    })
+    .await?
 }
 
 /// Records a request's signature durably before it is acted on: a crash after acting cannot
@@ -420,126 +430,155 @@ fn docker_memory(text: &str) -> String {
 
 /// Delivers callbacks: when a reservation's claim is Bound (or Failed), POSTs the access
 /// details, signed, to `url`; retried with backoff (0.5 s doubling, 8 attempts); the state is
-/// kept in the reservation record and shown on the claim.
+/// kept in the reservation record and shown on the claim. A release stops the retries: each
+/// attempt, and each update of the record, is made in the claim's turn (see [`crate::serial`])
+/// and only while the record is still the one this delivery began with.
 pub(crate) async fn callbacks(
     handle: EngineHandle,
     declare: Arc<dyn Declare>,
     target: Arc<crate::notify::Target>,
     secret: Vec<u8>,
+    claims: Arc<crate::serial::ClaimLocks>,
 ) {
     let Ok(mut changes) = handle.subscribe() else {
         return;
     };
+    let (again, mut again_rx) = tokio::sync::mpsc::unbounded_channel();
+    let cb = Callbacks {
+        handle,
+        declare,
+        target,
+        secret,
+        claims,
+        in_flight: Arc::default(),
+        again,
+    };
     // Reservations pending from before a restart are looked at once at start.
-    let pending: Vec<String> = declare
+    let pending: Vec<String> = cb
+        .declare
         .records()
         .keys(RESERVATIONS)
         .into_iter()
         .filter_map(|k| k.strip_suffix(".json").map(str::to_owned))
         .collect();
-    let in_flight = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
     for claim in pending {
-        consider(&handle, &declare, &target, &secret, &claim, &in_flight).await;
+        cb.consider(&claim).await;
     }
-    while let Some(change) = changes.recv().await {
-        if matches!(
-            change.phase,
-            poolkeeper_kinds::ClaimPhase::Bound | poolkeeper_kinds::ClaimPhase::Failed
-        ) {
-            consider(
-                &handle,
-                &declare,
-                &target,
-                &secret,
-                &change.name,
-                &in_flight,
-            )
-            .await;
-        }
+    loop {
+        let claim = tokio::select! {
+            change = changes.recv() => match change {
+                Some(c) if matches!(
+                    c.phase,
+                    poolkeeper_kinds::ClaimPhase::Bound | poolkeeper_kinds::ClaimPhase::Failed
+                ) => c.name,
+                Some(_) => continue,
+                None => break,
+            },
+            Some(claim) = again_rx.recv() => claim,
+        };
+        cb.consider(&claim).await;
     }
 }
 
-pub(crate) async fn consider(
-    handle: &EngineHandle,
-    declare: &Arc<dyn Declare>,
-    target: &Arc<crate::notify::Target>,
-    secret: &[u8],
-    claim: &str,
-    in_flight: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-) {
-    let Some(record) = read_reservation(declare.records(), claim) else {
-        return;
-    };
-    if record.callback.state != "Pending" {
-        return;
-    }
-    let Ok(snap) = handle.snapshot().await else {
-        return;
-    };
-    let Some(o) = snap
-        .objects
-        .iter()
-        .find(|o| o.kind == Kind::Claim && o.name == claim)
-    else {
-        return;
-    };
-    let phase = o.status.get("phase").and_then(Value::as_str).unwrap_or("");
-    let mut body = json!({
-        "resource_name": record.resource_name,
-        "user_id": record.user_id,
-        "username": record.username,
-        "claim": claim,
-    });
-    let event = match phase {
-        "Bound" => {
-            let endpoint = o.status.get("endpoint").cloned().unwrap_or(Value::Null);
-            body["host"] = endpoint.get("host").cloned().unwrap_or(Value::Null);
-            body["ports"] = endpoint.get("ports").cloned().unwrap_or(Value::Null);
-            if let Some(ssh) = endpoint.get("ssh") {
-                body["ssh"] = ssh.clone();
-            }
-            "provisioned"
-        }
-        "Failed" => {
-            let reason = o
-                .status
-                .get("conditions")
-                .and_then(Value::as_array)
-                .and_then(|cs| cs.iter().find(|c| c["status"] == "False"))
-                .map(|c| {
-                    format!(
-                        "{}: {}",
-                        c["reason"].as_str().unwrap_or(""),
-                        c["message"].as_str().unwrap_or("")
-                    )
-                })
-                .unwrap_or_else(|| "failed".to_owned());
-            body["reason"] = Value::String(reason);
-            "failed"
-        }
-        _ => return,
-    };
-    body["event"] = Value::String(event.to_owned());
-    {
-        let mut f = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if !f.insert(claim.to_owned()) {
+/// What delivering callbacks needs, shared by the deliveries under way.
+#[derive(Clone)]
+struct Callbacks {
+    handle: EngineHandle,
+    declare: Arc<dyn Declare>,
+    target: Arc<crate::notify::Target>,
+    secret: Vec<u8>,
+    claims: Arc<crate::serial::ClaimLocks>,
+    /// The claims whose callback is being delivered.
+    in_flight: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Claims to look at again: a delivery stopped because its reservation was released, and
+    /// another reservation of the same name may be waiting for its own.
+    again: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl Callbacks {
+    async fn consider(&self, claim: &str) {
+        let Some(record) = read_reservation(self.declare.records(), claim) else {
+            return;
+        };
+        if record.callback.state != "Pending" {
             return;
         }
+        let Ok(snap) = self.handle.snapshot().await else {
+            return;
+        };
+        let Some(o) = snap
+            .objects
+            .iter()
+            .find(|o| o.kind == Kind::Claim && o.name == claim)
+        else {
+            return;
+        };
+        let phase = o.status.get("phase").and_then(Value::as_str).unwrap_or("");
+        let mut body = json!({
+            "resource_name": record.resource_name,
+            "user_id": record.user_id,
+            "username": record.username,
+            "claim": claim,
+        });
+        let event = match phase {
+            "Bound" => {
+                let endpoint = o.status.get("endpoint").cloned().unwrap_or(Value::Null);
+                body["host"] = endpoint.get("host").cloned().unwrap_or(Value::Null);
+                body["ports"] = endpoint.get("ports").cloned().unwrap_or(Value::Null);
+                if let Some(ssh) = endpoint.get("ssh") {
+                    body["ssh"] = ssh.clone();
+                }
+                "provisioned"
+            }
+            "Failed" => {
+                let reason = o
+                    .status
+                    .get("conditions")
+                    .and_then(Value::as_array)
+                    .and_then(|cs| cs.iter().find(|c| c["status"] == "False"))
+                    .map(|c| {
+                        format!(
+                            "{}: {}",
+                            c["reason"].as_str().unwrap_or(""),
+                            c["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .unwrap_or_else(|| "failed".to_owned());
+                body["reason"] = Value::String(reason);
+                "failed"
+            }
+            _ => return,
+        };
+        body["event"] = Value::String(event.to_owned());
+        {
+            let mut f = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            if !f.insert(claim.to_owned()) {
+                return;
+            }
+        }
+        tokio::spawn(self.clone().deliver(claim.to_owned(), record, body, event));
     }
-    let (declare, target, secret, claim, flight) = (
-        declare.clone(),
-        target.clone(),
-        secret.to_vec(),
-        claim.to_owned(),
-        in_flight.clone(),
-    );
-    tokio::spawn(async move {
+
+    /// Posts `body` until it is delivered, the attempts run out, or the reservation is released
+    /// (its record gone or replaced by another reservation's).
+    async fn deliver(self, claim: String, record: Reservation, body: Value, event: &'static str) {
         let bytes = body.to_string().into_bytes();
-        let mut record = record;
+        let records = self.declare.records();
+        // The record as this delivery last left it: anything else there is not its own.
+        let mut ours = record;
+        let mut record = ours.clone();
         record.callback.event = Some(event.to_owned());
         let mut delay = Duration::from_millis(500);
+        let mut released = false;
         for attempt in 1..=8u32 {
-            let r = target.post_signed(&secret, &bytes).await;
+            {
+                let _turn = self.claims.lock(&claim).await;
+                if read_reservation(records, &claim).as_ref() != Some(&ours) {
+                    released = true;
+                    break;
+                }
+            }
+            let r = self.target.post_signed(&self.secret, &bytes).await;
             record.callback.attempts = attempt;
             match r {
                 Ok(()) => {
@@ -554,13 +593,23 @@ pub(crate) async fn consider(
                     }
                 }
             }
-            // The claim may have been released meanwhile: then its record is gone, and stays so.
-            let records = declare.records();
-            if read_reservation(records, &claim).is_some()
-                && let Ok(r) = reservation_record(&claim, &record)
-                && let Err(e) = records.put(&r.key, r.bytes).await
             {
-                tracing::warn!(claim = %claim, error = %e, "cannot update the reservation's record");
+                // Released while the request was out: its record is gone, and stays so.
+                let _turn = self.claims.lock(&claim).await;
+                if read_reservation(records, &claim).as_ref() != Some(&ours) {
+                    released = true;
+                    break;
+                }
+                let written = match reservation_record(&claim, &record) {
+                    Ok(r) => records.put(&r.key, r.bytes).await,
+                    Err(e) => Err(e),
+                };
+                match written {
+                    Ok(()) => ours = record.clone(),
+                    Err(e) => {
+                        tracing::warn!(claim = %claim, error = %e, "cannot update the reservation's record");
+                    }
+                }
             }
             if record.callback.state != "Pending" {
                 break;
@@ -568,9 +617,12 @@ pub(crate) async fn consider(
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
-        flight
+        self.in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&claim);
-    });
+        if released {
+            let _ = self.again.send(claim);
+        }
+    }
 }
