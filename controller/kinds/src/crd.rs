@@ -54,6 +54,27 @@ impl Rule {
     }
 }
 
+/// A duration's total in milliseconds, as a double (no overflow however many digits), for a
+/// string the duration pattern matched: `units::parse_duration`'s sum.
+macro_rules! duration_ms {
+    () => {
+        "self.findAll('[0-9]+(ms|s|m|h|d)').map(p, double(p.substring(0, size(p) - (p.endsWith('ms') ? 2 : 1))) * (p.endsWith('ms') ? 1.0 : p.endsWith('s') ? 1000.0 : p.endsWith('m') ? 60000.0 : p.endsWith('h') ? 3600000.0 : 86400000.0)).sum()"
+    };
+}
+/// Durations that match the pattern (the pattern's own rule speaks for the others).
+macro_rules! duration_matched {
+    () => {
+        "!self.matches('^\\\\s*([0-9]+(ms|s|m|h|d))+\\\\s*$') || "
+    };
+}
+const DURATION_ABOVE_ZERO: &str = concat!(duration_matched!(), duration_ms!(), " > 0.0");
+const DURATION_ZERO: &str = r#"'invalid duration "%s": must be greater than zero'.format([self])"#;
+/// [`crate::units::MAX_DURATION_MS`] (checked by a test).
+const DURATION_AT_MOST_MAX: &str =
+    concat!(duration_matched!(), duration_ms!(), " <= 3153600000000.0");
+const DURATION_TOO_LARGE: &str =
+    r#"'duration "%s" is too large (at most 100 years, 36500d)'.format([self])"#;
+
 /// The rules, each the CEL form of a check of [`crate::validate`] (same message).
 fn rules() -> Vec<Rule> {
     use Kind::{Claim, Deployment, Pool, User};
@@ -191,6 +212,8 @@ fn rules() -> Vec<Rule> {
             r#"'invalid duration "%s" (expected e.g. 90s, 30m, 1h30m)'.format([self])"#,
         )
         .expr(),
+        rule(Pool, "spec.claimTTL", DURATION_ABOVE_ZERO, DURATION_ZERO).expr(),
+        rule(Pool, "spec.claimTTL", DURATION_AT_MOST_MAX, DURATION_TOO_LARGE).expr(),
         rule(
             Pool,
             "spec.template.ssh",
@@ -221,6 +244,8 @@ fn rules() -> Vec<Rule> {
             r#"'invalid duration "%s" (expected e.g. 90s, 30m, 1h30m)'.format([self])"#,
         )
         .expr(),
+        rule(Claim, "spec.ttl", DURATION_ABOVE_ZERO, DURATION_ZERO).expr(),
+        rule(Claim, "spec.ttl", DURATION_AT_MOST_MAX, DURATION_TOO_LARGE).expr(),
         rule(
             Claim,
             "spec",
@@ -544,6 +569,14 @@ mod tests {
     fn no_integer_format_kubernetes_does_not_know_is_left() {
         let yaml = crds_yaml().expect("yaml");
         assert!(!yaml.contains("format: uint"), "{yaml}");
+    }
+
+    #[test]
+    fn the_duration_bound_is_validates_own() {
+        let bound = format!(" <= {}.0", crate::units::MAX_DURATION_MS);
+        assert!(DURATION_AT_MOST_MAX.ends_with(&bound), "{DURATION_AT_MOST_MAX}");
+        assert!(crate::units::parse_duration("36500d").is_ok());
+        assert!(crate::units::parse_duration("36499d24h1ms").is_err());
     }
 
     #[test]
