@@ -817,11 +817,12 @@ impl<R: Runtime> Engine<R> {
             // Files still being copied in (or limits set) for the claim it served: they would
             // land after the reset, on the instance the next claim gets.
             debug!(instance, "its reset waits for the claim's work in flight");
-            let now = self.clock.now_ms();
-            if work.reset_waits_since.is_none() {
-                work.reset_waits_since = Some(now);
-                self.wakeups.push(Reverse(now + crate::CLAIM_WORK_WAIT_MS));
-            }
+            // Since the first time it waited (before a rebuild of the engine, say), and the
+            // give-up due then, armed again each time (a spare wakeup is a pass that finds
+            // nothing to do).
+            let since = *work.reset_waits_since.get_or_insert(self.clock.now_ms());
+            self.wakeups
+                .push(Reverse(since + crate::CLAIM_WORK_WAIT_MS));
             return;
         }
         let Some(rec) = self.instances.get(instance) else {
@@ -916,11 +917,14 @@ impl<R: Runtime> Engine<R> {
     /// Resets that waited `CLAIM_WORK_WAIT_MS` for the claim's work give up on it: the
     /// instance is replaced, not reset (what the work may still write lands on an instance
     /// being removed), and the pool refills.
+    /// An instance not listed yet (the engine was just rebuilt after a store outage) is left
+    /// waiting: its reset starts, and waits again, once the listing finds it.
     pub(crate) fn give_up_waiting_resets(&mut self, now: u64) {
         let overdue: Vec<String> = (self.claim_work.iter())
-            .filter(|(_, w)| {
+            .filter(|(name, w)| {
                 w.reset_waits_since
                     .is_some_and(|t| now >= t + crate::CLAIM_WORK_WAIT_MS)
+                    && self.instances.contains_key(*name)
             })
             .map(|(name, _)| name.clone())
             .collect();

@@ -92,6 +92,8 @@ pub struct EngineConfig {
     /// Told of each flush of the state store, with the log and its durable length (tests that
     /// simulate a power loss cut the log there).
     pub on_flush: Option<poolkeeper_store::FlushObserver>,
+    /// Failures injected into the state store's writes (tests of a full disk).
+    pub store_faults: Option<Arc<poolkeeper_store::Faults>>,
     /// Resolves what declared objects refer to (a claim's `filesFrom`, a user's token secret):
     /// the source's own resolver ([`source::InlineOnly`] by default).
     pub resolve: Arc<dyn source::Resolve>,
@@ -105,6 +107,7 @@ impl EngineConfig {
             clock: Arc::new(SystemClock),
             sync: true,
             on_flush: None,
+            store_faults: None,
             resolve: Arc::new(source::InlineOnly),
         }
     }
@@ -624,6 +627,7 @@ pub fn start<R: Runtime>(
         poolkeeper_store::Options {
             sync: config.sync,
             on_flush: config.on_flush.clone(),
+            faults: config.store_faults.clone(),
             ..poolkeeper_store::Options::default()
         },
     )

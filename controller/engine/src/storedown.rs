@@ -8,8 +8,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::Path;
 
 use tracing::{error, info, warn};
 
@@ -21,11 +19,6 @@ use crate::{ClaimEntry, DeploymentEntry, Engine, PoolEntry, UserEntry};
 
 /// How often a store that failed is tried again.
 pub(crate) const PROBE_EVERY_MS: u64 = 1_000;
-/// What a probe writes (and flushes) before the store is trusted again: room for more than a
-/// few batches, so that the first pass after recovery does not fail at once.
-const PROBE_BYTES: usize = 256 * 1024;
-const PROBE_FILE: &str = "probe.tmp";
-
 #[derive(Debug, Clone)]
 pub(crate) struct StoreDown {
     /// The write that failed, and why (`No space left on device`, say).
@@ -53,17 +46,6 @@ fn cause(e: &StoreError) -> String {
     text
 }
 
-/// Writes and flushes `PROBE_BYTES` into the state folder, then removes them.
-fn probe(dir: &Path) -> std::io::Result<()> {
-    let path = dir.join(PROBE_FILE);
-    let written = std::fs::File::create(&path).and_then(|mut f| {
-        f.write_all(&[0u8; PROBE_BYTES])?;
-        f.sync_all()
-    });
-    let removed = std::fs::remove_file(&path);
-    written.and(removed)
-}
-
 impl<R: Runtime> Engine<R> {
     /// A commit or flush failed: the pass stops here, and so does everything a commit would
     /// have allowed (bindings started, statuses reported).
@@ -89,7 +71,6 @@ impl<R: Runtime> Engine<R> {
     /// While the store is down, once a second: whether the state folder takes a write again,
     /// and if so the store read again from disk (then `back` is set).
     pub(crate) fn probe_store(&mut self, now: u64) {
-        let dir = self.config.state_dir.clone();
         let Some(down) = self.store_down.as_mut() else {
             return;
         };
@@ -98,7 +79,7 @@ impl<R: Runtime> Engine<R> {
         }
         down.next_probe_ms = now + PROBE_EVERY_MS;
         self.wakeups.push(Reverse(now + PROBE_EVERY_MS));
-        if probe(&dir).is_err() {
+        if self.store.probe_writable().is_err() {
             return;
         }
         match self.store.reopen() {

@@ -773,6 +773,63 @@ async fn a_reset_waits_at_most_a_minute_for_the_claims_work_and_uploads_go_to_th
     .await;
 }
 
+/// A full disk while a reset waits for the claim's work: nothing is given up while the store
+/// cannot write (the instance is kept, as everything is), and once it can, the engine started
+/// again from the store still gives up when the minute is over, by itself (the wait and its
+/// deadline carried over), and replaces the instance; the claim declared meanwhile then binds.
+#[tokio::test]
+async fn a_reset_waiting_through_a_full_disk_gives_up_on_time_once_the_store_is_back() {
+    let mut s = sim();
+    apply_pool(&mut s, "py", emptied_by_exec(1, 1));
+    s.wait_warm("py", 1).await;
+    apply_claim(&mut s, "c1", "py");
+    let inst = s.wait_bound("c1").await;
+    s.mem.set_files_latency(Duration::from_secs(3600));
+    let handle = s.handle.clone();
+    let files = vec![("x".to_owned(), b"x".to_vec())];
+    tokio::spawn(async move { handle.put_files("c1", Some(USER), files).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.delete(Kind::Claim, "c1");
+    s.wait_until("the reset waits for the upload", |snap, _| {
+        snap.instances.iter().any(|i| i.name == inst && i.resetting)
+    })
+    .await;
+    // The disk fills; the next claim is the first write that fails.
+    s.store_faults.set_no_space(true);
+    apply_claim(&mut s, "c2", "py");
+    s.wait_until("the store is down", |snap, _| {
+        snap.controller.store_error.is_some()
+    })
+    .await;
+    // The minute passes while the store cannot write: nothing is removed.
+    s.advance(Duration::from_secs(61));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        s.mem.instances().iter().any(|i| i.name == inst),
+        "kept while the store is down"
+    );
+    // Room again: the next probe finds it, the engine starts again from the store, and the
+    // overdue give-up happens without anything else moving the clock: once the runtime's
+    // listing (slow here) has found the instance, not before.
+    s.rt.list_delay_ms
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    s.store_faults.set_no_space(false);
+    s.advance(Duration::from_secs(1));
+    s.wait_until("the store is back", |snap, _| {
+        snap.controller.store_error.is_none()
+    })
+    .await;
+    s.wait_until("replaced once the store is back", |snap, insts| {
+        snap.controller.store_error.is_none() && insts.iter().all(|i| i.name != inst)
+    })
+    .await;
+    assert_ne!(
+        s.wait_bound("c2").await,
+        inst,
+        "the next claim gets the new one"
+    );
+}
+
 /// An `Exec` reset that finds its instance down (it crashed while bound, or during the reset)
 /// says nothing against the instance but that it is down: the instance is replaced, as a file
 /// copy into a downed instance does, not quarantined and kept with its dead container.

@@ -574,7 +574,10 @@ mod tests {
     #[test]
     fn the_duration_bound_is_validates_own() {
         let bound = format!(" <= {}.0", crate::units::MAX_DURATION_MS);
-        assert!(DURATION_AT_MOST_MAX.ends_with(&bound), "{DURATION_AT_MOST_MAX}");
+        assert!(
+            DURATION_AT_MOST_MAX.ends_with(&bound),
+            "{DURATION_AT_MOST_MAX}"
+        );
         assert!(crate::units::parse_duration("36500d").is_ok());
         assert!(crate::units::parse_duration("36499d24h1ms").is_err());
     }

@@ -61,7 +61,37 @@ pub struct Options {
     pub sync: bool,
     /// Told of every flush (also when `sync` is off: the points where the store would flush).
     pub on_flush: Option<FlushObserver>,
+    /// Failures a test injects into the store's writes (a full disk that no test has to
+    /// mount and fill).
+    pub faults: Option<Arc<Faults>>,
 }
+
+/// Failures injected into a store's writes: while `no_space` is set, every write of a record
+/// and every [`Store::probe_writable`] fails as a full disk does (`No space left on device`),
+/// writing nothing.
+#[derive(Debug, Default)]
+pub struct Faults {
+    no_space: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    pub fn set_no_space(&self, on: bool) {
+        self.no_space.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.no_space.load(std::sync::atomic::Ordering::SeqCst) {
+            // ENOSPC, as the kernel reports it.
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        Ok(())
+    }
+}
+
+/// What [`Store::probe_writable`] writes (and flushes) before a failed store is trusted again:
+/// room for more than a few batches, so that the first commit after does not fail at once.
+const PROBE_BYTES: usize = 256 * 1024;
+const PROBE_FILE: &str = "probe.tmp";
 
 impl fmt::Debug for Options {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,6 +99,7 @@ impl fmt::Debug for Options {
             .field("compact_after_bytes", &self.compact_after_bytes)
             .field("sync", &self.sync)
             .field("on_flush", &self.on_flush.is_some())
+            .field("faults", &self.faults)
             .finish()
     }
 }
@@ -87,6 +118,7 @@ impl Default for Options {
             compact_after_bytes: 64 * 1024 * 1024,
             sync: true,
             on_flush: None,
+            faults: None,
         }
     }
 }
@@ -308,6 +340,21 @@ impl<S: StateMachine> Store<S> {
             .map_err(io_err("duplicate lock file", &self.dir.join(LOCK_FILE)))?;
         *self = Self::open_locked(&self.dir, self.opts.clone(), lock)?;
         Ok(())
+    }
+
+    /// Whether the store's folder takes a write again (after a failed one): writes and
+    /// flushes `PROBE_BYTES` there, then removes them.
+    pub fn probe_writable(&self) -> io::Result<()> {
+        if let Some(f) = &self.opts.faults {
+            f.check()?;
+        }
+        let path = self.dir.join(PROBE_FILE);
+        let written = File::create(&path).and_then(|mut f| {
+            f.write_all(&[0u8; PROBE_BYTES])?;
+            f.sync_all()
+        });
+        let removed = fs::remove_file(&path);
+        written.and(removed)
     }
 
     fn open_locked(dir: &Path, opts: Options, lock: File) -> Result<Self, StoreError> {
@@ -588,6 +635,9 @@ impl<S: StateMachine> Store<S> {
         record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         record.extend_from_slice(payload);
 
+        if let Some(f) = &self.opts.faults {
+            f.check().map_err(io_err("write", &log_path))?;
+        }
         #[cfg(test)]
         if let Some(fault) = self.fail_next_write.take() {
             return tests::inject_write_fault(fault, &mut self.log, &record)

@@ -87,6 +87,7 @@ fn no_compact() -> Options {
         compact_after_bytes: u64::MAX,
         sync: true,
         on_flush: None,
+        faults: None,
     }
 }
 
@@ -198,6 +199,48 @@ fn commit_then_reopen_restores_state() {
     assert_eq!(s.dir(), dir.path());
 }
 
+/// The injected full disk: a commit fails as ENOSPC does and writes nothing (the store is
+/// poisoned), the probe fails too; with room again the probe passes and the store, read
+/// again, has what was acknowledged and takes commits.
+#[test]
+fn an_injected_full_disk_fails_writes_and_probes_until_it_is_lifted() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = std::sync::Arc::new(crate::Faults::default());
+    let mut s = Toy::open_with(
+        dir.path(),
+        Options {
+            faults: Some(faults.clone()),
+            ..no_compact()
+        },
+    )
+    .unwrap();
+    s.commit(vec![bind("a", "x")]).unwrap();
+    let len = fs::metadata(wal(dir.path())).unwrap().len();
+    faults.set_no_space(true);
+    let e = s.commit(vec![bind("b", "y")]).unwrap_err();
+    assert!(
+        e.to_string().contains("No space left on device") || format!("{e:?}").contains("28"),
+        "{e:?}"
+    );
+    assert_eq!(
+        fs::metadata(wal(dir.path())).unwrap().len(),
+        len,
+        "nothing written"
+    );
+    assert!(s.probe_writable().is_err());
+    faults.set_no_space(false);
+    s.probe_writable().unwrap();
+    s.reopen().unwrap();
+    assert_eq!(s.state().owners.get("a").map(String::as_str), Some("x"));
+    assert_eq!(
+        s.state().owners.get("b"),
+        None,
+        "the failed batch is not there"
+    );
+    s.commit(vec![bind("b", "y")]).unwrap();
+    assert!(!files(dir.path()).contains("probe.tmp"));
+}
+
 #[test]
 fn rejected_ops_are_reported_and_not_persisted() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,6 +304,7 @@ fn automatic_compaction_keeps_state_and_one_log() {
         compact_after_bytes: 100,
         sync: true,
         on_flush: None,
+        faults: None,
     };
     let expected = {
         let mut s = Toy::open_with(dir.path(), opts.clone()).unwrap();
@@ -639,7 +683,7 @@ proptest! {
         sync in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let opts = Options { compact_after_bytes, sync, on_flush: None };
+        let opts = Options { compact_after_bytes, sync, on_flush: None, faults: None };
         let mut store = Toy::open_with(dir.path(), opts.clone()).unwrap();
         let mut model = Model::default();
         // Every (key, owner) the key has had, in order: an owner change needs an Unbind between.

@@ -49,6 +49,8 @@ pub struct Counting {
     pub bind_races: AtomicU64,
     /// How long a bind takes (a patch to an API server), in milliseconds.
     pub bind_delay_ms: AtomicU64,
+    /// How long a listing takes (a busy Docker daemon), in milliseconds.
+    pub list_delay_ms: AtomicU64,
 }
 
 impl Counting {
@@ -128,6 +130,10 @@ impl Runtime for Counting {
     }
 
     async fn list(&self) -> RtResult<Vec<Instance>> {
+        let delay = self.list_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.mem.list().await
     }
 
@@ -201,6 +207,8 @@ pub struct Sim {
     generation: i64,
     /// The state store's last flush: its log and the length that a power loss keeps.
     flushed: Arc<Mutex<Option<(PathBuf, u64)>>>,
+    /// Failures injected into the state store's writes (a full disk).
+    pub store_faults: Arc<poolkeeper_store::Faults>,
 }
 
 impl Sim {
@@ -219,11 +227,13 @@ impl Sim {
             bind_conflicts: AtomicU64::new(0),
             bind_races: AtomicU64::new(0),
             bind_delay_ms: AtomicU64::new(0),
+            list_delay_ms: AtomicU64::new(0),
         });
         let clock = ManualClock::new(T0_MS);
         let dir = tempfile::tempdir().unwrap();
         let flushed = Arc::default();
-        let (handle, join) = start_engine(&rt, &clock, &dir, &flushed);
+        let store_faults = Arc::default();
+        let (handle, join) = start_engine(&rt, &clock, &dir, &flushed, &store_faults);
         handle.send(SourceEvent::Synced).unwrap();
         Sim {
             mem,
@@ -235,6 +245,7 @@ impl Sim {
             declared: BTreeMap::new(),
             generation: 0,
             flushed,
+            store_faults,
         }
     }
 
@@ -335,7 +346,13 @@ impl Sim {
 
     fn start_feeding(&mut self, feed: impl FnOnce(&EngineHandle)) {
         self.clock.advance(Duration::from_secs(1));
-        let (handle, join) = start_engine(&self.rt, &self.clock, &self.dir, &self.flushed);
+        let (handle, join) = start_engine(
+            &self.rt,
+            &self.clock,
+            &self.dir,
+            &self.flushed,
+            &self.store_faults,
+        );
         for o in self.declared.values() {
             handle.apply(o.clone()).unwrap();
         }
@@ -348,7 +365,13 @@ impl Sim {
     fn start_again(&mut self, reverse: bool) {
         // Wall-clock time passes across a restart.
         self.clock.advance(Duration::from_secs(1));
-        let (handle, join) = start_engine(&self.rt, &self.clock, &self.dir, &self.flushed);
+        let (handle, join) = start_engine(
+            &self.rt,
+            &self.clock,
+            &self.dir,
+            &self.flushed,
+            &self.store_faults,
+        );
         let mut objs: Vec<&Object> = self.declared.values().collect();
         if reverse {
             objs.reverse();
@@ -464,6 +487,7 @@ fn start_engine(
     clock: &ManualClock,
     dir: &tempfile::TempDir,
     flushed: &Arc<Mutex<Option<(PathBuf, u64)>>>,
+    store_faults: &Arc<poolkeeper_store::Faults>,
 ) -> (EngineHandle, JoinHandle<()>) {
     let mut cfg = EngineConfig::new(dir.path().join("state"));
     cfg.clock = Arc::new(clock.clone());
@@ -474,6 +498,7 @@ fn start_engine(
     cfg.on_flush = Some(Arc::new(move |log: &std::path::Path, len: u64| {
         *flushed.lock().unwrap() = Some((log.to_path_buf(), len));
     }));
+    cfg.store_faults = Some(store_faults.clone());
     poolkeeper_engine::start(rt.clone(), cfg).unwrap()
 }
 
