@@ -695,16 +695,23 @@ async fn an_exec_reset_runs_its_command_and_a_failing_one_quarantines_the_instan
     assert!(s.mem.instances().iter().any(|i| i.name == victim));
 }
 
-/// Files uploaded into a claim's instance while the claim is released land before its reset,
-/// not after: the reset waits for the upload, and the next claim gets the instance empty (not
-/// holding what the previous user wrote).
-#[tokio::test]
-async fn an_upload_still_in_flight_when_the_claim_is_released_is_reset_away_with_it() {
+/// Claim `c1` bound in pool `py` (one warm, at most one, reset by `Exec`): the sim and the
+/// instance.
+async fn c1_bound_in_an_exec_reset_pool() -> (Sim, String) {
     let mut s = sim();
     apply_pool(&mut s, "py", emptied_by_exec(1, 1));
     s.wait_warm("py", 1).await;
     apply_claim(&mut s, "c1", "py");
     let inst = s.wait_bound("c1").await;
+    (s, inst)
+}
+
+/// Files uploaded into a claim's instance while the claim is released land before its reset,
+/// not after: the reset waits for the upload, and the next claim gets the instance empty (not
+/// holding what the previous user wrote).
+#[tokio::test]
+async fn an_upload_still_in_flight_when_the_claim_is_released_is_reset_away_with_it() {
+    let (mut s, inst) = c1_bound_in_an_exec_reset_pool().await;
     s.mem.set_files_latency(Duration::from_millis(300));
     let handle = s.handle.clone();
     let upload = tokio::spawn(async move {
@@ -742,11 +749,7 @@ async fn an_upload_still_in_flight_when_the_claim_is_released_is_reset_away_with
 /// And files go only into the claim of the user who sent them.
 #[tokio::test]
 async fn a_reset_waits_at_most_a_minute_for_the_claims_work_and_uploads_go_to_their_users_claim() {
-    let mut s = sim();
-    apply_pool(&mut s, "py", emptied_by_exec(1, 1));
-    s.wait_warm("py", 1).await;
-    apply_claim(&mut s, "c1", "py");
-    let inst = s.wait_bound("c1").await;
+    let (mut s, inst) = c1_bound_in_an_exec_reset_pool().await;
     let files = || vec![("x".to_owned(), b"x".to_vec())];
     assert_eq!(
         s.handle
@@ -779,11 +782,7 @@ async fn a_reset_waits_at_most_a_minute_for_the_claims_work_and_uploads_go_to_th
 /// deadline carried over), and replaces the instance; the claim declared meanwhile then binds.
 #[tokio::test]
 async fn a_reset_waiting_through_a_full_disk_gives_up_on_time_once_the_store_is_back() {
-    let mut s = sim();
-    apply_pool(&mut s, "py", emptied_by_exec(1, 1));
-    s.wait_warm("py", 1).await;
-    apply_claim(&mut s, "c1", "py");
-    let inst = s.wait_bound("c1").await;
+    let (mut s, inst) = c1_bound_in_an_exec_reset_pool().await;
     s.mem.set_files_latency(Duration::from_secs(3600));
     let handle = s.handle.clone();
     let files = vec![("x".to_owned(), b"x".to_vec())];

@@ -345,24 +345,16 @@ impl Sim {
     }
 
     fn start_feeding(&mut self, feed: impl FnOnce(&EngineHandle)) {
-        self.clock.advance(Duration::from_secs(1));
-        let (handle, join) = start_engine(
-            &self.rt,
-            &self.clock,
-            &self.dir,
-            &self.flushed,
-            &self.store_faults,
-        );
-        for o in self.declared.values() {
-            handle.apply(o.clone()).unwrap();
-        }
-        feed(&handle);
-        handle.send(SourceEvent::Synced).unwrap();
-        self.handle = handle;
-        self.join = Some(join);
+        self.start_with(false, feed);
     }
 
     fn start_again(&mut self, reverse: bool) {
+        self.start_with(reverse, |_| {});
+    }
+
+    /// Starts the engine again on the same runtime and state folder: the declared objects (in
+    /// reverse key order if `reverse`), then `feed`, then `Synced`.
+    fn start_with(&mut self, reverse: bool, feed: impl FnOnce(&EngineHandle)) {
         // Wall-clock time passes across a restart.
         self.clock.advance(Duration::from_secs(1));
         let (handle, join) = start_engine(
@@ -379,6 +371,7 @@ impl Sim {
         for o in objs {
             handle.apply(o.clone()).unwrap();
         }
+        feed(&handle);
         handle.send(SourceEvent::Synced).unwrap();
         self.handle = handle;
         self.join = Some(join);
