@@ -4,7 +4,8 @@
 //!   debounce (editors write a file in several steps), well within the 200 ms users expect.
 //! - A file that turns invalid keeps its objects at their last valid version: nothing it declared
 //!   is deleted until it parses cleanly again (or is removed). Its problems are reported.
-//! - An object declared in two files belongs to the first; the second is reported.
+//! - An object declared in two files belongs to the one whose path sorts first, whichever was
+//!   read first (a restart decides the same); the other is reported.
 //! - An object that moves between files (a rename, a hand-over from a deleted duplicate) is
 //!   applied with its new origin, never deleted and re-created: deletions are decided at the end
 //!   of an update, once every file it touched has been read.
@@ -108,6 +109,9 @@ pub struct DirState {
     /// Folders that could not be listed at the last rescan, with why: the files known under
     /// them are kept (what such a folder holds is unknown, not gone).
     unreadable: BTreeMap<PathBuf, String>,
+    /// Files that an object was taken from during the current update (a file that sorts
+    /// before them declared it too): read again when it ends, to report the duplicate.
+    overtaken: BTreeSet<PathBuf>,
 }
 
 /// What a (re)load changed, in the order to tell the engine.
@@ -131,6 +135,7 @@ impl DirState {
             limit: loader::SpecLimit::default(),
             last_good: None,
             unreadable: BTreeMap::new(),
+            overtaken: BTreeSet::new(),
         }
     }
 
@@ -302,6 +307,11 @@ impl DirState {
     /// Ends an update: objects let go of pass to a file that declared them too, the rest are
     /// deleted; then the files' problems are reported.
     fn finish(&mut self, changes: &mut Changes) {
+        for f in std::mem::take(&mut self.overtaken) {
+            if self.files.contains_key(&f) {
+                self.load_file(&f, changes);
+            }
+        }
         // Each round can only hand over objects released in the round before; it ends.
         let mut handled = 0;
         while self.released.len() > handled {
@@ -518,12 +528,24 @@ impl DirState {
                 continue;
             }
             here.insert(key.clone(), obj.origin.to_string());
+            // Declared in another file too: the file whose path sorts first has it, whichever
+            // was read first, so that a restart (which reads them in that order) decides the
+            // same.
             if let Some((owner, prev)) = self.objects.get(&key)
                 && owner != file
             {
-                diagnostics.push(declared_before(file, &obj, &prev.origin));
-                shadowed = true;
-                continue;
+                if owner.as_path() < file {
+                    diagnostics.push(declared_before(file, &obj, &prev.origin));
+                    shadowed = true;
+                    continue;
+                }
+                let owner = owner.clone();
+                info!(object = %key, from = %owner.display(), to = %file.display(),
+                    "declared in a file that sorts first: taken over by it");
+                if let Some(st) = self.files.get_mut(&owner) {
+                    st.owned.remove(&key);
+                }
+                self.overtaken.insert(owner);
             }
             now_owned.insert(key.clone());
             let current = self.objects.get(&key).map(|(_, p)| p);

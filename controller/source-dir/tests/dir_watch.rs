@@ -845,7 +845,7 @@ fn dirstate_invalid_file_keeps_objects_and_a_fix_reapplies_them() {
 }
 
 #[test]
-fn dirstate_duplicates_first_wins_and_the_second_takes_over() {
+fn dirstate_duplicates_the_path_that_sorts_first_wins_and_the_other_takes_over() {
     let tmp = tempfile::tempdir().unwrap();
     let first = tmp.path().join("1.yaml");
     let second = tmp.path().join("2.yaml");
@@ -894,23 +894,55 @@ fn dirstate_duplicates_first_wins_and_the_second_takes_over() {
     assert_eq!(email_of(&st, "dana").as_deref(), Some("second-b@x"));
     assert!(diags(&ch.events).contains(&(second.clone(), vec![])));
 
-    // Back: now the second owns it, so the first is the duplicate.
+    // Back in the first file, which sorts first: it takes the object over (not deleted and
+    // declared again), as a restart would decide, and the second is the duplicate.
     write(&first, &user_yaml("dana", "first@x"));
     let ch = st.paths_changed(&paths(&[&first]));
     assert!(deleted(&ch.events).contains(&user("other")));
-    assert!(applied(&ch.events).is_empty(), "{:?}", ch.events);
     assert!(
-        diags(&ch.events)
-            .iter()
-            .any(|(f, d)| f == &first && d.len() == 1)
+        !deleted(&ch.events).contains(&user("dana")),
+        "{:?}",
+        ch.events
     );
+    assert_eq!(applied(&ch.events), vec![(user("dana"), 3, first.clone())]);
+    assert_eq!(email_of(&st, "dana").as_deref(), Some("first@x"));
+    let d = diags(&ch.events);
+    assert!(
+        d.iter().any(|(f, d)| f == &second
+            && d.len() == 1
+            && d[0].contains(&format!("also declared in {}:1:1", first.display()))),
+        "the second is reported: {d:?}"
+    );
+    assert!(d.iter().all(|(f, d)| f != &first || d.is_empty()), "{d:?}");
 
-    // Deleting the owner hands it back to the file that remains.
+    // A restart decides the same.
+    let mut again = DirState::new(tmp.path());
+    let ch = again.rescan();
+    assert!(
+        applied(&ch.events).contains(&(user("dana"), 1, first.clone())),
+        "{:?}",
+        ch.events
+    );
+    assert_eq!(email_of(&again, "dana").as_deref(), Some("first@x"));
+
+    // Deleting the duplicate changes nothing.
     std::fs::remove_file(&second).unwrap();
     let ch = st.paths_changed(&paths(&[&second]));
     assert!(deleted(&ch.events).is_empty(), "{:?}", ch.events);
-    assert_eq!(applied(&ch.events), vec![(user("dana"), 3, first.clone())]);
+    assert!(applied(&ch.events).is_empty(), "{:?}", ch.events);
     assert_eq!(email_of(&st, "dana").as_deref(), Some("first@x"));
+
+    // And deleting the owner hands the object to a file that remains.
+    write(&second, &user_yaml("dana", "second@x"));
+    st.paths_changed(&paths(&[&second]));
+    std::fs::remove_file(&first).unwrap();
+    let ch = st.paths_changed(&paths(&[&first]));
+    assert!(
+        !deleted(&ch.events).contains(&user("dana")),
+        "{:?}",
+        ch.events
+    );
+    assert_eq!(applied(&ch.events), vec![(user("dana"), 4, second.clone())]);
 }
 
 fn ports_pool_yaml(name: &str, start: u16, end: u16) -> String {
