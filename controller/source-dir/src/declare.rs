@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::Value;
+use tracing::info;
 
 use poolkeeper_engine::source::{
     BoxFuture, Created, Declare, DeclareError, Record, Records, Scaled, UserDeleted,
@@ -88,22 +89,54 @@ impl DirDeclare {
     }
 
     /// Writes an edited declared file, or removes it when the edit left no object in it.
-    async fn put_edited(&self, file: &Path, text: edit::Edited) -> Result<(), DeclareError> {
-        let r = match text {
-            Some(t) => self.files.write(file.to_path_buf(), t.into_bytes()).await,
-            None => self.files.remove(file.to_path_buf()).await,
-        };
-        r.map_err(|e| changing(file, e))
+    /// Edits `file`: `edit` gets its text and returns the new text (None: the file goes). The
+    /// new text is written atomically where the file lives (a link stays a link), and only if
+    /// the file still holds the text `edit` got: an edit saved by hand meanwhile is read and
+    /// `edit` made again on it, up to [`EDIT_ATTEMPTS`] times, then it is a conflict. (Callers
+    /// hold `edits`: the controller makes one edit at a time.)
+    async fn rewrite(
+        &self,
+        file: &Path,
+        edit: impl Fn(&str) -> Result<edit::Edited, DeclareError>,
+    ) -> Result<(), DeclareError> {
+        let target = std::fs::canonicalize(file)
+            .map_err(|e| declare_failed(&format!("reading {}", file.display()), &e))?;
+        for _ in 0..EDIT_ATTEMPTS {
+            let text = read_declared(file)?;
+            let written = match edit(&text)? {
+                Some(new) => {
+                    (self.files)
+                        .write_unless_changed(target.clone(), new.into_bytes(), text.into_bytes())
+                        .await
+                }
+                None => {
+                    (self.files)
+                        .remove_unless_changed(file.to_path_buf(), text.into_bytes())
+                        .await
+                }
+            };
+            match written {
+                Err(e) if filewriter::changed_meanwhile(&e) => {
+                    info!(file = %file.display(), "changed by hand while being edited: edited again");
+                }
+                other => return other.map_err(|e| changing(file, e)),
+            }
+        }
+        Err(DeclareError::Conflict(format!(
+            "{} kept changing while it was being edited: nothing was changed; try again",
+            file.display()
+        )))
     }
 
     /// Edits the file that declares object `name` of `kind` (one edit at a time): `edit` gets
-    /// the file and its text and returns the new text, which is written atomically. Returns
-    /// where that is (relative to the watched folder) and the object as it was.
+    /// the file and its text and returns the new text, which is written as
+    /// [`DirDeclare::rewrite`] says. Returns where that is (relative to the watched folder)
+    /// and the object as it was.
     async fn edit_declared(
         &self,
         kind: Kind,
         name: &str,
-        edit: impl FnOnce(&Path, &str) -> Result<String, String>,
+        edit: impl Fn(&Path, &str) -> Result<String, String>,
     ) -> Result<(String, ObjectView), DeclareError> {
         let _one = self.edits.lock().await;
         let snap = self.snapshot().await?;
@@ -113,15 +146,10 @@ impl DirDeclare {
             .find(|o| o.kind == kind && o.name == name && !o.spec.is_null())
             .ok_or_else(|| DeclareError::NotFound(format!("no {kind} {name:?}")))?;
         let file = self.declared_file(&o)?;
-        let text = read_declared(&file)?;
-        let new = edit(&file, &text).map_err(DeclareError::Conflict)?;
-        // A linked file is written where it lives: the link stays a link.
-        let target = std::fs::canonicalize(&file)
-            .map_err(|e| declare_failed(&format!("reading {}", file.display()), &e))?;
-        self.files
-            .write(target, new.into_bytes())
-            .await
-            .map_err(|e| declare_failed(&format!("writing {}", file.display()), &e))?;
+        self.rewrite(&file, |text| {
+            edit(&file, text).map(Some).map_err(DeclareError::Conflict)
+        })
+        .await?;
         Ok((self.relative(&file), o))
     }
 
@@ -165,13 +193,16 @@ impl DirDeclare {
                     .await
                     .map_err(|e| changing(&file, e))?;
             } else {
-                let mut text = Some(read_declared(&file)?);
-                for c in &claims {
-                    let Some(t) = &text else { break };
-                    text = edit::remove_object(&file, t, &ObjKey::new(Kind::Claim, &c.name))
-                        .map_err(DeclareError::Conflict)?;
-                }
-                self.put_edited(&file, text).await?;
+                self.rewrite(&file, |text| {
+                    let mut text = Some(text.to_owned());
+                    for c in &claims {
+                        let Some(t) = &text else { break };
+                        text = edit::remove_object(&file, t, &ObjKey::new(Kind::Claim, &c.name))
+                            .map_err(DeclareError::Conflict)?;
+                    }
+                    Ok(text)
+                })
+                .await?;
             }
             for c in claims {
                 let _ = self.handle.delete(ObjKey::new(Kind::Claim, &c.name));
@@ -332,9 +363,10 @@ impl Declare for DirDeclare {
             edit::remove_object(&file, &text, &key).map_err(DeclareError::Conflict)?;
             let released = self.release_claims_in(&snap, name).await?;
             // Read again: releasing claims may have edited the same file.
-            let text = read_declared(&file)?;
-            let edited = edit::remove_object(&file, &text, &key).map_err(DeclareError::Conflict)?;
-            self.put_edited(&file, edited).await?;
+            self.rewrite(&file, |text| {
+                edit::remove_object(&file, text, &key).map_err(DeclareError::Conflict)
+            })
+            .await?;
             let _ = self.handle.delete(key);
             Ok(UserDeleted {
                 at: self.relative(&file),
@@ -531,6 +563,9 @@ pub fn remove_unfinished_claims(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     filewriter::remove_unfinished(&managed_dir(dir))
 }
 
+/// How many times [`DirDeclare::rewrite`] makes an edit again on a file changed meanwhile.
+const EDIT_ATTEMPTS: usize = 3;
+
 fn changing(file: &Path, e: std::io::Error) -> DeclareError {
     declare_failed(&format!("changing {}", file.display()), &e)
 }
@@ -597,6 +632,51 @@ pub(crate) fn declare_failed(what: &str, e: &std::io::Error) -> DeclareError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A person saves the file between the controller's read and its write: the edit is made
+    /// again on what they saved (theirs is kept); a file that keeps changing is a conflict,
+    /// and what they saved last stays.
+    #[tokio::test]
+    async fn an_edit_is_made_again_on_a_hand_edit_saved_meanwhile() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(tmp.path()).expect("root");
+        let (handle, _task) = poolkeeper_engine::start(
+            std::sync::Arc::new(poolkeeper_runtime::memory::MemoryRuntime::default()),
+            poolkeeper_engine::EngineConfig::new(root.join(".poolkeeper/state")),
+        )
+        .expect("engine");
+        let d = DirDeclare::new(handle, &root, Prepared::default()).expect("declare");
+        let file = root.join("pools.yaml");
+        std::fs::write(&file, "a: 1\n").expect("write");
+        let calls = AtomicUsize::new(0);
+        d.rewrite(&file, |text| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                std::fs::write(&file, format!("{text}b: 2\n")).expect("hand edit");
+            }
+            Ok(Some(format!("{text}edited: true\n")))
+        })
+        .await
+        .expect("edited");
+        assert_eq!(
+            std::fs::read_to_string(&file).expect("read"),
+            "a: 1\nb: 2\nedited: true\n"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        let r = d
+            .rewrite(&file, |text| {
+                std::fs::write(&file, format!("{text}x\n")).expect("hand edit");
+                Ok(Some("mine\n".to_owned()))
+            })
+            .await;
+        assert!(
+            matches!(&r, Err(DeclareError::Conflict(m)) if m.contains("kept changing")),
+            "{r:?}"
+        );
+        let kept = std::fs::read_to_string(&file).expect("read");
+        assert!(kept.ends_with("x\nx\nx\n"), "{kept}");
+    }
 
     #[test]
     fn a_claim_file_reads_back_as_the_claim() {

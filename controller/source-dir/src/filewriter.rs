@@ -30,7 +30,32 @@ pub struct FileWriter {
 struct Job {
     path: PathBuf,
     change: Change,
+    /// A replacement or removal only if the file still holds these bytes then (checked right
+    /// before its rename or removal): an edit made by hand meanwhile is not overwritten.
+    unless_changed_from: Option<Vec<u8>>,
     reply: oneshot::Sender<std::io::Result<()>>,
+}
+
+/// The file changed since its content was read for an edit: the edit is not applied (see
+/// [`FileWriter::write_unless_changed`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} changed while it was being edited")]
+pub struct ChangedMeanwhile(pub PathBuf);
+
+/// Whether `e` is a [`ChangedMeanwhile`].
+pub fn changed_meanwhile(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<ChangedMeanwhile>())
+}
+
+/// Whether `path` still holds `was` (one read, right before the rename or removal; what a
+/// person saves in the microseconds after it is still overwritten).
+fn still(path: &Path, was: Option<&[u8]>) -> std::io::Result<()> {
+    match was {
+        Some(was) if std::fs::read(path)? != was => {
+            Err(std::io::Error::other(ChangedMeanwhile(path.to_path_buf())))
+        }
+        _ => Ok(()),
+    }
 }
 
 enum Change {
@@ -57,6 +82,23 @@ impl FileWriter {
         self.ask(path, Change::Replace(bytes)).await
     }
 
+    /// [`FileWriter::write`] if `path` still holds `was` right before the new content is
+    /// renamed over it; else nothing is written and the error is a [`ChangedMeanwhile`].
+    pub async fn write_unless_changed(
+        &self,
+        path: PathBuf,
+        bytes: Vec<u8>,
+        was: Vec<u8>,
+    ) -> std::io::Result<()> {
+        self.send(path, Change::Replace(bytes), Some(was)).await
+    }
+
+    /// [`FileWriter::remove`] if `path` still holds `was`; else nothing is removed and the
+    /// error is a [`ChangedMeanwhile`].
+    pub async fn remove_unless_changed(&self, path: PathBuf, was: Vec<u8>) -> std::io::Result<()> {
+        self.send(path, Change::Remove, Some(was)).await
+    }
+
     /// Creates `path` durably (`AlreadyExists` when it is there), in half the time of a
     /// [`FileWriter::write`]: one flush, not two. Until it is answered, a crash may leave the
     /// file empty (on some filesystems, cut short): see [`remove_unfinished`].
@@ -79,12 +121,22 @@ impl FileWriter {
     }
 
     async fn ask(&self, path: PathBuf, change: Change) -> std::io::Result<()> {
+        self.send(path, change, None).await
+    }
+
+    async fn send(
+        &self,
+        path: PathBuf,
+        change: Change,
+        unless_changed_from: Option<Vec<u8>>,
+    ) -> std::io::Result<()> {
         let (reply, done) = oneshot::channel();
         let stopped = || std::io::Error::other("the file writer has stopped");
         self.tx
             .send(Job {
                 path,
                 change,
+                unless_changed_from,
                 reply,
             })
             .map_err(|_| stopped())?;
@@ -266,7 +318,9 @@ fn run(rx: &mpsc::Receiver<Job>) {
                         }),
                 },
                 Change::Replace(bytes) => stage(&j.path, bytes).map(|()| Staged::Temporary),
-                Change::Remove => spares.remove(&j.path).map(|()| Staged::Done),
+                Change::Remove => still(&j.path, j.unless_changed_from.as_deref())
+                    .and_then(|()| spares.remove(&j.path))
+                    .map(|()| Staged::Done),
             })
             .collect();
         // What this round wrote and named, and last round's renames: durable together.
@@ -310,11 +364,11 @@ fn run(rx: &mpsc::Receiver<Job>) {
                     let _ = j.reply.send(Ok(()));
                     continue;
                 }
-                Ok(Staged::Temporary) => {
-                    std::fs::rename(temporary(&j.path), &j.path).inspect_err(|_| {
+                Ok(Staged::Temporary) => still(&j.path, j.unless_changed_from.as_deref())
+                    .and_then(|()| std::fs::rename(temporary(&j.path), &j.path))
+                    .inspect_err(|_| {
                         let _ = std::fs::remove_file(temporary(&j.path));
-                    })
-                }
+                    }),
                 Ok(Staged::Spare(spare)) => {
                     rename_new(&spare, &j.path).inspect_err(|_| spares.put_back(spare.clone()))
                 }
@@ -562,6 +616,32 @@ mod tests {
         assert_eq!(std::fs::read(&p).expect("read"), b"b");
         let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test]
+    async fn an_edit_of_a_file_changed_meanwhile_is_not_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = FileWriter::new().expect("writer");
+        let p = dir.path().join("pools.yaml");
+        std::fs::write(&p, "by hand").expect("write");
+        let e = (w.write_unless_changed(p.clone(), b"edited".to_vec(), b"as read".to_vec()))
+            .await
+            .expect_err("changed meanwhile");
+        assert!(changed_meanwhile(&e), "{e}");
+        let e = (w.remove_unless_changed(p.clone(), b"as read".to_vec()))
+            .await
+            .expect_err("changed meanwhile");
+        assert!(changed_meanwhile(&e), "{e}");
+        assert_eq!(std::fs::read(&p).expect("read"), b"by hand");
+        assert_eq!(visible(dir.path()), vec!["pools.yaml"], "no temporary left");
+        (w.write_unless_changed(p.clone(), b"edited".to_vec(), b"by hand".to_vec()))
+            .await
+            .expect("unchanged: written");
+        assert_eq!(std::fs::read(&p).expect("read"), b"edited");
+        (w.remove_unless_changed(p.clone(), b"edited".to_vec()))
+            .await
+            .expect("unchanged: removed");
+        assert!(!p.exists());
     }
 
     #[tokio::test]
