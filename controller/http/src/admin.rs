@@ -79,8 +79,47 @@ pub(crate) async fn release_user(
 }
 
 pub(crate) async fn release_user_claims(state: &ApiState, name: &str) -> ApiResult<Value> {
-    let released = state.declare.release_claims_of(name).await?;
+    let released = in_turns_of_claims_of(state, name, |declare, name| async move {
+        declare.release_claims_of(&name).await
+    })
+    .await?;
     Ok(json!({"user": name, "released": released}))
+}
+
+/// Runs `change` (given the source and `user`) in the turns of `user`'s claims, carried
+/// through should the client go away (see [`crate::serial`]).
+async fn in_turns_of_claims_of<T, F, Fut>(state: &ApiState, user: &str, change: F) -> ApiResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(Arc<dyn poolkeeper_engine::source::Declare>, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, poolkeeper_engine::source::DeclareError>>
+        + Send
+        + 'static,
+{
+    let turns = turns_of_claims_of(state, user).await?;
+    let (declare, user) = (state.declare.clone(), user.to_owned());
+    Ok(crate::serial::detached(async move {
+        let _turns = turns;
+        change(declare, user).await
+    })
+    .await??)
+}
+
+/// The turns (see [`crate::serial`]) of every claim `user` has now: a request still making
+/// one of them ends first, so that releasing the user's claims releases it too.
+async fn turns_of_claims_of(
+    state: &ApiState,
+    user: &str,
+) -> ApiResult<Vec<tokio::sync::OwnedMutexGuard<()>>> {
+    let snap = crate::auth::snapshot(state).await?;
+    let names: std::collections::BTreeSet<String> = (snap.objects.iter())
+        .filter(|o| {
+            o.kind == poolkeeper_kinds::Kind::Claim
+                && o.spec.get("user").and_then(Value::as_str) == Some(user)
+        })
+        .map(|o| o.name.clone())
+        .collect();
+    Ok(state.claims.lock_all(names).await)
 }
 
 /// Deletes a user: their claims are released, then the user's declaration is removed.
@@ -94,7 +133,10 @@ pub(crate) async fn delete_user(
 }
 
 pub(crate) async fn remove_user(state: &ApiState, name: &str) -> ApiResult<Value> {
-    let deleted = state.declare.delete_user(name).await?;
+    let deleted = in_turns_of_claims_of(state, name, |declare, name| async move {
+        declare.delete_user(&name).await
+    })
+    .await?;
     Ok(json!({"user": name, "deleted": true, "file": deleted.at, "released": deleted.released}))
 }
 

@@ -45,6 +45,19 @@ impl ClaimLocks {
         turn.lock_owned().await
     }
 
+    /// Waits for the turns of all of `names`, taken in their sorted order (two callers never
+    /// wait on each other); they last as long as the guards.
+    pub(crate) async fn lock_all(
+        &self,
+        names: std::collections::BTreeSet<String>,
+    ) -> Vec<OwnedMutexGuard<()>> {
+        let mut turns = Vec::with_capacity(names.len());
+        for name in &names {
+            turns.push(self.lock(name).await);
+        }
+        turns
+    }
+
     /// How many names are held or waited on (for tests).
     #[cfg(test)]
     fn len(&self) -> usize {

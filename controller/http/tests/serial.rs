@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -59,7 +59,8 @@ impl Records for MemRecords {
 /// is recorded), whose record waits for the test to let it through (or fail it).
 struct Held {
     handle: EngineHandle,
-    recorded: Mutex<HashSet<String>>,
+    /// The claims recorded, with their users.
+    recorded: Mutex<BTreeMap<String, String>>,
     records: MemRecords,
     gate: tokio::sync::Semaphore,
     /// Writes waiting at the gate.
@@ -82,6 +83,7 @@ impl Declare for Held {
         record: Option<Record>,
     ) -> BoxFuture<'a, Result<Created, DeclareError>> {
         Box::pin(async move {
+            let user = spec.user.clone();
             let claim = Object {
                 name: name.to_owned(),
                 spec: Spec::Claim(spec),
@@ -108,7 +110,7 @@ impl Declare for Held {
                 let _ = self.handle.delete(ObjKey::new(Kind::Claim, name));
                 return Err(DeclareError::NoSpace("no space left on device".to_owned()));
             }
-            self.recorded.lock().unwrap().insert(name.to_owned());
+            self.recorded.lock().unwrap().insert(name.to_owned(), user);
             Ok(Created::New {
                 at: format!("held/{name}"),
             })
@@ -118,10 +120,10 @@ impl Declare for Held {
         origin.file.starts_with("held")
     }
     fn is_recorded(&self, name: &str) -> bool {
-        self.recorded.lock().unwrap().contains(name)
+        self.recorded.lock().unwrap().contains_key(name)
     }
     fn delete_claim<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, DeclareError>> {
-        let had = self.recorded.lock().unwrap().remove(name);
+        let had = self.recorded.lock().unwrap().remove(name).is_some();
         if had {
             let _ = self.handle.delete(ObjKey::new(Kind::Claim, name));
         }
@@ -132,9 +134,18 @@ impl Declare for Held {
     }
     fn release_claims_of<'a>(
         &'a self,
-        _: &'a str,
+        user: &'a str,
     ) -> BoxFuture<'a, Result<Vec<String>, DeclareError>> {
-        unused()
+        let mut recorded = self.recorded.lock().unwrap();
+        let theirs: Vec<String> = (recorded.iter())
+            .filter(|(_, u)| *u == user)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in &theirs {
+            recorded.remove(c);
+            let _ = self.handle.delete(ObjKey::new(Kind::Claim, c));
+        }
+        Box::pin(async move { Ok(theirs) })
     }
     fn delete_user<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<UserDeleted, DeclareError>> {
         unused()
@@ -304,6 +315,21 @@ impl Setup {
         self.call(signed_hook(event, 1).map(Body::from))
     }
 
+    /// Sends `release` while claim `c1` is being made (its record held): the release must wait
+    /// for it. Returns the release's answer, once the create is answered 201.
+    async fn release_during_create(&self, release: Answer) -> (StatusCode, Value) {
+        let create = tokio::spawn(self.create());
+        self.at_gate(1).await;
+        let mut release = tokio::spawn(release);
+        assert!(
+            still_waiting(&mut release).await,
+            "the release waits for the create"
+        );
+        self.held.gate.add_permits(1);
+        assert_eq!(create.await.unwrap().0, StatusCode::CREATED);
+        release.await.unwrap()
+    }
+
     /// Waits until `n` records wait at the gate.
     async fn at_gate(&self, n: usize) {
         for _ in 0..500 {
@@ -382,16 +408,9 @@ async fn a_create_whose_client_goes_away_is_carried_through() {
 #[tokio::test]
 async fn a_release_during_the_create_releases_the_claim_made() {
     let s = setup().await;
-    let create = tokio::spawn(s.create());
-    s.at_gate(1).await;
-    let mut release = tokio::spawn(s.admin("DELETE", "/api/v1/claims/c1", None));
-    assert!(
-        still_waiting(&mut release).await,
-        "the release waits for the create"
-    );
-    s.held.gate.add_permits(1);
-    assert_eq!(create.await.unwrap().0, StatusCode::CREATED);
-    let (code, body) = release.await.unwrap();
+    let (code, body) = s
+        .release_during_create(s.admin("DELETE", "/api/v1/claims/c1", None))
+        .await;
     assert_eq!(code, StatusCode::OK, "{body}");
     assert!(!s.held.is_recorded("c1"), "released, not left declared");
     for _ in 0..100 {
@@ -601,4 +620,15 @@ async fn a_release_stops_the_callback_retries_and_a_new_reservation_gets_its_own
     let after: Vec<Value> = hook.bodies.lock().unwrap()[before..].to_vec();
     assert_eq!(after.len(), 1, "one callback after the release: {after:?}");
     assert_eq!(after[0]["user_id"], json!(2), "{after:?}");
+}
+
+#[tokio::test]
+async fn releasing_a_users_claims_waits_for_the_claim_being_made() {
+    let s = setup().await;
+    let (code, body) = s
+        .release_during_create(s.admin("POST", "/api/v1/users/bob/release", None))
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["released"], json!(["c1"]), "{body}");
+    assert!(!s.held.is_recorded("c1"), "released, not left declared");
 }
