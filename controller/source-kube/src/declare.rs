@@ -69,6 +69,26 @@ impl KubeDeclare {
             .ok_or_else(|| DeclareError::NotFound(format!("no {} {:?}", key.kind, key.name)))
     }
 
+    /// Where claim `name` is: as the watch saw it, or, for a claim the API created that the
+    /// watch has not shown yet, where the engine has it from.
+    async fn claim_namespace(&self, name: &str) -> Result<String, DeclareError> {
+        let key = ObjKey::new(Kind::Claim, name);
+        if let Some(o) = self.shared.owner(&key) {
+            return Ok(o.namespace);
+        }
+        let brief = self
+            .handle
+            .claim(name)
+            .await
+            .map_err(|_| DeclareError::Stopped)?;
+        brief
+            .as_ref()
+            .and_then(|b| objects::namespace_of(&b.origin))
+            .filter(|ns| !ns.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| DeclareError::NotFound(format!("no {} {name:?}", Kind::Claim)))
+    }
+
     async fn claims_of(&self, user: &str) -> Result<Vec<String>, DeclareError> {
         let snap = self
             .handle
@@ -90,7 +110,7 @@ impl KubeDeclare {
     async fn release(&self, user: &str) -> Result<Vec<String>, DeclareError> {
         let claims = self.claims_of(user).await?;
         for name in &claims {
-            let ns = self.namespace_of(&ObjKey::new(Kind::Claim, name.clone()))?;
+            let ns = self.claim_namespace(name).await?;
             self.writer
                 .delete(Kind::Claim, &ns, name)
                 .await
@@ -184,7 +204,8 @@ impl Declare for KubeDeclare {
 
     fn delete_claim<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, DeclareError>> {
         Box::pin(async move {
-            let Ok(ns) = self.namespace_of(&ObjKey::new(Kind::Claim, name)) else {
+            // Just created and not on the watch yet: where the engine has it from.
+            let Ok(ns) = self.claim_namespace(name).await else {
                 return Ok(false);
             };
             self.writer

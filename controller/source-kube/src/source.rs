@@ -69,6 +69,8 @@ enum Done {
     },
     Finalizer {
         key: Key,
+        /// Added (else removed).
+        added: bool,
         result: Result<(), kube::Error>,
     },
 }
@@ -105,6 +107,9 @@ struct Source {
     in_flight: HashSet<Key>,
     /// Finalizer patches in flight.
     patching: HashSet<Key>,
+    /// Objects whose finalizer could not be added (a 429, a 5xx, a timeout): tried again at
+    /// the next status tick. Nothing else would: the watch brings nothing new.
+    finalizer_retry: HashSet<Key>,
     /// Events mirrored so far, per object: (reason, message) -> (time, count).
     mirrored: HashMap<Key, Mirrored>,
     /// Problems already reported as an Event, per object and generation.
@@ -165,6 +170,7 @@ pub async fn run(
         written: HashMap::new(),
         in_flight: HashSet::new(),
         patching: HashSet::new(),
+        finalizer_retry: HashSet::new(),
         mirrored: HashMap::new(),
         reported: HashSet::new(),
         cleanups: HashMap::new(),
@@ -212,6 +218,7 @@ pub async fn run(
                     }
                 }
                 _ = status_tick.tick() => {
+                    src.retry_finalizers();
                     src.mark_all_dirty();
                     src.write_statuses(None).await;
                 }
@@ -317,6 +324,42 @@ impl Source {
         }
     }
 
+    /// Adds our finalizer to `seen` (not being deleted) if it lacks it and no patch of its
+    /// finalizers is under way.
+    fn ensure_finalizer(&mut self, key: &Key, seen: &Seen) {
+        if !has_finalizer(seen.kind)
+            || seen.deleting
+            || seen.finalizers.iter().any(|f| f == FINALIZER)
+            || self.patching.contains(key)
+        {
+            return;
+        }
+        self.patching.insert(key.clone());
+        let (w, s, tx, k) = (
+            self.writer.clone(),
+            seen.clone(),
+            self.done_tx.clone(),
+            key.clone(),
+        );
+        tokio::spawn(async move {
+            let result = w.add_finalizer(&s).await;
+            let _ = tx.send(Done::Finalizer {
+                key: k,
+                added: true,
+                result,
+            });
+        });
+    }
+
+    /// The finalizers whose addition failed, tried again (as the objects are seen now).
+    fn retry_finalizers(&mut self) {
+        for key in std::mem::take(&mut self.finalizer_retry) {
+            if let Some(seen) = self.seen.get(&key).cloned() {
+                self.ensure_finalizer(&key, &seen);
+            }
+        }
+    }
+
     /// Whether `key` is watched by stream `scope` (one per namespace, or one for all).
     fn in_scope(&self, scope: usize, key: &Key) -> bool {
         match self.shared.namespaces.get(scope) {
@@ -345,22 +388,7 @@ impl Source {
             self.on_deleting(&key).await;
             return;
         }
-        if has_finalizer(seen.kind)
-            && !seen.finalizers.iter().any(|f| f == FINALIZER)
-            && !self.patching.contains(&key)
-        {
-            self.patching.insert(key.clone());
-            let (w, s, tx, k) = (
-                self.writer.clone(),
-                seen.clone(),
-                self.done_tx.clone(),
-                key.clone(),
-            );
-            tokio::spawn(async move {
-                let result = w.add_finalizer(&s).await;
-                let _ = tx.send(Done::Finalizer { key: k, result });
-            });
-        }
+        self.ensure_finalizer(&key, &seen);
         let ok = obj_key(&key);
         let owner = self.given.get(&ok).cloned();
         let first = match &owner {
@@ -559,12 +587,15 @@ impl Source {
             .instances(instances.clone())
             .await
             .unwrap_or_default();
-        let reset: HashSet<&String> = instances
-            .iter()
-            .zip(inst_views.iter())
-            .filter(|(_, v)| v.as_ref().is_none_or(|v| v.claim.is_none() && !v.resetting))
-            .map(|(n, _)| n)
-            .collect();
+        let inst_views: HashMap<&String, _> = instances.iter().zip(inst_views.iter()).collect();
+        // Reset for the claim once it neither holds it nor is being reset: the reset instance
+        // may be bound to a waiting claim in the same pass, and is then done with this one.
+        let reset = |inst: &String, claim: &str| {
+            inst_views.get(inst).is_none_or(|v| {
+                v.as_ref()
+                    .is_none_or(|v| v.claim.as_deref() != Some(claim) && !v.resetting)
+            })
+        };
         for (i, key) in keys.iter().enumerate() {
             let Some(c) = self.cleanups.get(key) else {
                 continue;
@@ -572,7 +603,7 @@ impl Source {
             // A claim is done once its instance is reset; a pool or deployment once the
             // engine has drained it and lets go of it.
             let done = match &c.instance {
-                Some(inst) => reset.contains(inst),
+                Some(inst) => reset(inst, &key.2),
                 None => key.0 == Kind::Claim || views.get(i).is_none_or(Option::is_none),
             };
             if !done || self.patching.contains(key) {
@@ -590,7 +621,11 @@ impl Source {
             let (w, tx, k) = (self.writer.clone(), self.done_tx.clone(), key.clone());
             tokio::spawn(async move {
                 let result = w.remove_finalizer(&seen).await;
-                let _ = tx.send(Done::Finalizer { key: k, result });
+                let _ = tx.send(Done::Finalizer {
+                    key: k,
+                    added: false,
+                    result,
+                });
             });
         }
     }
@@ -622,16 +657,24 @@ impl Source {
                     }
                 }
             }
-            Done::Finalizer { key, result } => {
+            Done::Finalizer { key, added, result } => {
                 self.patching.remove(&key);
                 match result {
                     Ok(()) => {
-                        self.cleanups.remove(&key);
+                        if !added {
+                            self.cleanups.remove(&key);
+                        }
                     }
                     // Gone already, or the finalizers changed under us (422 from the test op):
                     // the watch brings the object as it is now, and the work is done again.
                     Err(e) if is_status(&e, 404) || is_status(&e, 422) || is_status(&e, 409) => {}
-                    Err(e) => warn!(object = ?key, error = %e, "patching finalizers failed"),
+                    // A removal is tried again by the cleanup tick; an addition here.
+                    Err(e) => {
+                        warn!(object = ?key, error = %e, added, "patching finalizers failed; trying again");
+                        if added {
+                            self.finalizer_retry.insert(key);
+                        }
+                    }
                 }
             }
         }

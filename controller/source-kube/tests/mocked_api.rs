@@ -788,3 +788,121 @@ async fn listed_claims_are_queued_in_the_order_they_were_created_not_by_name() {
         .await;
     }
 }
+
+/// A claim the API created is released at once, before the watch has shown it: the Claim
+/// object is deleted where it was created (not answered released while nothing was deleted).
+#[tokio::test]
+async fn a_claim_released_before_the_watch_shows_it_is_deleted_where_it_was_made() {
+    use poolkeeper_engine::source::{Created, Declare};
+    let mut sc = scene(vec![pool(), user()], vec![]).await;
+    let declare = poolkeeper_source_kube::declare::KubeDeclare::new(
+        sc.engine.clone(),
+        sc.writer.clone(),
+        sc.shared.clone(),
+        "elsewhere".to_owned(),
+        NS.to_owned(),
+    )
+    .await
+    .expect("declare");
+    let spec = poolkeeper_kinds::ClaimSpec {
+        pool: "web".into(),
+        user: "alice".into(),
+        ttl: None,
+        files: Default::default(),
+        files_from: None,
+        resources: None,
+    };
+    let made = declare.create_claim("quick", spec, None).await;
+    assert!(matches!(made, Ok(Created::New { .. })), "{made:?}");
+    sc.expect("the Claim's creation", |w| {
+        w.method == "POST" && w.path.ends_with(&format!("/namespaces/{NS}/claims"))
+    })
+    .await;
+    // No watch event for it yet.
+    let released = declare.delete_claim("quick").await;
+    assert!(matches!(released, Ok(true)), "{released:?}");
+    sc.expect("the Claim's deletion in its namespace", |w| {
+        w.method == "DELETE" && w.path.ends_with(&format!("/namespaces/{NS}/claims/quick"))
+    })
+    .await;
+}
+
+/// A pool of one instance reset in place, a claim bound and another waiting: the deleted
+/// claim's instance is reset and bound at once to the waiting one, which is done with the
+/// deleted claim: its finalizer goes (it is not held while the instance stays busy).
+#[tokio::test]
+async fn a_deleted_claims_finalizer_goes_when_its_reset_instance_is_bound_again_at_once() {
+    let one = obj(
+        "Pool",
+        "web",
+        json!({"template": {"image": "x"}, "warm": 1, "max": 1, "reset": "Restart"}),
+        json!({"finalizers": ["poolkeeper.dev/cleanup"]}),
+    );
+    let fin = json!({"finalizers": ["poolkeeper.dev/cleanup"]});
+    let mut s = scene(
+        vec![
+            one,
+            user(),
+            claim("c1", fin.clone()),
+            claim("c2", fin.clone()),
+        ],
+        vec![],
+    )
+    .await;
+    let bound = s
+        .expect("a Bound status", |w| {
+            w.method == "PATCH"
+                && w.path.ends_with("/status")
+                && w.body["status"]["phase"] == "Bound"
+        })
+        .await;
+    let first = bound
+        .path
+        .trim_end_matches("/status")
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let other = if first == "c1" { "c2" } else { "c1" };
+    s.watch_event(
+        "claims",
+        json!({"type": "MODIFIED", "object": claim(&first, json!({
+            "finalizers": ["poolkeeper.dev/cleanup"], "resourceVersion": "7",
+            "deletionTimestamp": "2026-12-04T00:00:00Z"}))}),
+    )
+    .await;
+    s.expect("the waiting claim bound on the reset instance", |w| {
+        is_status_of(w, other) && w.body["status"]["phase"] == "Bound"
+    })
+    .await;
+    s.expect("the deleted claim's finalizer removed", |w| {
+        is_finalizer_patch(w, &first)
+    })
+    .await;
+}
+
+/// The finalizer's addition answered 429 (the API server sheds load): it is tried again by
+/// itself, not only at the object's next spec change (a delete before that would not wait for
+/// the claim's reset).
+#[tokio::test]
+async fn a_finalizer_addition_refused_for_load_is_tried_again() {
+    let mut s = scene(
+        vec![pool(), user(), claim("c1", json!({}))],
+        vec![Override {
+            method: "PATCH",
+            path_ends: "/claims/c1".into(),
+            status: 429,
+        }],
+    )
+    .await;
+    s.expect("the finalizer patch (answered 429)", |w| {
+        is_finalizer_patch(w, "c1")
+    })
+    .await;
+    let again = s
+        .expect("the finalizer patch, again", |w| {
+            is_finalizer_patch(w, "c1")
+        })
+        .await;
+    assert_eq!(again.body[1]["op"], "add", "{:?}", again.body);
+}
