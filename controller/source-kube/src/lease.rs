@@ -7,8 +7,9 @@
 //!   whole lease duration, measured on its own clock from when it saw it (no clock comparison
 //!   between machines).
 //! - A leader that cannot renew stops acting [`LeaseConfig::margin`] before the lease would end,
-//!   counted from its last successful renewal, which precedes any standby's observation of it:
-//!   it has stopped before a standby can start.
+//!   counted from when it sent its last successful renewal, which precedes any standby's
+//!   observation of it: it has stopped before a standby can start. A renewal that gets no
+//!   answer is given up when that time comes (no request waits past it).
 
 use std::time::{Duration, Instant};
 
@@ -162,7 +163,9 @@ pub async fn acquire(client: Client, config: LeaseConfig) -> Leadership {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut observed = None;
     let mut waiting_logged = false;
+    let mut held_since;
     loop {
+        held_since = Instant::now();
         match try_hold(&api, &config, &mut observed).await {
             Ok(true) => break,
             Ok(false) => {
@@ -178,19 +181,28 @@ pub async fn acquire(client: Client, config: LeaseConfig) -> Leadership {
     info!(lease = %config.name, identity = %config.identity, "leading");
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(async move {
-        let mut last_renewed = Instant::now();
+        // When the request that last renewed was sent: the API server wrote its renewal
+        // after that, so a standby's wait began after it too (an answer that took long
+        // does not extend the lease).
+        let mut last_renewed = held_since;
         let deadline = config.duration.saturating_sub(config.margin);
         let mut observed = None;
         loop {
-            tokio::time::sleep(config.renew_every).await;
-            match try_hold(&api, &config, &mut observed).await {
-                Ok(true) => last_renewed = Instant::now(),
-                Ok(false) => {
+            let left = deadline.saturating_sub(last_renewed.elapsed());
+            tokio::time::sleep(config.renew_every.min(left)).await;
+            let sent = Instant::now();
+            let left = deadline.saturating_sub(last_renewed.elapsed());
+            // A renewal gets no longer than the lease has left: one that gets no answer (a
+            // half-open connection, a stuck write) must not keep this replica acting.
+            match tokio::time::timeout(left, try_hold(&api, &config, &mut observed)).await {
+                Ok(Ok(true)) => last_renewed = sent,
+                Ok(Ok(false)) => {
                     warn!(lease = %config.name, "the Lease was taken by another replica; stopping");
                     let _ = tx.send(true);
                     return;
                 }
-                Err(e) => warn!(lease = %config.name, error = %e, "renewing the Lease failed"),
+                Ok(Err(e)) => warn!(lease = %config.name, error = %e, "renewing the Lease failed"),
+                Err(_) => warn!(lease = %config.name, "renewing the Lease got no answer in time"),
             }
             if last_renewed.elapsed() >= deadline {
                 warn!(

@@ -118,3 +118,41 @@ async fn a_conflict_on_the_takeover_leaves_it_a_standby_that_tries_again() {
     // one.
     assert!(puts.len() >= 2, "{} replaces", puts.len());
 }
+
+/// Once leading, the API server stops answering (a half-open connection, a stuck etcd write):
+/// the renewal waits no longer than the leader may go on, and leadership is given up before a
+/// standby could take over, not never.
+#[tokio::test]
+async fn a_renewal_that_gets_no_answer_gives_leadership_up_in_time() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<KubeBody>, Resp>();
+    let client = poolkeeper_source_kube::kube::Client::new(svc, "ops");
+    tokio::spawn(async move {
+        let mut unanswered = Vec::new();
+        let mut put = false;
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().clone();
+            let body: Value =
+                serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap_or_default())
+                    .unwrap_or(Value::Null);
+            match method.as_str() {
+                "GET" if !put => send.send_response(resp(200, &lease("other", "41"))),
+                "PUT" if !put => {
+                    put = true;
+                    send.send_response(resp(200, &body));
+                }
+                // Leading now: nothing is answered any more.
+                _ => unanswered.push(send),
+            }
+        }
+    });
+    let mut leadership = tokio::time::timeout(Duration::from_secs(5), acquire(client, config()))
+        .await
+        .expect("never took over");
+    let led = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), leadership.lost())
+        .await
+        .expect("still leading with no renewal answered");
+    let held = led.elapsed();
+    // The lease lasts 1 s from the last renewal; the leader stops 300 ms before.
+    assert!(held <= Duration::from_millis(900), "gave up after {held:?}");
+}
