@@ -391,8 +391,23 @@ impl Source {
         self.ensure_finalizer(&key, &seen);
         let ok = obj_key(&key);
         let owner = self.given.get(&ok).cloned();
+        // Declared in another namespace too: the older declaration has the name, whichever
+        // arrived first (a restart or a new leader, whose lists come in any order, decides
+        // the same), and takes it over from a newer one that had it.
+        let mut overtaken = None;
         let first = match &owner {
-            Some(ns) => *ns == seen.namespace,
+            Some(ns) if *ns == seen.namespace => true,
+            Some(ns) => {
+                let theirs = (seen.kind, ns.clone(), seen.name.clone());
+                let older = seen.object.is_ok()
+                    && self.seen.get(&theirs).is_some_and(|o| {
+                        o.object.is_ok() && !o.deleting && seen.age_order() < o.age_order()
+                    });
+                if older {
+                    overtaken = Some(theirs);
+                }
+                older
+            }
             None => self.first_declared(&key, &seen),
         };
         if let Ok(obj) = &seen.object
@@ -443,6 +458,19 @@ impl Source {
                 );
                 self.report_once(&key, &seen, "DuplicateName", &msg).await;
             }
+        }
+        if let Some(theirs) = overtaken
+            && let Some(them) = self.seen.get(&theirs).cloned()
+        {
+            info!(object = %ok, from = %theirs.1, to = %seen.namespace,
+                "declared in another namespace earlier: taken over by that declaration");
+            let msg = format!(
+                "metadata.name: a {} named {} is declared in namespace {} already",
+                seen.kind, seen.name, seen.namespace
+            );
+            self.report_once(&theirs, &them, "DuplicateName", &msg)
+                .await;
+            self.dirty.insert(theirs);
         }
         self.seen.insert(key.clone(), seen);
         self.dirty.insert(key);

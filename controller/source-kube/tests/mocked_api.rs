@@ -73,9 +73,12 @@ fn status_body(code: u16, reason: &str) -> Value {
 
 fn plural_of(path: &str) -> Option<String> {
     // /apis/poolkeeper.dev/v1alpha1/namespaces/NS/PLURAL[/NAME[/status]]
+    // or, across all namespaces, /apis/poolkeeper.dev/v1alpha1/PLURAL
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let i = parts.iter().position(|p| *p == "namespaces")?;
-    parts.get(i + 2).map(|s| (*s).to_owned())
+    match parts.iter().position(|p| *p == "namespaces") {
+        Some(i) => parts.get(i + 2).map(|s| (*s).to_owned()),
+        None => parts.get(3).map(|s| (*s).to_owned()),
+    }
 }
 
 impl Fake {
@@ -231,6 +234,11 @@ struct Scene {
 }
 
 async fn scene(objects: Vec<Value>, overrides: Vec<Override>) -> Scene {
+    scene_in(objects, overrides, vec![NS.to_owned()]).await
+}
+
+/// [`scene`], watching `namespaces` (empty: all of them, in one stream).
+async fn scene_in(objects: Vec<Value>, overrides: Vec<Override>, namespaces: Vec<String>) -> Scene {
     let (svc, handle) = tower_test::mock::pair::<Request<KubeBody>, Resp>();
     let client = poolkeeper_source_kube::kube::Client::new(svc, NS);
     let mut by_plural: HashMap<String, Vec<Value>> = HashMap::new();
@@ -252,7 +260,7 @@ async fn scene(objects: Vec<Value>, overrides: Vec<Override>) -> Scene {
     tokio::spawn(fake.serve(handle));
     let state = tempfile::tempdir().expect("tempdir");
     let shared = Shared {
-        namespaces: vec![NS.to_owned()],
+        namespaces: namespaces.clone(),
         server: "https://mock".to_owned(),
         ..Shared::default()
     };
@@ -272,7 +280,7 @@ async fn scene(objects: Vec<Value>, overrides: Vec<Override>) -> Scene {
             shared,
             Health::default(),
             Options {
-                namespaces: vec![NS.to_owned()],
+                namespaces,
                 resync: Duration::from_secs(60),
             },
         ),
@@ -905,4 +913,45 @@ async fn a_finalizer_addition_refused_for_load_is_tried_again() {
         })
         .await;
     assert_eq!(again.body[1]["op"], "add", "{:?}", again.body);
+}
+
+/// A Pool named in two namespaces: the older declaration has the name even when the newer one
+/// was seen first (a restart lists them in any order), and the newer one is told why.
+#[tokio::test]
+async fn of_two_namespaces_declaring_a_name_the_older_has_it_whichever_came_first() {
+    let newer = pool();
+    let mut older = pool();
+    older["metadata"]["namespace"] = json!("team-b");
+    older["metadata"]["uid"] = json!("uid-web-b");
+    older["metadata"]["creationTimestamp"] = json!("2026-11-01T00:00:00Z");
+    older["spec"]["warm"] = json!(2);
+    let mut s = scene_in(vec![newer, user()], vec![], vec![]).await;
+    s.watch_event("pools", json!({"type": "ADDED", "object": older}))
+        .await;
+    s.expect("the newer one told it is a duplicate", |w| {
+        w.method == "PATCH"
+            && w.path
+                .ends_with(&format!("/namespaces/{NS}/pools/web/status"))
+            && w.body.to_string().contains("DuplicateName")
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let snap = s.engine.snapshot().await.expect("snapshot");
+        let web = snap
+            .objects
+            .iter()
+            .find(|o| o.kind == poolkeeper_kinds::Kind::Pool && o.name == "web")
+            .expect("web");
+        if web.origin.to_string().starts_with("team-b/") {
+            assert_eq!(web.spec["warm"], 2, "{}", web.spec);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the engine still has web from {}",
+            web.origin
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
