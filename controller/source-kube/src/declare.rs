@@ -89,6 +89,40 @@ impl KubeDeclare {
             .ok_or_else(|| DeclareError::NotFound(format!("no {} {name:?}", Kind::Claim)))
     }
 
+    /// `kind` `name` in `ns`: None when it is not there, else the example group its label
+    /// names (None: made by someone else).
+    async fn flow_of(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<Option<String>>, DeclareError> {
+        let found = (self.writer.get(kind, ns, name).await)
+            .map_err(|e| failed(&format!("reading {kind}"), ns, name, e))?;
+        Ok(found.map(|o| {
+            (o.metadata.labels.as_ref())
+                .and_then(|l| l.get(LABEL_FLOW))
+                .cloned()
+        }))
+    }
+
+    /// A conflict unless `kind` `name` in `ns` is absent or group `group`'s own.
+    async fn group_may_change(
+        &self,
+        group: &str,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+    ) -> Result<(), DeclareError> {
+        match self.flow_of(kind, ns, name).await? {
+            None => Ok(()),
+            Some(Some(g)) if g == group => Ok(()),
+            Some(_) => Err(DeclareError::Conflict(format!(
+                "{kind} {name} in namespace {ns} was not made by this example: it is left as it is"
+            ))),
+        }
+    }
+
     async fn claims_of(&self, user: &str) -> Result<Vec<String>, DeclareError> {
         let snap = self
             .handle
@@ -378,7 +412,8 @@ impl Declare for KubeDeclare {
     }
 
     /// Creates the group's objects in the default namespace, labelled with the group
-    /// (`poolkeeper.dev/flow`); one that exists has its spec replaced by a merge patch.
+    /// (`poolkeeper.dev/flow`); one the group made before has its spec replaced by a merge
+    /// patch; one of that name someone else made is a conflict, and nothing is changed.
     fn declare_group<'a>(
         &'a self,
         group: &'a str,
@@ -397,6 +432,12 @@ impl Declare for KubeDeclare {
                     )));
                 }
             }
+            // An object of that name in the namespace that this group did not make is
+            // someone's own: nothing is changed.
+            for o in &objects {
+                self.group_may_change(group, o.spec.kind(), &ns, &o.name)
+                    .await?;
+            }
             for o in objects {
                 let kind = o.spec.kind();
                 let spec = o.spec.to_json();
@@ -409,6 +450,8 @@ impl Declare for KubeDeclare {
                 match self.writer.create(kind, &ns, &obj).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.code == 409 => {
+                        // Made meanwhile: patched only if it is this group's.
+                        self.group_may_change(group, kind, &ns, &o.name).await?;
                         self.writer
                             .merge_spec(kind, &ns, &o.name, spec)
                             .await
@@ -421,16 +464,20 @@ impl Declare for KubeDeclare {
         })
     }
 
-    /// Deletes the group's objects from the default namespace.
+    /// Deletes the group's objects from the default namespace (those labelled with it: an
+    /// object of the same name someone else made is left alone).
     fn remove_group<'a>(
         &'a self,
-        _group: &'a str,
+        group: &'a str,
         objects: Vec<ObjKey>,
     ) -> BoxFuture<'a, Result<bool, DeclareError>> {
         Box::pin(async move {
             let ns = self.default_namespace.clone();
             let mut any = false;
             for k in objects {
+                if self.flow_of(k.kind, &ns, &k.name).await? != Some(Some(group.to_owned())) {
+                    continue;
+                }
                 any |= self
                     .writer
                     .delete(k.kind, &ns, &k.name)

@@ -175,6 +175,16 @@ impl Writer {
             .await
     }
 
+    /// Reads a custom resource: None when it is not there.
+    pub async fn get(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<DynamicObject>, kube::Error> {
+        self.api(kind, namespace).get_opt(name).await
+    }
+
     /// Deletes a custom resource: Ok(false) when it was not there.
     pub async fn delete(
         &self,

@@ -82,7 +82,7 @@ fn plural_of(path: &str) -> Option<String> {
 }
 
 impl Fake {
-    async fn serve(self, mut handle: tower_test::mock::Handle<Request<KubeBody>, Resp>) {
+    async fn serve(mut self, mut handle: tower_test::mock::Handle<Request<KubeBody>, Resp>) {
         while let Some((req, send)) = handle.next_request().await {
             let method = req.method().to_string();
             let path = req.uri().path().to_owned();
@@ -119,6 +119,29 @@ impl Fake {
             }
             if method == "GET" && path.contains("/secrets/") {
                 send.send_response(json_resp(404, &status_body(404, "NotFound")));
+                continue;
+            }
+            // One object: /.../PLURAL/NAME (objects created through the fake are there too).
+            let named = path
+                .trim_start_matches('/')
+                .split('/')
+                .skip_while(|p| *p != plural.as_str())
+                .nth(1)
+                .map(str::to_owned);
+            if method == "GET"
+                && let Some(name) = named
+            {
+                let found = (self.objects.get(&plural))
+                    .and_then(|items| {
+                        items
+                            .iter()
+                            .find(|o| o["metadata"]["name"] == name.as_str())
+                    })
+                    .cloned();
+                send.send_response(match found {
+                    Some(o) => json_resp(200, &o),
+                    None => json_resp(404, &status_body(404, "NotFound")),
+                });
                 continue;
             }
             if method == "GET" {
@@ -168,6 +191,12 @@ impl Fake {
                 .cloned()
                 .unwrap_or_else(|| body.clone());
             let code = if method == "POST" { 201 } else { 200 };
+            let items = self.objects.entry(plural.clone()).or_default();
+            match method.as_str() {
+                "POST" => items.push(body.clone()),
+                "DELETE" => items.retain(|o| o["metadata"]["name"] != name),
+                _ => {}
+            }
             send.send_response(json_resp(code, &obj));
         }
     }
@@ -632,8 +661,17 @@ async fn registration_creates_a_user_object_and_a_password_patches_its_spec() {
 async fn a_flows_objects_are_created_labelled_patched_when_they_exist_and_deleted() {
     use poolkeeper_engine::source::Declare;
     use poolkeeper_kinds::{Kind, ObjKey, Object, Origin, Spec};
+    let fin = json!(["poolkeeper.dev/cleanup"]);
+    let labelled = json!({"labels": {"poolkeeper.dev/flow": "01-hello-world"}, "finalizers": fin});
+    let hello = obj("Deployment", "hello", json!({"containers": []}), labelled);
+    let mine = obj(
+        "Deployment",
+        "mine",
+        json!({"containers": []}),
+        json!({"finalizers": fin}),
+    );
     let mut sc = scene(
-        vec![pool(), user()],
+        vec![pool(), user(), hello, mine],
         vec![Override {
             method: "POST",
             path_ends: "/deployments".to_owned(),
@@ -660,7 +698,20 @@ async fn a_flows_objects_are_created_labelled_patched_when_they_exist_and_delete
         origin: Origin::default(),
         generation: 1,
     };
-    // The first exists already (the scripted 409): patched; the second is created.
+    // A Deployment someone made by hand under the example's name: nothing is changed.
+    let refused = declare
+        .declare_group("01-hello-world", vec![obj("hello"), obj("mine")])
+        .await;
+    assert!(
+        matches!(&refused, Err(poolkeeper_engine::source::DeclareError::Conflict(m)) if m.contains("mine")),
+        "{refused:?}"
+    );
+    sc.expect_none("a write", Duration::from_millis(300), |w| {
+        w.path.contains("/deployments") && !w.path.ends_with("/status")
+    })
+    .await;
+    // The first exists already, the group's own (the scripted 409): patched; the second is
+    // created.
     let at = declare
         .declare_group("01-hello-world", vec![obj("hello"), obj("second")])
         .await
@@ -693,6 +744,7 @@ async fn a_flows_objects_are_created_labelled_patched_when_they_exist_and_delete
             vec![
                 ObjKey::new(Kind::Deployment, "hello"),
                 ObjKey::new(Kind::Deployment, "second"),
+                ObjKey::new(Kind::Deployment, "mine"),
             ],
         )
         .await
@@ -704,6 +756,12 @@ async fn a_flows_objects_are_created_labelled_patched_when_they_exist_and_delete
         })
         .await;
     }
+    sc.expect_none(
+        "the hand-made one deleted",
+        Duration::from_millis(300),
+        |w| w.method == "DELETE" && w.path.ends_with("/deployments/mine"),
+    )
+    .await;
 }
 
 /// Stop and Start of a deployment's container: a merge patch of the Deployment's containers,
