@@ -75,6 +75,14 @@ const DURATION_AT_MOST_MAX: &str =
 const DURATION_TOO_LARGE: &str =
     r#"'duration "%s" is too large (at most 100 years, 36500d)'.format([self])"#;
 
+/// Whether container `c`'s longest instance name (`DEPLOYMENT-CONTAINER`, and `-N` with
+/// replicas) fits in 63 characters: `validate::check_instance_names`.
+macro_rules! instance_name_fits {
+    () => {
+        "size(c.name) > 63 || size(self.metadata.name) + 1 + size(c.name) + (has(c.replicas) && c.replicas > 1 ? 1 + size(string(c.replicas - 1)) : 0) <= 63"
+    };
+}
+
 /// The rules, each the CEL form of a check of [`crate::validate`] (same message).
 fn rules() -> Vec<Rule> {
     use Kind::{Claim, Deployment, Pool, User};
@@ -101,6 +109,20 @@ fn rules() -> Vec<Rule> {
     }
     rules.extend([
         // Pool
+        rule(
+            Pool,
+            "",
+            "size(self.metadata.name) <= 57 || size(self.metadata.name) > 63",
+            r#"'name "%s" is longer than 57 characters (the instances of a pool are named NAME-xxxxx, at most 63)'.format([self.metadata.name])"#,
+        )
+        .expr(),
+        rule(
+            Pool,
+            "",
+            "!self.metadata.name.matches('^[0-9]')",
+            r#"'name "%s" must start with a letter (the instances of a pool name Kubernetes Services)'.format([self.metadata.name])"#,
+        )
+        .expr(),
         rule(
             Pool,
             "spec",
@@ -326,6 +348,22 @@ fn rules() -> Vec<Rule> {
             "has(self.containers) && size(self.containers) > 0",
             "a deployment needs at least one container",
         ),
+        rule(
+            Deployment,
+            "spec.containers[]",
+            "!self.name.matches('^[0-9]')",
+            r#"'container name "%s" must start with a letter (it names a Kubernetes Service)'.format([self.name])"#,
+        )
+        .expr()
+        .field(".name"),
+        rule(
+            Deployment,
+            "",
+            concat!("!has(self.spec.containers) || self.spec.containers.all(c, ", instance_name_fits!(), ")"),
+            r#"'an instance name of deployment "%s" is longer than 63 characters (the instances of a container are named DEPLOYMENT-CONTAINER, and -N with replicas)'.format([self.metadata.name])"#,
+        )
+        .expr()
+        .field(".spec.containers"),
         rule(
             Deployment,
             "spec.network",

@@ -19,12 +19,73 @@ pub fn validate_object(name: &str, spec: &Spec) -> Vec<FieldError> {
         errs.push(FieldError::new("metadata.name", e));
     }
     match spec {
-        Spec::Pool(p) => validate_pool(p, &mut errs),
+        Spec::Pool(p) => {
+            check_pool_name(name, &mut errs);
+            validate_pool(p, &mut errs);
+        }
         Spec::Claim(c) => validate_claim(c, &mut errs),
         Spec::User(u) => validate_user(u, &mut errs),
-        Spec::Deployment(d) => validate_deployment(d, &mut errs),
+        Spec::Deployment(d) => {
+            validate_deployment(d, &mut errs);
+            check_instance_names(name, d, &mut errs);
+        }
     }
     errs
+}
+
+/// The longest pool name: its instances are named `NAME-xxxxx`, which Kubernetes takes as a
+/// label value and a Service name (at most 63 characters).
+pub const MAX_POOL_NAME: usize = 57;
+
+/// A pool's name also names its instances, which on Kubernetes name Services (DNS-1035
+/// labels: a letter first) and label values: the same rules in files and CRDs, so that a pool
+/// runs on either runtime.
+fn check_pool_name(name: &str, errs: &mut Vec<FieldError>) {
+    if name.len() > MAX_POOL_NAME && name.len() <= 63 {
+        errs.push(FieldError::new(
+            "metadata.name",
+            format!(
+                "name {name:?} is longer than {MAX_POOL_NAME} characters (the instances of a pool are named NAME-xxxxx, at most 63)"
+            ),
+        ));
+    }
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        errs.push(FieldError::new(
+            "metadata.name",
+            format!("name {name:?} must start with a letter (the instances of a pool name Kubernetes Services)"),
+        ));
+    }
+}
+
+/// A deployment's instances are named `DEPLOYMENT-CONTAINER` (and `-N` with replicas), a label
+/// value on Kubernetes (at most 63 characters); a container's name names a Service there (a
+/// letter first).
+fn check_instance_names(name: &str, d: &DeploymentSpec, errs: &mut Vec<FieldError>) {
+    for (i, c) in d.containers.iter().enumerate() {
+        let at = format!("spec.containers[{i}].name");
+        if c.name.starts_with(|c: char| c.is_ascii_digit()) {
+            errs.push(FieldError::new(
+                &at,
+                format!(
+                    "container name {:?} must start with a letter (it names a Kubernetes Service)",
+                    c.name
+                ),
+            ));
+        }
+        let longest = if c.replicas > 1 {
+            format!("{name}-{}-{}", c.name, c.replicas - 1)
+        } else {
+            format!("{name}-{}", c.name)
+        };
+        if longest.len() > 63 && c.name.len() <= 63 {
+            errs.push(FieldError::new(
+                &at,
+                format!(
+                    "an instance name of deployment {name:?} is longer than 63 characters (the instances of a container are named DEPLOYMENT-CONTAINER, and -N with replicas): {longest}"
+                ),
+            ));
+        }
+    }
 }
 
 /// The number of instances a pool may have: `max`; else as many as `hostPorts` can serve;
@@ -827,7 +888,7 @@ fn check_autoscale(a: &crate::autoscale::Autoscale, pool_max: u32, errs: &mut Ve
 }
 
 #[cfg(test)]
-mod cycle_tests {
+mod object_tests {
     use super::*;
 
     fn c(name: &str, deps: &[&str]) -> ContainerSpec {
@@ -838,6 +899,59 @@ mod cycle_tests {
             replicas: 1,
             ..ContainerSpec::default()
         }
+    }
+
+    fn pool_errors(name: &str) -> Vec<String> {
+        let spec: PoolSpec =
+            serde_json::from_value(serde_json::json!({"template": {"image": "x"}, "warm": 1}))
+                .expect("pool");
+        (validate_object(name, &Spec::Pool(spec)).into_iter())
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_pools_name_leaves_room_for_its_instances_and_starts_with_a_letter() {
+        assert!(pool_errors(&"p".repeat(MAX_POOL_NAME)).is_empty());
+        let long = pool_errors(&"p".repeat(MAX_POOL_NAME + 1));
+        assert!(
+            long.len() == 1 && long[0].contains("longer than 57 characters"),
+            "{long:?}"
+        );
+        let digit = pool_errors("2fa-web");
+        assert!(
+            digit.len() == 1 && digit[0].contains("must start with a letter"),
+            "{digit:?}"
+        );
+        // Over 63: said once, by the general name check.
+        assert_eq!(pool_errors(&"p".repeat(64)).len(), 1);
+    }
+
+    #[test]
+    fn a_deployments_instance_names_fit_and_its_containers_start_with_a_letter() {
+        let dep = |name: &str, cs: Vec<ContainerSpec>| {
+            let d = DeploymentSpec {
+                containers: cs,
+                ..DeploymentSpec::default()
+            };
+            (validate_object(name, &Spec::Deployment(d)).into_iter())
+                .map(|e| e.path)
+                .collect::<Vec<_>>()
+        };
+        let d41 = "d".repeat(41);
+        let mut many = c(&"c".repeat(20), &[]);
+        many.replicas = 10;
+        // 41 + 1 + 20 + "-9": 64.
+        assert_eq!(
+            dep(&d41, vec![many.clone()]),
+            vec!["spec.containers[0].name"]
+        );
+        many.replicas = 9;
+        assert!(dep(&"d".repeat(40), vec![many]).is_empty(), "63 fits");
+        assert_eq!(
+            dep("app", vec![c("1db", &[])]),
+            vec!["spec.containers[0].name"]
+        );
     }
 
     #[test]
