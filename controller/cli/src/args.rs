@@ -30,7 +30,13 @@ pub enum Command {
     /// Print the admission policy (Kubernetes 1.36+) that gives Pools, Claims and Deployments
     /// the controller's finalizer as they are created, saving the controller that write
     /// (optional: without it the controller adds the finalizer itself).
-    Admission,
+    Admission {
+        /// Bind it to this namespace only (repeatable; as the controller's `run --namespace`):
+        /// an object in a namespace no controller watches would keep a finalizer nobody
+        /// removes. Default: every namespace.
+        #[arg(long = "namespace")]
+        namespaces: Vec<String>,
+    },
     /// Print the least-privilege RBAC of `run --source kube`: the (Cluster)Role and bindings
     /// for a ServiceAccount.
     Rbac {

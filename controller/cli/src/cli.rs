@@ -58,8 +58,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             print!("{}", poolkeeper_kinds::crd::crds_yaml()?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Admission => {
-            print!("{}", poolkeeper_source_kube::admission::yaml());
+        Command::Admission { namespaces } => {
+            print!("{}", poolkeeper_source_kube::admission::yaml(&namespaces));
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths } => validate_cmd(&paths),

@@ -337,7 +337,7 @@ fn the_controller_image_runs_as_non_root_on_a_read_only_root() {
 fn the_admission_policy_is_exactly_poolkeeper_admissions_and_valid_from_kubernetes_1_36() {
     const FORCED: &str = "e2e/chart/values-admission.yaml";
     let (text, docs) = render(FORCED);
-    let wanted = poolkeeper_source_kube::admission::objects();
+    let wanted = poolkeeper_source_kube::admission::objects(&[]);
     for want in &wanted {
         let kind = want["kind"].as_str().unwrap();
         let got = of_kind(&docs, kind);
@@ -362,6 +362,22 @@ fn the_admission_policy_is_exactly_poolkeeper_admissions_and_valid_from_kubernet
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // A controller of some namespaces: the binding is theirs only.
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "admissionPolicy: true\nnamespaces: [team-a, team-b]\n",
+    )
+    .unwrap();
+    let (_, docs) = render(values.to_str().unwrap());
+    let wanted = poolkeeper_source_kube::admission::objects(&["team-a".into(), "team-b".into()]);
+    let got = of_kind(&docs, "MutatingAdmissionPolicyBinding");
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0]["spec"]["matchResources"], wanted[1]["spec"]["matchResources"],
+        "the chart's binding"
+    );
     // `auto` (the default) installs it only where the API server serves the API; rendered
     // without a cluster, Helm's default capabilities do not include it.
     let (_, docs) = render(KUBE);

@@ -27,8 +27,10 @@ fn resources() -> Vec<String> {
         .collect()
 }
 
-/// The policy and its binding (every namespace).
-pub fn objects() -> Vec<Value> {
+/// The policy and its binding: in `namespaces` (those a controller run with `--namespace`
+/// watches; empty: every namespace). Objects in a namespace no controller watches would get
+/// a finalizer nobody removes.
+pub fn objects(namespaces: &[String]) -> Vec<Value> {
     // A JSON patch, not an apply configuration: `metadata.finalizers` is a set, and the patch
     // appends to it without the merge an apply configuration would cost on every create.
     let expression = format!(
@@ -38,6 +40,14 @@ pub fn objects() -> Vec<Value> {
          [JSONPatch{{op: \"add\", path: \"/metadata/finalizers/-\", value: \"{FINALIZER}\"}}])"
     );
     let labels = json!({"app.kubernetes.io/name": "poolkeeper"});
+    let mut binding = json!({"policyName": POLICY});
+    if !namespaces.is_empty() {
+        binding["matchResources"] = json!({"namespaceSelector": {"matchExpressions": [{
+            "key": "kubernetes.io/metadata.name",
+            "operator": "In",
+            "values": namespaces,
+        }]}});
+    }
     vec![
         json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
@@ -62,14 +72,14 @@ pub fn objects() -> Vec<Value> {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingAdmissionPolicyBinding",
             "metadata": {"name": POLICY, "labels": labels},
-            "spec": {"policyName": POLICY},
+            "spec": binding,
         }),
     ]
 }
 
 /// [`objects`] as YAML documents, for `kubectl apply -f -`.
-pub fn yaml() -> String {
-    crate::yaml_stream(&objects())
+pub fn yaml(namespaces: &[String]) -> String {
+    crate::yaml_stream(&objects(namespaces))
 }
 
 #[cfg(test)]
@@ -78,7 +88,7 @@ mod tests {
 
     #[test]
     fn the_policy_gives_the_finalizer_to_the_kinds_the_controller_cleans_up_at_create_only() {
-        let objs = objects();
+        let objs = objects(&[]);
         let rule = &objs[0]["spec"]["matchConstraints"]["resourceRules"][0];
         assert_eq!(rule["resources"], json!(["pools", "claims", "deployments"]));
         assert_eq!(rule["operations"], json!(["CREATE"]));
@@ -91,12 +101,28 @@ mod tests {
         assert_eq!(expr.matches(FINALIZER).count(), 3, "{expr}");
         assert_eq!(objs[1]["spec"]["policyName"], POLICY);
         assert_eq!(objs[1]["kind"], "MutatingAdmissionPolicyBinding");
+        assert!(
+            objs[1]["spec"].get("matchResources").is_none(),
+            "every namespace"
+        );
+    }
+
+    #[test]
+    fn a_controller_of_some_namespaces_binds_the_policy_to_them_only() {
+        let objs = objects(&["team-a".to_owned(), "team-b".to_owned()]);
+        assert_eq!(
+            objs[1]["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"],
+            json!([{"key": "kubernetes.io/metadata.name", "operator": "In",
+                    "values": ["team-a", "team-b"]}])
+        );
+        assert_eq!(objs[0], objects(&[])[0], "the policy itself is the same");
     }
 
     #[test]
     fn the_yaml_is_the_objects() {
-        let docs: Vec<Value> = serde_saphyr::from_multiple(&yaml()).unwrap_or_default();
+        let ns = ["a".to_owned()];
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&yaml(&ns)).unwrap_or_default();
         let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
-        assert_eq!(docs, objects());
+        assert_eq!(docs, objects(&ns));
     }
 }

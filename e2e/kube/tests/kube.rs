@@ -583,7 +583,7 @@ async fn the_admission_policy_sets_the_finalizer_at_create_and_the_controller_wr
     }
     c.kubectl_ok(
         &["apply", "-f", "-"],
-        Some(&poolkeeper_source_kube::admission::yaml()),
+        Some(&poolkeeper_source_kube::admission::yaml(&[])),
     );
     let ns = c.namespace("admission");
     // The policy takes effect once the API server has loaded it: a dry run shows when.
@@ -701,6 +701,44 @@ spec: {pool: web, user: ann}
         None,
     );
     ctl.inner.stop().await.expect("stopped");
+
+    // Bound to the controller's namespaces (`poolkeeper admission --namespace NS`): an object
+    // elsewhere, which no controller would clean up, gets no finalizer; then the policy goes
+    // back to every namespace, as the other tests may find it.
+    let elsewhere = c.namespace("admission-elsewhere");
+    let gets_finalizer = async |in_ns: &str| {
+        let out = c.kubectl_in(
+            &[
+                "create",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-n",
+                in_ns,
+                "-f",
+                "-",
+            ],
+            Some(probe),
+        );
+        String::from_utf8_lossy(&out.stdout).contains(FINALIZER)
+    };
+    c.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&poolkeeper_source_kube::admission::yaml(
+            std::slice::from_ref(&ns),
+        )),
+    );
+    eventually(
+        "the binding is the controller's namespace's only",
+        Duration::from_secs(30),
+        async || (!gets_finalizer(&elsewhere).await && gets_finalizer(&ns).await).then_some(()),
+    )
+    .await;
+    c.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&poolkeeper_source_kube::admission::yaml(&[])),
+    );
+    c.cleanup(&elsewhere);
     c.cleanup(&ns);
 }
 
