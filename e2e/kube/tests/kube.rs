@@ -592,27 +592,26 @@ kind: Claim
 metadata: {name: probe}
 spec: {pool: none, user: none}
 ";
+    let gets_finalizer = async |in_ns: &str| {
+        let out = c.kubectl_in(
+            &[
+                "create",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-n",
+                in_ns,
+                "-f",
+                "-",
+            ],
+            Some(probe),
+        );
+        String::from_utf8_lossy(&out.stdout).contains(FINALIZER)
+    };
     eventually(
         "the policy is in effect",
         Duration::from_secs(30),
-        async || {
-            let out = c.kubectl_in(
-                &[
-                    "create",
-                    "--dry-run=server",
-                    "-o",
-                    "json",
-                    "-n",
-                    &ns,
-                    "-f",
-                    "-",
-                ],
-                Some(probe),
-            );
-            String::from_utf8_lossy(&out.stdout)
-                .contains(FINALIZER)
-                .then_some(())
-        },
+        async || gets_finalizer(&ns).await.then_some(()),
     )
     .await;
 
@@ -706,22 +705,6 @@ spec: {pool: web, user: ann}
     // elsewhere, which no controller would clean up, gets no finalizer; then the policy goes
     // back to every namespace, as the other tests may find it.
     let elsewhere = c.namespace("admission-elsewhere");
-    let gets_finalizer = async |in_ns: &str| {
-        let out = c.kubectl_in(
-            &[
-                "create",
-                "--dry-run=server",
-                "-o",
-                "json",
-                "-n",
-                in_ns,
-                "-f",
-                "-",
-            ],
-            Some(probe),
-        );
-        String::from_utf8_lossy(&out.stdout).contains(FINALIZER)
-    };
     c.kubectl_ok(
         &["apply", "-f", "-"],
         Some(&poolkeeper_source_kube::admission::yaml(
