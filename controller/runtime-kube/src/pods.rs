@@ -641,8 +641,12 @@ pub fn instance_of(pod: &Pod, lb: Option<&str>) -> Option<Instance> {
         .map(String::as_str)
         .unwrap_or("ClusterIP");
     let reachable = exposure != "LoadBalancer" || lb.is_some();
+    // A pod being deleted (evicted, drained, deleted by hand) may still say Ready for its
+    // grace period: it is never taken for a warm instance a claim could be bound to.
+    let deleting = pod.metadata.deletion_timestamp.is_some();
     let ready = state == InstanceState::Running
         && reachable
+        && !deleting
         && status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
@@ -974,6 +978,13 @@ mod tests {
             ..Default::default()
         });
         assert!(instance_of(&pod, None).expect("instance").ready);
+        // Being deleted: not ready, whatever its condition says in its grace period.
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert!(!instance_of(&pod, None).expect("instance").ready);
+        pod.metadata.deletion_timestamp = None;
         if let Some(s) = pod.status.as_mut() {
             s.phase = Some("Failed".into());
             s.container_statuses = Some(vec![ContainerStatus {
