@@ -67,21 +67,53 @@ pub fn warm_for_hit_rate(mu: f64, p: f64) -> u32 {
         return 0;
     }
     let p = p.min(0.999_999);
-    // P(N <= j) accumulated term by term; k = j + 1 once it reaches p.
-    let mut term = (-mu).exp();
-    let mut cumulative = term;
-    let mut j = 0u32;
-    // Beyond e^-mu underflow (mu > ~700) the normal approximation is exact enough.
-    if term == 0.0 {
+    // Beyond any pool (ten million claims in one fill time) the normal approximation.
+    if mu > 1e7 {
         let z = normal_quantile(p);
-        return (mu + z * mu.sqrt()).ceil() as u32 + 1;
+        return (mu + z * mu.sqrt()).ceil().min(f64::from(u32::MAX - 1)) as u32 + 1;
     }
-    while cumulative < p && j < 1_000_000 {
-        j += 1;
-        term *= mu / f64::from(j);
-        cumulative += term;
+    // The probabilities relative to the mode's, from the mode down and up (no e^-mu, which
+    // underflows, and loses its precision as a subnormal number, from mu ~ 708): exact, so
+    // the answer never falls as mu grows. Terms under 1e-20 of the mode's are left out.
+    const NEGLIGIBLE: f64 = 1e-20;
+    let mode = mu.floor();
+    let mut below = Vec::new(); // j = mode - 1, mode - 2, ...
+    let (mut w, mut j) = (1.0f64, mode);
+    while j > 0.0 {
+        w *= j / mu;
+        if w < NEGLIGIBLE {
+            break;
+        }
+        below.push(w);
+        j -= 1.0;
     }
-    j + 1
+    let mut above = Vec::new(); // j = mode + 1, mode + 2, ...
+    let (mut w, mut j) = (1.0f64, mode);
+    loop {
+        w *= mu / (j + 1.0);
+        if w < NEGLIGIBLE {
+            break;
+        }
+        above.push(w);
+        j += 1.0;
+    }
+    let total = below.iter().sum::<f64>() + 1.0 + above.iter().sum::<f64>();
+    let target = p * total;
+    // P(N <= j) >= p first at j: k = j + 1.
+    let lowest = mode - below.len() as f64;
+    let weights = below
+        .iter()
+        .rev()
+        .chain(std::iter::once(&1.0))
+        .chain(above.iter());
+    let mut cumulative = 0.0;
+    for (i, w) in weights.enumerate() {
+        cumulative += w;
+        if cumulative >= target {
+            return (lowest + i as f64) as u32 + 1;
+        }
+    }
+    (mode + above.len() as f64) as u32 + 1
 }
 
 /// The standard normal quantile (Acklam's rational approximation, |error| < 1.2e-9).
@@ -275,6 +307,24 @@ mod tests {
         assert_eq!(warm_for_hit_rate(2.0, 0.99), 7);
         let big = warm_for_hit_rate(10_000.0, 0.99);
         assert!((10_200..10_260).contains(&big), "{big}");
+    }
+
+    #[test]
+    fn the_quantile_never_falls_as_the_mean_grows_across_the_underflow_of_e_to_the_minus_mu() {
+        // Found by `monotone_in_demand`: at mu 743 (e^-743 is a subnormal number, nearly no
+        // precision left) the term-by-term sum gave more than at mu 884.
+        let hit = 0.876_604_098_391_271_4;
+        let (low, high) = (
+            28.657_053_224_365_246 * 25.934_391_283_659_018,
+            34.111_303_418_606_92 * 25.934_391_283_659_018,
+        );
+        assert!(warm_for_hit_rate(high, hit) >= warm_for_hit_rate(low, hit));
+        let mut last = 0;
+        for tenth in 6_500..7_600 {
+            let k = warm_for_hit_rate(f64::from(tenth) / 10.0, 0.999);
+            assert!(k >= last, "mu {}: {k} < {last}", f64::from(tenth) / 10.0);
+            last = k;
+        }
     }
 
     #[test]
