@@ -530,6 +530,8 @@ impl Source {
     fn on_gone(&mut self, key: &Key) {
         self.seen.remove(key);
         self.refused.remove(key);
+        self.reported.retain(|(k, ..)| k != key);
+        self.refusals.retain(|(k, _)| k != key);
         self.written.remove(key);
         self.mirrored.remove(key);
         self.cleanups.remove(key);
@@ -811,6 +813,13 @@ impl Source {
                 new.push(e.clone());
             }
         }
+        // Only what the engine still shows (its events are bounded per object): the messages
+        // of a crash-looping container, new at each restart, do not pile up here.
+        known.retain(|(reason, message), _| {
+            events
+                .iter()
+                .any(|e| &e.reason == reason && &e.message == message)
+        });
         for e in new {
             if let Err(err) = self
                 .writer
@@ -854,17 +863,24 @@ impl Source {
             );
     }
 
-    /// Reads every referenced Secret again (a rotated token works from the engine's next
-    /// resync, which reads the tokens again).
+    /// Reads every Secret a User refers to again (a rotated token works from the engine's next
+    /// resync, which reads the tokens again); those no User refers to any more are forgotten.
     async fn reread_secrets(&self) {
-        let refs: Vec<(String, String, String)> = self
-            .shared
-            .secrets
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
+        let refs: HashSet<(String, String, String)> = (self.seen.values())
+            .filter_map(|s| match &s.object {
+                Ok(o) => match &o.spec {
+                    Spec::User(u) => (u.token_secret_ref.as_ref())
+                        .map(|r| (s.namespace.clone(), r.name.clone(), r.key.clone())),
+                    _ => None,
+                },
+                Err(_) => None,
+            })
             .collect();
+        self.shared
+            .secrets
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| refs.contains(k));
         for (ns, name, key) in refs {
             self.read_secret(&ns, &name, &key).await;
         }

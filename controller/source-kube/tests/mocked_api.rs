@@ -118,6 +118,12 @@ impl Fake {
                 continue;
             }
             if method == "GET" && path.contains("/secrets/") {
+                *self
+                    .lists
+                    .lock()
+                    .expect("lock")
+                    .entry("secrets".to_owned())
+                    .or_default() += 1;
                 send.send_response(json_resp(404, &status_body(404, "NotFound")));
                 continue;
             }
@@ -263,11 +269,23 @@ struct Scene {
 }
 
 async fn scene(objects: Vec<Value>, overrides: Vec<Override>) -> Scene {
-    scene_in(objects, overrides, vec![NS.to_owned()]).await
+    scene_in(
+        objects,
+        overrides,
+        vec![NS.to_owned()],
+        Duration::from_secs(60),
+    )
+    .await
 }
 
-/// [`scene`], watching `namespaces` (empty: all of them, in one stream).
-async fn scene_in(objects: Vec<Value>, overrides: Vec<Override>, namespaces: Vec<String>) -> Scene {
+/// [`scene`], watching `namespaces` (empty: all of them, in one stream), reading Secrets again
+/// every `resync`.
+async fn scene_in(
+    objects: Vec<Value>,
+    overrides: Vec<Override>,
+    namespaces: Vec<String>,
+    resync: Duration,
+) -> Scene {
     let (svc, handle) = tower_test::mock::pair::<Request<KubeBody>, Resp>();
     let client = poolkeeper_source_kube::kube::Client::new(svc, NS);
     let mut by_plural: HashMap<String, Vec<Value>> = HashMap::new();
@@ -308,10 +326,7 @@ async fn scene_in(objects: Vec<Value>, overrides: Vec<Override>, namespaces: Vec
             writer,
             shared,
             Health::default(),
-            Options {
-                namespaces,
-                resync: Duration::from_secs(60),
-            },
+            Options { namespaces, resync },
         ),
     )
     .await
@@ -983,7 +998,7 @@ async fn of_two_namespaces_declaring_a_name_the_older_has_it_whichever_came_firs
     older["metadata"]["uid"] = json!("uid-web-b");
     older["metadata"]["creationTimestamp"] = json!("2026-11-01T00:00:00Z");
     older["spec"]["warm"] = json!(2);
-    let mut s = scene_in(vec![newer, user()], vec![], vec![]).await;
+    let mut s = scene_in(vec![newer, user()], vec![], vec![], Duration::from_secs(60)).await;
     s.watch_event("pools", json!({"type": "ADDED", "object": older}))
         .await;
     s.expect("the newer one told it is a duplicate", |w| {
@@ -1012,4 +1027,37 @@ async fn of_two_namespaces_declaring_a_name_the_older_has_it_whichever_came_firs
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A User's token Secret is read again at each resync while the User refers to it, and no
+/// more once the User is gone (the source forgets it).
+#[tokio::test]
+async fn a_deleted_users_token_secret_is_not_read_again() {
+    let with_secret = obj(
+        "User",
+        "sam",
+        json!({"tokenSecretRef": {"name": "sam-token", "key": "token"}}),
+        json!({}),
+    );
+    let s = scene_in(
+        vec![pool(), user(), with_secret.clone()],
+        vec![],
+        vec![NS.to_owned()],
+        Duration::from_millis(500),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.lists("secrets") < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Secret is read again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.watch_event("users", json!({"type": "DELETED", "object": with_secret}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let reads = s.lists("secrets");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(s.lists("secrets"), reads, "read again after its User went");
 }
