@@ -186,6 +186,16 @@ pub struct Snapshot {
     pub metrics: super::metrics::EngineMetrics,
 }
 
+impl Snapshot {
+    /// The claims of `user`.
+    pub fn claims_of<'a>(&'a self, user: &'a str) -> impl Iterator<Item = &'a ObjectView> + 'a {
+        self.objects.iter().filter(move |o| {
+            o.kind == Kind::Claim
+                && o.spec.get("user").and_then(serde_json::Value::as_str) == Some(user)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

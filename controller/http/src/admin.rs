@@ -112,13 +112,8 @@ async fn turns_of_claims_of(
     user: &str,
 ) -> ApiResult<Vec<tokio::sync::OwnedMutexGuard<()>>> {
     let snap = crate::auth::snapshot(state).await?;
-    let names: std::collections::BTreeSet<String> = (snap.objects.iter())
-        .filter(|o| {
-            o.kind == poolkeeper_kinds::Kind::Claim
-                && o.spec.get("user").and_then(Value::as_str) == Some(user)
-        })
-        .map(|o| o.name.clone())
-        .collect();
+    let names: std::collections::BTreeSet<String> =
+        snap.claims_of(user).map(|o| o.name.clone()).collect();
     Ok(state.claims.lock_all(names).await)
 }
 

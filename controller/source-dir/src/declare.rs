@@ -88,7 +88,6 @@ impl DirDeclare {
             .to_string()
     }
 
-    /// Writes an edited declared file, or removes it when the edit left no object in it.
     /// Edits `file`: `edit` gets its text and returns the new text (None: the file goes). The
     /// new text is written atomically where the file lives (a link stays a link), and only if
     /// the file still holds the text `edit` got: an edit saved by hand meanwhile is read and
@@ -181,9 +180,7 @@ impl DirDeclare {
     ) -> Result<Vec<String>, DeclareError> {
         let managed = managed_dir(&self.dir);
         let mut by_file: BTreeMap<PathBuf, Vec<&ObjectView>> = BTreeMap::new();
-        for o in snap.objects.iter().filter(|o| {
-            o.kind == Kind::Claim && o.spec.get("user").and_then(Value::as_str) == Some(user)
-        }) {
+        for o in snap.claims_of(user) {
             by_file.entry(self.declared_file(o)?).or_default().push(o);
         }
         let mut released = Vec::new();

@@ -129,14 +129,7 @@ impl KubeDeclare {
             .snapshot()
             .await
             .map_err(|_| DeclareError::Stopped)?;
-        let mut claims: Vec<String> = snap
-            .objects
-            .iter()
-            .filter(|o| {
-                o.kind == Kind::Claim && o.spec.get("user").and_then(Value::as_str) == Some(user)
-            })
-            .map(|o| o.name.clone())
-            .collect();
+        let mut claims: Vec<String> = snap.claims_of(user).map(|o| o.name.clone()).collect();
         claims.sort();
         Ok(claims)
     }
