@@ -334,18 +334,23 @@ impl Source {
         {
             return;
         }
+        self.patch_finalizer(key.clone(), seen.clone(), true);
+    }
+
+    /// Adds (`add`) or removes our finalizer with a patch of its own; its end comes back as a
+    /// [`Done::Finalizer`]. No other patch of the object's finalizers starts meanwhile.
+    fn patch_finalizer(&mut self, key: Key, seen: Seen, add: bool) {
         self.patching.insert(key.clone());
-        let (w, s, tx, k) = (
-            self.writer.clone(),
-            seen.clone(),
-            self.done_tx.clone(),
-            key.clone(),
-        );
+        let (w, tx) = (self.writer.clone(), self.done_tx.clone());
         tokio::spawn(async move {
-            let result = w.add_finalizer(&s).await;
+            let result = if add {
+                w.add_finalizer(&seen).await
+            } else {
+                w.remove_finalizer(&seen).await
+            };
             let _ = tx.send(Done::Finalizer {
-                key: k,
-                added: true,
+                key,
+                added: add,
                 result,
             });
         });
@@ -394,22 +399,14 @@ impl Source {
         // Declared in another namespace too: the older declaration has the name, whichever
         // arrived first (a restart or a new leader, whose lists come in any order, decides
         // the same), and takes it over from a newer one that had it.
-        let mut overtaken = None;
         let first = match &owner {
             Some(ns) if *ns == seen.namespace => true,
-            Some(ns) => {
-                let theirs = (seen.kind, ns.clone(), seen.name.clone());
-                let older = seen.object.is_ok()
-                    && self.seen.get(&theirs).is_some_and(|o| {
-                        o.object.is_ok() && !o.deleting && seen.age_order() < o.age_order()
-                    });
-                if older {
-                    overtaken = Some(theirs);
-                }
-                older
-            }
+            Some(_) => seen.object.is_ok() && self.first_declared(&key, &seen),
             None => self.first_declared(&key, &seen),
         };
+        let overtaken = (owner.as_ref())
+            .filter(|ns| first && **ns != seen.namespace)
+            .map(|ns| (seen.kind, ns.clone(), seen.name.clone()));
         if let Ok(obj) = &seen.object
             && let Spec::User(u) = &obj.spec
             && let Some(r) = &u.token_secret_ref
@@ -451,11 +448,7 @@ impl Source {
                 self.report_once(&key, &seen, "InvalidSpec", &msg).await;
             }
             (_, false) => {
-                let other = owner.unwrap_or_default();
-                let msg = format!(
-                    "metadata.name: a {} named {} is declared in namespace {other} already",
-                    seen.kind, seen.name
-                );
+                let msg = duplicate_name(&seen, &owner.unwrap_or_default());
                 self.report_once(&key, &seen, "DuplicateName", &msg).await;
             }
         }
@@ -464,10 +457,7 @@ impl Source {
         {
             info!(object = %ok, from = %theirs.1, to = %seen.namespace,
                 "declared in another namespace earlier: taken over by that declaration");
-            let msg = format!(
-                "metadata.name: a {} named {} is declared in namespace {} already",
-                seen.kind, seen.name, seen.namespace
-            );
+            let msg = duplicate_name(&them, &seen.namespace);
             self.report_once(&theirs, &them, "DuplicateName", &msg)
                 .await;
             self.dirty.insert(theirs);
@@ -647,16 +637,7 @@ impl Source {
                 self.cleanups.remove(key);
                 continue;
             }
-            self.patching.insert(key.clone());
-            let (w, tx, k) = (self.writer.clone(), self.done_tx.clone(), key.clone());
-            tokio::spawn(async move {
-                let result = w.remove_finalizer(&seen).await;
-                let _ = tx.send(Done::Finalizer {
-                    key: k,
-                    added: false,
-                    result,
-                });
-            });
+            self.patch_finalizer(key.clone(), seen, false);
         }
     }
 
@@ -885,6 +866,14 @@ impl Source {
             self.read_secret(&ns, &name, &key).await;
         }
     }
+}
+
+/// Why `seen` is not the one of its name the engine holds: the one in `owner` is.
+fn duplicate_name(seen: &Seen, owner: &str) -> String {
+    format!(
+        "metadata.name: a {} named {} is declared in namespace {owner} already",
+        seen.kind, seen.name
+    )
 }
 
 /// The status of an object the engine does not hold: why not (reason, message, since), as
