@@ -134,12 +134,8 @@ impl<R: Runtime> Engine<R> {
         fresh.recently_gone = recently_gone;
         fresh.creates_in_flight = creates_in_flight;
         // Answers still to come: a reset must wait for the work they end, as before, and no
-        // longer than it would have.
-        for since in claim_work.values().filter_map(|w| w.reset_waits_since) {
-            fresh
-                .wakeups
-                .push(std::cmp::Reverse(since + crate::CLAIM_WORK_WAIT_MS));
-        }
+        // longer than it would have (`start_reset` arms the give-up from when it first waited,
+        // once the listing has found the instance).
         fresh.claim_work = claim_work;
         fresh.started_at_ms = started_at_ms;
         let now = fresh.clock.now_ms();
