@@ -547,6 +547,12 @@ fn shape(kind: Kind, crd: CustomResourceDefinition) -> CustomResourceDefinition 
                 continue;
             };
             fix_formats(schema);
+            // Conditions merge by type under server-side apply: a condition another controller
+            // sets on the object is its own, and the controller's status writes leave it alone.
+            if let Some(Value::Object(m)) = node(schema, "status.conditions") {
+                m.insert("x-kubernetes-list-type".into(), json!("map"));
+                m.insert("x-kubernetes-list-map-keys".into(), json!(["type"]));
+            }
             for (at, key, value) in bounds(kind) {
                 if let Some(Value::Object(m)) = node(schema, at) {
                     m.insert((*key).to_owned(), json!(value));
@@ -618,6 +624,29 @@ mod tests {
         );
         assert!(crate::units::parse_duration("36500d").is_ok());
         assert!(crate::units::parse_duration("36499d24h1ms").is_err());
+    }
+
+    #[test]
+    fn every_kinds_conditions_are_a_list_keyed_by_type() {
+        for crd in crds() {
+            let v = serde_json::to_value(&crd).expect("json");
+            let at =
+                "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/conditions";
+            let conditions = v.pointer(at).expect("status.conditions");
+            assert_eq!(
+                conditions["x-kubernetes-list-type"], "map",
+                "{}",
+                crd.spec.names.kind
+            );
+            assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+            let required = conditions["items"]["required"]
+                .as_array()
+                .expect("required");
+            assert!(
+                required.contains(&json!("type")),
+                "a map key must be required"
+            );
+        }
     }
 
     #[test]

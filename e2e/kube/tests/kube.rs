@@ -560,6 +560,63 @@ spec:
     c.cleanup(&ns);
 }
 
+/// A condition another controller sets on a Pool's status (server-side apply, its own field
+/// manager) is its own: the controller's status writes, forced, leave it alone, since the CRDs
+/// merge conditions by type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_another_controller_sets_survives_the_controllers_status_writes() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("conditions");
+    let (_ctl, _state) = c.leading_controller(&ns, "e2e-conditions").await;
+    let pool = |warm: u32| {
+        format!(
+            "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {{name: shared}}
+spec: {{template: {{image: x}}, warm: {warm}}}
+"
+        )
+    };
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&pool(1)));
+    let warm = async |n: u64| {
+        eventually(&format!("warm {n}"), Duration::from_secs(30), async || {
+            let s = status_of(&c.admin, &ns, Kind::Pool, "shared").await?;
+            let ready = condition(&s, "Ready").is_some_and(|r| r["status"] == "True");
+            (s["warm"] == n && ready).then_some(s)
+        })
+        .await
+    };
+    warm(1).await;
+
+    let audited = serde_json::json!({
+        "apiVersion": "poolkeeper.dev/v1alpha1",
+        "kind": "Pool",
+        "status": {"conditions": [{
+            "type": "example.com/Audited",
+            "status": "True",
+            "reason": "PolicyChecked",
+            "message": "checked by the auditor",
+            "lastTransitionTime": "2026-12-07T00:00:00Z",
+        }]},
+    });
+    dyn_api(&c.admin, &ns, Kind::Pool)
+        .patch_status(
+            "shared",
+            &kube::api::PatchParams::apply("auditor"),
+            &kube::api::Patch::Apply(&audited),
+        )
+        .await
+        .expect("another field manager applies its own condition without a conflict");
+
+    // The controller writes the status again (the pool grows), forced, as it always does.
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&pool(2)));
+    let s = warm(2).await;
+    let theirs = condition(&s, "example.com/Audited").unwrap_or_else(|| panic!("gone: {s}"));
+    assert_eq!(theirs["reason"], "PolicyChecked", "{s}");
+    c.cleanup(&ns);
+}
+
 /// `poolkeeper admission` applied: Pools and Claims carry the finalizer from their create, so
 /// the controller writes none on the way to Bound; a claim made with a finalizer of its own keeps
 /// it beside ours; deleting a claim still goes through its cleanup (the one finalizer write).
