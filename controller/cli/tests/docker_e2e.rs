@@ -875,6 +875,116 @@ spec:
     }
 }
 
+/// A container of the deployment's instance name that poolkeeper did not make (here one made by
+/// hand) is never replaced: the deployment says why and backs off, and once the name is free its
+/// own container is made.
+#[test]
+fn a_container_of_the_same_name_made_by_hand_is_left_alone_and_reported() {
+    let _serial = serial();
+    let img = image();
+    let theirs = "pk-e2e-handmade-web";
+    docker(None, &["rm", "-f", theirs]);
+    docker(None, &["run", "-d", "--name", theirs, img]);
+    let id_of = || docker(None, &["inspect", "--format", "{{.Id}}", theirs]);
+    let before = id_of();
+    let dep = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Deployment
+metadata: {{name: pk-e2e-handmade}}
+spec:
+  containers:
+  - name: web
+    image: {img}
+"
+    );
+    let c = Controller::new("e2e-handmade", &[("d.yaml", dep)], &[]);
+    let s = c.wait("the conflict is reported", Duration::from_secs(30), |s| {
+        let conditions = &object(s, "Deployment", "pk-e2e-handmade")["status"]["conditions"];
+        conditions.as_array().is_some_and(|a| {
+            a.iter().any(|c| {
+                c["type"] == "CreateFailed"
+                    && c["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("left alone"))
+            })
+        })
+    });
+    assert!(
+        !object(&s, "Deployment", "pk-e2e-handmade").is_null(),
+        "{s}"
+    );
+    // Some seconds of backoff later, the container made by hand is still the same one, running.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(id_of(), before, "the container made by hand was replaced");
+    assert_eq!(
+        docker(None, &["inspect", "--format", "{{.State.Running}}", theirs]),
+        "true"
+    );
+    // The name freed, the deployment's own container is made.
+    docker(None, &["rm", "-f", theirs]);
+    c.wait("its own container runs", Duration::from_secs(90), |s| {
+        container_state(s, "pk-e2e-handmade", "web").0 == "Running"
+    });
+    assert_eq!(
+        docker(
+            None,
+            &[
+                "inspect",
+                "--format",
+                "{{index .Config.Labels \"poolkeeper.dev/controller\"}}",
+                theirs
+            ]
+        ),
+        c.id
+    );
+}
+
+/// A liveness probe on a port the container does not publish reaches it at its address on its
+/// network, also after a restart: a healthy container is never killed for it.
+#[test]
+fn a_liveness_probe_on_an_unpublished_port_keeps_a_healthy_container_alive() {
+    let _serial = serial();
+    let img = image();
+    let dep = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Deployment
+metadata: {{name: alive}}
+spec:
+  containers:
+  - name: app
+    image: {img}
+    restartPolicy: Always
+    liveness: {{tcpSocket: {{port: 8080}}, periodSeconds: 1, failureThreshold: 2}}
+"
+    );
+    let c = Controller::new("e2e-alive", &[("d.yaml", dep)], &[]);
+    c.wait("app running", Duration::from_secs(60), |s| {
+        container_state(s, "alive", "app").0 == "Running"
+    });
+    let app = deployment_container(&c.id, "alive", "app");
+    let started = || docker(None, &["inspect", "--format", "{{.State.StartedAt}}", &app]);
+    // Three times its failure threshold: a probe that cannot reach it would have killed it.
+    let first = started();
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(started(), first, "killed by its liveness probe");
+    let s = c.status().unwrap_or_default();
+    assert_eq!(
+        container_state(&s, "alive", "app"),
+        ("Running".to_owned(), 0)
+    );
+    // Restarted by hand, it is probed at its address again, and left alone.
+    docker(None, &["restart", "-t", "1", &app]);
+    std::thread::sleep(Duration::from_secs(1));
+    let second = started();
+    assert_ne!(second, first);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        started(),
+        second,
+        "killed by its liveness probe after a restart"
+    );
+}
+
 /// Seconds since the epoch of a Docker timestamp (`2026-11-23T02:09:25.620429123Z`), enough to
 /// compare two of them.
 fn docker_time_secs(t: &str) -> f64 {

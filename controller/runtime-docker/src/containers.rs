@@ -22,8 +22,8 @@ use tracing::{debug, info, warn};
 use poolkeeper_kinds::{PullPolicy, VolumeMode};
 use poolkeeper_runtime::{
     ExecOutput, Instance, InstanceSpec, LABEL_CONTAINER, LABEL_CONTROLLER, LABEL_DEPLOYMENT,
-    LABEL_FILES_DIR, LABEL_LIVENESS, LABEL_MANAGED, LABEL_PORTS, LABEL_READINESS, Result,
-    RuntimeError,
+    LABEL_FILES_DIR, LABEL_LIVENESS, LABEL_MANAGED, LABEL_POOL, LABEL_PORTS, LABEL_READINESS,
+    Result, RuntimeError,
 };
 
 use crate::errors::{docker_message, map_err, start_error, status_of};
@@ -250,8 +250,10 @@ impl DockerRuntime {
         {
             Ok(_) => {}
             Err(e) if status_of(&e) == Some(409) => {
-                // A container of that name exists: a create that timed out earlier, or one left
-                // by a crash. Creates are idempotent: replace it.
+                // A container of that name exists: a create of ours that timed out earlier, or
+                // one left by a crash, is replaced (creates are idempotent); anything else is
+                // left alone.
+                self.refuse_unless_ours(docker, spec).await?;
                 self.remove_on(i, &spec.name).await?;
                 // The removal took the files folder with it.
                 self.files_folder(i, spec)?;
@@ -280,7 +282,8 @@ impl DockerRuntime {
             let _ = self.remove_on(i, &spec.name).await;
             return Err(err);
         }
-        let ip = self.ip_if(spec.readiness.is_some(), i, &spec.name).await;
+        let probed = spec.readiness.is_some() || spec.liveness.is_some();
+        let ip = self.ip_if(probed, i, &spec.name).await;
         self.mark_started(&spec.name, ip);
         debug!(instance = %spec.name, ms = began.elapsed().as_millis(), "container created and started");
         let st = self.lock();
@@ -288,6 +291,43 @@ impl DockerRuntime {
             .get(&spec.name)
             .map(|t| self.instance_of(&spec.name, t))
             .ok_or_else(|| RuntimeError::NotFound(spec.name.clone()))
+    }
+
+    /// Ok when the container named as `spec` is gone or is this controller's, made for the same
+    /// pool or deployment; a Conflict when it is anyone else's (another controller's on the same
+    /// daemon, or one made by hand), which is never removed.
+    async fn refuse_unless_ours(&self, docker: &Docker, spec: &InstanceSpec) -> Result<()> {
+        let name = &spec.name;
+        let found = match docker.inspect_container(name, None).await {
+            Ok(r) => r,
+            Err(e) if status_of(&e) == Some(404) => return Ok(()),
+            Err(e) => return Err(map_err(e, name)),
+        };
+        let labels = found.config.and_then(|c| c.labels).unwrap_or_default();
+        let same = |key: &str, want: Option<&String>| labels.get(key) == want;
+        let ours = self
+            .ownership_labels()
+            .iter()
+            .all(|(k, v)| same(k, Some(v)))
+            && same(LABEL_POOL, spec.labels.get(LABEL_POOL))
+            && same(LABEL_DEPLOYMENT, spec.labels.get(LABEL_DEPLOYMENT));
+        if ours {
+            return Ok(());
+        }
+        let whose = match labels.get(LABEL_CONTROLLER) {
+            Some(c) if labels.get(LABEL_MANAGED).is_some_and(|m| m == "true") => {
+                format!("poolkeeper controller {c}'s")
+            }
+            _ => "not made by poolkeeper".to_owned(),
+        };
+        Err(RuntimeError::Conflict {
+            instance: name.clone(),
+            reason: format!(
+                "a container named {name} exists on the daemon ({whose}, or another pool's or \
+                 deployment's); it is left alone"
+            ),
+            holder: None,
+        })
     }
 
     pub(crate) async fn remove_on(&self, i: usize, name: &str) -> Result<()> {

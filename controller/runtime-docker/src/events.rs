@@ -161,7 +161,15 @@ impl DockerRuntime {
                         }
                     }
                 }
-                self.mark_started(&name, None);
+                // Started again (restarted, or started after a stop): its address may be a new
+                // one, which its probes need when they reach a port it does not publish.
+                let probed = self
+                    .lock()
+                    .instances
+                    .get(&name)
+                    .is_some_and(|t| t.probe.is_some() || t.liveness.is_some());
+                let ip = self.ip_if(probed, i, &name).await;
+                self.mark_started(&name, ip);
             }
             "die" => {
                 let code = attrs.get("exitCode").and_then(|c| c.parse().ok());

@@ -820,6 +820,21 @@ impl Runtime for DockerRuntime {
             if self.lock().health[i] != Health::Ready {
                 continue;
             }
+            // Only a network this controller made: one made by hand, or another controller's
+            // of the same name, is left alone.
+            let labels = match node.docker.inspect_network(name, None).await {
+                Ok(n) => n.labels.unwrap_or_default(),
+                Err(e) if status_of(&e) == Some(404) => continue,
+                Err(e) => return Err(map_err(e, name)),
+            };
+            if !self
+                .ownership_labels()
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+            {
+                info!(network = %name, "the network is not this controller's: left in place");
+                continue;
+            }
             match node.docker.remove_network(name).await {
                 Ok(()) => {}
                 Err(e) if status_of(&e) == Some(404) => {}
