@@ -20,6 +20,26 @@ use poolkeeper_runtime::{
 use crate::handle::{Completion, Input};
 use crate::{Engine, InstRec, status};
 
+/// Whether `rec` is an instance of deployment `dep`.
+fn of_deployment(rec: &InstRec, dep: &str) -> bool {
+    rec.deployment.as_deref().is_some_and(|(d, ..)| d == dep)
+}
+
+/// Why container `c` cannot be made: its instance name is another's (deployment `web-app`'s
+/// container `db` and deployment `web`'s container `app-db` are both `web-app-db`).
+fn taken_message(c: &poolkeeper_kinds::ContainerSpec, instance: &str, other: &InstRec) -> String {
+    let whose = match (other.deployment.as_deref(), &other.pool) {
+        (Some((d, oc, _)), _) => format!("deployment {d}'s container {oc}"),
+        (None, Some(p)) => format!("an instance of pool {p}"),
+        (None, None) => "another instance".to_owned(),
+    };
+    format!(
+        "container {}: its instance name {instance} is {whose}; rename the deployment or the \
+         container",
+        c.name
+    )
+}
+
 /// The instance name of replica `r` of container `c` of deployment `dep` (the replica number is
 /// left out when there is only one).
 pub(crate) fn slot_name(dep: &str, c: &poolkeeper_kinds::ContainerSpec, r: u32) -> String {
@@ -59,8 +79,15 @@ impl<R: Runtime> Engine<R> {
             // Without the last spec (deleted while the controller was down) whether to keep
             // the volumes is unknown: data is kept, and said so.
             let drop_volumes = last.as_ref().map(|s| !s.retain_volumes);
+            // A network another deployment joins stays (it goes with the last of them).
+            let network = d.network_ready.filter(|net| {
+                !self.deployments.values().any(|o| {
+                    o.network_ready.as_ref() == Some(net)
+                        || o.spec.as_ref().and_then(|s| s.network.as_ref()) == Some(net)
+                })
+            });
             tokio::spawn(async move {
-                if let Some(net) = d.network_ready
+                if let Some(net) = network
                     && let Err(e) = rt.remove_network(&net).await
                 {
                     warn!(network = %net, error = %e, "removing network failed");
@@ -124,7 +151,9 @@ impl<R: Runtime> Engine<R> {
                     .deployments
                     .get(name)
                     .is_some_and(|d| d.network_pending);
-                if !pending {
+                let retry_at = self.deployments.get(name).map_or(0, |d| d.network_retry_at);
+                // After a failure, the wakeup it set tries again.
+                if !pending && retry_at <= now {
                     if let Some(d) = self.deployments.get_mut(name) {
                         d.network_pending = true;
                     }
@@ -199,6 +228,7 @@ impl<R: Runtime> Engine<R> {
             .map(|c| (c.name.as_str(), c))
             .collect();
         let mut conflicts: Vec<String> = Vec::new();
+        let mut taken: Vec<String> = Vec::new();
         for cname in start_order(&spec.containers) {
             let Some(c) = by_name.get(cname).copied() else {
                 continue;
@@ -253,13 +283,28 @@ impl<R: Runtime> Engine<R> {
                 };
                 match plan_slot(c, &view, &cx) {
                     Step::Create => {
+                        if let Some(wait) = self
+                            .deployments
+                            .get(name)
+                            .and_then(|d| d.create_backoff.get(&(c.name.clone(), r)))
+                            .filter(|b| b.until > now)
+                        {
+                            self.wakeups.push(Reverse(wait.until));
+                            continue;
+                        }
                         // The slot's name, unless an older instance still holds it.
-                        let instance = if self.instances.contains_key(&key) {
-                            format!("{key}-{}", hash.get(..6).unwrap_or(&hash))
-                        } else {
-                            key.clone()
+                        let instance = match self.instances.get(&key) {
+                            Some(other) if !of_deployment(other, name) => {
+                                taken.push(taken_message(c, &key, other));
+                                continue;
+                            }
+                            Some(_) => format!("{key}-{}", hash.get(..6).unwrap_or(&hash)),
+                            None => key.clone(),
                         };
-                        if self.instances.contains_key(&instance) {
+                        if let Some(other) = self.instances.get(&instance) {
+                            if !of_deployment(other, name) {
+                                taken.push(taken_message(c, &instance, other));
+                            }
                             continue;
                         }
                         if let Some(conflict) =
@@ -325,6 +370,41 @@ impl<R: Runtime> Engine<R> {
                 format!("{ready_n}/{total} containers ready"),
                 now,
             );
+            // Slots whose creation failed and waits: said until one is made.
+            let failing: Vec<&str> = d
+                .create_backoff
+                .values()
+                .map(|b| b.error.as_str())
+                .collect();
+            if failing.is_empty() {
+                status::remove_condition(&mut d.conditions, "CreateFailed");
+            } else {
+                status::set_condition(
+                    &mut d.conditions,
+                    "CreateFailed",
+                    true,
+                    "CreateFailed",
+                    failing.join("; "),
+                    now,
+                );
+            }
+            if taken.is_empty() {
+                status::remove_condition(&mut d.conditions, "NameConflict");
+            } else {
+                let msg = taken.join("; ");
+                // Looked at again in a while: nothing tells when the other frees the name.
+                self.wakeups.push(Reverse(now + 5_000));
+                if status::set_condition(
+                    &mut d.conditions,
+                    "NameConflict",
+                    true,
+                    "NameConflict",
+                    &msg,
+                    now,
+                ) {
+                    d.events.push(true, "NameConflict", msg, now);
+                }
+            }
             if conflicts.is_empty() {
                 status::remove_condition(&mut d.conditions, "HostPortConflict");
             } else {

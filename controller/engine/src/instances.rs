@@ -30,10 +30,6 @@ fn exit_code(i: &Instance) -> Option<i64> {
     }
 }
 
-/// Why 60 s: long enough that a pool with a broken image does not hammer the runtime, short
-/// enough that a fixed image is picked up within a minute.
-const CREATE_BACKOFF_MAX_MS: u64 = 60_000;
-
 /// How long an instance reported gone stays gone against lists (see `recently_gone`): longer
 /// than any list takes.
 const FORGOTTEN_KEPT_MS: u64 = 120_000;
@@ -423,6 +419,15 @@ impl<R: Runtime> Engine<R> {
     fn on_created(&mut self, name: String, result: Result<Instance, RuntimeError>, now: u64) {
         match result {
             Ok(i) => {
+                if let (Some(d), Some(c), Some(r)) = (
+                    i.label(LABEL_DEPLOYMENT),
+                    i.label(LABEL_CONTAINER),
+                    i.label(LABEL_REPLICA).and_then(|r| r.parse::<u32>().ok()),
+                ) && let Some(dep) = self.deployments.get_mut(d)
+                    && dep.create_backoff.remove(&(c.to_owned(), r)).is_some()
+                {
+                    self.dirty_deployments.insert(d.to_owned());
+                }
                 if let Some(pool) = i.label(LABEL_POOL)
                     && let Some(p) = self.pools.get_mut(pool)
                 {
@@ -752,7 +757,8 @@ impl<R: Runtime> Engine<R> {
                         }
                         Err(e) => {
                             d.events.push(true, "NetworkFailed", e.to_string(), now);
-                            self.wakeups.push(Reverse(now + 5_000));
+                            d.network_retry_at = now + 5_000;
+                            self.wakeups.push(Reverse(d.network_retry_at));
                         }
                     }
                     self.dirty_deployments.insert(deployment);
@@ -787,17 +793,29 @@ impl<R: Runtime> Engine<R> {
             // (issued before the backoff began) do not lengthen it again.
             if !retry_now && entry.create_backoff_until <= now {
                 entry.create_failures = entry.create_failures.saturating_add(1);
-                let backoff = (500u64 << entry.create_failures.min(10)).min(CREATE_BACKOFF_MAX_MS);
+                let backoff = crate::create_backoff_ms(entry.create_failures);
                 entry.create_backoff_until = now + backoff;
                 self.wakeups.push(Reverse(now + backoff));
             }
         }
-        if let Some((d, c, _)) = rec.deployment.as_deref() {
+        if let Some((d, c, replica)) = rec.deployment.as_deref() {
             self.dirty_deployments.insert(d.clone());
             if let Some(dep) = self.deployments.get_mut(d) {
-                dep.events
-                    .push(true, "CreateFailed", format!("container {c}: {e}"), now);
-                self.wakeups.push(Reverse(now + 5_000));
+                let error = format!("container {c}: {e}");
+                dep.events.push(true, "CreateFailed", error.clone(), now);
+                // The slot waits before it creates again (a missing image, a bind the daemon
+                // refuses, a daemon restarting): no hot loop, as for pools.
+                let slot = dep.create_backoff.entry((c.clone(), *replica)).or_insert(
+                    crate::CreateBackoff {
+                        failures: 0,
+                        until: 0,
+                        error: String::new(),
+                    },
+                );
+                slot.failures = slot.failures.saturating_add(1);
+                slot.until = now + crate::create_backoff_ms(slot.failures);
+                slot.error = error;
+                self.wakeups.push(Reverse(slot.until));
             }
         }
         warn!(instance = %name, error = %e, "create failed");

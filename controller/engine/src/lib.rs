@@ -192,9 +192,52 @@ struct DeploymentEntry {
     stopped: std::collections::BTreeSet<String>,
     /// (container, trigger) -> what its log trigger saw.
     triggers: HashMap<(String, String), TriggerState>,
+    /// (container, replica) -> the creations that failed in a row, when the next may be tried,
+    /// and the last failure: a slot whose container cannot be made backs off as a pool does.
+    create_backoff: BTreeMap<(String, u32), CreateBackoff>,
+    /// When ensuring the network may be tried again after it failed.
+    network_retry_at: u64,
     conditions: Vec<Condition>,
     events: Events,
 }
+
+impl DeploymentEntry {
+    fn new(origin: Origin, generation: i64) -> DeploymentEntry {
+        DeploymentEntry {
+            spec: None,
+            last_spec: None,
+            origin,
+            generation,
+            hashes: BTreeMap::new(),
+            network_ready: None,
+            network_pending: false,
+            restarts: HashMap::new(),
+            stopped: Default::default(),
+            triggers: HashMap::new(),
+            create_backoff: BTreeMap::new(),
+            network_retry_at: 0,
+            conditions: Vec::new(),
+            events: Events::default(),
+        }
+    }
+}
+
+/// A deployment slot's creations that failed in a row.
+struct CreateBackoff {
+    failures: u32,
+    until: u64,
+    error: String,
+}
+
+/// How long a creation that failed `failures` times in a row waits before the next.
+fn create_backoff_ms(failures: u32) -> u64 {
+    (500u64 << failures.min(10)).min(CREATE_BACKOFF_MAX_MS)
+}
+
+/// The longest wait between two creations that fail. Why 60 s: long enough that a pool or a
+/// container with a broken image does not hammer the runtime, short enough that a fixed image is
+/// picked up within a minute.
+const CREATE_BACKOFF_MAX_MS: u64 = 60_000;
 
 #[derive(Default)]
 struct TriggerState {
@@ -606,7 +649,10 @@ impl<R: Runtime> Engine<R> {
             started_waiters: Vec::new(),
             no_files: Arc::new(Vec::new()),
             started_at_ms: now,
-            name_counter: now,
+            // A million names per millisecond of start time: two controllers sharing a daemon,
+            // started a millisecond apart, make different names (the runtime refuses to replace
+            // a container it did not make, but each refusal costs a creation's backoff).
+            name_counter: now << 20,
             forgotten: std::collections::HashSet::new(),
             unlisted_resets: BTreeSet::new(),
             log_followers: HashMap::new(),

@@ -1,6 +1,6 @@
 //! Declared objects applied and deleted (what a source reports).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::warn;
 
@@ -172,23 +172,10 @@ impl<R: Runtime> Engine<R> {
                         (c.name.clone(), hash_of(&(&identity, &spec.network)))
                     })
                     .collect();
-                let entry =
-                    self.deployments
-                        .entry(name.clone())
-                        .or_insert_with(|| DeploymentEntry {
-                            spec: None,
-                            last_spec: None,
-                            origin: obj.origin.clone(),
-                            generation,
-                            hashes: BTreeMap::new(),
-                            network_ready: None,
-                            network_pending: false,
-                            restarts: HashMap::new(),
-                            stopped: Default::default(),
-                            triggers: HashMap::new(),
-                            conditions: Vec::new(),
-                            events: Events::default(),
-                        });
+                let entry = self
+                    .deployments
+                    .entry(name.clone())
+                    .or_insert_with(|| DeploymentEntry::new(obj.origin.clone(), generation));
                 if entry.spec.as_ref() != Some(&spec) {
                     entry.events.push(
                         false,

@@ -2,7 +2,7 @@
 //! reported.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use tracing::{error, info};
 
@@ -372,20 +372,7 @@ impl<R: Runtime> Engine<R> {
         if !self.deployments.contains_key(dep) {
             self.deployments.insert(
                 dep.to_owned(),
-                super::DeploymentEntry {
-                    spec: None,
-                    last_spec: None,
-                    origin: Default::default(),
-                    generation: 0,
-                    hashes: BTreeMap::new(),
-                    network_ready: None,
-                    network_pending: false,
-                    restarts: Default::default(),
-                    stopped: Default::default(),
-                    triggers: Default::default(),
-                    conditions: Vec::new(),
-                    events: Default::default(),
-                },
+                super::DeploymentEntry::new(Default::default(), 0),
             );
         }
     }

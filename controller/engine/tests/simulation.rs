@@ -2011,6 +2011,127 @@ async fn a_crashed_container_with_restart_never_stays_exited() {
     assert_eq!(s.mem.counters(), (1, 0));
 }
 
+/// A deployment's container that cannot be made (a missing image) backs off as a pool's
+/// instances do, says so in a condition, and is made once it can be.
+#[tokio::test]
+async fn a_deployment_container_that_cannot_be_made_backs_off_and_says_why() {
+    let mut s = sim();
+    s.mem.set_image_missing("ghost:1", true);
+    s.apply(
+        "app",
+        Spec::Deployment(deployment(None, vec![container("web", "ghost:1", &[])])),
+    );
+    s.wait_until("the deployment reports CreateFailed", |snap, _| {
+        deployment_status(snap, "app").is_some_and(|d| {
+            condition(&d.conditions, "CreateFailed")
+                .is_some_and(|c| c.status == "True" && c.message.contains("ghost:1"))
+        })
+    })
+    .await;
+    // Five simulated seconds, in 100 ms steps, each with a pass: a hot loop creates on every
+    // pass; backoff allows a handful of attempts.
+    let before = s.rt.create_calls();
+    for _ in 0..50 {
+        s.advance(Duration::from_millis(100));
+        s.snapshot().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let attempts = s.rt.create_calls() - before;
+    assert!(attempts >= 2, "it keeps trying ({attempts})");
+    assert!(attempts <= 6, "creations must back off: {attempts} in 5 s");
+
+    s.mem.set_image_missing("ghost:1", false);
+    s.wait_advancing(
+        "the container is made once its image exists",
+        Duration::from_secs(70),
+        |snap, _| {
+            deployment_status(snap, "app")
+                .is_some_and(|d| d.ready == 1 && condition(&d.conditions, "CreateFailed").is_none())
+        },
+    )
+    .await;
+}
+
+/// Two deployments whose containers would share an instance name (`web-app`'s `db` and `web`'s
+/// `app-db` are both `web-app-db`): the later is told, and the earlier's container is left
+/// alone; once the earlier goes, the later is made.
+#[tokio::test]
+async fn a_container_whose_instance_name_is_another_deployments_is_refused_by_name() {
+    let mut s = sim();
+    s.apply(
+        "web-app",
+        Spec::Deployment(deployment(None, vec![container("db", "postgres", &[])])),
+    );
+    s.wait_until("web-app runs", |snap, _| {
+        deployment_status(snap, "web-app").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    s.apply(
+        "web",
+        Spec::Deployment(deployment(None, vec![container("app-db", "postgres", &[])])),
+    );
+    let snap = s
+        .wait_until("web reports the name conflict", |snap, _| {
+            deployment_status(snap, "web").is_some_and(|d| {
+                condition(&d.conditions, "NameConflict").is_some_and(|c| {
+                    c.message.contains("web-app-db") && c.message.contains("deployment web-app")
+                })
+            })
+        })
+        .await;
+    assert_eq!(
+        deployment_status(&snap, "web-app").map(|d| d.ready),
+        Some(1)
+    );
+    assert_eq!(
+        s.mem.instances().len(),
+        1,
+        "nothing replaced web-app's container"
+    );
+
+    s.delete(Kind::Deployment, "web-app");
+    s.wait_advancing("web runs", Duration::from_secs(10), |snap, _| {
+        deployment_status(snap, "web")
+            .is_some_and(|d| d.ready == 1 && condition(&d.conditions, "NameConflict").is_none())
+            && deployment_status(snap, "web-app").is_none()
+    })
+    .await;
+}
+
+/// A network two deployments join goes with the last of them, not with the first.
+#[tokio::test]
+async fn a_network_two_deployments_join_stays_until_the_last_of_them_goes() {
+    let mut s = sim();
+    for (name, c) in [("shop", "api"), ("blog", "site")] {
+        s.apply(
+            name,
+            Spec::Deployment(deployment(Some("shared"), vec![container(c, "img", &[])])),
+        );
+    }
+    s.wait_until("both run", |snap, _| {
+        ["shop", "blog"]
+            .iter()
+            .all(|d| deployment_status(snap, d).is_some_and(|d| d.ready == 1))
+    })
+    .await;
+    s.delete(Kind::Deployment, "shop");
+    s.wait_until("shop is gone", |snap, insts| {
+        deployment_status(snap, "shop").is_none() && insts.len() == 1
+    })
+    .await;
+    // Let whatever the removal spawned run.
+    for _ in 0..10 {
+        s.snapshot().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(s.mem.networks().contains("shared"), "blog still joins it");
+    s.delete(Kind::Deployment, "blog");
+    s.wait_until("the network goes with the last", |snap, insts| {
+        insts.is_empty() && snap.instances.is_empty() && s.mem.networks().is_empty()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn deleting_a_deployment_removes_its_containers_and_its_network() {
     let mut s = sim();
