@@ -543,6 +543,58 @@ fn two_nodes_spread_instances_and_a_lost_node_is_replaced_elsewhere() {
     drop(second);
 }
 
+/// On two nodes, a deployment's containers all go to one node, where its network joins them
+/// (least-loaded placement spread them over both), and web, placed once db is ready, reaches
+/// db by name (its readiness probe).
+#[test]
+fn on_two_nodes_a_deployments_containers_share_one_node_and_its_network() {
+    let _serial = serial();
+    let img = image();
+    let second = Daemon::start("deploy", 43);
+    let host2 = second.host();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nodes.yaml");
+    std::fs::write(
+        &config,
+        format!("nodes:\n- {{name: one, url: unix:///var/run/docker.sock}}\n- {{name: two, url: {host2}}}\n"),
+    )
+    .unwrap();
+    let dep = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Deployment
+metadata: {{name: shop}}
+spec:
+  network: pk-e2e-nodes-shop
+  containers:
+  - name: db
+    image: {img}
+    readiness: {{httpGet: {{path: /healthz, port: 8080}}, periodSeconds: 1}}
+  - name: cache
+    image: {img}
+  - name: web
+    image: {img}
+    dependsOn: [db]
+    readiness: {{exec: {{command: [/pk-workload, get, \"db:8080\", /healthz]}}, periodSeconds: 1}}
+"
+    );
+    let mut c = Controller::new(
+        "e2e-nodes-dep",
+        &[("shop.yaml", dep)],
+        &["--config", config.to_str().unwrap()],
+    );
+    c.hosts = vec![None, Some(host2.clone())];
+    c.wait("every container ready", T, |s| {
+        object(s, "Deployment", "shop")["status"]["ready"].as_u64() == Some(3)
+    });
+    let (one, two) = (running(None, &c.id), running(Some(&host2), &c.id));
+    assert!(
+        (one.len(), two.len()) == (3, 0) || (one.len(), two.len()) == (0, 3),
+        "split across nodes: {one:?} on one, {two:?} on two"
+    );
+    drop(c);
+    drop(second);
+}
+
 /// The README's promise: the quickstart on the Debian-built images brings up every pool type,
 /// serves a claim on its port, and an SSH "VM" accepts the claiming user's key.
 #[test]

@@ -211,6 +211,10 @@ struct State {
     /// creation and its start a container is listed `created`, which is not an exit: the
     /// creation's result tells what it is.
     creating: HashMap<String, usize>,
+    /// The node each deployment was placed on: its containers reach each other by name on a
+    /// network of one node, and its named volumes live there, so they all go where the first
+    /// went (while that node is Ready).
+    placed: HashMap<String, usize>,
     /// Containers reported removed, and when: a list must not track them again. A list begun
     /// before the removal saw them, and the daemon's list is served from a view that can lag
     /// its removals (seen with 20.10 under load: a container listed `running` after `destroy`).
@@ -339,6 +343,7 @@ impl DockerRuntime {
                     health,
                     messages,
                     creating: HashMap::new(),
+                    placed: HashMap::new(),
                     gone: HashMap::new(),
                     sweep: HashSet::new(),
                 }),
@@ -449,10 +454,27 @@ impl DockerRuntime {
         Ok((i, self.inner.nodes[i].docker.clone()))
     }
 
-    /// The least-loaded reachable node for creation `name`, which is in flight from here on.
-    fn pick_node(&self, name: &str) -> Result<usize> {
+    /// The node for creation `name`, which is in flight from here on: a deployment's container
+    /// goes where its deployment runs (a node running one of its containers, else where its
+    /// first was placed) while that node is Ready; anything else to the least-loaded reachable
+    /// node.
+    fn pick_node(&self, name: &str, deployment: Option<&str>) -> Result<usize> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        if let Some(d) = deployment {
+            let ready = |i: &usize| st.health[*i] == Health::Ready;
+            let running = st
+                .instances
+                .values()
+                .filter(|t| t.labels.get(LABEL_DEPLOYMENT).is_some_and(|x| x == d))
+                .map(|t| t.node)
+                .find(ready);
+            if let Some(i) = running.or_else(|| st.placed.get(d).copied().filter(ready)) {
+                st.creating.insert(name.to_owned(), i);
+                st.placed.insert(d.to_owned(), i);
+                return Ok(i);
+            }
+        }
         let mut load = vec![0usize; self.inner.nodes.len()];
         for node in st
             .instances
@@ -468,6 +490,9 @@ impl DockerRuntime {
         match best {
             Some(i) => {
                 st.creating.insert(name.to_owned(), i);
+                if let Some(d) = deployment {
+                    st.placed.insert(d.to_owned(), i);
+                }
                 Ok(i)
             }
             None => Err(RuntimeError::Unavailable(
@@ -607,7 +632,8 @@ impl Runtime for DockerRuntime {
                 e.as_str()
             )));
         }
-        let i = self.pick_node(&spec.name)?;
+        let deployment = spec.labels.get(LABEL_DEPLOYMENT).map(String::as_str);
+        let i = self.pick_node(&spec.name, deployment)?;
         let r = self.create_on(i, &spec).await;
         let mut guard = self.lock();
         let st = &mut *guard;
