@@ -108,8 +108,13 @@ pub struct Slot {
 /// What the planner needs besides the slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotContext {
-    /// Dependencies not settled yet (not every replica current and ready).
+    /// Dependencies not settled yet (not every replica current and ready): a replica is made
+    /// (or replaced) only once there are none.
     pub deps_waiting: Vec<String>,
+    /// Dependencies with no ready instance at all (old or current): an exited replica is
+    /// restarted once there are none, so a dependency in the middle of an update, or with one
+    /// replica of two down, still serving, holds no restart back.
+    pub deps_down: Vec<String>,
     /// `strategy: RollingUpdate` and no fixed host port (two containers cannot hold one
     /// host port, so those are replaced stop-first).
     pub surge: bool,
@@ -165,10 +170,10 @@ pub fn plan_slot(spec: &ContainerSpec, slot: &Slot, cx: &SlotContext) -> Step {
         Some(Current::Ready) => Step::Keep,
         Some(Current::Exited { .. }) if cx.stopped_here => {
             // Started again after an operator's stop: at once, whatever the policy.
-            if cx.deps_waiting.is_empty() {
+            if cx.deps_down.is_empty() {
                 Step::Restart
             } else {
-                waiting()
+                Step::WaitDeps(cx.deps_down.clone())
             }
         }
         Some(Current::Exited { code }) => {
@@ -180,8 +185,8 @@ pub fn plan_slot(spec: &ContainerSpec, slot: &Slot, cx: &SlotContext) -> Step {
                     Step::RemoveOld
                 };
             }
-            if !cx.deps_waiting.is_empty() {
-                return waiting();
+            if !cx.deps_down.is_empty() {
+                return Step::WaitDeps(cx.deps_down.clone());
             }
             let wait = backoff(cx.restarts);
             if cx.since_exit < wait {
@@ -241,6 +246,7 @@ mod tests {
     fn cx(deps: &[&str], surge: bool) -> SlotContext {
         SlotContext {
             deps_waiting: deps.iter().map(|d| d.to_string()).collect(),
+            deps_down: deps.iter().map(|d| d.to_string()).collect(),
             surge,
             restarts: 0,
             since_exit: Duration::ZERO,
@@ -292,6 +298,35 @@ mod tests {
             old,
             removing,
         }
+    }
+
+    #[test]
+    fn an_exited_container_is_restarted_while_its_dependency_is_unsettled_but_serving() {
+        let mut web = c("web", &["db"]);
+        web.restart_policy = RestartPolicy::Always;
+        let exited = slot(Some(Current::Exited { code: Some(1) }), Old::None, false);
+        // db is being updated (its replacement not ready yet) but its old instance serves.
+        let serving = SlotContext {
+            since_exit: Duration::from_secs(60),
+            deps_down: Vec::new(),
+            ..cx(&["db"], true)
+        };
+        assert_eq!(plan_slot(&web, &exited, &serving), Step::Restart);
+        // ...but nothing of db is ready: wait for it.
+        let down = SlotContext {
+            since_exit: Duration::from_secs(60),
+            ..cx(&["db"], true)
+        };
+        assert_eq!(
+            plan_slot(&web, &exited, &down),
+            Step::WaitDeps(vec!["db".to_owned()])
+        );
+        // A missing replica is still made only once db is settled.
+        let missing = slot(None, Old::None, false);
+        assert_eq!(
+            plan_slot(&web, &missing, &serving),
+            Step::WaitDeps(vec!["db".to_owned()])
+        );
     }
 
     #[test]

@@ -222,6 +222,14 @@ impl<R: Runtime> Engine<R> {
                 (c.name.as_str(), ok)
             })
             .collect();
+        // A container is up when some instance of it (current or old) is ready.
+        let up: BTreeSet<&str> = slots
+            .iter()
+            .filter(|(_, s)| {
+                matches!(s.current, Some((_, Current::Ready))) || s.old.iter().any(|(_, r)| *r)
+            })
+            .map(|((c, _), _)| c.as_str())
+            .collect();
         let by_name: BTreeMap<&str, &poolkeeper_kinds::ContainerSpec> = spec
             .containers
             .iter()
@@ -238,6 +246,12 @@ impl<R: Runtime> Engine<R> {
                 .depends_on
                 .iter()
                 .filter(|d| !settled.get(d.as_str()).copied().unwrap_or(false))
+                .cloned()
+                .collect();
+            let deps_down: Vec<String> = c
+                .depends_on
+                .iter()
+                .filter(|d| !up.contains(d.as_str()))
                 .cloned()
                 .collect();
             for r in 0..c.replicas {
@@ -269,12 +283,22 @@ impl<R: Runtime> Engine<R> {
                 {
                     d.restarts.entry(key.clone()).or_insert((0, now));
                 }
+                // An instance that is down while its container is declared stopped is the
+                // operator's stop (also when the engine that stopped it was another run of the
+                // controller): once no longer declared stopped, it is started again.
+                if c.stopped
+                    && let Some(Current::Exited { .. }) = view.current
+                    && let Some(d) = self.deployments.get_mut(name)
+                {
+                    d.stopped.insert(key.clone());
+                }
                 let stopped_here = self
                     .deployments
                     .get(name)
                     .is_some_and(|d| d.stopped.contains(&key));
                 let cx = SlotContext {
                     deps_waiting: deps_waiting.clone(),
+                    deps_down: deps_down.clone(),
                     surge: spec.strategy == poolkeeper_kinds::UpdateStrategy::RollingUpdate
                         && c.ports.is_empty(),
                     restarts,

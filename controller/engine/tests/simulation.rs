@@ -1929,6 +1929,41 @@ async fn a_container_declared_stopped_is_stopped_and_kept_then_started_in_place(
     );
 }
 
+/// A container stopped by one run of the controller is started by the next when it is no
+/// longer declared stopped, whatever its restart policy (its stop exited 0, which OnFailure
+/// would keep).
+#[tokio::test]
+async fn a_container_stopped_before_a_controller_restart_is_started_after_it() {
+    let mut s = sim();
+    let mut worker = container("worker", "busybox", &[]);
+    worker.restart_policy = RestartPolicy::OnFailure;
+    s.apply(
+        "job",
+        Spec::Deployment(deployment(None, vec![worker.clone()])),
+    );
+    s.wait_until("worker runs", |snap, _| {
+        deployment_status(snap, "job").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    worker.stopped = true;
+    s.apply(
+        "job",
+        Spec::Deployment(deployment(None, vec![worker.clone()])),
+    );
+    s.wait_until("worker is stopped", |_, insts| {
+        insts.len() == 1 && matches!(insts[0].state, InstanceState::Exited { .. })
+    })
+    .await;
+    s.restart().await;
+    s.resync().await;
+    worker.stopped = false;
+    s.apply("job", Spec::Deployment(deployment(None, vec![worker])));
+    s.wait_advancing("worker runs again", Duration::from_secs(5), |snap, _| {
+        deployment_status(snap, "job").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+}
+
 fn crashy(policy: RestartPolicy) -> Spec {
     let mut c = container("worker", "busybox", &[]);
     c.restart_policy = policy;
@@ -2250,6 +2285,42 @@ async fn a_rolling_update_replaces_only_the_changed_container_and_the_old_one_se
             .iter()
             .all(|c| c.state == "Running" && c.message.is_none())
     );
+}
+
+/// A dependency whose update is stuck (its replacement never ready) still serves from its old
+/// instance: a dependent that crashes meanwhile is restarted, not held back until the update
+/// settles.
+#[tokio::test]
+async fn a_crashed_dependent_is_restarted_while_its_dependency_is_updated_and_still_serving() {
+    let mut s = sim();
+    let spec = |v: &str| {
+        let mut api = container("api", "shop-api", &["db"]);
+        api.restart_policy = poolkeeper_kinds::RestartPolicy::Always;
+        Spec::Deployment(deployment(
+            None,
+            vec![api, with_env(container("db", "postgres", &[]), "V", v)],
+        ))
+    };
+    s.apply("shop", spec("1"));
+    s.wait_until("both run", |snap, _| {
+        deployment_status(snap, "shop").is_some_and(|d| d.ready == 2)
+    })
+    .await;
+    s.mem.hold_readiness(true);
+    s.apply("shop", spec("2"));
+    s.wait_until("the new db is made beside the old", |_, insts| {
+        insts.len() == 3
+    })
+    .await;
+    assert!(s.mem.crash("shop-api", 1));
+    s.wait_advancing("api is restarted", Duration::from_secs(10), |snap, _| {
+        deployment_status(snap, "shop").is_some_and(|d| {
+            d.container_statuses
+                .iter()
+                .any(|c| c.name == "api" && c.restarts >= 1)
+        })
+    })
+    .await;
 }
 
 #[tokio::test]
