@@ -286,11 +286,20 @@ impl<R: Runtime> Engine<R> {
                 // An instance that is down while its container is declared stopped is the
                 // operator's stop (also when the engine that stopped it was another run of the
                 // controller): once no longer declared stopped, it is started again.
-                if c.stopped
-                    && let Some(Current::Exited { .. }) = view.current
-                    && let Some(d) = self.deployments.get_mut(name)
-                {
-                    d.stopped.insert(key.clone());
+                if let Some(d) = self.deployments.get_mut(name) {
+                    match view.current {
+                        Some(Current::Exited { .. }) if c.stopped => {
+                            d.stopped.insert(key.clone());
+                        }
+                        // Running, or made anew (its spec changed meanwhile): no stop of the
+                        // engine's is left to undo.
+                        Some(Current::Creating | Current::Starting | Current::Ready)
+                            if !c.stopped =>
+                        {
+                            d.stopped.remove(&key);
+                        }
+                        _ => {}
+                    }
                 }
                 let stopped_here = self
                     .deployments
@@ -311,7 +320,7 @@ impl<R: Runtime> Engine<R> {
                             .deployments
                             .get(name)
                             .and_then(|d| d.create_backoff.get(&(c.name.clone(), r)))
-                            .filter(|b| b.until > now)
+                            .filter(|b| b.until > now && b.hash == hash)
                         {
                             self.wakeups.push(Reverse(wait.until));
                             continue;
@@ -394,7 +403,19 @@ impl<R: Runtime> Engine<R> {
                 format!("{ready_n}/{total} containers ready"),
                 now,
             );
-            // Slots whose creation failed and waits: said until one is made.
+            // Slots whose creation failed and waits: said until one is made, or the slot no
+            // longer wants one (not declared, declared stopped, its spec changed, or it has an
+            // instance, made by another way).
+            d.create_backoff.retain(|(cname, r), b| {
+                by_name.get(cname.as_str()).is_some_and(|c| {
+                    *r < c.replicas
+                        && !c.stopped
+                        && b.hash == hash_of(cname)
+                        && slots
+                            .get(&(cname.clone(), *r))
+                            .is_none_or(|s| s.current.is_none())
+                })
+            });
             let failing: Vec<&str> = d
                 .create_backoff
                 .values()
@@ -413,11 +434,16 @@ impl<R: Runtime> Engine<R> {
                 );
             }
             if taken.is_empty() {
+                d.conflict_retry_at = 0;
                 status::remove_condition(&mut d.conditions, "NameConflict");
             } else {
                 let msg = taken.join("; ");
-                // Looked at again in a while: nothing tells when the other frees the name.
-                self.wakeups.push(Reverse(now + 5_000));
+                // Looked at again in a while (nothing tells when the other frees the name), by
+                // one wakeup at a time.
+                if d.conflict_retry_at <= now {
+                    d.conflict_retry_at = now + 5_000;
+                    self.wakeups.push(Reverse(d.conflict_retry_at));
+                }
                 if status::set_condition(
                     &mut d.conditions,
                     "NameConflict",

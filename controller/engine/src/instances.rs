@@ -801,17 +801,25 @@ impl<R: Runtime> Engine<R> {
         if let Some((d, c, replica)) = rec.deployment.as_deref() {
             self.dirty_deployments.insert(d.clone());
             if let Some(dep) = self.deployments.get_mut(d) {
+                // Its network may be gone (removed by hand, or by a deployment deleted
+                // meanwhile): ensured again before the next creation.
+                dep.network_ready = None;
                 let error = format!("container {c}: {e}");
                 dep.events.push(true, "CreateFailed", error.clone(), now);
                 // The slot waits before it creates again (a missing image, a bind the daemon
                 // refuses, a daemon restarting): no hot loop, as for pools.
                 let slot = dep.create_backoff.entry((c.clone(), *replica)).or_insert(
                     crate::CreateBackoff {
+                        hash: String::new(),
                         failures: 0,
                         until: 0,
                         error: String::new(),
                     },
                 );
+                if *slot.hash != *rec.hash {
+                    slot.hash = rec.hash.to_string();
+                    slot.failures = 0;
+                }
                 slot.failures = slot.failures.saturating_add(1);
                 slot.until = now + crate::create_backoff_ms(slot.failures);
                 slot.error = error;

@@ -197,6 +197,8 @@ struct DeploymentEntry {
     create_backoff: BTreeMap<(String, u32), CreateBackoff>,
     /// When ensuring the network may be tried again after it failed.
     network_retry_at: u64,
+    /// When a NameConflict is looked at again (one wakeup pending at a time).
+    conflict_retry_at: u64,
     conditions: Vec<Condition>,
     events: Events,
 }
@@ -216,6 +218,7 @@ impl DeploymentEntry {
             triggers: HashMap::new(),
             create_backoff: BTreeMap::new(),
             network_retry_at: 0,
+            conflict_retry_at: 0,
             conditions: Vec::new(),
             events: Events::default(),
         }
@@ -224,6 +227,8 @@ impl DeploymentEntry {
 
 /// A deployment slot's creations that failed in a row.
 struct CreateBackoff {
+    /// The container's spec hash the failures were of: a changed spec is tried at once.
+    hash: String,
     failures: u32,
     until: u64,
     error: String,

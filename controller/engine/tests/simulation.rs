@@ -2087,6 +2087,80 @@ async fn a_deployment_container_that_cannot_be_made_backs_off_and_says_why() {
     .await;
 }
 
+/// A container whose creation backs off is made at once when its spec changes (the image
+/// fixed), and the condition goes with the failing spec; a container removed from the spec
+/// takes its CreateFailed with it.
+#[tokio::test]
+async fn a_changed_or_removed_container_ends_its_creation_backoff() {
+    let mut s = sim();
+    s.mem.set_image_missing("ghost:1", true);
+    let spec = |web: &str, with_job: bool| {
+        let mut cs = vec![container("web", web, &[])];
+        if with_job {
+            cs.push(container("job", "ghost:1", &[]));
+        }
+        Spec::Deployment(deployment(None, cs))
+    };
+    s.apply("app", spec("ghost:1", true));
+    // Several failures: the backoff is seconds long by now.
+    for _ in 0..80 {
+        s.advance(Duration::from_millis(100));
+        s.snapshot().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    s.apply("app", spec("nginx:1", true));
+    s.wait_advancing(
+        "web is made at once",
+        Duration::from_millis(600),
+        |snap, _| deployment_status(snap, "app").is_some_and(|d| d.ready == 1),
+    )
+    .await;
+    let failing = |snap: &poolkeeper_engine::status::Snapshot| {
+        deployment_status(snap, "app")
+            .and_then(|d| condition(&d.conditions, "CreateFailed").map(|c| c.message.clone()))
+    };
+    let snap = s.resync().await;
+    let message = failing(&snap).unwrap_or_default();
+    assert!(
+        message.contains("container job") && !message.contains("container web"),
+        "{message}"
+    );
+    s.apply("app", spec("nginx:1", false));
+    s.wait_until("CreateFailed goes with the job", |snap, _| {
+        failing(snap).is_none()
+    })
+    .await;
+}
+
+/// A deployment's network removed behind its back (by hand, or by another deployment's
+/// deletion racing its creation) is made again before its next container.
+#[tokio::test]
+async fn a_network_removed_behind_the_deployments_back_is_made_again() {
+    let mut s = sim();
+    let spec = |v: &str| {
+        Spec::Deployment(deployment(
+            Some("n"),
+            vec![with_env(container("api", "img", &[]), "V", v)],
+        ))
+    };
+    s.apply("shop", spec("1"));
+    s.wait_until("api runs", |snap, _| {
+        deployment_status(snap, "shop").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    s.rt.remove_network("n").await.expect("removed");
+    s.apply("shop", spec("2"));
+    s.wait_advancing(
+        "the new api runs",
+        Duration::from_secs(10),
+        |snap, insts| {
+            deployment_status(snap, "shop").is_some_and(|d| d.ready == 1) && insts.len() == 1
+        },
+    )
+    .await;
+    assert!(s.mem.networks().contains("n"));
+}
+
 /// Two deployments whose containers would share an instance name (`web-app`'s `db` and `web`'s
 /// `app-db` are both `web-app-db`): the later is told, and the earlier's container is left
 /// alone; once the earlier goes, the later is made.

@@ -262,6 +262,13 @@ impl DockerRuntime {
                     .await
                     .map_err(|e| map_err(e, &spec.name))?;
             }
+            Err(e) if status_of(&e) == Some(404) && docker_message(&e).contains("network") => {
+                return Err(RuntimeError::Failed(format!(
+                    "creating {}: {}",
+                    spec.name,
+                    docker_message(&e)
+                )));
+            }
             Err(e) if status_of(&e) == Some(404) => {
                 return Err(RuntimeError::ImageMissing {
                     image: spec.image.clone(),

@@ -163,11 +163,14 @@ impl DockerRuntime {
                 }
                 // Started again (restarted, or started after a stop): its address may be a new
                 // one, which its probes need when they reach a port it does not publish.
-                let probed = self
-                    .lock()
-                    .instances
-                    .get(&name)
-                    .is_some_and(|t| t.probe.is_some() || t.liveness.is_some());
+                // (Not for a creation's own start: the creation reads the address itself, and
+                // this loop waits for nothing it need not.)
+                let probed = {
+                    let st = self.lock();
+                    !st.creating.contains_key(&name)
+                        && (st.instances.get(&name))
+                            .is_some_and(|t| t.probe.is_some() || t.liveness.is_some())
+                };
                 let ip = self.ip_if(probed, i, &name).await;
                 self.mark_started(&name, ip);
             }

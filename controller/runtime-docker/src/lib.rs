@@ -7,7 +7,9 @@
 //!   the engine to list again, and replays from the last event seen, so nothing is lost.
 //! - **Readiness** is probed by the controller (HTTP GET and TCP against the published port, or
 //!   exec inside the container): an instance is reported ready only after its probe passes.
-//! - **Nodes**: instances are placed on the least-loaded reachable node. A node unreachable for
+//! - **Nodes**: pool instances are placed on the least-loaded reachable node, a deployment's
+//!   containers on its one node (where it was placed, else where most of them run, while that
+//!   node is Ready: its network and named volumes are that node's). A node unreachable for
 //!   longer than `node_down_after` is declared down: its instances are reported removed (the
 //!   engine replaces them elsewhere and re-binds their claims), and when the node comes back the
 //!   containers left on it are removed, so that no stale instance, with a former user's files,
@@ -463,13 +465,18 @@ impl DockerRuntime {
         let st = &mut *guard;
         if let Some(d) = deployment {
             let ready = |i: &usize| st.health[*i] == Health::Ready;
-            let running = st
-                .instances
-                .values()
-                .filter(|t| t.labels.get(LABEL_DEPLOYMENT).is_some_and(|x| x == d))
-                .map(|t| t.node)
-                .find(ready);
-            if let Some(i) = running.or_else(|| st.placed.get(d).copied().filter(ready)) {
+            // Where it was placed; else (a restarted controller) the node most of its
+            // containers run on.
+            let mut on = vec![0usize; self.inner.nodes.len()];
+            for t in st.instances.values() {
+                if t.labels.get(LABEL_DEPLOYMENT).is_some_and(|x| x == d) {
+                    on[t.node] += 1;
+                }
+            }
+            let most = (0..on.len())
+                .filter(|i| on[*i] > 0 && ready(i))
+                .max_by_key(|i| (on[*i], std::cmp::Reverse(*i)));
+            if let Some(i) = st.placed.get(d).copied().filter(ready).or(most) {
                 st.creating.insert(name.to_owned(), i);
                 st.placed.insert(d.to_owned(), i);
                 return Ok(i);
