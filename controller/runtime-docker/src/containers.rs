@@ -312,10 +312,7 @@ impl DockerRuntime {
         };
         let labels = found.config.and_then(|c| c.labels).unwrap_or_default();
         let same = |key: &str, want: Option<&String>| labels.get(key) == want;
-        let ours = self
-            .ownership_labels()
-            .iter()
-            .all(|(k, v)| same(k, Some(v)))
+        let ours = self.made_here(&labels)
             && same(LABEL_POOL, spec.labels.get(LABEL_POOL))
             && same(LABEL_DEPLOYMENT, spec.labels.get(LABEL_DEPLOYMENT));
         if ours {
@@ -422,6 +419,15 @@ impl DockerRuntime {
                 self.inner.config.controller_id.clone(),
             ),
         ])
+    }
+
+    /// Whether `labels` (a container's, a network's) carry [`Self::ownership_labels`]: made by
+    /// this controller.
+    pub(crate) fn made_here(&self, labels: &HashMap<String, String>) -> bool {
+        labels.get(LABEL_MANAGED).is_some_and(|m| m == "true")
+            && labels
+                .get(LABEL_CONTROLLER)
+                .is_some_and(|c| *c == self.inner.config.controller_id)
     }
 
     /// The host-backed files folder for `spec`'s instance on node `i`, freshly emptied:

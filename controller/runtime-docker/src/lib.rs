@@ -860,11 +860,7 @@ impl Runtime for DockerRuntime {
                 Err(e) if status_of(&e) == Some(404) => continue,
                 Err(e) => return Err(map_err(e, name)),
             };
-            if !self
-                .ownership_labels()
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
-            {
+            if !self.made_here(&labels) {
                 info!(network = %name, "the network is not this controller's: left in place");
                 continue;
             }
