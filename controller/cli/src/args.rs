@@ -522,6 +522,7 @@ impl DockerArgs {
         }
         config.allowed_bind_root = Some(state.clone());
         config.files_root = Some(state.join("files"));
+        config.placements_file = Some(state.join("docker-placements.json"));
         if let Some(id) = self.controller_id.clone().or(file.controller_id) {
             if poolkeeper_kinds::units::check_name(&id).is_err() {
                 bail!("controller id {id:?} must be a DNS label (lowercase letters, digits, '-')");
@@ -629,6 +630,10 @@ mod docker_args_tests {
         let cwd = std::env::current_dir().unwrap();
         let state = cwd.join("examples/quickstart/.poolkeeper");
         assert_eq!(c.files_root, Some(state.join("files")));
+        assert_eq!(
+            c.placements_file,
+            Some(state.join("docker-placements.json"))
+        );
         assert_eq!(c.allowed_bind_root, Some(state));
     }
 }

@@ -595,6 +595,111 @@ spec:
     drop(second);
 }
 
+/// A deployment with a named volume never leaves the node its volume is on: while that node is
+/// down its container waits, saying why (a replacement on the other node would start on an
+/// empty volume), and where it runs is kept for a restarted controller; when the node returns,
+/// the container is made there again on the same volume, with the data written before the
+/// outage.
+#[test]
+fn a_deployment_with_a_named_volume_waits_for_its_node_and_keeps_its_data() {
+    let _serial = serial();
+    let img = image();
+    let mut second = Daemon::start("vol", 44);
+    let host2 = second.host();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nodes.yaml");
+    // Node two first: the deployment is placed on the first node of the least load.
+    std::fs::write(
+        &config,
+        format!(
+            "nodes:\n- {{name: two, url: {host2}}}\n- {{name: one, url: unix:///var/run/docker.sock}}\nnodeDownAfter: 2s\n"
+        ),
+    )
+    .unwrap();
+    let dep = format!(
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Deployment
+metadata: {{name: vault}}
+spec:
+  containers:
+  - name: db
+    image: {img}
+    volumes: {{data: {{bind: /data}}}}
+"
+    );
+    let mut c = Controller::new(
+        "e2e-nodes-vol",
+        &[("vault.yaml", dep)],
+        &["--config", config.to_str().unwrap()],
+    );
+    c.hosts = vec![Some(host2.clone()), None];
+    c.wait("db running", T, |s| {
+        object(s, "Deployment", "vault")["status"]["ready"].as_u64() == Some(1)
+    });
+    let on_two = running(Some(&host2), &c.id);
+    assert_eq!(on_two.len(), 1, "placed on node two: {on_two:?}");
+    assert!(running(None, &c.id).is_empty());
+    let data = tempfile::tempdir().unwrap();
+    let marker = data.path().join("marker");
+    std::fs::write(&marker, "written before the outage").unwrap();
+    let to = format!("{}:/data/marker", on_two[0]);
+    let ok = Command::new("docker")
+        .args(["-H", &host2, "cp", marker.to_str().unwrap(), &to])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "docker cp into the volume");
+
+    // Node two goes down: the container waits for it, and says so.
+    second.stop();
+    let waits = |s: &Value| {
+        object(s, "Deployment", "vault")["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c["type"] == "CreateFailed"
+                        && c["message"].as_str().is_some_and(|m| {
+                            m.contains("named volumes (vault_data) on node two")
+                                && m.contains("down")
+                        })
+                })
+            })
+    };
+    c.wait("the container waits for node two", T, waits);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        all_containers(None, &c.id).is_empty(),
+        "moved to node one, onto an empty volume"
+    );
+
+    // Where it runs is kept under the state directory, for a controller restarted during an
+    // outage, which cannot list node two.
+    let placements = c.path().join(".poolkeeper/docker-placements.json");
+    let kept = std::fs::read_to_string(&placements).unwrap();
+    assert!(kept.contains("\"vault\": \"two\""), "{kept}");
+
+    // Node two returns: the container is made there again, on the volume it had.
+    second.run();
+    c.wait("db running again", T, |s| {
+        object(s, "Deployment", "vault")["status"]["ready"].as_u64() == Some(1)
+    });
+    let on_two = running(Some(&host2), &c.id);
+    assert_eq!(on_two.len(), 1, "back on node two: {on_two:?}");
+    assert!(all_containers(None, &c.id).is_empty());
+    let back = data.path().join("back");
+    let from = format!("{}:/data/marker", on_two[0]);
+    let ok = Command::new("docker")
+        .args(["-H", &host2, "cp", &from, back.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "docker cp out of the volume");
+    assert_eq!(
+        std::fs::read_to_string(&back).unwrap(),
+        "written before the outage"
+    );
+    drop(c);
+    drop(second);
+}
+
 /// The README's promise: the quickstart on the Debian-built images brings up every pool type,
 /// serves a claim on its port, and an SSH "VM" accepts the claiming user's key.
 #[test]

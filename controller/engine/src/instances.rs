@@ -54,6 +54,7 @@ impl<R: Runtime> Engine<R> {
             RuntimeEvent::Removed(name) => self.forget_instance(&name),
             RuntimeEvent::Relist => {
                 debug!("the runtime asks for a relist");
+                self.unavailable_backoffs_end();
                 self.spawn_list();
             }
         }
@@ -746,6 +747,10 @@ impl<R: Runtime> Engine<R> {
                         dep.events
                             .push(true, "RestartFailed", format!("{name}: {e}"), now);
                     }
+                    // It was shown Starting from the moment the restart was asked for; what it
+                    // is now (still exited, or started after all) is the runtime's to say, at
+                    // once rather than at the next resync.
+                    self.spawn_list();
                 }
             }
             Completion::Network { deployment, result } => {
@@ -762,6 +767,30 @@ impl<R: Runtime> Engine<R> {
                         }
                     }
                     self.dirty_deployments.insert(deployment);
+                }
+            }
+        }
+    }
+
+    /// The runtime asks for a relist, as it does when a node returns: creations that failed
+    /// because the runtime was unavailable are tried now rather than when their backoff ends (up
+    /// to a minute later). Once per failure: the failure count stays, so a runtime that keeps
+    /// failing still backs off further each time.
+    fn unavailable_backoffs_end(&mut self) {
+        let now = self.clock.now_ms();
+        for (name, p) in &mut self.pools {
+            if p.create_unavailable && p.create_backoff_until > now {
+                p.create_unavailable = false;
+                p.create_backoff_until = 0;
+                self.dirty_pools.insert(name.clone());
+            }
+        }
+        for (name, d) in &mut self.deployments {
+            for b in d.create_backoff.values_mut() {
+                if b.unavailable && b.until > now {
+                    b.unavailable = false;
+                    b.until = 0;
+                    self.dirty_deployments.insert(name.clone());
                 }
             }
         }
@@ -789,6 +818,7 @@ impl<R: Runtime> Engine<R> {
                 .events
                 .push(true, reason, format!("creating {name}: {e}"), now);
             entry.create_error = Some((reason, e.to_string()));
+            entry.create_unavailable = matches!(e, RuntimeError::Unavailable(_));
             // One failure per round of creations: the others of a round that fails together
             // (issued before the backoff began) do not lengthen it again.
             if !retry_now && entry.create_backoff_until <= now {
@@ -814,6 +844,7 @@ impl<R: Runtime> Engine<R> {
                         failures: 0,
                         until: 0,
                         error: String::new(),
+                        unavailable: false,
                     },
                 );
                 if *slot.hash != *rec.hash {
@@ -823,6 +854,7 @@ impl<R: Runtime> Engine<R> {
                 slot.failures = slot.failures.saturating_add(1);
                 slot.until = now + crate::create_backoff_ms(slot.failures);
                 slot.error = error;
+                slot.unavailable = matches!(e, RuntimeError::Unavailable(_));
                 self.wakeups.push(Reverse(slot.until));
             }
         }

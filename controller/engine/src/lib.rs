@@ -126,6 +126,8 @@ struct PoolEntry {
     misses: u64,
     create_failures: u32,
     create_backoff_until: u64,
+    /// The last failure to create was the runtime's Unavailable: see `CreateBackoff::unavailable`.
+    create_unavailable: bool,
     /// Last failure to create, shown as a condition until a creation succeeds.
     create_error: Option<(&'static str, String)>,
     ports_exhausted: bool,
@@ -232,6 +234,9 @@ struct CreateBackoff {
     failures: u32,
     until: u64,
     error: String,
+    /// The last failure was the runtime's Unavailable (a node down): the wait ends early when the
+    /// runtime asks for a relist, which it does when a node returns.
+    unavailable: bool,
 }
 
 /// How long a creation that failed `failures` times in a row waits before the next.
@@ -358,6 +363,7 @@ impl PoolEntry {
             misses: 0,
             create_failures: 0,
             create_backoff_until: 0,
+            create_unavailable: false,
             create_error: None,
             ports_exhausted: false,
             labels: None,

@@ -2018,6 +2018,41 @@ async fn a_crashed_container_with_restart_always_is_restarted_with_crash_loop_ba
     assert_eq!(s.mem.counters().0, 1);
 }
 
+/// A restart the runtime refuses leaves the container shown as it is (exited, waiting for the
+/// next try), not Starting until the next resync; and it is tried again.
+#[tokio::test]
+async fn a_failed_restart_is_not_shown_starting() {
+    let mut s = sim();
+    s.apply("job", crashy(RestartPolicy::Always));
+    s.wait_until("worker runs", |snap, _| {
+        deployment_status(snap, "job").is_some_and(|d| d.ready == 1)
+    })
+    .await;
+    s.mem.fail_restart(true);
+    assert!(s.mem.crash("job-worker", 1));
+    // No simulated time passes: a resync cannot be what corrects it.
+    s.wait_until("shown exited after the failed restart", |snap, _| {
+        let d = deployment_status(snap, "job").unwrap();
+        events_of(snap, Kind::Deployment, "job")
+            .iter()
+            .any(|e| e.reason == "RestartFailed")
+            && matches!(
+                d.container_statuses[0].state.as_str(),
+                "Exited" | "CrashLoopBackOff"
+            )
+    })
+    .await;
+    s.mem.fail_restart(false);
+    s.wait_advancing(
+        "restarted once the runtime allows",
+        Duration::from_secs(1),
+        |snap, insts| {
+            deployment_status(snap, "job").is_some_and(|d| d.ready == 1) && insts[0].ready
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_crashed_container_with_restart_never_stays_exited() {
     let mut s = sim();
@@ -2084,6 +2119,44 @@ async fn a_deployment_container_that_cannot_be_made_backs_off_and_says_why() {
                 .is_some_and(|d| d.ready == 1 && condition(&d.conditions, "CreateFailed").is_none())
         },
     )
+    .await;
+}
+
+/// Creations that failed because the runtime was unavailable (a node down, holding a
+/// deployment's volumes) are tried as soon as the runtime asks for a relist, as it does when the
+/// node returns, not when their backoff, grown meanwhile, ends.
+#[tokio::test]
+async fn a_runtime_that_returns_ends_the_backoff_of_creations_it_refused_as_unavailable() {
+    let mut s = sim();
+    s.mem.set_unavailable(true);
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(5)));
+    s.apply(
+        "app",
+        Spec::Deployment(deployment(None, vec![container("db", "postgres:16", &[])])),
+    );
+    s.wait_until("both report the failure", |snap, _| {
+        deployment_status(snap, "app")
+            .is_some_and(|d| condition(&d.conditions, "CreateFailed").is_some())
+            && pool_status(snap, "web").is_some_and(|p| {
+                p.conditions
+                    .iter()
+                    .any(|c| c.type_ == "InstancesCreatable" && c.message.contains("node down"))
+            })
+    })
+    .await;
+    // Twenty simulated seconds of failures: both backoffs have grown to several seconds.
+    for _ in 0..40 {
+        s.advance(Duration::from_millis(500));
+        s.snapshot().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    s.mem.set_unavailable(false);
+    s.mem.request_relist();
+    // No simulated time passes from here: only the relist can end the waits.
+    s.wait_until("made at once after the relist", |snap, _| {
+        deployment_status(snap, "app").is_some_and(|d| d.ready == 1)
+            && pool_status(snap, "web").is_some_and(|p| p.warm == 1)
+    })
     .await;
 }
 

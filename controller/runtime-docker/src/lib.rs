@@ -9,11 +9,13 @@
 //!   exec inside the container): an instance is reported ready only after its probe passes.
 //! - **Nodes**: pool instances are placed on the least-loaded reachable node, a deployment's
 //!   containers on its one node (where it was placed, else where most of them run, while that
-//!   node is Ready: its network and named volumes are that node's). A node unreachable for
-//!   longer than `node_down_after` is declared down: its instances are reported removed (the
-//!   engine replaces them elsewhere and re-binds their claims), and when the node comes back the
-//!   containers left on it are removed, so that no stale instance, with a former user's files,
-//!   is ever handed out again.
+//!   node is Ready: its network and named volumes are that node's). Placements are kept in a
+//!   file under the state directory across restarts. A node unreachable for longer than
+//!   `node_down_after` is declared down: its instances are reported removed (the engine replaces
+//!   them elsewhere and re-binds their claims), except that a deployment with named volumes
+//!   waits for its node (its creations fail Unavailable until the node is back), and when the
+//!   node comes back the containers left on it are removed, so that no stale instance, with a
+//!   former user's files, is ever handed out again.
 //! - **Safety**: containers never run privileged, get `no-new-privileges`, and bind-mount only
 //!   paths under the configured allowed root.
 
@@ -39,6 +41,7 @@ mod errors;
 mod events;
 pub mod hostfiles;
 mod labels;
+mod placement;
 mod probes;
 #[cfg(test)]
 mod tests;
@@ -150,6 +153,9 @@ pub struct DockerConfig {
     /// This controller's identity on shared daemons: it sees and removes only containers
     /// labelled `poolkeeper.dev/controller=<id>`.
     pub controller_id: String,
+    /// Where each deployment's node is kept across restarts (see `placement`); `None` keeps it
+    /// in memory only.
+    pub placements_file: Option<PathBuf>,
 }
 
 impl Default for DockerConfig {
@@ -166,6 +172,7 @@ impl Default for DockerConfig {
             stop_grace_secs: 10,
             files_root: None,
             controller_id: "default".to_owned(),
+            placements_file: None,
         }
     }
 }
@@ -232,6 +239,8 @@ struct Inner {
     revisions: std::sync::atomic::AtomicU64,
     config: DockerConfig,
     state: Mutex<State>,
+    /// Held while the placements file is written.
+    placement_writes: Mutex<()>,
 }
 
 /// The Docker runtime. Cloning shares the connections and the view.
@@ -332,6 +341,13 @@ impl DockerRuntime {
             );
         }
         let count = nodes.len();
+        let placed = match &config.placements_file {
+            Some(path) => {
+                let names: Vec<&str> = nodes.iter().map(|n| n.config.name.as_str()).collect();
+                placement::load(path, &names)?
+            }
+            None => HashMap::new(),
+        };
         let host_files = config.files_root.clone().map(HostFiles::new);
         let rt = DockerRuntime {
             inner: Arc::new(Inner {
@@ -345,10 +361,11 @@ impl DockerRuntime {
                     health,
                     messages,
                     creating: HashMap::new(),
-                    placed: HashMap::new(),
+                    placed,
                     gone: HashMap::new(),
                     sweep: HashSet::new(),
                 }),
+                placement_writes: Mutex::new(()),
             }),
         };
         for i in 0..count {
@@ -459,12 +476,32 @@ impl DockerRuntime {
     /// The node for creation `name`, which is in flight from here on: a deployment's container
     /// goes where its deployment runs (a node running one of its containers, else where its
     /// first was placed) while that node is Ready; anything else to the least-loaded reachable
-    /// node.
-    fn pick_node(&self, name: &str, deployment: Option<&str>) -> Result<usize> {
+    /// node. A deployment whose container mounts named `volumes` never moves: while its node is
+    /// not Ready, the creation fails Unavailable, and is tried again (the engine backs off) until
+    /// the node returns, rather than starting elsewhere on empty volumes.
+    fn pick_node(&self, name: &str, deployment: Option<&str>, volumes: &[&str]) -> Result<usize> {
         let mut guard = self.lock();
         let st = &mut *guard;
+        let mut chosen = None;
         if let Some(d) = deployment {
             let ready = |i: &usize| st.health[*i] == Health::Ready;
+            if let Some(p) = st.placed.get(d).copied()
+                && !ready(&p)
+                && !volumes.is_empty()
+            {
+                let state = if st.health[p] == Health::Down {
+                    "down"
+                } else {
+                    "unreachable"
+                };
+                return Err(RuntimeError::Unavailable(format!(
+                    "deployment {d} keeps its named volumes ({}) on node {}, which is {state}; \
+                     its containers wait for that node rather than start elsewhere on empty \
+                     volumes",
+                    volumes.join(", "),
+                    self.inner.nodes[p].config.name
+                )));
+            }
             // Where it was placed; else (a restarted controller) the node most of its
             // containers run on.
             let mut on = vec![0usize; self.inner.nodes.len()];
@@ -476,35 +513,59 @@ impl DockerRuntime {
             let most = (0..on.len())
                 .filter(|i| on[*i] > 0 && ready(i))
                 .max_by_key(|i| (on[*i], std::cmp::Reverse(*i)));
-            if let Some(i) = st.placed.get(d).copied().filter(ready).or(most) {
-                st.creating.insert(name.to_owned(), i);
-                st.placed.insert(d.to_owned(), i);
-                return Ok(i);
-            }
+            chosen = st.placed.get(d).copied().filter(ready).or(most);
         }
-        let mut load = vec![0usize; self.inner.nodes.len()];
-        for node in st
-            .instances
-            .values()
-            .map(|t| t.node)
-            .chain(st.creating.values().copied())
-        {
-            load[node] += 1;
-        }
-        let best = (0..self.inner.nodes.len())
-            .filter(|i| st.health[*i] == Health::Ready)
-            .min_by_key(|i| (load[*i], *i));
-        match best {
-            Some(i) => {
-                st.creating.insert(name.to_owned(), i);
-                if let Some(d) = deployment {
-                    st.placed.insert(d.to_owned(), i);
+        let i = match chosen {
+            Some(i) => i,
+            None => {
+                let mut load = vec![0usize; self.inner.nodes.len()];
+                for node in st
+                    .instances
+                    .values()
+                    .map(|t| t.node)
+                    .chain(st.creating.values().copied())
+                {
+                    load[node] += 1;
                 }
-                Ok(i)
+                (0..self.inner.nodes.len())
+                    .filter(|i| st.health[*i] == Health::Ready)
+                    .min_by_key(|i| (load[*i], *i))
+                    .ok_or_else(|| {
+                        RuntimeError::Unavailable("no Docker node is reachable".to_owned())
+                    })?
             }
-            None => Err(RuntimeError::Unavailable(
-                "no Docker node is reachable".to_owned(),
-            )),
+        };
+        st.creating.insert(name.to_owned(), i);
+        let moved = deployment.is_some_and(|d| st.placed.insert(d.to_owned(), i) != Some(i));
+        drop(guard);
+        if moved {
+            self.save_placements();
+        }
+        Ok(i)
+    }
+
+    /// Writes every deployment's node to the placements file, if there is one. One writer at a
+    /// time, each writing what is placed when it writes, so that the last write is the latest.
+    fn save_placements(&self) {
+        let Some(path) = &self.inner.config.placements_file else {
+            return;
+        };
+        let _one = self
+            .inner
+            .placement_writes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let placed = self.lock().placed.clone();
+        let names: Vec<&str> = self
+            .inner
+            .nodes
+            .iter()
+            .map(|n| n.config.name.as_str())
+            .collect();
+        if let Err(e) = placement::save(path, &placed, &names) {
+            warn!(file = %path.display(), error = %e,
+                "recording where deployments run failed; a restart while a node is down may \
+                 place them anew");
         }
     }
 }
@@ -640,7 +701,13 @@ impl Runtime for DockerRuntime {
             )));
         }
         let deployment = spec.labels.get(LABEL_DEPLOYMENT).map(String::as_str);
-        let i = self.pick_node(&spec.name, deployment)?;
+        let named: Vec<&str> = spec
+            .volumes
+            .keys()
+            .map(String::as_str)
+            .filter(|v| !poolkeeper_core::deployment::is_host_path(v))
+            .collect();
+        let i = self.pick_node(&spec.name, deployment, &named)?;
         let r = self.create_on(i, &spec).await;
         let mut guard = self.lock();
         let st = &mut *guard;

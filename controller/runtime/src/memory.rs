@@ -71,6 +71,8 @@ struct Inner {
     /// Host ports bound by instances (a daemon refuses a second bind of the same port).
     bound_ports: std::collections::HashSet<u16>,
     fail_next_creates: u32,
+    /// Creates fail Unavailable (a node down) while set.
+    unavailable: bool,
     fail_exec: bool,
     fail_restart: bool,
     fail_files: Option<(u32, RuntimeError)>,
@@ -120,6 +122,7 @@ impl MemoryRuntime {
                 foreign_ports: BTreeSet::new(),
                 bound_ports: std::collections::HashSet::new(),
                 fail_next_creates: 0,
+                unavailable: false,
                 fail_exec: false,
                 fail_restart: false,
                 fail_files: None,
@@ -148,6 +151,12 @@ impl MemoryRuntime {
     /// The next `n` creates fail.
     pub fn fail_next_creates(&self, n: u32) {
         self.lock().fail_next_creates = n;
+    }
+
+    /// While set, every create fails Unavailable, as the Docker runtime's does for a deployment
+    /// whose node (and its named volumes) is down.
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.lock().unavailable = unavailable;
     }
 
     pub fn set_create_failure_rate(&self, p: f64) {
@@ -532,6 +541,9 @@ impl Runtime for MemoryRuntime {
                 .find(|p| inner.bound_ports.contains(&p.host_port))
             {
                 return Err(RuntimeError::PortInUse { port: p.host_port });
+            }
+            if inner.unavailable {
+                return Err(RuntimeError::Unavailable("injected: node down".into()));
             }
             if inner.fail_next_creates > 0 {
                 inner.fail_next_creates -= 1;
