@@ -512,6 +512,49 @@ fn a_password_set_with_user_passwd_signs_in_and_failures_are_limited() {
     assert_eq!(a.status, 429, "{a:?}");
     assert!(a.text.contains("too many failed sign-ins"));
     assert!(!m.cookies.contains_key("pk_session"));
+
+    // A hash that asks too much of each check (here 4 TiB) is refused, and changes nothing.
+    let costly = r#"{"passwordHash": "$argon2id$v=19$m=4294967295,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"}"#;
+    let a = c.api("PUT", "/api/v1/users/bob/password", BOB, costly);
+    assert_eq!(a.status, 422, "{a:?}");
+    assert!(a.text.contains("m=8..65536"), "{a:?}");
+    assert!(b.get("/ui").text.contains("<strong id=\"me\">bob</strong>"));
+    // A new password ends the sessions the old one signed in, at once.
+    let out = passwd(&c, "bob", BOB, "correct-horse-battery");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(location(&b.get("/ui")), "/ui/signin");
+}
+
+/// Wrong passwords sent all at once are counted before any is checked: five are checked and
+/// the rest refused, where checking them all let 400 guesses a minute through per name.
+#[test]
+fn sign_ins_sent_at_once_are_limited_as_if_sent_one_by_one() {
+    let c = Console::start(&[]);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let tries: Vec<_> = (0..16)
+            .map(|i| {
+                let c = &c;
+                scope.spawn(move || {
+                    let mut m = c.browser();
+                    let csrf = m.csrf("/ui/signin");
+                    let guess = format!("guess-{i}");
+                    m.post(
+                        "/ui/signin",
+                        &[
+                            ("csrf", &csrf),
+                            ("username", "mallory"),
+                            ("password", &guess),
+                        ],
+                    )
+                    .status
+                })
+            })
+            .collect();
+        tries.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, refused), (5, 11), "{statuses:?}");
 }
 
 #[test]
@@ -1003,6 +1046,17 @@ fn output_streams_for_ones_own_claim_and_operators_act_on_deployment_containers(
     );
 }
 
+/// Olga loses `admin` in her file; back once her token is a user's in the API.
+fn demote_olga(c: &Console) {
+    let specs = std::fs::read_to_string(c.dir.path().join("specs.yaml")).unwrap();
+    let tmp = c.dir.path().join(".specs.tmp");
+    std::fs::write(&tmp, specs.replace("admin: true, ", "")).unwrap();
+    std::fs::rename(&tmp, c.dir.path().join("specs.yaml")).unwrap();
+    wait_for("olga is a user again", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/deployments", OLGA, "").status == 403
+    });
+}
+
 #[test]
 fn an_admin_user_operates_until_no_longer_one() {
     let c = Console::start(&[]);
@@ -1016,13 +1070,7 @@ fn an_admin_user_operates_until_no_longer_one() {
     assert!(page.text.contains("Operations"), "{}", page.text);
     let csrf = hidden_csrf(&page.text);
     // Demoted in her file: her session ends at the next request, her token is a user's.
-    let specs = std::fs::read_to_string(c.dir.path().join("specs.yaml")).unwrap();
-    let tmp = c.dir.path().join(".specs.tmp");
-    std::fs::write(&tmp, specs.replace("admin: true, ", "")).unwrap();
-    std::fs::rename(&tmp, c.dir.path().join("specs.yaml")).unwrap();
-    wait_for("olga is a user again", Duration::from_secs(10), || {
-        c.api("GET", "/api/v1/deployments", OLGA, "").status == 403
-    });
+    demote_olga(&c);
     let a = olga.post("/ui/pools/web/scale", &[("csrf", &csrf), ("warm", "7")]);
     assert_eq!(location(&a), "/ui/signin", "{a:?}");
     assert!(
@@ -1031,6 +1079,39 @@ fn an_admin_user_operates_until_no_longer_one() {
             .contains("warm: 7")
     );
     assert_eq!(location(&olga.get("/ui")), "/ui/signin");
+}
+
+/// An operator's open stream (every user's claims, every object's events) ends once she is no
+/// longer one, at the next change, not when she reloads the page.
+#[test]
+fn an_operators_stream_ends_when_she_is_demoted() {
+    let c = Console::start(&[]);
+    let mut olga = c.browser();
+    olga.sign_in_token(OLGA);
+    let (code, mut r) = open_stream(&c, &olga, "/ui/events");
+    assert_eq!(code, 200);
+    next_data(&mut r, "pools");
+    // She sees alice's claims while an operator.
+    let claim = |name: &str| format!(r#"{{"pool": "web", "name": "{name}"}}"#);
+    assert_eq!(
+        c.api("POST", "/api/v1/claims", ALICE, &claim("a1")).status,
+        201
+    );
+    assert_eq!(next_data(&mut r, "claim")["name"], "a1");
+    demote_olga(&c);
+    let released = c.api("DELETE", "/api/v1/claims/a1", ALICE, "").status;
+    assert!(matches!(released, 200 | 202 | 204), "{released}");
+    loop {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) => break,
+            Ok(_) => assert!(
+                !l.starts_with("event: claim"),
+                "a demoted operator still sees alice's claims"
+            ),
+            Err(e) => panic!("the stream did not end: {e}"),
+        }
+    }
 }
 
 #[test]

@@ -164,9 +164,18 @@ pub(crate) async fn set_password(
             poolkeeper_kinds::validate::PASSWORD_HASH_MESSAGE,
         ));
     }
+    if !poolkeeper_kinds::validate::argon2_cost_allowed(&req.password_hash) {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "passwordHash",
+            poolkeeper_kinds::validate::PASSWORD_COST_MESSAGE,
+        ));
+    }
     let at = state
         .declare
         .set_password(&name, &req.password_hash)
         .await?;
+    // Whoever signed in with the old password is signed out now, not at their next page.
+    state.console.sign_out_user(&name);
     Ok(Json(json!({"user": name, "password": "set", "file": at})))
 }

@@ -156,7 +156,7 @@ pub(crate) async fn get_claim(
 }
 
 /// The changes an event stream holds for a client that does not read them (see `events`).
-const EVENTS_BUFFERED: usize = 1024;
+pub(crate) const EVENTS_BUFFERED: usize = 1024;
 
 /// Server-Sent Events: each change of a claim's phase that the caller may see, as
 /// `event: claim` with `{"claim", "user", "phase"}`, from the moment of the request.

@@ -433,10 +433,12 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
             "must be the 64 hex digits of a SHA-256 (`printf %s TOKEN | sha256sum`), not the token",
         ));
     }
-    if let Some(h) = &u.password_hash
-        && !is_argon2id_phc(h)
-    {
-        errs.push(FieldError::new("spec.passwordHash", PASSWORD_HASH_MESSAGE));
+    if let Some(h) = &u.password_hash {
+        if !is_argon2id_phc(h) {
+            errs.push(FieldError::new("spec.passwordHash", PASSWORD_HASH_MESSAGE));
+        } else if !argon2_cost_allowed(h) {
+            errs.push(FieldError::new("spec.passwordHash", PASSWORD_COST_MESSAGE));
+        }
     }
     match &u.token_secret_file {
         Some(_) if u.token_sha256.is_some() => errs.push(FieldError::new(
@@ -466,6 +468,53 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
 
 /// What `spec.passwordHash` must look like (also the CRD's rule).
 pub const PASSWORD_HASH_MESSAGE: &str = "must be an argon2id hash in the PHC format ($argon2id$v=19$m=...,t=...,p=...$SALT$HASH; `poolkeeper user passwd NAME` makes one), not the password";
+
+/// What a `spec.passwordHash` whose parameters ask too much of the console is told.
+pub const PASSWORD_COST_MESSAGE: &str = "the argon2id parameters must be m=8..65536 (KiB), t=1..10 and p=1..4, given as m=...,t=...,p=...: the console checks each sign-in against them (`poolkeeper user passwd NAME` makes m=19456,t=2,p=1)";
+
+/// The most memory (KiB), passes and lanes a password hash may ask of one check. The hash
+/// carries its own parameters, and a user may set their own hash: without a bound, one hash
+/// with m=4294967295 made every sign-in attempt under that name allocate 4 TiB.
+const ARGON2_MAX_M_KIB: u32 = 65_536;
+const ARGON2_MAX_T: u32 = 10;
+const ARGON2_MAX_P: u32 = 4;
+
+/// Whether an argon2id PHC string's parameters are exactly `m=M,t=T,p=P` within the bounds
+/// above (and argon2's own floor: at least 8 KiB per lane).
+pub fn argon2_cost_allowed(h: &str) -> bool {
+    let Some(params) = h.split('$').nth(3) else {
+        return false;
+    };
+    let mut m = None;
+    let mut t = None;
+    let mut p = None;
+    for kv in params.split(',') {
+        let Some((k, v)) = kv.split_once('=') else {
+            return false;
+        };
+        let Ok(v) = v.parse::<u32>() else {
+            return false;
+        };
+        let slot = match k {
+            "m" => &mut m,
+            "t" => &mut t,
+            "p" => &mut p,
+            _ => return false,
+        };
+        if slot.replace(v).is_some() {
+            return false;
+        }
+    }
+    match (m, t, p) {
+        (Some(m), Some(t), Some(p)) => {
+            (1..=ARGON2_MAX_P).contains(&p)
+                && (1..=ARGON2_MAX_T).contains(&t)
+                && m <= ARGON2_MAX_M_KIB
+                && m >= 8 * p
+        }
+        _ => false,
+    }
+}
 
 /// An argon2id PHC string's shape: `$argon2id$v=19$PARAMS$SALT$HASH` (whether its parameters
 /// verify is the console's to find when it checks a password).
@@ -1027,5 +1076,45 @@ mod claim_file_tests {
             refused(&["ab", "a/b"]).is_empty(),
             "a name that starts alike is no folder"
         );
+    }
+
+    #[test]
+    fn a_password_hash_that_asks_too_much_of_each_check_is_refused() {
+        let salt_hash = "$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g";
+        let with = |params: &str| format!("$argon2id$v=19${params}{salt_hash}");
+        assert!(argon2_cost_allowed(&with("m=19456,t=2,p=1")));
+        assert!(argon2_cost_allowed(&with("m=65536,t=10,p=4")));
+        for bad in [
+            "m=4294967295,t=1,p=1",
+            "m=65537,t=1,p=1",
+            "m=19456,t=4294967295,p=1",
+            "m=19456,t=11,p=1",
+            "m=19456,t=2,p=5",
+            "m=19456,t=0,p=1",
+            "m=16,t=2,p=4",
+            "m=19456,t=2",
+            "m=19456,t=2,p=1,p=1",
+            "m=19456,t=2,p=1,keyid=x",
+            "m=x,t=2,p=1",
+        ] {
+            let h = with(bad);
+            assert!(is_argon2id_phc(&h), "{bad}: the shape is fine");
+            assert!(!argon2_cost_allowed(&h), "{bad} must be refused");
+        }
+        let mut u = UserSpec {
+            password_hash: Some(with("m=4294967295,t=1,p=1")),
+            ..UserSpec::default()
+        };
+        let mut errs = Vec::new();
+        validate_user(&u, &mut errs);
+        assert!(
+            errs.iter()
+                .any(|e| e.path == "spec.passwordHash" && e.message == PASSWORD_COST_MESSAGE),
+            "{errs:?}"
+        );
+        u.password_hash = Some(with("m=19456,t=2,p=1"));
+        errs.clear();
+        validate_user(&u, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
     }
 }

@@ -264,14 +264,39 @@ pub(crate) async fn events(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let Some((_, session)) = super::live_session(&state, &headers).await else {
+    let Some((id, session)) = super::live_session(&state, &headers).await else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
     };
     let who = session.who;
-    let claims = state
+    let mut changes = state
         .handle
         .subscribe()
         .map_err(|_| ApiError::unavailable())?;
+    // As the API's stream: the engine's changes the page may see go into a bounded buffer (a
+    // page that does not read costs at most EVENTS_BUFFERED changes, then its stream ends),
+    // and the session is checked again at each one: signed out, disabled, deleted, no longer
+    // an operator, or its password changed, the stream ends at once.
+    let (tx, claims) = tokio::sync::mpsc::channel(crate::objects::EVENTS_BUFFERED);
+    {
+        let state = state.clone();
+        let id = id.clone();
+        let who = who.clone();
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    change = changes.recv() => change,
+                    () = tx.closed() => None,
+                };
+                let Some(change) = change else { break };
+                if !who.sees_user(&change.user) {
+                    continue;
+                }
+                if !super::session_holds(&state, &id).await || tx.try_send(change).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let mut pools = state.console.feed.rows(&state.handle).await;
     // The current rows first: a page rendered before the sampler started gets them at once.
     pools.mark_changed();
@@ -284,64 +309,65 @@ pub(crate) async fn events(
         }
         Caller::User(_) => None,
     };
-    let handle = state.handle.clone();
     struct Live {
-        claims: tokio::sync::mpsc::UnboundedReceiver<poolkeeper_engine::ClaimChange>,
+        claims: tokio::sync::mpsc::Receiver<poolkeeper_engine::ClaimChange>,
         pools: watch::Receiver<Arc<Vec<PoolRow>>>,
         recent: Option<watch::Receiver<Arc<Vec<EventRow>>>>,
-        who: Caller,
-        handle: EngineHandle,
+        state: Arc<ApiState>,
+        id: String,
     }
     let live = Live {
         claims,
         pools,
         recent,
-        who,
-        handle,
+        state,
+        id,
     };
     let stream = futures::stream::unfold(live, |mut live| async move {
-        loop {
-            tokio::select! {
-                change = live.claims.recv() => {
-                    let change = change?;
-                    if !live.who.sees_user(&change.user) {
-                        continue;
-                    }
-                    let engine_ms = unix_ms(SystemTime::now()) - change.at.elapsed().as_millis() as u64;
-                    let view = live
-                        .handle
-                        .views(vec![ObjKey::new(Kind::Claim, change.name.clone())])
-                        .await
-                        .ok()
-                        .and_then(|v| v.into_iter().next().flatten());
-                    let mut data = match &view {
-                        Some(v) => claim_json(&v.name, &v.spec, &v.status),
-                        None => json!({"name": change.name, "user": change.user}),
-                    };
-                    // The change's own phase (the view may have moved on, or be gone).
-                    data["phase"] = json!(change.phase);
-                    data["gone"] = json!(view.is_none());
-                    data["engineMs"] = json!(engine_ms);
-                    let ev = Event::default().event("claim").data(data.to_string());
-                    return Some((Ok(ev), live));
+        tokio::select! {
+            change = live.claims.recv() => {
+                let change = change?;
+                let engine_ms = unix_ms(SystemTime::now()) - change.at.elapsed().as_millis() as u64;
+                let view = live
+                    .state
+                    .handle
+                    .views(vec![ObjKey::new(Kind::Claim, change.name.clone())])
+                    .await
+                    .ok()
+                    .and_then(|v| v.into_iter().next().flatten());
+                let mut data = match &view {
+                    Some(v) => claim_json(&v.name, &v.spec, &v.status),
+                    None => json!({"name": change.name, "user": change.user}),
+                };
+                // The change's own phase (the view may have moved on, or be gone).
+                data["phase"] = json!(change.phase);
+                data["gone"] = json!(view.is_none());
+                data["engineMs"] = json!(engine_ms);
+                let ev = Event::default().event("claim").data(data.to_string());
+                Some((Ok(ev), live))
+            }
+            changed = async {
+                match live.recent.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
                 }
-                changed = async {
-                    match live.recent.as_mut() {
-                        Some(rx) => rx.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    changed.ok()?;
-                    let events = live.recent.as_mut()?.borrow_and_update().clone();
-                    let ev = Event::default().event("events").data(json!(*events).to_string());
-                    return Some((Ok(ev), live));
+            } => {
+                changed.ok()?;
+                if !super::session_holds(&live.state, &live.id).await {
+                    return None;
                 }
-                changed = live.pools.changed() => {
-                    changed.ok()?;
-                    let rows = live.pools.borrow_and_update().clone();
-                    let ev = Event::default().event("pools").data(json!(*rows).to_string());
-                    return Some((Ok(ev), live));
+                let events = live.recent.as_mut()?.borrow_and_update().clone();
+                let ev = Event::default().event("events").data(json!(*events).to_string());
+                Some((Ok(ev), live))
+            }
+            changed = live.pools.changed() => {
+                changed.ok()?;
+                if !super::session_holds(&live.state, &live.id).await {
+                    return None;
                 }
+                let rows = live.pools.borrow_and_update().clone();
+                let ev = Event::default().event("pools").data(json!(*rows).to_string());
+                Some((Ok(ev), live))
             }
         }
     });

@@ -69,11 +69,23 @@ pub(crate) struct Session {
     /// declared at each page, so that a user deleted, disabled or no longer an operator loses
     /// the session.
     pub account: Option<String>,
+    /// What signed it in: the session ends when that no longer would (a new password, a
+    /// token rotated away).
+    pub credential: Credential,
     /// Every form of this session carries it.
     pub csrf: String,
     /// A message for the next page (the outcome of a form), shown once.
     pub flash: Option<Flash>,
     last_seen: Instant,
+}
+
+/// How a session was signed in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Credential {
+    /// A password, checked against this hash (the user's `passwordHash` then).
+    Password(String),
+    /// A token of this SHA-256.
+    Token([u8; 32]),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,12 +98,16 @@ pub(crate) struct Flash {
 const SESSION_IDLE: Duration = Duration::from_secs(12 * 3600);
 /// The most sessions kept (the oldest idle one goes first).
 const MAX_SESSIONS: usize = 10_000;
+/// Sessions of one declared user at once (browsers, devices).
+const MAX_SESSIONS_PER_ACCOUNT: usize = 20;
 /// Failed sign-ins allowed per user name in [`WINDOW`].
 const MAX_FAILURES: usize = 5;
 /// Failed sign-ins, and registrations (made or refused), allowed per address in [`WINDOW`]:
 /// more than per name, as a classroom or an office shares one address.
 const MAX_FAILURES_PER_ADDRESS: usize = 20;
 const WINDOW: Duration = Duration::from_secs(60);
+/// Password hashes made or checked at once (see `Console::password_work`).
+const PASSWORD_WORK: usize = 2;
 
 pub(crate) const SESSION_COOKIE: &str = "pk_session";
 /// Before sign-in: the CSRF token of the sign-in and registration forms.
@@ -102,6 +118,9 @@ pub(crate) struct Console {
     pub config: ConsoleConfig,
     sessions: Mutex<HashMap<String, Session>>,
     failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Password hashes made or checked at once: each costs tens of MiB and a core for tens of
+    /// ms, so sign-ins sent together wait their turn rather than take the machine's memory.
+    pub password_work: tokio::sync::Semaphore,
     pub feed: feed::Feed,
     /// The last report of each flow's steps.
     flow_output: Mutex<HashMap<String, String>>,
@@ -113,6 +132,7 @@ impl Console {
             config,
             sessions: Mutex::default(),
             failures: Mutex::default(),
+            password_work: tokio::sync::Semaphore::new(PASSWORD_WORK),
             feed: feed::Feed::default(),
             flow_output: Mutex::default(),
         }
@@ -131,6 +151,11 @@ impl Console {
     /// The session a request's cookie names, if it is still alive.
     pub fn session(&self, headers: &HeaderMap) -> Option<(String, Session)> {
         let id = cookie(headers, SESSION_COOKIE)?;
+        self.touch(id).map(|s| (id.to_owned(), s))
+    }
+
+    /// Session `id`, if it is still alive, seen now (a page that streams is not idle).
+    pub fn touch(&self, id: &str) -> Option<Session> {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let s = sessions.get_mut(id)?;
         if s.last_seen.elapsed() > SESSION_IDLE {
@@ -138,7 +163,7 @@ impl Console {
             return None;
         }
         s.last_seen = Instant::now();
-        Some((id.to_owned(), s.clone()))
+        Some(s.clone())
     }
 
     /// Takes the session's flash message (shown once).
@@ -159,10 +184,29 @@ impl Console {
 
     /// Starts a session for `who` (signed in as the declared user `account`, if any): its id
     /// (for the cookie).
-    pub fn sign_in(&self, who: Caller, account: Option<String>) -> Option<String> {
+    pub fn sign_in(
+        &self,
+        who: Caller,
+        account: Option<String>,
+        credential: Credential,
+    ) -> Option<String> {
         let id = random_token()?;
         let csrf = random_token()?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        // One account holds a bounded number of sessions: a new one beyond it ends that
+        // account's least recently used, never another account's.
+        if let Some(a) = &account {
+            let mine: Vec<(String, Instant)> = sessions
+                .iter()
+                .filter(|(_, s)| s.account.as_ref() == Some(a))
+                .map(|(k, s)| (k.clone(), s.last_seen))
+                .collect();
+            if mine.len() >= MAX_SESSIONS_PER_ACCOUNT
+                && let Some((oldest, _)) = mine.iter().min_by_key(|(_, t)| *t)
+            {
+                sessions.remove(oldest);
+            }
+        }
         if sessions.len() >= MAX_SESSIONS {
             sessions.retain(|_, s| s.last_seen.elapsed() <= SESSION_IDLE);
             if sessions.len() >= MAX_SESSIONS
@@ -179,6 +223,7 @@ impl Console {
             Session {
                 who,
                 account,
+                credential,
                 csrf,
                 flash: None,
                 last_seen: Instant::now(),
@@ -198,12 +243,15 @@ impl Console {
         sessions.retain(|_, s| s.account.as_deref() != Some(user));
     }
 
-    /// Whether any of `keys` (an address, a user name) failed too often lately: how long until
-    /// it may try again.
-    pub fn blocked(&self, keys: &[String]) -> Option<Duration> {
+    /// Counts an attempt (a sign-in, a registration) against each of `keys` (an address, a
+    /// user name), unless one of them has used up its window: then how long until it may try
+    /// again. The check and the count are one step, before the password is looked at, so that
+    /// attempts sent at once cannot all pass the check before the first is counted.
+    pub fn attempt(&self, keys: &[String]) -> Result<(), Duration> {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        keys.iter()
+        let wait = keys
+            .iter()
             .filter_map(|k| {
                 let q = failures.get_mut(k)?;
                 while q.front().is_some_and(|t| now.duration_since(*t) > WINDOW) {
@@ -216,22 +264,27 @@ impl Console {
                     })
                     .flatten()
             })
-            .max()
-    }
-
-    pub fn failed(&self, keys: &[String]) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        // Bounded: addresses and names that stopped failing are dropped once their window
-        // has passed.
+            .max();
+        if let Some(wait) = wait {
+            return Err(wait);
+        }
+        // Bounded: addresses and names that stopped trying are dropped once their window has
+        // passed.
         if failures.len() > 100_000 {
             failures.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) <= WINDOW));
         }
         for k in keys {
-            let q = failures.entry(k.clone()).or_default();
-            q.push_back(now);
-            while q.len() > limit(k) {
-                q.pop_front();
+            failures.entry(k.clone()).or_default().push_back(now);
+        }
+        Ok(())
+    }
+
+    /// A sign-in that succeeded is not held against its keys: its attempt is taken back.
+    pub fn succeeded(&self, keys: &[String]) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            if let Some(q) = failures.get_mut(k) {
+                q.pop_back();
             }
         }
     }
@@ -244,24 +297,64 @@ pub(crate) async fn live_session(
     headers: &HeaderMap,
 ) -> Option<(String, Session)> {
     let (id, s) = state.console.session(headers)?;
-    if let Some(u) = &s.account {
-        let key = poolkeeper_kinds::ObjKey::new(poolkeeper_kinds::Kind::User, u.clone());
-        let view = state
-            .handle
-            .views(vec![key])
-            .await
-            .ok()?
-            .into_iter()
-            .next()
-            .flatten();
-        let spec =
-            view.and_then(|v| serde_json::from_value::<poolkeeper_kinds::UserSpec>(v.spec).ok());
-        if spec.is_none_or(|spec| spec.disabled || spec.admin != (s.who == Caller::Admin)) {
-            state.console.sign_out_user(u);
-            return None;
-        }
+    if still_holds(state, &s).await {
+        Some((id, s))
+    } else {
+        state.console.sign_out(&id);
+        None
     }
-    Some((id, s))
+}
+
+/// Whether session `id` may go on streaming to its page: it was not signed out or evicted,
+/// and [`still_holds`]. Ended here when it may not.
+pub(crate) async fn session_holds(state: &crate::ApiState, id: &str) -> bool {
+    let Some(s) = state.console.touch(id) else {
+        return false;
+    };
+    let holds = still_holds(state, &s).await;
+    if !holds {
+        state.console.sign_out(id);
+    }
+    holds
+}
+
+/// Whether session `s` may go on: its declared user (if any) is still declared, enabled and
+/// as much an operator as at sign-in, and what signed it in still would (the same password
+/// hash; a token that still names the same user, or is still the admin token).
+pub(crate) async fn still_holds(state: &crate::ApiState, s: &Session) -> bool {
+    let spec = match &s.account {
+        Some(u) => {
+            let key = poolkeeper_kinds::ObjKey::new(poolkeeper_kinds::Kind::User, u.clone());
+            let Ok(views) = state.handle.views(vec![key]).await else {
+                return false;
+            };
+            let spec =
+                views.into_iter().next().flatten().and_then(|v| {
+                    serde_json::from_value::<poolkeeper_kinds::UserSpec>(v.spec).ok()
+                });
+            match spec {
+                Some(spec) if !spec.disabled && spec.admin == (s.who == Caller::Admin) => {
+                    Some(spec)
+                }
+                _ => return false,
+            }
+        }
+        None => None,
+    };
+    match (&s.credential, &s.account) {
+        (Credential::Password(h), Some(_)) => {
+            spec.and_then(|spec| spec.password_hash).as_deref() == Some(h.as_str())
+        }
+        (Credential::Password(_), None) => false,
+        (Credential::Token(d), Some(u)) => state
+            .handle
+            .token_owner(d)
+            .is_some_and(|o| o.user == *u && !o.disabled),
+        (Credential::Token(d), None) => state
+            .admin_sha256
+            .as_ref()
+            .is_some_and(|a| crate::auth::same(a, d)),
+    }
 }
 
 /// The engine's answer about one of the runtime's instances (its output, an exec, an action)
@@ -403,37 +496,79 @@ mod tests {
     }
 
     #[test]
-    fn failures_block_a_name_after_five_and_an_address_after_twenty_for_the_window() {
+    fn attempts_block_a_name_after_five_and_an_address_after_twenty_for_the_window() {
         let c = Console::new(ConsoleConfig::default());
         let user = vec!["user:bob".to_owned()];
-        for _ in 0..4 {
-            c.failed(&user);
-            assert_eq!(c.blocked(&user), None);
+        for _ in 0..5 {
+            assert_eq!(c.attempt(&user), Ok(()));
         }
-        c.failed(&user);
-        let wait = c.blocked(&user).expect("blocked");
+        let wait = c.attempt(&user).expect_err("blocked");
         assert!(wait <= WINDOW && wait > Duration::from_secs(50), "{wait:?}");
         let ip = vec!["ip:10.0.0.1".to_owned()];
-        for _ in 0..19 {
-            c.failed(&ip);
+        for _ in 0..20 {
+            assert_eq!(c.attempt(&ip), Ok(()));
         }
-        assert_eq!(c.blocked(&ip), None);
-        c.failed(&ip);
-        assert!(c.blocked(&ip).is_some());
-        // Another name is not blocked; a key list with a blocked one is.
-        let other = vec!["user:alice".to_owned()];
-        assert_eq!(c.blocked(&other), None);
-        assert!(c.blocked(&[other[0].clone(), user[0].clone()]).is_some());
+        assert!(c.attempt(&ip).is_err());
+        // Another name is not blocked; a key list with a blocked one is, and counts nothing.
+        let alice = vec!["user:alice".to_owned()];
+        assert!(c.attempt(&[alice[0].clone(), user[0].clone()]).is_err());
+        for _ in 0..5 {
+            assert_eq!(c.attempt(&alice), Ok(()));
+        }
+        assert!(c.attempt(&alice).is_err());
+        // A success is taken back: a name that signs in well is never blocked by it.
+        let carol = vec!["user:carol".to_owned()];
+        for _ in 0..50 {
+            assert_eq!(c.attempt(&carol), Ok(()));
+            c.succeeded(&carol);
+        }
+    }
+
+    #[test]
+    fn one_account_holds_at_most_twenty_sessions_and_its_own_oldest_goes_first() {
+        let c = Console::new(ConsoleConfig::default());
+        let sign_in = |who: &str| {
+            c.sign_in(
+                Caller::User(who.into()),
+                Some(who.into()),
+                Credential::Token([3; 32]),
+            )
+            .expect("id")
+        };
+        let alice = sign_in("alice");
+        let mut bobs = Vec::new();
+        for _ in 0..100 {
+            bobs.push(sign_in("bob"));
+        }
+        let sessions = c.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            sessions.contains_key(&alice),
+            "another account's session was evicted"
+        );
+        let kept = sessions
+            .values()
+            .filter(|s| s.account.as_deref() == Some("bob"))
+            .count();
+        assert_eq!(kept, MAX_SESSIONS_PER_ACCOUNT);
+        assert!(sessions.contains_key(&bobs[99]), "the newest is kept");
     }
 
     #[test]
     fn sessions_are_distinct_and_signing_out_a_user_ends_theirs_only() {
         let c = Console::new(ConsoleConfig::default());
         let a = c
-            .sign_in(Caller::User("alice".into()), Some("alice".into()))
+            .sign_in(
+                Caller::User("alice".into()),
+                Some("alice".into()),
+                Credential::Token([1; 32]),
+            )
             .expect("id");
         let b = c
-            .sign_in(Caller::User("bob".into()), Some("bob".into()))
+            .sign_in(
+                Caller::User("bob".into()),
+                Some("bob".into()),
+                Credential::Token([2; 32]),
+            )
             .expect("id");
         assert_ne!(a, b);
         assert_eq!(a.len(), 64);

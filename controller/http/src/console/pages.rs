@@ -16,7 +16,9 @@ use poolkeeper_engine::status::Snapshot;
 use poolkeeper_kinds::{DeploymentStatus, Kind, Quota, UserSpec};
 
 use super::feed::{EventRow, PoolRow, claim_json, pool_rows};
-use super::{PRE_COOKIE, SESSION_COOKIE, Session, cookie, random_token, same_token, set_cookie};
+use super::{
+    Credential, PRE_COOKIE, SESSION_COOKIE, Session, cookie, random_token, same_token, set_cookie,
+};
 use crate::ApiState;
 use crate::auth::{Caller, sha256};
 use crate::error::ApiError;
@@ -222,7 +224,7 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
     if !username.is_empty() {
         keys.push(format!("user:{username}"));
     }
-    if let Some(wait) = state.console.blocked(&keys) {
+    if let Err(wait) = state.console.attempt(&keys) {
         return signin_form(
             &state,
             &headers,
@@ -242,14 +244,14 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
         Err("give a token, or a user name and a password".to_owned())
     };
     match outcome {
-        Ok((who, account)) => {
-            let Some(id) = state.console.sign_in(who, account) else {
+        Ok((who, account, credential)) => {
+            state.console.succeeded(&keys);
+            let Some(id) = state.console.sign_in(who, account, credential) else {
                 return no_randomness();
             };
             signed_in_answer(&state, &id)
         }
         Err(why) => {
-            state.console.failed(&keys);
             tracing::info!(address = %addr, user = %username, "a console sign-in failed");
             signin_form(
                 &state,
@@ -262,8 +264,9 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
     }
 }
 
-/// Who a token signs in as, and the declared user behind it (none for the admin token).
-type SignedIn = (Caller, Option<String>);
+/// Who a token or password signs in as, the declared user behind it (none for the admin
+/// token), and the credential that did it.
+type SignedIn = (Caller, Option<String>, Credential);
 
 /// The answer to a sign-in or a registration that started session `id`: to the page, with
 /// the session's cookie, and without the pre-sign-in one.
@@ -286,12 +289,13 @@ fn token_caller(state: &ApiState, token: &str) -> Result<SignedIn, String> {
         .as_ref()
         .is_some_and(|a| crate::auth::same(a, &digest))
     {
-        return Ok((Caller::Admin, None));
+        return Ok((Caller::Admin, None, Credential::Token(digest)));
     }
+    let token = Credential::Token(digest);
     match state.handle.token_owner(&digest) {
         Some(o) if o.disabled => Err("this user is disabled".to_owned()),
-        Some(o) if o.admin => Ok((Caller::Admin, Some(o.user))),
-        Some(o) => Ok((Caller::User(o.user.clone()), Some(o.user))),
+        Some(o) if o.admin => Ok((Caller::Admin, Some(o.user), token)),
+        Some(o) => Ok((Caller::User(o.user.clone()), Some(o.user), token)),
         None => Err("unknown token".to_owned()),
     }
 }
@@ -322,18 +326,29 @@ async fn password_caller(
         .as_ref()
         .and_then(|u| u.password_hash.clone())
         .unwrap_or_else(|| decoy_hash().to_owned());
-    let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .unwrap_or(false);
+    let matches = {
+        let Ok(_turn) = state.console.password_work.acquire().await else {
+            return Err("the controller is stopping".to_owned());
+        };
+        tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .unwrap_or(false)
+    };
     match user {
-        Some(u) if matches && u.password_hash.is_some() => {
+        Some(UserSpec {
+            password_hash: Some(hash),
+            disabled,
+            admin,
+            ..
+        }) if matches => {
             let account = Some(username.to_owned());
-            if u.disabled {
+            let credential = Credential::Password(hash);
+            if disabled {
                 Err("this user is disabled".to_owned())
-            } else if u.admin {
-                Ok((Caller::Admin, account))
+            } else if admin {
+                Ok((Caller::Admin, account, credential))
             } else {
-                Ok((Caller::User(username.to_owned()), account))
+                Ok((Caller::User(username.to_owned()), account, credential))
             }
         }
         _ => Err(wrong()),
@@ -355,6 +370,12 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 
 fn verify_password(password: &str, hash: &str) -> bool {
     use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    // A declared hash passed validate, which bounds its cost; checked again here, where the
+    // cost is paid, whatever path the hash came by.
+    if !poolkeeper_kinds::validate::argon2_cost_allowed(hash) {
+        tracing::warn!("a password hash asks more memory or time than allowed; refused unchecked");
+        return false;
+    }
     PasswordHash::new(hash).is_ok_and(|h| {
         argon2::Argon2::default()
             .verify_password(password.as_bytes(), &h)
@@ -437,7 +458,9 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
     let keys = vec![format!("ip:{addr}")];
     let refuse =
         |status, why: String| register_form(&state, &headers, status, Some(why), name.clone());
-    if let Some(wait) = state.console.blocked(&keys) {
+    // Every registration counts against the address, made or refused: one address cannot
+    // declare users without bound.
+    if let Err(wait) = state.console.attempt(&keys) {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -462,7 +485,11 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
         );
     }
     let password = form.password;
-    let hash = match tokio::task::spawn_blocking(move || hash_password(&password)).await {
+    let hashed = match state.console.password_work.acquire().await {
+        Ok(_turn) => tokio::task::spawn_blocking(move || hash_password(&password)).await,
+        Err(_) => Ok(Err("the controller is stopping".to_owned())),
+    };
+    let hash = match hashed {
         Ok(Ok(h)) => h,
         _ => {
             return refuse(
@@ -476,19 +503,17 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
             max_claims: state.console.config.registration_quota,
             pools: Vec::new(),
         },
-        password_hash: Some(hash),
+        password_hash: Some(hash.clone()),
         ..UserSpec::default()
     };
     match state.declare.create_user(&name, spec).await {
         Ok(at) => {
             tracing::info!(user = %name, at = %at, "a user registered through the console");
-            // Every registration counts against the address, not only refused ones: one
-            // address cannot declare users without bound.
-            state.console.failed(&keys);
-            let Some(id) = state
-                .console
-                .sign_in(Caller::User(name.clone()), Some(name.clone()))
-            else {
+            let Some(id) = state.console.sign_in(
+                Caller::User(name.clone()),
+                Some(name.clone()),
+                Credential::Password(hash),
+            ) else {
                 return no_randomness();
             };
             state.console.set_flash(
@@ -501,13 +526,10 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
             );
             signed_in_answer(&state, &id)
         }
-        Err(poolkeeper_engine::source::DeclareError::Conflict(_)) => {
-            state.console.failed(&keys);
-            refuse(
-                StatusCode::CONFLICT,
-                format!("user name: {name:?} is taken"),
-            )
-        }
+        Err(poolkeeper_engine::source::DeclareError::Conflict(_)) => refuse(
+            StatusCode::CONFLICT,
+            format!("user name: {name:?} is taken"),
+        ),
         Err(e) => {
             let e = ApiError::from(e);
             refuse(e.status(), e.words())
