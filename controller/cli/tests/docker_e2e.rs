@@ -597,9 +597,9 @@ spec:
 
 /// A deployment with a named volume never leaves the node its volume is on: while that node is
 /// down its container waits, saying why (a replacement on the other node would start on an
-/// empty volume), and where it runs is kept for a restarted controller; when the node returns,
-/// the container is made there again on the same volume, with the data written before the
-/// outage.
+/// empty volume), across a restart of the controller too (which starts although node two's
+/// socket is gone); when the node returns, the container is made there again on the same
+/// volume, with the data written before the outage.
 #[test]
 fn a_deployment_with_a_named_volume_waits_for_its_node_and_keeps_its_data() {
     let _serial = serial();
@@ -671,11 +671,20 @@ spec:
         "moved to node one, onto an empty volume"
     );
 
-    // Where it runs is kept under the state directory, for a controller restarted during an
-    // outage, which cannot list node two.
+    // A controller restarted during the outage starts (node two's socket is gone: it is
+    // Unreachable, then Down) and cannot list node two: the placement it kept under its state
+    // directory keeps the deployment waiting.
     let placements = c.path().join(".poolkeeper/docker-placements.json");
     let kept = std::fs::read_to_string(&placements).unwrap();
     assert!(kept.contains("\"vault\": \"two\""), "{kept}");
+    c.kill9();
+    c.start();
+    c.wait("still waiting after a restart", T, waits);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        all_containers(None, &c.id).is_empty(),
+        "moved to node one after a restart"
+    );
 
     // Node two returns: the container is made there again, on the volume it had.
     second.run();

@@ -32,7 +32,7 @@ use crate::{DockerRuntime, FILES_SWEEP_AFTER, Tracked};
 
 impl DockerRuntime {
     pub(crate) async fn inspect(&self, i: usize, name: &str) -> Result<Option<Tracked>> {
-        let docker = &self.inner.nodes[i].docker;
+        let docker = self.docker(i)?;
         match docker.inspect_container(name, None).await {
             Ok(r) => Ok(tracked_from_inspect(i, &r)),
             Err(e) if status_of(&e) == Some(404) => Ok(None),
@@ -47,8 +47,8 @@ impl DockerRuntime {
             .all(true)
             .filters(&filters)
             .build();
-        let list = self.inner.nodes[i]
-            .docker
+        let list = self
+            .docker(i)?
             .list_containers(Some(opts))
             .await
             .map_err(|e| map_err(e, &self.inner.nodes[i].config.name))?;
@@ -145,7 +145,7 @@ impl DockerRuntime {
     pub(crate) async fn create_on(&self, i: usize, spec: &InstanceSpec) -> Result<Instance> {
         let began = Instant::now();
         let node = &self.inner.nodes[i];
-        let docker = &node.docker;
+        let docker = &self.docker(i)?;
         self.ensure_image(docker, &spec.image, spec.pull_policy)
             .await?;
         let binds = self.check_binds(spec)?;
@@ -345,11 +345,7 @@ impl DockerRuntime {
             let opts = StopContainerOptionsBuilder::default()
                 .t(self.inner.config.stop_grace_secs)
                 .build();
-            match self.inner.nodes[i]
-                .docker
-                .stop_container(name, Some(opts))
-                .await
-            {
+            match self.docker(i)?.stop_container(name, Some(opts)).await {
                 // 304: already stopped.
                 Ok(()) => {}
                 Err(e) if matches!(status_of(&e), Some(304 | 404)) => {}
@@ -360,10 +356,7 @@ impl DockerRuntime {
             .force(true)
             .v(true)
             .build();
-        let r = self.inner.nodes[i]
-            .docker
-            .remove_container(name, Some(opts))
-            .await;
+        let r = self.docker(i)?.remove_container(name, Some(opts)).await;
         match r {
             Ok(()) => {}
             Err(e) if status_of(&e) == Some(404) => {}
@@ -484,8 +477,10 @@ impl DockerRuntime {
             if !self.inner.nodes[i].config.shares_files() {
                 continue;
             }
-            match self.inner.nodes[i]
-                .docker
+            let Ok(docker) = self.docker(i) else {
+                return;
+            };
+            match docker
                 .remove_volume(&files_volume(name), None::<RemoveVolumeOptions>)
                 .await
             {

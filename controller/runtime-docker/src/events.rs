@@ -14,11 +14,23 @@ use crate::{DockerRuntime, Health, State};
 
 impl DockerRuntime {
     pub(crate) async fn watch_node(self, i: usize) {
-        let docker = self.inner.nodes[i].docker.clone();
         let name = self.inner.nodes[i].config.name.clone();
         let mut since: Option<i64> = None;
         let mut backoff = Duration::from_millis(200);
         loop {
+            let docker = match self.docker(i) {
+                Ok(d) => d,
+                // No client yet (its unix socket was missing): made once the socket is there.
+                Err(_) => match self.reconnect(i).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.unreachable(i, &e);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                },
+            };
             let reachable = match docker.ping().await {
                 Ok(_) => true,
                 Err(e) => {
@@ -62,6 +74,20 @@ impl DockerRuntime {
             self.unreachable(i, "event stream ended");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Makes node `i`'s client, with the API version its daemon speaks.
+    async fn reconnect(&self, i: usize) -> std::result::Result<bollard::Docker, String> {
+        let node = &self.inner.nodes[i];
+        let url = node.config.normalized_url();
+        let docker = crate::connect_url(&url).map_err(|e| e.to_string())?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(node = %node.config.name, url = %url, api = %docker.client_version(), "connected to Docker");
+        *node.docker.write().unwrap_or_else(|e| e.into_inner()) = Some(docker.clone());
+        Ok(docker)
     }
 
     /// A node answered: mark it ready, sweep what was left on it while it was down, relist.
@@ -117,6 +143,9 @@ impl DockerRuntime {
                 for n in gone {
                     self.container_gone(st, i, &n);
                 }
+                // A list that failed while the node was unreachable (a controller starting, say)
+                // succeeds now, without the node: asked for at once, not at the next resync.
+                Self::emit(&mut st.subscribers, RuntimeEvent::Relist);
             }
             _ => {}
         }

@@ -180,7 +180,9 @@ impl Default for DockerConfig {
 struct Node {
     config: NodeConfig,
     address: String,
-    docker: Docker,
+    /// None until a client could be made: a unix socket that does not exist yet (the daemon
+    /// not started, or stopped) cannot be connected to, and the node's watcher tries again.
+    docker: std::sync::RwLock<Option<Docker>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,32 +294,42 @@ impl DockerRuntime {
                     Docker gives the files folders it fills the image's owner, so writing claims' \
                     files may be refused (leave sharedFiles unset to upload them instead)");
             }
-            let docker =
-                connect_url(&url).map_err(|e| anyhow::anyhow!("node {} ({url}): {e}", n.name))?;
-            let (docker, h, msg) = match docker.clone().negotiate_version().await {
-                Ok(d) => match d.ping().await {
-                    Ok(_) => (d, Health::Ready, None),
+            let (docker, h, msg) = match connect_url(&url) {
+                Ok(docker) => match docker.clone().negotiate_version().await {
+                    Ok(d) => match d.ping().await {
+                        Ok(_) => (Some(d), Health::Ready, None),
+                        Err(e) => (
+                            Some(docker),
+                            Health::Unreachable(Instant::now()),
+                            Some(e.to_string()),
+                        ),
+                    },
                     Err(e) => (
-                        docker,
+                        Some(docker),
                         Health::Unreachable(Instant::now()),
                         Some(e.to_string()),
                     ),
                 },
-                Err(e) => (
-                    docker,
+                // A socket that is not there (yet): the node starts unreachable, and its watcher
+                // connects once it appears, as for a daemon that does not answer.
+                Err(e) if url.starts_with("unix://") => (
+                    None,
                     Health::Unreachable(Instant::now()),
                     Some(e.to_string()),
                 ),
+                Err(e) => anyhow::bail!("node {} ({url}): {e}", n.name),
             };
-            if let Some(m) = &msg {
-                warn!(node = %n.name, url = %url, error = %m, "Docker node unreachable");
-            } else {
-                info!(node = %n.name, url = %url, api = %docker.client_version(), "connected to Docker");
+            match (&msg, &docker) {
+                (None, Some(d)) => {
+                    info!(node = %n.name, url = %url, api = %d.client_version(), "connected to Docker");
+                }
+                _ => warn!(node = %n.name, url = %url, error = %msg.as_deref().unwrap_or(""),
+                    "Docker node unreachable"),
             }
             nodes.push(Node {
                 address: n.advertise(),
                 config: n.clone(),
-                docker,
+                docker: std::sync::RwLock::new(docker),
             });
             health.push(h);
             messages.push(msg);
@@ -375,8 +387,24 @@ impl DockerRuntime {
     }
 
     /// The client of the first node (benchmarks compare against raw Docker calls through it).
-    pub fn first_client(&self) -> Docker {
-        self.inner.nodes[0].docker.clone()
+    pub fn first_client(&self) -> Result<Docker> {
+        self.docker(0)
+    }
+
+    /// Node `i`'s client: Unavailable while none could be made (its socket is missing).
+    pub(crate) fn docker(&self, i: usize) -> Result<Docker> {
+        let node = &self.inner.nodes[i];
+        node.docker
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                RuntimeError::Unavailable(format!(
+                    "Docker node {} ({}) has no socket yet",
+                    node.config.name,
+                    node.config.normalized_url()
+                ))
+            })
     }
 
     /// The controller id its containers are labelled with.
@@ -415,7 +443,7 @@ impl DockerRuntime {
                 .to_owned(),
                 instances: st.instances.values().filter(|t| t.node == i).count(),
                 message: st.messages[i].clone(),
-                api_version: Some(n.docker.client_version().to_string()),
+                api_version: self.docker(i).ok().map(|d| d.client_version().to_string()),
                 namespace: None,
             })
             .collect()
@@ -470,7 +498,7 @@ impl DockerRuntime {
 
     fn docker_of(&self, name: &str) -> Result<(usize, Docker)> {
         let i = self.node_of(name)?;
-        Ok((i, self.inner.nodes[i].docker.clone()))
+        Ok((i, self.docker(i)?))
     }
 
     /// The node for creation `name`, which is in flight from here on: a deployment's container
@@ -891,11 +919,12 @@ impl Runtime for DockerRuntime {
     }
 
     async fn ensure_network(&self, name: &str) -> Result<()> {
-        for (i, node) in self.inner.nodes.iter().enumerate() {
+        for i in 0..self.inner.nodes.len() {
             if self.lock().health[i] != Health::Ready {
                 continue;
             }
-            match node.docker.inspect_network(name, None).await {
+            let docker = self.docker(i)?;
+            match docker.inspect_network(name, None).await {
                 Ok(_) => continue,
                 Err(e) if status_of(&e) == Some(404) => {}
                 Err(e) => return Err(map_err(e, name)),
@@ -906,7 +935,7 @@ impl Runtime for DockerRuntime {
                 labels: Some(self.ownership_labels()),
                 ..Default::default()
             };
-            match node.docker.create_network(req).await {
+            match docker.create_network(req).await {
                 Ok(_) => {}
                 Err(e) if status_of(&e) == Some(409) => {}
                 Err(e) => return Err(map_err(e, name)),
@@ -916,13 +945,14 @@ impl Runtime for DockerRuntime {
     }
 
     async fn remove_network(&self, name: &str) -> Result<()> {
-        for (i, node) in self.inner.nodes.iter().enumerate() {
+        for i in 0..self.inner.nodes.len() {
             if self.lock().health[i] != Health::Ready {
                 continue;
             }
+            let docker = self.docker(i)?;
             // Only a network this controller made: one made by hand, or another controller's
             // of the same name, is left alone.
-            let labels = match node.docker.inspect_network(name, None).await {
+            let labels = match docker.inspect_network(name, None).await {
                 Ok(n) => n.labels.unwrap_or_default(),
                 Err(e) if status_of(&e) == Some(404) => continue,
                 Err(e) => return Err(map_err(e, name)),
@@ -931,7 +961,7 @@ impl Runtime for DockerRuntime {
                 info!(network = %name, "the network is not this controller's: left in place");
                 continue;
             }
-            match node.docker.remove_network(name).await {
+            match docker.remove_network(name).await {
                 Ok(()) => {}
                 Err(e) if status_of(&e) == Some(404) => {}
                 Err(e) => return Err(map_err(e, name)),
@@ -952,18 +982,17 @@ impl Runtime for DockerRuntime {
         let opts = ListVolumesOptionsBuilder::default()
             .filters(&filters)
             .build();
-        for (i, node) in self.inner.nodes.iter().enumerate() {
+        for i in 0..self.inner.nodes.len() {
             if self.lock().health[i] != Health::Ready {
                 continue;
             }
-            let list = node
-                .docker
+            let docker = self.docker(i)?;
+            let list = docker
                 .list_volumes(Some(opts.clone()))
                 .await
                 .map_err(|e| map_err(e, deployment))?;
             for v in list.volumes.unwrap_or_default() {
-                match node
-                    .docker
+                match docker
                     .remove_volume(&v.name, None::<RemoveVolumeOptions>)
                     .await
                 {

@@ -41,7 +41,9 @@ impl DockerRuntime {
                 return;
             }
             warn!(instance = %name, failures, "liveness probe failed: killing the container");
-            let docker = self.inner.nodes[node].docker.clone();
+            let Ok(docker) = self.docker(node) else {
+                return;
+            };
             if let Err(e) = docker
                 .kill_container(
                     &name,

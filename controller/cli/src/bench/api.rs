@@ -247,7 +247,7 @@ spec: {{quota: {{maxClaims: 1000000}}, tokenSha256: {digest}}}
         let rt = Arc::new(poolkeeper_runtime_docker::DockerRuntime::connect(dc).await?);
         *docker_rt = Some(rt.clone());
         // The pool would wait for it (pullPolicy Never) until the fill gave up: say so at once.
-        super::docker::image_present(&rt.first_client(), &args.image).await?;
+        super::docker::image_present(&rt.first_client()?, &args.image).await?;
         poolkeeper_engine::start(rt, config)?
     } else {
         let rt = Arc::new(poolkeeper_runtime::memory::MemoryRuntime::new(

@@ -513,7 +513,7 @@ fn on_docker(args: &BenchArgs) -> anyhow::Result<()> {
         let mut config = args.docker.docker_config(tmp.path())?;
         config.controller_id = format!("bench-autoscale-{}", std::process::id());
         let runtime = Arc::new(poolkeeper_runtime_docker::DockerRuntime::connect(config).await?);
-        super::docker::image_present(&runtime.first_client(), &args.image).await?;
+        super::docker::image_present(&runtime.first_client()?, &args.image).await?;
         let Spec::Pool(base) = super::docker::pool_spec(args, 30)? else {
             bail!("the benchmark's pool is not a pool");
         };

@@ -73,7 +73,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let node = config.nodes[0].clone();
     let rt = Arc::new(DockerRuntime::connect(config).await?);
     let raw = Raw {
-        docker: rt.first_client(),
+        docker: rt.first_client()?,
         image: args.image.clone(),
         http_port: args.http_port,
         http_path: args.http_path.clone(),
