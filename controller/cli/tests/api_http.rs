@@ -1107,6 +1107,61 @@ fn reservations_belong_to_their_resource_and_user_and_refusals_are_not_recorded(
     assert_eq!(code, 409, "{v}");
 }
 
+/// A provision overtaken by its own release (sent before it, delivered late or retried) is
+/// refused and holds no instance; a provision signed after the release is a new reservation. A
+/// provision of a running reservation with another image is refused, naming its pool; one of a
+/// reservation whose claim ended (expired) makes it afresh, where it was answered as a
+/// duplicate of the ended claim, with no instance.
+#[test]
+fn a_provision_overtaken_by_its_release_is_refused_and_an_ended_reservation_is_made_afresh() {
+    const SHORT: &str = "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {name: short}
+spec:
+  template: {image: python}
+  claimTTL: 2s
+  warm: 1
+";
+    let api = Api::start_with_files(
+        &[("short.yaml", SHORT)],
+        &["--webhook-secret-file", "SECRET_FILE"],
+    );
+    let provision = |image: &str| {
+        json!({"event": "provision", "resource_name": "Desk 9", "username": "bob",
+               "custom_parameters": {"image": image}})
+    };
+    let release = json!({"event": "release", "resource_name": "Desk 9", "username": "bob"});
+    let t = now();
+    let (code, v) = api.hook(&release, t, SECRET);
+    assert_eq!((code, v["released"].clone()), (200, json!(false)), "{v}");
+    let (code, v) = api.hook(&provision("nginx"), t - 5, SECRET);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("released"), "{v}");
+    assert_eq!(api.claim_files(), 0, "no claim made");
+    let (code, v) = api.hook(&provision("nginx"), t + 1, SECRET);
+    assert_eq!(code, 201, "{v}");
+    let claim = v["claim"].as_str().unwrap().to_owned();
+    let (code, v) = api.hook(&provision("busybox"), t + 2, SECRET);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("runs on pool"), "{v}");
+    let (code, v) = api.hook(&release, t + 3, SECRET);
+    assert_eq!((code, v["released"].clone()), (200, json!(true)), "{v}");
+
+    // A reservation on the short pool ends with its TTL; provisioned again, it is made anew.
+    let (code, v) = api.hook(&provision("python"), t + 4, SECRET);
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["claim"], json!(claim));
+    let path = format!("/api/v1/claims/{claim}");
+    wait_for("the reservation expires", || {
+        api.get(&path, ADMIN).1["status"]["phase"] == "Expired"
+    });
+    let (code, v) = api.hook(&provision("python"), t + 5, SECRET);
+    assert_eq!((code, v["created"].clone()), (201, json!(true)), "{v}");
+    wait_for("bound again", || {
+        api.get(&path, ADMIN).1["status"]["phase"] == "Bound"
+    });
+}
+
 #[test]
 fn a_replay_is_refused_after_a_restart_too_and_an_unreadable_record_stops_the_start() {
     let hooks = ["--webhook-secret-file", "SECRET_FILE"];

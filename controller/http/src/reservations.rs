@@ -15,7 +15,7 @@ use poolkeeper_core::claims::resources_within;
 use poolkeeper_engine::EngineHandle;
 use poolkeeper_engine::source::{Created, Declare, Record, Records};
 use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
-use poolkeeper_kinds::{ClaimSpec, Kind, Resources};
+use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Kind, Resources};
 
 use crate::auth::snapshot;
 use crate::claims::refused;
@@ -134,7 +134,7 @@ pub(crate) async fn reservation(
     crate::serial::detached(async move {
         let _turn = turn;
         if event.event == "release" {
-            record_signature(&state, &signed, now).await?;
+            record_signature(&state, &signed, now, Some(&name)).await?;
             release(&state, &event, &name).await
         } else {
             provision(&state, &cfg, &event, &name, &signed, now).await
@@ -152,6 +152,7 @@ async fn record_signature(
     state: &ApiState,
     signed: &crate::webhook::Signed,
     now: u64,
+    releases: Option<&str>,
 ) -> ApiResult<()> {
     let mut seen = state.seen.lock().await;
     if !seen.record(signed, now) {
@@ -159,6 +160,9 @@ async fn record_signature(
             StatusCode::CONFLICT,
             "this signed request was already received (a replay)",
         ));
+    }
+    if let Some(claim) = releases {
+        seen.record_release(claim, signed.at);
     }
     let written = match serde_json::to_vec(&*seen) {
         Ok(bytes) => state.declare.records().put(SEEN, bytes).await,
@@ -284,14 +288,68 @@ pub(crate) async fn provision(
         .and_then(|o| o.spec.get("claimResources"))
         .and_then(|v| serde_json::from_value(v.clone()).ok());
     let resources = reservation_resources(&event.custom_parameters, bounds.as_ref(), &pool)?;
-    // Accepted from here on: a replay of this very request is refused from now.
-    record_signature(state, signed, now).await?;
-    // A duplicate (the same reservation sent again, signed anew) changes nothing.
-    if state.declare.is_recorded(name) {
-        return Ok((
-            StatusCode::OK,
-            Json(json!({"claim": name, "pool": pool, "created": false})),
+    // Released by a request signed no earlier than this one: this provision was overtaken by
+    // its own cancellation (delivered late, or retried), and must not hold an instance.
+    if let Some(released) = state.seen.lock().await.released_at(name)
+        && released >= signed.at
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "reservation {name} was released by a request signed at {released}, no earlier \
+                 than this provision (signed at {}): a provision sent before its release is not \
+                 acted on",
+                signed.at
+            ),
         ));
+    }
+    // The reservation's claim as the engine has it: its phase, and its pool.
+    let existing: Option<(ClaimPhase, String)> = snap
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::Claim && o.name == name)
+        .map(|c| {
+            let phase = c
+                .status
+                .get("phase")
+                .and_then(|p| serde_json::from_value::<ClaimPhase>(p.clone()).ok())
+                .unwrap_or_default();
+            let on = c.spec.get("pool").and_then(Value::as_str).unwrap_or("");
+            (phase, on.to_owned())
+        });
+    if let Some((phase, on)) = &existing
+        && !phase.is_terminal()
+        && *on != pool
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "reservation {name} runs on pool {on}, not {pool} (the image asked for): \
+                 release it before provisioning it with another image"
+            ),
+        ));
+    }
+    // Accepted from here on: a replay of this very request is refused from now.
+    record_signature(state, signed, now, None).await?;
+    if state.declare.is_recorded(name) {
+        match &existing {
+            // Its claim ended (expired, failed): this provision is a new reservation of the
+            // resource, made afresh rather than answered as the old one.
+            Some((phase, _)) if phase.is_terminal() => {
+                if let Err(e) = state.declare.delete_claim(name).await {
+                    forget_signature(state, signed).await;
+                    return Err(e.into());
+                }
+            }
+            // A duplicate (the same reservation sent again, signed anew, perhaps while the
+            // first was being written) changes nothing.
+            _ => {
+                return Ok((
+                    StatusCode::OK,
+                    Json(json!({"claim": name, "pool": pool, "created": false})),
+                ));
+            }
+        }
     }
     let spec = ClaimSpec {
         pool: pool.clone(),

@@ -104,6 +104,9 @@ pub fn verify(
 #[serde(transparent)]
 pub struct SeenSignatures(BTreeMap<String, u64>);
 
+/// The key prefix of a release's record among the signatures (which begin `sha256=`).
+const RELEASED: &str = "released:";
+
 impl SeenSignatures {
     /// Records `signed`, received at `now`: false when it was recorded already (a replay).
     /// Signatures that can no longer verify are forgotten.
@@ -122,6 +125,20 @@ impl SeenSignatures {
     /// Forgets `signed` (its request was not acted on).
     pub fn forget(&mut self, signed: &Signed) {
         self.0.remove(&signed.key);
+    }
+
+    /// Records that reservation `claim` was released by a request signed at `at`, for as long as
+    /// a request signed no later could still verify: a provision that arrives after its own
+    /// release (sent earlier, delivered late, or retried) is then refused. Kept with the
+    /// signatures, under a key no signature has, and forgotten with them.
+    pub fn record_release(&mut self, claim: &str, at: u64) {
+        let t = self.0.entry(format!("{RELEASED}{claim}")).or_insert(at);
+        *t = (*t).max(at);
+    }
+
+    /// When reservation `claim` was last released, if within the window.
+    pub fn released_at(&self, claim: &str) -> Option<u64> {
+        self.0.get(&format!("{RELEASED}{claim}")).copied()
     }
 
     pub fn len(&self) -> usize {
