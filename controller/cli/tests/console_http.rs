@@ -1046,6 +1046,66 @@ fn output_streams_for_ones_own_claim_and_operators_act_on_deployment_containers(
     );
 }
 
+/// A claim's output stream ends when the claim is released: its instance, reset in place
+/// (`reset: Restart`) and kept (the pool's only one), is handed to the next user, whose output
+/// must not reach the former user's page.
+#[test]
+fn a_claims_output_stream_ends_at_its_release() {
+    let c = Console::start(&[]);
+    std::fs::write(
+        c.dir.path().join("loop.yaml"),
+        "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {name: loop}
+spec:
+  template: {image: busybox}
+  reset: Restart
+  warm: 1
+  max: 1
+",
+    )
+    .unwrap();
+    wait_for("the loop pool is warm", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/pools/loop", ADMIN, "").json()["status"]["warm"] == 1
+    });
+    let claim = r#"{"pool": "loop", "name": "b2"}"#;
+    assert_eq!(c.api("POST", "/api/v1/claims", BOB, claim).status, 201);
+    wait_for("b2 is Bound", Duration::from_secs(10), || {
+        c.api("GET", "/api/v1/claims/b2", BOB, "").json()["status"]["phase"] == "Bound"
+    });
+    let mut bob = c.browser();
+    bob.sign_in_token(BOB);
+    let (code, mut r) = open_stream(&c, &bob, "/ui/claims/b2/logs");
+    assert_eq!(code, 200);
+    assert!(next_data(&mut r, "recent").is_array());
+    release(&c, "b2", BOB);
+    for l in lines_to_the_end(&mut r, "the released claim's output stream") {
+        assert!(!l.starts_with("event: line"), "{l}");
+    }
+}
+
+/// Releases claim `name` with `token`'s API.
+fn release(c: &Console, name: &str, token: &str) {
+    let status = c
+        .api("DELETE", &format!("/api/v1/claims/{name}"), token, "")
+        .status;
+    assert!(matches!(status, 200 | 202 | 204), "{status}");
+}
+
+/// The lines of a stream until it ends; panics naming `what` when it does not end within the
+/// read timeout.
+fn lines_to_the_end(r: &mut BufReader<TcpStream>, what: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) => return lines,
+            Ok(_) => lines.push(l),
+            Err(e) => panic!("{what} did not end: {e} (read: {lines:?})"),
+        }
+    }
+}
+
 /// Olga loses `admin` in her file; back once her token is a user's in the API.
 fn demote_olga(c: &Console) {
     let specs = std::fs::read_to_string(c.dir.path().join("specs.yaml")).unwrap();
@@ -1099,18 +1159,12 @@ fn an_operators_stream_ends_when_she_is_demoted() {
     );
     assert_eq!(next_data(&mut r, "claim")["name"], "a1");
     demote_olga(&c);
-    let released = c.api("DELETE", "/api/v1/claims/a1", ALICE, "").status;
-    assert!(matches!(released, 200 | 202 | 204), "{released}");
-    loop {
-        let mut l = String::new();
-        match r.read_line(&mut l) {
-            Ok(0) => break,
-            Ok(_) => assert!(
-                !l.starts_with("event: claim"),
-                "a demoted operator still sees alice's claims"
-            ),
-            Err(e) => panic!("the stream did not end: {e}"),
-        }
+    release(&c, "a1", ALICE);
+    for l in lines_to_the_end(&mut r, "a demoted operator's stream") {
+        assert!(
+            !l.starts_with("event: claim"),
+            "a demoted operator still sees alice's claims"
+        );
     }
 }
 

@@ -390,22 +390,87 @@ fn cut(line: &str) -> String {
     format!("{}…", &line[..end])
 }
 
+/// Lines of output a page that does not read may fall behind by before its stream ends.
+const LOG_BUFFERED: usize = 1024;
+
 /// An instance's output as a stream: `recent` (the last lines, one event), then a `line`
-/// event per new line, until the instance goes or the page closes the view.
+/// event per new line, until the instance goes or the page closes the view. It also ends when
+/// session `id` does (checked at most once a second while lines come), when the page falls
+/// [`LOG_BUFFERED`] lines behind, and, for a claim's output, as soon as claim `claim` is no
+/// longer bound to `instance`: a released instance is reset and handed to someone else, whose
+/// output is theirs.
 async fn log_stream(
-    state: &ApiState,
+    state: &Arc<ApiState>,
+    id: String,
     instance: &str,
+    claim: Option<String>,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>> + use<>>> {
+    let mut changes = match &claim {
+        Some(_) => Some(
+            state
+                .handle
+                .subscribe()
+                .map_err(|_| ApiError::unavailable())?,
+        ),
+        None => None,
+    };
     let logs = super::instance_answer(
         state.handle.logs(instance, LOG_TAIL).await,
         |e| format!("reading {instance}'s output: {e}"),
         (StatusCode::NOT_FOUND, format!("no instance {instance:?}")),
     )?;
+    // Bound to it when the output was asked for, and still (a release between the two).
+    if let Some(c) = &claim
+        && !bound_to(state, c, instance).await
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("claim {c} is no longer bound to {instance}"),
+        ));
+    }
     let recent: Vec<String> = logs.recent.lines().map(cut).collect();
     let first = Event::default()
         .event("recent")
         .data(json!(recent).to_string());
-    let rest = futures::stream::unfold(logs.follow, |mut rx| async move {
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(LOG_BUFFERED);
+    let mut follow = logs.follow;
+    let state = state.clone();
+    let instance = instance.to_owned();
+    tokio::spawn(async move {
+        let mut checked = Instant::now();
+        loop {
+            tokio::select! {
+                line = follow.recv() => {
+                    let Some(line) = line else { break };
+                    if checked.elapsed() >= Duration::from_secs(1) {
+                        if !super::session_holds(&state, &id).await {
+                            break;
+                        }
+                        checked = Instant::now();
+                    }
+                    if tx.try_send(line).is_err() {
+                        break;
+                    }
+                }
+                change = async {
+                    match changes.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some(change) = change else { break };
+                    if let Some(c) = &claim
+                        && change.name == *c
+                        && !bound_to(&state, c, &instance).await
+                    {
+                        break;
+                    }
+                }
+                () = tx.closed() => break,
+            }
+        }
+    });
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
         let line = rx.recv().await?;
         let ev = Event::default()
             .event("line")
@@ -416,13 +481,29 @@ async fn log_stream(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// Whether claim `claim` is Bound to `instance` now.
+async fn bound_to(state: &ApiState, claim: &str, instance: &str) -> bool {
+    let Ok(views) = state
+        .handle
+        .views(vec![ObjKey::new(Kind::Claim, claim.to_owned())])
+        .await
+    else {
+        return false;
+    };
+    views.into_iter().next().flatten().is_some_and(|v| {
+        let status: ClaimStatus = serde_json::from_value(v.status).unwrap_or_default();
+        status.phase == poolkeeper_kinds::ClaimPhase::Bound
+            && status.instance.as_deref() == Some(instance)
+    })
+}
+
 /// The output of a claim's instance, for the claim's user (or an operator).
 pub(crate) async fn claim_logs(
     State(state): State<Arc<ApiState>>,
     axum::extract::Path(name): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let Some((_, session)) = super::live_session(&state, &headers).await else {
+    let Some((id, session)) = super::live_session(&state, &headers).await else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
     };
     if crate::auth::claim_seen(&state, &session.who, &name)
@@ -448,7 +529,7 @@ pub(crate) async fn claim_logs(
             format!("claim {name} is not bound: it has no instance yet"),
         ));
     };
-    log_stream(&state, &instance).await
+    log_stream(&state, id, &instance, Some(name)).await
 }
 
 /// The output of a deployment's container, for operators.
@@ -457,9 +538,9 @@ pub(crate) async fn container_logs(
     axum::extract::Path(instance): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>> {
-    let Some((_, session)) = super::live_session(&state, &headers).await else {
+    let Some((id, session)) = super::live_session(&state, &headers).await else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
     };
     crate::admin::admin_only(&session.who)?;
-    log_stream(&state, &instance).await
+    log_stream(&state, id, &instance, None).await
 }
