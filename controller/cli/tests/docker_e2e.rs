@@ -625,6 +625,8 @@ spec:
   - name: db
     image: {img}
     volumes: {{data: {{bind: /data}}}}
+  - name: web
+    image: {img}
 "
     );
     let mut c = Controller::new(
@@ -633,21 +635,44 @@ spec:
         &["--config", config.to_str().unwrap()],
     );
     c.hosts = vec![Some(host2.clone()), None];
-    c.wait("db running", T, |s| {
-        object(s, "Deployment", "vault")["status"]["ready"].as_u64() == Some(1)
+    c.wait("db and web running", T, |s| {
+        object(s, "Deployment", "vault")["status"]["ready"].as_u64() == Some(2)
     });
     let on_two = running(Some(&host2), &c.id);
-    assert_eq!(on_two.len(), 1, "placed on node two: {on_two:?}");
+    assert_eq!(on_two.len(), 2, "placed on node two: {on_two:?}");
     assert!(running(None, &c.id).is_empty());
+    let db = |names: &[String]| names.iter().find(|n| n.contains("-db")).unwrap().clone();
     let data = tempfile::tempdir().unwrap();
     let marker = data.path().join("marker");
     std::fs::write(&marker, "written before the outage").unwrap();
-    let to = format!("{}:/data/marker", on_two[0]);
+    let to = format!("{}:/data/marker", db(&on_two));
     let ok = Command::new("docker")
         .args(["-H", &host2, "cp", marker.to_str().unwrap(), &to])
         .status()
         .unwrap();
     assert!(ok.success(), "docker cp into the volume");
+
+    // A controller that kept no placement (one from before they were kept) learns it from the
+    // containers it finds: node two, pinned by db's volume.
+    let placements = c.path().join(".poolkeeper/docker-placements.json");
+    c.kill9();
+    std::fs::remove_file(&placements).unwrap();
+    c.start();
+    let start = Instant::now();
+    let pinned = serde_json::json!({"node": "two", "namedVolumes": true});
+    loop {
+        let kept: Option<Value> = std::fs::read(&placements)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if kept.as_ref().is_some_and(|k| k["vault"] == pinned) {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "placement not learnt from the list: {kept:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Node two goes down: the container waits for it, and says so.
     second.stop();
@@ -658,7 +683,8 @@ spec:
                 cs.iter().any(|c| {
                     c["type"] == "CreateFailed"
                         && c["message"].as_str().is_some_and(|m| {
-                            m.contains("named volumes (vault_data) on node two")
+                            m.contains("keeps its named volumes")
+                                && m.contains("on node two")
                                 && m.contains("down")
                         })
                 })
@@ -668,15 +694,15 @@ spec:
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         all_containers(None, &c.id).is_empty(),
-        "moved to node one, onto an empty volume"
+        "moved to node one (web, which mounts no volume, took db along onto an empty volume)"
     );
 
     // A controller restarted during the outage starts (node two's socket is gone: it is
     // Unreachable, then Down) and cannot list node two: the placement it kept under its state
     // directory keeps the deployment waiting.
-    let placements = c.path().join(".poolkeeper/docker-placements.json");
     let kept = std::fs::read_to_string(&placements).unwrap();
-    assert!(kept.contains("\"vault\": \"two\""), "{kept}");
+    let kept: serde_json::Value = serde_json::from_str(&kept).unwrap();
+    assert_eq!(kept["vault"], pinned);
     c.kill9();
     c.start();
     c.wait("still waiting after a restart", T, waits);
@@ -688,14 +714,14 @@ spec:
 
     // Node two returns: the container is made there again, on the volume it had.
     second.run();
-    c.wait("db running again", T, |s| {
-        object(s, "Deployment", "vault")["status"]["ready"].as_u64() == Some(1)
+    c.wait("db and web running again", T, |s| {
+        object(s, "Deployment", "vault")["status"]["ready"].as_u64() == Some(2)
     });
     let on_two = running(Some(&host2), &c.id);
-    assert_eq!(on_two.len(), 1, "back on node two: {on_two:?}");
+    assert_eq!(on_two.len(), 2, "back on node two: {on_two:?}");
     assert!(all_containers(None, &c.id).is_empty());
     let back = data.path().join("back");
-    let from = format!("{}:/data/marker", on_two[0]);
+    let from = format!("{}:/data/marker", db(&on_two));
     let ok = Command::new("docker")
         .args(["-H", &host2, "cp", &from, back.to_str().unwrap()])
         .status()
@@ -705,6 +731,18 @@ spec:
         std::fs::read_to_string(&back).unwrap(),
         "written before the outage"
     );
+
+    // Deleted (its volumes with it), the deployment is placed nowhere any more: declared again,
+    // it would not wait for node two.
+    c.remove("vault.yaml");
+    let start = Instant::now();
+    while std::fs::read_to_string(&placements).is_ok_and(|k| k.contains("vault")) {
+        assert!(
+            start.elapsed() < T,
+            "the deleted deployment's placement stays"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(c);
     drop(second);
 }

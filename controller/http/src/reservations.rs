@@ -238,6 +238,32 @@ async fn release(
     Ok((StatusCode::OK, Json(answer)))
 }
 
+/// Whether the engine no longer holds claim `name`, waiting up to [`CLAIM_GONE_WAIT`].
+async fn claim_gone(state: &ApiState, name: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + CLAIM_GONE_WAIT;
+    loop {
+        let held = state
+            .handle
+            .views(vec![poolkeeper_kinds::ObjKey::new(
+                Kind::Claim,
+                name.to_owned(),
+            )])
+            .await
+            .map(|v| v.into_iter().next().flatten().is_some())
+            .unwrap_or(true);
+        if !held {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How long a provision waits for an ended reservation's claim to go before making it anew.
+const CLAIM_GONE_WAIT: Duration = Duration::from_secs(10);
+
 pub(crate) async fn provision(
     state: &ApiState,
     cfg: &WebhookConfig,
@@ -288,17 +314,18 @@ pub(crate) async fn provision(
         .and_then(|o| o.spec.get("claimResources"))
         .and_then(|v| serde_json::from_value(v.clone()).ok());
     let resources = reservation_resources(&event.custom_parameters, bounds.as_ref(), &pool)?;
-    // Released by a request signed no earlier than this one: this provision was overtaken by
-    // its own cancellation (delivered late, or retried), and must not hold an instance.
+    // Released by a request signed after this one: this provision was overtaken by its own
+    // cancellation (delivered late, or retried), and must not hold an instance. Timestamps are
+    // in seconds: one signed in the second of the release is taken for a new booking (the
+    // resource booked again at once), not refused.
     if let Some(released) = state.seen.lock().await.released_at(name)
-        && released >= signed.at
+        && released > signed.at
     {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
-                "reservation {name} was released by a request signed at {released}, no earlier \
-                 than this provision (signed at {}): a provision sent before its release is not \
-                 acted on",
+                "reservation {name} was released by a request signed at {released}, after this \
+                 provision (signed at {}): a provision sent before its release is not acted on",
                 signed.at
             ),
         ));
@@ -339,6 +366,19 @@ pub(crate) async fn provision(
                 if let Err(e) = state.declare.delete_claim(name).await {
                     forget_signature(state, signed).await;
                     return Err(e.into());
+                }
+                // Made anew once the engine has let the ended claim go: in Kubernetes the
+                // deletion reaches it through the watch (and the claim's finalizer), and a
+                // creation before that finds the old claim and would answer it as a duplicate.
+                if !claim_gone(state, name).await {
+                    forget_signature(state, signed).await;
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "reservation {name}'s ended claim is still being removed: send the \
+                             provision again"
+                        ),
+                    ));
                 }
             }
             // A duplicate (the same reservation sent again, signed anew, perhaps while the

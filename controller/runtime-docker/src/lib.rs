@@ -225,7 +225,7 @@ struct State {
     /// The node each deployment was placed on: its containers reach each other by name on a
     /// network of one node, and its named volumes live there, so they all go where the first
     /// went (while that node is Ready).
-    placed: HashMap<String, usize>,
+    placed: HashMap<String, placement::Placement>,
     /// Containers reported removed, and when: a list must not track them again. A list begun
     /// before the removal saw them, and the daemon's list is served from a view that can lag
     /// its removals (seen with 20.10 under load: a container listed `running` after `destroy`).
@@ -242,7 +242,7 @@ struct Inner {
     config: DockerConfig,
     state: Mutex<State>,
     /// Held while the placements file is written.
-    placement_writes: Mutex<()>,
+    placement_writes: tokio::sync::Mutex<()>,
 }
 
 /// The Docker runtime. Cloning shares the connections and the view.
@@ -304,8 +304,10 @@ impl DockerRuntime {
                             Some(e.to_string()),
                         ),
                     },
+                    // Not negotiated: no client yet (the default API version may be newer than
+                    // the daemon's); the node's watcher makes one once the daemon answers.
                     Err(e) => (
-                        Some(docker),
+                        None,
                         Health::Unreachable(Instant::now()),
                         Some(e.to_string()),
                     ),
@@ -377,7 +379,7 @@ impl DockerRuntime {
                     gone: HashMap::new(),
                     sweep: HashSet::new(),
                 }),
-                placement_writes: Mutex::new(()),
+                placement_writes: tokio::sync::Mutex::new(()),
             }),
         };
         for i in 0..count {
@@ -400,7 +402,7 @@ impl DockerRuntime {
             .clone()
             .ok_or_else(|| {
                 RuntimeError::Unavailable(format!(
-                    "Docker node {} ({}) has no socket yet",
+                    "Docker node {} ({}) is not connected yet",
                     node.config.name,
                     node.config.normalized_url()
                 ))
@@ -504,33 +506,43 @@ impl DockerRuntime {
     /// The node for creation `name`, which is in flight from here on: a deployment's container
     /// goes where its deployment runs (a node running one of its containers, else where its
     /// first was placed) while that node is Ready; anything else to the least-loaded reachable
-    /// node. A deployment whose container mounts named `volumes` never moves: while its node is
-    /// not Ready, the creation fails Unavailable, and is tried again (the engine backs off) until
-    /// the node returns, rather than starting elsewhere on empty volumes.
-    fn pick_node(&self, name: &str, deployment: Option<&str>, volumes: &[&str]) -> Result<usize> {
+    /// node. A deployment one of whose containers mounts a named volume (`volumes`: this one's)
+    /// never moves: while its node is not Ready, every creation of it fails Unavailable, and is
+    /// tried again (the engine backs off) until the node returns, rather than starting elsewhere
+    /// on empty volumes. Also whether the placements changed (to be saved).
+    fn pick_node(
+        &self,
+        name: &str,
+        deployment: Option<&str>,
+        volumes: &[&str],
+    ) -> Result<(usize, bool)> {
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut chosen = None;
         if let Some(d) = deployment {
             let ready = |i: &usize| st.health[*i] == Health::Ready;
             if let Some(p) = st.placed.get(d).copied()
-                && !ready(&p)
-                && !volumes.is_empty()
+                && !ready(&p.node)
+                && (p.pinned || !volumes.is_empty())
             {
-                let state = if st.health[p] == Health::Down {
+                let state = if st.health[p.node] == Health::Down {
                     "down"
                 } else {
                     "unreachable"
                 };
+                let which = if volumes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", volumes.join(", "))
+                };
                 return Err(RuntimeError::Unavailable(format!(
-                    "deployment {d} keeps its named volumes ({}) on node {}, which is {state}; \
+                    "deployment {d} keeps its named volumes{which} on node {}, which is {state}; \
                      its containers wait for that node rather than start elsewhere on empty \
                      volumes",
-                    volumes.join(", "),
-                    self.inner.nodes[p].config.name
+                    self.inner.nodes[p.node].config.name
                 )));
             }
-            // Where it was placed; else (a restarted controller) the node most of its
+            // Where it was placed; else (no placement recorded) the node most of its
             // containers run on.
             let mut on = vec![0usize; self.inner.nodes.len()];
             for t in st.instances.values() {
@@ -541,7 +553,7 @@ impl DockerRuntime {
             let most = (0..on.len())
                 .filter(|i| on[*i] > 0 && ready(i))
                 .max_by_key(|i| (on[*i], std::cmp::Reverse(*i)));
-            chosen = st.placed.get(d).copied().filter(ready).or(most);
+            chosen = st.placed.get(d).map(|p| p.node).filter(ready).or(most);
         }
         let i = match chosen {
             Some(i) => i,
@@ -564,37 +576,48 @@ impl DockerRuntime {
             }
         };
         st.creating.insert(name.to_owned(), i);
-        let moved = deployment.is_some_and(|d| st.placed.insert(d.to_owned(), i) != Some(i));
-        drop(guard);
-        if moved {
-            self.save_placements();
-        }
-        Ok(i)
+        let changed = deployment.is_some_and(|d| {
+            let pinned = !volumes.is_empty() || st.placed.get(d).is_some_and(|p| p.pinned);
+            Self::place(st, d, i, pinned)
+        });
+        Ok((i, changed))
     }
 
-    /// Writes every deployment's node to the placements file, if there is one. One writer at a
-    /// time, each writing what is placed when it writes, so that the last write is the latest.
-    fn save_placements(&self) {
-        let Some(path) = &self.inner.config.placements_file else {
+    /// Records deployment `d` on node `i` (pinned if it has named volumes; a pin is never
+    /// taken back while the deployment's volumes exist): whether that changed anything.
+    fn place(st: &mut State, d: &str, i: usize, pinned: bool) -> bool {
+        let new = placement::Placement {
+            node: i,
+            pinned: pinned || st.placed.get(d).is_some_and(|p| p.pinned && p.node == i),
+        };
+        st.placed.insert(d.to_owned(), new) != Some(new)
+    }
+
+    /// Writes every deployment's node to the placements file, if there is one, off the async
+    /// workers. One writer at a time, each writing what is placed when it writes, so that the
+    /// last write is the latest.
+    async fn save_placements(&self) {
+        let Some(path) = self.inner.config.placements_file.clone() else {
             return;
         };
-        let _one = self
-            .inner
-            .placement_writes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _one = self.inner.placement_writes.lock().await;
         let placed = self.lock().placed.clone();
-        let names: Vec<&str> = self
+        let names: Vec<String> = self
             .inner
             .nodes
             .iter()
-            .map(|n| n.config.name.as_str())
+            .map(|n| n.config.name.clone())
             .collect();
-        if let Err(e) = placement::save(path, &placed, &names) {
-            warn!(file = %path.display(), error = %e,
-                "recording where deployments run failed; a restart while a node is down may \
-                 place them anew");
-        }
+        let written =
+            tokio::task::spawn_blocking(move || placement::save(&path, &placed, &names)).await;
+        let e = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        warn!(file = ?self.inner.config.placements_file, error = %e,
+            "recording where deployments run failed; a restart while a node is down may place \
+             them anew");
     }
 }
 
@@ -617,6 +640,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn list(&self) -> Result<Vec<Instance>> {
+        let mut placements_changed = false;
         let mut out = Vec::new();
         let mut listed = HashSet::new();
         for i in 0..self.inner.nodes.len() {
@@ -646,6 +670,24 @@ impl Runtime for DockerRuntime {
             let mut seen = HashSet::new();
             for (name, c) in found {
                 seen.insert(name.clone());
+                // A deployment's containers found here place it here, if nothing placed it
+                // yet (a controller that kept no placements, or one from before they were
+                // kept), and pin it if they mount its named volumes.
+                if let Some(d) = c.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT)) {
+                    let prefix = format!("{d}_");
+                    let named = c.mounts.iter().flatten().any(|m| {
+                        m.typ.as_deref() == Some("volume")
+                            && m.name.as_deref().is_some_and(|n| n.starts_with(&prefix))
+                    });
+                    let mut st = self.lock();
+                    let adopt = match st.placed.get(d) {
+                        None => true,
+                        Some(p) => p.node == i && named && !p.pinned,
+                    };
+                    if adopt {
+                        placements_changed |= Self::place(&mut st, d, i, named);
+                    }
+                }
                 let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
                 // Running, and not known running: its address first, so that it is tracked
                 // running at once (never half-made, where another list would see it stopped).
@@ -715,6 +757,9 @@ impl Runtime for DockerRuntime {
             listed.extend(seen);
         }
         self.sweep_files_folders(&listed).await;
+        if placements_changed {
+            self.save_placements().await;
+        }
         Ok(out)
     }
 
@@ -735,7 +780,10 @@ impl Runtime for DockerRuntime {
             .map(String::as_str)
             .filter(|v| !poolkeeper_core::deployment::is_host_path(v))
             .collect();
-        let i = self.pick_node(&spec.name, deployment, &named)?;
+        let (i, placed) = self.pick_node(&spec.name, deployment, &named)?;
+        if placed {
+            self.save_placements().await;
+        }
         let r = self.create_on(i, &spec).await;
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -1001,6 +1049,10 @@ impl Runtime for DockerRuntime {
                     Err(e) => return Err(map_err(e, &v.name)),
                 }
             }
+        }
+        // Its data is gone: declared again, it may be placed anywhere.
+        if self.lock().placed.remove(deployment).is_some() {
+            self.save_placements().await;
         }
         Ok(())
     }

@@ -284,6 +284,19 @@ pub fn start_on<R: poolkeeper_runtime::Runtime>(
     identity: &str,
     lease_duration: Option<Duration>,
 ) -> (KubeController, String) {
+    start_with_webhooks(rt, config, ns, state, identity, lease_duration, None)
+}
+
+/// As [`start_on`], taking reservation webhooks signed with `webhooks`' secret.
+pub fn start_with_webhooks<R: poolkeeper_runtime::Runtime>(
+    rt: Arc<R>,
+    config: &kube::Config,
+    ns: &str,
+    state: &std::path::Path,
+    identity: &str,
+    lease_duration: Option<Duration>,
+    webhooks: Option<poolkeeper_http::WebhookConfig>,
+) -> (KubeController, String) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let api = listener.local_addr().expect("addr").to_string();
     let client = Client::try_from(config.clone()).expect("client");
@@ -304,7 +317,7 @@ pub fn start_on<R: poolkeeper_runtime::Runtime>(
             resync: Duration::from_secs(5),
             listener: Some(listener),
             admin_token: Some(ADMIN_TOKEN.to_owned()),
-            webhooks: None,
+            webhooks,
             console: Default::default(),
             limits: Default::default(),
         },
@@ -410,20 +423,34 @@ pub async fn status_of(
         .and_then(|o| o.data.get("status").cloned())
 }
 
-/// GET `path` of the controller's API with the admin token: the status and the body.
-pub fn http_get(api: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    http_get_as(api, path, ADMIN_TOKEN)
+/// POSTs reservation event `body` to the controller's webhook, signed with `secret` at `ts`:
+/// the status and the body.
+pub fn post_reservation(
+    api: &str,
+    body: &str,
+    secret: &[u8],
+    ts: u64,
+) -> anyhow::Result<(u16, String)> {
+    let sig = poolkeeper_http::webhook::sign(secret, ts, body.as_bytes());
+    exchange(
+        api,
+        &format!(
+            "POST /webhooks/reservations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nX-Poolkeeper-Timestamp: {ts}\r\n\
+             X-Poolkeeper-Signature: {sig}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+        Duration::from_secs(30),
+    )
 }
 
-/// GET `path` of the controller's API with `token`: the status and the body.
-pub fn http_get_as(api: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
+/// Sends `request` (whole, closing the connection) to the controller's API: the status and
+/// the body.
+fn exchange(api: &str, request: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(api)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(request.as_bytes())?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let code = text
@@ -439,4 +466,20 @@ pub fn http_get_as(api: &str, path: &str, token: &str) -> anyhow::Result<(u16, S
         bail!("no answer");
     }
     Ok((code, body))
+}
+
+/// GET `path` of the controller's API with the admin token: the status and the body.
+pub fn http_get(api: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_as(api, path, ADMIN_TOKEN)
+}
+
+/// GET `path` of the controller's API with `token`: the status and the body.
+pub fn http_get_as(api: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
+    exchange(
+        api,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+        Duration::from_secs(10),
+    )
 }

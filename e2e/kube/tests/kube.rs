@@ -833,3 +833,88 @@ async fn a_controller_without_its_store_queues_the_claims_in_the_order_they_were
     ctl.inner.stop().await.expect("stopped");
     c.cleanup(&ns);
 }
+
+/// A reservation whose claim ended (its TTL ran out) is made afresh by the next provision: the
+/// ended claim is deleted and, once it has gone through its finalizer, made again. A creation
+/// before it had gone found the old claim and answered the provision as a duplicate, while the
+/// old claim then went: no claim, and the booking system told it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_reservation_is_made_afresh_once_its_claim_went_through_the_finalizer() {
+    let Some(c) = cluster().await else { return };
+    c.apply_crds();
+    let ns = c.namespace("webhook");
+    c.kubectl_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(
+            "apiVersion: poolkeeper.dev/v1alpha1
+kind: Pool
+metadata: {name: short}
+spec:
+  template: {image: python}
+  claimTTL: 2s
+  warm: 1
+---
+apiVersion: poolkeeper.dev/v1alpha1
+kind: User
+metadata: {name: bob}
+spec: {quota: {maxClaims: 2}}
+",
+        ),
+    );
+    let config = c.service_account(&ns, std::slice::from_ref(&ns));
+    let state = tempfile::tempdir().expect("tempdir");
+    let secret = b"e2e-webhook-secret".to_vec();
+    let rt = Arc::new(MemoryRuntime::new(MemoryConfig::default()));
+    let (mut ctl, api) = poolkeeper_e2e_kube::start_with_webhooks(
+        rt,
+        &config,
+        &ns,
+        state.path(),
+        "e2e-webhook",
+        None,
+        Some(poolkeeper_http::WebhookConfig {
+            secret: secret.clone(),
+            allowed_images: Vec::new(),
+            notify: None,
+        }),
+    );
+    ctl.leading().await;
+    let provision = r#"{"event": "provision", "resource_name": "Desk 9", "username": "bob",
+                        "custom_parameters": {"image": "python"}}"#;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let post = |ts: u64| {
+        let (code, body) =
+            poolkeeper_e2e_kube::post_reservation(&api, provision, &secret, ts).expect("post");
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        (code, v)
+    };
+    let (code, v) = post(now);
+    assert_eq!(code, 201, "{v}");
+    let name = v["claim"].as_str().expect("claim").to_owned();
+    let phase_is = async |phase: &str| {
+        let s = status_of(&c.admin, &ns, Kind::Claim, &name).await?;
+        (s["phase"] == phase).then_some(())
+    };
+    eventually(
+        "the reservation expires",
+        Duration::from_secs(60),
+        async || phase_is("Expired").await,
+    )
+    .await;
+    let (code, v) = post(now + 1);
+    assert_eq!(
+        (code, v["created"].clone()),
+        (201, Value::Bool(true)),
+        "{v}"
+    );
+    eventually(
+        "made afresh and bound",
+        Duration::from_secs(60),
+        async || phase_is("Bound").await,
+    )
+    .await;
+    c.cleanup(&ns);
+}

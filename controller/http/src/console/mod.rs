@@ -117,7 +117,10 @@ pub(crate) const PRE_COOKIE: &str = "pk_pre";
 pub(crate) struct Console {
     pub config: ConsoleConfig,
     sessions: Mutex<HashMap<String, Session>>,
-    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    /// Attempts per key (an address, a user name): when, and the attempt's ticket.
+    failures: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
+    /// Source of attempt tickets.
+    tickets: std::sync::atomic::AtomicU64,
     /// Password hashes made or checked at once: each costs tens of MiB and a core for tens of
     /// ms, so sign-ins sent together wait their turn rather than take the machine's memory.
     pub password_work: tokio::sync::Semaphore,
@@ -132,6 +135,7 @@ impl Console {
             config,
             sessions: Mutex::default(),
             failures: Mutex::default(),
+            tickets: std::sync::atomic::AtomicU64::new(1),
             password_work: tokio::sync::Semaphore::new(PASSWORD_WORK),
             feed: feed::Feed::default(),
             flow_output: Mutex::default(),
@@ -246,21 +250,25 @@ impl Console {
     /// Counts an attempt (a sign-in, a registration) against each of `keys` (an address, a
     /// user name), unless one of them has used up its window: then how long until it may try
     /// again. The check and the count are one step, before the password is looked at, so that
-    /// attempts sent at once cannot all pass the check before the first is counted.
-    pub fn attempt(&self, keys: &[String]) -> Result<(), Duration> {
+    /// attempts sent at once cannot all pass the check before the first is counted. The
+    /// attempt's ticket takes it back (see [`Console::succeeded`]).
+    pub fn attempt(&self, keys: &[String]) -> Result<u64, Duration> {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let wait = keys
             .iter()
             .filter_map(|k| {
                 let q = failures.get_mut(k)?;
-                while q.front().is_some_and(|t| now.duration_since(*t) > WINDOW) {
+                while q
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > WINDOW)
+                {
                     q.pop_front();
                 }
                 (q.len() >= limit(k))
                     .then(|| {
                         q.front()
-                            .map(|t| WINDOW.saturating_sub(now.duration_since(*t)))
+                            .map(|(t, _)| WINDOW.saturating_sub(now.duration_since(*t)))
                     })
                     .flatten()
             })
@@ -271,20 +279,30 @@ impl Console {
         // Bounded: addresses and names that stopped trying are dropped once their window has
         // passed.
         if failures.len() > 100_000 {
-            failures.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) <= WINDOW));
+            failures.retain(|_, q| {
+                q.back()
+                    .is_some_and(|(t, _)| now.duration_since(*t) <= WINDOW)
+            });
         }
+        let ticket = self
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for k in keys {
-            failures.entry(k.clone()).or_default().push_back(now);
+            failures
+                .entry(k.clone())
+                .or_default()
+                .push_back((now, ticket));
         }
-        Ok(())
+        Ok(ticket)
     }
 
-    /// A sign-in that succeeded is not held against its keys: its attempt is taken back.
-    pub fn succeeded(&self, keys: &[String]) {
+    /// The attempt of `ticket` succeeded: it is not held against its keys. Only that attempt
+    /// is taken back, not whichever came last (a guess made meanwhile stays counted).
+    pub fn succeeded(&self, keys: &[String], ticket: u64) {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         for k in keys {
             if let Some(q) = failures.get_mut(k) {
-                q.pop_back();
+                q.retain(|(_, t)| *t != ticket);
             }
         }
     }
@@ -500,28 +518,41 @@ mod tests {
         let c = Console::new(ConsoleConfig::default());
         let user = vec!["user:bob".to_owned()];
         for _ in 0..5 {
-            assert_eq!(c.attempt(&user), Ok(()));
+            assert!(c.attempt(&user).is_ok());
         }
         let wait = c.attempt(&user).expect_err("blocked");
         assert!(wait <= WINDOW && wait > Duration::from_secs(50), "{wait:?}");
         let ip = vec!["ip:10.0.0.1".to_owned()];
         for _ in 0..20 {
-            assert_eq!(c.attempt(&ip), Ok(()));
+            assert!(c.attempt(&ip).is_ok());
         }
         assert!(c.attempt(&ip).is_err());
         // Another name is not blocked; a key list with a blocked one is, and counts nothing.
         let alice = vec!["user:alice".to_owned()];
         assert!(c.attempt(&[alice[0].clone(), user[0].clone()]).is_err());
         for _ in 0..5 {
-            assert_eq!(c.attempt(&alice), Ok(()));
+            assert!(c.attempt(&alice).is_ok());
         }
         assert!(c.attempt(&alice).is_err());
         // A success is taken back: a name that signs in well is never blocked by it.
         let carol = vec!["user:carol".to_owned()];
         for _ in 0..50 {
-            assert_eq!(c.attempt(&carol), Ok(()));
-            c.succeeded(&carol);
+            let ticket = c.attempt(&carol).expect("not blocked");
+            c.succeeded(&carol, ticket);
         }
+        // Only the successful attempt is taken back: guesses made while it was checked stay
+        // counted, however the two interleave.
+        let dave = vec!["user:dave".to_owned()];
+        let right = c.attempt(&dave).expect("first");
+        for _ in 0..4 {
+            assert!(c.attempt(&dave).is_ok());
+        }
+        c.succeeded(&dave, right);
+        assert!(
+            c.attempt(&dave).is_ok(),
+            "four guesses and one success: one more allowed"
+        );
+        assert!(c.attempt(&dave).is_err(), "five guesses: blocked");
     }
 
     #[test]

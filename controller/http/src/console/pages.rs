@@ -224,18 +224,21 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
     if !username.is_empty() {
         keys.push(format!("user:{username}"));
     }
-    if let Err(wait) = state.console.attempt(&keys) {
-        return signin_form(
-            &state,
-            &headers,
-            StatusCode::TOO_MANY_REQUESTS,
-            Some(format!(
-                "too many failed sign-ins from here or for this name: try again in {} s",
-                wait.as_secs().max(1)
-            )),
-            username,
-        );
-    }
+    let ticket = match state.console.attempt(&keys) {
+        Ok(t) => t,
+        Err(wait) => {
+            return signin_form(
+                &state,
+                &headers,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(format!(
+                    "too many failed sign-ins from here or for this name: try again in {} s",
+                    wait.as_secs().max(1)
+                )),
+                username,
+            );
+        }
+    };
     let outcome = if !form.token.trim().is_empty() {
         token_caller(&state, form.token.trim())
     } else if !username.is_empty() && !form.password.is_empty() {
@@ -245,7 +248,7 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
     };
     match outcome {
         Ok((who, account, credential)) => {
-            state.console.succeeded(&keys);
+            state.console.succeeded(&keys, ticket);
             let Some(id) = state.console.sign_in(who, account, credential) else {
                 return no_randomness();
             };
