@@ -324,8 +324,8 @@ fn rules() -> Vec<Rule> {
         rule(
             User,
             "spec.passwordHash",
-            "self.matches('^[$]argon2id[$]v=[0-9]+[$]m=[^$]+[$][A-Za-z0-9+/]+[$][A-Za-z0-9+/]+$')",
-            crate::validate::PASSWORD_HASH_MESSAGE,
+            concat!("self.matches('", crate::password_hash_pattern!(), "')"),
+            "must be an argon2id hash in the PHC format ($argon2id$v=19$m=...,t=...,p=...$SALT$HASH; `poolkeeper user passwd NAME` makes one), not the password, with m=32..65536 (KiB), t=1..10 and p=1..4",
         ),
         rule(
             User,

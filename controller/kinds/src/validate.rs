@@ -470,17 +470,32 @@ fn validate_user(u: &UserSpec, errs: &mut Vec<FieldError>) {
 pub const PASSWORD_HASH_MESSAGE: &str = "must be an argon2id hash in the PHC format ($argon2id$v=19$m=...,t=...,p=...$SALT$HASH; `poolkeeper user passwd NAME` makes one), not the password";
 
 /// What a `spec.passwordHash` whose parameters ask too much of the console is told.
-pub const PASSWORD_COST_MESSAGE: &str = "the argon2id parameters must be m=8..65536 (KiB), t=1..10 and p=1..4, given as m=...,t=...,p=...: the console checks each sign-in against them (`poolkeeper user passwd NAME` makes m=19456,t=2,p=1)";
+pub const PASSWORD_COST_MESSAGE: &str = "the argon2id parameters must be m=32..65536 (KiB), t=1..10 and p=1..4, given as m=...,t=...,p=...: the console checks each sign-in against them (`poolkeeper user passwd NAME` makes m=19456,t=2,p=1)";
 
 /// The most memory (KiB), passes and lanes a password hash may ask of one check. The hash
 /// carries its own parameters, and a user may set their own hash: without a bound, one hash
 /// with m=4294967295 made every sign-in attempt under that name allocate 4 TiB.
 const ARGON2_MAX_M_KIB: u32 = 65_536;
+const ARGON2_MIN_M_KIB: u32 = 32;
+
+/// The regular expression a `passwordHash` matches: its shape and the bounds of its parameters
+/// (the CRD's rule and the OpenAPI document's pattern; [`argon2_cost_allowed`] says the same).
+/// A macro, so that the CRD's rule is made of it at compile time.
+#[macro_export]
+macro_rules! password_hash_pattern {
+    () => {
+        "^[$]argon2id[$]v=[0-9]+[$]m=(3[2-9]|[4-9][0-9]|[1-9][0-9]{2,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-6]),t=([1-9]|10),p=[1-4][$][A-Za-z0-9+/]+[$][A-Za-z0-9+/]+$"
+    };
+}
+
+/// See [`password_hash_pattern`].
+pub const PASSWORD_HASH_PATTERN: &str = password_hash_pattern!();
 const ARGON2_MAX_T: u32 = 10;
 const ARGON2_MAX_P: u32 = 4;
 
 /// Whether an argon2id PHC string's parameters are exactly `m=M,t=T,p=P` within the bounds
-/// above (and argon2's own floor: at least 8 KiB per lane).
+/// above, and at least 32 KiB (argon2's own floor is 8 KiB per lane, up to 4 lanes). The same
+/// bounds are the pattern of [`PASSWORD_HASH_PATTERN`].
 pub fn argon2_cost_allowed(h: &str) -> bool {
     let Some(params) = h.split('$').nth(3) else {
         return false;
@@ -509,8 +524,7 @@ pub fn argon2_cost_allowed(h: &str) -> bool {
         (Some(m), Some(t), Some(p)) => {
             (1..=ARGON2_MAX_P).contains(&p)
                 && (1..=ARGON2_MAX_T).contains(&t)
-                && m <= ARGON2_MAX_M_KIB
-                && m >= 8 * p
+                && (ARGON2_MIN_M_KIB..=ARGON2_MAX_M_KIB).contains(&m)
         }
         _ => false,
     }
@@ -1084,6 +1098,20 @@ mod claim_file_tests {
         let with = |params: &str| format!("$argon2id$v=19${params}{salt_hash}");
         assert!(argon2_cost_allowed(&with("m=19456,t=2,p=1")));
         assert!(argon2_cost_allowed(&with("m=65536,t=10,p=4")));
+        assert!(argon2_cost_allowed(&with("m=32,t=1,p=4")));
+        // The pattern (CRD, OpenAPI) says the same as the check, case by case.
+        let pattern = regex::Regex::new(PASSWORD_HASH_PATTERN).expect("the pattern compiles");
+        for m in [
+            0u32, 7, 8, 31, 32, 99, 100, 999, 1000, 9999, 10000, 59999, 60000, 64999, 65000, 65499,
+            65500, 65529, 65530, 65536, 65537, 99999, 655360,
+        ] {
+            for t in [0u32, 1, 9, 10, 11, 100] {
+                for p in [0u32, 1, 4, 5] {
+                    let h = with(&format!("m={m},t={t},p={p}"));
+                    assert_eq!(pattern.is_match(&h), argon2_cost_allowed(&h), "{h}");
+                }
+            }
+        }
         for bad in [
             "m=4294967295,t=1,p=1",
             "m=65537,t=1,p=1",
@@ -1092,6 +1120,7 @@ mod claim_file_tests {
             "m=19456,t=2,p=5",
             "m=19456,t=0,p=1",
             "m=16,t=2,p=4",
+            "m=31,t=2,p=1",
             "m=19456,t=2",
             "m=19456,t=2,p=1,p=1",
             "m=19456,t=2,p=1,keyid=x",

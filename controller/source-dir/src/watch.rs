@@ -35,6 +35,10 @@ pub const LAST_GOOD: &str = "last-good";
 /// whole pick-up stays far under the 200 ms budget.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
+/// A file written to in place and not closed is read once no write came for this long (a
+/// writer that keeps it open; see `DirState::writing`).
+pub const WRITE_QUIET: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct FileState {
     /// The objects this file owns now (its last valid versions).
@@ -112,6 +116,11 @@ pub struct DirState {
     /// Files that an object was taken from during the current update (a file that sorts
     /// before them declared it too): read again when it ends, to report the duplicate.
     overtaken: BTreeSet<PathBuf>,
+    /// Files being written in place (written to, and not closed since): what they hold is
+    /// not read, by events or rescans, until the writer closes them or stops writing for
+    /// [`WRITE_QUIET`]. Read half-written, a file declares only its first objects (or a field
+    /// cut short), and the rest would be deleted (claims released) or changed.
+    writing: BTreeMap<PathBuf, std::time::Instant>,
 }
 
 /// What a (re)load changed, in the order to tell the engine.
@@ -136,7 +145,35 @@ impl DirState {
             last_good: None,
             unreadable: BTreeMap::new(),
             overtaken: BTreeSet::new(),
+            writing: BTreeMap::new(),
         }
+    }
+
+    /// File `path` is being written (an event said so): not read until [`DirState::written`].
+    pub fn writing(&mut self, path: &Path) {
+        self.writing
+            .insert(path.to_path_buf(), std::time::Instant::now());
+    }
+
+    /// File `path` was closed, renamed or removed: read again from now.
+    pub fn written(&mut self, path: &Path) {
+        self.writing.remove(path);
+    }
+
+    /// Files written to without a close for `quiet` or longer: taken for written (a writer that
+    /// keeps its file open, or a close the OS did not report). They are read from now; their
+    /// paths, to be read.
+    pub fn quiet_for(&mut self, quiet: Duration) -> BTreeSet<PathBuf> {
+        let done: BTreeSet<PathBuf> = self
+            .writing
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= quiet)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in &done {
+            self.writing.remove(p);
+        }
+        done
     }
 
     /// Keeps a copy of each file's last valid text under `dir` (in the state folder). A file
@@ -243,6 +280,10 @@ impl DirState {
             }
         }
         for f in &found {
+            // Being written: what it declared stays until it is written.
+            if self.writing.contains_key(f) {
+                continue;
+            }
             self.load_file(f, changes);
         }
         self.prune_last_good(&found);
@@ -344,6 +385,9 @@ impl DirState {
                     continue;
                 }
                 if p.exists() {
+                    if self.writing.contains_key(p) {
+                        continue;
+                    }
                     loads.push(p);
                 } else {
                     self.remove_file(p, &mut changes);
@@ -681,9 +725,16 @@ pub async fn run(
         source,
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
-    let mut watcher = notify::recommended_watcher(move |res| {
-        let _ = tx.send(res);
-    })
+    // Linked folders are not followed (a rescan does not read them either): a link to a folder
+    // in the directory gave it a second watch sharing the first's, whose events then named the
+    // link (and were dropped) and which went with the link; a link loop watched the state
+    // folder.
+    let mut watcher = notify::RecommendedWatcher::new(
+        move |res| {
+            let _ = tx.send(res);
+        },
+        notify::Config::default().with_follow_symlinks(false),
+    )
     .map_err(watch_error)?;
     // The state folder (status, store, instances' files folders) is not watched: it changes all
     // the time and holds nothing to load. So the root is watched alone, and each folder in it
@@ -714,12 +765,15 @@ pub async fn run(
         let mut watcher = watcher;
         let mut rescan = tokio::time::interval(rescan_every);
         rescan.tick().await;
+        // Files being written that went quiet are read at this pace.
+        let mut quiet = tokio::time::interval(WRITE_QUIET / 4);
+        quiet.tick().await;
         loop {
             let mut paths = BTreeSet::new();
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
-                    collect(ev, &mut paths, &root);
+                    collect(ev, &mut paths, &root, &mut state);
                     // Debounce: take what else arrives shortly after.
                     let deadline = tokio::time::sleep(DEBOUNCE);
                     tokio::pin!(deadline);
@@ -727,7 +781,7 @@ pub async fn run(
                         tokio::select! {
                             _ = &mut deadline => break,
                             more = rx.recv() => match more {
-                                Some(ev) => collect(ev, &mut paths, &root),
+                                Some(ev) => collect(ev, &mut paths, &root, &mut state),
                                 None => break,
                             },
                         }
@@ -737,7 +791,7 @@ pub async fn run(
                     // (A folder removed and made again under the same name needs a new watch.)
                     let new_folders: Vec<&PathBuf> = paths
                         .iter()
-                        .filter(|p| p.parent() == Some(root.as_path()) && p.is_dir())
+                        .filter(|p| p.parent() == Some(root.as_path()) && is_real_dir(p))
                         .collect();
                     if !new_folders.is_empty() {
                         for p in new_folders {
@@ -753,6 +807,13 @@ pub async fn run(
                     let changes = state.rescan();
                     if send_all(&engine, changes).is_err() { break; }
                 }
+                _ = quiet.tick() => {
+                    let done = state.quiet_for(WRITE_QUIET);
+                    if !done.is_empty() {
+                        let changes = state.paths_changed(&done);
+                        if send_all(&engine, changes).is_err() { break; }
+                    }
+                }
             }
         }
     });
@@ -762,7 +823,7 @@ pub async fn run(
 /// Watches, recursively, every folder directly in `root` except the state folder that is not
 /// watched yet; forgets folders that are gone (their watches went with them).
 fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet<PathBuf>) {
-    watched.retain(|p| p.is_dir());
+    watched.retain(|p| is_real_dir(p));
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
@@ -771,7 +832,9 @@ fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet
         // Hidden folders (the state folder, `.git`) hold nothing to load: their changes are not
         // watched (a rescan does not read them either).
         let hidden = e.file_name().to_string_lossy().starts_with('.');
-        if hidden || !path.is_dir() || watched.contains(&path) {
+        // A link to a folder is not one (not followed; see `run`).
+        let folder = e.file_type().is_ok_and(|t| t.is_dir());
+        if hidden || !folder || watched.contains(&path) {
             continue;
         }
         match watcher.watch(&path, RecursiveMode::Recursive) {
@@ -785,7 +848,19 @@ fn watch_folders(watcher: &mut impl Watcher, root: &Path, watched: &mut BTreeSet
     }
 }
 
-fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, root: &Path) {
+/// A folder, not a link to one.
+fn is_real_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
+fn collect(
+    ev: notify::Result<notify::Event>,
+    paths: &mut BTreeSet<PathBuf>,
+    root: &Path,
+    state: &mut DirState,
+) {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
     match ev {
         // The OS dropped events (its queue overflowed): anything may have changed. The root
         // named as changed rescans it all (see `paths_changed`).
@@ -793,8 +868,34 @@ fn collect(ev: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, roo
             warn!("the OS dropped file events; rescanning the directory");
             paths.insert(root.to_path_buf());
         }
+        // Written in place: read once closed (or quiet), not half-written.
+        Ok(ev)
+            if matches!(
+                ev.kind,
+                EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_))
+            ) =>
+        {
+            for p in ev.paths {
+                state.writing(&p);
+                paths.insert(p);
+            }
+        }
+        // Closed after writing, renamed, removed: whole (or gone) now.
+        Ok(ev)
+            if matches!(
+                ev.kind,
+                EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    | EventKind::Modify(ModifyKind::Name(_))
+                    | EventKind::Remove(_)
+            ) =>
+        {
+            for p in ev.paths {
+                state.written(&p);
+                paths.insert(p);
+            }
+        }
         // Reading a file or opening a folder (to sync it) changes nothing.
-        Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => {}
+        Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
         Ok(ev) => paths.extend(ev.paths),
         Err(e) => warn!(error = %e, "watch error; the periodic rescan will catch up"),
     }
@@ -814,16 +915,55 @@ mod tests {
     #[test]
     fn events_the_os_dropped_rescan_the_whole_directory() {
         let root = Path::new("/specs");
+        let mut st = DirState::new(root);
         let mut paths = BTreeSet::new();
         let overflow =
             notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        collect(Ok(overflow), &mut paths, root);
+        collect(Ok(overflow), &mut paths, root, &mut st);
         assert_eq!(paths, BTreeSet::from([root.to_path_buf()]));
         // A read changes nothing; a write names its file.
         let mut paths = BTreeSet::new();
         let read = notify::Event::new(notify::EventKind::Access(notify::event::AccessKind::Any))
             .add_path(root.join("a.yaml"));
-        collect(Ok(read), &mut paths, root);
+        collect(Ok(read), &mut paths, root, &mut st);
         assert!(paths.is_empty());
+    }
+
+    #[test]
+    fn a_write_marks_its_file_being_written_until_its_close_or_rename() {
+        use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+        let root = Path::new("/specs");
+        let a = root.join("a.yaml");
+        let mut st = DirState::new(root);
+        let mut paths = BTreeSet::new();
+        let ev = |kind| notify::Event::new(kind).add_path(a.clone());
+        collect(
+            Ok(ev(notify::EventKind::Modify(ModifyKind::Data(
+                notify::event::DataChange::Any,
+            )))),
+            &mut paths,
+            root,
+            &mut st,
+        );
+        assert!(st.writing.contains_key(&a) && paths.contains(&a));
+        collect(
+            Ok(ev(notify::EventKind::Access(AccessKind::Close(
+                AccessMode::Write,
+            )))),
+            &mut paths,
+            root,
+            &mut st,
+        );
+        assert!(!st.writing.contains_key(&a));
+        st.writing(&a);
+        collect(
+            Ok(ev(notify::EventKind::Modify(ModifyKind::Name(
+                RenameMode::To,
+            )))),
+            &mut paths,
+            root,
+            &mut st,
+        );
+        assert!(!st.writing.contains_key(&a));
     }
 }

@@ -513,6 +513,66 @@ async fn pool_condition_transition_times_hold_while_the_status_holds() {
 // ---------------------------------------------------------------------------------------------
 // Pick-up latency
 
+/// A file written in place slowly (a generator writing its output a piece at a time) is
+/// read once closed, never half written: the pool its second half declares is not deleted in
+/// between (a claim there would be released, its instance reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_slowly_in_place_is_read_once_closed_not_half_written() {
+    use std::io::Write;
+    let both = |warm: u32| {
+        format!(
+            "{}---\n{}",
+            pool_yaml("a", warm, "x"),
+            pool_yaml("b", warm, "x")
+        )
+    };
+    let r = start(|root| write(&root.join("pools.yaml"), &both(1))).await;
+    r.wait_for("both pools", |s| {
+        declared_pool(s, "a").is_some() && declared_pool(s, "b").is_some()
+    })
+    .await;
+    let mut f = std::fs::File::create(r.path("pools.yaml")).unwrap();
+    f.write_all(pool_yaml("a", 2, "x").as_bytes()).unwrap();
+    let until = Instant::now() + Duration::from_millis(400);
+    while Instant::now() < until {
+        let s = r.snapshot().await;
+        assert!(
+            declared_pool(&s, "b").is_some(),
+            "pool b deleted while its file was half written"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f.write_all(format!("---\n{}", pool_yaml("b", 2, "x")).as_bytes())
+        .unwrap();
+    drop(f);
+    r.wait_for("both at warm 2", |s| {
+        ["a", "b"]
+            .iter()
+            .all(|p| declared_pool(s, p).is_some_and(|o| u(&o.spec, "/warm") == Some(2)))
+    })
+    .await;
+}
+
+/// A link to a folder of the directory does not deafen the watcher to the folder: edits in it
+/// are picked up while the link exists and after it is removed (no periodic rescan here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_to_a_folder_leaves_the_folder_watched() {
+    let r = start(|root| write(&root.join("teams/pool.yaml"), &pool_yaml("web", 1, "x"))).await;
+    r.wait_for("web", |s| declared_pool(s, "web").is_some())
+        .await;
+    let warm_is = |w: u64| {
+        move |s: &Snapshot| declared_pool(s, "web").is_some_and(|o| u(&o.spec, "/warm") == Some(w))
+    };
+    std::os::unix::fs::symlink(r.path("teams"), r.path("current")).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    atomic_save(&r.path("teams/pool.yaml"), &pool_yaml("web", 2, "x"));
+    r.wait_for("the edit beside the link", warm_is(2)).await;
+    std::fs::remove_file(r.path("current")).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    atomic_save(&r.path("teams/pool.yaml"), &pool_yaml("web", 3, "x"));
+    r.wait_for("the edit after the link went", warm_is(3)).await;
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -1177,6 +1237,38 @@ fn dirstate_a_file_emptied_keeps_its_objects_until_it_is_written_again() {
     let g = root.join("new.yaml");
     write(&g, "");
     assert!(st.paths_changed(&paths(&[&g])).events.is_empty());
+}
+
+/// A file written in place a piece at a time declares, half written, only its first objects:
+/// while it is being written (not closed since), neither its events nor a rescan read it, and
+/// the objects it declared stay; once written, what it no longer declares goes.
+#[test]
+fn dirstate_a_file_being_written_keeps_its_objects_until_it_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let f = root.join("pools.yaml");
+    let both = format!("{}---\n{}", pool_yaml("a", 1, "x"), pool_yaml("b", 1, "x"));
+    write(&f, &both);
+    let mut st = DirState::new(root);
+    st.rescan();
+    st.writing(&f);
+    write(&f, &pool_yaml("a", 1, "x"));
+    let ch = st.paths_changed(&paths(&[&f]));
+    assert!(deleted(&ch.events).is_empty(), "{:#?}", ch.events);
+    let ch = st.rescan();
+    assert!(deleted(&ch.events).is_empty(), "{:#?}", ch.events);
+    // Not written since for the quiet time: taken for written.
+    assert!(st.quiet_for(Duration::from_secs(3600)).is_empty());
+    assert_eq!(st.quiet_for(Duration::ZERO), paths(&[&f]));
+    let ch = st.paths_changed(&paths(&[&f]));
+    assert_eq!(deleted(&ch.events), vec![pool("b")]);
+    // Closed: read at once.
+    st.writing(&f);
+    write(&f, &both);
+    assert!(applied(&st.paths_changed(&paths(&[&f])).events).is_empty());
+    st.written(&f);
+    let ch = st.paths_changed(&paths(&[&f]));
+    assert_eq!(applied(&ch.events).len(), 1, "{:#?}", ch.events);
 }
 
 #[test]
