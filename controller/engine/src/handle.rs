@@ -317,6 +317,12 @@ impl EngineHandle {
         self.ask(|tx| Input::Views(keys, tx)).await
     }
 
+    /// One object as status shows it (None when the engine does not hold it): [`Self::views`]
+    /// of one key.
+    pub async fn view(&self, key: ObjKey) -> Result<Option<ObjectView>, EngineError> {
+        Ok(self.views(vec![key]).await?.into_iter().next().flatten())
+    }
+
     /// Some instances as status shows them (None for one that is gone).
     pub async fn instances(
         &self,

@@ -156,7 +156,43 @@ pub(crate) async fn get_claim(
 }
 
 /// The changes an event stream holds for a client that does not read them (see `events`).
-pub(crate) const EVENTS_BUFFERED: usize = 1024;
+const EVENTS_BUFFERED: usize = 1024;
+
+/// The engine's claim changes a stream's reader may see, taken as they come: `admit` says of
+/// each change's user whether the reader sees it (`Some(true)`), not (`Some(false)`), or may
+/// no longer see anything (`None`: the stream ends). They go into a bounded buffer: a reader
+/// that does not read costs at most [`EVENTS_BUFFERED`] changes, then its stream ends (it may
+/// connect again) and the engine stops sending to it. A reader gone ends this at once, not at
+/// the next change it may see, which may never come.
+pub(crate) fn forward_changes<F, Fut>(
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<poolkeeper_engine::ClaimChange>,
+    mut admit: F,
+) -> tokio::sync::mpsc::Receiver<poolkeeper_engine::ClaimChange>
+where
+    F: FnMut(String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<bool>> + Send,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                () = tx.closed() => None,
+            };
+            let Some(change) = change else { break };
+            match admit(change.user.clone()).await {
+                None => break,
+                Some(false) => {}
+                Some(true) => {
+                    if tx.try_send(change).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
 
 /// Server-Sent Events: each change of a claim's phase that the caller may see, as
 /// `event: claim` with `{"claim", "user", "phase"}`, from the moment of the request.
@@ -169,32 +205,15 @@ pub(crate) async fn events(
     >,
 > {
     who(&state, &headers)?;
-    let mut changes = state
+    let changes = state
         .handle
         .subscribe()
         .map_err(|_| ApiError::unavailable())?;
-    // The engine's changes are taken as they come; those the caller may see (decided at each
-    // change, with the token as it stands then: a user disabled, deleted or no longer an admin
-    // stops seeing at once, and the stream ends) go into a bounded buffer: a client that does
-    // not read costs at most EVENTS_BUFFERED changes, then its stream ends (it may connect
-    // again) and the engine stops sending to it.
-    let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
-    tokio::spawn(async move {
-        loop {
-            // A client gone ends this at once (the engine stops sending to it), not at the next
-            // change it may see, which may never come.
-            let change = tokio::select! {
-                change = changes.recv() => change,
-                () = tx.closed() => None,
-            };
-            let Some(change) = change else { break };
-            let Ok(who) = who(&state, &headers) else {
-                break;
-            };
-            if who.sees_user(&change.user) && tx.try_send(change).is_err() {
-                break;
-            }
-        }
+    // Decided at each change, with the token as it stands then: a user disabled, deleted or no
+    // longer an admin stops seeing at once, and the stream ends.
+    let rx = forward_changes(changes, move |user| {
+        let seen = who(&state, &headers).ok().map(|who| who.sees_user(&user));
+        async move { seen }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let change = rx.recv().await?;

@@ -244,13 +244,9 @@ async fn claim_gone(state: &ApiState, name: &str) -> bool {
     loop {
         let held = state
             .handle
-            .views(vec![poolkeeper_kinds::ObjKey::new(
-                Kind::Claim,
-                name.to_owned(),
-            )])
+            .view(poolkeeper_kinds::ObjKey::new(Kind::Claim, name.to_owned()))
             .await
-            .map(|v| v.into_iter().next().flatten().is_some())
-            .unwrap_or(true);
+            .map_or(true, |v| v.is_some());
         if !held {
             return true;
         }

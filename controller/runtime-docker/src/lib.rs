@@ -576,10 +576,8 @@ impl DockerRuntime {
             }
         };
         st.creating.insert(name.to_owned(), i);
-        let changed = deployment.is_some_and(|d| {
-            let pinned = !volumes.is_empty() || st.placed.get(d).is_some_and(|p| p.pinned);
-            Self::place(st, d, i, pinned)
-        });
+        // A pinned deployment is on its node here (it never moves), and `place` keeps its pin.
+        let changed = deployment.is_some_and(|d| Self::place(st, d, i, !volumes.is_empty()));
         Ok((i, changed))
     }
 

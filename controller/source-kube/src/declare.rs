@@ -250,15 +250,11 @@ impl Declare for KubeDeclare {
         Box::pin(async move {
             let key = ObjKey::new(Kind::Pool, name);
             let ns = self.namespace_of(&key)?;
-            let views = self
+            let was = self
                 .handle
-                .views(vec![key])
+                .view(key)
                 .await
-                .map_err(|_| DeclareError::Stopped)?;
-            let was = views
-                .into_iter()
-                .flatten()
-                .next()
+                .map_err(|_| DeclareError::Stopped)?
                 .and_then(|v| v.spec.get("warm").and_then(Value::as_u64));
             self.writer
                 .merge_spec(Kind::Pool, &ns, name, json!({ "warm": warm }))
@@ -370,12 +366,9 @@ impl Declare for KubeDeclare {
             let ns = self.namespace_of(&key)?;
             let view = self
                 .handle
-                .views(vec![key])
+                .view(key)
                 .await
                 .map_err(|_| DeclareError::Stopped)?
-                .into_iter()
-                .flatten()
-                .next()
                 .ok_or_else(|| DeclareError::NotFound(format!("no Deployment {deployment:?}")))?;
             let mut spec: poolkeeper_kinds::DeploymentSpec = serde_json::from_value(view.spec)
                 .map_err(|e| {

@@ -569,9 +569,9 @@ impl Source {
         let mut instance = None;
         if self.given.get(&ok) == Some(&key.1) {
             if key.0 == Kind::Claim
-                && let Ok(views) = self.handle.views(vec![ok.clone()]).await
+                && let Ok(view) = self.handle.view(ok.clone()).await
             {
-                instance = views.into_iter().flatten().next().and_then(|v| {
+                instance = view.and_then(|v| {
                     v.status
                         .get("instance")
                         .and_then(Value::as_str)

@@ -268,35 +268,32 @@ pub(crate) async fn events(
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "not signed in"));
     };
     let who = session.who;
-    let mut changes = state
+    let changes = state
         .handle
         .subscribe()
         .map_err(|_| ApiError::unavailable())?;
-    // As the API's stream: the engine's changes the page may see go into a bounded buffer (a
-    // page that does not read costs at most EVENTS_BUFFERED changes, then its stream ends),
-    // and the session is checked again at each one: signed out, disabled, deleted, no longer
-    // an operator, or its password changed, the stream ends at once.
-    let (tx, claims) = tokio::sync::mpsc::channel(crate::objects::EVENTS_BUFFERED);
-    {
+    // As the API's stream, and the session is checked again at each change the page may see:
+    // signed out, disabled, deleted, no longer an operator, or its password changed, the
+    // stream ends at once.
+    let claims = {
         let state = state.clone();
         let id = id.clone();
         let who = who.clone();
-        tokio::spawn(async move {
-            loop {
-                let change = tokio::select! {
-                    change = changes.recv() => change,
-                    () = tx.closed() => None,
-                };
-                let Some(change) = change else { break };
-                if !who.sees_user(&change.user) {
-                    continue;
-                }
-                if !super::session_holds(&state, &id).await || tx.try_send(change).is_err() {
-                    break;
+        crate::objects::forward_changes(changes, move |user| {
+            let state = state.clone();
+            let id = id.clone();
+            let sees = who.sees_user(&user);
+            async move {
+                if !sees {
+                    Some(false)
+                } else if super::session_holds(&state, &id).await {
+                    Some(true)
+                } else {
+                    None
                 }
             }
-        });
-    }
+        })
+    };
     let mut pools = state.console.feed.rows(&state.handle).await;
     // The current rows first: a page rendered before the sampler started gets them at once.
     pools.mark_changed();
@@ -331,10 +328,10 @@ pub(crate) async fn events(
                 let view = live
                     .state
                     .handle
-                    .views(vec![ObjKey::new(Kind::Claim, change.name.clone())])
+                    .view(ObjKey::new(Kind::Claim, change.name.clone()))
                     .await
                     .ok()
-                    .and_then(|v| v.into_iter().next().flatten());
+                    .flatten();
                 let mut data = match &view {
                     Some(v) => claim_json(&v.name, &v.spec, &v.status),
                     None => json!({"name": change.name, "user": change.user}),
@@ -483,14 +480,14 @@ async fn log_stream(
 
 /// Whether claim `claim` is Bound to `instance` now.
 async fn bound_to(state: &ApiState, claim: &str, instance: &str) -> bool {
-    let Ok(views) = state
+    let Ok(view) = state
         .handle
-        .views(vec![ObjKey::new(Kind::Claim, claim.to_owned())])
+        .view(ObjKey::new(Kind::Claim, claim.to_owned()))
         .await
     else {
         return false;
     };
-    views.into_iter().next().flatten().is_some_and(|v| {
+    view.is_some_and(|v| {
         let status: ClaimStatus = serde_json::from_value(v.status).unwrap_or_default();
         status.phase == poolkeeper_kinds::ClaimPhase::Bound
             && status.instance.as_deref() == Some(instance)
@@ -514,12 +511,9 @@ pub(crate) async fn claim_logs(
     }
     let view = state
         .handle
-        .views(vec![ObjKey::new(Kind::Claim, name.clone())])
+        .view(ObjKey::new(Kind::Claim, name.clone()))
         .await
-        .map_err(|_| ApiError::unavailable())?
-        .into_iter()
-        .next()
-        .flatten();
+        .map_err(|_| ApiError::unavailable())?;
     let status: ClaimStatus = view
         .map(|v| serde_json::from_value(v.status).unwrap_or_default())
         .unwrap_or_default();

@@ -314,42 +314,40 @@ pub(crate) async fn live_session(
     state: &crate::ApiState,
     headers: &HeaderMap,
 ) -> Option<(String, Session)> {
-    let (id, s) = state.console.session(headers)?;
-    if still_holds(state, &s).await {
-        Some((id, s))
-    } else {
-        state.console.sign_out(&id);
-        None
-    }
+    let id = cookie(headers, SESSION_COOKIE)?;
+    let s = held(state, id).await?;
+    Some((id.to_owned(), s))
 }
 
-/// Whether session `id` may go on streaming to its page: it was not signed out or evicted,
-/// and [`still_holds`]. Ended here when it may not.
+/// Whether session `id` may go on streaming to its page: see [`held`].
 pub(crate) async fn session_holds(state: &crate::ApiState, id: &str) -> bool {
-    let Some(s) = state.console.touch(id) else {
-        return false;
-    };
-    let holds = still_holds(state, &s).await;
-    if !holds {
+    held(state, id).await.is_some()
+}
+
+/// Session `id`, seen now, if it was not signed out, evicted or idle too long, and
+/// [`still_holds`]; ended here when it may not go on.
+async fn held(state: &crate::ApiState, id: &str) -> Option<Session> {
+    let s = state.console.touch(id)?;
+    if still_holds(state, &s).await {
+        Some(s)
+    } else {
         state.console.sign_out(id);
+        None
     }
-    holds
 }
 
 /// Whether session `s` may go on: its declared user (if any) is still declared, enabled and
 /// as much an operator as at sign-in, and what signed it in still would (the same password
 /// hash; a token that still names the same user, or is still the admin token).
-pub(crate) async fn still_holds(state: &crate::ApiState, s: &Session) -> bool {
+async fn still_holds(state: &crate::ApiState, s: &Session) -> bool {
     let spec = match &s.account {
         Some(u) => {
             let key = poolkeeper_kinds::ObjKey::new(poolkeeper_kinds::Kind::User, u.clone());
-            let Ok(views) = state.handle.views(vec![key]).await else {
+            let Ok(view) = state.handle.view(key).await else {
                 return false;
             };
-            let spec =
-                views.into_iter().next().flatten().and_then(|v| {
-                    serde_json::from_value::<poolkeeper_kinds::UserSpec>(v.spec).ok()
-                });
+            let spec = view
+                .and_then(|v| serde_json::from_value::<poolkeeper_kinds::UserSpec>(v.spec).ok());
             match spec {
                 Some(spec) if !spec.disabled && spec.admin == (s.who == Caller::Admin) => {
                     Some(spec)
