@@ -557,6 +557,45 @@ fn sign_ins_sent_at_once_are_limited_as_if_sent_one_by_one() {
     assert_eq!((checked, refused), (5, 11), "{statuses:?}");
 }
 
+/// Right passwords sent all at once wait for the ones being checked, rather than being refused
+/// as if those were failures: a class signing in together behind one address gets in.
+#[test]
+fn right_sign_ins_sent_at_once_all_get_in() {
+    let c = Console::start(&[]);
+    let out = passwd(&c, "bob", BOB, "hunter2hunter2");
+    assert!(out.status.success(), "{out:?}");
+    let mut op = c.browser();
+    op.sign_in_token(ADMIN);
+    wait_for("bob has a password", Duration::from_secs(10), || {
+        op.get("/ui")
+            .text
+            .contains("<th scope=\"row\">bob</th><td>0 of 5</td><td>token, password</td>")
+    });
+    // More than the five a name may fail, all at once, every one right.
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let tries: Vec<_> = (0..12)
+            .map(|_| {
+                let c = &c;
+                scope.spawn(move || {
+                    let mut m = c.browser();
+                    let csrf = m.csrf("/ui/signin");
+                    m.post(
+                        "/ui/signin",
+                        &[
+                            ("csrf", &csrf),
+                            ("username", "bob"),
+                            ("password", "hunter2hunter2"),
+                        ],
+                    )
+                    .status
+                })
+            })
+            .collect();
+        tries.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 303), "{statuses:?}");
+}
+
 #[test]
 fn registration_when_allowed_declares_a_user_file_and_signs_in() {
     let c = Console::start(&["--allow-registration", "--registration-quota", "1"]);

@@ -117,8 +117,8 @@ pub(crate) const PRE_COOKIE: &str = "pk_pre";
 pub(crate) struct Console {
     pub config: ConsoleConfig,
     sessions: Mutex<HashMap<String, Session>>,
-    /// Attempts per key (an address, a user name): when, and the attempt's ticket.
-    failures: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
+    /// Attempts per key (an address, a user name), oldest first.
+    failures: Mutex<HashMap<String, VecDeque<Counted>>>,
     /// Source of attempt tickets.
     tickets: std::sync::atomic::AtomicU64,
     /// Password hashes made or checked at once: each costs tens of MiB and a core for tens of
@@ -248,63 +248,140 @@ impl Console {
     }
 
     /// Counts an attempt (a sign-in, a registration) against each of `keys` (an address, a
-    /// user name), unless one of them has used up its window: then how long until it may try
-    /// again. The check and the count are one step, before the password is looked at, so that
-    /// attempts sent at once cannot all pass the check before the first is counted. The
-    /// attempt's ticket takes it back (see [`Console::succeeded`]).
-    pub fn attempt(&self, keys: &[String]) -> Result<u64, Duration> {
+    /// user name), unless one of them has used up its window. The check and the count are one
+    /// step, before the password is looked at, so that attempts sent at once cannot all pass
+    /// the check before the first is counted.
+    ///
+    /// Attempts still being checked count until they are known: when they alone fill a key's
+    /// window, the answer is [`Refused::Busy`] (wait for them), not a refusal, so that a
+    /// classroom behind one address signing in at once is not turned away for its own right
+    /// passwords. The attempt stays counted (a failure) unless [`Attempt::succeeded`] takes it
+    /// back, also when its request is dropped half way.
+    pub fn attempt(&self, keys: &[String]) -> Result<Attempt<'_>, Refused> {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let wait = keys
-            .iter()
-            .filter_map(|k| {
-                let q = failures.get_mut(k)?;
-                while q
-                    .front()
-                    .is_some_and(|(t, _)| now.duration_since(*t) > WINDOW)
-                {
-                    q.pop_front();
-                }
-                (q.len() >= limit(k))
-                    .then(|| {
-                        q.front()
-                            .map(|(t, _)| WINDOW.saturating_sub(now.duration_since(*t)))
-                    })
-                    .flatten()
-            })
-            .max();
+        let mut busy = false;
+        let mut wait: Option<Duration> = None;
+        for k in keys {
+            let Some(q) = failures.get_mut(k) else {
+                continue;
+            };
+            while q.front().is_some_and(|c| now.duration_since(c.at) > WINDOW) {
+                q.pop_front();
+            }
+            let known = q.iter().filter(|c| !c.checking).count();
+            if known >= limit(k) {
+                let until = q
+                    .iter()
+                    .find(|c| !c.checking)
+                    .map(|c| WINDOW.saturating_sub(now.duration_since(c.at)))
+                    .unwrap_or(WINDOW);
+                wait = Some(wait.map_or(until, |w| w.max(until)));
+            } else if q.len() >= limit(k) {
+                busy = true;
+            }
+        }
         if let Some(wait) = wait {
-            return Err(wait);
+            return Err(Refused::Wait(wait));
+        }
+        if busy {
+            return Err(Refused::Busy);
         }
         // Bounded: addresses and names that stopped trying are dropped once their window has
         // passed.
         if failures.len() > 100_000 {
-            failures.retain(|_, q| {
-                q.back()
-                    .is_some_and(|(t, _)| now.duration_since(*t) <= WINDOW)
-            });
+            failures.retain(|_, q| q.back().is_some_and(|c| now.duration_since(c.at) <= WINDOW));
         }
         let ticket = self
             .tickets
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for k in keys {
-            failures
-                .entry(k.clone())
-                .or_default()
-                .push_back((now, ticket));
+            failures.entry(k.clone()).or_default().push_back(Counted {
+                at: now,
+                ticket,
+                checking: true,
+            });
         }
-        Ok(ticket)
+        Ok(Attempt {
+            console: self,
+            keys: keys.to_vec(),
+            ticket,
+            succeeded: false,
+        })
     }
 
-    /// The attempt of `ticket` succeeded: it is not held against its keys. Only that attempt
-    /// is taken back, not whichever came last (a guess made meanwhile stays counted).
-    pub fn succeeded(&self, keys: &[String], ticket: u64) {
+    /// [`Console::attempt`], waiting up to [`BUSY_WAIT`] while attempts being checked fill a
+    /// key's window; then how long until it may try again.
+    pub async fn attempt_when_known(&self, keys: &[String]) -> Result<Attempt<'_>, Duration> {
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        loop {
+            match self.attempt(keys) {
+                Ok(a) => return Ok(a),
+                Err(Refused::Wait(wait)) => return Err(wait),
+                Err(Refused::Busy) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Duration::from_secs(1));
+                }
+                Err(Refused::Busy) => tokio::time::sleep(BUSY_POLL).await,
+            }
+        }
+    }
+
+    /// The attempt of `ticket` is known: taken back when it succeeded, else counted for good.
+    fn settle(&self, keys: &[String], ticket: u64, succeeded: bool) {
         let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         for k in keys {
             if let Some(q) = failures.get_mut(k) {
-                q.retain(|(_, t)| *t != ticket);
+                if succeeded {
+                    q.retain(|c| c.ticket != ticket);
+                } else if let Some(c) = q.iter_mut().find(|c| c.ticket == ticket) {
+                    c.checking = false;
+                }
             }
         }
+    }
+}
+
+/// One attempt counted against its keys (see [`Console::attempt`]).
+#[derive(Clone, Copy, Debug)]
+struct Counted {
+    at: Instant,
+    ticket: u64,
+    /// Its password is still being checked.
+    checking: bool,
+}
+
+/// Why [`Console::attempt`] did not count an attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A key used up its window: this long until it may try again.
+    Wait(Duration),
+    /// Attempts still being checked fill a key's window: try again once they are known.
+    Busy,
+}
+
+/// How long a sign-in waits for the attempts before it to be known.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+const BUSY_POLL: Duration = Duration::from_millis(20);
+
+/// An attempt being made: a failure unless [`Attempt::succeeded`] says otherwise.
+pub struct Attempt<'a> {
+    console: &'a Console,
+    keys: Vec<String>,
+    ticket: u64,
+    succeeded: bool,
+}
+
+impl Attempt<'_> {
+    /// It succeeded: it is not held against its keys. Only this attempt is taken back, not
+    /// whichever came last (a guess made meanwhile stays counted).
+    pub fn succeeded(mut self) {
+        self.succeeded = true;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.console.settle(&self.keys, self.ticket, self.succeeded);
     }
 }
 
@@ -511,46 +588,96 @@ mod tests {
         assert!(c.to_str().expect("ascii").contains("Max-Age=0"));
     }
 
+    /// A failed attempt, known at once.
+    fn fail(c: &Console, keys: &[String]) -> Result<(), Refused> {
+        c.attempt(keys).map(drop)
+    }
+
     #[test]
     fn attempts_block_a_name_after_five_and_an_address_after_twenty_for_the_window() {
         let c = Console::new(ConsoleConfig::default());
         let user = vec!["user:bob".to_owned()];
         for _ in 0..5 {
-            assert!(c.attempt(&user).is_ok());
+            assert!(fail(&c, &user).is_ok());
         }
-        let wait = c.attempt(&user).expect_err("blocked");
+        let Err(Refused::Wait(wait)) = fail(&c, &user) else {
+            panic!("blocked")
+        };
         assert!(wait <= WINDOW && wait > Duration::from_secs(50), "{wait:?}");
         let ip = vec!["ip:10.0.0.1".to_owned()];
         for _ in 0..20 {
-            assert!(c.attempt(&ip).is_ok());
+            assert!(fail(&c, &ip).is_ok());
         }
-        assert!(c.attempt(&ip).is_err());
+        assert!(matches!(fail(&c, &ip), Err(Refused::Wait(_))));
         // Another name is not blocked; a key list with a blocked one is, and counts nothing.
         let alice = vec!["user:alice".to_owned()];
-        assert!(c.attempt(&[alice[0].clone(), user[0].clone()]).is_err());
+        assert!(fail(&c, &[alice[0].clone(), user[0].clone()]).is_err());
         for _ in 0..5 {
-            assert!(c.attempt(&alice).is_ok());
+            assert!(fail(&c, &alice).is_ok());
         }
-        assert!(c.attempt(&alice).is_err());
+        assert!(fail(&c, &alice).is_err());
         // A success is taken back: a name that signs in well is never blocked by it.
         let carol = vec!["user:carol".to_owned()];
         for _ in 0..50 {
-            let ticket = c.attempt(&carol).expect("not blocked");
-            c.succeeded(&carol, ticket);
+            c.attempt(&carol).expect("not blocked").succeeded();
         }
         // Only the successful attempt is taken back: guesses made while it was checked stay
         // counted, however the two interleave.
         let dave = vec!["user:dave".to_owned()];
         let right = c.attempt(&dave).expect("first");
         for _ in 0..4 {
-            assert!(c.attempt(&dave).is_ok());
+            assert!(fail(&c, &dave).is_ok());
         }
-        c.succeeded(&dave, right);
+        right.succeeded();
         assert!(
-            c.attempt(&dave).is_ok(),
+            fail(&c, &dave).is_ok(),
             "four guesses and one success: one more allowed"
         );
-        assert!(c.attempt(&dave).is_err(), "five guesses: blocked");
+        assert!(fail(&c, &dave).is_err(), "five guesses: blocked");
+    }
+
+    #[test]
+    fn attempts_still_being_checked_make_the_next_wait_not_fail() {
+        let c = Console::new(ConsoleConfig::default());
+        let ip = vec!["ip:10.0.0.2".to_owned()];
+        // Twenty sign-ins from one address being checked at once: the next is not refused,
+        // it waits for them.
+        let mut checking: Vec<_> = (0..20).map(|_| c.attempt(&ip).expect("room")).collect();
+        assert_eq!(c.attempt(&ip).err(), Some(Refused::Busy));
+        // One is right: its place is free again.
+        checking.pop().expect("twenty").succeeded();
+        let next = c.attempt(&ip).expect("room again");
+        // Nineteen were wrong and the next too: the window is used up, a refusal for good.
+        checking.clear();
+        drop(next);
+        assert!(matches!(c.attempt(&ip), Err(Refused::Wait(_))));
+        // A name's five, likewise.
+        let bob = vec!["user:bob".to_owned()];
+        let checking: Vec<_> = (0..5).map(|_| c.attempt(&bob).expect("room")).collect();
+        assert_eq!(c.attempt(&bob).err(), Some(Refused::Busy));
+        drop(checking);
+        assert!(matches!(c.attempt(&bob), Err(Refused::Wait(_))));
+    }
+
+    #[tokio::test]
+    async fn a_sign_in_waits_for_the_ones_being_checked_and_then_is_counted() {
+        let c = Console::new(ConsoleConfig::default());
+        let bob = vec!["user:bob".to_owned()];
+        let mut checking: Vec<_> = (0..5).map(|_| c.attempt(&bob).expect("room")).collect();
+        let waiting = c.attempt_when_known(&bob);
+        tokio::pin!(waiting);
+        // Still waiting a while later.
+        tokio::select! {
+            _ = &mut waiting => panic!("went ahead of the five being checked"),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        checking.pop().expect("five").succeeded();
+        let got = waiting.await.expect("its turn");
+        drop(got);
+        drop(checking);
+        // Five wrong now: the next waits no more, it is refused for the rest of the window.
+        let wait = c.attempt_when_known(&bob).await.err().expect("refused");
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
     }
 
     #[test]
