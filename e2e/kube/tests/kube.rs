@@ -837,7 +837,8 @@ async fn a_controller_without_its_store_queues_the_claims_in_the_order_they_were
 /// A reservation whose claim ended (its TTL ran out) is made afresh by the next provision: the
 /// ended claim is deleted and, once it has gone through its finalizer, made again. A creation
 /// before it had gone found the old claim and answered the provision as a duplicate, while the
-/// old claim then went: no claim, and the booking system told it runs.
+/// old claim then went: no claim, and the booking system told it runs. While another's
+/// finalizer holds the ended claim, the provision is answered 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_reservation_is_made_afresh_once_its_claim_went_through_the_finalizer() {
     let Some(c) = cluster().await else { return };
@@ -912,6 +913,70 @@ spec: {quota: {maxClaims: 2}}
     );
     eventually(
         "made afresh and bound",
+        Duration::from_secs(60),
+        async || phase_is("Bound").await,
+    )
+    .await;
+    // Ended again, and held by another's finalizer: its name stays taken, so the provision
+    // is answered 503 (send it again), not as a duplicate nor as a conflict, and is not taken
+    // for received.
+    eventually(
+        "the reservation expires again",
+        Duration::from_secs(60),
+        async || phase_is("Expired").await,
+    )
+    .await;
+    const HOLD: &str = "e2e.poolkeeper.dev/hold";
+    c.kubectl_ok(
+        &[
+            "patch",
+            "claim",
+            &name,
+            "-n",
+            &ns,
+            "--type=json",
+            "-p",
+            &format!(r#"[{{"op":"add","path":"/metadata/finalizers/-","value":"{HOLD}"}}]"#),
+        ],
+        None,
+    );
+    let (code, v) = post(now + 2);
+    assert_eq!(code, 503, "{v}");
+    let finalizers = c.kubectl_ok(
+        &[
+            "get",
+            "claim",
+            &name,
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.metadata.finalizers}",
+        ],
+        None,
+    );
+    assert_eq!(finalizers, format!(r#"["{HOLD}"]"#), "its own went");
+    // Once let go, the same request, sent again, makes it.
+    c.kubectl_ok(
+        &[
+            "patch",
+            "claim",
+            &name,
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+        None,
+    );
+    let (code, v) = post(now + 2);
+    assert_eq!(
+        (code, v["created"].clone()),
+        (201, Value::Bool(true)),
+        "{v}"
+    );
+    eventually(
+        "made afresh once more and bound",
         Duration::from_secs(60),
         async || phase_is("Bound").await,
     )
