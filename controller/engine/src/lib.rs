@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{error, warn};
 
 use poolkeeper_core::claims::Verdict;
 use poolkeeper_core::pool::{InstancePhase, Slot};
@@ -553,6 +553,8 @@ pub struct Engine<R: Runtime> {
     next_seq: u64,
     /// When the oldest batch written without a flush was committed (see `DEFERRED_FLUSH_MS`).
     deferred_since_ms: Option<u64>,
+    /// The store's failed compactions already logged.
+    compaction_failures_told: u64,
     synced: bool,
     listed: bool,
     /// Bumped each time the runtime is listed; a list result carries the epoch it began in.
@@ -648,6 +650,7 @@ impl<R: Runtime> Engine<R> {
             release_held: false,
             next_seq,
             deferred_since_ms: None,
+            compaction_failures_told: 0,
             synced: false,
             listed: false,
             list_epoch: 0,
@@ -693,7 +696,17 @@ pub fn start<R: Runtime>(
         source,
     })?;
     let recovery = *store.recovery();
-    if recovery.dropped_tail_bytes > 0 {
+    if let Some(at) = recovery.damaged_at {
+        error!(
+            store = %store.dir().display(),
+            offset = at,
+            dropped_bytes = recovery.dropped_tail_bytes,
+            whole_records_after = recovery.records_after_damage,
+            "state store: a damaged log record was followed by whole records, which were cut \
+             with it (they may hold acknowledged claims and bindings: check the instances' \
+             claims); the cut bytes are kept beside the log as wal-*.log.damaged-OFFSET"
+        );
+    } else if recovery.dropped_tail_bytes > 0 {
         warn!(
             dropped_bytes = recovery.dropped_tail_bytes,
             "state store: dropped a torn tail (a batch that was never acknowledged)"

@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::HashSet;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use poolkeeper_core::pool::InstancePhase;
 use poolkeeper_runtime::Runtime;
@@ -387,6 +387,16 @@ impl<R: Runtime> Engine<R> {
             };
             let began = std::time::Instant::now();
             let committed = self.store.commit_with(ops, flush);
+            if self.store.compaction_failures() > self.compaction_failures_told {
+                self.compaction_failures_told = self.store.compaction_failures();
+                if let Some(e) = self.store.last_compaction_error() {
+                    warn!(
+                        error = %crate::storedown::cause(e),
+                        failures = self.compaction_failures_told,
+                        "state store: compaction failed; the log grows until it succeeds"
+                    );
+                }
+            }
             match flush {
                 Flush::Now => self
                     .metrics

@@ -31,7 +31,7 @@ pub(crate) struct StoreDown {
 
 /// The failure itself (not the poisoning that follows it), with its causes: `write
 /// DIR/wal-0.log: No space left on device (os error 28)`.
-fn cause(e: &StoreError) -> String {
+pub(crate) fn cause(e: &StoreError) -> String {
     let e: &(dyn std::error::Error + 'static) = match e {
         StoreError::Poisoned { cause, .. } => &**cause,
         other => other,

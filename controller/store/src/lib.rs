@@ -140,6 +140,13 @@ pub struct Recovery {
     pub replayed_batches: u64,
     /// Bytes cut from the end of the log because they were torn, corrupt or rejected.
     pub dropped_tail_bytes: u64,
+    /// Whole, readable records that followed the first bad one, and were cut with it. A torn
+    /// write leaves none: these mean the log was damaged (or written by another version)
+    /// before records that may have been acknowledged. The cut bytes are kept beside the log,
+    /// in `wal-G.log.damaged-OFFSET`.
+    pub records_after_damage: u64,
+    /// Where the first bad record began, when records followed it.
+    pub damaged_at: Option<u64>,
 }
 
 /// An op that the state machine (or the encoder) refused, with the reason.
@@ -220,11 +227,17 @@ pub struct Store<S: StateMachine> {
     generation: u64,
     log: File,
     log_len: u64,
+    /// The log's length at the last flush (or open): what is known durable.
+    flushed_len: u64,
     /// A deferred record was written after the last flush.
     unflushed: bool,
     recovery: Recovery,
     poisoned: Option<Arc<StoreError>>,
     last_compaction_error: Option<StoreError>,
+    /// Compactions that failed (before their commit point) since open.
+    compaction_failures: u64,
+    /// After a failed compaction, the log length before which it is not tried again.
+    retry_compaction_at: u64,
     _lock: File,
     #[cfg(test)]
     fail_next_write: Option<tests::WriteFault>,
@@ -281,6 +294,23 @@ fn next_frame(bytes: &[u8], pos: usize) -> Option<(&[u8], usize)> {
         return None;
     }
     Some((payload, pos + HEADER_LEN + len))
+}
+
+/// How many whole records (a frame whose checksum holds and whose payload is a batch of ops)
+/// begin after the bad record at `bad`, searched byte by byte.
+fn whole_records_after<Op: DeserializeOwned>(bytes: &[u8], bad: usize) -> u64 {
+    let mut n = 0;
+    let mut p = bad + 1;
+    while p + HEADER_LEN <= bytes.len() {
+        match next_frame(bytes, p) {
+            Some((payload, end)) if serde_json::from_slice::<Vec<Op>>(payload).is_ok() => {
+                n += 1;
+                p = end;
+            }
+            _ => p += 1,
+        }
+    }
+    n
 }
 
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
@@ -468,7 +498,21 @@ impl<S: StateMachine> Store<S> {
 
         let valid = pos as u64;
         let total = bytes.len() as u64;
+        let mut records_after_damage = 0;
+        let mut damaged_at = None;
         if valid < total {
+            // Whole records after the bad one: not a torn write. They cannot be replayed
+            // without the one before them; what was cut is kept beside the log, not destroyed.
+            records_after_damage = whole_records_after::<S::Op>(&bytes, pos);
+            if records_after_damage > 0 {
+                let copy = dir.join(format!("{}.damaged-{valid}", log_name(generation)));
+                let mut f = File::create(&copy).map_err(io_err("create", &copy))?;
+                f.write_all(&bytes[pos..])
+                    .and_then(|()| f.sync_all())
+                    .map_err(io_err("write", &copy))?;
+                sync_dir(dir)?;
+                damaged_at = Some(valid);
+            }
             log.set_len(valid).map_err(io_err("truncate", &log_path))?;
         }
         // What is replayed is acted on: make it durable first (a crashed process may have left
@@ -487,13 +531,18 @@ impl<S: StateMachine> Store<S> {
             generation,
             log,
             log_len: valid,
+            flushed_len: valid,
             unflushed: false,
             recovery: Recovery {
                 replayed_batches: replayed,
                 dropped_tail_bytes: total - valid,
+                records_after_damage,
+                damaged_at,
             },
             poisoned: None,
             last_compaction_error: None,
+            compaction_failures: 0,
+            retry_compaction_at: 0,
             _lock: lock,
             #[cfg(test)]
             fail_next_write: None,
@@ -521,6 +570,11 @@ impl<S: StateMachine> Store<S> {
     /// failure does not fail the commit (the batch was already durable in the log).
     pub fn last_compaction_error(&self) -> Option<&StoreError> {
         self.last_compaction_error.as_ref()
+    }
+
+    /// Compactions that failed since open (the log then grows past its threshold).
+    pub fn compaction_failures(&self) -> u64 {
+        self.compaction_failures
     }
 
     fn check_poisoned(&self) -> Result<(), StoreError> {
@@ -615,11 +669,26 @@ impl<S: StateMachine> Store<S> {
             self.flush()?;
         }
 
-        if self.log_len > self.opts.compact_after_bytes {
+        if self.log_len > self.opts.compact_after_bytes && self.log_len >= self.retry_compaction_at
+        {
             // The batch is in the log already (flushed, or deferred as asked); a failed
             // compaction does not fail the commit (if it failed past its commit point it
-            // poisons the store, which the next call reports).
-            self.last_compaction_error = self.compact().err();
+            // poisons the store, which the next call reports). It is counted, and not tried
+            // again (a whole snapshot written each time) until the log has grown by another
+            // eighth of the threshold.
+            match self.compact() {
+                Ok(()) => {
+                    self.last_compaction_error = None;
+                    self.retry_compaction_at = 0;
+                }
+                Err(e) => {
+                    self.compaction_failures += 1;
+                    self.retry_compaction_at = self
+                        .log_len
+                        .saturating_add((self.opts.compact_after_bytes / 8).max(1));
+                    self.last_compaction_error = Some(e);
+                }
+            }
         }
         Ok(rejected)
     }
@@ -662,16 +731,30 @@ impl<S: StateMachine> Store<S> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_next_sync) {
             let e = io::Error::other("injected fdatasync failure");
+            self.unwrite();
             return Err(self.poison(io_err("fdatasync", &log_path)(e)));
         }
         if self.opts.sync
             && let Err(e) = self.log.sync_data()
         {
+            self.unwrite();
             return Err(self.poison(io_err("fdatasync", &log_path)(e)));
         }
         self.unflushed = false;
+        self.flushed_len = self.log_len;
         self.opts.report_flush(&log_path, self.log_len);
         Ok(())
+    }
+
+    /// A flush failed: the records since the last one were never acknowledged, and are cut
+    /// from the log, so that opening the store again (in this process, whose page cache may
+    /// still hold them while the disk does not) does not act on them. Best effort: should the
+    /// cut fail too, a later open may find them.
+    fn unwrite(&mut self) {
+        if self.log.set_len(self.flushed_len).is_ok() {
+            let _ = self.log.sync_data();
+            self.log_len = self.flushed_len;
+        }
     }
 
     /// A record was committed with [`Flush::Deferred`] and not flushed since.
@@ -727,6 +810,7 @@ impl<S: StateMachine> Store<S> {
         self.log = new_log;
         self.generation = new_generation;
         self.log_len = 0;
+        self.flushed_len = 0;
         // The snapshot holds everything, durably.
         self.unflushed = false;
         self.opts.report_flush(&new_path, 0);

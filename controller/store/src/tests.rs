@@ -191,7 +191,8 @@ fn commit_then_reopen_restores_state() {
         *s.recovery(),
         Recovery {
             replayed_batches: 5,
-            dropped_tail_bytes: 0
+            dropped_tail_bytes: 0,
+            ..Recovery::default()
         }
     );
     assert_eq!(s.state().owners.get("a").map(String::as_str), Some("z"));
@@ -362,7 +363,8 @@ fn torn_tail_at_every_offset(compact_first: bool) {
             *s.recovery(),
             Recovery {
                 replayed_batches: k as u64,
-                dropped_tail_bytes: cut - bounds[k]
+                dropped_tail_bytes: cut - bounds[k],
+                ..Recovery::default()
             },
             "cut at {cut}"
         );
@@ -411,7 +413,8 @@ fn corrupted_byte_in_last_record_drops_only_that_record() {
             *s.recovery(),
             Recovery {
                 replayed_batches: (n - 1) as u64,
-                dropped_tail_bytes: (bytes.len() - last_start) as u64
+                dropped_tail_bytes: (bytes.len() - last_start) as u64,
+                ..Recovery::default()
             },
             "byte {i}"
         );
@@ -436,6 +439,9 @@ fn log_record_with_rejected_op_is_dropped_whole() {
         .unwrap();
     drop(f);
 
+    let before = fs::metadata(wal(dir.path())).unwrap().len()
+        - rec.len() as u64
+        - frame(&serde_json::to_vec(&vec![bind("z", "z")]).unwrap()).len() as u64;
     let s = open(dir.path());
     assert_eq!(*s.state(), states[1]);
     assert!(!s.state().owners.contains_key("new"));
@@ -444,6 +450,53 @@ fn log_record_with_rejected_op_is_dropped_whole() {
         s.recovery().dropped_tail_bytes,
         (rec.len() + frame(&serde_json::to_vec(&vec![bind("z", "z")]).unwrap()).len()) as u64
     );
+    // The record after it was whole: said, and what was cut is kept beside the log.
+    assert_eq!(s.recovery().records_after_damage, 1);
+    assert_eq!(s.recovery().damaged_at, Some(before));
+    let name = format!(
+        "{}.damaged-{before}",
+        wal(dir.path()).file_name().unwrap().to_string_lossy()
+    );
+    let kept = fs::read(dir.path().join(name)).unwrap();
+    assert_eq!(kept.len() as u64, s.recovery().dropped_tail_bytes);
+}
+
+/// Found in review: a record damaged in the middle of the log (a bad disk block, a byte
+/// flipped) was taken for a torn tail, and the whole records after it, acknowledged ones among
+/// them, were cut and destroyed without a word. They are now counted and kept.
+#[test]
+fn records_after_a_damaged_one_are_counted_and_kept_not_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bounds) = commit_all(&mut open(dir.path()), batches());
+    let log = wal(dir.path());
+    let mut bytes = fs::read(&log).unwrap();
+    // A byte flipped in the second record's payload.
+    let at = bounds[1] as usize + HEADER_LEN + 2;
+    bytes[at] ^= 0x55;
+    fs::write(&log, &bytes).unwrap();
+    let s = open(dir.path());
+    assert_eq!(s.recovery().replayed_batches, 1);
+    assert_eq!(s.recovery().damaged_at, Some(bounds[1]));
+    assert_eq!(
+        s.recovery().records_after_damage,
+        bounds.len() as u64 - 3,
+        "the records after the damaged one"
+    );
+    let copy = dir.path().join(format!(
+        "{}.damaged-{}",
+        log.file_name().unwrap().to_string_lossy(),
+        bounds[1]
+    ));
+    assert_eq!(fs::read(copy).unwrap(), bytes[bounds[1] as usize..]);
+    // A torn tail is not damage: nothing is kept for it.
+    drop(s);
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bounds) = commit_all(&mut open(dir.path()), batches());
+    truncate(&wal(dir.path()), bounds[bounds.len() - 1] - 3);
+    let s = open(dir.path());
+    assert_eq!(s.recovery().damaged_at, None);
+    assert_eq!(s.recovery().records_after_damage, 0);
+    assert!(s.recovery().dropped_tail_bytes > 0);
 }
 
 #[test]
@@ -559,7 +612,8 @@ fn crash_during_compaction_recovers_every_intermediate_state() {
             *s.recovery(),
             Recovery {
                 replayed_batches: replayed,
-                dropped_tail_bytes: 0
+                dropped_tail_bytes: 0,
+                ..Recovery::default()
             },
             "{name}"
         );
@@ -864,12 +918,60 @@ fn a_failed_write_or_flush_poisons_the_store() {
         s.commit(vec![bind("b", "1")]),
         Err(StoreError::Poisoned { .. })
     ));
-    // Also when the flush is a flushed commit's own.
+    // Opened again in the same process (whose page cache still holds the record): the batch
+    // that was never acknowledged is not acted on.
+    drop(s);
+    let s = open(dir.path());
+    assert!(!s.state().owners.contains_key("a"), "found in review");
+    drop(s);
+    // Also when the flush is a flushed commit's own; what was flushed before it stays.
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(dir.path());
+    s.commit(vec![bind("kept", "1")]).unwrap();
     s.fail_next_sync = true;
     assert!(s.commit(vec![bind("a", "1")]).is_err());
     assert!(matches!(s.flush(), Err(StoreError::Poisoned { .. })));
+    drop(s);
+    let s = open(dir.path());
+    assert!(!s.state().owners.contains_key("a"));
+    assert!(s.state().owners.contains_key("kept"));
+}
+
+/// Found in review: a compaction that failed (no room for a snapshot, say) was retried at every
+/// commit, a whole snapshot written each time, and said nowhere. It is now counted, and tried
+/// again only once the log has grown by an eighth of its threshold.
+#[test]
+fn a_failed_compaction_is_counted_and_not_retried_at_every_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        compact_after_bytes: 400,
+        sync: true,
+        on_flush: None,
+        faults: None,
+    };
+    let mut s = Toy::open_with(dir.path(), opts).unwrap();
+    // The snapshot's temporary file cannot be made.
+    fs::create_dir(dir.path().join(SNAPSHOT_TMP_FILE)).unwrap();
+    let mut i = 0;
+    while s.compaction_failures() == 0 {
+        s.commit(vec![bind(&format!("k{i}"), "o")]).unwrap();
+        i += 1;
+        assert!(i < 100, "the log never passed its threshold");
+    }
+    assert!(s.last_compaction_error().is_some());
+    let generation = s.generation;
+    // Right after, the next commits do not try again (a record is about 40 bytes: 50 bytes
+    // more of log is one or two records).
+    s.commit(vec![bind("again", "o")]).unwrap();
+    assert_eq!(s.compaction_failures(), 1);
+    // Room again: once the log has grown enough, it compacts, and says so no more.
+    fs::remove_dir(dir.path().join(SNAPSHOT_TMP_FILE)).unwrap();
+    for j in 0..10 {
+        s.commit(vec![bind(&format!("m{j}"), "o")]).unwrap();
+    }
+    assert!(s.generation > generation);
+    assert!(s.last_compaction_error().is_none());
+    assert_eq!(s.compaction_failures(), 1);
 }
 
 #[derive(Debug, Clone)]
