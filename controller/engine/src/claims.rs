@@ -20,6 +20,9 @@ use crate::handle::{ClaimBrief, ClaimChange, Completion, Creation, Input};
 use crate::status::{self, Events};
 use crate::{AfterCommit, ClaimEntry, Engine};
 
+/// Lease timers kept beyond twice the claims before those of ended bindings are dropped.
+const PRUNE_EXPIRIES_ABOVE: usize = 1024;
+
 impl<R: Runtime> Engine<R> {
     /// See [`EngineHandle::create_claim`].
     pub(crate) fn create_claim(&mut self, claim: Object) -> Creation {
@@ -219,7 +222,9 @@ impl<R: Runtime> Engine<R> {
             copy_failures: 0,
             instance,
             files_pending: false,
-            waited: false,
+            // Known to the store: it arrived before this engine started (and was counted as an
+            // arrival then), not now.
+            waited: stored.is_some(),
             queue_position: None,
             reported: ClaimPhase::Pending,
             phase_since: now,
@@ -450,6 +455,20 @@ impl<R: Runtime> Engine<R> {
         rec.resetting = true;
         self.after_commit.push(AfterCommit::Reset {
             instance: instance.to_owned(),
+        });
+    }
+
+    /// A lease's timer stays until its time even when its binding ended earlier (released,
+    /// deleted): with long leases and many claims they would pile up by the million. Once they
+    /// outnumber the claims twice over, those of claims gone or ended are dropped.
+    pub(crate) fn prune_expiries(&mut self) {
+        if self.expiries.len() <= 2 * self.claims.len() + PRUNE_EXPIRIES_ABOVE {
+            return;
+        }
+        let claims = &self.claims;
+        let state = self.store.state();
+        self.expiries.retain(|Reverse((_, c))| {
+            claims.contains_key(c) && state.claims.get(c).is_none_or(|r| !r.phase.ended())
         });
     }
 

@@ -200,6 +200,7 @@ impl<R: Runtime> Engine<R> {
             });
             if let Some(t) = expires {
                 self.expiries.push(Reverse((t, claim.clone())));
+                self.prune_expiries();
             }
             if let Some(r) = self.instances.get_mut(&inst) {
                 r.claim = Some(claim.clone());
@@ -659,16 +660,17 @@ pub(crate) fn pool_ttl(spec: Option<&poolkeeper_kinds::PoolSpec>) -> Option<std:
         .and_then(|t| parse_duration(t).ok())
 }
 
-/// When a claim bound at `now` expires: its own `ttl`, else its pool's default.
+/// When a claim bound at `now` expires: its own `ttl`, else its pool's `claimTTL`. The pool's
+/// is also the longest lease: a claim may ask for less, not for more.
 pub(crate) fn lease_expiry(
     claim: &poolkeeper_kinds::ClaimSpec,
     pool_ttl: Option<std::time::Duration>,
     now: u64,
 ) -> Option<u64> {
-    claim
-        .ttl
-        .as_deref()
-        .and_then(|t| parse_duration(t).ok())
-        .or(pool_ttl)
-        .map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+    let own = claim.ttl.as_deref().and_then(|t| parse_duration(t).ok());
+    let lease = match (own, pool_ttl) {
+        (Some(c), Some(p)) => Some(c.min(p)),
+        (c, p) => c.or(p),
+    };
+    lease.map(|d| now.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
 }

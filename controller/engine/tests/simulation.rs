@@ -523,6 +523,31 @@ async fn a_claim_expires_after_its_ttl_and_recreate_replaces_its_instance() {
     assert_eq!((c.phase, c.instance), (ClaimPhase::Expired, None));
 }
 
+/// Found in review: a claim's own `ttl` replaced its pool's `claimTTL` whatever its length, so
+/// any user could keep an instance for good on a pool that lends for an hour. The pool's is the
+/// longest lease; a claim may ask for less.
+#[tokio::test]
+async fn a_claim_may_ask_for_a_shorter_lease_than_its_pool_gives_not_a_longer_one() {
+    let mut s = sim();
+    let mut p = pool("nginx", 2, Some(4));
+    p.claim_ttl = Some("1h".to_owned());
+    apply_pool(&mut s, "web", p);
+    s.wait_warm("web", 2).await;
+    s.apply("long", ttl_claim("web", "10h"));
+    s.apply("short", ttl_claim("web", "10m"));
+    s.wait_bound("long").await;
+    s.wait_bound("short").await;
+    s.advance(Duration::from_secs(11 * 60));
+    s.wait_phase("short", ClaimPhase::Expired).await;
+    let snap = s.resync().await;
+    assert_eq!(
+        claim_status(&snap, "long").unwrap().phase,
+        ClaimPhase::Bound
+    );
+    s.advance(Duration::from_secs(50 * 60));
+    s.wait_phase("long", ClaimPhase::Expired).await;
+}
+
 /// Found in review: an expired claim moved to another pool or user was queued there, and each
 /// pass bound it and had the binding refused by the store (a claim whose binding ended for good
 /// never binds again), counting a hit each time. It stays expired wherever it moves.

@@ -52,7 +52,8 @@ use crate::Condition;
 pub struct ClaimSpec {
     pub pool: String,
     pub user: String,
-    /// Lease (e.g. `1h`); defaults to the pool's `claimTTL`; no lease when neither is set.
+    /// Lease (e.g. `1h`); defaults to the pool's `claimTTL`, which is also the longest; no
+    /// lease when neither is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
     /// Files to place under the pool's `files.mountPath`: relative path -> content.

@@ -76,7 +76,8 @@ pub struct PoolSpec {
     /// Command run inside the instance when `reset` is `Exec`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reset_command: Vec<String>,
-    /// Default lease of claims on this pool (e.g. `2h`, `30m`); claims may ask for less.
+    /// Default and longest lease of claims on this pool (e.g. `2h`, `30m`); claims may ask for
+    /// less, not for more.
     #[serde(default, rename = "claimTTL", skip_serializing_if = "Option::is_none")]
     pub claim_ttl: Option<String>,
     /// When the runtime may pull the template's image.
