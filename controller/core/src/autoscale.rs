@@ -217,6 +217,25 @@ pub struct Brake {
 }
 
 impl Brake {
+    /// Starts a brake that has no target yet at the warm instances the pool has now (a
+    /// restarted controller, a policy just added): a scale-down from there waits its cooldown
+    /// like any other, rather than removing at once what the last decision kept.
+    pub fn start_at(&mut self, now_ms: u64, current: u32) {
+        if self.target.is_none() {
+            self.target = Some(current);
+            self.last_change_ms = now_ms;
+        }
+    }
+
+    /// `max` is a hard ceiling: a target above it (max lowered) comes down to it at once.
+    pub fn cap(&mut self, max: u32) {
+        if let Some(t) = self.target
+            && t > max
+        {
+            self.target = Some(max);
+        }
+    }
+
     /// The warm target at `now_ms` for `desired`.
     pub fn apply(&mut self, now_ms: u64, desired: u32, cooldown_ms: u64, step: u32) -> u32 {
         let Some(current) = self.target else {
@@ -325,6 +344,31 @@ mod tests {
             assert!(k >= last, "mu {}: {k} < {last}", f64::from(tenth) / 10.0);
             last = k;
         }
+    }
+
+    #[test]
+    fn a_brake_started_at_what_the_pool_has_waits_before_removing_it() {
+        let mut b = Brake::default();
+        // A restarted controller finds 9 warm; nothing observed yet asks for 1.
+        b.start_at(0, 9);
+        assert_eq!(b.apply(0, 1, 60_000, 1), 9);
+        assert_eq!(b.apply(59_999, 1, 60_000, 1), 9);
+        assert_eq!(b.apply(60_000, 1, 60_000, 1), 8);
+        // Started once: later calls change nothing.
+        b.start_at(60_000, 30);
+        assert_eq!(b.target, Some(8));
+        // A rise is still taken at once.
+        assert_eq!(b.apply(60_001, 12, 60_000, 1), 12);
+    }
+
+    #[test]
+    fn a_lowered_max_brings_the_target_down_at_once() {
+        let mut b = Brake::default();
+        assert_eq!(b.apply(0, 50, 60_000, 1), 50);
+        b.cap(10);
+        assert_eq!(b.apply(1, 10, 60_000, 1), 10);
+        b.cap(20);
+        assert_eq!(b.target, Some(10), "a higher cap raises nothing");
     }
 
     #[test]

@@ -69,8 +69,8 @@ impl ScaleState {
         self.idle_at = Some((now, warm));
     }
 
-    fn rate(&mut self, now: u64, window_ms: u64) -> f64 {
-        let since = *self.since_ms.get_or_insert(now);
+    /// Forgets the arrivals older than `window_ms`.
+    fn trim(&mut self, now: u64, window_ms: u64) {
         while self
             .arrivals
             .front()
@@ -78,6 +78,11 @@ impl ScaleState {
         {
             self.arrivals.pop_front();
         }
+    }
+
+    fn rate(&mut self, now: u64, window_ms: u64) -> f64 {
+        let since = *self.since_ms.get_or_insert(now);
+        self.trim(now, window_ms);
         // A young pool counts over its age (at least a second), not over the whole window.
         let age = now.saturating_sub(since);
         let over =
@@ -119,6 +124,11 @@ impl<R: Runtime> Engine<R> {
         let Some(a) = &spec.autoscale else {
             p.scale.desired = spec.warm;
             p.scale.decision = None;
+            // Should autoscale come back, its brake starts again from what the pool has then.
+            p.scale.brake = Brake::default();
+            // Arrivals are kept (a policy added later sees them), over the default window.
+            p.scale.trim(now, DEFAULT_WINDOW.as_millis() as u64);
+            p.conditions.retain(|c| c.type_ != "ScalingLimited");
             return spec.warm;
         };
         let window = a
@@ -145,8 +155,14 @@ impl<R: Runtime> Engine<R> {
             arrival_rate,
             fill_time_s,
         };
-        let decision = decide(&inputs);
+        let mut decision = decide(&inputs);
         let cooldown = duration_ms(a.scale_down_cooldown.as_deref(), DEFAULT_COOLDOWN);
+        // A controller that just started (or a policy just added) scales down from what the
+        // pool has, after the cooldown, not at once from what nothing observed yet asks.
+        p.scale
+            .brake
+            .start_at(now, counts.warm.saturating_add(counts.starting));
+        p.scale.brake.cap(inputs.max);
         let target = p.scale.brake.apply(
             now,
             decision.desired,
@@ -175,6 +191,13 @@ impl<R: Runtime> Engine<R> {
                 now,
             ),
         };
+        if target > decision.desired {
+            decision.reason = format!(
+                "{}; {target} kept until the scale-down cooldown ({} s) passes",
+                decision.reason,
+                cooldown / 1000
+            );
+        }
         p.scale.arrival_rate = arrival_rate;
         p.scale.desired = target;
         p.scale.decision = Some(decision);

@@ -162,5 +162,109 @@ async fn a_scale_down_waits_out_its_cooldown_and_steps() {
     sim.advance(Duration::from_secs(30));
     assert_eq!(status(&sim.snapshot().await).warm, 3);
     sim.advance(Duration::from_secs(31));
-    sim.wait_warm("p", 2).await;
+    let snap = sim.wait_warm("p", 2).await;
+    // Four, then three warm for two minutes: counted in whole minutes, so that the status of
+    // an idle pool is not written anew every second.
+    let idle = status(&snap).idle_instance_seconds;
+    assert!(idle >= 6 * 60 && idle.is_multiple_of(60), "{idle}");
+}
+
+/// Found in review: the brake lived in memory only, and a restarted controller (or a new
+/// leader) took the first decision, made before any arrival was seen again, at once: a pool
+/// that demand had grown was emptied to its floor, then grown again as claims came back.
+#[tokio::test]
+async fn a_restart_scales_down_from_what_the_pool_has_only_after_the_cooldown() {
+    let mut sim = Sim::with_config(poolkeeper_runtime::memory::MemoryConfig {
+        create_latency: Duration::from_millis(300),
+        ..Default::default()
+    });
+    sim.apply("u", Spec::User(user(1000)));
+    sim.apply(
+        "p",
+        scaled(Autoscale {
+            min: 1,
+            demand: Some(Demand {
+                hit_rate: 0.99,
+                window: Some("10m".into()),
+            }),
+            scale_down_cooldown: Some("1m".into()),
+            ..Autoscale::default()
+        }),
+    );
+    sim.wait_until("a creation asked for", |s, _| {
+        pool_status(s, "p").is_some_and(|p| p.instances == 1)
+    })
+    .await;
+    sim.advance(Duration::from_secs(3));
+    sim.wait_warm("p", 1).await;
+    for i in 0..30 {
+        sim.apply(&format!("c{i}"), Spec::Claim(claim("p", "u")));
+    }
+    let snap = sim
+        .wait_advancing(
+            "demand grows the pool",
+            Duration::from_millis(200),
+            |s, _| {
+                pool_status(s, "p").is_some_and(|p| p.desired_warm > 5 && p.warm == p.desired_warm)
+            },
+        )
+        .await;
+    let grown = status(&snap).warm;
+    sim.restart().await;
+    // Nothing has arrived since the restart: demand alone would keep 1. The pool keeps what
+    // it has for the cooldown...
+    sim.advance(Duration::from_secs(30));
+    let snap = sim.resync().await;
+    let s = status(&snap);
+    assert_eq!((s.desired_warm, s.warm), (grown, grown), "{s:?}");
+    assert!(
+        s.scaling.as_ref().unwrap().reason.contains("cooldown"),
+        "{:?}",
+        s.scaling
+    );
+    // ... then steps down one at a time.
+    sim.advance(Duration::from_secs(31));
+    sim.wait_warm("p", grown - 1).await;
+}
+
+/// Found in review: a lowered `autoscale.max` was reached one step per cooldown (the brake ran
+/// after the cap); `ScalingLimited` stayed once autoscale was removed; and autoscale declared
+/// again started from the brake's old target, not from what the pool had.
+#[tokio::test]
+async fn max_is_a_hard_ceiling_and_autoscale_removed_and_declared_again_starts_afresh() {
+    let mut sim = Sim::new();
+    let with = |warm: u32, a: Option<Autoscale>| {
+        let mut p: PoolSpec = pool("img", warm, Some(100));
+        p.autoscale = a;
+        Spec::Pool(p)
+    };
+    let buffer = |n: u32, max: Option<u32>| Autoscale {
+        buffer: Some(Buffer::Count(n)),
+        max,
+        scale_down_cooldown: Some("1h".into()),
+        ..Autoscale::default()
+    };
+    sim.apply("p", with(0, Some(buffer(8, None))));
+    sim.wait_warm("p", 8).await;
+    // Max lowered to 3 (and `warm` over it): 3 at once, not one an hour; and it says why.
+    sim.apply("p", with(6, Some(buffer(2, Some(3)))));
+    let snap = sim.wait_warm("p", 3).await;
+    let s = status(&snap);
+    assert_eq!(s.desired_warm, 3);
+    let limited = condition(&s.conditions, "ScalingLimited").unwrap();
+    assert_eq!(
+        (limited.status.as_str(), limited.reason.as_str()),
+        ("True", "AtMax")
+    );
+    // Autoscale removed: `warm` alone, and nothing is limited any more.
+    sim.apply("p", with(6, None));
+    let snap = sim.wait_warm("p", 6).await;
+    assert!(condition(&status(&snap).conditions, "ScalingLimited").is_none());
+    // Declared again: it scales down from the six there are, after its cooldown.
+    sim.apply("p", with(0, Some(buffer(2, None))));
+    sim.advance(Duration::from_secs(30 * 60));
+    let snap = sim.resync().await;
+    assert_eq!((status(&snap).desired_warm, status(&snap).warm), (6, 6));
+    sim.advance(Duration::from_secs(31 * 60));
+    sim.wait_warm("p", 5).await;
 }

@@ -219,7 +219,12 @@ impl Cron {
             .ok()?
             .to_zoned(tz.clone());
         let earliest = at_ms - within_ms;
-        let local_now = now.datetime();
+        // Local times more than a DST change (at most a few hours) after now are later than
+        // now: passed over without a time-zone conversion.
+        let beyond = now
+            .datetime()
+            .checked_add(jiff::SignedDuration::from_hours(3))
+            .ok();
         let mut date = now.date();
         loop {
             if self.day_matches(date) {
@@ -228,11 +233,15 @@ impl Cron {
                 for h in self.hours.iter().rev() {
                     for m in self.minutes.iter().rev() {
                         let t = date.at(*h as i8, *m as i8, 0, 0);
-                        // Later today: passed over without a time-zone conversion.
-                        if t > local_now {
+                        if beyond.is_some_and(|b| t > b) {
                             continue;
                         }
-                        // A local time a DST change skips or repeats: the earlier instant.
+                        // Compared as instants, not as local times: in an hour that a DST
+                        // change repeats, a local time already passed the first time round
+                        // is later on the clock than now, and still the last fire. Such a
+                        // time fires once, at its first instant; a time that the change
+                        // skips fires as long after the change as it was into the hour
+                        // (02:30 when 02:00 jumps to 03:00: 03:30), as RFC 9557 does.
                         let Ok(z) = t.to_zoned(tz.clone()) else {
                             continue;
                         };
@@ -244,11 +253,13 @@ impl Cron {
                     }
                 }
             }
-            date = date.yesterday().ok()?;
+            // The day before ends where the date just searched begins (a day lasts 23 to 25
+            // hours across DST changes): when that is before `earliest`, so is every fire.
             let start = date.to_zoned(tz.clone()).ok()?.timestamp().as_millisecond();
-            if start + 86_400_000 < earliest {
+            if start <= earliest {
                 return None;
             }
+            date = date.yesterday().ok()?;
         }
     }
 
@@ -328,6 +339,50 @@ mod tests {
         assert!(!s.open(ms("2026-12-04T09:50:00Z"), 0));
         // Saturday: closed all day.
         assert!(!s.open(ms("2026-12-05T08:00:00Z"), 0));
+    }
+
+    fn window(cron: &str, zone: &str, duration: &str) -> Schedule {
+        Schedule {
+            cron: cron.into(),
+            time_zone: Some(zone.into()),
+            duration: duration.into(),
+            warm: 1,
+        }
+    }
+
+    /// Found in review: in the hour that the end of DST repeats, a window opened the first time
+    /// round was taken for not yet opened the second time round (local times were compared).
+    #[test]
+    fn a_window_opened_in_a_repeated_hour_stays_open_through_its_repeat() {
+        // New York, 2026-11-01: 02:00 EDT goes back to 01:00 EST. 01:30 EDT is 05:30Z.
+        let s = window("30 1 * * *", "America/New_York", "2h");
+        assert!(!s.open(ms("2026-11-01T05:29:00Z"), 0));
+        assert!(s.open(ms("2026-11-01T05:30:00Z"), 0));
+        // 01:10 EST, the second time round: still open, until 07:30Z.
+        assert!(s.open(ms("2026-11-01T06:10:00Z"), 0));
+        assert!(s.open(ms("2026-11-01T07:29:00Z"), 0));
+        assert!(!s.open(ms("2026-11-01T07:30:00Z"), 0));
+    }
+
+    /// Found in review: a day of 25 hours (the end of DST) was searched as if of 24, and a window
+    /// opened late that day closed early.
+    #[test]
+    fn a_window_opened_late_on_a_day_of_25_hours_stays_open_for_its_duration() {
+        // Paris, 2026-10-25 (03:00 CEST went back to 02:00 CET): 23:30 CET is 22:30Z.
+        let s = window("30 23 * * *", "Europe/Paris", "1h");
+        assert!(s.open(ms("2026-10-25T22:30:00Z"), 0));
+        assert!(s.open(ms("2026-10-25T23:10:00Z"), 0));
+        assert!(!s.open(ms("2026-10-25T23:30:00Z"), 0));
+    }
+
+    #[test]
+    fn a_time_that_a_dst_change_skips_fires_as_long_after_the_change() {
+        // Paris, 2026-03-29: 02:00 CET jumps to 03:00 CEST; 02:30 fires at 03:30 CEST (01:30Z).
+        let s = window("30 2 * * *", "Europe/Paris", "1h");
+        assert!(!s.open(ms("2026-03-29T01:29:00Z"), 0));
+        assert!(s.open(ms("2026-03-29T01:30:00Z"), 0));
+        // And on the next day as on any other (02:30 CEST is 00:30Z).
+        assert!(s.open(ms("2026-03-30T00:30:00Z"), 0));
     }
 
     #[test]

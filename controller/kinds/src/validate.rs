@@ -933,6 +933,11 @@ fn check_autoscale(a: &crate::autoscale::Autoscale, pool_max: u32, errs: &mut Ve
                     at("demand.window"),
                     format!("{w:?}: at least 10s"),
                 )),
+                // Every arrival within it is kept.
+                Ok(x) if x.as_secs() > 24 * 3600 => errs.push(FieldError::new(
+                    at("demand.window"),
+                    format!("{w:?}: at most 24h"),
+                )),
                 Ok(_) => {}
             }
         }

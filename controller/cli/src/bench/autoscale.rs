@@ -167,6 +167,9 @@ pub fn traces(seed: u64) -> Vec<(&'static str, Vec<Arrival>, Option<f64>)> {
 }
 
 /// A trace from a file: `ARRIVAL_SECONDS HOLD_SECONDS` per line (`#` comments, blank lines).
+/// The latest arrival and the longest hold a trace may give: a year (and no infinity).
+const TRACE_MAX_SECONDS: f64 = 366.0 * 86_400.0;
+
 pub fn read_trace(path: &std::path::Path) -> anyhow::Result<Vec<Arrival>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -178,11 +181,15 @@ pub fn read_trace(path: &std::path::Path) -> anyhow::Result<Vec<Arrival>> {
         }
         let mut f = line.split_whitespace().map(str::parse::<f64>);
         match (f.next(), f.next(), f.next()) {
-            (Some(Ok(at)), Some(Ok(hold)), None) if at >= 0.0 && hold >= 0.0 => {
+            (Some(Ok(at)), Some(Ok(hold)), None)
+                if (0.0..=TRACE_MAX_SECONDS).contains(&at)
+                    && (0.0..=TRACE_MAX_SECONDS).contains(&hold) =>
+            {
                 out.push(Arrival { at, hold })
             }
             _ => bail!(
-                "{}:{}: expected ARRIVAL_SECONDS HOLD_SECONDS (two numbers >= 0), got {line:?}",
+                "{}:{}: expected ARRIVAL_SECONDS HOLD_SECONDS (two numbers from 0 to \
+                 {TRACE_MAX_SECONDS}), got {line:?}",
                 path.display(),
                 i + 1
             ),
@@ -546,6 +553,20 @@ fn on_docker(args: &BenchArgs) -> anyhow::Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trace_file_with_an_endless_or_huge_time_is_refused_naming_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("trace");
+        std::fs::write(&f, "# at hold\n0.5 10\n2 30\n").unwrap();
+        let t = read_trace(&f).unwrap();
+        assert_eq!((t.len(), t[1].at, t[1].hold), (2, 2.0, 30.0));
+        for bad in ["inf 1", "1 1e20", "NaN 1", "-1 1", "1"] {
+            std::fs::write(&f, format!("0 1\n{bad}\n")).unwrap();
+            let e = read_trace(&f).expect_err(bad).to_string();
+            assert!(e.contains(":2: expected"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn traces_are_the_same_for_a_seed_and_sorted() {
