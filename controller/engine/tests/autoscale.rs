@@ -211,6 +211,7 @@ async fn a_restart_scales_down_from_what_the_pool_has_only_after_the_cooldown() 
         .await;
     let grown = status(&snap).warm;
     sim.restart().await;
+    sim.resync().await;
     // Nothing has arrived since the restart: demand alone would keep 1. The pool keeps what
     // it has for the cooldown...
     sim.advance(Duration::from_secs(30));
@@ -262,6 +263,7 @@ async fn max_is_a_hard_ceiling_and_autoscale_removed_and_declared_again_starts_a
     assert!(condition(&status(&snap).conditions, "ScalingLimited").is_none());
     // Declared again: it scales down from the six there are, after its cooldown.
     sim.apply("p", with(0, Some(buffer(2, None))));
+    sim.resync().await;
     sim.advance(Duration::from_secs(30 * 60));
     let snap = sim.resync().await;
     assert_eq!((status(&snap).desired_warm, status(&snap).warm), (6, 6));
