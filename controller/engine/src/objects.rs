@@ -117,6 +117,20 @@ impl<R: Runtime> Engine<R> {
                         format!("spec {what} ({})", obj.origin),
                         now,
                     );
+                    let ports_before = entry.spec.as_ref().and_then(|s| s.host_ports);
+                    if entry.spec.is_some() && ports_before != spec.host_ports {
+                        entry.events.push(
+                            false,
+                            "HostPortsChanged",
+                            "host ports changed: instances outside the new range will be \
+                             replaced (bound ones once released)"
+                                .to_owned(),
+                            now,
+                        );
+                        if let Some(idx) = self.pool_index.get(&name) {
+                            self.touched.extend(idx.members.iter().cloned());
+                        }
+                    }
                     if entry.hash != hash {
                         entry.events.push(
                             false,

@@ -89,7 +89,15 @@ impl<R: Runtime> Engine<R> {
             return;
         };
         let Some(pool) = rec.pool.clone() else { return };
-        let current = self.pools.get(&pool).is_some_and(|p| p.hash == rec.hash);
+        // Of the pool's template, and on host ports of its range (a range moved or narrowed
+        // leaves instances outside it, which are replaced as a changed template's are).
+        let current = self.pools.get(&pool).is_some_and(|p| {
+            p.hash == rec.hash
+                && p.spec
+                    .as_ref()
+                    .and_then(|s| s.host_ports)
+                    .is_none_or(|r| rec.ports.iter().all(|port| r.contains(*port)))
+        });
         let slot = poolkeeper_core::pool::classify(
             rec.phase,
             current,

@@ -1599,6 +1599,48 @@ async fn a_claim_released_during_a_relist_frees_its_instance_for_good() {
 // ---------------------------------------------------------------------------------------------
 // 9. Host ports
 
+/// Found in review: only the template was compared, so after a pool's `hostPorts` moved its
+/// instances kept their old ports and were still handed to claims. Those outside the new range
+/// are replaced, as a changed template's are: unbound ones at once, a bound one once released.
+#[tokio::test]
+async fn instances_outside_a_moved_host_port_range_are_replaced() {
+    let mut s = sim();
+    apply_pool(
+        &mut s,
+        "a",
+        pool_with_ports("nginx", 2, Some(4), 20_000, 20_009),
+    );
+    s.wait_warm("a", 2).await;
+    apply_claim(&mut s, "c1", "a");
+    let held = s.wait_bound("c1").await;
+    s.wait_warm("a", 2).await;
+    apply_pool(
+        &mut s,
+        "a",
+        pool_with_ports("nginx", 2, Some(4), 21_000, 21_009),
+    );
+    let in_new = |i: &poolkeeper_runtime::Instance| {
+        i.ports
+            .iter()
+            .all(|p| (21_000..=21_009).contains(&p.host_port))
+    };
+    s.wait_until(
+        "the unbound instances moved to the new range",
+        |snap, insts| {
+            pool_status(snap, "a").is_some_and(|p| p.warm == 2)
+                && insts.iter().filter(|i| i.name != held).all(in_new)
+        },
+    )
+    .await;
+    // The bound one keeps its port while its claim holds it, and goes once released.
+    assert!(s.mem.instances().iter().any(|i| i.name == held));
+    s.delete(Kind::Claim, "c1");
+    s.wait_until("the released one is replaced too", |_, insts| {
+        insts.iter().all(|i| i.name != held) && insts.iter().all(in_new)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn host_ports_are_unique_across_pools_and_ports_held_by_others_are_skipped_and_reported() {
     let mut s = sim();
