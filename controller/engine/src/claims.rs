@@ -116,12 +116,13 @@ impl<R: Runtime> Engine<R> {
             Ok(f) => (Arc::new(f), None),
             Err(e) => (self.no_files.clone(), Some(e)),
         };
-        if let Some((old_pool, old_user, seq, resized)) = self.claims.get(&name).map(|c| {
+        if let Some((old_pool, old_user, seq, resized, relet)) = self.claims.get(&name).map(|c| {
             (
                 c.spec.pool.clone(),
                 c.spec.user.clone(),
                 c.seq,
                 c.spec.resources != spec.resources,
+                c.spec.ttl != spec.ttl,
             )
         }) {
             let moved = old_pool != spec.pool || old_user != spec.user;
@@ -164,8 +165,13 @@ impl<R: Runtime> Engine<R> {
                 if !self.ended_for_good(&name) {
                     self.index_claim(&name, seq);
                 }
-            } else if resized {
-                self.resize_bound(&name, now);
+            } else {
+                if resized {
+                    self.resize_bound(&name, now);
+                }
+                if relet {
+                    self.relet(&name, now);
+                }
             }
             self.touch_claim(&name);
             return;
@@ -456,6 +462,51 @@ impl<R: Runtime> Engine<R> {
         self.after_commit.push(AfterCommit::Reset {
             instance: instance.to_owned(),
         });
+    }
+
+    /// A bound claim's `ttl` changed: its lease counts from its binding with the new length
+    /// (at most its pool's `claimTTL`, or none when neither is set); one already past ends
+    /// now.
+    fn relet(&mut self, name: &str, now: u64) {
+        let Some(rec) = self.store.state().claims.get(name) else {
+            return;
+        };
+        let (RecPhase::Bound, Some(bound_at)) = (rec.phase, rec.bound_at_ms) else {
+            return;
+        };
+        let was = rec.expires_at_ms;
+        let Some(c) = self.claims.get_mut(name) else {
+            return;
+        };
+        let pool_ttl =
+            crate::pools::pool_ttl(self.pools.get(&c.spec.pool).and_then(|p| p.spec.as_ref()));
+        // Not before the next pass: a timer due now would be taken for stale before this
+        // batch records it.
+        let expires =
+            crate::pools::lease_expiry(&c.spec, pool_ttl, bound_at).map(|t| t.max(now + 1));
+        if expires == was {
+            return;
+        }
+        c.events.push(
+            false,
+            "LeaseChanged",
+            match expires {
+                Some(t) => format!(
+                    "ttl changed: the lease now ends at {}",
+                    crate::status::rfc3339(t)
+                ),
+                None => "ttl changed: the lease no longer ends".to_owned(),
+            },
+            now,
+        );
+        self.ops.push(Op::Lease {
+            claim: name.to_owned(),
+            expires_at_ms: expires,
+        });
+        if let Some(t) = expires {
+            self.expiries.push(Reverse((t, name.to_owned())));
+        }
+        self.touch_claim(name);
     }
 
     /// A lease's timer stays until its time even when its binding ended earlier (released,

@@ -81,6 +81,11 @@ pub enum Op {
         expires_at_ms: Option<u64>,
         hit: bool,
     },
+    /// A bound claim's lease changed (its `ttl` edited): it now ends at `expires_at_ms`.
+    Lease {
+        claim: String,
+        expires_at_ms: Option<u64>,
+    },
     /// Drop the binding and move the claim to `to` (Waiting to rebind, or a terminal phase).
     Unbind {
         claim: String,
@@ -126,7 +131,7 @@ pub fn needs_flush(ops: &[Op]) -> bool {
         })
         .collect();
     ops.iter().any(|op| match op {
-        Op::Admit { .. } | Op::Bind { .. } | Op::Quarantine { .. } => true,
+        Op::Admit { .. } | Op::Bind { .. } | Op::Lease { .. } | Op::Quarantine { .. } => true,
         Op::Unbind { claim, .. } => !forgotten.contains(claim.as_str()),
         Op::Forget { .. } | Op::Unquarantine { .. } | Op::Fresh { .. } => false,
     })
@@ -192,6 +197,20 @@ impl StateMachine for Durable {
                 rec.expires_at_ms = *expires_at_ms;
                 rec.hit = *hit;
                 self.bound.insert(instance.clone(), claim.clone());
+                Ok(())
+            }
+            Op::Lease {
+                claim,
+                expires_at_ms,
+            } => {
+                let rec = self
+                    .claims
+                    .get_mut(claim)
+                    .ok_or_else(|| format!("claim {claim} is unknown"))?;
+                if rec.phase != RecPhase::Bound {
+                    return Err(format!("claim {claim} is {:?}, not bound", rec.phase));
+                }
+                rec.expires_at_ms = *expires_at_ms;
                 Ok(())
             }
             Op::Unbind { claim, to } => {

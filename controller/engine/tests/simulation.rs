@@ -523,6 +523,46 @@ async fn a_claim_expires_after_its_ttl_and_recreate_replaces_its_instance() {
     assert_eq!((c.phase, c.instance), (ClaimPhase::Expired, None));
 }
 
+/// Found in review: editing a bound claim's `ttl` did nothing (its lease kept its old end, and
+/// nothing said so). The lease now counts from the binding with the new length.
+#[tokio::test]
+async fn a_bound_claims_ttl_edited_moves_its_lease_end() {
+    let mut s = sim();
+    apply_pool(&mut s, "web", pool("nginx", 1, Some(3)));
+    s.wait_warm("web", 1).await;
+    s.apply("c1", ttl_claim("web", "10m"));
+    s.wait_bound("c1").await;
+    let first = claim_status(&s.snapshot().await, "c1").unwrap().expires_at;
+    // Longer: still bound after the first ten minutes, with the new end shown.
+    s.apply("c1", ttl_claim("web", "1h"));
+    let snap = s
+        .wait_until("the new lease end is shown", |snap, _| {
+            claim_status(snap, "c1")
+                .is_some_and(|c| c.expires_at.is_some() && c.expires_at != first)
+        })
+        .await;
+    assert!(
+        events_of(&snap, Kind::Claim, "c1")
+            .iter()
+            .any(|e| e.reason == "LeaseChanged"),
+        "{:?}",
+        events_of(&snap, Kind::Claim, "c1")
+    );
+    s.advance(Duration::from_secs(11 * 60));
+    let snap = s.resync().await;
+    assert_eq!(claim_status(&snap, "c1").unwrap().phase, ClaimPhase::Bound);
+    // Shorter than it has run: it ends now (the next millisecond).
+    s.apply("c1", ttl_claim("web", "5m"));
+    s.wait_until("the lease ends now", |snap, _| {
+        claim_status(snap, "c1").is_some_and(|c| {
+            c.expires_at != first && c.expires_at.as_deref() < Some("2023-11-14T22:25")
+        })
+    })
+    .await;
+    s.advance(Duration::from_millis(1));
+    s.wait_phase("c1", ClaimPhase::Expired).await;
+}
+
 /// Found in review: a claim's own `ttl` replaced its pool's `claimTTL` whatever its length, so
 /// any user could keep an instance for good on a pool that lends for an hour. The pool's is the
 /// longest lease; a claim may ask for less.
