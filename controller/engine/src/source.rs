@@ -198,6 +198,17 @@ pub trait Declare: Send + Sync + 'static {
     fn is_recorded(&self, name: &str) -> bool;
     /// Releases a claim made through [`Declare::create_claim`]: true when it was recorded.
     fn delete_claim<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool, DeclareError>>;
+    /// Whether a claim of `user` may be created under `name` now: false while a claim of that
+    /// name is still where [`Declare::create_claim`] would declare it (in Kubernetes, an object
+    /// being deleted holds its name until its finalizers are removed). Sources that remove at
+    /// once need not say.
+    fn claim_name_free<'a>(
+        &'a self,
+        _name: &'a str,
+        _user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, DeclareError>> {
+        Box::pin(async { Ok(true) })
+    }
     /// Sets a pool's declared `warm`; returns what it was and where the pool is declared.
     fn scale_pool<'a>(
         &'a self,

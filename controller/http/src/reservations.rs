@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use poolkeeper_core::claims::resources_within;
 use poolkeeper_engine::EngineHandle;
-use poolkeeper_engine::source::{Created, Declare, DeclareError, Record, Records};
+use poolkeeper_engine::source::{Created, Declare, Record, Records};
 use poolkeeper_kinds::units::{parse_cpu_millis, parse_memory_bytes};
 use poolkeeper_kinds::{ClaimPhase, ClaimSpec, Kind, Resources};
 
@@ -256,6 +256,25 @@ async fn claim_gone(state: &ApiState, name: &str, deadline: tokio::time::Instant
     }
 }
 
+/// Whether a claim of `user` may be made under `name` (see [`Declare::claim_name_free`]),
+/// waiting up to `deadline`.
+async fn name_free(
+    state: &ApiState,
+    name: &str,
+    user: &str,
+    deadline: tokio::time::Instant,
+) -> Result<bool, ApiError> {
+    loop {
+        if state.declare.claim_name_free(name, user).await? {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The answer when an ended reservation's claim did not go within [`CLAIM_GONE_WAIT`].
 fn still_removed(name: &str) -> ApiError {
     ApiError::new(
@@ -363,9 +382,6 @@ pub(crate) async fn provision(
     }
     // Accepted from here on: a replay of this very request is refused from now.
     record_signature(state, signed, now, None).await?;
-    // When an ended claim of this reservation was deleted to be made anew: until when its
-    // going may still hold the name.
-    let mut afresh_until = None;
     if state.declare.is_recorded(name) {
         match &existing {
             // Its claim ended (expired, failed): this provision is a new reservation of the
@@ -378,12 +394,22 @@ pub(crate) async fn provision(
                 // Made anew once the engine has let the ended claim go: in Kubernetes the
                 // deletion reaches it through the watch (and the claim's finalizer), and a
                 // creation before that finds the old claim and would answer it as a duplicate.
+                // Nor is the name free before its object has gone (in Kubernetes, through its
+                // finalizers, another controller's too): only then is the claim made anew, so
+                // that no claim is made (and bound, and reported) in vain meanwhile.
                 let deadline = tokio::time::Instant::now() + CLAIM_GONE_WAIT;
-                if !claim_gone(state, name, deadline).await {
+                let gone = claim_gone(state, name, deadline).await
+                    && match name_free(state, name, &event.username, deadline).await {
+                        Ok(free) => free,
+                        Err(e) => {
+                            forget_signature(state, signed).await;
+                            return Err(e);
+                        }
+                    };
+                if !gone {
                     forget_signature(state, signed).await;
                     return Err(still_removed(name));
                 }
-                afresh_until = Some(deadline);
             }
             // A duplicate (the same reservation sent again, signed anew, perhaps while the
             // first was being written) changes nothing.
@@ -422,28 +448,7 @@ pub(crate) async fn provision(
     // without a claim (harmless), never a claim whose callback is forgotten.
     let record = reservation_record(name, &record)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let mut created = state
-        .declare
-        .create_claim(name, spec.clone(), Some(record.clone()))
-        .await;
-    // The engine let the ended claim go, but its object may still be there a moment (in
-    // Kubernetes, until its finalizer is removed, or longer if another holds it): the name is
-    // taken until then. Tried again with a growing pause (each try may bind an instance that
-    // is reset again when the name is still taken).
-    let mut pause = Duration::from_millis(100);
-    while let (Err(DeclareError::Conflict(_)), Some(deadline)) = (&created, afresh_until) {
-        if tokio::time::Instant::now() + pause > deadline {
-            forget_signature(state, signed).await;
-            return Err(still_removed(name));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
-        created = state
-            .declare
-            .create_claim(name, spec.clone(), Some(record.clone()))
-            .await;
-    }
-    let created = match created {
+    let created = match state.declare.create_claim(name, spec, Some(record)).await {
         Ok(Created::Exists(c)) if state.declare.made_here(name, &c.origin) => {
             Ok(Created::Exists(c))
         }

@@ -71,6 +71,13 @@ impl KubeDeclare {
 
     /// Where claim `name` is: as the watch saw it, or, for a claim the API created that the
     /// watch has not shown yet, where the engine has it from.
+    /// Where a new claim of `user` is declared: their User's namespace, else the default one.
+    fn namespace_for_claims_of(&self, user: &str) -> String {
+        self.shared
+            .owner(&ObjKey::new(Kind::User, user.to_owned()))
+            .map_or_else(|| self.default_namespace.clone(), |o| o.namespace)
+    }
+
     async fn claim_namespace(&self, name: &str) -> Result<String, DeclareError> {
         let key = ObjKey::new(Kind::Claim, name);
         if let Some(o) = self.shared.owner(&key) {
@@ -167,10 +174,7 @@ impl Declare for KubeDeclare {
         record: Option<Record>,
     ) -> BoxFuture<'a, Result<Created, DeclareError>> {
         Box::pin(async move {
-            let ns = self
-                .shared
-                .owner(&ObjKey::new(Kind::User, spec.user.clone()))
-                .map_or_else(|| self.default_namespace.clone(), |o| o.namespace);
+            let ns = self.namespace_for_claims_of(&spec.user);
             let claim = Object {
                 name: name.to_owned(),
                 spec: Spec::Claim(spec.clone()),
@@ -211,6 +215,21 @@ impl Declare for KubeDeclare {
             Ok(Created::New {
                 at: format!("{ns}/Claim/{name}"),
             })
+        })
+    }
+
+    fn claim_name_free<'a>(
+        &'a self,
+        name: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, DeclareError>> {
+        Box::pin(async move {
+            let ns = self.namespace_for_claims_of(user);
+            self.writer
+                .get(Kind::Claim, &ns, name)
+                .await
+                .map(|o| o.is_none())
+                .map_err(|e| failed("reading Claim", &ns, name, e))
         })
     }
 
