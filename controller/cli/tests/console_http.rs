@@ -573,7 +573,7 @@ fn right_sign_ins_sent_at_once_all_get_in() {
     });
     // More than the five a name may fail, all at once, every one right.
     let statuses: Vec<u16> = std::thread::scope(|scope| {
-        let tries: Vec<_> = (0..12)
+        let tries: Vec<_> = (0..8)
             .map(|_| {
                 let c = &c;
                 scope.spawn(move || {

@@ -311,17 +311,15 @@ impl Console {
     }
 
     /// [`Console::attempt`], waiting up to [`BUSY_WAIT`] while attempts being checked fill a
-    /// key's window; then how long until it may try again.
-    pub async fn attempt_when_known(&self, keys: &[String]) -> Result<Attempt<'_>, Duration> {
+    /// key's window ([`Refused::Busy`] after that).
+    pub async fn attempt_when_known(&self, keys: &[String]) -> Result<Attempt<'_>, Refused> {
         let deadline = tokio::time::Instant::now() + BUSY_WAIT;
         loop {
             match self.attempt(keys) {
-                Ok(a) => return Ok(a),
-                Err(Refused::Wait(wait)) => return Err(wait),
-                Err(Refused::Busy) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Duration::from_secs(1));
+                Err(Refused::Busy) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(BUSY_POLL).await;
                 }
-                Err(Refused::Busy) => tokio::time::sleep(BUSY_POLL).await,
+                other => return other,
             }
         }
     }
@@ -357,6 +355,20 @@ pub enum Refused {
     Wait(Duration),
     /// Attempts still being checked fill a key's window: try again once they are known.
     Busy,
+}
+
+/// What a refused attempt is told: `what` (`failed sign-ins`) used up the window, or too many
+/// were still being checked to wait for.
+pub(crate) fn refused_message(refused: &Refused, what: &str) -> String {
+    match refused {
+        Refused::Wait(wait) => format!(
+            "too many {what} from here or for this name: try again in {} s",
+            wait.as_secs().max(1)
+        ),
+        Refused::Busy => "too many sign-ins from here or for this name are being checked at \
+                          once: try again in a few seconds"
+            .to_owned(),
+    }
 }
 
 /// How long a sign-in waits for the attempts before it to be known.
@@ -676,7 +688,9 @@ mod tests {
         drop(got);
         drop(checking);
         // Five wrong now: the next waits no more, it is refused for the rest of the window.
-        let wait = c.attempt_when_known(&bob).await.err().expect("refused");
+        let Some(Refused::Wait(wait)) = c.attempt_when_known(&bob).await.err() else {
+            panic!("refused")
+        };
         assert!(wait > Duration::from_secs(50), "{wait:?}");
     }
 

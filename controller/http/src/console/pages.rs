@@ -226,15 +226,12 @@ pub(crate) async fn signin(State(state): State<Arc<ApiState>>, request: Request)
     }
     let attempt = match state.console.attempt_when_known(&keys).await {
         Ok(a) => a,
-        Err(wait) => {
+        Err(refused) => {
             return signin_form(
                 &state,
                 &headers,
                 StatusCode::TOO_MANY_REQUESTS,
-                Some(format!(
-                    "too many failed sign-ins from here or for this name: try again in {} s",
-                    wait.as_secs().max(1)
-                )),
+                Some(super::refused_message(&refused, "failed sign-ins")),
                 username,
             );
         }
@@ -463,13 +460,10 @@ pub(crate) async fn register(State(state): State<Arc<ApiState>>, request: Reques
         |status, why: String| register_form(&state, &headers, status, Some(why), name.clone());
     // Every registration counts against the address, made or refused: one address cannot
     // declare users without bound.
-    if let Err(wait) = state.console.attempt_when_known(&keys).await {
+    if let Err(refused) = state.console.attempt_when_known(&keys).await {
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "too many attempts from here: try again in {} s",
-                wait.as_secs().max(1)
-            ),
+            super::refused_message(&refused, "attempts"),
         );
     }
     if let Err(e) = poolkeeper_kinds::units::check_name(&name) {
