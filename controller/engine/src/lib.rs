@@ -702,9 +702,12 @@ pub fn start<R: Runtime>(
             offset = at,
             dropped_bytes = recovery.dropped_tail_bytes,
             whole_records_after = recovery.records_after_damage,
-            "state store: a damaged log record was followed by whole records, which were cut \
-             with it (they may hold acknowledged claims and bindings: check the instances' \
-             claims); the cut bytes are kept beside the log as wal-*.log.damaged-OFFSET"
+            kept_beside_the_log = recovery.damaged_kept,
+            "state store: a bad log record was followed by whole records, which were cut with \
+             it. After a power cut these are records never flushed (never acknowledged); if \
+             the log was damaged since it was written, they may hold acknowledged claims and \
+             bindings: check the instances' claims. The cut bytes are kept beside the log as \
+             wal-*.log.damaged-OFFSET when kept_beside_the_log is true"
         );
     } else if recovery.dropped_tail_bytes > 0 {
         warn!(

@@ -147,6 +147,8 @@ pub struct Recovery {
     pub records_after_damage: u64,
     /// Where the first bad record began, when records followed it.
     pub damaged_at: Option<u64>,
+    /// What was cut then is kept in `wal-G.log.damaged-OFFSET` (false: writing it failed).
+    pub damaged_kept: bool,
 }
 
 /// An op that the state machine (or the encoder) refused, with the reason.
@@ -500,18 +502,22 @@ impl<S: StateMachine> Store<S> {
         let total = bytes.len() as u64;
         let mut records_after_damage = 0;
         let mut damaged_at = None;
+        let mut damaged_kept = false;
         if valid < total {
             // Whole records after the bad one: not a torn write. They cannot be replayed
             // without the one before them; what was cut is kept beside the log, not destroyed.
             records_after_damage = whole_records_after::<S::Op>(&bytes, pos);
             if records_after_damage > 0 {
-                let copy = dir.join(format!("{}.damaged-{valid}", log_name(generation)));
-                let mut f = File::create(&copy).map_err(io_err("create", &copy))?;
-                f.write_all(&bytes[pos..])
-                    .and_then(|()| f.sync_all())
-                    .map_err(io_err("write", &copy))?;
-                sync_dir(dir)?;
                 damaged_at = Some(valid);
+                // Best effort: a full disk must not keep the store from opening.
+                let copy = dir.join(format!("{}.damaged-{valid}", log_name(generation)));
+                damaged_kept = File::create(&copy)
+                    .and_then(|mut f| f.write_all(&bytes[pos..]).and_then(|()| f.sync_all()))
+                    .is_ok()
+                    && sync_dir(dir).is_ok();
+                if !damaged_kept {
+                    let _ = fs::remove_file(&copy);
+                }
             }
             log.set_len(valid).map_err(io_err("truncate", &log_path))?;
         }
@@ -538,6 +544,7 @@ impl<S: StateMachine> Store<S> {
                 dropped_tail_bytes: total - valid,
                 records_after_damage,
                 damaged_at,
+                damaged_kept,
             },
             poisoned: None,
             last_compaction_error: None,

@@ -488,6 +488,7 @@ fn records_after_a_damaged_one_are_counted_and_kept_not_destroyed() {
         bounds[1]
     ));
     assert_eq!(fs::read(copy).unwrap(), bytes[bounds[1] as usize..]);
+    assert!(s.recovery().damaged_kept);
     // A torn tail is not damage: nothing is kept for it.
     drop(s);
     let dir = tempfile::tempdir().unwrap();
