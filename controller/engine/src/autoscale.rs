@@ -23,6 +23,8 @@ const DEFAULT_COOLDOWN: Duration = Duration::from_secs(60);
 pub const EVERY_MS: u64 = 1_000;
 /// The shortest window a rise in arrivals is seen over.
 const SHORT_WINDOW_MS: u64 = 30_000;
+/// How often the idle time status shows is brought up to date.
+const IDLE_SHOWN_EVERY_MS: u64 = 60_000;
 /// Weight of a new fill-time sample in the moving average.
 const FILL_WEIGHT: f64 = 0.3;
 
@@ -42,6 +44,11 @@ pub(crate) struct ScaleState {
     /// Warm instance-milliseconds, accumulated at each reconcile.
     pub(crate) idle_ms: u64,
     idle_at: Option<(u64, u32)>,
+    /// What status shows of `idle_ms` (instance-seconds), and when it was taken: at most once
+    /// a minute, so that a pool's status does not change every second for it (in Kubernetes,
+    /// a write to etcd each time).
+    pub(crate) idle_shown_s: u64,
+    idle_shown_at: Option<u64>,
 }
 
 impl ScaleState {
@@ -67,6 +74,13 @@ impl ScaleState {
             self.idle_ms += now.saturating_sub(at) * u64::from(n);
         }
         self.idle_at = Some((now, warm));
+        if self
+            .idle_shown_at
+            .is_none_or(|at| now.saturating_sub(at) >= IDLE_SHOWN_EVERY_MS)
+        {
+            self.idle_shown_s = self.idle_ms / 1000;
+            self.idle_shown_at = Some(now);
+        }
     }
 
     /// Forgets the arrivals older than `window_ms`.
@@ -128,6 +142,8 @@ impl<R: Runtime> Engine<R> {
         let Some(p) = self.pools.get_mut(name) else {
             return spec.warm;
         };
+        // The pool's age bounds the span its rate is counted over, whenever a policy comes.
+        p.scale.since_ms.get_or_insert(now);
         let Some(a) = &spec.autoscale else {
             p.scale.desired = spec.warm;
             p.scale.decision = None;
@@ -200,8 +216,9 @@ impl<R: Runtime> Engine<R> {
         };
         if target > decision.desired {
             decision.reason = format!(
-                "{}; {target} kept until the scale-down cooldown ({} s) passes",
+                "{}; scaling down from {target}: {} at most every {} s",
                 decision.reason,
+                a.scale_down_step.unwrap_or(1).max(1),
                 cooldown / 1000
             );
         }

@@ -518,8 +518,12 @@ impl<R: Runtime> Engine<R> {
         }
         let claims = &self.claims;
         let state = self.store.state();
+        // A record deleted in this pass is not the claim's any more (one declared again under
+        // its name, and maybe bound, is new): its timer is kept.
+        let forgotten = &self.forgotten;
         self.expiries.retain(|Reverse((_, c))| {
-            claims.contains_key(c) && state.claims.get(c).is_none_or(|r| !r.phase.ended())
+            claims.contains_key(c)
+                && (forgotten.contains(c) || state.claims.get(c).is_none_or(|r| !r.phase.ended()))
         });
     }
 

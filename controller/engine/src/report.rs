@@ -195,9 +195,8 @@ impl<R: Runtime> Engine<R> {
         s.misses = p.misses;
         s.desired_warm = p.scale.desired;
         s.selector = format!("{}={name}", poolkeeper_runtime::LABEL_POOL);
-        // In whole minutes: a pool's warm instances add to it every second, and a status that
-        // changed every second would be written every second (in Kubernetes, to etcd).
-        s.idle_instance_seconds = p.scale.idle_ms / 60_000 * 60;
+        // Brought up to date once a minute (see `ScaleState::idle_shown_s`).
+        s.idle_instance_seconds = p.scale.idle_shown_s;
         s.scaling = p
             .scale
             .decision

@@ -196,7 +196,7 @@ impl Collector for FromSnapshot {
                 "idle_instance_seconds",
                 "idleInstanceSeconds",
                 MetricType::Counter,
-                "Time ready instances waited unbound, summed (instance-seconds): the warm pool's cost.",
+                "Time ready instances waited unbound, summed (instance-seconds): the warm pool's cost (brought up to date once a minute).",
             ),
         ];
         for (metric, field, kind, help) in per_pool {

@@ -426,7 +426,7 @@ pub struct PoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<Scaling>,
     /// Ready instances that waited unbound, summed over time (instance-seconds): what the
-    /// warm pool has cost.
+    /// warm pool has cost. Brought up to date once a minute.
     pub idle_instance_seconds: u64,
     /// The label selector of the pool's instances (`poolkeeper.dev/pool=NAME`), served by the
     /// `scale` subresource (a HorizontalPodAutoscaler needs one).
