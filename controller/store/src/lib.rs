@@ -300,10 +300,26 @@ fn next_frame(bytes: &[u8], pos: usize) -> Option<(&[u8], usize)> {
 
 /// How many whole records (a frame whose checksum holds and whose payload is a batch of ops)
 /// begin after the bad record at `bad`, searched byte by byte.
-fn whole_records_after<Op: DeserializeOwned>(bytes: &[u8], bad: usize) -> u64 {
+///
+/// Bounded, as it reads damaged bytes: in random bytes, one place in sixty-odd has a length
+/// that fits a 64 MiB log, and checking each such candidate's checksum over megabytes would
+/// take hours. Candidates longer than [`SCAN_RECORD_MAX`] are passed over, and the search
+/// stops after checksumming [`SCAN_BYTES_MAX`]: the count is then a lower bound, and `true`
+/// says so (that many damaged bytes are no torn write either).
+fn whole_records_after<Op: DeserializeOwned>(bytes: &[u8], bad: usize) -> (u64, bool) {
     let mut n = 0;
     let mut p = bad + 1;
-    while p + HEADER_LEN <= bytes.len() {
+    let mut hashed = 0usize;
+    while p + HEADER_LEN <= bytes.len() && hashed <= SCAN_BYTES_MAX {
+        let len = bytes
+            .get(p..p + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(usize::MAX, |b: [u8; 4]| u32::from_le_bytes(b) as usize);
+        if len > SCAN_RECORD_MAX || len > bytes.len() - p - HEADER_LEN {
+            p += 1;
+            continue;
+        }
+        hashed += len;
         match next_frame(bytes, p) {
             Some((payload, end)) if serde_json::from_slice::<Vec<Op>>(payload).is_ok() => {
                 n += 1;
@@ -312,8 +328,13 @@ fn whole_records_after<Op: DeserializeOwned>(bytes: &[u8], bad: usize) -> u64 {
             _ => p += 1,
         }
     }
-    n
+    (n, hashed > SCAN_BYTES_MAX)
 }
+
+/// The longest record [`whole_records_after`] looks for (a batch is kilobytes).
+const SCAN_RECORD_MAX: usize = 1 << 20;
+/// The most bytes [`whole_records_after`] checksums.
+const SCAN_BYTES_MAX: usize = 64 << 20;
 
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
@@ -506,8 +527,9 @@ impl<S: StateMachine> Store<S> {
         if valid < total {
             // Whole records after the bad one: not a torn write. They cannot be replayed
             // without the one before them; what was cut is kept beside the log, not destroyed.
-            records_after_damage = whole_records_after::<S::Op>(&bytes, pos);
-            if records_after_damage > 0 {
+            let (whole, searched_out) = whole_records_after::<S::Op>(&bytes, pos);
+            records_after_damage = whole;
+            if whole > 0 || searched_out {
                 damaged_at = Some(valid);
                 // Best effort: a full disk must not keep the store from opening.
                 let copy = dir.join(format!("{}.damaged-{valid}", log_name(generation)));

@@ -489,6 +489,27 @@ fn records_after_a_damaged_one_are_counted_and_kept_not_destroyed() {
     ));
     assert_eq!(fs::read(copy).unwrap(), bytes[bounds[1] as usize..]);
     assert!(s.recovery().damaged_kept);
+    // Megabytes of random bytes after a bad record (a damaged block) are searched within a
+    // bound, not for hours, and are no torn tail either.
+    drop(s);
+    let dir = tempfile::tempdir().unwrap();
+    commit_all(&mut open(dir.path()), batches());
+    let mut bytes = fs::read(wal(dir.path())).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..(4 << 20) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.push(x as u8);
+    }
+    bytes.extend(frame(
+        &serde_json::to_vec(&vec![bind("after", "x")]).unwrap(),
+    ));
+    fs::write(wal(dir.path()), &bytes).unwrap();
+    let s = open(dir.path());
+    assert_eq!(s.recovery().replayed_batches, 5);
+    assert!(s.recovery().damaged_at.is_some());
+    assert!(s.recovery().damaged_kept);
     // A torn tail is not damage: nothing is kept for it.
     drop(s);
     let dir = tempfile::tempdir().unwrap();
