@@ -238,40 +238,24 @@ async fn release(
     Ok((StatusCode::OK, Json(answer)))
 }
 
-/// Whether the engine no longer holds claim `name`, waiting up to `deadline`.
-async fn claim_gone(state: &ApiState, name: &str, deadline: tokio::time::Instant) -> bool {
+/// Whether ended claim `name`, just deleted, has gone: the engine no longer holds it and its
+/// name is free for a new claim of `user` (see [`Declare::claim_name_free`]), waiting up to
+/// [`CLAIM_GONE_WAIT`].
+async fn ended_claim_gone(state: &ApiState, name: &str, user: &str) -> Result<bool, ApiError> {
+    let deadline = tokio::time::Instant::now() + CLAIM_GONE_WAIT;
     loop {
         let held = state
             .handle
             .view(poolkeeper_kinds::ObjKey::new(Kind::Claim, name.to_owned()))
             .await
             .map_or(true, |v| v.is_some());
-        if !held {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Whether a claim of `user` may be made under `name` (see [`Declare::claim_name_free`]),
-/// waiting up to `deadline`.
-async fn name_free(
-    state: &ApiState,
-    name: &str,
-    user: &str,
-    deadline: tokio::time::Instant,
-) -> Result<bool, ApiError> {
-    loop {
-        if state.declare.claim_name_free(name, user).await? {
+        if !held && state.declare.claim_name_free(name, user).await? {
             return Ok(true);
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -397,18 +381,10 @@ pub(crate) async fn provision(
                 // Nor is the name free before its object has gone (in Kubernetes, through its
                 // finalizers, another controller's too): only then is the claim made anew, so
                 // that no claim is made (and bound, and reported) in vain meanwhile.
-                let deadline = tokio::time::Instant::now() + CLAIM_GONE_WAIT;
-                let gone = claim_gone(state, name, deadline).await
-                    && match name_free(state, name, &event.username, deadline).await {
-                        Ok(free) => free,
-                        Err(e) => {
-                            forget_signature(state, signed).await;
-                            return Err(e);
-                        }
-                    };
-                if !gone {
+                let gone = ended_claim_gone(state, name, &event.username).await;
+                if !matches!(gone, Ok(true)) {
                     forget_signature(state, signed).await;
-                    return Err(still_removed(name));
+                    return Err(gone.err().unwrap_or_else(|| still_removed(name)));
                 }
             }
             // A duplicate (the same reservation sent again, signed anew, perhaps while the
