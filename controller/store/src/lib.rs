@@ -288,14 +288,19 @@ fn remove_if_exists(path: &Path) -> Result<bool, StoreError> {
 /// Splits the next whole, CRC-valid record off `bytes[pos..]`; None if short or corrupt.
 fn next_frame(bytes: &[u8], pos: usize) -> Option<(&[u8], usize)> {
     let rest = bytes.get(pos..)?;
-    let len_bytes: [u8; 4] = rest.get(0..4)?.try_into().ok()?;
+    let len = frame_len(bytes, pos)?;
     let crc_bytes: [u8; 4] = rest.get(4..8)?.try_into().ok()?;
-    let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
     let payload = rest.get(HEADER_LEN..HEADER_LEN.checked_add(len)?)?;
     if crc32fast::hash(payload) != u32::from_le_bytes(crc_bytes) {
         return None;
     }
     Some((payload, pos + HEADER_LEN + len))
+}
+
+/// The payload length a record header at `pos` says.
+fn frame_len(bytes: &[u8], pos: usize) -> Option<usize> {
+    let len_bytes: [u8; 4] = bytes.get(pos..pos.checked_add(4)?)?.try_into().ok()?;
+    usize::try_from(u32::from_le_bytes(len_bytes)).ok()
 }
 
 /// How many whole records (a frame whose checksum holds and whose payload is a batch of ops)
@@ -311,10 +316,7 @@ fn whole_records_after<Op: DeserializeOwned>(bytes: &[u8], bad: usize) -> (u64, 
     let mut p = bad + 1;
     let mut hashed = 0usize;
     while p + HEADER_LEN <= bytes.len() && hashed <= SCAN_BYTES_MAX {
-        let len = bytes
-            .get(p..p + 4)
-            .and_then(|b| b.try_into().ok())
-            .map_or(usize::MAX, |b: [u8; 4]| u32::from_le_bytes(b) as usize);
+        let len = frame_len(bytes, p).unwrap_or(usize::MAX);
         if len > SCAN_RECORD_MAX || len > bytes.len() - p - HEADER_LEN {
             p += 1;
             continue;
