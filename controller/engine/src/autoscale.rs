@@ -99,8 +99,8 @@ impl ScaleState {
         self.trim(now, window_ms);
         // A young pool counts over its age (at least a second), not over the whole window.
         let age = now.saturating_sub(since);
-        let over =
-            |span_ms: u64, n: usize| n as f64 * 1e3 / span_ms.clamp(1_000, age.max(1_000)) as f64;
+        let span_s = |span_ms: u64| span_ms.clamp(1_000, age.max(1_000)) as f64 / 1e3;
+        let over = |span_ms: u64, n: usize| n as f64 / span_s(span_ms);
         let long = over(window_ms, self.arrivals.len());
         // A rise shows within a tenth of the window (at least 30 s); a fall only as the whole
         // window forgets it: quick to fill, slow to shrink. The rise is believed once the
@@ -113,7 +113,7 @@ impl ScaleState {
             .rev()
             .take_while(|t| now.saturating_sub(**t) <= short_ms)
             .count();
-        let expected = long * short_ms.clamp(1_000, age.max(1_000)) as f64 / 1e3;
+        let expected = long * span_s(short_ms);
         if recent as f64 > expected + 2.0 * expected.sqrt() {
             long.max(over(short_ms, recent))
         } else {

@@ -117,8 +117,11 @@ impl<R: Runtime> Engine<R> {
                         format!("spec {what} ({})", obj.origin),
                         now,
                     );
-                    let ports_before = entry.spec.as_ref().and_then(|s| s.host_ports);
-                    if entry.spec.is_some() && ports_before != spec.host_ports {
+                    let ports_moved = entry
+                        .spec
+                        .as_ref()
+                        .is_some_and(|s| s.host_ports != spec.host_ports);
+                    if ports_moved {
                         entry.events.push(
                             false,
                             "HostPortsChanged",
@@ -127,9 +130,6 @@ impl<R: Runtime> Engine<R> {
                                 .to_owned(),
                             now,
                         );
-                        if let Some(idx) = self.pool_index.get(&name) {
-                            self.touched.extend(idx.members.iter().cloned());
-                        }
                     }
                     if entry.hash != hash {
                         entry.events.push(
@@ -141,9 +141,12 @@ impl<R: Runtime> Engine<R> {
                             ),
                             now,
                         );
-                        if let Some(idx) = self.pool_index.get(&name) {
-                            self.touched.extend(idx.members.iter().cloned());
-                        }
+                    }
+                    // Each instance is filed again: whether it is current may have changed.
+                    if (ports_moved || entry.hash != hash)
+                        && let Some(idx) = self.pool_index.get(&name)
+                    {
+                        self.touched.extend(idx.members.iter().cloned());
                     }
                 }
                 entry.spec = Some(spec);
