@@ -73,10 +73,10 @@ async fn a_schedule_window_grows_the_pool_before_it_opens_and_it_shrinks_after()
     .await;
 }
 
-#[tokio::test]
-async fn a_burst_drains_the_pool_and_demand_refills_it() {
-    // Creations take a while in real time, during which the manual clock moves 3 s: the pool
-    // measures a fill time of about 3 s.
+/// Pool `p` sized by demand (hit rate 0.99 over 10 minutes, at least 1 warm), for user `u`,
+/// with its first instance ready. Creations take a while in real time, during which the manual
+/// clock moves 3 s: the pool measures a fill time of about 3 s.
+async fn demand_pool_with_one_warm(cooldown: Option<&str>) -> Sim {
     let mut sim = Sim::with_config(poolkeeper_runtime::memory::MemoryConfig {
         create_latency: Duration::from_millis(300),
         ..Default::default()
@@ -90,6 +90,7 @@ async fn a_burst_drains_the_pool_and_demand_refills_it() {
                 hit_rate: 0.99,
                 window: Some("10m".into()),
             }),
+            scale_down_cooldown: cooldown.map(str::to_owned),
             ..Autoscale::default()
         }),
     );
@@ -99,6 +100,12 @@ async fn a_burst_drains_the_pool_and_demand_refills_it() {
     .await;
     sim.advance(Duration::from_secs(3));
     sim.wait_warm("p", 1).await;
+    sim
+}
+
+#[tokio::test]
+async fn a_burst_drains_the_pool_and_demand_refills_it() {
+    let mut sim = demand_pool_with_one_warm(None).await;
     sim.advance(Duration::from_secs(1));
     // (3 s is also the value assumed before a fill is measured.)
     let fill = status(&sim.snapshot().await)
@@ -177,29 +184,7 @@ async fn a_scale_down_waits_out_its_cooldown_and_steps() {
 /// that demand had grown was emptied to its floor, then grown again as claims came back.
 #[tokio::test]
 async fn a_restart_scales_down_from_what_the_pool_has_only_after_the_cooldown() {
-    let mut sim = Sim::with_config(poolkeeper_runtime::memory::MemoryConfig {
-        create_latency: Duration::from_millis(300),
-        ..Default::default()
-    });
-    sim.apply("u", Spec::User(user(1000)));
-    sim.apply(
-        "p",
-        scaled(Autoscale {
-            min: 1,
-            demand: Some(Demand {
-                hit_rate: 0.99,
-                window: Some("10m".into()),
-            }),
-            scale_down_cooldown: Some("1m".into()),
-            ..Autoscale::default()
-        }),
-    );
-    sim.wait_until("a creation asked for", |s, _| {
-        pool_status(s, "p").is_some_and(|p| p.instances == 1)
-    })
-    .await;
-    sim.advance(Duration::from_secs(3));
-    sim.wait_warm("p", 1).await;
+    let mut sim = demand_pool_with_one_warm(Some("1m")).await;
     for i in 0..30 {
         sim.apply(&format!("c{i}"), Spec::Claim(claim("p", "u")));
     }
